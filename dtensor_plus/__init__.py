@@ -1,0 +1,39 @@
+"""dtensor_plus: SPMD distributed tensors for PyTorch.
+
+Place tensors on a device mesh, write single-device torch code, and the op rules insert the collectives::
+
+    import torch, dtensor_plus as dtp
+    mesh = dtp.init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    x = dtp.distribute_tensor(torch.randn(8, 16), mesh, [dtp.Shard(0), dtp.Replicate()])
+    w = dtp.distribute_tensor(torch.randn(16, 32, requires_grad=True), mesh, [dtp.Replicate(), dtp.Shard(1)])
+    loss = (x @ w).relu().mean()
+    loss.backward()
+"""
+
+import os as _os
+
+# In a source checkout layouts/, ops/ and kernels/ sit beside this package and install as dtensor_plus.*
+# (pyproject's package-dir). When this package is imported from the checkout itself (`python -m pytest` from
+# the repository root), let the package path reach them too.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "ops", "__init__.py")) and not _os.path.isdir(_os.path.join(__path__[0], "ops")):
+    __path__.append(_root)
+
+from .api import distribute_module, distribute_tensor  # noqa: E402
+from .collectives import CommCounter, comm_mode  # noqa: E402
+from .dtensor import DTensor  # noqa: E402
+from .factories import empty, full, ones, rand, randn, zeros  # noqa: E402
+from .mesh import DeviceMesh, init_device_mesh  # noqa: E402
+from .placements import Partial, Placement, Replicate, Shard  # noqa: E402
+from .random import manual_seed  # noqa: E402
+from .rules import OpSchema, Sharding, override_rule, register_rule  # noqa: E402
+from .spec import DTensorSpec, TensorMeta  # noqa: E402
+
+from . import ops  # noqa: E402,F401  (registers the sharding rules)
+
+__all__ = [
+    "DTensor", "DTensorSpec", "TensorMeta", "DeviceMesh", "init_device_mesh",
+    "Placement", "Shard", "Replicate", "Partial",
+    "distribute_tensor", "distribute_module", "zeros", "ones", "empty", "full", "rand", "randn",
+    "comm_mode", "CommCounter", "manual_seed", "register_rule", "override_rule", "OpSchema", "Sharding",
+]

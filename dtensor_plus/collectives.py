@@ -1,0 +1,188 @@
+"""The only module that calls torch.distributed collectives; it counts every one of them and its bytes.
+
+Byte counts are what each rank sends, by the standard algorithms (ring all-reduce sends 2(n-1)/n of the
+tensor; all-gather and reduce-scatter (n-1)/n of the full tensor; all-to-all (n-1)/n of the local one),
+measured on the buffers actually sent, so padding for uneven shards is counted too.
+
+Uneven shards follow torch.chunk: every piece is padded to ceil(size / n) before a collective and the
+result is cut back. Because torch.chunk pieces are full-size up to the last non-empty one, the valid rows of
+a gathered buffer are always its first ``size`` rows.
+
+Usage::
+
+    with comm_mode() as comm:
+        y = x.redistribute(mesh, [Replicate()])
+    comm.count("all_gather")         # 1
+    comm.bytes("all_gather", "tp")   # bytes this rank sent on mesh dim "tp"
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+from .placements import chunk_bounds
+
+__all__ = ["comm_mode", "CommCounter", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"]
+
+# torch >= 2.12 renamed the tensor-in/tensor-out collectives; older releases have only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+_C10D_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class CommCounter:
+    """Counts of collectives, bytes sent by this rank and fallback ops, keyed by (collective, mesh dim name)."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.sent_bytes: Counter = Counter()
+        self.fallbacks: Counter = Counter()
+
+    def record(self, collective: str, mesh_dim_name: str, num_bytes: int) -> None:
+        self.counts[collective, mesh_dim_name] += 1
+        self.sent_bytes[collective, mesh_dim_name] += int(num_bytes)
+
+    def count(self, collective: str | None = None, mesh_dim_name: str | None = None) -> int:
+        return sum(v for k, v in self.counts.items() if _matches(k, collective, mesh_dim_name))
+
+    def bytes(self, collective: str | None = None, mesh_dim_name: str | None = None) -> int:
+        return sum(v for k, v in self.sent_bytes.items() if _matches(k, collective, mesh_dim_name))
+
+    def __repr__(self) -> str:
+        rows = [f"{c}[{m}]: {n} calls, {self.sent_bytes[c, m]} B" for (c, m), n in sorted(self.counts.items())]
+        rows += [f"fallback {op}: {n}" for op, n in sorted(self.fallbacks.items())]
+        return "CommCounter(" + "; ".join(rows) + ")"
+
+
+def _matches(key, collective, mesh_dim_name) -> bool:
+    return (collective is None or key[0] == collective) and (mesh_dim_name is None or key[1] == mesh_dim_name)
+
+
+_ACTIVE: list[CommCounter] = []
+
+
+@contextlib.contextmanager
+def comm_mode():
+    """Count every collective (and fallback op) issued inside the block. Nests."""
+    counter = CommCounter()
+    _ACTIVE.append(counter)
+    try:
+        yield counter
+    finally:
+        _ACTIVE.remove(counter)
+
+
+def record_fallback(op_name: str) -> None:
+    for counter in _ACTIVE:
+        counter.fallbacks[op_name] += 1
+
+
+def _record(collective: str, mesh, mesh_dim: int, num_bytes: float) -> None:
+    if _ACTIVE:
+        name = mesh.mesh_dim_name(mesh_dim)
+        for counter in _ACTIVE:
+            counter.record(collective, name, num_bytes)
+
+
+def _run(collective: str, mesh, mesh_dim: int, fn, *args, **kwargs) -> None:
+    """Run one c10d call; a failure (timeout, dead peer) names the collective, the mesh dim and its ranks."""
+    try:
+        fn(*args, group=mesh.get_group(mesh_dim), **kwargs)
+    except RuntimeError as error:
+        ranks = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.shape[mesh_dim]).tolist()
+        raise RuntimeError(
+            f"{collective} on mesh dim {mesh.mesh_dim_name(mesh_dim)!r} (rank groups {ranks}) failed on rank "
+            f"{mesh.get_rank()}: {error}"
+        ) from error
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    missing = size - t.shape[dim]
+    if missing == 0:
+        return t
+    pad_shape = list(t.shape)
+    pad_shape[dim] = missing
+    return torch.cat([t, t.new_zeros(pad_shape)], dim)
+
+
+def all_reduce(t: torch.Tensor, mesh, mesh_dim: int, reduce_op: str) -> torch.Tensor:
+    """Reduce equal-shape tensors over ``mesh_dim``; returns a new tensor. avg is sum then divide (gloo has no AVG)."""
+    n = mesh.size(mesh_dim)
+    out = t.contiguous().clone() if t.dtype != torch.bool else t.to(torch.uint8)
+    _record("all_reduce", mesh, mesh_dim, 2 * (n - 1) * _nbytes(out) // n)
+    _run("all_reduce", mesh, mesh_dim, dist.all_reduce, out, op=_C10D_OPS[reduce_op])
+    if reduce_op == "avg":
+        out = out / n if out.is_floating_point() or out.is_complex() else out // n
+    return out.to(t.dtype) if t.dtype == torch.bool else out
+
+
+def all_gather(t: torch.Tensor, mesh, mesh_dim: int, dim: int, size: int) -> torch.Tensor:
+    """Concatenate the torch.chunk pieces of a ``size``-long tensor dim ``dim`` held along ``mesh_dim``."""
+    n = mesh.size(mesh_dim)
+    chunk = -(-size // n)
+    piece = _pad_dim(t, dim, chunk).movedim(dim, 0).contiguous()
+    out = piece.new_empty((n * chunk,) + piece.shape[1:])
+    _record("all_gather", mesh, mesh_dim, (n - 1) * _nbytes(piece))
+    _run("all_gather", mesh, mesh_dim, _all_gather_single, out, piece)
+    return out[:size].movedim(0, dim).contiguous()
+
+
+def reduce_scatter(t: torch.Tensor, mesh, mesh_dim: int, dim: int, reduce_op: str) -> torch.Tensor:
+    """Reduce full tensors over ``mesh_dim`` and keep this rank's torch.chunk piece of tensor dim ``dim``."""
+    n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    size = t.shape[dim]
+    chunk = -(-size // n)
+    full = _pad_dim(t, dim, n * chunk).movedim(dim, 0).contiguous()
+    out = full.new_empty((chunk,) + full.shape[1:])
+    _record("reduce_scatter", mesh, mesh_dim, (n - 1) * _nbytes(full) // n)
+    _run("reduce_scatter", mesh, mesh_dim, _reduce_scatter_single, out, full, op=_C10D_OPS[reduce_op])
+    if reduce_op == "avg":
+        out = out / n
+    return out[: chunk_bounds(size, n, index)[1]].movedim(0, dim).contiguous()
+
+
+def all_to_all(t: torch.Tensor, mesh, mesh_dim: int, gather_dim: int, gather_size: int, scatter_dim: int) -> torch.Tensor:
+    """Re-shard along ``mesh_dim`` from tensor dim ``gather_dim`` (``gather_size`` long in all) to ``scatter_dim``.
+
+    Each rank sends piece j of its scatter_dim to rank j and concatenates what it receives along gather_dim.
+    """
+    n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    scatter_size = t.shape[scatter_dim]
+    gather_chunk, scatter_chunk = -(-gather_size // n), -(-scatter_size // n)
+    x = _pad_dim(_pad_dim(t, gather_dim, gather_chunk), scatter_dim, n * scatter_chunk)
+    send = x.unflatten(scatter_dim, (n, scatter_chunk)).movedim(scatter_dim, 0).contiguous()
+    recv = torch.empty_like(send)
+    _record("all_to_all", mesh, mesh_dim, (n - 1) * _nbytes(send) // n)
+    _run("all_to_all", mesh, mesh_dim, dist.all_to_all_single, recv, send)
+    gathered = recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
+    mine = chunk_bounds(scatter_size, n, index)[1]
+    return gathered.narrow(gather_dim, 0, gather_size).narrow(scatter_dim, 0, mine).contiguous()
+
+
+def broadcast(t: torch.Tensor, mesh, mesh_dim: int, src_index: int = 0) -> torch.Tensor:
+    """The tensor of the rank at index ``src_index`` along ``mesh_dim``, on every rank of that dim (in place)."""
+    src = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.shape[mesh_dim])
+    row = next(r for r in src.tolist() if mesh.get_rank() in r)
+    _record("broadcast", mesh, mesh_dim, _nbytes(t) if mesh.get_local_rank(mesh_dim) == src_index else 0)
+    _run("broadcast", mesh, mesh_dim, dist.broadcast, t, src=row[src_index])
+    return t
+
+
+def all_gather_sizes(values: list[int], mesh, mesh_dim: int) -> torch.Tensor:
+    """Every rank's list of ints along ``mesh_dim`` as an (n, len) tensor (used for metadata checks)."""
+    mine = torch.tensor(values, dtype=torch.int64)
+    if mesh.device_type == "cuda":
+        mine = mine.cuda()
+    out = mine.new_empty((mesh.size(mesh_dim) * len(values),))
+    _record("all_gather", mesh, mesh_dim, (mesh.size(mesh_dim) - 1) * _nbytes(mine))
+    _run("all_gather", mesh, mesh_dim, _all_gather_single, out, mine)
+    return out.view(mesh.size(mesh_dim), len(values)).cpu()

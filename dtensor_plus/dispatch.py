@@ -1,0 +1,318 @@
+"""Op dispatch for DTensor: specs in -> rule (cached) -> redistribute inputs -> local op -> wrap outputs.
+
+The cache key is the op plus every argument with DTensors replaced by their specs. Python floats enter the
+key only as their type (a learning rate or a loss scale changes every step and no rule may depend on a float
+value); everything else enters by value. A cached ``Plan`` holds all the rule decided, plus the global
+metadata of the outputs (computed once by running the op on meta tensors), so a cache hit costs a dict
+lookup, the local op and the wrapping.
+
+Ops without a rule fall back to gathering their DTensor inputs to Replicate and running locally: a
+one-time warning, a counted fallback, never a wrong value.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import collectives, random, rules
+from .placements import Replicate
+from .redistribute import redistribute_local
+from .spec import DTensorSpec, TensorMeta
+
+__all__ = ["dispatch", "clear_cache", "cache_info"]
+
+_CACHE_MAX = 8192
+_CACHE: dict = {}
+_CACHE_GENERATION = [rules.generation()]
+_STATS = {"hits": 0, "misses": 0}
+_WARNED: set = set()
+_SCALAR_TYPES = (int, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def cache_info() -> dict:
+    return dict(_STATS, size=len(_CACHE))
+
+
+# -- argument scanning ----------------------------------------------------------------------------------
+
+
+def _key(value, dtensors: list, dtensor_cls):
+    """Hashable key material of one argument; appends the DTensors found to ``dtensors``."""
+    if isinstance(value, dtensor_cls):
+        dtensors.append(value)
+        return value._spec
+    kind = type(value)
+    if kind is float or kind is complex:
+        return kind
+    if kind is list or kind is tuple:
+        return tuple(_key(v, dtensors, dtensor_cls) for v in value)
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0:  # a 0-d plain tensor acts as a replicated scalar
+            return ("scalar_tensor", value.dtype, value.device)
+        raise _PlainTensorError
+    if isinstance(value, _SCALAR_TYPES):
+        return value
+    return kind  # opaque objects (generators...) never decide a rule
+
+
+def _kwargs_key(kwargs: dict, dtensors: list, dtensor_cls):
+    return tuple((name, _key(value, dtensors, dtensor_cls)) for name, value in kwargs.items())
+
+
+class _PlainTensorError(Exception):
+    pass
+
+
+def _substitute(value, locals_iter, dtensor_cls):
+    if isinstance(value, dtensor_cls):
+        return next(locals_iter)
+    if type(value) is list or type(value) is tuple:
+        return type(value)(_substitute(v, locals_iter, dtensor_cls) for v in value)
+    return value
+
+
+def _schema_value(value, dtensor_cls):
+    if isinstance(value, dtensor_cls):
+        return value._spec
+    if type(value) is list or type(value) is tuple:
+        return type(value)(_schema_value(v, dtensor_cls) for v in value)
+    return value
+
+
+def _flatten_outputs(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flatten_outputs(o)]
+    return []
+
+
+def _plain_tensor_error(func, args, kwargs, dtensor_cls) -> TypeError:
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"argument {k!r}", v) for k, v in kwargs.items()]
+    for name, value in named:
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, torch.Tensor) and not isinstance(v, dtensor_cls) and v.ndim > 0:
+                return TypeError(
+                    f"{func}: {name} is a plain torch.Tensor of shape {tuple(v.shape)} mixed with DTensors; "
+                    f"make it a DTensor first (distribute_tensor(t, mesh, placements) or DTensor.from_local)"
+                )
+    return TypeError(f"{func}: a plain tensor was mixed with DTensors")
+
+
+# -- the plan -------------------------------------------------------------------------------------------
+
+
+class Plan:
+    """What to do for one cache key: input moves, local op, output specs."""
+
+    __slots__ = ("func", "input_targets", "out_specs", "shape_arg", "inplace", "random", "fallback")
+
+    def __init__(self, func, input_targets, out_specs, shape_arg, inplace, random_op, fallback):
+        self.func = func
+        self.input_targets = input_targets
+        self.out_specs = out_specs  # None entries: the output's global metadata comes from the local result
+        self.shape_arg = shape_arg
+        self.inplace = inplace
+        self.random = random_op
+        self.fallback = fallback
+
+    def run(self, args, kwargs, dtensors, dtensor_cls):
+        locals_ = [
+            dt._local_tensor if target is None else redistribute_local(dt._local_tensor, dt._spec, target)
+            for dt, target in zip(dtensors, self.input_targets)
+        ]
+        it = iter(locals_)
+        local_args = _substitute(args, it, dtensor_cls)
+        local_kwargs = {k: _substitute(v, it, dtensor_cls) for k, v in kwargs.items()} if kwargs else kwargs
+        if self.shape_arg is not None:
+            local_args = list(local_args)
+            local_args[self.shape_arg] = list(self.out_specs[0].local_shape_and_offset()[0])
+        if self.fallback:
+            collectives.record_fallback(str(self.func))
+        if self.random:
+            out = self._run_random(args, kwargs, local_args, local_kwargs, dtensors, dtensor_cls)
+        else:
+            out = self.func(*local_args, **local_kwargs)
+        if self.inplace:
+            return dtensors[0]
+        return self._wrap(out, dtensor_cls, dtensors)
+
+    def _run_random(self, args, kwargs, local_args, local_kwargs, dtensors, dtensor_cls):
+        """Random ops: each shard draws its own stream; in strict mode, the single-device draw, sliced."""
+        if not random.is_strict():
+            with random.rng_for(self.out_specs):
+                return self.func(*local_args, **local_kwargs)
+        # Strict: every rank runs the op on whole inputs with torch's own generator (seeded alike by
+        # manual_seed), exactly as one device would, then keeps its slice of each output.
+        it = iter([redistribute_local(dt._local_tensor, dt._spec, (Replicate(),) * dt._spec.mesh.ndim) for dt in dtensors])
+        full_args = _substitute(args, it, dtensor_cls)
+        full_kwargs = {k: _substitute(v, it, dtensor_cls) for k, v in kwargs.items()}
+        out = self.func(*full_args, **full_kwargs)
+        if self.inplace:  # the op drew into a whole copy of self: keep this rank's block of it
+            local_args[0].copy_(self._slice(out, self.out_specs[0]))
+            return local_args[0]
+        if isinstance(out, torch.Tensor):
+            return self._slice(out, self.out_specs[0])
+        return type(out)(self._slice(o, s) for o, s in zip(out, self.out_specs))
+
+    @staticmethod
+    def _slice(full, spec):
+        replicated = spec.with_placements((Replicate(),) * spec.mesh.ndim)
+        return redistribute_local(full, replicated, spec.placements)
+
+    def _wrap(self, out, dtensor_cls, dtensors):
+        if isinstance(out, torch.Tensor):
+            return dtensor_cls(out, self.out_specs[0] or self._replicated(out, dtensors))
+        specs = iter(self.out_specs)
+
+        def wrap(o):
+            if isinstance(o, torch.Tensor):
+                spec = next(specs)
+                return dtensor_cls(o, spec or self._replicated(o, dtensors))
+            if isinstance(o, (list, tuple)):
+                return type(o)(wrap(x) for x in o)
+            return o
+
+        return wrap(out)
+
+    @staticmethod
+    def _replicated(local, dtensors):
+        mesh = dtensors[0]._spec.mesh
+        return DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(local))
+
+
+def _meta_outputs(func, args, kwargs, dtensor_cls):
+    """Global metadata of each tensor output, from running the op on meta tensors; None if it can't run there."""
+
+    def to_meta(value):
+        if isinstance(value, dtensor_cls):
+            spec = value._spec
+            return torch.empty_strided(spec.shape, spec.tensor_meta.stride, dtype=spec.dtype, device="meta")
+        if type(value) is list or type(value) is tuple:
+            return type(value)(to_meta(v) for v in value)
+        return value
+
+    try:
+        out = func(*to_meta(args), **{k: to_meta(v) for k, v in kwargs.items()})
+    except (NotImplementedError, RuntimeError):  # no meta kernel, or a data-dependent output shape
+        return None
+    return [TensorMeta.of(t) for t in _flatten_outputs(out)]
+
+
+def _fallback_sharding(schema: rules.OpSchema, num_outputs: int) -> rules.Sharding:
+    replicate = (Replicate(),) * schema.mesh.ndim
+    return rules.Sharding(inputs=(replicate,) * len(schema.specs), outputs=(replicate,) * num_outputs)
+
+
+def _make_plan(func, args, kwargs, dtensors, dtensor_cls) -> Plan:
+    mesh = dtensors[0]._spec.mesh
+    for dt in dtensors[1:]:
+        if dt._spec.mesh != mesh:
+            raise ValueError(
+                f"{func}: DTensors on different meshes ({mesh} and {dt._spec.mesh}); redistribute one onto "
+                f"the other's mesh first"
+            )
+    schema = rules.OpSchema(
+        func, _schema_value(args, dtensor_cls), _schema_value(kwargs, dtensor_cls), tuple(d._spec for d in dtensors)
+    )
+    metas = _meta_outputs(func, args, kwargs, dtensor_cls)
+    rule = rules.rule_for(func)
+    fallback = rule is None or metas is None
+    if fallback:
+        if str(func) not in _WARNED:
+            _WARNED.add(str(func))
+            reason = "has no sharding rule" if rule is None else "has a data-dependent output shape"
+            warnings.warn(f"dtensor_plus: {func} {reason}; gathering its inputs to Replicate (correct, slow)")
+        sharding = _fallback_sharding(schema, len(metas) if metas is not None else 0)
+    else:
+        sharding = rule(schema)
+    targets = tuple(
+        None if want is None or tuple(want) == spec.placements else tuple(want)
+        for want, spec in zip(sharding.inputs, schema.specs)
+    )
+    if metas is None:
+        out_specs = None
+    else:
+        out_specs = tuple(
+            DTensorSpec(mesh, tuple(p), meta) if p is not None else None for p, meta in zip(sharding.outputs, metas)
+        )
+    inplace = _is_inplace(func)
+    if inplace and (targets[0] is not None or out_specs[0].placements != dtensors[0]._spec.placements):
+        return _OutOfPlacePlan(func)
+    return Plan(func, targets, out_specs or (), sharding.shape_arg, inplace, _is_random(func), fallback)
+
+
+class _OutOfPlacePlan:
+    """An in-place op whose result cannot stay in ``self``'s layout: compute out of place, copy back."""
+
+    __slots__ = ("functional",)
+
+    def __init__(self, func):
+        name = func.overloadpacket.__name__.rstrip("_")
+        self.functional = getattr(getattr(torch.ops.aten, name), func._overloadname)
+
+    def run(self, args, kwargs, dtensors, dtensor_cls):
+        result = self.functional(*args, **(kwargs or {}))
+        return args[0].copy_(result)
+
+
+def _is_inplace(func) -> bool:
+    schema = func._schema
+    return bool(schema.arguments) and schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write
+
+
+def _is_random(func) -> bool:
+    return torch.Tag.nondeterministic_seeded in func.tags
+
+
+def _out_variant(func):
+    """Names of the out= arguments, or () for an op without them."""
+    return tuple(a.name for a in func._schema.arguments if a.is_out)
+
+
+_OUT_NAMES: dict = {}
+
+
+def _run_out_variant(func, out_names, args, kwargs):
+    """``op(..., out=t)``: compute the functional op (its own rule), then copy into ``t`` in t's layout."""
+    outs = [kwargs[name] for name in out_names]
+    rest = {k: v for k, v in kwargs.items() if k not in out_names}
+    result = func.overloadpacket(*args, **rest)
+    results = result if isinstance(result, (tuple, list)) else (result,)
+    for out, res in zip(outs, results):
+        out.copy_(res)
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def dispatch(func, args, kwargs, dtensor_cls):
+    """Run aten op ``func`` on DTensor arguments; the body of ``DTensor.__torch_dispatch__``."""
+    kwargs = kwargs or {}
+    out_names = _OUT_NAMES.get(func)
+    if out_names is None:
+        out_names = _OUT_NAMES[func] = _out_variant(func)
+    if out_names:
+        return _run_out_variant(func, out_names, args, kwargs)
+    if _CACHE_GENERATION[0] != rules.generation():
+        _CACHE.clear()
+        _CACHE_GENERATION[0] = rules.generation()
+    dtensors: list = []
+    try:
+        key = (func, _key(args, dtensors, dtensor_cls), _kwargs_key(kwargs, dtensors, dtensor_cls) if kwargs else None)
+    except _PlainTensorError:
+        raise _plain_tensor_error(func, args, kwargs, dtensor_cls) from None
+    plan = _CACHE.get(key)
+    if plan is None:
+        _STATS["misses"] += 1
+        plan = _make_plan(func, args, kwargs, dtensors, dtensor_cls)
+        if len(_CACHE) >= _CACHE_MAX:
+            del _CACHE[next(iter(_CACHE))]  # oldest entry first: dicts keep insertion order
+        _CACHE[key] = plan
+    else:
+        _STATS["hits"] += 1
+    return plan.run(args, kwargs, dtensors, dtensor_cls)

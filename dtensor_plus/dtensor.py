@@ -1,0 +1,214 @@
+"""The DTensor subclass: a global tensor whose data lives as one local block per rank of a DeviceMesh.
+
+A DTensor has the global shape, stride, dtype and requires_grad of the tensor it stands for; ``_local_tensor``
+holds this rank's block and ``_spec`` says how the blocks make the whole. Every aten op on it goes through
+``dispatch.py``. ``from_local``, ``to_local``, ``redistribute`` and ``full_tensor`` are differentiable, each
+backward running the dual collective.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import collectives, dispatch
+from .placements import Placement, Replicate, Shard
+from .redistribute import Redistribute, grad_placements_for, redistribute_local
+from .spec import DTensorSpec, TensorMeta, normalize_placements
+
+__all__ = ["DTensor"]
+
+
+class DTensor(torch.Tensor):
+    """A distributed tensor: global metadata on the outside, this rank's block inside.
+
+    Build one with ``distribute_tensor``, ``DTensor.from_local`` or a factory (``dtensor_plus.zeros`` ...).
+    """
+
+    _local_tensor: torch.Tensor
+    _spec: DTensorSpec
+    __slots__ = ("_local_tensor", "_spec")
+
+    @staticmethod
+    def __new__(cls, local_tensor: torch.Tensor, spec: DTensorSpec, *, requires_grad: bool = False):
+        meta = spec.tensor_meta
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            meta.shape,
+            strides=meta.stride,
+            dtype=meta.dtype,
+            device=local_tensor.device,
+            layout=local_tensor.layout,
+            requires_grad=requires_grad,
+        )
+        r._local_tensor = local_tensor
+        r._spec = spec
+        return r
+
+    # Ops reach us as aten ops, after autograd; torch-function overrides are not needed.
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return dispatch.dispatch(func, args, kwargs, cls)
+
+    def __repr__(self) -> str:
+        return f"DTensor(local={self._local_tensor!r}, placements={list(self._spec.placements)}, mesh={self._spec.mesh})"
+
+    # -- layout -----------------------------------------------------------------------------------------
+
+    @property
+    def placements(self) -> tuple[Placement, ...]:
+        return self._spec.placements
+
+    @property
+    def device_mesh(self):
+        return self._spec.mesh
+
+    # -- conversions ------------------------------------------------------------------------------------
+
+    def to_local(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
+        """This rank's block. Differentiable: the gradient of the block comes back as a DTensor laid out as
+        ``grad_placements`` (default: this tensor's placements)."""
+        if not torch.is_grad_enabled():
+            return self._local_tensor
+        if grad_placements is not None:
+            grad_placements = normalize_placements(grad_placements, self._spec.mesh, self._spec.ndim)
+        return _ToLocal.apply(self, grad_placements)
+
+    @staticmethod
+    def from_local(
+        local_tensor: torch.Tensor,
+        device_mesh=None,
+        placements: Sequence[Placement] | None = None,
+        *,
+        run_check: bool = False,
+        shape: torch.Size | Sequence[int] | None = None,
+        stride: Sequence[int] | None = None,
+    ) -> DTensor:
+        """A DTensor whose block on this rank is ``local_tensor``.
+
+        Args:
+            local_tensor: this rank's block.
+            device_mesh: the mesh.
+            placements: one per mesh dim (default: all Replicate).
+            run_check: check across ranks that the blocks fit together (costs an all-gather of shapes); with
+                it, uneven shards give the exact global shape without ``shape``.
+            shape, stride: the global shape and stride; without them (and without run_check) Shard dims are
+                assumed even (global size = local size x mesh dim size).
+
+        Example::
+
+            x = DTensor.from_local(torch.randn(2, 8), mesh, [Shard(0)])  # on 4 ranks: an (8, 8) tensor
+        """
+        if device_mesh is None:
+            raise ValueError("DTensor.from_local needs a device_mesh")
+        placements = placements if placements is not None else [Replicate()] * device_mesh.ndim
+        placements = normalize_placements(placements, device_mesh, local_tensor.ndim)
+        if run_check:
+            global_shape = _checked_global_shape(local_tensor, device_mesh, placements)
+            if shape is not None and tuple(shape) != global_shape:
+                raise ValueError(f"from_local: shape={tuple(shape)} but the blocks on the ranks make {global_shape}")
+            shape = global_shape
+        elif shape is None:
+            sizes = list(local_tensor.shape)
+            for mesh_dim, p in enumerate(placements):
+                if isinstance(p, Shard):
+                    sizes[p.dim] *= device_mesh.size(mesh_dim)
+            shape = sizes
+        shape = torch.Size(shape)
+        stride = tuple(stride) if stride is not None else _contiguous_stride(shape)
+        spec = DTensorSpec(device_mesh, placements, TensorMeta(shape, stride, local_tensor.dtype))
+        return _FromLocal.apply(local_tensor, spec)
+
+    def redistribute(self, device_mesh=None, placements: Sequence[Placement] | None = None) -> DTensor:
+        """The same global tensor laid out as ``placements`` (collectives chosen by the planner). Differentiable."""
+        mesh = device_mesh if device_mesh is not None else self._spec.mesh
+        if mesh != self._spec.mesh:
+            raise ValueError(f"redistribute across meshes is not supported: {self._spec.mesh} -> {mesh}")
+        if placements is None:
+            raise ValueError("redistribute needs target placements, e.g. [Replicate()]")
+        placements = normalize_placements(placements, mesh, self._spec.ndim)
+        return Redistribute.apply(self, placements)
+
+    def full_tensor(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
+        """The whole global tensor on every rank (a plain tensor). Differentiable."""
+        replicated = self.redistribute(placements=[Replicate()] * self._spec.mesh.ndim)
+        return replicated.to_local(grad_placements=grad_placements)
+
+    # torch.save and deepcopy
+    def __reduce_ex__(self, protocol):
+        return (_rebuild, (self._local_tensor, self._spec, self.requires_grad))
+
+
+def _rebuild(local, spec, requires_grad):
+    return DTensor(local, spec, requires_grad=requires_grad)
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def _checked_global_shape(local: torch.Tensor, mesh, placements) -> tuple[int, ...]:
+    """Gather every rank's local shape and check they form the torch.chunk pattern of one global shape."""
+    shape = list(local.shape)
+    for mesh_dim in reversed(range(mesh.ndim)):
+        sizes = collectives.all_gather_sizes([local.ndim] + shape, mesh, mesh_dim)
+        if (sizes[:, 0] != local.ndim).any():
+            raise ValueError(f"from_local: local tensors have different ranks across mesh dim {mesh.mesh_dim_name(mesh_dim)}: {sizes[:, 0].tolist()}")
+        rows = sizes[:, 1:]
+        p = placements[mesh_dim]
+        sharded = {p.dim} if isinstance(p, Shard) else set()
+        for d in range(local.ndim):
+            if d not in sharded and (rows[:, d] != rows[0, d]).any():
+                raise ValueError(
+                    f"from_local: local shapes differ in dim {d} across mesh dim {mesh.mesh_dim_name(mesh_dim)} "
+                    f"({rows[:, d].tolist()}) although it is not sharded there; pass matching local tensors"
+                )
+        if sharded:
+            d = p.dim
+            total = int(rows[:, d].sum())
+            expected = [min(-(-total // len(rows)), max(total - i * -(-total // len(rows)), 0)) for i in range(len(rows))]
+            if rows[:, d].tolist() != expected:
+                raise ValueError(
+                    f"from_local: shard sizes {rows[:, d].tolist()} of dim {d} across mesh dim "
+                    f"{mesh.mesh_dim_name(mesh_dim)} are not torch.chunk sizes of {total} ({expected})"
+                )
+            shape[d] = total
+    return tuple(shape)
+
+
+class _FromLocal(torch.autograd.Function):
+    """forward: wrap the local block / backward: the DTensor gradient, moved to the forward layout, unwrapped."""
+
+    @staticmethod
+    def forward(ctx, local, spec):
+        ctx.spec = spec
+        return DTensor(local.view_as(local), spec, requires_grad=local.requires_grad)
+
+    @staticmethod
+    def backward(ctx, grad):
+        target = grad_placements_for(ctx.spec.placements)
+        return redistribute_local(grad._local_tensor, grad._spec, target), None
+
+
+class _ToLocal(torch.autograd.Function):
+    """forward: unwrap the local block / backward: wrap the block's gradient as a DTensor."""
+
+    @staticmethod
+    def forward(ctx, dtensor, grad_placements):
+        ctx.spec = dtensor._spec
+        ctx.grad_placements = grad_placements
+        return dtensor._local_tensor.view_as(dtensor._local_tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        spec = ctx.spec
+        if ctx.grad_placements is not None:
+            spec = spec.with_placements(ctx.grad_placements)
+        return DTensor(grad, spec), None

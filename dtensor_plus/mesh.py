@@ -1,0 +1,217 @@
+"""DeviceMesh: an N-d grid of ranks with named mesh dimensions and one process group per mesh dimension.
+
+The mesh only describes which ranks cooperate; ``collectives.py`` is the module that talks over the groups.
+Process groups are created once per set of ranks and reused by every mesh that needs them (slices,
+flattened meshes and meshes built again in later calls all share them).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DeviceMesh", "init_device_mesh"]
+
+# Process groups keyed by (backend, ranks). new_group is a collective over the whole world, so every
+# rank creates the same groups in the same order; caching keeps meshes cheap to rebuild.
+_GROUPS: dict[tuple[str, tuple[int, ...]], object] = {}
+
+
+def _backend_for(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def _group_for(ranks: tuple[int, ...], backend: str):
+    key = (backend, ranks)
+    if key not in _GROUPS:
+        if ranks == tuple(range(dist.get_world_size())):
+            _GROUPS[key] = dist.group.WORLD
+        else:
+            _GROUPS[key] = dist.new_group(list(ranks), backend=backend)
+    return _GROUPS[key]
+
+
+class DeviceMesh:
+    """An N-d grid of global ranks. Each mesh dimension has a process group along it.
+
+    Args:
+        device_type: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL).
+        mesh: nested list or integer tensor of global ranks; its shape is the mesh shape.
+        mesh_dim_names: optional names, one per mesh dimension, for slicing (``mesh["tp"]``).
+
+    Every rank of the default group must build the same meshes in the same order (group creation is
+    collective). Example::
+
+        mesh = DeviceMesh("cpu", [[0, 1], [2, 3]], mesh_dim_names=("dp", "tp"))
+        mesh["tp"].size()  # 2
+    """
+
+    def __init__(self, device_type: str, mesh, mesh_dim_names: Sequence[str] | None = None, *, _groups=None):
+        ranks = torch.as_tensor(mesh, dtype=torch.int64, device="cpu")
+        if ranks.ndim == 0:
+            raise ValueError(f"DeviceMesh needs at least one mesh dimension, got the scalar {ranks.item()}")
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "DeviceMesh needs torch.distributed initialised; use init_device_mesh(), which starts it "
+                "from torchrun's environment, or call torch.distributed.init_process_group first"
+            )
+        world = dist.get_world_size()
+        flat = ranks.flatten().tolist()
+        if len(set(flat)) != len(flat) or min(flat) < 0 or max(flat) >= world:
+            raise ValueError(f"mesh ranks {flat} must be distinct ranks in [0, {world}) (world size {world})")
+        names = tuple(mesh_dim_names) if mesh_dim_names is not None else None
+        if names is not None and (len(names) != ranks.ndim or len(set(names)) != len(names)):
+            raise ValueError(f"mesh_dim_names {names} must be {ranks.ndim} distinct names, one per mesh dim")
+        self.device_type = device_type
+        self.mesh = ranks
+        self.mesh_dim_names = names
+        self.shape = tuple(ranks.shape)
+        self.ndim = ranks.ndim
+        self._rank = dist.get_rank()
+        self._coordinate = self._find_coordinate()
+        self._groups = _groups if _groups is not None else self._create_groups()
+        self._hash = hash((device_type, self.shape, tuple(flat), names))
+
+    # -- construction ---------------------------------------------------------------------------------
+
+    def _find_coordinate(self) -> tuple[int, ...] | None:
+        where = (self.mesh == self._rank).nonzero()
+        return tuple(where[0].tolist()) if len(where) else None
+
+    def _create_groups(self) -> list:
+        """One group per mesh dim holding this rank; every rank creates every group (collective order)."""
+        backend = _backend_for(self.device_type)
+        groups = []
+        for mesh_dim in range(self.ndim):
+            rows = self.mesh.movedim(mesh_dim, -1).reshape(-1, self.shape[mesh_dim])
+            mine = None
+            for row in rows.tolist():
+                group = _group_for(tuple(row), backend)
+                if self._rank in row:
+                    mine = group
+            groups.append(mine)
+        return groups
+
+    # -- queries --------------------------------------------------------------------------------------
+
+    def size(self, mesh_dim: int | str | None = None) -> int:
+        """Number of ranks along ``mesh_dim``, or in the whole mesh."""
+        return self.mesh.numel() if mesh_dim is None else self.shape[self.mesh_dim_index(mesh_dim)]
+
+    def mesh_dim_index(self, mesh_dim: int | str) -> int:
+        if isinstance(mesh_dim, str):
+            if not self.mesh_dim_names or mesh_dim not in self.mesh_dim_names:
+                raise ValueError(
+                    f"mesh dim {mesh_dim!r} does not exist; this mesh has dims {self.mesh_dim_names}"
+                )
+            return self.mesh_dim_names.index(mesh_dim)
+        if not -self.ndim <= mesh_dim < self.ndim:
+            raise ValueError(f"mesh dim {mesh_dim} is out of range for a {self.ndim}-d mesh")
+        return mesh_dim % self.ndim
+
+    def mesh_dim_name(self, mesh_dim: int) -> str:
+        return self.mesh_dim_names[mesh_dim] if self.mesh_dim_names else str(mesh_dim)
+
+    def get_group(self, mesh_dim: int | str = 0):
+        """The process group along ``mesh_dim`` that holds this rank."""
+        self._require_member()
+        return self._groups[self.mesh_dim_index(mesh_dim)]
+
+    def get_coordinate(self) -> tuple[int, ...] | None:
+        """This rank's index along every mesh dim, or None when the rank is not in the mesh."""
+        return self._coordinate
+
+    def get_local_rank(self, mesh_dim: int | str = 0) -> int:
+        self._require_member()
+        return self._coordinate[self.mesh_dim_index(mesh_dim)]
+
+    def get_rank(self) -> int:
+        return self._rank
+
+    def _require_member(self):
+        if self._coordinate is None:
+            raise ValueError(f"rank {self._rank} is not in this mesh ({self.mesh.tolist()})")
+
+    # -- slicing and flattening -----------------------------------------------------------------------
+
+    def __getitem__(self, names: str | Sequence[str]) -> DeviceMesh:
+        """The sub-mesh through this rank along the named mesh dims: ``mesh["tp"]``, ``mesh["dp", "tp"]``."""
+        names = (names,) if isinstance(names, str) else tuple(names)
+        dims = [self.mesh_dim_index(n) for n in names]
+        if len(set(dims)) != len(dims):
+            raise ValueError(f"mesh dims {names} repeat a dimension")
+        self._require_member()
+        index = tuple(slice(None) if d in dims else self._coordinate[d] for d in range(self.ndim))
+        sub = self.mesh[index]
+        order = sorted(dims)
+        sub = sub.permute(*[order.index(d) for d in dims])
+        return DeviceMesh(
+            self.device_type, sub, [self.mesh_dim_name(d) for d in dims], _groups=[self._groups[d] for d in dims]
+        )
+
+    def flatten(self, mesh_dim_name: str | None = None) -> DeviceMesh:
+        """This mesh as a 1-d mesh over all its ranks (row-major), named ``mesh_dim_name``."""
+        name = mesh_dim_name or "_".join(self.mesh_dim_name(d) for d in range(self.ndim))
+        return DeviceMesh(self.device_type, self.mesh.flatten(), [name])
+
+    # -- identity -------------------------------------------------------------------------------------
+
+    def __eq__(self, other) -> bool:
+        return self is other or (
+            isinstance(other, DeviceMesh)
+            and self._hash == other._hash
+            and self.device_type == other.device_type
+            and self.shape == other.shape
+            and torch.equal(self.mesh, other.mesh)
+            and self.mesh_dim_names == other.mesh_dim_names
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        names = f", mesh_dim_names={self.mesh_dim_names}" if self.mesh_dim_names else ""
+        return f"DeviceMesh({self.device_type!r}, {self.mesh.tolist()}{names})"
+
+
+def init_device_mesh(
+    device_type: str, mesh_shape: Sequence[int], mesh_dim_names: Sequence[str] | None = None
+) -> DeviceMesh:
+    """A mesh of the given shape over ranks 0..world-1 in row-major order.
+
+    Starts torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA) when it is not
+    running yet. Example::
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    """
+    mesh_shape = tuple(int(s) for s in mesh_shape)
+    if not dist.is_initialized():
+        _init_from_environment(device_type)
+    world = dist.get_world_size()
+    if any(s < 1 for s in mesh_shape) or _prod(mesh_shape) != world:
+        shape = " * ".join(map(str, mesh_shape))
+        raise ValueError(f"mesh shape {shape} = {_prod(mesh_shape)} != world size({world}); pick a shape whose product is {world}")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
+    return DeviceMesh(device_type, torch.arange(world).reshape(mesh_shape), mesh_dim_names)
+
+
+def _init_from_environment(device_type: str) -> None:
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        raise RuntimeError(
+            "torch.distributed is not initialised and no torchrun environment (RANK, WORLD_SIZE) is set; "
+            "launch with `torchrun --nproc-per-node N script.py` or call init_process_group first"
+        )
+    timeout = timedelta(seconds=float(os.environ.get("DTENSOR_PLUS_TIMEOUT_S", "300")))
+    dist.init_process_group(_backend_for(device_type), timeout=timeout)
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out

@@ -1,0 +1,109 @@
+"""Placements: how one mesh dimension lays out a tensor. Small frozen value types that own their geometry.
+
+A DTensor carries one placement per mesh dimension:
+
+- ``Shard(dim)``: tensor dim ``dim`` is split across the mesh dim the way ``torch.chunk`` splits it: the
+  leading ranks hold ``ceil(size / n)`` entries, trailing shards may be smaller or empty.
+- ``Replicate()``: every rank holds the whole tensor.
+- ``Partial(reduce_op)``: every rank holds a tensor of the full shape; the value is their reduction
+  (``sum``, ``avg``, ``max`` or ``min``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Placement", "Shard", "Replicate", "Partial", "chunk_bounds"]
+
+REDUCE_OPS = ("sum", "avg", "max", "min")
+
+
+def chunk_bounds(size: int, num_chunks: int, index: int) -> tuple[int, int]:
+    """(offset, length) of chunk ``index`` when ``size`` entries split like ``torch.chunk`` into ``num_chunks``."""
+    chunk = -(-size // num_chunks)
+    start = min(index * chunk, size)
+    return start, min(start + chunk, size) - start
+
+
+class Placement:
+    """Base of the three placement kinds; the predicates let rules read placements without isinstance."""
+
+    __slots__ = ()
+
+    def is_shard(self, dim: int | None = None) -> bool:
+        return False
+
+    def is_replicate(self) -> bool:
+        return False
+
+    def is_partial(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Shard(Placement):
+    """Tensor dimension ``dim`` split across the mesh dimension (``torch.chunk`` sizes).
+
+    A negative ``dim`` is normalised against the tensor's rank when the placement meets a tensor.
+    """
+
+    dim: int
+
+    def __post_init__(self):
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool):
+            raise TypeError(f"Shard(dim) needs an int tensor dimension, got {self.dim!r}")
+
+    def is_shard(self, dim: int | None = None) -> bool:
+        return dim is None or dim == self.dim
+
+    def normalized(self, ndim: int) -> Shard:
+        if not -ndim <= self.dim < max(ndim, 1):
+            raise ValueError(
+                f"Shard(dim={self.dim}) is out of range for a tensor with {ndim} dims; "
+                f"use a dim in [{-ndim}, {ndim - 1}]"
+            )
+        return self if self.dim >= 0 else Shard(self.dim + ndim)
+
+    def chunk(self, tensor: torch.Tensor, num_chunks: int, index: int) -> torch.Tensor:
+        """This rank's piece of ``tensor`` (a view; empty where torch.chunk runs out of rows)."""
+        offset, length = chunk_bounds(tensor.shape[self.dim], num_chunks, index)
+        return tensor.narrow(self.dim, offset, length)
+
+    def __repr__(self) -> str:
+        return f"Shard(dim={self.dim})"
+
+
+@dataclass(frozen=True, slots=True)
+class Replicate(Placement):
+    """Every rank of the mesh dimension holds the whole tensor."""
+
+    def is_replicate(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "Replicate()"
+
+
+@dataclass(frozen=True, slots=True)
+class Partial(Placement):
+    """Every rank holds a full-shape tensor; the value is their reduction by ``reduce_op``."""
+
+    reduce_op: str = "sum"
+
+    def __post_init__(self):
+        if self.reduce_op not in REDUCE_OPS:
+            raise ValueError(f"Partial(reduce_op={self.reduce_op!r}) is unknown; use one of {REDUCE_OPS}")
+
+    def is_partial(self) -> bool:
+        return True
+
+    def partition(self, tensor: torch.Tensor, num_chunks: int, index: int) -> torch.Tensor:
+        """A local value whose reduction over the mesh dimension is ``tensor`` (exact, no rounding)."""
+        if self.reduce_op == "sum" and index != 0:
+            return torch.zeros_like(tensor)
+        return tensor  # avg, max and min of equal values are that value
+
+    def __repr__(self) -> str:
+        return f"Partial(reduce_op={self.reduce_op!r})" if self.reduce_op != "sum" else "Partial()"

@@ -1,0 +1,160 @@
+"""Redistribution: the planner (cheapest sequence of one-step transitions), the executor, the autograd Function.
+
+A *one-step transition* changes the placement of one mesh dim and maps to one collective (or none):
+
+    Replicate -> Shard(d)     local chunk                 0 bytes
+    Replicate -> Partial      local partition             0 bytes
+    Shard(d)  -> Replicate    all-gather                  (n-1) x local
+    Shard(d)  -> Shard(e)     all-to-all                  (n-1)/n x local
+    Partial   -> Replicate    all-reduce                  2(n-1)/n x local
+    Partial   -> Shard(d)     reduce-scatter              (n-1)/n x local
+
+When several mesh dims shard one tensor dim they nest in mesh-dim order, so a transition may only remove
+or add the *innermost* (highest) mesh dim sharding a tensor dim; anything else would scramble the order of
+the rows. The planner runs Dijkstra over placement tuples with that validity rule and a cost of bytes each
+rank sends plus a per-collective latency term, so it finds e.g. all-to-all instead of all-gather + chunk.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from functools import lru_cache
+
+import torch
+
+from . import collectives
+from .placements import Placement, Replicate, Shard
+from .spec import DTensorSpec, local_shape_and_offset
+
+__all__ = ["plan_redistribute", "redistribute_local", "grad_placements_for", "Redistribute"]
+
+# A collective costs this many bytes' worth of latency on top of its traffic, so that among equal-traffic
+# plans the one with fewer collectives wins. Local steps cost 1 so that empty steps are never taken.
+_LATENCY_BYTES = 4096
+
+
+def _valid(state: tuple[Placement, ...], mesh_dim: int, new: Placement) -> bool:
+    """May mesh dim ``mesh_dim`` change from state[mesh_dim] to ``new`` in one step?"""
+    old = state[mesh_dim]
+    if old == new or (old.is_partial() and new.is_partial()):
+        return False
+    if new.is_partial() and not old.is_replicate():
+        return False
+    inner = state[mesh_dim + 1 :]
+    if isinstance(old, Shard) and any(p.is_shard(old.dim) for p in inner):
+        return False
+    return not (isinstance(new, Shard) and any(p.is_shard(new.dim) for p in inner))
+
+
+def _step_cost(state, mesh_dim: int, new: Placement, mesh_shape, numel: int, itemsize: int) -> float:
+    num_shards = 1
+    for k, p in enumerate(state):
+        if p.is_shard():
+            num_shards *= mesh_shape[k]
+    local = numel * itemsize / num_shards
+    n, old = mesh_shape[mesh_dim], state[mesh_dim]
+    if old.is_replicate():
+        return 1.0
+    if old.is_partial():
+        traffic = 2 * (n - 1) / n * local if new.is_replicate() else (n - 1) / n * local
+    else:
+        traffic = (n - 1) * local if new.is_replicate() else (n - 1) / n * local
+    return traffic + _LATENCY_BYTES
+
+
+@lru_cache(maxsize=4096)
+def plan_redistribute(
+    src: tuple[Placement, ...], dst: tuple[Placement, ...], mesh_shape: tuple[int, ...], numel: int, itemsize: int
+) -> tuple[tuple[int, Placement], ...]:
+    """Cheapest list of (mesh_dim, new_placement) steps from ``src`` to ``dst`` placements."""
+    if src == dst:
+        return ()
+    shard_dims = {p.dim for p in src + dst if isinstance(p, Shard)}
+    candidates = [
+        {Replicate(), dst[k], *(Shard(d) for d in shard_dims)} | ({src[k]} if src[k].is_partial() else set())
+        for k in range(len(src))
+    ]
+    tie = itertools.count()
+    frontier = [(0.0, next(tie), src, ())]
+    best = {src: 0.0}
+    while frontier:
+        cost, _, state, steps = heapq.heappop(frontier)
+        if state == dst:
+            return steps
+        if cost > best.get(state, float("inf")):
+            continue
+        for k in range(len(state)):
+            for new in candidates[k]:
+                if not _valid(state, k, new):
+                    continue
+                nxt = state[:k] + (new,) + state[k + 1 :]
+                nxt_cost = cost + _step_cost(state, k, new, mesh_shape, numel, itemsize)
+                if nxt_cost < best.get(nxt, float("inf")):
+                    best[nxt] = nxt_cost
+                    heapq.heappush(frontier, (nxt_cost, next(tie), nxt, steps + ((k, new),)))
+    raise AssertionError(f"no redistribution plan from {list(src)} to {list(dst)}")  # unreachable: via Replicate
+
+
+def _level_size(spec_shape, mesh, placements, mesh_dim: int, dim: int) -> int:
+    """Size of tensor dim ``dim`` as seen by ``mesh_dim``: what the outer mesh dims left of it on this rank."""
+    outer = tuple(p if k < mesh_dim else Replicate() for k, p in enumerate(placements))
+    return local_shape_and_offset(spec_shape, mesh.shape, outer, mesh.get_coordinate())[0][dim]
+
+
+def _apply_step(local: torch.Tensor, spec: DTensorSpec, placements, mesh_dim: int, new: Placement) -> torch.Tensor:
+    mesh = spec.mesh
+    old = placements[mesh_dim]
+    n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    if old.is_replicate():
+        return new.chunk(local, n, index) if isinstance(new, Shard) else new.partition(local, n, index)
+    if old.is_partial():
+        if new.is_replicate():
+            return collectives.all_reduce(local, mesh, mesh_dim, old.reduce_op)
+        return collectives.reduce_scatter(local, mesh, mesh_dim, new.dim, old.reduce_op)
+    size = _level_size(spec.shape, mesh, placements, mesh_dim, old.dim)
+    if new.is_replicate():
+        return collectives.all_gather(local, mesh, mesh_dim, old.dim, size)
+    return collectives.all_to_all(local, mesh, mesh_dim, old.dim, size, new.dim)
+
+
+def redistribute_local(local: torch.Tensor, spec: DTensorSpec, dst: tuple[Placement, ...]) -> torch.Tensor:
+    """This rank's local tensor of ``spec``'s tensor laid out as ``dst`` instead (no autograd)."""
+    placements = spec.placements
+    if placements == dst:
+        return local
+    if spec.mesh.get_coordinate() is None:
+        return local  # ranks outside the mesh hold nothing and take part in nothing
+    steps = plan_redistribute(placements, dst, spec.mesh.shape, spec.shape.numel(), spec.dtype.itemsize)
+    for mesh_dim, new in steps:
+        local = _apply_step(local, spec, placements, mesh_dim, new)
+        placements = placements[:mesh_dim] + (new,) + placements[mesh_dim + 1 :]
+    return local
+
+
+def grad_placements_for(placements: tuple[Placement, ...]) -> tuple[Placement, ...]:
+    """Where the gradient of a tensor laid out as ``placements`` must land: Partial inputs take a Replicate
+    gradient (d(sum of pieces)/d(piece) is the whole output gradient on every rank)."""
+    return tuple(Replicate() if p.is_partial() else p for p in placements)
+
+
+class Redistribute(torch.autograd.Function):
+    """forward: redistribute src -> dst / backward: redistribute the gradient back to src (Partial -> Replicate)."""
+
+    @staticmethod
+    def forward(ctx, dtensor, dst: tuple[Placement, ...]):
+        from .dtensor import DTensor
+
+        spec = dtensor._spec
+        ctx.src_spec = spec
+        local = redistribute_local(dtensor._local_tensor, spec, dst)
+        return DTensor(local, spec.with_placements(dst), requires_grad=dtensor.requires_grad)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .dtensor import DTensor
+
+        target = grad_placements_for(ctx.src_spec.placements)
+        local = redistribute_local(grad._local_tensor, grad._spec, target)
+        return DTensor(local, ctx.src_spec.with_placements(target), requires_grad=False), None
+

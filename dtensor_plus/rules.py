@@ -1,0 +1,119 @@
+"""The one registry of sharding rules.
+
+A rule is a pure function of metadata: it receives an ``OpSchema`` (the op, the input specs in place of the
+DTensor arguments, the other arguments, the mesh) and returns a ``Sharding``: the placements each DTensor
+input must have and the placements of each output. It never sees tensor values or process groups, which
+is what lets the dispatcher cache its answer.
+
+    @register_rule(aten.mm.default)
+    def mm_rule(op: OpSchema) -> Sharding: ...
+
+Registering an op twice raises. A layout that needs a different rule for a while (loss parallel, context
+parallel) installs it with ``override_rule`` for the duration of a ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .placements import Placement
+from .spec import DTensorSpec
+
+__all__ = ["OpSchema", "Sharding", "register_rule", "rule_for", "override_rule", "registered_ops"]
+
+
+@dataclass(frozen=True, slots=True)
+class OpSchema:
+    """What a rule sees of one op call. ``args``/``kwargs`` hold DTensorSpecs where DTensors were passed."""
+
+    func: torch._ops.OpOverload
+    args: tuple
+    kwargs: dict
+    specs: tuple[DTensorSpec, ...]  # the DTensor arguments in order of appearance (args, then kwargs)
+
+    @property
+    def mesh(self):
+        return self.specs[0].mesh
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        return self.specs[0].mesh.shape
+
+    def arg(self, index: int, name: str | None = None, default=None):
+        """Positional argument ``index``, else keyword ``name``, else ``default``."""
+        if index < len(self.args):
+            return self.args[index]
+        return self.kwargs.get(name, default) if name else default
+
+
+@dataclass(frozen=True, slots=True)
+class Sharding:
+    """A rule's decision.
+
+    Args:
+        inputs: one entry per DTensor input (``OpSchema.specs`` order): the placements it must have, or
+            None to leave it as it is.
+        outputs: one entry per tensor output (flattened in order): its placements, or None for a tensor
+            output that is not a DTensor (never used by core rules).
+        shape_arg: index of a positional argument holding a shape (view, expand, new_zeros...): the
+            dispatcher replaces it by the local shape of output 0 on each rank.
+    """
+
+    inputs: tuple[tuple[Placement, ...] | None, ...]
+    outputs: tuple[tuple[Placement, ...] | None, ...]
+    shape_arg: int | None = None
+
+
+Rule = Callable[[OpSchema], Sharding]
+
+_RULES: dict[torch._ops.OpOverload, Rule] = {}
+_OVERRIDES: list[dict] = []
+_GENERATION = [0]  # bumped whenever the effective rule set changes; part of every dispatch cache key
+
+
+def register_rule(*ops: torch._ops.OpOverload) -> Callable[[Rule], Rule]:
+    """Decorator registering one rule for one or more aten overloads. A second registration raises."""
+
+    def decorate(rule: Rule) -> Rule:
+        for op in ops:
+            if not isinstance(op, torch._ops.OpOverload):
+                raise TypeError(f"register_rule takes aten overloads such as aten.mm.default, got {op!r}")
+            if op in _RULES:
+                raise ValueError(f"{op} already has the rule {_RULES[op].__qualname__}; one op, one rule")
+            _RULES[op] = rule
+        _GENERATION[0] += 1
+        return rule
+
+    return decorate
+
+
+def rule_for(op: torch._ops.OpOverload) -> Rule | None:
+    for overrides in reversed(_OVERRIDES):
+        if op in overrides:
+            return overrides[op]
+    return _RULES.get(op)
+
+
+def registered_ops() -> Sequence[torch._ops.OpOverload]:
+    return tuple(_RULES)
+
+
+def generation() -> int:
+    return _GENERATION[0]
+
+
+@contextlib.contextmanager
+def override_rule(rules: dict[torch._ops.OpOverload, Rule]):
+    """Use ``rules`` in place of the registered ones inside the block (scoped; nests; cache-safe)."""
+    scope = dict(rules)
+    _OVERRIDES.append(scope)
+    _GENERATION[0] += 1
+    try:
+        yield
+    finally:
+        _OVERRIDES.remove(scope)
+        _GENERATION[0] += 1

@@ -1,0 +1,3 @@
+"""Sharding rules, one file per op family; importing this package registers them all."""
+
+from . import pointwise  # noqa: F401

@@ -1,0 +1,51 @@
+"""Small helpers shared by the rule files: placement tuples and dimension bookkeeping."""
+
+from __future__ import annotations
+
+import torch
+
+from dtensor_plus.placements import Placement, Replicate, Shard
+from dtensor_plus.rules import OpSchema, Sharding
+from dtensor_plus.spec import DTensorSpec
+
+aten = torch.ops.aten
+
+
+def replicated(mesh_ndim: int) -> tuple[Placement, ...]:
+    return (Replicate(),) * mesh_ndim
+
+
+def replicate_all(op: OpSchema, num_outputs: int = 1) -> Sharding:
+    """Every input gathered, every output replicated: the always-correct answer."""
+    r = replicated(len(op.mesh_shape))
+    return Sharding(inputs=(r,) * len(op.specs), outputs=(r,) * num_outputs)
+
+
+def num_tensor_outputs(func) -> int:
+    return sum(1 for r in func._schema.returns if "Tensor" in str(r.type))
+
+
+def normalize_dim(dim: int, ndim: int) -> int:
+    return dim % max(ndim, 1) if dim < 0 else dim
+
+
+def without_partial(placements) -> tuple[Placement, ...]:
+    return tuple(Replicate() if p.is_partial() else p for p in placements)
+
+
+def unshard_dims(placements, dims) -> tuple[Placement, ...]:
+    """``placements`` with every Shard of a tensor dim in ``dims`` (and every Partial) made Replicate."""
+    return tuple(Replicate() if p.is_partial() or (isinstance(p, Shard) and p.dim in dims) else p for p in placements)
+
+
+def is_inplace(func) -> bool:
+    args = func._schema.arguments
+    return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+
+
+def local_numel(spec: DTensorSpec) -> float:
+    n = spec.shape.numel()
+    for k, p in enumerate(spec.placements):
+        if p.is_shard():
+            n /= spec.mesh.shape[k]
+    return n
