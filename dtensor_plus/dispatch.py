@@ -114,7 +114,7 @@ class Plan:
     __slots__ = ("func", "input_targets", "out_specs", "shape_arg", "inplace", "random", "fallback")
 
     def __init__(self, func, input_targets, out_specs, shape_arg, inplace, random_op, fallback):
-        self.func = func
+        self.func = func  # the aten op, or the rule's local_op standing in for it
         self.input_targets = input_targets
         self.out_specs = out_specs  # None entries: the output's global metadata comes from the local result
         self.shape_arg = shape_arg
@@ -245,7 +245,8 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls) -> Plan:
     inplace = _is_inplace(func)
     if inplace and (targets[0] is not None or out_specs[0].placements != dtensors[0]._spec.placements):
         return _OutOfPlacePlan(func)
-    return Plan(func, targets, out_specs or (), sharding.shape_arg, inplace, _is_random(func), fallback)
+    local_op = sharding.local_op or func
+    return Plan(local_op, targets, out_specs or (), sharding.shape_arg, inplace, _is_random(func), fallback)
 
 
 class _OutOfPlacePlan:

@@ -61,11 +61,16 @@ class Sharding:
             output that is not a DTensor (never used by core rules).
         shape_arg: index of a positional argument holding a shape (view, expand, new_zeros...): the
             dispatcher replaces it by the local shape of output 0 on each rank.
+        local_op: what to run on the local blocks instead of the op itself, called with the same
+            (localised) arguments. For ops whose local form differs from the global one, e.g. a mean over
+            a sharded dim is a local sum divided by the global count, giving Partial(sum). It may close over
+            metadata (global sizes, specs) but must give the same answer for the same cache key.
     """
 
     inputs: tuple[tuple[Placement, ...] | None, ...]
     outputs: tuple[tuple[Placement, ...] | None, ...]
     shape_arg: int | None = None
+    local_op: Callable | None = None
 
 
 Rule = Callable[[OpSchema], Sharding]
