@@ -1,4 +1,14 @@
 """Sharding rules, one file per op family; importing this package registers them all."""
 
-from . import pointwise  # noqa: F401
-from . import views  # noqa: F401
+from . import (  # noqa: F401
+    embedding,
+    factories,
+    losses,
+    matrix,
+    normalization,
+    pointwise,
+    random_ops,
+    reductions,
+    softmax,
+    views,
+)
