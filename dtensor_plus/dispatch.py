@@ -93,16 +93,17 @@ def _flatten_outputs(out) -> list:
     return []
 
 
-def _plain_tensor_error(func, args, kwargs, dtensor_cls) -> TypeError:
+def _plain_tensor_error(func, args, kwargs, dtensor_cls) -> ValueError:
+    # ValueError, not TypeError: torch turns a TypeError inside `a + b` into NotImplemented, losing the message.
     named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"argument {k!r}", v) for k, v in kwargs.items()]
     for name, value in named:
         for v in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(v, torch.Tensor) and not isinstance(v, dtensor_cls) and v.ndim > 0:
-                return TypeError(
+                return ValueError(
                     f"{func}: {name} is a plain torch.Tensor of shape {tuple(v.shape)} mixed with DTensors; "
                     f"make it a DTensor first (distribute_tensor(t, mesh, placements) or DTensor.from_local)"
                 )
-    return TypeError(f"{func}: a plain tensor was mixed with DTensors")
+    return ValueError(f"{func}: a plain tensor was mixed with DTensors")
 
 
 # -- the plan -------------------------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""Dispatch: caching, in-place and out= ops, scalars and 0-d tensors, fallback, and errors for bad mixes."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from dtensor_plus import Partial, Replicate, Shard, comm_mode, distribute_tensor, init_device_mesh
+from dtensor_plus import dispatch
+from dtensor_plus.testing import RankError, run_on_ranks
+from dtensor_plus.testing.strategies import layouts, make_dtensor
+
+
+def _whole(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _cache_hits():
+    mesh = init_device_mesh("cpu", (2,))
+    x = distribute_tensor(_whole((4, 4), 0), mesh, [Shard(0)])
+    x + 1.0
+    before = dispatch.cache_info()
+    for step in range(5):
+        x + float(step)  # a changing float never makes a new cache entry
+    after = dispatch.cache_info()
+    return after["hits"] - before["hits"], after["size"] - before["size"]
+
+
+def test_cache_hits_and_floats_stay_out_of_the_key():
+    assert run_on_ranks(2, _cache_hits)[0] == (5, 0)
+
+
+_OPS = {
+    "add_scalar": lambda x: x + 2.5,
+    "mul": lambda x: x * x,
+    "exp": lambda x: x.exp(),
+    "sub_rev": lambda x: 1.0 - x,
+    "neg": lambda x: -x,
+}
+
+
+def _interleaved(steps):
+    mesh = init_device_mesh("cpu", steps[0][0])
+    for mesh_shape, shape, placements, op, seed in steps:
+        whole = _whole(shape, seed)
+        x = make_dtensor(whole, mesh, placements)
+        torch.testing.assert_close(_OPS[op](x).full_tensor(), _OPS[op](whole), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=100)
+@given(data=st.data())
+def test_cache_never_serves_a_stale_result(data):
+    mesh_shape, *_ = data.draw(layouts(4))
+    steps = []
+    for _ in range(data.draw(st.integers(2, 5))):
+        _, shape, placements = data.draw(layouts(4, partial=True).filter(lambda lay: lay[0] == mesh_shape))
+        steps.append((mesh_shape, shape, placements, data.draw(st.sampled_from(sorted(_OPS))), data.draw(st.integers(0, 99))))
+    run_on_ranks(4, _interleaved, steps)
+
+
+def _inplace_cases():
+    mesh = init_device_mesh("cpu", (2,))
+    a, b = _whole((5, 3), 1), _whole((5, 3), 2)
+    x = distribute_tensor(a, mesh, [Shard(0)])
+    x.add_(distribute_tensor(b, mesh, [Replicate()]))  # the other operand follows self
+    assert x.placements == (Shard(0),) and torch.allclose(x.full_tensor(), a + b)
+    r = distribute_tensor(a, mesh, [Replicate()])
+    r.add_(make_dtensor(b, mesh, [Partial()]))  # a Partial operand is reduced into a Replicate self
+    assert r.placements == (Replicate(),) and torch.allclose(r.full_tensor(), a + b)
+    p = make_dtensor(a, mesh, [Partial()])
+    p.mul_(3.0)  # linear: stays Partial without communication
+    assert p.placements == (Partial(),) and torch.allclose(p.full_tensor(), a * 3)
+    q = make_dtensor(a, mesh, [Partial()])
+    q.exp_()  # non-linear on a Partial self: computed out of place and copied back in self's layout
+    assert q.placements == (Partial(),) and torch.allclose(q.full_tensor(), a.exp())
+    out = distribute_tensor(torch.zeros(5, 3), mesh, [Replicate()])
+    res = torch.add(distribute_tensor(a, mesh, [Shard(0)]), distribute_tensor(b, mesh, [Shard(0)]), out=out)
+    assert res is out and out.placements == (Replicate(),) and torch.allclose(out.full_tensor(), a + b)
+
+
+def test_inplace_and_out_variants():
+    run_on_ranks(2, _inplace_cases)
+
+
+def _scalars_and_zero_d():
+    mesh = init_device_mesh("cpu", (2,))
+    x = distribute_tensor(_whole((4, 3), 3), mesh, [Shard(0)])
+    s = x.sum()  # a 0-d DTensor
+    y = x * torch.tensor(2.0) + s  # a plain 0-d tensor is a replicated scalar
+    torch.testing.assert_close(y.full_tensor(), x.full_tensor() * 2 + x.full_tensor().sum())
+    assert s.ndim == 0 and y.placements == (Shard(0),)
+    try:
+        x + torch.ones(4, 3)
+    except ValueError as e:
+        return str(e)
+
+
+def test_scalars_zero_d_and_plain_tensor_error():
+    message = run_on_ranks(2, _scalars_and_zero_d)[0]
+    assert "aten.add.Tensor" in message and "argument 1" in message and "distribute_tensor" in message
+
+
+def _different_meshes():
+    m1 = init_device_mesh("cpu", (2,))
+    from dtensor_plus import DeviceMesh
+
+    m2 = DeviceMesh("cpu", [1, 0])
+    a = distribute_tensor(torch.ones(2), m1, [Shard(0)])
+    b = distribute_tensor(torch.ones(2), m2, [Shard(0)])
+    with pytest.raises(ValueError, match="different meshes"):
+        a + b
+
+
+def test_different_meshes_raise():
+    run_on_ranks(2, _different_meshes)
+
+
+def _fallback():
+    mesh = init_device_mesh("cpu", (2,))
+    whole = torch.sort(_whole((7,), 4)).values
+    x = distribute_tensor(whole, mesh, [Shard(0)])
+    v = distribute_tensor(torch.tensor([-0.5, 0.0, 0.5]), mesh, [Replicate()])
+    with warnings.catch_warnings(record=True) as caught, comm_mode() as comm:
+        warnings.simplefilter("always")
+        got = torch.searchsorted(x, v)
+        torch.searchsorted(x, v)
+    assert torch.equal(got.full_tensor(), torch.searchsorted(whole, v.full_tensor()))
+    named = [w for w in caught if "searchsorted" in str(w.message)]
+    return len(named), comm.fallbacks["aten.searchsorted.Tensor"]
+
+
+def test_op_without_rule_falls_back_correctly_with_one_warning():
+    assert run_on_ranks(2, _fallback)[0] == (1, 2)
+
+
+def _raise_on_rank_one():
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise ValueError("boom")
+
+
+def test_a_failing_rank_is_named():
+    with pytest.raises(RankError, match="rank 1"):
+        run_on_ranks(2, _raise_on_rank_one)
