@@ -2,9 +2,9 @@
 
 The cache key is the op plus every argument with DTensors replaced by their specs. Python floats enter the
 key only as their type (a learning rate or a loss scale changes every step and no rule may depend on a float
-value); everything else enters by value. A cached ``Plan`` holds all the rule decided, plus the global
-metadata of the outputs (computed once by running the op on meta tensors), so a cache hit costs a dict
-lookup, the local op and the wrapping.
+value), except +-inf, which picks a mode (vector_norm's ord=inf); everything else enters by value. A cached
+``Plan`` holds all the rule decided, plus the global metadata of the outputs (computed once by running the op
+on meta tensors), so a cache hit costs a dict lookup, the local op and the wrapping.
 
 Ops without a rule fall back to gathering their DTensor inputs to Replicate and running locally: a
 one-time warning, a counted fallback, never a wrong value.
@@ -27,6 +27,7 @@ _CACHE_MAX = 8192
 _CACHE: dict = {}
 _CACHE_GENERATION = [rules.generation()]
 _STATS = {"hits": 0, "misses": 0}
+_NO_KWARGS: dict = {}
 _WARNED: set = set()
 _SCALAR_TYPES = (int, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
@@ -49,7 +50,7 @@ def _key(value, dtensors: list, dtensor_cls):
         return value._spec
     kind = type(value)
     if kind is float or kind is complex:
-        return kind
+        return value if kind is float and abs(value) == float("inf") else kind  # +-inf picks a mode (norm ord)
     if kind is list or kind is tuple:
         return tuple(_key(v, dtensors, dtensor_cls) for v in value)
     if isinstance(value, torch.Tensor):
@@ -112,10 +113,11 @@ def _plain_tensor_error(func, args, kwargs, dtensor_cls) -> ValueError:
 class Plan:
     """What to do for one cache key: input moves, local op, output specs."""
 
-    __slots__ = ("func", "input_targets", "out_specs", "shape_arg", "inplace", "random", "fallback")
+    __slots__ = ("func", "input_targets", "out_specs", "shape_arg", "inplace", "random", "fallback", "positions")
 
-    def __init__(self, func, input_targets, out_specs, shape_arg, inplace, random_op, fallback):
+    def __init__(self, func, input_targets, out_specs, shape_arg, inplace, random_op, fallback, positions):
         self.func = func  # the aten op, or the rule's local_op standing in for it
+        self.positions = positions  # argument indices of the DTensors when all are top-level positional
         self.input_targets = input_targets
         self.out_specs = out_specs  # None entries: the output's global metadata comes from the local result
         self.shape_arg = shape_arg
@@ -128,9 +130,15 @@ class Plan:
             dt._local_tensor if target is None else redistribute_local(dt._local_tensor, dt._spec, target)
             for dt, target in zip(dtensors, self.input_targets)
         ]
-        it = iter(locals_)
-        local_args = _substitute(args, it, dtensor_cls)
-        local_kwargs = {k: _substitute(v, it, dtensor_cls) for k, v in kwargs.items()} if kwargs else kwargs
+        if self.positions is not None:
+            local_args = list(args)
+            for position, local in zip(self.positions, locals_):
+                local_args[position] = local
+            local_kwargs = kwargs or _NO_KWARGS
+        else:
+            it = iter(locals_)
+            local_args = _substitute(args, it, dtensor_cls)
+            local_kwargs = {k: _substitute(v, it, dtensor_cls) for k, v in kwargs.items()} if kwargs else _NO_KWARGS
         if self.shape_arg is not None:
             local_args = list(local_args)
             local_args[self.shape_arg] = list(self.out_specs[0].local_shape_and_offset()[0])
@@ -201,7 +209,7 @@ def _meta_outputs(func, args, kwargs, dtensor_cls):
 
     try:
         out = func(*to_meta(args), **{k: to_meta(v) for k, v in kwargs.items()})
-    except (NotImplementedError, RuntimeError):  # no meta kernel, or a data-dependent output shape
+    except (NotImplementedError, RuntimeError, ZeroDivisionError):  # no meta kernel, data-dependent shape, numel 0
         return None
     return [TensorMeta.of(t) for t in _flatten_outputs(out)]
 
@@ -211,7 +219,10 @@ def _fallback_sharding(schema: rules.OpSchema, num_outputs: int) -> rules.Shardi
     return rules.Sharding(inputs=(replicate,) * len(schema.specs), outputs=(replicate,) * num_outputs)
 
 
-def _make_plan(func, args, kwargs, dtensors, dtensor_cls) -> Plan:
+def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
+    out_names = _out_variant(func)
+    if out_names:
+        return _OutVariantPlan(func, out_names)
     mesh = dtensors[0]._spec.mesh
     for dt in dtensors[1:]:
         if dt._spec.mesh != mesh:
@@ -247,7 +258,10 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls) -> Plan:
     if inplace and (targets[0] is not None or out_specs[0].placements != dtensors[0]._spec.placements):
         return _OutOfPlacePlan(func)
     local_op = sharding.local_op or func
-    return Plan(local_op, targets, out_specs or (), sharding.shape_arg, inplace, _is_random(func), fallback)
+    positions = tuple(i for i, a in enumerate(args) if isinstance(a, dtensor_cls))
+    if len(positions) != len(dtensors):
+        positions = None  # some DTensor sits in a list or a keyword: substitute recursively
+    return Plan(local_op, targets, out_specs or (), sharding.shape_arg, inplace, _is_random(func), fallback, positions)
 
 
 class _OutOfPlacePlan:
@@ -278,40 +292,49 @@ def _out_variant(func):
     return tuple(a.name for a in func._schema.arguments if a.is_out)
 
 
-_OUT_NAMES: dict = {}
-
-
-def _run_out_variant(func, out_names, args, kwargs):
+class _OutVariantPlan:
     """``op(..., out=t)``: compute the functional op (its own rule), then copy into ``t`` in t's layout."""
-    outs = [kwargs[name] for name in out_names]
-    rest = {k: v for k, v in kwargs.items() if k not in out_names}
-    result = func.overloadpacket(*args, **rest)
-    results = result if isinstance(result, (tuple, list)) else (result,)
-    for out, res in zip(outs, results):
-        out.copy_(res)
-    return outs[0] if len(outs) == 1 else tuple(outs)
+
+    __slots__ = ("func", "out_names")
+
+    def __init__(self, func, out_names):
+        self.func, self.out_names = func, out_names
+
+    def run(self, args, kwargs, dtensors, dtensor_cls):
+        outs = [kwargs[name] for name in self.out_names]
+        rest = {k: v for k, v in kwargs.items() if k not in self.out_names}
+        result = self.func.overloadpacket(*args, **rest)
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        for out, res in zip(outs, results):
+            out.copy_(res)
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def dispatch(func, args, kwargs, dtensor_cls):
     """Run aten op ``func`` on DTensor arguments; the body of ``DTensor.__torch_dispatch__``."""
-    kwargs = kwargs or {}
-    out_names = _OUT_NAMES.get(func)
-    if out_names is None:
-        out_names = _OUT_NAMES[func] = _out_variant(func)
-    if out_names:
-        return _run_out_variant(func, out_names, args, kwargs)
-    if _CACHE_GENERATION[0] != rules.generation():
+    if _CACHE_GENERATION[0] != rules._GENERATION[0]:
         _CACHE.clear()
-        _CACHE_GENERATION[0] = rules.generation()
+        _CACHE_GENERATION[0] = rules._GENERATION[0]
     dtensors: list = []
+    key = [func]
     try:
-        key = (func, _key(args, dtensors, dtensor_cls), _kwargs_key(kwargs, dtensors, dtensor_cls) if kwargs else None)
+        for value in args:  # the top level inline: this loop runs for every op
+            if isinstance(value, dtensor_cls):
+                dtensors.append(value)
+                key.append(value._spec)
+            elif type(value) is float:
+                key.append(value if abs(value) == float("inf") else float)  # as in _key
+            else:
+                key.append(_key(value, dtensors, dtensor_cls))
+        if kwargs:
+            key.append(_kwargs_key(kwargs, dtensors, dtensor_cls))
     except _PlainTensorError:
-        raise _plain_tensor_error(func, args, kwargs, dtensor_cls) from None
+        raise _plain_tensor_error(func, args, kwargs or {}, dtensor_cls) from None
+    key = tuple(key)
     plan = _CACHE.get(key)
     if plan is None:
         _STATS["misses"] += 1
-        plan = _make_plan(func, args, kwargs, dtensors, dtensor_cls)
+        plan = _make_plan(func, args, kwargs or {}, dtensors, dtensor_cls)
         if len(_CACHE) >= _CACHE_MAX:
             del _CACHE[next(iter(_CACHE))]  # oldest entry first: dicts keep insertion order
         _CACHE[key] = plan

@@ -1,0 +1,99 @@
+"""Per-op dispatch overhead on cache hits: dtensor_plus beside torch.distributed.tensor, same ops, same run.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dispatch_overhead.py            # 1 rank, in process
+    OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 benchmarks/dispatch_overhead.py
+
+Tensors are tiny so the time is the framework's, not the kernel's. Prints microseconds per op for plain
+torch on the local block, torch's DTensor and dtensor_plus, and dtensor_plus / torch.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import dtensor_plus as dtp
+
+REPEATS = int(os.environ.get("REPEATS", "2000"))
+
+
+def _ops(lib, mesh, shard, replicate):
+    """The op sequence: name -> (setup returning args, fn)."""
+    x = lib.distribute_tensor(torch.randn(8, 16), mesh, [shard(0)])
+    w = lib.distribute_tensor(torch.randn(16, 16), mesh, [replicate()])
+    ln_w = lib.distribute_tensor(torch.ones(16), mesh, [replicate()])
+    ln_b = lib.distribute_tensor(torch.zeros(16), mesh, [replicate()])
+    return {
+        "add": lambda: x + x,
+        "mul scalar": lambda: x * 0.5,
+        "mm": lambda: torch.mm(x, w),
+        "view": lambda: x.view(-1),
+        "layer_norm": lambda: F.layer_norm(x, (16,), ln_w, ln_b),
+        "softmax": lambda: torch.softmax(x, -1),
+        "redistribute S(0)->R": lambda: x.redistribute(mesh, [replicate()]),
+    }
+
+
+def _local_ops():
+    x, w = torch.randn(8, 16), torch.randn(16, 16)
+    ln_w, ln_b = torch.ones(16), torch.zeros(16)
+    return {
+        "add": lambda: x + x,
+        "mul scalar": lambda: x * 0.5,
+        "mm": lambda: torch.mm(x, w),
+        "view": lambda: x.view(-1),
+        "layer_norm": lambda: F.layer_norm(x, (16,), ln_w, ln_b),
+        "softmax": lambda: torch.softmax(x, -1),
+        "redistribute S(0)->R": lambda: x.clone(),
+    }
+
+
+def _time_us(fn) -> float:
+    for _ in range(50):  # warm the caches
+        fn()
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(REPEATS // 5):
+            fn()
+        samples.append((time.perf_counter() - start) / (REPEATS // 5) * 1e6)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group("gloo")
+        else:
+            store = dist.FileStore(tempfile.mktemp(), 1)
+            dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    torch.manual_seed(0)
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh  # the peer, measured only here
+
+    import types
+
+    world = dist.get_world_size()
+    torch_lib = types.SimpleNamespace(distribute_tensor=distribute_tensor)
+    torch_mesh = init_device_mesh("cpu", (world,))
+    ours = _ops(dtp, dtp.init_device_mesh("cpu", (world,)), dtp.Shard, dtp.Replicate)
+    theirs = _ops(torch_lib, torch_mesh, Shard, Replicate)
+    local = _local_ops()
+    rows = [(name, _time_us(local[name]), _time_us(theirs[name]), _time_us(ours[name])) for name in ours]
+    if dist.get_rank() == 0:
+        print(f"world size {world}, {REPEATS} calls per op, microseconds per op (median of 5)")
+        print(f"{'op':<22}{'local torch':>12}{'torch DTensor':>15}{'dtensor_plus':>14}{'ratio':>8}")
+        for name, t_local, t_torch, t_ours in rows:
+            print(f"{name:<22}{t_local:>12.1f}{t_torch:>15.1f}{t_ours:>14.1f}{t_ours / t_torch:>8.2f}")
+        geo = statistics.geometric_mean([o / t for _, _, t, o in rows])
+        print(f"{'geometric mean ratio':<63}{geo:>8.2f}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
