@@ -50,7 +50,9 @@ class DeviceMesh:
         mesh["tp"].size()  # 2
     """
 
-    def __init__(self, device_type: str, mesh, mesh_dim_names: Sequence[str] | None = None, *, _groups=None):
+    def __init__(
+        self, device_type: str, mesh, mesh_dim_names: Sequence[str] | None = None, *, _groups=None, _root=None, _root_dims=None
+    ):
         ranks = torch.as_tensor(mesh, dtype=torch.int64, device="cpu")
         if ranks.ndim == 0:
             raise ValueError(f"DeviceMesh needs at least one mesh dimension, got the scalar {ranks.item()}")
@@ -74,6 +76,9 @@ class DeviceMesh:
         self._rank = dist.get_rank()
         self._coordinate = self._find_coordinate()
         self._groups = _groups if _groups is not None else self._create_groups()
+        # A slice remembers the mesh it came from: flattening it must create groups on every rank alike.
+        self._root = _root if _root is not None else self
+        self._root_dims = tuple(_root_dims) if _root_dims is not None else tuple(range(self.ndim))
         self._hash = hash((device_type, self.shape, tuple(flat), names))
 
     # -- construction ---------------------------------------------------------------------------------
@@ -150,13 +155,30 @@ class DeviceMesh:
         order = sorted(dims)
         sub = sub.permute(*[order.index(d) for d in dims])
         return DeviceMesh(
-            self.device_type, sub, [self.mesh_dim_name(d) for d in dims], _groups=[self._groups[d] for d in dims]
+            self.device_type,
+            sub,
+            [self.mesh_dim_name(d) for d in dims],
+            _groups=[self._groups[d] for d in dims],
+            _root=self._root,
+            _root_dims=[self._root_dims[d] for d in dims],
         )
 
     def flatten(self, mesh_dim_name: str | None = None) -> DeviceMesh:
-        """This mesh as a 1-d mesh over all its ranks (row-major), named ``mesh_dim_name``."""
+        """This mesh's dims merged into one (row-major), named ``mesh_dim_name``: ``mesh["dp", "tp"].flatten()``.
+
+        Every rank of the root mesh must call it (it creates one group per parallel slice, collectively)."""
         name = mesh_dim_name or "_".join(self.mesh_dim_name(d) for d in range(self.ndim))
-        return DeviceMesh(self.device_type, self.mesh.flatten(), [name])
+        root, dims = self._root, self._root_dims
+        others = [d for d in range(root.ndim) if d not in dims]
+        rows = root.mesh.permute(*others, *dims).reshape(-1, self.mesh.numel()).tolist()
+        backend = _backend_for(self.device_type)
+        mine = None
+        for row in rows:
+            group = _group_for(tuple(row), backend)
+            if self._rank in row:
+                mine, my_row = group, row
+        self._require_member()
+        return DeviceMesh(self.device_type, my_row, [name], _groups=[mine])
 
     # -- identity -------------------------------------------------------------------------------------
 

@@ -84,3 +84,21 @@ def test_init_device_mesh_needs_an_environment():
             init_device_mesh("cpu", (1,))
         finally:
             os.environ.update(env)
+
+
+def _flatten_slices():
+    mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("pp", "dp", "tp"))
+    dp_tp = mesh["dp", "tp"].flatten()
+    pp_tp = mesh["pp", "tp"].flatten("pp_tp")
+    probe = torch.ones(1)
+    dist.all_reduce(probe, group=dp_tp.get_group())
+    return dp_tp.mesh.tolist(), pp_tp.mesh.tolist(), pp_tp.mesh_dim_names, probe.item()
+
+
+def test_flatten_a_slice_of_a_3d_mesh():
+    for rank, (dp_tp, pp_tp, names, total) in enumerate(run_on_ranks(8, _flatten_slices)):
+        base = rank // 4 * 4
+        assert dp_tp == [base, base + 1, base + 2, base + 3] and total == 4
+        d = rank // 2 % 2
+        assert pp_tp == [2 * d, 2 * d + 1, 4 + 2 * d, 5 + 2 * d]
+        assert names == ("pp_tp",)
