@@ -102,3 +102,17 @@ def test_flatten_a_slice_of_a_3d_mesh():
         d = rank // 2 % 2
         assert pp_tp == [2 * d, 2 * d + 1, 4 + 2 * d, 5 + 2 * d]
         assert names == ("pp_tp",)
+
+
+def _uneven_on_flattened():
+    from dtensor_plus import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    flat = mesh["dp", "tp"].flatten()
+    whole = torch.arange(7 * 3.0).view(7, 3)
+    x = distribute_tensor(whole, flat, [Shard(0)])
+    return torch.equal(x.full_tensor(), whole)
+
+
+def test_all_gather_over_a_flattened_mesh_keeps_uneven_rows_in_order():
+    assert all(run_on_ranks(4, _uneven_on_flattened))  # upstream PyTorch returns them out of order (#194457)
