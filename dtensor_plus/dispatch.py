@@ -177,12 +177,12 @@ class Plan:
 
     def _wrap(self, out, dtensor_cls, dtensors):
         if isinstance(out, torch.Tensor):
-            return dtensor_cls(out, self.out_specs[0] or self._replicated(out, dtensors))
+            return dtensor_cls(out, next(iter(self.out_specs), None) or self._replicated(out, dtensors))
         specs = iter(self.out_specs)
 
         def wrap(o):
             if isinstance(o, torch.Tensor):
-                spec = next(specs)
+                spec = next(specs, None)  # no specs: the metadata comes from the local result (fallback)
                 return dtensor_cls(o, spec or self._replicated(o, dtensors))
             if isinstance(o, (list, tuple)):
                 return type(o)(wrap(x) for x in o)
@@ -255,7 +255,7 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
             DTensorSpec(mesh, tuple(p), meta) if p is not None else None for p, meta in zip(sharding.outputs, metas)
         )
     inplace = _is_inplace(func)
-    if inplace and (targets[0] is not None or out_specs[0].placements != dtensors[0]._spec.placements):
+    if inplace and (out_specs is None or targets[0] is not None or out_specs[0].placements != dtensors[0]._spec.placements):
         return _OutOfPlacePlan(func)
     local_op = sharding.local_op or func
     positions = tuple(i for i, a in enumerate(args) if isinstance(a, dtensor_cls))
