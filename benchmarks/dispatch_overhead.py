@@ -23,12 +23,8 @@ import dtensor_plus as dtp
 REPEATS = int(os.environ.get("REPEATS", "2000"))
 
 
-def _ops(lib, mesh, shard, replicate):
-    """The op sequence: name -> (setup returning args, fn)."""
-    x = lib.distribute_tensor(torch.randn(8, 16), mesh, [shard(0)])
-    w = lib.distribute_tensor(torch.randn(16, 16), mesh, [replicate()])
-    ln_w = lib.distribute_tensor(torch.ones(16), mesh, [replicate()])
-    ln_b = lib.distribute_tensor(torch.zeros(16), mesh, [replicate()])
+def _op_sequence(x, w, ln_w, ln_b, redistribute):
+    """The measured ops, name -> zero-argument callable, over whatever tensors are given."""
     return {
         "add": lambda: x + x,
         "mul scalar": lambda: x * 0.5,
@@ -36,22 +32,19 @@ def _ops(lib, mesh, shard, replicate):
         "view": lambda: x.view(-1),
         "layer_norm": lambda: F.layer_norm(x, (16,), ln_w, ln_b),
         "softmax": lambda: torch.softmax(x, -1),
-        "redistribute S(0)->R": lambda: x.redistribute(mesh, [replicate()]),
+        "redistribute S(0)->R": redistribute,
     }
+
+
+def _distributed_ops(distribute_tensor, mesh, shard, replicate):
+    x = distribute_tensor(torch.randn(8, 16), mesh, [shard(0)])
+    w, ln_w, ln_b = (distribute_tensor(t, mesh, [replicate()]) for t in (torch.randn(16, 16), torch.ones(16), torch.zeros(16)))
+    return _op_sequence(x, w, ln_w, ln_b, lambda: x.redistribute(mesh, [replicate()]))
 
 
 def _local_ops():
-    x, w = torch.randn(8, 16), torch.randn(16, 16)
-    ln_w, ln_b = torch.ones(16), torch.zeros(16)
-    return {
-        "add": lambda: x + x,
-        "mul scalar": lambda: x * 0.5,
-        "mm": lambda: torch.mm(x, w),
-        "view": lambda: x.view(-1),
-        "layer_norm": lambda: F.layer_norm(x, (16,), ln_w, ln_b),
-        "softmax": lambda: torch.softmax(x, -1),
-        "redistribute S(0)->R": lambda: x.clone(),
-    }
+    x = torch.randn(8, 16)
+    return _op_sequence(x, torch.randn(16, 16), torch.ones(16), torch.zeros(16), x.clone)
 
 
 def _time_us(fn) -> float:
@@ -76,13 +69,9 @@ def main() -> None:
     torch.manual_seed(0)
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh  # the peer, measured only here
 
-    import types
-
     world = dist.get_world_size()
-    torch_lib = types.SimpleNamespace(distribute_tensor=distribute_tensor)
-    torch_mesh = init_device_mesh("cpu", (world,))
-    ours = _ops(dtp, dtp.init_device_mesh("cpu", (world,)), dtp.Shard, dtp.Replicate)
-    theirs = _ops(torch_lib, torch_mesh, Shard, Replicate)
+    ours = _distributed_ops(dtp.distribute_tensor, dtp.init_device_mesh("cpu", (world,)), dtp.Shard, dtp.Replicate)
+    theirs = _distributed_ops(distribute_tensor, init_device_mesh("cpu", (world,)), Shard, Replicate)
     local = _local_ops()
     rows = [(name, _time_us(local[name]), _time_us(theirs[name]), _time_us(ours[name])) for name in ours]
     if dist.get_rank() == 0:
