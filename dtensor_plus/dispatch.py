@@ -254,6 +254,8 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
         out_specs = tuple(
             DTensorSpec(mesh, tuple(p), meta) if p is not None else None for p, meta in zip(sharding.outputs, metas)
         )
+    if func.overloadpacket in _INPLACE_VIEWS:
+        return _InplaceViewPlan(func)
     inplace = _is_inplace(func)
     if inplace and (out_specs is None or targets[0] is not None or out_specs[0].placements != dtensors[0]._spec.placements):
         return _OutOfPlacePlan(func)
@@ -276,6 +278,33 @@ class _OutOfPlacePlan:
     def run(self, args, kwargs, dtensors, dtensor_cls):
         result = self.functional(*args, **(kwargs or {}))
         return args[0].copy_(result)
+
+
+class _InplaceViewPlan:
+    """squeeze_, unsqueeze_, t_, transpose_ change self's shape, not its values (a copy_ back cannot): run the
+    view (its own rule), then self takes the view's block and spec, and its wrapper takes the new sizes the
+    way torch's return_and_correct_aliasing does it (the op's meta kernel on the wrapper, dispatch off)."""
+
+    __slots__ = ("func", "view")
+
+    def __init__(self, func):
+        self.func, self.view = func, getattr(torch.ops.aten, func.overloadpacket.__name__.rstrip("_"))
+
+    def run(self, args, kwargs, dtensors, dtensor_cls):
+        result = self.view(*args, **(kwargs or {}))
+        target = args[0]
+        target._local_tensor, target._spec = result._local_tensor, result._spec
+        with torch.utils._mode_utils.no_dispatch():
+            meta_in_tls = torch._C._meta_in_tls_dispatch_include()
+            torch._C._set_meta_in_tls_dispatch_include(True)
+            try:
+                self.func(*args, **(kwargs or {}))
+            finally:
+                torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
+        return target
+
+
+_INPLACE_VIEWS = (torch.ops.aten.squeeze_, torch.ops.aten.unsqueeze_, torch.ops.aten.t_, torch.ops.aten.transpose_)
 
 
 def _is_inplace(func) -> bool:

@@ -1,1 +1,207 @@
-"""(in progress)"""
+"""Loss functions that reach dispatch as their own aten ops: nll_loss (what F.cross_entropy runs after
+_log_softmax) and the elementwise losses (mse, smooth_l1, huber, binary_cross_entropy[_with_logits],
+soft_margin), forward and backward. l1_loss, kl_div, soft-target cross_entropy and the backward of
+binary_cross_entropy_with_logits decompose into pointwise ops and reductions before dispatch: nothing here.
+
+Elementwise losses: inputs are laid out as for a pointwise op (``ops.pointwise``); with B = the global
+number of elements:
+
+    reduction    output on a sharded mesh dim    local op
+    none         Shard (as the pointwise op)     the loss
+    sum          Partial(sum)                    the loss, reduction='sum'
+    mean         Partial(sum)                    the loss, reduction='sum', divided by the global B
+    backward     Shard (as the input)            mean: backward with reduction='sum', divided by B
+
+so a mean over uneven shards is exact (a Partial(avg) of shard means would weigh short shards too much).
+
+nll_loss / nll_loss2d: input (N, C, *) or (C,), target (N, *) or (). The class dim C is always Replicate;
+batch dims (N and the spatial ones) are sharded alike in input and target (a Replicate input is chunked to
+match a sharded target: free). Per mesh dim that shards a batch dim:
+
+    reduction    target       output          total_weight     local op
+    none         Shard        Shard           Replicate (0)    nll_loss
+    sum          Shard        Partial(sum)    Partial(sum)     nll_loss
+    mean         Replicate    Partial(sum)    Replicate        local sum / global total weight
+    backward     Shard        grad_input Shard; grad_output and total_weight Replicate (sum/mean)
+
+For mean, the target is gathered (a few ints per row) so every rank knows the global total weight (sum of
+weight[target] over targets != ignore_index) and divides its local sum by it: exact for uneven and empty
+shards. The backward kernel already divides by the total_weight it is given, which is the global one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dtensor_plus.placements import Partial, Replicate, Shard
+from dtensor_plus.rules import OpSchema, Sharding, register_rule
+from dtensor_plus.spec import DTensorSpec
+
+from .common import aten, replicated
+from .pointwise import pointwise_rule
+
+NONE, MEAN, SUM = 0, 1, 2  # at::Reduction
+
+# -- elementwise losses ---------------------------------------------------------------------------------
+
+_ELEMENTWISE_FORWARD = (
+    aten.mse_loss.default,
+    aten.smooth_l1_loss.default,
+    aten.huber_loss.default,
+    aten.binary_cross_entropy.default,
+    aten.binary_cross_entropy_with_logits.default,
+    aten.soft_margin_loss.default,
+)
+_ELEMENTWISE_BACKWARD = (
+    aten.mse_loss_backward.default,
+    aten.smooth_l1_loss_backward.default,
+    aten.huber_loss_backward.default,
+    aten.binary_cross_entropy_backward.default,
+    aten.soft_margin_loss_backward.default,
+)
+
+
+def _reduction_index(func) -> int:
+    return [a.name for a in func._schema.arguments].index("reduction")
+
+
+def _is_sharded(placements) -> bool:
+    return any(p.is_shard() for p in placements)
+
+
+@register_rule(*_ELEMENTWISE_FORWARD)
+def elementwise_loss_rule(op: OpSchema) -> Sharding:
+    base = pointwise_rule(op)  # the unreduced loss is a pointwise op of its inputs
+    index = _reduction_index(op.func)
+    reduction = op.arg(index, "reduction", MEAN)
+    laid_out = base.outputs[0]
+    if reduction == NONE or not _is_sharded(laid_out):
+        return Sharding(inputs=base.inputs, outputs=(laid_out,))
+    partial = tuple(Partial() if p.is_shard() else Replicate() for p in laid_out)
+    count = torch.broadcast_shapes(*(s.shape for s in op.specs)).numel()  # what the mean divides by
+    local_op = _sum_divided_by(op.func, index, count) if reduction == MEAN else None
+    return Sharding(inputs=base.inputs, outputs=(partial,), local_op=local_op)
+
+
+@register_rule(*_ELEMENTWISE_BACKWARD)
+def elementwise_loss_backward_rule(op: OpSchema) -> Sharding:
+    base = pointwise_rule(op)  # grad_input is pointwise in (grad_output, self, target, ...)
+    index = _reduction_index(op.func)
+    if op.arg(index, "reduction", MEAN) != MEAN or not _is_sharded(base.outputs[0]):
+        return base
+    self_spec = op.arg(1, "self")  # the kernel divides by self.numel(): the global count here
+    local_op = _sum_divided_by(op.func, index, self_spec.shape.numel())
+    return Sharding(inputs=base.inputs, outputs=base.outputs, local_op=local_op)
+
+
+def _sum_divided_by(func, reduction_index: int, count: int):
+    """``func`` with reduction='sum' on the local block, divided by the global element count."""
+
+    def local_op(*args, **kwargs):
+        if reduction_index < len(args):
+            args = args[:reduction_index] + (SUM,) + args[reduction_index + 1 :]
+        else:
+            kwargs = dict(kwargs, reduction=SUM)
+        return func(*args, **kwargs) / count  # count 0 gives nan, as the mean of nothing does
+
+    return local_op
+
+
+# -- nll_loss -------------------------------------------------------------------------------------------
+
+
+def _class_dim(ndim: int) -> int:
+    return 1 if ndim >= 2 else 0
+
+
+def _target_dim(input_dim: int) -> int:
+    return 0 if input_dim == 0 else input_dim - 1  # target (N, *) lacks the class dim of input (N, C, *)
+
+
+def _input_dim(target_dim: int) -> int:
+    return 0 if target_dim == 0 else target_dim + 1
+
+
+def _batch_placements(self_spec: DTensorSpec, target_spec: DTensorSpec):
+    """Per mesh dim, the placements of input and target: the input's batch Shard, else the target's, else
+    Replicate (the class dim and Partial inputs are made whole)."""
+    class_dim = _class_dim(self_spec.ndim)
+    self_p, target_p = [], []
+    for sp, tp in zip(self_spec.placements, target_spec.placements):
+        if isinstance(sp, Shard) and sp.dim != class_dim:
+            self_p.append(sp)
+            target_p.append(Shard(_target_dim(sp.dim)))
+        elif isinstance(tp, Shard) and self_spec.ndim >= 2:
+            self_p.append(Shard(_input_dim(tp.dim)))
+            target_p.append(tp)
+        else:
+            self_p.append(Replicate())
+            target_p.append(Replicate())
+    return tuple(self_p), tuple(target_p)
+
+
+def _inputs_by_name(op: OpSchema, wanted: dict) -> tuple:
+    """One entry per DTensor argument (OpSchema.specs order), looked up by the argument's schema name."""
+    names = [a.name for a in op.func._schema.arguments]
+    named = list(zip(names, op.args)) + list(op.kwargs.items())
+    return tuple(wanted.get(name) for name, value in named if isinstance(value, DTensorSpec))
+
+
+@register_rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
+def nll_loss_forward_rule(op: OpSchema) -> Sharding:
+    self_spec, target_spec = op.specs[0], op.specs[1]
+    reduction = op.arg(3, "reduction")
+    self_p, target_p = _batch_placements(self_spec, target_spec)
+    whole = replicated(len(op.mesh_shape))
+    if reduction == NONE:  # total_weight is 0 for reduction='none'
+        inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
+        return Sharding(inputs=inputs, outputs=(target_p, whole))
+    partial = tuple(Partial() if p.is_shard() else Replicate() for p in self_p)
+    if reduction == SUM or not _is_sharded(self_p):
+        inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
+        return Sharding(inputs=inputs, outputs=(partial, partial))
+    inputs = _inputs_by_name(op, {"self": self_p, "target": whole, "weight": whole})
+    local_op = _nll_mean(op.func, self_spec.with_placements(self_p))
+    return Sharding(inputs=inputs, outputs=(partial, whole), local_op=local_op)
+
+
+def _nll_mean(func, self_spec: DTensorSpec):
+    """Mean nll over a batch-sharded input, given the whole target: local sum / global total weight."""
+
+    def local_op(self, target, weight, reduction, ignore_index):
+        keep = target != ignore_index
+        if weight is None:
+            total_weight = keep.sum().to(self.dtype)
+        else:
+            total_weight = (weight[torch.where(keep, target, 0)] * keep).sum().to(self.dtype)
+        local_sum, _ = func(self, _narrow_to_block(target, self_spec), weight, SUM, ignore_index)
+        return local_sum / total_weight, total_weight  # total 0 gives nan, as on one device
+
+    return local_op
+
+
+def _narrow_to_block(target: torch.Tensor, self_spec: DTensorSpec) -> torch.Tensor:
+    """The rows of the whole target that go with this rank's block of the input."""
+    sizes, offsets = self_spec.local_shape_and_offset()
+    class_dim = _class_dim(self_spec.ndim)
+    for dim in range(self_spec.ndim):
+        if dim != class_dim and sizes[dim] != self_spec.shape[dim]:
+            target = target.narrow(_target_dim(dim), offsets[dim], sizes[dim])
+    return target
+
+
+@register_rule(aten.nll_loss_backward.default, aten.nll_loss2d_backward.default)
+def nll_loss_backward_rule(op: OpSchema) -> Sharding:
+    self_spec, target_spec = op.specs[1], op.specs[2]
+    reduction = op.arg(4, "reduction")
+    self_p, target_p = _batch_placements(self_spec, target_spec)
+    whole = replicated(len(op.mesh_shape))
+    wanted = {
+        "grad_output": target_p if reduction == NONE else whole,
+        "self": self_p,
+        "target": target_p,
+        "weight": whole,
+        # Only the mean reads total_weight (the global one, Replicate since the forward); else leave it be.
+        "total_weight": whole if reduction == MEAN else None,
+    }
+    return Sharding(inputs=_inputs_by_name(op, wanted), outputs=(self_p,))
