@@ -27,7 +27,7 @@ from . import collectives
 from .placements import Placement, Replicate, Shard
 from .spec import DTensorSpec, local_shape_and_offset
 
-__all__ = ["plan_redistribute", "redistribute_local", "grad_placements_for", "Redistribute"]
+__all__ = ["plan_redistribute", "redistribute_cost", "redistribute_local", "grad_placements_for", "Redistribute"]
 
 # A collective costs this many bytes' worth of latency on top of its traffic, so that among equal-traffic
 # plans the one with fewer collectives wins. Local steps cost 1 so that empty steps are never taken.
@@ -94,6 +94,19 @@ def plan_redistribute(
                     best[nxt] = nxt_cost
                     heapq.heappush(frontier, (nxt_cost, next(tie), nxt, steps + ((k, new),)))
     raise AssertionError(f"no redistribution plan from {list(src)} to {list(dst)}")  # unreachable: via Replicate
+
+
+@lru_cache(maxsize=8192)
+def redistribute_cost(
+    src: tuple[Placement, ...], dst: tuple[Placement, ...], mesh_shape: tuple[int, ...], numel: int, itemsize: int
+) -> float:
+    """The cost model's price of the cheapest plan from ``src`` to ``dst``: bytes each rank sends plus the
+    per-collective latency term. Rules use it to pick the layout their inputs reach most cheaply."""
+    cost, state = 0.0, src
+    for mesh_dim, new in plan_redistribute(src, dst, mesh_shape, numel, itemsize):
+        cost += _step_cost(state, mesh_dim, new, mesh_shape, numel, itemsize)
+        state = state[:mesh_dim] + (new,) + state[mesh_dim + 1 :]
+    return cost
 
 
 def _level_size(spec_shape, mesh, placements, mesh_dim: int, dim: int) -> int:
