@@ -1,1 +1,110 @@
-"""(in progress)"""
+"""Layer norm and RMS norm, forward and backward.
+
+The statistics are taken over the trailing ``normalized_shape`` dims, so those must be whole; the leading
+dims are independent rows and may stay sharded. ``axis`` is the first normalised dim. Per mesh dim:
+
+    input                    out, mean/rstd     weight/bias   grad_input   grad_weight/grad_bias
+    Shard(d), d < axis       Shard(d)           Replicate     Shard(d)     Partial(sum): rows split
+    Shard(d), d >= axis      Replicate          Replicate     Replicate    Replicate
+    Replicate                Replicate          Replicate     Replicate    Replicate
+    Partial                  Replicate          Replicate     Replicate    Replicate
+    grad Partial(sum|avg),   (backward only)                  Partial      Partial (same reduce op): the
+      input Replicate                                                      backward is linear in grad
+
+mean/rstd have the input's rank (size 1 in the normalised dims), so a leading Shard(d) is Shard(d) there
+too. The backward takes a leading-dim Shard of the grad when the input is replicated (slicing the input,
+mean and rstd is free).
+
+On CUDA ``F.rms_norm`` dispatches to ``_fused_rms_norm`` / ``_fused_rms_norm_backward`` (rules below). On
+CPU both are CompositeImplicitAutograd in torch 2.13 and decompose before reaching the DTensor (pow,
+mean.dim, add, rsqrt, mul, and in backward sum.dim_IntList): the pointwise and reduction rules cover it.
+"""
+
+from __future__ import annotations
+
+from dtensor_plus.placements import Partial, Placement, Replicate, Shard
+from dtensor_plus.rules import OpSchema, Sharding, register_rule
+from dtensor_plus.spec import DTensorSpec
+
+from .common import aten, replicated
+
+
+def _leading(placement: Placement, axis: int) -> Placement:
+    """Keep a Shard of a leading (row) dim; anything else must be whole and reduced."""
+    return placement if isinstance(placement, Shard) and placement.dim < axis else Replicate()
+
+
+def _axis(op: OpSchema, input_spec: DTensorSpec, shape_index: int) -> int:
+    return input_spec.ndim - len(op.arg(shape_index, "normalized_shape"))
+
+
+def _by_position(op: OpSchema, targets: dict[int, tuple]) -> tuple:
+    """One target per spec, looked up by the positional index of the argument it came from."""
+    positions = [i for i, a in enumerate(op.args) if isinstance(a, DTensorSpec)]
+    assert len(positions) == len(op.specs), f"{op.func}: tensor arguments passed by keyword"
+    return tuple(targets[i] for i in positions)
+
+
+def _forward(op: OpSchema, num_outputs: int) -> Sharding:
+    """(input, normalized_shape, weight?, ...): rows keep their Shard, params are replicated."""
+    spec = op.specs[0]
+    target = tuple(_leading(p, _axis(op, spec, 1)) for p in spec.placements)
+    r = replicated(len(op.mesh_shape))
+    inputs = _by_position(op, {0: target, 2: r, 3: r})
+    return Sharding(inputs=inputs, outputs=(target,) * num_outputs)
+
+
+@register_rule(aten.native_layer_norm.default)
+def layer_norm_rule(op: OpSchema) -> Sharding:
+    """native_layer_norm(input, normalized_shape, weight?, bias?, eps) -> (out, mean, rstd)."""
+    return _forward(op, 3)
+
+
+@register_rule(aten._fused_rms_norm.default)
+def rms_norm_rule(op: OpSchema) -> Sharding:
+    """_fused_rms_norm(input, normalized_shape, weight?, eps) -> (out, rstd)."""
+    return _forward(op, 2)
+
+
+def _backward_mesh_dim(grad: Placement, inp: Placement, axis: int) -> tuple[Placement, Placement, Placement]:
+    """(grad target, target of input/mean/rstd, grad_input placement; params' grads follow) on one mesh dim."""
+    base = _leading(inp, axis)
+    if base.is_replicate():
+        if isinstance(grad, Shard) and grad.dim < axis:
+            base = grad
+        elif grad.is_partial() and grad.reduce_op in ("sum", "avg"):
+            return grad, base, Partial(grad.reduce_op)
+    return base, base, base
+
+
+def _param_grad(placement: Placement) -> Placement:
+    """A param's grad sums over rows: rows split across a mesh dim leave per-rank partial sums."""
+    return Partial("sum") if isinstance(placement, Shard) else placement
+
+
+def _backward(op: OpSchema, grad_index: int, input_index: int, stat_indices, param_indices, mask_index) -> Sharding:
+    grad, inp = op.args[grad_index], op.args[input_index]
+    axis = _axis(op, inp, 2)
+    per_mesh_dim = [_backward_mesh_dim(g, i, axis) for g, i in zip(grad.placements, inp.placements)]
+    grad_target, base, grad_input = (tuple(p[k] for p in per_mesh_dim) for k in range(3))
+    r = replicated(len(op.mesh_shape))
+    targets = {grad_index: grad_target, input_index: base}
+    targets.update({i: base for i in stat_indices})
+    targets.update({i: r for i in param_indices})
+    param = tuple(_param_grad(p) for p in grad_input)
+    # Outputs not asked for by output_mask come back undefined (None): they have no spec.
+    mask = op.arg(mask_index, "output_mask")
+    outputs = [grad_input] + [param] * (len(mask) - 1)
+    return Sharding(inputs=_by_position(op, targets), outputs=tuple(o for o, m in zip(outputs, mask) if m))
+
+
+@register_rule(aten.native_layer_norm_backward.default)
+def layer_norm_backward_rule(op: OpSchema) -> Sharding:
+    """(grad_out, input, normalized_shape, mean, rstd, weight?, bias?, output_mask) -> (gi, gw, gb)."""
+    return _backward(op, 0, 1, (3, 4), (5, 6), 7)
+
+
+@register_rule(aten._fused_rms_norm_backward.default)
+def rms_norm_backward_rule(op: OpSchema) -> Sharding:
+    """(grad_out, input, normalized_shape, rstd, weight?, output_mask) -> (grad_input, grad_weight)."""
+    return _backward(op, 0, 1, (3,), (4,), 5)
