@@ -8,8 +8,8 @@ None of them reads the input's values, so none moves the input. Per mesh dim of 
     fill_ / fill (Scalar or Tensor)      Shard(d)    Replicate    Replicate; fill_ on a Partial self goes out
                                                                   of place and copies the value back
                                                                   (partitioned into the Partial pieces)
-    new_zeros/ones/empty/full,           Replicate: a new tensor of the given global shape on every rank
-      new_empty_strided
+    new_zeros/ones/empty/full,           self's own shape: self's layout (Partial -> Replicate);
+      new_empty_strided                  any other shape: Replicate, built whole on every rank
 
 A DTensor fill value (fill_.Tensor) is replicated. ``empty_strided`` and ``scalar_tensor`` take no tensor, so
 they never reach a DTensor; build sharded tensors with ``dtensor_plus.zeros`` and friends.
@@ -48,5 +48,20 @@ def fill_rule(op: OpSchema) -> Sharding:
     aten.new_empty_strided.default,
 )
 def new_rule(op: OpSchema) -> Sharding:
-    """self gives only dtype and device; the size argument is global, so every rank builds it whole."""
-    return Sharding(inputs=(None,), outputs=(replicated(len(op.mesh_shape)),))
+    """(self, size, ...): a tensor of self's own global shape keeps self's Shard/Replicate layout (autograd
+    allocates gradient buffers this way; a Replicate buffer would gather the gradient copied into it); any
+    other size is built whole on every rank."""
+    self_spec = op.specs[0]
+    if tuple(op.args[1]) != tuple(self_spec.shape):
+        return Sharding(inputs=(None,), outputs=(replicated(len(op.mesh_shape)),))
+    local_op = _new_empty_strided_local if op.func is aten.new_empty_strided.default else None
+    return Sharding(inputs=(None,), outputs=(without_partial(self_spec.placements),), shape_arg=1, local_op=local_op)
+
+
+def _new_empty_strided_local(self_local, size, stride, **kwargs):
+    """``size`` is already this rank's block; the global ``stride`` only tells the order of the dims."""
+    local_stride, step = [0] * len(size), 1
+    for d in sorted(range(len(size)), key=lambda d: (stride[d], -d)):
+        local_stride[d] = step
+        step *= max(size[d], 1)
+    return aten.new_empty_strided.default(self_local, size, local_stride, **kwargs)

@@ -29,6 +29,9 @@ LIKE = {
     "new_empty": (lambda x: x.new_empty(NEW_SHAPE), "replicate"),
     "new_full": (lambda x: x.new_full(NEW_SHAPE, 4.0), "replicate"),
     "new_empty_strided": (lambda x: x.new_empty_strided(NEW_SHAPE, (1, 3)), "replicate"),
+    "new_zeros(own shape)": (lambda x: x.new_zeros(x.shape), "kept"),
+    "new_full(own shape)": (lambda x: x.new_full(x.shape, 4.0), "kept"),
+    "new_empty_strided(own shape)": (lambda x: x.new_empty_strided(x.shape, x.stride()), "kept"),
 }
 IN_PLACE = {
     "fill_.Scalar": lambda x, value: x.fill_(3.5),
