@@ -267,16 +267,27 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
 
 
 class _OutOfPlacePlan:
-    """An in-place op whose result cannot stay in ``self``'s layout: compute out of place, copy back."""
+    """An in-place op whose result cannot stay in ``self``'s layout: compute it elsewhere, copy back into self.
 
-    __slots__ = ("functional",)
+    Elsewhere is the functional twin (``add_`` -> ``add``) where aten has one; samplers such as ``normal_`` have
+    none, so they run in place on a replicated copy of self instead."""
+
+    __slots__ = ("func", "functional")
 
     def __init__(self, func):
-        name = func.overloadpacket.__name__.rstrip("_")
-        self.functional = getattr(getattr(torch.ops.aten, name), func._overloadname)
+        packet = getattr(torch.ops.aten, func.overloadpacket.__name__.rstrip("_"), None)
+        self.func = func
+        self.functional = getattr(packet, func._overloadname, None) if packet is not None else None
 
     def run(self, args, kwargs, dtensors, dtensor_cls):
-        result = self.functional(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if self.functional is not None:
+            result = self.functional(*args, **kwargs)
+        else:
+            this = args[0]
+            replicate = (Replicate(),) * this._spec.mesh.ndim
+            local = redistribute_local(this._local_tensor, this._spec, replicate).clone()
+            result = self.func(dtensor_cls(local, this._spec.with_placements(replicate)), *args[1:], **kwargs)
         return args[0].copy_(result)
 
 

@@ -144,3 +144,15 @@ def _raise_on_rank_one():
 def test_a_failing_rank_is_named():
     with pytest.raises(RankError, match="rank 1"):
         run_on_ranks(2, _raise_on_rank_one)
+
+
+def _inplace_without_functional_twin():
+    mesh = init_device_mesh("cpu", (2,))
+    p = make_dtensor(torch.arange(6).view(2, 3), mesh, [Partial()])
+    p <<= 1  # aten.__ilshift__ has no functional twin: it runs on a replicated copy, copied back into self
+    return p.placements, p.full_tensor()
+
+
+def test_inplace_op_without_functional_twin_on_a_partial_self():
+    for placements, value in run_on_ranks(2, _inplace_without_functional_twin):
+        assert placements == (Partial(),) and torch.equal(value, torch.arange(6).view(2, 3) << 1)
