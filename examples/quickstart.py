@@ -31,7 +31,7 @@ def train(x, y, w1, w2, steps: int = 5, lr: float = 0.1) -> list[float]:
     return losses
 
 
-def main() -> None:
+def main() -> bool:
     mesh = dtp.init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
     x, y = torch.randn(8, 16), torch.randn(8, 4)
@@ -45,13 +45,14 @@ def main() -> None:
         spmd = train(dx, dy, dw1, dw2)
     single = train(x, y, w1.clone().requires_grad_(), w2.clone().requires_grad_())
 
+    same = torch.allclose(torch.tensor(spmd), torch.tensor(single), rtol=1e-5, atol=1e-6)
     if mesh.get_rank() == 0:
         print(f"{'step':>4}  {'4 ranks (dp=2, tp=2)':>22}  {'1 process':>12}")
         for step, (a, b) in enumerate(zip(spmd, single)):
             print(f"{step:>4}  {a:>22.8f}  {b:>12.8f}")
-        same = torch.allclose(torch.tensor(spmd), torch.tensor(single), rtol=1e-5, atol=1e-6)
         print(f"equal to one process: {same}")
         print(f"collectives on rank 0: {comm}")
+    return same
 
 
 if __name__ == "__main__":
