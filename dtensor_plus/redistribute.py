@@ -140,7 +140,8 @@ def redistribute_local(local: torch.Tensor, spec: DTensorSpec, dst: tuple[Placem
         return local  # ranks outside the mesh hold nothing and take part in nothing
     steps = plan_redistribute(placements, dst, spec.mesh.shape, spec.shape.numel(), spec.dtype.itemsize)
     for mesh_dim, new in steps:
-        local = _apply_step(local, spec, placements, mesh_dim, new)
+        if spec.mesh.shape[mesh_dim] > 1:  # on a single rank every placement holds the whole value as it is
+            local = _apply_step(local, spec, placements, mesh_dim, new)
         placements = placements[:mesh_dim] + (new,) + placements[mesh_dim + 1 :]
     return local
 
