@@ -364,6 +364,8 @@ def dispatch(func, args, kwargs, dtensor_cls):
                 key.append(value._spec)
             elif type(value) is float:
                 key.append(value if abs(value) == float("inf") else float)  # as in _key
+            elif type(value) is int or type(value) is bool:
+                key.append(value)
             else:
                 key.append(_key(value, dtensors, dtensor_cls))
         if kwargs:
