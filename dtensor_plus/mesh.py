@@ -195,6 +195,19 @@ class DeviceMesh:
     def __hash__(self) -> int:
         return self._hash
 
+    # A mesh is a handle on process groups: copies of modules and tensors share it, and it never pickles.
+    def __copy__(self) -> DeviceMesh:
+        return self
+
+    def __deepcopy__(self, memo) -> DeviceMesh:
+        return self
+
+    def __reduce__(self):
+        raise TypeError(
+            f"{self!r} holds process groups and cannot be pickled; send its shape and mesh_dim_names and "
+            f"rebuild it with init_device_mesh on the other side"
+        )
+
     def __repr__(self) -> str:
         names = f", mesh_dim_names={self.mesh_dim_names}" if self.mesh_dim_names else ""
         return f"DeviceMesh({self.device_type!r}, {self.mesh.tolist()}{names})"

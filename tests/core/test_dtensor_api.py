@@ -133,3 +133,21 @@ def test_bad_input_names_problem_and_fix():
     assert "2 placements" in count and "one placement per mesh dim" in count
     assert "Partial" in partial and "from_local" in partial
     assert not_a_list.startswith("TypeError") and "[Shard(dim=0)]" in not_a_list
+
+
+def _copies():
+    import copy
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = nn.Linear(4, 4)
+    dtp.distribute_module(model, mesh, lambda name, m, mesh: None)
+    clone = copy.deepcopy(model)
+    x = distribute_tensor(torch.arange(8.0).view(4, 2), mesh, [Shard(0)])
+    y = copy.deepcopy(x)
+    y.add_(1)  # a deep copy owns its blocks
+    assert isinstance(clone.weight, DTensor) and clone.weight.device_mesh is mesh
+    assert torch.equal(x.full_tensor() + 1, y.full_tensor()) and y.placements == x.placements
+
+
+def test_deepcopy_of_modules_and_dtensors():
+    run_on_ranks(2, _copies)
