@@ -27,8 +27,6 @@ counts over *all* indices, so it keeps the indices whole (Replicate on every mes
 
 from __future__ import annotations
 
-import torch
-
 from dtensor_plus.placements import Partial, Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import local_shape_and_offset

@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dtensor_plus import Partial, Replicate, Shard, comm_mode, init_device_mesh
-from dtensor_plus.rules import OpSchema, rule_for
-from dtensor_plus.spec import DTensorSpec, TensorMeta
+from dtensor_plus.testing.rules import decide
 from dtensor_plus.testing import assert_spmd_equal, run_on_ranks
 from dtensor_plus.testing.strategies import make_dtensor, mesh_shapes, placements_for, shapes
 
@@ -21,21 +20,9 @@ WORLD_SIZES = [2, 3, 4]
 # ---------------------------------------------------------------- the rule as a pure function
 
 
-class _Mesh:
-    def __init__(self, shape):
-        self.shape, self.ndim = tuple(shape), len(shape)
-
-
-def _spec(mesh, shape, placements, dtype=torch.float32):
-    return DTensorSpec(mesh, tuple(placements), TensorMeta(torch.Size(shape), torch.empty(shape).stride(), dtype))
-
-
-def _decide(func, *args, mesh_shape=(4,)):
-    mesh = _Mesh(mesh_shape)
-    schema_args = tuple(_spec(mesh, *a) if isinstance(a, tuple) and isinstance(a[1], tuple) else a for a in args)
-    specs = tuple(a for a in schema_args if isinstance(a, DTensorSpec))
-    sharding = rule_for(func)(OpSchema(func, schema_args, {}, specs))
-    return [tuple(t) if t is not None else s.placements for t, s in zip(sharding.inputs, specs)], sharding.outputs[0]
+def _decide(func, *args, **kwargs):
+    inputs, outputs = decide(func, *args, **kwargs)
+    return inputs, outputs[0]
 
 
 def test_rule_layouts():

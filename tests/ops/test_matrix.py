@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import dtensor_plus as dtp
 from dtensor_plus import Partial, Replicate, Shard, comm_mode
-from dtensor_plus.rules import OpSchema, rule_for
-from dtensor_plus.spec import DTensorSpec, TensorMeta
+from dtensor_plus.rules import rule_for
+from dtensor_plus.testing.rules import decide
 from dtensor_plus.testing import assert_spmd_equal, run_on_ranks
 from dtensor_plus.testing.strategies import make_dtensor, mesh_shapes, placements_for
 
@@ -21,26 +21,9 @@ R = Replicate()
 # ---------------------------------------------------------------- the rule as a pure function
 
 
-class _Mesh:
-    """Just enough of a mesh for a rule (which reads only the shape)."""
-
-    def __init__(self, shape):
-        self.shape, self.ndim = tuple(shape), len(shape)
-
-
-def _spec(mesh, shape, placements, dtype=torch.float32):
-    stride = torch.empty(shape).stride()
-    return DTensorSpec(mesh, tuple(placements), TensorMeta(torch.Size(shape), stride, dtype))
-
-
-def _decide(func, *args, mesh_shape=(4,), **kwargs):
-    """(input placements, output placements) the registered rule picks for ``func``; args are (shape, placements)
-    pairs for tensors, anything else passes through."""
-    mesh = _Mesh(mesh_shape)
-    schema_args = tuple(_spec(mesh, *a) if isinstance(a, tuple) and isinstance(a[1], tuple) else a for a in args)
-    specs = tuple(a for a in schema_args if isinstance(a, DTensorSpec))
-    sharding = rule_for(func)(OpSchema(func, schema_args, kwargs, specs))
-    return [tuple(t) if t is not None else s.placements for t, s in zip(sharding.inputs, specs)], sharding.outputs[0]
+def _decide(func, *args, **kwargs):
+    inputs, outputs = decide(func, *args, **kwargs)
+    return inputs, outputs[0]
 
 
 def test_rule_keeps_the_classic_layouts():

@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 import dtensor_plus as dtp
 from dtensor_plus import Partial, Replicate, Shard, comm_mode
 from dtensor_plus.ops.view_algebra import blocks_align, slice_aligns, view_groups
-from dtensor_plus.rules import OpSchema, rule_for
-from dtensor_plus.spec import DTensorSpec, TensorMeta
+from dtensor_plus.testing.rules import decide
 from dtensor_plus.testing import assert_spmd_equal, run_on_ranks
 from dtensor_plus.testing.strategies import make_dtensor, mesh_shapes, placements_for
 
@@ -26,19 +25,10 @@ EXAMPLES = 30  # per world size and property: ~90 per property; the rest of the 
 # ---------------------------------------------------------------- the algebra as pure metadata
 
 
-class _Mesh:
-    def __init__(self, shape):
-        self.shape, self.ndim = tuple(shape), len(shape)
-
-
 def _decide(func, shape, placements, *args, mesh_shape=(4,)):
     """(input target, output placements) the registered rule picks for ``func(x, *args)``."""
-    mesh = _Mesh(mesh_shape)
-    meta = TensorMeta(torch.Size(shape), torch.empty(shape).stride(), torch.float32)
-    spec = DTensorSpec(mesh, tuple(placements), meta)
-    sharding = rule_for(func)(OpSchema(func, (spec, *args), {}, (spec,)))
-    target = sharding.inputs[0] if sharding.inputs[0] is not None else spec.placements
-    return tuple(target), tuple(sharding.outputs[0])
+    inputs, outputs = decide(func, (shape, tuple(placements)), *args, mesh_shape=mesh_shape)
+    return inputs[0], outputs[0]
 
 
 def test_view_groups():
