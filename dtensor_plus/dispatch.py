@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import collectives, random, rules
+from . import collectives, mutation, random, rules
 from .placements import Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
@@ -220,9 +220,9 @@ def _fallback_sharding(schema: rules.OpSchema, num_outputs: int) -> rules.Shardi
 
 
 def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
-    out_names = _out_variant(func)
+    out_names = mutation.out_arguments(func)
     if out_names:
-        return _OutVariantPlan(func, out_names)
+        return mutation.OutVariantPlan(func, out_names)
     mesh = dtensors[0]._spec.mesh
     for dt in dtensors[1:]:
         if dt._spec.mesh != mesh:
@@ -254,11 +254,11 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
         out_specs = tuple(
             DTensorSpec(mesh, tuple(p), meta) if p is not None else None for p, meta in zip(sharding.outputs, metas)
         )
-    if func.overloadpacket in _INPLACE_VIEWS:
-        return _InplaceViewPlan(func)
-    inplace = _is_inplace(func)
+    if func.overloadpacket in mutation.INPLACE_VIEWS:
+        return mutation.InplaceViewPlan(func)
+    inplace = mutation.is_inplace(func)
     if inplace and (out_specs is None or targets[0] is not None or out_specs[0].placements != dtensors[0]._spec.placements):
-        return _OutOfPlacePlan(func)
+        return mutation.OutOfPlacePlan(func)
     local_op = sharding.local_op or func
     positions = tuple(i for i, a in enumerate(args) if isinstance(a, dtensor_cls))
     if len(positions) != len(dtensors):
@@ -266,88 +266,8 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
     return Plan(local_op, targets, out_specs or (), sharding.shape_arg, inplace, _is_random(func), fallback, positions)
 
 
-class _OutOfPlacePlan:
-    """An in-place op whose result cannot stay in ``self``'s layout: compute it elsewhere, copy back into self.
-
-    Elsewhere is the functional twin (``add_`` -> ``add``) where aten has one; samplers such as ``normal_`` have
-    none, so they run in place on a replicated copy of self instead."""
-
-    __slots__ = ("func", "functional")
-
-    def __init__(self, func):
-        packet = getattr(torch.ops.aten, func.overloadpacket.__name__.rstrip("_"), None)
-        self.func = func
-        self.functional = getattr(packet, func._overloadname, None) if packet is not None else None
-
-    def run(self, args, kwargs, dtensors, dtensor_cls):
-        kwargs = kwargs or {}
-        if self.functional is not None:
-            result = self.functional(*args, **kwargs)
-        else:
-            this = args[0]
-            replicate = (Replicate(),) * this._spec.mesh.ndim
-            local = redistribute_local(this._local_tensor, this._spec, replicate).clone()
-            result = self.func(dtensor_cls(local, this._spec.with_placements(replicate)), *args[1:], **kwargs)
-        return args[0].copy_(result)
-
-
-class _InplaceViewPlan:
-    """squeeze_, unsqueeze_, t_, transpose_ change self's shape, not its values (a copy_ back cannot): run the
-    view (its own rule), then self takes the view's block and spec, and its wrapper takes the new sizes the
-    way torch's return_and_correct_aliasing does it (the op's meta kernel on the wrapper, dispatch off)."""
-
-    __slots__ = ("func", "view")
-
-    def __init__(self, func):
-        self.func, self.view = func, getattr(torch.ops.aten, func.overloadpacket.__name__.rstrip("_"))
-
-    def run(self, args, kwargs, dtensors, dtensor_cls):
-        result = self.view(*args, **(kwargs or {}))
-        target = args[0]
-        target._local_tensor, target._spec = result._local_tensor, result._spec
-        with torch.utils._mode_utils.no_dispatch():
-            meta_in_tls = torch._C._meta_in_tls_dispatch_include()
-            torch._C._set_meta_in_tls_dispatch_include(True)
-            try:
-                self.func(*args, **(kwargs or {}))
-            finally:
-                torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
-        return target
-
-
-_INPLACE_VIEWS = (torch.ops.aten.squeeze_, torch.ops.aten.unsqueeze_, torch.ops.aten.t_, torch.ops.aten.transpose_)
-
-
-def _is_inplace(func) -> bool:
-    schema = func._schema
-    return bool(schema.arguments) and schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write
-
-
 def _is_random(func) -> bool:
     return torch.Tag.nondeterministic_seeded in func.tags
-
-
-def _out_variant(func):
-    """Names of the out= arguments, or () for an op without them."""
-    return tuple(a.name for a in func._schema.arguments if a.is_out)
-
-
-class _OutVariantPlan:
-    """``op(..., out=t)``: compute the functional op (its own rule), then copy into ``t`` in t's layout."""
-
-    __slots__ = ("func", "out_names")
-
-    def __init__(self, func, out_names):
-        self.func, self.out_names = func, out_names
-
-    def run(self, args, kwargs, dtensors, dtensor_cls):
-        outs = [kwargs[name] for name in self.out_names]
-        rest = {k: v for k, v in kwargs.items() if k not in self.out_names}
-        result = self.func.overloadpacket(*args, **rest)
-        results = result if isinstance(result, (tuple, list)) else (result,)
-        for out, res in zip(outs, results):
-            out.copy_(res)
-        return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def dispatch(func, args, kwargs, dtensor_cls):

@@ -6,6 +6,7 @@ import torch
 
 from dtensor_plus.placements import Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding
+from dtensor_plus.mutation import is_inplace  # noqa: F401  (re-exported for the rule files)
 from dtensor_plus.spec import DTensorSpec
 
 aten = torch.ops.aten
@@ -36,11 +37,6 @@ def without_partial(placements) -> tuple[Placement, ...]:
 def unshard_dims(placements, dims) -> tuple[Placement, ...]:
     """``placements`` with every Shard of a tensor dim in ``dims`` (and every Partial) made Replicate."""
     return tuple(Replicate() if p.is_partial() or (isinstance(p, Shard) and p.dim in dims) else p for p in placements)
-
-
-def is_inplace(func) -> bool:
-    args = func._schema.arguments
-    return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
 
 
 def local_numel(spec: DTensorSpec) -> float:
