@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 benchmarks/dispatch_overhead.py
 
 Tensors are tiny so the time is the framework's, not the kernel's. Prints microseconds per op for plain
-torch on the local block, torch's DTensor and dtensor_plus, and dtensor_plus / torch.
+torch on the local block, a bare Python __torch_dispatch__ wrapper (the floor for any Python subclass; its
+"redistribute" is a clone), torch's DTensor and dtensor_plus, and dtensor_plus / torch.
 """
 
 from __future__ import annotations
@@ -42,9 +43,26 @@ def _distributed_ops(distribute_tensor, mesh, shard, replicate):
     return _op_sequence(x, w, ln_w, ln_b, lambda: x.redistribute(mesh, [replicate()]))
 
 
-def _local_ops():
-    x = torch.randn(8, 16)
-    return _op_sequence(x, torch.randn(16, 16), torch.ones(16), torch.zeros(16), x.clone)
+def _local_ops(wrap=lambda t: t):
+    x = wrap(torch.randn(8, 16))
+    return _op_sequence(x, wrap(torch.randn(16, 16)), wrap(torch.ones(16)), wrap(torch.zeros(16)), x.clone)
+
+
+class BareWrapper(torch.Tensor):
+    """The floor for any Python tensor subclass: a __torch_dispatch__ that unwraps, runs the op, rewraps."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        r = torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(), dtype=inner.dtype, device=inner.device)
+        r.inner = inner
+        return r
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        out = func(*[a.inner if isinstance(a, BareWrapper) else a for a in args], **(kwargs or {}))
+        return BareWrapper(out) if isinstance(out, torch.Tensor) else out
 
 
 def _time_us(fn) -> float:
@@ -72,15 +90,15 @@ def main() -> None:
     world = dist.get_world_size()
     ours = _distributed_ops(dtp.distribute_tensor, dtp.init_device_mesh("cpu", (world,)), dtp.Shard, dtp.Replicate)
     theirs = _distributed_ops(distribute_tensor, init_device_mesh("cpu", (world,)), Shard, Replicate)
-    local = _local_ops()
-    rows = [(name, _time_us(local[name]), _time_us(theirs[name]), _time_us(ours[name])) for name in ours]
+    local, bare = _local_ops(), _local_ops(BareWrapper)
+    rows = [(name, *(_time_us(ops[name]) for ops in (local, bare, theirs, ours))) for name in ours]
     if dist.get_rank() == 0:
         print(f"world size {world}, {REPEATS} calls per op, microseconds per op (median of 5)")
-        print(f"{'op':<22}{'local torch':>12}{'torch DTensor':>15}{'dtensor_plus':>14}{'ratio':>8}")
-        for name, t_local, t_torch, t_ours in rows:
-            print(f"{name:<22}{t_local:>12.1f}{t_torch:>15.1f}{t_ours:>14.1f}{t_ours / t_torch:>8.2f}")
-        geo = statistics.geometric_mean([o / t for _, _, t, o in rows])
-        print(f"{'geometric mean ratio':<63}{geo:>8.2f}")
+        print(f"{'op':<22}{'local torch':>12}{'bare wrapper':>14}{'torch DTensor':>15}{'dtensor_plus':>14}{'ratio':>8}")
+        for name, t_local, t_bare, t_torch, t_ours in rows:
+            print(f"{name:<22}{t_local:>12.1f}{t_bare:>14.1f}{t_torch:>15.1f}{t_ours:>14.1f}{t_ours / t_torch:>8.2f}")
+        geo = statistics.geometric_mean([row[4] / row[3] for row in rows])
+        print(f"{'geometric mean ratio (dtensor_plus / torch DTensor)':<77}{geo:>8.2f}")
     dist.destroy_process_group()
 
 
