@@ -9,7 +9,7 @@ from torch import nn
 
 from . import collectives
 from .dtensor import DTensor
-from .placements import Placement, Replicate
+from .placements import Placement, Replicate, Shard
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta, normalize_placements
 
@@ -43,24 +43,32 @@ def distribute_tensor(
                 f"Replicate() and redistribute, or build Partial blocks with DTensor.from_local"
             )
     device = torch.device(device_mesh.device_type, torch.cuda.current_device()) if device_mesh.device_type == "cuda" else torch.device("cpu")
-    whole = tensor.detach().to(device).contiguous().clone()
-    if src_data_rank is not None and device_mesh.get_coordinate() is not None:
-        whole = _broadcast_from(whole, device_mesh, src_data_rank)
+    whole = tensor.detach().to(device).contiguous()
     spec = DTensorSpec(device_mesh, placements, TensorMeta.of(whole))
-    replicated = spec.with_placements([Replicate()] * device_mesh.ndim)
-    local = redistribute_local(whole, replicated, placements).clone()  # own storage, not a view of the whole
+    if src_data_rank is not None and device_mesh.get_coordinate() is not None:
+        local = _send_blocks_from(whole.clone(), spec, src_data_rank)
+    else:
+        replicated = spec.with_placements([Replicate()] * device_mesh.ndim)
+        local = redistribute_local(whole, replicated, placements).clone()  # own storage, not a view
     return DTensor(local, spec, requires_grad=tensor.requires_grad)
 
 
-def _broadcast_from(whole: torch.Tensor, mesh, src_rank: int) -> torch.Tensor:
+def _send_blocks_from(block: torch.Tensor, spec: DTensorSpec, src_rank: int) -> torch.Tensor:
+    """This rank's block of ``src_rank``'s tensor: along each mesh dim in turn, a scatter where that dim shards
+    and a broadcast where it replicates. After mesh dim k every rank that agrees with the source on the dims
+    after k holds its true block for dims up to k, so after the last one every rank does; each rank receives
+    only its block, not the whole tensor."""
+    mesh = spec.mesh
     where = (mesh.mesh == src_rank).nonzero()
     if len(where) == 0:
         raise ValueError(f"src_data_rank={src_rank} is not in the mesh {mesh.mesh.tolist()}")
     src_coordinate = where[0].tolist()
-    # Along each mesh dim in turn: after dim k, every rank agreeing with the source on dims > k has the data.
-    for mesh_dim in range(mesh.ndim):
-        collectives.broadcast(whole, mesh, mesh_dim, src_coordinate[mesh_dim])
-    return whole
+    for mesh_dim, placement in enumerate(spec.placements):
+        if isinstance(placement, Shard):
+            block = collectives.scatter(block, mesh, mesh_dim, placement.dim, src_coordinate[mesh_dim])
+        else:
+            collectives.broadcast(block, mesh, mesh_dim, src_coordinate[mesh_dim])
+    return block
 
 
 def distribute_module(

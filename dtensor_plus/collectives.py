@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from .placements import chunk_bounds
 
-__all__ = ["comm_mode", "CommCounter", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"]
+__all__ = ["comm_mode", "CommCounter", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "scatter"]
 
 # torch >= 2.12 renamed the tensor-in/tensor-out collectives; older releases have only the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -175,6 +175,23 @@ def broadcast(t: torch.Tensor, mesh, mesh_dim: int, src_index: int = 0) -> torch
     _record("broadcast", mesh, mesh_dim, _nbytes(t) if mesh.get_local_rank(mesh_dim) == src_index else 0)
     _run("broadcast", mesh, mesh_dim, dist.broadcast, t, src=row[src_index])
     return t
+
+
+def scatter(t: torch.Tensor, mesh, mesh_dim: int, dim: int, src_index: int = 0) -> torch.Tensor:
+    """Each rank along ``mesh_dim`` gets its torch.chunk piece of tensor dim ``dim`` of the tensor held by the
+    rank at index ``src_index`` (the others' ``t`` gives only the shape)."""
+    n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    size = t.shape[dim]
+    chunk = -(-size // n)
+    full = _pad_dim(t, dim, n * chunk).movedim(dim, 0)
+    out = full.new_empty((chunk,) + full.shape[1:])
+    is_src = index == src_index
+    pieces = [full.narrow(0, i * chunk, chunk).contiguous() for i in range(n)] if is_src else None
+    row = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, n)
+    src = next(r for r in row.tolist() if mesh.get_rank() in r)[src_index]
+    _record("scatter", mesh, mesh_dim, (n - 1) * _nbytes(out) if is_src else 0)
+    _run("scatter", mesh, mesh_dim, dist.scatter, out, pieces, src=src)
+    return out[: chunk_bounds(size, n, index)[1]].movedim(0, dim).contiguous()
 
 
 def all_gather_sizes(values: list[int], mesh, mesh_dim: int) -> torch.Tensor:
