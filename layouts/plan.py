@@ -1,0 +1,64 @@
+"""Plans are data: ``parallelize_module`` applies a dict from module-name patterns to parallel styles.
+
+Patterns are ``fnmatch`` globs over ``module.named_modules()`` names ("blocks.*.attn.q"); a style given
+directly (not in a dict) applies to the root module. Every pattern must match some module, so a typo fails
+loudly instead of silently leaving a layer replicated::
+
+    parallelize_module(model, mesh["tp"], {
+        "blocks.*.mlp.fc1": ColwiseParallel(),
+        "blocks.*.mlp.fc2": RowwiseParallel(),
+    })
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+
+from torch import nn
+
+from .tensor import ParallelStyle
+
+__all__ = ["parallelize_module"]
+
+
+def parallelize_module(module: nn.Module, device_mesh, parallelize_plan) -> nn.Module:
+    """Apply parallel styles to ``module``'s submodules on ``device_mesh`` (1-D, e.g. ``mesh["tp"]``).
+
+    Args:
+        module: the model; changed in place (parameters become DTensors, hooks are installed).
+        device_mesh: the tensor-parallel mesh.
+        parallelize_plan: a ParallelStyle for the root, or a dict ``{pattern: style}`` where pattern is an
+            fnmatch glob over submodule names ("" is the root). Styles apply in the dict's order.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        ValueError: a pattern matches no submodule (the message lists the nearest names).
+        TypeError: the plan or one of its values is not a ParallelStyle.
+    """
+    if isinstance(parallelize_plan, ParallelStyle):
+        return parallelize_plan.apply(module, device_mesh)
+    if not isinstance(parallelize_plan, dict):
+        raise TypeError(
+            f"parallelize_plan must be a ParallelStyle or a dict {{pattern: style}}, got {type(parallelize_plan).__name__}"
+        )
+    modules = dict(module.named_modules())
+    for pattern, style in parallelize_plan.items():
+        if not isinstance(style, ParallelStyle):
+            raise TypeError(f"plan entry {pattern!r} must be a ParallelStyle (e.g. ColwiseParallel()), got {style!r}")
+        for name in _matching(pattern, modules):
+            style.apply(modules[name], device_mesh)
+    return module
+
+
+def _matching(pattern: str, modules: dict[str, nn.Module]) -> list[str]:
+    names = [name for name in modules if fnmatch.fnmatchcase(name, pattern)]
+    if not names:
+        near = difflib.get_close_matches(pattern, [n for n in modules if n], n=5, cutoff=0.3)
+        raise ValueError(
+            f"plan pattern {pattern!r} matches no submodule; nearest names: {near or sorted(modules)[:10]}. "
+            f"Patterns are fnmatch globs over named_modules() names, e.g. 'blocks.*.mlp.fc1'"
+        )
+    return names

@@ -1,0 +1,283 @@
+"""Megatron tensor parallelism as layouts: parallel styles that place a module's parameters on a 1-D mesh and
+hook its inputs and outputs.
+
+This file owns the styles (names follow ``torch.distributed.tensor.parallel``):
+
+    ColwiseParallel      nn.Linear weight Shard(0), bias Shard(0); nn.Embedding weight Shard(1).
+                         input Replicate -> output Shard(-1)
+    RowwiseParallel      nn.Linear weight Shard(1), bias Replicate; nn.Embedding weight Shard(0) (vocab).
+                         input Shard(-1) (Linear) or Replicate (Embedding) -> output Partial, reduced to
+                         Replicate (all-reduce) or Shard(1) (reduce-scatter, sequence parallel) by the planner
+    SequenceParallel     norm / dropout modules: parameters Replicate, input and output Shard(1) (B, T, D)
+    PrepareModuleInput   redistribute a module's positional inputs
+    PrepareModuleOutput  redistribute a module's outputs
+
+Styles move no data themselves: they declare layouts and ``DTensor.redistribute`` lets the planner pick the
+collectives. Plain-tensor inputs are taken to be this rank's block in the declared input layout
+(``DTensor.from_local``), as torch does. Apply styles with ``dtensor_plus.layouts.plan.parallelize_module``::
+
+    parallelize_module(mlp, mesh["tp"], {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    y = mlp(x)   # plain x in, plain (replicated) y out; one all-reduce in forward
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from dtensor_plus.api import distribute_tensor
+from dtensor_plus.dtensor import DTensor
+from dtensor_plus.placements import Placement, Replicate, Shard
+
+__all__ = [
+    "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "SequenceParallel",
+    "PrepareModuleInput", "PrepareModuleOutput",
+]
+
+
+class ParallelStyle:
+    """How one module is laid out on a 1-D mesh. ``apply(module, mesh)`` places it and returns it."""
+
+    def apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        raise NotImplementedError
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+
+
+def _check_mesh(device_mesh, style: ParallelStyle):
+    if device_mesh.ndim != 1:
+        raise ValueError(
+            f"{type(style).__name__} needs a 1-D mesh, got {device_mesh}; pass the tensor-parallel sub-mesh, "
+            f"e.g. mesh['tp']"
+        )
+
+
+def _check_placement(value, what: str) -> Placement | None:
+    if value is not None and not isinstance(value, Placement):
+        raise TypeError(f"{what} must be a Placement such as Shard(-1) or Replicate(), got {value!r}")
+    return value
+
+
+def _to_dtensor(x: torch.Tensor, device_mesh, layout: Placement) -> DTensor:
+    """A DTensor for ``x``: a DTensor passes as is; a plain tensor is this rank's block in ``layout``."""
+    if isinstance(x, DTensor):
+        if x.device_mesh != device_mesh:
+            raise ValueError(f"input DTensor lives on {x.device_mesh}, but the module is on {device_mesh}")
+        return x
+    return DTensor.from_local(x, device_mesh, [layout])
+
+
+def _redistribute(x: DTensor, layout: Placement) -> DTensor:
+    # Shard(-1) and Shard(ndim-1) are the same layout; compare normalised so no redundant step is planned.
+    target = layout.normalized(x.ndim) if isinstance(layout, Shard) else layout
+    current = x.placements[0]
+    current = current.normalized(x.ndim) if isinstance(current, Shard) else current
+    return x if current == target else x.redistribute(placements=[target])
+
+
+def _distribute_parameter(module: nn.Module, name: str, device_mesh, placement: Placement) -> None:
+    param = getattr(module, name, None)
+    if param is None or isinstance(param, DTensor):
+        return
+    # Like torch, the mesh's first rank holds the truth (ranks may have initialised differently); its global
+    # rank, because distribute_tensor names the source by global rank.
+    dt = distribute_tensor(param.detach(), device_mesh, [placement], src_data_rank=int(device_mesh.mesh.flatten()[0]))
+    module.register_parameter(name, nn.Parameter(dt, requires_grad=param.requires_grad))
+
+
+def _prepare_first_input(inputs: tuple, device_mesh, layout: Placement, desired: Placement) -> tuple:
+    if not inputs or not isinstance(inputs[0], torch.Tensor):
+        got = type(inputs[0]).__name__ if inputs else "no inputs"
+        raise TypeError(f"the module's first positional input must be a tensor, got {got}; use PrepareModuleInput")
+    x = _redistribute(_to_dtensor(inputs[0], device_mesh, layout), desired)
+    return (x, *inputs[1:])
+
+
+def _finish_output(outputs: Any, layout: Placement, use_local_output: bool) -> Any:
+    if not isinstance(outputs, DTensor):
+        raise TypeError(f"expected the module to return a DTensor, got {type(outputs).__name__}")
+    outputs = _redistribute(outputs, layout)
+    return outputs.to_local() if use_local_output else outputs
+
+
+class _LinearStyle(ParallelStyle):
+    """Shared machinery of Colwise/Rowwise: validate layouts, place parameters, install the two hooks."""
+
+    def __init__(self, *, input_layouts=None, output_layouts=None, use_local_output: bool = True):
+        self.input_layouts = _check_placement(input_layouts, "input_layouts")
+        self.output_layouts = _check_placement(output_layouts, "output_layouts")
+        self.use_local_output = use_local_output
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(input_layouts={self.input_layouts!r}, output_layouts={self.output_layouts!r}, "
+            f"use_local_output={self.use_local_output})"
+        )
+
+    def _layouts(self, module: nn.Module) -> tuple[Placement, Placement, Placement, dict[str, Placement]]:
+        """(input layout, desired input layout, output layout, parameter placements) for this module."""
+        raise NotImplementedError
+
+    def apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        _check_mesh(device_mesh, self)
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise TypeError(
+                f"{type(self).__name__} handles nn.Linear and nn.Embedding, got {type(module).__name__}; "
+                f"wrap other modules with PrepareModuleInput/PrepareModuleOutput or distribute_module"
+            )
+        layout, desired, output, params = self._layouts(module)
+        for name, placement in params.items():
+            _distribute_parameter(module, name, device_mesh, placement)
+        module.register_forward_pre_hook(lambda _, inputs: _prepare_first_input(inputs, device_mesh, layout, desired))
+        module.register_forward_hook(lambda _, __, outputs: _finish_output(outputs, output, self.use_local_output))
+        return module
+
+
+class ColwiseParallel(_LinearStyle):
+    """Split the output features: nn.Linear weight Shard(0) and bias Shard(0), nn.Embedding weight Shard(1).
+
+    Args:
+        input_layouts: layout of the input (default Replicate); e.g. Shard(1) after SequenceParallel, which
+            all-gathers the sequence on entry.
+        output_layouts: layout of the output (default Shard(-1), no communication).
+        use_local_output: return this rank's block (a plain tensor) instead of a DTensor.
+
+    Example::
+
+        parallelize_module(model, mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    """
+
+    def _layouts(self, module):
+        params = {"weight": Shard(1)} if isinstance(module, nn.Embedding) else {"weight": Shard(0), "bias": Shard(0)}
+        return self.input_layouts or Replicate(), Replicate(), self.output_layouts or Shard(-1), params
+
+
+class RowwiseParallel(_LinearStyle):
+    """Split the input features: nn.Linear weight Shard(1), bias Replicate; nn.Embedding weight Shard(0) (vocab).
+
+    The local product is a partial sum (Partial); ``output_layouts`` says where it goes: Replicate (default,
+    one all-reduce) or Shard(1) (one reduce-scatter of the same bytes, sequence parallel).
+
+    Args:
+        input_layouts: layout of the input (default Shard(-1) for Linear, Replicate for Embedding).
+        output_layouts: layout of the output (default Replicate).
+        use_local_output: return this rank's block (a plain tensor) instead of a DTensor.
+    """
+
+    def _layouts(self, module):
+        if isinstance(module, nn.Embedding):
+            layout, output = self.input_layouts or Replicate(), self.output_layouts or Replicate()
+            return layout, Replicate(), output, {"weight": Shard(0)}
+        params = {"weight": Shard(1), "bias": Replicate()}
+        return self.input_layouts or Shard(-1), Shard(-1), self.output_layouts or Replicate(), params
+
+
+class SequenceParallel(ParallelStyle):
+    """Run a norm or dropout module on sequence shards: parameters Replicate, input and output Shard(sequence_dim).
+
+    The module's math is per token, so it needs no communication; its parameter gradients come back Partial
+    and are reduced where they meet the Replicate parameters.
+
+    Args:
+        sequence_dim: the sequence dim of the activations (default 1, for (B, T, D)).
+        use_local_output: return this rank's block instead of a DTensor (default False: the next module,
+            e.g. ColwiseParallel(input_layouts=Shard(1)), takes the DTensor).
+    """
+
+    def __init__(self, *, sequence_dim: int = 1, use_local_output: bool = False):
+        if not isinstance(sequence_dim, int):
+            raise TypeError(f"sequence_dim must be an int tensor dim, got {sequence_dim!r}")
+        self.sequence_dim = sequence_dim
+        self.use_local_output = use_local_output
+
+    def __repr__(self) -> str:
+        return f"SequenceParallel(sequence_dim={self.sequence_dim}, use_local_output={self.use_local_output})"
+
+    def apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        _check_mesh(device_mesh, self)
+        for name, _ in list(module.named_parameters(recurse=False)):
+            _distribute_parameter(module, name, device_mesh, Replicate())
+        layout = Shard(self.sequence_dim)
+        module.register_forward_pre_hook(lambda _, inputs: _prepare_first_input(inputs, device_mesh, layout, layout))
+        module.register_forward_hook(lambda _, __, outputs: _finish_output(outputs, layout, self.use_local_output))
+        return module
+
+
+def _layouts_tuple(value, what: str) -> tuple:
+    values = (value,) if value is None or isinstance(value, Placement) else tuple(value)
+    for v in values:
+        _check_placement(v, what)
+    return values
+
+
+def _check_same_length(a: tuple, b: tuple, names: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{names} need one entry per tensor (None to skip one), got {len(a)} and {len(b)} entries")
+
+
+def _convert_each(values: Sequence, layouts: tuple, desired: tuple, device_mesh, use_local: bool, what: str) -> list:
+    if len(values) != len(layouts):
+        raise ValueError(
+            f"the module has {len(values)} {what}, but {len(layouts)} layouts were declared; "
+            f"declare one each (None to skip one)"
+        )
+    converted = []
+    for x, layout, want in zip(values, layouts, desired):
+        if layout is not None and isinstance(x, torch.Tensor):
+            x = _redistribute(_to_dtensor(x, device_mesh, layout), want)
+            x = x.to_local() if use_local else x
+        converted.append(x)
+    return converted
+
+
+class PrepareModuleInput(ParallelStyle):
+    """Lay out a module's positional inputs: each is taken to be in ``input_layouts`` and moved to
+    ``desired_input_layouts`` (None entries leave that input alone).
+
+    Example::
+
+        PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None))
+    """
+
+    def __init__(self, *, input_layouts=None, desired_input_layouts=None, use_local_output: bool = False):
+        self.input_layouts = _layouts_tuple(input_layouts, "input_layouts")
+        self.desired_input_layouts = _layouts_tuple(desired_input_layouts, "desired_input_layouts")
+        _check_same_length(self.input_layouts, self.desired_input_layouts, "input_layouts and desired_input_layouts")
+        self.use_local_output = use_local_output
+
+    def apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        _check_mesh(device_mesh, self)
+
+        def hook(_, inputs):
+            layouts, desired = self.input_layouts, self.desired_input_layouts
+            return tuple(_convert_each(inputs, layouts, desired, device_mesh, self.use_local_output, "positional inputs"))
+
+        module.register_forward_pre_hook(hook)
+        return module
+
+
+class PrepareModuleOutput(ParallelStyle):
+    """Lay out a module's outputs (one tensor or a tuple): each is taken to be in ``output_layouts`` and moved
+    to ``desired_output_layouts``; returned as local blocks when ``use_local_output`` (default True)."""
+
+    def __init__(self, *, output_layouts, desired_output_layouts, use_local_output: bool = True):
+        self.output_layouts = _layouts_tuple(output_layouts, "output_layouts")
+        self.desired_output_layouts = _layouts_tuple(desired_output_layouts, "desired_output_layouts")
+        _check_same_length(self.output_layouts, self.desired_output_layouts, "output and desired_output layouts")
+        self.use_local_output = use_local_output
+
+    def apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        _check_mesh(device_mesh, self)
+
+        def hook(_, __, outputs):
+            single = not isinstance(outputs, (tuple, list))
+            values = [outputs] if single else list(outputs)
+            layouts, desired = self.output_layouts, self.desired_output_layouts
+            converted = _convert_each(values, layouts, desired, device_mesh, self.use_local_output, "outputs")
+            return converted[0] if single else type(outputs)(converted)
+
+        module.register_forward_hook(hook)
+        return module
