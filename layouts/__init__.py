@@ -7,6 +7,7 @@
 from .annotation import format_layout, layout_of, parse_layout
 from .loss import loss_parallel
 from .plan import parallelize_module
+from .zero import ZeroRedundancyOptimizer, fully_shard
 from .tensor import (
     ColwiseParallel,
     ParallelStyle,
@@ -19,4 +20,5 @@ from .tensor import (
 __all__ = [
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "SequenceParallel", "PrepareModuleInput",
     "PrepareModuleOutput", "parallelize_module", "loss_parallel", "parse_layout", "format_layout", "layout_of",
+    "fully_shard", "ZeroRedundancyOptimizer",
 ]
