@@ -5,9 +5,9 @@
 """
 
 from .annotation import format_layout, layout_of, parse_layout
+from .data import replicate, shard_batch, sync_gradients
 from .loss import loss_parallel
 from .plan import parallelize_module
-from .zero import ZeroRedundancyOptimizer, fully_shard
 from .tensor import (
     ColwiseParallel,
     ParallelStyle,
@@ -16,9 +16,10 @@ from .tensor import (
     RowwiseParallel,
     SequenceParallel,
 )
+from .zero import ZeroRedundancyOptimizer, fully_shard
 
 __all__ = [
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "SequenceParallel", "PrepareModuleInput",
     "PrepareModuleOutput", "parallelize_module", "loss_parallel", "parse_layout", "format_layout", "layout_of",
-    "fully_shard", "ZeroRedundancyOptimizer",
+    "replicate", "sync_gradients", "shard_batch", "fully_shard", "ZeroRedundancyOptimizer",
 ]

@@ -14,7 +14,11 @@ This file owns the styles (names follow ``torch.distributed.tensor.parallel``):
 
 Styles move no data themselves: they declare layouts and ``DTensor.redistribute`` lets the planner pick the
 collectives. Plain-tensor inputs are taken to be this rank's block in the declared input layout
-(``DTensor.from_local``), as torch does. Apply styles with ``dtensor_plus.layouts.plan.parallelize_module``::
+(``DTensor.from_local``), as torch does. A DTensor input may also live on the mesh the style's 1-D mesh was
+sliced from (a (dp, tp) mesh, after ``layouts.data.replicate`` lifted the parameters onto it): the style then
+lays out only its own mesh dim and the others (the batch's Shard(0) on dp) pass through; keep
+``use_local_output=False`` there, since a local block could only be re-wrapped on the 1-D mesh. Apply styles
+with ``dtensor_plus.layouts.plan.parallelize_module``::
 
     parallelize_module(mlp, mesh["tp"], {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
     y = mlp(x)   # plain x in, plain (replicated) y out; one all-reduce in forward
@@ -61,21 +65,43 @@ def _check_placement(value, what: str) -> Placement | None:
     return value
 
 
+def _style_mesh_dim(x: DTensor, device_mesh) -> int:
+    """Which mesh dim of ``x``'s mesh is the style's 1-D mesh: 0 when ``x`` lives on it; the sub-mesh's dim
+    when ``x`` lives on the mesh it was sliced from (``mesh["tp"]`` of a (dp, tp) mesh: data parallelism lifts
+    parameters and inputs onto the parent mesh, and the style then lays out only its own mesh dim)."""
+    if x.device_mesh == device_mesh:
+        return 0
+    root = device_mesh._root
+    if device_mesh.ndim == 1 and x.device_mesh == root:
+        return device_mesh._root_dims[0]
+    raise ValueError(
+        f"input DTensor lives on {x.device_mesh}, but the module is on {device_mesh}; inputs must live on the "
+        f"style's mesh or on the mesh it was sliced from"
+    )
+
+
 def _to_dtensor(x: torch.Tensor, device_mesh, layout: Placement) -> DTensor:
     """A DTensor for ``x``: a DTensor passes as is; a plain tensor is this rank's block in ``layout``."""
     if isinstance(x, DTensor):
-        if x.device_mesh != device_mesh:
-            raise ValueError(f"input DTensor lives on {x.device_mesh}, but the module is on {device_mesh}")
+        _style_mesh_dim(x, device_mesh)
         return x
     return DTensor.from_local(x, device_mesh, [layout])
 
 
-def _redistribute(x: DTensor, layout: Placement) -> DTensor:
+def _normal(placement: Placement, ndim: int) -> Placement:
+    return placement.normalized(ndim) if isinstance(placement, Shard) else placement
+
+
+def _redistribute(x: DTensor, layout: Placement, device_mesh) -> DTensor:
+    """``x`` with ``layout`` on the style's mesh dim; its other mesh dims (e.g. dp) keep their placements."""
+    mesh_dim = _style_mesh_dim(x, device_mesh)
     # Shard(-1) and Shard(ndim-1) are the same layout; compare normalised so no redundant step is planned.
-    target = layout.normalized(x.ndim) if isinstance(layout, Shard) else layout
-    current = x.placements[0]
-    current = current.normalized(x.ndim) if isinstance(current, Shard) else current
-    return x if current == target else x.redistribute(placements=[target])
+    target = _normal(layout, x.ndim)
+    if _normal(x.placements[mesh_dim], x.ndim) == target:
+        return x
+    placements = list(x.placements)
+    placements[mesh_dim] = target
+    return x.redistribute(placements=placements)
 
 
 def _distribute_parameter(module: nn.Module, name: str, device_mesh, placement: Placement) -> None:
@@ -92,14 +118,14 @@ def _prepare_first_input(inputs: tuple, device_mesh, layout: Placement, desired:
     if not inputs or not isinstance(inputs[0], torch.Tensor):
         got = type(inputs[0]).__name__ if inputs else "no inputs"
         raise TypeError(f"the module's first positional input must be a tensor, got {got}; use PrepareModuleInput")
-    x = _redistribute(_to_dtensor(inputs[0], device_mesh, layout), desired)
+    x = _redistribute(_to_dtensor(inputs[0], device_mesh, layout), desired, device_mesh)
     return (x, *inputs[1:])
 
 
-def _finish_output(outputs: Any, layout: Placement, use_local_output: bool) -> Any:
+def _finish_output(outputs: Any, device_mesh, layout: Placement, use_local_output: bool) -> Any:
     if not isinstance(outputs, DTensor):
         raise TypeError(f"expected the module to return a DTensor, got {type(outputs).__name__}")
-    outputs = _redistribute(outputs, layout)
+    outputs = _redistribute(outputs, layout, device_mesh)
     return outputs.to_local() if use_local_output else outputs
 
 
@@ -132,7 +158,7 @@ class _LinearStyle(ParallelStyle):
         for name, placement in params.items():
             _distribute_parameter(module, name, device_mesh, placement)
         module.register_forward_pre_hook(lambda _, inputs: _prepare_first_input(inputs, device_mesh, layout, desired))
-        module.register_forward_hook(lambda _, __, outputs: _finish_output(outputs, output, self.use_local_output))
+        module.register_forward_hook(lambda _, __, outputs: _finish_output(outputs, device_mesh, output, self.use_local_output))
         return module
 
 
@@ -202,7 +228,7 @@ class SequenceParallel(ParallelStyle):
             _distribute_parameter(module, name, device_mesh, Replicate())
         layout = Shard(self.sequence_dim)
         module.register_forward_pre_hook(lambda _, inputs: _prepare_first_input(inputs, device_mesh, layout, layout))
-        module.register_forward_hook(lambda _, __, outputs: _finish_output(outputs, layout, self.use_local_output))
+        module.register_forward_hook(lambda _, __, outputs: _finish_output(outputs, device_mesh, layout, self.use_local_output))
         return module
 
 
@@ -227,7 +253,7 @@ def _convert_each(values: Sequence, layouts: tuple, desired: tuple, device_mesh,
     converted = []
     for x, layout, want in zip(values, layouts, desired):
         if layout is not None and isinstance(x, torch.Tensor):
-            x = _redistribute(_to_dtensor(x, device_mesh, layout), want)
+            x = _redistribute(_to_dtensor(x, device_mesh, layout), want, device_mesh)
             x = x.to_local() if use_local else x
         converted.append(x)
     return converted

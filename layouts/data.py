@@ -1,0 +1,111 @@
+"""Data parallelism as a layout: ``replicate`` (torch's name for composable DDP).
+
+This file owns two things:
+
+    replicate(module, mesh, dp_dim="dp")   parameters and buffers Replicate on the dp mesh dim (lifted from
+                                           mesh["tp"] when tensor parallelism placed them first); every
+                                           parameter's gradient reduced once, after its accumulation
+    sync_gradients(module)                 the same reduction, called explicitly (when hooks are off)
+
+Why reduce in a hook: with the batch Shard(0) on dp and the parameters Replicate on dp, each gradient comes
+out of backward Partial(sum) on dp. Left Partial, every optimizer op that reads it (AdamW's lerp_, addcmul_,
+...) would plan its own all-reduce of the same gradient: hidden collectives. Redistributing each gradient to
+its parameter's placements right after accumulation costs exactly one all-reduce on dp per parameter.
+
+How it composes with tensor parallelism on a (dp, tp) mesh: ``parallelize_module(model, mesh["tp"], plan)``
+places parameters on the 1-D tp mesh; ``replicate(model, mesh)`` then lifts each one onto the 2-D mesh with
+[Replicate() on dp] + its tp placement (``DTensor.from_local`` of the same local block: no data moves). The
+inputs are DTensors on the 2-D mesh (batch Shard(0) on dp, ``shard_batch``). The tp styles' hooks were built
+with mesh["tp"]; they accept inputs on the mesh it was sliced from and lay out only the tp mesh dim
+(layouts/tensor.py ``_style_mesh_dim``), so dp placements pass through them untouched.
+
+Example::
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], plan)
+    replicate(model, mesh)
+    loss = model.loss(shard_batch(tokens, mesh), shard_batch(targets, mesh))
+    loss.backward()   # gradients arrive reduced: Replicate on dp
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dtensor_plus.api import distribute_tensor
+from dtensor_plus.dtensor import DTensor
+from dtensor_plus.placements import Replicate, Shard
+
+__all__ = ["replicate", "sync_gradients", "shard_batch"]
+
+
+def replicate(module: nn.Module, device_mesh, dp_dim: str = "dp", *, reduce_in_backward: bool = True) -> nn.Module:
+    """Lay ``module`` out for data parallelism on ``device_mesh``'s ``dp_dim``.
+
+    Args:
+        module: changed in place. Its parameters are plain tensors (replicated from the mesh's first rank) or
+            DTensors on a sub-mesh of ``device_mesh`` without ``dp_dim`` (e.g. mesh["tp"], from
+            ``parallelize_module``); they become DTensors on ``device_mesh``, Replicate on ``dp_dim``.
+        device_mesh: the whole mesh, e.g. ("dp",) or ("dp", "tp").
+        dp_dim: the name of the data-parallel mesh dim.
+        reduce_in_backward: reduce each gradient to its parameter's placements in a post-accumulate-grad
+            hook; when False, call ``sync_gradients(module)`` after backward (e.g. once after accumulating
+            several micro-batches).
+
+    Returns:
+        ``module``.
+    """
+    if not device_mesh.mesh_dim_names or dp_dim not in device_mesh.mesh_dim_names:
+        raise ValueError(f"mesh {device_mesh} has no mesh dim named {dp_dim!r}; name it, e.g. mesh_dim_names=('dp', 'tp')")
+    for submodule in module.modules():
+        for key, param in list(submodule._parameters.items()):
+            if param is not None:
+                lifted = nn.Parameter(_lift(param.detach(), device_mesh, dp_dim), requires_grad=param.requires_grad)
+                submodule._parameters[key] = lifted
+                if reduce_in_backward and lifted.requires_grad:
+                    lifted.register_post_accumulate_grad_hook(_reduce_grad)
+        for key, buffer in list(submodule._buffers.items()):
+            if buffer is not None:
+                submodule._buffers[key] = _lift(buffer, device_mesh, dp_dim)
+    return module
+
+
+def sync_gradients(module: nn.Module) -> None:
+    """Reduce every gradient to its parameter's placements: one all-reduce on dp per Partial gradient."""
+    for param in module.parameters():
+        _reduce_grad(param)
+
+
+def shard_batch(batch: torch.Tensor, device_mesh, dp_dim: str = "dp") -> DTensor:
+    """``batch`` (the same whole tensor on every rank) as a DTensor: Shard(0) on ``dp_dim``, Replicate elsewhere."""
+    placements = [Shard(0) if name == dp_dim else Replicate() for name in device_mesh.mesh_dim_names]
+    return distribute_tensor(batch, device_mesh, placements, src_data_rank=None)
+
+
+def _reduce_grad(param: torch.Tensor) -> None:
+    grad = param.grad
+    if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(param.placements):
+        param.grad = grad.redistribute(placements=param.placements)
+
+
+def _lift(t: torch.Tensor, device_mesh, dp_dim: str) -> DTensor:
+    """``t`` on ``device_mesh``: Replicate on ``dp_dim``; a DTensor keeps its placements on its own mesh dims."""
+    names = device_mesh.mesh_dim_names
+    if not isinstance(t, DTensor):
+        # src_data_rank=None: every rank built the same tensor (same seed), as DDP assumes after its broadcast.
+        return distribute_tensor(t, device_mesh, [Replicate()] * device_mesh.ndim, src_data_rank=None)
+    if t.device_mesh == device_mesh:
+        if not isinstance(t.placements[names.index(dp_dim)], Replicate):
+            raise ValueError(f"a parameter is already {t.placements} on {device_mesh}; replicate needs Replicate on {dp_dim!r}")
+        return t
+    sub_names = t.device_mesh.mesh_dim_names or ()
+    if dp_dim in sub_names or not set(sub_names) <= set(names) or t.device_mesh._root != device_mesh:
+        raise ValueError(
+            f"cannot lift a DTensor on {t.device_mesh} onto {device_mesh}: it must live on a sub-mesh of it "
+            f"without {dp_dim!r} (e.g. mesh['tp'] from parallelize_module)"
+        )
+    by_name = dict(zip(sub_names, t.placements))
+    placements = [by_name.get(name, Replicate()) for name in names]
+    # The local block is already this rank's block in the lifted layout: Replicate on dp adds no data.
+    return DTensor.from_local(t.to_local(), device_mesh, placements)

@@ -1,0 +1,120 @@
+"""Data parallelism as a layout (layouts/data.py): each training step all-reduces every parameter's gradient
+exactly once on dp (in backward; AdamW then communicates nothing), and the reduced gradients equal one
+device's. On dp = 2 and 4, and on (dp, tp) = (2, 2) composed with a Megatron MLP on mesh["tp"].
+
+Legend: B batch, T sequence, D model width, F MLP width.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dtensor_plus as dtp
+from dtensor_plus import DTensor, Replicate, Shard
+from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel, parallelize_module
+from dtensor_plus.layouts.data import replicate, shard_batch, sync_gradients
+from dtensor_plus.testing import run_on_ranks
+
+B, T, D, F_ = 4, 3, 8, 16
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.fc1 = nn.Linear(D, F_)
+        self.fc2 = nn.Linear(F_, D)
+
+    def forward(self, x_BTD):
+        return self.fc2(F.gelu(self.fc1(self.norm(x_BTD))))
+
+
+PLAN = {"fc1": ColwiseParallel(use_local_output=False), "fc2": RowwiseParallel(use_local_output=False)}
+
+
+def _loss(model, x_BTD, y_BTD):
+    return (model(x_BTD) - y_BTD).pow(2).mean()
+
+
+def _run(mesh_shape, names, reduce_in_backward):
+    mesh = dtp.init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model)
+    if "tp" in names:
+        parallelize_module(model, mesh["tp"], PLAN)
+    replicate(model, mesh, reduce_in_backward=reduce_in_backward)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
+    num_params = len(list(model.parameters()))
+
+    counts = []
+    for step in range(2):
+        x, y = torch.randn(B, T, D), torch.randn(B, T, D)
+        with dtp.comm_mode() as comm:
+            loss = _loss(model, shard_batch(x, mesh), shard_batch(y, mesh))
+            loss.backward()
+            if not reduce_in_backward:
+                sync_gradients(model)
+            grads = {name: p.grad for name, p in model.named_parameters()}
+            with dtp.comm_mode() as in_step:
+                opt.step()
+        ref_loss = _loss(reference, x, y)
+        ref_loss.backward()
+        torch.testing.assert_close(loss.full_tensor(), ref_loss)
+        for name, p in reference.named_parameters():
+            assert tuple(grads[name].placements) == tuple(dict(model.named_parameters())[name].placements), name
+            torch.testing.assert_close(grads[name].full_tensor(), p.grad, msg=lambda m: f"grad of {name}: {m}")
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        assert in_step.count() == 0, in_step  # the optimizer never sees a Partial gradient: no hidden collectives
+        counts.append((comm.count("all_reduce", "dp"), num_params, dict(comm.fallbacks)))
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(dict(model.named_parameters())[name].full_tensor(), p)
+    return counts
+
+
+CASES = [((2,), ("dp",)), ((4,), ("dp",)), ((2, 2), ("dp", "tp"))]
+
+
+@pytest.mark.parametrize("reduce_in_backward", [True, False], ids=["hook", "sync"])
+@pytest.mark.parametrize("mesh_shape, names", CASES, ids=["dp2", "dp4", "dp2xtp2"])
+def test_one_all_reduce_per_parameter_per_step(mesh_shape, names, reduce_in_backward):
+    world = 1
+    for s in mesh_shape:
+        world *= s
+    for counts in run_on_ranks(world, _run, mesh_shape, names, reduce_in_backward):
+        for all_reduces, num_params, fallbacks in counts:
+            assert all_reduces == num_params, (all_reduces, num_params)
+            assert not fallbacks, fallbacks
+
+
+def _lift_rank():
+    mesh = dtp.init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    w = torch.arange(8.0).reshape(4, 2)
+    on_tp = dtp.distribute_tensor(w, mesh["tp"], [Shard(0)], src_data_rank=None)
+    lin = nn.Linear(2, 4)
+    lin.weight = nn.Parameter(on_tp)
+    replicate(lin, mesh)
+    assert lin.weight.device_mesh == mesh and tuple(lin.weight.placements) == (Replicate(), Shard(0))
+    assert isinstance(lin.bias, DTensor) and tuple(lin.bias.placements) == (Replicate(), Replicate())
+    return torch.equal(lin.weight.full_tensor(), w)
+
+
+def test_lift_from_tp_submesh_keeps_tp_placement():
+    assert all(run_on_ranks(4, _lift_rank))
+
+
+def _bad_mesh_rank():
+    mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("batch",))
+    with pytest.raises(ValueError, match="no mesh dim named 'dp'"):
+        replicate(nn.Linear(2, 2), mesh)
+    return True
+
+
+def test_replicate_names_the_missing_mesh_dim():
+    assert all(run_on_ranks(2, _bad_mesh_rank))
