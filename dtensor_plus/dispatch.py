@@ -149,7 +149,7 @@ class Plan:
         else:
             out = self.func(*local_args, **local_kwargs)
         if self.inplace:
-            return dtensors[0]
+            return dtensors[0] if self.out_specs else None  # None: an in-place foreach op returns ()
         return self._wrap(out, dtensor_cls, dtensors)
 
     def _run_random(self, args, kwargs, local_args, local_kwargs, dtensors, dtensor_cls):
@@ -208,7 +208,8 @@ def _meta_outputs(func, args, kwargs, dtensor_cls):
         return value
 
     try:
-        out = func(*to_meta(args), **{k: to_meta(v) for k, v in kwargs.items()})
+        # A device keyword (autograd's ToCopyBackward passes device=cpu) would copy out of meta: keep it meta.
+        out = func(*to_meta(args), **{k: torch.device("meta") if k == "device" else to_meta(v) for k, v in kwargs.items()})
     except (NotImplementedError, RuntimeError, ZeroDivisionError):  # no meta kernel, data-dependent shape, numel 0
         return None
     return [TensorMeta.of(t) for t in _flatten_outputs(out)]
@@ -257,7 +258,9 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
     if func.overloadpacket in mutation.INPLACE_VIEWS:
         return mutation.InplaceViewPlan(func)
     inplace = mutation.is_inplace(func)
-    if inplace and (out_specs is None or targets[0] is not None or out_specs[0].placements != dtensors[0]._spec.placements):
+    # An in-place foreach op (_foreach_mul_) returns nothing (out_specs == ()); its rule keeps every element.
+    if inplace and (out_specs is None or targets[0] is not None
+                    or (out_specs and out_specs[0].placements != dtensors[0]._spec.placements)):
         return mutation.OutOfPlacePlan(func)
     local_op = sharding.local_op or func
     positions = tuple(i for i, a in enumerate(args) if isinstance(a, dtensor_cls))

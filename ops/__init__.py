@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     embedding,
     factories,
+    foreach,
     losses,
     matrix,
     normalization,
