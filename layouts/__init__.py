@@ -5,9 +5,11 @@
 """
 
 from .annotation import format_layout, layout_of, parse_layout
+from .clip import clip_grad_norm_, get_total_norm
 from .data import replicate, shard_batch, sync_gradients
 from .loss import loss_parallel
 from .plan import parallelize_module
+from .precision import MixedPrecision, mixed_precision
 from .tensor import (
     ColwiseParallel,
     ParallelStyle,
@@ -22,4 +24,5 @@ __all__ = [
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "SequenceParallel", "PrepareModuleInput",
     "PrepareModuleOutput", "parallelize_module", "loss_parallel", "parse_layout", "format_layout", "layout_of",
     "replicate", "sync_gradients", "shard_batch", "fully_shard", "ZeroRedundancyOptimizer",
+    "clip_grad_norm_", "get_total_norm", "MixedPrecision", "mixed_precision",
 ]
