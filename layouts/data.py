@@ -37,7 +37,7 @@ from dtensor_plus.api import distribute_tensor
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Replicate, Shard
 
-__all__ = ["replicate", "sync_gradients", "shard_batch"]
+__all__ = ["replicate", "reduce_grad_in_backward", "sync_gradients", "shard_batch"]
 
 
 def replicate(module: nn.Module, device_mesh, dp_dim: str = "dp", *, reduce_in_backward: bool = True) -> nn.Module:
@@ -64,11 +64,17 @@ def replicate(module: nn.Module, device_mesh, dp_dim: str = "dp", *, reduce_in_b
                 lifted = nn.Parameter(_lift(param.detach(), device_mesh, dp_dim), requires_grad=param.requires_grad)
                 submodule._parameters[key] = lifted
                 if reduce_in_backward and lifted.requires_grad:
-                    lifted.register_post_accumulate_grad_hook(_reduce_grad)
+                    reduce_grad_in_backward(lifted)
         for key, buffer in list(submodule._buffers.items()):
             if buffer is not None:
                 submodule._buffers[key] = _lift(buffer, device_mesh, dp_dim)
     return module
+
+
+def reduce_grad_in_backward(param: nn.Parameter) -> None:
+    """Once ``param``'s gradient is accumulated, reduce it to ``param``'s own placements (one collective), so
+    no Partial gradient reaches an optimizer, whose every op would reduce it again."""
+    param.register_post_accumulate_grad_hook(_reduce_grad)
 
 
 def sync_gradients(module: nn.Module) -> None:

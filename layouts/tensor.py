@@ -35,6 +35,8 @@ from dtensor_plus.api import distribute_tensor
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Placement, Replicate, Shard
 
+from .data import reduce_grad_in_backward
+
 __all__ = [
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "SequenceParallel",
     "PrepareModuleInput", "PrepareModuleOutput",
@@ -111,7 +113,10 @@ def _distribute_parameter(module: nn.Module, name: str, device_mesh, placement: 
     # Like torch, the mesh's first rank holds the truth (ranks may have initialised differently); its global
     # rank, because distribute_tensor names the source by global rank.
     dt = distribute_tensor(param.detach(), device_mesh, [placement], src_data_rank=int(device_mesh.mesh.flatten()[0]))
-    module.register_parameter(name, nn.Parameter(dt, requires_grad=param.requires_grad))
+    placed = nn.Parameter(dt, requires_grad=param.requires_grad)
+    module.register_parameter(name, placed)
+    if placed.requires_grad:  # e.g. a SequenceParallel norm weight: its gradient comes out Partial on tp
+        reduce_grad_in_backward(placed)
 
 
 def _prepare_first_input(inputs: tuple, device_mesh, layout: Placement, desired: Placement) -> tuple:
