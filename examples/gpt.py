@@ -176,8 +176,9 @@ def tp_plan(config: GPTConfig, sequence_parallel: bool) -> dict:
 
     q, k, v and fc column-wise (whole heads per rank: num_heads must divide by the tp size), proj and out
     row-wise: one all-reduce per sub-layer in forward and one in backward. With ``sequence_parallel`` the
-    norms run on sequence shards (Shard(1)) and each all-reduce becomes an all-gather (entering q/k/v, fc,
-    head) plus a reduce-scatter (leaving proj, out): same bytes, norm activations divided by tp.
+    norms run on sequence shards (Shard(1)) and each all-reduce becomes an all-gather (entering attention
+    once for q, k and v, fc, head) plus a reduce-scatter (leaving proj, out): same bytes, norm activations
+    divided by tp.
 
     The token embedding is row-wise (vocabulary split); the position embedding, the norms (when not
     sequence parallel) and the causal mask stay replicated (place them with ``distribute_module`` or
@@ -187,15 +188,17 @@ def tp_plan(config: GPTConfig, sequence_parallel: bool) -> dict:
     Every style keeps DTensor outputs (``use_local_output=False``): the model reads global shapes
     (``view(B, T, H, K)``), and on a (dp, tp) mesh a local block could not be re-wrapped on the 2-D mesh.
     """
-    from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel, SequenceParallel
+    from dtensor_plus.layouts import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
     from dtensor_plus.placements import Replicate, Shard
 
     act = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream (B, T, D)
     colwise = dict(input_layouts=act, use_local_output=False)
     rowwise = dict(output_layouts=act, use_local_output=False)
     plan = {"tok_emb": RowwiseParallel(input_layouts=Replicate(), **rowwise)}
+    if sequence_parallel:  # gather the attention input once for q, k and v together, not once each
+        plan["blocks.*.attn"] = PrepareModuleInput(input_layouts=act, desired_input_layouts=Replicate())
     for name in ("q", "k", "v"):
-        plan[f"blocks.*.attn.{name}"] = ColwiseParallel(**colwise)
+        plan[f"blocks.*.attn.{name}"] = ColwiseParallel(input_layouts=Replicate(), use_local_output=False)
     plan["blocks.*.attn.proj"] = RowwiseParallel(**rowwise)
     plan["blocks.*.mlp.fc"] = ColwiseParallel(**colwise)
     plan["blocks.*.mlp.out"] = RowwiseParallel(**rowwise)
