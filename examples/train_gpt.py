@@ -1,16 +1,22 @@
-"""Train the GPT of examples/gpt.py on a (dp, tp) mesh and check it against one process, step by step.
+"""Train the GPT of examples/gpt.py on a (dp, tp) mesh, with any ZeRO stage, and check it against one process.
 
-    torchrun --standalone --nproc-per-node 4 examples/train_gpt.py --dp 2 --tp 2 --sp --config debug --steps 20
+    torchrun --standalone --nproc-per-node 4 examples/train_gpt.py --dp 2 --tp 2 --sp --zero 3 --config debug --steps 20
 
 The text is one every machine has without a download: the bytes of the Python standard library's own source
 files (``sysconfig.get_paths()["stdlib"]``, read at run time; byte-level vocabulary of 256). Batches are random
 windows drawn from a seeded generator, so every rank (and the single-process run) sees the same batches.
 
-Each rank trains the model twice from the same initial weights and seed: once placed on the mesh (tensor
-parallel by ``tp_plan``, data parallel by ``replicate``, dropout drawn as one device would under
-``manual_seed(seed, strict=True)``), once as one process. Rank 0 prints a progress line per step, then a table
-of both loss curves and the largest parameter difference, and saves a PNG of the curves when matplotlib is
-importable.
+Each rank trains the model twice from the same initial weights and seed: once laid out on the mesh
+(``place_model``: tensor parallel by ``tp_plan`` on mesh["tp"], then data parallel on mesh["dp"] as plain
+``replicate`` or a ZeRO stage; dropout drawn as one device would under ``manual_seed(seed, strict=True)``),
+once as one process. Rank 0 prints a progress line per step, then a table of both loss curves and the largest
+parameter difference, and saves a PNG of the curves when matplotlib is importable.
+
+The pieces are functions so tests can run a layout without torchrun (tests/examples/test_train_gpt_layouts.py)::
+
+    layout = Layout(dp=2, tp=2, sp=True, zero=3)
+    result = compare_with_single(PRESETS["debug"].replace(dropout=0.1), layout, batch_list, lr=1e-3, seed=0)
+    result.mesh_losses, result.single_losses, result.max_param_diff
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,11 +36,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dtensor_plus as dtp  # noqa: E402
 from dtensor_plus import DTensor  # noqa: E402
-from dtensor_plus.layouts import loss_parallel, parallelize_module  # noqa: E402
+from dtensor_plus.layouts import ZeroRedundancyOptimizer, fully_shard, loss_parallel, parallelize_module  # noqa: E402
 from dtensor_plus.layouts.data import replicate, shard_batch  # noqa: E402
-from gpt import GPT, PRESETS, tp_plan  # noqa: E402
+from gpt import GPT, PRESETS, GPTConfig, tp_plan  # noqa: E402
 
 MAX_TEXT_BYTES = 4 << 20  # enough text for a small model; reading all of the stdlib (~30 MB) takes seconds
+WEIGHT_DECAY = 0.1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the model is laid out: dp x tp ranks, Megatron sequence parallelism on tp, ZeRO stage on dp.
+
+    zero: 0 plain data parallelism (``replicate``: one all-reduce per gradient), 1 optimizer state sharded,
+    2 plus gradients reduce-scattered (both ``ZeroRedundancyOptimizer``), 3 plus parameters sharded
+    (``fully_shard`` per block, then the root).
+    """
+
+    dp: int = 1
+    tp: int = 1
+    sp: bool = False
+    zero: int = 0
+
+    def __post_init__(self):
+        for name in ("dp", "tp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Layout.{name} must be a positive int, got {value!r}")
+        if self.sp and self.tp == 1:
+            raise ValueError("sp=True needs tp > 1: sequence parallelism shards the sequence on the tp mesh dim")
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
+        if self.zero and self.dp == 1:
+            raise ValueError(f"zero={self.zero} shards on the dp mesh dim and needs dp > 1; set dp or zero=0")
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp
+
+    def __str__(self) -> str:
+        return f"dp={self.dp} tp={self.tp} sp={self.sp} zero={self.zero}"
+
+
+@dataclass
+class Result:
+    """Both loss curves, the largest final parameter difference, and where the mesh run kept things: for each
+    parameter, the placement type of its weight and of its AdamW ``exp_avg`` per mesh dim (e.g. ("Shard",
+    "Replicate") on a (dp, tp) mesh), plain strings so a Result pickles anywhere."""
+
+    mesh_losses: list[float]
+    single_losses: list[float]
+    max_param_diff: float
+    param_placements: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    state_placements: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dp", type=int, default=1, help="data-parallel size")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism on the tp mesh dim")
+    parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage on the dp mesh dim")
     parser.add_argument("--config", default="debug", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (divisible by --dp)")
@@ -48,16 +104,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text-bytes", type=int, default=MAX_TEXT_BYTES, help="how much stdlib source to read")
     parser.add_argument("--plot", default="train_gpt_loss.png", help="where to save the loss curves")
     args = parser.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # torchrun sets WORLD_SIZE; a process group started otherwise (e.g. run_on_ranks in tests) knows its own.
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if args.dp * args.tp != world:
         parser.error(f"dp({args.dp}) * tp({args.tp}) != world size({world}); launch with --nproc-per-node {args.dp * args.tp}")
     if args.batch_size % args.dp:
         parser.error(f"--batch-size({args.batch_size}) must divide by --dp({args.dp})")
-    if args.sp and args.tp == 1:
-        parser.error("--sp needs --tp > 1")
+    try:
+        args.layout = Layout(args.dp, args.tp, args.sp, args.zero)
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+# -- data ------------------------------------------------------------------------------------------------
 
 
 def stdlib_bytes(limit: int = MAX_TEXT_BYTES) -> torch.Tensor:
@@ -84,9 +148,55 @@ def batches(data: torch.Tensor, steps: int, batch_size: int, seq_len: int, seed:
         yield window[:, :-1], window[:, 1:]
 
 
-def train(model, data_batches, lr: float, place=lambda t: t, log=None) -> list[float]:
-    """AdamW steps; the loss inside ``loss_parallel`` (a no-op for plain tensors, vocab-sharded logits otherwise)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, foreach=False)
+# -- layout ----------------------------------------------------------------------------------------------
+
+
+def make_mesh(layout: Layout):
+    """A mesh with a named dim per parallelism of size > 1: ("dp",), ("tp",) or ("dp", "tp")."""
+    names, shape = zip(*[(n, s) for n, s in (("dp", layout.dp), ("tp", layout.tp)) if s > 1] or [("dp", 1)])
+    return dtp.init_device_mesh("cpu", shape, mesh_dim_names=names)
+
+
+def place_model(model: GPT, mesh, layout: Layout) -> GPT:
+    """Lay ``model`` out on ``mesh`` (in place): tp first on mesh["tp"], then the dp dim.
+
+    Every parameter and buffer must end on the whole mesh before ZeRO sees it: ``fully_shard`` and
+    ``ZeroRedundancyOptimizer`` take DTensors on the mesh they are given (Replicate on dp), not tp-placed ones
+    on the mesh["tp"] sub-mesh, and the causal-mask buffer must be a DTensor too. ``replicate`` lifts them all
+    (no data moves); with ZeRO its gradient hooks stay off, because ZeRO reduce-scatters the gradients itself
+    (an all-reduce first would double the traffic).
+    """
+    if layout.tp > 1:
+        parallelize_module(model, mesh["tp"], tp_plan(model.config, sequence_parallel=layout.sp))
+    if layout.dp == 1:
+        dtp.distribute_module(model, mesh)  # replicate what tp_plan leaves plain (position embedding, norms)
+        return model
+    replicate(model, mesh, reduce_in_backward=layout.zero == 0)
+    if layout.zero == 3:
+        # FSDP2 order: the blocks first, then the root, which owns the rest (embeddings, final norm, head).
+        for block in model.blocks:
+            fully_shard(block, mesh, mesh_dim="dp")
+        fully_shard(model, mesh, mesh_dim="dp")
+    return model
+
+
+def make_optimizer(model: GPT, mesh, layout: Layout, lr: float):
+    """AdamW; for ZeRO 1/2 wrapped in ``ZeroRedundancyOptimizer`` (sharded state), otherwise plain (for ZeRO 3
+    its state is sharded because the parameters are)."""
+    kwargs = dict(lr=lr, weight_decay=WEIGHT_DECAY, foreach=False)
+    if layout.zero in (1, 2):
+        return ZeroRedundancyOptimizer(
+            model.parameters(), mesh, torch.optim.AdamW, stage=layout.zero, mesh_dim="dp", **kwargs
+        )
+    return torch.optim.AdamW(model.parameters(), **kwargs)
+
+
+# -- training --------------------------------------------------------------------------------------------
+
+
+def train(model, opt, data_batches, place=lambda t: t, log=None) -> list[float]:
+    """One optimizer step per batch; the loss inside ``loss_parallel`` (a no-op for plain tensors,
+    vocab-sharded logits otherwise). Returns the losses."""
     losses = []
     for step, (tokens, targets) in enumerate(data_batches):
         start = time.perf_counter()
@@ -102,19 +212,53 @@ def train(model, data_batches, lr: float, place=lambda t: t, log=None) -> list[f
     return losses
 
 
-def place_model(model: GPT, mesh, args) -> GPT:
-    if args.tp > 1:
-        parallelize_module(model, mesh["tp"], tp_plan(model.config, sequence_parallel=args.sp))
-    if args.dp > 1:
-        replicate(model, mesh)
-    else:
-        dtp.distribute_module(model, mesh)  # replicate what tp_plan leaves plain (position embedding, norms)
-    return model
-
-
 def max_param_diff(model, reference) -> float:
     ref = dict(reference.named_parameters())
     return max((p.full_tensor() - ref[n]).abs().max().item() for n, p in model.named_parameters())
+
+
+def compare_with_single(config: GPTConfig, layout: Layout, batch_list, lr: float = 1e-3, seed: int = 0,
+                        mesh=None, log=None) -> Result:
+    """Train ``config`` laid out as ``layout`` and as one process, from the same weights and dropout seed.
+
+    Call on every rank of a ``layout.world``-rank group (torchrun or ``run_on_ranks``); ``batch_list`` is the
+    same list of whole (tokens, targets) batches on every rank.
+    """
+    mesh = mesh if mesh is not None else make_mesh(layout)
+    torch.manual_seed(seed)
+    model = GPT(config)
+    reference = copy.deepcopy(model)
+
+    place_model(model, mesh, layout)
+    opt = make_optimizer(model, mesh, layout, lr)
+    dtp.manual_seed(seed + 1, strict=True)  # dropout drawn as one device would
+    mesh_losses = train(model, opt, batch_list, place=lambda t: shard_batch(t, mesh), log=log)
+
+    torch.manual_seed(seed + 1)
+    single_losses = train(reference, make_optimizer(reference, None, Layout(), lr), batch_list)
+    return Result(mesh_losses, single_losses, max_param_diff(model, reference),
+                  {n: _placement_names(p) for n, p in model.named_parameters()},
+                  _state_placements(model, opt))
+
+
+def _state_placements(model, opt) -> dict[str, tuple[str, ...]]:
+    # param_groups keep the order the parameters were given in (ZeroRedundancyOptimizer's: its master shards).
+    stepped = opt.param_groups[0]["params"]
+    return {name: _placement_names(opt.state[p]["exp_avg"]) for (name, _), p in zip(model.named_parameters(), stepped)}
+
+
+def _placement_names(t) -> tuple[str, ...]:
+    return tuple(type(p).__name__ for p in t.placements)
+
+
+# -- report ----------------------------------------------------------------------------------------------
+
+
+def print_table(result: Result) -> None:
+    print(f"\n{'step':>4}  {'loss (mesh)':>11}  {'loss (single)':>13}  {'|diff|':>8}")
+    for step, (a, b) in enumerate(zip(result.mesh_losses, result.single_losses)):
+        print(f"{step:4d}  {a:11.6f}  {b:13.6f}  {abs(a - b):8.1e}")
+    print(f"max |param diff| after {len(result.mesh_losses)} steps: {result.max_param_diff:.2e}")
 
 
 def save_plot(path: str, mesh_losses, single_losses, title: str) -> None:
@@ -135,37 +279,23 @@ def save_plot(path: str, mesh_losses, single_losses, title: str) -> None:
     print(f"saved {path}")
 
 
-def main(argv=None) -> float:
+def main(argv=None) -> Result:
     args = parse_args(argv)
-    names, shape = zip(*[(n, s) for n, s in (("dp", args.dp), ("tp", args.tp)) if s > 1] or [("dp", 1)])
-    mesh = dtp.init_device_mesh("cpu", shape, mesh_dim_names=names)
+    layout = args.layout
+    mesh = make_mesh(layout)
     rank0 = mesh.get_rank() == 0
-    log = print if rank0 else None
     config = PRESETS[args.config].replace(dropout=args.dropout)
     seq_len = args.seq_len or config.block_size
-    data = stdlib_bytes()
+    data = stdlib_bytes(args.text_bytes)
     if rank0:
-        print(f"{len(data):,} bytes of stdlib source; mesh {dict(zip(names, shape))} sp={args.sp}; {config}")
-
-    torch.manual_seed(args.seed)
-    model = GPT(config)
-    reference = copy.deepcopy(model)
-    place_model(model, mesh, args)
-
-    dtp.manual_seed(args.seed + 1, strict=True)  # dropout drawn as one device would
-    mesh_losses = train(model, batches(data, args.steps, args.batch_size, seq_len, args.seed), args.lr,
-                        place=lambda t: shard_batch(t, mesh), log=log)
-    torch.manual_seed(args.seed + 1)
-    single_losses = train(reference, batches(data, args.steps, args.batch_size, seq_len, args.seed), args.lr)
-    diff = max_param_diff(model, reference)
-
+        print(f"{len(data):,} bytes of stdlib source; {layout}; {config}")
+    batch_list = list(batches(data, args.steps, args.batch_size, seq_len, args.seed))
+    log = print if rank0 else None
+    result = compare_with_single(config, layout, batch_list, args.lr, args.seed, mesh=mesh, log=log)
     if rank0:
-        print(f"\n{'step':>4}  {'loss (mesh)':>11}  {'loss (single)':>13}  {'|diff|':>8}")
-        for step, (a, b) in enumerate(zip(mesh_losses, single_losses)):
-            print(f"{step:4d}  {a:11.6f}  {b:13.6f}  {abs(a - b):8.1e}")
-        print(f"max |param diff| after {args.steps} steps: {diff:.2e}")
-        save_plot(args.plot, mesh_losses, single_losses, f"GPT {args.config}: dp={args.dp} tp={args.tp} sp={args.sp}")
-    return diff
+        print_table(result)
+        save_plot(args.plot, result.mesh_losses, result.single_losses, f"GPT {args.config}: {layout}")
+    return result
 
 
 if __name__ == "__main__":

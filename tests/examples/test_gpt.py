@@ -1,10 +1,8 @@
-"""The debug GPT (examples/gpt.py) trained a few AdamW steps with dropout on (dp, tp, sp) meshes equals the
-same training on one device: every loss and every final parameter within 1e-5, and no op falls back.
-
-Strict RNG (``dtensor_plus.manual_seed(s, strict=True)``) makes each dropout mask the single-device one.
+"""examples/gpt.py and the command line of examples/train_gpt.py: configuration errors, shapes, and the
+README demo's ``main`` end to end on 4 ranks with ZeRO-1 (the one stage the layout table in
+test_train_gpt_layouts.py does not cover).
 """
 
-import copy
 import sys
 from pathlib import Path
 
@@ -12,68 +10,65 @@ import pytest
 import torch
 
 import dtensor_plus as dtp
-from dtensor_plus import DTensor
-from dtensor_plus.layouts import loss_parallel, parallelize_module
-from dtensor_plus.layouts.data import replicate, shard_batch
 from dtensor_plus.testing import run_on_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-from gpt import GPT, PRESETS, tp_plan  # noqa: E402
-
-B, T, STEPS, SEED = 4, 8, 3, 0
-CONFIG = PRESETS["debug"].replace(dropout=0.1)
-
-
-def _batches():
-    g = torch.Generator().manual_seed(SEED + 1)
-    data = torch.randint(0, CONFIG.vocab_size, (STEPS, B, T + 1), generator=g)
-    return [(d[:, :-1], d[:, 1:]) for d in data]
+import train_gpt  # noqa: E402
+from gpt import GPT, PRESETS, GPTConfig  # noqa: E402
+from train_gpt import Layout  # noqa: E402
 
 
-def _train(model, batches, place=lambda t: t):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=False)
-    losses = []
-    for tokens, targets in batches:
-        with loss_parallel():
-            loss = model.loss(place(tokens), place(targets))
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.full_tensor().item() if isinstance(loss, DTensor) else loss.item())
-    return losses
+@pytest.mark.parametrize("changes, match", [
+    (dict(dim=10, num_heads=4), "divide by num_heads"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_config_rejects_bad_values(changes, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(**changes)
 
 
-def _run(dp: int, tp: int, sp: bool):
-    names, shape = zip(*[(n, s) for n, s in (("dp", dp), ("tp", tp)) if s > 1])
-    mesh = dtp.init_device_mesh("cpu", shape, mesh_dim_names=names)
-    torch.manual_seed(SEED)
-    model = GPT(CONFIG)
-    reference = copy.deepcopy(model)
+def test_gpt_logits_shape_and_sequence_limit():
+    config = PRESETS["debug"]
+    model = GPT(config)
+    tokens = torch.randint(0, config.vocab_size, (2, config.block_size))
+    assert model(tokens).shape == (2, config.block_size, config.vocab_size)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(torch.zeros(1, config.block_size + 1, dtype=torch.long))
 
-    torch.manual_seed(SEED + 2)
-    ref_losses = _train(reference, _batches())
 
-    if tp > 1:
-        parallelize_module(model, mesh["tp"], tp_plan(CONFIG, sequence_parallel=sp))
-    if dp > 1:
-        replicate(model, mesh)
-    else:
-        dtp.distribute_module(model, mesh)  # the replicated rest: position embedding, norms, mask
-    dtp.manual_seed(SEED + 2, strict=True)
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dp=1, zero=3), "needs dp > 1"),
+    (dict(dp=2, sp=True), "needs tp > 1"),
+    (dict(dp=2, zero=4), "zero must be"),
+    (dict(dp=0), "positive int"),
+])
+def test_layout_rejects_bad_combinations(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Layout(**kwargs)
+
+
+def test_command_line_checks_world_size(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit):
+        train_gpt.parse_args(["--dp", "2"])
+    assert "launch with --nproc-per-node 2" in capsys.readouterr().err
+    assert train_gpt.parse_args(["--dp", "2", "--tp", "2", "--sp", "--zero", "2"]).layout == Layout(2, 2, True, 2)
+
+
+def _main(argv):
     with dtp.comm_mode() as comm:
-        losses = _train(model, _batches(), place=lambda t: shard_batch(t, mesh))
-
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), atol=1e-5, rtol=0)
-    ref_params = dict(reference.named_parameters())
-    worst = 0.0
-    for name, p in model.named_parameters():
-        worst = max(worst, (p.full_tensor() - ref_params[name]).abs().max().item())
-    assert worst < 1e-5, worst
-    return dict(comm.fallbacks)
+        result = train_gpt.main(argv)
+    return result, dict(comm.fallbacks)
 
 
-@pytest.mark.parametrize("dp, tp, sp", [(2, 2, True), (4, 1, False), (1, 4, True)], ids=["dp2-tp2-sp", "dp4", "tp4-sp"])
-def test_gpt_training_matches_one_device(dp, tp, sp):
-    for fallbacks in run_on_ranks(dp * tp, _run, dp, tp, sp):
+def test_main_zero1_dp2_tp2_sp_matches_one_process(tmp_path):
+    argv = ["--dp", "2", "--tp", "2", "--sp", "--zero", "1", "--steps", "3", "--batch-size", "4",
+            "--text-bytes", str(1 << 16), "--plot", str(tmp_path / "loss.png")]
+    for result, fallbacks in run_on_ranks(4, _main, argv, timeout=120.0):
         assert not fallbacks, fallbacks
+        assert len(result.mesh_losses) == 3
+        losses, single = torch.tensor(result.mesh_losses), torch.tensor(result.single_losses)
+        torch.testing.assert_close(losses, single, atol=1e-5, rtol=0)
+        assert result.max_param_diff < 1e-5, result.max_param_diff
