@@ -27,7 +27,7 @@ from . import collectives
 from .placements import Placement, Replicate, Shard
 from .spec import DTensorSpec, local_shape_and_offset
 
-__all__ = ["plan_redistribute", "redistribute_cost", "redistribute_local", "grad_placements_for", "Redistribute"]
+__all__ = ["plan_redistribute", "redistribute_cost", "redistribute_local", "redistribute_together", "grad_placements_for", "Redistribute"]
 
 # A collective costs this many bytes' worth of latency on top of its traffic, so that among equal-traffic
 # plans the one with fewer collectives wins. Local steps cost 1 so that empty steps are never taken.
@@ -144,6 +144,38 @@ def redistribute_local(local: torch.Tensor, spec: DTensorSpec, dst: tuple[Placem
             local = _apply_step(local, spec, placements, mesh_dim, new)
         placements = placements[:mesh_dim] + (new,) + placements[mesh_dim + 1 :]
     return local
+
+
+def _only_all_reduces(spec: DTensorSpec, steps) -> bool:
+    return all(spec.placements[k].is_partial() and new.is_replicate() for k, new in steps)
+
+
+def redistribute_together(dtensors, targets) -> list[torch.Tensor]:
+    """The local tensors of several DTensors moved to their ``targets``, like ``redistribute_local`` each.
+
+    Tensors whose move is only all-reduces (Partial -> Replicate: gradients under data parallelism) share one
+    flat buffer and one all-reduce per mesh dim for each (mesh, dtype, reduce op) group, as DDP's buckets
+    do; the rest move one by one. Every rank must pass the same list in the same order.
+    """
+    results: list = [None] * len(dtensors)
+    groups: dict = {}
+    for i, (dt, dst) in enumerate(zip(dtensors, targets)):
+        spec, dst = dt._spec, tuple(dst)
+        steps = plan_redistribute(spec.placements, dst, spec.mesh.shape, spec.shape.numel(), spec.dtype.itemsize)
+        if steps and spec.mesh.get_coordinate() is not None and _only_all_reduces(spec, steps):
+            key = (spec.mesh, spec.dtype, tuple((k, spec.placements[k].reduce_op) for k, _ in steps))
+            groups.setdefault(key, []).append(i)
+        else:
+            results[i] = redistribute_local(dt._local_tensor, spec, dst)
+    for (mesh, _, reductions), members in groups.items():
+        locals_ = [dtensors[i]._local_tensor for i in members]
+        flat = torch.cat([t.reshape(-1) for t in locals_])
+        for mesh_dim, reduce_op in reductions:
+            if mesh.shape[mesh_dim] > 1:
+                flat = collectives.all_reduce(flat, mesh, mesh_dim, reduce_op)
+        for i, piece, local in zip(members, flat.split([t.numel() for t in locals_]), locals_):
+            results[i] = piece.view(local.shape)
+    return results
 
 
 def grad_placements_for(placements: tuple[Placement, ...]) -> tuple[Placement, ...]:

@@ -49,7 +49,6 @@ def _run(mesh_shape, names, reduce_in_backward):
     replicate(model, mesh, reduce_in_backward=reduce_in_backward)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
-    num_params = len(list(model.parameters()))
 
     counts = []
     for step in range(2):
@@ -72,24 +71,31 @@ def _run(mesh_shape, names, reduce_in_backward):
         opt.zero_grad()
         ref_opt.zero_grad()
         assert in_step.count() == 0, in_step  # the optimizer never sees a Partial gradient: no hidden collectives
-        counts.append((comm.count("all_reduce", "dp"), num_params, dict(comm.fallbacks)))
+        n = mesh.size("dp")
+        grad_bytes = sum(g._local_tensor.numel() * g.element_size() for g in grads.values())
+        counts.append((comm.count("all_reduce", "dp"), comm.bytes("all_reduce", "dp"), 2 * (n - 1) * grad_bytes // n, dict(comm.fallbacks)))
     for name, p in reference.named_parameters():
         torch.testing.assert_close(dict(model.named_parameters())[name].full_tensor(), p)
     return counts
 
 
-CASES = [((2,), ("dp",)), ((4,), ("dp",)), ((2, 2), ("dp", "tp"))]
+# Gradients reducing over the same mesh dims share one all-reduce per dim. On (dp, tp) there are two such
+# groups: most gradients are Partial on dp only, but the norm's are Partial on dp and tp (the gradient entering
+# it from the column-wise fc1 is Partial on tp).
+CASES = [((2,), ("dp",), 1), ((4,), ("dp",), 1), ((2, 2), ("dp", "tp"), 2)]
 
 
 @pytest.mark.parametrize("reduce_in_backward", [True, False], ids=["hook", "sync"])
-@pytest.mark.parametrize("mesh_shape, names", CASES, ids=["dp2", "dp4", "dp2xtp2"])
-def test_one_all_reduce_per_parameter_per_step(mesh_shape, names, reduce_in_backward):
+@pytest.mark.parametrize("mesh_shape, names, num_groups", CASES, ids=["dp2", "dp4", "dp2xtp2"])
+def test_gradients_reduced_in_one_bucket_per_step(mesh_shape, names, num_groups, reduce_in_backward):
+    """All gradients of these small models fit one bucket: one all-reduce on dp per group per step, of exactly
+    the analytic 2(n-1)/n bytes of the gradients."""
     world = 1
     for s in mesh_shape:
         world *= s
     for counts in run_on_ranks(world, _run, mesh_shape, names, reduce_in_backward):
-        for all_reduces, num_params, fallbacks in counts:
-            assert all_reduces == num_params, (all_reduces, num_params)
+        for all_reduces, sent, analytic, fallbacks in counts:
+            assert all_reduces == num_groups and sent == analytic, (all_reduces, sent, analytic)
             assert not fallbacks, fallbacks
 
 
