@@ -146,29 +146,46 @@ def redistribute_local(local: torch.Tensor, spec: DTensorSpec, dst: tuple[Placem
     return local
 
 
-def _only_all_reduces(spec: DTensorSpec, steps) -> bool:
-    return all(spec.placements[k].is_partial() and new.is_replicate() for k, new in steps)
+def _local_steps_and_reductions(spec: DTensorSpec, steps):
+    """Split a plan into local steps (leaving Replicate: a chunk or a partition) and all-reduces (Partial ->
+    Replicate), or None if it has any other step. The two kinds act on different mesh dims and commute (an
+    all-reduce is elementwise), so the local steps may run first and the all-reduces be bucketed."""
+    local, reductions = [], []
+    for mesh_dim, new in steps:
+        old = spec.placements[mesh_dim]
+        if old.is_replicate():
+            local.append((mesh_dim, new))
+        elif old.is_partial() and new.is_replicate():
+            reductions.append((mesh_dim, old.reduce_op))
+        else:
+            return None
+    return local, reductions
 
 
 def redistribute_together(dtensors, targets) -> list[torch.Tensor]:
     """The local tensors of several DTensors moved to their ``targets``, like ``redistribute_local`` each.
 
-    Tensors whose move is only all-reduces (Partial -> Replicate: gradients under data parallelism) share one
-    flat buffer and one all-reduce per mesh dim for each (mesh, dtype, reduce op) group, as DDP's buckets
-    do; the rest move one by one. Every rank must pass the same list in the same order.
+    Moves made of all-reduces (Partial -> Replicate: gradients under data parallelism) and local steps share
+    one flat buffer and one all-reduce per mesh dim for each (mesh, dtype, reductions) group, as DDP's buckets
+    do; other moves run one by one. Every rank must pass the same list in the same order.
     """
     results: list = [None] * len(dtensors)
     groups: dict = {}
     for i, (dt, dst) in enumerate(zip(dtensors, targets)):
         spec, dst = dt._spec, tuple(dst)
         steps = plan_redistribute(spec.placements, dst, spec.mesh.shape, spec.shape.numel(), spec.dtype.itemsize)
-        if steps and spec.mesh.get_coordinate() is not None and _only_all_reduces(spec, steps):
-            key = (spec.mesh, spec.dtype, tuple((k, spec.placements[k].reduce_op) for k, _ in steps))
-            groups.setdefault(key, []).append(i)
-        else:
+        split = _local_steps_and_reductions(spec, steps) if spec.mesh.get_coordinate() is not None else None
+        if not steps or split is None or not split[1]:
             results[i] = redistribute_local(dt._local_tensor, spec, dst)
+            continue
+        local, placements = dt._local_tensor, spec.placements
+        for mesh_dim, new in split[0]:
+            local = _apply_step(local, spec, placements, mesh_dim, new)
+            placements = placements[:mesh_dim] + (new,) + placements[mesh_dim + 1 :]
+        results[i] = local
+        groups.setdefault((spec.mesh, spec.dtype, tuple(split[1])), []).append(i)
     for (mesh, _, reductions), members in groups.items():
-        locals_ = [dtensors[i]._local_tensor for i in members]
+        locals_ = [results[i] for i in members]
         flat = torch.cat([t.reshape(-1) for t in locals_])
         for mesh_dim, reduce_op in reductions:
             if mesh.shape[mesh_dim] > 1:
