@@ -44,7 +44,7 @@ import torch
 
 from dtensor_plus import collectives, rules
 from dtensor_plus.ops.common import aten, normalize_dim, replicated, without_partial
-from dtensor_plus.ops.losses import MEAN, NONE, SUM, _batch_placements, _inputs_by_name, _narrow_to_block
+from dtensor_plus.ops.losses import NONE, SUM, _batch_placements, _inputs_by_name, _narrow_to_block, nll_backward_layouts
 from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding
 from dtensor_plus.spec import DTensorSpec
@@ -214,13 +214,7 @@ def _nll_backward_rule(op: OpSchema, default) -> Sharding:
     reduction = op.arg(4, "reduction")
     self_p, target_p = _nll_placements(self_spec, target_spec, mesh_dims)
     whole = replicated(len(op.mesh_shape))
-    wanted = {
-        "grad_output": target_p if reduction == NONE else whole,
-        "self": self_p,
-        "target": target_p,
-        "weight": whole,
-        "total_weight": whole if reduction == MEAN else None,  # the global total, Replicate since the forward
-    }
+    wanted = nll_backward_layouts(reduction, self_p, target_p, whole)
     block = self_spec.with_placements(self_p)
     return Sharding(inputs=_inputs_by_name(op, wanted), outputs=(self_p,), local_op=_nll_backward_local(op.func, block))
 

@@ -190,13 +190,9 @@ def _narrow_to_block(target: torch.Tensor, self_spec: DTensorSpec) -> torch.Tens
     return target
 
 
-@register_rule(aten.nll_loss_backward.default, aten.nll_loss2d_backward.default)
-def nll_loss_backward_rule(op: OpSchema) -> Sharding:
-    self_spec, target_spec = op.specs[1], op.specs[2]
-    reduction = op.arg(4, "reduction")
-    self_p, target_p = _batch_placements(self_spec, target_spec)
-    whole = replicated(len(op.mesh_shape))
-    wanted = {
+def nll_backward_layouts(reduction: int, self_p, target_p, whole) -> dict:
+    """Layouts of nll_loss_backward's arguments by name, given where self's and target's rows live."""
+    return {
         "grad_output": target_p if reduction == NONE else whole,
         "self": self_p,
         "target": target_p,
@@ -204,4 +200,13 @@ def nll_loss_backward_rule(op: OpSchema) -> Sharding:
         # Only the mean reads total_weight (the global one, Replicate since the forward); else leave it be.
         "total_weight": whole if reduction == MEAN else None,
     }
+
+
+@register_rule(aten.nll_loss_backward.default, aten.nll_loss2d_backward.default)
+def nll_loss_backward_rule(op: OpSchema) -> Sharding:
+    self_spec, target_spec = op.specs[1], op.specs[2]
+    reduction = op.arg(4, "reduction")
+    self_p, target_p = _batch_placements(self_spec, target_spec)
+    whole = replicated(len(op.mesh_shape))
+    wanted = nll_backward_layouts(reduction, self_p, target_p, whole)
     return Sharding(inputs=_inputs_by_name(op, wanted), outputs=(self_p,))
