@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from dtensor_plus import DTensor, Replicate, Shard
+from dtensor_plus import Replicate, Shard
 from dtensor_plus.layouts import (
-    ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
+    ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
 )
 
 __all__ = ["llama_tp_plan", "llama_plan", "llama_sp_plan"]
@@ -51,13 +51,14 @@ def llama_sp_plan(prefix: str = "model.") -> dict:
     The residual stream stays a DTensor (``use_local_output=False``), so HF reads the global sequence length
     from its shape when it builds position ids, rotary cos/sin and the causal mask (plain tensors that then
     meet only the local q/k inside attention). HF passes the attention its input as the keyword argument
-    ``hidden_states``, which PrepareModuleInput does not lay out (positional inputs only), so
-    ``_GatherKwarg`` all-gathers it once for q, k and v together.
+    ``hidden_states``: PrepareModuleInput's keyword layouts all-gather it once for q, k and v together.
     """
     plan = {
         f"{prefix}embed_tokens": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         f"{prefix}layers.*.input_layernorm": SequenceParallel(),
-        f"{prefix}layers.*.self_attn": _GatherKwarg("hidden_states"),
+        f"{prefix}layers.*.self_attn": PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": Shard(1)}, desired_input_kwarg_layouts={"hidden_states": Replicate()}
+        ),
         f"{prefix}layers.*.self_attn.[qkv]_proj": ColwiseParallel(),
         f"{prefix}layers.*.self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         f"{prefix}layers.*.post_attention_layernorm": SequenceParallel(),
@@ -71,23 +72,6 @@ def llama_sp_plan(prefix: str = "model.") -> dict:
     if prefix:
         plan["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
     return plan
-
-
-class _GatherKwarg(ParallelStyle):
-    """Redistribute one DTensor keyword input of a module to Replicate (PrepareModuleInput for a kwarg)."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def apply(self, module: nn.Module, device_mesh) -> nn.Module:
-        def hook(_, args, kwargs):
-            x = kwargs.get(self.name)
-            if not isinstance(x, DTensor):
-                raise TypeError(f"expected keyword input {self.name!r} to be a DTensor (sequence shards), got {type(x).__name__}")
-            return args, {**kwargs, self.name: x.redistribute(placements=[Replicate()])}
-
-        module.register_forward_pre_hook(hook, with_kwargs=True)
-        return module
 
 
 def llama_tp_plan(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.Module:

@@ -265,28 +265,59 @@ def _convert_each(values: Sequence, layouts: tuple, desired: tuple, device_mesh,
 
 
 class PrepareModuleInput(ParallelStyle):
-    """Lay out a module's positional inputs: each is taken to be in ``input_layouts`` and moved to
-    ``desired_input_layouts`` (None entries leave that input alone).
+    """Lay out a module's inputs: each positional input is taken to be in ``input_layouts`` and moved to
+    ``desired_input_layouts`` (None entries leave that input alone); keyword inputs likewise, by name, with
+    ``input_kwarg_layouts`` and ``desired_input_kwarg_layouts``.
 
     Example::
 
         PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None))
+        PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                           desired_input_kwarg_layouts={"hidden_states": Replicate()})
     """
 
-    def __init__(self, *, input_layouts=None, desired_input_layouts=None, use_local_output: bool = False):
-        self.input_layouts = _layouts_tuple(input_layouts, "input_layouts")
-        self.desired_input_layouts = _layouts_tuple(desired_input_layouts, "desired_input_layouts")
+    def __init__(
+        self,
+        *,
+        input_layouts=None,
+        desired_input_layouts=None,
+        input_kwarg_layouts: dict | None = None,
+        desired_input_kwarg_layouts: dict | None = None,
+        use_local_output: bool = False,
+    ):
+        positional = input_layouts is not None or desired_input_layouts is not None
+        self.input_layouts = _layouts_tuple(input_layouts, "input_layouts") if positional else ()
+        self.desired_input_layouts = _layouts_tuple(desired_input_layouts, "desired_input_layouts") if positional else ()
         _check_same_length(self.input_layouts, self.desired_input_layouts, "input_layouts and desired_input_layouts")
+        self.input_kwarg_layouts = dict(input_kwarg_layouts or {})
+        self.desired_input_kwarg_layouts = dict(desired_input_kwarg_layouts or {})
+        if set(self.input_kwarg_layouts) != set(self.desired_input_kwarg_layouts):
+            raise ValueError(
+                f"input_kwarg_layouts names {sorted(self.input_kwarg_layouts)} but desired_input_kwarg_layouts names "
+                f"{sorted(self.desired_input_kwarg_layouts)}; give both a layout for the same keyword inputs"
+            )
+        for name in self.input_kwarg_layouts:
+            _check_placement(self.input_kwarg_layouts[name], f"input_kwarg_layouts[{name!r}]")
+            _check_placement(self.desired_input_kwarg_layouts[name], f"desired_input_kwarg_layouts[{name!r}]")
         self.use_local_output = use_local_output
 
     def apply(self, module: nn.Module, device_mesh) -> nn.Module:
         _check_mesh(device_mesh, self)
 
-        def hook(_, inputs):
-            layouts, desired = self.input_layouts, self.desired_input_layouts
-            return tuple(_convert_each(inputs, layouts, desired, device_mesh, self.use_local_output, "positional inputs"))
+        def hook(_, args, kwargs):
+            if self.input_layouts:
+                layouts, desired = self.input_layouts, self.desired_input_layouts
+                args = tuple(_convert_each(args, layouts, desired, device_mesh, self.use_local_output, "positional inputs"))
+            if self.input_kwarg_layouts:
+                kwargs = dict(kwargs)
+                for name, layout in self.input_kwarg_layouts.items():
+                    if name not in kwargs:
+                        raise ValueError(f"the module was called without the keyword input {name!r} that the plan lays out")
+                    want = self.desired_input_kwarg_layouts[name]
+                    (kwargs[name],) = _convert_each((kwargs[name],), (layout,), (want,), device_mesh, self.use_local_output, "keyword input")
+            return args, kwargs
 
-        module.register_forward_pre_hook(hook)
+        module.register_forward_pre_hook(hook, with_kwargs=True)
         return module
 
 

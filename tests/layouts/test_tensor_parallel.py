@@ -267,3 +267,12 @@ def _bad_plan():
 
 def test_plan_errors_name_the_pattern_and_the_fix():
     run_on_ranks(2, _bad_plan)
+
+
+def test_prepare_module_input_keyword_layouts_must_name_the_same_inputs():
+    from dtensor_plus.layouts import PrepareModuleInput
+
+    with pytest.raises(ValueError, match="same keyword inputs"):
+        PrepareModuleInput(input_kwarg_layouts={"x": Shard(1)}, desired_input_kwarg_layouts={"y": Replicate()})
+    with pytest.raises(TypeError, match="must be a Placement"):
+        PrepareModuleInput(input_kwarg_layouts={"x": "Shard(1)"}, desired_input_kwarg_layouts={"x": Replicate()})
