@@ -232,7 +232,7 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
                 f"the other's mesh first"
             )
     schema = rules.OpSchema(
-        func, _schema_value(args, dtensor_cls), _schema_value(kwargs, dtensor_cls), tuple(d._spec for d in dtensors)
+        func, _schema_value(args, dtensor_cls), {k: _schema_value(v, dtensor_cls) for k, v in kwargs.items()}, tuple(d._spec for d in dtensors)
     )
     metas = _meta_outputs(func, args, kwargs, dtensor_cls)
     rule = rules.rule_for(func)

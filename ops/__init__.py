@@ -1,6 +1,7 @@
 """Sharding rules, one file per op family; importing this package registers them all."""
 
 from . import (  # noqa: F401
+    attention,
     embedding,
     factories,
     foreach,
