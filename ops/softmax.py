@@ -27,7 +27,7 @@ def _whole_along(placement: Placement, dim: int) -> Placement:
     return placement
 
 
-@register_rule(aten._softmax.default, aten._log_softmax.default)
+@register_rule(aten._softmax.default, aten._log_softmax.default, aten._safe_softmax.default)
 def softmax_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
     dim = normalize_dim(op.arg(1, "dim"), spec.ndim)
