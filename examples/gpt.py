@@ -11,10 +11,11 @@ model never mentions DTensor: the same code runs on one device and, once placed,
 Legend: B batch, T sequence (<= block_size), D model width, H heads, K head width (D // H), F MLP width
 (4 D), V vocabulary.
 
-Every tensor stays a DTensor once the model is placed (a plain tensor other than a 0-d one cannot meet a
-DTensor): the position embedding is a Parameter sliced to T (no index tensor to place), and the causal mask
-is a buffer (``distribute_module`` / ``replicate`` place buffers too). Attention is
-``F.scaled_dot_product_attention``, whose rule keeps batch- and head-sharded inputs sharded.
+Two choices keep every tensor a DTensor once the model is placed (a plain tensor other than a 0-d one cannot
+meet a DTensor): the position embedding is a Parameter sliced to T (no index tensor to place), and the causal
+mask is a buffer (``distribute_module`` / ``replicate`` place buffers too). Attention is written with
+matmul / masked_fill / softmax: dtensor_plus has no rule for ``F.scaled_dot_product_attention``, which would
+fall back to gathering.
 """
 
 from __future__ import annotations
@@ -86,21 +87,18 @@ class CausalSelfAttention(nn.Module):
         self.k = nn.Linear(D, D, bias=config.bias)
         self.v = nn.Linear(D, D, bias=config.bias)
         self.proj = nn.Linear(D, D, bias=config.bias)
-        # An explicit mask rather than is_causal: with dropout, SDPA falls back to its math path on CPU, which
-        # would build the causal mask as a plain tensor; a buffer is placed with the model (a DTensor).
         T = config.block_size
-        self.register_buffer("allowed_TT", torch.ones(T, T, dtype=torch.bool).tril(), persistent=False)
+        self.register_buffer("causal_TT", torch.ones(T, T, dtype=torch.bool).triu(1), persistent=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         H, K = self.num_heads, D // self.num_heads
         # (B, T, D) -> (B, H, T, K): heads as a view; with q/k/v colwise the split dim D is sharded by heads.
         q_BHTK, k_BHTK, v_BHTK = (lin(x_BTD).view(B, T, H, K).transpose(1, 2) for lin in (self.q, self.k, self.v))
-        # SDPA keeps batch (dp) and heads (tp) sharded; a 4-d matmul would flatten (B, H) and gather heads.
-        dropout = self.dropout if self.training else 0.0
-        mask_TT = self.allowed_TT[:T, :T]
-        y_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, attn_mask=mask_TT, dropout_p=dropout)
-        y_BTD = y_BHTK.transpose(1, 2).reshape(B, T, D)
+        scores_BHTT = q_BHTK @ k_BHTK.transpose(-2, -1) / math.sqrt(K)
+        scores_BHTT = scores_BHTT.masked_fill(self.causal_TT[:T, :T], float("-inf"))
+        probs_BHTT = F.dropout(scores_BHTT.softmax(-1), self.dropout, self.training)
+        y_BTD = (probs_BHTT @ v_BHTK).transpose(1, 2).reshape(B, T, D)
         return F.dropout(self.proj(y_BTD), self.dropout, self.training)
 
 
