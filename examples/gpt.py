@@ -14,8 +14,9 @@ Legend: B batch, T sequence (<= block_size), D model width, H heads, K head widt
 Two choices keep every tensor a DTensor once the model is placed (a plain tensor other than a 0-d one cannot
 meet a DTensor): the position embedding is a Parameter sliced to T (no index tensor to place), and the causal
 mask is a buffer (``distribute_module`` / ``replicate`` place buffers too). Attention is written with
-matmul / masked_fill / softmax: dtensor_plus has no rule for ``F.scaled_dot_product_attention``, which would
-fall back to gathering.
+matmul / masked_fill / softmax so that benchmarks/train_step.py can run PyTorch's own stack on the same model:
+torch's DTensor hangs on ``F.scaled_dot_product_attention`` on CPU there. dtensor_plus's SDPA rule
+(ops/attention.py) keeps batch and heads sharded, where the 4-d matmul here gathers heads under tp.
 """
 
 from __future__ import annotations
