@@ -62,6 +62,21 @@ def _single_device(sizes):
     return losses, {k: v.detach() for k, v in model.named_parameters()}
 
 
+def _steps(model, opt, mesh, sizes):
+    """STEPS steps on batches sharded on the first (dp) mesh dim; the losses and the last step's CommCounter."""
+    batch = [Shard(0)] + [Replicate()] * (mesh.ndim - 1)
+    losses = []
+    for step in range(STEPS):
+        x, y = (dtp.distribute_tensor(t, mesh, batch, src_data_rank=None) for t in _data(sizes, step))
+        with dtp.comm_mode() as comm:
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses.append(loss.full_tensor().item())
+    return losses, comm
+
+
 def _train(sizes, stage):
     """Train on the dp mesh; return losses, whole final parameters, the CommCounter of the last step, the model
     and the optimizer."""
@@ -75,15 +90,7 @@ def _train(sizes, stage):
     else:
         dtp.distribute_module(model, mesh)
         opt = ZeroRedundancyOptimizer(model.parameters(), mesh, torch.optim.AdamW, stage=stage, lr=1e-2, weight_decay=0.1)
-    losses = []
-    for step in range(STEPS):
-        x, y = (dtp.distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None) for t in _data(sizes, step))
-        with dtp.comm_mode() as comm:
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        losses.append(loss.full_tensor().item())
+    losses, comm = _steps(model, opt, mesh, sizes)
     params = {k: v.full_tensor() for k, v in model.named_parameters()}
     return losses, params, comm, model, opt
 
@@ -221,15 +228,7 @@ def _check_tp(sizes, stage):
         assert model.head.bias.placements == (Replicate(), Shard(0))
     else:
         opt = ZeroRedundancyOptimizer(model.parameters(), mesh, torch.optim.AdamW, stage=stage, mesh_dim="dp", lr=1e-2, weight_decay=0.1)
-    losses = []
-    for step in range(STEPS):
-        x, y = (dtp.distribute_tensor(t, mesh, [Shard(0), Replicate()], src_data_rank=None) for t in _data(sizes, step))
-        with dtp.comm_mode() as comm:
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        losses.append(loss.full_tensor().item())
+    losses, comm = _steps(model, opt, mesh, sizes)
     want_losses, want_params = _single_device(sizes)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
