@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import collectives, mutation, random, rules
+from . import collectives, mutation, random, rules, strided
 from .placements import Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
@@ -243,6 +243,8 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
             reason = "has no sharding rule" if rule is None else "has a data-dependent output shape"
             warnings.warn(f"dtensor_plus: {func} {reason}; gathering its inputs to Replicate (correct, slow)")
         sharding = _fallback_sharding(schema, len(metas) if metas is not None else 0)
+    elif strided.has_strided(schema.specs):
+        sharding = strided.decide(rule, schema, metas)
     else:
         sharding = rule(schema)
     targets = tuple(

@@ -7,6 +7,11 @@ A DTensor carries one placement per mesh dimension:
 - ``Replicate()``: every rank holds the whole tensor.
 - ``Partial(reduce_op)``: every rank holds a tensor of the full shape; the value is their reduction
   (``sum``, ``avg``, ``max`` or ``min``).
+- ``StridedShard(dim, outer)``: what a Shard becomes when a view merges it behind other dims. Flattening
+  (B, H) with H sharded gives a (B*H) dim whose rank r holds the rows b*H + h for every b and its own h:
+  the dim read as (outer, inner) with the inner factor split. Views, batched matmuls, permutes and
+  elementwise ops keep it (the batched matmul of attention heads runs without gathering them); every other
+  op sees it gathered first, and unflattening (B*H) back to (B, H) turns it into Shard(1) again.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Placement", "Shard", "Replicate", "Partial", "chunk_bounds"]
+__all__ = ["Placement", "Shard", "StridedShard", "Replicate", "Partial", "chunk_bounds"]
 
 REDUCE_OPS = ("sum", "avg", "max", "min")
 
@@ -39,6 +44,9 @@ class Placement:
         return False
 
     def is_partial(self) -> bool:
+        return False
+
+    def is_strided_shard(self) -> bool:
         return False
 
 
@@ -107,3 +115,38 @@ class Partial(Placement):
 
     def __repr__(self) -> str:
         return f"Partial(reduce_op={self.reduce_op!r})" if self.reduce_op != "sum" else "Partial()"
+
+
+@dataclass(frozen=True, slots=True)
+class StridedShard(Placement):
+    """Tensor dim ``dim`` read as (``outer``, size // outer), its inner factor split (``torch.chunk`` sizes).
+
+    Not a ``Shard``: each rank's rows are not one contiguous block, so ``is_shard()`` is False and only the
+    rules that know this placement see it (the dispatcher gathers it for all others). Made by view rules,
+    not by users. It may nest inside Shards of the same dim on earlier mesh dims (then ``outer`` counts the
+    groups of the block they leave: (B, H) with B on dp and H on tp flattens to Shard(0) on dp and
+    StridedShard(0, B // dp) on tp), never outside another split.
+    """
+
+    dim: int
+    outer: int
+
+    def __post_init__(self):
+        if self.dim < 0 or self.outer < 1:
+            raise ValueError(f"StridedShard(dim={self.dim}, outer={self.outer}) needs dim >= 0 and outer >= 1")
+
+    def is_strided_shard(self) -> bool:
+        return True
+
+    def local_size(self, size: int, num_chunks: int, index: int) -> int:
+        return self.outer * chunk_bounds(size // self.outer, num_chunks, index)[1]
+
+    def chunk(self, tensor: torch.Tensor, num_chunks: int, index: int) -> torch.Tensor:
+        """This rank's rows of ``tensor`` (a copy: they are not contiguous)."""
+        size = tensor.shape[self.dim]
+        split = tensor.unflatten(self.dim, (self.outer, size // self.outer))
+        offset, length = chunk_bounds(size // self.outer, num_chunks, index)
+        return split.narrow(self.dim + 1, offset, length).flatten(self.dim, self.dim + 1)
+
+    def __repr__(self) -> str:
+        return f"StridedShard(dim={self.dim}, outer={self.outer})"

@@ -77,7 +77,7 @@ def rng_for(out_specs):
     mesh, coordinate = spec.mesh, spec.mesh.get_coordinate()
     shard_index = 0
     for mesh_dim, placement in enumerate(spec.placements):
-        if placement.is_shard():
+        if placement.is_shard() or placement.is_strided_shard():
             shard_index = shard_index * mesh.shape[mesh_dim] + coordinate[mesh_dim]
     seed = _mix(_base_seed(mesh), _STATE.counter, shard_index)
     _STATE.counter += 1

@@ -41,16 +41,28 @@ def _valid(state: tuple[Placement, ...], mesh_dim: int, new: Placement) -> bool:
         return False
     if new.is_partial() and not old.is_replicate():
         return False
-    inner = state[mesh_dim + 1 :]
-    if isinstance(old, Shard) and any(p.is_shard(old.dim) for p in inner):
+    outer, inner = state[:mesh_dim], state[mesh_dim + 1 :]
+    if old.is_strided_shard():  # only ever gathered, and always the innermost split of its dim
+        return new.is_replicate()
+    if new.is_strided_shard():
+        d = new.dim  # cut inside the blocks outer Shards of its dim leave, never around another split
+        return old.is_replicate() and not any(_splits(p, d) for p in inner) and not any(p.is_strided_shard() and p.dim == d for p in outer)
+    if isinstance(old, Shard) and any(_splits(p, old.dim) for p in inner):
         return False
-    return not (isinstance(new, Shard) and any(p.is_shard(new.dim) for p in inner))
+    if isinstance(new, Shard) and any(p.is_strided_shard() and p.dim == new.dim for p in outer):
+        return False
+    return not (isinstance(new, Shard) and any(_splits(p, new.dim) for p in inner))
+
+
+def _splits(p: Placement, dim: int) -> bool:
+    """Does ``p`` split tensor dim ``dim`` (a Shard or a StridedShard of it)?"""
+    return p.is_shard(dim) or (p.is_strided_shard() and p.dim == dim)
 
 
 def _step_cost(state, mesh_dim: int, new: Placement, mesh_shape, numel: int, itemsize: int) -> float:
     num_shards = 1
     for k, p in enumerate(state):
-        if p.is_shard():
+        if p.is_shard() or p.is_strided_shard():
             num_shards *= mesh_shape[k]
     local = numel * itemsize / num_shards
     n, old = mesh_shape[mesh_dim], state[mesh_dim]
@@ -120,7 +132,12 @@ def _apply_step(local: torch.Tensor, spec: DTensorSpec, placements, mesh_dim: in
     old = placements[mesh_dim]
     n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
     if old.is_replicate():
-        return new.chunk(local, n, index) if isinstance(new, Shard) else new.partition(local, n, index)
+        return new.partition(local, n, index) if new.is_partial() else new.chunk(local, n, index)
+    if old.is_strided_shard():  # only ever gathered: gather the inner factor, read as its own dim
+        d, outer = old.dim, old.outer
+        inner = _level_size(spec.shape, mesh, placements, mesh_dim, d) // outer
+        split = local.unflatten(d, (outer, local.shape[d] // outer))
+        return collectives.all_gather(split, mesh, mesh_dim, d + 1, inner).flatten(d, d + 1)
     if old.is_partial():
         if new.is_replicate():
             return collectives.all_reduce(local, mesh, mesh_dim, old.reduce_op)

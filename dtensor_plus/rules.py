@@ -80,8 +80,21 @@ _OVERRIDES: list[dict] = []
 _GENERATION = [0]  # bumped whenever the effective rule set changes; part of every dispatch cache key
 
 
-def register_rule(*ops: torch._ops.OpOverload) -> Callable[[Rule], Rule]:
-    """Decorator registering one rule for one or more aten overloads. A second registration raises."""
+_STRIDED: dict[torch._ops.OpOverload, str] = {}
+STRIDED_MODES = ("native", "as_shard")
+
+
+def register_rule(*ops: torch._ops.OpOverload, strided: str | None = None) -> Callable[[Rule], Rule]:
+    """Decorator registering one rule for one or more aten overloads. A second registration raises.
+
+    ``strided`` says how the rule meets a StridedShard input (see ``dtensor_plus.strided``): None (the
+    default), it never sees one: the dispatcher gathers it first; ``"as_shard"``, the rule treats every dim
+    independently of its neighbours' order (elementwise, a matmul's rows, batch or contraction, a permute),
+    so it may read a StridedShard as a Shard of the same dim; ``"native"``, the rule handles it itself
+    (views).
+    """
+    if strided not in (None, *STRIDED_MODES):
+        raise ValueError(f"register_rule(strided={strided!r}): use None or one of {STRIDED_MODES}")
 
     def decorate(rule: Rule) -> Rule:
         for op in ops:
@@ -90,6 +103,8 @@ def register_rule(*ops: torch._ops.OpOverload) -> Callable[[Rule], Rule]:
             if op in _RULES:
                 raise ValueError(f"{op} already has the rule {_RULES[op].__qualname__}; one op, one rule")
             _RULES[op] = rule
+            if strided is not None:
+                _STRIDED[op] = strided
         _GENERATION[0] += 1
         return rule
 
@@ -101,6 +116,13 @@ def rule_for(op: torch._ops.OpOverload) -> Rule | None:
         if op in overrides:
             return overrides[op]
     return _RULES.get(op)
+
+
+def strided_mode(op: torch._ops.OpOverload) -> str | None:
+    """How ``op``'s rule meets StridedShard inputs (register_rule's ``strided``); None under an override."""
+    if any(op in overrides for overrides in _OVERRIDES):
+        return None
+    return _STRIDED.get(op)
 
 
 def registered_ops() -> Sequence[torch._ops.OpOverload]:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .placements import Placement, Replicate, Shard, chunk_bounds
+from .placements import Placement, Replicate, Shard, StridedShard, chunk_bounds
 
 __all__ = ["TensorMeta", "DTensorSpec", "normalize_placements", "local_shape_and_offset", "replicate_all"]
 
@@ -85,13 +85,19 @@ class DTensorSpec:
 
 
 def local_shape_and_offset(shape, mesh_shape, placements, coordinate) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Pure geometry: the block of a ``shape`` tensor that ``coordinate`` holds under ``placements``."""
+    """Pure geometry: the block of a ``shape`` tensor that ``coordinate`` holds under ``placements``.
+
+    A StridedShard dim has a local size but no single offset (its rows are strided): its offset stays 0.
+    """
     sizes, offsets = list(shape), [0] * len(shape)
     for mesh_dim, placement in enumerate(placements):
         if isinstance(placement, Shard):
             d = placement.dim
             start, length = chunk_bounds(sizes[d], mesh_shape[mesh_dim], coordinate[mesh_dim])
             sizes[d], offsets[d] = length, offsets[d] + start
+        elif isinstance(placement, StridedShard):
+            d = placement.dim
+            sizes[d] = placement.local_size(sizes[d], mesh_shape[mesh_dim], coordinate[mesh_dim])
     return tuple(sizes), tuple(offsets)
 
 

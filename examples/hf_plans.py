@@ -12,18 +12,28 @@ embedding row-wise (vocabulary shards), the head column-wise gathered to whole l
 local tensors (``use_local_output=True``), so HF's attention and MLP bodies run on plain tensors holding this
 rank's heads: the rotary cos/sin, position ids and causal masks HF builds inside forward never meet a DTensor.
 Norms stay plain parameters: their inputs are replicated, so each rank computes the full gradient.
+
+GPT-2 (``gpt2_tp_plan``) uses the same layout. Its linear layers are transformers' Conv1D, whose weight is
+stored (in, out): the styles take ``weight_output_dim=1``. Its fused ``c_attn`` (one Conv1D with output
+[q | k | v]) is split by module surgery into three Conv1D pieces ``c_attn.q/.k/.v``, each column-wise, whose
+local outputs are concatenated: rank r then holds [q_r | k_r | v_r], its own heads of all three, which is
+what HF's ``split(split_size)`` needs (with ``split_size`` made local). A plain Shard of the 3*hidden
+columns would give rank 0 all of q and part of k instead; permuting the fused columns so a plain Shard works
+would change the global parameter (checkpoints, optimizers), and there is no strided placement to express
+"every third block". The split keeps each piece an ordinary, checkpointable Conv1D.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from dtensor_plus import Replicate, Shard
 from dtensor_plus.layouts import (
-    ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
+    ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel, SequenceParallel, parallelize_module,
 )
 
-__all__ = ["llama_tp_plan", "llama_plan", "llama_sp_plan"]
+__all__ = ["llama_tp_plan", "llama_plan", "llama_sp_plan", "gpt2_tp_plan", "gpt2_plan", "SplitQKV"]
 
 
 def llama_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
@@ -31,8 +41,15 @@ def llama_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
     prefix = "model." if hasattr(model, "lm_head") else ""
     if sequence_parallel:
         return llama_sp_plan(prefix)
+    replicated = Replicate()
     plan = {
         f"{prefix}embed_tokens": RowwiseParallel(),
+        # One DTensor input shared by q, k and v (and by gate and up): their input gradients add up as Partial
+        # and are all-reduced once per block in backward, instead of once per projection.
+        f"{prefix}layers.*.self_attn": PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": replicated}, desired_input_kwarg_layouts={"hidden_states": replicated}
+        ),
+        f"{prefix}layers.*.mlp": PrepareModuleInput(input_layouts=replicated, desired_input_layouts=replicated),
         f"{prefix}layers.*.self_attn.[qkv]_proj": ColwiseParallel(),
         f"{prefix}layers.*.self_attn.o_proj": RowwiseParallel(),
         f"{prefix}layers.*.mlp.gate_proj": ColwiseParallel(),
@@ -109,3 +126,116 @@ def _localize_head_counts(module: nn.Module, tp: int) -> None:
     for field in ("num_heads", "num_key_value_heads", "hidden_size"):
         if isinstance(getattr(module, field, None), int) and hasattr(module, "q_proj"):
             setattr(module, field, getattr(module, field) // tp)
+
+
+# -- GPT-2 -------------------------------------------------------------------------------------------------
+
+
+class SplitQKV(nn.Module):
+    """GPT-2's fused ``c_attn`` as three Conv1D pieces ``q``, ``k``, ``v`` whose outputs are concatenated.
+
+    Same function as the fused layer; each piece can then be split column-wise on its own, so each rank keeps
+    whole heads of q, k and v. ``SplitQKV.of(c_attn)`` copies the fused weight's column blocks.
+    """
+
+    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module):
+        super().__init__()
+        self.q, self.k, self.v = q, k, v
+
+    @classmethod
+    def of(cls, fused: nn.Module) -> SplitQKV:
+        hidden = fused.weight.shape[0]  # Conv1D weight (hidden, 3 * hidden)
+        pieces = []
+        for i in range(3):
+            piece = type(fused)(hidden, hidden)  # Conv1D(nf, nx)
+            with torch.no_grad():
+                piece.weight.copy_(fused.weight[:, i * hidden:(i + 1) * hidden])
+                piece.bias.copy_(fused.bias[i * hidden:(i + 1) * hidden])
+            pieces.append(piece.to(fused.weight.device, fused.weight.dtype))
+        return cls(*pieces)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, 3 * local D)
+        return torch.cat([self.q(hidden_states), self.k(hidden_states), self.v(hidden_states)], dim=-1)
+
+
+def gpt2_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
+    """The plan dict for a ``GPT2LMHeadModel`` (or a bare ``GPT2Model``) whose ``c_attn`` are ``SplitQKV``."""
+    prefix = "transformer." if hasattr(model, "lm_head") else ""
+    if sequence_parallel:
+        return _gpt2_sp_plan(prefix)
+    col, row = ColwiseParallel(weight_output_dim=1), RowwiseParallel(weight_output_dim=1)
+    plan = {
+        f"{prefix}wte": RowwiseParallel(),
+        # one DTensor input shared by q, k and v: their input gradients add up as Partial and are all-reduced
+        # once in backward, not once per piece
+        f"{prefix}h.*.attn.c_attn": PrepareModuleInput(input_layouts=Replicate(), desired_input_layouts=Replicate()),
+        f"{prefix}h.*.attn.c_attn.[qkv]": col,
+        f"{prefix}h.*.attn.c_proj": row,
+        f"{prefix}h.*.mlp.c_fc": col,
+        f"{prefix}h.*.mlp.c_proj": row,
+    }
+    if prefix:
+        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    return plan
+
+
+def _gpt2_sp_plan(prefix: str) -> dict:
+    """Megatron-SP for GPT-2, as ``llama_sp_plan``. The learned position embedding ``wpe`` is looked up whole
+    (HF builds its position ids inside forward) and its output cut to this rank's sequence shard, no
+    communication; its weight stays a plain parameter whose gradient arrives whole (one all-gather in backward).
+    The fused q/k/v and the MLP take their input positionally: one all-gather each on entry."""
+    sequence_in = PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())
+    col = ColwiseParallel(weight_output_dim=1)
+    row_sp = RowwiseParallel(output_layouts=Shard(1), use_local_output=False, weight_output_dim=1)
+    plan = {
+        f"{prefix}wte": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        f"{prefix}wpe": PrepareModuleOutput(
+            output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=False
+        ),
+        f"{prefix}h.*.ln_1": SequenceParallel(),
+        f"{prefix}h.*.attn.c_attn": sequence_in,
+        f"{prefix}h.*.attn.c_attn.[qkv]": col,
+        f"{prefix}h.*.attn.c_proj": row_sp,
+        f"{prefix}h.*.ln_2": SequenceParallel(),
+        f"{prefix}h.*.mlp": sequence_in,
+        f"{prefix}h.*.mlp.c_fc": col,
+        f"{prefix}h.*.mlp.c_proj": row_sp,
+        f"{prefix}ln_f": SequenceParallel(),
+    }
+    if prefix:
+        plan["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+    return plan
+
+
+def gpt2_tp_plan(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.Module:
+    """Parallelize a HF GPT-2 in place on the 1-D mesh ``tp_mesh``; returns ``model``.
+
+    Each ``attn.c_attn`` is first replaced by ``SplitQKV`` (so its parameters are named ``c_attn.q.weight``
+    and so on; concatenate the three on the last dim to get the fused tensor back). ``n_head`` must divide by
+    the tp size; with ``sequence_parallel=True`` the sequence length must too.
+    """
+    config = model.config
+    tp = tp_mesh.size()
+    if config.num_attention_heads % tp:
+        raise ValueError(
+            f"tensor parallel size {tp} must divide num_attention_heads={config.num_attention_heads}; "
+            f"pick a tp size that divides it"
+        )
+    if tp > 1 and config.tie_word_embeddings:
+        raise ValueError(
+            "tie_word_embeddings=True shares one weight between the row-wise embedding and the column-wise "
+            "head; build the model with tie_word_embeddings=False"
+        )
+    attentions = [m for m in model.modules() if hasattr(m, "c_attn") and hasattr(m, "split_size")]
+    if any(getattr(m, "is_cross_attention", False) for m in attentions):
+        raise ValueError("cross-attention GPT-2 layers (add_cross_attention=True) are not covered by this plan")
+    for attention in attentions:
+        if not isinstance(attention.c_attn, SplitQKV):
+            attention.c_attn = SplitQKV.of(attention.c_attn)
+    parallelize_module(model, tp_mesh, gpt2_plan(model, sequence_parallel))
+    for attention in attentions:
+        # HF splits c_attn's output with split_size and views heads with -1: the local hidden size is enough.
+        # num_heads and embed_dim are scaled too, for code that reads them.
+        for field in ("split_size", "num_heads", "embed_dim"):
+            setattr(attention, field, getattr(attention, field) // tp)
+    return model

@@ -100,15 +100,20 @@ def format_layout(
     ndim = _format_ndim(placements, dim_names, ndim)
     dim_names = _check_dim_names(dim_names if dim_names is not None else [f"d{i}" for i in range(ndim)], ndim)
     sharding: list[list[str]] = [[] for _ in range(ndim)]
+    strided: dict[int, int] = {}  # tensor dim -> outer factor of a StridedShard on it
     reductions: dict[str, list[str]] = {}  # reduce op -> mesh dims, in the order first met
     for name, p in zip(names, placements):
         if p.is_shard():
             sharding[p.normalized(ndim).dim].append(name)
+        elif p.is_strided_shard():  # "(4 d0(tp))": d0 read as 4 groups, the rows inside each split by tp
+            sharding[p.dim].append(name)
+            strided[p.dim] = p.outer
         elif p.is_partial():
             reductions.setdefault(p.reduce_op, []).append(name)
         elif not p.is_replicate():
             raise TypeError(f"format_layout got {p!r}; expected Shard, Replicate or Partial")
     words = [f"{d}({' '.join(m)})" if m else d for d, m in zip(dim_names, sharding)]
+    words = [f"({strided[i]} {w})" if i in strided else w for i, w in enumerate(words)]
     if reductions:
         words += ["|"] + [f"{op}({' '.join(m)})" for op, m in reductions.items()]
     return " ".join(words)
@@ -202,7 +207,7 @@ def _format_ndim(placements, dim_names, ndim) -> int:
         return len(dim_names)
     if ndim is not None:
         return ndim
-    dims = [p.dim for p in placements if p.is_shard()]
+    dims = [p.dim for p in placements if p.is_shard() or p.is_strided_shard()]
     if any(d < 0 for d in dims):
         raise ValueError(f"placements {list(placements)} have a negative Shard dim; pass ndim= or dim_names=")
     return max(dims, default=-1) + 1

@@ -12,6 +12,9 @@ This file owns the styles (names follow ``torch.distributed.tensor.parallel``):
     PrepareModuleInput   redistribute a module's positional inputs
     PrepareModuleOutput  redistribute a module's outputs
 
+A linear layer that stores its weight (in_features, out_features), like transformers' Conv1D (GPT-2), takes
+``weight_output_dim=1`` in Colwise/Rowwise (weight Shard(1) / Shard(0)); it is never guessed from the shape.
+
 Styles move no data themselves: they declare layouts and ``DTensor.redistribute`` lets the planner pick the
 collectives. Plain-tensor inputs are taken to be this rank's block in the declared input layout
 (``DTensor.from_local``), as torch does. A DTensor input may also live on the mesh the style's 1-D mesh was
@@ -137,15 +140,37 @@ def _finish_output(outputs: Any, device_mesh, layout: Placement, use_local_outpu
 class _LinearStyle(ParallelStyle):
     """Shared machinery of Colwise/Rowwise: validate layouts, place parameters, install the two hooks."""
 
-    def __init__(self, *, input_layouts=None, output_layouts=None, use_local_output: bool = True):
+    def __init__(
+        self, *, input_layouts=None, output_layouts=None, use_local_output: bool = True,
+        weight_output_dim: int | None = None,
+    ):
         self.input_layouts = _check_placement(input_layouts, "input_layouts")
         self.output_layouts = _check_placement(output_layouts, "output_layouts")
         self.use_local_output = use_local_output
+        if weight_output_dim not in (None, 0, 1):
+            raise ValueError(
+                f"weight_output_dim must be 0 (weight stored (out, in), as nn.Linear) or 1 (stored (in, out), as "
+                f"transformers' Conv1D), got {weight_output_dim!r}"
+            )
+        self.weight_output_dim = weight_output_dim
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(input_layouts={self.input_layouts!r}, output_layouts={self.output_layouts!r}, "
-            f"use_local_output={self.use_local_output})"
+            f"use_local_output={self.use_local_output}, weight_output_dim={self.weight_output_dim})"
+        )
+
+    def _linear_output_dim(self, module: nn.Module) -> int:
+        """Which dim of a linear layer's 2-D weight holds the output features (the dim Colwise shards)."""
+        if self.weight_output_dim is not None:
+            return self.weight_output_dim
+        if isinstance(module, nn.Linear):
+            return 0
+        # Not guessed from shapes: a square weight (GPT-2's c_proj) reads the same either way round.
+        raise TypeError(
+            f"{type(self).__name__} handles nn.Linear and nn.Embedding, got {type(module).__name__}; for a linear "
+            f"layer with a 2-D weight pass weight_output_dim (1 when stored (in, out), as transformers' Conv1D), "
+            f"and wrap other modules with PrepareModuleInput/PrepareModuleOutput"
         )
 
     def _layouts(self, module: nn.Module) -> tuple[Placement, Placement, Placement, dict[str, Placement]]:
@@ -154,11 +179,15 @@ class _LinearStyle(ParallelStyle):
 
     def apply(self, module: nn.Module, device_mesh) -> nn.Module:
         _check_mesh(device_mesh, self)
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
-            raise TypeError(
-                f"{type(self).__name__} handles nn.Linear and nn.Embedding, got {type(module).__name__}; "
-                f"wrap other modules with PrepareModuleInput/PrepareModuleOutput or distribute_module"
-            )
+        if isinstance(module, nn.Embedding):
+            if self.weight_output_dim not in (None, 1):
+                raise ValueError("nn.Embedding stores its weight (num_embeddings, dim): weight_output_dim must be 1 or None")
+        else:
+            self._linear_output_dim(module)  # raises for a module that is not a known linear layer
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+                shape = None if weight is None else tuple(getattr(weight, "shape", ()))
+                raise TypeError(f"{type(self).__name__} needs a 2-D weight, {type(module).__name__}.weight has shape {shape}")
         layout, desired, output, params = self._layouts(module)
         for name, placement in params.items():
             _distribute_parameter(module, name, device_mesh, placement)
@@ -175,6 +204,8 @@ class ColwiseParallel(_LinearStyle):
             all-gathers the sequence on entry.
         output_layouts: layout of the output (default Shard(-1), no communication).
         use_local_output: return this rank's block (a plain tensor) instead of a DTensor.
+        weight_output_dim: the weight dim holding output features: 0 for nn.Linear (default), 1 for a linear
+            layer storing its weight (in, out), e.g. transformers' Conv1D (weight Shard(1), bias Shard(0)).
 
     Example::
 
@@ -182,7 +213,10 @@ class ColwiseParallel(_LinearStyle):
     """
 
     def _layouts(self, module):
-        params = {"weight": Shard(1)} if isinstance(module, nn.Embedding) else {"weight": Shard(0), "bias": Shard(0)}
+        if isinstance(module, nn.Embedding):
+            params = {"weight": Shard(1)}
+        else:
+            params = {"weight": Shard(self._linear_output_dim(module)), "bias": Shard(0)}
         return self.input_layouts or Replicate(), Replicate(), self.output_layouts or Shard(-1), params
 
 
@@ -196,13 +230,14 @@ class RowwiseParallel(_LinearStyle):
         input_layouts: layout of the input (default Shard(-1) for Linear, Replicate for Embedding).
         output_layouts: layout of the output (default Replicate).
         use_local_output: return this rank's block (a plain tensor) instead of a DTensor.
+        weight_output_dim: as for ColwiseParallel; the weight is sharded on its other (input-feature) dim.
     """
 
     def _layouts(self, module):
         if isinstance(module, nn.Embedding):
             layout, output = self.input_layouts or Replicate(), self.output_layouts or Replicate()
             return layout, Replicate(), output, {"weight": Shard(0)}
-        params = {"weight": Shard(1), "bias": Replicate()}
+        params = {"weight": Shard(1 - self._linear_output_dim(module)), "bias": Replicate()}
         return self.input_layouts or Shard(-1), Shard(-1), self.output_layouts or Replicate(), params
 
 

@@ -184,12 +184,12 @@ def einsum_rule(equation: str, operand_args: tuple[tuple[int, str], ...], bias_a
 
 _SELF, _MAT1, _MAT2 = (0, "self"), (1, "mat1"), (2, "mat2")
 
-register_rule(aten.mm.default)(einsum_rule("mk,kn->mn", ((0, "self"), (1, "mat2"))))
-register_rule(aten.bmm.default)(einsum_rule("bmk,bkn->bmn", ((0, "self"), (1, "mat2"))))
+register_rule(aten.mm.default, strided="as_shard")(einsum_rule("mk,kn->mn", ((0, "self"), (1, "mat2"))))
+register_rule(aten.bmm.default, strided="as_shard")(einsum_rule("bmk,bkn->bmn", ((0, "self"), (1, "mat2"))))
 register_rule(aten.dot.default, aten.vdot.default)(einsum_rule("k,k->", ((0, "self"), (1, "tensor"))))
 register_rule(aten.mv.default)(einsum_rule("mk,k->m", ((0, "self"), (1, "vec"))))
-register_rule(aten.addmm.default, aten.addmm_.default)(einsum_rule("mk,kn->mn", (_MAT1, _MAT2), _SELF))
-register_rule(aten.baddbmm.default, aten.baddbmm_.default)(
+register_rule(aten.addmm.default, aten.addmm_.default, strided="as_shard")(einsum_rule("mk,kn->mn", (_MAT1, _MAT2), _SELF))
+register_rule(aten.baddbmm.default, aten.baddbmm_.default, strided="as_shard")(
     einsum_rule("bmk,bkn->bmn", ((1, "batch1"), (2, "batch2")), _SELF))
 register_rule(aten.addbmm.default, aten.addbmm_.default)(
     einsum_rule("bmk,bkn->mn", ((1, "batch1"), (2, "batch2")), _SELF))

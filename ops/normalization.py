@@ -101,7 +101,13 @@ def _backward(op: OpSchema, grad_index: int, input_index: int, stat_indices, par
 @register_rule(aten.native_layer_norm_backward.default)
 def layer_norm_backward_rule(op: OpSchema) -> Sharding:
     """(grad_out, input, normalized_shape, mean, rstd, weight?, bias?, output_mask) -> (gi, gw, gb)."""
-    return _backward(op, 0, 1, (3, 4), (5, 6), 7)
+    sharding = _backward(op, 0, 1, (3, 4), (5, 6), 7)
+    return Sharding(sharding.inputs, sharding.outputs, local_op=_layer_norm_backward_contiguous)
+
+
+def _layer_norm_backward_contiguous(grad, x, normalized_shape, mean, rstd, *rest):
+    # The CPU kernel reads mean and rstd as if contiguous: a Shard's chunk of them is a strided view.
+    return aten.native_layer_norm_backward.default(grad, x, normalized_shape, mean.contiguous(), rstd.contiguous(), *rest)
 
 
 @register_rule(aten._fused_rms_norm_backward.default)

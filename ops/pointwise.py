@@ -118,7 +118,7 @@ def _resolve(name: str):
     return getattr(getattr(aten, packet), overload)
 
 
-register_rule(*(_resolve(name) for name in POINTWISE_OPS))(pointwise_rule)
+register_rule(*(_resolve(name) for name in POINTWISE_OPS), strided="as_shard")(pointwise_rule)
 
 
 @register_rule(aten.copy_.default)

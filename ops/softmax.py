@@ -27,7 +27,7 @@ def _whole_along(placement: Placement, dim: int) -> Placement:
     return placement
 
 
-@register_rule(aten._softmax.default, aten._log_softmax.default, aten._safe_softmax.default)
+@register_rule(aten._softmax.default, aten._log_softmax.default, aten._safe_softmax.default, strided="as_shard")
 def softmax_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
     dim = normalize_dim(op.arg(1, "dim"), spec.ndim)
@@ -46,7 +46,7 @@ def _backward_pair(grad: Placement, output: Placement, dim: int) -> tuple[Placem
     return base, base, base
 
 
-@register_rule(aten._softmax_backward_data.default, aten._log_softmax_backward_data.default)
+@register_rule(aten._softmax_backward_data.default, aten._log_softmax_backward_data.default, strided="as_shard")
 def softmax_backward_rule(op: OpSchema) -> Sharding:
     """(grad_output, output, dim, input_dtype): both move to one layout whole along ``dim``."""
     grad, output = op.specs[0], op.specs[1]

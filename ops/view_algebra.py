@@ -14,6 +14,11 @@ and output dims with equal products, plus size-1 dims on their own. Each group i
 one tensor dim nested in mesh-dim order: the longest aligned prefix of those mesh dims keeps its sharding,
 the rest are gathered. (B, T, D) -> (B*T, D) with B % n == 0 aligns; with B = 3 over 2 ranks it does not.
 
+A Shard that a flatten puts behind unsharded dims, (B, H) -> (B*H) with H split, becomes a StridedShard of
+the merged dim (``strided_view_placements``): B groups, the rows inside each split. Splitting it again where
+the groups end, (B*H) -> (B, H), gives back Shard(1); a view that leaves the dim alone keeps it; any other
+view gathers it. This is what keeps attention heads sharded through ``matmul``'s (B*H, T, K) ``bmm``.
+
 Slicing uses the same check (``slice_aligns``): a slice of a sharded dim stays sharded where each rank's
 part of the slice is exactly its torch.chunk block of the result (e.g. x[:, :-1] of an even split).
 
@@ -28,10 +33,11 @@ import itertools
 import math
 from typing import Sequence
 
-from dtensor_plus.placements import Placement, Replicate, Shard, chunk_bounds
+from dtensor_plus.placements import Placement, Replicate, Shard, StridedShard, chunk_bounds
 
 __all__ = ["view_groups", "nested_blocks", "blocks_align", "aligned_out_dims", "view_out_dims", "infer_shape",
-           "slice_range", "slice_aligns", "local_slice", "sliced_out_dims", "propagate", "dim_map_out_dims", "always"]
+           "slice_range", "slice_aligns", "local_slice", "sliced_out_dims", "propagate", "dim_map_out_dims", "always",
+           "strided_view_placements"]
 
 
 def infer_shape(numel: int, shape: Sequence[int]) -> tuple[int, ...]:
@@ -134,6 +140,78 @@ def view_out_dims(in_shape, out_shape, placements, mesh_shape) -> list[int | Non
             aligns = functools.partial(blocks_align, in_shape[ins[0]], in_inner, out_shape[outs[0]], out_inner)
             carriers[ins[0]] = (outs[0], aligns)
     return aligned_out_dims(placements, mesh_shape, carriers)
+
+
+def strided_view_placements(in_shape, out_shape, placements, mesh_shape, out_dims) -> dict[int, Placement]:
+    """The mesh dims whose layout a view changes to or from a StridedShard: {mesh dim: output placement}.
+
+    ``out_dims`` is ``view_out_dims``' answer; a mesh dim it gathers may instead become a StridedShard, and
+    every StridedShard input appears here (kept, unmade into a Shard, or Replicate: gathered). Earlier mesh
+    dims may shard the lead dim of the group with whole blocks of it (B on dp, evenly): the StridedShard
+    then splits inside their blocks.
+    """
+    groups = view_groups(in_shape, out_shape)
+    if groups is None:
+        groups = [((d,), (d,)) for d in range(len(in_shape))] if tuple(in_shape) == tuple(out_shape) else []
+    group_of = {d: (ins, outs) for ins, outs in groups for d in ins}
+    result = {}
+    for k, p in enumerate(placements):
+        if not (p.is_strided_shard() or (isinstance(p, Shard) and out_dims[k] is None)):
+            continue
+        group = group_of.get(p.dim)
+        blocks = _outer_blocks(k, p.dim, group, in_shape, placements, mesh_shape, out_dims)
+        if p.is_strided_shard():
+            result[k] = _from_strided(p, group, in_shape, out_shape, mesh_shape[k], blocks)
+        elif blocks is not None:
+            made = _to_strided(p.dim, group, in_shape, mesh_shape[k], blocks)
+            if made is not None:
+                result[k] = made
+    return result
+
+
+def _outer_blocks(k, d, group, in_shape, placements, mesh_shape, out_dims) -> int | None:
+    """How many whole blocks earlier mesh dims cut the group's lead dim into (1: none), or None where other
+    mesh dims split the group otherwise (unevenly, another dim of it, or inside mesh dim k)."""
+    if group is None:
+        return None
+    ins, outs = group
+    blocks = 1
+    for j, q in enumerate(placements):
+        if j == k or not ((q.is_shard() or q.is_strided_shard()) and q.dim in ins):
+            continue
+        if j > k or not q.is_shard(ins[0]) or out_dims[j] != outs[0]:
+            return None
+        blocks *= mesh_shape[j]
+    return blocks if in_shape[ins[0]] % blocks == 0 else None
+
+
+def _to_strided(d, group, in_shape, n, blocks) -> StridedShard | None:
+    """A flatten (a, .., d, ..) -> (e) with d, not the lead, split by one mesh dim inside ``blocks`` of a."""
+    ins, outs = group
+    if len(outs) != 1 or ins[0] == d:
+        return None
+    at = ins.index(d)
+    outer, inner = math.prod(in_shape[i] for i in ins[:at]) // blocks, math.prod(in_shape[i] for i in ins[at + 1 :])
+    if not blocks_align(in_shape[d], inner, in_shape[d] * inner, 1, [n]):
+        return None
+    return StridedShard(outs[0], outer)
+
+
+def _from_strided(p: StridedShard, group, in_shape, out_shape, n, blocks) -> Placement:
+    """Where a StridedShard input goes: kept on an untouched dim, Shard where a split ends its groups."""
+    if blocks is None or group[0] != (p.dim,):
+        return Replicate()
+    outs = group[1]
+    if len(outs) == 1:
+        return StridedShard(outs[0], p.outer)
+    sizes = [out_shape[e] for e in outs]
+    for at in range(1, len(outs)):
+        if math.prod(sizes[:at]) == p.outer * blocks:
+            inner = in_shape[p.dim] // (p.outer * blocks)
+            if blocks_align(inner, 1, sizes[at], math.prod(sizes[at + 1 :]), [n]):
+                return Shard(outs[at])
+            break
+    return Replicate()
 
 
 def slice_range(size: int, start, end, step: int) -> tuple[int, int]:

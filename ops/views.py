@@ -36,11 +36,11 @@ from dtensor_plus.spec import DTensorSpec, local_shape_and_offset
 
 from .common import aten, normalize_dim, without_partial
 from .view_algebra import (aligned_out_dims, always, blocks_align, dim_map_out_dims, infer_shape, local_slice,
-                           propagate, slice_range, sliced_out_dims, view_out_dims)
+                           propagate, slice_range, sliced_out_dims, strided_view_placements, view_out_dims)
 
 
 @register_rule(aten.detach.default, aten.alias.default, aten.lift_fresh.default, aten.alias_copy.default,
-               aten.detach_copy.default)
+               aten.detach_copy.default, strided="as_shard")
 def identity_rule(op: OpSchema) -> Sharding:
     """Ops that return the same tensor (a new alias): any layout passes through untouched."""
     return Sharding(inputs=(None,), outputs=(op.specs[0].placements,))
@@ -83,12 +83,17 @@ _VIEW_LOCAL = {
 }
 
 
-@register_rule(*_VIEW_LOCAL)
+@register_rule(*_VIEW_LOCAL, strided="native")
 def view_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
     out_shape = infer_shape(spec.shape.numel(), op.arg(1, "size"))
     out_dims = view_out_dims(tuple(spec.shape), out_shape, spec.placements, op.mesh_shape)
     inputs, outputs = propagate(spec.placements, out_dims)
+    strided = strided_view_placements(tuple(spec.shape), out_shape, spec.placements, op.mesh_shape, out_dims)
+    if strided:  # a StridedShard made, kept or unmade: the input stays as it is; else it is gathered
+        keep = {k: not p.is_replicate() for k, p in strided.items()}
+        inputs = tuple(spec.placements[k] if keep.get(k) else (Replicate() if k in keep else q) for k, q in enumerate(inputs))
+        outputs = tuple(strided.get(k, q) for k, q in enumerate(outputs))
     return Sharding(inputs=(inputs,), outputs=(outputs,), shape_arg=1, local_op=_VIEW_LOCAL[op.func])
 
 
@@ -113,14 +118,14 @@ def view_dtype_rule(op: OpSchema) -> Sharding:
 # -- dims that move whole -----------------------------------------------------------------------------------
 
 
-@register_rule(aten.permute.default, aten.permute_copy.default)
+@register_rule(aten.permute.default, aten.permute_copy.default, strided="as_shard")
 def permute_rule(op: OpSchema) -> Sharding:
     ndim = op.specs[0].ndim
     dims = [normalize_dim(d, ndim) for d in op.arg(1, "dims")]
     return _map_rule(op, {d: i for i, d in enumerate(dims)})
 
 
-@register_rule(aten.transpose.int, aten.transpose_copy.int, aten.t.default, aten.t_copy.default)
+@register_rule(aten.transpose.int, aten.transpose_copy.int, aten.t.default, aten.t_copy.default, strided="as_shard")
 def transpose_rule(op: OpSchema) -> Sharding:
     ndim = op.specs[0].ndim
     if op.func in (aten.t.default, aten.t_copy.default):

@@ -1,6 +1,6 @@
-"""A model no one here wrote: Hugging Face's Llama (transformers, random init, no download), parallelized by
-the plan in examples/hf_plans.py on tp = 2, with and without sequence parallelism, equals one device in logits and every parameter gradient, with
-the Megatron collective counts and no op falling back.
+"""Models no one here wrote: Hugging Face's Llama and GPT-2 (transformers, random init, no download),
+parallelized by the plans in examples/hf_plans.py, with and without sequence parallelism, equal one device in
+logits and every parameter gradient, with the Megatron collective counts and no op falling back.
 
 Legend: B batch, T sequence, V vocabulary.
 """
@@ -16,11 +16,12 @@ transformers = pytest.importorskip("transformers")
 
 import dtensor_plus as dtp  # noqa: E402
 from dtensor_plus import DTensor  # noqa: E402
+from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel  # noqa: E402
 from dtensor_plus.testing import run_on_ranks  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-from hf_plans import llama_tp_plan  # noqa: E402
+from hf_plans import gpt2_tp_plan, llama_tp_plan  # noqa: E402
 
 B, T, V, LAYERS = 2, 6, 64, 2
 
@@ -63,16 +64,18 @@ def _run_llama(kv_heads: int, sp: bool = False):
         grad = p.grad.full_tensor() if isinstance(p, DTensor) else p.grad
         ref = reference.get_parameter(name).grad
         torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"grad of {name}: {m}")
-    return dict(forward.counts), dict(forward.fallbacks) | dict(backward.fallbacks)
+    return dict(forward.counts), dict(forward.fallbacks) | dict(backward.fallbacks), dict(backward.counts)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_llama_tp_matches_one_device_with_no_fallback(kv_heads):
-    for counts, fallbacks in run_on_ranks(2, _run_llama, kv_heads, False):
+    for counts, fallbacks, backward in run_on_ranks(2, _run_llama, kv_heads, False):
         assert not fallbacks, fallbacks
         # Megatron: the vocabulary-sharded embedding, then per layer one all-reduce after attention and one
-        # after the MLP; the head all-gathers its logit columns.
+        # after the MLP; the head all-gathers its logit columns. Backward: one all-reduce per column-wise
+        # region (q/k/v share their input, gate/up too) and one for the head.
         assert counts == {("all_reduce", "tp"): 1 + 2 * LAYERS, ("all_gather", "tp"): 1}, counts
+        assert backward == {("all_reduce", "tp"): 1 + 2 * LAYERS}, backward
 
 
 def _reject_one_kv_head():
@@ -84,7 +87,7 @@ def _reject_one_kv_head():
 
 
 def test_llama_tp_sp_matches_one_device_with_no_fallback():
-    for counts, fallbacks in run_on_ranks(2, _run_llama, 2, True):
+    for counts, fallbacks, _ in run_on_ranks(2, _run_llama, 2, True):
         assert not fallbacks, fallbacks
         # Megatron-SP: the embedding and every o/down projection reduce-scatter to sequence shards; each
         # attention and MLP all-gathers once on entry; the head gathers its input sequence and its logit columns.
@@ -93,3 +96,104 @@ def test_llama_tp_sp_matches_one_device_with_no_fallback():
 
 def test_plan_rejects_heads_that_do_not_split():
     assert all(run_on_ranks(2, _reject_one_kv_head))
+
+
+# -- GPT-2: Conv1D weights stored (in, out), a fused c_attn split into q/k/v, a learned position embedding ----
+
+GPT2_HIDDEN, GPT2_T = 32, 8  # T divides by 4 ranks for sequence parallelism
+
+
+def _gpt2(attn_implementation: str):
+    config = transformers.GPT2Config(
+        vocab_size=V, n_positions=32, n_embd=GPT2_HIDDEN, n_layer=LAYERS, n_head=4, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+        attn_implementation=attn_implementation,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).float()
+    with torch.no_grad():  # LayerNorm starts at (1, 0) and Conv1D biases at 0: move them so their gradients matter
+        for name, p in model.named_parameters():
+            if "ln_" in name or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _reference_grad(reference, name: str) -> torch.Tensor:
+    """The one-device gradient for ``name``; the plan's ``c_attn.q`` (k, v) is a column block of ``c_attn``."""
+    parts = name.split(".")
+    if "c_attn" in parts and parts[-2] in ("q", "k", "v"):
+        fused = reference.get_parameter(".".join(parts[:-2] + parts[-1:])).grad
+        return fused.chunk(3, dim=-1)["qkv".index(parts[-2])]
+    return reference.get_parameter(name).grad
+
+
+def _run_gpt2(world: int, sp: bool, attn_implementation: str):
+    """Rank function: GPT-2 on tp = ``world`` vs the same weights on one device. Returns (forward counts,
+    backward counts, fallbacks)."""
+    mesh = dtp.init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    reference = _gpt2(attn_implementation)
+    model = copy.deepcopy(reference)
+    gpt2_tp_plan(model, mesh, sequence_parallel=sp)
+    tokens_BT = torch.randint(0, V, (B, GPT2_T), generator=torch.Generator().manual_seed(1))
+    weights_V = torch.randn(V, generator=torch.Generator().manual_seed(2))
+
+    with dtp.comm_mode() as forward:
+        logits_BTV = model(tokens_BT).logits
+    assert not isinstance(logits_BTV, DTensor)
+    with dtp.comm_mode() as backward:
+        (logits_BTV * weights_V).sum().backward()
+    ref_BTV = reference(tokens_BT).logits
+    (ref_BTV * weights_V).sum().backward()
+
+    torch.testing.assert_close(logits_BTV, ref_BTV, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        # plain: with tp only the norms and wpe (replicated inputs); with sp only wpe (see the plan)
+        assert isinstance(p, DTensor) or "wpe" in name or (not sp and "ln_" in name), f"{name} was not distributed"
+        grad = p.grad.full_tensor() if isinstance(p, DTensor) else p.grad
+        ref = _reference_grad(reference, name)
+        torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+    return dict(forward.counts), dict(backward.counts), dict(forward.fallbacks) | dict(backward.fallbacks)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp_sp"])
+def test_gpt2_matches_one_device_with_no_fallback(world, sp):
+    for forward, backward, fallbacks in run_on_ranks(world, _run_gpt2, world, sp, "eager"):
+        assert not fallbacks, fallbacks
+        if not sp:
+            # Megatron: the embedding, then per layer one all-reduce after attention and one after the MLP; the
+            # head gathers its logit columns. Backward: one all-reduce per column-wise region (q/k/v share
+            # their input), layers and head.
+            assert forward == {("all_reduce", "tp"): 1 + 2 * LAYERS, ("all_gather", "tp"): 1}, forward
+            assert backward == {("all_reduce", "tp"): 1 + 2 * LAYERS}, backward
+        else:
+            assert forward == {("reduce_scatter", "tp"): 1 + 2 * LAYERS, ("all_gather", "tp"): 2 * LAYERS + 2}, forward
+            # the duals, plus wpe's whole gradient (one all-gather) and one all-reduce per LayerNorm parameter
+            # (ln_1, ln_2: weight and bias; ln_f) whose gradient comes from sequence shards
+            assert backward == {
+                ("reduce_scatter", "tp"): 1 + 2 * LAYERS, ("all_gather", "tp"): 2 * LAYERS + 2,
+                ("all_reduce", "tp"): 4 * LAYERS + 2,
+            }, backward
+
+
+def test_gpt2_sdpa_attention_matches_one_device():
+    for _, _, fallbacks in run_on_ranks(2, _run_gpt2, 2, True, "sdpa"):
+        assert not fallbacks, fallbacks
+
+
+def _reject_bad_gpt2_layouts():
+    mesh = dtp.init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
+    config = transformers.GPT2Config(vocab_size=V, n_embd=24, n_layer=1, n_head=6, tie_word_embeddings=False)
+    model = transformers.GPT2LMHeadModel(config)
+    with pytest.raises(ValueError, match="must divide"):
+        gpt2_tp_plan(model, mesh)
+    conv = transformers.pytorch_utils.Conv1D(8, 4)  # weight (4, 8); the layout is never guessed from shapes
+    with pytest.raises(TypeError, match="weight_output_dim"):
+        ColwiseParallel().apply(conv, mesh)
+    return all(not isinstance(p, DTensor) for p in [*model.parameters(), *conv.parameters()])
+
+
+def test_gpt2_plan_rejects_heads_that_do_not_split_and_conv1d_without_weight_output_dim():
+    with pytest.raises(ValueError, match="weight_output_dim must be 0"):
+        RowwiseParallel(weight_output_dim=2)
+    assert all(run_on_ranks(4, _reject_bad_gpt2_layouts))  # checked before anything is placed

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import dtensor_plus as dtp
 from dtensor_plus import Partial, Replicate, Shard, comm_mode
 from dtensor_plus.ops.view_algebra import blocks_align, slice_aligns, view_groups
+from dtensor_plus.placements import StridedShard
 from dtensor_plus.testing.rules import decide
 from dtensor_plus.testing import assert_spmd_equal, run_on_ranks
 from dtensor_plus.testing.strategies import make_dtensor, mesh_shapes, placements_for
@@ -52,9 +53,25 @@ def test_blocks_align_exactly():
 
 
 def test_view_rule_decisions():
-    # (B, T, D) -> (B*T, D): B sharded evenly keeps, T (not the lead of its group) is gathered
+    # (B, T, D) -> (B*T, D): B sharded evenly keeps; T, not the lead of its group, becomes strided
     assert _decide(aten.view.default, (4, 6, 8), (Shard(0),), [24, 8]) == ((Shard(0),), (Shard(0),))
-    assert _decide(aten.view.default, (4, 6, 8), (Shard(1),), [24, 8]) == ((R,), (R,))
+    assert _decide(aten.view.default, (4, 6, 8), (Shard(1),), [24, 8]) == ((Shard(1),), (StridedShard(0, 4),))
+    # ... and back where the groups end; any other split of it gathers, a view beside it keeps it
+    strided = (StridedShard(0, 4),)
+    assert _decide(aten.view.default, (24, 8), strided, [4, 6, 8]) == (strided, (Shard(1),))
+    assert _decide(aten.view.default, (24, 8), strided, [2, 12, 8]) == ((R,), (R,))
+    assert _decide(aten.view.default, (24, 8), strided, [192]) == ((R,), (R,))
+    assert _decide(aten.view.default, (24, 8), strided, [24, 2, 4]) == (strided, strided)
+    # B on dp (whole blocks of it) and T on tp: the rows of each dp block are strided on tp, and back
+    nested = (Shard(0), StridedShard(0, 2))
+    assert _decide(aten.view.default, (4, 6, 8), (Shard(0), Shard(1)), [24, 8], mesh_shape=(2, 2)) == (
+        (Shard(0), Shard(1)), nested)
+    assert _decide(aten.view.default, (24, 8), nested, [4, 6, 8], mesh_shape=(2, 2)) == (nested, (Shard(0), Shard(1)))
+    # ... but not where dp cuts B unevenly, or where tp shards B and dp T (nesting order)
+    assert _decide(aten.view.default, (3, 6, 8), (Shard(0), Shard(1)), [18, 8], mesh_shape=(2, 2)) == (
+        (R, R), (R, R))
+    assert _decide(aten.view.default, (4, 6, 8), (Shard(1), Shard(0)), [24, 8], mesh_shape=(2, 2)) == (
+        (R, Shard(0)), (R, Shard(0)))
     assert _decide(aten.view.default, (3, 6, 8), (Shard(0),), [18, 8], mesh_shape=(2,)) == ((R,), (R,))
     # (B, T, H*Dh) -> (B, T, H, Dh) sharded on H*Dh
     assert _decide(aten.view.default, (2, 3, 8), (Shard(2),), [2, 3, 4, 2]) == ((Shard(2),), (Shard(2),))
