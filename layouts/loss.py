@@ -44,7 +44,7 @@ import torch
 
 from dtensor_plus import collectives, rules
 from dtensor_plus.ops.common import aten, normalize_dim, replicated, without_partial
-from dtensor_plus.ops.losses import NONE, SUM, _batch_placements, _inputs_by_name, _narrow_to_block, nll_backward_layouts
+from dtensor_plus.ops.losses import NONE, SUM, _batch_placements, _inputs_by_name, nll_backward_layouts
 from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding
 from dtensor_plus.spec import DTensorSpec
@@ -167,9 +167,10 @@ def _nll_forward_rule(op: OpSchema, default) -> Sharding:
         total = tuple(Partial() if p.is_shard() and k not in mesh_dims else Replicate() for k, p in enumerate(self_p))
         inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
         return Sharding(inputs=inputs, outputs=(partial, total), local_op=_nll_forward_local(op.func, block, False))
-    # mean: the whole target (a few ints per row) on every rank gives the global total weight, as ops/losses.py
-    inputs = _inputs_by_name(op, {"self": self_p, "target": whole, "weight": whole})
-    return Sharding(inputs=inputs, outputs=(partial, whole), local_op=_nll_forward_local(op.func, block, True))
+    # mean: the global total weight is the local ones all-reduced over the batch shards (as ops/losses.py)
+    batch_mesh_dims = [k for k, p in enumerate(self_p) if p.is_shard() and k not in mesh_dims]
+    inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
+    return Sharding(inputs=inputs, outputs=(partial, whole), local_op=_nll_forward_local(op.func, block, True, batch_mesh_dims))
 
 
 def _total_weight(target, weight, ignore_index, dtype) -> torch.Tensor:
@@ -190,11 +191,10 @@ def _to_block(target, weight, ignore_index, block: DTensorSpec):
     return torch.where(mine, shifted, _LOCAL_IGNORE), local_weight
 
 
-def _nll_forward_local(func, block: DTensorSpec, mean: bool):
+def _nll_forward_local(func, block: DTensorSpec, mean: bool, batch_mesh_dims=()):
     def local_op(self, target, weight, reduction, ignore_index):
         if mean:
-            total = _total_weight(target, weight, ignore_index, self.dtype)  # whole target: the global total
-            target = _narrow_to_block(target, block)
+            total = _all_reduce(_total_weight(target, weight, ignore_index, self.dtype), block, batch_mesh_dims, "sum")
         local_target, local_weight = _to_block(target, weight, ignore_index, block)
         out, _ = func(self, local_target, local_weight, SUM if mean else reduction, _LOCAL_IGNORE)
         if mean:

@@ -21,18 +21,20 @@ match a sharded target: free). Per mesh dim that shards a batch dim:
     reduction    target       output          total_weight     local op
     none         Shard        Shard           Replicate (0)    nll_loss
     sum          Shard        Partial(sum)    Partial(sum)     nll_loss
-    mean         Replicate    Partial(sum)    Replicate        local sum / global total weight
+    mean         Shard        Partial(sum)    Replicate        local sum / global total weight
     backward     Shard        grad_input Shard; grad_output and total_weight Replicate (sum/mean)
 
-For mean, the target is gathered (a few ints per row) so every rank knows the global total weight (sum of
-weight[target] over targets != ignore_index) and divides its local sum by it: exact for uneven and empty
-shards. The backward kernel already divides by the total_weight it is given, which is the global one.
+For mean, each rank sums weight[target] over its own targets != ignore_index and one all-reduce of that
+scalar (4 bytes, on each mesh dim sharding the batch) gives every rank the global total weight; it divides its
+local sum by it: exact for uneven and empty shards, and the targets never move. The backward kernel already
+divides by the total_weight it is given, which is the global one.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dtensor_plus import collectives
 from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec
@@ -160,13 +162,14 @@ def nll_loss_forward_rule(op: OpSchema) -> Sharding:
     if reduction == SUM or not _is_sharded(self_p):
         inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
         return Sharding(inputs=inputs, outputs=(partial, partial))
-    inputs = _inputs_by_name(op, {"self": self_p, "target": whole, "weight": whole})
-    local_op = _nll_mean(op.func, self_spec.with_placements(self_p))
+    inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
+    batch_mesh_dims = [k for k, p in enumerate(self_p) if p.is_shard()]
+    local_op = _nll_mean(op.func, self_spec.mesh, batch_mesh_dims)
     return Sharding(inputs=inputs, outputs=(partial, whole), local_op=local_op)
 
 
-def _nll_mean(func, self_spec: DTensorSpec):
-    """Mean nll over a batch-sharded input, given the whole target: local sum / global total weight."""
+def _nll_mean(func, mesh, batch_mesh_dims: list[int]):
+    """Mean nll over a batch-sharded input: local sum / global total weight (all-reduced, one scalar)."""
 
     def local_op(self, target, weight, reduction, ignore_index):
         keep = target != ignore_index
@@ -174,20 +177,12 @@ def _nll_mean(func, self_spec: DTensorSpec):
             total_weight = keep.sum().to(self.dtype)
         else:
             total_weight = (weight[torch.where(keep, target, 0)] * keep).sum().to(self.dtype)
-        local_sum, _ = func(self, _narrow_to_block(target, self_spec), weight, SUM, ignore_index)
+        for mesh_dim in batch_mesh_dims:  # same order on every rank
+            total_weight = collectives.all_reduce(total_weight, mesh, mesh_dim, "sum")
+        local_sum, _ = func(self, target, weight, SUM, ignore_index)
         return local_sum / total_weight, total_weight  # total 0 gives nan, as on one device
 
     return local_op
-
-
-def _narrow_to_block(target: torch.Tensor, self_spec: DTensorSpec) -> torch.Tensor:
-    """The rows of the whole target that go with this rank's block of the input."""
-    sizes, offsets = self_spec.local_shape_and_offset()
-    class_dim = _class_dim(self_spec.ndim)
-    for dim in range(self_spec.ndim):
-        if dim != class_dim and sizes[dim] != self_spec.shape[dim]:
-            target = target.narrow(_target_dim(dim), offsets[dim], sizes[dim])
-    return target
 
 
 def nll_backward_layouts(reduction: int, self_p, target_p, whole) -> dict:

@@ -193,8 +193,8 @@ def test_dp_tp_collectives():
     # 4 local rows: each (4, 1) float64 all-reduce on tp=2 sends 2·(1/2)·32 B; forward max + sum-exp, backward sum
     tp_stats = {("all_reduce", "tp"): 3}, {("all_reduce", "tp"): 96}
     assert counts["sum"] == counts["none"] == tp_stats
-    # mean also gathers the 8 int64 targets on dp for the global count (ops/losses.py): 4 ints sent
-    assert counts["mean"] == ({**tp_stats[0], ("all_gather", "dp"): 1}, {**tp_stats[1], ("all_gather", "dp"): 32})
+    # mean also all-reduces the local total weight (one float64) on dp for the global count: 2·(1/2)·8 B
+    assert counts["mean"] == ({**tp_stats[0], ("all_reduce", "dp"): 1}, {**tp_stats[1], ("all_reduce", "dp"): 8})
 
 
 def check_default_rules(world_size):
