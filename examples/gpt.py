@@ -15,8 +15,10 @@ Two choices keep every tensor a DTensor once the model is placed (a plain tensor
 meet a DTensor): the position embedding is a Parameter sliced to T (no index tensor to place), and the causal
 mask is a buffer (``distribute_module`` / ``replicate`` place buffers too). Attention is written with
 matmul / masked_fill / softmax so that benchmarks/train_step.py can run PyTorch's own stack on the same model:
-torch's DTensor hangs on ``F.scaled_dot_product_attention`` on CPU there. dtensor_plus's SDPA rule
-(ops/attention.py) keeps batch and heads sharded, where the 4-d matmul here gathers heads under tp.
+torch 2.13's DTensor has no sharding strategy for the CPU kernel of ``F.scaled_dot_product_attention``
+(``_scaled_dot_product_flash_attention_for_cpu``), and with dropout CPU SDPA takes its matmul path anyway.
+dtensor_plus keeps batch and heads sharded through either form: its SDPA rule (ops/attention.py), and for
+the 4-d matmul here, which flattens (B, H) for ``bmm``, a StridedShard of the flattened dim.
 """
 
 from __future__ import annotations
