@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 
 import torch
@@ -26,7 +27,10 @@ import torch.distributed as dist
 
 from .placements import chunk_bounds
 
-__all__ = ["comm_mode", "CommCounter", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "scatter"]
+__all__ = [
+    "comm_mode", "CommCounter", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "scatter",
+    "all_gather_flat", "reduce_scatter_flat",
+]
 
 # torch >= 2.12 renamed the tensor-in/tensor-out collectives; older releases have only the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -89,16 +93,21 @@ def _record(collective: str, mesh, mesh_dim: int, num_bytes: float) -> None:
             counter.record(collective, name, num_bytes)
 
 
-def _run(collective: str, mesh, mesh_dim: int, fn, *args, **kwargs) -> None:
-    """Run one c10d call; a failure (timeout, dead peer) names the collective, the mesh dim and its ranks."""
+def _run(collective: str, mesh, mesh_dim: int, fn, *args, **kwargs):
+    """Run one c10d call; a failure (timeout, dead peer) names the collective, the mesh dim and its ranks.
+    Returns what c10d returns (the work handle when ``async_op=True``)."""
     try:
-        fn(*args, group=mesh.get_group(mesh_dim), **kwargs)
+        return fn(*args, group=mesh.get_group(mesh_dim), **kwargs)
     except RuntimeError as error:
-        ranks = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.shape[mesh_dim]).tolist()
-        raise RuntimeError(
-            f"{collective} on mesh dim {mesh.mesh_dim_name(mesh_dim)!r} (rank groups {ranks}) failed on rank "
-            f"{mesh.get_rank()}: {error}"
-        ) from error
+        raise _named_error(collective, mesh, mesh_dim, error) from error
+
+
+def _named_error(collective: str, mesh, mesh_dim: int, error: Exception) -> RuntimeError:
+    ranks = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.shape[mesh_dim]).tolist()
+    return RuntimeError(
+        f"{collective} on mesh dim {mesh.mesh_dim_name(mesh_dim)!r} (rank groups {ranks}) failed on rank "
+        f"{mesh.get_rank()}: {error}"
+    )
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -203,3 +212,87 @@ def all_gather_sizes(values: list[int], mesh, mesh_dim: int) -> torch.Tensor:
     _record("all_gather", mesh, mesh_dim, (mesh.size(mesh_dim) - 1) * _nbytes(mine))
     _run("all_gather", mesh, mesh_dim, _all_gather_single, out, mine)
     return out.view(mesh.size(mesh_dim), len(values)).cpu()
+
+
+# -- bucketed (flat) collectives: several tensors, one buffer, one c10d call -------------------------------------
+
+
+class PendingCollective:
+    """An issued asynchronous collective; ``wait()`` blocks until it is done and returns its result."""
+
+    def __init__(self, collective: str, mesh, mesh_dim: int, work, finish):
+        self._collective, self._mesh, self._mesh_dim, self._work, self._finish = collective, mesh, mesh_dim, work, finish
+
+    def wait(self):
+        if self._work is not None:
+            try:
+                self._work.wait()
+            except RuntimeError as error:
+                raise _named_error(self._collective, self._mesh, self._mesh_dim, error) from error
+            self._work = None
+        return self._finish()
+
+
+def all_gather_flat(tensors, mesh, mesh_dim: int, dims, sizes, *, async_op: bool = False):
+    """``all_gather`` of several same-dtype tensors in ONE collective: each one's torch.chunk piece of tensor
+    dim ``dims[i]`` (``sizes[i]`` long in all) is padded to ``ceil(size / n)`` (as ``all_gather`` pads it),
+    the pieces are packed into one flat buffer, gathered, and cut back into whole tensors (one copy each).
+    Bytes: exactly the sum of the per-tensor ``all_gather`` bytes. With ``async_op`` it returns a
+    ``PendingCollective`` whose ``wait()`` gives the list."""
+    n = mesh.size(mesh_dim)
+    pieces = [_pad_dim(t, d, -(-size // n)).movedim(d, 0) for t, d, size in zip(tensors, dims, sizes)]
+    _check_one_dtype(pieces, "all_gather_flat")
+    flat = torch.cat([p.reshape(-1) for p in pieces]) if pieces else torch.empty(0)
+    out = flat.new_empty((n * flat.numel(),))  # c10d wants the output flat too; row r is rank r's buffer
+    work = None
+    if flat.numel():  # sizes are global metadata: every rank skips an empty bucket alike
+        _record("all_gather", mesh, mesh_dim, (n - 1) * _nbytes(flat))
+        work = _run("all_gather", mesh, mesh_dim, _all_gather_single, out, flat, async_op=async_op)
+
+    def finish() -> list[torch.Tensor]:
+        wholes, offset, rows = [], 0, out.view(n, flat.numel())
+        for piece, d, size in zip(pieces, dims, sizes):
+            block = rows[:, offset : offset + piece.numel()].reshape((n * piece.shape[0],) + piece.shape[1:])
+            wholes.append(block[:size].movedim(0, d).contiguous())
+            offset += piece.numel()
+        return wholes
+
+    if async_op:
+        return PendingCollective("all_gather", mesh, mesh_dim, work, finish)
+    return finish()  # a synchronous c10d call has completed on return
+
+
+def reduce_scatter_flat(tensors, mesh, mesh_dim: int, dims, reduce_ops) -> list[torch.Tensor]:
+    """``reduce_scatter`` of several same-dtype full tensors in ONE collective: each is padded on tensor dim
+    ``dims[i]`` to n x ceil(size / n) (as ``reduce_scatter`` pads it) and laid out rank-major, so the flat
+    buffer's row r holds every tensor's chunk r. Returns this rank's (unpadded) chunk of each tensor.
+    ``reduce_ops``: one op for all, or one per tensor; sum and avg share a bucket (avg divides afterwards).
+    Bytes: exactly the sum of the per-tensor ``reduce_scatter`` bytes."""
+    n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    ops = [reduce_ops] * len(tensors) if isinstance(reduce_ops, str) else list(reduce_ops)
+    c10d_ops = {_C10D_OPS[op] for op in ops}
+    assert len(c10d_ops) <= 1, f"reduce_scatter_flat: one c10d reduction per bucket, got {ops}"
+    rows, chunks = [], []
+    for t, d in zip(tensors, dims):
+        chunk = -(-t.shape[d] // n)
+        full = _pad_dim(t, d, n * chunk).movedim(d, 0)
+        chunks.append((chunk, full.shape[1:], chunk_bounds(t.shape[d], n, index)[1]))
+        rows.append(full.reshape(n, chunk * math.prod(full.shape[1:])))
+    _check_one_dtype(rows, "reduce_scatter_flat")
+    flat = torch.cat(rows, dim=1) if rows else torch.empty(n, 0)
+    out = flat.new_empty((flat.shape[1],))
+    if flat.numel():
+        _record("reduce_scatter", mesh, mesh_dim, (n - 1) * _nbytes(flat) // n)
+        _run("reduce_scatter", mesh, mesh_dim, _reduce_scatter_single, out, flat.reshape(-1), op=c10d_ops.pop())
+    mine, offset = [], 0
+    for (chunk, rest, length), d, op in zip(chunks, dims, ops):
+        numel = chunk * math.prod(rest)
+        piece = out[offset : offset + numel].view((chunk,) + tuple(rest))[:length].movedim(0, d)
+        mine.append(piece / n if op == "avg" else piece.contiguous())
+        offset += numel
+    return mine
+
+
+def _check_one_dtype(tensors, who: str) -> None:
+    dtypes = {t.dtype for t in tensors}
+    assert len(dtypes) <= 1, f"{who} packs one dtype per buffer, got {sorted(map(str, dtypes))}"

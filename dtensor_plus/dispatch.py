@@ -24,8 +24,9 @@ from .spec import DTensorSpec, TensorMeta
 __all__ = ["dispatch", "clear_cache", "cache_info"]
 
 _CACHE_MAX = 8192
-_CACHE: dict = {}
-_CACHE_GENERATION = [rules.generation()]
+_CACHES: dict = {}  # rule set (rules.rule_set()) -> its plan cache
+_CACHE: dict = {}  # the plan cache of the rule set in force
+_CACHE_RULE_SET = [None]
 _STATS = {"hits": 0, "misses": 0}
 _NO_KWARGS: dict = {}
 _WARNED: set = set()
@@ -33,7 +34,18 @@ _SCALAR_TYPES = (int, bool, str, type(None), torch.dtype, torch.device, torch.la
 
 
 def clear_cache() -> None:
-    _CACHE.clear()
+    for cache in _CACHES.values():
+        cache.clear()
+
+
+def _switch_cache() -> None:
+    """Point _CACHE at the current rule set's cache; a registry change drops every cache (stale plans)."""
+    global _CACHE
+    rule_set = rules.rule_set()
+    if any(key[0] != rule_set[0] for key in _CACHES):
+        _CACHES.clear()
+    _CACHE = _CACHES.setdefault(rule_set, {})
+    _CACHE_RULE_SET[0] = rule_set
 
 
 def cache_info() -> dict:
@@ -277,9 +289,8 @@ def _is_random(func) -> bool:
 
 def dispatch(func, args, kwargs, dtensor_cls):
     """Run aten op ``func`` on DTensor arguments; the body of ``DTensor.__torch_dispatch__``."""
-    if _CACHE_GENERATION[0] != rules._GENERATION[0]:
-        _CACHE.clear()
-        _CACHE_GENERATION[0] = rules._GENERATION[0]
+    if _CACHE_RULE_SET[0] is not rules._RULE_SET[0]:
+        _switch_cache()
     dtensors: list = []
     key = [func]
     try:

@@ -27,7 +27,8 @@ from . import collectives
 from .placements import Placement, Replicate, Shard
 from .spec import DTensorSpec, local_shape_and_offset
 
-__all__ = ["plan_redistribute", "redistribute_cost", "redistribute_local", "redistribute_together", "grad_placements_for", "Redistribute"]
+__all__ = ["plan_redistribute", "redistribute_cost", "redistribute_local", "redistribute_together",
+    "redistribute_together_async", "grad_placements_for", "Redistribute"]
 
 # A collective costs this many bytes' worth of latency on top of its traffic, so that among equal-traffic
 # plans the one with fewer collectives wins. Local steps cost 1 so that empty steps are never taken.
@@ -179,37 +180,157 @@ def _local_steps_and_reductions(spec: DTensorSpec, steps):
     return local, reductions
 
 
-def redistribute_together(dtensors, targets) -> list[torch.Tensor]:
-    """The local tensors of several DTensors moved to their ``targets``, like ``redistribute_local`` each.
+def _single_collective(spec: DTensorSpec, steps):
+    """The bucket key part of a plan that is one all-gather (Shard(d) -> Replicate) or one reduce-scatter
+    (Partial -> Shard(d)) on a mesh dim of more than one rank, the latter possibly with all-reduces (Partial ->
+    Replicate) on other mesh dims, which commute with it (elementwise sums over ranks holding equal chunks):
+    ("all_gather", mesh_dim, d) or ("reduce_scatter", mesh_dim, d, reductions, reduce_op); None otherwise."""
+    steps = [(k, new) for k, new in steps if spec.mesh.shape[k] > 1]  # single-rank steps move nothing
+    if not steps or spec.dtype == torch.bool:
+        return None
+    main = [(k, new) for k, new in steps if not (spec.placements[k].is_partial() and new.is_replicate())]
+    if len(main) != 1:
+        return None
+    mesh_dim, new = main[0]
+    old = spec.placements[mesh_dim]
+    if isinstance(old, Shard) and new.is_replicate() and len(steps) == 1:
+        return ("all_gather", mesh_dim, old.normalized(spec.ndim).dim)
+    if old.is_partial() and isinstance(new, Shard):
+        reductions = tuple((k, spec.placements[k].reduce_op) for k, _ in steps if k != mesh_dim)
+        return ("reduce_scatter", mesh_dim, new.normalized(spec.ndim).dim, reductions, old.reduce_op)  # op last
+    return None
 
-    Moves made of all-reduces (Partial -> Replicate: gradients under data parallelism) and local steps share
-    one flat buffer and one all-reduce per mesh dim for each (mesh, dtype, reductions) group, as DDP's buckets
-    do; other moves run one by one. Every rank must pass the same list in the same order.
-    """
-    results: list = [None] * len(dtensors)
-    groups: dict = {}
+
+class _Together:
+    """The buckets of one ``redistribute_together`` call: per-tensor results so far and the pending groups."""
+
+    def __init__(self, count: int):
+        self.results: list = [None] * count
+        self.reductions: dict = {}  # (mesh, dtype, all-reduces) -> member indices
+        # (mesh, dtype, kind, mesh_dim, [c10d op]) -> [(index, dim, size or (all-reduces after, reduce_op))]
+        self.collectives: dict = {}
+
+    def flush_reductions(self) -> None:
+        for (mesh, _, reductions), members in self.reductions.items():
+            locals_ = [self.results[i] for i in members]
+            flat = torch.cat([t.reshape(-1) for t in locals_])
+            for mesh_dim, reduce_op in reductions:
+                if mesh.shape[mesh_dim] > 1:
+                    flat = collectives.all_reduce(flat, mesh, mesh_dim, reduce_op)
+            for i, piece, local in zip(members, flat.split([t.numel() for t in locals_]), locals_):
+                self.results[i] = piece.view(local.shape)
+
+    def issue(self, async_op: bool) -> list:
+        """Run every bucket's reduce-scatter (synchronously) and start every bucket's all-gather."""
+        pending = []
+        for (mesh, _dtype, kind, mesh_dim, *rest), members in self.collectives.items():
+            index, dims, sizes = zip(*members)
+            tensors = [self.results[i] for i in index]
+            if kind == "reduce_scatter":  # here ``sizes`` holds each member's (all-reduces after, reduce op)
+                pieces = collectives.reduce_scatter_flat(tensors, mesh, mesh_dim, dims, [op for _, op in sizes])
+                self._store(index, pieces)
+                self._all_reduce_after(index, [reductions for reductions, _ in sizes], mesh)
+            elif async_op:
+                pending.append((index, collectives.all_gather_flat(tensors, mesh, mesh_dim, dims, sizes, async_op=True)))
+            else:
+                self._store(index, collectives.all_gather_flat(tensors, mesh, mesh_dim, dims, sizes))
+        return pending
+
+    def _all_reduce_after(self, index, reductions, mesh) -> None:
+        """The all-reduces on other mesh dims that follow a bucket's reduce-scatter: one flat buffer per kind."""
+        by_kind: dict = {}
+        for i, kind in zip(index, reductions):
+            if kind:
+                by_kind.setdefault(kind, []).append(i)
+        for kind, members in by_kind.items():
+            self._store(members, _all_reduce_flat([self.results[i] for i in members], mesh, kind))
+
+    def _store(self, index, tensors) -> None:
+        for i, t in zip(index, tensors):
+            self.results[i] = t
+
+
+def _bucket(dtensors, targets) -> _Together:
+    """Sort the moves into per-tensor ones (run here), all-reduce buckets and single-collective buckets."""
+    together = _Together(len(dtensors))
     for i, (dt, dst) in enumerate(zip(dtensors, targets)):
         spec, dst = dt._spec, tuple(dst)
         steps = plan_redistribute(spec.placements, dst, spec.mesh.shape, spec.shape.numel(), spec.dtype.itemsize)
-        split = _local_steps_and_reductions(spec, steps) if spec.mesh.get_coordinate() is not None else None
+        inside = spec.mesh.get_coordinate() is not None
+        single = _single_collective(spec, steps) if inside else None
+        if single is not None:
+            kind, mesh_dim, dim, *op = single
+            if kind == "all_gather":
+                key, extra = (spec.mesh, spec.dtype, kind, mesh_dim), _level_size(spec.shape, spec.mesh, spec.placements, mesh_dim, dim)
+            else:  # sum and avg are one c10d SUM (avg divides after): one bucket
+                reductions, reduce_op = op
+                key, extra = (spec.mesh, spec.dtype, kind, mesh_dim, "sum" if reduce_op == "avg" else reduce_op), op
+            together.collectives.setdefault(key, []).append((i, dim, extra))
+            together.results[i] = dt._local_tensor
+            continue
+        split = _local_steps_and_reductions(spec, steps) if inside else None
         if not steps or split is None or not split[1]:
-            results[i] = redistribute_local(dt._local_tensor, spec, dst)
+            together.results[i] = redistribute_local(dt._local_tensor, spec, dst)
             continue
         local, placements = dt._local_tensor, spec.placements
         for mesh_dim, new in split[0]:
             local = _apply_step(local, spec, placements, mesh_dim, new)
             placements = placements[:mesh_dim] + (new,) + placements[mesh_dim + 1 :]
-        results[i] = local
-        groups.setdefault((spec.mesh, spec.dtype, tuple(split[1])), []).append(i)
-    for (mesh, _, reductions), members in groups.items():
-        locals_ = [results[i] for i in members]
-        flat = torch.cat([t.reshape(-1) for t in locals_])
-        for mesh_dim, reduce_op in reductions:
-            if mesh.shape[mesh_dim] > 1:
-                flat = collectives.all_reduce(flat, mesh, mesh_dim, reduce_op)
-        for i, piece, local in zip(members, flat.split([t.numel() for t in locals_]), locals_):
-            results[i] = piece.view(local.shape)
-    return results
+        together.results[i] = local
+        together.reductions.setdefault((spec.mesh, spec.dtype, tuple(split[1])), []).append(i)
+    return together
+
+
+def redistribute_together(dtensors, targets) -> list[torch.Tensor]:
+    """The local tensors of several DTensors moved to their ``targets``, like ``redistribute_local`` each.
+
+    Moves bucket as DDP and FSDP do: one flat buffer and ONE collective per group of
+      * all-reduces (Partial -> Replicate, after any local steps): per (mesh, dtype, reductions);
+      * single all-gathers (Shard(d) -> Replicate on one mesh dim, d may differ, uneven shards padded as the
+        per-tensor all-gather pads them, other mesh dims unchanged): per (mesh, dtype, mesh dim);
+      * single reduce-scatters (Partial -> Shard(d) on one mesh dim, sum and avg together), each possibly
+        followed by all-reduces on other mesh dims (bucketed too): per (mesh, dtype, mesh dim, c10d op).
+    Other moves run one by one. Bytes equal the per-tensor moves' bytes. Every rank must pass the same list in
+    the same order (the buckets are built from global metadata only)::
+
+        wholes = redistribute_together(shards, [[Replicate()]] * len(shards))   # one all-gather
+    """
+    return _start_together(dtensors, targets, async_op=False).wait()
+
+
+def _all_reduce_flat(pieces: list, mesh, reductions) -> list:
+    """The all-reduces that follow a bucketed reduce-scatter on other mesh dims, on its pieces as one buffer."""
+    if not reductions or not pieces:
+        return pieces
+    flat = torch.cat([p.reshape(-1) for p in pieces])
+    for mesh_dim, reduce_op in reductions:
+        flat = collectives.all_reduce(flat, mesh, mesh_dim, reduce_op)
+    return [f.view(p.shape) for f, p in zip(flat.split([p.numel() for p in pieces]), pieces)]
+
+
+class _PendingTogether:
+    """The moves of one ``redistribute_together_async`` call; ``wait()`` finishes its all-gathers."""
+
+    def __init__(self, together: _Together, pending: list):
+        self._together, self._pending = together, pending
+
+    def wait(self) -> list[torch.Tensor]:
+        for index, handle in self._pending:
+            self._together._store(index, handle.wait())
+        self._pending = []
+        return self._together.results
+
+
+def redistribute_together_async(dtensors, targets) -> _PendingTogether:
+    """``redistribute_together`` whose all-gather buckets are left in flight (prefetching): the other moves
+    run before it returns; ``.wait()`` finishes the gathers and returns the list of local tensors."""
+    return _start_together(dtensors, targets, async_op=True)
+
+
+def _start_together(dtensors, targets, async_op: bool) -> _PendingTogether:
+    together = _bucket(dtensors, targets)
+    together.flush_reductions()
+    return _PendingTogether(together, together.issue(async_op))
 
 
 def grad_placements_for(placements: tuple[Placement, ...]) -> tuple[Placement, ...]:

@@ -15,6 +15,7 @@ parallel) installs it with ``override_rule`` for the duration of a ``with`` bloc
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -77,7 +78,14 @@ Rule = Callable[[OpSchema], Sharding]
 
 _RULES: dict[torch._ops.OpOverload, Rule] = {}
 _OVERRIDES: list[dict] = []
-_GENERATION = [0]  # bumped whenever the effective rule set changes; part of every dispatch cache key
+_GENERATION = [0]  # bumped whenever the registry changes: every cached plan is stale then
+# The rule set in force, as a hashable value: (generation, one id per active override scope). Entering an
+# override with the same rules as before gives back the same value, so the dispatcher keeps one plan cache
+# per rule set and a `with loss_parallel():` block every step re-plans nothing.
+_SCOPE_IDS: dict = {}
+_SCOPE_STACK: list[int] = []
+_RULE_SETS: dict = {}
+_RULE_SET = [(0, ())]
 
 
 _STRIDED: dict[torch._ops.OpOverload, str] = {}
@@ -106,6 +114,7 @@ def register_rule(*ops: torch._ops.OpOverload, strided: str | None = None) -> Ca
             if strided is not None:
                 _STRIDED[op] = strided
         _GENERATION[0] += 1
+        _refresh_rule_set()
         return rule
 
     return decorate
@@ -133,14 +142,35 @@ def generation() -> int:
     return _GENERATION[0]
 
 
+def rule_set():
+    """The rule set in force: equal values mean the same rule for every op (the dispatcher's cache key)."""
+    return _RULE_SET[0]
+
+
+def _refresh_rule_set() -> None:
+    value = (_GENERATION[0], tuple(_SCOPE_STACK))
+    _RULE_SET[0] = _RULE_SETS.setdefault(value, value)  # interned: the dispatcher compares by identity
+
+
+def _identity(rule):
+    """What makes two rules the same rule: the function, or a partial's function and arguments."""
+    if isinstance(rule, functools.partial):
+        keywords = tuple(sorted((k, _identity(v)) for k, v in rule.keywords.items()))
+        return (_identity(rule.func), tuple(_identity(a) for a in rule.args), keywords)
+    return rule
+
+
 @contextlib.contextmanager
 def override_rule(rules: dict[torch._ops.OpOverload, Rule]):
     """Use ``rules`` in place of the registered ones inside the block (scoped; nests; cache-safe)."""
     scope = dict(rules)
+    scope_id = _SCOPE_IDS.setdefault(frozenset((op, _identity(r)) for op, r in scope.items()), len(_SCOPE_IDS))
     _OVERRIDES.append(scope)
-    _GENERATION[0] += 1
+    _SCOPE_STACK.append(scope_id)
+    _refresh_rule_set()
     try:
         yield
     finally:
         _OVERRIDES.remove(scope)
-        _GENERATION[0] += 1
+        _SCOPE_STACK.remove(scope_id)
+        _refresh_rule_set()

@@ -18,11 +18,11 @@ from .tensor import (
     RowwiseParallel,
     SequenceParallel,
 )
-from .zero import ZeroRedundancyOptimizer, fully_shard
+from .zero import CPUOffload, ZeroRedundancyOptimizer, fully_shard
 
 __all__ = [
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "SequenceParallel", "PrepareModuleInput",
     "PrepareModuleOutput", "parallelize_module", "loss_parallel", "parse_layout", "format_layout", "layout_of",
-    "replicate", "sync_gradients", "shard_batch", "fully_shard", "ZeroRedundancyOptimizer",
+    "replicate", "sync_gradients", "shard_batch", "fully_shard", "ZeroRedundancyOptimizer", "CPUOffload",
     "clip_grad_norm_", "get_total_norm", "MixedPrecision", "mixed_precision",
 ]

@@ -8,18 +8,14 @@ autograd Function: its backward turns the low-precision (possibly Partial on dp)
 ``reduce_dtype``, reduces it to the parameter's placements there (only for a leaf placed by ``replicate`` /
 ``distribute_module``), then casts it to the master's dtype::
 
-    replicate(model, mesh)                                   # or fully_shard(...), see limits
+    replicate(model, mesh)
     mixed_precision(model, MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
     loss = model(x).float().sum(); loss.backward()           # fp32 gradients on the fp32 leaves
 
-Limits with ``fully_shard``: its gather runs in fp32 (our cast comes after it, so all-gather bytes are fp32,
-not half as in FSDP2) and its reduce-scatter runs in the master's dtype, whatever ``reduce_dtype`` says
-(autograd casts a gradient back to its input's dtype before the gather's backward sees it), so any other
-``reduce_dtype`` raises; and the bf16 copy an op saves for backward is not a gathered whole fully_shard
-recognises, so it stays alive from forward to backward (half the fp32 whole's bytes) instead of being
-re-gathered. All three need a hook in layouts/zero.py: cast the shard before its ``redistribute`` (gather in
-bf16, reduce-scatter in the cast's dtype) and let pack/unpack know the cast copy; that is zero.py's to add.
-ZeRO-1/2 (``ZeroRedundancyOptimizer``): pass ``reduce_gradients=False``; its reduce-scatter runs in fp32.
+For ZeRO-3 use ``fully_shard(module, mesh, mp_policy=MixedPrecision(...))`` instead (layouts/zero_stage3.py):
+it casts each shard before its all-gather (half the bytes in bf16) and reduce-scatters in ``reduce_dtype``,
+which a cast after the gather, as here, cannot do. ZeRO-1/2 (``ZeroRedundancyOptimizer``): pass
+``reduce_gradients=False``; its reduce-scatter runs in fp32.
 """
 
 from __future__ import annotations

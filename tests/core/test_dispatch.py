@@ -156,3 +156,26 @@ def _inplace_without_functional_twin():
 def test_inplace_op_without_functional_twin_on_a_partial_self():
     for placements, value in run_on_ranks(2, _inplace_without_functional_twin):
         assert placements == (Partial(),) and torch.equal(value, torch.arange(6).view(2, 3) << 1)
+
+
+def check_override_blocks_keep_their_plans():
+    """An override block entered again with the same rules (loss_parallel every step) re-plans nothing, and
+    the plans made outside it still serve outside it."""
+    from dtensor_plus.layouts import loss_parallel
+    import torch.nn.functional as F
+
+    mesh = init_device_mesh("cpu", (2,))
+    logits = make_dtensor(torch.randn(4, 6), mesh, [Shard(1)], requires_grad=True)
+    target = make_dtensor(torch.tensor([0, 5, 2, 3]), mesh, [Replicate()])
+    misses = []
+    for _ in range(3):
+        with loss_parallel():
+            F.cross_entropy(logits, target).backward()
+        (logits.grad * 2).sum()
+        misses.append(dispatch.cache_info()["misses"])
+    return misses
+
+
+def test_override_blocks_keep_their_plans():
+    misses = run_on_ranks(2, check_override_blocks_keep_their_plans)[0]
+    assert misses[1] == misses[2], misses  # (step 2 plans the gradient accumulation's add once)

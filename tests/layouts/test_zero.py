@@ -11,7 +11,7 @@ from torch import nn
 
 import dtensor_plus as dtp
 from dtensor_plus import DTensor, Replicate, Shard
-from dtensor_plus.layouts.zero import ZeroRedundancyOptimizer, fully_shard
+from dtensor_plus.layouts.zero import CPUOffload, ZeroRedundancyOptimizer, fully_shard
 from dtensor_plus.testing import run_on_ranks
 
 B, STEPS = 8, 3
@@ -77,31 +77,40 @@ def _steps(model, opt, mesh, sizes):
     return losses, comm
 
 
-def _train(sizes, stage):
+def _train(sizes, stage, offload=None):
     """Train on the dp mesh; return losses, whole final parameters, the CommCounter of the last step, the model
     and the optimizer."""
     mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
     model = _model(sizes)
     if stage == 3:
         for block in model.blocks:
-            fully_shard(block, mesh)
-        fully_shard(model, mesh)
+            fully_shard(block, mesh, offload=offload)
+        fully_shard(model, mesh, offload=offload)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     else:
         dtp.distribute_module(model, mesh)
-        opt = ZeroRedundancyOptimizer(model.parameters(), mesh, torch.optim.AdamW, stage=stage, lr=1e-2, weight_decay=0.1)
+        opt = ZeroRedundancyOptimizer(model.parameters(), mesh, torch.optim.AdamW, stage=stage, offload=offload,
+                                      lr=1e-2, weight_decay=0.1)
     losses, comm = _steps(model, opt, mesh, sizes)
     params = {k: v.full_tensor() for k, v in model.named_parameters()}
     return losses, params, comm, model, opt
 
 
-def _check_equal(sizes, stage):
-    losses, params, comm, _, _ = _train(sizes, stage)
+def _check_equal(sizes, stage, offload=None):
+    losses, params, comm, _, opt = _train(sizes, stage, offload)
     want_losses, want_params = _single_device(sizes)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), atol=1e-5, rtol=1e-5)
     for name, want in want_params.items():
         torch.testing.assert_close(params[name], want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     assert not comm.fallbacks, comm.fallbacks
+    if offload is not None:  # on this CPU machine the copies are no-ops: the path runs, the state is in host memory
+        for state in opt.state.values():
+            assert all(t._local_tensor.device.type == "cpu" for t in state.values() if isinstance(t, DTensor))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_cpu_offload_matches_single_device(stage):
+    run_on_ranks(2, _check_equal, (6, 10, 3), stage, CPUOffload(pin_memory=False))
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -119,19 +128,20 @@ def _check_traffic(stage):
     """Even sizes, so each collective's bytes are exactly (n-1)/n of the tensor's (no padding)."""
     _, _, comm, model, opt = _train((8, 16, 4), stage)
     n = torch.distributed.get_world_size()
-    num_params, psi = len(list(model.parameters())), _param_bytes(model)
-    assert comm.count("reduce_scatter", "dp") == num_params  # one per parameter per step
+    psi = _param_bytes(model)
     assert comm.bytes("reduce_scatter", "dp") == (n - 1) * psi // n
     assert comm.count("all_reduce") == 0 and comm.count("all_to_all") == 0 and not comm.fallbacks, comm
     if stage in (1, 2):
-        # ZeRO P_os / P_os+g: reduce-scatter of gradients + all-gather of updated parameters = DDP's 2Ψ.
-        assert comm.count("all_gather", "dp") == num_params
+        # ZeRO P_os / P_os+g: reduce-scatter of gradients + all-gather of updated parameters = DDP's 2Ψ, each
+        # ONE collective (one bucket: the model is far below bucket_cap_mb).
+        assert comm.count("reduce_scatter", "dp") == 1 and comm.count("all_gather", "dp") == 1, comm
         assert comm.bytes("all_gather", "dp") == (n - 1) * psi // n
     else:
         # ZeRO P_os+g+p: all-gather in forward (every parameter) and again in backward for each weight an op
-        # saved (the first fc1's weight is not: its input needs no gradient), + reduce-scatter: ~3Ψ.
+        # saved (the first fc1's weight is not: its input needs no gradient), + reduce-scatter: ~3Ψ. One
+        # collective per unit (blocks[0], blocks[1], the root) for each of the three.
         regathered = [m.weight for m in (model.blocks[0].fc2, model.blocks[1].fc1, model.blocks[1].fc2, model.head)]
-        assert comm.count("all_gather", "dp") == num_params + len(regathered)
+        assert comm.count("all_gather", "dp") == 3 + 3 and comm.count("reduce_scatter", "dp") == 3, comm
         backward_bytes = sum(p.numel() * p.element_size() for p in regathered)
         assert comm.bytes("all_gather", "dp") == (n - 1) * (psi + backward_bytes) // n
     masters = opt.masters if stage != 3 else list(model.parameters())
@@ -175,7 +185,7 @@ def _check_freed():
     assert all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in model.parameters())
     loss.backward()
     gc.collect()
-    assert all(len(m._zero_state.regathered) == 0 for m in (*model.blocks, model))
+    assert all(not m._zero_state.alive and not m._zero_state.unpacks_left for m in (*model.blocks, model))
     for p in model.parameters():
         assert isinstance(p.grad, DTensor) and p.grad.placements == (Shard(0),)
 
@@ -194,6 +204,10 @@ def _check_errors():
         fully_shard(torch.zeros(2), mesh)
     with pytest.raises(ValueError, match="not one of the mesh dims"):
         fully_shard(nn.Linear(2, 2), mesh, mesh_dim="tp")
+    with pytest.raises(TypeError, match="CPUOffload"):
+        fully_shard(nn.Linear(2, 2), mesh, offload=True)
+    with pytest.raises(ValueError, match="bucket_cap_mb"):
+        ZeroRedundancyOptimizer([], mesh, bucket_cap_mb=0)
 
 
 def test_errors():
@@ -238,9 +252,16 @@ def _check_tp(sizes, stage):
     # reduce-scattered; the 3 without a free dim (fc1.bias x 2, head.bias) have their gradients all-reduced.
     sharded = [p for p in model.parameters() if any(isinstance(q, Shard) for q in (p if stage == 3 else opt._master_of[id(p)]).placements[:1])]
     assert len(sharded) == 7
-    regathered = 4 if stage == 3 else 0  # stage 3: the saved weights, as on the 1-D mesh
-    assert comm.count("all_gather", "dp") == 7 + regathered and comm.count("reduce_scatter", "dp") == 7
-    assert comm.count("all_reduce", "dp") == 3
+    # One collective per bucket: stages 1/2 one bucket per step; stage 3 one per unit (blocks[0], blocks[1],
+    # the root) in forward, again in backward for the saved weights, and for the gradients.
+    units = 3 if stage == 3 else 1
+    assert comm.count("all_gather", "dp") == units * (2 if stage == 3 else 1), comm
+    # The 3 tensors without a free dim: their all-reduces on dp, bucketed per unit. Reduce-scatters: one bucket
+    # per unit (the fc2 biases come out Partial on tp too: their tp all-reduce follows, bucketed), plus one for
+    # head.weight, whose gradient comes out Partial on tp as well and moves to Shard on both mesh dims (two
+    # reduce-scatters: not a single-collective move, so it runs on its own).
+    assert comm.count("all_reduce", "dp") == units, comm
+    assert comm.count("reduce_scatter", "dp") == (units if stage == 3 else 2), comm
     if stage != 3:  # each dp all-gather moves (n-1)/n of the tp-local parameter
         tp_local_bytes = sum(_tp_local_numel(p) * p.element_size() for p in sharded)
         assert comm.bytes("all_gather", "dp") == tp_local_bytes // 2
@@ -273,7 +294,8 @@ def test_nested_same_dim_full_tensor():
 
 
 def _check_stage_gradients(stage):
-    """Stage 2 holds each gradient as its dp shard right after backward; stage 1 keeps the whole Partial one."""
+    """Stage 2 holds each gradient as its master's dp shard right after backward (the whole one is freed);
+    stage 1 keeps the whole Partial one."""
     mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
     model = _model((8, 16, 4))
     dtp.distribute_module(model, mesh)
@@ -281,9 +303,12 @@ def _check_stage_gradients(stage):
     x, y = (dtp.distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None) for t in _data((8, 16, 4), 0))
     with dtp.comm_mode() as comm:
         F.mse_loss(model(x), y).backward()
-    for p in model.parameters():
-        assert p.grad.placements == ((Shard(0),) if stage == 2 else (dtp.Partial(),)), p.grad.placements
-    assert comm.count("reduce_scatter") == (len(opt.params) if stage == 2 else 0)
+    for p, master in zip(model.parameters(), opt.masters):
+        if stage == 2:
+            assert p.grad is None and master.grad.placements == (Shard(0),), master.grad
+        else:
+            assert p.grad.placements == (dtp.Partial(),) and master.grad is None, p.grad.placements
+    assert comm.count("reduce_scatter") == (1 if stage == 2 else 0)  # one bucket
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -318,3 +343,27 @@ def _check_accumulation(stage):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_gradient_accumulation(stage):
     run_on_ranks(2, _check_accumulation, stage)
+
+
+def _check_small_buckets():
+    """Stage 2 with a bucket cap below one weight's bytes: a reduce-scatter whenever the cap fills (here after
+    each weight, gradients accumulating in reverse order: bias then weight), the rest at the end of backward;
+    the training is unchanged."""
+    sizes = (8, 16, 4)
+    mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
+    model = _model(sizes)
+    dtp.distribute_module(model, mesh)
+    smallest_weight = min(p.numel() * p.element_size() for n, p in model.named_parameters() if n.endswith("weight"))
+    opt = ZeroRedundancyOptimizer(model.parameters(), mesh, torch.optim.AdamW, stage=2,
+                                  bucket_cap_mb=smallest_weight / 2**20, lr=1e-2, weight_decay=0.1)
+    losses, comm = _steps(model, opt, mesh, sizes)
+    want_losses, want_params = _single_device(sizes)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.full_tensor(), want_params[name], atol=1e-5, rtol=1e-5)
+    assert comm.count("reduce_scatter", "dp") == 5, comm  # one bucket per (bias, weight) pair of the 5 Linears
+    assert comm.count("all_gather", "dp") == 1, comm
+
+
+def test_stage2_bucket_cap():
+    run_on_ranks(2, _check_small_buckets)

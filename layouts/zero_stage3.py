@@ -1,0 +1,336 @@
+"""ZeRO stage 3, FSDP2-style: ``fully_shard`` keeps a module's parameters dp-sharded and gathers them around its
+forward and backward, one flat all-gather per module, with the next module's gather prefetched.
+
+This file owns the gathering, freeing and re-gathering of one ``fully_shard`` module's parameters (its
+"unit"), and the order units run in (``_Schedule``). Collectives come from ``redistribute_together``:
+
+* forward: one flat all-gather of the unit's shards (cast to ``mp_policy.param_dtype`` first: half the bytes
+  in bf16) binds the whole parameters to their modules; the next unit's all-gather (in the forward order
+  recorded on the first step) is issued asynchronously, so it is in flight while this unit computes;
+* tensors autograd saves that are views of a gathered whole are saved as (unit, parameter, view geometry), so
+  the wholes are freed after forward; the first one backward unpacks re-gathers every saved parameter of the
+  unit in one flat all-gather, and the next unit in backward order is prefetched the same way;
+* the gather is one autograd Function per unit: its backward reduce-scatters all the unit's gradients in
+  one flat reduce-scatter (in ``mp_policy.reduce_dtype``), landing on the sharded fp32 leaves.
+
+Every decision depends on module call order and global metadata only, so every rank issues the same
+collectives in the same order::
+
+    for block in model.blocks:
+        fully_shard(block, mesh)
+    fully_shard(model, mesh)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from dtensor_plus.dtensor import DTensor
+from dtensor_plus.placements import Replicate
+from dtensor_plus.redistribute import redistribute_together, redistribute_together_async
+
+from .precision import MixedPrecision
+from .zero_placement import (
+    CPUOffload, check_dp_placement, compute_device, dp_mesh_dim, on_device, to_dtensor, with_placement, zero_placement,
+)
+
+__all__ = ["fully_shard"]
+
+
+class _Schedule:
+    """The order units run in, recorded on the first forward and the first backward (the same on every rank:
+    it follows the module calls and autograd's order). The prefetches in flight live on the units."""
+
+    def __init__(self):
+        self.forward_order: list = []
+        self.backward_order: list = []
+        self.forward_recorded = self.backward_recorded = False
+        self.depth = 0  # units inside a forward right now
+        self.backward_started = False
+
+    def next_after(self, order: list, unit):
+        if unit in order:
+            i = order.index(unit)
+            return order[i + 1] if i + 1 < len(order) else None
+        return None
+
+    def end_forward(self) -> None:
+        self.forward_recorded = True
+        for unit in self.forward_order:
+            unit.drop_prefetch()  # a unit this forward did not call: its gather is waited for and dropped
+
+    def end_backward(self) -> None:
+        self.backward_recorded, self.backward_started = True, False
+        for unit in self.backward_order:
+            unit.drop_regather()
+
+
+class _Unit:
+    """The parameters one ``fully_shard`` call owns and the hooks that gather and free them."""
+
+    def __init__(self, mesh, mesh_dim: int, mp_policy: MixedPrecision | None, offload: CPUOffload | None):
+        self.mesh, self.mesh_dim, self.offload = mesh, mesh_dim, offload
+        self.device = compute_device(mesh)
+        self.param_dtype = mp_policy.param_dtype if mp_policy else None
+        self.reduce_dtype = (mp_policy.reduce_dtype or mp_policy.param_dtype) if mp_policy else None
+        self.entries: list[tuple[nn.Module, str, nn.Parameter]] = []  # (owner module, name, sharded leaf)
+        self.schedule = _Schedule()
+        self.gathered: dict[int, int] = {}  # storage data_ptr of a gathered whole -> its entry index
+        self.hooks_ctx = None
+        self.prefetched = None  # an all-gather in flight for the next forward
+        # Backward: how many saved views of each entry are still to be unpacked, and the re-gathered wholes
+        # kept until their last one is. Counts, not weak references, decide when to gather: garbage
+        # collection may differ between ranks, the order of packs and unpacks does not.
+        self.unpacks_left: dict[int, int] = {}
+        self.alive: dict[int, torch.Tensor] = {}
+        self.regather_prefetched = None
+
+    # -- the collectives ------------------------------------------------------------------------------------
+
+    def _compute_shards(self, indices) -> list[DTensor]:
+        """The shards to gather, in the compute dtype (a local cast: the all-gather moves param_dtype bytes)."""
+        shards = [on_device(self.entries[i][2].detach(), self.device) for i in indices]  # offload: host-to-device
+        if self.param_dtype is None:
+            return shards
+        return [s.to(self.param_dtype) if s.is_floating_point() else s for s in shards]
+
+    def _issue_gather(self, indices):
+        shards = self._compute_shards(indices)
+        targets = [with_placement(s.placements, self.mesh_dim, Replicate()) for s in shards]
+        specs = [s._spec.with_placements(t) for s, t in zip(shards, targets)]
+        return redistribute_together_async(shards, targets), specs
+
+    def _take_gather(self) -> list[tuple[torch.Tensor, object]]:
+        """(whole local tensor, its spec) of every entry: the prefetched all-gather, or one issued now."""
+        pending, self.prefetched = self.prefetched or self._issue_gather(range(len(self.entries))), None
+        handle, specs = pending
+        return list(zip(handle.wait(), specs))
+
+    def prefetch(self) -> None:
+        if self.prefetched is None:
+            self.prefetched = self._issue_gather(range(len(self.entries)))
+
+    def drop_prefetch(self) -> None:
+        if self.prefetched is not None:
+            self.prefetched[0].wait()
+            self.prefetched = None
+
+    # -- forward --------------------------------------------------------------------------------------------
+
+    def pre_forward(self, module, args):
+        schedule = self.schedule
+        if schedule.depth == 0:
+            schedule.backward_started = False
+        if not schedule.forward_recorded and self not in schedule.forward_order:
+            schedule.forward_order.append(self)
+        schedule.depth += 1
+        wholes = _GatherUnit.apply(self, *[shard for _, _, shard in self.entries])
+        if schedule.forward_recorded:
+            nxt = schedule.next_after(schedule.forward_order, self)
+            if nxt is not None:
+                nxt.prefetch()  # in flight while this unit computes
+        for i, ((owner, name, _), whole) in enumerate(zip(self.entries, wholes)):
+            owner.__dict__[name] = whole  # attribute lookup finds __dict__ before Module.__getattr__'s _parameters
+            if whole.numel() > 0:  # an empty tensor has no storage address of its own to recognise it by
+                self.gathered[whole._local_tensor.untyped_storage().data_ptr()] = i
+        self.hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self.hooks_ctx.__enter__()
+        if self.param_dtype is not None:
+            return _cast_inputs(args, self.param_dtype)
+        return None
+
+    def post_forward(self, module, args, out) -> None:
+        """Drop the gathered parameters: the module sees its sharded Parameters again."""
+        self.hooks_ctx.__exit__(None, None, None)
+        self.hooks_ctx = None
+        for owner, name, _ in self.entries:
+            owner.__dict__.pop(name, None)
+        self.gathered.clear()
+        self.schedule.depth -= 1
+        if self.schedule.depth == 0:
+            self.schedule.end_forward()
+
+    def pack(self, t: torch.Tensor):
+        # A saved view of a gathered parameter is saved as (unit, entry, view geometry): the gathered whole is
+        # not kept alive by autograd, and backward re-gathers it.
+        if isinstance(t, DTensor):
+            index = self.gathered.get(t._local_tensor.untyped_storage().data_ptr())
+            if index is not None:
+                self.unpacks_left[index] = self.unpacks_left.get(index, 0) + 1
+                local = t._local_tensor
+                return _Regather(self, index, t._spec, local.shape, local.stride(), local.storage_offset())
+        return t
+
+    def unpack(self, saved):
+        return saved.materialize() if isinstance(saved, _Regather) else saved
+
+    # -- backward -------------------------------------------------------------------------------------------
+
+    def regather(self, index: int) -> torch.Tensor:
+        """The whole local tensor of entry ``index`` in backward: alive already, or re-gathered now (or by the
+        prefetch) with every other entry still to be unpacked (one all-gather), prefetching the next unit's.
+        The whole is dropped here when its last saved view has been unpacked."""
+        if index not in self.alive:
+            self._start_backward()
+            if self.regather_prefetched is not None:
+                self._receive(self.regather_prefetched)
+                self.regather_prefetched = None
+            if index not in self.alive:
+                self._receive(self._issue_regather(index))
+            nxt = self.schedule.next_after(self.schedule.backward_order, self) if self.schedule.backward_recorded else None
+            if nxt is not None and nxt.regather_prefetched is None and not nxt.alive and nxt._wanted():
+                nxt.regather_prefetched = nxt._issue_regather()
+        whole = self.alive[index]
+        self.unpacks_left[index] = self.unpacks_left.get(index, 0) - 1
+        if self.unpacks_left[index] <= 0:
+            del self.alive[index]
+        return whole
+
+    def _wanted(self, also: int | None = None) -> list[int]:
+        wanted = [i for i, left in self.unpacks_left.items() if left > 0 and i not in self.alive]
+        return wanted + ([also] if also is not None and also not in wanted else [])
+
+    def _issue_regather(self, also: int | None = None):
+        """Start re-gathering every entry with views still to unpack (and ``also``): one flat all-gather."""
+        indices = self._wanted(also)
+        with torch.no_grad():
+            handle, _ = self._issue_gather(indices)
+        return handle, indices
+
+    def _receive(self, pending) -> None:
+        handle, indices = pending
+        self.alive.update(zip(indices, handle.wait()))
+
+    def _start_backward(self) -> None:
+        schedule = self.schedule
+        if not schedule.backward_started:
+            schedule.backward_started = True
+            torch.autograd.Variable._execution_engine.queue_callback(schedule.end_backward)
+        if not schedule.backward_recorded and self not in schedule.backward_order:
+            schedule.backward_order.append(self)
+
+    def drop_regather(self) -> None:
+        """After this unit's backward: nothing re-gathered stays alive here (a prefetch not used is waited for)."""
+        if self.regather_prefetched is not None:
+            self.regather_prefetched[0].wait()
+            self.regather_prefetched = None
+        self.alive.clear()
+        self.unpacks_left.clear()
+
+    def reduce_gradients(self, grads) -> list:
+        """One reduce-scatter (per dtype / mesh dim) of the unit's gradients, in reduce_dtype, onto the shards."""
+        shards = [shard for _, _, shard in self.entries]
+        present = [i for i, g in enumerate(grads) if g is not None]
+        moved = [grads[i] if self.reduce_dtype is None else grads[i].to(self.reduce_dtype) for i in present]
+        locals_ = redistribute_together(moved, [shards[i].placements for i in present])
+        out = [None] * len(shards)
+        for i, local in zip(present, locals_):
+            out[i] = DTensor(local.to(shards[i].device, shards[i].dtype), shards[i]._spec)  # offload: to the host
+        return out
+
+
+class _GatherUnit(torch.autograd.Function):
+    """forward: one flat all-gather of a unit's shards on dp (or the prefetched one) / backward: one flat
+    reduce-scatter of their gradients back to the shards."""
+
+    @staticmethod
+    def forward(ctx, unit, *shards):
+        ctx.unit = unit
+        ctx.set_materialize_grads(False)
+        wholes = unit._take_gather()
+        return tuple(DTensor(local, spec, requires_grad=s.requires_grad) for (local, spec), s in zip(wholes, shards))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        unit = ctx.unit
+        unit.drop_regather()  # every op of this unit has run its backward: its re-gathered wholes may go
+        return (None, *unit.reduce_gradients(list(grads)))
+
+
+class _Regather:
+    """A saved tensor that was a view of a gathered parameter: re-gathered on unpack (see ``_Unit.regather``).
+    While one re-gathered whole is alive (e.g. one weight saved by two ops of one backward node) it is reused."""
+
+    def __init__(self, unit, index, spec, size, stride, offset):
+        self.unit, self.index, self.spec, self.geometry = unit, index, spec, (size, stride, offset)
+
+    def materialize(self) -> DTensor:
+        whole = self.unit.regather(self.index)
+        size, stride, offset = self.geometry
+        return DTensor(whole.as_strided(size, stride, offset), self.spec)
+
+
+def _cast_inputs(args, dtype: torch.dtype):
+    # As FSDP2's cast_forward_inputs: floating inputs enter in the compute dtype.
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def fully_shard(
+    module: nn.Module, mesh, *, mesh_dim: int | str | None = None, mp_policy: MixedPrecision | None = None,
+    offload: CPUOffload | None = None,
+) -> nn.Module:
+    """ZeRO stage 3: shard ``module``'s parameters on the dp mesh dim, gather them around its forward.
+
+    The module owns every parameter in its subtree not already owned by an inner ``fully_shard`` call, so call
+    it on the blocks first and on the root last (as with FSDP2): the root's call links the units so that each
+    prefetches the next. Inputs should be DTensors on ``mesh`` sharded on the batch dim
+    (``distribute_tensor(x, mesh, [Shard(0)])``); the loss then is the global-batch loss and the gradients are
+    exactly the single-device ones.
+
+    Args:
+        module: the module to shard (changed in place and returned).
+        mesh: the device mesh; parameters already DTensors on it keep their other mesh dims' placements.
+        mesh_dim: the data-parallel mesh dim (name or index); needed only on a mesh of more than one dim.
+        mp_policy: ``MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``: the shards stay
+            fp32 (the master), the all-gather and the compute run in param_dtype, floating inputs are cast to
+            it, gradients are reduce-scattered in reduce_dtype and land on the shards in fp32.
+        offload: ``CPUOffload()``: the shards (so their gradients and the optimizer's state and step) live in
+            host memory; each gather copies them to the mesh's device first, gradients are copied back.
+
+    Traffic per step, for the owned parameters (bytes B in the gather dtype): one all-gather in forward, one
+    in backward of the parameters some op saved, one reduce-scatter of the gradients (in reduce_dtype), each
+    (n-1)/n x B and each ONE collective per unit.
+
+    Example::
+
+        fully_shard(model, mesh, mp_policy=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        opt = torch.optim.AdamW(model.parameters())   # state tensors are DTensors sharded like the parameters
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fully_shard needs an nn.Module, got {type(module).__name__}")
+    if mp_policy is not None and not isinstance(mp_policy, MixedPrecision):
+        raise TypeError(f"mp_policy must be a MixedPrecision, got {type(mp_policy).__name__}")
+    if offload is not None and not isinstance(offload, CPUOffload):
+        raise TypeError(f"offload must be a CPUOffload, got {type(offload).__name__}")
+    k = dp_mesh_dim(mesh, mesh_dim)
+    unit = _Unit(mesh, k, mp_policy, offload)
+    for owner in _owned_modules(module):
+        for name, param in list(owner._parameters.items()):
+            if param is None:
+                continue
+            dt = to_dtensor(param, mesh)
+            check_dp_placement(dt, k, "fully_shard")
+            sharded = dt.redistribute(placements=with_placement(dt.placements, k, zero_placement(dt, k)))  # local chunk
+            if offload is not None:
+                sharded = on_device(sharded, "cpu", offload.pin_memory)
+            sharded = nn.Parameter(sharded, requires_grad=param.requires_grad)
+            owner._parameters[name] = sharded
+            unit.entries.append((owner, name, sharded))
+    for inner in module.modules():  # one schedule for the whole tree, so units prefetch across it
+        if hasattr(inner, "_zero_state"):
+            inner._zero_state.schedule = unit.schedule
+    module._zero_state = unit
+    module.register_forward_pre_hook(unit.pre_forward)
+    module.register_forward_hook(unit.post_forward, always_call=True)  # also on an exception
+    return module
+
+
+def _owned_modules(module: nn.Module) -> Iterable[nn.Module]:
+    """``module`` and its descendants, skipping subtrees an inner fully_shard call already owns."""
+    yield module
+    for child in module.children():
+        if not hasattr(child, "_zero_state"):
+            yield from _owned_modules(child)

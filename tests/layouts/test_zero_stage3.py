@@ -1,0 +1,168 @@
+"""fully_shard's schedule and mixed precision: the next unit's all-gather is in flight before it runs (forward and
+backward, from the second step on), every gathered whole is freed after forward and after backward, and
+``mp_policy`` gathers and computes in bf16 (half the all-gather bytes) with fp32 gradients on the fp32 shards.
+"""
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dtensor_plus as dtp
+from dtensor_plus import DTensor, Shard
+from dtensor_plus.layouts import MixedPrecision, fully_shard
+from dtensor_plus.testing import run_on_ranks
+
+from test_zero import _data, _model  # noqa: E402  (tests/layouts is on sys.path under pytest's rootdir)
+
+SIZES = (8, 16, 4)
+BF16 = dict(atol=2e-2, rtol=2e-2)
+
+
+def _sharded_model(mesh, mp_policy=None):
+    model = _model(SIZES).float()
+    for block in model.blocks:
+        fully_shard(block, mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh, mp_policy=mp_policy)
+    return model
+
+
+def _units(model):
+    return {"blocks.0": model.blocks[0]._zero_state, "blocks.1": model.blocks[1]._zero_state, "root": model._zero_state}
+
+
+def _batch(mesh, step):
+    x, y = _data(SIZES, step)
+    return tuple(dtp.distribute_tensor(t.float(), mesh, [Shard(0)], src_data_rank=None) for t in (x, y))
+
+
+def _check_prefetch_order():
+    mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
+    model = _sharded_model(mesh)
+    units = _units(model)
+    events = []
+    for name, unit in units.items():
+        gather, regather = unit._issue_gather, unit.regather
+        unit._issue_gather = lambda indices, _g=gather, _n=name: events.append(("issue", _n)) or _g(indices)
+        unit.regather = lambda index, _r=regather, _n=name: events.append(("need", _n)) or _r(index)
+        module = model if name == "root" else model.blocks[int(name[-1])]
+        module.register_forward_pre_hook(lambda m, a, _n=name: events.append(("forward", _n)))  # after the gather
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(2):
+        events.clear()
+        x, y = _batch(mesh, step)
+        loss = F.mse_loss(model(x), y)
+        forward_events = list(events)
+        events.clear()
+        loss.backward()
+        backward_events = list(events)
+        opt.step()
+        opt.zero_grad()
+    schedule = model._zero_state.schedule
+    assert all(u.schedule is schedule for u in units.values())
+    assert [u for u in schedule.forward_order] == [units["root"], units["blocks.0"], units["blocks.1"]]
+    assert schedule.backward_order == [units["root"], units["blocks.1"], units["blocks.0"]]
+    # Second step, forward: blocks.1's gather is issued while blocks.0 runs, before blocks.1's forward.
+    assert forward_events.index(("issue", "blocks.1")) < forward_events.index(("forward", "blocks.0"))
+    assert forward_events.count(("issue", "blocks.1")) == 1
+    # Backward: each block's re-gather is issued before the block first needs a weight.
+    for name in ("blocks.1", "blocks.0"):
+        assert backward_events.index(("issue", name)) < backward_events.index(("need", name)), backward_events
+        assert backward_events.count(("issue", name)) == 1
+
+
+def test_prefetch_order():
+    run_on_ranks(2, _check_prefetch_order)
+
+
+def _check_freed_with_prefetch():
+    """From the second step on (prefetching), the wholes are still freed after forward and after backward."""
+    mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
+    model = _sharded_model(mesh)
+    units = _units(model)
+    gathered = []
+
+    def record(module, args):  # runs after fully_shard's gather hook
+        for owner, name, _ in module._zero_state.entries:
+            gathered.append(weakref.ref(owner.__dict__[name]._local_tensor))
+
+    for module in (*model.blocks, model):
+        module.register_forward_pre_hook(record)
+    regathered = []
+    for unit in units.values():  # record every whole re-gathered in backward
+        def receive(pending, _unit=unit, _receive=unit._receive):
+            _receive(pending)
+            regathered.extend(weakref.ref(_unit.alive[i]) for i in pending[1] if i in _unit.alive)
+        unit._receive = receive
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        gathered.clear()
+        regathered.clear()
+        x, y = _batch(mesh, step)
+        loss = F.mse_loss(model(x), y)
+        gc.collect()
+        assert len(gathered) == 10 and all(ref() is None for ref in gathered), step
+        assert all(u.prefetched is None for u in units.values())
+        loss.backward()
+        del loss
+        gc.collect()
+        assert len(regathered) == 4 and all(ref() is None for ref in regathered), step  # the 4 saved weights
+        for unit in units.values():
+            assert not unit.alive and not unit.unpacks_left and unit.regather_prefetched is None
+        assert all(isinstance(p.grad, DTensor) and p.grad.placements == (Shard(0),) for p in model.parameters())
+        opt.step()
+        opt.zero_grad()
+
+
+def test_freed_with_prefetch():
+    run_on_ranks(2, _check_freed_with_prefetch)
+
+
+# -- mixed precision ----------------------------------------------------------------------------------------------
+
+
+def _single_device_bf16():
+    model = _model(SIZES).to(torch.bfloat16)
+    x, y = _data(SIZES, 0)
+    loss = F.mse_loss(model(x.to(torch.bfloat16)).float(), y.float())
+    loss.backward()
+    return loss.detach(), [p.grad.float() for p in model.parameters()]
+
+
+def _check_mixed_precision():
+    mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
+    policy = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    bytes_ = {}
+    for mp in (None, policy):
+        model = _sharded_model(mesh, mp)
+        x, y = _batch(mesh, 0)
+        with dtp.comm_mode() as comm:
+            out = model(x)
+            loss = F.mse_loss(out.float(), y)
+            loss.backward()
+        assert not comm.fallbacks, comm
+        bytes_[mp] = (comm.bytes("all_gather"), comm.bytes("reduce_scatter"), comm.count())
+    assert out.dtype == torch.bfloat16
+    want_loss, want_grads = _single_device_bf16()
+    torch.testing.assert_close(loss.full_tensor(), want_loss, **BF16)
+    for p, want in zip(model.parameters(), want_grads):
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32 and p.grad.placements == (Shard(0),)
+        torch.testing.assert_close(p.grad.full_tensor(), want, **BF16)
+    (ag32, rs32, count32), (ag16, rs16, count16) = bytes_[None], bytes_[policy]
+    assert ag16 * 2 == ag32 and rs16 == rs32 and count16 == count32, bytes_  # gathers in bf16, reduces in fp32
+
+
+def test_mixed_precision_bf16_gather_fp32_reduce():
+    run_on_ranks(2, _check_mixed_precision)
+
+
+def _check_mp_errors():
+    mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
+    with pytest.raises(TypeError, match="MixedPrecision"):
+        fully_shard(_model(SIZES), mesh, mp_policy=torch.bfloat16)
+
+
+def test_mp_policy_type_checked():
+    run_on_ranks(2, _check_mp_errors)
