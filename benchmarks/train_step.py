@@ -166,10 +166,10 @@ def analytic_state(layout, counts, shape) -> tuple[float, str]:
     P, n = F32 * counts["total"], shape.get("dp", 1)
     if layout in ("tp", "tp+sp", "dp x tp+sp", "dp"):
         return 4 * F32 * counts["local"], "16Ψ_local"
-    if layout == "zero-1":
-        return 2 * P + 3 * P / n, "8Ψ+12Ψ/n"  # whole param + grad; master, m, v sharded
-    if layout == "zero-2":
-        return P + 4 * P / n, "4Ψ+16Ψ/n"  # whole param; grad, master, m, v sharded
+    if layout in ("zero-1", "zero-2"):
+        # whole param; reduced grad, master, m, v sharded. Measured after step(): zero-1 frees its whole
+        # gradients there (they live from backward to step, +4Ψ at the peak), zero-2 never holds them.
+        return P + 4 * P / n, "4Ψ+16Ψ/n"
     return 4 * P / n, "16Ψ/n"
 
 
