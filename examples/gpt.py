@@ -191,15 +191,21 @@ def tp_plan(config: GPTConfig, sequence_parallel: bool) -> dict:
     Every style keeps DTensor outputs (``use_local_output=False``): the model reads global shapes
     (``view(B, T, H, K)``), and on a (dp, tp) mesh a local block could not be re-wrapped on the 2-D mesh.
     """
-    from dtensor_plus.layouts import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+    from dtensor_plus.layouts import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel,
+                                      SequenceParallel)
     from dtensor_plus.placements import Replicate, Shard
 
     act = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream (B, T, D)
     colwise = dict(input_layouts=act, use_local_output=False)
     rowwise = dict(output_layouts=act, use_local_output=False)
     plan = {"tok_emb": RowwiseParallel(input_layouts=Replicate(), **rowwise)}
-    if sequence_parallel:  # gather the attention input once for q, k and v together, not once each
-        plan["blocks.*.attn"] = PrepareModuleInput(input_layouts=act, desired_input_layouts=Replicate())
+    # One boundary per tensor-parallel region: under sp the attention input is gathered once for q, k and v
+    # together; without sp its gradient (and the MLP's, and the head's) is all-reduced once there, before the
+    # norm's backward, so the norms' gradients come out whole (Megatron's "f").
+    plan["blocks.*.attn"] = PrepareModuleInput(input_layouts=act, desired_input_layouts=Replicate(), use_local_output=False)
+    if not sequence_parallel:
+        plan["blocks.*.mlp"] = PrepareModuleInput(input_layouts=act, desired_input_layouts=act, use_local_output=False)
+        plan["ln_f"] = PrepareModuleOutput(output_layouts=act, desired_output_layouts=act, use_local_output=False)
     for name in ("q", "k", "v"):
         plan[f"blocks.*.attn.{name}"] = ColwiseParallel(input_layouts=Replicate(), use_local_output=False)
     plan["blocks.*.attn.proj"] = RowwiseParallel(**rowwise)

@@ -97,12 +97,16 @@ def _normal(placement: Placement, ndim: int) -> Placement:
     return placement.normalized(ndim) if isinstance(placement, Shard) else placement
 
 
-def _redistribute(x: DTensor, layout: Placement, device_mesh) -> DTensor:
-    """``x`` with ``layout`` on the style's mesh dim; its other mesh dims (e.g. dp) keep their placements."""
+def _redistribute(x: DTensor, layout: Placement, device_mesh, boundary: bool = False) -> DTensor:
+    """``x`` with ``layout`` on the style's mesh dim; its other mesh dims (e.g. dp) keep their placements.
+
+    ``boundary``: even when ``x`` already has the layout, pass it through a (free) redistribute, whose
+    backward reduces a Partial gradient to that layout right here (Megatron's "f": the gradients of the
+    norms before a tensor-parallel region come out whole instead of Partial)."""
     mesh_dim = _style_mesh_dim(x, device_mesh)
     # Shard(-1) and Shard(ndim-1) are the same layout; compare normalised so no redundant step is planned.
     target = _normal(layout, x.ndim)
-    if _normal(x.placements[mesh_dim], x.ndim) == target:
+    if _normal(x.placements[mesh_dim], x.ndim) == target and not boundary:
         return x
     placements = list(x.placements)
     placements[mesh_dim] = target
@@ -293,7 +297,7 @@ def _convert_each(values: Sequence, layouts: tuple, desired: tuple, device_mesh,
     converted = []
     for x, layout, want in zip(values, layouts, desired):
         if layout is not None and isinstance(x, torch.Tensor):
-            x = _redistribute(_to_dtensor(x, device_mesh, layout), want, device_mesh)
+            x = _redistribute(_to_dtensor(x, device_mesh, layout), want, device_mesh, boundary=True)
             x = x.to_local() if use_local else x
         converted.append(x)
     return converted
