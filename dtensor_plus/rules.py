@@ -78,6 +78,7 @@ Rule = Callable[[OpSchema], Sharding]
 
 _RULES: dict[torch._ops.OpOverload, Rule] = {}
 _OVERRIDES: list[dict] = []
+_OVERRIDE_STRIDED: list[str | None] = []  # each scope's ``strided`` mode, beside _OVERRIDES
 _GENERATION = [0]  # bumped whenever the registry changes: every cached plan is stale then
 # The rule set in force, as a hashable value: (generation, one id per active override scope). Entering an
 # override with the same rules as before gives back the same value, so the dispatcher keeps one plan cache
@@ -128,9 +129,11 @@ def rule_for(op: torch._ops.OpOverload) -> Rule | None:
 
 
 def strided_mode(op: torch._ops.OpOverload) -> str | None:
-    """How ``op``'s rule meets StridedShard inputs (register_rule's ``strided``); None under an override."""
-    if any(op in overrides for overrides in _OVERRIDES):
-        return None
+    """How ``op``'s rule meets StridedShard inputs: register_rule's ``strided``, or override_rule's for an op
+    it overrides."""
+    for overrides, mode in zip(reversed(_OVERRIDES), reversed(_OVERRIDE_STRIDED)):
+        if op in overrides:
+            return mode
     return _STRIDED.get(op)
 
 
@@ -161,16 +164,22 @@ def _identity(rule):
 
 
 @contextlib.contextmanager
-def override_rule(rules: dict[torch._ops.OpOverload, Rule]):
-    """Use ``rules`` in place of the registered ones inside the block (scoped; nests; cache-safe)."""
+def override_rule(rules: dict[torch._ops.OpOverload, Rule], *, strided: str | None = None):
+    """Use ``rules`` in place of the registered ones inside the block (scoped; nests; cache-safe).
+    ``strided``: how these rules meet StridedShard inputs, as in ``register_rule``."""
+    if strided not in (None, *STRIDED_MODES):
+        raise ValueError(f"override_rule(strided={strided!r}): use None or one of {STRIDED_MODES}")
     scope = dict(rules)
-    scope_id = _SCOPE_IDS.setdefault(frozenset((op, _identity(r)) for op, r in scope.items()), len(_SCOPE_IDS))
+    identity = (frozenset((op, _identity(r)) for op, r in scope.items()), strided)
+    scope_id = _SCOPE_IDS.setdefault(identity, len(_SCOPE_IDS))
     _OVERRIDES.append(scope)
+    _OVERRIDE_STRIDED.append(strided)
     _SCOPE_STACK.append(scope_id)
     _refresh_rule_set()
     try:
         yield
     finally:
-        _OVERRIDES.remove(scope)
+        at = next(i for i, s in enumerate(_OVERRIDES) if s is scope)
+        del _OVERRIDES[at], _OVERRIDE_STRIDED[at]
         _SCOPE_STACK.remove(scope_id)
         _refresh_rule_set()

@@ -44,6 +44,9 @@ class GPTConfig:
         num_layers, num_heads, dim: depth, H and D (D must divide by H).
         dropout: probability for the embedding, attention and residual dropouts.
         bias: whether Linear layers and LayerNorms have biases.
+        attention: "matmul" (written out: q @ k^T, mask, softmax, dropout, @ v) or "sdpa"
+            (``F.scaled_dot_product_attention``, causal, without dropout on the attention probabilities, as
+            most current LLMs train; what context parallelism shards along the sequence).
     """
 
     vocab_size: int = 256
@@ -53,6 +56,7 @@ class GPTConfig:
     dim: int = 16
     dropout: float = 0.0
     bias: bool = True
+    attention: str = "matmul"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "num_layers", "num_heads", "dim"):
@@ -66,6 +70,8 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in ("matmul", "sdpa"):
+            raise ValueError(f"attention must be 'matmul' or 'sdpa', got {self.attention!r}")
 
     def replace(self, **changes) -> GPTConfig:
         return dataclasses.replace(self, **changes)
@@ -84,7 +90,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         D = config.dim
-        self.num_heads, self.dropout = config.num_heads, config.dropout
+        self.num_heads, self.dropout, self.kind = config.num_heads, config.dropout, config.attention
         # Separate q, k, v: each can be split column-wise on its own, so every rank holds whole heads.
         self.q = nn.Linear(D, D, bias=config.bias)
         self.k = nn.Linear(D, D, bias=config.bias)
@@ -98,10 +104,14 @@ class CausalSelfAttention(nn.Module):
         H, K = self.num_heads, D // self.num_heads
         # (B, T, D) -> (B, H, T, K): heads as a view; with q/k/v colwise the split dim D is sharded by heads.
         q_BHTK, k_BHTK, v_BHTK = (lin(x_BTD).view(B, T, H, K).transpose(1, 2) for lin in (self.q, self.k, self.v))
-        scores_BHTT = q_BHTK @ k_BHTK.transpose(-2, -1) / math.sqrt(K)
-        scores_BHTT = scores_BHTT.masked_fill(self.causal_TT[:T, :T], float("-inf"))
-        probs_BHTT = F.dropout(scores_BHTT.softmax(-1), self.dropout, self.training)
-        y_BTD = (probs_BHTT @ v_BHTK).transpose(1, 2).reshape(B, T, D)
+        if self.kind == "sdpa":
+            y_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, is_causal=True)
+        else:
+            scores_BHTT = q_BHTK @ k_BHTK.transpose(-2, -1) / math.sqrt(K)
+            scores_BHTT = scores_BHTT.masked_fill(self.causal_TT[:T, :T], float("-inf"))
+            probs_BHTT = F.dropout(scores_BHTT.softmax(-1), self.dropout, self.training)
+            y_BHTK = probs_BHTT @ v_BHTK
+        y_BTD = y_BHTK.transpose(1, 2).reshape(B, T, D)
         return F.dropout(self.proj(y_BTD), self.dropout, self.training)
 
 

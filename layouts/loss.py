@@ -71,7 +71,9 @@ def loss_parallel():
     for op, rule in _RULES.items():
         default = rules.rule_for(op)  # what was in force when the block was entered (nests)
         overrides[op] = functools.partial(rule, default=default)
-    with rules.override_rule(overrides):
+    # Rows are independent in all four ops, so a StridedShard of the rows (a flattened (B, T) with T on cp)
+    # may be read as a Shard of them; the class dim is always a plain Shard.
+    with rules.override_rule(overrides, strided="as_shard"):
         yield
 
 

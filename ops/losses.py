@@ -149,7 +149,7 @@ def _inputs_by_name(op: OpSchema, wanted: dict) -> tuple:
     return tuple(wanted.get(name) for name, value in named if isinstance(value, DTensorSpec))
 
 
-@register_rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
+@register_rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default, strided="as_shard")
 def nll_loss_forward_rule(op: OpSchema) -> Sharding:
     self_spec, target_spec = op.specs[0], op.specs[1]
     reduction = op.arg(3, "reduction")
@@ -197,7 +197,7 @@ def nll_backward_layouts(reduction: int, self_p, target_p, whole) -> dict:
     }
 
 
-@register_rule(aten.nll_loss_backward.default, aten.nll_loss2d_backward.default)
+@register_rule(aten.nll_loss_backward.default, aten.nll_loss2d_backward.default, strided="as_shard")
 def nll_loss_backward_rule(op: OpSchema) -> Sharding:
     self_spec, target_spec = op.specs[1], op.specs[2]
     reduction = op.arg(4, "reduction")

@@ -94,7 +94,7 @@ def model_and_layout(draw):
     config = CONFIG.replace(
         num_layers=draw(st.integers(1, 2)), num_heads=heads, dim=heads * draw(st.integers(2, 4)),
         block_size=draw(st.sampled_from([4, 6, 8])), dropout=draw(st.sampled_from([0.0, 0.1])),
-        bias=draw(st.booleans()))
+        bias=draw(st.booleans()), attention=draw(st.sampled_from(["matmul", "sdpa"])))
     return config, layout, draw(st.integers(0, 2**16))
 
 
@@ -114,7 +114,7 @@ def _run_config(config, layout, batch_list, seed):
 @settings(max_examples=6, deadline=None)
 @given(case=model_and_layout())
 def test_random_models_and_layouts_train_like_one_device(case):
-    """Hypothesis: random small configs (depth, heads, width, sequence, bias, dropout) on random 4-rank
+    """Hypothesis: random small configs (depth, heads, width, sequence, bias, dropout, attention) on random 4-rank
     layouts; 3 AdamW steps equal one device: losses within 1e-5, parameters within RANDOM_PARAM_TOL.
 
     Why a wider parameter tolerance here: a sharded run sums the same terms in another order (tp's row-wise

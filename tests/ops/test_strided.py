@@ -69,3 +69,36 @@ def check_round_trip(shape, dim, seed):
 @pytest.mark.parametrize("shape,dim", [((2, 5, 3), 1), ((3, 2, 4, 2), 2), ((1, 3, 7), 2)])
 def test_strided_round_trip_and_gathered_ops(shape, dim):
     run_on_ranks(3, check_round_trip, shape, dim, 0)
+
+
+def check_sequence_sharded_cross_entropy(mesh_shape, B, T, V, seed):
+    """A GPT's loss under context parallelism: (B, T, V) logits with T sharded, flattened to (B*T, V) rows:
+    cross-entropy reads the StridedShard rows in place (no gather of logits or targets), inside and outside
+    loss_parallel, and on a (cp, tp) mesh with the vocabulary sharded too."""
+    import torch.nn.functional as F
+
+    from dtensor_plus.layouts import loss_parallel
+
+    mesh = dtp.init_device_mesh("cpu", mesh_shape)
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=gen)
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    vocab = [Shard(2)] if len(mesh_shape) == 2 else []
+    x = make_dtensor(logits, mesh, [Shard(1)] + vocab, requires_grad=True)
+    t = make_dtensor(targets, mesh, [Shard(1)] + [Replicate()] * len(vocab))
+
+    def loss(x, t):
+        return F.cross_entropy(x.flatten(0, 1), t.flatten(0, 1))
+
+    with loss_parallel():
+        assert_spmd_equal(loss, x, t)
+        with dtp.comm_mode() as comm:
+            loss(x, t).backward()
+    if not vocab:
+        assert_spmd_equal(loss, x, t)
+    assert comm.count("all_gather") == 0 and not comm.fallbacks, comm
+
+
+@pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)])
+def test_sequence_sharded_cross_entropy(mesh_shape):
+    run_on_ranks(math.prod(mesh_shape), check_sequence_sharded_cross_entropy, mesh_shape, 2, 6, 8, 0)
