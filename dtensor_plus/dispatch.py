@@ -134,7 +134,7 @@ class Plan:
         self.out_specs = out_specs  # None entries: the output's global metadata comes from the local result
         self.shape_arg = shape_arg
         self.inplace = inplace
-        self.random = random_op
+        self.random = random_op  # the aten op when it is tagged nondeterministic_seeded, else None
         self.fallback = fallback
 
     def run(self, args, kwargs, dtensors, dtensor_cls):
@@ -156,7 +156,7 @@ class Plan:
             local_args[self.shape_arg] = list(self.out_specs[0].local_shape_and_offset()[0])
         if self.fallback:
             collectives.record_fallback(str(self.func))
-        if self.random:
+        if self.random is not None and random.draws(self.random, args, kwargs):
             out = self._run_random(args, kwargs, local_args, local_kwargs, dtensors, dtensor_cls)
         else:
             out = self.func(*local_args, **local_kwargs)
@@ -280,7 +280,8 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
     positions = tuple(i for i, a in enumerate(args) if isinstance(a, dtensor_cls))
     if len(positions) != len(dtensors):
         positions = None  # some DTensor sits in a list or a keyword: substitute recursively
-    return Plan(local_op, targets, out_specs or (), sharding.shape_arg, inplace, _is_random(func), fallback, positions)
+    random_op = func if _is_random(func) else None
+    return Plan(local_op, targets, out_specs or (), sharding.shape_arg, inplace, random_op, fallback, positions)
 
 
 def _is_random(func) -> bool:

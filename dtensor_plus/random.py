@@ -19,7 +19,27 @@ import torch
 
 from . import collectives
 
-__all__ = ["manual_seed", "is_strict", "rng_for"]
+__all__ = ["manual_seed", "is_strict", "rng_for", "draws"]
+
+_aten = torch.ops.aten
+# Ops tagged nondeterministic_seeded that draw nothing at dropout_p == 0 (position of dropout_p): attention.
+# Strict mode would otherwise gather their inputs for nothing, and the sharded rules (heads, batch, the
+# sequence under context parallelism) would never run in a dropout-checked training run.
+_DROPOUT_P_AT = {
+    _aten._scaled_dot_product_flash_attention_for_cpu.default: 3,
+    _aten._scaled_dot_product_flash_attention.default: 3,
+    _aten._scaled_dot_product_efficient_attention.default: 5,
+}
+
+
+def draws(func, args, kwargs) -> bool:
+    """Does this call of a nondeterministic_seeded op draw random numbers? (Checked per call: the dispatch
+    cache key holds a float argument's type, not its value.)"""
+    at = _DROPOUT_P_AT.get(func)
+    if at is None:
+        return True
+    dropout_p = args[at] if len(args) > at else kwargs.get("dropout_p", 0.0)
+    return dropout_p > 0
 
 
 class _RNGState:

@@ -122,3 +122,21 @@ def _dropout_strict():
 
 def test_dropout_matches_one_device_in_strict_mode():
     run_on_ranks(2, _dropout_strict)
+
+
+def _no_dropout_strict():
+    """The fused kernel is tagged random, but at dropout_p = 0 it draws nothing: strict mode must not gather
+    its inputs (heads stay sharded, no collective)."""
+    mesh = init_device_mesh("cpu", (2,))
+    q = make_dtensor(_whole((2, 4, 3, 5), 1), mesh, [Shard(1)], requires_grad=True)
+    dtensor_plus.manual_seed(5, strict=True)
+    try:
+        with comm_mode() as comm:
+            out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    finally:
+        dtensor_plus.manual_seed(5)
+    return comm.count(), out.placements
+
+
+def test_no_dropout_runs_sharded_in_strict_mode():
+    assert run_on_ranks(2, _no_dropout_strict)[0] == (0, (Shard(1),))
