@@ -29,7 +29,7 @@ from .placements import chunk_bounds
 
 __all__ = [
     "comm_mode", "CommCounter", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "scatter",
-    "all_gather_flat", "reduce_scatter_flat",
+    "all_gather_flat", "reduce_scatter_flat", "ring_shift",
 ]
 
 # torch >= 2.12 renamed the tensor-in/tensor-out collectives; older releases have only the old names.
@@ -296,3 +296,48 @@ def reduce_scatter_flat(tensors, mesh, mesh_dim: int, dims, reduce_ops) -> list[
 def _check_one_dtype(tensors, who: str) -> None:
     dtypes = {t.dtype for t in tensors}
     assert len(dtypes) <= 1, f"{who} packs one dtype per buffer, got {sorted(map(str, dtypes))}"
+
+
+# -- point-to-point: the ring of one mesh dim ---------------------------------------------------------------
+
+
+def ring_shift(tensors, mesh, mesh_dim: int | str, *, recv_shapes=None, tag: int = 0, async_op: bool = False):
+    """Send each tensor to the next rank along ``mesh_dim`` (local index i -> i+1 mod n) and receive, in its
+    place, the one the previous rank sends: a single batch of p2p ops (``batch_isend_irecv``).
+
+    ``recv_shapes`` (default: the shapes sent) says what arrives; with uneven shards the previous rank's
+    block can differ in size, and the caller knows it from global metadata. Empty tensors still travel (as
+    empty messages): every rank issues the same p2p ops, so the group's sequence numbers stay in step.
+    Tensor i travels with tag ``tag + i``, so two shifts in flight at once (ring attention's k/v and its
+    gradient accumulators) never match each other's messages. Bytes: what this rank sends. With
+    ``async_op`` it returns a ``PendingCollective`` whose ``wait()`` gives the received list; otherwise the
+    list.
+    """
+    mesh_dim = mesh.mesh_dim_index(mesh_dim)  # a name or an index
+    n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    sends = [t.contiguous() for t in tensors]
+    if n == 1:  # the ring of one: what is sent comes straight back
+        return PendingCollective("ring_shift", mesh, mesh_dim, None, lambda: sends) if async_op else sends
+    shapes = [t.shape for t in sends] if recv_shapes is None else [torch.Size(s) for s in recv_shapes]
+    recvs = [t.new_empty(shape) for t, shape in zip(sends, shapes)]
+    _record("ring_shift", mesh, mesh_dim, sum(_nbytes(t) for t in sends))
+    works = _run("ring_shift", mesh, mesh_dim, _shift, sends, recvs, (index + 1) % n, (index - 1) % n, tag)
+    pending = PendingCollective("ring_shift", mesh, mesh_dim, _AllWorks(works), lambda: recvs)
+    return pending if async_op else pending.wait()
+
+
+def _shift(sends, recvs, next_peer: int, prev_peer: int, tag: int, *, group):
+    ops = [dist.P2POp(dist.isend, t, group=group, group_peer=next_peer, tag=tag + i) for i, t in enumerate(sends)]
+    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=prev_peer, tag=tag + i) for i, t in enumerate(recvs)]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+class _AllWorks:
+    """The works of one batch of p2p ops, waited on as one."""
+
+    def __init__(self, works):
+        self._works = works
+
+    def wait(self):
+        for work in self._works:
+            work.wait()

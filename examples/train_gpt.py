@@ -1,6 +1,7 @@
 """Train the GPT of examples/gpt.py on a (dp, tp) mesh, with any ZeRO stage, and check it against one process.
 
     torchrun --standalone --nproc-per-node 4 examples/train_gpt.py --dp 2 --tp 2 --sp --zero 3 --config debug --steps 20
+    torchrun --standalone --nproc-per-node 4 examples/train_gpt.py --cp 2 --tp 2          # context parallel (ring)
 
 The text is one every machine has without a download: the bytes of the Python standard library's own source
 files (``sysconfig.get_paths()["stdlib"]``, read at run time; byte-level vocabulary of 256). Batches are random
@@ -22,7 +23,9 @@ The pieces are functions so tests can run a layout without torchrun (tests/examp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import os
 import sys
 import sysconfig
@@ -35,9 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dtensor_plus as dtp  # noqa: E402
-from dtensor_plus import DTensor  # noqa: E402
-from dtensor_plus.layouts import ZeroRedundancyOptimizer, fully_shard, loss_parallel, parallelize_module  # noqa: E402
-from dtensor_plus.layouts.data import replicate, shard_batch  # noqa: E402
+from dtensor_plus import DTensor, Replicate, Shard  # noqa: E402
+from dtensor_plus.layouts import (ZeroRedundancyOptimizer, context_parallel, fully_shard, loss_parallel,  # noqa: E402
+                                  parallelize_module)
+from dtensor_plus.layouts.data import replicate  # noqa: E402
 from gpt import GPT, PRESETS, GPTConfig, tp_plan  # noqa: E402
 
 MAX_TEXT_BYTES = 4 << 20  # enough text for a small model; reading all of the stdlib (~30 MB) takes seconds
@@ -57,9 +61,11 @@ class Layout:
     tp: int = 1
     sp: bool = False
     zero: int = 0
+    cp: int = 1
+    cp_kind: str = "ring"
 
     def __post_init__(self):
-        for name in ("dp", "tp"):
+        for name in ("dp", "tp", "cp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Layout.{name} must be a positive int, got {value!r}")
@@ -69,13 +75,18 @@ class Layout:
             raise ValueError(f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
         if self.zero and self.dp == 1:
             raise ValueError(f"zero={self.zero} shards on the dp mesh dim and needs dp > 1; set dp or zero=0")
+        if self.sp and self.cp > 1:
+            raise ValueError("sp and cp both shard the sequence; context parallelism (cp) already covers the norms")
+        if self.cp_kind not in ("ring", "ulysses"):
+            raise ValueError(f"cp_kind must be 'ring' or 'ulysses', got {self.cp_kind!r}")
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp
+        return self.dp * self.tp * self.cp
 
     def __str__(self) -> str:
-        return f"dp={self.dp} tp={self.tp} sp={self.sp} zero={self.zero}"
+        cp = f" cp={self.cp} ({self.cp_kind})" if self.cp > 1 else ""
+        return f"dp={self.dp} tp={self.tp} sp={self.sp} zero={self.zero}{cp}"
 
 
 @dataclass
@@ -97,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism on the tp mesh dim")
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage on the dp mesh dim")
+    parser.add_argument("--cp", type=int, default=1, help="context-parallel size (sequence sharded through attention)")
+    parser.add_argument("--cp-kind", default="ring", choices=("ring", "ulysses"))
     parser.add_argument("--config", default="debug", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (divisible by --dp)")
@@ -110,12 +123,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     # torchrun sets WORLD_SIZE; a process group started otherwise (e.g. run_on_ranks in tests) knows its own.
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    if args.dp * args.tp != world:
-        parser.error(f"dp({args.dp}) * tp({args.tp}) != world size({world}); launch with --nproc-per-node {args.dp * args.tp}")
+    if args.dp * args.tp * args.cp != world:
+        parser.error(f"dp({args.dp}) * tp({args.tp}) * cp({args.cp}) != world size({world}); "
+                     f"launch with --nproc-per-node {args.dp * args.tp * args.cp}")
     if args.batch_size % args.dp:
         parser.error(f"--batch-size({args.batch_size}) must divide by --dp({args.dp})")
     try:
-        args.layout = Layout(args.dp, args.tp, args.sp, args.zero)
+        args.layout = Layout(args.dp, args.tp, args.sp, args.zero, args.cp, args.cp_kind)
     except ValueError as err:
         parser.error(str(err))
     return args
@@ -152,9 +166,18 @@ def batches(data: torch.Tensor, steps: int, batch_size: int, seq_len: int, seed:
 
 
 def make_mesh(layout: Layout):
-    """A mesh with a named dim per parallelism of size > 1: ("dp",), ("tp",) or ("dp", "tp")."""
-    names, shape = zip(*[(n, s) for n, s in (("dp", layout.dp), ("tp", layout.tp)) if s > 1] or [("dp", 1)])
+    """A mesh with a named dim per parallelism of size > 1, in the order ("dp", "tp", "cp") (cp innermost:
+    Ulysses splits tp's blocks of heads further)."""
+    sizes = (("dp", layout.dp), ("tp", layout.tp), ("cp", layout.cp))
+    names, shape = zip(*[(n, s) for n, s in sizes if s > 1] or [("dp", 1)])
     return dtp.init_device_mesh("cpu", shape, mesh_dim_names=names)
+
+
+def place_batch(batch: torch.Tensor, mesh) -> DTensor:
+    """Whole (B, T) tokens as a DTensor: batch Shard(0) on dp, sequence Shard(1) on cp, Replicate elsewhere."""
+    by_name = {"dp": Shard(0), "cp": Shard(1)}
+    placements = [by_name.get(name, Replicate()) for name in mesh.mesh_dim_names]
+    return dtp.distribute_tensor(batch, mesh, placements, src_data_rank=None)
 
 
 def place_model(model: GPT, mesh, layout: Layout) -> GPT:
@@ -168,10 +191,11 @@ def place_model(model: GPT, mesh, layout: Layout) -> GPT:
     """
     if layout.tp > 1:
         parallelize_module(model, mesh["tp"], tp_plan(model.config, sequence_parallel=layout.sp))
-    if layout.dp == 1:
+    if layout.dp == 1 and layout.cp == 1:
         dtp.distribute_module(model, mesh)  # replicate what tp_plan leaves plain (position embedding, norms)
         return model
-    replicate(model, mesh, reduce_in_backward=layout.zero == 0)
+    # Under cp each rank's gradients cover its part of the sequence: reduced over cp (and dp) like dp's.
+    replicate(model, mesh, dp_dim="dp" if layout.dp > 1 else "cp", reduce_in_backward=layout.zero == 0)
     if layout.zero == 3:
         # FSDP2 order: the blocks first, then the root, which owns the rest (embeddings, final norm, head).
         for block in model.blocks:
@@ -194,13 +218,13 @@ def make_optimizer(model: GPT, mesh, layout: Layout, lr: float):
 # -- training --------------------------------------------------------------------------------------------
 
 
-def train(model, opt, data_batches, place=lambda t: t, log=None) -> list[float]:
-    """One optimizer step per batch; the loss inside ``loss_parallel`` (a no-op for plain tensors,
-    vocab-sharded logits otherwise). Returns the losses."""
+def train(model, opt, data_batches, place=lambda t: t, log=None, scope=contextlib.nullcontext) -> list[float]:
+    """One optimizer step per batch; forward and backward inside ``scope()`` (e.g. context_parallel) and
+    ``loss_parallel`` (a no-op for plain tensors, vocab-sharded logits otherwise). Returns the losses."""
     losses = []
     for step, (tokens, targets) in enumerate(data_batches):
         start = time.perf_counter()
-        with loss_parallel():
+        with scope(), loss_parallel():
             loss = model.loss(place(tokens), place(targets))
             loss.backward()
         opt.step()
@@ -224,6 +248,8 @@ def compare_with_single(config: GPTConfig, layout: Layout, batch_list, lr: float
     Call on every rank of a ``layout.world``-rank group (torchrun or ``run_on_ranks``); ``batch_list`` is the
     same list of whole (tokens, targets) batches on every rank.
     """
+    if layout.cp > 1 and config.attention != "sdpa":
+        raise ValueError("context parallelism shards attention's sequence: use GPTConfig(attention='sdpa')")
     mesh = mesh if mesh is not None else make_mesh(layout)
     torch.manual_seed(seed)
     model = GPT(config)
@@ -232,7 +258,8 @@ def compare_with_single(config: GPTConfig, layout: Layout, batch_list, lr: float
     place_model(model, mesh, layout)
     opt = make_optimizer(model, mesh, layout, lr)
     dtp.manual_seed(seed + 1, strict=True)  # dropout drawn as one device would
-    mesh_losses = train(model, opt, batch_list, place=lambda t: shard_batch(t, mesh), log=log)
+    scope = functools.partial(context_parallel, "cp", layout.cp_kind) if layout.cp > 1 else contextlib.nullcontext
+    mesh_losses = train(model, opt, batch_list, place=lambda t: place_batch(t, mesh), log=log, scope=scope)
 
     torch.manual_seed(seed + 1)
     single_losses = train(reference, make_optimizer(reference, None, Layout(), lr), batch_list)
@@ -285,6 +312,8 @@ def main(argv=None) -> Result:
     mesh = make_mesh(layout)
     rank0 = mesh.get_rank() == 0
     config = PRESETS[args.config].replace(dropout=args.dropout)
+    if layout.cp > 1:
+        config = config.replace(attention="sdpa")  # what context parallelism shards along the sequence
     seq_len = args.seq_len or config.block_size
     data = stdlib_bytes(args.text_bytes)
     if rank0:

@@ -6,6 +6,7 @@
 
 from .annotation import format_layout, layout_of, parse_layout
 from .clip import clip_grad_norm_, get_total_norm
+from .context_parallel import context_parallel
 from .data import replicate, shard_batch, sync_gradients
 from .loss import loss_parallel
 from .plan import parallelize_module
@@ -24,5 +25,5 @@ __all__ = [
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "SequenceParallel", "PrepareModuleInput",
     "PrepareModuleOutput", "parallelize_module", "loss_parallel", "parse_layout", "format_layout", "layout_of",
     "replicate", "sync_gradients", "shard_batch", "fully_shard", "ZeroRedundancyOptimizer", "CPUOffload",
-    "clip_grad_norm_", "get_total_norm", "MixedPrecision", "mixed_precision",
+    "clip_grad_norm_", "get_total_norm", "MixedPrecision", "mixed_precision", "context_parallel",
 ]

@@ -40,6 +40,17 @@ LAYOUTS = {
     "zero3-dp2-tp2": Layout(dp=2, tp=2, zero=3),
     "zero2-dp4-tp2-sp": Layout(dp=4, tp=2, sp=True, zero=2),
 }
+# Context parallelism (issue 5): the sequence sharded through attention itself, ring or Ulysses. The model
+# uses F.scaled_dot_product_attention (what cp shards; no dropout on the attention probabilities, the
+# embedding and residual dropouts stay).
+CP_LAYOUTS = {
+    "cp2-ring": Layout(cp=2),
+    "cp4-ring": Layout(cp=4),
+    "tp2-cp2-ring": Layout(tp=2, cp=2),
+    "zero3-dp2-cp2-ring": Layout(dp=2, cp=2, zero=3),
+    "cp4-ulysses": Layout(cp=4, cp_kind="ulysses"),
+    "tp2-cp2-ulysses": Layout(tp=2, cp=2, cp_kind="ulysses"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +60,19 @@ def batch_list():
     return list(train_gpt.batches(data, STEPS, BATCH, CONFIG.block_size, SEED))
 
 
-def _run(layout, batch_list):
+def _run(layout, batch_list, config=CONFIG):
     with dtp.comm_mode() as comm:
-        result = train_gpt.compare_with_single(CONFIG, layout, batch_list, lr=LR, seed=SEED)
+        result = train_gpt.compare_with_single(config, layout, batch_list, lr=LR, seed=SEED)
     return result, dict(comm.fallbacks)
+
+
+@pytest.mark.parametrize("layout", CP_LAYOUTS.values(), ids=CP_LAYOUTS.keys())
+def test_context_parallel_trains_like_one_device(layout, batch_list):
+    config = CONFIG.replace(attention="sdpa")
+    result, fallbacks = run_on_ranks(layout.world, _run, layout, batch_list, config, timeout=120.0)[0]
+    assert not fallbacks, fallbacks
+    assert max(abs(a - b) for a, b in zip(result.mesh_losses, result.single_losses)) <= TOL, result
+    assert result.max_param_diff <= TOL, (layout, result.max_param_diff)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())

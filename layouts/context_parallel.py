@@ -1,0 +1,92 @@
+"""``context_parallel()``: attention over a sequence sharded on a context-parallel mesh dim, never gathered.
+
+Outside the block, scaled-dot-product attention on sequence-sharded q, k, v gathers the sequence
+(ops/attention.py). Inside it, the attention ops (forward and backward) take one of two rules, installed
+through ``rules.override_rule`` (scoped, nesting, one plan cache per rule set):
+
+    kind        what moves on the cp mesh dim                          where
+    "ring"      k/v blocks pass around the ring (n-1 shifts forward)   ops/ring_attention.py
+    "ulysses"   all-to-all sequence-sharded -> head-sharded and back   ops/ulysses_attention.py
+
+Calls whose q, k, v are not sharded on the sequence dim of that mesh dim keep the default rule, and every
+other mesh dim keeps its default treatment (batch or heads sharded: local), so cp composes with dp and tp.
+
+Example::
+
+    mesh = init_device_mesh("cpu", (2, 4), mesh_dim_names=("dp", "cp"))
+    q = distribute_tensor(q_whole, mesh, [Shard(0), Shard(2)])      # (B, H, T, D): batch on dp, seq on cp
+    with context_parallel(mesh_dim="cp", kind="ring"):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+
+from dtensor_plus import rules
+
+__all__ = ["context_parallel", "CONTEXT_PARALLEL_KINDS"]
+
+CONTEXT_PARALLEL_KINDS = ("ring", "ulysses")
+_ULYSSES_MODULE = "dtensor_plus.ops.ulysses_attention"
+
+
+@contextlib.contextmanager
+def context_parallel(mesh_dim: int | str = "cp", kind: str = "ring"):
+    """Run scaled-dot-product attention on sequence-sharded q, k, v as ring or Ulysses attention.
+
+    Args:
+        mesh_dim: the context-parallel mesh dim of the q/k/v DTensors' mesh, by name or index.
+        kind: "ring" (k/v blocks circulate, exact log-sum-exp merge) or "ulysses" (all-to-all to heads).
+
+    Outputs (and gradients) stay sharded on the sequence dim: Shard(2) of (B, H, T, D) on ``mesh_dim``.
+    """
+    if isinstance(mesh_dim, bool) or not isinstance(mesh_dim, (int, str)):
+        raise TypeError(f"context_parallel(mesh_dim=...) takes a mesh dim name or index, got {mesh_dim!r}")
+    with rules.override_rule(_rules_for(kind, mesh_dim)):
+        yield
+
+
+def _rules_for(kind: str, mesh_dim: int | str) -> dict:
+    if kind == "ring":
+        from dtensor_plus.ops.ring_attention import ring_rules
+        return ring_rules(mesh_dim)  # resolves a name against each call's mesh itself
+    if kind == "ulysses":
+        make_rules = _ulysses_rules_maker()
+        return make_rules(mesh_dim) if isinstance(mesh_dim, int) else _resolving_names(make_rules, mesh_dim)
+    raise ValueError(f"context_parallel(kind={kind!r}): use one of {CONTEXT_PARALLEL_KINDS}")
+
+
+def _ulysses_rules_maker():
+    try:
+        module = importlib.import_module(_ULYSSES_MODULE)
+    except ModuleNotFoundError as error:
+        if error.name != _ULYSSES_MODULE:
+            raise
+        raise NotImplementedError(
+            f"context_parallel(kind='ulysses') needs {_ULYSSES_MODULE} (ops/ulysses_attention.py), which is not "
+            f"there yet; use kind='ring'") from None
+    return module.ulysses_rules
+
+
+# ulysses_rules takes a mesh dim index and captures the rules in force when it is called, so a name (known
+# only against a call's mesh) is resolved at planning time among rules built here, on entry, per index.
+_MAX_MESH_NDIM = 8
+
+
+def _resolving_names(make_rules, mesh_dim_name: str) -> dict:
+    per_index = [make_rules(index) for index in range(_MAX_MESH_NDIM)]
+    # Positional partial arguments: the registry compares partials by their function and arguments, so
+    # entering the block again gives the same rule set (and the same plan cache).
+    return {op: functools.partial(_resolve_name, mesh_dim_name, *(rules_[op] for rules_ in per_index))
+            for op in per_index[0]}
+
+
+def _resolve_name(mesh_dim_name: str, *rules_then_op):
+    *rules_by_index, op = rules_then_op
+    index = op.mesh.mesh_dim_index(mesh_dim_name)  # raises ValueError naming the mesh's dims
+    if index >= len(rules_by_index):
+        raise ValueError(f"context_parallel supports meshes of up to {_MAX_MESH_NDIM} dims by name; pass the index")
+    return rules_by_index[index](op)
