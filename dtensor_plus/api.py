@@ -66,8 +66,10 @@ def _send_blocks_from(block: torch.Tensor, spec: DTensorSpec, src_rank: int) -> 
     for mesh_dim, placement in enumerate(spec.placements):
         if isinstance(placement, Shard):
             block = collectives.scatter(block, mesh, mesh_dim, placement.dim, src_coordinate[mesh_dim])
-        else:
-            collectives.broadcast(block, mesh, mesh_dim, src_coordinate[mesh_dim])
+            continue
+        collectives.broadcast(block, mesh, mesh_dim, src_coordinate[mesh_dim])
+        if placement.is_strided_shard():  # strided rows: no scatter cuts them, so cut the broadcast block
+            block = placement.chunk(block, mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)).contiguous()
     return block
 
 

@@ -64,6 +64,9 @@ def check_round_trip(shape, dim, seed):
     back = flat.redistribute(placements=[Replicate()]).redistribute(placements=[StridedShard(0, math.prod(shape[:dim]))])
     torch.testing.assert_close(back.view(shape).full_tensor(), whole, rtol=0, atol=0)
     assert back.view(shape).placements == (Shard(dim),)
+    for src in (0, None):  # a StridedShard can be distributed directly, from one rank or from all
+        made = dtp.distribute_tensor(whole.flatten(0, dim), mesh, [StridedShard(0, math.prod(shape[:dim]))], src_data_rank=src)
+        torch.testing.assert_close(made.full_tensor(), whole.flatten(0, dim), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape,dim", [((2, 5, 3), 1), ((3, 2, 4, 2), 2), ((1, 3, 7), 2)])
