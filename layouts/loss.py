@@ -85,8 +85,9 @@ def _class_mesh_dims(spec: DTensorSpec, dim: int) -> list[int]:
 
 
 def _all_reduce(t: torch.Tensor, spec: DTensorSpec, mesh_dims: list[int], reduce_op: str) -> torch.Tensor:
-    for mesh_dim in mesh_dims:  # same order on every rank
-        t = collectives.all_reduce(t, spec.mesh, mesh_dim, reduce_op)
+    for mesh_dim in mesh_dims:  # same order on every rank; a 1-rank mesh dim has nothing to reduce
+        if spec.mesh.size(mesh_dim) > 1:
+            t = collectives.all_reduce(t, spec.mesh, mesh_dim, reduce_op)
     return t
 
 

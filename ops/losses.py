@@ -177,8 +177,9 @@ def _nll_mean(func, mesh, batch_mesh_dims: list[int]):
             total_weight = keep.sum().to(self.dtype)
         else:
             total_weight = (weight[torch.where(keep, target, 0)] * keep).sum().to(self.dtype)
-        for mesh_dim in batch_mesh_dims:  # same order on every rank
-            total_weight = collectives.all_reduce(total_weight, mesh, mesh_dim, "sum")
+        for mesh_dim in batch_mesh_dims:  # same order on every rank; a 1-rank mesh dim has nothing to add
+            if mesh.size(mesh_dim) > 1:
+                total_weight = collectives.all_reduce(total_weight, mesh, mesh_dim, "sum")
         local_sum, _ = func(self, target, weight, SUM, ignore_index)
         return local_sum / total_weight, total_weight  # total 0 gives nan, as on one device
 
