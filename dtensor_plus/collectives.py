@@ -123,15 +123,21 @@ def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(pad_shape)], dim)
 
 
-def all_reduce(t: torch.Tensor, mesh, mesh_dim: int, reduce_op: str) -> torch.Tensor:
-    """Reduce equal-shape tensors over ``mesh_dim``; returns a new tensor. avg is sum then divide (gloo has no AVG)."""
+def all_reduce(t: torch.Tensor, mesh, mesh_dim: int, reduce_op: str, *, async_op: bool = False):
+    """Reduce equal-shape tensors over ``mesh_dim``; returns a new tensor. avg is sum then divide (gloo has no AVG).
+    With ``async_op`` it returns a ``PendingCollective`` whose ``wait()`` gives the tensor."""
     n = mesh.size(mesh_dim)
     out = t.contiguous().clone() if t.dtype != torch.bool else t.to(torch.uint8)
     _record("all_reduce", mesh, mesh_dim, 2 * (n - 1) * _nbytes(out) // n)
-    _run("all_reduce", mesh, mesh_dim, dist.all_reduce, out, op=_C10D_OPS[reduce_op])
-    if reduce_op == "avg":
-        out = out / n if out.is_floating_point() or out.is_complex() else out // n
-    return out.to(t.dtype) if t.dtype == torch.bool else out
+    work = _run("all_reduce", mesh, mesh_dim, dist.all_reduce, out, op=_C10D_OPS[reduce_op], async_op=async_op)
+
+    def finish() -> torch.Tensor:
+        result = out
+        if reduce_op == "avg":
+            result = out / n if out.is_floating_point() or out.is_complex() else out // n
+        return result.to(t.dtype) if t.dtype == torch.bool else result
+
+    return PendingCollective("all_reduce", mesh, mesh_dim, work, finish) if async_op else finish()
 
 
 def all_gather(t: torch.Tensor, mesh, mesh_dim: int, dim: int, size: int) -> torch.Tensor:

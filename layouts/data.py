@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dtensor_plus import collectives
 from dtensor_plus.api import distribute_tensor
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Replicate, Shard
@@ -77,30 +78,67 @@ def replicate(module: nn.Module, device_mesh, dp_dim: str = "dp", *, reduce_in_b
 class GradientBucket:
     """Gradients waiting to be reduced to their parameters' layouts, reduced together (DDP's buckets).
 
-    ``add`` is a post-accumulate-grad hook. The bucket flushes when it holds ``cap_bytes`` of gradients and
-    when backward ends, with one all-reduce per (mesh dims, dtype) group instead of one per parameter
-    (``redistribute_together``). Hooks fire in the same order on every rank, so the buckets agree.
+    ``add`` is a post-accumulate-grad hook. A gradient that is Partial on one mesh dim only (data
+    parallelism's case) joins a bucket of its (mesh, mesh dim, reduce op, dtype); a full bucket (``cap_bytes``)
+    starts one asynchronous all-reduce of its flat buffer at once, so the reduction overlaps the rest of the
+    backward, as DDP's do. When backward ends the last buckets start, all are awaited in order and the
+    gradients written back; other moves (several mesh dims) run then, together (``reduce_gradients``).
+    Hooks fire in the same order on every rank, so the buckets agree.
     """
 
-    def __init__(self, cap_bytes: int = 25 * 2**20):  # DDP's default bucket size
+    def __init__(self, cap_bytes: int = 2**20):  # small buckets: the first reductions start early
         self.cap_bytes = cap_bytes
-        self.params: list = []
-        self.num_bytes = 0
+        self.open: dict = {}  # (mesh, mesh dim, reduce op, dtype) -> [params, bytes]
+        self.in_flight: list = []  # (params, PendingCollective)
+        self.other: list = []
+        self.waiting = False
 
     def add(self, param: nn.Parameter) -> None:
         grad = param.grad
         if not isinstance(grad, DTensor) or tuple(grad.placements) == tuple(param.placements):
             return
-        if not self.params:  # the end of this backward flushes whatever is left
+        if not self.waiting:  # the end of this backward finishes whatever is left
             torch.autograd.Variable._execution_engine.queue_callback(self.flush)
-        self.params.append(param)
-        self.num_bytes += grad._local_tensor.numel() * grad.element_size()
-        if self.num_bytes >= self.cap_bytes:
-            self.flush()
+            self.waiting = True
+        key = _single_reduction(grad, param)
+        if key is None:
+            self.other.append(param)
+            return
+        bucket = self.open.setdefault(key, [[], 0])
+        bucket[0].append(param)
+        bucket[1] += grad._local_tensor.numel() * grad.element_size()
+        if bucket[1] >= self.cap_bytes:
+            self._start(key)
+
+    def _start(self, key) -> None:
+        params, _ = self.open.pop(key)
+        mesh, mesh_dim, reduce_op, _ = key
+        flat = torch.cat([p.grad._local_tensor.reshape(-1) for p in params])
+        self.in_flight.append((params, collectives.all_reduce(flat, mesh, mesh_dim, reduce_op, async_op=True)))
 
     def flush(self) -> None:
-        params, self.params, self.num_bytes = self.params, [], 0
-        reduce_gradients(params)
+        for key in list(self.open):
+            self._start(key)
+        in_flight, other, self.in_flight, self.other, self.waiting = self.in_flight, self.other, [], [], False
+        for params, pending in in_flight:
+            flat = pending.wait()
+            for param, piece in zip(params, flat.split([p.grad._local_tensor.numel() for p in params])):
+                grad = param.grad
+                param.grad = DTensor(piece.view(grad._local_tensor.shape), grad._spec.with_placements(param.placements))
+        reduce_gradients(other)
+
+
+def _single_reduction(grad: DTensor, param: DTensor):
+    """(mesh, mesh dim, reduce op, dtype) when ``grad`` differs from its parameter's layout only by being
+    Partial where the parameter is Replicate, on exactly one mesh dim of more than one rank; else None."""
+    diff = [k for k, (g, p) in enumerate(zip(grad.placements, param.placements)) if g != p]
+    if len(diff) != 1:
+        return None
+    k = diff[0]
+    g, p = grad.placements[k], param.placements[k]
+    if not (g.is_partial() and p.is_replicate()) or grad.device_mesh.size(k) == 1:
+        return None
+    return grad.device_mesh, k, g.reduce_op, grad.dtype
 
 
 def reduce_grad_in_backward(params, bucket: GradientBucket | None = None) -> GradientBucket:
