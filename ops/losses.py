@@ -172,15 +172,11 @@ def _nll_mean(func, mesh, batch_mesh_dims: list[int]):
     """Mean nll over a batch-sharded input: local sum / global total weight (all-reduced, one scalar)."""
 
     def local_op(self, target, weight, reduction, ignore_index):
-        keep = target != ignore_index
-        if weight is None:
-            total_weight = keep.sum().to(self.dtype)
-        else:
-            total_weight = (weight[torch.where(keep, target, 0)] * keep).sum().to(self.dtype)
+        # The kernel's second output is this rank's total weight (weight[target] over kept targets).
+        local_sum, total_weight = func(self, target, weight, SUM, ignore_index)
         for mesh_dim in batch_mesh_dims:  # same order on every rank; a 1-rank mesh dim has nothing to add
             if mesh.size(mesh_dim) > 1:
                 total_weight = collectives.all_reduce(total_weight, mesh, mesh_dim, "sum")
-        local_sum, _ = func(self, target, weight, SUM, ignore_index)
         return local_sum / total_weight, total_weight  # total 0 gives nan, as on one device
 
     return local_op
