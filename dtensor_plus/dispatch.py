@@ -12,6 +12,7 @@ one-time warning, a counted fallback, never a wrong value.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -21,7 +22,7 @@ from .placements import Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
 
-__all__ = ["dispatch", "clear_cache", "cache_info"]
+__all__ = ["dispatch", "clear_cache", "cache_info", "implicit_replication"]
 
 _CACHE_MAX = 8192
 _CACHES: dict = {}  # rule set (rules.rule_set()) -> its plan cache
@@ -104,6 +105,38 @@ def _flatten_outputs(out) -> list:
     if isinstance(out, (list, tuple)):
         return [t for o in out for t in _flatten_outputs(o)]
     return []
+
+
+_IMPLICIT_REPLICATION = [0]  # > 0 inside implicit_replication() blocks (they nest)
+
+
+@contextlib.contextmanager
+def implicit_replication():
+    """Inside the block, a plain tensor that meets DTensors is taken as Replicate on their mesh: every rank
+    must hold the same values (as torch's ``implicit_replication``). For tensors a model builds inside its
+    forward from replicated inputs (rotary cos/sin from position ids, masks); outside the block mixing them
+    raises, so a rank-local tensor never passes silently for a replicated one."""
+    _IMPLICIT_REPLICATION[0] += 1
+    try:
+        yield
+    finally:
+        _IMPLICIT_REPLICATION[0] -= 1
+
+
+def _replicate_plain(args, kwargs, dtensor_cls):
+    """``args``/``kwargs`` with every plain tensor of more than 0 dims made a Replicate DTensor on the mesh of
+    the DTensors among them."""
+    found = [v for v in _flatten_outputs(list(args) + list(kwargs.values())) if isinstance(v, dtensor_cls)]
+    mesh = found[0]._spec.mesh
+
+    def lift(value):
+        if isinstance(value, dtensor_cls) or not isinstance(value, torch.Tensor) or value.ndim == 0:
+            if type(value) is list or type(value) is tuple:
+                return type(value)(lift(v) for v in value)
+            return value
+        return dtensor_cls(value, DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(value)))
+
+    return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
 
 
 def _plain_tensor_error(func, args, kwargs, dtensor_cls) -> ValueError:
@@ -308,7 +341,10 @@ def dispatch(func, args, kwargs, dtensor_cls):
         if kwargs:
             key.append(_kwargs_key(kwargs, dtensors, dtensor_cls))
     except _PlainTensorError:
-        raise _plain_tensor_error(func, args, kwargs or {}, dtensor_cls) from None
+        if not _IMPLICIT_REPLICATION[0]:
+            raise _plain_tensor_error(func, args, kwargs or {}, dtensor_cls) from None
+        args, kwargs = _replicate_plain(args, kwargs or {}, dtensor_cls)
+        return dispatch(func, args, kwargs, dtensor_cls)
     key = tuple(key)
     plan = _CACHE.get(key)
     if plan is None:

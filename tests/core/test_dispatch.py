@@ -179,3 +179,23 @@ def check_override_blocks_keep_their_plans():
 def test_override_blocks_keep_their_plans():
     misses = run_on_ranks(2, check_override_blocks_keep_their_plans)[0]
     assert misses[1] == misses[2], misses  # (step 2 plans the gradient accumulation's add once)
+
+
+def check_implicit_replication():
+    """Inside implicit_replication() a plain tensor meeting DTensors is Replicate (right values, no error);
+    outside it, mixing raises and names the fix."""
+    from dtensor_plus import implicit_replication
+
+    mesh = init_device_mesh("cpu", (2,))
+    whole, plain = _whole((4, 3), 0), _whole((3,), 1)
+    x = distribute_tensor(whole, mesh, [Shard(0)])
+    with pytest.raises(ValueError, match="plain torch.Tensor"):
+        x * torch.ones(4, 3)
+    with implicit_replication():
+        out = x * plain + torch.zeros(4, 3)
+    assert out.placements == (Shard(0),)
+    torch.testing.assert_close(out.full_tensor(), whole * plain)
+
+
+def test_implicit_replication():
+    run_on_ranks(2, check_implicit_replication)
