@@ -41,15 +41,11 @@ def _llama(kv_heads: int):
     return model
 
 
-def _run_llama(kv_heads: int, sp: bool = False):
-    """Rank function: tp = 2 Llama vs the same weights on one device. Returns (forward counts, fallbacks)."""
-    mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
-    reference = _llama(kv_heads)
-    model = copy.deepcopy(reference)
-    llama_tp_plan(model, mesh, sequence_parallel=sp)
-    tokens_BT = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+def _compare_with_reference(model, reference, seq_len: int, may_stay_plain, reference_grad):
+    """Forward and backward of the placed ``model`` and of ``reference`` on the same tokens: logits and every
+    gradient equal (fp32, 1e-5). Returns the forward and backward CommCounters."""
+    tokens_BT = torch.randint(0, V, (B, seq_len), generator=torch.Generator().manual_seed(1))
     weights_V = torch.randn(V, generator=torch.Generator().manual_seed(2))
-
     with dtp.comm_mode() as forward:
         logits_BTV = model(tokens_BT).logits
     assert not isinstance(logits_BTV, DTensor)  # the head gathers whole logits, as plain tensors
@@ -60,10 +56,22 @@ def _run_llama(kv_heads: int, sp: bool = False):
 
     torch.testing.assert_close(logits_BTV, ref_BTV, atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
-        assert isinstance(p, DTensor) or (not sp and "norm" in name), f"{name} was not distributed"
+        assert isinstance(p, DTensor) or may_stay_plain(name), f"{name} was not distributed"
         grad = p.grad.full_tensor() if isinstance(p, DTensor) else p.grad
-        ref = reference.get_parameter(name).grad
-        torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(grad, reference_grad(reference, name), atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"grad of {name}: {m}")
+    return forward, backward
+
+
+def _run_llama(kv_heads: int, sp: bool = False):
+    """Rank function: tp = 2 Llama vs the same weights on one device. Returns (forward counts, fallbacks,
+    backward counts)."""
+    mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    reference = _llama(kv_heads)
+    model = copy.deepcopy(reference)
+    llama_tp_plan(model, mesh, sequence_parallel=sp)
+    forward, backward = _compare_with_reference(
+        model, reference, T, lambda name: not sp and "norm" in name, lambda ref, name: ref.get_parameter(name).grad)
     return dict(forward.counts), dict(forward.fallbacks) | dict(backward.fallbacks), dict(backward.counts)
 
 
@@ -134,24 +142,9 @@ def _run_gpt2(world: int, sp: bool, attn_implementation: str):
     reference = _gpt2(attn_implementation)
     model = copy.deepcopy(reference)
     gpt2_tp_plan(model, mesh, sequence_parallel=sp)
-    tokens_BT = torch.randint(0, V, (B, GPT2_T), generator=torch.Generator().manual_seed(1))
-    weights_V = torch.randn(V, generator=torch.Generator().manual_seed(2))
-
-    with dtp.comm_mode() as forward:
-        logits_BTV = model(tokens_BT).logits
-    assert not isinstance(logits_BTV, DTensor)
-    with dtp.comm_mode() as backward:
-        (logits_BTV * weights_V).sum().backward()
-    ref_BTV = reference(tokens_BT).logits
-    (ref_BTV * weights_V).sum().backward()
-
-    torch.testing.assert_close(logits_BTV, ref_BTV, atol=1e-5, rtol=1e-5)
-    for name, p in model.named_parameters():
-        # plain: with tp only the norms and wpe (replicated inputs); with sp only wpe (see the plan)
-        assert isinstance(p, DTensor) or "wpe" in name or (not sp and "ln_" in name), f"{name} was not distributed"
-        grad = p.grad.full_tensor() if isinstance(p, DTensor) else p.grad
-        ref = _reference_grad(reference, name)
-        torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+    # plain: with tp only the norms and wpe (replicated inputs); with sp only wpe (see the plan)
+    forward, backward = _compare_with_reference(
+        model, reference, GPT2_T, lambda name: "wpe" in name or (not sp and "ln_" in name), _reference_grad)
     return dict(forward.counts), dict(backward.counts), dict(forward.fallbacks) | dict(backward.fallbacks)
 
 
