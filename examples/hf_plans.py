@@ -13,14 +13,22 @@ local tensors (``use_local_output=True``), so HF's attention and MLP bodies run 
 rank's heads: the rotary cos/sin, position ids and causal masks HF builds inside forward never meet a DTensor.
 Norms stay plain parameters: their inputs are replicated, so each rank computes the full gradient.
 
-GPT-2 (``gpt2_tp_plan``) uses the same layout. Its linear layers are transformers' Conv1D, whose weight is
+On a mesh of more than one dim (dp x tp, with or without sp), use ``llama_mesh_plan``: every style keeps
+DTensors (global shapes: no head counts to localise), the model is then lifted with ``replicate(model, mesh)``,
+and forward runs inside ``dtensor_plus.implicit_replication()``, so the position ids, rotary cos/sin and masks
+HF builds as plain tensors join as Replicate. The same holds for context parallelism (tokens sharded on the
+sequence over a "cp" mesh dim): the rotary cos/sin of the whole sequence meet each rank's q/k block sharded
+alike, so positions follow the sequence sharding.
+
+GPT-2 (``gpt2_tp_plan``) uses the same layout as ``llama_tp_plan``. Its linear layers are transformers' Conv1D, whose weight is
 stored (in, out): the styles take ``weight_output_dim=1``. Its fused ``c_attn`` (one Conv1D with output
 [q | k | v]) is split by module surgery into three Conv1D pieces ``c_attn.q/.k/.v``, each column-wise, whose
 local outputs are concatenated: rank r then holds [q_r | k_r | v_r], its own heads of all three, which is
 what HF's ``split(split_size)`` needs (with ``split_size`` made local). A plain Shard of the 3*hidden
 columns would give rank 0 all of q and part of k instead; permuting the fused columns so a plain Shard works
-would change the global parameter (checkpoints, optimizers), and there is no strided placement to express
-"every third block". The split keeps each piece an ordinary, checkpointable Conv1D.
+would change the global parameter (checkpoints, optimizers). (A ``StridedShard(1, 3)`` of the fused weight,
+the (3, hidden) columns with the hidden factor split, is now expressible too; the split keeps each piece an
+ordinary, checkpointable Conv1D that any loader understands.)
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from dtensor_plus.layouts import (
     ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel, SequenceParallel, parallelize_module,
 )
 
-__all__ = ["llama_tp_plan", "llama_plan", "llama_sp_plan", "gpt2_tp_plan", "gpt2_plan", "SplitQKV"]
+__all__ = ["llama_tp_plan", "llama_plan", "llama_sp_plan", "llama_mesh_plan", "gpt2_tp_plan", "gpt2_plan", "SplitQKV"]
 
 
 def llama_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
@@ -88,6 +96,37 @@ def llama_sp_plan(prefix: str = "model.") -> dict:
     }
     if prefix:
         plan["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+    return plan
+
+
+def llama_mesh_plan(sequence_parallel: bool = False, prefix: str = "model.") -> dict:
+    """The plan dict for a ``LlamaForCausalLM`` whose activations stay DTensors (for ``mesh["tp"]`` of a
+    multi-dim mesh): Megatron tp, with ``sequence_parallel`` the residual stream and norms on Shard(1).
+
+        parallelize_module(model, mesh["tp"], llama_mesh_plan(sequence_parallel=True))
+        replicate(model, mesh)                       # dp (and cp) mesh dims; gradients reduced in buckets
+        with dtp.implicit_replication():             # HF's plain position ids, rotary cos/sin, masks
+            logits = model(shard_batch(input_ids, mesh)).logits    # a DTensor, Replicate on tp
+    """
+    replicated = Replicate()
+    act = Shard(1) if sequence_parallel else replicated
+    dtensors = dict(use_local_output=False)
+    plan = {
+        f"{prefix}embed_tokens": RowwiseParallel(input_layouts=replicated, output_layouts=act, **dtensors),
+        f"{prefix}layers.*.self_attn": PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": act}, desired_input_kwarg_layouts={"hidden_states": replicated}
+        ),
+        f"{prefix}layers.*.mlp": PrepareModuleInput(input_layouts=act, desired_input_layouts=replicated),
+        f"{prefix}layers.*.self_attn.[qkv]_proj": ColwiseParallel(**dtensors),
+        f"{prefix}layers.*.self_attn.o_proj": RowwiseParallel(output_layouts=act, **dtensors),
+        f"{prefix}layers.*.mlp.gate_proj": ColwiseParallel(**dtensors),
+        f"{prefix}layers.*.mlp.up_proj": ColwiseParallel(**dtensors),
+        f"{prefix}layers.*.mlp.down_proj": RowwiseParallel(output_layouts=act, **dtensors),
+        "lm_head": ColwiseParallel(input_layouts=act, output_layouts=replicated, **dtensors),
+    }
+    if sequence_parallel:
+        for norm in ("layers.*.input_layernorm", "layers.*.post_attention_layernorm", "norm"):
+            plan[f"{prefix}{norm}"] = SequenceParallel()
     return plan
 
 

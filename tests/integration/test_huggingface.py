@@ -1,10 +1,12 @@
 """Models no one here wrote: Hugging Face's Llama and GPT-2 (transformers, random init, no download),
 parallelized by the plans in examples/hf_plans.py, with and without sequence parallelism, equal one device in
-logits and every parameter gradient, with the Megatron collective counts and no op falling back.
+logits and every parameter gradient, with the Megatron collective counts and no op falling back; and Llama
+on 2-D meshes: (dp, tp) with and without sp, and (dp, cp) with the sequence sharded through attention.
 
 Legend: B batch, T sequence, V vocabulary.
 """
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -15,13 +17,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import dtensor_plus as dtp  # noqa: E402
-from dtensor_plus import DTensor  # noqa: E402
-from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel  # noqa: E402
+from dtensor_plus import DTensor, Replicate, Shard  # noqa: E402
+from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel, context_parallel, parallelize_module  # noqa: E402
+from dtensor_plus.layouts.data import replicate  # noqa: E402
 from dtensor_plus.testing import run_on_ranks  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-from hf_plans import gpt2_tp_plan, llama_tp_plan  # noqa: E402
+from hf_plans import gpt2_tp_plan, llama_mesh_plan, llama_tp_plan  # noqa: E402
 
 B, T, V, LAYERS = 2, 6, 64, 2
 
@@ -190,3 +193,36 @@ def test_gpt2_plan_rejects_heads_that_do_not_split_and_conv1d_without_weight_out
     with pytest.raises(ValueError, match="weight_output_dim must be 0"):
         RowwiseParallel(weight_output_dim=2)
     assert all(run_on_ranks(4, _reject_bad_gpt2_layouts))  # checked before anything is placed
+
+
+def _run_llama_on_2d_mesh(attn_implementation: str, inner: str, sp: bool):
+    """Rank function: Llama on a 2x2 mesh, ("dp", "tp") with llama_mesh_plan (sp or not) or ("dp", "cp")
+    (tokens sharded on the sequence, attention under context_parallel), forward inside implicit_replication:
+    loss and every gradient equal one device."""
+    mesh = dtp.init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", inner))
+    reference = _llama(kv_heads=2)
+    reference.config._attn_implementation = attn_implementation
+    model = copy.deepcopy(reference)
+    if inner == "tp":
+        parallelize_module(model, mesh["tp"], llama_mesh_plan(sequence_parallel=sp))
+    replicate(model, mesh)
+    tokens_BT = torch.randint(0, V, (4, T), generator=torch.Generator().manual_seed(1))
+    placed = dtp.distribute_tensor(tokens_BT, mesh, [Shard(0), Shard(1) if inner == "cp" else Replicate()],
+                                   src_data_rank=None)
+    scope = context_parallel("cp") if inner == "cp" else contextlib.nullcontext()
+    with dtp.implicit_replication(), scope, dtp.comm_mode() as comm:
+        loss = model(placed).logits.pow(2).mean()
+        loss.backward()
+    ref = reference(tokens_BT).logits.pow(2).mean()
+    ref.backward()
+    torch.testing.assert_close(loss.full_tensor(), ref, atol=1e-6, rtol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.full_tensor(), reference.get_parameter(name).grad, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"grad of {name}: {m}")
+    return dict(comm.fallbacks)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("inner,sp", [("tp", False), ("tp", True), ("cp", False)], ids=["dp-tp", "dp-tp-sp", "dp-cp"])
+def test_llama_on_a_2d_mesh_matches_one_device(attn, inner, sp):
+    assert not run_on_ranks(4, _run_llama_on_2d_mesh, attn, inner, sp, timeout=120.0)[0]
