@@ -18,7 +18,9 @@ DTensors (global shapes: no head counts to localise), the model is then lifted w
 and forward runs inside ``dtensor_plus.implicit_replication()``, so the position ids, rotary cos/sin and masks
 HF builds as plain tensors join as Replicate. The same holds for context parallelism (tokens sharded on the
 sequence over a "cp" mesh dim): the rotary cos/sin of the whole sequence meet each rank's q/k block sharded
-alike, so positions follow the sequence sharding.
+alike, so positions follow the sequence sharding, and with ``attn_implementation="sdpa"`` under
+``context_parallel("cp")`` attention is ring attention. Train with ``use_cache=False``: HF's KV cache
+concatenates keys along the sequence, a gather under cp.
 
 GPT-2 (``gpt2_tp_plan``) uses the same layout as ``llama_tp_plan``. Its linear layers are transformers' Conv1D, whose weight is
 stored (in, out): the styles take ``weight_output_dim=1``. Its fused ``c_attn`` (one Conv1D with output

@@ -211,7 +211,7 @@ def _run_llama_on_2d_mesh(attn_implementation: str, inner: str, sp: bool):
                                    src_data_rank=None)
     scope = context_parallel("cp") if inner == "cp" else contextlib.nullcontext()
     with dtp.implicit_replication(), scope, dtp.comm_mode() as comm:
-        loss = model(placed).logits.pow(2).mean()
+        loss = model(placed, use_cache=False).logits.pow(2).mean()  # a KV cache would concatenate the sequence
         loss.backward()
     ref = reference(tokens_BT).logits.pow(2).mean()
     ref.backward()
@@ -219,10 +219,13 @@ def _run_llama_on_2d_mesh(attn_implementation: str, inner: str, sp: bool):
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad.full_tensor(), reference.get_parameter(name).grad, atol=1e-5, rtol=1e-5,
                                    msg=lambda m: f"grad of {name}: {m}")
-    return dict(comm.fallbacks)
+    return dict(comm.fallbacks), dict(comm.counts)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("inner,sp", [("tp", False), ("tp", True), ("cp", False)], ids=["dp-tp", "dp-tp-sp", "dp-cp"])
 def test_llama_on_a_2d_mesh_matches_one_device(attn, inner, sp):
-    assert not run_on_ranks(4, _run_llama_on_2d_mesh, attn, inner, sp, timeout=120.0)[0]
+    fallbacks, counts = run_on_ranks(4, _run_llama_on_2d_mesh, attn, inner, sp, timeout=120.0)[0]
+    assert not fallbacks, fallbacks
+    if inner == "cp" and attn == "sdpa":  # ring attention: per layer 1 shift forward, 2 backward (cp = 2)
+        assert counts[("ring_shift", "cp")] == 3 * LAYERS and ("all_gather", "cp") not in counts, counts
