@@ -12,6 +12,10 @@ A DTensor carries one placement per mesh dimension:
   the dim read as (outer, inner) with the inner factor split. Views, batched matmuls, permutes and
   elementwise ops keep it (the batched matmul of attention heads runs without gathering them); every other
   op sees it gathered first, and unflattening (B*H) back to (B, H) turns it into Shard(1) again.
+- ``StridedShard(dim, outer, zigzag=True)``: the same reading, the inner factor cut into 2n torch.chunk
+  pieces and rank r holding pieces r and 2n-1-r (in that order). Users place it (load-balanced causal
+  context parallelism: ``StridedShard(seq_dim, 1, zigzag=True)`` is the zigzag of a sequence); views that
+  merge the sequence behind the batch keep it, like any StridedShard. ``full_tensor()`` is the natural order.
 """
 
 from __future__ import annotations
@@ -126,27 +130,48 @@ class StridedShard(Placement):
     not by users. It may nest inside Shards of the same dim on earlier mesh dims (then ``outer`` counts the
     groups of the block they leave: (B, H) with B on dp and H on tp flattens to Shard(0) on dp and
     StridedShard(0, B // dp) on tp), never outside another split.
+
+    ``zigzag=True``: the inner factor is cut into 2n ``torch.chunk`` pieces (n ranks on the mesh dim) and
+    rank r holds pieces r and 2n-1-r, so a causal mask gives every rank equal work. Users place this one::
+
+        x = distribute_tensor(x_BTD, mesh, [StridedShard(1, 1, zigzag=True)])   # T zigzag over the mesh dim
     """
 
     dim: int
     outer: int
+    zigzag: bool = False
 
     def __post_init__(self):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.dim, self.outer)):
+            raise TypeError(f"StridedShard(dim={self.dim!r}, outer={self.outer!r}) needs int dim and outer")
         if self.dim < 0 or self.outer < 1:
             raise ValueError(f"StridedShard(dim={self.dim}, outer={self.outer}) needs dim >= 0 and outer >= 1")
+        if not isinstance(self.zigzag, bool):
+            raise TypeError(f"StridedShard(zigzag={self.zigzag!r}) takes a bool")
 
     def is_strided_shard(self) -> bool:
         return True
 
+    def with_dim(self, dim: int, outer: int | None = None) -> StridedShard:
+        """The same split (zigzag or not) on another dim or with another outer factor (what views make)."""
+        return StridedShard(dim, self.outer if outer is None else outer, self.zigzag)
+
+    def pieces(self, inner: int, num_chunks: int, index: int) -> list[tuple[int, int]]:
+        """(offset, length) in the inner factor of the pieces rank ``index`` holds, in its local order."""
+        if not self.zigzag:
+            return [chunk_bounds(inner, num_chunks, index)]
+        return [chunk_bounds(inner, 2 * num_chunks, index), chunk_bounds(inner, 2 * num_chunks, 2 * num_chunks - 1 - index)]
+
     def local_size(self, size: int, num_chunks: int, index: int) -> int:
-        return self.outer * chunk_bounds(size // self.outer, num_chunks, index)[1]
+        return self.outer * sum(length for _, length in self.pieces(size // self.outer, num_chunks, index))
 
     def chunk(self, tensor: torch.Tensor, num_chunks: int, index: int) -> torch.Tensor:
         """This rank's rows of ``tensor`` (a copy: they are not contiguous)."""
         size = tensor.shape[self.dim]
         split = tensor.unflatten(self.dim, (self.outer, size // self.outer))
-        offset, length = chunk_bounds(size // self.outer, num_chunks, index)
-        return split.narrow(self.dim + 1, offset, length).flatten(self.dim, self.dim + 1)
+        parts = [split.narrow(self.dim + 1, offset, length) for offset, length in self.pieces(size // self.outer, num_chunks, index)]
+        return torch.cat(parts, self.dim + 1).flatten(self.dim, self.dim + 1)
 
     def __repr__(self) -> str:
-        return f"StridedShard(dim={self.dim}, outer={self.outer})"
+        zigzag = ", zigzag=True" if self.zigzag else ""
+        return f"StridedShard(dim={self.dim}, outer={self.outer}{zigzag})"

@@ -8,6 +8,8 @@ A *one-step transition* changes the placement of one mesh dim and maps to one co
     Shard(d)  -> Shard(e)     all-to-all                  (n-1)/n x local
     Partial   -> Replicate    all-reduce                  2(n-1)/n x local
     Partial   -> Shard(d)     reduce-scatter              (n-1)/n x local
+    Replicate -> StridedShard local rows (zigzag: two pieces, cat)   0 bytes
+    StridedShard -> Replicate all-gather (zigzag: padded to the longest rank, reordered)  (n-1) x longest
 
 When several mesh dims shard one tensor dim they nest in mesh-dim order, so a transition may only remove
 or add the *innermost* (highest) mesh dim sharding a tensor dim; anything else would scramble the order of
@@ -138,6 +140,8 @@ def _apply_step(local: torch.Tensor, spec: DTensorSpec, placements, mesh_dim: in
         d, outer = old.dim, old.outer
         inner = _level_size(spec.shape, mesh, placements, mesh_dim, d) // outer
         split = local.unflatten(d, (outer, local.shape[d] // outer))
+        if old.zigzag:
+            return _gather_zigzag(split, old, mesh, mesh_dim, d + 1, inner).flatten(d, d + 1)
         return collectives.all_gather(split, mesh, mesh_dim, d + 1, inner).flatten(d, d + 1)
     if old.is_partial():
         if new.is_replicate():
@@ -147,6 +151,24 @@ def _apply_step(local: torch.Tensor, spec: DTensorSpec, placements, mesh_dim: in
     if new.is_replicate():
         return collectives.all_gather(local, mesh, mesh_dim, old.dim, size)
     return collectives.all_to_all(local, mesh, mesh_dim, old.dim, size, new.dim)
+
+
+def _gather_zigzag(split: torch.Tensor, placement, mesh, mesh_dim: int, dim: int, inner: int) -> torch.Tensor:
+    """All-gather of zigzag pieces along ``dim`` (``inner`` long in all), back in natural order. Every rank's
+    part is padded to the longest (known from global metadata), gathered as even torch.chunk blocks, then
+    each rank's two pieces are put in their places: pieces 0..n-1 are the ranks' first, n..2n-1 their second
+    in reverse rank order."""
+    n = mesh.size(mesh_dim)
+    pieces = [placement.pieces(inner, n, j) for j in range(n)]
+    longest = max(sum(length for _, length in rank_pieces) for rank_pieces in pieces)
+    gathered = collectives.all_gather(split, mesh, mesh_dim, dim, n * longest)
+    held = {}  # (offset, length) of a piece -> its rows, cut from the rank that holds it
+    for j, rank_pieces in enumerate(pieces):
+        start = j * longest
+        for offset, length in rank_pieces:
+            held[offset, length] = gathered.narrow(dim, start, length)
+            start += length
+    return torch.cat([held[key] for key in sorted(held)], dim)
 
 
 def redistribute_local(local: torch.Tensor, spec: DTensorSpec, dst: tuple[Placement, ...]) -> torch.Tensor:

@@ -12,9 +12,10 @@ registration (``register_rule(strided=...)``) how it meets one:
                   (both operands then hold the same strided rows), permutes
     "native"      the rule reads StridedShard itself (views: merging makes it, splitting unmakes it)
 
-"as_shard" needs, on each mesh dim with a StridedShard, the same ``outer`` and dim size for every input and
-no plain Shard beside it; otherwise, or where the rule's answer would put the StridedShard on a dim of
-another size, that input is gathered as for None.
+"as_shard" needs, on each mesh dim with a StridedShard, the same ``outer``, ``zigzag`` and dim size for every
+input and no plain Shard beside it; otherwise, or where the rule's answer would put the StridedShard on a dim
+of another size, that input is gathered as for None. A zigzag StridedShard (placements.py) is one more
+permutation of the rows, so as_shard rules (position-independent) keep it the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 from . import rules
 from .placements import Replicate, Shard, StridedShard
 
-__all__ = ["has_strided", "decide"]
+__all__ = ["has_strided", "decide", "gathered", "with_specs"]
 
 
 def has_strided(specs) -> bool:
@@ -37,10 +38,10 @@ def decide(rule, schema: rules.OpSchema, metas) -> rules.Sharding:
         sharding = _as_shard(rule, schema, metas)
         if sharding is not None:
             return sharding
-    return _gathered(rule, schema)
+    return gathered(rule, schema)
 
 
-def _with_specs(schema: rules.OpSchema, new_specs) -> rules.OpSchema:
+def with_specs(schema: rules.OpSchema, new_specs) -> rules.OpSchema:
     """``schema`` with its specs replaced one for one (equal specs map to equal replacements)."""
     swap = dict(zip(schema.specs, new_specs))
 
@@ -52,13 +53,13 @@ def _with_specs(schema: rules.OpSchema, new_specs) -> rules.OpSchema:
     return rules.OpSchema(schema.func, sub(schema.args), {k: sub(v) for k, v in schema.kwargs.items()}, tuple(new_specs))
 
 
-def _gathered(rule, schema: rules.OpSchema) -> rules.Sharding:
+def gathered(rule, schema: rules.OpSchema) -> rules.Sharding:
     """The rule run on the inputs with every StridedShard gathered (Replicate on that mesh dim)."""
     plain = [
         spec.with_placements(tuple(Replicate() if p.is_strided_shard() else p for p in spec.placements))
         for spec in schema.specs
     ]
-    sharding = rule(_with_specs(schema, plain))
+    sharding = rule(with_specs(schema, plain))
     inputs = tuple(
         want if want is not None or new.placements == old.placements else new.placements
         for want, new, old in zip(sharding.inputs, plain, schema.specs)
@@ -66,12 +67,13 @@ def _gathered(rule, schema: rules.OpSchema) -> rules.Sharding:
     return rules.Sharding(inputs, sharding.outputs, sharding.shape_arg, sharding.local_op)
 
 
-def _strided_mesh_dims(specs) -> dict[int, tuple[int, int]] | None:
-    """{mesh dim: (outer, dim size)} where inputs hold StridedShards that can be read as Shards, else None."""
-    found: dict[int, tuple[int, int]] = {}
+def _strided_mesh_dims(specs) -> dict[int, tuple[StridedShard, int]] | None:
+    """{mesh dim: (a StridedShard, dim size)} where inputs hold StridedShards that can be read as Shards (same
+    outer, zigzag and dim size on every input), else None."""
+    found: dict[int, tuple[StridedShard, int]] = {}
     for k in range(len(specs[0].placements)):
         at_k = [(spec, spec.placements[k]) for spec in specs]
-        strided = {(p.outer, spec.shape[p.dim]) for spec, p in at_k if p.is_strided_shard()}
+        strided = {(p.with_dim(0), spec.shape[p.dim]) for spec, p in at_k if p.is_strided_shard()}
         if not strided:
             continue
         if len(strided) > 1 or any(p.is_shard() for _, p in at_k):
@@ -88,7 +90,7 @@ def _as_shard(rule, schema: rules.OpSchema, metas) -> rules.Sharding | None:
         spec.with_placements(tuple(Shard(p.dim) if p.is_strided_shard() else p for p in spec.placements))
         for spec in schema.specs
     ]
-    sharding = rule(_with_specs(schema, aliased))
+    sharding = rule(with_specs(schema, aliased))
     inputs = [None if want is None else _unalias(want, spec.shape, strided) for want, spec in zip(sharding.inputs, schema.specs)]
     outputs = [
         None if out is None or meta is None else _unalias(out, meta.shape, strided)
@@ -102,10 +104,10 @@ def _as_shard(rule, schema: rules.OpSchema, metas) -> rules.Sharding | None:
 def _unalias(placements, shape, strided: dict):
     """Shards on the strided mesh dims back to StridedShards; False where a Shard lands on a dim of another size."""
     out = list(placements)
-    for k, (outer, size) in strided.items():
+    for k, (strided_shard, size) in strided.items():
         p = out[k]
         if isinstance(p, Shard):
             if shape[p.dim] != size:
                 return False
-            out[k] = StridedShard(p.dim, outer)
+            out[k] = strided_shard.with_dim(p.dim)
     return tuple(out)

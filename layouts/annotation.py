@@ -100,14 +100,14 @@ def format_layout(
     ndim = _format_ndim(placements, dim_names, ndim)
     dim_names = _check_dim_names(dim_names if dim_names is not None else [f"d{i}" for i in range(ndim)], ndim)
     sharding: list[list[str]] = [[] for _ in range(ndim)]
-    strided: dict[int, int] = {}  # tensor dim -> outer factor of a StridedShard on it
+    strided: dict[int, str] = {}  # tensor dim -> outer factor of a StridedShard on it (and "zigzag")
     reductions: dict[str, list[str]] = {}  # reduce op -> mesh dims, in the order first met
     for name, p in zip(names, placements):
         if p.is_shard():
             sharding[p.normalized(ndim).dim].append(name)
         elif p.is_strided_shard():  # "(4 d0(tp))": d0 read as 4 groups, the rows inside each split by tp
             sharding[p.dim].append(name)
-            strided[p.dim] = p.outer
+            strided[p.dim] = _strided_prefix(p)
         elif p.is_partial():
             reductions.setdefault(p.reduce_op, []).append(name)
         elif not p.is_replicate():
@@ -117,6 +117,13 @@ def format_layout(
     if reductions:
         words += ["|"] + [f"{op}({' '.join(m)})" for op, m in reductions.items()]
     return " ".join(words)
+
+
+def _strided_prefix(p) -> str:
+    """"4" for StridedShard(d, 4); "4 zigzag" for its zigzag form, "zigzag" alone when outer is 1."""
+    if not p.zigzag:
+        return str(p.outer)
+    return "zigzag" if p.outer == 1 else f"{p.outer} zigzag"
 
 
 def layout_of(dtensor, dim_names: Sequence[str] | None = None) -> str:

@@ -17,6 +17,13 @@ Example::
     q = distribute_tensor(q_whole, mesh, [Shard(0), Shard(2)])      # (B, H, T, D): batch on dp, seq on cp
     with context_parallel(mesh_dim="cp", kind="ring"):
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+Load-balanced causal attention (``load_balance=True``): place the sequence zigzag, rank r holding pieces r
+and 2n-1-r of 2n, so every rank computes the same number of (q, kv) block pairs::
+
+    x = distribute_tensor(x_BTD, mesh, [Shard(0), StridedShard(1, 1, zigzag=True)])   # or .redistribute(...)
+    with context_parallel(mesh_dim="cp", load_balance=True):
+        y = attention_block(x)          # views, linears and SDPA keep the zigzag; y.full_tensor() is in order
 """
 
 from __future__ import annotations
@@ -34,25 +41,37 @@ _ULYSSES_MODULE = "dtensor_plus.ops.ulysses_attention"
 
 
 @contextlib.contextmanager
-def context_parallel(mesh_dim: int | str = "cp", kind: str = "ring"):
+def context_parallel(mesh_dim: int | str = "cp", kind: str = "ring", *, load_balance: bool = False):
     """Run scaled-dot-product attention on sequence-sharded q, k, v as ring or Ulysses attention.
 
     Args:
         mesh_dim: the context-parallel mesh dim of the q/k/v DTensors' mesh, by name or index.
         kind: "ring" (k/v blocks circulate, exact log-sum-exp merge) or "ulysses" (all-to-all to heads).
+        load_balance: (ring) causal attention runs on the zigzag placement ``StridedShard(2, 1,
+            zigzag=True)`` of q, k, v, where every rank does equal work. Place the inputs zigzag up front
+            (``distribute_tensor(x, mesh, [StridedShard(seq_dim, 1, zigzag=True)])`` or ``.redistribute`` to
+            it): Shard(2) inputs are moved to it here (an all-gather each). The ring takes zigzag inputs
+            without this flag too; the flag only adds the move.
 
-    Outputs (and gradients) stay sharded on the sequence dim: Shard(2) of (B, H, T, D) on ``mesh_dim``.
+    Outputs (and gradients) stay sharded on the sequence dim as the inputs were: Shard(2) of (B, H, T, D), or
+    zigzag, on ``mesh_dim``.
     """
     if isinstance(mesh_dim, bool) or not isinstance(mesh_dim, (int, str)):
         raise TypeError(f"context_parallel(mesh_dim=...) takes a mesh dim name or index, got {mesh_dim!r}")
-    with rules.override_rule(_rules_for(kind, mesh_dim)):
+    if not isinstance(load_balance, bool):
+        raise TypeError(f"context_parallel(load_balance=...) takes a bool, got {load_balance!r}")
+    if load_balance and kind != "ring":
+        raise ValueError(f"context_parallel(kind={kind!r}, load_balance=True): load balancing is a ring layout "
+                         f"(Ulysses attention is balanced already); use kind='ring' or load_balance=False")
+    # the ring reads zigzag StridedShards itself; Ulysses sees any StridedShard gathered
+    with rules.override_rule(_rules_for(kind, mesh_dim, load_balance), strided="native" if kind == "ring" else None):
         yield
 
 
-def _rules_for(kind: str, mesh_dim: int | str) -> dict:
+def _rules_for(kind: str, mesh_dim: int | str, load_balance: bool = False) -> dict:
     if kind == "ring":
         from dtensor_plus.ops.ring_attention import ring_rules
-        return ring_rules(mesh_dim)  # resolves a name against each call's mesh itself
+        return ring_rules(mesh_dim, load_balance)  # resolves a name against each call's mesh itself
     if kind == "ulysses":
         make_rules = _ulysses_rules_maker()
         return make_rules(mesh_dim) if isinstance(mesh_dim, int) else _resolving_names(make_rules, mesh_dim)

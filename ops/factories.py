@@ -46,6 +46,7 @@ def fill_rule(op: OpSchema) -> Sharding:
     aten.new_empty.default,
     aten.new_full.default,
     aten.new_empty_strided.default,
+    strided="as_shard",
 )
 def new_rule(op: OpSchema) -> Sharding:
     """(self, size, ...): a tensor of self's own global shape keeps self's Shard/Replicate layout (autograd

@@ -121,7 +121,7 @@ def _resolve(name: str):
 register_rule(*(_resolve(name) for name in POINTWISE_OPS), strided="as_shard")(pointwise_rule)
 
 
-@register_rule(aten.copy_.default)
+@register_rule(aten.copy_.default, strided="as_shard")
 def copy_rule(op: OpSchema) -> Sharding:
     """``self.copy_(src)``: src moves to self's layout (broadcast dims of src replicated)."""
     dst, src = op.specs[0], op.specs[1] if len(op.specs) > 1 else None

@@ -22,6 +22,17 @@ kernel's own causal diagonal if j == i, skipped if j > i. Causal with T != S kee
 (gathered, exact). Empty blocks (uneven shards) are skipped but still travel (as empty messages: no bytes).
 GQA needs nothing: the CPU kernel takes fewer k/v heads than q heads (forward and backward).
 
+Load balancing (zigzag): with plain blocks, causal rank r computes r+1 of the n diagonal-or-below blocks, so
+the last rank does n times the first one's work. With q, k, v placed ``StridedShard(2, 1, zigzag=True)`` the
+sequence is cut into 2n pieces (torch.chunk sizes) and rank r holds pieces r and 2n-1-r; every (q piece, kv
+piece) pair is judged in GLOBAL piece order (full below, causal on, skipped above the diagonal), so each step
+computes two full pairs on every rank, which share one side and run as one kernel call (two diagonals and
+one full pair at step 0): equal work everywhere (2n+1 pairs per rank, against r+1 blocks of unequal rank r
+before), the same n-1 shifts, and out / grads come back zigzag (``full_tensor()`` is the natural order). The ring
+takes zigzag inputs whenever they come (the override reads StridedShards natively); ``load_balance=True``
+also asks causal Shard(2) or Replicate inputs to become zigzag (an all-gather for Shard(2): place them
+zigzag up front instead).
+
 Other mesh dims keep ops/attention.py's treatment (batch or heads sharded: local), so cp composes with dp
 and with tp head sharding. Example::
 
@@ -37,42 +48,48 @@ from dataclasses import dataclass
 
 import torch
 
-from dtensor_plus import collectives
-from dtensor_plus.placements import Placement, Shard, chunk_bounds
+from dtensor_plus import collectives, strided
+from dtensor_plus.placements import Placement, Replicate, Shard, StridedShard, chunk_bounds
 from dtensor_plus.rules import OpSchema, Sharding
 
 from .attention import cpu_flash_backward_rule, cpu_flash_rule
 from .common import aten
 
-__all__ = ["ring_rules", "RingGeometry"]
+__all__ = ["ring_rules", "RingGeometry", "ZIGZAG"]
 
 SEQ = 2  # the sequence dim of q, k, v, out, grad_out and logsumexp
+ZIGZAG = StridedShard(SEQ, 1, zigzag=True)  # the load-balanced placement of all of them on the ring's mesh dim
 FULL, DIAGONAL, SKIP = "full", "diagonal", "skip"
 _KV_TAG, _GRAD_TAG = 0, 2  # p2p tags of the two shifts that can be in flight at once (k, v and dk, dv)
 _FORWARD = aten._scaled_dot_product_flash_attention_for_cpu.default
 _BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
-def ring_rules(mesh_dim: int | str) -> dict:
-    """The rules ``context_parallel(kind="ring")`` installs: {aten op: rule} for the CPU SDPA kernels."""
+def ring_rules(mesh_dim: int | str, load_balance: bool = False) -> dict:
+    """The rules ``context_parallel(kind="ring")`` installs: {aten op: rule} for the CPU SDPA kernels. They
+    read StridedShard inputs themselves (install them with ``override_rule(..., strided="native")``)."""
     return {
-        _FORWARD: functools.partial(_forward_rule, mesh_dim=mesh_dim),
-        _BACKWARD: functools.partial(_backward_rule, mesh_dim=mesh_dim),
+        _FORWARD: functools.partial(_forward_rule, mesh_dim=mesh_dim, load_balance=load_balance),
+        _BACKWARD: functools.partial(_backward_rule, mesh_dim=mesh_dim, load_balance=load_balance),
     }
 
 
-# -- geometry: which block each rank holds, and which (q block, kv block) pairs are computed -----------------
+# -- geometry: which pieces each rank holds, and which (q piece, kv piece) pairs are computed -----------------
 
 
 @dataclass(frozen=True)
 class RingGeometry:
-    """Global metadata of one ring attention call: everything a rank needs to know about the others' blocks."""
+    """Global metadata of one ring attention call: everything a rank needs to know about the others' blocks.
+
+    The sequence is cut into ``num_pieces`` torch.chunk pieces: n (rank r holds piece r) or, zigzag, 2n
+    (rank r holds pieces r and 2n-1-r, in that order)."""
 
     mesh: object
     mesh_dim: int
     seq_q: int
     seq_kv: int
     causal: bool
+    zigzag: bool = False
 
     @property
     def size(self) -> int:
@@ -82,27 +99,80 @@ class RingGeometry:
     def index(self) -> int:
         return self.mesh.get_local_rank(self.mesh_dim)
 
+    @property
+    def num_pieces(self) -> int:
+        return 2 * self.size if self.zigzag else self.size
+
+    def pieces_of(self, rank: int) -> list[int]:
+        return [rank, 2 * self.size - 1 - rank] if self.zigzag else [rank]
+
     def kv_block_at(self, step: int) -> int:
-        """The kv block this rank holds at ``step`` (it came ``step`` hops from its owner)."""
+        """The rank whose kv block this rank holds at ``step`` (it came ``step`` hops from its owner)."""
         return (self.index - step) % self.size
 
-    def kv_length(self, block: int) -> int:
-        return chunk_bounds(self.seq_kv, self.size, block)[1]
+    def kv_length(self, rank: int) -> int:
+        return sum(chunk_bounds(self.seq_kv, self.num_pieces, piece)[1] for piece in self.pieces_of(rank))
 
-    def kind(self, q_block: int, kv_block: int) -> str:
-        if chunk_bounds(self.seq_q, self.size, q_block)[1] == 0 or self.kv_length(kv_block) == 0:
+    def kind(self, q_piece: int, kv_piece: int) -> str:
+        if chunk_bounds(self.seq_q, self.num_pieces, q_piece)[1] == 0 or chunk_bounds(self.seq_kv, self.num_pieces, kv_piece)[1] == 0:
             return SKIP
-        if not self.causal or kv_block < q_block:
+        if not self.causal or kv_piece < q_piece:
             return FULL
-        return DIAGONAL if kv_block == q_block else SKIP
+        return DIAGONAL if kv_piece == q_piece else SKIP
+
+    def piece_pairs(self, step: int, rank: int | None = None) -> list[tuple[slice, slice, str]]:
+        """The (q piece, kv piece) pairs ``rank`` (default: this one) computes at ``step``: (q rows, kv rows,
+        kind), rows in the local blocks' own order; skipped pairs left out."""
+        rank = self.index if rank is None else rank
+        q_rows = self.local_rows(self.seq_q, rank)
+        kv_rows = self.local_rows(self.seq_kv, (rank - step) % self.size)
+        return [(q_slice, kv_slice, kind)
+                for q_piece, q_slice in q_rows
+                for kv_piece, kv_slice in kv_rows
+                if (kind := self.kind(q_piece, kv_piece)) != SKIP]
+
+    def pairs(self, step: int, rank: int | None = None) -> list[tuple[slice, slice, str]]:
+        """``piece_pairs`` as the kernel runs them: two full pairs that share one side and meet on the other
+        are one block (zigzag: one kernel call per step after the first)."""
+        return _coalesced(self.piece_pairs(step, rank))
+
+    def local_rows(self, seq: int, rank: int) -> list[tuple[int, slice]]:
+        """(global piece, rows in the local block) of the pieces ``rank`` holds of a ``seq``-long dim."""
+        rows, start = [], 0
+        for piece in self.pieces_of(rank):
+            length = chunk_bounds(seq, self.num_pieces, piece)[1]
+            rows.append((piece, slice(start, start + length)))
+            start += length
+        return rows
 
 
-def _local_kind(ring: RingGeometry, step: int, query, kv) -> str:
-    """The block's kind, or SKIP where another mesh dim left this rank no batch rows or heads: the CPU kernel
+def _coalesced(pairs: list) -> list:
+    """``pairs`` with any two FULL ones of equal q rows and adjacent kv rows (or the reverse) made one."""
+    for i, (q_a, kv_a, kind_a) in enumerate(pairs):
+        for j, (q_b, kv_b, kind_b) in enumerate(pairs):
+            if i == j or kind_a != FULL or kind_b != FULL:
+                continue
+            if q_a == q_b and kv_a.stop == kv_b.start:
+                joined = (q_a, slice(kv_a.start, kv_b.stop), FULL)
+            elif kv_a == kv_b and q_a.stop == q_b.start:
+                joined = (slice(q_a.start, q_b.stop), kv_a, FULL)
+            else:
+                continue
+            rest = [p for k, p in enumerate(pairs) if k not in (i, j)]
+            return _coalesced(rest + [joined])
+    return pairs
+
+
+def _local_pairs(ring: RingGeometry, step: int, query, kv) -> list:
+    """The step's pairs, or none where another mesh dim left this rank no batch rows or heads: the CPU kernel
     divides by zero on an empty head dim. Only the compute is skipped; the ring's shifts never depend on it."""
     if min(query.numel(), kv[0].numel(), kv[1].numel()) == 0:
-        return SKIP
-    return ring.kind(ring.index, ring.kv_block_at(step))
+        return []
+    return ring.pairs(step)
+
+
+def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
+    return t.narrow(SEQ, rows.start, rows.stop - rows.start)
 
 
 def _with_length(t: torch.Tensor, length: int) -> torch.Size:
@@ -126,28 +196,32 @@ def ring_forward(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask
     _check_local_call(dropout_p, attn_mask)
     # Strict RNG mode changes nothing here: at dropout_p == 0 the kernel draws nothing, so the dispatcher hands
     # it local blocks like any other op (random.draws).
-    kv, out, lse = [key, value], None, None
+    kv, out, lse = [key, value], None, None  # out, lse: this rank's whole q block, merged so far
     for step in range(ring.size):
         pending = _shift(kv, ring, step, _KV_TAG) if step < ring.size - 1 else None  # overlaps the kernel
-        kind = _local_kind(ring, step, query, kv)
-        if kind != SKIP:
-            out_b, lse_b = _FORWARD(query, kv[0], kv[1], 0.0, kind == DIAGONAL, scale=scale)
-            out, lse = _merge(out, lse, out_b, lse_b)
+        for q_rows, kv_rows, kind in _local_pairs(ring, step, query, kv):
+            out_b, lse_b = _FORWARD(_rows(query, q_rows), _rows(kv[0], kv_rows), _rows(kv[1], kv_rows), 0.0,
+                                    kind == DIAGONAL, scale=scale)
+            if out is None:  # rows not reached yet hold lse -inf: the first merge into them copies the block
+                lse = torch.full(query.shape[:SEQ + 1], -torch.inf, dtype=torch.promote_types(lse_b.dtype, torch.float32),
+                                 device=query.device)
+                out = lse.new_zeros(lse.shape + value.shape[-1:])
+            out_m, lse_m = _merge(_rows(out, q_rows), _rows(lse, q_rows), out_b, lse_b)
+            _rows(out, q_rows).copy_(out_m)
+            _rows(lse, q_rows).copy_(lse_m)
         if pending is not None:
             kv = pending.wait()
-    if out is None:  # an empty q block: nothing was computed
+    if out is None:  # an empty q block, or no heads or batch rows here: nothing was computed
         return _empty_outputs(query, key, value, is_causal, scale)
     return out.to(query.dtype), lse
 
 
 def _merge(out, lse, out_b, lse_b):
     """Exact softmax merge of two partial results over disjoint kv blocks. Every computed block has at least
-    one visible key per row (full blocks are non-empty; a causal diagonal row sees its own key), so the
-    log-sum-exps are finite."""
+    one visible key per row (full blocks are non-empty; a causal diagonal row sees its own key), so lse_b is
+    finite; lse may be -inf (nothing merged yet), which gives exactly (out_b, lse_b)."""
     lse_b = lse_b.to(torch.promote_types(lse_b.dtype, torch.float32))
     out_b = out_b.to(lse_b.dtype)
-    if out is None:
-        return out_b, lse_b
     merged = torch.logaddexp(lse, lse_b)
     out = out * (lse - merged).exp().unsqueeze(-1) + out_b * (lse_b - merged).exp().unsqueeze(-1)
     return out, merged
@@ -171,13 +245,7 @@ def ring_backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is
     for step in range(ring.size):
         if step < ring.size - 1:
             pending_kv = _shift(kv, ring, step, _KV_TAG)  # overlaps the kernel
-        kind = _local_kind(ring, step, query, kv)
-        if kind == SKIP:
-            share = [torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in kv]
-        else:
-            grad_q_b, *share = _BACKWARD(grad_out, query, kv[0], kv[1], out, logsumexp, 0.0, kind == DIAGONAL, scale=scale)
-            grad_q += grad_q_b
-            share = [t.to(acc_dtype) for t in share]
+        share = _backward_step(grad_out, query, kv, out, logsumexp, grad_q, scale, _local_pairs(ring, step, query, kv))
         if step == 0:
             own = share  # this rank's share of its own block: it stays here
         else:  # block (r - step)'s accumulator: started at step 1 on the rank after its owner, arrives home last
@@ -189,6 +257,19 @@ def ring_backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is
             kv = pending_kv.wait()
     grad_k, grad_v = (a + b for a, b in zip(own, traveling.wait()))
     return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype)
+
+
+def _backward_step(grad_out, query, kv, out, logsumexp, grad_q, scale, pairs) -> list[torch.Tensor]:
+    """Add this step's pairs' dq into ``grad_q`` (in place); return their (dk, dv) share of the kv block held."""
+    share = [torch.zeros(t.shape, dtype=grad_q.dtype, device=t.device) for t in kv]
+    for q_rows, kv_rows, kind in pairs:
+        grad_q_b, *grad_kv_b = _BACKWARD(_rows(grad_out, q_rows), _rows(query, q_rows), _rows(kv[0], kv_rows),
+                                         _rows(kv[1], kv_rows), _rows(out, q_rows), _rows(logsumexp, q_rows), 0.0,
+                                         kind == DIAGONAL, scale=scale)
+        _rows(grad_q, q_rows).add_(grad_q_b)
+        for total, part in zip(share, grad_kv_b):
+            _rows(total, kv_rows).add_(part)
+    return share
 
 
 def _check_local_call(dropout_p, attn_mask) -> None:
@@ -206,44 +287,55 @@ def _causal(op: OpSchema, query_index: int) -> bool:
     return bool(op.arg(query_index + (4 if query_index == 0 else 6), "is_causal", False))  # after dropout_p
 
 
-def _ring_mesh_dim(op: OpSchema, mesh_dim, query_index: int) -> int | None:
-    """The mesh dim index to ring over, or None when this call keeps the default rule."""
-    mesh = op.mesh
-    index = mesh.mesh_dim_index(mesh_dim)  # raises ValueError naming the mesh's dims
+def _ring_placement(op: OpSchema, index: int, query_index: int, load_balance: bool) -> Placement | None:
+    """The placement the ring runs q, k, v on (Shard(seq) or ZIGZAG), or None when this call keeps the
+    default rule. A decision from global metadata only."""
     query, key, value = (op.args[query_index + i] for i in range(3))
-    if mesh.size(index) == 1 or op.kwargs.get("attn_mask") is not None:
+    if op.mesh.size(index) == 1 or op.kwargs.get("attn_mask") is not None or any(t.ndim != 4 for t in (query, key, value)):
         return None
-    if any(t.ndim != 4 or not t.placements[index].is_shard(SEQ) for t in (query, key, value)):
+    placed = {t.placements[index] for t in (query, key, value)}
+    if placed not in ({Shard(SEQ)}, {ZIGZAG}):
         return None
     seq_q, seq_kv = query.shape[SEQ], key.shape[SEQ]
     causal = _causal(op, query_index)
     if seq_q == 0 or seq_kv == 0 or (causal and seq_q != seq_kv):
         return None
-    return index
+    return ZIGZAG if load_balance and causal else placed.pop()
 
 
-def _on_ring(placements: tuple[Placement, ...] | None, index: int):
-    return placements[:index] + (Shard(SEQ),) + placements[index + 1:]
+def _on_ring(placements: tuple[Placement, ...], index: int, placement: Placement):
+    return placements[:index] + (placement,) + placements[index + 1:]
 
 
-def _ring_sharding(default: Sharding, op: OpSchema, index: int, query_index: int, local_op) -> Sharding:
-    """The default rule's placements on every other mesh dim; Shard(seq) on the ring's."""
+def _seen_by_default(op: OpSchema, index: int) -> OpSchema:
+    """``op`` as the default attention rule may read it: ZIGZAG on the ring's mesh dim read as Shard(seq)
+    (only that mesh dim changes afterwards), any other StridedShard gathered."""
+    def plain(k, p):
+        if p.is_strided_shard():
+            return Shard(SEQ) if (k, p) == (index, ZIGZAG) else Replicate()
+        return p
+    specs = [spec.with_placements(tuple(plain(k, p) for k, p in enumerate(spec.placements))) for spec in op.specs]
+    return strided.with_specs(op, specs)
+
+
+def _rule(op: OpSchema, mesh_dim, load_balance: bool, query_index: int, default_rule, local_op) -> Sharding:
+    index = op.mesh.mesh_dim_index(mesh_dim)  # raises ValueError naming the mesh's dims
+    placement = _ring_placement(op, index, query_index, load_balance)
+    if placement is None:  # the default rule, which never sees a StridedShard (it gathers them)
+        return strided.gathered(default_rule, op) if strided.has_strided(op.specs) else default_rule(op)
+    default = default_rule(_seen_by_default(op, index))
     query, key = op.args[query_index], op.args[query_index + 1]
-    ring = RingGeometry(op.mesh, index, query.shape[SEQ], key.shape[SEQ], _causal(op, query_index))
-    return Sharding(inputs=tuple(_on_ring(p, index) for p in default.inputs),
-                    outputs=tuple(_on_ring(p, index) for p in default.outputs),
+    ring = RingGeometry(op.mesh, index, query.shape[SEQ], key.shape[SEQ], _causal(op, query_index), placement == ZIGZAG)
+    return Sharding(inputs=tuple(_on_ring(p, index, placement) for p in default.inputs),
+                    outputs=tuple(_on_ring(p, index, placement) for p in default.outputs),
                     local_op=functools.partial(local_op, ring=ring))
 
 
-def _forward_rule(op: OpSchema, *, mesh_dim) -> Sharding:
+def _forward_rule(op: OpSchema, *, mesh_dim, load_balance: bool = False) -> Sharding:
     """(query, key, value, dropout_p, is_causal, *, attn_mask, scale) -> (output, logsumexp)."""
-    default = cpu_flash_rule(op)
-    index = _ring_mesh_dim(op, mesh_dim, 0)
-    return default if index is None else _ring_sharding(default, op, index, 0, ring_forward)
+    return _rule(op, mesh_dim, load_balance, 0, cpu_flash_rule, ring_forward)
 
 
-def _backward_rule(op: OpSchema, *, mesh_dim) -> Sharding:
+def _backward_rule(op: OpSchema, *, mesh_dim, load_balance: bool = False) -> Sharding:
     """(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale) -> grads."""
-    default = cpu_flash_backward_rule(op)
-    index = _ring_mesh_dim(op, mesh_dim, 1)
-    return default if index is None else _ring_sharding(default, op, index, 1, ring_backward)
+    return _rule(op, mesh_dim, load_balance, 1, cpu_flash_backward_rule, ring_backward)

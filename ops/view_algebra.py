@@ -16,8 +16,11 @@ the rest are gathered. (B, T, D) -> (B*T, D) with B % n == 0 aligns; with B = 3 
 
 A Shard that a flatten puts behind unsharded dims, (B, H) -> (B*H) with H split, becomes a StridedShard of
 the merged dim (``strided_view_placements``): B groups, the rows inside each split. Splitting it again where
-the groups end, (B*H) -> (B, H), gives back Shard(1); a view that leaves the dim alone keeps it; any other
-view gathers it. This is what keeps attention heads sharded through ``matmul``'s (B*H, T, K) ``bmm``.
+the groups end, (B*H) -> (B, H), gives back Shard(1); a view that leaves the dim alone keeps it, a flatten
+that puts it behind more dims keeps it with a larger ``outer`` (where its pieces stay whole rows); any other
+view gathers it. A zigzag StridedShard (load-balanced context parallelism) follows the same algebra with 2n
+pieces: (B, T) -> (B*T) with T zigzag is StridedShard(0, B, zigzag=True), and back to StridedShard(1, 1,
+zigzag=True). This is what keeps attention heads sharded through ``matmul``'s (B*H, T, K) ``bmm``.
 
 Slicing uses the same check (``slice_aligns``): a slice of a sharded dim stays sharded where each rank's
 part of the slice is exactly its torch.chunk block of the result (e.g. x[:, :-1] of an even split).
@@ -198,20 +201,40 @@ def _to_strided(d, group, in_shape, n, blocks) -> StridedShard | None:
 
 
 def _from_strided(p: StridedShard, group, in_shape, out_shape, n, blocks) -> Placement:
-    """Where a StridedShard input goes: kept on an untouched dim, Shard where a split ends its groups."""
-    if blocks is None or group[0] != (p.dim,):
+    """Where a StridedShard input goes: kept on an untouched dim or behind dims a flatten puts before it,
+    Shard (or, zigzag, a StridedShard with outer 1) where a split ends its groups; else gathered."""
+    if blocks is None:
         return Replicate()
-    outs = group[1]
+    ins, outs = group
     if len(outs) == 1:
-        return StridedShard(outs[0], p.outer)
+        return _flattened_strided(p, ins, outs[0], in_shape, n, blocks)
+    if ins != (p.dim,):
+        return Replicate()
     sizes = [out_shape[e] for e in outs]
     for at in range(1, len(outs)):
         if math.prod(sizes[:at]) == p.outer * blocks:
             inner = in_shape[p.dim] // (p.outer * blocks)
-            if blocks_align(inner, 1, sizes[at], math.prod(sizes[at + 1 :]), [n]):
-                return Shard(outs[at])
+            if blocks_align(inner, 1, sizes[at], math.prod(sizes[at + 1 :]), [_num_pieces(p, n)]):
+                return p.with_dim(outs[at], 1) if p.zigzag else Shard(outs[at])
             break
     return Replicate()
+
+
+def _num_pieces(p: StridedShard, n: int) -> int:
+    """How many torch.chunk pieces the inner factor is cut into: n, or 2n for zigzag."""
+    return 2 * n if p.zigzag else n
+
+
+def _flattened_strided(p: StridedShard, ins, out: int, in_shape, n, blocks) -> Placement:
+    """(a, .., d, c, ..) -> (e) with d strided: e read as (a.. * outer, inner * c..), where the pieces of the
+    inner factor stay whole rows of c.. (always when c.. is empty: (B, T) -> (B*T) with T zigzag)."""
+    at = ins.index(p.dim)
+    inner = in_shape[p.dim] // p.outer
+    trailing = math.prod(in_shape[i] for i in ins[at + 1 :])
+    if not blocks_align(inner, trailing, inner * trailing, 1, [_num_pieces(p, n)]):
+        return Replicate()
+    lead = math.prod(in_shape[i] for i in ins[:at]) // blocks if at else 1  # blocks cut ins[0], d's leader
+    return p.with_dim(out, p.outer * lead)
 
 
 def slice_range(size: int, start, end, step: int) -> tuple[int, int]:

@@ -255,7 +255,7 @@ def select_backward_rule(op: OpSchema) -> Sharding:
 
 
 @register_rule(aten.split.Tensor, aten.split_copy.Tensor, aten.split_with_sizes.default,
-               aten.split_with_sizes_copy.default)
+               aten.split_with_sizes_copy.default, strided="as_shard")
 def split_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
     dim, split = normalize_dim(op.arg(2, "dim", 0), spec.ndim), op.arg(1)
@@ -294,7 +294,7 @@ def _join(specs, in_dims: dict, mesh_ndim: int):
     return tuple(target), tuple(output)
 
 
-@register_rule(aten.cat.default)
+@register_rule(aten.cat.default, strided="as_shard")
 def cat_rule(op: OpSchema) -> Sharding:
     """Inputs agree on the output's layout; 1-d empty inputs (which cat skips) stay as they are."""
     specs = op.specs

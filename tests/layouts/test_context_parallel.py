@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import dtensor_plus
 from dtensor_plus import Replicate, Shard, comm_mode, init_device_mesh
+from dtensor_plus.placements import StridedShard
 from dtensor_plus.layouts import context_parallel
 from dtensor_plus.testing import assert_spmd_equal, run_on_ranks
 from dtensor_plus.testing.strategies import make_dtensor
@@ -30,6 +31,13 @@ def _seq_lengths(size, n):
     """torch.chunk lengths of ``size`` over ``n`` ranks."""
     chunk = -(-size // n)
     return [max(0, min(chunk, size - i * chunk)) for i in range(n)]
+
+
+def _kv_lengths(placement, size, n):
+    """Each cp rank's sequence length under ``placement`` (Shard(2) or zigzag)."""
+    if placement.is_strided_shard():
+        return [placement.local_size(size, n, j) for j in range(n)]
+    return _seq_lengths(size, n)
 
 
 def _ring(mesh_shape, names, q_shape, kv_shape, q_placements, causal, seed, scale=None, only_ring=True):
@@ -65,7 +73,7 @@ def _check_ring_traffic(mesh, k, forward, backward, only_ring):
     row_shape = list(k.grad._spec.local_shape_and_offset()[0])  # the layout the ring ran on
     row_shape[2] = 1  # one sequence position of this rank's k block
     row_bytes = torch.Size(row_shape).numel() * k.element_size()
-    lengths = _seq_lengths(k.shape[2], n)
+    lengths = _kv_lengths(k.grad.placements[mesh.mesh_dim_index("cp")], k.shape[2], n)
     sent_kv = sum(lengths[(r - step) % n] for step in range(n - 1)) * 2 * row_bytes  # k and v
     sent_grads = sum(lengths[(r - step) % n] for step in range(1, n)) * 2 * row_bytes
     assert forward.bytes("ring_shift", "cp") == sent_kv, (forward, sent_kv)
@@ -276,3 +284,147 @@ def _block_reentry_replans_nothing():
 
 def test_block_reentry_replans_nothing():
     run_on_ranks(2, _block_reentry_replans_nothing)
+
+
+# -- load balancing: the zigzag placement -------------------------------------------------------------------
+
+ZIGZAG = StridedShard(2, 1, zigzag=True)
+
+
+@pytest.mark.parametrize("cp,seq", [(2, 11), (3, 13), (4, 11), (4, 5)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_zigzag_ring_equals_one_device(cp, seq, causal):
+    """q, k, v zigzag on cp (uneven lengths; seq 5 on cp 4 leaves empty pieces): outputs and grads equal one
+    device, stay zigzag, and the ring moves exactly the zigzag blocks (n-1 shifts, no other collective)."""
+    run_on_ranks(cp, _ring, (cp,), ("cp",), (2, 3, seq, 4), (2, 3, seq, 4), [ZIGZAG], causal, cp)
+
+
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_zigzag_ring_shapes(data):
+    """As test_ring_shapes, zigzag on cp: GQA, scale, lengths below 2*cp, dp or tp beside it."""
+    mesh_shape, names, other = data.draw(st.sampled_from(_MESHES))
+    b, h, d = (data.draw(st.integers(1, 3)) for _ in range(3))
+    groups = data.draw(st.sampled_from([1, 2]))
+    t = data.draw(st.integers(1, 10))
+    causal = data.draw(st.booleans())
+    s = t if causal else data.draw(st.integers(1, 10))
+    placements = [ZIGZAG] if other is None else [other, ZIGZAG]
+    heads_split = other != Shard(1) or groups == 1 or h % 2 == 0
+    run_on_ranks(math.prod(mesh_shape), _ring, mesh_shape, names, (b, h * groups, t, d), (b, h, s, d), placements,
+                 causal, data.draw(st.integers(0, 999)), data.draw(st.sampled_from([None, 0.3])), heads_split)
+
+
+def _count_work(cp, seq, zigzag):
+    """Per rank: the (q, kv) block pairs the kernels compute in forward and backward, and the attention
+    scores they cover (a full pair q*kv, a causal diagonal q*(q+1)/2), counted at the kernel calls."""
+    from dtensor_plus.ops import ring_attention
+    mesh = init_device_mesh("cpu", (cp,), mesh_dim_names=("cp",))
+    dtensor_plus.manual_seed(0)
+    placement = ZIGZAG if zigzag else Shard(2)
+    q, k, v = (make_dtensor(_whole((1, 2, seq, 4), i), mesh, [placement], requires_grad=True) for i in range(3))
+    counts = {"forward": 0, "backward": 0, "scores": 0}
+    forward, backward = ring_attention._FORWARD, ring_attention._BACKWARD
+
+    def counting(kernel, name):
+        def call(*args, **kwargs):
+            query, key = args[1:3] if name == "backward" else args[:2]
+            if query.device.type != "meta":
+                causal = args[7] if name == "backward" else args[4]
+                counts[name] += 1
+                if name == "forward":
+                    t, s = query.shape[2], key.shape[2]
+                    counts["scores"] += t * (t + 1) // 2 if causal else t * s
+            return kernel(*args, **kwargs)
+        return call
+
+    with context_parallel(mesh_dim="cp"):
+        ring_attention._FORWARD, ring_attention._BACKWARD = counting(forward, "forward"), counting(backward, "backward")
+        try:
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        finally:
+            ring_attention._FORWARD, ring_attention._BACKWARD = forward, backward
+    return counts
+
+
+def _piece_pairs(cp, seq, zigzag):
+    """Per rank: the (q piece, kv piece) pairs the ring geometry computes over all steps."""
+    from dtensor_plus.ops.ring_attention import RingGeometry
+    mesh = init_device_mesh("cpu", (cp,), mesh_dim_names=("cp",))
+    ring = RingGeometry(mesh, 0, seq, seq, True, zigzag)
+    return sum(len(ring.piece_pairs(step)) for step in range(cp))
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4])
+def test_zigzag_gives_every_rank_equal_work(cp):
+    """Causal, seq a multiple of 2*cp. Zigzag: every rank computes 2*cp + 1 chunk pairs (two diagonals and one
+    full pair at step 0, two full pairs per later step, run as one kernel call: cp + 2 calls each way) and the
+    same number of attention scores. Plain blocks: rank r computes r+1 pairs (the last cp times the first)."""
+    seq = 8 * cp
+    assert run_on_ranks(cp, _piece_pairs, cp, seq, True) == [2 * cp + 1] * cp
+    assert run_on_ranks(cp, _piece_pairs, cp, seq, False) == list(range(1, cp + 1))
+    zigzag = run_on_ranks(cp, _count_work, cp, seq, True)
+    assert all(c == {"forward": cp + 2, "backward": cp + 2, "scores": zigzag[0]["scores"]} for c in zigzag), zigzag
+    assert sum(c["scores"] for c in zigzag) == seq * (seq + 1) // 2  # the causal triangle, each score once
+    plain = run_on_ranks(cp, _count_work, cp, seq, False)
+    assert [c["forward"] for c in plain] == list(range(1, cp + 1)), plain
+
+
+def _load_balance_moves_shards():
+    """load_balance=True: causal Shard(2) inputs are moved to zigzag (one all-gather each), the output is
+    zigzag and equal to one device; non-causal calls keep Shard(2)."""
+    mesh = init_device_mesh("cpu", (3,), mesh_dim_names=("cp",))
+    dtensor_plus.manual_seed(0)
+    q, k, v = (make_dtensor(_whole((1, 2, 10, 4), i), mesh, [Shard(2)], requires_grad=True) for i in range(3))
+    with context_parallel(mesh_dim="cp", load_balance=True):
+        with comm_mode() as comm:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert out.placements == (ZIGZAG,) and comm.count("all_gather", "cp") == 3, (out.placements, comm)
+        assert comm.count("ring_shift", "cp") == 2 and not comm.fallbacks, comm
+        assert F.scaled_dot_product_attention(q, k, v).placements == (Shard(2),)
+        assert_spmd_equal(_sdpa(True, False), q, k, v)
+
+
+def test_load_balance_moves_shards():
+    run_on_ranks(3, _load_balance_moves_shards)
+    with pytest.raises(ValueError, match="load_balance"):
+        with context_parallel(kind="ulysses", load_balance=True):
+            pass
+
+
+def _linear_block(x, w_qkv, w_out, heads):
+    """(B, T, C) -> (B, T, C) as a GPT writes it: F.linear (which folds (B, T) into rows), heads split by
+    view + transpose, causal SDPA, heads merged, output projection."""
+    b, t, c = x.shape
+    q, k, v = F.linear(x, w_qkv).split(c, dim=-1)
+    q, k, v = (y.view(b, t, heads, c // heads).transpose(1, 2) for y in (q, k, v))  # (B, H, T, D)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.linear(y.transpose(1, 2).reshape(b, t, c), w_out)
+
+
+def _zigzag_gpt_block(cp, block):
+    """A zigzag (B, T, D) activation through the whole attention block: no gather anywhere, forward or
+    backward; the ring's shifts are the only communication of the forward; output zigzag, equal to one device."""
+    mesh = init_device_mesh("cpu", (cp,), mesh_dim_names=("cp",))
+    dtensor_plus.manual_seed(0)
+    x = make_dtensor(_whole((2, 13, 8), 0, torch.float64), mesh, [StridedShard(1, 1, zigzag=True)], requires_grad=True)
+    w_qkv = make_dtensor(_whole((24, 8) if block is _linear_block else (8, 24), 1, torch.float64), mesh, [Replicate()],
+                         requires_grad=True)
+    w_out = make_dtensor(_whole((8, 8), 2, torch.float64), mesh, [Replicate()], requires_grad=True)
+    with context_parallel(mesh_dim="cp", load_balance=True):
+        with comm_mode() as comm:
+            y = block(x, w_qkv, w_out, 2)
+        assert comm.count() == comm.count("ring_shift", "cp") == cp - 1 and not comm.fallbacks, comm
+        assert y.placements == (StridedShard(1, 1, zigzag=True),), y.placements
+        grad = y.detach() * 0 + 1  # a zigzag gradient (a full sum() gathers: reductions read no StridedShard)
+        with comm_mode() as comm:
+            y.backward(grad)
+        assert comm.count("all_gather") == 0 and comm.count("ring_shift", "cp") == 2 * (cp - 1), comm
+        assert x.grad.placements == (StridedShard(1, 1, zigzag=True),), x.grad.placements
+        assert_spmd_equal(lambda *a: block(*a, 2), x, w_qkv, w_out)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("block", ["linear", "matmul"])
+def test_zigzag_attention_block_never_gathers(cp, block):
+    run_on_ranks(cp, _zigzag_gpt_block, cp, _linear_block if block == "linear" else _attention_block)

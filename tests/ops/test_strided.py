@@ -105,3 +105,64 @@ def check_sequence_sharded_cross_entropy(mesh_shape, B, T, V, seed):
 @pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)])
 def test_sequence_sharded_cross_entropy(mesh_shape):
     run_on_ranks(math.prod(mesh_shape), check_sequence_sharded_cross_entropy, mesh_shape, 2, 6, 8, 0)
+
+
+# -- zigzag: the load-balanced sequence placement (StridedShard(dim, outer, zigzag=True)) -------------------
+
+
+def _zigzag_rows(size, n, r):
+    """Reference: the rows rank r holds, from torch.chunk itself (missing trailing chunks are empty)."""
+    chunks = list(torch.arange(size).chunk(2 * n)) if size else []
+    chunks += [torch.arange(0)] * (2 * n - len(chunks))
+    return torch.cat([chunks[r], chunks[2 * n - 1 - r]])
+
+
+def check_zigzag_round_trip(n, shape, dim, seed):
+    """distribute_tensor (from one rank or all), Shard <-> zigzag and zigzag -> Replicate: each rank holds
+    exactly chunks r and 2n-1-r of the dim, full_tensor is the natural order, the spec knows the local shape;
+    (B, T, D) views through (B*T, D) and an elementwise op keep it without any collective."""
+    mesh = dtp.init_device_mesh("cpu", (n,))
+    r = mesh.get_local_rank(0)
+    zigzag = StridedShard(dim, 1, zigzag=True)
+    whole = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    mine = whole.index_select(dim, _zigzag_rows(shape[dim], n, r))
+    for src in (0, None):
+        x = dtp.distribute_tensor(whole, mesh, [zigzag], src_data_rank=src)
+        assert torch.equal(x.to_local(), mine) and x._spec.local_shape_and_offset()[0] == tuple(mine.shape)
+        assert torch.equal(x.full_tensor(), whole)
+    sharded = make_dtensor(whole, mesh, [Shard(dim)], requires_grad=True)
+    with dtp.comm_mode() as comm:
+        x = sharded.redistribute(placements=[zigzag])
+    assert comm.count() == comm.count("all_gather") == 1 and torch.equal(x.to_local(), mine), comm
+    assert torch.equal(x.redistribute(placements=[Shard(dim)]).to_local(), sharded.to_local())
+    x.sum().backward()  # the gradient goes back to Shard(dim)
+    assert sharded.grad.placements == (Shard(dim),) and torch.equal(sharded.grad.full_tensor(), torch.ones(shape))
+    if dim == 1 and whole.numel():  # an empty tensor keeps its layout only through unchanged shapes
+        b, t, d = shape
+        with dtp.comm_mode() as comm:
+            flat = x.reshape(b * t, d) * 2
+            back = flat.view(b, t, d)
+        if b > 1 and t > 1:  # size-1 dims are views' own groups: the placement may land on another of them
+            assert comm.count() == 0 and flat.placements == (StridedShard(0, b, zigzag=True),), (comm, flat.placements)
+            assert back.placements == (zigzag,)
+        assert torch.equal(back.full_tensor(), whole * 2)
+        assert torch.equal(flat.full_tensor(), whole.reshape(b * t, d) * 2)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 4), b=st.integers(1, 3), t=st.integers(0, 13), d=st.integers(1, 3), dim=st.sampled_from([0, 1]),
+       seed=st.integers(0, 99))
+def test_zigzag_round_trip(n, b, t, d, dim, seed):
+    """Uneven lengths and empty chunks (t < 2n) included."""
+    shape = (t, b, d) if dim == 0 else (b, t, d)
+    run_on_ranks(n, check_zigzag_round_trip, n, shape, dim, seed)
+
+
+def test_zigzag_placement_value():
+    assert repr(StridedShard(1, 1, zigzag=True)) == "StridedShard(dim=1, outer=1, zigzag=True)"
+    assert StridedShard(1, 1, zigzag=True) != StridedShard(1, 1)
+    from dtensor_plus.layouts.annotation import format_layout
+    assert format_layout([StridedShard(1, 1, zigzag=True)], ["cp"], ndim=3) == "d0 (zigzag d1(cp)) d2"
+    assert format_layout([StridedShard(0, 4, zigzag=True)], ["cp"], ndim=1) == "(4 zigzag d0(cp))"
+    with pytest.raises(TypeError, match="zigzag"):
+        StridedShard(0, 1, zigzag=1)
