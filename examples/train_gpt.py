@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dtensor_plus as dtp  # noqa: E402
 from dtensor_plus import DTensor, Replicate, Shard  # noqa: E402
+from dtensor_plus.placements import StridedShard  # noqa: E402
 from dtensor_plus.layouts import (ZeroRedundancyOptimizer, context_parallel, fully_shard, loss_parallel,  # noqa: E402
                                   parallelize_module)
 from dtensor_plus.layouts.data import replicate  # noqa: E402
@@ -63,6 +64,7 @@ class Layout:
     zero: int = 0
     cp: int = 1
     cp_kind: str = "ring"
+    cp_balance: bool = False  # zigzag the sequence over cp: every rank does equal causal-attention work
 
     def __post_init__(self):
         for name in ("dp", "tp", "cp"):
@@ -79,13 +81,15 @@ class Layout:
             raise ValueError("sp and cp both shard the sequence; context parallelism (cp) already covers the norms")
         if self.cp_kind not in ("ring", "ulysses"):
             raise ValueError(f"cp_kind must be 'ring' or 'ulysses', got {self.cp_kind!r}")
+        if self.cp_balance and (self.cp == 1 or self.cp_kind != "ring"):
+            raise ValueError("cp_balance zigzags the sequence for ring attention: it needs cp > 1 and cp_kind='ring'")
 
     @property
     def world(self) -> int:
         return self.dp * self.tp * self.cp
 
     def __str__(self) -> str:
-        cp = f" cp={self.cp} ({self.cp_kind})" if self.cp > 1 else ""
+        cp = f" cp={self.cp} ({self.cp_kind}{', balanced' if self.cp_balance else ''})" if self.cp > 1 else ""
         return f"dp={self.dp} tp={self.tp} sp={self.sp} zero={self.zero}{cp}"
 
 
@@ -110,6 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage on the dp mesh dim")
     parser.add_argument("--cp", type=int, default=1, help="context-parallel size (sequence sharded through attention)")
     parser.add_argument("--cp-kind", default="ring", choices=("ring", "ulysses"))
+    parser.add_argument("--cp-balance", action="store_true", help="zigzag the sequence over cp (causal load balance)")
     parser.add_argument("--config", default="debug", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (divisible by --dp)")
@@ -129,7 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size % args.dp:
         parser.error(f"--batch-size({args.batch_size}) must divide by --dp({args.dp})")
     try:
-        args.layout = Layout(args.dp, args.tp, args.sp, args.zero, args.cp, args.cp_kind)
+        args.layout = Layout(args.dp, args.tp, args.sp, args.zero, args.cp, args.cp_kind, args.cp_balance)
     except ValueError as err:
         parser.error(str(err))
     return args
@@ -173,9 +178,10 @@ def make_mesh(layout: Layout):
     return dtp.init_device_mesh("cpu", shape, mesh_dim_names=names)
 
 
-def place_batch(batch: torch.Tensor, mesh) -> DTensor:
-    """Whole (B, T) tokens as a DTensor: batch Shard(0) on dp, sequence Shard(1) on cp, Replicate elsewhere."""
-    by_name = {"dp": Shard(0), "cp": Shard(1)}
+def place_batch(batch: torch.Tensor, mesh, balance: bool = False) -> DTensor:
+    """Whole (B, T) tokens as a DTensor: batch Shard(0) on dp, sequence Shard(1) on cp (``balance``: zigzag,
+    rank r holding pieces r and 2cp-1-r of 2cp), Replicate elsewhere."""
+    by_name = {"dp": Shard(0), "cp": StridedShard(1, 1, zigzag=True) if balance else Shard(1)}
     placements = [by_name.get(name, Replicate()) for name in mesh.mesh_dim_names]
     return dtp.distribute_tensor(batch, mesh, placements, src_data_rank=None)
 
@@ -259,7 +265,8 @@ def compare_with_single(config: GPTConfig, layout: Layout, batch_list, lr: float
     opt = make_optimizer(model, mesh, layout, lr)
     dtp.manual_seed(seed + 1, strict=True)  # dropout drawn as one device would
     scope = functools.partial(context_parallel, "cp", layout.cp_kind) if layout.cp > 1 else contextlib.nullcontext
-    mesh_losses = train(model, opt, batch_list, place=lambda t: place_batch(t, mesh), log=log, scope=scope)
+    place = functools.partial(place_batch, mesh=mesh, balance=layout.cp_balance)
+    mesh_losses = train(model, opt, batch_list, place=place, log=log, scope=scope)
 
     torch.manual_seed(seed + 1)
     single_losses = train(reference, make_optimizer(reference, None, Layout(), lr), batch_list)

@@ -48,7 +48,7 @@ def _lookup_placements(weight: Placement, indices: Placement, indices_ndim: int)
     return Replicate(), Replicate(), Replicate()
 
 
-@register_rule(aten.embedding.default)
+@register_rule(aten.embedding.default, strided="as_shard")  # rows of indices are independent
 def embedding_rule(op: OpSchema) -> Sharding:
     weight_spec, indices_spec = op.specs[0], op.specs[1]
     chosen = [
@@ -92,7 +92,7 @@ def _backward_placements(grad: Placement, indices: Placement, grad_ndim: int, wh
     return Replicate(), Replicate(), Shard(0)
 
 
-@register_rule(aten.embedding_dense_backward.default)
+@register_rule(aten.embedding_dense_backward.default, strided="as_shard")  # rows of indices are independent
 def embedding_dense_backward_rule(op: OpSchema) -> Sharding:
     grad_spec, indices_spec = op.specs[0], op.specs[1]
     num_weights = op.arg(2, "num_weights")

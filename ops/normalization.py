@@ -54,13 +54,13 @@ def _forward(op: OpSchema, num_outputs: int) -> Sharding:
     return Sharding(inputs=inputs, outputs=(target,) * num_outputs)
 
 
-@register_rule(aten.native_layer_norm.default)
+@register_rule(aten.native_layer_norm.default, strided="as_shard")  # rows are normalised independently
 def layer_norm_rule(op: OpSchema) -> Sharding:
     """native_layer_norm(input, normalized_shape, weight?, bias?, eps) -> (out, mean, rstd)."""
     return _forward(op, 3)
 
 
-@register_rule(aten._fused_rms_norm.default)
+@register_rule(aten._fused_rms_norm.default, strided="as_shard")  # rows are normalised independently
 def rms_norm_rule(op: OpSchema) -> Sharding:
     """_fused_rms_norm(input, normalized_shape, weight?, eps) -> (out, rstd)."""
     return _forward(op, 2)
@@ -98,7 +98,7 @@ def _backward(op: OpSchema, grad_index: int, input_index: int, stat_indices, par
     return Sharding(inputs=_by_position(op, targets), outputs=tuple(o for o, m in zip(outputs, mask) if m))
 
 
-@register_rule(aten.native_layer_norm_backward.default)
+@register_rule(aten.native_layer_norm_backward.default, strided="as_shard")  # rows are normalised independently
 def layer_norm_backward_rule(op: OpSchema) -> Sharding:
     """(grad_out, input, normalized_shape, mean, rstd, weight?, bias?, output_mask) -> (gi, gw, gb)."""
     sharding = _backward(op, 0, 1, (3, 4), (5, 6), 7)
@@ -110,7 +110,7 @@ def _layer_norm_backward_contiguous(grad, x, normalized_shape, mean, rstd, *rest
     return aten.native_layer_norm_backward.default(grad, x, normalized_shape, mean.contiguous(), rstd.contiguous(), *rest)
 
 
-@register_rule(aten._fused_rms_norm_backward.default)
+@register_rule(aten._fused_rms_norm_backward.default, strided="as_shard")  # rows are normalised independently
 def rms_norm_backward_rule(op: OpSchema) -> Sharding:
     """(grad_out, input, normalized_shape, rstd, weight?, output_mask) -> (grad_input, grad_weight)."""
     return _backward(op, 0, 1, (3,), (4,), 5)

@@ -146,6 +146,10 @@ def _local_mean(dims: frozenset, keepdim: bool, count: int) -> Callable:
     return local_op
 
 
+# Reductions below are "as_shard" (dtensor_plus/strided.py): a sum, mean (global count), max, min, any or all
+# over a dim does not care which rows each rank holds, so a StridedShard (e.g. a linear's bias gradient,
+# summed over flattened (batch * sequence) rows under context parallelism) is reduced in place.
+
 # -- linear reductions ----------------------------------------------------------------------------------
 
 
@@ -157,7 +161,7 @@ def _out_dtype(op: OpSchema) -> torch.dtype:
     return torch.int64 if spec.dtype == torch.bool or not _is_float(spec.dtype) else spec.dtype
 
 
-@register_rule(aten.sum.default, aten.sum.dim_IntList)
+@register_rule(aten.sum.default, aten.sum.dim_IntList, strided="as_shard")
 def sum_rule(op: OpSchema) -> Sharding:
     """Also the reduction of sum_to_size (expand's backward: sum.dim_IntList with keepdim=True)."""
     dims, keepdim = _dims(op, 1, 2)
@@ -165,7 +169,7 @@ def sum_rule(op: OpSchema) -> Sharding:
     return _reduction(op, dims, keepdim, "sum", lambda r: _linear_keeps(r, in_dtype, out_dtype))
 
 
-@register_rule(aten.mean.default, aten.mean.dim)
+@register_rule(aten.mean.default, aten.mean.dim, strided="as_shard")
 def mean_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
     dims, keepdim = _dims(op, 1, 2)
@@ -198,17 +202,17 @@ def _order_reduction(op: OpSchema, dims: frozenset, keepdim: bool, kind: str) ->
     return _reduction(op, dims, keepdim, kind, lambda r: r == kind, local_op)
 
 
-@register_rule(aten.amax.default, aten.max.default)
+@register_rule(aten.amax.default, aten.max.default, strided="as_shard")
 def max_rule(op: OpSchema) -> Sharding:
     return _order_reduction(op, *_dims(op, 1, 2), "max")
 
 
-@register_rule(aten.amin.default, aten.min.default)
+@register_rule(aten.amin.default, aten.min.default, strided="as_shard")
 def min_rule(op: OpSchema) -> Sharding:
     return _order_reduction(op, *_dims(op, 1, 2), "min")
 
 
-@register_rule(aten.any.default, aten.any.dim, aten.any.dims)
+@register_rule(aten.any.default, aten.any.dim, aten.any.dims, strided="as_shard")
 def any_rule(op: OpSchema) -> Sharding:
     """any = OR = max over bools (collectives all-reduce bools as uint8); a Partial(max) of bools is an OR."""
     dims, keepdim = _dims(op, 1, 2, empty_means_all=op.func != aten.any.dims)
@@ -216,7 +220,7 @@ def any_rule(op: OpSchema) -> Sharding:
     return _reduction(op, dims, keepdim, "max", lambda r: r == "max" and is_bool)
 
 
-@register_rule(aten.all.default, aten.all.dim, aten.all.dims)
+@register_rule(aten.all.default, aten.all.dim, aten.all.dims, strided="as_shard")
 def all_rule(op: OpSchema) -> Sharding:
     """all = AND = min over bools; an empty block gives True, the identity, by itself."""
     dims, keepdim = _dims(op, 1, 2, empty_means_all=op.func != aten.all.dims)

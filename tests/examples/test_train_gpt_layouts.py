@@ -48,6 +48,8 @@ CP_LAYOUTS = {
     "cp4-ring": Layout(cp=4),
     "tp2-cp2-ring": Layout(tp=2, cp=2),
     "zero3-dp2-cp2-ring": Layout(dp=2, cp=2, zero=3),
+    "cp4-ring-balanced": Layout(cp=4, cp_balance=True),
+    "tp2-cp2-ring-balanced": Layout(tp=2, cp=2, cp_balance=True),
     "cp4-ulysses": Layout(cp=4, cp_kind="ulysses"),
     "tp2-cp2-ulysses": Layout(tp=2, cp=2, cp_kind="ulysses"),
 }
