@@ -137,7 +137,7 @@ def transpose_rule(op: OpSchema) -> Sharding:
     return _map_rule(op, dim_map)
 
 
-@register_rule(aten.unsqueeze.default, aten.unsqueeze_copy.default)
+@register_rule(aten.unsqueeze.default, aten.unsqueeze_copy.default, strided="as_shard")
 def unsqueeze_rule(op: OpSchema) -> Sharding:
     ndim = op.specs[0].ndim
     new = normalize_dim(op.arg(1, "dim"), ndim + 1)
@@ -164,7 +164,7 @@ def squeeze_rule(op: OpSchema) -> Sharding:
     return _map_rule(op, dim_map, local_op=lambda x, *args, **kwargs: squeeze_dims(x, removed))
 
 
-@register_rule(aten.expand.default, aten.expand_copy.default)
+@register_rule(aten.expand.default, aten.expand_copy.default, strided="as_shard")
 def expand_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
     size = op.arg(1, "size")
@@ -184,7 +184,7 @@ def repeat_rule(op: OpSchema) -> Sharding:
 # -- slicing --------------------------------------------------------------------------------------------------
 
 
-@register_rule(aten.slice.Tensor, aten.slice_copy.Tensor)
+@register_rule(aten.slice.Tensor, aten.slice_copy.Tensor, strided="as_shard")
 def slice_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
     dim, step = normalize_dim(op.arg(1, "dim", 0), spec.ndim), op.arg(4, "step", 1)
@@ -202,7 +202,7 @@ def slice_rule(op: OpSchema) -> Sharding:
     return Sharding(inputs=(inputs,), outputs=(outputs,), local_op=local_slice_op)
 
 
-@register_rule(aten.slice_backward.default)
+@register_rule(aten.slice_backward.default, strided="as_shard")
 def slice_backward_rule(op: OpSchema) -> Sharding:
     """Zeros of the input's shape around the gradient: the slice rule read from its output side."""
     grad, sizes = op.specs[0], op.arg(1, "input_sizes")

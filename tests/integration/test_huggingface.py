@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 import dtensor_plus as dtp  # noqa: E402
 from dtensor_plus import DTensor, Replicate, Shard  # noqa: E402
+from dtensor_plus.placements import StridedShard  # noqa: E402
 from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel, context_parallel, parallelize_module  # noqa: E402
 from dtensor_plus.layouts.data import replicate  # noqa: E402
 from dtensor_plus.testing import run_on_ranks  # noqa: E402
@@ -207,7 +208,9 @@ def _run_llama_on_2d_mesh(attn_implementation: str, inner: str, sp: bool):
         parallelize_module(model, mesh["tp"], llama_mesh_plan(sequence_parallel=sp))
     replicate(model, mesh)
     tokens_BT = torch.randint(0, V, (4, T), generator=torch.Generator().manual_seed(1))
-    placed = dtp.distribute_tensor(tokens_BT, mesh, [Shard(0), Shard(1) if inner == "cp" else Replicate()],
+    # cp: the sequence sharded, or with sp=True zigzag-sharded (load-balanced causal ring)
+    sequence = StridedShard(1, 1, zigzag=True) if sp else Shard(1)
+    placed = dtp.distribute_tensor(tokens_BT, mesh, [Shard(0), sequence if inner == "cp" else Replicate()],
                                    src_data_rank=None)
     scope = context_parallel("cp") if inner == "cp" else contextlib.nullcontext()
     with dtp.implicit_replication(), scope, dtp.comm_mode() as comm:
@@ -223,9 +226,11 @@ def _run_llama_on_2d_mesh(attn_implementation: str, inner: str, sp: bool):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("inner,sp", [("tp", False), ("tp", True), ("cp", False)], ids=["dp-tp", "dp-tp-sp", "dp-cp"])
+@pytest.mark.parametrize("inner,sp", [("tp", False), ("tp", True), ("cp", False), ("cp", True)],
+                         ids=["dp-tp", "dp-tp-sp", "dp-cp", "dp-cp-balanced"])
 def test_llama_on_a_2d_mesh_matches_one_device(attn, inner, sp):
     fallbacks, counts = run_on_ranks(4, _run_llama_on_2d_mesh, attn, inner, sp, timeout=120.0)[0]
     assert not fallbacks, fallbacks
     if inner == "cp" and attn == "sdpa":  # ring attention: per layer 1 shift forward, 2 backward (cp = 2)
+        # ... and nothing gathers the sequence (rotary cos/sin, rotate_half's slices follow its sharding)
         assert counts[("ring_shift", "cp")] == 3 * LAYERS and ("all_gather", "cp") not in counts, counts
