@@ -131,3 +131,13 @@ def copy_rule(op: OpSchema) -> Sharding:
     # A Partial destination takes a replicated value partitioned into it.
     target = tuple(Partial(p.reduce_op) if p.is_partial() else t for p, t in zip(dst.placements, target))
     return Sharding(inputs=(None, target), outputs=(dst.placements,))
+
+
+@register_rule(aten._conj.default, aten._neg_view.default, strided="as_shard")
+def lazy_view_rule(op: OpSchema) -> Sharding:
+    """``conj()`` / ``neg`` as lazy views set a bit on the tensor that only torch's own dispatch layers above
+    ``__torch_dispatch__`` honour: inside it, the ops we run on local blocks would read the raw values. So the
+    block is conjugated (negated) for real here and the DTensor holds the values, not a bit. Linear over the
+    reals: any layout, Partial included, passes through."""
+    local_op = aten.conj_physical.default if op.func is aten._conj.default else aten.neg.default
+    return Sharding(inputs=(None,), outputs=(op.specs[0].placements,), local_op=local_op)

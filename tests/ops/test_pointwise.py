@@ -134,3 +134,22 @@ def _shard_follows():
 
 def test_broadcast_operand_follows_the_sharded_one_for_free():
     run_on_ranks(4, _shard_follows)
+
+
+def check_conjugate_views(placements):
+    """conj() and neg views set a bit only torch's dispatch layers above ours honour: the DTensor must hold
+    the conjugated values, so later ops (mul, linalg.eig's backward) are right on every layout."""
+    mesh = init_device_mesh("cpu", (2,))
+    c = torch.randn(4, 3, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    d = make_dtensor(c, mesh, placements)
+    torch.testing.assert_close((torch.conj(d) * d).full_tensor(), torch.conj(c) * c)
+    a = torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
+    x = make_dtensor(a, mesh, [Replicate()], requires_grad=True)
+    ref = a.clone().requires_grad_()
+    grads = [torch.autograd.grad(torch.linalg.eigvals(t).imag.pow(2).sum(), t)[0] for t in (x, ref)]
+    torch.testing.assert_close(grads[0].full_tensor(), grads[1])
+
+
+@pytest.mark.parametrize("placements", [[Replicate()], [Shard(0)], [Shard(1)]], ids=["R", "S0", "S1"])
+def test_conjugate_views_hold_values(placements):
+    run_on_ranks(2, check_conjugate_views, placements)
