@@ -41,9 +41,10 @@ import warnings
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .opinfo_compare import compare, compare_meta, same
+
 __all__ = ["Case", "Result", "plan_cases", "run_cases", "op_names", "LINEAR_OPS", "DTENSOR_PLUS"]
 
-ATOL, RTOL = 1e-5, 1.3e-6  # torch.testing's float32 defaults
 MAX_NUMEL = 4096  # small samples only: the sweep is about layouts, not sizes
 SYNC_TIMEOUT_S = 20.0  # how long ranks wait for each other after a case before calling it a hang
 
@@ -336,7 +337,7 @@ def _reference(case, op, sample):
         outs, grads = _forward_backward(op, sample, [_fresh(v) for v in leaves], spec, lambda t: t)
         torch.manual_seed(2)
         again, _ = _forward_backward(op, sample, [_fresh(v) for v in leaves], spec, lambda t: t, backward=False)
-        random = not _same(outs, again) or _seeded(op)
+        random = not same(outs, again) or _seeded(op)
         _REFERENCE[key] = (outs, grads, random)
     return _REFERENCE[key]
 
@@ -375,24 +376,6 @@ def _forward_backward(op, sample, leaves, spec, wrap_weight, backward=True):
     return outs, list(grads)
 
 
-def _same(a, b) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return False
-        if isinstance(x, torch.Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype:
-                return False
-            if not torch.equal(x.detach(), y.detach()):
-                exact = x.is_floating_point() or x.is_complex()  # zero-tolerance allclose: equal, NaNs included
-                if not (exact and torch.allclose(x.detach(), y.detach(), rtol=0, atol=0, equal_nan=True)):
-                    return False
-        elif x != y and not (x != x and y != y):
-            return False
-    return True
-
-
 def _distributed(case, op, sample, reference, backend):
     ref_outs, ref_grads, random = reference
     mesh = backend.mesh(case.mesh_shape)
@@ -409,12 +392,12 @@ def _distributed(case, op, sample, reference, backend):
     if plain:
         return "wrong", f"output {plain[0]} is a plain torch.Tensor, expected a DTensor"
     outs = [backend.full(o) for o in outs]
-    problem = _compare(outs, ref_outs, "output", backend)
+    problem = compare(outs, ref_outs, "output", backend)
     if random and problem:  # random draws may differ from one device's; shapes and dtypes may not
-        problem = _compare_meta(outs, ref_outs)
+        problem = compare_meta(outs, ref_outs)
         return ("wrong", problem) if problem else ("skipped: random op (shape/dtype checked)", "")
     if problem is None and ref_grads is not None and grads is not None:
-        problem = _compare([backend.full(g) for g in grads], ref_grads, "grad of input", backend)
+        problem = compare([backend.full(g) for g in grads], ref_grads, "grad of input", backend)
     elif problem is None and not random and (ref_grads is None) != (grads is None):
         problem = "gradients on one side only"
     if problem:
@@ -430,60 +413,6 @@ def _placement_for(tensor, first, layout) -> tuple[str, ...]:
     if tensor.shape == first.shape and tensor.ndim > 0:
         return tuple("R" if token == "P" else token for token in layout)
     return ("R",) * len(layout)
-
-
-def _compare_meta(got, want) -> str | None:
-    if len(got) != len(want):
-        return f"{len(got)} outputs, expected {len(want)}"
-    for i, (g, w) in enumerate(zip(got, want)):
-        if isinstance(w, torch.Tensor) and (not isinstance(g, torch.Tensor) or g.shape != w.shape or g.dtype != w.dtype):
-            return f"output {i}: {_describe(g)}, expected {_describe(w)}"
-    return None
-
-
-def _describe(value) -> str:
-    return f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def _compare(got, want, what, backend) -> str | None:
-    problem = _compare_meta(got, want) if what == "output" else None
-    if problem:
-        return problem
-    for i, (g, w) in enumerate(zip(got, want)):
-        if g is None and w is None:
-            continue
-        if g is None or w is None:  # an unused input: None on one side, zeros on the other is fine
-            other = w if g is None else g
-            if isinstance(other, torch.Tensor) and not bool(other.detach().ne(0).any()):
-                continue
-            return f"{what} {i}: None on {'the mesh' if g is None else 'one device'}"
-        if not isinstance(w, torch.Tensor):
-            if not _same([g], [w]):
-                return f"{what} {i}: {g!r} != {w!r}"
-            continue
-        try:
-            torch.testing.assert_close(g.detach(), w.detach(), atol=_atol(w), rtol=RTOL, equal_nan=True)
-        except AssertionError:
-            return f"{what} {i}: {_error_size(g.detach(), w.detach())}"
-    return None
-
-
-def _atol(want: torch.Tensor) -> float:
-    """ATOL, or a millionth of the largest magnitude (8 fp32 ulps there) when that is larger: a sharded sum
-    adds in another order, and an element that cancels to near zero keeps the rounding of its large terms."""
-    if not (want.is_floating_point() or want.is_complex()) or not want.numel():
-        return ATOL
-    return max(ATOL, 1e-6 * want.detach().abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).max().item())
-
-
-def _error_size(got, want) -> str:
-    if got.shape != want.shape:
-        return f"shape {tuple(got.shape)} != {tuple(want.shape)}"
-    if not (got.is_floating_point() or got.is_complex()):
-        return f"{int((got != want).sum())} of {got.numel()} elements differ"
-    diff = (got.double() - want.double()).abs().nan_to_num(nan=float("inf"))
-    scale = want.double().abs().max().item() if want.numel() else 0.0
-    return f"max abs err {diff.max().item():.3g} (max |value| {scale:.3g})"
 
 
 # ---------------------------------------------------------------- the dtensor_plus backend
