@@ -86,7 +86,7 @@ class GradientBucket:
     Hooks fire in the same order on every rank, so the buckets agree.
     """
 
-    def __init__(self, cap_bytes: int = 2**20):  # small buckets: the first reductions start early
+    def __init__(self, cap_bytes: int = 25 * 2**20):  # DDP's default bucket size
         self.cap_bytes = cap_bytes
         self.open: dict = {}  # (mesh, mesh dim, reduce op, dtype) -> [params, bytes]
         self.in_flight: list = []  # (params, PendingCollective)
