@@ -1,0 +1,1 @@
+"""Sharded save and load with resharding (see save.py / load.py)."""
