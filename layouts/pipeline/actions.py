@@ -79,3 +79,13 @@ class Schedule:
         bad = [r for r in self.stage_to_rank if not 0 <= r < self.num_ranks]
         if bad:
             raise ValueError(f"{self.name}: stage_to_rank {self.stage_to_rank} names ranks outside 0..{self.num_ranks - 1}")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One action as it ran (executor) or would run (simulator): seconds from the start of the step."""
+
+    rank: int
+    action: Action
+    start: float
+    end: float
