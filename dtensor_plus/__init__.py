@@ -21,6 +21,7 @@ if _os.path.isfile(_os.path.join(_root, "ops", "__init__.py")) and not _os.path.
 
 from .api import distribute_module, distribute_tensor  # noqa: E402
 from .collectives import CommCounter, comm_mode  # noqa: E402
+from .debug import check_divergence  # noqa: E402
 from .dispatch import implicit_replication  # noqa: E402
 from .dtensor import DTensor  # noqa: E402
 from .factories import empty, full, ones, rand, randn, zeros  # noqa: E402
@@ -37,5 +38,5 @@ __all__ = [
     "Placement", "Shard", "Replicate", "Partial",
     "distribute_tensor", "distribute_module", "zeros", "ones", "empty", "full", "rand", "randn",
     "comm_mode", "CommCounter", "manual_seed", "register_rule", "override_rule", "OpSchema", "Sharding",
-    "implicit_replication",
+    "implicit_replication", "check_divergence",
 ]

@@ -25,6 +25,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
+from . import debug
 from .placements import chunk_bounds
 
 __all__ = [
@@ -94,19 +95,45 @@ def _record(collective: str, mesh, mesh_dim: int, num_bytes: float) -> None:
 
 
 def _run(collective: str, mesh, mesh_dim: int, fn, *args, **kwargs):
-    """Run one c10d call; a failure (timeout, dead peer) names the collective, the mesh dim and its ranks.
-    Returns what c10d returns (the work handle when ``async_op=True``)."""
+    """Run one c10d call; a failure (timeout, dead peer) names the collective, the mesh dim, its ranks and
+    the ranks that did not report in. Returns what c10d returns (the work handle when ``async_op=True``).
+    In the divergence-checking debug mode, first checks all ranks of the group are at the same call."""
+    group = mesh.get_group(mesh_dim)
     try:
-        return fn(*args, group=mesh.get_group(mesh_dim), **kwargs)
+        if debug.divergence_checking():
+            _check_same_call(collective, mesh, mesh_dim, group)
+        return fn(*args, group=group, **kwargs)
+    except debug.RankDivergenceError:
+        raise
     except RuntimeError as error:
         raise _named_error(collective, mesh, mesh_dim, error) from error
 
 
+def _check_same_call(collective: str, mesh, mesh_dim: int, group) -> None:
+    ranks = _group_ranks(mesh, mesh_dim)
+    mine = debug.describe_call(collective, mesh.mesh_dim_name(mesh_dim), ranks)
+    mine = mine.to(mesh.device_type) if mesh.device_type == "cuda" else mine
+    gathered = mine.new_empty((len(ranks), mine.numel()))
+    _all_gather_single(gathered.view(-1), mine, group=group)  # not counted: the check is not the program's
+    debug.raise_if_diverged(gathered, ranks, mesh.get_rank())
+
+
+def _group_ranks(mesh, mesh_dim: int) -> list[int]:
+    """The global ranks of this rank's group along ``mesh_dim``, in group order."""
+    rows = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.shape[mesh_dim]).tolist()
+    return next(row for row in rows if mesh.get_rank() in row)
+
+
 def _named_error(collective: str, mesh, mesh_dim: int, error: Exception) -> RuntimeError:
-    ranks = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.shape[mesh_dim]).tolist()
+    ranks = _group_ranks(mesh, mesh_dim)
+    missing = debug.missing_ranks(ranks, mesh.get_rank())
+    missing_text = "" if missing is None else (
+        f"; ranks {missing} of the group did not report in (dead, or stuck in another call)" if missing
+        else "; every rank of the group reported in"
+    )
     return RuntimeError(
-        f"{collective} on mesh dim {mesh.mesh_dim_name(mesh_dim)!r} (rank groups {ranks}) failed on rank "
-        f"{mesh.get_rank()}: {error}"
+        f"{collective} on mesh dim {mesh.mesh_dim_name(mesh_dim)!r} (ranks {ranks}) failed on rank "
+        f"{mesh.get_rank()}{missing_text}: {error}"
     )
 
 

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from . import collectives, mutation, random, rules, strided
+from . import collectives, debug, mutation, random, rules, strided
 from .placements import Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
@@ -355,4 +355,7 @@ def dispatch(func, args, kwargs, dtensor_cls):
         _CACHE[key] = plan
     else:
         _STATS["hits"] += 1
+    if debug.divergence_checking():  # name the op in any divergence report
+        with debug.at_op(func, [dt._spec for dt in dtensors]):
+            return plan.run(args, kwargs, dtensors, dtensor_cls)
     return plan.run(args, kwargs, dtensors, dtensor_cls)
