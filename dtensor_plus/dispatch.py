@@ -341,7 +341,9 @@ def dispatch(func, args, kwargs, dtensor_cls):
         if kwargs:
             key.append(_kwargs_key(kwargs, dtensors, dtensor_cls))
     except _PlainTensorError:
-        if not _IMPLICIT_REPLICATION[0]:
+        # Inside backward, plain tensors come from autograd's own formulas (zeros of the global shape for
+        # cummax's scatter, an arange for trace's index_fill): built from global metadata, equal on every rank.
+        if not _IMPLICIT_REPLICATION[0] and torch._C._current_graph_task_id() == -1:
             raise _plain_tensor_error(func, args, kwargs or {}, dtensor_cls) from None
         args, kwargs = _replicate_plain(args, kwargs or {}, dtensor_cls)
         return dispatch(func, args, kwargs, dtensor_cls)

@@ -20,6 +20,16 @@ from .spec import DTensorSpec, TensorMeta, normalize_placements
 __all__ = ["DTensor"]
 
 
+def _lists_replicated(index, mesh, device):
+    def lift(value):
+        if type(value) is not list:
+            return value
+        local = torch.tensor(value, device=device)
+        return DTensor(local, DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(local)))
+
+    return lift(index) if type(index) is list else tuple(lift(i) for i in index)
+
+
 class DTensor(torch.Tensor):
     """A distributed tensor: global metadata on the outside, this rank's block inside.
 
@@ -52,6 +62,14 @@ class DTensor(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return dispatch.dispatch(func, args, kwargs, cls)
+
+    def __getitem__(self, index):
+        # A Python list in an index (x[[0, 2]], x[:, [1, 1]]) is the same on every rank of an SPMD program, but
+        # torch turns it into a plain index tensor below us, where it could not be told from a rank-local one:
+        # make it a Replicate DTensor here, where it is still a list.
+        if type(index) is list or (type(index) is tuple and any(type(i) is list for i in index)):
+            index = _lists_replicated(index, self._spec.mesh, self.device)
+        return super().__getitem__(index)
 
     def __repr__(self) -> str:
         return f"DTensor(local={self._local_tensor!r}, placements={list(self._spec.placements)}, mesh={self._spec.mesh})"

@@ -199,3 +199,24 @@ def check_implicit_replication():
 
 def test_implicit_replication():
     run_on_ranks(2, check_implicit_replication)
+
+
+def check_torch_made_plain_tensors():
+    """Plain tensors that torch itself builds from global metadata join as Replicate: a Python list index
+    (x[[2, 0]]), and the zeros/arange autograd's formulas create in backward (cummax, trace, prod)."""
+    from dtensor_plus.testing import assert_spmd_equal
+
+    mesh = init_device_mesh("cpu", (3,))
+    for placement in (Shard(0), Shard(1), Replicate()):
+        x = distribute_tensor(_whole((5, 4), 0), mesh, [placement]).requires_grad_()
+        assert_spmd_equal(lambda t: t[[2, 0, 2]], x)
+        assert_spmd_equal(lambda t: t[:, [3, 1]], x)
+        assert_spmd_equal(lambda t: torch.cummax(t, 1).values, x)
+        assert_spmd_equal(torch.trace, x)
+        assert_spmd_equal(lambda t: torch.prod(t, 0), x)
+    with pytest.raises(ValueError, match="plain torch.Tensor"):  # a plain index tensor could be rank-local
+        x[torch.tensor([0, 1])]
+
+
+def test_torch_made_plain_tensors():
+    run_on_ranks(3, check_torch_made_plain_tensors)
