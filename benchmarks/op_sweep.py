@@ -32,14 +32,16 @@ class _TorchDTensor:
         from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
         whole = tensor.detach()
-        plain = [Replicate() if t in ("R", "P") else Shard(int(t[1:])) for t in layout]
+        plain = [Shard(int(t[1:])) if t.startswith("S") else Replicate() for t in layout]
         dt = distribute_tensor(whole, mesh, plain, src_data_rank=None)
-        if "P" in layout:  # Partial(sum): rank 0 of each partial mesh dim holds the value, the others zeros
+        if any(t.startswith("P") for t in layout):
+            # rank 0 of each partial mesh dim holds the value; the others zeros (sum), the value (avg) or
+            # the value moved away from the extreme (max: minus one, min: plus one)
             local = dt.to_local()
             for mesh_dim, token in enumerate(layout):
-                if token == "P" and mesh.get_local_rank(mesh_dim) != 0:
-                    local = torch.zeros_like(local)
-            placements = [Partial() if t == "P" else p for t, p in zip(layout, plain)]
+                if token.startswith("P") and mesh.get_local_rank(mesh_dim) != 0:
+                    local = {"P": torch.zeros_like(local), "Pavg": local, "Pmax": local - 1, "Pmin": local + 1}[token]
+            placements = [Partial(t[1:] or "sum") if t.startswith("P") else p for t, p in zip(layout, plain)]
             dt = DTensor.from_local(local, mesh, placements, shape=whole.shape, stride=whole.stride())
         return dt.detach().requires_grad_(tensor.requires_grad)
 

@@ -57,10 +57,19 @@ hstack vstack dstack split chunk unbind tensor_split trace mm matmul bmm mv eins
 nn.functional.linear nn.functional.pad sum_to_size take_along_dim gather masked_fill true_divide div mul
 """.split())
 
+# Ops that commute with max and min (monotone non-decreasing, or selections): they get Partial(max) and
+# Partial(min) layouts, which the dispatcher may keep; every other op must reduce them first, and the
+# linear ops get Partial(avg) as well. Tokens: P (sum), Pavg, Pmax, Pmin.
+MONOTONE_OPS = frozenset("""
+amax amin max min maximum minimum fmax fmin clamp clamp_min clamp_max relu nn.functional.relu nn.functional.relu6
+nn.functional.hardtanh sort msort topk cummax cummin kthvalue median exp log sigmoid tanh floor ceil round trunc
+""".split()) | LINEAR_OPS
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One op, one of its samples, one layout, one mesh. ``layout`` has one token per mesh dim: R, P or S<dim>."""
+    """One op, one of its samples, one layout, one mesh. ``layout`` has one token per mesh dim: R, S<dim>, or
+    P, Pavg, Pmax, Pmin (Partial with that reduction)."""
 
     op: str
     sample: int
@@ -175,9 +184,12 @@ def _usable(sample) -> bool:
 
 def _layouts(key: str, ndim: int, mesh_ndim: int, all_dims: bool) -> list[tuple[str, ...]]:
     dims = list(range(ndim)) if all_dims else sorted({0, ndim - 1}) if ndim else []
-    linear = key.split(".")[0] in LINEAR_OPS or key in LINEAR_OPS
+    base = key.split(".")[0]
+    linear = base in LINEAR_OPS or key in LINEAR_OPS
+    monotone = base in MONOTONE_OPS or key in MONOTONE_OPS
+    partials = (["P", "Pavg"] if linear else []) + (["Pmax", "Pmin"] if monotone else [])
     if mesh_ndim == 1:
-        layouts = [("R",)] + [(f"S{d}",) for d in dims] + ([("P",)] if linear else [])
+        layouts = [("R",)] + [(f"S{d}",) for d in dims] + [(p,) for p in partials]
     else:
         rest = ("R",) * (mesh_ndim - 1)
         layouts = [("R",) * mesh_ndim] + [(f"S{d}",) * mesh_ndim for d in dims]
@@ -411,7 +423,7 @@ def _placement_for(tensor, first, layout) -> tuple[str, ...]:
     if tensor is first:
         return layout
     if tensor.shape == first.shape and tensor.ndim > 0:
-        return tuple("R" if token == "P" else token for token in layout)
+        return tuple("R" if token.startswith("P") else token for token in layout)
     return ("R",) * len(layout)
 
 
@@ -454,7 +466,8 @@ class _counting:
 
 def _placements(layout):
     from ..placements import Partial, Replicate, Shard
-    return [Replicate() if t == "R" else Partial() if t == "P" else Shard(int(t[1:])) for t in layout]
+    return [Replicate() if t == "R" else Partial(t[1:] or "sum") if t.startswith("P") else Shard(int(t[1:]))
+            for t in layout]
 
 
 DTENSOR_PLUS = _DTensorPlus()

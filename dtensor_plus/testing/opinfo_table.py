@@ -68,7 +68,7 @@ def render(results, peer_results=None, peer_name: str = "torch.distributed.tenso
         "Each pair is (op sample, layout of its tensor inputs on a mesh), checked against the single-device run,",
         "outputs and gradients (fp32, rtol 1.3e-6, atol max(1e-5, 1e-6 * max|expected|)). Layouts read `mesh:placements#sample`: `2x2:S0,S1#3`",
         "is sample 3 on a 2x2 mesh with the first input (and inputs of its shape) Shard(0) then Shard(1); P is",
-        "Partial(sum), R Replicate. Percentages are of the pairs checked (not skipped).",
+        "Partial(sum) (Pavg, Pmax, Pmin: Partial with that reduction), R Replicate. Percentages are of the pairs checked (not skipped).",
         "",
         "| sweep | ops | pairs | sharded | fallback | wrong | error | hang/crash | skipped |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -148,6 +148,10 @@ def main(argv=None) -> None:
     ops = None if args.full else [o for o in args.ops.split(",") if o]
     if ops == []:
         parser.error("give --full or --ops")
+    unknown = sorted(set(ops or ()) - set(opinfo.op_names()))
+    if unknown:
+        parser.error(f"no float32 OpInfo named {', '.join(unknown)}; the names are opinfo.op_names(), e.g. "
+                     f"nn.functional.relu, max.reduction_with_dim")
     start = time.time()
     meshes = {tuple(int(n) for n in m.split("x")) for m in args.meshes.split(",")}
     cases = [c for c in full_sweep_cases(ops) if c.mesh_shape in meshes]
