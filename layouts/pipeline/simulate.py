@@ -1,0 +1,139 @@
+"""Replays a Schedule with a cost per action kind: step time, bubble fraction, peak in-flight activations.
+
+Each rank runs its list in order. A compute action takes its cost; a send is posted instantly (non-blocking)
+and its data arrives ``latency`` later; a receive ends when its data has arrived. This is the model behind
+the published figures (equal stages, no communication cost), so with the default costs
+
+    >>> from dtensor_plus.layouts.pipeline.schedules import one_f_one_b
+    >>> simulate(one_f_one_b(4, 8)).bubble  # (p-1)/(m+p-1)
+    0.2727...
+
+Costs default to F = B = W = 1 and BW = 2 (the zero-bubble paper's T_F = T_B = T_W), STEP and the
+communication actions 0. The bubble of a rank is the share of the step (first action to last, over all
+ranks) it spends not computing; the overall bubble is the same share over all ranks together.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .actions import Action, Event, Kind, Schedule
+from .validate import peer, validate
+
+DEFAULT_COSTS: Mapping[Kind, float] = {Kind.F: 1.0, Kind.B: 1.0, Kind.W: 1.0, Kind.BW: 2.0}
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What one simulated step looks like.
+
+    ``bubble_per_rank[r]``: idle share of rank r over the step; ``bubble``: idle share of all ranks.
+    ``peak_in_flight[r]``: most (stage, microbatch) pairs rank r held at once whose F ran and whose backward
+    (B or BW) had not: the activations it must keep. ``events``: every action with its start and end.
+    """
+
+    step_time: float
+    busy_per_rank: tuple[float, ...]
+    bubble_per_rank: tuple[float, ...]
+    bubble: float
+    peak_in_flight: tuple[int, ...]
+    events: tuple[Event, ...]
+
+
+def simulate(schedule: Schedule, costs: Mapping[Kind, float] | None = None, latency: float = 0.0) -> SimResult:
+    """Time one step of ``schedule`` (validated first) under ``costs`` (missing kinds cost 0, see
+    DEFAULT_COSTS) and a point-to-point ``latency`` in the same units."""
+    costs = dict(DEFAULT_COSTS if costs is None else costs)
+    bad = {k: c for k, c in costs.items() if not isinstance(k, Kind) or c < 0}
+    if bad or latency < 0:
+        raise ValueError(f"costs must map Kind to a duration >= 0 and latency be >= 0; got {bad or latency!r}")
+    validate(schedule)
+    arrival: dict[tuple[int, Action], float] = {}  # (receiving rank, its RECV) -> when the data is there
+    clock = [0.0] * schedule.num_ranks
+    pos = [0] * schedule.num_ranks
+    events: list[Event] = []
+    progress = True
+    while progress:  # validate() ruled out deadlock, so this ends with every list replayed
+        progress = False
+        for rank, acts in enumerate(schedule.actions):
+            while pos[rank] < len(acts):
+                a = acts[pos[rank]]
+                start = clock[rank]
+                if a.kind in (Kind.RECV_F, Kind.RECV_B):
+                    if (rank, a) not in arrival:
+                        break
+                    start = max(start, arrival[(rank, a)])
+                end = start + costs.get(a.kind, 0.0)
+                if a.kind in (Kind.SEND_F, Kind.SEND_B):
+                    arrival[peer(schedule, a)] = end + latency
+                events.append(Event(rank, a, start, end))
+                clock[rank] = end
+                pos[rank] += 1
+                progress = True
+    assert all(pos[r] == len(schedule.actions[r]) for r in range(schedule.num_ranks)), "validated, cannot stall"
+    return _summarize(schedule, events)
+
+
+def _summarize(schedule: Schedule, events: list[Event]) -> SimResult:
+    step_time = max((e.end for e in events), default=0.0)
+    busy = [0.0] * schedule.num_ranks
+    for e in events:
+        if e.action.kind.is_compute:
+            busy[e.rank] += e.end - e.start
+    bubble_per_rank = tuple(1.0 - b / step_time if step_time else 0.0 for b in busy)
+    bubble = 1.0 - sum(busy) / (step_time * schedule.num_ranks) if step_time else 0.0
+    events.sort(key=lambda e: (e.rank, e.start, e.end))
+    return SimResult(step_time, tuple(busy), bubble_per_rank, bubble, peak_in_flight(schedule), tuple(events))
+
+
+def peak_in_flight(schedule: Schedule) -> tuple[int, ...]:
+    """Per rank, the most (stage, microbatch) activations held at once: F ran, its B or BW not yet.
+
+    It depends only on each rank's order, not on timing, so it needs no costs.
+    """
+    peaks = []
+    for acts in schedule.actions:
+        held = peak = 0
+        for a in acts:
+            if a.kind is Kind.F:
+                held += 1
+                peak = max(peak, held)
+            elif a.kind in (Kind.B, Kind.BW):
+                held -= 1
+        peaks.append(peak)
+    return tuple(peaks)
+
+
+def costs_from_events(events: Sequence[Event]) -> dict[Kind, float]:
+    """Median duration of each compute kind (and STEP) in recorded events: costs to simulate a real run with,
+    so its simulated twin is drawn on the same time scale. The median, because a rank descheduled by the OS
+    in the middle of one action would drag a mean."""
+    totals: dict[Kind, list[float]] = {}
+    for e in events:
+        if e.action.kind.is_compute or e.action.kind is Kind.STEP:
+            totals.setdefault(e.action.kind, []).append(e.end - e.start)
+    if not totals:
+        raise ValueError(f"no compute events among {len(events)} events: nothing to measure costs from")
+    return {k: statistics.median(d) for k, d in totals.items()}
+
+
+def bubble_formula(name: str, p: int, m: int, v: int = 1) -> float:
+    """The bubble fraction of a schedule under equal stages, T_F = T_B = T_W (BW = 2), no latency.
+
+    Published: GPipe, 1F1B (p-1)/(m+p-1); interleaved (p-1)/(v*m+p-1); ZB-H1 idles (p-1)(T_F+T_B-T_W)
+    against m(T_F+T_B+T_W) of work, i.e. (p-1)/(3m+p-1) (for m >= p). ZB-V is our derivation, not a paper's
+    number (it reports "zero bubble"): with half-size stages the only idle left is the last rank's warm-up,
+    p-1 half-stage forwards, so (p-1)/(6m+p-1); our zb_v reaches it for m == p and m >= p+2.
+    """
+    formulas = {
+        "gpipe": (p - 1) / (m + p - 1),
+        "1f1b": (p - 1) / (m + p - 1),
+        "interleaved_1f1b": (p - 1) / (v * m + p - 1),
+        "zb_h1": (p - 1) / (3 * m + p - 1),
+        "zb_v": (p - 1) / (6 * m + p - 1),
+    }
+    if name not in formulas:
+        raise ValueError(f"no published bubble formula for {name!r}; known: {sorted(formulas)}")
+    return formulas[name]
