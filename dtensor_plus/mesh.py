@@ -242,6 +242,17 @@ def _init_from_environment(device_type: str) -> None:
             "launch with `torchrun --nproc-per-node N script.py` or call init_process_group first"
         )
     timeout = timedelta(seconds=float(os.environ.get("DTENSOR_PLUS_TIMEOUT_S", "300")))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps its agent's store across restarts (--max-restarts) and torch adds no per-attempt
+        # prefix, so a restarted group would read the dead attempt's gloo addresses and fail to connect
+        # ("Connection refused", pytorch#167288). Each attempt gets keys of its own.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                    timeout=timeout)
+        store = dist.PrefixStore(f"dtensor_plus/attempt_{attempt}", agent_store)
+        dist.init_process_group(_backend_for(device_type), store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        return
     dist.init_process_group(_backend_for(device_type), timeout=timeout)
 
 

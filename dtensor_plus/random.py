@@ -19,7 +19,7 @@ import torch
 
 from . import collectives
 
-__all__ = ["manual_seed", "is_strict", "rng_for", "draws"]
+__all__ = ["manual_seed", "is_strict", "rng_for", "draws", "get_rng_state", "set_rng_state"]
 
 _aten = torch.ops.aten
 # Ops tagged nondeterministic_seeded that draw nothing at dropout_p == 0 (position of dropout_p): attention.
@@ -67,6 +67,22 @@ def manual_seed(seed: int, *, strict: bool = False) -> None:
 
 def is_strict() -> bool:
     return _STATE.strict
+
+
+def get_rng_state() -> dict:
+    """Everything that decides the next draws, for a checkpoint: the seed, the op counter, the mode and torch's
+    generator state (a plain uint8 tensor, the same on every rank after ``manual_seed``). A resumed run that
+    calls ``set_rng_state`` draws exactly what the uninterrupted run would have drawn."""
+    return {"seed": _STATE.seed, "counter": _STATE.counter, "strict": _STATE.strict, "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``get_rng_state`` returned (possibly loaded from a checkpoint)."""
+    missing = {"seed", "counter", "strict", "torch"} - set(state)
+    if missing:
+        raise ValueError(f"set_rng_state: the state lacks {sorted(missing)}; pass what get_rng_state() returned")
+    _STATE.seed, _STATE.counter, _STATE.strict = state["seed"], int(state["counter"]), bool(state["strict"])
+    torch.set_rng_state(state["torch"])
 
 
 def _mix(*values: int) -> int:

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import functools
 import os
+import signal
 import sys
 import sysconfig
 import time
@@ -38,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dtensor_plus as dtp  # noqa: E402
-from dtensor_plus import DTensor  # noqa: E402
+from dtensor_plus import DTensor, checkpoint  # noqa: E402
 from dtensor_plus.layouts import context_parallel, loss_parallel  # noqa: E402
 from gpt import GPT, PRESETS, GPTConfig  # noqa: E402
 from gpt_layouts import Layout, make_mesh, make_optimizer, place_batch, place_model  # noqa: E402,F401
@@ -77,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text-bytes", type=int, default=MAX_TEXT_BYTES, help="how much stdlib source to read")
     parser.add_argument("--plot", default="train_gpt_loss.png", help="where to save the loss curves")
+    parser.add_argument("--checkpoint", default=None, help="directory: resume from its latest save, save there")
+    parser.add_argument("--save-every", type=int, default=0, help="steps between saves (0: never)")
+    parser.add_argument("--fail-at-step", type=int, default=None, help="(tests) SIGKILL rank 1 after this step, "
+                        "first torchrun attempt only")
     args = parser.parse_args(argv)
     # torchrun sets WORLD_SIZE; a process group started otherwise (e.g. run_on_ranks in tests) knows its own.
     dist = torch.distributed
@@ -123,11 +128,15 @@ def batches(data: torch.Tensor, steps: int, batch_size: int, seq_len: int, seed:
 # -- training --------------------------------------------------------------------------------------------
 
 
-def train(model, opt, data_batches, place=lambda t: t, log=None, scope=contextlib.nullcontext) -> list[float]:
+def train(model, opt, data_batches, place=lambda t: t, log=None, scope=contextlib.nullcontext,
+          checkpoints=None) -> list[float]:
     """One optimizer step per batch; forward and backward inside ``scope()`` (e.g. context_parallel) and
-    ``loss_parallel`` (a no-op for plain tensors, vocab-sharded logits otherwise). Returns the losses."""
-    losses = []
+    ``loss_parallel`` (a no-op for plain tensors, vocab-sharded logits otherwise). Returns the losses.
+    With ``checkpoints`` (a ``Checkpoints``), resumes from its latest save and saves as it goes."""
+    losses = checkpoints.resume() if checkpoints is not None else []
     for step, (tokens, targets) in enumerate(data_batches):
+        if step < len(losses):  # done before the checkpoint we resumed from
+            continue
         start = time.perf_counter()
         with scope(), loss_parallel():
             loss = model.loss(place(tokens), place(targets))
@@ -138,7 +147,46 @@ def train(model, opt, data_batches, place=lambda t: t, log=None, scope=contextli
         losses.append(loss.full_tensor().item() if isinstance(loss, DTensor) else loss.item())
         if log is not None:
             log(f"step {step:4d}  loss {losses[-1]:.4f}  {tokens.numel() / (time.perf_counter() - start):9.0f} tokens/s")
+        if checkpoints is not None:
+            checkpoints.after_step(losses)
     return losses
+
+
+class Checkpoints:
+    """Resume from ``directory``/latest and save there every ``every`` steps (and after the last): model and
+    optimizer state, the losses so far and the RNG state, so a resumed run goes on exactly as an uninterrupted
+    one, on any layout. ``fail_at_step`` (for the fault-tolerance test) SIGKILLs rank 1 (rank 0 on one
+    process) after that step, on the first attempt under torchrun only."""
+
+    def __init__(self, directory: str, every: int, model, opt, fail_at_step: int | None = None, log=None):
+        self.path = os.path.join(directory, "latest")
+        self.every, self.fail_at_step, self.log = every, fail_at_step, log or (lambda message: None)
+        self.model, self.opt = model, opt
+
+    def _state(self, losses: list[float]) -> dict:
+        # Built when needed, not up front: on a fresh optimizer get_state_dict creates the state tensors (a
+        # step with lr 0), which only a load may follow, since it overwrites them (step counts included).
+        state = checkpoint.get_state_dict(self.model, self.opt)
+        return dict(state, losses=list(losses), rng=dtp.random.get_rng_state())
+
+    def resume(self) -> list[float]:
+        if not os.path.isfile(os.path.join(self.path, "index.json")):
+            return []
+        state = self._state([])
+        checkpoint.load(state, self.path)
+        checkpoint.set_state_dict(self.model, self.opt, state)
+        dtp.random.set_rng_state(state["rng"])
+        self.log(f"resumed from {self.path} after step {len(state['losses']) - 1}")
+        return list(state["losses"])
+
+    def after_step(self, losses: list[float]) -> None:
+        if self.every and len(losses) % self.every == 0:
+            checkpoint.save(self._state(losses), self.path)
+        rank = torch.distributed.get_rank()
+        victim = 1 if torch.distributed.get_world_size() > 1 else 0
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+        if len(losses) - 1 == self.fail_at_step and rank == victim and first_attempt:
+            os.kill(os.getpid(), signal.SIGKILL)  # a crash mid-training: no cleanup, no goodbye to the peers
 
 
 def max_param_diff(model, reference) -> float:
@@ -147,11 +195,13 @@ def max_param_diff(model, reference) -> float:
 
 
 def compare_with_single(config: GPTConfig, layout: Layout, batch_list, lr: float = 1e-3, seed: int = 0,
-                        mesh=None, log=None) -> Result:
+                        mesh=None, log=None, checkpoint: str | None = None, save_every: int = 0,
+                        fail_at_step: int | None = None) -> Result:
     """Train ``config`` laid out as ``layout`` and as one process, from the same weights and dropout seed.
 
     Call on every rank of a ``layout.world``-rank group (torchrun or ``run_on_ranks``); ``batch_list`` is the
-    same list of whole (tokens, targets) batches on every rank.
+    same list of whole (tokens, targets) batches on every rank. With ``checkpoint`` (a directory) the mesh run
+    resumes from the checkpoint there, whatever layout saved it, and saves every ``save_every`` steps.
     """
     if layout.cp > 1 and config.attention != "sdpa":
         raise ValueError("context parallelism shards attention's sequence: use GPTConfig(attention='sdpa')")
@@ -165,7 +215,8 @@ def compare_with_single(config: GPTConfig, layout: Layout, batch_list, lr: float
     dtp.manual_seed(seed + 1, strict=True)  # dropout drawn as one device would
     scope = functools.partial(context_parallel, "cp", layout.cp_kind) if layout.cp > 1 else contextlib.nullcontext
     place = functools.partial(place_batch, mesh=mesh, balance=layout.cp_balance)
-    mesh_losses = train(model, opt, batch_list, place=place, log=log, scope=scope)
+    checkpoints = Checkpoints(checkpoint, save_every, model, opt, fail_at_step, log) if checkpoint else None
+    mesh_losses = train(model, opt, batch_list, place=place, log=log, scope=scope, checkpoints=checkpoints)
 
     torch.manual_seed(seed + 1)
     single_losses = train(reference, make_optimizer(reference, None, Layout(), lr), batch_list)
@@ -226,7 +277,8 @@ def main(argv=None) -> Result:
         print(f"{len(data):,} bytes of stdlib source; {layout}; {config}")
     batch_list = list(batches(data, args.steps, args.batch_size, seq_len, args.seed))
     log = print if rank0 else None
-    result = compare_with_single(config, layout, batch_list, args.lr, args.seed, mesh=mesh, log=log)
+    result = compare_with_single(config, layout, batch_list, args.lr, args.seed, mesh=mesh, log=log,
+                                 checkpoint=args.checkpoint, save_every=args.save_every, fail_at_step=args.fail_at_step)
     if rank0:
         print_table(result)
         save_plot(args.plot, result.mesh_losses, result.single_losses, f"GPT {args.config}: {layout}")
