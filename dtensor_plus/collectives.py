@@ -30,7 +30,7 @@ from .placements import chunk_bounds
 
 __all__ = [
     "comm_mode", "CommCounter", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "scatter",
-    "all_gather_flat", "reduce_scatter_flat", "ring_shift",
+    "all_gather_flat", "reduce_scatter_flat", "ring_shift", "all_to_all_splits", "AllToAllSplits", "send_recv", "p2p_group",
 ]
 
 # torch >= 2.12 renamed the tensor-in/tensor-out collectives; older releases have only the old names.
@@ -210,6 +210,49 @@ def all_to_all(t: torch.Tensor, mesh, mesh_dim: int, gather_dim: int, gather_siz
     return gathered.narrow(gather_dim, 0, gather_size).narrow(scatter_dim, 0, mine).contiguous()
 
 
+def all_to_all_splits(t: torch.Tensor, mesh, mesh_dim: int, send_splits, recv_splits) -> torch.Tensor:
+    """Variable-size all-to-all along ``mesh_dim`` (no padding): this rank sends rows
+    ``[sum(send_splits[:j]), sum(send_splits[:j+1]))`` of ``t`` to local rank j and returns the rows it receives,
+    concatenated in source-rank order (``recv_splits[j]`` rows from rank j). Every rank must know what it
+    receives (exchange the counts first, e.g. with an equal-split call of this function).
+
+    Bytes: the rows this rank sends to the other ranks (its own piece stays home), so for even splits exactly
+    the (n-1)/n x local size of ``all_to_all``.
+    """
+    n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    send_splits, recv_splits = [int(s) for s in send_splits], [int(s) for s in recv_splits]
+    if len(send_splits) != n or len(recv_splits) != n or sum(send_splits) != t.shape[0]:
+        raise ValueError(
+            f"all_to_all_splits on a mesh dim of {n} ranks needs {n} send and {n} recv splits, the send ones "
+            f"summing to the {t.shape[0]} rows sent; got send {send_splits}, recv {recv_splits}"
+        )
+    send = t.contiguous()
+    out = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
+    row_bytes = math.prod(send.shape[1:]) * send.element_size()
+    _record("all_to_all", mesh, mesh_dim, (sum(send_splits) - send_splits[index]) * row_bytes)
+    _run("all_to_all", mesh, mesh_dim, dist.all_to_all_single, out, send,
+         output_split_sizes=recv_splits, input_split_sizes=send_splits)
+    return out
+
+
+class AllToAllSplits(torch.autograd.Function):
+    """forward: ``all_to_all_splits`` with (send_splits, recv_splits) on ``mesh_dim`` / backward: the inverse
+    all-to-all, (recv_splits, send_splits): each received row's gradient goes back to the rank that sent it.
+
+        y = AllToAllSplits.apply(x, mesh, mesh_dim, send_splits, recv_splits)
+    """
+
+    @staticmethod
+    def forward(ctx, t, mesh, mesh_dim, send_splits, recv_splits):
+        ctx.mesh, ctx.mesh_dim, ctx.send_splits, ctx.recv_splits = mesh, mesh_dim, send_splits, recv_splits
+        return all_to_all_splits(t, mesh, mesh_dim, send_splits, recv_splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = all_to_all_splits(grad, ctx.mesh, ctx.mesh_dim, ctx.recv_splits, ctx.send_splits)
+        return back, None, None, None, None
+
+
 def broadcast(t: torch.Tensor, mesh, mesh_dim: int, src_index: int = 0) -> torch.Tensor:
     """The tensor of the rank at index ``src_index`` along ``mesh_dim``, on every rank of that dim (in place)."""
     src = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.shape[mesh_dim])
@@ -374,3 +417,53 @@ class _AllWorks:
     def wait(self):
         for work in self._works:
             work.wait()
+
+
+# -- point-to-point: pipeline stage boundaries ---------------------------------------------------------------
+
+# Point-to-point traffic gets process groups of its own, one per line of ranks along the mesh dim, keyed by
+# (backend, ranks): p2p ops advance a group's sequence number on the two ranks involved only, so on the groups
+# the collectives use they would put ranks out of step for anything that compares those numbers (the test
+# pool, the divergence checker), and on NCCL they would queue behind the collectives of that communicator.
+_P2P_GROUPS: dict[tuple[str, tuple[int, ...]], object] = {}
+
+
+def p2p_group(mesh, mesh_dim: int | str):
+    """This rank's point-to-point group along ``mesh_dim``; created on first use (group creation is collective:
+    every rank of the whole mesh calls this together, e.g. when building a pipeline schedule)."""
+    root, dims = mesh._root, mesh._root_dims
+    root_dim = dims[mesh.mesh_dim_index(mesh_dim)]
+    backend = "nccl" if mesh.device_type == "cuda" else "gloo"
+    mine = None
+    for row in root.mesh.movedim(root_dim, -1).reshape(-1, root.shape[root_dim]).tolist():
+        key = (backend, tuple(row))
+        if key not in _P2P_GROUPS:
+            _P2P_GROUPS[key] = dist.new_group(row, backend=backend)
+        if mesh.get_rank() in row:
+            mine = _P2P_GROUPS[key]
+    return mine
+
+
+def send_recv(sends, recvs, mesh, mesh_dim: int | str):
+    """Post one batch of point-to-point ops along ``mesh_dim`` (``batch_isend_irecv``) without waiting.
+
+    ``sends`` and ``recvs`` are lists of ``(tensor, peer, tag)``: ``peer`` is the other rank's local index on
+    ``mesh_dim``; a received tensor is filled in place. Not a collective: only the named peers take part. The
+    ops run on ``p2p_group(mesh, mesh_dim)``, which every rank must have created beforehand. Returns
+    ``(send_work, recv_work)``, each with ``wait()``; a pipeline waits on its receives at once and on its sends
+    at the end of the step (sends never block the sender). Counted as ``"send"`` with the bytes this rank sends.
+    """
+    mesh_dim = mesh.mesh_dim_index(mesh_dim)
+    row = _group_ranks(mesh, mesh_dim)
+    group = _P2P_GROUPS.get(("nccl" if mesh.device_type == "cuda" else "gloo", tuple(row)))
+    if group is None:
+        raise RuntimeError(f"no point-to-point group for ranks {row}: call p2p_group(mesh, {mesh_dim!r}) on every rank first")
+    if sends:
+        _record("send", mesh, mesh_dim, sum(_nbytes(t) for t, _, _ in sends))
+    send_ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer, tag=tag) for t, peer, tag in sends]
+    recv_ops = [dist.P2POp(dist.irecv, t, group=group, group_peer=peer, tag=tag) for t, peer, tag in recvs]
+    try:
+        works = dist.batch_isend_irecv(send_ops + recv_ops) if send_ops or recv_ops else []
+    except RuntimeError as error:
+        raise _named_error("send_recv", mesh, mesh_dim, error) from error
+    return _AllWorks(works[: len(send_ops)]), _AllWorks(works[len(send_ops) :])

@@ -1,7 +1,10 @@
 """A decoder-only GPT (nanoGPT style) written as ordinary single-device torch, and its Megatron plan.
 
 This file owns the model (``GPT``), its configuration (``GPTConfig`` and the named ``PRESETS``) and
-``tp_plan``: the ``parallelize_module`` plan that lays it out for tensor (and sequence) parallelism. The
+``tp_plan``: the ``parallelize_module`` plan that lays it out for tensor (and sequence) parallelism. With
+``moe_experts`` > 0 every ``moe_every``-th block's MLP is a mixture of experts (``MoEMLP``: the
+``dtensor_plus.layouts.moe.MoE`` layer, top-``moe_top_k``), whose load-balancing and z-losses ``loss`` adds;
+``expert_parallel(model, mesh, ep_dim="dp")`` then shards the experts over the data-parallel ranks. The
 model never mentions DTensor: the same code runs on one device and, once placed, on a mesh::
 
     from examples.gpt import GPT, PRESETS, tp_plan
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPTConfig", "PRESETS", "GPT", "tp_plan"]
+__all__ = ["GPTConfig", "PRESETS", "GPT", "MoEMLP", "tp_plan"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +50,11 @@ class GPTConfig:
         attention: "matmul" (written out: q @ k^T, mask, softmax, dropout, @ v) or "sdpa"
             (``F.scaled_dot_product_attention``, causal, without dropout on the attention probabilities, as
             most current LLMs train; what context parallelism shards along the sequence).
+        moe_experts: 0 (default) for dense MLPs everywhere; else E, the experts of each MoE MLP.
+        moe_top_k: experts per token. moe_every: every moe_every-th block (blocks moe_every - 1,
+            2 moe_every - 1, ...) is MoE (2: every other block, as GShard and Switch do).
+        moe_capacity_factor: None for dropless routing, else the GShard capacity factor.
+        moe_aux_loss_coef, moe_z_loss_coef: weights of the load-balancing loss and the router z-loss.
     """
 
     vocab_size: int = 256
@@ -57,6 +65,12 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     attention: str = "matmul"
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_every: int = 2
+    moe_capacity_factor: float | None = None
+    moe_aux_loss_coef: float = 0.01
+    moe_z_loss_coef: float = 0.001
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "num_layers", "num_heads", "dim"):
@@ -72,6 +86,18 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.attention not in ("matmul", "sdpa"):
             raise ValueError(f"attention must be 'matmul' or 'sdpa', got {self.attention!r}")
+        if self.moe_experts:
+            if not isinstance(self.moe_experts, int) or self.moe_experts < 1:
+                raise ValueError(f"moe_experts must be 0 (dense) or a positive int, got {self.moe_experts!r}")
+            if not 1 <= self.moe_top_k <= self.moe_experts:
+                raise ValueError(f"moe_top_k({self.moe_top_k}) must be between 1 and moe_experts({self.moe_experts})")
+            if not 1 <= self.moe_every <= self.num_layers:
+                raise ValueError(f"moe_every({self.moe_every}) must be between 1 and num_layers({self.num_layers}), "
+                                 f"or no block would be MoE")
+
+    def is_moe_block(self, layer: int) -> bool:
+        """Whether block ``layer`` (from 0) has a mixture-of-experts MLP."""
+        return self.moe_experts > 0 and layer % self.moe_every == self.moe_every - 1
 
     def replace(self, **changes) -> GPTConfig:
         return dataclasses.replace(self, **changes)
@@ -127,13 +153,29 @@ class MLP(nn.Module):
         return F.dropout(self.out(h_BTF), self.dropout, self.training)
 
 
-class Block(nn.Module):
+class MoEMLP(nn.Module):
+    """The MLP as a mixture of ``moe_experts`` experts of width 4 D each (top-``moe_top_k`` routing)."""
+
     def __init__(self, config: GPTConfig):
+        super().__init__()
+        from dtensor_plus.layouts.moe import MoE  # the layer is ordinary torch on plain tensors
+
+        self.moe = MoE(config.dim, 4 * config.dim, config.moe_experts, config.moe_top_k,
+                       capacity_factor=config.moe_capacity_factor, aux_loss_coef=config.moe_aux_loss_coef,
+                       z_loss_coef=config.moe_z_loss_coef)
+        self.dropout = config.dropout
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.moe(x_BTD), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, moe: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(config.dim, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln2 = nn.LayerNorm(config.dim, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = MoEMLP(config) if moe else MLP(config)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_BTD = x_BTD + self.attn(self.ln1(x_BTD))
@@ -153,7 +195,7 @@ class GPT(nn.Module):
         D = config.dim
         self.tok_emb = nn.Embedding(config.vocab_size, D)
         self.pos_emb = nn.Parameter(torch.randn(config.block_size, D) * 0.02)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, config.is_moe_block(i)) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(D, bias=config.bias)
         self.head = nn.Linear(D, config.vocab_size, bias=False)
         self.apply(_init_weights)
@@ -174,7 +216,20 @@ class GPT(nn.Module):
 
     def loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
         logits_BTV = self(tokens_BT)
-        return F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(0, 1))
+        loss = F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(0, 1))
+        for moe in self.moe_layers():
+            loss = loss + moe.aux_loss  # load-balancing + z-loss of the forward just run
+        return loss
+
+    def moe_layers(self) -> list:
+        """The ``MoE`` layers, in block order (empty for a dense model)."""
+        return [block.mlp.moe for block in self.blocks if isinstance(block.mlp, MoEMLP)]
+
+    def moe_load_line(self) -> str:
+        """Assignments per expert in each MoE layer over the last forward's global batch, e.g. for a
+        progress line: "load b1 [12 9 14 ...]"."""
+        return "  ".join(f"load b{i} {block.mlp.moe.load.tolist()}".replace(",", "")
+                         for i, block in enumerate(self.blocks) if isinstance(block.mlp, MoEMLP))
 
 
 def _init_weights(module: nn.Module) -> None:

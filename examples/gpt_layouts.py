@@ -11,6 +11,7 @@ import dtensor_plus as dtp
 from dtensor_plus import DTensor, Replicate, Shard
 from dtensor_plus.layouts import ZeroRedundancyOptimizer, fully_shard, parallelize_module
 from dtensor_plus.layouts.data import replicate
+from dtensor_plus.layouts.moe import expert_parallel
 from dtensor_plus.placements import StridedShard
 from gpt import GPT, tp_plan
 
@@ -96,6 +97,10 @@ def place_model(model: GPT, mesh, layout: Layout) -> GPT:
         return model
     # Under cp each rank's gradients cover its part of the sequence: reduced over cp (and dp) like dp's.
     replicate(model, mesh, dp_dim="dp" if layout.dp > 1 else "cp", reduce_in_backward=layout.zero == 0)
+    if model.config.moe_experts:
+        # Experts sharded over the data-parallel ranks (ep = dp, after replicate, which wants Replicate on dp):
+        # E/dp whole experts per rank, tokens moved to them by all-to-all; with tp, each expert's width split too.
+        expert_parallel(model, mesh, ep_dim="dp" if layout.dp > 1 else None, tp_dim="tp" if layout.tp > 1 else None)
     if layout.zero == 3:
         # FSDP2 order: the blocks first, then the root, which owns the rest (embeddings, final norm, head).
         for block in model.blocks:

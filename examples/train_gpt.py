@@ -69,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cp", type=int, default=1, help="context-parallel size (sequence sharded through attention)")
     parser.add_argument("--cp-kind", default="ring", choices=("ring", "ulysses"))
     parser.add_argument("--cp-balance", action="store_true", help="zigzag the sequence over cp (causal load balance)")
+    parser.add_argument("--moe", type=int, default=0, metavar="E",
+                        help="mixture of experts: E experts in every --moe-every-th block's MLP, sharded over dp (ep = dp)")
+    parser.add_argument("--moe-top-k", type=int, default=2, help="experts per token")
+    parser.add_argument("--moe-every", type=int, default=2, help="every n-th block is MoE (2: every other block)")
+    parser.add_argument("--moe-capacity", type=float, default=None, help="capacity factor (default: dropless)")
     parser.add_argument("--config", default="debug", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (divisible by --dp)")
@@ -89,6 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dp * args.tp * args.cp != world:
         parser.error(f"dp({args.dp}) * tp({args.tp}) * cp({args.cp}) != world size({world}); "
                      f"launch with --nproc-per-node {args.dp * args.tp * args.cp}")
+    if args.moe and args.zero in (1, 2):
+        parser.error("--moe shards the experts over dp (ep = dp); ZeroRedundancyOptimizer needs Replicate parameters "
+                     "on dp: use --zero 0 or --zero 3 (fully_shard leaves the experts' dp sharding as it is)")
+    if args.moe and args.moe % args.dp:
+        parser.error(f"--moe({args.moe}) experts must divide over --dp({args.dp}) ranks (ep = dp)")
     if args.batch_size % args.dp:
         parser.error(f"--batch-size({args.batch_size}) must divide by --dp({args.dp})")
     try:
@@ -146,7 +156,8 @@ def train(model, opt, data_batches, place=lambda t: t, log=None, scope=contextli
         # NOTE: .item() syncs (and, for a DTensor, all-reduces the loss): fine for a progress line.
         losses.append(loss.full_tensor().item() if isinstance(loss, DTensor) else loss.item())
         if log is not None:
-            log(f"step {step:4d}  loss {losses[-1]:.4f}  {tokens.numel() / (time.perf_counter() - start):9.0f} tokens/s")
+            load = f"  {model.moe_load_line()}" if getattr(model, "moe_layers", list)() else ""  # tokens per expert
+            log(f"step {step:4d}  loss {losses[-1]:.4f}  {tokens.numel() / (time.perf_counter() - start):9.0f} tokens/s{load}")
         if checkpoints is not None:
             checkpoints.after_step(losses)
     return losses
@@ -268,7 +279,8 @@ def main(argv=None) -> Result:
     layout = args.layout
     mesh = make_mesh(layout)
     rank0 = mesh.get_rank() == 0
-    config = PRESETS[args.config].replace(dropout=args.dropout)
+    config = PRESETS[args.config].replace(dropout=args.dropout, moe_experts=args.moe, moe_top_k=args.moe_top_k,
+                                          moe_every=args.moe_every, moe_capacity_factor=args.moe_capacity)
     if layout.cp > 1:
         config = config.replace(attention="sdpa")  # what context parallelism shards along the sequence
     seq_len = args.seq_len or config.block_size

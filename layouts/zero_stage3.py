@@ -312,6 +312,10 @@ def fully_shard(
             if param is None:
                 continue
             dt = to_dtensor(param, mesh)
+            if dt.placements[k].is_shard():
+                # Already split on dp by another layout (experts with ep = dp): each rank holds whole blocks of its
+                # own, gradients are exact per rank, so there is nothing to gather or reduce-scatter.
+                continue
             check_dp_placement(dt, k, "fully_shard")
             sharded = dt.redistribute(placements=with_placement(dt.placements, k, zero_placement(dt, k)))  # local chunk
             if offload is not None:

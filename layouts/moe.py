@@ -1,0 +1,228 @@
+"""Mixture-of-experts with expert parallelism: the ``MoE`` layer and ``expert_parallel``, the layout that shards
+its experts over an ``ep`` mesh dim (optionally tensor-parallel inside each expert on a ``tp`` mesh dim).
+
+The layer is ordinary torch: on plain tensors it is the single-device MoE (the oracle); on DTensors (batch
+``Shard(0)`` on the data-parallel mesh dims) it routes exactly as one device would on the whole batch
+(moe_router.py) and moves tokens to their experts' ranks and back by all-to-all (moe_dispatch.py). Experts
+are one DTensor per weight, shape (E, ...): ``w1`` (E, D, F) and ``w2`` (E, F, D), ``Shard(0)`` on ep; with tp
+inside experts ``w1`` is also ``Shard(2)`` and ``w2`` ``Shard(1)`` on tp (Megatron's column / row split), so
+each expert's output rows are Partial on tp and all-reduced there before the gates weigh them (the gates'
+gradient then stays whole on every tp rank; the input's is Partial, Megatron's f/g). Expert compute is a grouped GEMM
+(``dtensor_plus.kernels.grouped_gemm``: Triton on GPU, a loop of matmuls elsewhere).
+
+The ep mesh dim must shard the batch: each ep rank routes its own tokens (ep carved out of the data-parallel
+ranks, as DeepSpeed-MoE and Megatron do). Non-expert parameters (the router) keep whatever layout the rest of
+the model has (``replicate``, ZeRO, ``distribute_module``)::
+
+    mesh = dtp.init_device_mesh("cpu", (4,), mesh_dim_names=("dp",))
+    moe = MoE(dim=16, hidden=64, num_experts=8, top_k=2)
+    replicate(model, mesh, "dp")                  # everything Replicate on dp, gradients all-reduced
+    expert_parallel(model, mesh, ep_dim="dp")     # then experts Shard(0) on dp: 2 experts per rank
+    y = moe(x)                                    # x: (B, T, D) DTensor, Shard(0) on dp
+    loss = task_loss + moe.aux_loss               # load-balancing + z-loss, over the global batch
+
+Legend: B batch, T sequence, D width, F expert hidden width, E experts, N tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dtensor_plus as dtp
+from dtensor_plus import DTensor, Partial, Replicate, Shard
+from dtensor_plus.kernels.grouped_gemm import grouped_mm
+
+from .data import reduce_grad_in_backward
+from .moe_dispatch import dispatch_combine
+from .moe_router import Routing, TopKRouter, local_weight
+
+__all__ = ["MoE", "GroupedExperts", "expert_parallel"]
+
+
+class GroupedExperts(nn.Module):
+    """E two-layer GELU MLPs as two stacked weights: ``w1`` (E, D, F), ``w2`` (E, F, D), no biases."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.randn(num_experts, dim, hidden) * 0.02)
+        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, dim) * 0.02)
+
+    @staticmethod
+    def run(rows_RD: torch.Tensor, counts_L: torch.Tensor, w1_LDF: torch.Tensor, w2_LFD: torch.Tensor) -> torch.Tensor:
+        """The experts on rows grouped by expert (``counts_L`` rows each), with this rank's weight blocks."""
+        return grouped_mm(F.gelu(grouped_mm(rows_RD, w1_LDF, counts_L)), w2_LFD, counts_L)
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts MLP: ``TopKRouter`` + ``GroupedExperts``; a drop-in for a (B, T, D) -> (B, T, D) MLP.
+
+    Args:
+        dim: D. hidden: F, each expert's hidden width. num_experts: E. top_k: experts per token.
+        capacity_factor: None (default) for dropless; else each expert takes ceil(factor N k / E) assignments
+            of the global batch and drops the rest (those tokens get no expert output from that slot).
+        jitter: multiplicative router-input noise in training (Switch: 0.01); 0 for none.
+        aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in ``aux_loss``.
+        renormalize: with top_k > 1, the gates of a token sum to 1.
+
+    After each forward: ``aux_loss`` (coefficients applied; add it to the task loss), ``routing`` (the
+    ``Routing``: raw losses, gates) and ``load`` (assignments per expert over the global batch, an (E,) int
+    tensor, e.g. to print the balance).
+    """
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int = 2, *,
+                 capacity_factor: float | None = None, jitter: float = 0.0, aux_loss_coef: float = 0.01,
+                 z_loss_coef: float = 0.001, renormalize: bool = True):
+        super().__init__()
+        self.router = TopKRouter(dim, num_experts, top_k, capacity_factor=capacity_factor, jitter=jitter,
+                                 renormalize=renormalize)
+        self.experts = GroupedExperts(num_experts, dim, hidden)
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.aux_loss: torch.Tensor | None = None
+        self.routing: Routing | None = None
+        self.load: torch.Tensor | None = None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        w1, w2 = self.experts.w1, self.experts.w2
+        if isinstance(x_BTD, DTensor) != isinstance(w1, DTensor):
+            raise TypeError(
+                "MoE: the tokens and the expert weights must both be DTensors or both plain tensors; place the "
+                "experts with expert_parallel(model, mesh, ep_dim=...) (or distribute_module) first"
+            )
+        layout = _Layout(x_BTD, w1) if isinstance(x_BTD, DTensor) else None
+        x_in = layout.tokens(x_BTD) if layout else x_BTD
+        routing = self.router(x_in)
+        self.routing, self.load = routing, routing.load_E
+        self.aux_loss = self.aux_loss_coef * routing.aux_loss + self.z_loss_coef * routing.z_loss
+        if layout is None:
+            x_local, w1_local, w2_local, mesh, ep_dim = x_in, w1, w2, None, None
+        else:
+            x_local, w1_local, w2_local = layout.local_tokens(x_in), layout.local_weight(w1), layout.local_weight(w2)
+            mesh, ep_dim = layout.mesh, layout.ep_dim
+        shape = x_local.shape
+        y_ND = dispatch_combine(
+            x_local.reshape(-1, shape[-1]), routing.expert_idx_NK, routing.gates_NK, routing.keep_NK,
+            self.experts.num_experts, lambda rows, counts: self._run_experts(rows, counts, w1_local, w2_local, layout),
+            mesh, ep_dim,
+        )
+        y_BTD = y_ND.view(shape)
+        return layout.output(y_BTD, x_in, x_BTD) if layout else y_BTD
+
+    @staticmethod
+    def _run_experts(rows_RD, counts_L, w1_LDF, w2_LFD, layout) -> torch.Tensor:
+        out_RD = GroupedExperts.run(rows_RD, counts_L, w1_LDF, w2_LFD)
+        if layout is None or layout.tp_dim is None:
+            return out_RD
+        # tp inside experts: each tp rank's output covers its slice of F; sum them here, before the gates
+        # weigh them, so the gates' gradient (and all the router's) stays whole on every tp rank.
+        return _sum_over(out_RD, layout.mesh, layout.tp_dim)
+
+
+def _sum_over(t: torch.Tensor, mesh, mesh_dim: int) -> torch.Tensor:
+    """forward: all-reduce (sum) on ``mesh_dim`` / backward: identity (Megatron's "g"), through a DTensor on the
+    1-D sub-mesh, so the library counts and differentiates the collective."""
+    sub = mesh[mesh.mesh_dim_name(mesh_dim)]
+    return DTensor.from_local(t, sub, [Partial()]).redistribute(placements=[Replicate()]).to_local()
+
+
+class _Layout:
+    """Where tokens and experts lie on the mesh for one forward: the batch dims (tokens Shard(0)), the ep dim
+    (experts Shard(0)) and the tp dim (experts' hidden width sharded), and the gradient layouts that follow."""
+
+    def __init__(self, x: DTensor, w1: DTensor):
+        if x.device_mesh != w1.device_mesh:
+            raise ValueError(f"MoE: tokens live on {x.device_mesh} but the experts on {w1.device_mesh}; use one mesh")
+        self.mesh = x.device_mesh
+        names = [self.mesh.mesh_dim_name(k) for k in range(self.mesh.ndim)]
+        self.ep_dim = self._only(w1, 0, names, "ep")
+        self.tp_dim = self._only(w1, 2, names, "tp")
+        for k, p in enumerate(w1.placements):
+            if k not in (self.ep_dim, self.tp_dim) and not p.is_replicate():
+                raise ValueError(f"MoE: expert weight w1 is {p!r} on mesh dim {names[k]!r}; place it with expert_parallel")
+        # Tokens keep their batch shards; any other shard (sequence parallelism) is gathered for routing, and
+        # tokens whole on the ep dim (e.g. an uneven batch a Linear gathered) are split there: a local slice.
+        self.batch = [p if p.is_shard(0) else Replicate() for p in x.placements]
+        if self.ep_dim is not None:
+            self.batch[self.ep_dim] = Shard(0)
+        if self.tp_dim is not None and self.batch[self.tp_dim].is_shard(0):
+            raise ValueError(f"MoE: tp inside experts needs the tokens Replicate on {names[self.tp_dim]!r}, not Shard(0)")
+
+    @staticmethod
+    def _only(w1: DTensor, dim: int, names, role: str) -> int | None:
+        found = [k for k, p in enumerate(w1.placements) if p.is_shard(dim)]
+        if len(found) > 1:
+            raise ValueError(f"MoE: w1 is Shard({dim}) on mesh dims {[names[k] for k in found]}; one {role} dim only")
+        return found[0] if found else None
+
+    def tokens(self, x: DTensor) -> DTensor:
+        return x if list(x.placements) == self.batch else x.redistribute(placements=self.batch)
+
+    def local_tokens(self, x: DTensor) -> torch.Tensor:
+        # With tp inside experts each tp rank's input gradient covers its slice of F: Partial (Megatron's "f").
+        grad = [Partial() if k == self.tp_dim else p for k, p in enumerate(self.batch)]
+        return x.to_local(grad_placements=grad)
+
+    def local_weight(self, w: DTensor) -> torch.Tensor:
+        return local_weight(w, self.batch)
+
+    def output(self, y_local: torch.Tensor, x_in: DTensor, x: DTensor) -> DTensor:
+        y = DTensor.from_local(y_local, self.mesh, self.batch, shape=x_in.shape, stride=x_in.stride())
+        return y if list(y.placements) == list(x.placements) else y.redistribute(placements=x.placements)
+
+
+def expert_parallel(module: nn.Module, mesh, ep_dim: str | None = "ep", tp_dim: str | None = None, *,
+                    reduce_in_backward: bool = True) -> nn.Module:
+    """Shard the experts of every ``MoE`` in ``module`` on ``mesh``: Shard(0) (whole experts) on ``ep_dim``, the
+    hidden width on ``tp_dim`` (``w1`` Shard(2), ``w2`` Shard(1)), Replicate on the other mesh dims.
+
+    Args:
+        module: changed in place; its expert weights are plain tensors (the same on every rank, as after a
+            same-seed init) or DTensors on ``mesh`` that are Replicate on ``ep_dim`` and ``tp_dim``.
+        mesh: the whole mesh; the batch must be Shard(0) on ``ep_dim`` when the model runs.
+        ep_dim, tp_dim: mesh dim names (either may be None).
+        reduce_in_backward: reduce gradients that come out Partial (experts replicated over other
+            data-parallel mesh dims) in a post-accumulate-grad hook, as ``replicate`` does.
+
+    Call it after ``replicate`` / ``distribute_module`` when ep is the data-parallel mesh dim itself (those
+    would refuse experts already sharded there); before them otherwise. Returns ``module``.
+    """
+    names = list(mesh.mesh_dim_names or ())
+    for name in (ep_dim, tp_dim):
+        if name is not None and name not in names:
+            raise ValueError(f"expert_parallel: mesh {mesh} has no mesh dim {name!r}; its dims are {names}")
+    if ep_dim is not None and ep_dim == tp_dim:
+        raise ValueError(f"expert_parallel: ep_dim and tp_dim are both {ep_dim!r}; use two mesh dims")
+    placed = []
+    for moe in (m for m in module.modules() if isinstance(m, MoE)):
+        experts = moe.experts
+        if ep_dim is not None and experts.num_experts % mesh.size(ep_dim):
+            raise ValueError(
+                f"expert_parallel: {experts.num_experts} experts do not divide over {mesh.size(ep_dim)} ranks of "
+                f"mesh dim {ep_dim!r}; use a number of experts that is a multiple of it"
+            )
+        for key, tp_tensor_dim in (("w1", 2), ("w2", 1)):
+            by_name = {ep_dim: Shard(0), tp_dim: Shard(tp_tensor_dim)}
+            placements = [by_name.get(name, Replicate()) for name in names]
+            param = experts._parameters[key]
+            sharded = _place(param.detach(), mesh, placements)
+            experts._parameters[key] = nn.Parameter(sharded, requires_grad=param.requires_grad)
+            placed.append(experts._parameters[key])
+    if reduce_in_backward and placed:
+        reduce_grad_in_backward(placed)
+    return module
+
+
+def _place(t: torch.Tensor, mesh, placements) -> DTensor:
+    if not isinstance(t, DTensor):
+        return dtp.distribute_tensor(t, mesh, placements, src_data_rank=None)  # every rank holds the same values
+    if t.device_mesh != mesh:
+        raise ValueError(f"expert_parallel: an expert weight lives on {t.device_mesh}, not on {mesh}")
+    for k, (have, want) in enumerate(zip(t.placements, placements)):
+        if not have.is_replicate() and have != want:
+            raise ValueError(
+                f"expert_parallel: an expert weight is {have!r} on mesh dim {mesh.mesh_dim_name(k)!r}; it must be "
+                f"Replicate there (or plain) before experts are sharded"
+            )
+    return t.redistribute(placements=placements)  # Replicate -> Shard takes the local chunk: no data moves
