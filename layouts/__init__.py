@@ -8,7 +8,7 @@ from .annotation import format_layout, layout_of, parse_layout
 from .clip import clip_grad_norm_, get_total_norm
 from .context_parallel import context_parallel
 from .data import replicate, shard_batch, sync_gradients
-from .loss import loss_parallel
+from .loss import loss_parallel, parallel_cross_entropy
 from .moe import MoE, expert_parallel
 from .plan import parallelize_module
 from .precision import MixedPrecision, mixed_precision
@@ -26,6 +26,6 @@ __all__ = [
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "SequenceParallel", "PrepareModuleInput",
     "PrepareModuleOutput", "parallelize_module", "loss_parallel", "parse_layout", "format_layout", "layout_of",
     "replicate", "sync_gradients", "shard_batch", "fully_shard", "ZeroRedundancyOptimizer", "CPUOffload",
-    "clip_grad_norm_", "get_total_norm", "MixedPrecision", "mixed_precision", "context_parallel", "MoE",
+    "clip_grad_norm_", "get_total_norm", "MixedPrecision", "mixed_precision", "context_parallel", "MoE", "parallel_cross_entropy",
     "expert_parallel",
 ]

@@ -33,6 +33,12 @@ Example::
     with loss_parallel():
         loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1))
         loss.backward()
+
+The fused path: ``parallel_cross_entropy(logits, target)`` computes the same loss in one pass over the local
+logits (kernels/cross_entropy.py: per-row max, sum-exp and target logit, all-reduced over the class mesh dims,
+then a backward that writes ``softmax - onehot`` without storing softmax). ``F.cross_entropy`` reaches the
+DTensor as two aten ops (log-softmax, then nll_loss), which a rule cannot fuse, so the fused path is a function
+of its own; with ``dtensor_plus.kernels.use_kernels`` on it runs the Triton kernel, else its torch reference.
 """
 
 from __future__ import annotations
@@ -43,13 +49,15 @@ import functools
 import torch
 
 from dtensor_plus import collectives, rules
+from dtensor_plus.dtensor import DTensor
+from dtensor_plus.kernels.cross_entropy import cross_entropy as fused_cross_entropy
 from dtensor_plus.ops.common import aten, normalize_dim, replicated, without_partial
 from dtensor_plus.ops.losses import NONE, SUM, _batch_placements, _inputs_by_name, nll_backward_layouts
 from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding
 from dtensor_plus.spec import DTensorSpec
 
-__all__ = ["loss_parallel"]
+__all__ = ["loss_parallel", "parallel_cross_entropy"]
 
 _LOCAL_IGNORE = -1  # the kernel's ignore_index for targets outside this rank's class block: never in [0, C)
 
@@ -75,6 +83,52 @@ def loss_parallel():
     # may be read as a Shard of them; the class dim is always a plain Shard.
     with rules.override_rule(overrides, strided="as_shard"):
         yield
+
+
+def parallel_cross_entropy(logits, target, *, ignore_index: int = -100, reduction: str = "mean"):
+    """``F.cross_entropy(logits, target)`` for (N, V) logits whose class dim may be sharded, fused.
+
+    ``logits`` is a DTensor (class dim Shard(1) on the tp mesh dim(s), rows Shard(0) or Replicate on the
+    others) or a plain tensor (one device). ``target`` (N,) is a DTensor or a plain tensor holding every row's
+    class. Only (N,) statistics cross ranks: one all-reduce max and two all-reduce sums per class mesh dim.
+
+    Example::
+
+        with dtensor_plus.kernels.use_kernels(True):
+            loss = parallel_cross_entropy(logits.flatten(0, 1), target.flatten(0, 1))
+    """
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"parallel_cross_entropy: reduction={reduction!r}; use 'none', 'sum' or 'mean'")
+    if not isinstance(logits, DTensor):
+        return fused_cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+    spec = logits._spec
+    if spec.ndim != 2:
+        raise ValueError(f"parallel_cross_entropy wants logits (N, V); got {tuple(spec.shape)}; flatten the batch dims")
+    mesh = spec.mesh
+    # the class dim stays sharded, rows keep a Shard(0), anything else (Partial, other shards) is made whole
+    logit_p = tuple(p if p.is_shard(1) or p.is_shard(0) else Replicate() for p in spec.placements)
+    row_p = tuple(Shard(0) if p.is_shard(0) else Replicate() for p in logit_p)
+    if logit_p != spec.placements:
+        logits = logits.redistribute(placements=logit_p)
+    if not isinstance(target, DTensor):  # every rank holds all targets: taking its rows is free
+        target = DTensor.from_local(target, mesh, replicated(mesh.ndim))
+    target_local = target.redistribute(placements=row_p).to_local()
+    block = spec.with_placements(logit_p)
+    mesh_dims = _class_mesh_dims(block, 1)
+    all_reduce = functools.partial(_all_reduce_op, spec=block, mesh_dims=mesh_dims) if mesh_dims else None
+    rows_local = fused_cross_entropy(logits.to_local(), target_local, vocab_offset=block.local_shape_and_offset()[1][1],
+                                     ignore_index=ignore_index, reduction="none", all_reduce=all_reduce)
+    rows = DTensor.from_local(rows_local, mesh, row_p, shape=(spec.shape[0],))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    kept = DTensor.from_local((target_local != ignore_index).to(rows_local.dtype), mesh, row_p, shape=(spec.shape[0],))
+    return rows.sum() / kept.sum()
+
+
+def _all_reduce_op(t: torch.Tensor, reduce_op: str, *, spec: DTensorSpec, mesh_dims: list[int]) -> torch.Tensor:
+    return _all_reduce(t, spec, mesh_dims, reduce_op)
 
 
 # -- helpers --------------------------------------------------------------------------------------------

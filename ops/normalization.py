@@ -18,10 +18,15 @@ mean and rstd is free).
 On CUDA ``F.rms_norm`` dispatches to ``_fused_rms_norm`` / ``_fused_rms_norm_backward`` (rules below). On
 CPU both are CompositeImplicitAutograd in torch 2.13 and decompose before reaching the DTensor (pow,
 mean.dim, add, rsqrt, mul, and in backward sum.dim_IntList): the pointwise and reduction rules cover it.
+
+Kernels: the local ops of native_layer_norm, _fused_rms_norm and their backwards run the fused Triton kernels
+(kernels/norms.py, same signatures) where ``dtensor_plus.kernels.use_kernels`` allows and the layout fits (one
+normalised dim, a weight); the aten op otherwise. The choice is made per call, so cached rules stay valid.
 """
 
 from __future__ import annotations
 
+from dtensor_plus.kernels import norms, switch
 from dtensor_plus.placements import Partial, Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec
@@ -45,25 +50,41 @@ def _by_position(op: OpSchema, targets: dict[int, tuple]) -> tuple:
     return tuple(targets[i] for i in positions)
 
 
-def _forward(op: OpSchema, num_outputs: int) -> Sharding:
+def _kernel(name: str, x, normalized_shape, weight) -> bool:
+    return norms.kernel_fits(x, normalized_shape, weight) and switch.want_kernel(name, x)
+
+
+def _layer_norm_local(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    if _kernel("layer_norm", x, normalized_shape, weight):
+        return norms.layer_norm_aten(x, normalized_shape, weight, bias, eps)
+    return aten.native_layer_norm.default(x, normalized_shape, weight, bias, eps)
+
+
+def _rms_norm_local(x, normalized_shape, weight=None, eps=None):
+    if _kernel("rms_norm", x, normalized_shape, weight):
+        return norms.rms_norm_aten(x, normalized_shape, weight, eps)
+    return aten._fused_rms_norm.default(x, normalized_shape, weight, eps)
+
+
+def _forward(op: OpSchema, num_outputs: int, local_op=None) -> Sharding:
     """(input, normalized_shape, weight?, ...): rows keep their Shard, params are replicated."""
     spec = op.specs[0]
     target = tuple(_leading(p, _axis(op, spec, 1)) for p in spec.placements)
     r = replicated(len(op.mesh_shape))
     inputs = _by_position(op, {0: target, 2: r, 3: r})
-    return Sharding(inputs=inputs, outputs=(target,) * num_outputs)
+    return Sharding(inputs=inputs, outputs=(target,) * num_outputs, local_op=local_op)
 
 
 @register_rule(aten.native_layer_norm.default, strided="as_shard")  # rows are normalised independently
 def layer_norm_rule(op: OpSchema) -> Sharding:
     """native_layer_norm(input, normalized_shape, weight?, bias?, eps) -> (out, mean, rstd)."""
-    return _forward(op, 3)
+    return _forward(op, 3, _layer_norm_local)
 
 
 @register_rule(aten._fused_rms_norm.default, strided="as_shard")  # rows are normalised independently
 def rms_norm_rule(op: OpSchema) -> Sharding:
     """_fused_rms_norm(input, normalized_shape, weight?, eps) -> (out, rstd)."""
-    return _forward(op, 2)
+    return _forward(op, 2, _rms_norm_local)
 
 
 def _backward_mesh_dim(grad: Placement, inp: Placement, axis: int) -> tuple[Placement, Placement, Placement]:
@@ -105,12 +126,22 @@ def layer_norm_backward_rule(op: OpSchema) -> Sharding:
     return Sharding(sharding.inputs, sharding.outputs, local_op=_layer_norm_backward_contiguous)
 
 
-def _layer_norm_backward_contiguous(grad, x, normalized_shape, mean, rstd, *rest):
+def _layer_norm_backward_contiguous(grad, x, normalized_shape, mean, rstd, weight, bias, output_mask):
+    if _kernel("layer_norm", x, normalized_shape, weight):
+        return norms.layer_norm_backward_aten(grad, x, normalized_shape, mean, rstd, weight, bias, output_mask)
     # The CPU kernel reads mean and rstd as if contiguous: a Shard's chunk of them is a strided view.
-    return aten.native_layer_norm_backward.default(grad, x, normalized_shape, mean.contiguous(), rstd.contiguous(), *rest)
+    return aten.native_layer_norm_backward.default(grad, x, normalized_shape, mean.contiguous(), rstd.contiguous(),
+                                                   weight, bias, output_mask)
 
 
 @register_rule(aten._fused_rms_norm_backward.default, strided="as_shard")  # rows are normalised independently
 def rms_norm_backward_rule(op: OpSchema) -> Sharding:
     """(grad_out, input, normalized_shape, rstd, weight?, output_mask) -> (grad_input, grad_weight)."""
-    return _backward(op, 0, 1, (3,), (4,), 5)
+    sharding = _backward(op, 0, 1, (3,), (4,), 5)
+    return Sharding(sharding.inputs, sharding.outputs, local_op=_rms_norm_backward_local)
+
+
+def _rms_norm_backward_local(grad, x, normalized_shape, rstd, weight, output_mask):
+    if _kernel("rms_norm", x, normalized_shape, weight):
+        return norms.rms_norm_backward_aten(grad, x, normalized_shape, rstd, weight, output_mask)
+    return aten._fused_rms_norm_backward.default(grad, x, normalized_shape, rstd, weight, output_mask)

@@ -8,7 +8,9 @@ ring (``collectives.ring_shift``: to r+1, from r-1), so at step t rank r holds k
 
 Forward: per kv block, the CPU flash kernel gives the block's output and log-sum-exp; blocks merge exactly
 (out = sum_j exp(lse_j - lse) out_j with lse = logaddexp over j). n-1 shifts of (k, v); each is issued
-asynchronously before the current block is computed, so the transfer overlaps the kernel.
+asynchronously before the current block is computed, so the transfer overlaps the kernel. Where
+``dtensor_plus.kernels.use_kernels`` allows, the block kernel is the Triton flash attention of
+kernels/flash_attention.py (same (out, lse) and (dq, dk, dv) contract), else aten's CPU flash kernel.
 
 Backward: the kernel's backward called on one kv block with the GLOBAL out and GLOBAL logsumexp of the q
 block gives that block's exact share of dq, dk and dv (its softmax probabilities are the global ones). dq
@@ -49,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from dtensor_plus import collectives, strided
+from dtensor_plus.kernels import flash_attention, switch
 from dtensor_plus.placements import Placement, Replicate, Shard, StridedShard, chunk_bounds
 from dtensor_plus.rules import OpSchema, Sharding
 
@@ -200,8 +203,8 @@ def ring_forward(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask
     for step in range(ring.size):
         pending = _shift(kv, ring, step, _KV_TAG) if step < ring.size - 1 else None  # overlaps the kernel
         for q_rows, kv_rows, kind in _local_pairs(ring, step, query, kv):
-            out_b, lse_b = _FORWARD(_rows(query, q_rows), _rows(kv[0], kv_rows), _rows(kv[1], kv_rows), 0.0,
-                                    kind == DIAGONAL, scale=scale)
+            out_b, lse_b = _block_forward(_rows(query, q_rows), _rows(kv[0], kv_rows), _rows(kv[1], kv_rows),
+                                          kind == DIAGONAL, scale)
             if out is None:  # rows not reached yet hold lse -inf: the first merge into them copies the block
                 lse = torch.full(query.shape[:SEQ + 1], -torch.inf, dtype=torch.promote_types(lse_b.dtype, torch.float32),
                                  device=query.device)
@@ -214,6 +217,19 @@ def ring_forward(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask
     if out is None:  # an empty q block, or no heads or batch rows here: nothing was computed
         return _empty_outputs(query, key, value, is_causal, scale)
     return out.to(query.dtype), lse
+
+
+def _block_forward(query, key, value, causal: bool, scale):
+    """One block pair's (out, lse): the Triton flash kernel where use_kernels allows, else aten's CPU kernel."""
+    if switch.want_kernel("flash_attention", query):
+        return flash_attention.flash_block_forward(query, key, value, causal, scale)
+    return _FORWARD(query, key, value, 0.0, causal, scale=scale)
+
+
+def _block_backward(grad_out, query, key, value, out, lse, causal: bool, scale):
+    if switch.want_kernel("flash_attention", query):
+        return flash_attention.flash_block_backward(grad_out, query, key, value, out, lse, causal, scale)
+    return _BACKWARD(grad_out, query, key, value, out, lse, 0.0, causal, scale=scale)
 
 
 def _merge(out, lse, out_b, lse_b):
@@ -263,9 +279,9 @@ def _backward_step(grad_out, query, kv, out, logsumexp, grad_q, scale, pairs) ->
     """Add this step's pairs' dq into ``grad_q`` (in place); return their (dk, dv) share of the kv block held."""
     share = [torch.zeros(t.shape, dtype=grad_q.dtype, device=t.device) for t in kv]
     for q_rows, kv_rows, kind in pairs:
-        grad_q_b, *grad_kv_b = _BACKWARD(_rows(grad_out, q_rows), _rows(query, q_rows), _rows(kv[0], kv_rows),
-                                         _rows(kv[1], kv_rows), _rows(out, q_rows), _rows(logsumexp, q_rows), 0.0,
-                                         kind == DIAGONAL, scale=scale)
+        grad_q_b, *grad_kv_b = _block_backward(_rows(grad_out, q_rows), _rows(query, q_rows), _rows(kv[0], kv_rows),
+                                               _rows(kv[1], kv_rows), _rows(out, q_rows), _rows(logsumexp, q_rows),
+                                               kind == DIAGONAL, scale)
         _rows(grad_q, q_rows).add_(grad_q_b)
         for total, part in zip(share, grad_kv_b):
             _rows(total, kv_rows).add_(part)
