@@ -14,3 +14,4 @@ from . import (  # noqa: F401
     softmax,
     views,
 )
+from . import complex_views, diagonals, padding, scatter_views, shape_ops  # noqa: F401,E402  (shape-op family)
