@@ -1,5 +1,19 @@
-"""Pipeline parallelism on the ``pp`` mesh dim: stages, schedules as data, a simulator and an executor."""
+"""Pipeline parallelism on the ``pp`` mesh dim: stages, schedules as data, a simulator and an executor.
+
+    from dtensor_plus.layouts.pipeline import PipelineStage, PipelineSchedule
+    stage = PipelineStage(piece, stage_index, num_stages, mesh)          # mesh has a "pp" dim
+    PipelineSchedule(stage, "1f1b", n_microbatches=4, loss_fn=loss_fn).step(batch, target=targets)
+"""
 
 from .actions import Action, Event, Kind, Schedule
+from .executor import PipelineSchedule, build_schedule, pipeline_step
+from .microbatch import merge_microbatches, split_microbatches
+from .schedules import SCHEDULES, gpipe, interleaved_1f1b, one_f_one_b, zb_h1, zb_v
+from .simulate import SimResult, bubble_formula, costs_from_events, simulate
+from .stage import PipelineStage
+from .validate import validate
 
-__all__ = ["Action", "Event", "Kind", "Schedule"]
+__all__ = ["Action", "Event", "Kind", "Schedule", "PipelineStage", "PipelineSchedule", "pipeline_step",
+           "build_schedule", "split_microbatches", "merge_microbatches", "SCHEDULES", "gpipe", "one_f_one_b",
+           "interleaved_1f1b", "zb_h1", "zb_v", "validate", "simulate", "SimResult", "bubble_formula",
+           "costs_from_events"]

@@ -1,0 +1,215 @@
+"""Pipeline schedules on CPU ranks: measured bubble against the simulator and the formula, peak activation memory
+per rank, and step time beside ``torch.distributed.pipelining`` with the same schedule, model and microbatches.
+
+    OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 4 benchmarks/pipeline.py --microbatches 8
+
+The model is examples/gpt.py's GPT split by examples/pipeline_gpt.py (embedding on the first stage, ln_f + head
+on the last), ``--layers`` blocks so that every stage of the V and interleaved placements (2 per rank) holds
+one. Each schedule runs ``--steps`` forward+backward steps after a warm-up (no optimizer: the same for both).
+On rank 0 it prints, per schedule:
+  * ours ms / torch ms: median step time (slowest rank), and their ratio;
+  * bubble measured: 1 - (sum of compute time of all ranks) / (ranks x step time), from our executor's timeline;
+  * bubble simulated: ``simulate`` of the same schedule with F, B, W, BW costed at their measured medians;
+  * bubble formula: ``bubble_formula`` (equal stages, T_F = T_B = T_W);
+  * act KiB: peak bytes autograd keeps saved for backward on each rank (distinct storages, parameters excluded,
+    through saved_tensors_hooks), ours then torch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import dtensor_plus as dtp  # noqa: E402
+from dtensor_plus.layouts.pipeline import PipelineSchedule, PipelineStage, build_schedule  # noqa: E402
+from dtensor_plus.layouts.pipeline.simulate import bubble_formula, costs_from_events, simulate  # noqa: E402
+from gpt import GPT, PRESETS  # noqa: E402
+from pipeline_gpt import gpt_loss, split_gpt  # noqa: E402
+
+TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
+                   "zb_v": "ScheduleZBVZeroBubble"}  # torch has no single-stage ZB-H1 schedule
+
+
+class ActivationMeter:
+    """Peak bytes of tensors saved for backward and still alive (each storage once; parameters left out)."""
+
+    def __init__(self, params):
+        self.param_storages = {p.untyped_storage().data_ptr() for p in params}
+        self.live: dict[int, list[int]] = {}  # storage ptr -> [holders, bytes]
+        self.current = self.peak = 0
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor)
+
+    def _pack(self, t):
+        key = t.untyped_storage().data_ptr()
+        if key in self.param_storages or t.device.type == "meta":
+            return _Held(t, None, key)
+        if key not in self.live:
+            self.live[key] = [0, t.untyped_storage().nbytes()]
+            self.current += self.live[key][1]
+            self.peak = max(self.peak, self.current)
+        self.live[key][0] += 1
+        return _Held(t, self, key)
+
+    def drop(self, key):
+        entry = self.live[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self.live[key]
+
+
+class _Held:
+    """What a saved-tensor pack hook returns: freed with the graph node, which tells the meter. It keeps the
+    tensor detached: a saved output holds its own grad_fn, and node -> _Held -> tensor -> node would be a cycle
+    through C++ that is never freed."""
+
+    def __init__(self, tensor, meter, key):
+        self.tensor, self.meter, self.key = tensor.detach(), meter, key
+
+    def __del__(self):
+        if self.meter is not None:
+            self.meter.drop(self.key)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v"])
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--plot-dir", default=None, help="save each schedule's recorded-vs-simulated timeline here")
+    return parser.parse_args()
+
+
+def _model(args):
+    config = PRESETS["small"].replace(num_layers=args.layers, dim=args.dim, block_size=args.seq_len, dropout=0.0)
+    torch.manual_seed(0)
+    return GPT(config)
+
+
+def _batch(args):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 256, (args.batch_size, args.seq_len + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _slowest(seconds: float) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def run_ours(name, args, mesh):
+    p, rank = dist.get_world_size(), dist.get_rank()
+    schedule = build_schedule(name, p, args.microbatches, stages_per_rank=2)
+    pieces = split_gpt(_model(args), schedule.num_stages)
+    mine = [pieces[s] for s in schedule.stages_of(rank)]
+    stages = [PipelineStage(piece, s, schedule.num_stages, mesh) for piece, s in zip(mine, schedule.stages_of(rank))]
+    pipe = PipelineSchedule(stages, schedule, loss_fn=gpt_loss)
+    meter = ActivationMeter([q for piece in mine for q in piece.parameters()])
+    x, y = _batch(args)
+    times, timelines = [], []
+    for step in range(args.warmup + args.steps):
+        dist.barrier()
+        start = time.perf_counter()
+        with meter.hooks():
+            pipe.step(x, target=y)
+        times.append(_slowest(time.perf_counter() - start))
+        timelines.append(pipe.timeline)
+        for piece in mine:
+            piece.zero_grad(set_to_none=True)
+    # The step with the median time stands for the schedule's timeline.
+    measured = list(range(args.warmup, args.warmup + args.steps))
+    median_step = sorted(measured, key=lambda i: times[i])[len(measured) // 2]
+    gathered = [None] * p
+    dist.all_gather_object(gathered, timelines[median_step])
+    return schedule, statistics.median(times[args.warmup:]), gathered, meter.peak
+
+
+def run_torch(name, args):
+    from torch.distributed import pipelining
+
+    if name not in TORCH_SCHEDULES:
+        return None, 0
+    p, rank = dist.get_world_size(), dist.get_rank()
+    schedule = build_schedule(name, p, args.microbatches, stages_per_rank=2)  # the same placement as ours
+    pieces = split_gpt(_model(args), schedule.num_stages)
+    indices = schedule.stages_of(rank)
+    stages = [pipelining.PipelineStage(pieces[s], s, schedule.num_stages, torch.device("cpu")) for s in indices]
+    cls = getattr(pipelining, TORCH_SCHEDULES[name])
+    multi = name in ("interleaved_1f1b", "zb_v")
+    pipe = cls(stages if multi else stages[0], n_microbatches=args.microbatches, loss_fn=gpt_loss)
+    meter = ActivationMeter([q for s in indices for q in pieces[s].parameters()])
+    x, y = _batch(args)
+    first, last = 0 in indices, schedule.num_stages - 1 in indices
+    times = []
+    for _ in range(args.warmup + args.steps):
+        dist.barrier()
+        start = time.perf_counter()
+        with meter.hooks():
+            pipe.step(*((x,) if first else ()), **({"target": y} if last else {}))
+        times.append(_slowest(time.perf_counter() - start))
+        for s in indices:
+            pieces[s].zero_grad(set_to_none=True)
+    return statistics.median(times[args.warmup:]), meter.peak
+
+
+def bubbles(schedule, timelines):
+    """Measured bubble over all ranks, the simulator's with the measured mean cost per kind, and the costs."""
+    compute = [e for tl in timelines for e in tl if e.action.kind.is_compute]
+    span = max(e.end for tl in timelines for e in tl) - min(e.start for tl in timelines for e in tl)
+    busy = sum(e.end - e.start for e in compute)
+    measured = 1 - busy / (len(timelines) * span)
+    costs = costs_from_events([e for tl in timelines for e in tl])
+    return measured, simulate(schedule, costs).bubble, costs
+
+
+def main():
+    args = parse_args()
+    dist.init_process_group("gloo")
+    mesh = dtp.init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("pp",))
+    p, rank = dist.get_world_size(), dist.get_rank()
+    if rank == 0:
+        print(f"GPT {args.layers} layers, dim {args.dim}, batch {args.batch_size} x {args.seq_len}, "
+              f"{args.microbatches} microbatches, pp = {p} (gloo, CPU); median of {args.steps} steps")
+        print(f"{'schedule':18} {'ours ms':>8} {'torch ms':>9} {'ratio':>6} {'bubble':>7} {'sim':>6} {'formula':>7}"
+              f"  {'act KiB per rank (ours | torch)'}")
+    for name in args.schedules:
+        schedule, ours_s, timelines, ours_peak = run_ours(name, args, mesh)
+        torch_s, torch_peak = run_torch(name, args)
+        measured, simulated, costs = bubbles(schedule, timelines)
+        peaks = [None] * p
+        dist.all_gather_object(peaks, (ours_peak, torch_peak))
+        if rank == 0:
+            v = schedule.num_stages // p
+            formula = bubble_formula(name, p, args.microbatches, v)
+            torch_ms = f"{torch_s * 1e3:9.1f}" if torch_s else f"{'n/a':>9}"
+            ratio = f"{ours_s / torch_s:6.2f}" if torch_s else f"{'':>6}"
+            act = " ".join(f"{a // 1024}" for a, _ in peaks) + " | " + " ".join(f"{b // 1024}" for _, b in peaks)
+            print(f"{name:18} {ours_s * 1e3:8.1f} {torch_ms} {ratio} {measured:7.3f} {simulated:6.3f} {formula:7.3f}  {act}")
+            print(f"{'':18} median ms: " + ", ".join(f"{k.value} {c * 1e3:.1f}" for k, c in costs.items()))
+            if args.plot_dir:
+                from dtensor_plus.layouts.pipeline.timeline import plot_recorded_vs_simulated
+
+                Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
+                plot_recorded_vs_simulated(schedule, [e for tl in timelines for e in tl],
+                                           Path(args.plot_dir) / f"pipeline_{name}.png")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The GPT of examples/gpt.py split into pipeline stages, laid out inside each stage, and trained beside one device.
+
+This file owns ``split_gpt`` (stages by module boundaries: token and position embedding on the first stage,
+``ln_f`` + head on the last, the blocks spread evenly), ``place_stage`` (tp / sp by gpt.py's ``tp_plan``, then
+data parallelism or ZeRO on the mesh dims other than ``pp``), ``gpt_loss`` and ``compare_pipeline_with_single``,
+what ``examples/train_gpt.py --pp N --schedule NAME`` runs::
+
+    from pipeline_gpt import compare_pipeline_with_single
+    result = compare_pipeline_with_single(config, layout, pp=2, schedule="1f1b", num_microbatches=4,
+                                          batch_list=batch_list, lr=1e-3, seed=0)
+
+A stage keeps gpt.py's module names ("tok_emb", "blocks.0.attn.q", "ln_f", "head"), so ``tp_plan`` applies to it
+as to the whole model (patterns that name nothing in a stage are left out). Pipelining draws dropout per
+microbatch, not as one device draws it over the batch: compare with one device at dropout 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dtensor_plus as dtp  # noqa: E402
+from dtensor_plus import DTensor, Replicate, Shard  # noqa: E402
+from dtensor_plus import collectives  # noqa: E402
+from dtensor_plus.layouts import (ZeroRedundancyOptimizer, fully_shard, loss_parallel,  # noqa: E402
+                                  parallelize_module, replicate)
+from dtensor_plus.layouts.pipeline import PipelineSchedule, PipelineStage, build_schedule  # noqa: E402
+from gpt import GPT, GPTConfig, tp_plan  # noqa: E402
+
+__all__ = ["GPTStage", "split_gpt", "place_stage", "gpt_loss", "make_pp_mesh", "compare_pipeline_with_single"]
+
+
+class GPTStage(nn.Module):
+    """Blocks ``[first_block, first_block + len(blocks))`` of a GPT, with the embeddings when ``first`` and the
+    final norm and head when ``last``. Shares the model's modules and Parameters (no copies)."""
+
+    def __init__(self, model: GPT, first_block: int, num_blocks: int, *, first: bool, last: bool):
+        super().__init__()
+        self.config, self.first_block, self.is_first, self.is_last = model.config, first_block, first, last
+        if first:
+            self.tok_emb, self.pos_emb = model.tok_emb, model.pos_emb
+        self.blocks = nn.ModuleList(model.blocks[first_block : first_block + num_blocks])
+        if last:
+            self.ln_f, self.head = model.ln_f, model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_first:  # x: tokens (B, T)
+            x = self.tok_emb(x) + self.pos_emb[: x.shape[1]]  # (B, T, D)
+            x = F.dropout(x, self.config.dropout, self.training)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x)) if self.is_last else x  # (B, T, V) or (B, T, D)
+
+    def model_name(self, name: str) -> str:
+        """The GPT's name of this stage's parameter ``name`` ("blocks.0.mlp.fc.weight" -> "blocks.2.mlp.fc.weight")."""
+        if name.startswith("blocks."):
+            _, index, rest = name.split(".", 2)
+            return f"blocks.{int(index) + self.first_block}.{rest}"
+        return name
+
+
+def split_gpt(model: GPT, num_stages: int) -> list[GPTStage]:
+    """``num_stages`` stages in model order, the blocks spread as evenly as they go (the earlier stages take the
+    extra ones; a middle stage may hold none when there are fewer blocks than stages)."""
+    if not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
+    per, extra = divmod(model.config.num_layers, num_stages)
+    stages, start = [], 0
+    for s in range(num_stages):
+        n = per + (s < extra)
+        stages.append(GPTStage(model, start, n, first=s == 0, last=s == num_stages - 1))
+        start += n
+    return stages
+
+
+def make_pp_mesh(pp: int, dp: int = 1, tp: int = 1):
+    """A ("pp", "dp", "tp") mesh, pp outermost, keeping dp and tp only when larger than 1."""
+    names, shape = zip(*[(n, s) for n, s in (("pp", pp), ("dp", dp), ("tp", tp)) if s > 1 or n == "pp"])
+    return dtp.init_device_mesh("cpu", shape, mesh_dim_names=names)
+
+
+def _inner(mesh):
+    """The mesh dims other than pp as a mesh of its own (None when pp is all there is).
+
+    Its own root, not a slice of the pp mesh: ``replicate`` lifts tp-placed parameters from ``inner["tp"]`` onto
+    the mesh that sub-mesh was sliced from. No groups are created (the pp mesh made every one of them)."""
+    names = tuple(n for n in mesh.mesh_dim_names if n != "pp")
+    return dtp.DeviceMesh(mesh.device_type, mesh[names].mesh, mesh_dim_names=names) if names else None
+
+
+def place_stage(stage: GPTStage, mesh, *, sp: bool = False, zero: int = 0) -> GPTStage:
+    """Lay one stage out on the mesh dims other than pp, as gpt_layouts.py's ``place_model`` lays out the model."""
+    inner = _inner(mesh)
+    if inner is None or not any(True for _ in stage.parameters()):
+        return stage
+    names = inner.mesh_dim_names
+    if "tp" in names:
+        modules = [n for n, _ in stage.named_modules()]
+        plan = {k: v for k, v in tp_plan(stage.config, sequence_parallel=sp).items()
+                if any(fnmatch.fnmatchcase(n, k) for n in modules)}
+        parallelize_module(stage, inner["tp"], plan)
+    if "dp" not in names:
+        dtp.distribute_module(stage, inner)
+        return stage
+    replicate(stage, inner, dp_dim="dp", reduce_in_backward=zero == 0)
+    if zero == 3:
+        for block in stage.blocks:
+            fully_shard(block, inner, mesh_dim="dp")
+        fully_shard(stage, inner, mesh_dim="dp")
+    return stage
+
+
+def gpt_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of one microbatch (vocab-sharded logits under ``loss_parallel``)."""
+    return F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(0, 1))
+
+
+def _place_batch(batch: torch.Tensor, mesh):
+    inner = _inner(mesh)
+    if inner is None:
+        return batch
+    placements = [Shard(0) if n == "dp" else Replicate() for n in inner.mesh_dim_names]
+    return dtp.distribute_tensor(batch, inner, placements, src_data_rank=None)
+
+
+def _make_optimizer(params, mesh, zero: int, lr: float, weight_decay: float):
+    if not params:  # a middle stage without blocks (more stages than layers)
+        return None
+    kwargs = dict(lr=lr, weight_decay=weight_decay, foreach=False)
+    if zero in (1, 2):
+        return ZeroRedundancyOptimizer(params, _inner(mesh), torch.optim.AdamW, stage=zero, mesh_dim="dp", **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule: str, num_microbatches: int,
+                                 batch_list, lr: float = 1e-3, seed: int = 0, weight_decay: float = 0.1,
+                                 log=None):
+    """Train ``config`` pipelined over ``pp`` ranks by ``schedule``, each stage laid out by ``layout`` (gpt_layouts'
+    Layout: dp, tp, sp, zero; cp must be 1), and as one process from the same weights. AdamW steps at the
+    schedule's STEP; ``num_microbatches`` must divide the per-dp-rank batch.
+
+    Call on every rank of a pp * dp * tp group. Returns (pipeline losses, single-process losses, largest final
+    parameter difference), the same on every rank.
+    """
+    if getattr(config, "moe_experts", 0):
+        raise ValueError("pipeline_gpt splits dense GPTs: the MoE auxiliary losses do not cross stages yet; "
+                         "use moe_experts=0 with --pp")
+    if getattr(layout, "cp", 1) != 1:
+        raise ValueError("pipeline_gpt composes pp with dp / ZeRO, tp and sp; context parallelism (cp) is not wired in")
+    mesh = make_pp_mesh(pp, layout.dp, layout.tp)
+    pp_rank = mesh.get_local_rank("pp")
+    torch.manual_seed(seed)
+    model = GPT(config)
+    reference = copy.deepcopy(model)
+
+    plan = build_schedule(schedule, pp, num_microbatches, stages_per_rank=2)
+    pieces = split_gpt(model, plan.num_stages)
+    mine = [place_stage(pieces[s], mesh, sp=layout.sp, zero=layout.zero) for s in plan.stages_of(pp_rank)]
+    stages = [PipelineStage(piece, s, plan.num_stages, mesh) for piece, s in zip(mine, plan.stages_of(pp_rank))]
+    params = [p for piece in mine for p in piece.parameters()]
+    opt = _make_optimizer(params, mesh, layout.zero, lr, weight_decay)
+    pipe = PipelineSchedule(stages, plan, loss_fn=gpt_loss, optimizer=opt)
+    last_rank = plan.stage_to_rank[-1]
+
+    losses = []
+    for step, (tokens, targets) in enumerate(batch_list):
+        mb_losses = []
+        with loss_parallel():
+            pipe.step(_place_batch(tokens, mesh), target=_place_batch(targets, mesh), losses=mb_losses)
+        loss = torch.stack([_full(x) for x in mb_losses]).mean() if mb_losses else torch.zeros(())
+        # NOTE: one broadcast over pp per step, so every rank reports the loss the last stage computed.
+        losses.append(collectives.broadcast(loss.reshape(1).clone(), mesh, mesh.mesh_dim_index("pp"),
+                                            last_rank).item())
+        if log is not None:
+            log(f"step {step:4d}  loss {losses[-1]:.4f}")
+
+    single_opt = torch.optim.AdamW(reference.parameters(), lr=lr, weight_decay=weight_decay, foreach=False)
+    single_losses = []
+    for tokens, targets in batch_list:
+        loss = gpt_loss(reference(tokens), targets)
+        loss.backward()
+        single_opt.step()
+        single_opt.zero_grad(set_to_none=True)
+        single_losses.append(loss.item())
+
+    ref = dict(reference.named_parameters())
+    diff = max(((_full(p) - ref[piece.model_name(n)]).abs().max().item() for piece in mine
+                for n, p in piece.named_parameters()), default=0.0)
+    diff = collectives.all_reduce(torch.tensor([diff]), mesh, mesh.mesh_dim_index("pp"), "max").item()
+    return losses, single_losses, diff

@@ -1,0 +1,210 @@
+"""The pipeline executor: runs this rank's action list of a Schedule on its stages, with real p2p on ``pp``.
+
+Names follow ``torch.distributed.pipelining``: build a ``PipelineStage`` per stage this rank holds, then a
+``PipelineSchedule`` (a schedule name from ``schedules.SCHEDULES`` or a ``Schedule`` object), then call
+``step`` with the whole batch on the first stage's ranks and the targets on the last stage's::
+
+    stage = PipelineStage(piece, stage_index=pp_rank, num_stages=pp, mesh=mesh)
+    pipe = PipelineSchedule(stage, "1f1b", n_microbatches=4, loss_fn=loss_fn, optimizer=opt)
+    losses = []
+    pipe.step(tokens, target=targets, losses=losses)   # inputs are ignored where not needed
+    pipe.timeline                                      # this rank's Events, seconds from the step's start
+
+How it runs the list: consecutive communication actions are posted as one ``batch_isend_irecv``; sends are
+waited on only at STEP and at the end of the step (the schedule's semantics: a send does not block), receives are waited on
+at once. Each message has its own tag (stage boundary, microbatch, kind), so a rank that posts its receives
+in another order than its peer's sends still matches them. With a schedule that passes ``validate`` no rank
+waits on a receive whose send sits behind a blocking op on the peer. Microbatch losses are scaled by 1/m
+(``scale_grads``), so gradients equal one device's on the whole batch with a mean loss; gradients accumulate
+across microbatches in ``.grad``, and STEP runs ``optimizer.step()`` and ``zero_grad()`` (nothing when no
+optimizer is given: the caller steps). B/W split: ``backward.py``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from dtensor_plus import collectives
+
+from .actions import Action, Event, Kind, Schedule
+from .microbatch import merge_microbatches, split_microbatches
+from .stage import ActivationMeta, PipelineStage
+
+__all__ = ["PipelineSchedule", "pipeline_step", "build_schedule", "TORCH_NAMES"]
+
+# torch.distributed.pipelining's schedule class names, for people moving code over.
+TORCH_NAMES = {"ScheduleGPipe": "gpipe", "Schedule1F1B": "1f1b", "ScheduleInterleaved1F1B": "interleaved_1f1b",
+               "ScheduleZBVZeroBubble": "zb_v"}
+
+
+def build_schedule(name: str, num_ranks: int, num_microbatches: int, stages_per_rank: int = 1) -> Schedule:
+    """The Schedule named ``name`` ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v", or torch's class name)."""
+    from .schedules import SCHEDULES
+
+    key = TORCH_NAMES.get(name, name)
+    if key not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; known: {sorted(SCHEDULES)} (or {sorted(TORCH_NAMES)})")
+    if key == "interleaved_1f1b":
+        return SCHEDULES[key](p=num_ranks, m=num_microbatches, v=stages_per_rank)
+    return SCHEDULES[key](p=num_ranks, m=num_microbatches)
+
+
+class PipelineSchedule:
+    """Run a pipeline schedule over this rank's stages.
+
+    Args:
+        stages: the PipelineStage(s) this rank holds (several for interleaved and V schedules).
+        schedule: a schedule name (see ``build_schedule``) or a ``Schedule``.
+        n_microbatches: microbatches per step (needed with a name; a Schedule carries its own).
+        loss_fn: ``loss_fn(output, target) -> scalar`` for one microbatch, on the last stage.
+        optimizer: stepped (then zeroed) at the schedule's STEP, after this rank's last W; None: the caller steps.
+        scale_grads: backpropagate each microbatch loss times 1/m (a mean loss over the batch); False for sums.
+    """
+
+    def __init__(self, stages, schedule: str | Schedule, n_microbatches: int | None = None, loss_fn=None, *,
+                 optimizer=None, scale_grads: bool = True):
+        stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
+        if not stages or not all(isinstance(s, PipelineStage) for s in stages):
+            raise TypeError(f"stages must be PipelineStage(s), got {stages!r}")
+        self.mesh, self.pp_dim = stages[0].mesh, stages[0].pp_dim
+        self.pp_rank, num_ranks = self.mesh.get_local_rank(self.pp_dim), self.mesh.size(self.pp_dim)
+        if isinstance(schedule, str):
+            if n_microbatches is None:
+                raise ValueError(f"schedule {schedule!r} by name needs n_microbatches")
+            schedule = build_schedule(schedule, num_ranks, n_microbatches, len(stages))
+        elif n_microbatches not in (None, schedule.num_microbatches):
+            raise ValueError(f"n_microbatches={n_microbatches} but the schedule has {schedule.num_microbatches}")
+        from .validate import validate
+
+        validate(schedule, in_order=False)  # tagged messages: receives need not follow send order
+        collectives.p2p_group(self.mesh, self.pp_dim)  # collective on first use: every rank builds its schedule
+        self._check_placement(stages, schedule, num_ranks)
+        self.schedule, self.loss_fn, self.optimizer, self.scale_grads = schedule, loss_fn, optimizer, scale_grads
+        self.stages = {s.stage_index: s for s in stages}
+        self.actions = schedule.actions[self.pp_rank]
+        self.timeline: list[Event] = []
+
+    def _check_placement(self, stages, schedule: Schedule, num_ranks: int) -> None:
+        if schedule.num_ranks != num_ranks:
+            raise ValueError(f"schedule {schedule.name!r} is for {schedule.num_ranks} pipeline ranks, the mesh's "
+                             f"{self.pp_dim!r} dim has {num_ranks}")
+        mine, wanted = sorted(s.stage_index for s in stages), list(schedule.stages_of(self.pp_rank))
+        if mine != wanted or any(s.num_stages != schedule.num_stages for s in stages):
+            raise ValueError(f"pp rank {self.pp_rank} holds stages {mine} of {stages[0].num_stages}; schedule "
+                             f"{schedule.name!r} puts stages {wanted} of {schedule.num_stages} here")
+
+    # -- one step -----------------------------------------------------------------------------------------
+
+    def step(self, *args, target=None, losses: list | None = None):
+        """One training step over the whole batch. ``args[0]``: the batch (used where stage 0 lives); ``target``:
+        the targets (used where the last stage lives); ``losses``: filled there with each microbatch's loss.
+        Returns the merged last-stage output on its ranks, else None."""
+        m, last = self.schedule.num_microbatches, self.schedule.num_stages - 1
+        if 0 in self.stages and not args:
+            raise ValueError("this rank holds the first stage: pass the batch, step(batch, ...)")
+        self._inputs = split_microbatches(args[0], m) if 0 in self.stages else None
+        wants_loss = last in self.stages and self.loss_fn is not None
+        if wants_loss and target is None:
+            raise ValueError("this rank holds the last stage and has a loss_fn: pass step(..., target=targets)")
+        self._targets = split_microbatches(target, m) if wants_loss else None
+        self._outputs, self._losses, self._pending_sends = {}, {}, []
+        self.timeline, self._t0 = [], time.perf_counter()
+        i = 0
+        while i < len(self.actions):
+            j = i
+            while j < len(self.actions) and self.actions[j].kind.is_comm:
+                j += 1
+            if j > i:
+                self._communicate(self.actions[i:j])
+                i = j
+            else:
+                self._compute(self.actions[i])
+                i += 1
+        self._wait_sends()
+        for stage in self.stages.values():
+            stage.check_idle()
+        if losses is not None and wants_loss:
+            losses.extend(self._losses[mb] for mb in range(m))
+        if last in self.stages:
+            return merge_microbatches([self._outputs[mb] for mb in range(m)])
+        return None
+
+    def _record(self, action: Action, start: float) -> None:
+        self.timeline.append(Event(self.pp_rank, action, start - self._t0, time.perf_counter() - self._t0))
+
+    def _compute(self, a: Action) -> None:
+        if a.kind is Kind.STEP:
+            self._wait_sends()  # idle, not STEP's work: the peers are still receiving the last messages
+        start = time.perf_counter()
+        if a.kind is Kind.STEP:
+            if self.optimizer is not None:
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            self._record(a, start)
+            return
+        stage, mb = self.stages[a.stage], a.microbatch
+        if a.kind is Kind.F:
+            if stage.is_first:
+                stage.set_input(mb, self._inputs[mb])
+            target = self._targets[mb] if stage.is_last and self._targets is not None else None
+            out, loss = stage.forward_one(mb, self.loss_fn, target, 1.0 / self.schedule.num_microbatches
+                                          if self.scale_grads else 1.0)
+            if stage.is_last:
+                self._outputs[mb] = out
+                if loss is not None:
+                    self._losses[mb] = loss
+            elif a.stage + 1 in self.stages:  # the next stage is here too (the turn of a V)
+                stage.pass_forward_to(self.stages[a.stage + 1], mb)
+        elif a.kind in (Kind.BW, Kind.B):
+            stage.backward_one(mb) if a.kind is Kind.BW else stage.backward_input(mb)
+            if a.stage - 1 in self.stages:
+                stage.pass_backward_to(self.stages[a.stage - 1], mb)
+        elif a.kind is Kind.W:
+            stage.backward_weight(mb)
+        self._record(a, start)
+
+    def _communicate(self, run) -> None:
+        """Post a run of consecutive communication actions as one batch; wait for its receives."""
+        start = time.perf_counter()
+        where = self.schedule.stage_to_rank
+        sends, headers, f_recvs, b_recvs = [], {}, [], []
+        for a in run:
+            stage, mb = self.stages[a.stage], a.microbatch
+            if a.kind is Kind.SEND_F:
+                sends += stage.forward_sends(mb, where[a.stage + 1])
+            elif a.kind is Kind.SEND_B:
+                sends += stage.backward_sends(mb, where[a.stage - 1])
+            elif a.kind is Kind.RECV_F:
+                header = stage.header_recv(where[a.stage - 1])
+                if header is not None and a.stage not in headers:
+                    headers[a.stage] = header
+                f_recvs.append(a)
+            else:
+                b_recvs.append(stage.backward_recv(mb, where[a.stage + 1]))
+        send_work, header_work = collectives.send_recv(sends, list(headers.values()), self.mesh, self.pp_dim)
+        self._pending_sends.append((send_work, sends))  # the buffers stay alive until the sends complete
+        if headers:  # the first microbatch through a boundary: its spec first, then buffers of that shape
+            header_work.wait()
+            for s, (buf, _, _) in headers.items():
+                self.stages[s].input_meta = ActivationMeta.decode(buf)
+        recvs = [self.stages[a.stage].forward_recv(a.microbatch, where[a.stage - 1]) for a in f_recvs] + b_recvs
+        _, recv_work = collectives.send_recv([], recvs, self.mesh, self.pp_dim)
+        recv_work.wait()
+        for a in f_recvs:
+            self.stages[a.stage].finish_forward_recv(a.microbatch)
+        for a in run:
+            self._record(a, start)
+
+    def _wait_sends(self) -> None:
+        for work, _ in self._pending_sends:
+            work.wait()
+        self._pending_sends = []
+
+
+def pipeline_step(schedule, stages, inputs=None, targets=None, loss_fn=None, optimizer=None, *,
+                  n_microbatches: int | None = None, losses: list | None = None, scale_grads: bool = True):
+    """One step in one call: ``PipelineSchedule(stages, schedule, ...).step(inputs, target=targets, losses=losses)``.
+    Returns (merged last-stage output or None, this rank's timeline)."""
+    pipe = PipelineSchedule(stages, schedule, n_microbatches, loss_fn, optimizer=optimizer, scale_grads=scale_grads)
+    output = pipe.step(*(() if inputs is None else (inputs,)), target=targets, losses=losses)
+    return output, pipe.timeline
