@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dtensor_plus as dtp  # noqa: E402
 from dtensor_plus import DTensor, checkpoint  # noqa: E402
 from dtensor_plus.layouts import context_parallel, loss_parallel  # noqa: E402
+from dtensor_plus.layouts.pipeline import SCHEDULES  # noqa: E402
 from gpt import GPT, PRESETS, GPTConfig  # noqa: E402
 from gpt_layouts import Layout, make_mesh, make_optimizer, place_batch, place_model  # noqa: E402,F401
 
@@ -69,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cp", type=int, default=1, help="context-parallel size (sequence sharded through attention)")
     parser.add_argument("--cp-kind", default="ring", choices=("ring", "ulysses"))
     parser.add_argument("--cp-balance", action="store_true", help="zigzag the sequence over cp (causal load balance)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages on a pp mesh dim (outermost)")
+    parser.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES), help="pipeline schedule (--pp > 1)")
+    parser.add_argument("--microbatches", type=int, default=4,
+                        help="pipeline microbatches; must divide batch-size / dp (interleaved_1f1b: a multiple of pp)")
     parser.add_argument("--moe", type=int, default=0, metavar="E",
                         help="mixture of experts: E experts in every --moe-every-th block's MLP, sharded over dp (ep = dp)")
     parser.add_argument("--moe-top-k", type=int, default=2, help="experts per token")
@@ -91,9 +96,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     # torchrun sets WORLD_SIZE; a process group started otherwise (e.g. run_on_ranks in tests) knows its own.
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    if args.dp * args.tp * args.cp != world:
-        parser.error(f"dp({args.dp}) * tp({args.tp}) * cp({args.cp}) != world size({world}); "
-                     f"launch with --nproc-per-node {args.dp * args.tp * args.cp}")
+    if args.pp * args.dp * args.tp * args.cp != world:
+        parser.error(f"pp({args.pp}) * dp({args.dp}) * tp({args.tp}) * cp({args.cp}) != world size({world}); "
+                     f"launch with --nproc-per-node {args.pp * args.dp * args.tp * args.cp}")
+    if args.pp > 1 and (args.cp > 1 or args.moe or args.checkpoint):
+        parser.error("--pp composes with --dp, --zero, --tp and --sp; not yet with --cp, --moe or --checkpoint")
+    if args.pp > 1 and (args.batch_size // args.dp) % args.microbatches:
+        parser.error(f"--microbatches({args.microbatches}) must divide the per-dp-rank batch "
+                     f"(--batch-size({args.batch_size}) / --dp({args.dp}))")
     if args.moe and args.zero in (1, 2):
         parser.error("--moe shards the experts over dp (ep = dp); ZeroRedundancyOptimizer needs Replicate parameters "
                      "on dp: use --zero 0 or --zero 3 (fully_shard leaves the experts' dp sharding as it is)")
@@ -277,6 +287,8 @@ def save_plot(path: str, mesh_losses, single_losses, title: str) -> None:
 def main(argv=None) -> Result:
     args = parse_args(argv)
     layout = args.layout
+    if args.pp > 1:
+        return _main_pipelined(args)
     mesh = make_mesh(layout)
     rank0 = mesh.get_rank() == 0
     config = PRESETS[args.config].replace(dropout=args.dropout, moe_experts=args.moe, moe_top_k=args.moe_top_k,
@@ -294,6 +306,29 @@ def main(argv=None) -> Result:
     if rank0:
         print_table(result)
         save_plot(args.plot, result.mesh_losses, result.single_losses, f"GPT {args.config}: {layout}")
+    return result
+
+
+def _main_pipelined(args) -> Result:
+    """--pp > 1: the model split into stages on a pp mesh dim (examples/pipeline_gpt.py), each stage laid out by
+    the other flags, trained by ``--schedule``. Dropout is off: the pipelined run draws per microbatch, which
+    cannot equal one device's draw over the whole batch."""
+    from pipeline_gpt import compare_pipeline_with_single
+
+    rank0 = dtp.init_device_mesh("cpu", (args.pp * args.layout.world,)).get_rank() == 0
+    config = PRESETS[args.config].replace(dropout=0.0)
+    data = stdlib_bytes(args.text_bytes)
+    batch_list = list(batches(data, args.steps, args.batch_size, args.seq_len or config.block_size, args.seed))
+    if rank0:
+        print(f"{len(data):,} bytes of stdlib source; pp={args.pp} ({args.schedule}, {args.microbatches} microbatches) "
+              f"x {args.layout}; {config}")
+    losses, single, diff = compare_pipeline_with_single(
+        config, args.layout, pp=args.pp, schedule=args.schedule, num_microbatches=args.microbatches,
+        batch_list=batch_list, lr=args.lr, seed=args.seed, log=print if rank0 else None)
+    result = Result(losses, single, diff)
+    if rank0:
+        print_table(result)
+        save_plot(args.plot, losses, single, f"GPT {args.config}: pp={args.pp} {args.schedule} x {args.layout}")
     return result
 
 

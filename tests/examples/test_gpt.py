@@ -3,6 +3,7 @@ README demo's ``main`` end to end on 4 ranks with ZeRO-1 (the one stage the layo
 test_train_gpt_layouts.py does not cover).
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +56,21 @@ def test_command_line_checks_world_size(monkeypatch, capsys):
         train_gpt.parse_args(["--dp", "2"])
     assert "launch with --nproc-per-node 2" in capsys.readouterr().err
     assert train_gpt.parse_args(["--dp", "2", "--tp", "2", "--sp", "--zero", "2"]).layout == Layout(2, 2, True, 2)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--pp", "2"], r"pp\(2\) \* dp\(1\) \* tp\(1\) \* cp\(1\) != world size\(4\)"),
+    (["--pp", "2", "--cp", "2"], "not yet with --cp"),
+    (["--pp", "2", "--dp", "2", "--microbatches", "3"], "must divide the per-dp-rank batch"),
+    (["--dp", "4", "--moe", "6"], r"--moe\(6\) experts must divide over --dp\(4\)"),
+    (["--dp", "4", "--moe", "8", "--zero", "1"], "use --zero 0 or --zero 3"),
+])
+def test_command_line_rejects_bad_pipeline_and_moe_flags(monkeypatch, capsys, argv, match):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit):
+        train_gpt.parse_args(argv)
+    assert re.search(match, capsys.readouterr().err)
+    assert train_gpt.parse_args(["--pp", "2", "--dp", "2", "--schedule", "zb_v"]).schedule == "zb_v"
 
 
 def _main(argv):
