@@ -140,4 +140,10 @@ class ZeroRedundancyOptimizer:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict) -> None:
+        """Load the inner optimizer's state; the master shards are re-taken from the parameters, which a
+        checkpoint load has just filled in place (a local chunk each, no communication): otherwise the next
+        step would start from the stale masters and overwrite the loaded parameters."""
         self.optimizer.load_state_dict(state_dict)
+        with torch.no_grad():
+            for p, master in zip(self.params, self.masters):
+                master._local_tensor.copy_(self._master(p)._local_tensor)

@@ -1,1 +1,31 @@
-"""Sharded save and load with resharding (see save.py / load.py)."""
+"""Sharded checkpoints with resharding: every rank writes only its own shards, any layout loads into any other.
+
+    from dtensor_plus import checkpoint
+
+    state = checkpoint.get_state_dict(model, optimizer)   # {"model": ..., "optimizer": ...}, DTensors inside
+    state["step"] = step
+    checkpoint.save(state, "ckpt/latest")                # collective; atomic: a crash leaves the old one
+    ...
+    checkpoint.load(state, "ckpt/latest")                # in place, into whatever layout state now has
+    checkpoint.set_state_dict(model, optimizer, state)
+
+Every rank passes its own part of the state: DTensors in any layout on any mesh (a Partial one is reduced
+first), plain tensors (saved once; every rank holding one must hold the same value, so pipeline stages and
+expert-parallel ranks may each hold their own keys), and JSON values (step counts, hyperparameters, losses).
+A checkpoint is a directory: one safetensors file per writing rank and ``index.json`` (index.py: global shapes,
+dtypes, placements, meshes, each chunk's runs, a crc32 per file, the non-tensor values). No pickle is written
+or read. Files: save.py, load.py (resharding reads), geometry.py (which entries a block holds), atomic.py
+(temporary directory + rename), state_dict.py (model + optimizer), world.py (metadata exchange), errors.py.
+"""
+
+from .errors import (CheckpointCorruptError, CheckpointError, CheckpointKeyError, CheckpointMismatchError,
+                     CheckpointSaveError, CheckpointVersionError)
+from .load import load
+from .save import AsyncSave, save
+from .state_dict import get_state_dict, set_state_dict
+
+__all__ = [
+    "save", "load", "AsyncSave", "get_state_dict", "set_state_dict",
+    "CheckpointError", "CheckpointKeyError", "CheckpointMismatchError", "CheckpointCorruptError",
+    "CheckpointVersionError", "CheckpointSaveError",
+]

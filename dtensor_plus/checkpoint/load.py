@@ -1,0 +1,195 @@
+"""``load(state, path)``: fill a state dict in place from a checkpoint, resharding to the layout each target has.
+
+Every rank reads the index (no communication: loading needs no process group at all, and never the saving
+mesh). For each tensor in ``state`` the rank computes the runs its own block covers (geometry.py) and, for each
+saved chunk that overlaps them, reads just the overlapping box with safetensors' lazy slicing
+(``safe_open(...).get_slice``) into its block. So any save layout loads into any other layout, mesh or world
+size; a plain tensor (no DTensor, e.g. one process without torch.distributed) receives the whole value.
+Before a rank reads a file it checks the file's size and (``verify=True``) its crc32 against the index.
+Nothing is unpickled: the index is JSON and tensors come from safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors import safe_open
+
+from ..dtensor import DTensor
+from . import atomic, geometry, index, tree
+from .errors import CheckpointCorruptError, CheckpointKeyError, CheckpointMismatchError
+
+__all__ = ["load"]
+
+_SHOWN = 8  # keys listed in a missing/unexpected-keys message before "... and N more"
+
+
+def load(state: dict, path: str | os.PathLike, *, strict: bool = True, verify: bool = True) -> None:
+    """Load the checkpoint at ``path`` into ``state`` in place.
+
+    Tensors (DTensors in any layout, or plain tensors) are overwritten in place with the saved values of the same
+    global shape and dtype; other leaves (step counts, hyperparameters) are replaced by the saved values.
+
+    Args:
+        state: the same nesting of keys as was saved, e.g. ``{"model": model.state_dict(), ...}``.
+        path: a checkpoint directory written by ``save``.
+        strict: if False, keys the checkpoint has but ``state`` lacks are ignored (missing keys always raise).
+        verify: check each file's crc32 before reading from it (reads the whole file once; size is always checked).
+
+    Example::
+
+        state = {"model": model.state_dict(), "step": 0}
+        load(state, "ckpt/step100")        # model's parameters now hold the saved values; state["step"] == 100
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, index.INDEX_NAME)):
+        raise FileNotFoundError(atomic.missing_checkpoint_message(path))
+    saved_index = index.read_index(path)
+    leaves, values = tree.flatten(state)
+    saved = {tuple(e["path"]): e for e in saved_index["tensors"]}
+    saved_values = {tuple(v["path"]): v["value"] for v in saved_index["values"]}
+    _check_keys(path, leaves, values, saved, saved_values, strict)
+    reader = _Reader(path, saved_index["files"], verify)
+    with torch.no_grad():
+        for key, target in leaves:
+            _load_tensor(target, saved[key], reader)
+    for key, _ in values:
+        tree.set_value(state, key, saved_values[key])
+
+
+def _check_keys(path, leaves, values, saved, saved_values, strict: bool) -> None:
+    for key, target in leaves:
+        if key in saved_values:
+            raise CheckpointMismatchError(f"{index.path_name(key)}: the state holds a tensor but the checkpoint at {path} "
+                                          f"a plain value ({saved_values[key]!r:.80}); load it into a non-tensor")
+    for key, value in values:
+        if key in saved:
+            raise CheckpointMismatchError(f"{index.path_name(key)}: the state holds {value!r:.80} but the checkpoint at "
+                                          f"{path} a tensor; put a tensor of shape {saved[key]['shape']} there")
+    wanted = {key for key, _ in leaves} | {key for key, _ in values}
+    have = set(saved) | set(saved_values)
+    missing = sorted(index.path_name(k) for k in wanted - have)
+    unexpected = sorted(index.path_name(k) for k in have - wanted) if strict else []
+    if not missing and not unexpected:
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} keys of the state are not in the checkpoint: {_list(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys of the checkpoint are not in the state: {_list(unexpected)}")
+    hint = ("; build the state the way it was built for save (an optimizer has no state before its first step: "
+            "get_state_dict(model, optimizer) creates it), or pass strict=False to ignore keys only the checkpoint has")
+    raise CheckpointKeyError(f"cannot load {path}: " + "; ".join(parts) + hint, missing, unexpected)
+
+
+def _list(names: list[str]) -> str:
+    more = f" ... and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def _load_tensor(target: torch.Tensor, entry: dict, reader: _Reader) -> None:
+    name = index.path_name(entry["path"])
+    if list(target.shape) != entry["shape"]:
+        raise CheckpointMismatchError(
+            f"tensor {name}: the checkpoint holds shape {entry['shape']}, the state {list(target.shape)}; load into "
+            f"a tensor of the saved global shape (its layout may differ, its global shape may not)")
+    if target.dtype != index.DTYPES[entry["dtype"]]:
+        raise CheckpointMismatchError(
+            f"tensor {name}: the checkpoint holds {entry['dtype']}, the state {target.dtype}; load into a "
+            f"{entry['dtype']} tensor and cast afterwards (load never casts silently)")
+    if isinstance(target, DTensor):
+        spec = target._spec
+        coordinate = spec.mesh.get_coordinate()
+        if coordinate is None:
+            return  # this rank holds no block of it
+        runs, local = geometry.local_runs(spec.shape, spec.mesh.shape, spec.placements, coordinate), target._local_tensor
+    else:
+        runs, local = geometry.whole_runs(target.shape), target
+    for chunk in entry["chunks"]:
+        triples = geometry.overlap(runs, chunk["runs"])
+        if triples is not None:
+            _copy_overlap(local, triples, lambda box: reader.read(chunk, box, name))
+    if isinstance(target, DTensor):
+        _partial_blocks(local, spec, coordinate)
+
+
+def _partial_blocks(local: torch.Tensor, spec, coordinate) -> None:
+    """A Partial target holds, per rank, a block whose reduction is the saved value (Partial.partition)."""
+    for mesh_dim, p in enumerate(spec.placements):
+        if p.is_partial():
+            block = p.partition(local, spec.mesh.shape[mesh_dim], coordinate[mesh_dim])
+            if block is not local:
+                local.copy_(block)
+
+
+def _copy_overlap(local: torch.Tensor, triples, read) -> None:
+    """Copy the saved entries ``triples`` name (per dim: (dst, src, length) runs) into ``local``: one box read,
+    then a slice copy, or an indexed one where a dim has several runs (strided blocks)."""
+    lows = [min(src for _, src, _ in dim) for dim in triples]
+    values = read(tuple(slice(lo, max(src + n for _, src, n in dim)) for lo, dim in zip(lows, triples)))
+    dst_index = []
+    for d, (lo, dim) in enumerate(zip(lows, triples)):
+        if len(dim) == 1:
+            dst, src, n = dim[0]
+            values = values.narrow(d, src - lo, n)
+            dst_index.append(slice(dst, dst + n))
+        else:
+            values = values.index_select(d, torch.cat([torch.arange(src - lo, src - lo + n) for _, src, n in dim]))
+            dst_index.append(torch.cat([torch.arange(dst, dst + n) for dst, _, n in dim]))
+    if all(isinstance(i, slice) for i in dst_index):
+        local[tuple(dst_index)].copy_(values)
+        return
+    ndim = len(dst_index)
+    grid = []
+    for d, i in enumerate(dst_index):
+        i = torch.arange(i.start, i.stop) if isinstance(i, slice) else i
+        grid.append(i.view([-1 if k == d else 1 for k in range(ndim)]).to(local.device))
+    local.index_put_(tuple(grid), values.to(local.device))
+
+
+class _Reader:
+    """Open safetensors files of one checkpoint lazily, each checked (size, crc32) on first use."""
+
+    def __init__(self, directory: str, files: dict, verify: bool):
+        self.directory, self.files, self.verify = directory, files, verify
+        self.open: dict[str, object] = {}
+
+    def read(self, chunk: dict, box: tuple, name: str) -> torch.Tensor:
+        handle = self._handle(chunk["file"])
+        where = f"{os.path.join(self.directory, chunk['file'])} (tensor {name})"
+        try:
+            sliced = handle.get_slice(chunk["key"])
+            shape = list(sliced.get_shape())
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own types
+            raise CheckpointCorruptError(f"{where}: the file has no chunk {chunk['key']!r} ({error}); the file does not "
+                                         f"match its index: restore the checkpoint from a copy") from error
+        if shape != list(geometry.local_shape(chunk["runs"])):
+            raise CheckpointCorruptError(f"{where}: chunk shape {shape} does not match the index "
+                                         f"{list(geometry.local_shape(chunk['runs']))}; restore the checkpoint from a copy")
+        return handle.get_tensor(chunk["key"]) if not box else sliced[box]
+
+    def _handle(self, name: str):
+        if name not in self.open:
+            file_path = index.safe_file_path(self.directory, name, os.path.join(self.directory, index.INDEX_NAME))
+            self._check(file_path, self.files[name])
+            try:
+                self.open[name] = safe_open(file_path, framework="pt")
+            except Exception as error:  # noqa: BLE001
+                raise CheckpointCorruptError(f"{file_path} is not a readable safetensors file ({error}); restore the "
+                                             f"checkpoint from a copy") from error
+        return self.open[name]
+
+    def _check(self, file_path: str, info: dict) -> None:
+        if not os.path.isfile(file_path):
+            raise CheckpointCorruptError(f"{file_path} is missing (the index lists it); restore the checkpoint from a copy")
+        size = os.path.getsize(file_path)
+        if size != info["bytes"]:
+            raise CheckpointCorruptError(f"{file_path} has {size} bytes, its index says {info['bytes']} (truncated or "
+                                         f"overwritten); restore the checkpoint from a copy")
+        if self.verify:
+            crc, _ = atomic.file_crc32(file_path)
+            if f"{crc:08x}" != info["crc32"]:
+                raise CheckpointCorruptError(
+                    f"{file_path}: crc32 {crc:08x} differs from the index's {info['crc32']} (the file is corrupted); "
+                    f"restore the checkpoint from a copy (load(..., verify=False) skips this check: not recommended)")
