@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from . import collectives, debug, mutation, random, rules, strided
+from . import collectives, debug, mutation, random, rules, strided, views
 from .placements import Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
@@ -158,9 +158,10 @@ def _plain_tensor_error(func, args, kwargs, dtensor_cls) -> ValueError:
 class Plan:
     """What to do for one cache key: input moves, local op, output specs."""
 
-    __slots__ = ("func", "input_targets", "out_specs", "shape_arg", "inplace", "random", "fallback", "positions")
+    __slots__ = ("func", "input_targets", "out_specs", "shape_arg", "inplace", "random", "fallback", "positions", "view",
+                 "aten_func")
 
-    def __init__(self, func, input_targets, out_specs, shape_arg, inplace, random_op, fallback, positions):
+    def __init__(self, func, input_targets, out_specs, shape_arg, inplace, random_op, fallback, positions, view=False):
         self.func = func  # the aten op, or the rule's local_op standing in for it
         self.positions = positions  # argument indices of the DTensors when all are top-level positional
         self.input_targets = input_targets
@@ -169,6 +170,8 @@ class Plan:
         self.inplace = inplace
         self.random = random_op  # the aten op when it is tagged nondeterministic_seeded, else None
         self.fallback = fallback
+        self.view = view  # the aten op returns a view of its first argument
+        self.aten_func = None  # set with view: the aten op itself (func may be the rule's local op)
 
     def run(self, args, kwargs, dtensors, dtensor_cls):
         locals_ = [
@@ -195,7 +198,10 @@ class Plan:
             out = self.func(*local_args, **local_kwargs)
         if self.inplace:
             return dtensors[0] if self.out_specs else None  # None: an in-place foreach op returns ()
-        return self._wrap(out, dtensor_cls, dtensors)
+        wrapped = self._wrap(out, dtensor_cls, dtensors)
+        if self.view and (views.moves_data(self) or getattr(args[0], views.MARK, None) is not None):
+            views.note_view(wrapped, self.aten_func, args, kwargs)
+        return wrapped
 
     def _run_random(self, args, kwargs, local_args, local_kwargs, dtensors, dtensor_cls):
         """Random ops: each shard draws its own stream; in strict mode, the single-device draw, sliced."""
@@ -248,6 +254,8 @@ def _meta_outputs(func, args, kwargs, dtensor_cls):
         if isinstance(value, dtensor_cls):
             spec = value._spec
             return torch.empty_strided(spec.shape, spec.tensor_meta.stride, dtype=spec.dtype, device="meta")
+        if isinstance(value, torch.Tensor):  # a plain 0-d tensor (a replicated scalar, e.g. pinverse's rtol)
+            return value.to("meta")
         if type(value) is list or type(value) is tuple:
             return type(value)(to_meta(v) for v in value)
         return value
@@ -314,7 +322,10 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
     if len(positions) != len(dtensors):
         positions = None  # some DTensor sits in a list or a keyword: substitute recursively
     random_op = func if _is_random(func) else None
-    return Plan(local_op, targets, out_specs or (), sharding.shape_arg, inplace, random_op, fallback, positions)
+    plan = Plan(local_op, targets, out_specs or (), sharding.shape_arg, inplace, random_op, fallback, positions,
+                views.returns_view(func))
+    plan.aten_func = func
+    return plan
 
 
 def _is_random(func) -> bool:
@@ -357,6 +368,8 @@ def dispatch(func, args, kwargs, dtensor_cls):
         _CACHE[key] = plan
     else:
         _STATS["hits"] += 1
+    if dtensors and views.writes_to_unaliased_view(func, args[0]):
+        return views.write_through(func, args, kwargs)
     if debug.divergence_checking():  # name the op in any divergence report
         with debug.at_op(func, [dt._spec for dt in dtensors]):
             return plan.run(args, kwargs, dtensors, dtensor_cls)

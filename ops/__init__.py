@@ -15,3 +15,4 @@ from . import (  # noqa: F401
     views,
 )
 from . import complex_views, diagonals, padding, scatter_views, shape_ops  # noqa: F401,E402  (shape-op family)
+from . import batch_norm, convolution, fft, indexing, linalg, pooling  # noqa: F401,E402  (issue 3 families)

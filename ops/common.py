@@ -45,3 +45,20 @@ def local_numel(spec: DTensorSpec) -> float:
         if p.is_shard():
             n /= spec.mesh.shape[k]
     return n
+
+
+def meta_outputs(op: OpSchema) -> list[torch.Tensor]:
+    """The op's tensor outputs run on meta tensors of the global shapes (pure metadata: shapes and dtypes)."""
+
+    def meta(value):
+        if isinstance(value, DTensorSpec):
+            return torch.empty(value.shape, dtype=value.dtype, device="meta")
+        if isinstance(value, torch.Tensor):  # a plain 0-d tensor (a replicated scalar)
+            return value.to("meta")
+        if type(value) is list or type(value) is tuple:
+            return type(value)(meta(v) for v in value)
+        return value
+
+    out = op.func(*meta(op.args), **{k: meta(v) for k, v in op.kwargs.items()})
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [t for t in outs if isinstance(t, torch.Tensor)]

@@ -22,7 +22,7 @@ POINTWISE_OPS = (
     "clamp.Tensor", "clamp_.default", "clamp_.Tensor", "clamp_max.default", "clamp_max.Tensor",
     "clamp_max_.default", "clamp_max_.Tensor", "clamp_min.default", "clamp_min.Tensor", "clamp_min_.default",
     "clamp_min_.Tensor", "clip.default", "clip.Tensor", "clip_.default", "clip_.Tensor", "clone.default",
-    "conj_physical.default", "conj_physical_.default", "copysign.Tensor", "copysign.Scalar", "cos.default",
+    "conj_physical.default", "conj_physical_.default", "_conj_physical.default", "copysign.Tensor", "copysign.Scalar", "cos.default",
     "cos_.default", "cosh.default", "cosh_.default", "deg2rad.default", "deg2rad_.default", "digamma.default",
     "digamma_.default", "div.Tensor", "div.Scalar", "div.Tensor_mode", "div.Scalar_mode", "div_.Tensor",
     "div_.Tensor_mode", "div_.Scalar", "div_.Scalar_mode", "elu.default", "elu_.default", "eq.Tensor", "eq.Scalar",

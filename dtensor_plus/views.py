@@ -1,0 +1,95 @@
+"""Views whose shards are not views: the DTensor a view op returns is, for torch's autograd and for the user, a
+view of its input, but when the rule had to move data (``diagonal`` of a row-sharded matrix comes out as a
+Partial, a view op that fell back gathered its input) its local block is fresh memory, not a view of the input's
+block. Writing into such a view in place (``x.diagonal().fill_(1)``, which autograd formulas do) would change
+the view and never reach its base: a silently wrong value. This module remembers those views with how they were
+made; a write into one is done out of place and scattered back into the base by the view's inverse
+(``diagonal_scatter``, ``select_scatter``, ``slice_scatter``, a reshape back), then the view is taken again.
+A view with no known inverse raises instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["returns_view", "moves_data", "note_view", "writes_to_unaliased_view", "write_through"]
+
+MARK = "_dtensor_plus_unaliased"  # on DTensors whose block does not alias their base's: (base, view op, args)
+_aten = torch.ops.aten
+# The view op's inverse: (base, new value of the view, the view op's own arguments) -> the new base.
+_INVERSES = {
+    _aten.diagonal.default: lambda base, value, *a, **k: _aten.diagonal_scatter.default(base, value, *a, **k),
+    _aten.select.int: lambda base, value, *a, **k: _aten.select_scatter.default(base, value, *a, **k),
+    _aten.slice.Tensor: lambda base, value, *a, **k: _aten.slice_scatter.default(base, value, *a, **k),
+    _aten.view.default: lambda base, value, *a, **k: value.reshape(base.shape),
+}
+_RETURNS_VIEW: dict = {}
+_WRITES_SELF: dict = {}
+
+
+def returns_view(func) -> bool:
+    """Does the aten op return a view of its first argument (``diagonal``, ``view``, ``transpose``...)?"""
+    known = _RETURNS_VIEW.get(func)
+    if known is None:
+        schema = func._schema
+        first = schema.arguments[0].alias_info if schema.arguments else None
+        known = _RETURNS_VIEW[func] = bool(
+            first is not None and not first.is_write and schema.returns and schema.returns[0].alias_info is not None
+        )
+    return known
+
+
+def moves_data(plan) -> bool:
+    """Does this plan of a view op leave its output's blocks not views of the input's blocks? Decided from the
+    plan alone (the same on every rank), never from a rank's own block, which may be empty on one rank only."""
+    return plan.fallback or plan.input_targets[0] is not None or plan.func is not plan.aten_func
+
+
+def note_view(out, func, args, kwargs) -> None:
+    """Remember the views in ``out`` (a DTensor or a sequence of them: ``unbind``, ``split``) of ``args[0]``, whose
+    blocks are not views of its blocks: with how they were made, for ``write_through``."""
+    for view in out if isinstance(out, (list, tuple)) else (out,):
+        setattr(view, MARK, (args[0], func, args[1:], kwargs) if view is out else (args[0], None, (), {}))
+
+
+def writes_to_unaliased_view(func, target) -> bool:
+    writes = _WRITES_SELF.get(func)
+    if writes is None:
+        schema = func._schema
+        first = schema.arguments[0].alias_info if schema.arguments else None
+        writes = _WRITES_SELF[func] = bool(first is not None and first.is_write)
+    return writes and getattr(target, MARK, None) is not None
+
+
+def write_through(func, args, kwargs):
+    """Run in-place ``func`` on an unaliased view (``args[0]``): out of place, scattered back into the base by the
+    view op's inverse, the view then taken again from the new base."""
+    view = args[0]
+    base, view_func, view_args, view_kwargs = getattr(view, MARK)
+    inverse = _INVERSES.get(view_func)
+    functional = _functional(func)
+    if inverse is None or functional is None:
+        raise _error(func, view, view_func)
+    value = functional(*args, **(kwargs or {}))
+    base.copy_(inverse(base, value, *view_args, **view_kwargs))  # base may be such a view too: it recurses
+    fresh = view_func(base, *view_args, **view_kwargs)
+    view._local_tensor, view._spec = fresh._local_tensor, fresh._spec
+    setattr(view, MARK, getattr(fresh, MARK, None))
+    return view
+
+
+def _functional(func):
+    """The out-of-place twin of an in-place op (``fill_.Scalar`` -> ``fill.Scalar``), or None."""
+    if func is _aten.copy_.default:
+        return lambda view, src, non_blocking=False: torch.empty_like(view).copy_(src)  # a fresh DTensor, no view
+    packet = getattr(_aten, func.overloadpacket.__name__.rstrip("_"), None)
+    return getattr(packet, func._overloadname, None) if packet is not None else None
+
+
+def _error(func, target, view_func) -> RuntimeError:
+    return RuntimeError(
+        f"{func} writes in place into a view of a DTensor ({view_func}) whose block is not a view of its base's "
+        f"block (the view op had to move data: placements {list(target._spec.placements)}), and the write cannot be "
+        f"scattered back into the base. Write through an out-of-place op instead (torch.diagonal_scatter, torch.select_scatter, "
+        f"index_put), or redistribute the base so the view needs no communication (e.g. Replicate on the viewed dims)"
+    )

@@ -1,0 +1,45 @@
+"""Writes into views whose shards are not views of the base's shards (the view op had to move data) reach the
+base, as on one device: scattered back by the view's inverse; a view with no inverse raises."""
+
+import pytest
+import torch
+
+import dtensor_plus as dtp
+from dtensor_plus import Replicate, Shard
+from dtensor_plus.testing import run_on_ranks
+
+
+def _writes(t):
+    t.diagonal().fill_(-1.0)
+    t.diagonal(1).add_(10.0)
+    t.select(0, 2).mul_(3.0)
+    t[1:4, 0].copy_(torch.tensor(7.0))
+    return t
+
+
+def check_writes_through_views(world):
+    mesh = dtp.init_device_mesh("cpu", (world,))
+    whole = torch.arange(30.0).reshape(5, 6)
+    expected = _writes(whole.clone())
+    for placement in (Shard(0), Shard(1), Replicate()):
+        x = dtp.distribute_tensor(whole, mesh, [placement])
+        out = _writes(x)
+        assert out is x and x.placements == (placement,)
+        torch.testing.assert_close(x.full_tensor(), expected, rtol=0, atol=0, msg=f"{placement}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_writes_through_views_reach_the_base(world):
+    run_on_ranks(world, check_writes_through_views, world)
+
+
+def check_view_without_inverse_raises():
+    mesh = dtp.init_device_mesh("cpu", (2,))
+    x = dtp.distribute_tensor(torch.arange(30.0).reshape(5, 6), mesh, [Shard(0)])
+    view = x.diagonal()  # row-sharded: a Partial, not a view of the blocks
+    with pytest.raises(RuntimeError, match="cannot be scattered back"):
+        view.t_().fill_(0.0) if view.ndim > 1 else view.unsqueeze(0).fill_(0.0)
+
+
+def test_view_without_inverse_raises():
+    run_on_ranks(2, check_view_without_inverse_raises)
