@@ -2,17 +2,26 @@
 
 from . import (  # noqa: F401
     attention,
+    batch_norm,
+    complex_views,
+    convolution,
+    diagonals,
     embedding,
     factories,
+    fft,
     foreach,
+    indexing,
+    linalg,
     losses,
     matrix,
     normalization,
+    padding,
     pointwise,
+    pooling,
     random_ops,
     reductions,
+    scatter_views,
+    shape_ops,
     softmax,
     views,
 )
-from . import complex_views, diagonals, padding, scatter_views, shape_ops  # noqa: F401,E402  (shape-op family)
-from . import batch_norm, convolution, fft, indexing, linalg, pooling  # noqa: F401,E402  (issue 3 families)
