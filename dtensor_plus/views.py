@@ -4,7 +4,7 @@ Partial, a view op that fell back gathered its input) its local block is fresh m
 block. Writing into such a view in place (``x.diagonal().fill_(1)``, which autograd formulas do) would change
 the view and never reach its base: a silently wrong value. This module remembers those views with how they were
 made; a write into one is done out of place and scattered back into the base by the view's inverse
-(``diagonal_scatter``, ``select_scatter``, ``slice_scatter``, a reshape back), then the view is taken again.
+(``diagonal_scatter``, ``select_scatter``, ``slice_scatter``, ``as_strided_scatter``, a reshape back), then the view is taken again.
 A view with no known inverse raises instead.
 """
 
@@ -22,6 +22,7 @@ _INVERSES = {
     _aten.select.int: lambda base, value, *a, **k: _aten.select_scatter.default(base, value, *a, **k),
     _aten.slice.Tensor: lambda base, value, *a, **k: _aten.slice_scatter.default(base, value, *a, **k),
     _aten.view.default: lambda base, value, *a, **k: value.reshape(base.shape),
+    _aten.as_strided.default: lambda base, value, *a, **k: _aten.as_strided_scatter.default(base, value, *a, **k),
 }
 _RETURNS_VIEW: dict = {}
 _WRITES_SELF: dict = {}

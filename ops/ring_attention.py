@@ -4,7 +4,7 @@ sequence dim, installed by ``layouts.context_parallel(kind="ring")`` (never regi
 Shapes: q (B, H, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), out (B, H, T, Dv), logsumexp (B, H, T).
 On the context-parallel mesh dim (n ranks, local index r) every one of them is Shard(2): rank r holds
 the torch.chunk block r of the sequence. Each rank keeps its q block; the k/v blocks travel around the
-ring (``collectives.ring_shift``: to r+1, from r-1), so at step t rank r holds kv block (r - t) mod n.
+ring (``point_to_point.ring_shift``: to r+1, from r-1), so at step t rank r holds kv block (r - t) mod n.
 
 Forward: per kv block, the CPU flash kernel gives the block's output and log-sum-exp; blocks merge exactly
 (out = sum_j exp(lse_j - lse) out_j with lse = logaddexp over j). n-1 shifts of (k, v); each is issued
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dtensor_plus import collectives, strided
+from dtensor_plus import point_to_point, strided
 from dtensor_plus.kernels import flash_attention, switch
 from dtensor_plus.placements import Placement, Replicate, Shard, StridedShard, chunk_bounds
 from dtensor_plus.rules import OpSchema, Sharding
@@ -187,7 +187,7 @@ def _with_length(t: torch.Tensor, length: int) -> torch.Size:
 def _shift(tensors, ring: RingGeometry, step: int, tag: int):
     """Start passing the blocks held at ``step`` on; what arrives is block kv_block_at(step + 1)."""
     length = ring.kv_length(ring.kv_block_at(step + 1))
-    return collectives.ring_shift(tensors, ring.mesh, ring.mesh_dim, recv_shapes=[_with_length(t, length) for t in tensors],
+    return point_to_point.ring_shift(tensors, ring.mesh, ring.mesh_dim, recv_shapes=[_with_length(t, length) for t in tensors],
                                   tag=tag, async_op=True)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 
-from dtensor_plus import collectives
+from dtensor_plus import point_to_point
 
 from .actions import Action, Event, Kind, Schedule
 from .microbatch import merge_microbatches, split_microbatches
@@ -77,7 +77,7 @@ class PipelineSchedule:
         from .validate import validate
 
         validate(schedule, in_order=False)  # tagged messages: receives need not follow send order
-        collectives.p2p_group(self.mesh, self.pp_dim)  # collective on first use: every rank builds its schedule
+        point_to_point.p2p_group(self.mesh, self.pp_dim)  # collective on first use: every rank builds its schedule
         self._check_placement(stages, schedule, num_ranks)
         self.schedule, self.loss_fn, self.optimizer, self.scale_grads = schedule, loss_fn, optimizer, scale_grads
         self.stages = {s.stage_index: s for s in stages}
@@ -181,14 +181,14 @@ class PipelineSchedule:
                 f_recvs.append(a)
             else:
                 b_recvs.append(stage.backward_recv(mb, where[a.stage + 1]))
-        send_work, header_work = collectives.send_recv(sends, list(headers.values()), self.mesh, self.pp_dim)
+        send_work, header_work = point_to_point.send_recv(sends, list(headers.values()), self.mesh, self.pp_dim)
         self._pending_sends.append((send_work, sends))  # the buffers stay alive until the sends complete
         if headers:  # the first microbatch through a boundary: its spec first, then buffers of that shape
             header_work.wait()
             for s, (buf, _, _) in headers.items():
                 self.stages[s].input_meta = ActivationMeta.decode(buf)
         recvs = [self.stages[a.stage].forward_recv(a.microbatch, where[a.stage - 1]) for a in f_recvs] + b_recvs
-        _, recv_work = collectives.send_recv([], recvs, self.mesh, self.pp_dim)
+        _, recv_work = point_to_point.send_recv([], recvs, self.mesh, self.pp_dim)
         recv_work.wait()
         for a in f_recvs:
             self.stages[a.stage].finish_forward_recv(a.microbatch)

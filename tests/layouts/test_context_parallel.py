@@ -160,15 +160,15 @@ def test_causal_cross_lengths_and_strict_mode():
 
 
 def _ring_shift_uneven_async():
-    """collectives.ring_shift: next rank receives, sizes may differ (empty too), two shifts in flight at once."""
-    from dtensor_plus import collectives
+    """point_to_point.ring_shift: next rank receives, sizes may differ (empty too), two shifts in flight at once."""
+    from dtensor_plus import point_to_point
     mesh = init_device_mesh("cpu", (3,), mesh_dim_names=("cp",))
     r = mesh.get_local_rank("cp")
     mine = [torch.full((r,), float(r)), torch.full((2, r), -float(r))]  # rank r holds r elements: rank 0 none
     prev = (r - 1) % 3
     with comm_mode() as comm:
-        first = collectives.ring_shift(mine, mesh, "cp", recv_shapes=[(prev,), (2, prev)], async_op=True)
-        second = collectives.ring_shift(mine[:1], mesh, "cp", recv_shapes=[(prev,)], tag=2, async_op=True)
+        first = point_to_point.ring_shift(mine, mesh, "cp", recv_shapes=[(prev,), (2, prev)], async_op=True)
+        second = point_to_point.ring_shift(mine[:1], mesh, "cp", recv_shapes=[(prev,)], tag=2, async_op=True)
         got, again = first.wait(), second.wait()
     torch.testing.assert_close(got[0], torch.full((prev,), float(prev)))
     torch.testing.assert_close(got[1], torch.full((2, prev), -float(prev)))

@@ -1,0 +1,109 @@
+"""Point-to-point communication, beside collectives.py and counted the same way: the ring of one mesh dim
+(ring attention's k/v blocks) and the sends and receives between pipeline stages. A ring shift involves every
+rank of its mesh dim, so the divergence check runs before it as before a collective; pipeline sends involve
+only the named peers and are not checked.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .collectives import PendingCollective, _group_ranks, _named_error, _nbytes, _record, _run
+
+__all__ = ["ring_shift", "p2p_group", "send_recv"]
+
+
+# -- point-to-point: the ring of one mesh dim ---------------------------------------------------------------
+
+
+def ring_shift(tensors, mesh, mesh_dim: int | str, *, recv_shapes=None, tag: int = 0, async_op: bool = False):
+    """Send each tensor to the next rank along ``mesh_dim`` (local index i -> i+1 mod n) and receive, in its
+    place, the one the previous rank sends: a single batch of p2p ops (``batch_isend_irecv``).
+
+    ``recv_shapes`` (default: the shapes sent) says what arrives; with uneven shards the previous rank's
+    block can differ in size, and the caller knows it from global metadata. Empty tensors still travel (as
+    empty messages): every rank issues the same p2p ops, so the group's sequence numbers stay in step.
+    Tensor i travels with tag ``tag + i``, so two shifts in flight at once (ring attention's k/v and its
+    gradient accumulators) never match each other's messages. Bytes: what this rank sends. With
+    ``async_op`` it returns a ``PendingCollective`` whose ``wait()`` gives the received list; otherwise the
+    list.
+    """
+    mesh_dim = mesh.mesh_dim_index(mesh_dim)  # a name or an index
+    n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    sends = [t.contiguous() for t in tensors]
+    if n == 1:  # the ring of one: what is sent comes straight back
+        return PendingCollective("ring_shift", mesh, mesh_dim, None, lambda: sends) if async_op else sends
+    shapes = [t.shape for t in sends] if recv_shapes is None else [torch.Size(s) for s in recv_shapes]
+    recvs = [t.new_empty(shape) for t, shape in zip(sends, shapes)]
+    _record("ring_shift", mesh, mesh_dim, sum(_nbytes(t) for t in sends))
+    works = _run("ring_shift", mesh, mesh_dim, _shift, sends, recvs, (index + 1) % n, (index - 1) % n, tag)
+    pending = PendingCollective("ring_shift", mesh, mesh_dim, _AllWorks(works), lambda: recvs)
+    return pending if async_op else pending.wait()
+
+
+def _shift(sends, recvs, next_peer: int, prev_peer: int, tag: int, *, group):
+    ops = [dist.P2POp(dist.isend, t, group=group, group_peer=next_peer, tag=tag + i) for i, t in enumerate(sends)]
+    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=prev_peer, tag=tag + i) for i, t in enumerate(recvs)]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+class _AllWorks:
+    """The works of one batch of p2p ops, waited on as one."""
+
+    def __init__(self, works):
+        self._works = works
+
+    def wait(self):
+        for work in self._works:
+            work.wait()
+
+
+# -- point-to-point: pipeline stage boundaries ---------------------------------------------------------------
+
+# Point-to-point traffic gets process groups of its own, one per line of ranks along the mesh dim, keyed by
+# (backend, ranks): p2p ops advance a group's sequence number on the two ranks involved only, so on the groups
+# the collectives use they would put ranks out of step for anything that compares those numbers (the test
+# pool, the divergence checker), and on NCCL they would queue behind the collectives of that communicator.
+_P2P_GROUPS: dict[tuple[str, tuple[int, ...]], object] = {}
+
+
+def p2p_group(mesh, mesh_dim: int | str):
+    """This rank's point-to-point group along ``mesh_dim``; created on first use (group creation is collective:
+    every rank of the whole mesh calls this together, e.g. when building a pipeline schedule)."""
+    root, dims = mesh._root, mesh._root_dims
+    root_dim = dims[mesh.mesh_dim_index(mesh_dim)]
+    backend = "nccl" if mesh.device_type == "cuda" else "gloo"
+    mine = None
+    for row in root.mesh.movedim(root_dim, -1).reshape(-1, root.shape[root_dim]).tolist():
+        key = (backend, tuple(row))
+        if key not in _P2P_GROUPS:
+            _P2P_GROUPS[key] = dist.new_group(row, backend=backend)
+        if mesh.get_rank() in row:
+            mine = _P2P_GROUPS[key]
+    return mine
+
+
+def send_recv(sends, recvs, mesh, mesh_dim: int | str):
+    """Post one batch of point-to-point ops along ``mesh_dim`` (``batch_isend_irecv``) without waiting.
+
+    ``sends`` and ``recvs`` are lists of ``(tensor, peer, tag)``: ``peer`` is the other rank's local index on
+    ``mesh_dim``; a received tensor is filled in place. Not a collective: only the named peers take part. The
+    ops run on ``p2p_group(mesh, mesh_dim)``, which every rank must have created beforehand. Returns
+    ``(send_work, recv_work)``, each with ``wait()``; a pipeline waits on its receives at once and on its sends
+    at the end of the step (sends never block the sender). Counted as ``"send"`` with the bytes this rank sends.
+    """
+    mesh_dim = mesh.mesh_dim_index(mesh_dim)
+    row = _group_ranks(mesh, mesh_dim)
+    group = _P2P_GROUPS.get(("nccl" if mesh.device_type == "cuda" else "gloo", tuple(row)))
+    if group is None:
+        raise RuntimeError(f"no point-to-point group for ranks {row}: call p2p_group(mesh, {mesh_dim!r}) on every rank first")
+    if sends:
+        _record("send", mesh, mesh_dim, sum(_nbytes(t) for t, _, _ in sends))
+    send_ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer, tag=tag) for t, peer, tag in sends]
+    recv_ops = [dist.P2POp(dist.irecv, t, group=group, group_peer=peer, tag=tag) for t, peer, tag in recvs]
+    try:
+        works = dist.batch_isend_irecv(send_ops + recv_ops) if send_ops or recv_ops else []
+    except RuntimeError as error:
+        raise _named_error("send_recv", mesh, mesh_dim, error) from error
+    return _AllWorks(works[: len(send_ops)]), _AllWorks(works[len(send_ops) :])
