@@ -21,9 +21,29 @@ _INVERSES = {
     _aten.diagonal.default: lambda base, value, *a, **k: _aten.diagonal_scatter.default(base, value, *a, **k),
     _aten.select.int: lambda base, value, *a, **k: _aten.select_scatter.default(base, value, *a, **k),
     _aten.slice.Tensor: lambda base, value, *a, **k: _aten.slice_scatter.default(base, value, *a, **k),
-    _aten.view.default: lambda base, value, *a, **k: value.reshape(base.shape),
     _aten.as_strided.default: lambda base, value, *a, **k: _aten.as_strided_scatter.default(base, value, *a, **k),
+    _aten.transpose.int: lambda base, value, dim0, dim1: value.transpose(dim0, dim1),
+    _aten.t.default: lambda base, value: value.t(),
+    _aten.permute.default: lambda base, value, dims: value.permute(_inverse_permutation(dims, base.ndim)),
 }
+# Views that keep every element where it is, only reshaped: the inverse is the value reshaped back.
+for _op in (_aten.view.default, _aten._unsafe_view.default, _aten.detach.default, _aten.alias.default,
+            _aten.lift_fresh.default, _aten.unsqueeze.default, _aten.squeeze.default, _aten.squeeze.dim,
+            _aten.squeeze.dims, _aten.unflatten.int, _aten.view_as_real.default, _aten.view_as_complex.default):
+    _INVERSES[_op] = lambda base, value, *a, **k: _reshaped_back(base, value)
+
+
+def _reshaped_back(base, value):
+    if value.dtype != base.dtype:  # view_as_real / view_as_complex
+        return torch.view_as_complex(value) if base.is_complex() else torch.view_as_real(value)
+    return value.reshape(base.shape)
+
+
+def _inverse_permutation(dims, ndim: int) -> list[int]:
+    inverse = [0] * ndim
+    for i, d in enumerate(dims):
+        inverse[d % ndim] = i
+    return inverse
 _RETURNS_VIEW: dict = {}
 _WRITES_SELF: dict = {}
 
