@@ -20,6 +20,7 @@ from . import (  # noqa: F401
     pooling,
     random_ops,
     reductions,
+    resampling,
     scatter_views,
     shape_ops,
     softmax,
