@@ -246,7 +246,7 @@ def _norm_combine(ord_) -> tuple[str | None, Callable | None]:
     return None, None
 
 
-@register_rule(aten.linalg_vector_norm.default)
+@register_rule(aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim)
 def vector_norm_rule(op: OpSchema) -> Sharding:
     dims, keepdim = _dims(op, 2, 3)
     combine, identity = _norm_combine(op.arg(1, "ord", 2))
@@ -275,7 +275,7 @@ def moment_rule(op: OpSchema) -> Sharding:
 
 _CUMSUMS = (aten.cumsum.default, aten.cumsum_.default)
 _ALONG_DIM = (*_CUMSUMS, aten.cumprod.default, aten.cumprod_.default, aten.sort.default, aten.sort.stable,
-              aten.topk.default)
+              aten.topk.default, aten.cummax.default, aten.cummin.default, aten.logcumsumexp.default)
 
 
 @register_rule(*_ALONG_DIM)

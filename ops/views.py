@@ -255,7 +255,7 @@ def select_backward_rule(op: OpSchema) -> Sharding:
 
 
 @register_rule(aten.split.Tensor, aten.split_copy.Tensor, aten.split_with_sizes.default,
-               aten.split_with_sizes_copy.default, strided="as_shard")
+               aten.split_with_sizes_copy.default, aten.unsafe_split.Tensor, strided="as_shard")
 def split_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
     dim, split = normalize_dim(op.arg(2, "dim", 0), spec.ndim), op.arg(1)
