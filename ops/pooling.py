@@ -29,8 +29,9 @@ from .common import aten, meta_outputs
 
 _LINEAR = ("sum", "avg")
 
-# op -> (number of spatial dims, position of the argument a Partial may stay on, or None)
-_POOLS = {
+# op -> (number of spatial dims, position of the argument a Partial may stay on, or None). Public: resampling.py
+# adds its ops (upsampling, pads, pixel shuffle), which treat each leading index on its own too.
+PER_PLANE = {
     aten.max_pool2d_with_indices.default: (2, None),
     aten.max_pool2d_with_indices_backward.default: (2, None),
     aten.max_pool3d_with_indices.default: (3, None),
@@ -65,9 +66,9 @@ def _mesh_dim(placements: list[Placement], num_leading: int, linear: int | None)
     return [Replicate()] * len(placements), Replicate()
 
 
-@register_rule(*_POOLS)
+@register_rule(*PER_PLANE)
 def pooling_rule(op: OpSchema) -> Sharding:
-    num_spatial, linear = _POOLS[op.func]
+    num_spatial, linear = PER_PLANE[op.func]
     positions = [i for i, a in enumerate(op.args) if isinstance(a, DTensorSpec)]
     assert len(positions) == len(op.specs), f"{op.func}: tensor arguments passed by keyword"
     linear_slot = positions.index(linear) if linear in positions else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 
 from .common import aten
-from .pooling import _POOLS, pooling_rule
+from .pooling import PER_PLANE, pooling_rule
 
 _RESAMPLING = {aten.pixel_shuffle.default: (3, 0), aten.pixel_unshuffle.default: (3, 0)}
 for _name, _num_spatial in [
@@ -25,7 +25,7 @@ for _name, _num_spatial in [
         _RESAMPLING[getattr(aten, _name + _suffix).default] = (_num_spatial, 0)
 
 _UPSAMPLE_BACKWARDS = [op for op in _RESAMPLING if "upsample" in str(op) and "backward" in str(op)]
-_POOLS.update(_RESAMPLING)
+PER_PLANE.update(_RESAMPLING)
 register_rule(*[op for op in _RESAMPLING if op not in _UPSAMPLE_BACKWARDS])(pooling_rule)
 
 
@@ -34,7 +34,7 @@ def upsample_backward_rule(op: OpSchema) -> Sharding:
     """pooling_rule's decision; the local op also gets ``input_size`` (the global shape of the gradient it
     returns) with this rank's leading sizes, taken from its block of grad_output."""
     sharding = pooling_rule(op)
-    num_spatial, inner = _POOLS[op.func][0], sharding.local_op
+    num_spatial, inner = PER_PLANE[op.func][0], sharding.local_op
 
     def local_op(grad_output, output_size, input_size, *rest, **kwargs):
         leading = len(input_size) - num_spatial
