@@ -1,6 +1,7 @@
 """Sharding rules, one file per op family; importing this package registers them all."""
 
 from . import (  # noqa: F401
+    activations,
     attention,
     batch_norm,
     complex_views,
@@ -10,6 +11,9 @@ from . import (  # noqa: F401
     factories,
     fft,
     foreach,
+    grid_sample,
+    group_norm,
+    im2col,
     indexing,
     linalg,
     losses,
