@@ -16,7 +16,7 @@ import torch
 
 
 class _TorchDTensor:
-    """The sweep's backend methods (mesh, distribute, is_distributed, full, counting) for torch.distributed.tensor."""
+    """The sweep's backend methods (mesh, distribute, is_distributed, full, layout, counting) for torch.distributed.tensor."""
 
     def __init__(self):
         self._meshes = {}
@@ -51,6 +51,10 @@ class _TorchDTensor:
 
     def full(self, value):
         return value.full_tensor() if self.is_distributed(value) else value
+
+    def layout(self, value) -> tuple[str, ...]:
+        from dtensor_plus.testing.opinfo import _tokens
+        return _tokens(value.placements)
 
     @contextlib.contextmanager
     def counting(self):

@@ -22,7 +22,7 @@ if _os.path.isfile(_os.path.join(_root, "ops", "__init__.py")) and not _os.path.
 from .api import distribute_module, distribute_tensor  # noqa: E402
 from .collectives import CommCounter, comm_mode  # noqa: E402
 from .debug import check_divergence  # noqa: E402
-from .dispatch import implicit_replication  # noqa: E402
+from .plain_tensors import implicit_replication  # noqa: E402
 from .dtensor import DTensor  # noqa: E402
 from .factories import empty, full, ones, rand, randn, zeros  # noqa: E402
 from .mesh import DeviceMesh, init_device_mesh  # noqa: E402

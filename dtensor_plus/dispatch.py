@@ -12,17 +12,16 @@ one-time warning, a counted fallback, never a wrong value.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
 
-from . import collectives, debug, mutation, random, rules, strided, views
+from . import collectives, debug, mutation, plain_tensors, random, rules, strided, views
 from .placements import Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
 
-__all__ = ["dispatch", "clear_cache", "cache_info", "implicit_replication"]
+__all__ = ["dispatch", "clear_cache", "cache_info"]
 
 _CACHE_MAX = 8192
 _CACHES: dict = {}  # rule set (rules.rule_set()) -> its plan cache
@@ -105,51 +104,6 @@ def _flatten_outputs(out) -> list:
     if isinstance(out, (list, tuple)):
         return [t for o in out for t in _flatten_outputs(o)]
     return []
-
-
-_IMPLICIT_REPLICATION = [0]  # > 0 inside implicit_replication() blocks (they nest)
-
-
-@contextlib.contextmanager
-def implicit_replication():
-    """Inside the block, a plain tensor that meets DTensors is taken as Replicate on their mesh: every rank
-    must hold the same values (as torch's ``implicit_replication``). For tensors a model builds inside its
-    forward from replicated inputs (rotary cos/sin from position ids, masks); outside the block mixing them
-    raises, so a rank-local tensor never passes silently for a replicated one."""
-    _IMPLICIT_REPLICATION[0] += 1
-    try:
-        yield
-    finally:
-        _IMPLICIT_REPLICATION[0] -= 1
-
-
-def _replicate_plain(args, kwargs, dtensor_cls):
-    """``args``/``kwargs`` with every plain tensor of more than 0 dims made a Replicate DTensor on the mesh of
-    the DTensors among them."""
-    found = [v for v in _flatten_outputs(list(args) + list(kwargs.values())) if isinstance(v, dtensor_cls)]
-    mesh = found[0]._spec.mesh
-
-    def lift(value):
-        if isinstance(value, dtensor_cls) or not isinstance(value, torch.Tensor) or value.ndim == 0:
-            if type(value) is list or type(value) is tuple:
-                return type(value)(lift(v) for v in value)
-            return value
-        return dtensor_cls(value, DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(value)))
-
-    return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
-
-
-def _plain_tensor_error(func, args, kwargs, dtensor_cls) -> ValueError:
-    # ValueError, not TypeError: torch turns a TypeError inside `a + b` into NotImplemented, losing the message.
-    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"argument {k!r}", v) for k, v in kwargs.items()]
-    for name, value in named:
-        for v in value if isinstance(value, (list, tuple)) else (value,):
-            if isinstance(v, torch.Tensor) and not isinstance(v, dtensor_cls) and v.ndim > 0:
-                return ValueError(
-                    f"{func}: {name} is a plain torch.Tensor of shape {tuple(v.shape)} mixed with DTensors; "
-                    f"make it a DTensor first (distribute_tensor(t, mesh, placements) or DTensor.from_local)"
-                )
-    return ValueError(f"{func}: a plain tensor was mixed with DTensors")
 
 
 # -- the plan -------------------------------------------------------------------------------------------
@@ -351,12 +305,8 @@ def dispatch(func, args, kwargs, dtensor_cls):
                 key.append(_key(value, dtensors, dtensor_cls))
         if kwargs:
             key.append(_kwargs_key(kwargs, dtensors, dtensor_cls))
-    except _PlainTensorError:
-        # Inside backward, plain tensors come from autograd's own formulas (zeros of the global shape for
-        # cummax's scatter, an arange for trace's index_fill): built from global metadata, equal on every rank.
-        if not _IMPLICIT_REPLICATION[0] and torch._C._current_graph_task_id() == -1:
-            raise _plain_tensor_error(func, args, kwargs or {}, dtensor_cls) from None
-        args, kwargs = _replicate_plain(args, kwargs or {}, dtensor_cls)
+    except _PlainTensorError:  # a plain tensor beside DTensors: joins as Replicate once known equal on all ranks
+        args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {}, dtensor_cls)
         return dispatch(func, args, kwargs, dtensor_cls)
     key = tuple(key)
     plan = _CACHE.get(key)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from . import collectives, dispatch
+from . import collectives, dispatch, grad_layout
 from .placements import Placement, Replicate, Shard
 from .redistribute import Redistribute, grad_placements_for, redistribute_local
 from .spec import DTensorSpec, TensorMeta, normalize_placements
@@ -54,7 +54,16 @@ class DTensor(torch.Tensor):
         )
         r._local_tensor = local_tensor
         r._spec = spec
+        if requires_grad:
+            grad_layout.keep_leaf_layout(r)
         return r
+
+    def requires_grad_(self, requires_grad: bool = True) -> DTensor:
+        # nn.Parameter(dtensor) comes here too: the leaf's gradient keeps its layout (grad_layout.py)
+        super().requires_grad_(requires_grad)
+        if requires_grad:
+            grad_layout.keep_leaf_layout(self)
+        return self
 
     # Ops reach us as aten ops, after autograd; torch-function overrides are not needed.
     __torch_function__ = torch._C._disabled_torch_function_impl

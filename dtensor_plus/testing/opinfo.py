@@ -7,6 +7,9 @@ records one status:
 
 - ``sharded``: right, and no op took the gather-everything fallback (``comm_mode().fallbacks`` empty);
 - ``fallback``: right through the fallback;
+- ``grad layout``: right values, but the gradient of an input is not laid out as a user expects: a Shard(d)
+  input's gradient Shard(d), a Replicate input's Replicate (or Partial: a reduction deferred to the optimizer
+  or data parallelism), a Partial input's Replicate;
 - ``wrong``: a value, shape, dtype or gradient differs from one device;
 - ``error``: an exception (the detail is its first line);
 - ``hang`` / ``crash``: a rank stopped answering or died (the pool is restarted and the sweep goes on);
@@ -243,7 +246,7 @@ def _run_worlds(by_world, backend, batch_size, timeout, progress, progress_dir, 
                 progress(len(results), num_cases)
 
 
-_RANK_ORDER = ("crash", "hang", "wrong", "error", "fallback", "sharded")
+_RANK_ORDER = ("crash", "hang", "wrong", "error", "grad layout", "fallback", "sharded")
 
 
 def _merge(per_rank: list) -> tuple[str, str]:
@@ -414,8 +417,26 @@ def _distributed(case, op, sample, reference, backend):
         problem = "gradients on one side only"
     if problem:
         return "wrong", problem
+    if grads is not None:
+        wrt = [v for v in dist_leaves if isinstance(v, torch.Tensor) and v.requires_grad]
+        misplaced = _grad_layout_problem(wrt, grads, backend)
+        if misplaced:
+            return "grad layout", misplaced
     names = fallbacks()
     return ("fallback", ", ".join(sorted(names))[:200]) if names else ("sharded", "")
+
+
+def _grad_layout_problem(inputs, grads, backend) -> str | None:
+    """Which input's gradient is laid out other than a user expects (see the module docstring), if any."""
+    for i, (x, g) in enumerate(zip(inputs, grads)):
+        if g is None or not backend.is_distributed(g):
+            continue
+        have, want = backend.layout(g), backend.layout(x)
+        ok = all(h == w if w.startswith("S") else h == "R" if w.startswith("P") else h in ("R", "P", "Pavg")
+                 for h, w in zip(have, want))
+        if not ok:
+            return f"grad of input {i} is {','.join(have)}, the input {','.join(want)}"
+    return None
 
 
 def _placement_for(tensor, first, layout) -> tuple[str, ...]:
@@ -449,6 +470,9 @@ class _DTensorPlus:
         from ..dtensor import DTensor
         return value.full_tensor() if isinstance(value, DTensor) else value
 
+    def layout(self, value) -> tuple[str, ...]:
+        return _tokens(value.placements)
+
     def counting(self):
         return _counting()
 
@@ -462,6 +486,18 @@ class _counting:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+def _tokens(placements) -> tuple[str, ...]:
+    """Layout tokens (S<dim>, R, P, Pavg, Pmax, Pmin) of placements of either library (duck-typed)."""
+    def token(p):
+        if p.is_shard():  # a strided shard (torch's _StridedShard, ours StridedShard) is not Shard's layout
+            return f"{'SS' if 'Strided' in type(p).__name__ else 'S'}{p.dim}"
+        if p.is_partial():
+            op = str(getattr(p, "reduce_op", "sum")).lower().replace("reduceop.", "")
+            return "P" if op == "sum" else f"P{op}"
+        return "R"
+    return tuple(token(p) for p in placements)
 
 
 def _placements(layout):

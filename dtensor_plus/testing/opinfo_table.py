@@ -20,7 +20,7 @@ from . import opinfo
 
 __all__ = ["full_sweep_cases", "render", "main"]
 
-STATUSES = ("sharded", "fallback", "wrong", "error", "hang", "crash", "skipped")
+STATUSES = ("sharded", "fallback", "grad layout", "wrong", "error", "hang", "crash", "skipped")
 
 
 def full_sweep_cases(ops=None) -> list:
@@ -55,7 +55,7 @@ def _totals_lines(title: str, results) -> list[str]:
     pct = lambda n: f"{100.0 * n / checked:.1f}%" if checked else "-"  # noqa: E731
     return [
         f"| {title} | {t['ops']} | {t['pairs']} | {t['sharded']} ({pct(t['sharded'])}) | {t['fallback']} ({pct(t['fallback'])}) "
-        f"| {t['wrong']} | {t['error']} ({pct(t['error'])}) | {t['hang'] + t['crash']} | {t['skipped']} |"
+        f"| {t['grad layout']} | {t['wrong']} | {t['error']} ({pct(t['error'])}) | {t['hang'] + t['crash']} | {t['skipped']} |"
     ]
 
 
@@ -69,9 +69,11 @@ def render(results, peer_results=None, peer_name: str = "torch.distributed.tenso
         "outputs and gradients (fp32, rtol 1.3e-6, atol max(1e-5, 1e-6 * max|expected|)). Layouts read `mesh:placements#sample`: `2x2:S0,S1#3`",
         "is sample 3 on a 2x2 mesh with the first input (and inputs of its shape) Shard(0) then Shard(1); P is",
         "Partial(sum) (Pavg, Pmax, Pmin: Partial with that reduction), R Replicate. Percentages are of the pairs checked (not skipped).",
+        "\"grad layout\": right values, but an input's gradient is not laid out as the input (Shard(d) -> Shard(d);",
+        "Replicate -> Replicate, or Partial left for the optimizer or data parallelism to reduce; Partial -> Replicate).",
         "",
-        "| sweep | ops | pairs | sharded | fallback | wrong | error | hang/crash | skipped |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| sweep | ops | pairs | sharded | fallback | grad layout | wrong | error | hang/crash | skipped |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += _totals_lines("dtensor_plus", results)
     if peer_results:
@@ -85,7 +87,8 @@ def render(results, peer_results=None, peer_name: str = "torch.distributed.tenso
         lines += ["", f"Sweep wall time: {seconds / 60:.1f} min."]
     lines += _fallback_lines(results)
     lines += _problem_lines(results)
-    lines += ["", "## Per op", "", "| op | sharded | fallback | wrong | error | skipped | notes |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Per op", "", "| op | sharded | fallback | grad layout | wrong | error | skipped | notes |",
+              "|---|---|---|---|---|---|---|---|"]
     by_op = collections.defaultdict(list)
     for r in results:
         by_op[r.case.op].append(r)
@@ -104,10 +107,10 @@ def _fallback_lines(results, top: int = 30) -> list[str]:
 
 
 def _problem_lines(results) -> list[str]:
-    bad = [r for r in results if _kind(r.status) in ("wrong", "error", "hang", "crash")]
+    bad = [r for r in results if _kind(r.status) in ("wrong", "error", "hang", "crash", "grad layout")]
     if not bad:
         return []
-    lines = ["", "## Wrong values, errors, hangs", "", "| op | layout | status | first line |", "|---|---|---|---|"]
+    lines = ["", "## Wrong values, errors, hangs, misplaced gradients", "", "| op | layout | status | first line |", "|---|---|---|---|"]
     for r in sorted(bad, key=lambda r: (r.status != "wrong", r.case.op, _layout_name(r.case))):
         lines.append(f"| {r.case.op} | {_layout_name(r.case)} | {r.status} | {_cell(r.detail)} |")
     return lines
@@ -123,7 +126,7 @@ def _op_line(op: str, results) -> str:
     error = f"{len(groups['error']) + len(groups['hang']) + len(groups['crash'])}"
     if groups["error"] or groups["hang"] or groups["crash"]:
         error += ": " + " ".join(sorted(groups["error"] + groups["hang"] + groups["crash"]))
-    return (f"| {op} | {cell('sharded')} | {cell('fallback')} | {cell('wrong')} | {error} | {len(groups['skipped'])} "
+    return (f"| {op} | {cell('sharded')} | {cell('fallback')} | {cell('grad layout')} | {cell('wrong')} | {error} | {len(groups['skipped'])} "
             f"| {'; '.join(notes)[:300]} |")
 
 
@@ -145,7 +148,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.from_raw:
         return _render_raw(args.from_raw.split(","), args.out)
-    ops = None if args.full else [o for o in args.ops.split(",") if o]
+    ops = [o for o in args.ops.split(",") if o] or (None if args.full else [])  # --ops narrows --full
     if ops == []:
         parser.error("give --full or --ops")
     unknown = sorted(set(ops or ()) - set(opinfo.op_names()))

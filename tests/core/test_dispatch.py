@@ -90,8 +90,9 @@ def _scalars_and_zero_d():
     y = x * torch.tensor(2.0) + s  # a plain 0-d tensor is a replicated scalar
     torch.testing.assert_close(y.full_tensor(), x.full_tensor() * 2 + x.full_tensor().sum())
     assert s.ndim == 0 and y.placements == (Shard(0),)
+    rank_local = torch.full((4, 3), float(torch.distributed.get_rank()))
     try:
-        x + torch.ones(4, 3)
+        x + rank_local
     except ValueError as e:
         return str(e)
 
@@ -99,6 +100,7 @@ def _scalars_and_zero_d():
 def test_scalars_zero_d_and_plain_tensor_error():
     message = run_on_ranks(2, _scalars_and_zero_d)[0]
     assert "aten.add.Tensor" in message and "argument 1" in message and "distribute_tensor" in message
+    assert "differ between ranks (rank 1 holds other values than rank 0)" in message
 
 
 def _different_meshes():
@@ -182,23 +184,33 @@ def test_override_blocks_keep_their_plans():
 
 
 def check_implicit_replication():
-    """Inside implicit_replication() a plain tensor meeting DTensors is Replicate (right values, no error);
-    outside it, mixing raises and names the fix."""
+    """Inside implicit_replication() a plain tensor meeting DTensors is Replicate with no check (no
+    collective); outside it, it joins after a cross-rank check of its values (one counted all-gather per mesh
+    dim, a one-time warning), and a tensor that differs between ranks raises on every rank."""
     from dtensor_plus import implicit_replication
 
-    mesh = init_device_mesh("cpu", (2,))
+    mesh = init_device_mesh("cpu", (2, 2))
     whole, plain = _whole((4, 3), 0), _whole((3,), 1)
-    x = distribute_tensor(whole, mesh, [Shard(0)])
-    with pytest.raises(ValueError, match="plain torch.Tensor"):
-        x * torch.ones(4, 3)
-    with implicit_replication():
+    x = distribute_tensor(whole, mesh, [Shard(0), Shard(1)])
+    with implicit_replication(), comm_mode() as comm:
         out = x * plain + torch.zeros(4, 3)
-    assert out.placements == (Shard(0),)
+    assert out.placements == (Shard(0), Shard(1)) and comm.count() == 0
     torch.testing.assert_close(out.full_tensor(), whole * plain)
+    with warnings.catch_warnings(record=True) as caught, comm_mode() as comm:
+        warnings.simplefilter("always")
+        checked = x * plain
+        x * plain
+    torch.testing.assert_close(checked.full_tensor(), whole * plain)
+    assert comm.count("all_gather") == 4  # two mesh dims, two calls: the check is never skipped
+    assert sum("cross-rank check" in str(w.message) for w in caught) == 1  # once per op
+    rank = torch.distributed.get_rank()
+    local = plain + (rank == 3)  # only the last rank differs: every rank must still raise
+    with pytest.raises(ValueError, match=r"differ between ranks \(rank 3 holds"):
+        x * local
 
 
 def test_implicit_replication():
-    run_on_ranks(2, check_implicit_replication)
+    run_on_ranks(4, check_implicit_replication)
 
 
 def check_torch_made_plain_tensors():
@@ -214,8 +226,10 @@ def check_torch_made_plain_tensors():
         assert_spmd_equal(lambda t: torch.cummax(t, 1).values, x)
         assert_spmd_equal(torch.trace, x)
         assert_spmd_equal(lambda t: torch.prod(t, 0), x)
-    with pytest.raises(ValueError, match="plain torch.Tensor"):  # a plain index tensor could be rank-local
-        x[torch.tensor([0, 1])]
+    index = torch.tensor([0, 1])  # a plain index tensor joins once all ranks are seen to hold the same one
+    torch.testing.assert_close(x[index].full_tensor(), x.full_tensor()[index])
+    with pytest.raises(ValueError, match="differ between ranks"):  # a rank-local one never passes
+        x[index + torch.distributed.get_rank() % 2]
 
 
 def test_torch_made_plain_tensors():

@@ -50,19 +50,22 @@ def _ring(mesh_shape, names, q_shape, kv_shape, q_placements, causal, seed, scal
     k = make_dtensor(_whole(kv_shape, seed + 1), mesh, kv_placements, requires_grad=True)
     v = make_dtensor(_whole(kv_shape, seed + 2), mesh, kv_placements, requires_grad=True)
     fn = _sdpa(causal, q_shape[1] != kv_shape[1], scale)
+    # Activations, as in a model: gradients w.r.t. non-leaves stay in the layout the ring ran on (a leaf's
+    # would be moved to the leaf's own layout, traffic that is not the ring's).
+    seen = [t.view_as(t) for t in (q, k, v)]
     with context_parallel(mesh_dim="cp", kind="ring"):
         with comm_mode() as forward:
-            out = fn(q, k, v)
+            out = fn(*seen)
         with comm_mode() as backward:
-            out.backward(out.detach() * 0 + 1)  # grad_out shaped and placed like out: no collective
+            dq, dk, dv = torch.autograd.grad(out, seen, out.detach() * 0 + 1)  # grad_out placed like out
         assert_spmd_equal(fn, q, k, v)
-    _check_ring_traffic(mesh, k, forward, backward, only_ring)
+    _check_ring_traffic(mesh, dk, forward, backward, only_ring)
     if only_ring:
-        assert out.placements == tuple(q_placements) and q.grad.placements == tuple(q_placements), out.placements
-        assert k.grad.placements == tuple(kv_placements), k.grad.placements
+        assert out.placements == tuple(q_placements) and dq.placements == tuple(q_placements), out.placements
+        assert dk.placements == tuple(kv_placements), dk.placements
 
 
-def _check_ring_traffic(mesh, k, forward, backward, only_ring):
+def _check_ring_traffic(mesh, dk, forward, backward, only_ring):
     """Forward: n-1 shifts of (k, v); backward: n-1 of (k, v) and n-1 of (dk, dv), exact bytes."""
     n, r = mesh.size("cp"), mesh.get_local_rank("cp")
     assert not forward.fallbacks and not backward.fallbacks
@@ -70,10 +73,10 @@ def _check_ring_traffic(mesh, k, forward, backward, only_ring):
     assert backward.count("ring_shift", "cp") == 2 * (n - 1), backward
     if only_ring:
         assert forward.count() == n - 1 and backward.count() == 2 * (n - 1), (forward, backward)
-    row_shape = list(k.grad._spec.local_shape_and_offset()[0])  # the layout the ring ran on
+    row_shape = list(dk._spec.local_shape_and_offset()[0])  # the layout the ring ran on
     row_shape[2] = 1  # one sequence position of this rank's k block
-    row_bytes = torch.Size(row_shape).numel() * k.element_size()
-    lengths = _kv_lengths(k.grad.placements[mesh.mesh_dim_index("cp")], k.shape[2], n)
+    row_bytes = torch.Size(row_shape).numel() * dk.element_size()
+    lengths = _kv_lengths(dk.placements[mesh.mesh_dim_index("cp")], dk.shape[2], n)
     sent_kv = sum(lengths[(r - step) % n] for step in range(n - 1)) * 2 * row_bytes  # k and v
     sent_grads = sum(lengths[(r - step) % n] for step in range(1, n)) * 2 * row_bytes
     assert forward.bytes("ring_shift", "cp") == sent_kv, (forward, sent_kv)

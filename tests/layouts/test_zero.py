@@ -256,12 +256,13 @@ def _check_tp(sizes, stage):
     # the root) in forward, again in backward for the saved weights, and for the gradients.
     units = 3 if stage == 3 else 1
     assert comm.count("all_gather", "dp") == units * (2 if stage == 3 else 1), comm
-    # The 3 tensors without a free dim: their all-reduces on dp, bucketed per unit. Reduce-scatters: one bucket
-    # per unit (the fc2 biases come out Partial on tp too: their tp all-reduce follows, bucketed), plus one for
-    # head.weight, whose gradient comes out Partial on tp as well and moves to Shard on both mesh dims (two
-    # reduce-scatters: not a single-collective move, so it runs on its own).
+    # The 3 tensors without a free dim: their all-reduces on dp, bucketed per unit. Reduce-scatters on dp: one
+    # bucket per unit (the fc2 biases come out Partial on tp too: their tp all-reduce follows, bucketed).
+    # head.weight's gradient comes out Partial on tp as well; its leaf hook (dtensor_plus/grad_layout.py)
+    # reduce-scatters it to its Shard on tp, so it joins the dp bucket with the others.
     assert comm.count("all_reduce", "dp") == units, comm
-    assert comm.count("reduce_scatter", "dp") == (units if stage == 3 else 2), comm
+    assert comm.count("reduce_scatter", "dp") == units, comm
+    assert comm.count("reduce_scatter", "tp") == 1, comm
     if stage != 3:  # each dp all-gather moves (n-1)/n of the tp-local parameter
         tp_local_bytes = sum(_tp_local_numel(p) * p.element_size() for p in sharded)
         assert comm.bytes("all_gather", "dp") == tp_local_bytes // 2

@@ -49,13 +49,29 @@ def test_compare_names_the_mismatch():
     assert opinfo._merge([("sharded", ""), ("wrong", "x"), ("error", "y")]) == ("wrong", "x")
 
 
+def test_grad_layout_check_names_the_misplaced_gradient():
+    from dtensor_plus.placements import Partial, Replicate, Shard
+
+    class Laid:  # stands in for a DTensor: the check reads only .placements
+        def __init__(self, *placements):
+            self.placements = placements
+
+    backend = type("Backend", (), {"is_distributed": lambda self, v: True, "layout": lambda self, v: opinfo._tokens(v.placements)})()
+    expected = [(Laid(Shard(0), Replicate()), Laid(Shard(0), Partial())),  # a Partial grad of a Replicate input: deferred
+                (Laid(Partial("avg")), Laid(Replicate())), (Laid(Replicate()), Laid(Replicate()))]
+    assert opinfo._grad_layout_problem(*zip(*expected), backend) is None
+    problem = opinfo._grad_layout_problem([Laid(Replicate()), Laid(Shard(1))], [Laid(Replicate()), Laid(Replicate())], backend)
+    assert problem == "grad of input 1 is R, the input S1"
+    assert opinfo._grad_layout_problem([Laid(Partial())], [Laid(Partial())], backend) == "grad of input 0 is P, the input P"
+
+
 def test_fast_slice_matches_one_device():
     cases = _fast_cases()
     results = opinfo.run_cases(cases)
     bad = [f"{r.case.op} mesh={r.case.mesh_shape} layout={','.join(r.case.layout)} sample={r.case.sample}: "
            f"{r.status} {r.detail}"
            for r in results
-           if r.status in ("wrong", "error", "hang", "crash")
+           if r.status in ("wrong", "error", "hang", "crash", "grad layout")
            and (r.case.op, r.case.mesh_shape, r.case.layout) not in KNOWN_FAILURES]
     assert not bad, "\n".join(bad)
     checked = [r for r in results if not r.status.startswith("skipped")]

@@ -1,0 +1,58 @@
+"""The gradient of a DTensor leaf comes back in the leaf's own layout.
+
+Backward formulas pick their output placements for their own reasons: the gradient of ``x.sum()`` is an
+``expand`` of a replicated scalar, so a Shard(0) ``x`` would get a Replicate gradient; ``x @ w`` over a
+sharded contraction gives a Partial one. A user expects ``x.grad`` laid out like ``x`` (an optimizer then
+updates each shard with its own gradient shard, and ``grad.to_local()`` lines up with ``x.to_local()``). A
+hook on every DTensor leaf that requires grad moves its gradient, once per backward (after autograd summed
+every contribution) and for ``torch.autograd.grad`` as well as ``.grad``, to the leaf's placements, per
+mesh dim:
+
+    leaf          gradient becomes
+    Shard(d)      Shard(d)   (from Replicate: free, a local slice; from Partial: one reduce-scatter;
+                  a StridedShard leaf, the zigzag of context parallelism, alike)
+    Replicate     Replicate, except a Partial gradient stays Partial: data parallelism (layouts/data.py)
+                  and ZeRO reduce those in buckets, and an optimizer op would reduce it anyway
+    Partial       Replicate  (d(sum of pieces)/d(piece) is the whole gradient: ``grad_placements_for``)
+
+Leaves are DTensors created with ``requires_grad=True`` (``distribute_tensor``, the factories, unpickling)
+or made to require grad with ``requires_grad_()`` (which ``nn.Parameter`` calls). Setting the
+``requires_grad`` attribute directly bypasses Python and installs no hook: use ``requires_grad_()``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .placements import Placement, Replicate
+
+__all__ = ["keep_leaf_layout", "leaf_grad_placements"]
+
+_HOOKED = "_dtensor_plus_grad_layout_hook"  # attribute marking a leaf that already has the hook
+
+
+def leaf_grad_placements(leaf: tuple[Placement, ...], grad: tuple[Placement, ...]) -> tuple[Placement, ...]:
+    """Where a gradient laid out as ``grad`` goes for a leaf laid out as ``leaf`` (the table above)."""
+    return tuple(
+        p if p.is_shard() or p.is_strided_shard() else g if g.is_partial() and not p.is_partial() else Replicate()
+        for p, g in zip(leaf, grad)
+    )
+
+
+def keep_leaf_layout(tensor) -> None:
+    """Install the hook on ``tensor`` (a DTensor leaf that requires grad) unless it has it already."""
+    if getattr(tensor, _HOOKED, False) or tensor.grad_fn is not None or not tensor.requires_grad:
+        return
+    leaf = weakref.ref(tensor)  # the hook must not keep its own tensor alive
+
+    def to_leaf_layout(grad):
+        owner = leaf()
+        if owner is None or not hasattr(grad, "_spec"):
+            return grad
+        target = leaf_grad_placements(owner._spec.placements, grad._spec.placements)
+        return grad if target == grad._spec.placements else grad.redistribute(placements=target)
+
+    tensor.register_hook(to_leaf_layout)
+    setattr(tensor, _HOOKED, True)

@@ -1,0 +1,121 @@
+"""Plain tensors that meet DTensors in one op: when they join as Replicate, and the check that makes it safe.
+
+A plain ``torch.Tensor`` beside DTensors is taken as Replicate on their mesh, which is only right if every
+rank holds the same values. Three cases:
+
+- inside ``implicit_replication()``: the user vouches for it; it joins with no check (as torch's);
+- inside backward: autograd's own formulas build it (zeros of the global shape for cummax's scatter, an
+  arange for trace's index_fill) from global metadata, so it is the same on every rank; no check;
+- anywhere else, a composite op (a masked_select inside ``torch.combinations``, the causal mask of sdpa's
+  math path, the random samples ``fractional_max_pool2d`` draws) or user code built it. Every rank of the
+  mesh compares a digest of it (one all-gather of a few int64 per mesh dim, counted): equal everywhere, it
+  joins, with a one-time warning per op that names the cheaper fixes; different on some rank, the op raises
+  on every rank alike, naming the argument and the first rank that differs. A rank-local tensor therefore
+  never passes for a replicated one, and the verdict never splits the ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import zlib
+
+import torch
+
+from . import collectives
+from .placements import Replicate
+from .spec import DTensorSpec, TensorMeta
+
+__all__ = ["implicit_replication", "join_as_replicate"]
+
+_IMPLICIT_REPLICATION = [0]  # > 0 inside implicit_replication() blocks (they nest)
+_WARNED: set = set()
+
+
+@contextlib.contextmanager
+def implicit_replication():
+    """Inside the block, a plain tensor that meets DTensors is taken as Replicate on their mesh with no
+    cross-rank check: every rank must hold the same values (as torch's ``implicit_replication``). For the
+    tensors a model builds inside its forward from replicated inputs (rotary cos/sin from position ids,
+    masks), where the check outside the block would cost a small collective per op."""
+    _IMPLICIT_REPLICATION[0] += 1
+    try:
+        yield
+    finally:
+        _IMPLICIT_REPLICATION[0] -= 1
+
+
+def join_as_replicate(func, args, kwargs, dtensor_cls):
+    """``args``/``kwargs`` with every plain tensor of more than 0 dims made a Replicate DTensor on the mesh of
+    the DTensors among them, checked equal across ranks unless trusted (see the module docstring)."""
+    found = [v for v in _flatten(list(args) + list(kwargs.values())) if isinstance(v, dtensor_cls)]
+    mesh = found[0]._spec.mesh
+    plain = _plain_arguments(args, kwargs, dtensor_cls)
+    trusted = _IMPLICIT_REPLICATION[0] or torch._C._current_graph_task_id() != -1
+    if not trusted:
+        _check_same_on_every_rank(func, plain, mesh)
+
+    def lift(value):
+        if type(value) is list or type(value) is tuple:
+            return type(value)(lift(v) for v in value)
+        if isinstance(value, dtensor_cls) or not isinstance(value, torch.Tensor) or value.ndim == 0:
+            return value
+        return dtensor_cls(value, DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(value)))
+
+    return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
+
+
+def _flatten(values) -> list:
+    out = []
+    for v in values:
+        out += _flatten(v) if type(v) is list or type(v) is tuple else [v]
+    return out
+
+
+def _plain_arguments(args, kwargs, dtensor_cls) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every plain tensor of more than 0 dims, in argument order."""
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"argument {k!r}", v) for k, v in kwargs.items()]
+    return [(name, v) for name, value in named for v in _flatten([value])
+            if isinstance(v, torch.Tensor) and not isinstance(v, dtensor_cls) and v.ndim > 0]
+
+
+def _digest(t: torch.Tensor) -> list[int]:
+    """Shape, dtype and contents of ``t`` as two crc32 values (exact bytes, so -0.0 != 0.0 and NaNs match)."""
+    data = torch.empty(t.shape, dtype=t.dtype).copy_(t.detach())  # dense row-major, whatever t's strides
+    header = f"{tuple(data.shape)} {data.dtype}".encode()
+    raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    return [zlib.crc32(header), zlib.crc32(raw)]
+
+
+def _check_same_on_every_rank(func, plain, mesh) -> None:
+    """Raise on every rank of ``mesh`` alike unless each plain tensor is the same on all of them."""
+    mine = torch.tensor([x for _, t in plain for x in _digest(t)], dtype=torch.int64)
+    everyone = mine.to(mesh.device_type) if mesh.device_type == "cuda" else mine
+    for mesh_dim in range(mesh.ndim):  # gathering along each dim in turn leaves every rank with all digests
+        everyone = collectives.all_gather(everyone.unsqueeze(0), mesh, mesh_dim, 0, mesh.size(mesh_dim))
+    everyone = everyone.reshape(-1, mine.numel()).cpu()  # one row per rank, in _gather_order
+    ranks = _gather_order(mesh)
+    for row, rank in zip(everyone, ranks):
+        if not torch.equal(row, everyone[0]):
+            which = next(i for i in range(len(plain)) if not torch.equal(row[2 * i: 2 * i + 2], everyone[0][2 * i: 2 * i + 2]))
+            name, t = plain[which]
+            raise ValueError(
+                f"{func}: {name} is a plain torch.Tensor of shape {tuple(t.shape)} mixed with DTensors, and its "
+                f"values differ between ranks (rank {rank} holds other values than rank {ranks[0]}), so it "
+                f"cannot be taken as Replicate; make it a DTensor first (distribute_tensor(t, mesh, placements) "
+                f"or DTensor.from_local with its real placements)"
+            )
+    if func not in _WARNED:
+        _WARNED.add(func)
+        warnings.warn(
+            f"{func}: a plain torch.Tensor met DTensors and joined as Replicate after a cross-rank check of its "
+            f"values (one small all-gather per call). If you built it, make it a DTensor, or build it inside "
+            f"dtensor_plus.implicit_replication() to skip the check; if a torch composite op built it, this "
+            f"message is only about speed.",
+            stacklevel=4,
+        )
+
+
+def _gather_order(mesh) -> list[int]:
+    """Global ranks in the order the successive all-gathers stack them: the last mesh dim outermost."""
+    return mesh.mesh.permute(*reversed(range(mesh.ndim))).reshape(-1).tolist()
