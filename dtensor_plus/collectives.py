@@ -4,6 +4,11 @@ Byte counts are what each rank sends, by the standard algorithms (ring all-reduc
 tensor; all-gather and reduce-scatter (n-1)/n of the full tensor; all-to-all (n-1)/n of the local one),
 measured on the buffers actually sent, so padding for uneven shards is counted too.
 
+Gloo has no kernels for int16, the unsigned types wider than a byte or the float8 types. Collectives that
+only move data send those as a bitwise view of a same-size type gloo has (``_wire``); reductions run in a
+type that holds every value exactly and come back by a cast that wraps as the narrow type's own arithmetic
+would (``_reducible``). So every dtype torch has on CPU goes through every collective, exactly.
+
 Uneven shards follow torch.chunk: every piece is padded to ceil(size / n) before a collective and the
 result is cut back. Because torch.chunk pieces are full-size up to the last non-empty one, the valid rows of
 a gathered buffer are always its first ``size`` rows.
@@ -137,6 +142,49 @@ def _named_error(collective: str, mesh, mesh_dim: int, error: Exception) -> Runt
     )
 
 
+# -- dtypes gloo lacks --------------------------------------------------------------------------------------------
+
+# A same-size type to move each one as: the bits travel unchanged (no collective here that moves data computes).
+_WIRE_DTYPES = {torch.int16: torch.float16, torch.uint16: torch.float16, torch.uint32: torch.int32,
+                torch.uint64: torch.int64}
+_WIRE_DTYPES.update({dt: torch.uint8 for dt in (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2,
+                                                  torch.float8_e5m2fnuz, torch.float8_e8m0fnu)})
+_INT64_MIN = -(2**63)
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a same-size bitwise view of it in a type the backend moves (``.view(t.dtype)`` undoes it)."""
+    dtype = _WIRE_DTYPES.get(t.dtype)
+    return t if dtype is None else t.view(dtype)
+
+
+def _reducible(t: torch.Tensor, reduce_op: str):
+    """(a tensor to reduce in place of ``t``, its c10d op, a function mapping the reduced tensor back to t's dtype).
+
+    int16/uint16/uint32 reduce in a wider int (exact; a sum wraps back to the narrow type exactly as the narrow
+    type's own addition would, addition being the same modulo 2^bits in any order); uint64 sums as its int64
+    bits (same wrap-around), and its max/min compare int64s with the sign bit flipped (order-preserving);
+    float8 reduces in float32 (one rounding at the end); bool's sum is a logical or, a max of bytes."""
+    op, dtype = _C10D_OPS[reduce_op], t.dtype
+    if dtype == torch.bool:
+        op = dist.ReduceOp.MAX if reduce_op in ("sum", "avg") else op
+        return t.to(torch.uint8), op, lambda r: r.to(torch.bool)
+    if dtype in (torch.int16, torch.uint16, torch.uint32):
+        return t.to(torch.int64 if dtype == torch.uint32 else torch.int32), op, lambda r: r.to(dtype)
+    if dtype == torch.uint64:
+        if reduce_op in ("sum", "avg"):
+            return t.view(torch.int64), op, lambda r: r.view(dtype)
+        return t.view(torch.int64) ^ _INT64_MIN, op, lambda r: (r ^ _INT64_MIN).view(dtype)
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        return t.to(torch.float32), op, lambda r: r.to(dtype)
+    return t, op, lambda r: r
+
+
+def _divide(t: torch.Tensor, n: int) -> torch.Tensor:
+    """avg's division of a sum by the group size, in ``t``'s dtype (integers floor, as torch's ``//``)."""
+    return t / n if t.is_floating_point() or t.is_complex() else t // n
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -154,15 +202,13 @@ def all_reduce(t: torch.Tensor, mesh, mesh_dim: int, reduce_op: str, *, async_op
     """Reduce equal-shape tensors over ``mesh_dim``; returns a new tensor. avg is sum then divide (gloo has no AVG).
     With ``async_op`` it returns a ``PendingCollective`` whose ``wait()`` gives the tensor."""
     n = mesh.size(mesh_dim)
-    out = t.contiguous().clone() if t.dtype != torch.bool else t.to(torch.uint8)
+    wide, op, back = _reducible(t, reduce_op)
+    out = wide.clone(memory_format=torch.contiguous_format)  # c10d reduces in place: never into t
     _record("all_reduce", mesh, mesh_dim, 2 * (n - 1) * _nbytes(out) // n)
-    work = _run("all_reduce", mesh, mesh_dim, dist.all_reduce, out, op=_C10D_OPS[reduce_op], async_op=async_op)
+    work = _run("all_reduce", mesh, mesh_dim, dist.all_reduce, out, op=op, async_op=async_op)
 
     def finish() -> torch.Tensor:
-        result = out
-        if reduce_op == "avg":
-            result = out / n if out.is_floating_point() or out.is_complex() else out // n
-        return result.to(t.dtype) if t.dtype == torch.bool else result
+        return back(_divide(out, n) if reduce_op == "avg" else out)
 
     return PendingCollective("all_reduce", mesh, mesh_dim, work, finish) if async_op else finish()
 
@@ -171,11 +217,11 @@ def all_gather(t: torch.Tensor, mesh, mesh_dim: int, dim: int, size: int) -> tor
     """Concatenate the torch.chunk pieces of a ``size``-long tensor dim ``dim`` held along ``mesh_dim``."""
     n = mesh.size(mesh_dim)
     chunk = -(-size // n)
-    piece = _pad_dim(t, dim, chunk).movedim(dim, 0).contiguous()
+    piece = _wire(_pad_dim(t, dim, chunk).movedim(dim, 0).contiguous())
     out = piece.new_empty((n * chunk,) + piece.shape[1:])
     _record("all_gather", mesh, mesh_dim, (n - 1) * _nbytes(piece))
     _run("all_gather", mesh, mesh_dim, _all_gather_single, out, piece)
-    return out[:size].movedim(0, dim).contiguous()
+    return out[:size].view(t.dtype).movedim(0, dim).contiguous()
 
 
 def reduce_scatter(t: torch.Tensor, mesh, mesh_dim: int, dim: int, reduce_op: str) -> torch.Tensor:
@@ -183,12 +229,11 @@ def reduce_scatter(t: torch.Tensor, mesh, mesh_dim: int, dim: int, reduce_op: st
     n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
     size = t.shape[dim]
     chunk = -(-size // n)
-    full = _pad_dim(t, dim, n * chunk).movedim(dim, 0).contiguous()
+    full, op, back = _reducible(_pad_dim(t, dim, n * chunk).movedim(dim, 0).contiguous(), reduce_op)
     out = full.new_empty((chunk,) + full.shape[1:])
     _record("reduce_scatter", mesh, mesh_dim, (n - 1) * _nbytes(full) // n)
-    _run("reduce_scatter", mesh, mesh_dim, _reduce_scatter_single, out, full, op=_C10D_OPS[reduce_op])
-    if reduce_op == "avg":
-        out = out / n
+    _run("reduce_scatter", mesh, mesh_dim, _reduce_scatter_single, out, full, op=op)
+    out = back(_divide(out, n) if reduce_op == "avg" else out)
     return out[: chunk_bounds(size, n, index)[1]].movedim(0, dim).contiguous()
 
 
@@ -201,11 +246,11 @@ def all_to_all(t: torch.Tensor, mesh, mesh_dim: int, gather_dim: int, gather_siz
     scatter_size = t.shape[scatter_dim]
     gather_chunk, scatter_chunk = -(-gather_size // n), -(-scatter_size // n)
     x = _pad_dim(_pad_dim(t, gather_dim, gather_chunk), scatter_dim, n * scatter_chunk)
-    send = x.unflatten(scatter_dim, (n, scatter_chunk)).movedim(scatter_dim, 0).contiguous()
+    send = _wire(x.unflatten(scatter_dim, (n, scatter_chunk)).movedim(scatter_dim, 0).contiguous())
     recv = torch.empty_like(send)
     _record("all_to_all", mesh, mesh_dim, (n - 1) * _nbytes(send) // n)
     _run("all_to_all", mesh, mesh_dim, dist.all_to_all_single, recv, send)
-    gathered = recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
+    gathered = recv.view(t.dtype).movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
     mine = chunk_bounds(scatter_size, n, index)[1]
     return gathered.narrow(gather_dim, 0, gather_size).narrow(scatter_dim, 0, mine).contiguous()
 
@@ -226,13 +271,13 @@ def all_to_all_splits(t: torch.Tensor, mesh, mesh_dim: int, send_splits, recv_sp
             f"all_to_all_splits on a mesh dim of {n} ranks needs {n} send and {n} recv splits, the send ones "
             f"summing to the {t.shape[0]} rows sent; got send {send_splits}, recv {recv_splits}"
         )
-    send = t.contiguous()
+    send = _wire(t.contiguous())
     out = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
     row_bytes = math.prod(send.shape[1:]) * send.element_size()
     _record("all_to_all", mesh, mesh_dim, (sum(send_splits) - send_splits[index]) * row_bytes)
     _run("all_to_all", mesh, mesh_dim, dist.all_to_all_single, out, send,
          output_split_sizes=recv_splits, input_split_sizes=send_splits)
-    return out
+    return out.view(t.dtype)
 
 
 class AllToAllSplits(torch.autograd.Function):
@@ -258,7 +303,7 @@ def broadcast(t: torch.Tensor, mesh, mesh_dim: int, src_index: int = 0) -> torch
     src = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.shape[mesh_dim])
     row = next(r for r in src.tolist() if mesh.get_rank() in r)
     _record("broadcast", mesh, mesh_dim, _nbytes(t) if mesh.get_local_rank(mesh_dim) == src_index else 0)
-    _run("broadcast", mesh, mesh_dim, dist.broadcast, t, src=row[src_index])
+    _run("broadcast", mesh, mesh_dim, dist.broadcast, _wire(t), src=row[src_index])  # a view: t receives in place
     return t
 
 
@@ -268,7 +313,7 @@ def scatter(t: torch.Tensor, mesh, mesh_dim: int, dim: int, src_index: int = 0) 
     n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
     size = t.shape[dim]
     chunk = -(-size // n)
-    full = _pad_dim(t, dim, n * chunk).movedim(dim, 0)
+    full = _wire(_pad_dim(t, dim, n * chunk).movedim(dim, 0))
     out = full.new_empty((chunk,) + full.shape[1:])
     is_src = index == src_index
     pieces = [full.narrow(0, i * chunk, chunk).contiguous() for i in range(n)] if is_src else None
@@ -276,7 +321,7 @@ def scatter(t: torch.Tensor, mesh, mesh_dim: int, dim: int, src_index: int = 0) 
     src = next(r for r in row.tolist() if mesh.get_rank() in r)[src_index]
     _record("scatter", mesh, mesh_dim, (n - 1) * _nbytes(out) if is_src else 0)
     _run("scatter", mesh, mesh_dim, dist.scatter, out, pieces, src=src)
-    return out[: chunk_bounds(size, n, index)[1]].movedim(0, dim).contiguous()
+    return out[: chunk_bounds(size, n, index)[1]].view(t.dtype).movedim(0, dim).contiguous()
 
 
 def all_gather_sizes(values: list[int], mesh, mesh_dim: int) -> torch.Tensor:
@@ -319,14 +364,14 @@ def all_gather_flat(tensors, mesh, mesh_dim: int, dims, sizes, *, async_op: bool
     pieces = [_pad_dim(t, d, -(-size // n)).movedim(d, 0) for t, d, size in zip(tensors, dims, sizes)]
     _check_one_dtype(pieces, "all_gather_flat")
     flat = torch.cat([p.reshape(-1) for p in pieces]) if pieces else torch.empty(0)
-    out = flat.new_empty((n * flat.numel(),))  # c10d wants the output flat too; row r is rank r's buffer
+    out = _wire(flat).new_empty((n * flat.numel(),))  # c10d wants the output flat too; row r is rank r's buffer
     work = None
     if flat.numel():  # sizes are global metadata: every rank skips an empty bucket alike
         _record("all_gather", mesh, mesh_dim, (n - 1) * _nbytes(flat))
-        work = _run("all_gather", mesh, mesh_dim, _all_gather_single, out, flat, async_op=async_op)
+        work = _run("all_gather", mesh, mesh_dim, _all_gather_single, out, _wire(flat), async_op=async_op)
 
     def finish() -> list[torch.Tensor]:
-        wholes, offset, rows = [], 0, out.view(n, flat.numel())
+        wholes, offset, rows = [], 0, out.view(flat.dtype).view(n, flat.numel())
         for piece, d, size in zip(pieces, dims, sizes):
             block = rows[:, offset : offset + piece.numel()].reshape((n * piece.shape[0],) + piece.shape[1:])
             wholes.append(block[:size].movedim(0, d).contiguous())
@@ -356,15 +401,16 @@ def reduce_scatter_flat(tensors, mesh, mesh_dim: int, dims, reduce_ops) -> list[
         rows.append(full.reshape(n, chunk * math.prod(full.shape[1:])))
     _check_one_dtype(rows, "reduce_scatter_flat")
     flat = torch.cat(rows, dim=1) if rows else torch.empty(n, 0)
-    out = flat.new_empty((flat.shape[1],))
+    wide, c10d_op, back = _reducible(flat, ops[0] if ops else "sum")  # sum and avg reduce alike
+    out = wide.new_empty((flat.shape[1],))
     if flat.numel():
-        _record("reduce_scatter", mesh, mesh_dim, (n - 1) * _nbytes(flat) // n)
-        _run("reduce_scatter", mesh, mesh_dim, _reduce_scatter_single, out, flat.reshape(-1), op=c10d_ops.pop())
+        _record("reduce_scatter", mesh, mesh_dim, (n - 1) * _nbytes(wide) // n)
+        _run("reduce_scatter", mesh, mesh_dim, _reduce_scatter_single, out, wide.reshape(-1), op=c10d_op)
     mine, offset = [], 0
     for (chunk, rest, length), d, op in zip(chunks, dims, ops):
         numel = chunk * math.prod(rest)
         piece = out[offset : offset + numel].view((chunk,) + tuple(rest))[:length].movedim(0, d)
-        mine.append(piece / n if op == "avg" else piece.contiguous())
+        mine.append(back(_divide(piece, n) if op == "avg" else piece.contiguous()))
         offset += numel
     return mine
 

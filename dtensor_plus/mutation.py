@@ -2,7 +2,7 @@
 
 - an in-place op whose ``self`` cannot keep its layout (``exp_`` on a Partial self): computed elsewhere,
   copied back into self in self's layout;
-- an in-place view (``squeeze_``, ``t_``...): self takes the view's block, spec and sizes;
+- an in-place view (``squeeze_``, ``t_``...) or ``resize_``: self takes the functional op's block, spec and sizes;
 - an ``out=`` variant: the functional op under its own rule, then copied into ``out`` in out's layout.
 """
 
@@ -42,9 +42,10 @@ class OutOfPlacePlan:
 
 
 class InplaceViewPlan:
-    """squeeze_, unsqueeze_, t_, transpose_ change self's shape, not its values (a copy_ back cannot): run the
-    view (its own rule), then self takes the view's block and spec, and its wrapper takes the new sizes the
-    way torch's return_and_correct_aliasing does it (the op's meta kernel on the wrapper, dispatch off)."""
+    """squeeze_, unsqueeze_, t_, transpose_ and resize_ change self's shape (a copy_ back cannot): run the
+    functional op (its own rule: the view, or ``resize``), then self takes its block and spec, and its wrapper
+    takes the new sizes the way torch's return_and_correct_aliasing does it (the op's meta kernel on the
+    wrapper, dispatch off)."""
 
     __slots__ = ("func", "view")
 
@@ -65,7 +66,8 @@ class InplaceViewPlan:
         return target
 
 
-INPLACE_VIEWS = (torch.ops.aten.squeeze_, torch.ops.aten.unsqueeze_, torch.ops.aten.t_, torch.ops.aten.transpose_)
+INPLACE_VIEWS = (torch.ops.aten.squeeze_, torch.ops.aten.unsqueeze_, torch.ops.aten.t_, torch.ops.aten.transpose_,
+                 torch.ops.aten.resize_)
 
 
 def is_inplace(func) -> bool:

@@ -1,4 +1,5 @@
-"""Ops that move or mask elements inside dims: tril/triu, flip, rot90, roll, unfold.
+"""Ops that move or mask elements inside dims: tril/triu, flip, rot90, roll, unfold (and a note on tensor_split's
+tensor overload at the end of the file).
 
 Per mesh dim (Shard(d) of a dim the op leaves alone always stays, with no traffic):
 
@@ -123,3 +124,14 @@ def unfold_backward_rule(op: OpSchema) -> Sharding:
     dim = normalize_dim(op.arg(2, "dim"), len(sizes))
     inputs, outputs = moved(spec.placements, {d: d for d in range(len(sizes)) if d != dim}, linear_only=True)
     return Sharding(inputs=(inputs,), outputs=(outputs,), shape_arg=1)
+
+
+# -- tensor_split with its split points in a tensor -----------------------------------------------------------
+#
+# aten.tensor_split.tensor_indices_or_sections is CompositeImplicitAutograd: its C++ kernel runs at the autograd
+# key, above DTensor.__torch_dispatch__, reads the points through the tensor's raw data pointer and splits
+# through tensor_split.indices / .sections -> slices, whose rules keep self's layout. Plain CPU points (what
+# torch asks for) therefore work on a DTensor self. Points given as a DTensor (a wrapper without storage) fail
+# in that kernel ("its data is not allocated yet") before any rule could see them; reaching it would mean
+# re-registering torch's own kernel (DESIGN principle 3 forbids patching torch): pass them as a plain tensor
+# or a list.

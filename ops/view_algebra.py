@@ -175,7 +175,7 @@ def strided_view_placements(in_shape, out_shape, placements, mesh_shape, out_dim
 def _outer_blocks(k, d, group, in_shape, placements, mesh_shape, out_dims) -> int | None:
     """How many whole blocks earlier mesh dims cut the group's lead dim into (1: none), or None where other
     mesh dims split the group otherwise (unevenly, another dim of it, or inside mesh dim k)."""
-    if group is None:
+    if group is None or not group[1]:  # a size-1 dim the view drops: no output dim to carry blocks
         return None
     ins, outs = group
     blocks = 1

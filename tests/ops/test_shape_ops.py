@@ -284,3 +284,32 @@ def test_counts():
     run_on_ranks(4, _moves_nothing)
     run_on_ranks(4, _gathers_one_mesh_dim)
     run_on_ranks(3, _partial_pad_carries_value_once)
+
+
+# ---------------------------------------------------------------- tensor_split with its points in a tensor
+
+
+def _tensor_split_points(mesh_shape, shape, placements, dim, points, seed):
+    """torch.tensor_split(x, points, dim) with the points a plain CPU int64 tensor (what torch asks for): a 1-d
+    tensor of indices or a 0-d count of sections."""
+    mesh = dtp.init_device_mesh("cpu", mesh_shape)
+    x = make_dtensor(_whole(seed, shape), mesh, placements, requires_grad=True)
+    _check(lambda t: torch.tensor_split(t, torch.tensor(points, dtype=torch.int64), dim), x)
+
+
+@st.composite
+def tensor_split_cases(draw, world_size):
+    mesh_shape = draw(mesh_shapes(world_size))
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(0, 7), min_size=ndim, max_size=ndim)))
+    placements = draw(placements_for(ndim, len(mesh_shape), partial=True))
+    dim = draw(st.integers(-ndim, ndim - 1))
+    points = draw(st.integers(1, 4) | st.lists(st.integers(-2, 9), min_size=1, max_size=4))  # sections or indices
+    return mesh_shape, shape, placements, dim, points, draw(st.integers(0, 2**16))
+
+
+@pytest.mark.parametrize("world_size", (2, 4))
+@settings(max_examples=15)
+@given(data=st.data())
+def test_tensor_split_with_tensor_points(world_size, data):
+    run_on_ranks(world_size, _tensor_split_points, *data.draw(tensor_split_cases(world_size)))

@@ -85,6 +85,39 @@ def test_view_rule_decisions():
         (Partial(), Shard(0)), (Partial(), Shard(0)))
 
 
+@st.composite
+def dropped_size_one_views(draw):
+    """A view whose input has size-1 dims the output merges away ((2, 2, 3, 12, 1) -> (12, 12), tensorinv's
+    reshape), on meshes of 2 and 3 dims, every mesh dim free to shard any input dim (size-1 ones included)."""
+    factors = draw(st.lists(st.sampled_from([2, 3, 4, 6]), min_size=1, max_size=4))
+    shape = list(factors)
+    for at in draw(st.lists(st.integers(0, len(factors)), min_size=1, max_size=3)):
+        shape.insert(at, 1)
+    out_shape = _regroup(draw, factors)
+    mesh_shape = draw(st.sampled_from([(2, 2), (2, 3), (2, 2, 2)]))
+    placements = draw(st.lists(st.sampled_from([R, Partial()] + [Shard(d) for d in range(len(shape))]),
+                               min_size=len(mesh_shape), max_size=len(mesh_shape)))
+    return tuple(shape), out_shape, tuple(placements), mesh_shape
+
+
+@settings(max_examples=200)
+@given(case=dropped_size_one_views())
+def test_view_dropping_size_one_dims_decides(case):
+    """Regression: a Shard of a size-1 dim the view drops, behind another mesh dim sharding it, indexed the
+    (empty) output side of its group (IndexError in _outer_blocks). Now such a mesh dim is gathered."""
+    shape, out_shape, placements, mesh_shape = case
+    (target,), (out,) = decide(aten.view.default, (shape, placements), list(out_shape), mesh_shape=mesh_shape)
+    for p_in, p_out in zip(target, out):
+        assert not (isinstance(p_out, Shard) and p_out.dim >= len(out_shape))
+        if isinstance(p_in, Shard) and shape[p_in.dim] == 1:
+            assert p_out == R
+
+
+def test_tensorinv_of_a_size_one_dim_sharded_twice():
+    """linalg.tensorinv's OpInfo sample on a 2x2 mesh, its size-1 last dim sharded on both mesh dims."""
+    run_on_ranks(4, _check_view, (2, 2), (2, 2, 3, 12, 1), (Shard(4), Shard(4)), (12, 12), False, 3)
+
+
 def test_dim_rule_decisions():
     assert _decide(aten.permute.default, (2, 3, 4), (Shard(2), Partial("max")), [2, 0, 1], mesh_shape=(2, 2)) == (
         (Shard(2), Partial("max")), (Shard(0), Partial("max")))
