@@ -42,7 +42,7 @@ class OutOfPlacePlan:
 
 
 class InplaceViewPlan:
-    """squeeze_, unsqueeze_, t_, transpose_ and resize_ change self's shape (a copy_ back cannot): run the
+    """squeeze_, unsqueeze_, t_, transpose_, resize_ and resize_as_ change self's shape (a copy_ back cannot): run the
     functional op (its own rule: the view, or ``resize``), then self takes its block and spec, and its wrapper
     takes the new sizes the way torch's return_and_correct_aliasing does it (the op's meta kernel on the
     wrapper, dispatch off)."""
@@ -67,7 +67,7 @@ class InplaceViewPlan:
 
 
 INPLACE_VIEWS = (torch.ops.aten.squeeze_, torch.ops.aten.unsqueeze_, torch.ops.aten.t_, torch.ops.aten.transpose_,
-                 torch.ops.aten.resize_)
+                 torch.ops.aten.resize_, torch.ops.aten.resize_as_)
 
 
 def is_inplace(func) -> bool:

@@ -1,4 +1,5 @@
-"""resize_ / resize: a new global shape over the same storage, done on a replicated copy.
+"""resize_ / resize (and resize_as_ / resize_as: the template's shape): a new global shape over the same
+storage, done on a replicated copy.
 
 On one device ``x.resize_(size)`` keeps x's storage: the new tensor (contiguous, or in ``memory_format``)
 reads the storage from its start, so its first elements are the old ones *in storage order* (a transposed
@@ -37,15 +38,24 @@ def _storage_of(x: torch.Tensor, stride) -> torch.Tensor:
 
 @register_rule(aten.resize.default, aten.resize_.default)
 def resize_rule(op: OpSchema) -> Sharding:
-    spec = op.specs[0]
+    return _resize(op.specs[0], tuple(op.arg(1, "size")), op.kwargs.get("memory_format"), takes_template=False)
+
+
+@register_rule(aten.resize_as.default, aten.resize_as_.default)
+def resize_as_rule(op: OpSchema) -> Sharding:
+    """resize_ to the template's global shape; the template itself is only read for its shape: it stays put."""
+    return _resize(op.specs[0], tuple(op.specs[1].shape), op.kwargs.get("memory_format"), takes_template=True)
+
+
+def _resize(spec, size: tuple, memory_format, takes_template: bool) -> Sharding:
     replicate = (Replicate(),) * spec.mesh.ndim
     shape, stride = tuple(spec.shape), tuple(spec.tensor_meta.stride)
-    if tuple(op.arg(1, "size")) == shape and op.kwargs.get("memory_format") is None:
+    template = (None,) if takes_template else ()
+    if size == shape and memory_format is None:
         # torch leaves the tensor (values and strides) alone: so does every rank, in any layout
-        return Sharding(inputs=(None,), outputs=(spec.placements,), local_op=lambda x, size, **_: x.clone())
+        return Sharding(inputs=(None,) + template, outputs=(spec.placements,), local_op=lambda x, *_, **__: x.clone())
 
-    def local_resize(x, size, memory_format=None):
-        size = tuple(size)
+    def local_resize(x, *_, memory_format=None):  # the size argument (a list, or the template) is global: use size
         old = _storage_of(x, stride)
         new_stride = torch.empty(size, device="meta", memory_format=memory_format or torch.contiguous_format).stride()
         flat = x.new_zeros((torch.Size(size).numel(),))
@@ -53,4 +63,4 @@ def resize_rule(op: OpSchema) -> Sharding:
         flat[:kept] = old[:kept]
         return flat.as_strided(size, new_stride)
 
-    return Sharding(inputs=(replicate,), outputs=(replicate,), local_op=local_resize)
+    return Sharding(inputs=(replicate,) + template, outputs=(replicate,), local_op=local_resize)

@@ -1,4 +1,4 @@
-"""resize_ / resize (ops/resize.py, mutation.InplaceViewPlan) against one device on real gloo ranks: the DTensor
+"""resize_ / resize and resize_as_ (ops/resize.py, mutation.InplaceViewPlan) against one device on real gloo ranks: the DTensor
 itself takes the new shape, strides and values (the storage's leading elements in storage order, transposed
 inputs included); elements past the old storage, uninitialised on one device, are zeros on every rank."""
 
@@ -82,3 +82,21 @@ def _same_size_moves_nothing():
         x.resize_(3, 4)
     assert comm.count() == 0 and x.placements == (Shard(1),)
     assert torch.equal(x.full_tensor(), torch.arange(12.0).reshape(3, 4))
+
+
+def _resize_as(template_placements):
+    """resize_as_ takes the template's global shape (a sharded template stays put: only its shape is read)."""
+    mesh = dtp.init_device_mesh("cpu", (2,))
+    whole = torch.arange(12.0).reshape(3, 4)
+    x = make_dtensor(whole, mesh, [Shard(1)])
+    template = make_dtensor(torch.zeros(2, 5), mesh, template_placements)
+    with comm_mode() as comm:
+        out = x.resize_as_(template)
+    assert out is x and x.shape == (2, 5) and not comm.fallbacks
+    assert torch.equal(x.full_tensor().reshape(-1)[:10], whole.reshape(-1)[:10])
+    assert template.placements == tuple(template_placements) and comm.count("all_gather") == 1  # x's only
+
+
+def test_resize_as():
+    for placements in ([Shard(0)], [Replicate()]):
+        run_on_ranks(2, _resize_as, placements)
