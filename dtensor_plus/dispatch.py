@@ -242,6 +242,8 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
         func, _schema_value(args, dtensor_cls), {k: _schema_value(v, dtensor_cls) for k, v in kwargs.items()}, tuple(d._spec for d in dtensors)
     )
     metas = _meta_outputs(func, args, kwargs, dtensor_cls)
+    if metas is None and not any(isinstance(r.type, torch.TensorType) for r in func._schema.returns):
+        metas = []  # a Python scalar result (item()): no tensor output to describe, the rule still places inputs
     rule = rules.rule_for(func)
     fallback = rule is None or metas is None
     if fallback:
