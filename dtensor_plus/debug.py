@@ -95,7 +95,7 @@ def raise_if_diverged(gathered: torch.Tensor, group_ranks: list[int], my_rank: i
         f"ranks diverged: rank {group_ranks[first]} is not at the collective rank {group_ranks[0]} is at "
         f"(seen on rank {my_rank}); every rank must issue the same collectives in the same order. Each rank of "
         f"the group is at:\n" + "\n".join(lines) + "\nLook for a branch on local data or local shard shapes "
-        f"before this point."
+        "before this point."
     )
 
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import weakref
 
-import torch
-
 from .placements import Placement, Replicate
 
 __all__ = ["keep_leaf_layout", "leaf_grad_placements"]
