@@ -89,4 +89,6 @@ POINTWISE_OPS = (
     "where.Scalar", "_to_copy.default", "gelu_.default", "hardswish.default", "hardswish_.default",
     "hardswish_backward.default", "hardsigmoid_backward.default", "hardtanh_backward.default",
     "leaky_relu_backward.default", "elu_backward.default", "softplus_backward.default", "mish_backward.default",
+    "hardshrink_backward.default", "softshrink_backward.default", "rsub.Tensor", "floor_divide.default",
+    "polar.default",
 )
