@@ -214,9 +214,10 @@ def _meta_outputs(func, args, kwargs, dtensor_cls):
             return type(value)(to_meta(v) for v in value)
         return value
 
+    run = rules.meta_for(func) or func  # ops torch has no meta kernel for may have one in our registry
     try:
         # A device keyword (autograd's ToCopyBackward passes device=cpu) would copy out of meta: keep it meta.
-        out = func(*to_meta(args), **{k: torch.device("meta") if k == "device" else to_meta(v) for k, v in kwargs.items()})
+        out = run(*to_meta(args), **{k: torch.device("meta") if k == "device" else to_meta(v) for k, v in kwargs.items()})
     except (NotImplementedError, RuntimeError, ZeroDivisionError):  # no meta kernel, data-dependent shape, numel 0
         return None
     return [TensorMeta.of(t) for t in _flatten_outputs(out)]

@@ -121,6 +121,28 @@ def register_rule(*ops: torch._ops.OpOverload, strided: str | None = None) -> Ca
     return decorate
 
 
+_META: dict = {}
+
+
+def register_meta(*ops: torch._ops.OpOverload) -> Callable:
+    """Decorator giving the output metadata of aten overloads torch has no meta kernel for: ``fn`` takes the op's
+    arguments with meta tensors in place of DTensors and returns its outputs as meta tensors. The dispatcher
+    needs the outputs' global shapes to plan; ours, not torch's (torch's own registry is left alone)."""
+
+    def decorate(fn: Callable) -> Callable:
+        for op in ops:
+            if op in _META:
+                raise ValueError(f"{op} already has the metadata function {_META[op].__qualname__}")
+            _META[op] = fn
+        return fn
+
+    return decorate
+
+
+def meta_for(op: torch._ops.OpOverload) -> Callable | None:
+    return _META.get(op)
+
+
 def rule_for(op: torch._ops.OpOverload) -> Rule | None:
     for overrides in reversed(_OVERRIDES):
         if op in overrides:

@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     activations,
+    advanced_indexing,
     attention,
     batch_norm,
     chunk_ops,
@@ -13,6 +14,7 @@ from . import (  # noqa: F401
     fft,
     flat_indexing,
     foreach,
+    fractional_pooling,
     grid_sample,
     group_norm,
     im2col,
@@ -37,6 +39,7 @@ from . import (  # noqa: F401
     selections,
     shape_ops,
     softmax,
+    sorted_search,
     trace,
     views,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dtensor_plus.placements import Placement, Replicate, Shard
-from dtensor_plus.rules import OpSchema, Sharding
+from dtensor_plus.rules import OpSchema, Sharding, meta_for
 from dtensor_plus.mutation import is_inplace  # noqa: F401  (re-exported for the rule files)
 from dtensor_plus.spec import DTensorSpec
 
@@ -59,6 +59,7 @@ def meta_outputs(op: OpSchema) -> list[torch.Tensor]:
             return type(value)(meta(v) for v in value)
         return value
 
-    out = op.func(*meta(op.args), **{k: meta(v) for k, v in op.kwargs.items()})
+    run = meta_for(op.func) or op.func
+    out = run(*meta(op.args), **{k: meta(v) for k, v in op.kwargs.items()})
     outs = out if isinstance(out, (tuple, list)) else (out,)
     return [t for t in outs if isinstance(t, torch.Tensor)]

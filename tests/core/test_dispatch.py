@@ -120,16 +120,16 @@ def test_different_meshes_raise():
 
 def _fallback():
     mesh = init_device_mesh("cpu", (2,))
-    whole = torch.sort(_whole((7,), 4)).values
+    whole = _whole((7, 3), 4)
     x = distribute_tensor(whole, mesh, [Shard(0)])
-    v = distribute_tensor(torch.tensor([-0.5, 0.0, 0.5]), mesh, [Replicate()])
+    v = distribute_tensor(torch.tensor([[-0.5, 0.0, 0.5]]), mesh, [Replicate()])
     with warnings.catch_warnings(record=True) as caught, comm_mode() as comm:
         warnings.simplefilter("always")
-        got = torch.searchsorted(x, v)
-        torch.searchsorted(x, v)
-    assert torch.equal(got.full_tensor(), torch.searchsorted(whole, v.full_tensor()))
-    named = [w for w in caught if "searchsorted" in str(w.message)]
-    return len(named), comm.fallbacks["aten.searchsorted.Tensor"]
+        got = torch.block_diag(x, v)
+        torch.block_diag(x, v)
+    assert torch.equal(got.full_tensor(), torch.block_diag(whole, v.full_tensor()))
+    named = [w for w in caught if "block_diag" in str(w.message)]
+    return len(named), comm.fallbacks["aten.block_diag.default"]
 
 
 def test_op_without_rule_falls_back_correctly_with_one_warning():
