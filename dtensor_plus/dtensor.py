@@ -65,6 +65,14 @@ class DTensor(torch.Tensor):
             grad_layout.keep_leaf_layout(self)
         return self
 
+    @property
+    def requires_grad(self) -> bool:
+        return torch._C.TensorBase.requires_grad.__get__(self)
+
+    @requires_grad.setter
+    def requires_grad(self, requires_grad: bool) -> None:  # `x.requires_grad = True` as requires_grad_()
+        self.requires_grad_(requires_grad)
+
     # Ops reach us as aten ops, after autograd; torch-function overrides are not needed.
     __torch_function__ = torch._C._disabled_torch_function_impl
 

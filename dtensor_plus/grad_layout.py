@@ -16,8 +16,7 @@ mesh dim:
     Partial       Replicate  (d(sum of pieces)/d(piece) is the whole gradient: ``grad_placements_for``)
 
 Leaves are DTensors created with ``requires_grad=True`` (``distribute_tensor``, the factories, unpickling)
-or made to require grad with ``requires_grad_()`` (which ``nn.Parameter`` calls). Setting the
-``requires_grad`` attribute directly bypasses Python and installs no hook: use ``requires_grad_()``.
+or made to require grad with ``requires_grad_()`` (which ``nn.Parameter`` calls) or ``x.requires_grad = True``.
 """
 
 from __future__ import annotations

@@ -180,7 +180,9 @@ def _lift(t: torch.Tensor, device_mesh, dp_dim: str) -> DTensor:
             raise ValueError(f"a parameter is already {t.placements} on {device_mesh}; replicate needs Replicate on {dp_dim!r}")
         return t
     sub_names = t.device_mesh.mesh_dim_names or ()
-    if dp_dim in sub_names or not set(sub_names) <= set(names) or t.device_mesh._root != device_mesh:
+    # By value, not by the slice's root: equal meshes are interchangeable (a cached plan may hand back an equal
+    # mesh object sliced from another root).
+    if dp_dim in sub_names or not set(sub_names) <= set(names) or device_mesh[tuple(sub_names)] != t.device_mesh:
         raise ValueError(
             f"cannot lift a DTensor on {t.device_mesh} onto {device_mesh}: it must live on a sub-mesh of it "
             f"without {dp_dim!r} (e.g. mesh['tp'] from parallelize_module)"

@@ -48,11 +48,13 @@ def test_leaf_gradient_takes_the_leaf_layout(name, placements, use_autograd_grad
 
 
 def _parameters_keep_the_hook():
-    """nn.Parameter(dtensor), its deepcopy and a detach().requires_grad_() all keep the layout; a Partial
+    """nn.Parameter(dtensor), its deepcopy, a detach().requires_grad_() and `requires_grad = True` keep the layout; a Partial
     gradient of a Replicate leaf stays Partial (data parallelism and ZeRO reduce it in buckets)."""
     mesh = init_device_mesh("cpu", (2,))
     p = nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Shard(1)]))
-    for leaf in (p, copy.deepcopy(p), p.detach().requires_grad_()):
+    attribute = p.detach()
+    attribute.requires_grad = True
+    for leaf in (p, copy.deepcopy(p), p.detach().requires_grad_(), attribute):
         leaf.sum().backward()
         assert leaf.grad.placements == (Shard(1),), leaf.grad.placements
     w = distribute_tensor(torch.ones(4, 3), mesh, [Replicate()]).requires_grad_()
