@@ -22,7 +22,7 @@ Usage (users can sweep their own op names too)::
     results = run_cases(cases)           # one rank pool per world size, cases batched per call
     [r for r in results if r.status == "wrong"]
 
-Full sweep and table: ``python -m dtensor_plus.testing.opinfo --full --out docs/op_coverage.md``.
+Full sweep and table: ``python -m dtensor_plus.testing.opinfo_table --full --out docs/op_coverage.md``.
 Every decision a rank takes comes from the case (global metadata) or from values every rank computes
 alike; after each case the ranks compare statuses through the rendezvous store, so a rank stuck in a
 collective is reported as a hang after a short wait instead of stalling the sweep.

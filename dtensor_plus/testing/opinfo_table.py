@@ -1,6 +1,6 @@
 """The OpInfo sweep's coverage table (``docs/op_coverage.md``) and its command line.
 
-    python -m dtensor_plus.testing.opinfo_table --full --out docs/op_coverage.md    # about 20 min on 2 cores
+    python -m dtensor_plus.testing.opinfo_table --full --out docs/op_coverage.md    # about 9 min on 2 cores
     python -m dtensor_plus.testing.opinfo_table --ops add,mm,sum --out /tmp/cov.md   # a few ops
 
 ``--peer module:attribute`` sweeps a second backend (benchmarks/op_sweep.py has one for
@@ -26,7 +26,7 @@ STATUSES = ("sharded", "fallback", "grad layout", "wrong", "error", "hang", "cra
 def full_sweep_cases(ops=None) -> list:
     """The full sweep: mesh 2 gets two samples and every dim; meshes 3, 4 and 2x2 one sample, first and last dim.
 
-    Sized to run in about 20 minutes with 4 ranks on 2 cores (each case runs forward and backward twice).
+    Sized to run in about 9 minutes with 4 ranks on 2 cores (each case runs forward and backward twice).
     """
     cases = []
     for op in ops if ops is not None else opinfo.op_names():  # op by op: its samples are built once
