@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import weakref
 
+import torch
+
 from .placements import Placement, Replicate
+from .redistribute import redistribute_local
 
 __all__ = ["keep_leaf_layout", "leaf_grad_placements"]
 
@@ -49,7 +52,13 @@ def keep_leaf_layout(tensor) -> None:
         if owner is None or not hasattr(grad, "_spec"):
             return grad
         target = leaf_grad_placements(owner._spec.placements, grad._spec.placements)
-        return grad if target == grad._spec.placements else grad.redistribute(placements=target)
+        if target == grad._spec.placements:
+            return grad
+        if torch.is_grad_enabled():  # create_graph=True: the move itself must be differentiable
+            return grad.redistribute(placements=target)
+        # The common case, without an autograd Function around the move (a Replicate -> Shard slice of a small
+        # gradient would cost more in the Function than in the move)
+        return type(grad)(redistribute_local(grad._local_tensor, grad._spec, target), grad._spec.with_placements(target))
 
     tensor.register_hook(to_leaf_layout)
     setattr(tensor, _HOOKED, True)

@@ -57,6 +57,11 @@ def _parameters_keep_the_hook():
     for leaf in (p, copy.deepcopy(p), p.detach().requires_grad_(), attribute):
         leaf.sum().backward()
         assert leaf.grad.placements == (Shard(1),), leaf.grad.placements
+    x2 = distribute_tensor(torch.arange(8.0).reshape(4, 2), mesh, [Shard(0)]).requires_grad_()
+    (g,) = torch.autograd.grad(x2.pow(3).sum(), x2, create_graph=True)  # the move stays differentiable
+    assert g.placements == (Shard(0),)
+    g.sum().backward()
+    torch.testing.assert_close(x2.grad.full_tensor(), 6 * torch.arange(8.0).reshape(4, 2))
     w = distribute_tensor(torch.ones(4, 3), mesh, [Replicate()]).requires_grad_()
     x = distribute_tensor(torch.ones(6, 4), mesh, [Shard(0)])  # the batch split: w's gradient is a Partial sum
     with comm_mode() as comm:
