@@ -26,16 +26,9 @@ from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec
 
 from . import block_shards
-from .common import aten
+from .common import aten, by_position
 
 R = Replicate()
-
-
-def _by_position(op: OpSchema, targets: dict[int, tuple]) -> tuple:
-    """One target per spec, looked up by the positional index of the argument it came from."""
-    positions = [i for i, a in enumerate(op.args) if isinstance(a, DTensorSpec)]
-    assert len(positions) == len(op.specs), f"{op.func}: tensor arguments passed by keyword"
-    return tuple(targets[i] for i in positions)
 
 
 def _decide(op: OpSchema, mesh_dim_rule, sources: tuple[DTensorSpec, ...], num_channels: int, num_groups: int):
@@ -60,7 +53,7 @@ def group_norm_rule(op: OpSchema) -> Sharding:
     """native_group_norm(input, weight?, bias?, N, C, HxW, group, eps) -> (out, mean, rstd)."""
     decided = _decide(op, _forward_mesh_dim, (op.args[0],), op.arg(4), op.arg(6))
     inp, param, stats = (tuple(d[k] for d in decided) for k in range(3))
-    return Sharding(inputs=_by_position(op, {0: inp, 1: param, 2: param}), outputs=(inp, stats, stats),
+    return Sharding(inputs=by_position(op, {0: inp, 1: param, 2: param}), outputs=(inp, stats, stats),
                     local_op=_group_norm_local)
 
 
@@ -91,7 +84,7 @@ def group_norm_backward_rule(op: OpSchema) -> Sharding:
     -> (grad_input, grad_weight, grad_bias); outputs not asked for by output_mask are undefined."""
     decided = _decide(op, _backward_mesh_dim, (op.args[0], op.args[1]), op.arg(6), op.arg(8))
     base, grad, weight, grad_input, grad_param = (tuple(d[k] for d in decided) for k in range(5))
-    inputs = _by_position(op, {0: grad, 1: base, 2: base, 3: base, 4: weight})
+    inputs = by_position(op, {0: grad, 1: base, 2: base, 3: base, 4: weight})
     outputs = (grad_input, grad_param, grad_param)
     mask = op.arg(9, "output_mask")
     return Sharding(inputs=inputs, outputs=tuple(o for o, m in zip(outputs, mask) if m), local_op=_backward_local)

@@ -31,7 +31,7 @@ from dtensor_plus.placements import Partial, Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec
 
-from .common import aten, replicated
+from .common import aten, by_position, replicated
 
 
 def _leading(placement: Placement, axis: int) -> Placement:
@@ -41,13 +41,6 @@ def _leading(placement: Placement, axis: int) -> Placement:
 
 def _axis(op: OpSchema, input_spec: DTensorSpec, shape_index: int) -> int:
     return input_spec.ndim - len(op.arg(shape_index, "normalized_shape"))
-
-
-def _by_position(op: OpSchema, targets: dict[int, tuple]) -> tuple:
-    """One target per spec, looked up by the positional index of the argument it came from."""
-    positions = [i for i, a in enumerate(op.args) if isinstance(a, DTensorSpec)]
-    assert len(positions) == len(op.specs), f"{op.func}: tensor arguments passed by keyword"
-    return tuple(targets[i] for i in positions)
 
 
 def _kernel(name: str, x, normalized_shape, weight) -> bool:
@@ -71,7 +64,7 @@ def _forward(op: OpSchema, num_outputs: int, local_op=None) -> Sharding:
     spec = op.specs[0]
     target = tuple(_leading(p, _axis(op, spec, 1)) for p in spec.placements)
     r = replicated(len(op.mesh_shape))
-    inputs = _by_position(op, {0: target, 2: r, 3: r})
+    inputs = by_position(op, {0: target, 2: r, 3: r})
     return Sharding(inputs=inputs, outputs=(target,) * num_outputs, local_op=local_op)
 
 
@@ -116,7 +109,7 @@ def _backward(op: OpSchema, grad_index: int, input_index: int, stat_indices, par
     # Outputs not asked for by output_mask come back undefined (None): they have no spec.
     mask = op.arg(mask_index, "output_mask")
     outputs = [grad_input] + [param] * (len(mask) - 1)
-    return Sharding(inputs=_by_position(op, targets), outputs=tuple(o for o, m in zip(outputs, mask) if m))
+    return Sharding(inputs=by_position(op, targets), outputs=tuple(o for o, m in zip(outputs, mask) if m))
 
 
 @register_rule(aten.native_layer_norm_backward.default, strided="as_shard")  # rows are normalised independently
