@@ -53,8 +53,8 @@ class _TorchDTensor:
         return value.full_tensor() if self.is_distributed(value) else value
 
     def layout(self, value) -> tuple[str, ...]:
-        from dtensor_plus.testing.opinfo import _tokens
-        return _tokens(value.placements)
+        from dtensor_plus.testing.opinfo_backend import layout_tokens
+        return layout_tokens(value.placements)
 
     @contextlib.contextmanager
     def counting(self):

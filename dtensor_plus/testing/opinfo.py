@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .opinfo_compare import compare, compare_meta, same
 
-__all__ = ["Case", "Result", "plan_cases", "run_cases", "op_names", "LINEAR_OPS", "DTENSOR_PLUS"]
+__all__ = ["Case", "Result", "plan_cases", "run_cases", "op_names", "LINEAR_OPS"]
 
 MAX_NUMEL = 4096  # small samples only: the sweep is about layouts, not sizes
 SYNC_TIMEOUT_S = 20.0  # how long ranks wait for each other after a case before calling it a hang
@@ -206,7 +206,7 @@ def _layouts(key: str, ndim: int, mesh_ndim: int, all_dims: bool) -> list[tuple[
 # ---------------------------------------------------------------- running (in the caller)
 
 
-def run_cases(cases, backend: str = "dtensor_plus.testing.opinfo:DTENSOR_PLUS", batch_size: int = 24,
+def run_cases(cases, backend: str = "dtensor_plus.testing.opinfo_backend:DTENSOR_PLUS", batch_size: int = 24,
               timeout: float = 60.0, progress=None) -> list[Result]:
     """Run ``cases`` on real gloo ranks (one pool per world size, ``batch_size`` cases per call).
 
@@ -446,64 +446,3 @@ def _placement_for(tensor, first, layout) -> tuple[str, ...]:
     if tensor.shape == first.shape and tensor.ndim > 0:
         return tuple("R" if token.startswith("P") else token for token in layout)
     return ("R",) * len(layout)
-
-
-# ---------------------------------------------------------------- the dtensor_plus backend
-
-
-class _DTensorPlus:
-    """How the sweep puts tensors on a mesh with dtensor_plus; a backend for another library has the same methods."""
-
-    def mesh(self, mesh_shape):
-        from ..mesh import init_device_mesh
-        return init_device_mesh("cpu", mesh_shape)
-
-    def distribute(self, tensor, mesh, layout):
-        from .strategies import make_dtensor
-        return make_dtensor(tensor.detach(), mesh, _placements(layout), requires_grad=tensor.requires_grad)
-
-    def is_distributed(self, value) -> bool:
-        from ..dtensor import DTensor
-        return isinstance(value, DTensor)
-
-    def full(self, value):
-        from ..dtensor import DTensor
-        return value.full_tensor() if isinstance(value, DTensor) else value
-
-    def layout(self, value) -> tuple[str, ...]:
-        return _tokens(value.placements)
-
-    def counting(self):
-        return _counting()
-
-
-class _counting:
-    def __enter__(self):
-        from ..collectives import comm_mode
-        self._mode = comm_mode()
-        counter = self._mode.__enter__()
-        return lambda: set(counter.fallbacks)
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
-
-
-def _tokens(placements) -> tuple[str, ...]:
-    """Layout tokens (S<dim>, R, P, Pavg, Pmax, Pmin) of placements of either library (duck-typed)."""
-    def token(p):
-        if p.is_shard():  # a strided shard (torch's _StridedShard, ours StridedShard) is not Shard's layout
-            return f"{'SS' if 'Strided' in type(p).__name__ else 'S'}{p.dim}"
-        if p.is_partial():
-            op = str(getattr(p, "reduce_op", "sum")).lower().replace("reduceop.", "")
-            return "P" if op == "sum" else f"P{op}"
-        return "R"
-    return tuple(token(p) for p in placements)
-
-
-def _placements(layout):
-    from ..placements import Partial, Replicate, Shard
-    return [Replicate() if t == "R" else Partial(t[1:] or "sum") if t.startswith("P") else Shard(int(t[1:]))
-            for t in layout]
-
-
-DTENSOR_PLUS = _DTensorPlus()

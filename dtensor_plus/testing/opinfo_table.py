@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="docs/op_coverage.md")
     parser.add_argument("--peer", default="", help="a second backend, module:attribute, e.g. op_sweep:TORCH")
     parser.add_argument("--raw", default="", help="also write every result as JSON lines here")
-    parser.add_argument("--backend", default="dtensor_plus.testing.opinfo:DTENSOR_PLUS", help="the backend swept")
+    parser.add_argument("--backend", default="dtensor_plus.testing.opinfo_backend:DTENSOR_PLUS", help="the backend swept")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a batch of cases may take (a hang costs this)")
     parser.add_argument("--meshes", default="2,3,4,2x2", help="mesh shapes to keep, e.g. 2,2x2")
     parser.add_argument("--from-raw", default="", help="render --out from --raw files (ours[,peer,...]) without running")

@@ -4,7 +4,7 @@ docs/op_coverage.md: ``python -m dtensor_plus.testing.opinfo_table --full``."""
 
 import torch
 
-from dtensor_plus.testing import opinfo, opinfo_compare  # torch.testing._internal inside needs expecttest (in the test extras)
+from dtensor_plus.testing import opinfo, opinfo_backend, opinfo_compare  # torch.testing._internal inside needs expecttest (in the test extras)
 
 FAST_OPS = [
     "add", "sub", "mul", "div.no_rounding_mode", "neg", "exp", "tanh", "sigmoid", "where", "clamp", "pow",
@@ -41,7 +41,7 @@ def test_planner_covers_layouts_without_ranks():
 
 
 def test_compare_names_the_mismatch():
-    backend = opinfo.DTENSOR_PLUS
+    backend = opinfo_backend.DTENSOR_PLUS
     want = [torch.ones(3)]
     assert opinfo_compare.compare([torch.ones(3)], want, "output", backend) is None
     assert "max abs err 0.5" in opinfo_compare.compare([torch.tensor([1.0, 1.5, 1.0])], want, "output", backend)
@@ -56,7 +56,7 @@ def test_grad_layout_check_names_the_misplaced_gradient():
         def __init__(self, *placements):
             self.placements = placements
 
-    backend = type("Backend", (), {"is_distributed": lambda self, v: True, "layout": lambda self, v: opinfo._tokens(v.placements)})()
+    backend = type("Backend", (), {"is_distributed": lambda self, v: True, "layout": lambda self, v: opinfo_backend.layout_tokens(v.placements)})()
     expected = [(Laid(Shard(0), Replicate()), Laid(Shard(0), Partial())),  # a Partial grad of a Replicate input: deferred
                 (Laid(Partial("avg")), Laid(Replicate())), (Laid(Replicate()), Laid(Replicate()))]
     assert opinfo._grad_layout_problem(*zip(*expected), backend) is None
