@@ -29,6 +29,8 @@ self; clamping maps it into [-size, size - 1] and a negative one wraps, as torch
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from dtensor_plus.placements import Partial, Replicate, Shard
@@ -108,8 +110,20 @@ def _follow(o, mask, indices, values, geometry, k):
             shard(values) if values is not None else None)
 
 
-def _rows(op: OpSchema, parsed, accumulate: bool):
-    """Per mesh dim: (self, mask, [indices], values, output, kind) with kind None | "masked" | "sum-fill"."""
+class _Row(NamedTuple):
+    """One mesh dim's decision: a placement per input (``indices``: one per index, None where absent) and for the
+    output; ``kind`` is None, "masked" (self sharded along an indexed dim) or "sum-fill" (a Partial(sum) self)."""
+
+    self: object
+    mask: object
+    indices: list
+    values: object
+    out: object
+    kind: str | None
+
+
+def _rows(op: OpSchema, parsed, accumulate: bool) -> list[_Row]:
+    """One _Row per mesh dim (the table in the module docstring)."""
     spec, mask, indices, values, geometry = parsed
     roles = [(spec, "self"), (mask, "mask"), *[(t, "index") for t in indices if t is not None]]
     roles += [(values, "values")] if values is not None else []
@@ -124,46 +138,45 @@ def _rows(op: OpSchema, parsed, accumulate: bool):
         # result, as a Partial costs a reduction later) or a masked accumulate (always: no traffic at all)
         if p.is_shard() and geometry.self_to_out(p.dim) is None and (accumulate or (summable and kept is None)):
             out = p if accumulate else Partial()
-            rows.append((p, R, [R if t is not None else None for t in indices], R if values else None, out, "masked"))
+            rows.append(_Row(p, R, [R if t is not None else None for t in indices], R if values else None, out, "masked"))
             continue
         if kept is not None and (not accumulate or geometry.self_dim(kept) is not None or summable):
             m, idx, v = _follow(kept, mask, indices, values, geometry, k)
             self_dim = geometry.self_dim(kept)
             if self_dim is not None:
-                rows.append((Shard(self_dim), m, idx, v, Shard(self_dim), None))
+                rows.append(_Row(Shard(self_dim), m, idx, v, Shard(self_dim), None))
             elif not accumulate:
-                rows.append((R, m, idx, v, Shard(kept), None))
+                rows.append(_Row(R, m, idx, v, Shard(kept), None))
             elif p in (R, Partial()):
-                rows.append((Partial(), m, idx, v, Partial(), None))
+                rows.append(_Row(Partial(), m, idx, v, Partial(), None))
             else:
-                rows.append((R, R, [R if t is not None else None for t in indices], R, R, None))
+                rows.append(_Row(R, R, [R if t is not None else None for t in indices], R, R, None))
             continue
         plain = [R if t is not None else None for t in indices]
         if accumulate:
             floating = spec.dtype.is_floating_point or spec.dtype.is_complex
             r = _partial([p, values.placements[k]], ("sum", "avg") if floating else ("sum",))
-            rows.append((r, R, plain, r, r, None) if r else (R, R, plain, R, R, None))
+            rows.append(_Row(r, R, plain, r, r, None) if r else _Row(R, R, plain, R, R, None))
         elif p.is_partial():
-            rows.append((p, R, plain, None, p, "sum-fill" if p.reduce_op == "sum" else None))
+            rows.append(_Row(p, R, plain, None, p, "sum-fill" if p.reduce_op == "sum" else None))
         else:
-            rows.append((R, R, plain, None, R, None))
-    if any(row[5] == "masked" for row in rows) and not accumulate:  # its zeros survive sums only
-        for k, (_, m, idx, v, out, _) in enumerate(rows):
-            if out.is_partial() and out.reduce_op != "sum":
-                rows[k] = (R, m, idx, v, R, None)
+            rows.append(_Row(R, R, plain, None, R, None))
+    if any(row.kind == "masked" for row in rows) and not accumulate:  # its zeros survive sums only
+        for k, row in enumerate(rows):
+            if row.out.is_partial() and row.out.reduce_op != "sum":
+                rows[k] = row._replace(self=R, out=R, kind=None)
     return rows
 
 
 def _sharding(op, parsed, rows, local_op):
     spec, mask, indices, values, _ = parsed
-    columns = list(zip(*rows))
-    inputs = [tuple(columns[0]), tuple(columns[1])]
+    inputs = [tuple(row.self for row in rows), tuple(row.mask for row in rows)]
     for position, t in enumerate(indices):
         if t is not None:
-            inputs.append(tuple(row[2][position] for row in rows))
+            inputs.append(tuple(row.indices[position] for row in rows))
     if values is not None:
-        inputs.append(tuple(columns[3]))
-    return Sharding(inputs=tuple(inputs), outputs=(tuple(columns[4]),), local_op=local_op)
+        inputs.append(tuple(row.values for row in rows))
+    return Sharding(inputs=tuple(inputs), outputs=(tuple(row.out for row in rows),), local_op=local_op)
 
 
 def _localize(self_target, geometry, indices, mesh_dims):
@@ -188,13 +201,13 @@ def masked_index_rule(op: OpSchema) -> Sharding:
     if parsed is None:
         return replicate_all(op)
     rows = _rows(op, parsed, accumulate=False)
-    masked = [k for k, row in enumerate(rows) if row[5] == "masked"]
-    fill_mesh_dims = [k for k, row in enumerate(rows) if row[5] is not None]
-    if not fill_mesh_dims and not any(row[0].is_shard() for row in rows):
+    masked = [k for k, row in enumerate(rows) if row.kind == "masked"]
+    fill_mesh_dims = [k for k, row in enumerate(rows) if row.kind is not None]
+    if not fill_mesh_dims and not any(row.self.is_shard() for row in rows):
         return _sharding(op, parsed, rows, None)
     spec, geometry, mesh = parsed[0], parsed[4], parsed[0].mesh
-    self_target = spec.with_placements(tuple(row[0] for row in rows))
-    out_target = DTensorSpec(mesh, tuple(row[4] for row in rows), TensorMeta.of(meta_outputs(op)[0]))
+    self_target = spec.with_placements(tuple(row.self for row in rows))
+    out_target = DTensorSpec(mesh, tuple(row.out for row in rows), TensorMeta.of(meta_outputs(op)[0]))
 
     def masked_index(x, mask, indices, fill):
         coordinate = mesh.get_coordinate()
@@ -218,11 +231,11 @@ def masked_index_put_accumulate_rule(op: OpSchema) -> Sharding:
     if parsed is None:
         return replicate_all(op)
     rows = _rows(op, parsed, accumulate=True)
-    masked = [k for k, row in enumerate(rows) if row[5] == "masked"]
+    masked = [k for k, row in enumerate(rows) if row.kind == "masked"]
     if not masked:
         return _sharding(op, parsed, rows, None)
     spec, geometry = parsed[0], parsed[4]
-    self_target = spec.with_placements(tuple(row[0] for row in rows))
+    self_target = spec.with_placements(tuple(row.self for row in rows))
 
     def masked_put_accumulate(x, mask, indices, values):
         local, inside = _localize(self_target, geometry, indices, masked)
