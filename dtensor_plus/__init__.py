@@ -11,6 +11,12 @@ Place tensors on a device mesh, write single-device torch code, and the op rules
 """
 
 import os as _os
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("dtensor_plus")
+except _metadata.PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"
 
 # In a source checkout layouts/, ops/ and kernels/ sit beside this package and install as dtensor_plus.*
 # (pyproject's package-dir). When this package is imported from the checkout itself (`python -m pytest` from
@@ -38,5 +44,5 @@ __all__ = [
     "Placement", "Shard", "Replicate", "Partial",
     "distribute_tensor", "distribute_module", "zeros", "ones", "empty", "full", "rand", "randn",
     "comm_mode", "CommCounter", "manual_seed", "register_rule", "override_rule", "OpSchema", "Sharding",
-    "implicit_replication", "check_divergence",
+    "implicit_replication", "check_divergence", "__version__",
 ]

@@ -1,8 +1,31 @@
-"""Shared test settings: one hypothesis profile (no deadline: rank round trips vary; derandomized in CI)."""
+"""Shared test settings.
+
+1. The repository root never stays on ``sys.path``. ``python -m pytest`` puts the working directory first on
+   it, and then our top-level folders (``kernels/``, ``ops/``, ``layouts/``, ``examples/``, ``benchmarks/``,
+   ``tests/``) would hide installed packages of the same name: today's transformers imports Hugging Face's
+   ``kernels`` package, and found ours. The library itself is imported as ``dtensor_plus`` (its editable
+   install maps ``dtensor_plus.kernels`` and friends to those folders), so nothing needs the root on the path.
+   This runs before any test module is imported; ``tests/test_import_hygiene.py`` proves it held.
+2. One hypothesis profile (no deadline: rank round trips vary; derandomized in CI).
+"""
 
 import os
+import sys
+from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _is_repository_root(entry: str) -> bool:
+    try:
+        return Path(entry or os.getcwd()).resolve() == REPOSITORY_ROOT
+    except OSError:
+        return False
+
+
+sys.path[:] = [entry for entry in sys.path if not _is_repository_root(entry)]
+
+from hypothesis import HealthCheck, settings  # noqa: E402  (after the path is clean)
 
 settings.register_profile(
     "dtensor_plus",
