@@ -189,5 +189,6 @@ def _lift(t: torch.Tensor, device_mesh, dp_dim: str) -> DTensor:
         )
     by_name = dict(zip(sub_names, t.placements))
     placements = [by_name.get(name, Replicate()) for name in names]
-    # The local block is already this rank's block in the lifted layout: Replicate on dp adds no data.
-    return DTensor.from_local(t.to_local(), device_mesh, placements)
+    # The local block is already this rank's block in the lifted layout: Replicate on dp adds no data. The
+    # global shape is passed, never rebuilt from the block: 97 rows on tp=2 are blocks of 49 and 48.
+    return DTensor.from_local(t.to_local(), device_mesh, placements, shape=t.shape, stride=t.stride())

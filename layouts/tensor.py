@@ -36,7 +36,7 @@ from torch import nn
 
 from dtensor_plus.api import distribute_tensor
 from dtensor_plus.dtensor import DTensor
-from dtensor_plus.placements import Placement, Replicate, Shard
+from dtensor_plus.placements import Placement, Replicate, Shard, chunk_bounds
 
 from .data import reduce_grad_in_backward
 
@@ -85,12 +85,31 @@ def _style_mesh_dim(x: DTensor, device_mesh) -> int:
     )
 
 
-def _to_dtensor(x: torch.Tensor, device_mesh, layout: Placement) -> DTensor:
-    """A DTensor for ``x``: a DTensor passes as is; a plain tensor is this rank's block in ``layout``."""
+def _to_dtensor(x: torch.Tensor, device_mesh, layout: Placement, last_dim_size: int | None = None) -> DTensor:
+    """A DTensor for ``x``: a DTensor passes as is; a plain tensor is this rank's block in ``layout``.
+
+    A block alone cannot tell its global shape (43 features on each of 3 ranks may be 127, 128 or 129), and
+    guessing even blocks makes ranks disagree. So the sharded dim's global size is ``last_dim_size`` where
+    the style knows it (a Rowwise linear's input features) and the block is on its last dim; else every
+    rank's block size is gathered (one small counted all-gather, ``from_local(run_check=True)``, which raises
+    on every rank when the blocks are not torch.chunk pieces of one tensor). Pass a DTensor to skip it."""
     if isinstance(x, DTensor):
         _style_mesh_dim(x, device_mesh)
         return x
-    return DTensor.from_local(x, device_mesh, [layout])
+    if not isinstance(layout, Shard):
+        return DTensor.from_local(x, device_mesh, [layout])
+    dim = layout.normalized(x.ndim).dim
+    if last_dim_size is None or dim != x.ndim - 1:
+        return DTensor.from_local(x, device_mesh, [layout], run_check=True)
+    _, length = chunk_bounds(last_dim_size, device_mesh.size(0), device_mesh.get_local_rank(0))
+    if x.shape[dim] != length:
+        # NOTE: raised on this rank only; the others fail in their next collective, within its timeout.
+        raise ValueError(
+            f"the input's last dim has {x.shape[dim]} entries on rank {device_mesh.get_local_rank(0)} of "
+            f"{device_mesh}, but the module's {last_dim_size} input features split as torch.chunk give it "
+            f"{length}; feed each rank its torch.chunk block (or a DTensor)"
+        )
+    return DTensor.from_local(x, device_mesh, [layout], shape=(*x.shape[:-1], last_dim_size))
 
 
 def _normal(placement: Placement, ndim: int) -> Placement:
@@ -126,11 +145,13 @@ def _distribute_parameter(module: nn.Module, name: str, device_mesh, placement: 
         reduce_grad_in_backward(placed)
 
 
-def _prepare_first_input(inputs: tuple, device_mesh, layout: Placement, desired: Placement) -> tuple:
+def _prepare_first_input(
+    inputs: tuple, device_mesh, layout: Placement, desired: Placement, last_dim_size: int | None = None,
+) -> tuple:
     if not inputs or not isinstance(inputs[0], torch.Tensor):
         got = type(inputs[0]).__name__ if inputs else "no inputs"
         raise TypeError(f"the module's first positional input must be a tensor, got {got}; use PrepareModuleInput")
-    x = _redistribute(_to_dtensor(inputs[0], device_mesh, layout), desired, device_mesh)
+    x = _redistribute(_to_dtensor(inputs[0], device_mesh, layout, last_dim_size), desired, device_mesh)
     return (x, *inputs[1:])
 
 
@@ -193,9 +214,13 @@ class _LinearStyle(ParallelStyle):
                 shape = None if weight is None else tuple(getattr(weight, "shape", ()))
                 raise TypeError(f"{type(self).__name__} needs a 2-D weight, {type(module).__name__}.weight has shape {shape}")
         layout, desired, output, params = self._layouts(module)
+        # A linear layer's input features: the global size of a plain input's last dim (no gather to learn it).
+        in_features = None if isinstance(module, nn.Embedding) else module.weight.shape[1 - self._linear_output_dim(module)]
         for name, placement in params.items():
             _distribute_parameter(module, name, device_mesh, placement)
-        module.register_forward_pre_hook(lambda _, inputs: _prepare_first_input(inputs, device_mesh, layout, desired))
+        module.register_forward_pre_hook(
+            lambda _, inputs: _prepare_first_input(inputs, device_mesh, layout, desired, in_features)
+        )
         module.register_forward_hook(lambda _, __, outputs: _finish_output(outputs, device_mesh, output, self.use_local_output))
         return module
 

@@ -131,6 +131,8 @@ def _run(kind: str, mesh_shape: tuple[int, int], sp: bool):
     x_local = _chunk(x_BTD, 0, mesh, "dp")
     if sp:
         x_local = _chunk(x_local, 1, mesh, "tp")
+    if sp and kind == "mlp":  # sequence shards with their global shape: no gather of the block sizes
+        x_local = DTensor.from_local(x_local, tp_mesh, [Shard(1)], shape=(len(x_local), T, D))
     with dtp.comm_mode() as forward_comm:
         y = model(x_local)
     y = y if isinstance(y, DTensor) else DTensor.from_local(y, tp_mesh, [Shard(1) if sp else Replicate()])
@@ -168,7 +170,10 @@ def test_matches_one_device_with_no_fallback(kind, mesh_shape, sp):
         # Megatron: per layer, forward, one all-reduce after attention and one after the MLP; sequence
         # parallelism replaces each by an all-gather on entry and a reduce-scatter on exit.
         n = 1 if kind == "mlp" else 2 * 2  # MLP: one region; stack: 2 blocks of 2 regions
-        expected = {("all_gather", "tp"): n, ("reduce_scatter", "tp"): n} if sp else {("all_reduce", "tp"): n}
+        # The stack's residual stream is plain sequence shards: each norm learns the global sequence length
+        # from one small all-gather of the block sizes (layouts/tensor.py _to_dtensor).
+        size_gathers = n if sp and kind == "stack" else 0
+        expected = {("all_gather", "tp"): n + size_gathers, ("reduce_scatter", "tp"): n} if sp else {("all_reduce", "tp"): n}
         assert dict(counts) == expected, counts
 
 
@@ -242,13 +247,14 @@ def _prepare():
     torch.testing.assert_close(y_BTD, ref)
     for name, p in model.mlp.named_parameters():
         torch.testing.assert_close(p.grad.full_tensor(), reference.get_parameter(name).grad)
-    # all-gather in, reduce-scatter out of the MLP, all-gather for the whole output
+    # the block sizes of the plain sequence shards, all-gather in, reduce-scatter out of the MLP, all-gather
+    # for the whole output
     return dict(comm.counts)
 
 
 def test_prepare_module_input_and_output():
     for counts in run_on_ranks(2, _prepare):
-        assert counts == {("all_gather", "tp"): 2, ("reduce_scatter", "tp"): 1}, counts
+        assert counts == {("all_gather", "tp"): 3, ("reduce_scatter", "tp"): 1}, counts
 
 
 # ---------------------------------------------------------------- plan errors
