@@ -5,7 +5,8 @@ Communication is bucketed (``redistribute_together``): stage 1 reduce-scatters e
 one flat reduce-scatter per (mesh dim, dtype) and all-gathers the updated shards back in one flat all-gather;
 stage 2 reduce-scatters gradients during backward, a bucket at a time (post-accumulate-grad hooks collect
 gradients until ``bucket_cap_mb`` fills; the end of backward flushes the rest), and leaves the reduced shards
-on the masters (``opt.masters[i].grad``; the replicated parameter's ``.grad`` is freed)::
+on the masters (``opt.masters[i].grad``; the replicated parameter's ``.grad`` is freed). Parameter groups work as
+in torch.optim: each becomes a group of the wrapped optimizer on its masters, with the user's options::
 
     distribute_module(model, mesh)                  # parameters Replicate on dp
     opt = ZeroRedundancyOptimizer(model.parameters(), mesh, torch.optim.AdamW, stage=2, lr=1e-3)
@@ -13,6 +14,8 @@ on the masters (``opt.masters[i].grad``; the replicated parameter's ``.grad`` is
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -25,13 +28,14 @@ from .zero_placement import CPUOffload, check_dp_placement, dp_mesh_dim, on_devi
 __all__ = ["ZeroRedundancyOptimizer"]
 
 
-class ZeroRedundancyOptimizer:
+class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     """ZeRO stage 1 or 2 around any ``torch.optim`` optimizer: it steps on dp-sharded master copies of
     ``Replicate`` parameters, so its state is sharded on the dp mesh dim.
 
     Args:
-        params: the model's parameters, DTensors ``Replicate`` on the dp mesh dim (``distribute_module``); plain
-            tensors are taken as replicated.
+        params: the model's parameters, DTensors ``Replicate`` on the dp mesh dim (``distribute_module``), or
+            parameter groups as torch.optim takes them: dicts with ``"params"`` and their own options
+            (``{"params": no_decay, "weight_decay": 0.0}``). Parameters that do not require grad are left out.
         mesh: the device mesh.
         optimizer_class: e.g. ``torch.optim.AdamW``; built on the master shards with ``**defaults``.
         stage: 1 (gradients reduce-scattered in ``step``) or 2 (reduce-scattered in buckets during backward).
@@ -41,12 +45,17 @@ class ZeroRedundancyOptimizer:
             the optimizer steps there; reduced gradient shards are copied to the host, updated shards back to
             the parameters' device for the all-gather.
 
+    It is a ``torch.optim.Optimizer``: ``param_groups`` hold the model's parameters and every option of the
+    wrapped optimizer's groups, copied into them before each step, so an LR scheduler (or a hand-written
+    ``group["lr"] = ...``) takes effect; ``state[p]`` is the wrapped optimizer's state of ``p``'s master shard.
+
     Traffic per step (bytes B per parameter): one reduce-scatter and one all-gather, each (n-1)/n x B, in
     one collective per bucket instead of one per parameter.
 
     Example::
 
-        opt = ZeroRedundancyOptimizer(model.parameters(), mesh, torch.optim.AdamW, stage=2, lr=1e-3)
+        groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = ZeroRedundancyOptimizer(groups, mesh, torch.optim.AdamW, stage=2, lr=1e-3)
         model(x).sum().backward(); opt.step(); opt.zero_grad()
     """
 
@@ -61,16 +70,63 @@ class ZeroRedundancyOptimizer:
         self.offload = offload
         self.stage, self.mesh = stage, mesh
         self.mesh_dim = dp_mesh_dim(mesh, mesh_dim)
-        self.params = [p for p in params if p.requires_grad]
-        for p in self.params:
+        self.optimizer_class, self._inner_defaults = optimizer_class, defaults
+        self.optimizer = None  # the wrapped optimizer, built on the first group's masters
+        self.params, self.masters, self._master_of, self._hooks = [], [], {}, []
+        self._listed = set()  # ids of every parameter given, frozen ones too (torch refuses them twice as well)
+        self._cap_bytes, self._waiting, self._waiting_bytes = bucket_cap_mb * 2**20, [], 0
+        super().__init__(params, defaults)  # calls add_param_group for each group
+        self.defaults = self.optimizer.defaults  # every option, the wrapped class's own defaults included
+        self.state = _StateByParam(self)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group of parameters with its own options (``torch.optim.Optimizer.add_param_group``), e.g. a
+        layer unfrozen during fine-tuning: their master shards join the wrapped optimizer as a new group."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params, names = _params_and_names(param_group["params"])
+        self._check_new(params)
+        trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        params = [params[i] for i in trainable]
+        masters = [self._master(p) for p in params]
+        group = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        group["params"] = masters if names is None else [(names[i], m) for i, m in zip(trainable, masters)]
+        if self.optimizer is None:
+            self.optimizer = self.optimizer_class([group], **self._inner_defaults)
+        else:
+            self.optimizer.add_param_group(group)
+        # The user's group: the wrapped optimizer's options (its defaults filled in) around the model's parameters.
+        self.param_groups.append({**self.optimizer.param_groups[-1], "params": params})
+        self.params += params
+        self.masters += masters
+        self._master_of.update((id(p), m) for p, m in zip(params, masters))
+        if self.stage == 2:
+            self._hooks += [p.register_post_accumulate_grad_hook(self._add_to_bucket) for p in params]
+
+    def _check_new(self, params) -> None:
+        # One master and one optimizer state per parameter: a parameter listed twice would be stepped twice.
+        position = {}
+        for k, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"a parameter group holds {type(p).__name__} at position {k}; it takes tensors (parameters)")
+            if id(p) in self._listed:
+                raise ValueError(
+                    f"some parameters appear in more than one parameter group: the parameter of shape "
+                    f"{tuple(p.shape)} at position {k} of the new group is in an earlier group; list each parameter once"
+                )
+            if id(p) in position:
+                raise ValueError(
+                    f"a parameter group lists the parameter of shape {tuple(p.shape)} twice (positions "
+                    f"{position[id(p)]} and {k}); list it once (model.parameters() lists tied weights once)"
+                )
+            position[id(p)] = k
+        for p in params:
+            if not p.requires_grad:
+                continue
             if not isinstance(p, DTensor):
                 raise TypeError("ZeroRedundancyOptimizer needs DTensor parameters; place the model with distribute_module(model, mesh)")
             check_dp_placement(p, self.mesh_dim, "ZeroRedundancyOptimizer")
-        self.masters = [self._master(p) for p in self.params]
-        self._master_of = {id(p): m for p, m in zip(self.params, self.masters)}
-        self.optimizer = optimizer_class(self.masters, **defaults)
-        self._cap_bytes, self._waiting, self._waiting_bytes = bucket_cap_mb * 2**20, [], 0
-        self._hooks = [p.register_post_accumulate_grad_hook(self._add_to_bucket) for p in self.params] if stage == 2 else []
+        self._listed.update(position)
 
     def _master(self, p: DTensor) -> nn.Parameter:
         # Replicate -> Shard is a local chunk: no communication; clone so the master owns its storage.
@@ -112,11 +168,13 @@ class ZeroRedundancyOptimizer:
     @torch.no_grad()
     def step(self, closure=None):
         """Reduce-scatter the gradients still whole (stage 1: all of them), step the wrapped optimizer on the
-        shards, all-gather the updated shards into the parameters (one collective per bucket)."""
+        shards with the options of ``param_groups``, all-gather the updated shards into the parameters (one
+        collective per bucket)."""
         if closure is not None:
             raise ValueError("ZeroRedundancyOptimizer.step does not take a closure; call backward before step()")
         self._flush()
         self._reduce_into_masters(self.params)
+        _copy_options(self.param_groups, self.optimizer.param_groups)  # an LR scheduler changed ours
         self.optimizer.step()
         sources = [on_device(m, p.device) for p, m in zip(self.params, self.masters)]  # offload: host-to-device
         wholes = redistribute_together(sources, [p.placements for p in self.params])  # all-gather on dp
@@ -128,22 +186,65 @@ class ZeroRedundancyOptimizer:
             p.grad = None
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    def state_dict(self):
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's state dict (its groups and indices are ours: the same order), with the options
+        of ``param_groups``; the state tensors are the master shards' (DTensors, Shard on dp)."""
+        _copy_options(self.param_groups, self.optimizer.param_groups)
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict) -> None:
-        """Load the inner optimizer's state; the master shards are re-taken from the parameters, which a
-        checkpoint load has just filled in place (a local chunk each, no communication): otherwise the next
-        step would start from the stale masters and overwrite the loaded parameters."""
+        """Load the wrapped optimizer's state and the groups' options; the master shards are re-taken from the
+        parameters, which a checkpoint load has just filled in place (a local chunk each, no communication):
+        otherwise the next step would start from the stale masters and overwrite the loaded parameters."""
         self.optimizer.load_state_dict(state_dict)
+        _copy_options(self.optimizer.param_groups, self.param_groups)
         with torch.no_grad():
             for p, master in zip(self.params, self.masters):
                 master._local_tensor.copy_(self._master(p)._local_tensor)
+
+
+def _params_and_names(params) -> tuple[list, list | None]:
+    """A group's parameters as a list, and their names when given as (name, tensor) pairs (as torch.optim takes)."""
+    if isinstance(params, torch.Tensor):
+        return [params], None
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be an ordered collection (a list), not a set: a set's order "
+                        "differs between runs and ranks")
+    params = list(params)
+    named = [isinstance(p, tuple) for p in params]
+    if not any(named):
+        return params, None
+    if not all(named):
+        raise ValueError("a parameter group mixes (name, tensor) pairs and bare tensors; give names to all or none")
+    return [p for _, p in params], [name for name, _ in params]
+
+
+def _copy_options(source_groups, target_groups) -> None:
+    """Every option but the parameters, group by group (ours and the wrapped optimizer's are in the same order)."""
+    for source, target in zip(source_groups, target_groups):
+        target.update((k, v) for k, v in source.items() if k != "params")
+
+
+class _StateByParam(Mapping):
+    """The wrapped optimizer's state keyed by the model's parameters (as torch.optim's is keyed by those in its
+    ``param_groups``) as well as by the master shards it steps; read through on every access, so it follows
+    a ``load_state_dict`` that replaces the wrapped optimizer's state."""
+
+    def __init__(self, zero: ZeroRedundancyOptimizer):
+        self._zero = zero
+
+    def __getitem__(self, param):
+        master = self._zero._master_of.get(id(param))
+        if master is None and any(param is m for m in self._zero.masters):  # keyed by the master itself
+            master = param
+        if master is None:
+            raise KeyError(f"no optimizer state for a tensor of shape {tuple(param.shape)}: not one of this "
+                           f"optimizer's parameters")
+        return self._zero.optimizer.state[master]
+
+    def __iter__(self):
+        state = self._zero.optimizer.state
+        return iter([p for p, m in zip(self._zero.params, self._zero.masters) if m in state])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
