@@ -28,6 +28,7 @@ if _os.path.isfile(_os.path.join(_root, "ops", "__init__.py")) and not _os.path.
 from .api import distribute_module, distribute_tensor  # noqa: E402
 from .collectives import CommCounter, comm_mode  # noqa: E402
 from .debug import check_divergence  # noqa: E402
+from .explicit import ImplicitCommunicationError, explicit_communication  # noqa: E402
 from .plain_tensors import implicit_replication  # noqa: E402
 from .dtensor import DTensor  # noqa: E402
 from .factories import empty, full, ones, rand, randn, zeros  # noqa: E402
@@ -36,6 +37,7 @@ from .placements import Partial, Placement, Replicate, Shard  # noqa: E402
 from .random import manual_seed  # noqa: E402
 from .rules import OpSchema, Sharding, override_rule, register_rule  # noqa: E402
 from .spec import DTensorSpec, TensorMeta  # noqa: E402
+from .visualize import visualize_sharding  # noqa: E402
 
 from . import ops  # noqa: E402,F401  (registers the sharding rules)
 
@@ -44,5 +46,6 @@ __all__ = [
     "Placement", "Shard", "Replicate", "Partial",
     "distribute_tensor", "distribute_module", "zeros", "ones", "empty", "full", "rand", "randn",
     "comm_mode", "CommCounter", "manual_seed", "register_rule", "override_rule", "OpSchema", "Sharding",
-    "implicit_replication", "check_divergence", "__version__",
+    "implicit_replication", "check_divergence", "__version__", "visualize_sharding",
+    "explicit_communication", "ImplicitCommunicationError",
 ]

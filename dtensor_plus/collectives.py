@@ -30,7 +30,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from . import debug
+from . import debug, explicit
 from .placements import chunk_bounds
 
 __all__ = [
@@ -46,22 +46,41 @@ _C10D_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.Red
 
 
 class CommCounter:
-    """Counts of collectives, bytes sent by this rank and fallback ops, keyed by (collective, mesh dim name)."""
+    """Counts of collectives, bytes sent by this rank and fallback ops, keyed by (collective, mesh dim name).
 
-    def __init__(self):
+    With ``comm_mode(per_module=True)`` each collective is also attributed to the innermost module running
+    when it was issued and to forward or backward (``by_module``; ``report()`` prints the table)."""
+
+    def __init__(self, tracker=None):
         self.counts: Counter = Counter()
         self.sent_bytes: Counter = Counter()
         self.fallbacks: Counter = Counter()
+        self.by_module: Counter = Counter()  # (module path, "forward"/"backward", collective, mesh dim) -> calls
+        self.bytes_by_module: Counter = Counter()
+        self._tracker = tracker
 
     def record(self, collective: str, mesh_dim_name: str, num_bytes: int) -> None:
         self.counts[collective, mesh_dim_name] += 1
         self.sent_bytes[collective, mesh_dim_name] += int(num_bytes)
+        if self._tracker is not None:
+            key = (*self._tracker.current(), collective, mesh_dim_name)
+            self.by_module[key] += 1
+            self.bytes_by_module[key] += int(num_bytes)
 
     def count(self, collective: str | None = None, mesh_dim_name: str | None = None) -> int:
         return sum(v for k, v in self.counts.items() if _matches(k, collective, mesh_dim_name))
 
     def bytes(self, collective: str | None = None, mesh_dim_name: str | None = None) -> int:
         return sum(v for k, v in self.sent_bytes.items() if _matches(k, collective, mesh_dim_name))
+
+    def report(self) -> str:
+        """One line per (module, forward/backward, collective, mesh dim): calls and bytes this rank sent."""
+        if self._tracker is None:
+            raise ValueError("comm.report() needs per-module attribution: use `with comm_mode(per_module=True) as comm:`")
+        rows = [("module", "phase", "collective", "mesh dim", "calls", "bytes sent")]
+        rows += [(m, p, c, d, str(n), str(self.bytes_by_module[m, p, c, d])) for (m, p, c, d), n in sorted(self.by_module.items())]
+        widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
     def __repr__(self) -> str:
         rows = [f"{c}[{m}]: {n} calls, {self.sent_bytes[c, m]} B" for (c, m), n in sorted(self.counts.items())]
@@ -77,14 +96,25 @@ _ACTIVE: list[CommCounter] = []
 
 
 @contextlib.contextmanager
-def comm_mode():
-    """Count every collective (and fallback op) issued inside the block. Nests."""
-    counter = CommCounter()
+def comm_mode(*, per_module: bool = False):
+    """Count every collective (and fallback op) issued inside the block. Nests.
+
+    ``per_module=True`` also attributes each collective to the module path and to forward or backward
+    (module_tracking.py); ``comm.report()`` prints the table."""
+    tracker = None
+    if per_module:
+        from .module_tracking import ModuleTracker
+
+        tracker = ModuleTracker()
+        tracker.__enter__()
+    counter = CommCounter(tracker)
     _ACTIVE.append(counter)
     try:
         yield counter
     finally:
         _ACTIVE.remove(counter)
+        if tracker is not None:
+            tracker.__exit__(None, None, None)
 
 
 def record_fallback(op_name: str) -> None:
@@ -93,6 +123,8 @@ def record_fallback(op_name: str) -> None:
 
 
 def _record(collective: str, mesh, mesh_dim: int, num_bytes: float) -> None:
+    if explicit._STATE.explicit:  # auditing: an op's own collective raises here, before it runs, on every rank
+        explicit.check_collective(collective, mesh.mesh_dim_name(mesh_dim))
     if _ACTIVE:
         name = mesh.mesh_dim_name(mesh_dim)
         for counter in _ACTIVE:

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import collectives, debug, mutation, plain_tensors, random, rules, strided, views
+from . import collectives, debug, explicit, mutation, plain_tensors, random, rules, strided, views
 from .placements import Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
@@ -309,7 +309,11 @@ def dispatch(func, args, kwargs, dtensor_cls):
         if kwargs:
             key.append(_kwargs_key(kwargs, dtensors, dtensor_cls))
     except _PlainTensorError:  # a plain tensor beside DTensors: joins as Replicate once known equal on all ranks
-        args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {}, dtensor_cls)
+        if explicit._STATE.explicit:
+            with explicit.in_op("plain", None):
+                args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {}, dtensor_cls)
+        else:
+            args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {}, dtensor_cls)
         return dispatch(func, args, kwargs, dtensor_cls)
     key = tuple(key)
     plan = _CACHE.get(key)
@@ -323,6 +327,11 @@ def dispatch(func, args, kwargs, dtensor_cls):
         _STATS["hits"] += 1
     if dtensors and views.writes_to_unaliased_view(func, args[0]):
         return views.write_through(func, args, kwargs)
+    if explicit._STATE.explicit:  # auditing: whatever this op would communicate unasked raises
+        specs = [dt._spec for dt in dtensors]
+        explicit.check_input_moves(func, specs, getattr(plan, "input_targets", ()))
+        with explicit.in_op(func, specs):
+            return plan.run(args, kwargs, dtensors, dtensor_cls)
     if debug.divergence_checking():  # name the op in any divergence report
         with debug.at_op(func, [dt._spec for dt in dtensors]):
             return plan.run(args, kwargs, dtensors, dtensor_cls)

@@ -32,7 +32,7 @@ import contextlib
 import functools
 import importlib
 
-from dtensor_plus import rules
+from dtensor_plus import explicit, rules
 
 __all__ = ["context_parallel", "CONTEXT_PARALLEL_KINDS"]
 
@@ -64,7 +64,9 @@ def context_parallel(mesh_dim: int | str = "cp", kind: str = "ring", *, load_bal
         raise ValueError(f"context_parallel(kind={kind!r}, load_balance=True): load balancing is a ring layout "
                          f"(Ulysses attention is balanced already); use kind='ring' or load_balance=False")
     # the ring reads zigzag StridedShards itself; Ulysses sees any StridedShard gathered
-    with rules.override_rule(_rules_for(kind, mesh_dim, load_balance), strided="native" if kind == "ring" else None):
+    # Its collectives (k/v around the ring, Ulysses' all-to-alls) are asked for by name, even in explicit mode.
+    with rules.override_rule(_rules_for(kind, mesh_dim, load_balance), strided="native" if kind == "ring" else None), \
+            explicit.layout_communication():
         yield
 
 

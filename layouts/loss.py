@@ -48,7 +48,7 @@ import functools
 
 import torch
 
-from dtensor_plus import collectives, rules
+from dtensor_plus import collectives, explicit, rules
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.kernels.cross_entropy import cross_entropy as fused_cross_entropy
 from dtensor_plus.ops.common import aten, normalize_dim, replicated, without_partial
@@ -81,7 +81,8 @@ def loss_parallel():
         overrides[op] = functools.partial(rule, default=default)
     # Rows are independent in all four ops, so a StridedShard of the rows (a flattened (B, T) with T on cp)
     # may be read as a Shard of them; the class dim is always a plain Shard.
-    with rules.override_rule(overrides, strided="as_shard"):
+    # Its collectives (the vocab-wise max and sum) are asked for by name: allowed under explicit_communication().
+    with rules.override_rule(overrides, strided="as_shard"), explicit.layout_communication():
         yield
 
 
