@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from .placements import Placement, Replicate, Shard, StridedShard, chunk_bounds
+from .torch_interop import check_mesh_is_ours, is_torch_placement, placement_from_torch
 
 __all__ = ["TensorMeta", "DTensorSpec", "normalize_placements", "local_shape_and_offset", "replicate_all"]
 
@@ -103,7 +104,7 @@ def local_shape_and_offset(shape, mesh_shape, placements, coordinate) -> tuple[t
 
 def normalize_placements(placements: Sequence[Placement], mesh, ndim: int) -> tuple[Placement, ...]:
     """Validate user placements against a mesh and a tensor rank; negative Shard dims become positive."""
-    if isinstance(placements, Placement):
+    if isinstance(placements, Placement) or is_torch_placement(placements):
         raise TypeError(f"placements must be a sequence with one placement per mesh dim, e.g. [{placements!r}]")
     placements = tuple(placements)
     if len(placements) != mesh.ndim:
@@ -111,10 +112,16 @@ def normalize_placements(placements: Sequence[Placement], mesh, ndim: int) -> tu
             f"{len(placements)} placements {list(placements)} given for a {mesh.ndim}-d mesh {mesh.shape}; "
             f"give exactly one placement per mesh dim"
         )
+    check_mesh_is_ours(mesh)
     out = []
     for p in placements:
         if not isinstance(p, Placement):
-            raise TypeError(f"{p!r} is not a placement; use Shard(dim), Replicate() or Partial(reduce_op)")
+            p = placement_from_torch(p) or p  # torch.distributed.tensor's Shard/Replicate/Partial mean the same
+        if not isinstance(p, Placement):
+            raise TypeError(
+                f"{p!r} (a {type(p).__module__}.{type(p).__qualname__}) is not a placement; use dtensor_plus's "
+                f"Shard(dim), Replicate() or Partial(reduce_op)"
+            )
         out.append(p.normalized(ndim) if isinstance(p, Shard) else p)
     return tuple(out)
 
