@@ -25,8 +25,10 @@ def distribute_tensor(
         tensor: the whole tensor (on every rank; only ``src_data_rank``'s values count).
         device_mesh: the mesh.
         placements: one per mesh dim, Shard or Replicate (default: all Replicate).
-        src_data_rank: global rank whose tensor is the truth, broadcast to the others; None trusts every rank
-            to hold the same values and moves no data.
+        src_data_rank: the index, on every mesh dim, of the rank whose tensor is the truth (as PyTorch's
+            ``group_src`` on each mesh dim): the mesh's rank at coordinate ``(src_data_rank, ..., src_data_rank)``
+            scatters and broadcasts it. It is an index within the mesh, not a global rank, so it means the same
+            on every rank, on sub-meshes too. None trusts every rank to hold the same values and moves no data.
 
     Example::
 
@@ -46,6 +48,7 @@ def distribute_tensor(
     whole = tensor.detach().to(device).contiguous()
     spec = DTensorSpec(device_mesh, placements, TensorMeta.of(whole))
     if src_data_rank is not None and device_mesh.get_coordinate() is not None:
+    _check_src_data_rank(src_data_rank, device_mesh)  # before any membership test: every rank raises alike
         local = _send_blocks_from(whole.clone(), spec, src_data_rank)
     else:
         replicated = spec.with_placements([Replicate()] * device_mesh.ndim)
@@ -53,16 +56,28 @@ def distribute_tensor(
     return DTensor(local, spec, requires_grad=tensor.requires_grad)
 
 
-def _send_blocks_from(block: torch.Tensor, spec: DTensorSpec, src_rank: int) -> torch.Tensor:
-    """This rank's block of ``src_rank``'s tensor: along each mesh dim in turn, a scatter where that dim shards
-    and a broadcast where it replicates. After mesh dim k every rank that agrees with the source on the dims
-    after k holds its true block for dims up to k, so after the last one every rank does; each rank receives
-    only its block, not the whole tensor."""
+def _check_src_data_rank(src_data_rank, mesh) -> None:
+    if src_data_rank is None:
+        return
+    if not isinstance(src_data_rank, int) or isinstance(src_data_rank, bool):
+        raise TypeError(f"src_data_rank must be an int index within the mesh or None, got {src_data_rank!r}")
+    if not 0 <= src_data_rank < min(mesh.shape):
+        raise ValueError(
+            f"src_data_rank={src_data_rank} is out of range for the mesh of shape {mesh.shape} ({mesh.mesh.tolist()}): "
+            f"it is the source's index on every mesh dim (as in PyTorch), not a global rank, so it must be in "
+            f"[0, {min(mesh.shape)}); pass 0 for the mesh's first rank ({mesh.mesh.flatten()[0].item()}), or None "
+            f"when every rank already holds the same tensor"
+        )
+
+
+def _send_blocks_from(block: torch.Tensor, spec: DTensorSpec, src_index: int) -> torch.Tensor:
+    """This rank's block of the tensor held by the mesh's rank at coordinate ``(src_index, ..., src_index)``: along
+    each mesh dim in turn, a scatter where that dim shards and a broadcast where it replicates, from index
+    ``src_index`` of the dim (PyTorch's ``group_src``). After mesh dim k every rank that agrees with the source on
+    the dims after k holds its true block for dims up to k, so after the last one every rank does; each rank
+    receives only its block, not the whole tensor."""
     mesh = spec.mesh
-    where = (mesh.mesh == src_rank).nonzero()
-    if len(where) == 0:
-        raise ValueError(f"src_data_rank={src_rank} is not in the mesh {mesh.mesh.tolist()}")
-    src_coordinate = where[0].tolist()
+    src_coordinate = [src_index] * mesh.ndim
     for mesh_dim, placement in enumerate(spec.placements):
         if isinstance(placement, Shard):
             block = collectives.scatter(block, mesh, mesh_dim, placement.dim, src_coordinate[mesh_dim])
@@ -104,7 +119,12 @@ def _replicate_plain_tensors(module: nn.Module, mesh) -> None:
     for key, param in list(module._parameters.items()):
         if param is not None and not isinstance(param, DTensor):
             dt = distribute_tensor(param.detach(), mesh, replicate, src_data_rank=None)
-            module._parameters[key] = nn.Parameter(dt, requires_grad=param.requires_grad)
-    for key, buffer in list(module._buffers.items()):
-        if buffer is not None and not isinstance(buffer, DTensor):
-            module._buffers[key] = distribute_tensor(buffer, mesh, replicate, src_data_rank=None)
+            param = nn.Parameter(dt, requires_grad=param.requires_grad)
+        assign(slots, param)  # also a slot still holding what a layout placed through another slot
+    replicated: dict[int, DTensor] = {}  # id(plain buffer) -> its DTensor: a buffer shared by modules stays one
+    for submodule in module.modules():
+        for key, buffer in list(submodule._buffers.items()):
+            if buffer is not None and not isinstance(buffer, DTensor):
+                if id(buffer) not in replicated:
+                    replicated[id(buffer)] = distribute_tensor(buffer, mesh, replicate, src_data_rank=None)
+                submodule._buffers[key] = replicated[id(buffer)]

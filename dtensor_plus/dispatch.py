@@ -55,8 +55,9 @@ def cache_info() -> dict:
 # -- argument scanning ----------------------------------------------------------------------------------
 
 
-def _key(value, dtensors: list, dtensor_cls):
-    """Hashable key material of one argument; appends the DTensors found to ``dtensors``."""
+def _key(value, dtensors: list, dtensor_cls, scalars: list):
+    """Hashable key material of one argument; appends the DTensors found to ``dtensors`` and the 0-d plain
+    tensors to ``scalars``."""
     if isinstance(value, dtensor_cls):
         dtensors.append(value)
         return value._spec
@@ -64,9 +65,10 @@ def _key(value, dtensors: list, dtensor_cls):
     if kind is float or kind is complex:
         return value if kind is float and abs(value) == float("inf") else kind  # +-inf picks a mode (norm ord)
     if kind is list or kind is tuple:
-        return tuple(_key(v, dtensors, dtensor_cls) for v in value)
+        return tuple(_key(v, dtensors, dtensor_cls, scalars) for v in value)
     if isinstance(value, torch.Tensor):
-        if value.ndim == 0:  # a 0-d plain tensor acts as a replicated scalar
+        if value.ndim == 0:  # a 0-d plain tensor acts as a replicated scalar, once checked (plain_tensors.py)
+            scalars.append(value)
             return ("scalar_tensor", value.dtype, value.device)
         raise _PlainTensorError
     if isinstance(value, _SCALAR_TYPES):
@@ -74,8 +76,8 @@ def _key(value, dtensors: list, dtensor_cls):
     return kind  # opaque objects (generators...) never decide a rule
 
 
-def _kwargs_key(kwargs: dict, dtensors: list, dtensor_cls):
-    return tuple((name, _key(value, dtensors, dtensor_cls)) for name, value in kwargs.items())
+def _kwargs_key(kwargs: dict, dtensors: list, dtensor_cls, scalars: list):
+    return tuple((name, _key(value, dtensors, dtensor_cls, scalars)) for name, value in kwargs.items())
 
 
 class _PlainTensorError(Exception):
@@ -228,6 +230,14 @@ def _fallback_sharding(schema: rules.OpSchema, num_outputs: int) -> rules.Shardi
     return rules.Sharding(inputs=(replicate,) * len(schema.specs), outputs=(replicate,) * num_outputs)
 
 
+_ONTO_ONE_MESH = (
+    "Move one onto the other's mesh by value: `y = dtp.distribute_tensor(y.full_tensor(), x.device_mesh, "
+    "placements, src_data_rank=None)` (gathers y; every rank of both meshes must run it), or lay both out on "
+    "one mesh from the start (a DTensor on mesh['tp'] and one on the whole (dp, tp) mesh: lift the first with "
+    "layouts.data.replicate or distribute it on the whole mesh)"
+)
+
+
 def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
     out_names = mutation.out_arguments(func)
     if out_names:
@@ -236,8 +246,8 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
     for dt in dtensors[1:]:
         if dt._spec.mesh != mesh:
             raise ValueError(
-                f"{func}: DTensors on different meshes ({mesh} and {dt._spec.mesh}); redistribute one onto "
-                f"the other's mesh first"
+                f"{func}: DTensors on different meshes ({mesh} and {dt._spec.mesh}); an op needs all its DTensors "
+                f"on one mesh. {_ONTO_ONE_MESH}"
             )
     schema = rules.OpSchema(
         func, _schema_value(args, dtensor_cls), {k: _schema_value(v, dtensor_cls) for k, v in kwargs.items()}, tuple(d._spec for d in dtensors)
@@ -289,11 +299,12 @@ def _is_random(func) -> bool:
     return torch.Tag.nondeterministic_seeded in func.tags
 
 
-def dispatch(func, args, kwargs, dtensor_cls):
+def dispatch(func, args, kwargs, dtensor_cls, plain_checked: bool = False):
     """Run aten op ``func`` on DTensor arguments; the body of ``DTensor.__torch_dispatch__``."""
     if _CACHE_RULE_SET[0] is not rules._RULE_SET[0]:
         _switch_cache()
     dtensors: list = []
+    scalars: list = []
     key = [func]
     try:
         for value in args:  # the top level inline: this loop runs for every op
@@ -305,16 +316,22 @@ def dispatch(func, args, kwargs, dtensor_cls):
             elif type(value) is int or type(value) is bool:
                 key.append(value)
             else:
-                key.append(_key(value, dtensors, dtensor_cls))
+                key.append(_key(value, dtensors, dtensor_cls, scalars))
         if kwargs:
-            key.append(_kwargs_key(kwargs, dtensors, dtensor_cls))
+            key.append(_kwargs_key(kwargs, dtensors, dtensor_cls, scalars))
     except _PlainTensorError:  # a plain tensor beside DTensors: joins as Replicate once known equal on all ranks
         if explicit._STATE.explicit:
             with explicit.in_op("plain", None):
                 args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {}, dtensor_cls)
         else:
             args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {}, dtensor_cls)
-        return dispatch(func, args, kwargs, dtensor_cls)
+        return dispatch(func, args, kwargs, dtensor_cls, plain_checked=True)
+    if scalars and not plain_checked:  # a 0-d plain tensor stays plain, but only once known equal on all ranks
+        if explicit._STATE.explicit:
+            with explicit.in_op("plain", None):
+                plain_tensors.check_plain(func, args, kwargs or {}, dtensor_cls)
+        else:
+            plain_tensors.check_plain(func, args, kwargs or {}, dtensor_cls)
     key = tuple(key)
     plan = _CACHE.get(key)
     if plan is None:

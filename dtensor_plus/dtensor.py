@@ -42,6 +42,8 @@ class DTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, local_tensor: torch.Tensor, spec: DTensorSpec, *, requires_grad: bool = False):
+        if isinstance(local_tensor, DTensor):
+            raise TypeError(f"a DTensor's local block must be a plain tensor, got a DTensor with spec {local_tensor._spec}")
         meta = spec.tensor_meta
         r = torch.Tensor._make_wrapper_subclass(
             cls,
@@ -161,7 +163,11 @@ class DTensor(torch.Tensor):
         """The same global tensor laid out as ``placements`` (collectives chosen by the planner). Differentiable."""
         mesh = device_mesh if device_mesh is not None else self._spec.mesh
         if mesh != self._spec.mesh:
-            raise ValueError(f"redistribute across meshes is not supported: {self._spec.mesh} -> {mesh}")
+            raise ValueError(
+                f"redistribute moves a DTensor between placements on its own mesh, not between meshes "
+                f"({self._spec.mesh} -> {mesh}): use `dtp.distribute_tensor(x.full_tensor(), mesh, placements, "
+                f"src_data_rank=None)` (gathers x; every rank of both meshes must run it)"
+            )
         if placements is None:
             raise ValueError("redistribute needs target placements, e.g. [Replicate()]")
         placements = normalize_placements(placements, mesh, self._spec.ndim)
@@ -243,6 +249,10 @@ class _ToLocal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # A block that met DTensors in a later op joined them as a plain tensor, and its gradient comes back
+        # plain (grad_layout.keep_plain_gradient); reduce here too should one come back a DTensor anyway, so a
+        # DTensor never ends up inside a DTensor.
+        grad = grad_layout.plain_gradient(grad)
         spec = ctx.spec
         if ctx.grad_placements is not None:
             spec = spec.with_placements(ctx.grad_placements)

@@ -17,6 +17,13 @@ mesh dim:
 
 Leaves are DTensors created with ``requires_grad=True`` (``distribute_tensor``, the factories, unpickling)
 or made to require grad with ``requires_grad_()`` (which ``nn.Parameter`` calls) or ``x.requires_grad = True``.
+
+A *plain* tensor that joins DTensors as Replicate (``plain_tensors.py``: a plain ``nn.Parameter`` beside
+DTensor activations, or the block ``to_local()`` returned) would otherwise get a DTensor gradient, often
+Partial: every optimizer op on it would then plan its own all-reduce (25 per AdamW step on a small model),
+and ``to_local()``'s backward would wrap it into a DTensor again (a DTensor inside a DTensor). So the tensor
+that joins gets a hook too (``keep_plain_gradient``): its gradient, summed over every op it joined, becomes
+the plain whole tensor one device computes, reduced once per backward.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 from .placements import Placement, Replicate
 from .redistribute import redistribute_local
 
-__all__ = ["keep_leaf_layout", "leaf_grad_placements"]
+__all__ = ["keep_leaf_layout", "keep_plain_gradient", "leaf_grad_placements", "plain_gradient"]
 
 _HOOKED = "_dtensor_plus_grad_layout_hook"  # attribute marking a leaf that already has the hook
 
@@ -62,3 +69,27 @@ def keep_leaf_layout(tensor) -> None:
 
     tensor.register_hook(to_leaf_layout)
     setattr(tensor, _HOOKED, True)
+
+
+_PLAIN_HOOKED = "_dtensor_plus_plain_grad_hook"
+
+
+def plain_gradient(grad):
+    """``grad`` as a plain tensor: a DTensor gradient of a plain tensor becomes its whole value (a Partial one
+    all-reduced, a Shard one all-gathered, a Replicate one as it is); a plain gradient stays as it is."""
+    if not hasattr(grad, "_spec"):
+        return grad
+    if torch.is_grad_enabled():  # create_graph=True: the reduction itself must be differentiable
+        return grad.full_tensor()
+    replicated = (Replicate(),) * grad._spec.mesh.ndim
+    return redistribute_local(grad._local_tensor, grad._spec, replicated)
+
+
+def keep_plain_gradient(tensor) -> None:
+    """Hook ``tensor`` (a plain tensor that requires grad and joins DTensors) so its gradient comes back
+    plain (``plain_gradient``). A hook on a leaf or a non-leaf runs once per backward, after autograd summed
+    every op's contribution, so the gradient of a tensor used in several ops is reduced once."""
+    if getattr(tensor, _PLAIN_HOOKED, False):
+        return
+    tensor.register_hook(plain_gradient)
+    setattr(tensor, _PLAIN_HOOKED, True)

@@ -12,6 +12,10 @@ rank holds the same values. Three cases:
   joins, with a one-time warning per op that names the cheaper fixes; different on some rank, the op raises
   on every rank alike, naming the argument and the first rank that differs. A rank-local tensor therefore
   never passes for a replicated one, and the verdict never splits the ranks.
+
+A 0-d plain tensor (a loss scale, a scalar computed from local data) is checked the same way, but stays a
+plain 0-d tensor for the rules, which read it as a replicated scalar. A plain tensor that requires grad gets
+its gradient back plain, the whole one-device value (``grad_layout.keep_plain_gradient``).
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ import zlib
 
 import torch
 
-from . import collectives
+from . import collectives, grad_layout
 from .placements import Replicate
 from .spec import DTensorSpec, TensorMeta
 
-__all__ = ["implicit_replication", "join_as_replicate"]
+__all__ = ["implicit_replication", "join_as_replicate", "check_plain"]
 
 _IMPLICIT_REPLICATION = [0]  # > 0 inside implicit_replication() blocks (they nest)
 _WARNED: set = set()
@@ -45,15 +49,26 @@ def implicit_replication():
         _IMPLICIT_REPLICATION[0] -= 1
 
 
-def join_as_replicate(func, args, kwargs, dtensor_cls):
-    """``args``/``kwargs`` with every plain tensor of more than 0 dims made a Replicate DTensor on the mesh of
-    the DTensors among them, checked equal across ranks unless trusted (see the module docstring)."""
+def check_plain(func, args, kwargs, dtensor_cls):
+    """Check every plain tensor among ``args``/``kwargs`` (0-d ones included) equal across the ranks of the
+    DTensors' mesh unless trusted, and hook those that require grad to get a plain gradient. Returns the mesh."""
     found = [v for v in _flatten(list(args) + list(kwargs.values())) if isinstance(v, dtensor_cls)]
     mesh = found[0]._spec.mesh
     plain = _plain_arguments(args, kwargs, dtensor_cls)
-    trusted = _IMPLICIT_REPLICATION[0] or torch._C._current_graph_task_id() != -1
-    if not trusted:
+    in_backward = torch._C._current_graph_task_id() != -1  # autograd's own formulas built it
+    if not (_IMPLICIT_REPLICATION[0] or in_backward):
         _check_same_on_every_rank(func, plain, mesh)
+    if not in_backward and torch.is_grad_enabled():
+        for _, t in plain:
+            if t.requires_grad:
+                grad_layout.keep_plain_gradient(t)
+    return mesh
+
+
+def join_as_replicate(func, args, kwargs, dtensor_cls):
+    """``args``/``kwargs`` with every plain tensor of more than 0 dims made a Replicate DTensor on the mesh of
+    the DTensors among them, after ``check_plain`` (see the module docstring)."""
+    mesh = check_plain(func, args, kwargs, dtensor_cls)
 
     def lift(value):
         if type(value) is list or type(value) is tuple:
@@ -73,10 +88,10 @@ def _flatten(values) -> list:
 
 
 def _plain_arguments(args, kwargs, dtensor_cls) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every plain tensor of more than 0 dims, in argument order."""
+    """(name, tensor) of every plain tensor, in argument order."""
     named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"argument {k!r}", v) for k, v in kwargs.items()]
     return [(name, v) for name, value in named for v in _flatten([value])
-            if isinstance(v, torch.Tensor) and not isinstance(v, dtensor_cls) and v.ndim > 0]
+            if isinstance(v, torch.Tensor) and not isinstance(v, dtensor_cls)]
 
 
 def _digest(t: torch.Tensor) -> list[int]:
@@ -99,9 +114,10 @@ def _check_same_on_every_rank(func, plain, mesh) -> None:
         if not torch.equal(row, everyone[0]):
             which = next(i for i in range(len(plain)) if not torch.equal(row[2 * i: 2 * i + 2], everyone[0][2 * i: 2 * i + 2]))
             name, t = plain[which]
+            what = "values" if row[2 * which] == everyone[0][2 * which] else "shape or dtype"
             raise ValueError(
-                f"{func}: {name} is a plain torch.Tensor of shape {tuple(t.shape)} mixed with DTensors, and its "
-                f"values differ between ranks (rank {rank} holds other values than rank {ranks[0]}), so it "
+                f"{func}: {name} is a plain torch.Tensor of shape {tuple(t.shape)} and dtype {t.dtype} mixed with "
+                f"DTensors, and its {what} differ between ranks (rank {rank} holds other {what} than rank {ranks[0]}), so it "
                 f"cannot be taken as Replicate; make it a DTensor first (distribute_tensor(t, mesh, placements) "
                 f"or DTensor.from_local with its real placements)"
             )
