@@ -136,9 +136,9 @@ def _distribute_parameter(module: nn.Module, name: str, device_mesh, placement: 
     param = getattr(module, name, None)
     if param is None or isinstance(param, DTensor):
         return
-    # Like torch, the mesh's first rank holds the truth (ranks may have initialised differently); its global
-    # rank, because distribute_tensor names the source by global rank.
-    dt = distribute_tensor(param.detach(), device_mesh, [placement], src_data_rank=int(device_mesh.mesh.flatten()[0]))
+    # Like torch, the mesh's first rank holds the truth (ranks may have initialised differently): index 0 on
+    # every mesh dim, which is what src_data_rank names.
+    dt = distribute_tensor(param.detach(), device_mesh, [placement], src_data_rank=0)
     placed = nn.Parameter(dt, requires_grad=param.requires_grad)
     module.register_parameter(name, placed)
     if placed.requires_grad:  # e.g. a SequenceParallel norm weight: its gradient comes out Partial on tp

@@ -131,7 +131,8 @@ def _distribute_traffic():
     import torch.distributed as dist
 
     mesh = init_device_mesh("cpu", (2, 2))
-    whole = torch.arange(64.0).view(8, 8) if dist.get_rank() == 1 else torch.zeros(8, 8)
+    # src_data_rank=1 is index 1 on both mesh dims (as in torch): mesh coordinate (1, 1), global rank 3
+    whole = torch.arange(64.0).view(8, 8) if dist.get_rank() == 3 else torch.zeros(8, 8)
     with comm_mode() as comm:
         x = distribute_tensor(whole, mesh, [Shard(0), Shard(1)], src_data_rank=1)
     assert torch.equal(x.full_tensor(), torch.arange(64.0).view(8, 8))
@@ -141,5 +142,5 @@ def _distribute_traffic():
 def test_distribute_tensor_scatters_blocks_from_the_source():
     results = run_on_ranks(4, _distribute_traffic)
     assert results[0][0] == {("scatter", "0"): 1, ("scatter", "1"): 1}
-    # rank 1 sends 3 of its 4 row-blocks... along mesh dim 0 it scatters one (4, 8) half, along dim 1 one (4, 4) block
-    assert results[1][1] == 4 * 8 * 4 + 4 * 4 * 4
+    # rank 3 sends 3 of its 4 row-blocks... along mesh dim 0 it scatters one (4, 8) half, along dim 1 one (4, 4) block
+    assert results[3][1] == 4 * 8 * 4 + 4 * 4 * 4
