@@ -72,7 +72,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self.mesh_dim = dp_mesh_dim(mesh, mesh_dim)
         self.optimizer_class, self._inner_defaults = optimizer_class, defaults
         self.optimizer = None  # the wrapped optimizer, built on the first group's masters
-        self.params, self.masters, self._master_of, self._hooks = [], [], {}, []
+        self.params, self.masters, self._master_of = [], [], {}
         self._listed = set()  # ids of every parameter given, frozen ones too (torch refuses them twice as well)
         self._cap_bytes, self._waiting, self._waiting_bytes = bucket_cap_mb * 2**20, [], 0
         super().__init__(params, defaults)  # calls add_param_group for each group
@@ -100,8 +100,17 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self.params += params
         self.masters += masters
         self._master_of.update((id(p), m) for p, m in zip(params, masters))
-        if self.stage == 2:
-            self._hooks += [p.register_post_accumulate_grad_hook(self._add_to_bucket) for p in params]
+        for p in params:
+            self._own_gradient(p)
+
+    def _own_gradient(self, p: DTensor) -> None:
+        """Stage 2: reduce-scatter ``p``'s gradient into our master from its post-accumulate-grad hook. The newest
+        optimizer built on a parameter owns its gradient: an older one's hook (a ZeroRedundancyOptimizer built
+        again on the same model, e.g. to load a state dict) is removed, or it would take the gradient away."""
+        old = getattr(p, "_zero_grad_hook", None)
+        if old is not None:
+            old.remove()
+        p._zero_grad_hook = p.register_post_accumulate_grad_hook(self._add_to_bucket) if self.stage == 2 else None
 
     def _check_new(self, params) -> None:
         # One master and one optimizer state per parameter: a parameter listed twice would be stepped twice.
