@@ -11,6 +11,7 @@ from . import collectives
 from .dtensor import DTensor
 from .placements import Placement, Replicate, Shard
 from .redistribute import redistribute_local
+from .shared_parameters import SharedParameters, assign, parameter_slots
 from .spec import DTensorSpec, TensorMeta, normalize_placements
 
 __all__ = ["distribute_tensor", "distribute_module"]
@@ -47,8 +48,8 @@ def distribute_tensor(
     device = torch.device(device_mesh.device_type, torch.cuda.current_device()) if device_mesh.device_type == "cuda" else torch.device("cpu")
     whole = tensor.detach().to(device).contiguous()
     spec = DTensorSpec(device_mesh, placements, TensorMeta.of(whole))
-    if src_data_rank is not None and device_mesh.get_coordinate() is not None:
     _check_src_data_rank(src_data_rank, device_mesh)  # before any membership test: every rank raises alike
+    if src_data_rank is not None and device_mesh.get_coordinate() is not None:
         local = _send_blocks_from(whole.clone(), spec, src_data_rank)
     else:
         replicated = spec.with_placements([Replicate()] * device_mesh.ndim)
@@ -97,16 +98,23 @@ def distribute_module(
 ) -> nn.Module:
     """Turn a module's parameters and buffers into DTensors and hook its inputs and outputs.
 
+    A Parameter shared by several submodules (tied weights) stays one Parameter: the first submodule whose
+    ``partition_fn`` places it decides its layout, a later one must place it alike (else ValueError naming both),
+    and one left plain everywhere is replicated once (``dtensor_plus.shared_parameters``).
+
     Args:
         partition_fn: ``partition_fn(name, submodule, mesh)`` for every submodule, to place its parameters
             (e.g. with distribute_tensor); anything left a plain tensor is then replicated.
         input_fn: ``input_fn(module, inputs, mesh) -> inputs``, run before each forward.
         output_fn: ``output_fn(module, outputs, mesh) -> outputs``, run after each forward.
     """
-    for name, submodule in module.named_modules():
-        if partition_fn is not None:
+    if partition_fn is not None:
+        shared = SharedParameters(module, "distribute_module", fix=_TIED_FIX)
+        for name, submodule in module.named_modules():
             partition_fn(name, submodule, device_mesh)
-        _replicate_plain_tensors(submodule, device_mesh)
+            shared.decided(submodule, f"partition_fn on {name or 'the root'!r}")
+        shared.finish()
+    _replicate_plain_tensors(module, device_mesh)
     if input_fn is not None:
         module.register_forward_pre_hook(lambda mod, inputs: input_fn(mod, inputs, device_mesh))
     if output_fn is not None:
@@ -114,10 +122,17 @@ def distribute_module(
     return module
 
 
+_TIED_FIX = (
+    "make partition_fn place it the same way wherever it meets it (or place it in one submodule only and "
+    "leave it alone in the others), or untie the weights"
+)
+
+
 def _replicate_plain_tensors(module: nn.Module, mesh) -> None:
+    """Every plain parameter and buffer under ``module`` becomes Replicate, each tensor once (tied ones stay one)."""
     replicate = [Replicate()] * mesh.ndim
-    for key, param in list(module._parameters.items()):
-        if param is not None and not isinstance(param, DTensor):
+    for param, slots in parameter_slots(module):
+        if not isinstance(param, DTensor):
             dt = distribute_tensor(param.detach(), mesh, replicate, src_data_rank=None)
             param = nn.Parameter(dt, requires_grad=param.requires_grad)
         assign(slots, param)  # also a slot still holding what a layout placed through another slot
