@@ -39,6 +39,7 @@ from dtensor_plus.api import distribute_tensor
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Replicate, Shard
 from dtensor_plus.redistribute import redistribute_together
+from dtensor_plus.shared_parameters import assign, parameter_slots
 
 __all__ = ["replicate", "GradientBucket", "reduce_grad_in_backward", "reduce_gradients", "sync_gradients", "shard_batch"]
 
@@ -62,13 +63,12 @@ def replicate(module: nn.Module, device_mesh, dp_dim: str = "dp", *, reduce_in_b
     if not device_mesh.mesh_dim_names or dp_dim not in device_mesh.mesh_dim_names:
         raise ValueError(f"mesh {device_mesh} has no mesh dim named {dp_dim!r}; name it, e.g. mesh_dim_names=('dp', 'tp')")
     bucket = GradientBucket()
+    for param, slots in parameter_slots(module):
+        lifted = nn.Parameter(_lift(param.detach(), device_mesh, dp_dim), requires_grad=param.requires_grad)
+        assign(slots, lifted)  # a Parameter shared by several modules (tied weights) stays one: one gradient, one hook
+        if reduce_in_backward and lifted.requires_grad:
+            reduce_grad_in_backward(lifted, bucket)
     for submodule in module.modules():
-        for key, param in list(submodule._parameters.items()):
-            if param is not None:
-                lifted = nn.Parameter(_lift(param.detach(), device_mesh, dp_dim), requires_grad=param.requires_grad)
-                submodule._parameters[key] = lifted
-                if reduce_in_backward and lifted.requires_grad:
-                    reduce_grad_in_backward(lifted, bucket)
         for key, buffer in list(submodule._buffers.items()):
             if buffer is not None:
                 submodule._buffers[key] = _lift(buffer, device_mesh, dp_dim)

@@ -17,6 +17,8 @@ import fnmatch
 
 from torch import nn
 
+from dtensor_plus.shared_parameters import SharedParameters
+
 from .tensor import ParallelStyle
 
 __all__ = ["parallelize_module"]
@@ -39,18 +41,30 @@ def parallelize_module(module: nn.Module, device_mesh, parallelize_plan) -> nn.M
         TypeError: the plan or one of its values is not a ParallelStyle.
     """
     if isinstance(parallelize_plan, ParallelStyle):
-        return parallelize_plan.apply(module, device_mesh)
+        parallelize_plan = {"": parallelize_plan}
     if not isinstance(parallelize_plan, dict):
         raise TypeError(
             f"parallelize_plan must be a ParallelStyle or a dict {{pattern: style}}, got {type(parallelize_plan).__name__}"
         )
+    # A Parameter shared by several modules (a tied embedding and head) is placed once and stays one Parameter;
+    # each later style that meets it must place it alike.
+    shared = SharedParameters(module, "parallelize_module", fix=_TIED_FIX)
     modules = dict(module.named_modules())
     for pattern, style in parallelize_plan.items():
         if not isinstance(style, ParallelStyle):
             raise TypeError(f"plan entry {pattern!r} must be a ParallelStyle (e.g. ColwiseParallel()), got {style!r}")
         for name in _matching(pattern, modules):
             style.apply(modules[name], device_mesh)
+            shared.decided(modules[name], f"{type(style).__name__} on {name or 'the root'!r}")
+    shared.finish()
     return module
+
+
+_TIED_FIX = (
+    "give every module holding it a style that places it the same way (a tied embedding and output head: "
+    "RowwiseParallel() on the nn.Embedding and ColwiseParallel() on the nn.Linear head both shard the vocabulary "
+    "dim, Shard(0)), leave it out of the plan in all but one of them, or untie the weights"
+)
 
 
 def _matching(pattern: str, modules: dict[str, nn.Module]) -> list[str]:

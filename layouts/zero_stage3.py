@@ -23,14 +23,13 @@ collectives in the same order::
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Replicate
 from dtensor_plus.redistribute import redistribute_together, redistribute_together_async
+from dtensor_plus.shared_parameters import assign, parameter_slots
 
 from .precision import MixedPrecision
 from .zero_placement import (
@@ -38,6 +37,8 @@ from .zero_placement import (
 )
 
 __all__ = ["fully_shard"]
+
+_ZERO_UNIT = "_dtp_zero_unit"  # on a sharded Parameter: the unit that owns it
 
 
 class _Schedule:
@@ -77,8 +78,12 @@ class _Unit:
         self.param_dtype = mp_policy.param_dtype if mp_policy else None
         self.reduce_dtype = (mp_policy.reduce_dtype or mp_policy.param_dtype) if mp_policy else None
         self.entries: list[tuple[nn.Module, str, nn.Parameter]] = []  # (owner module, name, sharded leaf)
+        # A Parameter shared by several modules (tied weights) is one entry; its other slots, by id(sharded leaf).
+        self.tied_slots: dict[int, list[tuple[nn.Module, str]]] = {}
         self.schedule = _Schedule()
-        self.gathered: dict[int, int] = {}  # storage data_ptr of a gathered whole -> its entry index
+        # id(gathered whole DTensor) -> (entry index, the whole), while forward runs. By the parameter, never by
+        # storage address: the wholes of one all-gather may all be views of its one output buffer.
+        self.gathered: dict[int, tuple[int, DTensor]] = {}
         self.hooks_ctx = None
         self.prefetched = None  # an all-gather in flight for the next forward
         # Backward: how many saved views of each entry are still to be unpacked, and the re-gathered wholes
@@ -87,6 +92,19 @@ class _Unit:
         self.unpacks_left: dict[int, int] = {}
         self.alive: dict[int, torch.Tensor] = {}
         self.regather_prefetched = None
+
+    def add(self, shard: nn.Parameter, slots: list[tuple[nn.Module, str]]) -> None:
+        """Own ``shard``, held by every one of ``slots`` (several for tied weights)."""
+        (owner, name), *others = slots
+        self.entries.append((owner, name, shard))
+        if others:
+            self.tied_slots[id(shard)] = others
+        shard.__dict__[_ZERO_UNIT] = self  # a slot outside this unit's module still finds its owner
+
+    def slots(self, index: int) -> list[tuple[nn.Module, str]]:
+        """Every (module, name) that holds entry ``index``'s parameter."""
+        owner, name, shard = self.entries[index]
+        return [(owner, name), *self.tied_slots.get(id(shard), ())]
 
     # -- the collectives ------------------------------------------------------------------------------------
 
@@ -132,10 +150,10 @@ class _Unit:
             nxt = schedule.next_after(schedule.forward_order, self)
             if nxt is not None:
                 nxt.prefetch()  # in flight while this unit computes
-        for i, ((owner, name, _), whole) in enumerate(zip(self.entries, wholes)):
-            owner.__dict__[name] = whole  # attribute lookup finds __dict__ before Module.__getattr__'s _parameters
-            if whole.numel() > 0:  # an empty tensor has no storage address of its own to recognise it by
-                self.gathered[whole._local_tensor.untyped_storage().data_ptr()] = i
+        for i, whole in enumerate(wholes):
+            for owner, name in self.slots(i):
+                owner.__dict__[name] = whole  # attribute lookup finds __dict__ before Module.__getattr__'s _parameters
+            self.gathered[id(whole)] = (i, whole)
         self.hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self.hooks_ctx.__enter__()
         if self.param_dtype is not None:
@@ -146,23 +164,30 @@ class _Unit:
         """Drop the gathered parameters: the module sees its sharded Parameters again."""
         self.hooks_ctx.__exit__(None, None, None)
         self.hooks_ctx = None
-        for owner, name, _ in self.entries:
-            owner.__dict__.pop(name, None)
+        for i in range(len(self.entries)):
+            for owner, name in self.slots(i):
+                owner.__dict__.pop(name, None)
         self.gathered.clear()
         self.schedule.depth -= 1
         if self.schedule.depth == 0:
             self.schedule.end_forward()
 
     def pack(self, t: torch.Tensor):
-        # A saved view of a gathered parameter is saved as (unit, entry, view geometry): the gathered whole is
-        # not kept alive by autograd, and backward re-gathers it.
-        if isinstance(t, DTensor):
-            index = self.gathered.get(t._local_tensor.untyped_storage().data_ptr())
-            if index is not None:
-                self.unpacks_left[index] = self.unpacks_left.get(index, 0) + 1
-                local = t._local_tensor
-                return _Regather(self, index, t._spec, local.shape, local.stride(), local.storage_offset())
-        return t
+        # A saved gathered parameter, or a view of one (autograd's _base: a weight's transpose), is saved as (unit,
+        # entry, view geometry relative to the whole): the gathered whole is not kept alive by autograd, and
+        # backward re-gathers it. Anything else (a view a rule computed into fresh memory) is saved as it is.
+        if not isinstance(t, DTensor):
+            return t
+        found = self.gathered.get(id(t)) or (t._base is not None and self.gathered.get(id(t._base)))
+        if not found:
+            return t
+        index, whole = found
+        local, whole_local = t._local_tensor, whole._local_tensor
+        if local.untyped_storage().data_ptr() != whole_local.untyped_storage().data_ptr():
+            return t
+        self.unpacks_left[index] = self.unpacks_left.get(index, 0) + 1
+        offset = local.storage_offset() - whole_local.storage_offset()
+        return _Regather(self, index, t._spec, (local.shape, local.stride(), offset), whole_local.stride())
 
     def unpack(self, saved):
         return saved.materialize() if isinstance(saved, _Regather) else saved
@@ -252,15 +277,22 @@ class _GatherUnit(torch.autograd.Function):
 
 class _Regather:
     """A saved tensor that was a view of a gathered parameter: re-gathered on unpack (see ``_Unit.regather``).
-    While one re-gathered whole is alive (e.g. one weight saved by two ops of one backward node) it is reused."""
+    While one re-gathered whole is alive (e.g. one weight saved by two ops of one backward node) it is reused.
 
-    def __init__(self, unit, index, spec, size, stride, offset):
-        self.unit, self.index, self.spec, self.geometry = unit, index, spec, (size, stride, offset)
+    ``geometry``: the view's (size, stride, storage offset from the whole's first element); ``whole_stride``: the
+    forward whole's strides, which the view's strides are relative to."""
+
+    def __init__(self, unit, index, spec, geometry, whole_stride):
+        self.unit, self.index, self.spec, self.geometry, self.whole_stride = unit, index, spec, geometry, whole_stride
 
     def materialize(self) -> DTensor:
         whole = self.unit.regather(self.index)
         size, stride, offset = self.geometry
-        return DTensor(whole.as_strided(size, stride, offset), self.spec)
+        if any(a != b for a, b, n in zip(whole.stride(), self.whole_stride, whole.shape) if n > 1):
+            # Never seen (both wholes come out of one all-gather's contiguous cut), but a view is only right on
+            # the forward whole's strides: copy into them rather than read the wrong elements.
+            whole = torch.empty_strided(whole.shape, self.whole_stride, dtype=whole.dtype, device=whole.device).copy_(whole)
+        return DTensor(whole.as_strided(size, stride, whole.storage_offset() + offset), self.spec)
 
 
 def _cast_inputs(args, dtype: torch.dtype):
@@ -307,22 +339,24 @@ def fully_shard(
         raise TypeError(f"offload must be a CPUOffload, got {type(offload).__name__}")
     k = dp_mesh_dim(mesh, mesh_dim)
     unit = _Unit(mesh, k, mp_policy, offload)
-    for owner in _owned_modules(module):
-        for name, param in list(owner._parameters.items()):
-            if param is None:
-                continue
-            dt = to_dtensor(param, mesh)
-            if dt.placements[k].is_shard():
-                # Already split on dp by another layout (experts with ep = dp): each rank holds whole blocks of its
-                # own, gradients are exact per rank, so there is nothing to gather or reduce-scatter.
-                continue
-            check_dp_placement(dt, k, "fully_shard")
-            sharded = dt.redistribute(placements=with_placement(dt.placements, k, zero_placement(dt, k)))  # local chunk
-            if offload is not None:
-                sharded = on_device(sharded, "cpu", offload.pin_memory)
-            sharded = nn.Parameter(sharded, requires_grad=param.requires_grad)
-            owner._parameters[name] = sharded
-            unit.entries.append((owner, name, sharded))
+    # Each Parameter once, with every slot holding it (tied weights: one entry, one gather, one gradient).
+    for param, slots in parameter_slots(module, prune=lambda child: hasattr(child, "_zero_state")):
+        if _ZERO_UNIT in param.__dict__:  # a shared Parameter an inner call sharded through another slot
+            _adopt(unit, param, slots, module)
+            continue
+        dt = to_dtensor(param, mesh)
+        if dt.placements[k].is_shard():
+            # Already split on dp by another layout (experts with ep = dp): each rank holds whole blocks of its
+            # own, gradients are exact per rank, so there is nothing to gather or reduce-scatter.
+            assign(slots, param)
+            continue
+        check_dp_placement(dt, k, "fully_shard")
+        sharded = dt.redistribute(placements=with_placement(dt.placements, k, zero_placement(dt, k)))  # local chunk
+        if offload is not None:
+            sharded = on_device(sharded, "cpu", offload.pin_memory)
+        sharded = nn.Parameter(sharded, requires_grad=param.requires_grad)
+        assign(slots, sharded)
+        unit.add(sharded, [(slot.owner, slot.key) for slot in slots])
     for inner in module.modules():  # one schedule for the whole tree, so units prefetch across it
         if hasattr(inner, "_zero_state"):
             inner._zero_state.schedule = unit.schedule
@@ -332,9 +366,31 @@ def fully_shard(
     return module
 
 
-def _owned_modules(module: nn.Module) -> Iterable[nn.Module]:
-    """``module`` and its descendants, skipping subtrees an inner fully_shard call already owns."""
-    yield module
-    for child in module.children():
-        if not hasattr(child, "_zero_state"):
-            yield from _owned_modules(child)
+def _adopt(unit: _Unit, shard: nn.Parameter, slots, module: nn.Module) -> None:
+    """``shard``, which an inner fully_shard call owns, is also held by ``slots`` outside that call's module: this
+    call's module holds both, so this unit owns it (FSDP's rule: a shared parameter belongs to the lowest common
+    ancestor) and binds it to every slot. A unit outside ``module`` cannot give it up: that raises."""
+    inner = shard.__dict__[_ZERO_UNIT]
+    names = {id(m): name for name, m in module.named_modules()}
+    here = ", ".join(slot.name for slot in slots)
+    if not any(getattr(m, "_zero_state", None) is inner for m in module.modules()):
+        raise ValueError(
+            f"{here}: this Parameter is already sharded by fully_shard on a module that is not inside this one (an "
+            f"enclosing module sharded first, or another holder of a tied weight); one Parameter belongs to one "
+            f"fully_shard call: shard inner modules first, and a Parameter several modules share on a module "
+            f"holding all of them (their common ancestor, e.g. the root) rather than on one holder alone"
+        )
+    index = next(i for i, (_, _, s) in enumerate(inner.entries) if s is shard)
+    inner_slots = inner.slots(index)
+    if (inner.mesh, inner.mesh_dim, inner.param_dtype, inner.reduce_dtype, inner.offload) != (
+        unit.mesh, unit.mesh_dim, unit.param_dtype, unit.reduce_dtype, unit.offload
+    ):
+        there = ", ".join(f"{names.get(id(m), type(m).__name__)}.{key}".lstrip(".") for m, key in inner_slots)
+        raise ValueError(
+            f"{here} and {there} are one shared Parameter (tied weights), sharded by two fully_shard calls with "
+            f"different meshes, mesh dims or policies; pass the same mesh, mesh_dim, mp_policy and offload to both"
+        )
+    del inner.entries[index]
+    inner.tied_slots.pop(id(shard), None)
+    assign(slots, shard)
+    unit.add(shard, [*inner_slots, *((slot.owner, slot.key) for slot in slots)])
