@@ -9,13 +9,23 @@ applies it, so a nested split cuts the block the earlier mesh dims left.
 
 ``overlap`` pairs a target block with a saved chunk dim by dim: ``(dst_start, src_start, length)`` triples in
 local coordinates, merged where both sides run on, so the common case is one triple per dim (one slice read).
+``cover_error`` says whether a set of blocks holds every entry of a tensor exactly once (save plans it, load
+checks it: a gap would leave target entries unfilled, an overlap would let the later chunk win).
 """
 
 from __future__ import annotations
 
+import bisect
+
+import torch
+
 from ..placements import Shard, StridedShard, chunk_bounds
 
-__all__ = ["Runs", "whole_runs", "local_runs", "local_shape", "num_elements", "overlap"]
+__all__ = ["Runs", "whole_runs", "local_runs", "local_shape", "num_elements", "overlap", "cover_error", "MAX_CELLS"]
+
+# cover_error counts on a grid of cells (one int32 each); save's own blocks make about one cell per rank and
+# strided piece, so this bound is only met by an index that was edited into millions of fragments.
+MAX_CELLS = 1 << 24
 
 Runs = list[list[tuple[int, int]]]  # per tensor dim: (global_start, length), in local order
 
@@ -65,6 +75,37 @@ def overlap(dst: Runs, src: Runs) -> list[list[tuple[int, int, int]]] | None:
             return None
         out.append(triples)
     return out
+
+
+def cover_error(shape, blocks: list[Runs]) -> str | None:
+    """None when ``blocks`` hold every entry of a ``shape`` tensor exactly once; else what is wrong, naming the
+    first entry held twice or never.
+
+    Every run boundary of every block cuts its dim, so each block is a union of whole cells of the grid those
+    cuts make; one count per cell (not per entry) then decides it, in O(cells), never O(blocks^2)."""
+    cuts = [sorted({0, size} | {p for block in blocks for start, length in block[d] for p in (start, start + length)})
+            for d, size in enumerate(shape)]
+    num_cells = 1
+    for dim_cuts in cuts:
+        num_cells *= len(dim_cuts) - 1
+    if num_cells > MAX_CELLS:
+        return f"its chunks cut it into {num_cells} pieces, more than the {MAX_CELLS} a check of their coverage allows"
+    counts = torch.zeros([len(c) - 1 for c in cuts], dtype=torch.int32)
+    for block in blocks:
+        cells = [torch.tensor([i for start, length in dim_runs
+                               for i in range(bisect.bisect_left(c, start), bisect.bisect_left(c, start + length))],
+                              dtype=torch.long) for dim_runs, c in zip(block, cuts)]
+        grid = tuple(i.view([-1 if k == d else 1 for k in range(len(cells))]) for d, i in enumerate(cells))
+        if grid:
+            counts.index_put_(grid, torch.ones((), dtype=torch.int32), accumulate=True)
+        else:  # a 0-d tensor: one cell
+            counts += 1
+    wrong = (counts != 1).nonzero()
+    if not len(wrong):
+        return None
+    cell = wrong[0].tolist()
+    entry = [c[i] for c, i in zip(cuts, cell)]
+    return f"its chunks hold the entry at {entry} {int(counts[tuple(cell)])} times (every entry must be held exactly once)"
 
 
 def _total(runs) -> int:

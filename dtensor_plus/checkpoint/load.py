@@ -1,12 +1,16 @@
 """``load(state, path)``: fill a state dict in place from a checkpoint, resharding to the layout each target has.
 
-Every rank reads the index (no communication: loading needs no process group at all, and never the saving
-mesh). For each tensor in ``state`` the rank computes the runs its own block covers (geometry.py) and, for each
-saved chunk that overlaps them, reads just the overlapping box with safetensors' lazy slicing
-(``safe_open(...).get_slice``) into its block. So any save layout loads into any other layout, mesh or world
-size; a plain tensor (no DTensor, e.g. one process without torch.distributed) receives the whole value.
-Before a rank reads a file it checks the file's size and (``verify=True``) its crc32 against the index.
-Nothing is unpickled: the index is JSON and tensors come from safetensors.
+Every rank reads and checks the index itself (index.py: its digest, that its chunks hold each entry of each
+tensor exactly once; loading never needs the saving mesh). For each tensor in ``state`` the rank computes the
+runs its own block covers (geometry.py) and, for each saved chunk that overlaps them, reads the overlapping
+box (reader.py checks the chunk against the index first: its file, dtype, shape and crc32) into its block. So
+any save layout loads into any other layout, mesh or world size; a plain tensor (no DTensor, e.g. one process
+without torch.distributed) receives the whole value. Nothing is unpickled: the index is JSON and tensors come
+from safetensors.
+
+With torch.distributed initialised, load is a collective, like save: after loading, the ranks exchange their
+outcome (two small all-gathers), so a damaged chunk that only one rank reads fails the load on every rank,
+instead of letting the others go on to train (or wait in a collective) beside a rank that failed.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors import safe_open
 
 from ..dtensor import DTensor
-from . import atomic, geometry, index, tree
-from .errors import CheckpointCorruptError, CheckpointKeyError, CheckpointMismatchError
+from . import atomic, errors, geometry, index, tree
+from .errors import CheckpointError, CheckpointKeyError, CheckpointMismatchError
+from .reader import ChunkReader
+from .world import World
 
 __all__ = ["load"]
 
@@ -35,7 +40,13 @@ def load(state: dict, path: str | os.PathLike, *, strict: bool = True, verify: b
         state: the same nesting of keys as was saved, e.g. ``{"model": model.state_dict(), ...}``.
         path: a checkpoint directory written by ``save``.
         strict: if False, keys the checkpoint has but ``state`` lacks are ignored (missing keys always raise).
-        verify: check each file's crc32 before reading from it (reads the whole file once; size is always checked).
+        verify: check each chunk's crc32 before using it (reads each chunk this rank needs whole, once, rather
+            than only the box it needs). The index's digest, file sizes, dtypes, shapes and coverage are always
+            checked. ``verify=False`` also admits a format-1 checkpoint (written before checksums).
+
+    Raises (on every rank, when any rank fails): ``CheckpointKeyError``, ``CheckpointMismatchError`` (the state
+    does not fit the checkpoint), ``CheckpointCorruptError`` (the checkpoint was damaged or edited), all of them
+    ``CheckpointError``, a ``ValueError``; ``FileNotFoundError`` where there is no checkpoint.
 
     Example::
 
@@ -43,19 +54,46 @@ def load(state: dict, path: str | os.PathLike, *, strict: bool = True, verify: b
         load(state, "ckpt/step100")        # model's parameters now hold the saved values; state["step"] == 100
     """
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, index.INDEX_NAME)):
+    world = World()
+    error = None
+    try:
+        _load(state, path, strict, verify)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported to the other ranks, then re-raised
+        error = exc
+    _fail_together(world, path, error)
+
+
+def _load(state: dict, path: str, strict: bool, verify: bool) -> None:
+    if not os.path.lexists(os.path.join(path, index.INDEX_NAME)):
         raise FileNotFoundError(atomic.missing_checkpoint_message(path))
-    saved_index = index.read_index(path)
+    saved_index = index.read_index(path, verify)
     leaves, values = tree.flatten(state)
     saved = {tuple(e["path"]): e for e in saved_index["tensors"]}
     saved_values = {tuple(v["path"]): v["value"] for v in saved_index["values"]}
     _check_keys(path, leaves, values, saved, saved_values, strict)
-    reader = _Reader(path, saved_index["files"], verify)
+    reader = ChunkReader(path, saved_index["files"], verify)
     with torch.no_grad():
         for key, target in leaves:
             _load_tensor(target, saved[key], reader)
     for key, _ in values:
         tree.set_value(state, key, saved_values[key])
+
+
+def _fail_together(world: World, path: str, error: Exception | None) -> None:
+    """Raise on every rank if the load failed on any: its own error where it failed, else one naming the ranks
+    that failed and the first one's error, of the same class where that class is a plain checkpoint error."""
+    reports = world.all_gather_json(None if error is None else [type(error).__name__, str(error)])
+    if error is not None:
+        raise error
+    failed = [rank for rank, report in enumerate(reports) if report]
+    if not failed:
+        return
+    kind, message = reports[failed[0]]
+    cls = getattr(errors, kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)) or cls is CheckpointKeyError:
+        cls = CheckpointError  # a key error carries per-rank key lists; other errors are not the checkpoint's
+    raise cls(f"loading {path} failed on rank(s) {failed} (this rank's state may be partly loaded; load again "
+              f"once it is fixed): rank {failed[0]}: {kind}: {message}")
 
 
 def _check_keys(path, leaves, values, saved, saved_values, strict: bool) -> None:
@@ -88,7 +126,7 @@ def _list(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
-def _load_tensor(target: torch.Tensor, entry: dict, reader: _Reader) -> None:
+def _load_tensor(target: torch.Tensor, entry: dict, reader: ChunkReader) -> None:
     name = index.path_name(entry["path"])
     if list(target.shape) != entry["shape"]:
         raise CheckpointMismatchError(
@@ -109,7 +147,7 @@ def _load_tensor(target: torch.Tensor, entry: dict, reader: _Reader) -> None:
     for chunk in entry["chunks"]:
         triples = geometry.overlap(runs, chunk["runs"])
         if triples is not None:
-            _copy_overlap(local, triples, lambda box: reader.read(chunk, box, name))
+            _copy_overlap(local, triples, lambda box: reader.read(entry, chunk, box))
     if isinstance(target, DTensor):
         _partial_blocks(local, spec, coordinate)
 
@@ -146,50 +184,3 @@ def _copy_overlap(local: torch.Tensor, triples, read) -> None:
         i = torch.arange(i.start, i.stop) if isinstance(i, slice) else i
         grid.append(i.view([-1 if k == d else 1 for k in range(ndim)]).to(local.device))
     local.index_put_(tuple(grid), values.to(local.device))
-
-
-class _Reader:
-    """Open safetensors files of one checkpoint lazily, each checked (size, crc32) on first use."""
-
-    def __init__(self, directory: str, files: dict, verify: bool):
-        self.directory, self.files, self.verify = directory, files, verify
-        self.open: dict[str, object] = {}
-
-    def read(self, chunk: dict, box: tuple, name: str) -> torch.Tensor:
-        handle = self._handle(chunk["file"])
-        where = f"{os.path.join(self.directory, chunk['file'])} (tensor {name})"
-        try:
-            sliced = handle.get_slice(chunk["key"])
-            shape = list(sliced.get_shape())
-        except Exception as error:  # noqa: BLE001 - safetensors raises its own types
-            raise CheckpointCorruptError(f"{where}: the file has no chunk {chunk['key']!r} ({error}); the file does not "
-                                         f"match its index: restore the checkpoint from a copy") from error
-        if shape != list(geometry.local_shape(chunk["runs"])):
-            raise CheckpointCorruptError(f"{where}: chunk shape {shape} does not match the index "
-                                         f"{list(geometry.local_shape(chunk['runs']))}; restore the checkpoint from a copy")
-        return handle.get_tensor(chunk["key"]) if not box else sliced[box]
-
-    def _handle(self, name: str):
-        if name not in self.open:
-            file_path = index.safe_file_path(self.directory, name, os.path.join(self.directory, index.INDEX_NAME))
-            self._check(file_path, self.files[name])
-            try:
-                self.open[name] = safe_open(file_path, framework="pt")
-            except Exception as error:  # noqa: BLE001
-                raise CheckpointCorruptError(f"{file_path} is not a readable safetensors file ({error}); restore the "
-                                             f"checkpoint from a copy") from error
-        return self.open[name]
-
-    def _check(self, file_path: str, info: dict) -> None:
-        if not os.path.isfile(file_path):
-            raise CheckpointCorruptError(f"{file_path} is missing (the index lists it); restore the checkpoint from a copy")
-        size = os.path.getsize(file_path)
-        if size != info["bytes"]:
-            raise CheckpointCorruptError(f"{file_path} has {size} bytes, its index says {info['bytes']} (truncated or "
-                                         f"overwritten); restore the checkpoint from a copy")
-        if self.verify:
-            crc, _ = atomic.file_crc32(file_path)
-            if f"{crc:08x}" != info["crc32"]:
-                raise CheckpointCorruptError(
-                    f"{file_path}: crc32 {crc:08x} differs from the index's {info['crc32']} (the file is corrupted); "
-                    f"restore the checkpoint from a copy (load(..., verify=False) skips this check: not recommended)")

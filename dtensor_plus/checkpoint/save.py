@@ -2,17 +2,21 @@
 
 Steps, all ranks together (it is a collective: every rank calls it, with its own part of the state):
 
-1. Describe: each tensor leaf becomes its global metadata and this rank's chunk (geometry.py runs). A Partial
-   DTensor is reduced first (a collective on its mesh: the checkpoint holds values, not partial sums). Of the
-   ranks holding equal blocks (Replicate mesh dims), one writes, picked by a hash of the key so replicated
-   state spreads over the replicas; a plain tensor is written by one of the ranks that hold it, the same way
-   (its crc32 goes into the description: holders that disagree on its value fail the save).
+1. Describe: each tensor leaf becomes its global metadata and the runs of this rank's block (geometry.py). A
+   Partial DTensor is reduced first (a collective on its mesh: the checkpoint holds values, not partial sums).
+   A plain tensor's crc32 goes into the description (holders that disagree on its value fail the save).
 2. Plan: every rank's description goes to every rank (JSON over ``World``); each rank merges them alike and
-   checks them (same shape and dtype everywhere, the chunks cover each tensor, equal values), so an error is
-   raised on all ranks at once instead of leaving some waiting in a collective.
-3. Write: this rank's chunks into ``<path>.tmp-<id>/rankNNNNN.safetensors``, crc32 of the bytes.
-4. Publish (atomic.py): checksums go to rank 0, which writes the index last and renames the directory into
-   place; a status broadcast ends the save on every rank (a failure anywhere fails it everywhere).
+   checks them (same shape and dtype everywhere, equal values), so an error is raised on all ranks at once
+   instead of leaving some waiting in a collective. Ranks holding the same block write it once: the replicas
+   of a Replicate mesh dim, of a DTensor on a sub-mesh (``mesh["tp"]`` of a (dp, tp) mesh: each dp row holds
+   the whole tensor) and of a plain tensor alike. The writer is picked by a hash of the key, so replicated
+   state spreads over the replicas. The distinct blocks must hold each entry exactly once.
+3. Write: this rank's chunks into ``<path>.tmp-<id>/rankNNNNN.safetensors``, each chunk's crc32 (digest.py).
+4. Publish (atomic.py): checksums go to rank 0, which writes the index and its digest last and renames the
+   directory into place; a status broadcast ends the save on every rank (a failure anywhere fails it everywhere).
+
+A replica is trusted to hold its block's values, as a Replicate DTensor promises; which replica writes is not
+specified (checking every replica would hash the whole state on every rank).
 
 ``async_save=True`` copies the chunks to host memory, runs step 3 in a background thread and returns an
 ``AsyncSave``; its ``wait()`` (a collective: call it on every rank, e.g. before the next save) runs step 4.
@@ -29,7 +33,7 @@ import torch
 
 from ..dtensor import DTensor
 from ..placements import Replicate
-from . import atomic, geometry, index, tree, writer
+from . import atomic, digest, geometry, index, tree, writer
 from .errors import CheckpointSaveError
 from .world import World
 
@@ -121,8 +125,10 @@ class _Job:
         name = _file_name(self.world.rank)
         try:
             if tensors:
-                crc, size = writer.write_safetensors(os.path.join(self.temp, name), tensors)
-                self.info = {"file": name, "crc32": f"{crc:08x}", "bytes": size}
+                seeds = {c["key"]: digest.chunk_seed(c["key"], entry["dtype"], c["runs"])
+                         for entry in self.plan["tensors"] for c in entry["chunks"] if c["file"] == name}
+                crcs, size = writer.write_safetensors(os.path.join(self.temp, name), tensors, seeds)
+                self.info = {"file": name, "bytes": size, "crc32": crcs}
             else:
                 self.info = {"file": None}
         except Exception as exc:  # noqa: BLE001 - reported to every rank by publish()
@@ -135,7 +141,11 @@ class _Job:
         if self.world.rank == 0:
             if not errors:
                 try:
-                    files = {i["file"]: {"crc32": i["crc32"], "bytes": i["bytes"]} for i in infos if i.get("file")}
+                    written = {i["file"]: i for i in infos if i.get("file")}
+                    for entry in self.plan["tensors"]:
+                        for chunk in entry["chunks"]:
+                            chunk["crc32"] = written[chunk["file"]]["crc32"][chunk["key"]]
+                    files = {name: {"bytes": i["bytes"]} for name, i in written.items()}
                     index.write_index(self.temp, {**self.plan, "files": files})
                     atomic.publish(self.temp, self.path)
                 except Exception as exc:  # noqa: BLE001 - turned into the status every rank raises on
@@ -152,13 +162,8 @@ class _Job:
 # -- step 1: describe this rank's tensors -----------------------------------------------------------------------
 
 
-def _key(path) -> str:
-    """The tensor's name inside a safetensors file: its path as JSON (unique, unlike a dotted name)."""
-    return json.dumps(list(path), separators=(",", ":"))
-
-
 def _describe(path: tuple, t: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
-    """(JSON metadata with this rank's chunk runs, or None where another rank writes it; the local tensor)."""
+    """(JSON metadata with the runs of this rank's block, None where it holds none; the local tensor)."""
     name = index.path_name(path)
     meta = {"path": list(path), "shape": list(t.shape), "dtype": index.dtype_name(t.dtype, f"tensor {name}"),
             "dtensor": isinstance(t, DTensor)}
@@ -175,22 +180,7 @@ def _describe(path: tuple, t: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
     meta.update(placements=[index.encode_placement(p) for p in spec.placements], mesh=index.encode_mesh(mesh))
     if coordinate is None:
         return {**meta, "runs": None}, None
-    runs = geometry.local_runs(spec.shape, mesh.shape, spec.placements, coordinate)
-    writes = _writes_replica(_key(path), spec, coordinate) and geometry.num_elements(runs) > 0
-    return {**meta, "runs": runs if writes else None}, t._local_tensor
-
-
-def _writes_replica(name: str, spec, coordinate) -> bool:
-    """Whether this rank writes its block: among ranks that differ only on Replicate mesh dims, the one picked
-    by the key's hash (spreads replicated state over the replicas instead of piling it on rank 0)."""
-    dims = [k for k, p in enumerate(spec.placements) if p.is_replicate()]
-    num = 1
-    for k in dims:
-        num *= spec.mesh.shape[k]
-    mine = 0
-    for k in dims:
-        mine = mine * spec.mesh.shape[k] + coordinate[k]
-    return mine == zlib.crc32(name.encode()) % num
+    return {**meta, "runs": geometry.local_runs(spec.shape, mesh.shape, spec.placements, coordinate)}, t._local_tensor
 
 
 # -- step 2: merge every rank's description into the index's tensors and values --------------------------------
@@ -212,18 +202,28 @@ def _plan(everyone: list[dict]) -> dict:
             _check_same(meta, holders.get(key, [(rank, meta)])[0], rank)
             holders.setdefault(key, []).append((rank, meta))
     for key, entry in tensors.items():
-        held = holders[key]
-        if not held[0][1]["dtensor"]:  # a plain tensor: one of its holders writes it
-            held = [held[zlib.crc32(_key(key).encode()) % len(held)]]
-        entry["chunks"] = [{"file": _file_name(rank), "key": _key(key), "runs": meta["runs"]}
-                           for rank, meta in held if meta["runs"] is not None and geometry.num_elements(meta["runs"])]
-        covered, total = sum(geometry.num_elements(c["runs"]) for c in entry["chunks"]), _numel(entry["shape"])
-        if covered != total:
+        entry["chunks"] = _one_writer_per_block(key, holders[key])
+        problem = geometry.cover_error(entry["shape"], [c["runs"] for c in entry["chunks"]])
+        if problem is not None:
             raise CheckpointSaveError(
-                f"tensor {index.path_name(key)}: the ranks' blocks cover {covered} of its {total} elements (held on "
-                f"ranks {[r for r, _ in holders[key]]}); every rank holding part of a tensor must pass it to save()")
+                f"tensor {index.path_name(key)} of shape {entry['shape']}: {problem}, held on ranks "
+                f"{[r for r, _ in holders[key]]}; every rank holding part of a tensor must pass it to save(), "
+                f"with the same layout on every copy of its mesh")
     return {"format": index.FORMAT, "version": index.VERSION, "world_size": len(everyone), "meshes": meshes,
             "tensors": list(tensors.values()), "values": _merge_values(everyone, set(tensors))}
+
+
+def _one_writer_per_block(key: tuple, held: list[tuple[int, dict]]) -> list[dict]:
+    """The chunks of a tensor: one per distinct non-empty block, written by one of the ranks holding it."""
+    holders_of: dict[str, list[int]] = {}
+    for rank, meta in held:
+        if meta["runs"] is not None and geometry.num_elements(meta["runs"]):
+            holders_of.setdefault(json.dumps(meta["runs"]), []).append(rank)
+    # every block takes the same position among its holders: a tensor's blocks come from one replica, so a load
+    # opens fewer files, while the key's hash spreads different tensors over the replicas
+    pick = zlib.crc32(index.chunk_key(key).encode())
+    return [{"file": _file_name(ranks[pick % len(ranks)]), "key": index.chunk_key(key), "runs": json.loads(runs)}
+            for runs, ranks in holders_of.items()]
 
 
 def _intern(table: list, item) -> int:
@@ -281,7 +281,8 @@ def _numel(shape) -> int:
 def _my_chunks(plan: dict, described: list, rank: int) -> dict[str, torch.Tensor]:
     mine = _file_name(rank)
     writes = {c["key"] for entry in plan["tensors"] for c in entry["chunks"] if c["file"] == mine}
-    return {_key(meta["path"]): local for meta, local in described if _key(meta["path"]) in writes}
+    keyed = ((index.chunk_key(meta["path"]), local) for meta, local in described)
+    return {key: local for key, local in keyed if key in writes}
 
 
 def _host_copies(chunks: dict, copy: bool) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 
 from dtensor_plus import checkpoint
 from dtensor_plus.checkpoint import atomic
-from dtensor_plus.checkpoint.index import INDEX_NAME
+from dtensor_plus.checkpoint.index import INDEX_NAME, write_index
 
 
 def _state():
@@ -26,11 +26,11 @@ def saved(tmp_path):
 
 
 def _rewrite_index(path, change):
+    """Edit the index and write its digest anew, as a buggy writer would: the checks behind the digest must hold."""
     with open(os.path.join(path, INDEX_NAME)) as f:
         index = json.load(f)
     change(index)
-    with open(os.path.join(path, INDEX_NAME), "w") as f:
-        json.dump(index, f)
+    write_index(path, index)
 
 
 def test_round_trip_restores_tensors_and_values(saved):
@@ -77,19 +77,19 @@ def test_corrupted_and_truncated_files_are_named(saved):
     data = bytearray(open(file_path, "rb").read())
     data[-1] ^= 0xFF  # one flipped bit pattern in the tensor bytes: same size, other checksum
     open(file_path, "wb").write(data)
-    with pytest.raises(checkpoint.CheckpointCorruptError, match=rf"{name}: crc32 .* differs .*restore the checkpoint"):
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=rf"{name}, chunk .* of tensor model\.b .*crc32 .* differs .*restore the checkpoint"):
         checkpoint.load(_state(), saved)
     open(file_path, "wb").write(data[:-5])
-    with pytest.raises(checkpoint.CheckpointCorruptError, match=rf"{name} has {len(data) - 5} bytes, its index says {len(data)}"):
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=rf"{name} \(holding tensor model\.\w\) has {len(data) - 5} bytes, its index says {len(data)}"):
         checkpoint.load(_state(), saved, verify=False)  # size is checked even without the checksum
     os.remove(file_path)
-    with pytest.raises(checkpoint.CheckpointCorruptError, match=rf"{name} is missing"):
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=rf"{name} \(holding tensor model\.\w\) is missing"):
         checkpoint.load(_state(), saved)
 
 
 def test_newer_format_version_says_upgrade(saved):
     _rewrite_index(saved, lambda index: index.update(version=99))
-    with pytest.raises(checkpoint.CheckpointVersionError, match=r"format version 99, newer than .* \(1\); upgrade dtensor_plus"):
+    with pytest.raises(checkpoint.CheckpointVersionError, match=r"format version 99, newer than .* \(2\); upgrade dtensor_plus"):
         checkpoint.load(_state(), saved)
 
 
