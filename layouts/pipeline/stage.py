@@ -5,9 +5,9 @@ Inside a stage the model keeps its own layouts (dp / ZeRO, tp, sp, cp) on the ot
 leaving a stage is a DTensor on a sub-mesh without ``pp``. Only its local shard travels (to the rank with the
 same coordinates on the other mesh dims, one step along ``pp``), with the spec: global shape, stride, dtype, the
 sub-mesh's dim names and the placements. The spec crosses once per stage boundary, in a small header before the
-first microbatch's data; after that both sides know it and only the data moves (cached across steps). The
-gradient travelling back needs no header: it is laid out as the activation's gradient placements
-(Partial -> Replicate), so its local shape is the activation's.
+first microbatch's data (JSON, never a pickle: ``header.py``); after that both sides know it and only the data
+moves (cached across steps). The gradient travelling back needs no header: it is laid out as the activation's
+gradient placements (Partial -> Replicate), so its local shape is the activation's.
 
 Example (pp=2, tp=2 inside each stage)::
 
@@ -18,9 +18,6 @@ Example (pp=2, tp=2 inside each stage)::
 
 from __future__ import annotations
 
-import pickle
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -29,10 +26,10 @@ from dtensor_plus.redistribute import grad_placements_for
 from dtensor_plus.spec import DTensorSpec
 
 from .backward import SplitBackward, backward_input, backward_weight
+from .header import HEADER_BYTES, ActivationMeta
 
-__all__ = ["PipelineStage", "message_tag"]
+__all__ = ["PipelineStage", "message_tag", "ActivationMeta", "HEADER_BYTES"]
 
-HEADER_BYTES = 2048  # a pickled spec of a few placements is ~300 bytes
 _F_DATA, _B_DATA, _F_HEADER = range(3)
 
 
@@ -40,42 +37,6 @@ def message_tag(boundary: int, microbatch: int, code: int, num_stages: int) -> i
     """A distinct p2p tag per message of a step, so messages between one pair of ranks never match out of order
     (interleaved and V schedules carry forward and backward traffic of several stages between the same pair)."""
     return (microbatch * (num_stages + 1) + boundary) * 3 + code
-
-
-@dataclass(frozen=True)
-class ActivationMeta:
-    """What the receiver of a stage boundary must know to rebuild the activation from its local shard."""
-
-    local_shape: tuple[int, ...]
-    dtype: torch.dtype
-    global_shape: tuple[int, ...] | None = None  # None: a plain tensor (no DTensor layout)
-    stride: tuple[int, ...] | None = None
-    mesh_dim_names: tuple[str, ...] | None = None
-    placements: tuple | None = None
-
-    @staticmethod
-    def of(t: torch.Tensor) -> ActivationMeta:
-        if not isinstance(t, DTensor):
-            return ActivationMeta(tuple(t.shape), t.dtype)
-        spec = t._spec
-        if not spec.mesh.mesh_dim_names:
-            raise ValueError("an activation crossing a pipeline stage must live on a mesh with named dims")
-        return ActivationMeta(tuple(t._local_tensor.shape), t.dtype, tuple(spec.shape), tuple(spec.tensor_meta.stride),
-                              tuple(spec.mesh.mesh_dim_names), tuple(spec.placements))
-
-    def encode(self) -> torch.Tensor:
-        payload = pickle.dumps(self)
-        if len(payload) + 4 > HEADER_BYTES:
-            raise ValueError(f"activation spec pickles to {len(payload)} bytes, more than the {HEADER_BYTES}-byte header")
-        header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
-        header[:4] = torch.tensor(list(len(payload).to_bytes(4, "little")), dtype=torch.uint8)
-        header[4 : 4 + len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        return header
-
-    @staticmethod
-    def decode(header: torch.Tensor) -> ActivationMeta:
-        length = int.from_bytes(bytes(header[:4].tolist()), "little")
-        return pickle.loads(bytes(header[4 : 4 + length].tolist()))
 
 
 class PipelineStage:
