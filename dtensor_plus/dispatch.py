@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import collectives, debug, explicit, mutation, plain_tensors, random, rules, strided, views
+from . import collectives, debug, explicit, local_blocks, mutation, plain_tensors, random, rules, strided, views
 from .placements import Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
@@ -326,6 +326,8 @@ def dispatch(func, args, kwargs, dtensor_cls, plain_checked: bool = False):
         else:
             args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {}, dtensor_cls)
         return dispatch(func, args, kwargs, dtensor_cls, plain_checked=True)
+    if local_blocks._PENDING[0]:  # a from_local that guessed its global shape is checked at its first op
+        local_blocks.check_marked(dtensors)
     if scalars and not plain_checked:  # a 0-d plain tensor stays plain, but only once known equal on all ranks
         if explicit._STATE.explicit:
             with explicit.in_op("plain", None):

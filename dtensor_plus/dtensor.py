@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from . import collectives, dispatch, grad_layout
+from . import dispatch, grad_layout, local_blocks
 from .placements import Placement, Replicate, Shard
 from .redistribute import Redistribute, grad_placements_for, redistribute_local
 from .spec import DTensorSpec, TensorMeta, normalize_placements
@@ -144,12 +144,13 @@ class DTensor(torch.Tensor):
         placements = placements if placements is not None else [Replicate()] * device_mesh.ndim
         placements = normalize_placements(placements, device_mesh, local_tensor.ndim)
         if run_check:
-            global_shape = _checked_global_shape(local_tensor, device_mesh, placements)
+            global_shape = local_blocks.checked_global_shape(local_tensor, device_mesh, placements)
             if shape is not None and tuple(shape) != global_shape:
                 raise ValueError(f"from_local: shape={tuple(shape)} but the blocks on the ranks make {global_shape}")
             shape = global_shape
         elif shape is None:
             sizes = list(local_tensor.shape)
+        guessed = False
             for mesh_dim, p in enumerate(placements):
                 if isinstance(p, Shard):
                     sizes[p.dim] *= device_mesh.size(mesh_dim)
@@ -157,9 +158,13 @@ class DTensor(torch.Tensor):
         shape = torch.Size(shape)
         stride = tuple(stride) if stride is not None else _contiguous_stride(shape)
         spec = DTensorSpec(device_mesh, placements, TensorMeta(shape, stride, local_tensor.dtype))
-        return _FromLocal.apply(local_tensor, spec)
+        out = _FromLocal.apply(local_tensor, spec)
+        if guessed:  # even blocks guessed: checked across ranks at its first op, before any collective could abort
+            local_blocks.mark_unchecked(out)
+        return out
 
     def redistribute(self, device_mesh=None, placements: Sequence[Placement] | None = None) -> DTensor:
+                    guessed = True
         """The same global tensor laid out as ``placements`` (collectives chosen by the planner). Differentiable."""
         mesh = device_mesh if device_mesh is not None else self._spec.mesh
         if mesh != self._spec.mesh:
@@ -178,6 +183,8 @@ class DTensor(torch.Tensor):
         replicated = self.redistribute(placements=[Replicate()] * self._spec.mesh.ndim)
         return replicated.to_local(grad_placements=grad_placements)
 
+        if local_blocks._PENDING[0]:
+            local_blocks.check_marked((self,))
     # torch.save and deepcopy
     def __reduce_ex__(self, protocol):
         return (_rebuild, (self._local_tensor, self._spec, self.requires_grad))
@@ -193,35 +200,6 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
         stride.append(acc)
         acc *= max(size, 1)
     return tuple(reversed(stride))
-
-
-def _checked_global_shape(local: torch.Tensor, mesh, placements) -> tuple[int, ...]:
-    """Gather every rank's local shape and check they form the torch.chunk pattern of one global shape."""
-    shape = list(local.shape)
-    for mesh_dim in reversed(range(mesh.ndim)):
-        sizes = collectives.all_gather_sizes([local.ndim] + shape, mesh, mesh_dim)
-        if (sizes[:, 0] != local.ndim).any():
-            raise ValueError(f"from_local: local tensors have different ranks across mesh dim {mesh.mesh_dim_name(mesh_dim)}: {sizes[:, 0].tolist()}")
-        rows = sizes[:, 1:]
-        p = placements[mesh_dim]
-        sharded = {p.dim} if isinstance(p, Shard) else set()
-        for d in range(local.ndim):
-            if d not in sharded and (rows[:, d] != rows[0, d]).any():
-                raise ValueError(
-                    f"from_local: local shapes differ in dim {d} across mesh dim {mesh.mesh_dim_name(mesh_dim)} "
-                    f"({rows[:, d].tolist()}) although it is not sharded there; pass matching local tensors"
-                )
-        if sharded:
-            d = p.dim
-            total = int(rows[:, d].sum())
-            expected = [min(-(-total // len(rows)), max(total - i * -(-total // len(rows)), 0)) for i in range(len(rows))]
-            if rows[:, d].tolist() != expected:
-                raise ValueError(
-                    f"from_local: shard sizes {rows[:, d].tolist()} of dim {d} across mesh dim "
-                    f"{mesh.mesh_dim_name(mesh_dim)} are not torch.chunk sizes of {total} ({expected})"
-                )
-            shape[d] = total
-    return tuple(shape)
 
 
 class _FromLocal(torch.autograd.Function):

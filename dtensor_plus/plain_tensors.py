@@ -30,7 +30,7 @@ from . import collectives, grad_layout
 from .placements import Replicate
 from .spec import DTensorSpec, TensorMeta
 
-__all__ = ["implicit_replication", "join_as_replicate", "check_plain"]
+__all__ = ["implicit_replication", "join_as_replicate", "check_plain", "every_rank_rows"]
 
 _IMPLICIT_REPLICATION = [0]  # > 0 inside implicit_replication() blocks (they nest)
 _WARNED: set = set()
@@ -105,11 +105,7 @@ def _digest(t: torch.Tensor) -> list[int]:
 def _check_same_on_every_rank(func, plain, mesh) -> None:
     """Raise on every rank of ``mesh`` alike unless each plain tensor is the same on all of them."""
     mine = torch.tensor([x for _, t in plain for x in _digest(t)], dtype=torch.int64)
-    everyone = mine.to(mesh.device_type) if mesh.device_type == "cuda" else mine
-    for mesh_dim in range(mesh.ndim):  # gathering along each dim in turn leaves every rank with all digests
-        everyone = collectives.all_gather(everyone.unsqueeze(0), mesh, mesh_dim, 0, mesh.size(mesh_dim))
-    everyone = everyone.reshape(-1, mine.numel()).cpu()  # one row per rank, in _gather_order
-    ranks = _gather_order(mesh)
+    everyone, ranks = every_rank_rows(mine, mesh)
     for row, rank in zip(everyone, ranks):
         if not torch.equal(row, everyone[0]):
             which = next(i for i in range(len(plain)) if not torch.equal(row[2 * i: 2 * i + 2], everyone[0][2 * i: 2 * i + 2]))
@@ -130,6 +126,15 @@ def _check_same_on_every_rank(func, plain, mesh) -> None:
             f"message is only about speed.",
             stacklevel=4,
         )
+
+
+def every_rank_rows(row: torch.Tensor, mesh) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's ``row`` (a 1-d int64 tensor of one length on all ranks) on every rank of ``mesh``, as a
+    (ranks, len(row)) table, and the global ranks in its row order: one all-gather per mesh dim."""
+    everyone = row.to(mesh.device_type) if mesh.device_type == "cuda" else row
+    for mesh_dim in range(mesh.ndim):  # gathering along each dim in turn leaves every rank with all rows
+        everyone = collectives.all_gather(everyone.unsqueeze(0), mesh, mesh_dim, 0, mesh.size(mesh_dim))
+    return everyone.reshape(-1, row.numel()).cpu(), _gather_order(mesh)
 
 
 def _gather_order(mesh) -> list[int]:

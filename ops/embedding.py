@@ -22,14 +22,15 @@ Backward, per mesh dim; grad (*, D), indices (*), grad_weight (V, D):
 The backward cannot see the weight's layout. Replicate/Replicate gives Shard(0), the layout a vocab-sharded
 weight wants (Megatron); a Replicate weight with replicated indices on that mesh dim then receives a Shard(0)
 gradient, which is right but costs an all-gather where it meets the weight. ``scale_grad_by_freq`` divides by
-counts over *all* indices, so it keeps the indices whole (Replicate on every mesh dim).
+counts over *all* indices, so it keeps the indices whole (Replicate on every mesh dim). A plain 0-d index
+(checked equal on every rank by the dispatcher) reads as Replicate indices of 0 dims.
 """
 
 from __future__ import annotations
 
 from dtensor_plus.placements import Partial, Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
-from dtensor_plus.spec import local_shape_and_offset
+from dtensor_plus.spec import DTensorSpec, local_shape_and_offset
 
 from .common import aten
 
@@ -48,17 +49,31 @@ def _lookup_placements(weight: Placement, indices: Placement, indices_ndim: int)
     return Replicate(), Replicate(), Replicate()
 
 
+def _indices(op: OpSchema, position: int, name: str) -> tuple[tuple[Placement, ...], int, bool]:
+    """(placements, ndim, is a DTensor) of the indices: a plain 0-d index (``torch.tensor(3)``, checked equal on
+    every rank by the dispatcher) is not among ``op.specs`` and reads as Replicate."""
+    indices = op.arg(position, name)
+    if isinstance(indices, DTensorSpec):
+        return indices.placements, indices.ndim, True
+    return (Replicate(),) * len(op.mesh_shape), 0, False
+
+
+def _inputs(first, indices_p, indices_is_dtensor: bool) -> tuple:
+    return (first, indices_p) if indices_is_dtensor else (first,)
+
+
 @register_rule(aten.embedding.default, strided="as_shard")  # rows of indices are independent
 def embedding_rule(op: OpSchema) -> Sharding:
-    weight_spec, indices_spec = op.specs[0], op.specs[1]
+    weight_spec = op.specs[0]
+    indices_placements, indices_ndim, indices_is_dtensor = _indices(op, 1, "indices")
     chosen = [
-        _lookup_placements(w, i, indices_spec.ndim) for w, i in zip(weight_spec.placements, indices_spec.placements)
+        _lookup_placements(w, i, indices_ndim) for w, i in zip(weight_spec.placements, indices_placements)
     ]
     weight_p, indices_p, output_p = (tuple(column) for column in zip(*chosen))
     local_op = None
     if any(p.is_shard(0) for p in weight_p):
         local_op = _masked_lookup(weight_spec.with_placements(weight_p))
-    return Sharding(inputs=(weight_p, indices_p), outputs=(output_p,), local_op=local_op)
+    return Sharding(inputs=_inputs(weight_p, indices_p, indices_is_dtensor), outputs=(output_p,), local_op=local_op)
 
 
 def _masked_lookup(weight_spec):
@@ -94,18 +109,19 @@ def _backward_placements(grad: Placement, indices: Placement, grad_ndim: int, wh
 
 @register_rule(aten.embedding_dense_backward.default, strided="as_shard")  # rows of indices are independent
 def embedding_dense_backward_rule(op: OpSchema) -> Sharding:
-    grad_spec, indices_spec = op.specs[0], op.specs[1]
+    grad_spec = op.specs[0]
+    indices_placements, _, indices_is_dtensor = _indices(op, 1, "indices")
     num_weights = op.arg(2, "num_weights")
     scale_grad_by_freq = op.arg(4, "scale_grad_by_freq")
     chosen = [
-        _backward_placements(g, i, grad_spec.ndim, scale_grad_by_freq)
-        for g, i in zip(grad_spec.placements, indices_spec.placements)
+        _backward_placements(g, i, grad_spec.ndim, scale_grad_by_freq or not indices_is_dtensor)
+        for g, i in zip(grad_spec.placements, indices_placements)
     ]
     grad_p, indices_p, output_p = (tuple(column) for column in zip(*chosen))
     local_op = None
     if any(p.is_shard(0) for p in output_p):
         local_op = _masked_scatter(op.mesh, output_p, (num_weights, grad_spec.shape[-1]))
-    return Sharding(inputs=(grad_p, indices_p), outputs=(output_p,), local_op=local_op)
+    return Sharding(inputs=_inputs(grad_p, indices_p, indices_is_dtensor), outputs=(output_p,), local_op=local_op)
 
 
 def _masked_scatter(mesh, output_placements, output_shape):
