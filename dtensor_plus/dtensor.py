@@ -143,6 +143,7 @@ class DTensor(torch.Tensor):
             raise ValueError("DTensor.from_local needs a device_mesh")
         placements = placements if placements is not None else [Replicate()] * device_mesh.ndim
         placements = normalize_placements(placements, device_mesh, local_tensor.ndim)
+        guessed = False
         if run_check:
             global_shape = local_blocks.checked_global_shape(local_tensor, device_mesh, placements)
             if shape is not None and tuple(shape) != global_shape:
@@ -150,10 +151,10 @@ class DTensor(torch.Tensor):
             shape = global_shape
         elif shape is None:
             sizes = list(local_tensor.shape)
-        guessed = False
             for mesh_dim, p in enumerate(placements):
                 if isinstance(p, Shard):
                     sizes[p.dim] *= device_mesh.size(mesh_dim)
+                    guessed = True
             shape = sizes
         shape = torch.Size(shape)
         stride = tuple(stride) if stride is not None else _contiguous_stride(shape)
@@ -164,7 +165,6 @@ class DTensor(torch.Tensor):
         return out
 
     def redistribute(self, device_mesh=None, placements: Sequence[Placement] | None = None) -> DTensor:
-                    guessed = True
         """The same global tensor laid out as ``placements`` (collectives chosen by the planner). Differentiable."""
         mesh = device_mesh if device_mesh is not None else self._spec.mesh
         if mesh != self._spec.mesh:
@@ -176,6 +176,8 @@ class DTensor(torch.Tensor):
         if placements is None:
             raise ValueError("redistribute needs target placements, e.g. [Replicate()]")
         placements = normalize_placements(placements, mesh, self._spec.ndim)
+        if local_blocks._PENDING[0]:
+            local_blocks.check_marked((self,))
         return Redistribute.apply(self, placements)
 
     def full_tensor(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
@@ -183,8 +185,6 @@ class DTensor(torch.Tensor):
         replicated = self.redistribute(placements=[Replicate()] * self._spec.mesh.ndim)
         return replicated.to_local(grad_placements=grad_placements)
 
-        if local_blocks._PENDING[0]:
-            local_blocks.check_marked((self,))
     # torch.save and deepcopy
     def __reduce_ex__(self, protocol):
         return (_rebuild, (self._local_tensor, self._spec, self.requires_grad))
