@@ -51,6 +51,7 @@ def run_on_ranks(world_size: int, fn, *args, timeout: float = 60.0, **kwargs) ->
     in the rank processes. ``timeout`` bounds the call itself, not the one-off start of a pool.
     """
     _check_call(world_size, fn, timeout)
+    _check_main_guard()
     payload = _pickle_call(fn, args, kwargs)
     pool = _pool_for(world_size, timeout)
     return pool.call(payload, f"run_on_ranks({world_size}, {_describe(fn)})", timeout)
@@ -74,6 +75,32 @@ def _check_call(world_size, fn, timeout) -> None:
         raise TypeError(f"fn must be callable, got {fn!r}")
     if not 0 < timeout < float("inf"):
         raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
+
+
+_GUARD_ADVICE = (
+    "the rank processes import the script you ran (multiprocessing starts them that way), so a call at its top "
+    "level runs again in each of them: put it under `if __name__ == \"__main__\":` at the end of {script}"
+)
+
+
+def _check_main_guard() -> None:
+    """A script that calls run_on_ranks at its top level, with no ``if __name__ == "__main__":``, would make each
+    rank call it again while importing the script, and the ranks would die naming nothing; say so instead."""
+    if multiprocessing.current_process().name.startswith("dtensor_plus-rank"):
+        main = getattr(sys.modules.get("__mp_main__") or sys.modules.get("__main__"), "__file__", "your script")
+        raise RuntimeError(f"run_on_ranks was called inside a rank process: {_GUARD_ADVICE.format(script=main)}")
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not path.endswith(".py") or getattr(main, "__spec__", None) is not None:
+        return  # not a script run as `python file.py` (pytest, -m, an interactive session)
+    caller = sys._getframe(2)
+    try:
+        source = open(path, encoding="utf-8").read()
+    except OSError:
+        return
+    if caller.f_globals.get("__name__") == "__main__" and caller.f_code.co_name == "<module>" \
+            and "__name__" not in source:
+        raise RuntimeError(f"run_on_ranks called at the top level of {path}: {_GUARD_ADVICE.format(script=path)}")
 
 
 def _describe(fn) -> str:
@@ -202,7 +229,11 @@ class _Pool:
             return pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             self.procs[rank].join(timeout=1.0)
-            return ("raised", f"rank process died (exit code {self.procs[rank].exitcode})\n", None)
+            hint = ""
+            script = getattr(sys.modules.get("__main__"), "__file__", None)
+            if script and getattr(sys.modules["__main__"], "__spec__", None) is None:  # run as `python script.py`
+                hint = f"; if it died while starting, check its stderr: {_GUARD_ADVICE.format(script=script)}"
+            return ("raised", f"rank process died (exit code {self.procs[rank].exitcode}){hint}\n", None)
         except Exception:
             return ("raised", f"could not unpickle the rank's reply:\n{traceback.format_exc()}", None)
 
