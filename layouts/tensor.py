@@ -4,7 +4,8 @@ hook its inputs and outputs.
 This file owns the styles (names follow ``torch.distributed.tensor.parallel``):
 
     ColwiseParallel      nn.Linear weight Shard(0), bias Shard(0); nn.Embedding weight Shard(1).
-                         input Replicate -> output Shard(-1)
+                         input Replicate -> output Shard(-1). packed=3 for a fused [q|k|v]: each rank holds
+                         its rows of every part (StridedShard), so splitting the output needs no data
     RowwiseParallel      nn.Linear weight Shard(1), bias Replicate; nn.Embedding weight Shard(0) (vocab).
                          input Shard(-1) (Linear) or Replicate (Embedding) -> output Partial, reduced to
                          Replicate (all-reduce) or Shard(1) (reduce-scatter, sequence parallel) by the planner
@@ -36,7 +37,7 @@ from torch import nn
 
 from dtensor_plus.api import distribute_tensor
 from dtensor_plus.dtensor import DTensor
-from dtensor_plus.placements import Placement, Replicate, Shard, chunk_bounds
+from dtensor_plus.placements import Placement, Replicate, Shard, StridedShard, chunk_bounds
 
 from .data import reduce_grad_in_backward
 
@@ -155,10 +156,12 @@ def _prepare_first_input(
     return (x, *inputs[1:])
 
 
-def _finish_output(outputs: Any, device_mesh, layout: Placement, use_local_output: bool) -> Any:
+def _finish_output(outputs: Any, device_mesh, layout: Placement | None, use_local_output: bool) -> Any:
+    """``outputs`` moved to ``layout`` (None: left as the module made it) and unwrapped if asked."""
     if not isinstance(outputs, DTensor):
         raise TypeError(f"expected the module to return a DTensor, got {type(outputs).__name__}")
-    outputs = _redistribute(outputs, layout, device_mesh)
+    if layout is not None:
+        outputs = _redistribute(outputs, layout, device_mesh)
     return outputs.to_local() if use_local_output else outputs
 
 
@@ -228,6 +231,14 @@ class _LinearStyle(ParallelStyle):
 class ColwiseParallel(_LinearStyle):
     """Split the output features: nn.Linear weight Shard(0) and bias Shard(0), nn.Embedding weight Shard(1).
 
+    A fused projection packs equal parts into its output features: ``[q | k | v]`` (3 parts) or ``[gate | up]``
+    (2). Plain Shard(0) would hand rank 0 all of q and some of k; ``packed=3`` instead gives each rank its
+    torch.chunk rows of every part (weight and bias ``StridedShard(0, 3)``), so the output comes out as
+    ``StridedShard(-1, 3)`` and ``qkv.split(D, -1)``, ``qkv.chunk(3, -1)`` or ``qkv.view(B, T, 3, D)`` give
+    plain Shard(-1) pieces with no communication, forward and backward. An unmodified attention then runs on
+    each rank's own heads where the head boundaries meet the blocks (e.g. 4 heads on 2 ranks); elsewhere (3
+    heads on 2 ranks) the head view gathers, as for separate q, k and v projections.
+
     Args:
         input_layouts: layout of the input (default Replicate); e.g. Shard(1) after SequenceParallel, which
             all-gathers the sequence on entry.
@@ -235,18 +246,52 @@ class ColwiseParallel(_LinearStyle):
         use_local_output: return this rank's block (a plain tensor) instead of a DTensor.
         weight_output_dim: the weight dim holding output features: 0 for nn.Linear (default), 1 for a linear
             layer storing its weight (in, out), e.g. transformers' Conv1D (weight Shard(1), bias Shard(0)).
+        packed: how many equal parts the output features pack (default 1: none). With packed > 1 the output
+            keeps its packed layout unless ``output_layouts`` is given.
 
     Example::
 
         parallelize_module(model, mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+        parallelize_module(block, mesh, {"attn.qkv": ColwiseParallel(packed=3, use_local_output=False),
+                                         "attn.proj": RowwiseParallel()})
     """
+
+    def __init__(self, *, packed: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(packed, int) or isinstance(packed, bool) or packed < 1:
+            raise ValueError(
+                f"packed must be an int >= 1, the number of equal parts fused into the output features (3 for "
+                f"[q|k|v], 2 for [gate|up]), got {packed!r}"
+            )
+        self.packed = packed
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, packed={self.packed})"
+
+    def _part_layout(self, module: nn.Module, name: str, dim: int) -> Placement:
+        """Shard(dim), or each rank's rows of every packed part: StridedShard(dim, packed)."""
+        if self.packed == 1:
+            return Shard(dim)
+        size = getattr(module, name).shape[dim]
+        if size % self.packed:
+            raise ValueError(
+                f"ColwiseParallel(packed={self.packed}): {type(module).__name__}.{name} has {size} output features, "
+                f"not {self.packed} equal parts; pass the number of parts the features pack"
+            )
+        return StridedShard(dim, self.packed)
 
     def _layouts(self, module):
         if isinstance(module, nn.Embedding):
+            if self.packed != 1:
+                raise ValueError(f"ColwiseParallel(packed={self.packed}) packs a linear layer's outputs, not nn.Embedding's")
             params = {"weight": Shard(1)}
         else:
-            params = {"weight": Shard(self._linear_output_dim(module)), "bias": Shard(0)}
-        return self.input_layouts or Replicate(), Replicate(), self.output_layouts or Shard(-1), params
+            params = {"weight": self._part_layout(module, "weight", self._linear_output_dim(module))}
+            if getattr(module, "bias", None) is not None:
+                params["bias"] = self._part_layout(module, "bias", 0)
+        # None: the packed output keeps its StridedShard (a Shard(-1) would gather and re-split it)
+        output = self.output_layouts or (Shard(-1) if self.packed == 1 else None)
+        return self.input_layouts or Replicate(), Replicate(), output, params
 
 
 class RowwiseParallel(_LinearStyle):

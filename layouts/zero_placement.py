@@ -91,8 +91,9 @@ def zero_placement(param: DTensor, mesh_dim: int):
     dp alone could then not restore them (PyTorch's _StridedShard case). On another dim the dp all-gather
     restores exactly the tp layout. A tensor with no free dim (a 0-d one, or a 1-D tp-sharded bias) stays
     Replicate on dp; its gradient is then all-reduced (2(n-1)/n x its bytes) instead of reduce-scattered."""
-    taken = {
-        p.normalized(param.ndim).dim for k, p in enumerate(param.placements) if k != mesh_dim and isinstance(p, Shard)
+    taken = {  # a StridedShard (a packed qkv weight's tp layout) takes its dim too
+        p.normalized(param.ndim).dim if isinstance(p, Shard) else p.dim
+        for k, p in enumerate(param.placements) if k != mesh_dim and (isinstance(p, Shard) or p.is_strided_shard())
     }
     free = [d for d in range(param.ndim) if d not in taken]
     return Shard(free[0]) if free else Replicate()

@@ -11,9 +11,11 @@ since these ops only move, copy or zero-fill elements):
     slice (narrow)                    Shard of the sliced dim kept when each rank's part of the slice is its
                                       torch.chunk block of the result (local slice at its offset), else gathered
     select                            sliced dim sharded -> Partial(sum): the owning rank's row, zeros elsewhere
-    split / split_with_sizes / unbind the split dim is gathered; other Shards kept in every piece
+    split / split_with_sizes / unbind the split dim is gathered; other Shards kept in every piece; a packed
+                                      dim (StridedShard) cut where its groups end stays sharded (packed_parts.py)
     cat / stack                       the output takes the Shard (of a non-cat dim) of the largest input, or
-                                      the Partial all inputs agree on; the cat dim is never sharded
+                                      the Partial all inputs agree on; the cat dim is sharded only where the
+                                      inputs are parts of a packed dim (split's backward: StridedShard out)
     index_select                      a sharded index gives a Shard of the indexed dim; a sharded indexed
                                       dim of self is gathered
     slice_backward / select_backward  the forward's rule, read backwards (zero-filled, so Partial passes)
@@ -35,6 +37,7 @@ from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec, local_shape_and_offset
 
 from .common import aten, normalize_dim, without_partial
+from .packed_parts import cat_parts, local_split, same_strided, split_parts
 from .view_algebra import (aligned_out_dims, always, blocks_align, dim_map_out_dims, infer_shape, local_slice,
                            propagate, slice_range, sliced_out_dims, strided_view_placements, view_out_dims)
 
@@ -255,12 +258,25 @@ def select_backward_rule(op: OpSchema) -> Sharding:
 
 
 @register_rule(aten.split.Tensor, aten.split_copy.Tensor, aten.split_with_sizes.default,
-               aten.split_with_sizes_copy.default, aten.unsafe_split.Tensor, strided="as_shard")
+               aten.split_with_sizes_copy.default, aten.unsafe_split.Tensor, strided="native")
 def split_rule(op: OpSchema) -> Sharding:
+    """A packed dim (StridedShard) cut where its groups end stays sharded in every part, locally
+    (ops/packed_parts.py); any other Shard of the split dim is gathered. Other dims keep their layout."""
     spec = op.specs[0]
     dim, split = normalize_dim(op.arg(2, "dim", 0), spec.ndim), op.arg(1)
-    sizes = split if isinstance(split, (list, tuple)) else torch.empty(spec.shape[dim], device="meta").split(split)
-    return _map_rule(op, {d: d for d in range(spec.ndim) if d != dim}, num_outputs=len(sizes))
+    if isinstance(split, (list, tuple)):
+        sizes = list(split)
+    else:
+        sizes = [len(t) for t in torch.empty(spec.shape[dim], device="meta").split(split)]
+    parts = split_parts(spec, dim, sizes)
+    placements = tuple(Replicate() if p.is_strided_shard() and p.dim == dim and k not in parts else p
+                       for k, p in enumerate(spec.placements))
+    inputs, output = propagate(placements, dim_map_out_dims(placements, {d: d for d in range(spec.ndim) if d != dim}))
+    outputs = tuple(tuple(parts[k][i] if k in parts else q for k, q in enumerate(output)) for i in range(len(sizes)))
+    if not parts:
+        return Sharding(inputs=(inputs,), outputs=outputs)
+    (mesh_dim, pieces), = parts.items()  # one mesh dim alone splits a packed dim
+    return Sharding(inputs=(inputs,), outputs=outputs, local_op=local_split(op.func, spec.mesh, mesh_dim, dim, sizes, pieces))
 
 
 @register_rule(aten.unbind.int, aten.unbind_copy.int)
@@ -294,9 +310,12 @@ def _join(specs, in_dims: dict, mesh_ndim: int):
     return tuple(target), tuple(output)
 
 
-@register_rule(aten.cat.default, strided="as_shard")
+@register_rule(aten.cat.default, strided="native")
 def cat_rule(op: OpSchema) -> Sharding:
-    """Inputs agree on the output's layout; 1-d empty inputs (which cat skips) stay as they are."""
+    """Inputs agree on the output's layout; 1-d empty inputs (which cat skips) stay as they are. Parts of a
+    packed dim (split's backward: Shard or StridedShard pieces of equal groups) join into its StridedShard
+    with no data moved (ops/packed_parts.py); a StridedShard of another dim passes where every input holds
+    the same one, else it is gathered."""
     specs = op.specs
     skipped = [s.ndim == 1 and s.shape[0] == 0 for s in specs]
     if all(skipped):
@@ -304,8 +323,18 @@ def cat_rule(op: OpSchema) -> Sharding:
     joined = [s for s, skip in zip(specs, skipped) if not skip]
     ndim = joined[0].ndim
     dim = normalize_dim(op.arg(1, "dim", 0), ndim)
-    target, output = _join(joined, {d: d for d in range(ndim) if d != dim}, len(op.mesh_shape))
-    return Sharding(inputs=tuple(None if skip else target for skip in skipped), outputs=(output,))
+    packed = cat_parts(joined, dim, op.mesh_shape)
+    kept = packed | same_strided(joined, dim, packed)
+    plain = [s.with_placements(tuple(Replicate() if k in kept or p.is_strided_shard() else p for k, p in enumerate(s.placements)))
+             for s in joined]
+    target, output = _join(plain, {d: d for d in range(ndim) if d != dim}, len(op.mesh_shape))
+    output = tuple(kept.get(k, q) for k, q in enumerate(output))
+
+    def target_of(spec):
+        return tuple(spec.placements[k] if k in kept else q for k, q in enumerate(target))
+
+    return Sharding(inputs=tuple(None if skip else target_of(s) for s, skip in zip(specs, skipped)), outputs=(output,))
+
 
 
 @register_rule(aten.stack.default)
