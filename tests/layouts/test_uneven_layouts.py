@@ -9,6 +9,7 @@ layouts/tensor.py ``_to_dtensor``): 97 rows on 2 ranks are blocks of 49 and 48, 
 Legend: B batch, T sequence, D model width, F MLP width, V vocabulary.
 """
 
+import contextlib
 import copy
 
 import torch
@@ -19,7 +20,9 @@ from torch import nn
 
 import dtensor_plus as dtp
 from dtensor_plus import DTensor, Replicate, Shard
-from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel, SequenceParallel, fully_shard, parallelize_module
+from dtensor_plus.layouts import (
+    ColwiseParallel, RowwiseParallel, SequenceParallel, fully_shard, loss_parallel, parallelize_module,
+)
 from dtensor_plus.layouts.data import replicate, shard_batch
 from dtensor_plus.testing import run_on_ranks
 
@@ -134,20 +137,22 @@ def test_sequence_blocks_that_are_not_chunks_raise_on_every_rank():
 
 # ---------------------------------------------------------------- (dp, tp): replicate and fully_shard
 
-LM_PLAN = {
-    "embed": RowwiseParallel(input_layouts=Replicate(), use_local_output=False),  # vocab rows split: 49 + 48
-    "mlp.fc1": ColwiseParallel(use_local_output=False),
-    "mlp.fc2": RowwiseParallel(use_local_output=False),
-    "head": ColwiseParallel(output_layouts=Replicate(), use_local_output=False),
-}
+def _lm_plan(vocab_parallel: bool) -> dict:
+    return {
+        "embed": RowwiseParallel(input_layouts=Replicate(), use_local_output=False),  # vocab rows split: 49 + 48
+        "mlp.fc1": ColwiseParallel(use_local_output=False),
+        "mlp.fc2": RowwiseParallel(use_local_output=False),
+        # vocab-sharded logits into loss_parallel, or whole ones
+        "head": ColwiseParallel(output_layouts=None if vocab_parallel else Replicate(), use_local_output=False),
+    }
 
 
-def _lm_on_dp_tp(zero3: bool, vocab: int, width: int, batch: int, path: str):
+def _lm_on_dp_tp(zero3: bool, vocab: int, width: int, batch: int, path: str, vocab_parallel: bool = False):
     mesh = dtp.init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
     reference = _perturbed(TinyLM(vocab, width))
     model = copy.deepcopy(reference)
-    parallelize_module(model, mesh["tp"], LM_PLAN)
+    parallelize_module(model, mesh["tp"], _lm_plan(vocab_parallel))
     replicate(model, mesh, reduce_in_backward=not zero3)
     assert tuple(model.embed.weight.shape) == (vocab, D)  # the global shape, on every rank
     if zero3:
@@ -157,9 +162,12 @@ def _lm_on_dp_tp(zero3: bool, vocab: int, width: int, batch: int, path: str):
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
     tokens_BT, targets_BT = (torch.randint(0, vocab, (batch, 3), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
     for _ in range(2):
-        logits = model(shard_batch(tokens_BT, mesh))
-        loss = F.cross_entropy(logits.flatten(0, 1), shard_batch(targets_BT, mesh).flatten(0, 1))
-        loss.backward()
+        with loss_parallel() if vocab_parallel else contextlib.nullcontext(), dtp.comm_mode() as comm:
+            logits = model(shard_batch(tokens_BT, mesh))
+            loss = F.cross_entropy(logits.flatten(0, 1), shard_batch(targets_BT, mesh).flatten(0, 1))
+            loss.backward()
+        if vocab_parallel:  # the logits stay split 49 + 48 on tp, forward and backward
+            assert logits.placements[1] == Shard(2) and ("all_gather", "tp") not in comm.counts, comm.counts
         ref_logits = reference(tokens_BT)
         ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), targets_BT.flatten(0, 1))
         ref_loss.backward()
@@ -183,13 +191,15 @@ def _lm_on_dp_tp(zero3: bool, vocab: int, width: int, batch: int, path: str):
 
 
 @settings(max_examples=4)
-@given(zero3=st.booleans(), vocab=st.sampled_from([97, 3]), width=st.sampled_from([7, 1]), batch=st.sampled_from([3, 1]))
-def test_replicate_and_fully_shard_on_dp_tp_with_uneven_sizes(tmp_path_factory, zero3, vocab, width, batch):
+@given(zero3=st.booleans(), vocab=st.sampled_from([97, 3]), width=st.sampled_from([7, 1]), batch=st.sampled_from([3, 1]),
+       vocab_parallel=st.booleans())
+def test_replicate_and_fully_shard_on_dp_tp_with_uneven_sizes(tmp_path_factory, zero3, vocab, width, batch, vocab_parallel):
     path = str(tmp_path_factory.mktemp("ckpt") / "step")
-    assert all(run_on_ranks(4, _lm_on_dp_tp, zero3, vocab, width, batch, path))
+    assert all(run_on_ranks(4, _lm_on_dp_tp, zero3, vocab, width, batch, path, vocab_parallel))
 
 
 def test_vocabulary_of_97_under_replicate_and_fully_shard(tmp_path):
-    """The issue's case, pinned: 97 rows on tp = 2 (49 + 48) lifted onto (dp, tp) = (2, 2)."""
+    """The issue's case, pinned: 97 rows on tp = 2 (49 + 48) lifted onto (dp, tp) = (2, 2); under fully_shard
+    with loss_parallel too."""
     for zero3 in (False, True):
-        assert all(run_on_ranks(4, _lm_on_dp_tp, zero3, 97, 7, 3, str(tmp_path / f"zero{int(zero3)}")))
+        assert all(run_on_ranks(4, _lm_on_dp_tp, zero3, 97, 7, 3, str(tmp_path / f"zero{int(zero3)}"), zero3))
