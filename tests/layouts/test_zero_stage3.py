@@ -3,12 +3,16 @@ backward, from the second step on), every gathered whole is freed after forward 
 ``mp_policy`` gathers and computes in bf16 (half the all-gather bytes) with fp32 gradients on the fp32 shards.
 """
 
+import copy
 import gc
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
 
 import dtensor_plus as dtp
 from dtensor_plus import DTensor, Shard
@@ -166,3 +170,65 @@ def _check_mp_errors():
 
 def test_mp_policy_type_checked():
     run_on_ranks(2, _check_mp_errors)
+
+
+# -- input gradients over packing sizes ---------------------------------------------------------------------------
+# A unit's wholes come out of one flat all-gather and may all be views of its one output buffer (one rank, or
+# every piece one row long). Backward must re-gather each saved weight by its parameter: looked up by storage
+# address, `sigmoid(a(x)) * b(x)` took b's weight for a's and the input gradient came out wrong while the
+# parameter gradients were right. So the input gradient is compared with one device, over packings.
+
+
+class _Heads(nn.Module):
+    """Linear heads of several widths on one input; the first gates the others, so every weight is saved for the
+    input gradient and a weight re-gathered in another's place changes it."""
+
+    def __init__(self, in_features, widths, bias):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(in_features, width, bias=bias) for width in widths)
+
+    def forward(self, x_BD):
+        gate_B1 = torch.sigmoid(self.heads[0](x_BD)).sum(-1, keepdim=True)
+        return torch.cat([gate_B1 * head(x_BD) for head in self.heads[1:]], -1)
+
+
+def _check_input_gradient(in_features, widths, bias, batch, units):
+    mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
+    torch.manual_seed(0)
+    reference = _Heads(in_features, widths, bias).double()
+    model = copy.deepcopy(reference)
+    if units == "per head":
+        for head in model.heads:
+            fully_shard(head, mesh)
+    fully_shard(model, mesh)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, in_features, generator=g, dtype=torch.float64)
+    weights = torch.randn(batch, sum(widths[1:]), generator=g, dtype=torch.float64)  # every output element counts
+    x_ref = x.clone().requires_grad_()
+    out_ref = reference(x_ref)
+    (out_ref * weights).sum().backward()
+    x_dist = dtp.distribute_tensor(x, mesh, [Shard(0)], src_data_rank=None).requires_grad_()
+    out = model(x_dist)
+    (out * dtp.distribute_tensor(weights, mesh, [Shard(0)], src_data_rank=None)).sum().backward()
+    torch.testing.assert_close(out.full_tensor(), out_ref.detach())
+    torch.testing.assert_close(x_dist.grad.full_tensor(), x_ref.grad, msg=lambda m: f"input gradient: {m}")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, msg=lambda m, name=name: f"{name}.grad: {m}")
+
+
+def test_input_gradient_of_the_issue():
+    """The issue's case: two Linear(8, 1), sigmoid(a(x)) * b(x), on 2 ranks (rows 1 + 0: one-row pieces)."""
+    run_on_ranks(2, _check_input_gradient, 8, (1, 1), True, 4, "one")
+
+
+@settings(max_examples=8)
+@given(
+    world_size=st.sampled_from([1, 2, 3]),
+    in_features=st.integers(1, 9),
+    widths=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    bias=st.booleans(),
+    batch=st.integers(1, 5),
+    units=st.sampled_from(["one", "per head"]),
+)
+def test_input_gradient_over_packing_sizes(world_size, in_features, widths, bias, batch, units):
+    run_on_ranks(world_size, _check_input_gradient, in_features, tuple(widths), bias, batch, units)
