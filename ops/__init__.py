@@ -18,6 +18,7 @@ from . import (  # noqa: F401
     foreach,
     fractional_pooling,
     gated,
+    grouped_mm,
     grid_sample,
     group_norm,
     im2col,
