@@ -203,8 +203,32 @@ class Plan:
         return DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(local))
 
 
-def _meta_outputs(func, args, kwargs, dtensor_cls):
-    """Global metadata of each tensor output, from running the op on meta tensors; None if it can't run there."""
+def _outside_the_mesh(func, plan, args, kwargs, dtensors, dtensor_cls):
+    """The op on a rank outside the DTensors' mesh: it takes part in nothing (no collective, no local op on
+    data it does not hold) and returns empty placeholders laid out as the rule says, as its inputs are."""
+    if mutation.is_inplace(func):
+        return args[0]
+    out_names = mutation.out_arguments(func)
+    if out_names:
+        outs = tuple(kwargs[name] for name in out_names)
+        return outs[0] if len(outs) == 1 else outs
+    out = _run_on_meta(func, args, kwargs, dtensor_cls)
+    specs = iter(getattr(plan, "out_specs", None) or ())
+    device = dtensors[0]._local_tensor.device
+
+    def placeholder(value):
+        if isinstance(value, torch.Tensor):
+            spec = next(specs, None) or Plan._replicated(value, dtensors)
+            return dtensor_cls(torch.empty(0, dtype=value.dtype, device=device), spec)
+        if isinstance(value, (list, tuple)):
+            return type(value)(placeholder(v) for v in value)
+        return None  # a Python scalar result (item()): this rank holds no value
+
+    return placeholder(out)
+
+
+def _run_on_meta(func, args, kwargs, dtensor_cls):
+    """The op's output on meta tensors of the global shapes; None if it can't run there."""
 
     def to_meta(value):
         if isinstance(value, dtensor_cls):
@@ -222,7 +246,13 @@ def _meta_outputs(func, args, kwargs, dtensor_cls):
         out = run(*to_meta(args), **{k: torch.device("meta") if k == "device" else to_meta(v) for k, v in kwargs.items()})
     except (NotImplementedError, RuntimeError, ZeroDivisionError):  # no meta kernel, data-dependent shape, numel 0
         return None
-    return [TensorMeta.of(t) for t in _flatten_outputs(out)]
+    return out
+
+
+def _meta_outputs(func, args, kwargs, dtensor_cls):
+    """Global metadata of each tensor output, from running the op on meta tensors; None if it can't run there."""
+    out = _run_on_meta(func, args, kwargs, dtensor_cls)
+    return None if out is None else [TensorMeta.of(t) for t in _flatten_outputs(out)]
 
 
 def _fallback_sharding(schema: rules.OpSchema, num_outputs: int) -> rules.Sharding:
@@ -344,6 +374,8 @@ def dispatch(func, args, kwargs, dtensor_cls, plain_checked: bool = False):
         _CACHE[key] = plan
     else:
         _STATS["hits"] += 1
+    if dtensors and dtensors[0]._spec.mesh.get_coordinate() is None:
+        return _outside_the_mesh(func, plan, args, kwargs or {}, dtensors, dtensor_cls)
     if dtensors and views.writes_to_unaliased_view(func, args[0]):
         return views.write_through(func, args, kwargs)
     if explicit._STATE.explicit:  # auditing: whatever this op would communicate unasked raises

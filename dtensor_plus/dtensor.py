@@ -44,6 +44,8 @@ class DTensor(torch.Tensor):
     def __new__(cls, local_tensor: torch.Tensor, spec: DTensorSpec, *, requires_grad: bool = False):
         if isinstance(local_tensor, DTensor):
             raise TypeError(f"a DTensor's local block must be a plain tensor, got a DTensor with spec {local_tensor._spec}")
+        if local_tensor.numel() and spec.mesh.get_coordinate() is None:
+            local_tensor = local_tensor.new_empty(0)  # a rank outside the mesh holds an empty placeholder, no data
         meta = spec.tensor_meta
         r = torch.Tensor._make_wrapper_subclass(
             cls,
@@ -74,6 +76,18 @@ class DTensor(torch.Tensor):
     @requires_grad.setter
     def requires_grad(self, requires_grad: bool) -> None:  # `x.requires_grad = True` as requires_grad_()
         self.requires_grad_(requires_grad)
+
+    @property
+    def data(self) -> torch.Tensor:
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, new: torch.Tensor) -> None:
+        # nn.Module.to(dtype) / .double() / .to(device) set `param.data = converted`: torch swaps the wrapper's
+        # metadata, and the block and spec must follow, or the DTensor reports bf16 over fp32 blocks.
+        torch._C.TensorBase.data.__set__(self, new)
+        if isinstance(new, DTensor):
+            self._local_tensor, self._spec = new._local_tensor, new._spec
 
     # Ops reach us as aten ops, after autograd; torch-function overrides are not needed.
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -144,7 +158,7 @@ class DTensor(torch.Tensor):
         placements = placements if placements is not None else [Replicate()] * device_mesh.ndim
         placements = normalize_placements(placements, device_mesh, local_tensor.ndim)
         guessed = False
-        if run_check:
+        if run_check and device_mesh.get_coordinate() is not None:  # a rank outside the mesh takes no part
             global_shape = local_blocks.checked_global_shape(local_tensor, device_mesh, placements)
             if shape is not None and tuple(shape) != global_shape:
                 raise ValueError(f"from_local: shape={tuple(shape)} but the blocks on the ranks make {global_shape}")
@@ -157,7 +171,7 @@ class DTensor(torch.Tensor):
                     guessed = True
             shape = sizes
         shape = torch.Size(shape)
-        stride = tuple(stride) if stride is not None else _contiguous_stride(shape)
+        stride = tuple(stride) if stride is not None else _stride_like(local_tensor, shape)
         spec = DTensorSpec(device_mesh, placements, TensorMeta(shape, stride, local_tensor.dtype))
         out = _FromLocal.apply(local_tensor, spec)
         if guessed:  # even blocks guessed: checked across ranks at its first op, before any collective could abort
@@ -194,12 +208,15 @@ def _rebuild(local, spec, requires_grad):
     return DTensor(local, spec, requires_grad=requires_grad)
 
 
-def _contiguous_stride(shape) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for size in reversed(shape):
-        stride.append(acc)
-        acc *= max(size, 1)
-    return tuple(reversed(stride))
+def _stride_like(local: torch.Tensor, shape) -> tuple[int, ...]:
+    """The global stride of a dense ``shape`` tensor whose dims lie in memory in the order of ``local``'s (a
+    transposed or channels-last block gives a transposed or channels-last DTensor, as one device would)."""
+    order = sorted(range(len(shape)), key=lambda d: (local.stride(d), -d))  # innermost first; ties: later dim inner
+    stride, acc = [0] * len(shape), 1
+    for d in order:
+        stride[d] = acc
+        acc *= max(shape[d], 1)
+    return tuple(stride)
 
 
 class _FromLocal(torch.autograd.Function):

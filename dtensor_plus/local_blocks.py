@@ -66,6 +66,8 @@ def checked_global_shape(local: torch.Tensor, mesh, placements, assumed_shape=No
 
 def mark_unchecked(dtensor) -> None:
     """Mark a DTensor whose global shape from_local guessed: its first op or redistribute checks it."""
+    if dtensor._spec.mesh.get_coordinate() is None:  # a rank outside the mesh takes part in no check
+        return
     setattr(dtensor, _UNCHECKED, True)
     _PENDING[0] += 1
 

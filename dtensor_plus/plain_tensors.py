@@ -56,6 +56,8 @@ def check_plain(func, args, kwargs, dtensor_cls):
     mesh = found[0]._spec.mesh
     plain = _plain_arguments(args, kwargs, dtensor_cls)
     in_backward = torch._C._current_graph_task_id() != -1  # autograd's own formulas built it
+    if mesh.get_coordinate() is None:  # a rank outside the mesh takes part in nothing
+        return mesh
     if not (_IMPLICIT_REPLICATION[0] or in_backward):
         _check_same_on_every_rank(func, plain, mesh)
     if not in_backward and torch.is_grad_enabled():

@@ -4,7 +4,9 @@ None of them reads the input's values, so none moves the input. Per mesh dim of 
 
     op                                   Shard(d)    Replicate    Partial
     zeros_like, zero_                    Shard(d)    Replicate    Partial (0 is a valid piece of any reduce)
-    ones_like, empty_like, full_like     Shard(d)    Replicate    Replicate (the local block is whole-shaped)
+    empty_like                           Shard(d)    Replicate    Partial (no values to keep: the layout is all
+                                                                  it copies, and module.to_empty() keeps it)
+    ones_like, full_like                 Shard(d)    Replicate    Replicate (the local block is whole-shaped)
     fill_ / fill (Scalar or Tensor)      Shard(d)    Replicate    Replicate; fill_ on a Partial self goes out
                                                                   of place and copies the value back
                                                                   (partitioned into the Partial pieces)
@@ -22,12 +24,12 @@ from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from .common import aten, replicated, without_partial
 
 
-@register_rule(aten.zeros_like.default, aten.zero_.default, aten.zero.default)
+@register_rule(aten.zeros_like.default, aten.zero_.default, aten.zero.default, aten.empty_like.default)
 def zeros_rule(op: OpSchema) -> Sharding:
     return Sharding(inputs=(None,), outputs=(op.specs[0].placements,))
 
 
-@register_rule(aten.ones_like.default, aten.empty_like.default, aten.full_like.default)
+@register_rule(aten.ones_like.default, aten.full_like.default)
 def like_rule(op: OpSchema) -> Sharding:
     return Sharding(inputs=(None,), outputs=(without_partial(op.specs[0].placements),))
 

@@ -125,12 +125,25 @@ register_rule(*(_resolve(name) for name in POINTWISE_OPS), strided="as_shard")(p
 def copy_rule(op: OpSchema) -> Sharding:
     """``self.copy_(src)``: src moves to self's layout (broadcast dims of src replicated)."""
     dst, src = op.specs[0], op.specs[1] if len(op.specs) > 1 else None
-    if src is None:
-        return Sharding(inputs=(None,), outputs=(dst.placements,))
+    if src is None:  # a plain 0-d src (checked equal on every rank): partitioned into a Partial dst
+        local_op = _partitioned_copy(op.mesh, dst.placements) if dst.has_partial() else None
+        return Sharding(inputs=(None,), outputs=(dst.placements,), local_op=local_op)
     target = tuple(_fit_input(p, Replicate(), src, dst.shape, op) if not p.is_partial() else Replicate() for p in dst.placements)
     # A Partial destination takes a replicated value partitioned into it.
     target = tuple(Partial(p.reduce_op) if p.is_partial() else t for p, t in zip(dst.placements, target))
     return Sharding(inputs=(None, target), outputs=(dst.placements,))
+
+
+def _partitioned_copy(mesh, placements):
+    """copy_ of a replicated scalar into a Partial block: a Partial(sum) keeps it at index 0 of its mesh dims and
+    0 elsewhere (the pieces sum to it); avg, max and min keep it everywhere."""
+
+    def local_op(self, src, non_blocking=False):
+        coordinate = mesh.get_coordinate()
+        holds = all(coordinate[m] == 0 for m, p in enumerate(placements) if p.is_partial() and p.reduce_op == "sum")
+        return self.copy_(src if holds else torch.zeros_like(src), non_blocking)
+
+    return local_op
 
 
 @register_rule(aten._conj.default, aten._neg_view.default, strided="as_shard")
