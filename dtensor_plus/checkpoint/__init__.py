@@ -12,10 +12,14 @@
 Every rank passes its own part of the state: DTensors in any layout on any mesh (a Partial one is reduced
 first), plain tensors (saved once; every rank holding one must hold the same value, so pipeline stages and
 expert-parallel ranks may each hold their own keys), and JSON values (step counts, hyperparameters, losses).
-A checkpoint is a directory: one safetensors file per writing rank and ``index.json`` (index.py: global shapes,
-dtypes, placements, meshes, each chunk's runs, a crc32 per file, the non-tensor values). No pickle is written
-or read. Files: save.py, load.py (resharding reads), geometry.py (which entries a block holds), atomic.py
-(temporary directory + rename), state_dict.py (model + optimizer), world.py (metadata exchange), errors.py.
+A DTensor may live on a sub-mesh (``mesh["tp"]`` of a (dp, tp) mesh): each distinct block is written once.
+A checkpoint is a directory: one safetensors file per writing rank, ``index.json`` (index.py: global shapes,
+dtypes, placements, meshes, each chunk's runs and crc32, the non-tensor values) and its sha256 beside it. No
+pickle is written or read. A load believes nothing it has not checked (digest, coverage of every entry exactly
+once, keys, dtypes, crc32s, paths inside the directory) and fails on every rank together. Files: save.py,
+load.py (resharding reads), reader.py (checked chunk reads), digest.py (checksums), geometry.py (which entries
+a block holds), atomic.py (temporary directory + rename), state_dict.py (model + optimizer), world.py
+(metadata exchange), writer.py (safetensors files), errors.py.
 """
 
 from .errors import (CheckpointCorruptError, CheckpointError, CheckpointKeyError, CheckpointMismatchError,

@@ -1,9 +1,9 @@
 """Publishing a checkpoint all at once: write into a temporary directory, then rename it into place.
 
 Protocol (save.py drives it): rank 0 creates ``<path>.tmp-<id>/``; every rank writes its file there, flushed
-to disk (fsync); once every rank has reported its file's checksum, rank 0 writes ``index.json`` last and
-renames the directory to ``<path>``. A ``<path>`` that exists is replaced in three renames: old aside to
-``<path>.old-<id>``, new in, old deleted. So at every instant ``<path>`` is either the previous complete
+to disk (fsync); once every rank has reported its chunks' checksums, rank 0 writes ``index.json`` and its
+digest last and renames the directory to ``<path>``. A ``<path>`` that exists is replaced in three renames:
+old aside to ``<path>.old-<id>``, new in, old deleted. So at every instant ``<path>`` is either the previous complete
 checkpoint or the new complete one; a rank killed mid-save leaves only a ``.tmp-`` directory, which the next
 save to the same path removes. The one window with no ``<path>`` (between the two renames) leaves the
 previous checkpoint intact as ``<path>.old-<id>``; ``missing_checkpoint_message`` points there.
@@ -12,13 +12,11 @@ previous checkpoint intact as ``<path>.old-<id>``; ``missing_checkpoint_message`
 from __future__ import annotations
 
 import glob
-import mmap
 import os
 import shutil
 import uuid
-import zlib
 
-__all__ = ["new_temp_dir", "publish", "discard", "file_crc32", "missing_checkpoint_message"]
+__all__ = ["new_temp_dir", "publish", "discard", "missing_checkpoint_message"]
 
 
 def new_temp_dir(path: str) -> str:
@@ -33,16 +31,6 @@ def new_temp_dir(path: str) -> str:
     temp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     os.mkdir(temp)
     return temp
-
-
-def file_crc32(file_path: str) -> tuple[int, int]:
-    """(crc32, size in bytes) of a file, read through a memory map (no copy into Python buffers)."""
-    with open(file_path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return 0, 0
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return zlib.crc32(mapped), size
 
 
 def publish(temp: str, path: str) -> None:

@@ -26,6 +26,7 @@ Version 1 (before checksums) reads only with ``verify=False``.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 
@@ -120,7 +121,7 @@ def read_index(directory: str, verify: bool = True) -> dict:
             f"{where} is not valid JSON ({error}); the checkpoint is damaged, restore it from a copy") from error
     _check(isinstance(index, dict) and index.get("format") == FORMAT, where, f"is not a {FORMAT} index")
     version = index.get("version")
-    _check(isinstance(version, int) and not isinstance(version, bool), where, "has no integer 'version'")
+    _check(_is_count(version) and version >= 1, where, f"has no format version (a positive integer): {version!r:.40}")
     if version > VERSION:
         raise CheckpointVersionError(
             f"{where} has format version {version}, newer than this dtensor_plus reads ({VERSION}); "
@@ -173,9 +174,9 @@ def _check_body(index: dict, directory: str, where: str, checksummed: bool) -> N
     for entry in index["values"]:
         _check(isinstance(entry, dict) and _is_path(entry.get("path")) and "value" in entry, where,
                f"has a malformed value {entry!r:.200}")
-    paths = [path_name(e["path"]) for e in index["tensors"] + index["values"]]
-    twice = sorted({p for p in paths if paths.count(p) > 1}) if len(set(paths)) != len(paths) else []
-    _check(not twice, where, f"lists {twice[:3]} more than once")
+    counts = collections.Counter(chunk_key(e["path"]) for e in index["tensors"] + index["values"])
+    twice = sorted(key for key, n in counts.items() if n > 1)
+    _check(not twice, where, f"lists the paths {twice[:3]} more than once")
 
 
 def _check_tensor(entry, files, where: str, checksummed: bool) -> None:

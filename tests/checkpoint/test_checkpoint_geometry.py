@@ -1,5 +1,8 @@
 """geometry.py: the runs a mesh coordinate holds are exactly the entries the placements' own chunk() gives it,
-for Shard (uneven, empty, nested), StridedShard (zigzag too); overlap() copies what two blocks share."""
+for Shard (uneven, empty, nested), StridedShard (zigzag too); overlap() copies what two blocks share;
+cover_error() agrees with counting every entry."""
+
+import re
 
 import torch
 from hypothesis import given, settings, strategies as st
@@ -85,3 +88,46 @@ def test_overlap_copies_every_shared_entry(src_layout, dst_layout):
             if triples is not None:
                 _copy_overlap(block, triples, lambda box, b=src_block: b[box])
         assert torch.equal(block, _by_chunk(whole, dst_mesh, dst_placements, c))
+
+
+def _count_by_entry(shape, blocks):
+    """How many blocks hold each entry, one entry at a time: the naive check cover_error must agree with."""
+    counts = torch.zeros(shape, dtype=torch.int64)
+    for runs in blocks:
+        index = [torch.cat([torch.arange(s, s + n) for s, n in dim]) if dim else torch.zeros(0, dtype=torch.long)
+                 for dim in runs]
+        counts[torch.meshgrid(*index, indexing="ij") if index else ()] += 1
+    return counts
+
+
+@settings(max_examples=80)
+@given(layouts(), st.data())
+def test_cover_error_agrees_with_counting_every_entry(layout, data):
+    """A layout's distinct blocks hold every entry once; a block dropped, repeated or shifted is found, as the
+    entry-by-entry count finds it, naming an entry held the wrong number of times."""
+    shape, mesh_shape, placements = layout
+    coords = torch.cartesian_prod(*[torch.arange(n) for n in mesh_shape]).reshape(-1, len(mesh_shape)).tolist()
+    blocks = []
+    for c in coords:
+        runs = [list(dim) for dim in geometry.local_runs(shape, mesh_shape, placements, c)]
+        if runs not in blocks:
+            blocks.append(runs)
+    assert geometry.cover_error(shape, blocks) is None
+    if not blocks:
+        return
+    i = data.draw(st.integers(0, len(blocks) - 1))
+    edit = data.draw(st.sampled_from(["drop", "repeat", "shift"]))
+    if edit == "drop":
+        blocks = blocks[:i] + blocks[i + 1:]
+    elif edit == "repeat":
+        blocks = blocks + [blocks[i]]
+    elif shape and blocks[i][0] and blocks[i][0][0][0] > 0:  # one row earlier: a row twice, another never
+        blocks[i] = [[(blocks[i][0][0][0] - 1, blocks[i][0][0][1])] + blocks[i][0][1:]] + blocks[i][1:]
+    counts = _count_by_entry(shape, blocks)
+    problem = geometry.cover_error(shape, blocks)
+    if bool((counts == 1).all()):
+        assert problem is None
+    else:
+        entry, times = re.fullmatch(r"its chunks hold the entry at \[([\d, ]*)\] (\d+) times .*", problem).groups()
+        at = tuple(int(x) for x in entry.split(",")) if entry else ()
+        assert counts[at] == int(times) != 1, (problem, counts)
