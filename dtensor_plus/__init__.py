@@ -41,6 +41,16 @@ from .visualize import visualize_sharding  # noqa: E402
 
 from . import ops  # noqa: E402,F401  (registers the sharding rules)
 
+# torch.optim and clip_grad_norm_ pick their multi-tensor path by default only for tensor types listed here (on
+# devices that have one, CUDA): the extension point torch's own DTensor registers itself in. Our foreach and
+# fused rules (ops/foreach_pointwise.py) run each list op as one local multi-tensor kernel.
+from torch.optim.optimizer import _foreach_supported_types as _optim_multi_tensor_types  # noqa: E402
+from torch.utils._foreach_utils import _foreach_supported_types as _util_multi_tensor_types  # noqa: E402
+
+for _types in (_optim_multi_tensor_types, _util_multi_tensor_types):
+    if DTensor not in _types:
+        _types.append(DTensor)
+
 __all__ = [
     "DTensor", "DTensorSpec", "TensorMeta", "DeviceMesh", "init_device_mesh",
     "Placement", "Shard", "Replicate", "Partial",

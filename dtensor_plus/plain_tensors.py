@@ -13,6 +13,9 @@ rank holds the same values. Three cases:
   on every rank alike, naming the argument and the first rank that differs. A rank-local tensor therefore
   never passes for a replicated one, and the verdict never splits the ranks.
 
+The step counters of torch.optim's fused optimizers (``state_steps``) are kept per parameter and incremented
+alike on every rank: they are trusted with no check (``_TRUSTED_ARGUMENTS``).
+
 A 0-d plain tensor (a loss scale, a scalar computed from local data) is checked the same way, but stays a
 plain 0-d tensor for the rules, which read it as a replicated scalar. A plain tensor that requires grad gets
 its gradient back plain, the whole one-device value (``grad_layout.keep_plain_gradient``).
@@ -54,11 +57,11 @@ def check_plain(func, args, kwargs, dtensor_cls):
     DTensors' mesh unless trusted, and hook those that require grad to get a plain gradient. Returns the mesh."""
     found = [v for v in _flatten(list(args) + list(kwargs.values())) if isinstance(v, dtensor_cls)]
     mesh = found[0]._spec.mesh
-    plain = _plain_arguments(args, kwargs, dtensor_cls)
+    plain = [(name, t) for name, t in _plain_arguments(args, kwargs, dtensor_cls) if name not in _trusted(func)]
     in_backward = torch._C._current_graph_task_id() != -1  # autograd's own formulas built it
     if mesh.get_coordinate() is None:  # a rank outside the mesh takes part in nothing
         return mesh
-    if not (_IMPLICIT_REPLICATION[0] or in_backward):
+    if plain and not (_IMPLICIT_REPLICATION[0] or in_backward):
         _check_same_on_every_rank(func, plain, mesh)
     if not in_backward and torch.is_grad_enabled():
         for _, t in plain:
@@ -87,6 +90,18 @@ def _flatten(values) -> list:
     for v in values:
         out += _flatten(v) if type(v) is list or type(v) is tuple else [v]
     return out
+
+
+# Plain tensors some ops take that are the same on every rank by construction: the per-parameter step counters
+# torch.optim's fused optimizers keep and increment alike on every rank (checking them would cost a collective
+# per optimizer step).
+_TRUSTED_ARGUMENTS = ("state_steps",)
+
+
+def _trusted(func) -> set[str]:
+    """The names (as _plain_arguments gives them) of ``func``'s arguments in _TRUSTED_ARGUMENTS."""
+    return {f"argument {i}" for i, a in enumerate(func._schema.arguments) if a.name in _TRUSTED_ARGUMENTS} | \
+        {f"argument {a.name!r}" for a in func._schema.arguments if a.name in _TRUSTED_ARGUMENTS}
 
 
 def _plain_arguments(args, kwargs, dtensor_cls) -> list[tuple[str, torch.Tensor]]:

@@ -16,6 +16,7 @@ from . import (  # noqa: F401
     fft,
     flat_indexing,
     foreach,
+    foreach_pointwise,
     fractional_pooling,
     gated,
     grouped_mm,
