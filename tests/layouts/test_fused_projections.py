@@ -219,6 +219,47 @@ def test_packed_under_replicate_and_fully_shard(zero3):
     assert all(run_on_ranks(4, _fused_on_dp_tp, zero3))
 
 
+# ---------------------------------------------------------------- the split and cat rules themselves
+
+
+def _split_and_join(n: int, groups: int, inner: int, parts: list, zigzag: bool, dp: int):
+    """A dim of ``groups`` x ``inner`` rows, StridedShard on tp (zigzag or not; beside a batch Shard on dp when
+    dp > 1), split into parts of whole groups (backward: their cat) and joined back by cat: no collective,
+    values and gradients exact."""
+    mesh = dtp.init_device_mesh("cpu", (dp, n), mesh_dim_names=("dp", "tp"))
+    batch = dtp.Shard(0) if dp > 1 else Replicate()
+    x = torch.randn(3, groups * inner, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x_dist = dtp.distribute_tensor(x, mesh, [batch, StridedShard(1, groups, zigzag)]).requires_grad_()
+    sizes = [k * inner for k in parts]
+    expected = [StridedShard(1, k, zigzag) if k > 1 or zigzag else dtp.Shard(1) for k in parts]
+    weights = [torch.randn(3, size, dtype=torch.float64) for size in sizes]
+    weights_dist = [dtp.distribute_tensor(w, mesh, [batch, p]) for w, p in zip(weights, expected)]
+    with dtp.comm_mode() as comm:
+        pieces = x_dist.split(sizes, dim=1)
+        loss = (pieces[0] * weights_dist[0]).sum()
+        for piece, w in zip(pieces[1:], weights_dist[1:]):
+            loss = loss + (piece * w).sum()
+        loss.backward()  # split's backward: a cat of the parts' gradients
+        joined = torch.cat([piece.detach() for piece in pieces], dim=1)
+    assert not comm.counts, comm.counts
+    assert [piece.placements[1] for piece in pieces] == expected
+    for piece, whole in zip(pieces, x.split(sizes, dim=1)):
+        torch.testing.assert_close(piece.full_tensor(), whole)
+    torch.testing.assert_close(x_dist.grad.full_tensor(), torch.cat(weights, dim=1))
+    torch.testing.assert_close(joined.full_tensor(), x)
+    return joined.placements[1], x_dist.grad.placements[1]
+
+
+@settings(max_examples=6)
+@given(n=st.sampled_from([2, 3]), inner=st.sampled_from([1, 2, 5]), parts=st.sampled_from([[1, 1, 1], [2, 1], [1, 2, 1]]),
+       zigzag=st.booleans(), dp=st.sampled_from([1, 2]))
+def test_split_and_cat_keep_packed_parts_sharded(n, inner, parts, zigzag, dp):
+    if n * dp > 4:
+        n = 2
+    for placements in run_on_ranks(n * dp, _split_and_join, n, sum(parts), inner, parts, zigzag, dp):
+        assert placements == (StridedShard(1, sum(parts), zigzag),) * 2
+
+
 # ---------------------------------------------------------------- errors
 
 
