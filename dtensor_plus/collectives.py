@@ -161,17 +161,10 @@ def _group_ranks(mesh, mesh_dim: int) -> list[int]:
     return next(row for row in rows if mesh.get_rank() in row)
 
 
-def _named_error(collective: str, mesh, mesh_dim: int, error: Exception) -> RuntimeError:
-    ranks = _group_ranks(mesh, mesh_dim)
-    missing = debug.missing_ranks(ranks, mesh.get_rank())
-    missing_text = "" if missing is None else (
-        f"; ranks {missing} of the group did not report in (dead, or stuck in another call)" if missing
-        else "; every rank of the group reported in"
-    )
-    return RuntimeError(
-        f"{collective} on mesh dim {mesh.mesh_dim_name(mesh_dim)!r} (ranks {ranks}) failed on rank "
-        f"{mesh.get_rank()}{missing_text}: {error}"
-    )
+def _named_error(collective: str, mesh, mesh_dim: int, error: Exception, group=None) -> RuntimeError:
+    ranks, name = _group_ranks(mesh, mesh_dim), mesh.mesh_dim_name(mesh_dim)
+    known = debug.failure_report(collective, name, ranks, mesh.get_rank(), group or mesh.get_group(mesh_dim))
+    return RuntimeError(f"{collective} on mesh dim {name!r} (ranks {ranks}) failed on rank {mesh.get_rank()}{known}: {error}")
 
 
 # -- dtypes gloo lacks --------------------------------------------------------------------------------------------

@@ -383,7 +383,5 @@ def dispatch(func, args, kwargs, dtensor_cls, plain_checked: bool = False):
         explicit.check_input_moves(func, specs, getattr(plan, "input_targets", ()))
         with explicit.in_op(func, specs):
             return plan.run(args, kwargs, dtensors, dtensor_cls)
-    if debug.divergence_checking():  # name the op in any divergence report
-        with debug.at_op(func, [dt._spec for dt in dtensors]):
-            return plan.run(args, kwargs, dtensors, dtensor_cls)
-    return plan.run(args, kwargs, dtensors, dtensor_cls)
+    with debug.at_op(func, dtensors):  # names the op in divergence and failure reports (formatted only there)
+        return plan.run(args, kwargs, dtensors, dtensor_cls)

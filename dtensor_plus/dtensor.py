@@ -8,6 +8,7 @@ backward running the dual collective.
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
@@ -28,6 +29,9 @@ def _lists_replicated(index, mesh, device):
         return DTensor(local, DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(local)))
 
     return lift(index) if type(index) is list else tuple(lift(i) for i in index)
+
+
+_CREATED = itertools.count()
 
 
 class DTensor(torch.Tensor):
@@ -58,6 +62,9 @@ class DTensor(torch.Tensor):
         )
         r._local_tensor = local_tensor
         r._spec = spec
+        # The order DTensors are made in is the same on every rank of an SPMD program: the divergence checker
+        # tells an op's inputs apart by it (a @ b on one rank, b @ a on another).
+        r._created = next(_CREATED)
         if requires_grad:
             grad_layout.keep_leaf_layout(r)
         return r

@@ -3,6 +3,11 @@
 The mesh only describes which ranks cooperate; ``collectives.py`` is the module that talks over the groups.
 Process groups are created once per set of ranks and reused by every mesh that needs them (slices,
 flattened meshes and meshes built again in later calls all share them).
+
+Every group a mesh uses (mesh dims, flattened meshes, the pipeline's point-to-point groups) fails a stuck
+collective after ``collective_timeout()``: ``DTENSOR_PLUS_TIMEOUT_S`` when set, else the default group's own timeout
+(what ``init_process_group`` was given; 300 s when ``init_device_mesh`` starts it), never torch's 30-minute default
+for new groups.
 """
 
 from __future__ import annotations
@@ -25,14 +30,58 @@ def _backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def _group_for(ranks: tuple[int, ...], backend: str):
+def _group_for(ranks: tuple[int, ...], backend: str, timeout: timedelta):
     key = (backend, ranks)
     if key not in _GROUPS:
         if ranks == tuple(range(dist.get_world_size())):
             _GROUPS[key] = dist.group.WORLD
         else:
-            _GROUPS[key] = dist.new_group(list(ranks), backend=backend)
+            _GROUPS[key] = dist.new_group(list(ranks), backend=backend, timeout=timeout)
+    if dist.get_rank() in ranks:  # a cached group follows a changed DTENSOR_PLUS_TIMEOUT_S
+        use_timeout(_GROUPS[key], backend, timeout)
     return _GROUPS[key]
+
+
+# -- timeouts ---------------------------------------------------------------------------------------------------
+
+_DEFAULT_TIMEOUT_S = 300.0
+_WORLD_TIMEOUT: list = []  # [the default group, its timeout before we touched it]: read once
+
+
+def _env_timeout() -> timedelta | None:
+    value = os.environ.get("DTENSOR_PLUS_TIMEOUT_S")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"DTENSOR_PLUS_TIMEOUT_S={value!r} must be a positive number of seconds, e.g. 600")
+    return timedelta(seconds=seconds)
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective on a mesh's groups may wait: ``DTENSOR_PLUS_TIMEOUT_S`` when set, else the default
+    group's timeout as ``init_process_group`` set it."""
+    world = dist.group.WORLD
+    if not _WORLD_TIMEOUT or _WORLD_TIMEOUT[0] is not world:  # before any use_timeout can change it
+        _WORLD_TIMEOUT[:] = [world, _timeout_of(world, dist.get_backend(world)) or timedelta(seconds=_DEFAULT_TIMEOUT_S)]
+    return _env_timeout() or _WORLD_TIMEOUT[1]
+
+
+def _timeout_of(group, backend: str) -> timedelta | None:
+    try:
+        return group._get_backend(torch.device("cuda" if backend == "nccl" else "cpu")).options._timeout
+    except Exception:  # a backend without options (or a torch that moved them): leave the group as it is
+        return None
+
+
+def use_timeout(group, backend: str, timeout: timedelta) -> None:
+    """Give ``group`` (which holds this rank) ``timeout``, when it has another one."""
+    current = _timeout_of(group, backend)
+    if current is not None and current != timeout:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 class DeviceMesh:
@@ -89,13 +138,13 @@ class DeviceMesh:
 
     def _create_groups(self) -> list:
         """One group per mesh dim holding this rank; every rank creates every group (collective order)."""
-        backend = _backend_for(self.device_type)
+        backend, timeout = _backend_for(self.device_type), collective_timeout()
         groups = []
         for mesh_dim in range(self.ndim):
             rows = self.mesh.movedim(mesh_dim, -1).reshape(-1, self.shape[mesh_dim])
             mine = None
             for row in rows.tolist():
-                group = _group_for(tuple(row), backend)
+                group = _group_for(tuple(row), backend, timeout)
                 if self._rank in row:
                     mine = group
             groups.append(mine)
@@ -171,10 +220,10 @@ class DeviceMesh:
         root, dims = self._root, self._root_dims
         others = [d for d in range(root.ndim) if d not in dims]
         rows = root.mesh.permute(*others, *dims).reshape(-1, self.mesh.numel()).tolist()
-        backend = _backend_for(self.device_type)
+        backend, timeout = _backend_for(self.device_type), collective_timeout()
         mine = None
         for row in rows:
-            group = _group_for(tuple(row), backend)
+            group = _group_for(tuple(row), backend, timeout)
             if self._rank in row:
                 mine, my_row = group, row
         self._require_member()
@@ -241,7 +290,7 @@ def _init_from_environment(device_type: str) -> None:
             "torch.distributed is not initialised and no torchrun environment (RANK, WORLD_SIZE) is set; "
             "launch with `torchrun --nproc-per-node N script.py` or call init_process_group first"
         )
-    timeout = timedelta(seconds=float(os.environ.get("DTENSOR_PLUS_TIMEOUT_S", "300")))
+    timeout = _env_timeout() or timedelta(seconds=_DEFAULT_TIMEOUT_S)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun keeps its agent's store across restarts (--max-restarts) and torch adds no per-attempt
         # prefix, so a restarted group would read the dead attempt's gloo addresses and fail to connect

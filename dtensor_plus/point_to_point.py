@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import PendingCollective, _group_ranks, _named_error, _nbytes, _record, _run
+from .mesh import collective_timeout, use_timeout
 
 __all__ = ["ring_shift", "p2p_group", "send_recv"]
 
@@ -70,17 +71,19 @@ _P2P_GROUPS: dict[tuple[str, tuple[int, ...]], object] = {}
 
 def p2p_group(mesh, mesh_dim: int | str):
     """This rank's point-to-point group along ``mesh_dim``; created on first use (group creation is collective:
-    every rank of the whole mesh calls this together, e.g. when building a pipeline schedule)."""
+    every rank of the whole mesh calls this together, e.g. when building a pipeline schedule). Its timeout is the
+    mesh groups' (``mesh.collective_timeout``): a stage whose peer is stuck fails within it."""
     root, dims = mesh._root, mesh._root_dims
     root_dim = dims[mesh.mesh_dim_index(mesh_dim)]
     backend = "nccl" if mesh.device_type == "cuda" else "gloo"
-    mine = None
+    mine, timeout = None, collective_timeout()
     for row in root.mesh.movedim(root_dim, -1).reshape(-1, root.shape[root_dim]).tolist():
         key = (backend, tuple(row))
         if key not in _P2P_GROUPS:
-            _P2P_GROUPS[key] = dist.new_group(row, backend=backend)
+            _P2P_GROUPS[key] = dist.new_group(row, backend=backend, timeout=timeout)
         if mesh.get_rank() in row:
             mine = _P2P_GROUPS[key]
+            use_timeout(mine, backend, timeout)  # a cached group follows a changed DTENSOR_PLUS_TIMEOUT_S
     return mine
 
 
@@ -105,5 +108,5 @@ def send_recv(sends, recvs, mesh, mesh_dim: int | str):
     try:
         works = dist.batch_isend_irecv(send_ops + recv_ops) if send_ops or recv_ops else []
     except RuntimeError as error:
-        raise _named_error("send_recv", mesh, mesh_dim, error) from error
+        raise _named_error("send_recv", mesh, mesh_dim, error, group) from error
     return _AllWorks(works[: len(send_ops)]), _AllWorks(works[len(send_ops) :])
