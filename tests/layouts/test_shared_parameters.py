@@ -11,6 +11,8 @@ Legend: B batch, T sequence, D model width, V vocabulary.
 """
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,7 +172,7 @@ def _check_tensor_parallel():
     parallelize_module(model, mesh, {"wte": RowwiseParallel(), "lm_head": ColwiseParallel(output_layouts=Replicate())})
     _assert_tied(model)
     assert model.wte.weight.placements == (Shard(0),)
-    assert len(model.wte.weight._post_accumulate_grad_hooks or {}) <= 1
+    assert len(model.wte.weight._post_accumulate_grad_hooks) == 1  # the style's, once
     dtp.distribute_module(model, mesh)  # the MLP layer: Replicate
     _assert_tied(model)
     _train_beside_one_device(model, reference, lambda t: t)
@@ -298,3 +300,52 @@ def test_gpt2_with_tied_embeddings_trains_as_one_device(layout):
 def test_gpt2_with_tied_embeddings_trains_20_steps_as_one_device(layout):
     pytest.importorskip("transformers")
     run_on_ranks(2, _check_gpt2, layout, 20, timeout=300)
+
+
+# -- compositions with cp and ep: examples/gpt.py's GPT with its head tied to its token embedding -----------------
+
+
+SDPA, MOE = dict(attention="sdpa"), dict(moe_experts=4, moe_top_k=2)
+TIED_GPT_LAYOUTS = {  # name: (train_gpt.Layout's fields, GPTConfig changes, slow)
+    "zero3-dp2-cp2": (dict(dp=2, cp=2, zero=3), SDPA, False),
+    "tp2-cp2": (dict(tp=2, cp=2), SDPA, True),
+    "zero1-dp2-tp2": (dict(dp=2, tp=2, zero=1), {}, True),
+    "zero3-dp2-tp2": (dict(dp=2, tp=2, zero=3), {}, True),
+    "ep=dp2-moe": (dict(dp=2), MOE, True),  # experts sharded over the dp ranks
+}
+
+
+def _check_tied_gpt(layout_fields, config_changes, steps):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    import train_gpt
+    from gpt import PRESETS
+
+    config = PRESETS["debug"].replace(**config_changes)
+    untied = train_gpt.GPT
+
+    def tied_gpt(config):
+        model = untied(config)
+        model.head.weight = model.tok_emb.weight
+        return model
+
+    train_gpt.GPT = tied_gpt  # compare_with_single builds the model (and its one-device copy) with this
+    try:
+        data = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+        batch_list = list(train_gpt.batches(data, steps, 4, config.block_size, 0))
+        result = train_gpt.compare_with_single(config, train_gpt.Layout(**layout_fields), batch_list, lr=1e-3)
+    finally:
+        train_gpt.GPT = untied
+    assert len(result.param_placements) == len(list(tied_gpt(config).parameters()))  # still tied
+    assert max(abs(a - b) for a, b in zip(result.mesh_losses, result.single_losses)) <= 1e-5, result
+    assert result.max_param_diff <= 1e-5, result.max_param_diff
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=[pytest.mark.slow] * slow) for name, (_, _, slow) in TIED_GPT_LAYOUTS.items()]
+)
+def test_tied_gpt_composes_with_cp_ep_tp_and_zero(name):
+    """3 AdamW steps equal one device with the head tied to the embedding, on compositions with cp (ring
+    attention) and ep; the default run takes the first row, ``-m slow`` the rest."""
+    fields, config_changes, _ = TIED_GPT_LAYOUTS[name]
+    world_size = fields.get("dp", 1) * fields.get("tp", 1) * fields.get("cp", 1)
+    run_on_ranks(world_size, _check_tied_gpt, fields, config_changes, 3, timeout=120)
