@@ -19,6 +19,7 @@ from torch import nn
 
 from dtensor_plus.shared_parameters import SharedParameters
 
+from .hf_plan import is_string_plan, translate_hf_plan
 from .tensor import ParallelStyle
 
 __all__ = ["parallelize_module"]
@@ -31,7 +32,8 @@ def parallelize_module(module: nn.Module, device_mesh, parallelize_plan) -> nn.M
         module: the model; changed in place (parameters become DTensors, hooks are installed).
         device_mesh: the tensor-parallel mesh.
         parallelize_plan: a ParallelStyle for the root, or a dict ``{pattern: style}`` where pattern is an
-            fnmatch glob over submodule names ("" is the root). Styles apply in the dict's order.
+            fnmatch glob over submodule names ("" is the root). Styles apply in the dict's order. A dict of
+            transformers' style strings (``model.tp_plan``) is translated by ``hf_plan.translate_hf_plan``.
 
     Returns:
         ``module``.
@@ -42,6 +44,8 @@ def parallelize_module(module: nn.Module, device_mesh, parallelize_plan) -> nn.M
     """
     if isinstance(parallelize_plan, ParallelStyle):
         parallelize_plan = {"": parallelize_plan}
+    if is_string_plan(parallelize_plan):  # transformers' model.tp_plan: {pattern: "colwise", ...} (hf_plan.py)
+        parallelize_plan = translate_hf_plan(module, parallelize_plan)
     if not isinstance(parallelize_plan, dict):
         raise TypeError(
             f"parallelize_plan must be a ParallelStyle or a dict {{pattern: style}}, got {type(parallelize_plan).__name__}"
