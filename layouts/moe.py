@@ -35,6 +35,7 @@ from dtensor_plus import DTensor, Partial, Replicate, Shard
 from dtensor_plus.kernels.grouped_gemm import grouped_mm
 
 from .data import reduce_grad_in_backward
+from .hf_experts import hf_experts_modules, shard_hf_experts
 from .moe_dispatch import dispatch_combine
 from .moe_router import Routing, TopKRouter, local_weight
 
@@ -175,7 +176,9 @@ class _Layout:
 def expert_parallel(module: nn.Module, mesh, ep_dim: str | None = "ep", tp_dim: str | None = None, *,
                     reduce_in_backward: bool = True) -> nn.Module:
     """Shard the experts of every ``MoE`` in ``module`` on ``mesh``: Shard(0) (whole experts) on ``ep_dim``, the
-    hidden width on ``tp_dim`` (``w1`` Shard(2), ``w2`` Shard(1)), Replicate on the other mesh dims.
+    hidden width on ``tp_dim`` (``w1`` Shard(2), ``w2`` Shard(1)), Replicate on the other mesh dims. The experts
+    modules of transformers' MoE blocks (Mixtral, Qwen-MoE, DeepSeek-V3...) are sharded on ``ep_dim`` too
+    (hf_experts.py; no tp inside them). A module with neither raises ValueError.
 
     Args:
         module: changed in place; its expert weights are plain tensors (the same on every rank, as after a
@@ -209,6 +212,21 @@ def expert_parallel(module: nn.Module, mesh, ep_dim: str | None = "ep", tp_dim: 
             sharded = _place(param.detach(), mesh, placements)
             experts._parameters[key] = nn.Parameter(sharded, requires_grad=param.requires_grad)
             placed.append(experts._parameters[key])
+    hf_experts = hf_experts_modules(module) if ep_dim is not None else []
+    if hf_experts and tp_dim is not None:
+        raise ValueError(
+            f"expert_parallel: tp inside experts (tp_dim={tp_dim!r}) covers dtensor_plus MoE layers, not transformers' "
+            f"experts modules ({type(hf_experts[0]).__name__}); pass tp_dim=None for them"
+        )
+    for experts in hf_experts:
+        placed += shard_hf_experts(experts, mesh, ep_dim, _place)
+    if not placed and not any(isinstance(m, MoE) for m in module.modules()):
+        # Nothing recognised: returning quietly would train a replicated model the caller thinks is sharded.
+        raise ValueError(
+            f"expert_parallel: {type(module).__name__} has no MoE layer it knows: a dtensor_plus MoE, or a "
+            f"transformers experts module (num_experts and stacked (E, ...) weights such as gate_up_proj/down_proj, "
+            f"e.g. MixtralExperts); parallelize the MoE blocks' parent, or place unknown experts with distribute_module"
+        )
     if reduce_in_backward and placed:
         reduce_grad_in_backward(placed)
     return module
