@@ -40,6 +40,12 @@ CPU offload (``offload=CPUOffload()`` on either): the shards / masters, their gr
 state live in host memory and the optimizer steps there; shards are copied to the mesh's device before each
 all-gather and reduced gradients copied back.
 
+Tied weights (one Parameter in several modules, ``lm_head.weight is wte.weight``) stay one Parameter: one
+entry of one unit, gathered once and bound to every module holding it, one reduce-scatter of its summed
+gradient. The unit is the innermost ``fully_shard`` call whose module holds every such module (FSDP's lowest
+common ancestor; a later call on an enclosing module takes the Parameter over from an inner one); calls on two
+holders neither of which encloses the other raise. Stages 1/2 see it once through ``model.parameters()``.
+
 Composes with tensor parallelism: place the parameters on a (dp, tp) mesh as ``[Replicate(), <tp placement>]``
 first and pass ``mesh_dim="dp"``; only the dp placement changes. Gradient accumulation (several backwards,
 one step) works for every stage. Not done here: overlapping stage 3's reduce-scatter with the previous
