@@ -9,21 +9,22 @@ applies it, so a nested split cuts the block the earlier mesh dims left.
 
 ``overlap`` pairs a target block with a saved chunk dim by dim: ``(dst_start, src_start, length)`` triples in
 local coordinates, merged where both sides run on, so the common case is one triple per dim (one slice read).
-``cover_error`` says whether a set of blocks holds every entry of a tensor exactly once (save plans it, load
-checks it: a gap would leave target entries unfilled, an overlap would let the later chunk win).
+``cover_error`` says whether a set of blocks holds every entry of a block exactly once (load checks the chunks
+that overlap its target block before copying any: a gap would leave target entries unfilled, an overlap would
+let the later chunk win; save checks its plan with it).
 """
 
 from __future__ import annotations
 
 import bisect
 
-import torch
+import numpy as np
 
 from ..placements import Shard, StridedShard, chunk_bounds
 
 __all__ = ["Runs", "whole_runs", "local_runs", "local_shape", "num_elements", "overlap", "cover_error", "MAX_CELLS"]
 
-# cover_error counts on a grid of cells (one int32 each); save's own blocks make about one cell per rank and
+# cover_error counts on a grid of cells (one int32 each); save's own blocks make about one cell per block and
 # strided piece, so this bound is only met by an index that was edited into millions of fragments.
 MAX_CELLS = 1 << 24
 
@@ -77,9 +78,10 @@ def overlap(dst: Runs, src: Runs) -> list[list[tuple[int, int, int]]] | None:
     return out
 
 
-def cover_error(shape, blocks: list[Runs]) -> str | None:
-    """None when ``blocks`` hold every entry of a ``shape`` tensor exactly once; else what is wrong, naming the
-    first entry held twice or never.
+def cover_error(shape, blocks: list[Runs], target: Runs | None = None) -> str | None:
+    """None when ``blocks`` hold every entry of a ``shape`` block exactly once; else what is wrong, naming the
+    first entry held twice or never. With ``target`` (the runs of that block in its tensor), ``blocks`` are in
+    the block's local coordinates and the entry is named by its global index.
 
     Every run boundary of every block cuts its dim, so each block is a union of whole cells of the grid those
     cuts make; one count per cell (not per entry) then decides it, in O(cells), never O(blocks^2)."""
@@ -90,22 +92,36 @@ def cover_error(shape, blocks: list[Runs]) -> str | None:
         num_cells *= len(dim_cuts) - 1
     if num_cells > MAX_CELLS:
         return f"its chunks cut it into {num_cells} pieces, more than the {MAX_CELLS} a check of their coverage allows"
-    counts = torch.zeros([len(c) - 1 for c in cuts], dtype=torch.int32)
+    counts = np.zeros([len(c) - 1 for c in cuts], dtype=np.int32)
     for block in blocks:
-        cells = [torch.tensor([i for start, length in dim_runs
-                               for i in range(bisect.bisect_left(c, start), bisect.bisect_left(c, start + length))],
-                              dtype=torch.long) for dim_runs, c in zip(block, cuts)]
-        grid = tuple(i.view([-1 if k == d else 1 for k in range(len(cells))]) for d, i in enumerate(cells))
-        if grid:
-            counts.index_put_(grid, torch.ones((), dtype=torch.int32), accumulate=True)
-        else:  # a 0-d tensor: one cell
-            counts += 1
-    wrong = (counts != 1).nonzero()
+        cells = [[(bisect.bisect_left(c, start), bisect.bisect_left(c, start + length)) for start, length in dim_runs]
+                 for dim_runs, c in zip(block, cuts)]
+        if all(len(dim_cells) == 1 for dim_cells in cells):  # a box (and a 0-d tensor): one slice
+            counts[tuple(slice(lo, hi) for (lo, hi), in cells)] += 1
+        else:  # several runs in some dim (strided blocks): an indexed add
+            index = [np.concatenate([np.arange(lo, hi) for lo, hi in dim_cells] or [np.zeros(0, dtype=np.int64)])
+                     for dim_cells in cells]
+            if all(len(np.unique(i)) == len(i) for i in index):
+                counts[np.ix_(*index)] += 1
+            else:  # runs that overlap each other (an edited index): unbuffered, so a repeated cell counts twice
+                np.add.at(counts, np.ix_(*index), 1)
+    wrong = np.argwhere(counts != 1)
     if not len(wrong):
         return None
-    cell = wrong[0].tolist()
+    cell = tuple(int(i) for i in wrong[0])
     entry = [c[i] for c, i in zip(cuts, cell)]
-    return f"its chunks hold the entry at {entry} {int(counts[tuple(cell)])} times (every entry must be held exactly once)"
+    if target is not None:
+        entry = [_global_position(dim_runs, position) for dim_runs, position in zip(target, entry)]
+    return f"its chunks hold the entry at {entry} {int(counts[cell])} times (every entry must be held exactly once)"
+
+
+def _global_position(runs, position: int) -> int:
+    """The global index of local ``position`` in a dim's runs."""
+    for start, length in runs:
+        if position < length:
+            return start + position
+        position -= length
+    raise AssertionError(f"local position {position} past the runs {runs}")
 
 
 def _total(runs) -> int:

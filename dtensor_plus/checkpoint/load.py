@@ -1,9 +1,9 @@
 """``load(state, path)``: fill a state dict in place from a checkpoint, resharding to the layout each target has.
 
-Every rank reads and checks the index itself (index.py: its digest, that its chunks hold each entry of each
-tensor exactly once; loading never needs the saving mesh). For each tensor in ``state`` the rank computes the
-runs its own block covers (geometry.py) and, for each saved chunk that overlaps them, reads the overlapping
-box (reader.py checks the chunk against the index first: its file, dtype, shape and crc32) into its block. So
+Every rank reads and checks the index itself (index.py: its digest, keys, paths; loading never needs the
+saving mesh). For each tensor in ``state`` the rank computes the runs its own block covers (geometry.py),
+checks that the saved chunks overlapping them hold each of its entries exactly once, and reads each
+overlapping box (reader.py checks the chunk against the index first: its file, dtype, shape and crc32). So
 any save layout loads into any other layout, mesh or world size; a plain tensor (no DTensor, e.g. one process
 without torch.distributed) receives the whole value. Nothing is unpickled: the index is JSON and tensors come
 from safetensors.
@@ -21,7 +21,7 @@ import torch
 
 from ..dtensor import DTensor
 from . import atomic, errors, geometry, index, tree
-from .errors import CheckpointError, CheckpointKeyError, CheckpointMismatchError
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointKeyError, CheckpointMismatchError
 from .reader import ChunkReader
 from .world import World
 
@@ -144,12 +144,25 @@ def _load_tensor(target: torch.Tensor, entry: dict, reader: ChunkReader) -> None
         runs, local = geometry.local_runs(spec.shape, spec.mesh.shape, spec.placements, coordinate), target._local_tensor
     else:
         runs, local = geometry.whole_runs(target.shape), target
-    for chunk in entry["chunks"]:
-        triples = geometry.overlap(runs, chunk["runs"])
-        if triples is not None:
-            _copy_overlap(local, triples, lambda box: reader.read(entry, chunk, box))
+    overlaps = [(chunk, geometry.overlap(runs, chunk["runs"])) for chunk in entry["chunks"]]
+    pieces = [(chunk, triples) for chunk, triples in overlaps if triples is not None]  # a 0-d tensor's is []
+    _check_cover(entry, runs, [triples for _, triples in pieces], reader.directory)
+    for chunk, triples in pieces:
+        _copy_overlap(local, triples, lambda box, chunk=chunk: reader.read(entry, chunk, box))
     if isinstance(target, DTensor):
         _partial_blocks(local, spec, coordinate)
+
+
+def _check_cover(entry: dict, runs, pieces: list, directory: str) -> None:
+    """The chunks overlapping a target block must fill each of its entries exactly once, before any is copied: a
+    gap would leave an entry as it was, an overlap would let the later chunk win (an edited or damaged index)."""
+    local = [[[(dst, n) for dst, _, n in dim] for dim in triples] for triples in pieces]
+    problem = geometry.cover_error(geometry.local_shape(runs), local, target=runs)
+    if problem is not None:
+        raise CheckpointCorruptError(
+            f"{os.path.join(directory, index.INDEX_NAME)}: tensor {index.path_name(entry['path'])} of shape "
+            f"{entry['shape']}: {problem}; the index is damaged or was not written by save: restore the "
+            f"checkpoint from a copy")
 
 
 def _partial_blocks(local: torch.Tensor, spec, coordinate) -> None:
