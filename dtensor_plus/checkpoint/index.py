@@ -82,7 +82,8 @@ def chunk_key(path) -> str:
 
 
 def write_index(directory: str, index: dict) -> None:
-    """Write ``index.json``, then its digest (both flushed to disk before they count: the publish rename comes after)."""
+    """Write ``index.json``, then its digest (both flushed to disk before they count: the publish rename comes
+    after)."""
     data = json.dumps(index, separators=(",", ":")).encode()
     _write_synced(os.path.join(directory, INDEX_NAME), data)
     _write_synced(os.path.join(directory, DIGEST_NAME), digest.index_digest_line(data, INDEX_NAME).encode())
@@ -168,7 +169,8 @@ def _check_body(index: dict, directory: str, where: str, checksummed: bool) -> N
     _check(isinstance(files, dict), where, "has no 'files' table")
     for name, info in files.items():
         safe_file_path(directory, name, where)
-        _check(isinstance(info, dict) and _is_count(info.get("bytes")), where, f"has a malformed entry for file {name!r}")
+        _check(isinstance(info, dict) and _is_count(info.get("bytes")), where,
+               f"has a malformed entry for file {name!r}")
     _check(isinstance(index.get("tensors"), list) and isinstance(index.get("values"), list), where, "lacks 'tensors' or 'values'")
     for entry in index["tensors"]:
         _check_tensor(entry, files, where, checksummed)

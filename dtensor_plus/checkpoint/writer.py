@@ -29,7 +29,8 @@ CODES = {
 CODES.update({getattr(torch, n): c for n, c in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")) if hasattr(torch, n)})
 
 
-def write_safetensors(file_path: str, tensors: dict[str, torch.Tensor], seeds: dict[str, int]) -> tuple[dict[str, str], int]:
+def write_safetensors(file_path: str, tensors: dict[str, torch.Tensor],
+                      seeds: dict[str, int]) -> tuple[dict[str, str], int]:
     """Write contiguous CPU ``tensors`` to ``file_path`` and flush to disk; returns ({key: crc32 of its bytes
     continued from ``seeds[key]``, as 8 hex digits}, size of the file in bytes)."""
     assert sys.byteorder == "little", "safetensors stores little-endian data"

@@ -76,10 +76,12 @@ def test_corrupted_and_truncated_files_are_named(saved):
     data = bytearray(open(file_path, "rb").read())
     data[-1] ^= 0xFF  # one flipped bit pattern in the tensor bytes: same size, other checksum
     open(file_path, "wb").write(data)
-    with pytest.raises(checkpoint.CheckpointCorruptError, match=rf"{name}, chunk .* of tensor model\.b .*crc32 .* differs .*restore the checkpoint"):
+    crc_error = rf"{name}, chunk .* of tensor model\.b .*crc32 .* differs .*restore the checkpoint"
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=crc_error):
         checkpoint.load(_state(), saved)
     open(file_path, "wb").write(data[:-5])
-    with pytest.raises(checkpoint.CheckpointCorruptError, match=rf"{name} \(holding tensor model\.\w\) has {len(data) - 5} bytes, its index says {len(data)}"):
+    size_error = rf"{name} \(holding tensor model\.\w\) has {len(data) - 5} bytes, its index says {len(data)}"
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=size_error):
         checkpoint.load(_state(), saved, verify=False)  # size is checked even without the checksum
     os.remove(file_path)
     with pytest.raises(checkpoint.CheckpointCorruptError, match=rf"{name} \(holding tensor model\.\w\) is missing"):
