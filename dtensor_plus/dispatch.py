@@ -65,7 +65,15 @@ def _key(value, dtensors: list, dtensor_cls, scalars: list):
     if kind is float or kind is complex:
         return value if kind is float and abs(value) == float("inf") else kind  # +-inf picks a mode (norm ord)
     if kind is list or kind is tuple:
-        return tuple(_key(v, dtensors, dtensor_cls, scalars) for v in value)
+        # Inline for DTensor elements: foreach and fused-optimizer ops pass lists of a hundred or more.
+        out = []
+        for v in value:
+            if isinstance(v, dtensor_cls):
+                dtensors.append(v)
+                out.append(v._spec)
+            else:
+                out.append(_key(v, dtensors, dtensor_cls, scalars))
+        return tuple(out)
     if isinstance(value, torch.Tensor):
         if value.ndim == 0:  # a 0-d plain tensor acts as a replicated scalar, once checked (plain_tensors.py)
             scalars.append(value)
@@ -88,7 +96,8 @@ def _substitute(value, locals_iter, dtensor_cls):
     if isinstance(value, dtensor_cls):
         return next(locals_iter)
     if type(value) is list or type(value) is tuple:
-        return type(value)(_substitute(v, locals_iter, dtensor_cls) for v in value)
+        return type(value)([next(locals_iter) if isinstance(v, dtensor_cls) else _substitute(v, locals_iter, dtensor_cls)
+                            for v in value])
     return value
 
 

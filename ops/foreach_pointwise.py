@@ -85,9 +85,9 @@ def elementwise_foreach_rule(op: OpSchema) -> Sharding:
 
 def _elementwise_ops() -> list:
     ops = []
-    for name in dir(torch.ops.aten):
-        if not name.startswith("_foreach_") or name in _RULED_ELSEWHERE:
-            continue
+    # Every registered aten op name (torch.ops.aten itself lists only the ops already looked up).
+    names = {n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names() if n.startswith("aten::_foreach_")}
+    for name in sorted(names - _RULED_ELSEWHERE):
         packet = getattr(torch.ops.aten, name)
         for overload in packet.overloads():
             func = getattr(packet, overload)
