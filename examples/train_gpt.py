@@ -59,6 +59,7 @@ class Result:
     max_param_diff: float
     param_placements: dict[str, tuple[str, ...]] = field(default_factory=dict)
     state_placements: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    routing_flips: tuple[int, int] | None = None  # MoE: (decisions the runs disagree on, decisions), else None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--moe-top-k", type=int, default=2, help="experts per token")
     parser.add_argument("--moe-every", type=int, default=2, help="every n-th block is MoE (2: every other block)")
     parser.add_argument("--moe-capacity", type=float, default=None, help="capacity factor (default: dropless)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="parameters and activations (float64: MoE routing no longer flips on rounding)")
     parser.add_argument("--config", default="debug", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (divisible by --dp)")
@@ -99,8 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.pp * args.dp * args.tp * args.cp != world:
         parser.error(f"pp({args.pp}) * dp({args.dp}) * tp({args.tp}) * cp({args.cp}) != world size({world}); "
                      f"launch with --nproc-per-node {args.pp * args.dp * args.tp * args.cp}")
-    if args.pp > 1 and (args.cp > 1 or args.moe or args.checkpoint):
-        parser.error("--pp composes with --dp, --zero, --tp and --sp; not yet with --cp, --moe or --checkpoint")
+    if args.pp > 1 and (args.cp > 1 or args.moe or args.checkpoint or args.dtype != "float32"):
+        parser.error("--pp composes with --dp, --zero, --tp and --sp; not yet with --cp, --moe, --checkpoint or --dtype")
     if args.pp > 1 and (args.batch_size // args.dp) % args.microbatches:
         parser.error(f"--microbatches({args.microbatches}) must divide the per-dp-rank batch "
                      f"(--batch-size({args.batch_size}) / --dp({args.dp}))")
@@ -217,7 +220,7 @@ def max_param_diff(model, reference) -> float:
 
 def compare_with_single(config: GPTConfig, layout: Layout, batch_list, lr: float = 1e-3, seed: int = 0,
                         mesh=None, log=None, checkpoint: str | None = None, save_every: int = 0,
-                        fail_at_step: int | None = None) -> Result:
+                        fail_at_step: int | None = None, dtype: torch.dtype = torch.float32) -> Result:
     """Train ``config`` laid out as ``layout`` and as one process, from the same weights and dropout seed.
 
     Call on every rank of a ``layout.world``-rank group (torchrun or ``run_on_ranks``); ``batch_list`` is the
@@ -228,8 +231,9 @@ def compare_with_single(config: GPTConfig, layout: Layout, batch_list, lr: float
         raise ValueError("context parallelism shards attention's sequence: use GPTConfig(attention='sdpa')")
     mesh = mesh if mesh is not None else make_mesh(layout)
     torch.manual_seed(seed)
-    model = GPT(config)
+    model = GPT(config).to(dtype)
     reference = copy.deepcopy(model)
+    mesh_routing, single_routing = _record_routing(model), _record_routing(reference)
 
     place_model(model, mesh, layout)
     opt = make_optimizer(model, mesh, layout, lr)
@@ -243,7 +247,25 @@ def compare_with_single(config: GPTConfig, layout: Layout, batch_list, lr: float
     single_losses = train(reference, make_optimizer(reference, None, Layout(), lr), batch_list)
     return Result(mesh_losses, single_losses, max_param_diff(model, reference),
                   {n: _placement_names(p) for n, p in model.named_parameters()},
-                  _state_placements(model, opt))
+                  _state_placements(model, opt), _count_flips(mesh_routing, single_routing, config))
+
+
+def _record_routing(model) -> list[torch.Tensor]:
+    """A list that fills with each MoE layer's routing decisions (the global batch's top-k experts) per forward."""
+    decisions = []
+    for moe in model.moe_layers():
+        moe.register_forward_hook(lambda layer, args, out: decisions.append(layer.routing.whole_expert_idx()))
+    return decisions
+
+
+def _count_flips(mesh_routing, single_routing, config: GPTConfig) -> tuple[int, int] | None:
+    """(tokens routed differently, tokens routed) over every MoE layer and step. A resumed mesh run routed only
+    the steps after its checkpoint: the single run's last ones."""
+    if not config.moe_experts:
+        return None
+    single_routing = single_routing[len(single_routing) - len(mesh_routing):]
+    flips = sum(int((a != b).any(-1).sum()) for a, b in zip(mesh_routing, single_routing))
+    return flips, sum(len(a) for a in mesh_routing)
 
 
 def _state_placements(model, opt) -> dict[str, tuple[str, ...]]:
@@ -264,6 +286,17 @@ def print_table(result: Result) -> None:
     for step, (a, b) in enumerate(zip(result.mesh_losses, result.single_losses)):
         print(f"{step:4d}  {a:11.6f}  {b:13.6f}  {abs(a - b):8.1e}")
     print(f"max |param diff| after {len(result.mesh_losses)} steps: {result.max_param_diff:.2e}")
+
+
+def moe_note(result: Result, dtype: str) -> str:
+    """Why an MoE run may leave one device by more than rounding: top-k routing is discontinuous, so a token
+    whose two best experts' probabilities differ by less than the layouts' rounding difference can go to
+    another expert, and from then on the runs train differently (not a defect: in float64 no decision flips)."""
+    flips, total = result.routing_flips
+    if flips == 0:
+        return f"MoE: all {total} routing decisions (tokens x MoE layers x steps) equal the single process's ({dtype})"
+    return (f"MoE: routing is discontinuous; {flips} of {total} routing decisions flipped on last-bit differences "
+            f"({dtype}), and the runs train apart from there; run with --dtype float64 to see it exact")
 
 
 def save_plot(path: str, mesh_losses, single_losses, title: str) -> None:
@@ -293,6 +326,7 @@ def main(argv=None) -> Result:
     rank0 = mesh.get_rank() == 0
     config = PRESETS[args.config].replace(dropout=args.dropout, moe_experts=args.moe, moe_top_k=args.moe_top_k,
                                           moe_every=args.moe_every, moe_capacity_factor=args.moe_capacity)
+    dtype = getattr(torch, args.dtype)
     if layout.cp > 1:
         config = config.replace(attention="sdpa")  # what context parallelism shards along the sequence
     seq_len = args.seq_len or config.block_size
@@ -302,9 +336,12 @@ def main(argv=None) -> Result:
     batch_list = list(batches(data, args.steps, args.batch_size, seq_len, args.seed))
     log = print if rank0 else None
     result = compare_with_single(config, layout, batch_list, args.lr, args.seed, mesh=mesh, log=log,
-                                 checkpoint=args.checkpoint, save_every=args.save_every, fail_at_step=args.fail_at_step)
+                                 checkpoint=args.checkpoint, save_every=args.save_every, fail_at_step=args.fail_at_step,
+                                 dtype=dtype)
     if rank0:
         print_table(result)
+        if result.routing_flips is not None:
+            print(moe_note(result, args.dtype))
         save_plot(args.plot, result.mesh_losses, result.single_losses, f"GPT {args.config}: {layout}")
     return result
 

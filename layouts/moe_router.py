@@ -45,6 +45,7 @@ class Routing:
     a full expert dropped the assignment (None in dropless mode). aux_loss, z_loss: global scalars (a DTensor
     on a mesh). load_E: assignments each expert processes, over the global batch (after dropping).
     row_placements: on a mesh, how the routed (B, T) rows lie (Shard(0) on the batch dims); None otherwise.
+    mesh, batch_shape: on a mesh, the tokens' mesh and their global (B, T); None otherwise.
     """
 
     expert_idx_NK: torch.Tensor
@@ -54,6 +55,19 @@ class Routing:
     z_loss: torch.Tensor
     load_E: torch.Tensor
     row_placements: tuple | None = None
+    mesh: object = None
+    batch_shape: tuple | None = None
+
+    def whole_expert_idx(self) -> torch.Tensor:
+        """The chosen experts of every token of the global batch, (B T, K) in batch order, best first: the
+        decisions one device makes, e.g. to count those two runs disagree on. NOTE: on a mesh this is an
+        all-gather (8 bytes per assignment) that every rank must run."""
+        if self.mesh is None:
+            return self.expert_idx_NK
+        (B, T), K = self.batch_shape, self.expert_idx_NK.shape[-1]
+        local_BTK = self.expert_idx_NK.reshape(-1, T, K)
+        whole_BTK = DTensor.from_local(local_BTK, self.mesh, self.row_placements, shape=(B, T, K)).full_tensor()
+        return whole_BTK.reshape(-1, K)
 
 
 def stable_topk(scores_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +140,10 @@ class TopKRouter(nn.Module):
         if self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, num_tokens, K, E)
             keep_NK, load_E = self._keep(idx_NK, x_BTD, capacity)
-        rows = tuple(_row_placements(x_BTD)) if isinstance(x_BTD, DTensor) else None
-        return Routing(idx_NK, gates_NK, keep_NK, aux, z, load_E, rows)
+        if not isinstance(x_BTD, DTensor):
+            return Routing(idx_NK, gates_NK, keep_NK, aux, z, load_E)
+        return Routing(idx_NK, gates_NK, keep_NK, aux, z, load_E, tuple(_row_placements(x_BTD)), x_BTD.device_mesh,
+                       tuple(x_BTD.shape[:2]))
 
     def _gate_weight(self, x_BTD: torch.Tensor) -> torch.Tensor:
         w = self.gate.weight
