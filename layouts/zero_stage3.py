@@ -291,7 +291,8 @@ class _Regather:
         if any(a != b for a, b, n in zip(whole.stride(), self.whole_stride, whole.shape) if n > 1):
             # Never seen (both wholes come out of one all-gather's contiguous cut), but a view is only right on
             # the forward whole's strides: copy into them rather than read the wrong elements.
-            whole = torch.empty_strided(whole.shape, self.whole_stride, dtype=whole.dtype, device=whole.device).copy_(whole)
+            copy = torch.empty_strided(whole.shape, self.whole_stride, dtype=whole.dtype, device=whole.device)
+            whole = copy.copy_(whole)
         return DTensor(whole.as_strided(size, stride, whole.storage_offset() + offset), self.spec)
 
 
@@ -371,21 +372,24 @@ def _adopt(unit: _Unit, shard: nn.Parameter, slots, module: nn.Module) -> None:
     call's module holds both, so this unit owns it (FSDP's rule: a shared parameter belongs to the lowest common
     ancestor) and binds it to every slot. A unit outside ``module`` cannot give it up: that raises."""
     inner = shard.__dict__[_ZERO_UNIT]
-    names = {id(m): name for name, m in module.named_modules()}
-    here = ", ".join(slot.name for slot in slots)
-    if not any(getattr(m, "_zero_state", None) is inner for m in module.modules()):
-        raise ValueError(
-            f"{here}: this Parameter is already sharded by fully_shard on a module that is not inside this one (an "
-            f"enclosing module sharded first, or another holder of a tied weight); one Parameter belongs to one "
-            f"fully_shard call: shard inner modules first, and a Parameter several modules share on a module "
-            f"holding all of them (their common ancestor, e.g. the root) rather than on one holder alone"
-        )
     index = next(i for i, (_, _, s) in enumerate(inner.entries) if s is shard)
     inner_slots = inner.slots(index)
+    names = {id(m): name for name, m in module.named_modules()}  # the inner unit's slots, named from here
+    here = " and ".join(f"{type(module).__name__}'s {slot.name}" for slot in slots)
+    there = " and ".join(
+        f"{names[id(m)]}.{key}".lstrip(".") if id(m) in names else f"{type(m).__name__}'s {key}"
+        for m, key in inner_slots
+    )
+    if not any(getattr(m, "_zero_state", None) is inner for m in module.modules()):
+        raise ValueError(
+            f"{here} is the Parameter {there} holds, which fully_shard on a module outside this one already shards "
+            f"(tied weights, or an enclosing module sharded first); one Parameter belongs to one fully_shard call: "
+            f"shard inner modules first, and a Parameter several modules share on a module holding all of them "
+            f"(their common ancestor, e.g. the root), not on one holder alone"
+        )
     if (inner.mesh, inner.mesh_dim, inner.param_dtype, inner.reduce_dtype, inner.offload) != (
         unit.mesh, unit.mesh_dim, unit.param_dtype, unit.reduce_dtype, unit.offload
     ):
-        there = ", ".join(f"{names.get(id(m), type(m).__name__)}.{key}".lstrip(".") for m, key in inner_slots)
         raise ValueError(
             f"{here} and {there} are one shared Parameter (tied weights), sharded by two fully_shard calls with "
             f"different meshes, mesh dims or policies; pass the same mesh, mesh_dim, mp_policy and offload to both"
@@ -393,4 +397,5 @@ def _adopt(unit: _Unit, shard: nn.Parameter, slots, module: nn.Module) -> None:
     del inner.entries[index]
     inner.tied_slots.pop(id(shard), None)
     assign(slots, shard)
-    unit.add(shard, [*inner_slots, *((slot.owner, slot.key) for slot in slots)])
+    # A module reachable from both (one Linear in two places) brings the inner unit's own slot again.
+    unit.add(shard, list(dict.fromkeys([*inner_slots, *((slot.owner, slot.key) for slot in slots)])))

@@ -22,7 +22,8 @@ from torch import nn
 import dtensor_plus as dtp
 from dtensor_plus import DTensor, Replicate, Shard
 from dtensor_plus.layouts import (
-    ColwiseParallel, RowwiseParallel, ZeroRedundancyOptimizer, fully_shard, parallelize_module, replicate, shard_batch,
+    ColwiseParallel, MixedPrecision, RowwiseParallel, ZeroRedundancyOptimizer, fully_shard, parallelize_module,
+    replicate, shard_batch,
 )
 from dtensor_plus.shared_parameters import parameter_slots
 from dtensor_plus.testing import run_on_ranks
@@ -233,8 +234,12 @@ def _check_fully_shard_siblings():
     mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
     model = _tied_lm()
     fully_shard(model.lm_head, mesh)
-    with pytest.raises(ValueError, match="already sharded by fully_shard .* common ancestor"):
+    with pytest.raises(ValueError, match=r"Embedding.s weight is the Parameter Linear.s weight holds, .* common ancestor"):
         fully_shard(model.wte, mesh)  # the other holder alone: neither call may own the weight
+    model = _tied_lm()
+    fully_shard(model.lm_head, mesh, mp_policy=MixedPrecision(param_dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"TiedLM's wte\.weight and lm_head\.weight .* different .* policies"):
+        fully_shard(model, mesh)  # the root would take the weight over, but gathers it another way
     return True
 
 
@@ -286,7 +291,9 @@ def _check_gpt2(layout, steps):
         ref_optimizer.zero_grad()
         torch.testing.assert_close(loss.full_tensor(), ref_loss, atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.full_tensor(), q.detach(), atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            p.full_tensor(), q.detach(), atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("layout", ["replicate", "fully_shard"])

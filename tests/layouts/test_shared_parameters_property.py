@@ -97,7 +97,8 @@ def _place(model, layout, blocks, styles, vocab_parallel, unit_mask):
     """Lay ``model`` out; returns (optimizer, a function laying out a batch tensor)."""
     world = torch.distributed.get_world_size()
     if layout in ("tp", "tp x dp"):
-        mesh = dtp.init_device_mesh("cpu", (2, 2) if world == 4 else (2,), mesh_dim_names=("dp", "tp")[-world // 2:])
+        shape, names = ((2, 2), ("dp", "tp")) if layout == "tp x dp" else ((2,), ("tp",))
+        mesh = dtp.init_device_mesh("cpu", shape, mesh_dim_names=names)
         parallelize_module(model, mesh["tp"], _tp_plan(model, blocks, styles, vocab_parallel))
         if layout == "tp":
             dtp.distribute_module(model, mesh)  # the rest Replicate
@@ -110,11 +111,12 @@ def _place(model, layout, blocks, styles, vocab_parallel, unit_mask):
     if layout == "dp":
         replicate(model, mesh)
     elif layout == "fully_shard":
-        groups = _tie_groups(blocks)
-        for i, block in enumerate(model.blocks):  # blocks sharing nothing with another block may be units
-            alone = groups.count(groups[i]) == 1 and all(tie is None or tie[1] != i for _, tie in blocks)
-            if alone and unit_mask >> i & 1:
+        groups, wrapped = _tie_groups(blocks), set()
+        for i, block in enumerate(model.blocks):
+            # At most one unit per tied group: the root, holding the others, takes the Parameter over from it.
+            if unit_mask >> i & 1 and groups[i] not in wrapped:
                 fully_shard(block, mesh)
+                wrapped.add(groups[i])
         fully_shard(model, mesh)
     else:
         dtp.distribute_module(model, mesh)
@@ -140,7 +142,8 @@ def _check(blocks, tie_embedding, layout, styles, vocab_parallel, unit_mask, bat
     ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
     for step in range(STEPS):
         g = torch.Generator().manual_seed(step)
-        x_BD, y_BV = torch.randn(batch, D, generator=g, dtype=torch.float64), torch.randn(batch, V, generator=g, dtype=torch.float64)
+        x_BD = torch.randn(batch, D, generator=g, dtype=torch.float64)
+        y_BV = torch.randn(batch, V, generator=g, dtype=torch.float64)
         tokens_B = torch.randint(0, V, (batch,), generator=g)
         x_dist = place(x_BD).requires_grad_()
         loss = F.mse_loss(model(x_dist, place(tokens_B)), place(y_BV))
@@ -163,7 +166,9 @@ def _cases(draw):
     num_blocks = draw(st.integers(1, 3))
     blocks = []
     for i in range(num_blocks):
-        tie = draw(st.one_of(st.none(), st.tuples(st.sampled_from(["weight", "module"]), st.integers(0, i - 1)))) if i else None
+        tie = None
+        if i:  # share the weight of an earlier block's Linear, or be that very Linear
+            tie = draw(st.one_of(st.none(), st.tuples(st.sampled_from(["weight", "module"]), st.integers(0, i - 1))))
         blocks.append((draw(st.booleans()), tie))
     layout = draw(st.sampled_from(sorted(LAYOUTS)))
     return dict(
