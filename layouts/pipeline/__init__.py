@@ -9,6 +9,7 @@ from .actions import Action, Event, Kind, Schedule
 from .executor import PipelineSchedule, build_schedule, pipeline_step
 from .microbatch import merge_microbatches, split_microbatches
 from .schedules import SCHEDULES, gpipe, interleaved_1f1b, one_f_one_b, zb_h1, zb_v
+from .shared import find_shared_parameters
 from .simulate import SimResult, bubble_formula, costs_from_events, simulate
 from .stage import PipelineStage
 from .validate import validate
@@ -16,4 +17,4 @@ from .validate import validate
 __all__ = ["Action", "Event", "Kind", "Schedule", "PipelineStage", "PipelineSchedule", "pipeline_step",
            "build_schedule", "split_microbatches", "merge_microbatches", "SCHEDULES", "gpipe", "one_f_one_b",
            "interleaved_1f1b", "zb_h1", "zb_v", "validate", "simulate", "SimResult", "bubble_formula",
-           "costs_from_events"]
+           "costs_from_events", "find_shared_parameters"]

@@ -17,7 +17,8 @@ in another order than its peer's sends still matches them. With a schedule that 
 waits on a receive whose send sits behind a blocking op on the peer. Microbatch losses are scaled by 1/m
 (``scale_grads``), so gradients equal one device's on the whole batch with a mean loss; gradients accumulate
 across microbatches in ``.grad``, and STEP runs ``optimizer.step()`` and ``zero_grad()`` (nothing when no
-optimizer is given: the caller steps). B/W split: ``backward.py``.
+optimizer is given: the caller steps). Weights shared across stages have their gradients summed over the stages
+holding them right before STEP (``shared.py``). B/W split: ``backward.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dtensor_plus import point_to_point
 
 from .actions import Action, Event, Kind, Schedule
 from .microbatch import merge_microbatches, split_microbatches
+from .shared import SharedWeights
 from .stage import ActivationMeta, PipelineStage
 
 __all__ = ["PipelineSchedule", "pipeline_step", "build_schedule", "TORCH_NAMES"]
@@ -79,6 +81,7 @@ class PipelineSchedule:
         validate(schedule, in_order=False)  # tagged messages: receives need not follow send order
         point_to_point.p2p_group(self.mesh, self.pp_dim)  # collective on first use: every rank builds its schedule
         self._check_placement(stages, schedule, num_ranks)
+        self.shared = SharedWeights(stages, self.mesh, self.pp_dim)  # collective: checks ties on every rank
         self.schedule, self.loss_fn, self.optimizer, self.scale_grads = schedule, loss_fn, optimizer, scale_grads
         self.stages = {s.stage_index: s for s in stages}
         self.actions = schedule.actions[self.pp_rank]
@@ -121,6 +124,8 @@ class PipelineSchedule:
                 self._compute(self.actions[i])
                 i += 1
         self._wait_sends()
+        if not any(a.kind is Kind.STEP for a in self.actions):  # a schedule without STEP: sum before returning
+            self.shared.sum_gradients()
         for stage in self.stages.values():
             stage.check_idle()
         if losses is not None and wants_loss:
@@ -137,6 +142,7 @@ class PipelineSchedule:
             self._wait_sends()  # idle, not STEP's work: the peers are still receiving the last messages
         start = time.perf_counter()
         if a.kind is Kind.STEP:
+            self.shared.sum_gradients()  # after this rank's last backward, before its optimizer reads them
             if self.optimizer is not None:
                 self.optimizer.step()
                 self.optimizer.zero_grad()

@@ -50,12 +50,16 @@ class PipelineStage:
             several stages (interleaved and V schedules): build one PipelineStage per stage.
         mesh: the whole mesh, with a ``pp_dim`` dim (a 1-D ("pp",) mesh when there is nothing else).
         pp_dim: the name of the pipeline mesh dim.
+        shared_parameters: ``{parameter name in submodule: key}`` for weights other stages hold too (a tied
+            embedding and head): the schedule sums their gradients over the stages declaring the same key
+            (``shared.py``; ``find_shared_parameters`` computes these from the model's pieces).
 
     The executor (``PipelineSchedule``) drives it: ``forward_one``, ``backward_one`` (B and W together),
     ``backward_input`` (B) and ``backward_weight`` (W), and the message methods for the p2p it batches.
     """
 
-    def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int, mesh, *, pp_dim: str = "pp"):
+    def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int, mesh, *, pp_dim: str = "pp",
+                 shared_parameters: dict[str, str] | None = None):
         if not isinstance(submodule, nn.Module):
             raise TypeError(f"submodule must be an nn.Module, got {type(submodule).__name__}")
         if not (isinstance(num_stages, int) and num_stages >= 1 and isinstance(stage_index, int)
@@ -63,6 +67,7 @@ class PipelineStage:
             raise ValueError(f"stage_index({stage_index}) must be in [0, num_stages({num_stages}))")
         if not mesh.mesh_dim_names or pp_dim not in mesh.mesh_dim_names:
             raise ValueError(f"mesh has dims {mesh.mesh_dim_names}; name the pipeline dim pp_dim={pp_dim!r}")
+        self.shared_parameters = _checked_shared(submodule, shared_parameters or {}, stage_index)
         self.submodule, self.stage_index, self.num_stages = submodule, stage_index, num_stages
         self.mesh, self.pp_dim = mesh, pp_dim
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
@@ -230,3 +235,15 @@ class PipelineStage:
         if names not in self._submeshes:
             self._submeshes[names] = self.mesh[names]
         return self._submeshes[names]
+
+
+def _checked_shared(submodule: nn.Module, shared: dict, stage_index: int) -> dict[str, str]:
+    if not isinstance(shared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in shared.items()):
+        raise TypeError(f"stage {stage_index}: shared_parameters must map parameter names to keys (str -> str), got "
+                        f"{shared!r}")
+    names = dict(submodule.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(shared) - set(names))
+    if unknown:
+        raise ValueError(f"stage {stage_index}: shared_parameters names {unknown}, which the stage's module does not "
+                         f"have; its parameters are {sorted(names)}")
+    return dict(shared)

@@ -89,16 +89,16 @@ def test_hostile_headers_are_refused_without_running_code(tmp_path, header, mess
 
 
 def _pipeline_receives_a_pickle(marker):
-    """Rank 0 plays a hostile first stage: it sends a pickled header in place of the spec; rank 1 runs its stage."""
+    """Rank 0 plays a hostile first stage: it builds its schedule like any stage, then sends a pickled header in
+    place of the spec; rank 1 runs its stage."""
     mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
-    if mesh.get_rank() == 0:
-        point_to_point.p2p_group(mesh, "pp")  # the group every rank creates when it builds its schedule
+    rank = mesh.get_rank()
+    pipe = PipelineSchedule(PipelineStage(nn.Linear(3, 3), rank, 2, mesh), "1f1b", n_microbatches=1, loss_fn=F.mse_loss)
+    if rank == 0:
         header = _header_from(pickle.dumps(_RunsCode(marker)))
         send, _ = point_to_point.send_recv([(header, 1, message_tag(1, 0, _F_HEADER, 2))], [], mesh, "pp")
         send.wait()
         return None
-    stage = PipelineStage(nn.Linear(3, 3), 1, 2, mesh)
-    pipe = PipelineSchedule(stage, "1f1b", n_microbatches=1, loss_fn=F.mse_loss)
     with pytest.raises(ValueError, match="pipeline header is not JSON"):
         pipe.step(target=torch.zeros(2, 3))
     return os.path.exists(marker)
