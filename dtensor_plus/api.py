@@ -9,6 +9,7 @@ from torch import nn
 
 from . import collectives
 from .dtensor import DTensor
+from .mesh import mesh_or_current
 from .placements import Placement, Replicate, Shard
 from .redistribute import redistribute_local
 from .shared_parameters import SharedParameters, assign, parameter_slots
@@ -18,18 +19,22 @@ __all__ = ["distribute_tensor", "distribute_module"]
 
 
 def distribute_tensor(
-    tensor: torch.Tensor, device_mesh, placements: Sequence[Placement] | None = None, *, src_data_rank: int | None = 0
+    tensor: torch.Tensor, device_mesh=None, placements: Sequence[Placement] | None = None, *, src_data_rank: int | None = 0
 ) -> DTensor:
     """Split a whole tensor over a mesh; each rank keeps its block.
 
     Args:
         tensor: the whole tensor (on every rank; only ``src_data_rank``'s values count).
-        device_mesh: the mesh.
-        placements: one per mesh dim, Shard or Replicate (default: all Replicate).
+        device_mesh: the mesh (default: the one entered with ``with mesh:``).
+        placements: one per mesh dim (default: all Replicate). ``Partial(op)`` holds the value at index 0 of
+            that mesh dim and the identity of ``op`` elsewhere (0 for sum, 1 for product: exact, where torch
+            divides a sum by n); avg, max and min hold it everywhere.
         src_data_rank: the index, on every mesh dim, of the rank whose tensor is the truth (as PyTorch's
             ``group_src`` on each mesh dim): the mesh's rank at coordinate ``(src_data_rank, ..., src_data_rank)``
             scatters and broadcasts it. It is an index within the mesh, not a global rank, so it means the same
             on every rank, on sub-meshes too. None trusts every rank to hold the same values and moves no data.
+            A ``meta`` tensor moves no data either way (there is none): each rank gets its block's shape, on meta,
+            to be materialised later (``module.to_empty(device=...)`` and an init).
 
     Example::
 
@@ -37,23 +42,29 @@ def distribute_tensor(
     """
     if isinstance(tensor, DTensor):
         raise TypeError("distribute_tensor got a DTensor; use .redistribute(mesh, placements) to change its layout")
+    device_mesh = mesh_or_current(device_mesh, "distribute_tensor")
     placements = placements if placements is not None else [Replicate()] * device_mesh.ndim
     placements = normalize_placements(placements, device_mesh, tensor.ndim)
-    for p in placements:
-        if p.is_partial():
-            raise ValueError(
-                f"distribute_tensor cannot create {p!r}: a whole tensor is not a partial sum; distribute it as "
-                f"Replicate() and redistribute, or build Partial blocks with DTensor.from_local"
-            )
-    device = torch.device(device_mesh.device_type, torch.cuda.current_device()) if device_mesh.device_type == "cuda" else torch.device("cpu")
+    if tensor.is_meta:  # a model built under torch.device("meta"): shapes only, materialised later
+        device = tensor.device
+    elif device_mesh.device_type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
     whole = tensor.detach().to(device).contiguous()
     spec = DTensorSpec(device_mesh, placements, TensorMeta.of(whole))
     _check_src_data_rank(src_data_rank, device_mesh)  # before any membership test: every rank raises alike
-    if src_data_rank is not None and device_mesh.get_coordinate() is not None:
-        local = _send_blocks_from(whole.clone(), spec, src_data_rank)
+    # A Partial mesh dim is distributed as Replicate, then partitioned locally (as torch does).
+    whole_placements = tuple(Replicate() if p.is_partial() else p for p in placements)
+    if src_data_rank is not None and device_mesh.get_coordinate() is not None and not whole.is_meta:
+        local = _send_blocks_from(whole.clone(), spec.with_placements(whole_placements), src_data_rank)
     else:
         replicated = spec.with_placements([Replicate()] * device_mesh.ndim)
-        local = redistribute_local(whole, replicated, placements).clone()  # own storage, not a view
+        local = redistribute_local(whole, replicated, whole_placements).clone()  # own storage, not a view
+    if whole_placements != placements and device_mesh.get_coordinate() is not None:
+        for mesh_dim, p in enumerate(placements):
+            if p.is_partial():
+                local = p.partition(local, device_mesh.size(mesh_dim), device_mesh.get_local_rank(mesh_dim))
     return DTensor(local, spec, requires_grad=tensor.requires_grad)
 
 
@@ -91,7 +102,7 @@ def _send_blocks_from(block: torch.Tensor, spec: DTensorSpec, src_index: int) ->
 
 def distribute_module(
     module: nn.Module,
-    device_mesh,
+    device_mesh=None,
     partition_fn: Callable[[str, nn.Module, object], None] | None = None,
     input_fn: Callable | None = None,
     output_fn: Callable | None = None,
@@ -108,6 +119,7 @@ def distribute_module(
         input_fn: ``input_fn(module, inputs, mesh) -> inputs``, run before each forward.
         output_fn: ``output_fn(module, outputs, mesh) -> outputs``, run after each forward.
     """
+    device_mesh = mesh_or_current(device_mesh, "distribute_module")
     if partition_fn is not None:
         shared = SharedParameters(module, "distribute_module", fix=_TIED_FIX)
         for name, submodule in module.named_modules():

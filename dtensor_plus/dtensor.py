@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from . import dispatch, grad_layout, local_blocks
+from .mesh import mesh_or_current
 from .placements import Placement, Replicate, Shard
 from .redistribute import Redistribute, grad_placements_for, redistribute_local
 from .spec import DTensorSpec, TensorMeta, normalize_placements
@@ -149,7 +150,7 @@ class DTensor(torch.Tensor):
 
         Args:
             local_tensor: this rank's block.
-            device_mesh: the mesh.
+            device_mesh: the mesh (default: the one entered with ``with mesh:``).
             placements: one per mesh dim (default: all Replicate).
             run_check: check across ranks that the blocks fit together (costs an all-gather of shapes); with
                 it, uneven shards give the exact global shape without ``shape``.
@@ -160,8 +161,7 @@ class DTensor(torch.Tensor):
 
             x = DTensor.from_local(torch.randn(2, 8), mesh, [Shard(0)])  # on 4 ranks: an (8, 8) tensor
         """
-        if device_mesh is None:
-            raise ValueError("DTensor.from_local needs a device_mesh")
+        device_mesh = mesh_or_current(device_mesh, "DTensor.from_local")
         placements = placements if placements is not None else [Replicate()] * device_mesh.ndim
         placements = normalize_placements(placements, device_mesh, local_tensor.ndim)
         guessed = False
@@ -185,8 +185,30 @@ class DTensor(torch.Tensor):
             local_blocks.mark_unchecked(out)
         return out
 
-    def redistribute(self, device_mesh=None, placements: Sequence[Placement] | None = None) -> DTensor:
-        """The same global tensor laid out as ``placements`` (collectives chosen by the planner). Differentiable."""
+    def redistribute(
+        self,
+        device_mesh=None,
+        placements: Sequence[Placement] | None = None,
+        *,
+        async_op: bool = False,
+        forward_dtype: torch.dtype | None = None,
+        backward_dtype: torch.dtype | None = None,
+    ) -> DTensor:
+        """The same global tensor laid out as ``placements`` (collectives chosen by the planner). Differentiable.
+
+        Args:
+            async_op: accepted for torch's signature; the move completes before this returns (torch may hand back
+                a tensor it completes at first use: the values are the same).
+            forward_dtype: cast this rank's block to it before the collectives (e.g. bf16 to halve the bytes); the
+                result is in ``forward_dtype``.
+            backward_dtype: cast the gradient to it before the backward collectives; the gradient is cast back to
+                this tensor's dtype after them (default: they run in this tensor's dtype).
+        """
+        for name, dtype in (("forward_dtype", forward_dtype), ("backward_dtype", backward_dtype)):
+            if dtype is not None and not isinstance(dtype, torch.dtype):
+                raise TypeError(f"redistribute: {name} must be a torch.dtype or None, got {dtype!r}")
+        if not isinstance(async_op, bool):
+            raise TypeError(f"redistribute: async_op must be a bool, got {async_op!r}")
         mesh = device_mesh if device_mesh is not None else self._spec.mesh
         if mesh != self._spec.mesh:
             raise ValueError(
@@ -199,7 +221,7 @@ class DTensor(torch.Tensor):
         placements = normalize_placements(placements, mesh, self._spec.ndim)
         if local_blocks._PENDING[0]:
             local_blocks.check_marked((self,))
-        return Redistribute.apply(self, placements)
+        return Redistribute.apply(self, placements, forward_dtype, backward_dtype)
 
     def full_tensor(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
         """The whole global tensor on every rank (a plain tensor). Differentiable."""

@@ -8,6 +8,7 @@ import torch
 
 from . import random
 from .dtensor import DTensor
+from .mesh import mesh_or_current
 from .placements import Placement, Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta, normalize_placements
@@ -16,8 +17,7 @@ __all__ = ["zeros", "ones", "empty", "full", "rand", "randn"]
 
 
 def _spec(size, device_mesh, placements, dtype) -> DTensorSpec:
-    if device_mesh is None:
-        raise ValueError("DTensor factories need device_mesh=")
+    device_mesh = mesh_or_current(device_mesh, "a DTensor factory")
     shape = torch.Size(size[0] if len(size) == 1 and isinstance(size[0], (list, tuple, torch.Size)) else size)
     placements = placements if placements is not None else [Replicate()] * device_mesh.ndim
     placements = normalize_placements(placements, device_mesh, len(shape))
@@ -34,6 +34,7 @@ def _device(mesh) -> torch.device:
 
 def _build(fill, size, device_mesh, placements, dtype, requires_grad) -> DTensor:
     spec = _spec(size, device_mesh, placements, dtype)
+    device_mesh = spec.mesh  # the entered one when none was passed
     local_shape = spec.local_shape_and_offset()[0] if device_mesh.get_coordinate() is not None else (0,)
     local = fill(local_shape, dtype=spec.dtype, device=_device(device_mesh))
     return DTensor(local, spec, requires_grad=requires_grad)
@@ -60,6 +61,7 @@ def full(size, fill_value, *, device_mesh=None, placements: Sequence[Placement] 
 
 def _random(draw, size, device_mesh, placements, dtype, requires_grad) -> DTensor:
     spec = _spec(size, device_mesh, placements, dtype)
+    device_mesh = spec.mesh  # the entered one when none was passed
     if random.is_strict():  # the single-device draw, then this rank's block of it
         whole = draw(spec.shape, dtype=spec.dtype, device=_device(device_mesh))
         local = redistribute_local(whole, spec.with_placements([Replicate()] * device_mesh.ndim), spec.placements)

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["DeviceMesh", "init_device_mesh"]
+__all__ = ["DeviceMesh", "init_device_mesh", "mesh_or_current"]
 
 # Process groups keyed by (backend, ranks). new_group is a collective over the whole world, so every
 # rank creates the same groups in the same order; caching keeps meshes cheap to rebuild.
@@ -257,9 +257,34 @@ class DeviceMesh:
             f"rebuild it with init_device_mesh on the other side"
         )
 
+    # -- the default mesh (torch's `with mesh:`) -----------------------------------------------------------
+
+    def __enter__(self) -> DeviceMesh:
+        """``with mesh:`` makes this the mesh that distribute_tensor, from_local, the factories, distribute_module
+        and parallelize_module use when their mesh argument is left out (innermost ``with`` wins), as in torch."""
+        _ENTERED.append(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        _ENTERED.pop()
+
     def __repr__(self) -> str:
         names = f", mesh_dim_names={self.mesh_dim_names}" if self.mesh_dim_names else ""
         return f"DeviceMesh({self.device_type!r}, {self.mesh.tolist()}{names})"
+
+
+_ENTERED: list[DeviceMesh] = []  # meshes entered with `with mesh:`, innermost last
+
+
+def mesh_or_current(device_mesh: DeviceMesh | None, who: str) -> DeviceMesh:
+    """``device_mesh``, or the innermost mesh entered with ``with mesh:`` when it is None."""
+    if device_mesh is not None:
+        return device_mesh
+    if not _ENTERED:
+        raise ValueError(
+            f"{who} got no device_mesh and no mesh is entered; pass device_mesh=mesh, or call it inside `with mesh:`"
+        )
+    return _ENTERED[-1]
 
 
 def init_device_mesh(

@@ -12,6 +12,7 @@ from .loss import loss_parallel, parallel_cross_entropy
 from .moe import MoE, expert_parallel
 from .plan import parallelize_module
 from .precision import MixedPrecision, mixed_precision
+from .prepare_io import PrepareModuleInputOutput
 from .tensor import (
     ColwiseParallel,
     ParallelStyle,
@@ -24,7 +25,7 @@ from .zero import CPUOffload, ZeroRedundancyOptimizer, fully_shard
 
 __all__ = [
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "SequenceParallel", "PrepareModuleInput",
-    "PrepareModuleOutput", "parallelize_module", "loss_parallel", "parse_layout", "format_layout", "layout_of",
+    "PrepareModuleOutput", "PrepareModuleInputOutput", "parallelize_module", "loss_parallel", "parse_layout", "format_layout", "layout_of",
     "replicate", "sync_gradients", "shard_batch", "fully_shard", "ZeroRedundancyOptimizer", "CPUOffload",
     "clip_grad_norm_", "get_total_norm", "MixedPrecision", "mixed_precision", "context_parallel", "MoE", "parallel_cross_entropy",
     "expert_parallel",

@@ -14,26 +14,35 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import warnings
 
 from torch import nn
 
+from dtensor_plus.mesh import mesh_or_current
 from dtensor_plus.shared_parameters import SharedParameters
 
 from .hf_plan import is_string_plan, translate_hf_plan
-from .tensor import ParallelStyle
+from .tensor import SRC_DATA_RANK, ParallelStyle
 
 __all__ = ["parallelize_module"]
 
 
-def parallelize_module(module: nn.Module, device_mesh, parallelize_plan) -> nn.Module:
+def parallelize_module(
+    module: nn.Module, device_mesh=None, parallelize_plan=None, *, src_data_rank: int | None = 0
+) -> nn.Module:
     """Apply parallel styles to ``module``'s submodules on ``device_mesh`` (1-D, e.g. ``mesh["tp"]``).
 
     Args:
         module: the model; changed in place (parameters become DTensors, hooks are installed).
-        device_mesh: the tensor-parallel mesh.
+        device_mesh: the tensor-parallel mesh (default: the one entered with ``with mesh:``).
         parallelize_plan: a ParallelStyle for the root, or a dict ``{pattern: style}`` where pattern is an
             fnmatch glob over submodule names ("" is the root). Styles apply in the dict's order. A dict of
             transformers' style strings (``model.tp_plan``) is translated by ``hf_plan.translate_hf_plan``.
+            None: nothing to apply (a warning, as in torch).
+        src_data_rank: whose values the placed parameters take, as in ``distribute_tensor``: index 0 of the
+            mesh (default; one scatter or broadcast per parameter), or None for every rank's own values (no
+            communication: ranks that initialised alike, e.g. after ``dtp.manual_seed``). Parameters on the
+            ``meta`` device move no data either way.
 
     Returns:
         ``module``.
@@ -42,6 +51,18 @@ def parallelize_module(module: nn.Module, device_mesh, parallelize_plan) -> nn.M
         ValueError: a pattern matches no submodule (the message lists the nearest names).
         TypeError: the plan or one of its values is not a ParallelStyle.
     """
+    device_mesh = mesh_or_current(device_mesh, "parallelize_module")
+    if parallelize_plan is None:
+        warnings.warn("parallelize_module got no parallelize_plan; the module is left as it is", stacklevel=2)
+        return module
+    token = SRC_DATA_RANK.set(src_data_rank)
+    try:
+        return _apply_plan(module, device_mesh, parallelize_plan)
+    finally:
+        SRC_DATA_RANK.reset(token)
+
+
+def _apply_plan(module: nn.Module, device_mesh, parallelize_plan) -> nn.Module:
     if isinstance(parallelize_plan, ParallelStyle):
         parallelize_plan = {"": parallelize_plan}
     if is_string_plan(parallelize_plan):  # transformers' model.tp_plan: {pattern: "colwise", ...} (hf_plan.py)

@@ -30,6 +30,7 @@ with ``dtensor_plus.layouts.plan.parallelize_module``::
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Sequence
 
 import torch
@@ -133,13 +134,17 @@ def _redistribute(x: DTensor, layout: Placement, device_mesh, boundary: bool = F
     return x.redistribute(placements=placements)
 
 
+# parallelize_module(..., src_data_rank=) sets it while its styles apply (torch sets style.src_data_rank).
+SRC_DATA_RANK = contextvars.ContextVar("src_data_rank", default=0)
+
+
 def _distribute_parameter(module: nn.Module, name: str, device_mesh, placement: Placement) -> None:
     param = getattr(module, name, None)
     if param is None or isinstance(param, DTensor):
         return
     # Like torch, the mesh's first rank holds the truth (ranks may have initialised differently): index 0 on
-    # every mesh dim, which is what src_data_rank names.
-    dt = distribute_tensor(param.detach(), device_mesh, [placement], src_data_rank=0)
+    # every mesh dim, which is what src_data_rank names (None: every rank's own values, no communication).
+    dt = distribute_tensor(param.detach(), device_mesh, [placement], src_data_rank=SRC_DATA_RANK.get())
     placed = nn.Parameter(dt, requires_grad=param.requires_grad)
     module.register_parameter(name, placed)
     if placed.requires_grad:  # e.g. a SequenceParallel norm weight: its gradient comes out Partial on tp
