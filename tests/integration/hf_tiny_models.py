@@ -56,6 +56,8 @@ ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)),
 }
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+# transformers runs experts by grouped_mm where torch has it; OLMoE keeps its per-expert loop, so both paths run
+EAGER_EXPERTS = ("olmoe",)
 
 
 def build(arch: str, attn_implementation: str = "eager") -> torch.nn.Module:
@@ -66,6 +68,8 @@ def build(arch: str, attn_implementation: str = "eager") -> torch.nn.Module:
     kwargs = {**COMMON, **overrides}
     config = getattr(transformers, config_name)(**kwargs)
     config._attn_implementation = attn_implementation
+    if arch in EAGER_EXPERTS:
+        config._experts_implementation = "eager"
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config).float()
     with torch.no_grad():

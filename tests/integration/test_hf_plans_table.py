@@ -26,7 +26,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 import dtensor_plus as dtp  # noqa: E402
-from dtensor_plus import DTensor  # noqa: E402
+from dtensor_plus import DTensor, Replicate, Shard  # noqa: E402
 from dtensor_plus.layouts import expert_parallel, fully_shard, parallelize_module, replicate, shard_batch  # noqa: E402
 from dtensor_plus.layouts.hf_plan import HF_STYLE_NAMES, translate_hf_plan  # noqa: E402
 from dtensor_plus.testing import run_on_ranks  # noqa: E402
@@ -51,6 +51,8 @@ def _layout(model, layout: str):
         replicate(model, mesh)
         if layout == "ep2xtp2":
             expert_parallel(model, mesh, ep_dim="dp")  # 2 of the 4 experts per rank; tokens all-gathered on dp
+            experts = [p for name, p in model.named_parameters() if ".experts." in name]
+            assert experts and all(p.placements == (Shard(0), Replicate()) for p in experts)
     else:
         replicate(model, mesh, reduce_in_backward=False)  # lift onto (dp, tp); ZeRO reduces the gradients
         for layer in model.model.layers:
@@ -99,25 +101,33 @@ def _run(arch: str, layout: str, attn_implementation: str = "eager"):
             torch.testing.assert_close(_whole(embeds[-1].grad), ref_embeds[-1].grad, atol=2e-5, rtol=2e-5,
                                        msg=lambda m: f"input-embedding gradient: {m}")
             _assert_params_equal(model, reference, lambda p: p.grad, "gradient of")
+            # A gradient entry that is zero in exact arithmetic (a key bias off the rotary dims: softmax ignores a
+            # constant added to a row's scores) is rounding noise on both sides, and Adam scales noise up to steps
+            # of size lr: such an entry can only be held to "moved no more than Adam allows".
+            noise_only = {name: p.grad.abs() < 1e-7 for name, p in reference.named_parameters()}
         opt.step(), ref_opt.step()
         opt.zero_grad(), ref_opt.zero_grad()
-    _assert_params_equal(model, reference, lambda p: p, f"after {STEPS} steps,")
+    _assert_params_equal(model, reference, lambda p: p, f"after {STEPS} steps,", noise_only)
     return fallbacks
 
 
-def _assert_params_equal(model, reference, get, what: str):
+def _assert_params_equal(model, reference, get, what: str, noise_only=None):
     names = [name for name, _ in reference.named_parameters()]
     assert names == [name for name, _ in model.named_parameters()], "the layout changed the parameters' names"
     for name, p in model.named_parameters():
-        want = get(reference.get_parameter(name))
-        torch.testing.assert_close(_whole(get(p)), want, atol=5e-5, rtol=5e-5, msg=lambda m: f"{what} {name}: {m}")
+        got, want = _whole(get(p)), get(reference.get_parameter(name))
+        if noise_only is not None:  # those entries: within Adam's reach of each other; the rest: equal
+            noise = noise_only[name]
+            assert bool(((got - want)[noise].abs() <= 2 * STEPS * LR).all()), f"{what} {name}: noise entries"
+            got, want = got[~noise], want[~noise]
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5, msg=lambda m: f"{what} {name}: {m}")
 
 
 def _table(arch: str, layout: str):
     run_on_ranks(LAYOUTS[layout], _run, arch, layout, timeout=300.0)
 
 
-SAMPLE = [("llama", "tp3"), ("qwen2", "dp2xtp2"), ("mixtral", "zero3"), ("qwen3_moe", "ep2xtp2")]
+SAMPLE = [("llama", "tp3"), ("qwen2", "zero3"), ("qwen3_moe", "ep2xtp2")]
 TABLE = [(a, l) for a in ARCHITECTURES for l in LAYOUTS if l != "ep2xtp2" or a in MOE_ARCHITECTURES]
 
 
