@@ -31,6 +31,16 @@ def _backend_for(device_type: str) -> str:
 
 
 def _group_for(ranks: tuple[int, ...], backend: str, timeout: timedelta):
+    # torch.distributed numbers a group's members in ascending global rank, whatever order new_group is given;
+    # our collectives place blocks by mesh coordinate, so a mesh dim listing its ranks out of order would get
+    # every gather, scatter and ring in the wrong order. Every rank sees the same rows: all raise alike.
+    if list(ranks) != sorted(ranks):
+        raise ValueError(
+            f"a mesh dim runs over ranks {list(ranks)}, not in ascending order: torch.distributed orders a group's "
+            f"ranks ascending, so collectives along it would return blocks out of mesh order. Lay out the mesh "
+            f"with ascending ranks along every dim (as init_device_mesh does), and flatten mesh dims in their "
+            f"mesh order (mesh['dp', 'tp'].flatten(), not mesh['tp', 'dp'].flatten())"
+        )
     key = (backend, ranks)
     if key not in _GROUPS:
         if ranks == tuple(range(dist.get_world_size())):

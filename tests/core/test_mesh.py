@@ -116,3 +116,28 @@ def _uneven_on_flattened():
 
 def test_all_gather_over_a_flattened_mesh_keeps_uneven_rows_in_order():
     assert all(run_on_ranks(4, _uneven_on_flattened))  # upstream PyTorch returns them out of order (#194457)
+
+
+def _out_of_order_meshes():
+    import dtensor_plus as dtp
+    from dtensor_plus import DeviceMesh
+
+    messages = []
+    for build in (lambda: DeviceMesh("cpu", [[1, 0], [3, 2]], mesh_dim_names=("dp", "tp")),
+                  lambda: dtp.init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))["tp", "dp"].flatten()):
+        try:
+            build()
+        except ValueError as error:
+            messages.append(str(error))
+    ok = dtp.init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))["dp", "tp"].flatten()
+    return messages, ok.mesh.tolist()
+
+
+def test_a_mesh_dim_with_ranks_out_of_order_raises_on_every_rank():
+    """torch numbers a group's ranks ascending; a mesh dim listing them otherwise would gather out of order."""
+    from dtensor_plus.testing import run_on_ranks
+
+    for messages, flattened in run_on_ranks(4, _out_of_order_meshes):
+        assert len(messages) == 2 and all("not in ascending order" in m for m in messages), messages
+        assert "[1, 0]" in messages[0] and "[0, 2, 1, 3]" in messages[1]
+        assert flattened == [0, 1, 2, 3]
