@@ -38,7 +38,9 @@ from .zero_placement import (
 
 __all__ = ["fully_shard"]
 
-_ZERO_UNIT = "_dtp_zero_unit"  # on a sharded Parameter: the unit that owns it
+# On a sharded Parameter: who holds it, in words ("Linear's weight"). A string, not the unit: deepcopy and
+# pickling of the Parameter must not drag the unit (and through it the model) along.
+_SHARDED_FOR = "_dtp_sharded_for"
 
 
 class _Schedule:
@@ -99,7 +101,7 @@ class _Unit:
         self.entries.append((owner, name, shard))
         if others:
             self.tied_slots[id(shard)] = others
-        shard.__dict__[_ZERO_UNIT] = self  # a slot outside this unit's module still finds its owner
+        shard.__dict__[_SHARDED_FOR] = " and ".join(f"{type(m).__name__}'s {key}" for m, key in slots)
 
     def slots(self, index: int) -> list[tuple[nn.Module, str]]:
         """Every (module, name) that holds entry ``index``'s parameter."""
@@ -342,7 +344,7 @@ def fully_shard(
     unit = _Unit(mesh, k, mp_policy, offload)
     # Each Parameter once, with every slot holding it (tied weights: one entry, one gather, one gradient).
     for param, slots in parameter_slots(module, prune=lambda child: hasattr(child, "_zero_state")):
-        if _ZERO_UNIT in param.__dict__:  # a shared Parameter an inner call sharded through another slot
+        if _SHARDED_FOR in param.__dict__:  # a shared Parameter an inner call sharded through another slot
             _adopt(unit, param, slots, module)
             continue
         dt = to_dtensor(param, mesh)
@@ -371,22 +373,20 @@ def _adopt(unit: _Unit, shard: nn.Parameter, slots, module: nn.Module) -> None:
     """``shard``, which an inner fully_shard call owns, is also held by ``slots`` outside that call's module: this
     call's module holds both, so this unit owns it (FSDP's rule: a shared parameter belongs to the lowest common
     ancestor) and binds it to every slot. A unit outside ``module`` cannot give it up: that raises."""
-    inner = shard.__dict__[_ZERO_UNIT]
-    index = next(i for i, (_, _, s) in enumerate(inner.entries) if s is shard)
+    here = " and ".join(f"{type(module).__name__}'s {slot.name}" for slot in slots)
+    owners = [m._zero_state for m in module.modules() if hasattr(m, "_zero_state")]
+    found = [(inner, i) for inner in owners for i, (_, _, s) in enumerate(inner.entries) if s is shard]
+    if not found:
+        raise ValueError(
+            f"{here} is the Parameter {shard.__dict__[_SHARDED_FOR]} holds, which fully_shard on a module outside "
+            f"this one already shards (tied weights, or an enclosing module sharded first); one Parameter belongs to "
+            f"one fully_shard call: shard inner modules first, and a Parameter several modules share on a module "
+            f"holding all of them (their common ancestor, e.g. the root), not on one holder alone"
+        )
+    inner, index = found[0]
     inner_slots = inner.slots(index)
     names = {id(m): name for name, m in module.named_modules()}  # the inner unit's slots, named from here
-    here = " and ".join(f"{type(module).__name__}'s {slot.name}" for slot in slots)
-    there = " and ".join(
-        f"{names[id(m)]}.{key}".lstrip(".") if id(m) in names else f"{type(m).__name__}'s {key}"
-        for m, key in inner_slots
-    )
-    if not any(getattr(m, "_zero_state", None) is inner for m in module.modules()):
-        raise ValueError(
-            f"{here} is the Parameter {there} holds, which fully_shard on a module outside this one already shards "
-            f"(tied weights, or an enclosing module sharded first); one Parameter belongs to one fully_shard call: "
-            f"shard inner modules first, and a Parameter several modules share on a module holding all of them "
-            f"(their common ancestor, e.g. the root), not on one holder alone"
-        )
+    there = " and ".join(f"{names[id(m)]}.{key}".lstrip(".") for m, key in inner_slots)
     if (inner.mesh, inner.mesh_dim, inner.param_dtype, inner.reduce_dtype, inner.offload) != (
         unit.mesh, unit.mesh_dim, unit.param_dtype, unit.reduce_dtype, unit.offload
     ):
