@@ -107,9 +107,9 @@ def _different_meshes():
     m1 = init_device_mesh("cpu", (2,))
     from dtensor_plus import DeviceMesh
 
-    m2 = DeviceMesh("cpu", [1, 0])
+    m2 = DeviceMesh("cpu", [[0, 1]])  # the same ranks as a 2-D mesh: another mesh
     a = distribute_tensor(torch.ones(2), m1, [Shard(0)])
-    b = distribute_tensor(torch.ones(2), m2, [Shard(0)])
+    b = distribute_tensor(torch.ones(2), m2, [Shard(0), Shard(0)])
     with pytest.raises(ValueError, match="different meshes"):
         a + b
 
