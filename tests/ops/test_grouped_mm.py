@@ -39,7 +39,7 @@ def check_grouped_mm(mesh_shape, form, group_sizes, k, n, m, placements, seed):
     assert not comm.fallbacks, comm.fallbacks
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(data=st.data())
 def test_grouped_mm_matches_single_device(data):
     world_size = data.draw(st.sampled_from([2, 3, 4]))
@@ -78,7 +78,7 @@ def test_split_contraction_is_one_all_reduce():
     run_on_ranks(2, check_split_contraction)
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(data=st.data())
 def test_reference_equals_torch_kernel(data):
     form = data.draw(st.sampled_from(["2d3d", "3d2d", "2d2d", "3d3d"]))
@@ -103,7 +103,7 @@ def check_histc(mesh_shape, shape, placements, bins, low, high, seed):
         assert any(p == Partial("sum") for p in out.placements), out.placements
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(data=st.data())
 def test_histc_matches_single_device(data):
     world_size = data.draw(st.sampled_from([2, 3, 4]))
