@@ -62,9 +62,20 @@ class Result:
     routing_flips: tuple[int, int] | None = None  # MoE: (decisions the runs disagree on, decisions), else None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Under torchrun every rank parses the flags: a mistake is said once (by rank 0), in one line, not as a
+    usage block per rank."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: the ranks the other "
+                        "sizes leave)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism on the tp mesh dim")
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage on the dp mesh dim")
@@ -90,7 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text-bytes", type=int, default=MAX_TEXT_BYTES, help="how much stdlib source to read")
-    parser.add_argument("--plot", default="train_gpt_loss.png", help="where to save the loss curves")
+    parser.add_argument("--plot", default=str(Path("runs") / "train_gpt_loss.png"),
+                        help="where to save the loss curves and their difference (default: runs/, git-ignored)")
     parser.add_argument("--checkpoint", default=None, help="directory: resume from its latest save, save there")
     parser.add_argument("--save-every", type=int, default=0, help="steps between saves (0: never)")
     parser.add_argument("--fail-at-step", type=int, default=None, help="(tests) SIGKILL rank 1 after this step, "
@@ -99,6 +111,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     # torchrun sets WORLD_SIZE; a process group started otherwise (e.g. run_on_ranks in tests) knows its own.
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if args.dp is None:  # a mesh dim left unsaid takes the ranks that are left: --zero 1 alone on 4 ranks is dp=4
+        others = args.pp * args.tp * args.cp
+        if world % others:
+            parser.error(f"pp({args.pp}) * tp({args.tp}) * cp({args.cp}) = {others} does not divide the world size "
+                         f"({world}); launch with a multiple of {others} ranks")
+        args.dp = world // others
     if args.pp * args.dp * args.tp * args.cp != world:
         parser.error(f"pp({args.pp}) * dp({args.dp}) * tp({args.tp}) * cp({args.cp}) != world size({world}); "
                      f"launch with --nproc-per-node {args.pp * args.dp * args.tp * args.cp}")
@@ -300,21 +318,68 @@ def moe_note(result: Result, dtype: str) -> str:
 
 
 def save_plot(path: str, mesh_losses, single_losses, title: str) -> None:
+    """Both loss curves, and below them their difference on a log scale (where rounding-level agreement shows)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print("matplotlib is not installed: skipping the loss plot")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(mesh_losses, label="mesh")
-    ax.plot(single_losses, "--", label="single process")
-    ax.set(xlabel="step", ylabel="loss", title=title)
-    ax.legend()
+    steps = range(len(mesh_losses))
+    diffs = [max(abs(a - b), 1e-16) for a, b in zip(mesh_losses, single_losses)]  # a log axis cannot show 0
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+    top.plot(steps, mesh_losses, label="mesh")
+    top.plot(steps, single_losses, "--", label="single process")
+    top.set(ylabel="loss", title=title)
+    top.legend()
+    bottom.semilogy(steps, diffs, "o-", markersize=3, color="tab:red")
+    bottom.set(xlabel="step", ylabel="|loss difference|")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
     print(f"saved {path}")
+
+
+def layout_title(args) -> str:
+    """Every layout flag of the run, for the plot's title."""
+    parts = [f"{name}={getattr(args, name)}" for name in ("pp", "dp", "tp", "cp") if getattr(args, name) > 1]
+    parts += ["sp"] * args.sp + [f"zero-{args.zero}"] * bool(args.zero)
+    if args.cp > 1:
+        parts.append(f"cp-kind={args.cp_kind}" + (" balanced" if args.cp_balance else ""))
+    if args.pp > 1:
+        parts.append(f"{args.schedule} x {args.microbatches} microbatches")
+    if args.moe:
+        capacity = f"capacity {args.moe_capacity:g}" if args.moe_capacity else "dropless"
+        parts.append(f"MoE {args.moe} experts top-{args.moe_top_k} every {args.moe_every}, {capacity}")
+    return f"GPT {args.config}, {args.dtype}: " + (", ".join(parts) or "one rank")
+
+
+# How far a layout may stray from one device and still be equal. float32: layouts sum in other orders (a
+# sharded matmul adds partial products, an all-reduce adds ranks' values), so each op rounds differently by
+# about 1e-7 relative, and AdamW steps carry it forward: about 1e-6 after 20 steps, bounded here with margin.
+# float64 has the same effect at 1e-16.
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
+
+
+def verdict(result: Result, dtype: str) -> str:
+    """One line: equal to one device within what tolerance and why, or by how much not."""
+    loss_diff = max(abs(a - b) for a, b in zip(result.mesh_losses, result.single_losses))
+    worst = max(loss_diff, result.max_param_diff)
+    tolerance = TOLERANCE[dtype]
+    why = "the layouts round in other orders" if dtype == "float32" else "float64 rounding"
+    if worst <= tolerance:
+        return (f"verdict: EQUAL to one device within {tolerance:g} (loss {loss_diff:.1e}, parameters "
+                f"{result.max_param_diff:.1e}; {dtype}: {why})")
+    flips = result.routing_flips
+    if flips is not None and flips[0]:
+        return (f"verdict: apart from one device by {worst:.1e} > {tolerance:g} after {flips[0]} MoE routing "
+                f"decisions flipped on rounding (top-k is discontinuous); --dtype float64 shows it exact")
+    return (f"verdict: NOT EQUAL to one device: {worst:.1e} > {tolerance:g} ({dtype}); this is a bug, please "
+            f"report it with this command line")
 
 
 def main(argv=None) -> Result:
@@ -342,7 +407,8 @@ def main(argv=None) -> Result:
         print_table(result)
         if result.routing_flips is not None:
             print(moe_note(result, args.dtype))
-        save_plot(args.plot, result.mesh_losses, result.single_losses, f"GPT {args.config}: {layout}")
+        save_plot(args.plot, result.mesh_losses, result.single_losses, layout_title(args))
+        print(verdict(result, args.dtype))
     return result
 
 
@@ -365,7 +431,8 @@ def _main_pipelined(args) -> Result:
     result = Result(losses, single, diff)
     if rank0:
         print_table(result)
-        save_plot(args.plot, losses, single, f"GPT {args.config}: pp={args.pp} {args.schedule} x {args.layout}")
+        save_plot(args.plot, losses, single, layout_title(args))
+        print(verdict(result, args.dtype))
     return result
 
 

@@ -56,10 +56,14 @@ def test_command_line_checks_world_size(monkeypatch, capsys):
         train_gpt.parse_args(["--dp", "2"])
     assert "launch with --nproc-per-node 2" in capsys.readouterr().err
     assert train_gpt.parse_args(["--dp", "2", "--tp", "2", "--sp", "--zero", "2"]).layout == Layout(2, 2, True, 2)
+    assert train_gpt.parse_args(["--zero", "1"]).layout == Layout(4, 1, False, 1)  # dp left unsaid: the rest
+    assert train_gpt.parse_args(["--tp", "2"]).layout == Layout(2, 2)
+    assert train_gpt.parse_args(["--config", "small"]).layout == Layout(4)
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--pp", "2"], r"pp\(2\) \* dp\(1\) \* tp\(1\) \* cp\(1\) != world size\(4\)"),
+    (["--pp", "2", "--dp", "1"], r"pp\(2\) \* dp\(1\) \* tp\(1\) \* cp\(1\) != world size\(4\)"),
+    (["--tp", "3"], r"tp\(3\) \* cp\(1\) = 3 does not divide the world size \(4\)"),
     (["--pp", "2", "--cp", "2"], "not yet with --cp"),
     (["--pp", "2", "--dp", "2", "--microbatches", "3"], "must divide the per-dp-rank batch"),
     (["--dp", "4", "--moe", "6"], r"--moe\(6\) experts must divide over --dp\(4\)"),
@@ -88,3 +92,25 @@ def test_main_zero1_dp2_tp2_sp_matches_one_process(tmp_path):
         losses, single = torch.tensor(result.mesh_losses), torch.tensor(result.single_losses)
         torch.testing.assert_close(losses, single, atol=1e-5, rtol=0)
         assert result.max_param_diff < 1e-5, result.max_param_diff
+
+
+def test_a_wrong_flag_is_one_line_said_once(monkeypatch, capsys):
+    """Under torchrun every rank parses: rank 0 says what is wrong in one line, the others say nothing."""
+    for rank, expected_lines in (("0", 1), ("3", 0)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        with pytest.raises(SystemExit):
+            train_gpt.parse_args(["--zero", "5"])
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == expected_lines, err
+        assert expected_lines == 0 or ("invalid choice" in err and "(see --help)" in err)
+
+
+def test_verdict_names_the_tolerance_and_why():
+    equal = train_gpt.Result([1.0, 0.5], [1.0, 0.5 + 2e-7], 3e-7)
+    assert train_gpt.verdict(equal, "float32").startswith("verdict: EQUAL to one device within 0.0001")
+    assert "round in other orders" in train_gpt.verdict(equal, "float32")
+    apart = train_gpt.Result([1.0], [1.01], 1e-3)
+    assert "NOT EQUAL" in train_gpt.verdict(apart, "float32")
+    flipped = train_gpt.Result([1.0], [1.01], 1e-3, routing_flips=(4, 1280))
+    assert "4 MoE routing decisions flipped" in train_gpt.verdict(flipped, "float32")
