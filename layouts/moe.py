@@ -212,7 +212,8 @@ def expert_parallel(module: nn.Module, mesh, ep_dim: str | None = "ep", tp_dim: 
             sharded = _place(param.detach(), mesh, placements)
             experts._parameters[key] = nn.Parameter(sharded, requires_grad=param.requires_grad)
             placed.append(experts._parameters[key])
-    hf_experts = hf_experts_modules(module) if ep_dim is not None else []
+    # Our own GroupedExperts (placed above, inside MoE) look like transformers' stacked experts: leave them out.
+    hf_experts = [m for m in hf_experts_modules(module) if not isinstance(m, GroupedExperts)] if ep_dim is not None else []
     if hf_experts and tp_dim is not None:
         raise ValueError(
             f"expert_parallel: tp inside experts (tp_dim={tp_dim!r}) covers dtensor_plus MoE layers, not transformers' "
