@@ -42,7 +42,8 @@ __all__ = [
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-_C10D_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+_C10D_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
+             "product": dist.ReduceOp.PRODUCT}
 
 
 class CommCounter:
@@ -189,7 +190,8 @@ def _reducible(t: torch.Tensor, reduce_op: str):
     int16/uint16/uint32 reduce in a wider int (exact; a sum wraps back to the narrow type exactly as the narrow
     type's own addition would, addition being the same modulo 2^bits in any order); uint64 sums as its int64
     bits (same wrap-around), and its max/min compare int64s with the sign bit flipped (order-preserving);
-    float8 reduces in float32 (one rounding at the end); bool's sum is a logical or, a max of bytes."""
+    float8 reduces in float32 (one rounding at the end); bool's sum is a logical or, a max of bytes, and its
+    product a logical and, a product of bytes."""
     op, dtype = _C10D_OPS[reduce_op], t.dtype
     if dtype == torch.bool:
         op = dist.ReduceOp.MAX if reduce_op in ("sum", "avg") else op
@@ -197,7 +199,7 @@ def _reducible(t: torch.Tensor, reduce_op: str):
     if dtype in (torch.int16, torch.uint16, torch.uint32):
         return t.to(torch.int64 if dtype == torch.uint32 else torch.int32), op, lambda r: r.to(dtype)
     if dtype == torch.uint64:
-        if reduce_op in ("sum", "avg"):
+        if reduce_op in ("sum", "avg", "product"):  # the low 64 bits of a sum or product: the same in int64
             return t.view(torch.int64), op, lambda r: r.view(dtype)
         return t.view(torch.int64) ^ _INT64_MIN, op, lambda r: (r ^ _INT64_MIN).view(dtype)
     if dtype.is_floating_point and dtype.itemsize == 1:

@@ -6,7 +6,7 @@ A DTensor carries one placement per mesh dimension:
   leading ranks hold ``ceil(size / n)`` entries, trailing shards may be smaller or empty.
 - ``Replicate()``: every rank holds the whole tensor.
 - ``Partial(reduce_op)``: every rank holds a tensor of the full shape; the value is their reduction
-  (``sum``, ``avg``, ``max`` or ``min``).
+  (``sum``, ``avg``, ``max``, ``min`` or ``product``; ``"prod"`` is read as ``"product"``).
 - ``StridedShard(dim, outer)``: what a Shard becomes when a view merges it behind other dims. Flattening
   (B, H) with H sharded gives a (B*H) dim whose rank r holds the rows b*H + h for every b and its own h:
   the dim read as (outer, inner) with the inner factor split. Views, batched matmuls, permutes and
@@ -26,7 +26,8 @@ import torch
 
 __all__ = ["Placement", "Shard", "StridedShard", "Replicate", "Partial", "chunk_bounds"]
 
-REDUCE_OPS = ("sum", "avg", "max", "min")
+REDUCE_OPS = ("sum", "avg", "max", "min", "product")
+_ALIASES = {"prod": "product"}  # torch.prod's name for it
 
 
 def chunk_bounds(size: int, num_chunks: int, index: int) -> tuple[int, int]:
@@ -105,16 +106,21 @@ class Partial(Placement):
     reduce_op: str = "sum"
 
     def __post_init__(self):
-        if self.reduce_op not in REDUCE_OPS:
+        reduce_op = _ALIASES.get(self.reduce_op, self.reduce_op) if isinstance(self.reduce_op, str) else self.reduce_op
+        if reduce_op not in REDUCE_OPS:
             raise ValueError(f"Partial(reduce_op={self.reduce_op!r}) is unknown; use one of {REDUCE_OPS}")
+        object.__setattr__(self, "reduce_op", reduce_op)  # frozen: Partial("prod") == Partial("product")
 
     def is_partial(self) -> bool:
         return True
 
     def partition(self, tensor: torch.Tensor, num_chunks: int, index: int) -> torch.Tensor:
-        """A local value whose reduction over the mesh dimension is ``tensor`` (exact, no rounding)."""
-        if self.reduce_op == "sum" and index != 0:
+        """A local value whose reduction over the mesh dimension is ``tensor`` (exact, no rounding): index 0 holds
+        it and the others the identity of a sum (0) or a product (1)."""
+        if index != 0 and self.reduce_op == "sum":
             return torch.zeros_like(tensor)
+        if index != 0 and self.reduce_op == "product":
+            return torch.ones_like(tensor)
         return tensor  # avg, max and min of equal values are that value
 
     def __repr__(self) -> str:

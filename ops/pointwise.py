@@ -6,7 +6,8 @@ inputs follow it (a broadcast dim is never sharded). Partial inputs stay Partial
     add / sub          Partial + Partial; Partial(sum) + Replicate (the Replicate is partitioned, no traffic);
                        Partial(avg|max|min) + Replicate or a scalar (adding the same value commutes)
     mul / div          one Partial(sum|avg) factor times Replicate or scalar factors (div: numerator only)
-    neg, clone, casts  Partial(sum|avg); clone and casts also keep max and min (they preserve order)
+    neg, clone, casts  Partial(sum|avg); clone and casts also keep max and min (they preserve order); clone
+                       keeps product
 
 Every other op reduces its Partial inputs first.
 """
@@ -43,6 +44,8 @@ def _keeps_partial(op: OpSchema, placements: list[Placement], reduce_op: str) ->
             return others_replicated and not scalar_addend
         if reduce_op == "avg":
             return others_replicated
+        if reduce_op not in ("max", "min"):  # a product does not commute with adding a value
+            return False
         return others_replicated and partial_at == [0] and op.arg(2, "alpha", 1) == 1  # max/min: + same value
     if func in _MUL:
         return linear_op and len(partial_at) == 1 and others_replicated
@@ -51,7 +54,8 @@ def _keeps_partial(op: OpSchema, placements: list[Placement], reduce_op: str) ->
     if func in _NEG:
         return linear_op
     if func in _ORDER_KEEPING:
-        return True
+        # A cast of each factor is not the cast of their product (an int cast of 0.5 * 4): only clone keeps it.
+        return reduce_op != "product" or func is not aten._to_copy.default
     return False
 
 
@@ -136,12 +140,14 @@ def copy_rule(op: OpSchema) -> Sharding:
 
 def _partitioned_copy(mesh, placements):
     """copy_ of a replicated scalar into a Partial block: a Partial(sum) keeps it at index 0 of its mesh dims and
-    0 elsewhere (the pieces sum to it); avg, max and min keep it everywhere."""
+    0 elsewhere (the pieces sum to it), a Partial(product) 1 elsewhere; avg, max and min keep it everywhere."""
 
     def local_op(self, src, non_blocking=False):
         coordinate = mesh.get_coordinate()
-        holds = all(coordinate[m] == 0 for m, p in enumerate(placements) if p.is_partial() and p.reduce_op == "sum")
-        return self.copy_(src if holds else torch.zeros_like(src), non_blocking)
+        for m, p in enumerate(placements):
+            if p.is_partial():
+                src = p.partition(src, mesh.size(m), coordinate[m])
+        return self.copy_(src, non_blocking)
 
     return local_op
 

@@ -65,6 +65,10 @@ def make_dtensor(whole: torch.Tensor, mesh, placements, requires_grad: bool = Fa
 
 
 def _split_partial(local: torch.Tensor, reduce_op: str, n: int, index: int) -> torch.Tensor:
+    if reduce_op == "product":  # factors whose product is local exactly (powers of two), never 1s a sum would pass
+        if not local.is_floating_point():
+            return local if index == 0 else torch.ones_like(local)
+        return local / 2 ** (n - 1) if index == 0 else torch.full_like(local, 2.0)
     if reduce_op in ("avg", "max", "min") or not local.is_floating_point():
         if reduce_op in ("max", "min") and local.is_floating_point():
             generator = torch.Generator().manual_seed(7 + index)
