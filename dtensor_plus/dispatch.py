@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import collectives, debug, explicit, local_blocks, mutation, plain_tensors, random, rules, strided, views
+from . import collectives, debug, explicit, foreach_meshes, local_blocks, mutation, plain_tensors, random, rules, strided, views
 from .placements import Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
@@ -284,6 +284,8 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
     mesh = dtensors[0]._spec.mesh
     for dt in dtensors[1:]:
         if dt._spec.mesh != mesh:
+            if foreach_meshes.is_multi_tensor(func):  # elements never meet: one call per mesh
+                return foreach_meshes.PerMeshPlan(func)
             raise ValueError(
                 f"{func}: DTensors on different meshes ({mesh} and {dt._spec.mesh}); an op needs all its DTensors "
                 f"on one mesh. {_ONTO_ONE_MESH}"
@@ -383,6 +385,8 @@ def dispatch(func, args, kwargs, dtensor_cls, plain_checked: bool = False):
         _CACHE[key] = plan
     else:
         _STATS["hits"] += 1
+    if type(plan) is foreach_meshes.PerMeshPlan:  # a multi-tensor op over several meshes (before any mesh test)
+        return plan.run(args, kwargs, dtensor_cls, dispatch)
     if dtensors and dtensors[0]._spec.mesh.get_coordinate() is None:
         return _outside_the_mesh(func, plan, args, kwargs or {}, dtensors, dtensor_cls)
     if dtensors and views.writes_to_unaliased_view(func, args[0]):
