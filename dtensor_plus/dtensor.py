@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from . import dispatch, grad_layout, local_blocks
+from . import dispatch, grad_layout, local_blocks, serialization
 from .mesh import mesh_or_current
 from .placements import Placement, Replicate, Shard
 from .redistribute import Redistribute, grad_placements_for, redistribute_local
@@ -228,13 +228,10 @@ class DTensor(torch.Tensor):
         replicated = self.redistribute(placements=[Replicate()] * self._spec.mesh.ndim)
         return replicated.to_local(grad_placements=grad_placements)
 
-    # torch.save and deepcopy
+    # torch.save / pickle: this rank's block and plain metadata, found again on load (serialization.py);
+    # deepcopy does not come here (torch's wrapper-subclass deepcopy clones).
     def __reduce_ex__(self, protocol):
-        return (_rebuild, (self._local_tensor, self._spec, self.requires_grad))
-
-
-def _rebuild(local, spec, requires_grad):
-    return DTensor(local, spec, requires_grad=requires_grad)
+        return serialization.reduce_dtensor(self)
 
 
 def _stride_like(local: torch.Tensor, shape) -> tuple[int, ...]:

@@ -13,13 +13,14 @@ for new groups.
 from __future__ import annotations
 
 import os
+import weakref
 from datetime import timedelta
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DeviceMesh", "init_device_mesh", "mesh_or_current"]
+__all__ = ["DeviceMesh", "init_device_mesh", "mesh_or_current", "live_mesh"]
 
 # Process groups keyed by (backend, ranks). new_group is a collective over the whole world, so every
 # rank creates the same groups in the same order; caching keeps meshes cheap to rebuild.
@@ -139,6 +140,7 @@ class DeviceMesh:
         self._root = _root if _root is not None else self
         self._root_dims = tuple(_root_dims) if _root_dims is not None else tuple(range(self.ndim))
         self._hash = hash((device_type, self.shape, tuple(flat), names))
+        _LIVE[(device_type, self.shape, tuple(flat), names)] = self  # what torch.load finds (live_mesh)
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -284,6 +286,14 @@ class DeviceMesh:
 
 
 _ENTERED: list[DeviceMesh] = []  # meshes entered with `with mesh:`, innermost last
+_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (device_type, shape, ranks, names) -> mesh
+
+
+def live_mesh(device_type: str, ranks: Sequence[Sequence[int]] | Sequence[int], mesh_dim_names) -> DeviceMesh | None:
+    """A mesh of this process laid out as given (the mesh a DTensor saved with torch.save was on), or None."""
+    ranks = torch.as_tensor(ranks, dtype=torch.int64)
+    names = tuple(mesh_dim_names) if mesh_dim_names is not None else None
+    return _LIVE.get((device_type, tuple(ranks.shape), tuple(ranks.flatten().tolist()), names))
 
 
 def mesh_or_current(device_mesh: DeviceMesh | None, who: str) -> DeviceMesh:

@@ -1,0 +1,87 @@
+"""``torch.save`` and ``torch.load(weights_only=True)`` of DTensors (and of state dicts holding them), on one mesh.
+
+A DTensor pickles as this rank's block plus plain data: the mesh's device type, ranks and mesh dim names, its
+placements as tuples of names and ints, and the global shape, stride and dtype. Only ``rebuild_dtensor`` is
+added to torch's weights-only allow-list, so a file can make the loader build nothing but a DTensor, and it
+checks every field. Loading finds the mesh by its layout among the meshes this process has built (a mesh holds
+process groups: it is never rebuilt behind the caller's back, since that is collective) and raises, naming it,
+when there is none. Each rank saves and loads its own block: moving to another mesh or world size is
+``dtensor_plus.checkpoint``'s job (sharded files, resharding on load).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .mesh import live_mesh
+from .placements import Partial, Placement, Replicate, Shard, StridedShard
+from .spec import DTensorSpec, TensorMeta
+
+__all__ = ["reduce_dtensor", "rebuild_dtensor"]
+
+
+def reduce_dtensor(dtensor) -> tuple:
+    """``DTensor.__reduce_ex__``: the rebuild function and plain arguments (no mesh, no process group)."""
+    spec = dtensor._spec
+    mesh = spec.mesh
+    return rebuild_dtensor, (
+        dtensor._local_tensor, mesh.device_type, mesh.mesh.tolist(), mesh.mesh_dim_names,
+        tuple(_encode(p) for p in spec.placements), tuple(spec.shape), tuple(spec.tensor_meta.stride), spec.dtype,
+        dtensor.requires_grad,
+    )
+
+
+def rebuild_dtensor(local, device_type, ranks, mesh_dim_names, placements, shape, stride, dtype, requires_grad):
+    """The DTensor ``reduce_dtensor`` saved, on the live mesh of the same layout (ValueError when there is none)."""
+    from .dtensor import DTensor
+
+    if not isinstance(local, torch.Tensor) or not isinstance(dtype, torch.dtype):
+        raise ValueError(f"torch.load: a saved DTensor has a malformed block or dtype ({type(local).__name__}, {dtype!r})")
+    mesh = live_mesh(device_type, ranks, mesh_dim_names)
+    if mesh is None:
+        raise ValueError(
+            f"torch.load: this DTensor was saved on DeviceMesh({device_type!r}, {ranks}, mesh_dim_names="
+            f"{mesh_dim_names}), and this process has no such mesh; build it first (init_device_mesh with the same "
+            f"shape and names, and slice it as before), or save and load with dtensor_plus.checkpoint, which "
+            f"reshards onto any mesh and world size"
+        )
+    placements = tuple(_decode(p) for p in placements)
+    spec = DTensorSpec(mesh, placements, TensorMeta(torch.Size(shape), tuple(stride), dtype))
+    expected = spec.local_shape_and_offset()[0] if mesh.get_coordinate() is not None else tuple(local.shape)
+    if tuple(local.shape) != tuple(expected) or local.dtype != dtype:
+        raise ValueError(
+            f"torch.load: rank {mesh.get_rank()}'s saved block is {tuple(local.shape)} {local.dtype}, but "
+            f"{list(placements)} of a {tuple(shape)} {dtype} tensor on {mesh} give it {tuple(expected)}; load each "
+            f"rank's own file on the mesh it was saved on, or use dtensor_plus.checkpoint to reshard"
+        )
+    return DTensor(local, spec, requires_grad=bool(requires_grad))
+
+
+def _encode(placement: Placement) -> tuple:
+    if isinstance(placement, Shard):
+        return ("shard", placement.dim)
+    if isinstance(placement, StridedShard):
+        return ("strided_shard", placement.dim, placement.outer, placement.zigzag)
+    if isinstance(placement, Partial):
+        return ("partial", placement.reduce_op)
+    return ("replicate",)
+
+
+def _decode(fields) -> Placement:
+    kind = fields[0] if isinstance(fields, tuple) and fields else None
+    try:
+        if kind == "shard" and len(fields) == 2:
+            return Shard(fields[1])
+        if kind == "strided_shard" and len(fields) == 4:
+            return StridedShard(*fields[1:])
+        if kind == "partial" and len(fields) == 2:
+            return Partial(fields[1])
+        if kind == "replicate" and len(fields) == 1:
+            return Replicate()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"torch.load: a saved DTensor has a malformed placement {fields!r}: {error}") from None
+    raise ValueError(f"torch.load: a saved DTensor has a malformed placement {fields!r}")
+
+
+# torch.load(weights_only=True) calls only allow-listed functions: ours checks everything it is given.
+torch.serialization.add_safe_globals([rebuild_dtensor])
