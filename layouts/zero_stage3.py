@@ -103,6 +103,17 @@ class _Unit:
             self.tied_slots[id(shard)] = others
         shard.__dict__[_SHARDED_FOR] = " and ".join(f"{type(m).__name__}'s {key}" for m, key in slots)
 
+    def _follow_replaced_parameters(self) -> None:
+        """Own the Parameters the slots hold now: ``module.to_empty(device=...)`` on a model sharded on the meta
+        device puts new Parameter objects there (torch's FSDP2 re-reads them at its lazy init too)."""
+        for i, (owner, name, shard) in enumerate(self.entries):
+            current = owner._parameters.get(name)
+            if current is not shard and isinstance(current, DTensor) and current._spec == shard._spec:
+                self.entries[i] = (owner, name, current)
+                if id(shard) in self.tied_slots:
+                    self.tied_slots[id(current)] = self.tied_slots.pop(id(shard))
+                current.__dict__[_SHARDED_FOR] = shard.__dict__.get(_SHARDED_FOR)
+
     def slots(self, index: int) -> list[tuple[nn.Module, str]]:
         """Every (module, name) that holds entry ``index``'s parameter."""
         owner, name, shard = self.entries[index]
@@ -141,6 +152,7 @@ class _Unit:
     # -- forward --------------------------------------------------------------------------------------------
 
     def pre_forward(self, module, args):
+        self._follow_replaced_parameters()
         schedule = self.schedule
         if schedule.depth == 0:
             schedule.backward_started = False
