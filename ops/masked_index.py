@@ -157,7 +157,7 @@ def _rows(op: OpSchema, parsed, accumulate: bool) -> list[_Row]:
             floating = spec.dtype.is_floating_point or spec.dtype.is_complex
             r = _partial([p, values.placements[k]], ("sum", "avg") if floating else ("sum",))
             rows.append(_Row(r, R, plain, r, r, None) if r else _Row(R, R, plain, R, R, None))
-        elif p.is_partial():
+        elif p.is_partial() and p.reduce_op != "product":  # values put on every rank would multiply n times
             rows.append(_Row(p, R, plain, None, p, "sum-fill" if p.reduce_op == "sum" else None))
         else:
             rows.append(_Row(R, R, plain, None, R, None))

@@ -86,7 +86,14 @@ _OPS = {
     "softmax": lambda t: t.softmax(-1),
     "cumsum": lambda t: t.cumsum(0),
     "where": lambda t: torch.where(t > 1, t, 0.0),
+    "index_put": lambda t: t.index_put((torch.tensor([0]),), torch.tensor(2.0)),
+    "setitem": lambda t: _setitem(t.clone()),
 }
+
+
+def _setitem(t):
+    t[t > 1.2] = 3.0
+    return t
 
 
 def _ops_on_product(world, names, rows):
