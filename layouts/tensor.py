@@ -39,6 +39,7 @@ from torch import nn
 from dtensor_plus.api import distribute_tensor
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Placement, Replicate, Shard, StridedShard, chunk_bounds
+from dtensor_plus.torch_interop import placement_from_torch
 
 from .data import reduce_grad_in_backward
 
@@ -67,6 +68,7 @@ def _check_mesh(device_mesh, style: ParallelStyle):
 
 
 def _check_placement(value, what: str) -> Placement | None:
+    value = placement_from_torch(value) or value  # torch.distributed.tensor's placements mean the same
     if value is not None and not isinstance(value, Placement):
         raise TypeError(f"{what} must be a Placement such as Shard(-1) or Replicate(), got {value!r}")
     return value
