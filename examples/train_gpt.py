@@ -336,7 +336,7 @@ def save_plot(path: str, mesh_losses, single_losses, title: str) -> None:
     top.set(ylabel="loss", title=title)
     top.legend()
     bottom.semilogy(steps, diffs, "o-", markersize=3, color="tab:red")
-    bottom.set(xlabel="step", ylabel="|loss difference|")
+    bottom.set(xlabel="step", ylabel="|loss difference|\n(1e-16: equal)")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
