@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .mesh import live_mesh
-from .placements import Partial, Placement, Replicate, Shard, StridedShard
+from .placement_fields import from_fields, to_fields
 from .spec import DTensorSpec, TensorMeta
 
 __all__ = ["reduce_dtensor", "rebuild_dtensor"]
@@ -26,7 +26,7 @@ def reduce_dtensor(dtensor) -> tuple:
     mesh = spec.mesh
     return rebuild_dtensor, (
         dtensor._local_tensor, mesh.device_type, mesh.mesh.tolist(), mesh.mesh_dim_names,
-        tuple(_encode(p) for p in spec.placements), tuple(spec.shape), tuple(spec.tensor_meta.stride), spec.dtype,
+        tuple(to_fields(p) for p in spec.placements), tuple(spec.shape), tuple(spec.tensor_meta.stride), spec.dtype,
         dtensor.requires_grad,
     )
 
@@ -35,8 +35,9 @@ def rebuild_dtensor(local, device_type, ranks, mesh_dim_names, placements, shape
     """The DTensor ``reduce_dtensor`` saved, on the live mesh of the same layout (ValueError when there is none)."""
     from .dtensor import DTensor
 
-    if not isinstance(local, torch.Tensor) or not isinstance(dtype, torch.dtype):
-        raise ValueError(f"torch.load: a saved DTensor has a malformed block or dtype ({type(local).__name__}, {dtype!r})")
+    if not isinstance(local, torch.Tensor) or not isinstance(dtype, torch.dtype) or not isinstance(shape, (tuple, list)):
+        raise ValueError(f"torch.load: a saved DTensor has a malformed block, dtype or shape "
+                         f"({type(local).__name__}, {dtype!r}, {shape!r})")
     mesh = live_mesh(device_type, ranks, mesh_dim_names)
     if mesh is None:
         raise ValueError(
@@ -45,7 +46,7 @@ def rebuild_dtensor(local, device_type, ranks, mesh_dim_names, placements, shape
             f"shape and names, and slice it as before), or save and load with dtensor_plus.checkpoint, which "
             f"reshards onto any mesh and world size"
         )
-    placements = tuple(_decode(p) for p in placements)
+    placements = tuple(from_fields(p, len(shape), "torch.load of a saved DTensor") for p in placements)
     spec = DTensorSpec(mesh, placements, TensorMeta(torch.Size(shape), tuple(stride), dtype))
     expected = spec.local_shape_and_offset()[0] if mesh.get_coordinate() is not None else tuple(local.shape)
     if tuple(local.shape) != tuple(expected) or local.dtype != dtype:
@@ -55,32 +56,6 @@ def rebuild_dtensor(local, device_type, ranks, mesh_dim_names, placements, shape
             f"rank's own file on the mesh it was saved on, or use dtensor_plus.checkpoint to reshard"
         )
     return DTensor(local, spec, requires_grad=bool(requires_grad))
-
-
-def _encode(placement: Placement) -> tuple:
-    if isinstance(placement, Shard):
-        return ("shard", placement.dim)
-    if isinstance(placement, StridedShard):
-        return ("strided_shard", placement.dim, placement.outer, placement.zigzag)
-    if isinstance(placement, Partial):
-        return ("partial", placement.reduce_op)
-    return ("replicate",)
-
-
-def _decode(fields) -> Placement:
-    kind = fields[0] if isinstance(fields, tuple) and fields else None
-    try:
-        if kind == "shard" and len(fields) == 2:
-            return Shard(fields[1])
-        if kind == "strided_shard" and len(fields) == 4:
-            return StridedShard(*fields[1:])
-        if kind == "partial" and len(fields) == 2:
-            return Partial(fields[1])
-        if kind == "replicate" and len(fields) == 1:
-            return Replicate()
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"torch.load: a saved DTensor has a malformed placement {fields!r}: {error}") from None
-    raise ValueError(f"torch.load: a saved DTensor has a malformed placement {fields!r}")
 
 
 # torch.load(weights_only=True) calls only allow-listed functions: ours checks everything it is given.

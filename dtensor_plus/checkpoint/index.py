@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from ..placements import Partial, Replicate, Shard, StridedShard
+from ..placement_fields import to_fields
 from . import digest
 from .errors import CheckpointCorruptError, CheckpointVersionError
 
@@ -61,14 +61,7 @@ def dtype_name(dtype: torch.dtype, where: str) -> str:
 
 
 def encode_placement(p) -> dict:
-    if isinstance(p, Shard):
-        return {"kind": "shard", "dim": p.dim}
-    if isinstance(p, StridedShard):
-        return {"kind": "strided_shard", "dim": p.dim, "outer": p.outer, "zigzag": p.zigzag}
-    if isinstance(p, Partial):
-        return {"kind": "partial", "reduce_op": p.reduce_op}
-    assert isinstance(p, Replicate), p
-    return {"kind": "replicate"}
+    return to_fields(p)  # informational in the index: loading reads the chunks' runs, not the saved layout
 
 
 def encode_mesh(mesh) -> dict:

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from dtensor_plus.dtensor import DTensor
-from dtensor_plus.placements import Partial, Replicate, Shard, StridedShard
-from dtensor_plus.placements import REDUCE_OPS
+from dtensor_plus.placement_fields import from_fields, to_fields
 
 __all__ = ["ActivationMeta", "HEADER_BYTES"]
 
@@ -56,7 +55,7 @@ class ActivationMeta:
                   "global_shape": None if self.global_shape is None else list(self.global_shape),
                   "stride": None if self.stride is None else list(self.stride),
                   "mesh_dim_names": None if self.mesh_dim_names is None else list(self.mesh_dim_names),
-                  "placements": None if self.placements is None else [_encode_placement(p) for p in self.placements]}
+                  "placements": None if self.placements is None else [to_fields(p) for p in self.placements]}
         payload = json.dumps(fields, separators=(",", ":")).encode()
         if len(payload) + 4 > HEADER_BYTES:
             raise ValueError(f"activation spec encodes to {len(payload)} bytes, more than the {HEADER_BYTES}-byte header")
@@ -106,7 +105,7 @@ def _meta_from_fields(fields) -> ActivationMeta:
     if not len(local_shape) == len(global_shape) == len(stride):
         raise ValueError(f"pipeline header: local_shape {local_shape}, global_shape {global_shape} and stride {stride} "
                          "must have one entry per tensor dim")
-    placements = tuple(_decode_placement(p, len(global_shape)) for p in layout[3])
+    placements = tuple(from_fields(p, len(global_shape), "pipeline header") for p in layout[3])
     return ActivationMeta(local_shape, _DTYPES[dtype], global_shape, stride, tuple(names), placements)
 
 
@@ -114,37 +113,3 @@ def _ints(value, name: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
         raise ValueError(f"pipeline header: {name} {value!r} must be a list of non-negative ints")
     return tuple(value)
-
-
-def _encode_placement(p) -> dict:
-    if isinstance(p, Shard):
-        return {"kind": "shard", "dim": p.dim}
-    if isinstance(p, StridedShard):
-        return {"kind": "strided_shard", "dim": p.dim, "outer": p.outer, "zigzag": p.zigzag}
-    if isinstance(p, Partial):
-        return {"kind": "partial", "reduce_op": p.reduce_op}
-    if isinstance(p, Replicate):
-        return {"kind": "replicate"}
-    raise TypeError(f"placement {p!r} cannot cross a pipeline stage; use Shard, StridedShard, Partial or Replicate")
-
-
-def _decode_placement(fields, ndim: int):
-    """A placement from its JSON fields; every value checked (the constructors check the rest)."""
-    kind = fields.get("kind") if isinstance(fields, dict) else None
-    expected = {"shard": {"kind", "dim"}, "strided_shard": {"kind", "dim", "outer", "zigzag"},
-                "partial": {"kind", "reduce_op"}, "replicate": {"kind"}}
-    if kind not in expected or set(fields) != expected[kind]:
-        raise ValueError(f"pipeline header: placement {fields!r} is not one of {sorted(expected)} with its fields")
-    if "dim" in fields and not (type(fields["dim"]) is int and 0 <= fields["dim"] < ndim):
-        raise ValueError(f"pipeline header: placement {fields!r} names a dim outside the tensor's {ndim}")
-    if kind == "shard":
-        return Shard(fields["dim"])
-    if kind == "replicate":
-        return Replicate()
-    if kind == "partial":
-        if fields["reduce_op"] not in REDUCE_OPS:
-            raise ValueError(f"pipeline header: placement {fields!r} has an unknown reduce_op")
-        return Partial(fields["reduce_op"])
-    if type(fields["outer"]) is not int or type(fields["zigzag"]) is not bool:
-        raise ValueError(f"pipeline header: placement {fields!r} needs an int outer and a bool zigzag")
-    return StridedShard(fields["dim"], fields["outer"], fields["zigzag"])
