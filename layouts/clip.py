@@ -32,8 +32,9 @@ __all__ = ["clip_grad_norm_", "get_total_norm"]
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
     """Scale the gradients of ``parameters`` in place so that their joint ``norm_type``-norm is at most
-    ``max_norm``; return the norm before clipping (a Replicate 0-d DTensor, or a plain tensor when no
-    gradient is a DTensor, which is torch's own function).
+    ``max_norm``; return the norm before clipping (a Replicate 0-d DTensor; a plain 0-d tensor when the
+    gradients live on several slices of one mesh, such as mesh["tp"] and mesh["dp"] of a (dp, tp) mesh, or when
+    no gradient is a DTensor, which is torch's own function).
 
     Args:
         parameters: tensors (or one tensor) whose ``.grad`` to clip; those without a gradient are skipped.
@@ -46,11 +47,12 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     if not any(isinstance(g, DTensor) for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
     total = get_total_norm(params, norm_type)
-    if error_if_nonfinite and not torch.isfinite(total._local_tensor).item():
-        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {total._local_tensor.item()}; "
+    value = total._local_tensor if isinstance(total, DTensor) else total
+    if error_if_nonfinite and not torch.isfinite(value).item():
+        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {value.item()}; "
                            f"pass error_if_nonfinite=False to clip anyway")
     # As torch: coefficient clamped to 1 (never scale up); the +1e-6 guards a zero norm.
-    coef = torch.clamp(max_norm / (total._local_tensor + 1e-6), max=1.0)
+    coef = torch.clamp(max_norm / (value + 1e-6), max=1.0)
     with torch.no_grad():
         for g in (p.grad for p in params if p.grad is not None):  # after get_total_norm: Partial ones were reduced
             # A positive scalar on every rank's block: right for Shard, Replicate and every Partial kind.
@@ -58,8 +60,9 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     return total
 
 
-def get_total_norm(parameters, norm_type: float = 2.0) -> DTensor:
-    """The joint ``norm_type``-norm of the DTensor gradients of ``parameters``, Replicate on every mesh dim.
+def get_total_norm(parameters, norm_type: float = 2.0) -> torch.Tensor:
+    """The joint ``norm_type``-norm of the DTensor gradients of ``parameters``: Replicate on every mesh dim, or,
+    when they live on several slices of one mesh, each slice's norm combined into a plain 0-d tensor.
     Reduces Partial gradients in place (see the module docstring)."""
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     norm_type = float(norm_type)
@@ -68,15 +71,32 @@ def get_total_norm(parameters, norm_type: float = 2.0) -> DTensor:
     grads = [_reduced_grad(p) for p in params if p.grad is not None]
     if not grads:
         raise ValueError("clip_grad_norm_: no parameter has a gradient; call backward() first")
-    mesh = grads[0].device_mesh
+    by_mesh: dict = {}
     for g in grads:
-        if g.device_mesh != mesh:
-            raise ValueError(f"gradients live on {mesh} and {g.device_mesh}; clip_grad_norm_ needs one mesh "
-                             f"(lift them with replicate(module, mesh) or redistribute)")
+        by_mesh.setdefault(g.device_mesh, []).append(g)
     with torch.no_grad():
-        if math.isinf(norm_type):
-            return _inf_norm(grads, mesh)
-        return _p_norm(grads, mesh, norm_type)
+        totals = [_inf_norm(gs, mesh) if math.isinf(norm_type) else _p_norm(gs, mesh, norm_type)
+                  for mesh, gs in by_mesh.items()]
+        if len(totals) == 1:
+            return totals[0]
+        return _combine(totals, list(by_mesh), norm_type)
+
+
+def _combine(totals: list[DTensor], meshes: list, norm_type: float) -> torch.Tensor:
+    """One norm from each mesh's (replicated) norm, for gradients on slices of one mesh: mesh["tp"] and
+    mesh["dp"] of a (dp, tp) mesh, say. A DTensor on a slice is the same tensor in every other slice of the root
+    (as if Replicate on the dims sliced away), so each rank's combination is the whole model's. Meshes built
+    separately have no such relation: each rank would combine other norms and clip by another factor."""
+    roots = [m._root for m in meshes]
+    if any(root != roots[0] for root in roots):
+        raise ValueError(
+            f"clip_grad_norm_: gradients live on meshes that are not slices of one mesh ({meshes}); ranks would "
+            f"combine different norms. Place them on one mesh (or slices of it), or clip each mesh's gradients "
+            f"separately"
+        )
+    values = torch.stack([t._local_tensor.double() for t in totals])
+    combined = values.max() if math.isinf(norm_type) else values.pow(norm_type).sum().pow(1.0 / norm_type)
+    return combined.to(totals[0].dtype)
 
 
 def _reduced_grad(p: torch.Tensor) -> DTensor:

@@ -120,6 +120,40 @@ def test_no_clip_below_max_norm_and_errors():
     run_on_ranks(4, _check_no_clip_and_errors)
 
 
+def _check_several_meshes(norm_type):
+    """Gradients on mesh["tp"], mesh["dp"] and the whole (dp, tp) mesh (a model whose layers were placed on
+    sub-meshes): one joint norm and the same clipped gradients as one device; meshes over other ranks refused."""
+    mesh = dtp.init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    wholes = _wholes()[:3]
+    layouts = [(mesh["tp"], [Shard(0)]), (mesh["dp"], [Replicate()]), (mesh, [Shard(1), Partial()])]
+    params = []
+    for whole, (sub, placements) in zip(wholes, layouts):
+        p = nn.Parameter(make_dtensor(torch.zeros_like(whole), sub, [Replicate() if q.is_partial() else q for q in placements]))
+        p.grad = make_dtensor(whole, sub, placements)
+        params.append(p)
+    reference = [nn.Parameter(torch.zeros_like(w)) for w in wholes]
+    for r, w in zip(reference, wholes):
+        r.grad = w.clone()
+    total = clip_grad_norm_(params, 1.0, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(reference, 1.0, norm_type)
+    torch.testing.assert_close(total, expected)
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p.grad.full_tensor(), r.grad)
+    other = dtp.DeviceMesh("cpu", [[0, 1]], mesh_dim_names=("a", "b"))  # ranks 0 and 1 only
+    stray = nn.Parameter(dtp.distribute_tensor(torch.zeros(2), other, [Replicate(), Replicate()]))
+    if other.get_coordinate() is None:
+        return None
+    stray.grad = dtp.distribute_tensor(torch.ones(2), other, [Replicate(), Replicate()])
+    with pytest.raises(ValueError, match="not slices of one mesh"):
+        clip_grad_norm_([params[0], stray], 1.0, norm_type)
+    return True
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, INF])
+def test_clip_over_several_meshes_matches_single_device(norm_type):
+    assert run_on_ranks(4, _check_several_meshes, norm_type)[:2] == [True, True]
+
+
 # -- clipping after gradient accumulation, ZeRO-3 on (dp, tp) ----------------------------------------------
 
 B, D, F_, MICRO = 4, 6, 8, 2
