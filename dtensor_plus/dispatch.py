@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import collectives, debug, explicit, foreach_meshes, local_blocks, mutation, plain_tensors, random, rules, strided, views
+from . import collectives, debug, declared, explicit, foreach_meshes, local_blocks, mutation, plain_tensors, random, rules, strided, views
 from .placements import Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
@@ -124,7 +124,7 @@ class Plan:
     """What to do for one cache key: input moves, local op, output specs."""
 
     __slots__ = ("func", "input_targets", "out_specs", "shape_arg", "inplace", "random", "fallback", "positions", "view",
-                 "aten_func")
+                 "aten_func", "comm")
 
     def __init__(self, func, input_targets, out_specs, shape_arg, inplace, random_op, fallback, positions, view=False):
         self.func = func  # the aten op, or the rule's local_op standing in for it
@@ -137,6 +137,7 @@ class Plan:
         self.fallback = fallback
         self.view = view  # the aten op returns a view of its first argument
         self.aten_func = None  # set with view: the aten op itself (func may be the rule's local op)
+        self.comm = None  # a Communicator for the rule's declared communication, passed to its local op as comm=
 
     def run(self, args, kwargs, dtensors, dtensor_cls):
         locals_ = [
@@ -159,6 +160,8 @@ class Plan:
             collectives.record_fallback(str(self.func))
         if self.random is not None and random.draws(self.random, args, kwargs):
             out = self._run_random(args, kwargs, local_args, local_kwargs, dtensors, dtensor_cls)
+        elif self.comm is not None:
+            out = self.func(*local_args, comm=self.comm, **local_kwargs)
         else:
             out = self.func(*local_args, **local_kwargs)
         if self.inplace:
@@ -333,6 +336,8 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
     plan = Plan(local_op, targets, out_specs or (), sharding.shape_arg, inplace, random_op, fallback, positions,
                 views.returns_view(func))
     plan.aten_func = func
+    if sharding.communication:
+        plan.comm = declared.Communicator(func, mesh, tuple(sharding.communication))
     return plan
 
 

@@ -66,12 +66,16 @@ class Sharding:
             (localised) arguments. For ops whose local form differs from the global one, e.g. a mean over
             a sharded dim is a local sum divided by the global count, giving Partial(sum). It may close over
             metadata (global sizes, specs) but must give the same answer for the same cache key.
+        communication: the collectives ``local_op`` needs beside the input moves, declared
+            (``dtensor_plus.declared``: AllReduce, RingShift, Redistribution); the local op is then called with
+            ``comm=`` a Communicator that runs exactly these. A rule never calls a collective itself.
     """
 
     inputs: tuple[tuple[Placement, ...] | None, ...]
     outputs: tuple[tuple[Placement, ...] | None, ...]
     shape_arg: int | None = None
     local_op: Callable | None = None
+    communication: tuple = ()
 
 
 Rule = Callable[[OpSchema], Sharding]

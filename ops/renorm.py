@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from dtensor_plus import collectives
+from dtensor_plus.declared import AllReduce
 from dtensor_plus.placements import Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 
@@ -45,14 +45,12 @@ def _slice_powers(x: torch.Tensor, p: float, dim: int) -> torch.Tensor:
     return magnitude.pow(p).sum(reduce_dims, keepdim=True)
 
 
-def _distributed_renorm(mesh, dim: int, mesh_dims: list[int]):
-    """The local op where ``mesh_dims`` shard dims other than ``dim``: per-slice norms all-reduced."""
+def _distributed_renorm(dim: int):
+    """The local op where mesh dims shard dims other than ``dim``: per-slice norms all-reduced (declared)."""
 
-    def local_op(x, p, dim_arg, maxnorm):
+    def local_op(x, p, dim_arg, maxnorm, *, comm):
         work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # accumulate as torch does
-        powers = _slice_powers(work, p, dim)
-        for mesh_dim in mesh_dims:  # the same order on every rank
-            powers = collectives.all_reduce(powers, mesh, mesh_dim, "max" if math.isinf(p) else "sum")
+        powers = comm.all_reduce(_slice_powers(work, p, dim), "max" if math.isinf(p) else "sum")
         norm = powers if math.isinf(p) else powers.pow(1.0 / p)
         factor = torch.where(norm > maxnorm, maxnorm / (norm + _EPS), torch.ones_like(norm))
         return (work * factor).to(x.dtype)
@@ -69,5 +67,7 @@ def renorm_rule(op: OpSchema) -> Sharding:
                  if isinstance(p, Shard) and p.dim != dim and spec.mesh.shape[k] > 1]
     if not mesh_dims:
         return Sharding(inputs=(placements,), outputs=(placements,))
-    return Sharding(inputs=(placements,), outputs=(placements,),
-                    local_op=_distributed_renorm(spec.mesh, dim, mesh_dims))
+    # p = inf is part of the cache key (a mode); every other p shares one plan and sums powers.
+    reduce_op = "max" if math.isinf(op.arg(1, "p")) else "sum"
+    return Sharding(inputs=(placements,), outputs=(placements,), local_op=_distributed_renorm(dim),
+                    communication=(AllReduce(tuple(mesh_dims), (reduce_op,)),))
