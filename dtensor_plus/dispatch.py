@@ -17,6 +17,8 @@ import warnings
 import torch
 
 from . import collectives, debug, declared, explicit, foreach_meshes, local_blocks, mutation, plain_tensors, random, rules, strided, views
+from .dispatcher import DISPATCHER
+from .op_record import record_of
 from .placements import Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
@@ -24,32 +26,17 @@ from .spec import DTensorSpec, TensorMeta
 __all__ = ["dispatch", "clear_cache", "cache_info"]
 
 _CACHE_MAX = 8192
-_CACHES: dict = {}  # rule set (rules.rule_set()) -> its plan cache
-_CACHE: dict = {}  # the plan cache of the rule set in force
-_CACHE_RULE_SET = [None]
-_STATS = {"hits": 0, "misses": 0}
-_NO_KWARGS: dict = {}
-_WARNED: set = set()
+_NO_KWARGS: dict = {}  # never written: the kwargs of a call that passed none
 _SCALAR_TYPES = (int, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+_D = DISPATCHER
 
 
 def clear_cache() -> None:
-    for cache in _CACHES.values():
-        cache.clear()
-
-
-def _switch_cache() -> None:
-    """Point _CACHE at the current rule set's cache; a registry change drops every cache (stale plans)."""
-    global _CACHE
-    rule_set = rules.rule_set()
-    if any(key[0] != rule_set[0] for key in _CACHES):
-        _CACHES.clear()
-    _CACHE = _CACHES.setdefault(rule_set, {})
-    _CACHE_RULE_SET[0] = rule_set
+    _D.clear_plans()
 
 
 def cache_info() -> dict:
-    return dict(_STATS, size=len(_CACHE))
+    return dict(_D.stats, size=len(_D.cache))
 
 
 # -- argument scanning ----------------------------------------------------------------------------------
@@ -302,8 +289,8 @@ def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
     rule = rules.rule_for(func)
     fallback = rule is None or metas is None
     if fallback:
-        if str(func) not in _WARNED:
-            _WARNED.add(str(func))
+        if str(func) not in _D.warned:
+            _D.warned.add(str(func))
             reason = "has no sharding rule" if rule is None else "has a data-dependent output shape"
             warnings.warn(f"dtensor_plus: {func} {reason}; gathering its inputs to Replicate (correct, slow)")
         sharding = _fallback_sharding(schema, len(metas) if metas is not None else 0)
@@ -347,8 +334,6 @@ def _is_random(func) -> bool:
 
 def dispatch(func, args, kwargs, dtensor_cls, plain_checked: bool = False):
     """Run aten op ``func`` on DTensor arguments; the body of ``DTensor.__torch_dispatch__``."""
-    if _CACHE_RULE_SET[0] is not rules._RULE_SET[0]:
-        _switch_cache()
     dtensors: list = []
     scalars: list = []
     key = [func]
@@ -381,15 +366,16 @@ def dispatch(func, args, kwargs, dtensor_cls, plain_checked: bool = False):
         else:
             plain_tensors.check_plain(func, args, kwargs or {}, dtensor_cls)
     key = tuple(key)
-    plan = _CACHE.get(key)
+    cache = _D.cache
+    plan = cache.get(key)
     if plan is None:
-        _STATS["misses"] += 1
+        _D.stats["misses"] += 1
         plan = _make_plan(func, args, kwargs or {}, dtensors, dtensor_cls)
-        if len(_CACHE) >= _CACHE_MAX:
-            del _CACHE[next(iter(_CACHE))]  # oldest entry first: dicts keep insertion order
-        _CACHE[key] = plan
+        if len(cache) >= _CACHE_MAX:
+            del cache[next(iter(cache))]  # oldest entry first: dicts keep insertion order
+        cache[key] = plan
     else:
-        _STATS["hits"] += 1
+        _D.stats["hits"] += 1
     if type(plan) is foreach_meshes.PerMeshPlan:  # a multi-tensor op over several meshes (before any mesh test)
         return plan.run(args, kwargs, dtensor_cls, dispatch)
     if dtensors and dtensors[0]._spec.mesh.get_coordinate() is None:

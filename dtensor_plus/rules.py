@@ -21,10 +21,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from .dispatcher import DISPATCHER, RuleEntry
 from .placements import Placement
 from .spec import DTensorSpec
 
-__all__ = ["OpSchema", "Sharding", "register_rule", "rule_for", "override_rule", "registered_ops"]
+__all__ = ["OpSchema", "Sharding", "register_rule", "register_rules", "register_meta", "rule_for", "override_rule",
+           "registered_ops"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,20 +82,6 @@ class Sharding:
 
 Rule = Callable[[OpSchema], Sharding]
 
-_RULES: dict[torch._ops.OpOverload, Rule] = {}
-_OVERRIDES: list[dict] = []
-_OVERRIDE_STRIDED: list[str | None] = []  # each scope's ``strided`` mode, beside _OVERRIDES
-_GENERATION = [0]  # bumped whenever the registry changes: every cached plan is stale then
-# The rule set in force, as a hashable value: (generation, one id per active override scope). Entering an
-# override with the same rules as before gives back the same value, so the dispatcher keeps one plan cache
-# per rule set and a `with loss_parallel():` block every step re-plans nothing.
-_SCOPE_IDS: dict = {}
-_SCOPE_STACK: list[int] = []
-_RULE_SETS: dict = {}
-_RULE_SET = [(0, ())]
-
-
-_STRIDED: dict[torch._ops.OpOverload, str] = {}
 STRIDED_MODES = ("native", "as_shard")
 
 
@@ -106,26 +94,22 @@ def register_rule(*ops: torch._ops.OpOverload, strided: str | None = None) -> Ca
     so it may read a StridedShard as a Shard of the same dim; ``"native"``, the rule handles it itself
     (views).
     """
-    if strided not in (None, *STRIDED_MODES):
-        raise ValueError(f"register_rule(strided={strided!r}): use None or one of {STRIDED_MODES}")
+    _check_strided("register_rule", strided)
 
     def decorate(rule: Rule) -> Rule:
         for op in ops:
             if not isinstance(op, torch._ops.OpOverload):
                 raise TypeError(f"register_rule takes aten overloads such as aten.mm.default, got {op!r}")
-            if op in _RULES:
-                raise ValueError(f"{op} already has the rule {_RULES[op].__qualname__}; one op, one rule")
-            _RULES[op] = rule
-            if strided is not None:
-                _STRIDED[op] = strided
-        _GENERATION[0] += 1
-        _refresh_rule_set()
+        DISPATCHER.register({op: RuleEntry(rule, strided) for op in ops})
         return rule
 
     return decorate
 
 
-_META: dict = {}
+def register_rules(table: dict, *, strided: str | None = None) -> None:
+    """Register a table {aten overload: rule} at once: an op family's file ends with one such table."""
+    _check_strided("register_rules", strided)
+    DISPATCHER.register({op: RuleEntry(rule, strided) for op, rule in table.items()})
 
 
 def register_meta(*ops: torch._ops.OpOverload) -> Callable:
@@ -134,51 +118,34 @@ def register_meta(*ops: torch._ops.OpOverload) -> Callable:
     needs the outputs' global shapes to plan; ours, not torch's (torch's own registry is left alone)."""
 
     def decorate(fn: Callable) -> Callable:
-        for op in ops:
-            if op in _META:
-                raise ValueError(f"{op} already has the metadata function {_META[op].__qualname__}")
-            _META[op] = fn
+        DISPATCHER.register({}, {op: fn for op in ops})
         return fn
 
     return decorate
 
 
 def meta_for(op: torch._ops.OpOverload) -> Callable | None:
-    return _META.get(op)
+    return DISPATCHER.rule_set.meta(op)
 
 
 def rule_for(op: torch._ops.OpOverload) -> Rule | None:
-    for overrides in reversed(_OVERRIDES):
-        if op in overrides:
-            return overrides[op]
-    return _RULES.get(op)
+    return DISPATCHER.rule_set.rule(op)
 
 
 def strided_mode(op: torch._ops.OpOverload) -> str | None:
     """How ``op``'s rule meets StridedShard inputs: register_rule's ``strided``, or override_rule's for an op
     it overrides."""
-    for overrides, mode in zip(reversed(_OVERRIDES), reversed(_OVERRIDE_STRIDED)):
-        if op in overrides:
-            return mode
-    return _STRIDED.get(op)
+    entry = DISPATCHER.rule_set.entry(op)
+    return None if entry is None else entry.strided
 
 
 def registered_ops() -> Sequence[torch._ops.OpOverload]:
-    return tuple(_RULES)
+    return DISPATCHER.registered.ops()
 
 
-def generation() -> int:
-    return _GENERATION[0]
-
-
-def rule_set():
-    """The rule set in force: equal values mean the same rule for every op (the dispatcher's cache key)."""
-    return _RULE_SET[0]
-
-
-def _refresh_rule_set() -> None:
-    value = (_GENERATION[0], tuple(_SCOPE_STACK))
-    _RULE_SET[0] = _RULE_SETS.setdefault(value, value)  # interned: the dispatcher compares by identity
+def _check_strided(where: str, strided) -> None:
+    if strided not in (None, *STRIDED_MODES):
+        raise ValueError(f"{where}(strided={strided!r}): use None or one of {STRIDED_MODES}")
 
 
 def _identity(rule):
@@ -191,21 +158,14 @@ def _identity(rule):
 
 @contextlib.contextmanager
 def override_rule(rules: dict[torch._ops.OpOverload, Rule], *, strided: str | None = None):
-    """Use ``rules`` in place of the registered ones inside the block (scoped; nests; cache-safe).
-    ``strided``: how these rules meet StridedShard inputs, as in ``register_rule``."""
-    if strided not in (None, *STRIDED_MODES):
-        raise ValueError(f"override_rule(strided={strided!r}): use None or one of {STRIDED_MODES}")
-    scope = dict(rules)
-    identity = (frozenset((op, _identity(r)) for op, r in scope.items()), strided)
-    scope_id = _SCOPE_IDS.setdefault(identity, len(_SCOPE_IDS))
-    _OVERRIDES.append(scope)
-    _OVERRIDE_STRIDED.append(strided)
-    _SCOPE_STACK.append(scope_id)
-    _refresh_rule_set()
+    """Use ``rules`` in place of the ones in force inside the block (scoped; nests; cache-safe: entering the
+    same rules again finds the same rule set, so the same plans). ``strided``: how these rules meet
+    StridedShard inputs, as in ``register_rule``."""
+    _check_strided("override_rule", strided)
+    identity = (frozenset((op, _identity(r)) for op, r in rules.items()), strided)
+    outer = DISPATCHER.rule_set
+    DISPATCHER.use_rules(DISPATCHER.child_set(identity, {op: RuleEntry(r, strided) for op, r in rules.items()}))
     try:
         yield
     finally:
-        at = next(i for i, s in enumerate(_OVERRIDES) if s is scope)
-        del _OVERRIDES[at], _OVERRIDE_STRIDED[at]
-        _SCOPE_STACK.remove(scope_id)
-        _refresh_rule_set()
+        DISPATCHER.use_rules(outer)
