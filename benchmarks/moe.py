@@ -85,7 +85,7 @@ def main() -> None:
     single = MoE(D, args.hidden, args.experts, k)
     moe = copy.deepcopy(single)
     replicate(moe, mesh, "dp")
-    expert_parallel(moe, mesh, ep_dim="dp")
+    expert_parallel(moe, mesh, ep_mesh_dim="dp")
     x_whole = torch.randn(ep, args.tokens, D, requires_grad=True)  # as inside a model: the input needs a gradient
     x = dtp.distribute_tensor(x_whole.detach(), mesh, [Shard(0)], src_data_rank=None).requires_grad_()
 

@@ -1,5 +1,11 @@
 """Keyword arguments renamed in a release: the old name keeps working for one release, with a warning.
 
+Naming rule: what mirrors a torch API keeps torch's parameter names exactly, so code moves by an import change
+(``parallelize_module(module, device_mesh, ...)``, ``ParallelStyle.apply(module, device_mesh)``,
+``fully_shard(module, *, mesh=...)``, ``n_microbatches``); our own APIs take ``mesh``; a mesh dim (name or index)
+is ``mesh_dim``, or ``<role>_mesh_dim`` taken by role (``tp_mesh_dim``, ``ep_mesh_dim``, ``pp_mesh_dim``, ...);
+``dim`` and ``*_dim`` (``seq_dim``, ``sequence_dim``) are always tensor dims.
+
     @renamed_keywords(dp_dim="dp_mesh_dim")
     def replicate(module, device_mesh, dp_mesh_dim="dp"): ...
 

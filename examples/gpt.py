@@ -4,7 +4,7 @@ This file owns the model (``GPT``), its configuration (``GPTConfig`` and the nam
 ``tp_plan``: the ``parallelize_module`` plan that lays it out for tensor (and sequence) parallelism. With
 ``moe_experts`` > 0 every ``moe_every``-th block's MLP is a mixture of experts (``MoEMLP``: the
 ``dtensor_plus.layouts.moe.MoE`` layer, top-``moe_top_k``), whose load-balancing and z-losses ``loss`` adds;
-``expert_parallel(model, mesh, ep_dim="dp")`` then shards the experts over the data-parallel ranks. The
+``expert_parallel(model, mesh, ep_mesh_dim="dp")`` then shards the experts over the data-parallel ranks. The
 model never mentions DTensor: the same code runs on one device and, once placed, on a mesh::
 
     from examples.gpt import GPT, PRESETS, tp_plan

@@ -100,7 +100,8 @@ def place_model(model: GPT, mesh, layout: Layout) -> GPT:
     if model.config.moe_experts:
         # Experts sharded over the data-parallel ranks (ep = dp, after replicate, which wants Replicate on dp):
         # E/dp whole experts per rank, tokens moved to them by all-to-all; with tp, each expert's width split too.
-        expert_parallel(model, mesh, ep_dim="dp" if layout.dp > 1 else None, tp_dim="tp" if layout.tp > 1 else None)
+        expert_parallel(model, mesh, ep_mesh_dim="dp" if layout.dp > 1 else None,
+                        tp_mesh_dim="tp" if layout.tp > 1 else None)
     if layout.zero == 3:
         # FSDP2 order: the blocks first, then the root, which owns the rest (embeddings, final norm, head).
         for block in model.blocks:

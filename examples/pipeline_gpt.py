@@ -6,7 +6,7 @@ data parallelism or ZeRO on the mesh dims other than ``pp``), ``gpt_loss`` and `
 what ``examples/train_gpt.py --pp N --schedule NAME`` runs::
 
     from pipeline_gpt import compare_pipeline_with_single
-    result = compare_pipeline_with_single(config, layout, pp=2, schedule="1f1b", num_microbatches=4,
+    result = compare_pipeline_with_single(config, layout, pp=2, schedule="1f1b", n_microbatches=4,
                                           batch_list=batch_list, lr=1e-3, seed=0)
 
 A stage keeps gpt.py's module names ("tok_emb", "blocks.0.attn.q", "ln_f", "head"), so ``tp_plan`` applies to it
@@ -144,12 +144,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule: str, num_microbatches: int,
+def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule: str, n_microbatches: int,
                                  batch_list, lr: float = 1e-3, seed: int = 0, weight_decay: float = 0.1,
                                  log=None):
     """Train ``config`` pipelined over ``pp`` ranks by ``schedule``, each stage laid out by ``layout`` (gpt_layouts'
     Layout: dp, tp, sp, zero; cp must be 1), and as one process from the same weights. AdamW steps at the
-    schedule's STEP; ``num_microbatches`` must divide the per-dp-rank batch.
+    schedule's STEP; ``n_microbatches`` must divide the per-dp-rank batch.
 
     Call on every rank of a pp * dp * tp group. Returns (pipeline losses, single-process losses, largest final
     parameter difference), the same on every rank.
@@ -165,7 +165,7 @@ def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule
     model = GPT(config)
     reference = copy.deepcopy(model)
 
-    plan = build_schedule(schedule, pp, num_microbatches, stages_per_rank=2)
+    plan = build_schedule(schedule, pp, n_microbatches, stages_per_rank=2)
     pieces = split_gpt(model, plan.num_stages)
     mine = [place_stage(pieces[s], mesh, sp=layout.sp, zero=layout.zero) for s in plan.stages_of(pp_rank)]
     stages = [PipelineStage(piece, s, plan.num_stages, mesh) for piece, s in zip(mine, plan.stages_of(pp_rank))]

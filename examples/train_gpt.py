@@ -426,7 +426,7 @@ def _main_pipelined(args) -> Result:
         print(f"{len(data):,} bytes of stdlib source; pp={args.pp} ({args.schedule}, {args.microbatches} microbatches) "
               f"x {args.layout}; {config}")
     losses, single, diff = compare_pipeline_with_single(
-        config, args.layout, pp=args.pp, schedule=args.schedule, num_microbatches=args.microbatches,
+        config, args.layout, pp=args.pp, schedule=args.schedule, n_microbatches=args.microbatches,
         batch_list=batch_list, lr=args.lr, seed=args.seed, log=print if rank0 else None)
     result = Result(losses, single, diff)
     if rank0:

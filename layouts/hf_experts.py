@@ -25,6 +25,7 @@ from torch import nn
 
 from dtensor_plus import DTensor, Partial, Replicate, Shard
 from dtensor_plus.placements import chunk_bounds
+from dtensor_plus.renamed import renamed_keywords
 
 from .moe_router import local_weight
 
@@ -49,49 +50,51 @@ def hf_experts_modules(module: nn.Module) -> list[nn.Module]:
     return found
 
 
-def shard_hf_experts(experts: nn.Module, mesh, ep_dim: str, place) -> list[nn.Parameter]:
-    """Shard ``experts``' stacked parameters Shard(0) on ``ep_dim`` (Replicate elsewhere) and make its forward
-    expert-parallel. ``place(tensor, mesh, placements)`` is expert_parallel's placing helper. Returns the new
-    parameters."""
-    names = list(mesh.mesh_dim_names)
-    ep = names.index(ep_dim)
-    num_ranks = mesh.size(ep)
+@renamed_keywords(ep_dim="ep_mesh_dim")
+def shard_hf_experts(experts: nn.Module, mesh, ep_mesh_dim: str, place) -> list[nn.Parameter]:
+    """Shard ``experts``' stacked parameters Shard(0) on ``ep_mesh_dim`` (a mesh dim name; Replicate elsewhere) and
+    make its forward expert-parallel. ``place(tensor, mesh, placements)`` is expert_parallel's placing helper.
+    Returns the new parameters."""
+    ep_index = mesh.mesh_dim_index(ep_mesh_dim)  # placements are lists over mesh dims
+    num_ranks = mesh.size(ep_index)
     if experts.num_experts % num_ranks:
         raise ValueError(
             f"expert_parallel: {type(experts).__name__} has {experts.num_experts} experts, which do not divide over "
-            f"the {num_ranks} ranks of mesh dim {ep_dim!r}; use a number of experts that is a multiple of it"
+            f"the {num_ranks} ranks of mesh dim {ep_mesh_dim!r}; use a number of experts that is a multiple of it"
         )
-    placements = [Shard(0) if k == ep else Replicate() for k in range(mesh.ndim)]
+    placements = [Shard(0) if k == ep_index else Replicate() for k in range(mesh.ndim)]
     placed = []
     for name in _expert_params(experts):
         param = experts._parameters[name]
         experts._parameters[name] = nn.Parameter(place(param.detach(), mesh, placements), requires_grad=param.requires_grad)
         placed.append(experts._parameters[name])
     original = experts.forward
-    experts.forward = lambda *args, **kwargs: _ep_forward(experts, original, mesh, ep, *args, **kwargs)
+    experts.forward = lambda *args, **kwargs: _ep_forward(experts, original, mesh, ep_index, *args, **kwargs)
     return placed
 
 
-def _rows(x: DTensor, ep: int) -> list:
+def _rows(x: DTensor, ep_mesh_dim: int) -> list:
     """Where token rows go for the local compute: whole on ep (all of the group's tokens), split on the other
     mesh dims where the batch already is (Shard(0)), whole elsewhere."""
-    return [Replicate() if k == ep or not p.is_shard(0) else p for k, p in enumerate(x.placements)]
+    return [Replicate() if k == ep_mesh_dim or not p.is_shard(0) else p for k, p in enumerate(x.placements)]
 
 
-def _ep_forward(experts, original, mesh, ep: int, hidden_ND, top_k_index_NK, top_k_weights_NK, *args, **kwargs):
+def _ep_forward(experts, original, mesh, ep_mesh_dim: int, hidden_ND, top_k_index_NK, top_k_weights_NK, *args,
+                **kwargs):
     if not isinstance(hidden_ND, DTensor) or hidden_ND.device_mesh != mesh:
         raise TypeError(
             f"expert_parallel: {type(experts).__name__} got tokens as {type(hidden_ND).__name__} (on "
             f"{getattr(hidden_ND, 'device_mesh', None)}), but its experts are sharded on {mesh}; lift the rest of the "
             f"model onto that mesh (replicate(model, mesh) or fully_shard) so the tokens arrive as DTensors on it"
         )
-    rows = _rows(hidden_ND, ep)
-    partial_on_ep = [Partial() if k == ep else p for k, p in enumerate(rows)]
+    rows = _rows(hidden_ND, ep_mesh_dim)
+    partial_on_ep = [Partial() if k == ep_mesh_dim else p for k, p in enumerate(rows)]
     x_local = hidden_ND.redistribute(placements=rows).to_local(grad_placements=partial_on_ep)
     index_local = _as_rows(top_k_index_NK, mesh, rows).to_local()
     gates_local = _as_rows(top_k_weights_NK, mesh, rows).to_local(grad_placements=partial_on_ep)
-    num_local = experts.num_experts // mesh.size(ep)
-    first, _ = chunk_bounds(experts.num_experts, mesh.size(ep), mesh.get_local_rank(ep))
+    num_ranks = mesh.size(ep_mesh_dim)
+    num_local = experts.num_experts // num_ranks
+    first, _ = chunk_bounds(experts.num_experts, num_ranks, mesh.get_local_rank(ep_mesh_dim))
     local_index = index_local - first
     # slots routed to another rank's experts: the sentinel num_local, which transformers' forwards skip
     local_index = local_index.masked_fill((local_index < 0) | (local_index >= num_local), num_local)

@@ -17,7 +17,7 @@ the model has (``replicate``, ZeRO, ``distribute_module``)::
     mesh = dtp.init_device_mesh("cpu", (4,), mesh_dim_names=("dp",))
     moe = MoE(dim=16, hidden=64, num_experts=8, top_k=2)
     replicate(model, mesh, "dp")                  # everything Replicate on dp, gradients all-reduced
-    expert_parallel(model, mesh, ep_dim="dp")     # then experts Shard(0) on dp: 2 experts per rank
+    expert_parallel(model, mesh, ep_mesh_dim="dp")  # then experts Shard(0) on dp: 2 experts per rank
     y = moe(x)                                    # x: (B, T, D) DTensor, Shard(0) on dp
     loss = task_loss + moe.aux_loss               # load-balancing + z-loss, over the global batch
 
@@ -33,6 +33,7 @@ from torch import nn
 import dtensor_plus as dtp
 from dtensor_plus import DTensor, Partial, Replicate, Shard
 from dtensor_plus.kernels.grouped_gemm import grouped_mm
+from dtensor_plus.renamed import renamed_keywords
 
 from .data import reduce_grad_in_backward
 from .hf_experts import hf_experts_modules, shard_hf_experts
@@ -90,7 +91,7 @@ class MoE(nn.Module):
         if isinstance(x_BTD, DTensor) != isinstance(w1, DTensor):
             raise TypeError(
                 "MoE: the tokens and the expert weights must both be DTensors or both plain tensors; place the "
-                "experts with expert_parallel(model, mesh, ep_dim=...) (or distribute_module) first"
+                "experts with expert_parallel(model, mesh, ep_mesh_dim=...) (or distribute_module) first"
             )
         layout = _Layout(x_BTD, w1) if isinstance(x_BTD, DTensor) else None
         x_in = layout.tokens(x_BTD) if layout else x_BTD
@@ -98,15 +99,15 @@ class MoE(nn.Module):
         self.routing, self.load = routing, routing.load_E
         self.aux_loss = self.aux_loss_coef * routing.aux_loss + self.z_loss_coef * routing.z_loss
         if layout is None:
-            x_local, w1_local, w2_local, mesh, ep_dim = x_in, w1, w2, None, None
+            x_local, w1_local, w2_local, mesh, ep_mesh_dim = x_in, w1, w2, None, None
         else:
             x_local, w1_local, w2_local = layout.local_tokens(x_in), layout.local_weight(w1), layout.local_weight(w2)
-            mesh, ep_dim = layout.mesh, layout.ep_dim
+            mesh, ep_mesh_dim = layout.mesh, layout.ep_mesh_dim
         shape = x_local.shape
         y_ND = dispatch_combine(
             x_local.reshape(-1, shape[-1]), routing.expert_idx_NK, routing.gates_NK, routing.keep_NK,
             self.experts.num_experts, lambda rows, counts: self._run_experts(rows, counts, w1_local, w2_local, layout),
-            mesh, ep_dim,
+            mesh, ep_mesh_dim,
         )
         y_BTD = y_ND.view(shape)
         return layout.output(y_BTD, x_in, x_BTD) if layout else y_BTD
@@ -114,11 +115,11 @@ class MoE(nn.Module):
     @staticmethod
     def _run_experts(rows_RD, counts_L, w1_LDF, w2_LFD, layout) -> torch.Tensor:
         out_RD = GroupedExperts.run(rows_RD, counts_L, w1_LDF, w2_LFD)
-        if layout is None or layout.tp_dim is None:
+        if layout is None or layout.tp_mesh_dim is None:
             return out_RD
         # tp inside experts: each tp rank's output covers its slice of F; sum them here, before the gates
         # weigh them, so the gates' gradient (and all the router's) stays whole on every tp rank.
-        return _sum_over(out_RD, layout.mesh, layout.tp_dim)
+        return _sum_over(out_RD, layout.mesh, layout.tp_mesh_dim)
 
 
 def _sum_over(t: torch.Tensor, mesh, mesh_dim: int) -> torch.Tensor:
@@ -137,18 +138,19 @@ class _Layout:
             raise ValueError(f"MoE: tokens live on {x.device_mesh} but the experts on {w1.device_mesh}; use one mesh")
         self.mesh = x.device_mesh
         names = [self.mesh.mesh_dim_name(k) for k in range(self.mesh.ndim)]
-        self.ep_dim = self._only(w1, 0, names, "ep")
-        self.tp_dim = self._only(w1, 2, names, "tp")
+        self.ep_mesh_dim = self._only(w1, 0, names, "ep")
+        self.tp_mesh_dim = self._only(w1, 2, names, "tp")
         for k, p in enumerate(w1.placements):
-            if k not in (self.ep_dim, self.tp_dim) and not p.is_replicate():
+            if k not in (self.ep_mesh_dim, self.tp_mesh_dim) and not p.is_replicate():
                 raise ValueError(f"MoE: expert weight w1 is {p!r} on mesh dim {names[k]!r}; place it with expert_parallel")
         # Tokens keep their batch shards; any other shard (sequence parallelism) is gathered for routing, and
         # tokens whole on the ep dim (e.g. an uneven batch a Linear gathered) are split there: a local slice.
         self.batch = [p if p.is_shard(0) else Replicate() for p in x.placements]
-        if self.ep_dim is not None:
-            self.batch[self.ep_dim] = Shard(0)
-        if self.tp_dim is not None and self.batch[self.tp_dim].is_shard(0):
-            raise ValueError(f"MoE: tp inside experts needs the tokens Replicate on {names[self.tp_dim]!r}, not Shard(0)")
+        if self.ep_mesh_dim is not None:
+            self.batch[self.ep_mesh_dim] = Shard(0)
+        if self.tp_mesh_dim is not None and self.batch[self.tp_mesh_dim].is_shard(0):
+            raise ValueError(f"MoE: tp inside experts needs the tokens Replicate on {names[self.tp_mesh_dim]!r}, "
+                             f"not Shard(0)")
 
     @staticmethod
     def _only(w1: DTensor, dim: int, names, role: str) -> int | None:
@@ -162,7 +164,7 @@ class _Layout:
 
     def local_tokens(self, x: DTensor) -> torch.Tensor:
         # With tp inside experts each tp rank's input gradient covers its slice of F: Partial (Megatron's "f").
-        grad = [Partial() if k == self.tp_dim else p for k, p in enumerate(self.batch)]
+        grad = [Partial() if k == self.tp_mesh_dim else p for k, p in enumerate(self.batch)]
         return x.to_local(grad_placements=grad)
 
     def local_weight(self, w: DTensor) -> torch.Tensor:
@@ -173,18 +175,19 @@ class _Layout:
         return y if list(y.placements) == list(x.placements) else y.redistribute(placements=x.placements)
 
 
-def expert_parallel(module: nn.Module, mesh, ep_dim: str | None = "ep", tp_dim: str | None = None, *,
+@renamed_keywords(ep_dim="ep_mesh_dim", tp_dim="tp_mesh_dim")
+def expert_parallel(module: nn.Module, mesh, ep_mesh_dim: str | None = "ep", tp_mesh_dim: str | None = None, *,
                     reduce_in_backward: bool = True) -> nn.Module:
-    """Shard the experts of every ``MoE`` in ``module`` on ``mesh``: Shard(0) (whole experts) on ``ep_dim``, the
-    hidden width on ``tp_dim`` (``w1`` Shard(2), ``w2`` Shard(1)), Replicate on the other mesh dims. The experts
-    modules of transformers' MoE blocks (Mixtral, Qwen-MoE, DeepSeek-V3...) are sharded on ``ep_dim`` too
+    """Shard the experts of every ``MoE`` in ``module`` on ``mesh``: Shard(0) (whole experts) on ``ep_mesh_dim``, the
+    hidden width on ``tp_mesh_dim`` (``w1`` Shard(2), ``w2`` Shard(1)), Replicate on the other mesh dims. The experts
+    modules of transformers' MoE blocks (Mixtral, Qwen-MoE, DeepSeek-V3...) are sharded on ``ep_mesh_dim`` too
     (hf_experts.py; no tp inside them). A module with neither raises ValueError.
 
     Args:
         module: changed in place; its expert weights are plain tensors (the same on every rank, as after a
-            same-seed init) or DTensors on ``mesh`` that are Replicate on ``ep_dim`` and ``tp_dim``.
-        mesh: the whole mesh; the batch must be Shard(0) on ``ep_dim`` when the model runs.
-        ep_dim, tp_dim: mesh dim names (either may be None).
+            same-seed init) or DTensors on ``mesh`` that are Replicate on ``ep_mesh_dim`` and ``tp_mesh_dim``.
+        mesh: the whole mesh; the batch must be Shard(0) on ``ep_mesh_dim`` when the model runs.
+        ep_mesh_dim, tp_mesh_dim: mesh dim names (either may be None).
         reduce_in_backward: reduce gradients that come out Partial (experts replicated over other
             data-parallel mesh dims) in a post-accumulate-grad hook, as ``replicate`` does.
 
@@ -192,35 +195,35 @@ def expert_parallel(module: nn.Module, mesh, ep_dim: str | None = "ep", tp_dim: 
     would refuse experts already sharded there); before them otherwise. Returns ``module``.
     """
     names = list(mesh.mesh_dim_names or ())
-    for name in (ep_dim, tp_dim):
+    for name in (ep_mesh_dim, tp_mesh_dim):
         if name is not None and name not in names:
             raise ValueError(f"expert_parallel: mesh {mesh} has no mesh dim {name!r}; its dims are {names}")
-    if ep_dim is not None and ep_dim == tp_dim:
-        raise ValueError(f"expert_parallel: ep_dim and tp_dim are both {ep_dim!r}; use two mesh dims")
+    if ep_mesh_dim is not None and ep_mesh_dim == tp_mesh_dim:
+        raise ValueError(f"expert_parallel: ep_mesh_dim and tp_mesh_dim are both {ep_mesh_dim!r}; use two mesh dims")
     placed = []
     for moe in (m for m in module.modules() if isinstance(m, MoE)):
         experts = moe.experts
-        if ep_dim is not None and experts.num_experts % mesh.size(ep_dim):
+        if ep_mesh_dim is not None and experts.num_experts % mesh.size(ep_mesh_dim):
             raise ValueError(
-                f"expert_parallel: {experts.num_experts} experts do not divide over {mesh.size(ep_dim)} ranks of "
-                f"mesh dim {ep_dim!r}; use a number of experts that is a multiple of it"
+                f"expert_parallel: {experts.num_experts} experts do not divide over {mesh.size(ep_mesh_dim)} ranks of "
+                f"mesh dim {ep_mesh_dim!r}; use a number of experts that is a multiple of it"
             )
         for key, tp_tensor_dim in (("w1", 2), ("w2", 1)):
-            by_name = {ep_dim: Shard(0), tp_dim: Shard(tp_tensor_dim)}
+            by_name = {ep_mesh_dim: Shard(0), tp_mesh_dim: Shard(tp_tensor_dim)}
             placements = [by_name.get(name, Replicate()) for name in names]
             param = experts._parameters[key]
             sharded = _place(param.detach(), mesh, placements)
             experts._parameters[key] = nn.Parameter(sharded, requires_grad=param.requires_grad)
             placed.append(experts._parameters[key])
     # Our own GroupedExperts (placed above, inside MoE) look like transformers' stacked experts: leave them out.
-    hf_experts = [m for m in hf_experts_modules(module) if not isinstance(m, GroupedExperts)] if ep_dim is not None else []
-    if hf_experts and tp_dim is not None:
+    hf_experts = [] if ep_mesh_dim is None else [m for m in hf_experts_modules(module) if not isinstance(m, GroupedExperts)]
+    if hf_experts and tp_mesh_dim is not None:
         raise ValueError(
-            f"expert_parallel: tp inside experts (tp_dim={tp_dim!r}) covers dtensor_plus MoE layers, not transformers' "
-            f"experts modules ({type(hf_experts[0]).__name__}); pass tp_dim=None for them"
+            f"expert_parallel: tp inside experts (tp_mesh_dim={tp_mesh_dim!r}) covers dtensor_plus MoE layers, not "
+            f"transformers' experts modules ({type(hf_experts[0]).__name__}); pass tp_mesh_dim=None for them"
         )
     for experts in hf_experts:
-        placed += shard_hf_experts(experts, mesh, ep_dim, _place)
+        placed += shard_hf_experts(experts, mesh, ep_mesh_dim, _place)
     if not placed and not any(isinstance(m, MoE) for m in module.modules()):
         # Nothing recognised: returning quietly would train a replicated model the caller thinks is sharded.
         raise ValueError(

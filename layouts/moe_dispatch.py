@@ -29,21 +29,23 @@ from typing import Callable
 import torch
 
 from dtensor_plus.collectives import AllToAllSplits, all_to_all_splits
+from dtensor_plus.renamed import renamed_keywords
 
 __all__ = ["dispatch_combine"]
 
 
+@renamed_keywords(ep_dim="ep_mesh_dim")
 def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: torch.Tensor,
                      keep_NK: torch.Tensor | None, num_experts: int,
                      experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     mesh=None, ep_dim: int | None = None) -> torch.Tensor:
+                     mesh=None, ep_mesh_dim: int | None = None) -> torch.Tensor:
     """``y[n] = sum_k gates[n, k] * expert_{idx[n, k]}(x[n])`` over the kept assignments, as (N, D).
 
     Args:
         x_ND, expert_idx_NK, gates_NK, keep_NK: this rank's tokens and their routing (local tensors).
         num_experts: E, over all ranks.
         experts: ``experts(rows_RD, counts_L)`` runs this rank's L experts on rows grouped by local expert.
-        mesh, ep_dim: the mesh and the mesh dim the experts are sharded on (local rank r owns experts
+        mesh, ep_mesh_dim: the mesh and the mesh dim the experts are sharded on (local rank r owns experts
             r L .. (r + 1) L - 1); None when this rank holds all experts.
     """
     N, K = expert_idx_NK.shape
@@ -56,24 +58,24 @@ def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: 
     token_A, gate_A = token_A[order_A], gate_A[order_A]
     counts_E = torch.bincount(expert_A, minlength=num_experts)
     rows_AD = x_ND[token_A]
-    if mesh is None or ep_dim is None or mesh.size(ep_dim) == 1:
+    if mesh is None or ep_mesh_dim is None or mesh.size(ep_mesh_dim) == 1:
         out_AD = experts(rows_AD, counts_E)
     else:
-        out_AD = _exchange(rows_AD, counts_E, experts, mesh, ep_dim)
+        out_AD = _exchange(rows_AD, counts_E, experts, mesh, ep_mesh_dim)
     return x_ND.new_zeros(x_ND.shape).index_add(0, token_A, out_AD * gate_A.unsqueeze(-1))
 
 
-def _exchange(rows_AD, counts_E, experts, mesh, ep_dim: int) -> torch.Tensor:
+def _exchange(rows_AD, counts_E, experts, mesh, ep_mesh_dim: int) -> torch.Tensor:
     """Rows (grouped by expert) to their experts' ranks, through ``experts``, and back in the same order."""
-    n = mesh.size(ep_dim)
+    n = mesh.size(ep_mesh_dim)
     L = counts_E.numel() // n
     # NOTE: .tolist() is a device-to-host sync: c10d needs the split sizes on the host.
     send_splits = counts_E.view(n, L).sum(1).tolist()
-    recv_counts_nL = all_to_all_splits(counts_E, mesh, ep_dim, [L] * n, [L] * n).view(n, L)
+    recv_counts_nL = all_to_all_splits(counts_E, mesh, ep_mesh_dim, [L] * n, [L] * n).view(n, L)
     recv_splits = recv_counts_nL.sum(1).tolist()
-    recv_RD = AllToAllSplits.apply(rows_AD, mesh, ep_dim, send_splits, recv_splits)  # by (source, expert)
+    recv_RD = AllToAllSplits.apply(rows_AD, mesh, ep_mesh_dim, send_splits, recv_splits)  # by (source, expert)
     local_expert_R = torch.arange(L, device=rows_AD.device).repeat(n).repeat_interleave(recv_counts_nL.reshape(-1))
     perm_R = torch.argsort(local_expert_R, stable=True)  # by (expert, source)
     out_RD = experts(recv_RD[perm_R], recv_counts_nL.sum(0))
     back_RD = out_RD[torch.argsort(perm_R)]  # the inverse permutation: back to (source, expert) order
-    return AllToAllSplits.apply(back_RD, mesh, ep_dim, recv_splits, send_splits)
+    return AllToAllSplits.apply(back_RD, mesh, ep_mesh_dim, recv_splits, send_splits)

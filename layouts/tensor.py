@@ -50,7 +50,8 @@ __all__ = [
 
 
 class ParallelStyle:
-    """How one module is laid out on a 1-D mesh. ``apply(module, mesh)`` places it and returns it."""
+    """How one module is laid out on a 1-D mesh. ``apply(module, device_mesh)`` (torch's ``_apply``) places it and
+    returns it."""
 
     def apply(self, module: nn.Module, device_mesh) -> nn.Module:
         raise NotImplementedError

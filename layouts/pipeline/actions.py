@@ -15,7 +15,10 @@ receive blocks until its send was posted, which is the semantics the validator c
 from __future__ import annotations
 
 import enum
+import warnings
 from dataclasses import dataclass
+
+from dtensor_plus.renamed import renamed_keywords
 
 
 class Kind(enum.Enum):
@@ -61,13 +64,20 @@ class Schedule:
 
     name: str
     num_ranks: int
-    num_microbatches: int
+    n_microbatches: int  # torch.distributed.pipelining's name (ours was num_microbatches until this release)
     stage_to_rank: tuple[int, ...]
     actions: tuple[tuple[Action, ...], ...]
 
     @property
     def num_stages(self) -> int:
         return len(self.stage_to_rank)
+
+    @property
+    def num_microbatches(self) -> int:
+        """The old name of ``n_microbatches``; goes in the next release."""
+        warnings.warn("Schedule.num_microbatches is now Schedule.n_microbatches; the old name goes in the next "
+                      "release", DeprecationWarning, stacklevel=2)
+        return self.n_microbatches
 
     def stages_of(self, rank: int) -> tuple[int, ...]:
         """The stages rank holds, in model order."""
@@ -79,6 +89,9 @@ class Schedule:
         bad = [r for r in self.stage_to_rank if not 0 <= r < self.num_ranks]
         if bad:
             raise ValueError(f"{self.name}: stage_to_rank {self.stage_to_rank} names ranks outside 0..{self.num_ranks - 1}")
+
+
+Schedule.__init__ = renamed_keywords(num_microbatches="n_microbatches")(Schedule.__init__)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 
 from dtensor_plus import point_to_point
+from dtensor_plus.renamed import renamed_keywords
 
 from .actions import Action, Event, Kind, Schedule
 from .microbatch import merge_microbatches, split_microbatches
@@ -39,7 +40,8 @@ TORCH_NAMES = {"ScheduleGPipe": "gpipe", "Schedule1F1B": "1f1b", "ScheduleInterl
                "ScheduleZBVZeroBubble": "zb_v"}
 
 
-def build_schedule(name: str, num_ranks: int, num_microbatches: int, stages_per_rank: int = 1) -> Schedule:
+@renamed_keywords(num_microbatches="n_microbatches")
+def build_schedule(name: str, num_ranks: int, n_microbatches: int, stages_per_rank: int = 1) -> Schedule:
     """The Schedule named ``name`` ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v", or torch's class name)."""
     from .schedules import SCHEDULES
 
@@ -47,8 +49,8 @@ def build_schedule(name: str, num_ranks: int, num_microbatches: int, stages_per_
     if key not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; known: {sorted(SCHEDULES)} (or {sorted(TORCH_NAMES)})")
     if key == "interleaved_1f1b":
-        return SCHEDULES[key](p=num_ranks, m=num_microbatches, v=stages_per_rank)
-    return SCHEDULES[key](p=num_ranks, m=num_microbatches)
+        return SCHEDULES[key](p=num_ranks, m=n_microbatches, v=stages_per_rank)
+    return SCHEDULES[key](p=num_ranks, m=n_microbatches)
 
 
 class PipelineSchedule:
@@ -68,20 +70,20 @@ class PipelineSchedule:
         stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
         if not stages or not all(isinstance(s, PipelineStage) for s in stages):
             raise TypeError(f"stages must be PipelineStage(s), got {stages!r}")
-        self.mesh, self.pp_dim = stages[0].mesh, stages[0].pp_dim
-        self.pp_rank, num_ranks = self.mesh.get_local_rank(self.pp_dim), self.mesh.size(self.pp_dim)
+        self.mesh, self.pp_mesh_dim = stages[0].mesh, stages[0].pp_mesh_dim
+        self.pp_rank, num_ranks = self.mesh.get_local_rank(self.pp_mesh_dim), self.mesh.size(self.pp_mesh_dim)
         if isinstance(schedule, str):
             if n_microbatches is None:
                 raise ValueError(f"schedule {schedule!r} by name needs n_microbatches")
             schedule = build_schedule(schedule, num_ranks, n_microbatches, len(stages))
-        elif n_microbatches not in (None, schedule.num_microbatches):
-            raise ValueError(f"n_microbatches={n_microbatches} but the schedule has {schedule.num_microbatches}")
+        elif n_microbatches not in (None, schedule.n_microbatches):
+            raise ValueError(f"n_microbatches={n_microbatches} but the schedule has {schedule.n_microbatches}")
         from .validate import validate
 
         validate(schedule, in_order=False)  # tagged messages: receives need not follow send order
-        point_to_point.p2p_group(self.mesh, self.pp_dim)  # collective on first use: every rank builds its schedule
+        point_to_point.p2p_group(self.mesh, self.pp_mesh_dim)  # collective on first use: every rank builds its schedule
         self._check_placement(stages, schedule, num_ranks)
-        self.shared = SharedWeights(stages, self.mesh, self.pp_dim)  # collective: checks ties on every rank
+        self.shared = SharedWeights(stages, self.mesh, self.pp_mesh_dim)  # collective: checks ties on every rank
         self.schedule, self.loss_fn, self.optimizer, self.scale_grads = schedule, loss_fn, optimizer, scale_grads
         self.stages = {s.stage_index: s for s in stages}
         self.actions = schedule.actions[self.pp_rank]
@@ -90,7 +92,7 @@ class PipelineSchedule:
     def _check_placement(self, stages, schedule: Schedule, num_ranks: int) -> None:
         if schedule.num_ranks != num_ranks:
             raise ValueError(f"schedule {schedule.name!r} is for {schedule.num_ranks} pipeline ranks, the mesh's "
-                             f"{self.pp_dim!r} dim has {num_ranks}")
+                             f"{self.pp_mesh_dim!r} dim has {num_ranks}")
         mine, wanted = sorted(s.stage_index for s in stages), list(schedule.stages_of(self.pp_rank))
         if mine != wanted or any(s.num_stages != schedule.num_stages for s in stages):
             raise ValueError(f"pp rank {self.pp_rank} holds stages {mine} of {stages[0].num_stages}; schedule "
@@ -102,7 +104,7 @@ class PipelineSchedule:
         """One training step over the whole batch. ``args[0]``: the batch (used where stage 0 lives); ``target``:
         the targets (used where the last stage lives); ``losses``: filled there with each microbatch's loss.
         Returns the merged last-stage output on its ranks, else None."""
-        m, last = self.schedule.num_microbatches, self.schedule.num_stages - 1
+        m, last = self.schedule.n_microbatches, self.schedule.num_stages - 1
         if 0 in self.stages and not args:
             raise ValueError("this rank holds the first stage: pass the batch, step(batch, ...)")
         self._inputs = split_microbatches(args[0], m) if 0 in self.stages else None
@@ -153,7 +155,7 @@ class PipelineSchedule:
             if stage.is_first:
                 stage.set_input(mb, self._inputs[mb])
             target = self._targets[mb] if stage.is_last and self._targets is not None else None
-            out, loss = stage.forward_one(mb, self.loss_fn, target, 1.0 / self.schedule.num_microbatches
+            out, loss = stage.forward_one(mb, self.loss_fn, target, 1.0 / self.schedule.n_microbatches
                                           if self.scale_grads else 1.0)
             if stage.is_last:
                 self._outputs[mb] = out
@@ -187,14 +189,14 @@ class PipelineSchedule:
                 f_recvs.append(a)
             else:
                 b_recvs.append(stage.backward_recv(mb, where[a.stage + 1]))
-        send_work, header_work = point_to_point.send_recv(sends, list(headers.values()), self.mesh, self.pp_dim)
+        send_work, header_work = point_to_point.send_recv(sends, list(headers.values()), self.mesh, self.pp_mesh_dim)
         self._pending_sends.append((send_work, sends))  # the buffers stay alive until the sends complete
         if headers:  # the first microbatch through a boundary: its spec first, then buffers of that shape
             header_work.wait()
             for s, (buf, _, _) in headers.items():
                 self.stages[s].input_meta = ActivationMeta.decode(buf)
         recvs = [self.stages[a.stage].forward_recv(a.microbatch, where[a.stage - 1]) for a in f_recvs] + b_recvs
-        _, recv_work = point_to_point.send_recv([], recvs, self.mesh, self.pp_dim)
+        _, recv_work = point_to_point.send_recv([], recvs, self.mesh, self.pp_mesh_dim)
         recv_work.wait()
         for a in f_recvs:
             self.stages[a.stage].finish_forward_recv(a.microbatch)

@@ -11,23 +11,25 @@ import torch
 
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Replicate, Shard
+from dtensor_plus.renamed import renamed_keywords
 
 __all__ = ["split_microbatches", "merge_microbatches"]
 
 
-def split_microbatches(batch: torch.Tensor, num_microbatches: int) -> list[torch.Tensor]:
-    """``num_microbatches`` equal pieces of ``batch`` along dim 0 (plain tensor or DTensor)."""
+@renamed_keywords(num_microbatches="n_microbatches")
+def split_microbatches(batch: torch.Tensor, n_microbatches: int) -> list[torch.Tensor]:
+    """``n_microbatches`` equal pieces of ``batch`` along dim 0 (plain tensor or DTensor)."""
     local = batch._local_tensor if isinstance(batch, DTensor) else batch
-    if local.ndim == 0 or local.shape[0] % num_microbatches:
-        raise ValueError(f"a batch of {tuple(local.shape)} rows per rank does not split into {num_microbatches} equal "
+    if local.ndim == 0 or local.shape[0] % n_microbatches:
+        raise ValueError(f"a batch of {tuple(local.shape)} rows per rank does not split into {n_microbatches} equal "
                          "microbatches along dim 0; make the (per-rank) batch a multiple of the microbatch count")
-    pieces = local.tensor_split(num_microbatches, dim=0)
+    pieces = local.tensor_split(n_microbatches, dim=0)
     if not isinstance(batch, DTensor):
         return list(pieces)
     bad = [p for p in batch.placements if type(p) not in (Shard, Replicate)]
     if bad:
         raise ValueError(f"split_microbatches: placements {list(batch.placements)} of the batch; use Shard or Replicate")
-    shape = (batch.shape[0] // num_microbatches,) + tuple(batch.shape[1:])
+    shape = (batch.shape[0] // n_microbatches,) + tuple(batch.shape[1:])
     return [DTensor.from_local(p, batch.device_mesh, batch.placements, shape=shape) for p in pieces]
 
 

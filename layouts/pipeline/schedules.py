@@ -16,6 +16,8 @@ import dataclasses
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from dtensor_plus.renamed import renamed_keywords
+
 from .actions import Action, Kind, Schedule
 from .validate import peer
 
@@ -28,8 +30,9 @@ def _check_counts(name: str, p: int, m: int, v: int = 1) -> None:
             raise ValueError(f"{name}: {label} must be an int >= 1, got {value!r}")
 
 
+@renamed_keywords(num_microbatches="n_microbatches")
 def with_communication(
-    name: str, num_microbatches: int, stage_to_rank: Sequence[int], compute: Sequence[Sequence[Action]]
+    name: str, n_microbatches: int, stage_to_rank: Sequence[int], compute: Sequence[Sequence[Action]]
 ) -> Schedule:
     """Turn compute-only per-rank lists into a Schedule: SEND/RECV around every cross-rank edge, STEP last.
 
@@ -65,7 +68,7 @@ def with_communication(
                 out.append(a)
         out.append(Action(Kind.STEP))
         actions.append(tuple(out))
-    return _receive_in_send_order(Schedule(name, len(compute), num_microbatches, stage_to_rank, tuple(actions)))
+    return _receive_in_send_order(Schedule(name, len(compute), n_microbatches, stage_to_rank, tuple(actions)))
 
 
 def _receive_in_send_order(schedule: Schedule) -> Schedule:

@@ -26,6 +26,7 @@ from torch import nn
 from dtensor_plus import collectives
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.mesh import DeviceMesh
+from dtensor_plus.renamed import renamed_keywords
 
 __all__ = ["find_shared_parameters", "SharedWeights"]
 
@@ -56,10 +57,11 @@ class SharedWeights:
     """The shared weights of this rank's stages and the pipeline ranks holding each; ``sum_gradients()`` after the
     step's last backward. Built collectively (every rank of the mesh, with its stages), like the schedule."""
 
-    def __init__(self, stages, mesh, pp_dim: str):
-        self.mesh, self.pp_dim = mesh, pp_dim
+    @renamed_keywords(pp_dim="pp_mesh_dim")
+    def __init__(self, stages, mesh, pp_mesh_dim: str):
+        self.mesh, self.pp_mesh_dim = mesh, pp_mesh_dim
         self.root = mesh._root
-        self.root_pp_dim = mesh._root_dims[mesh.mesh_dim_index(pp_dim)]
+        self.root_pp_mesh_dim = mesh._root_dims[mesh.mesh_dim_index(pp_mesh_dim)]
         mine = _declarations(stages)
         records = _exchange(self.root, self._record(mine))
         holders = _check_ties(records)
@@ -71,18 +73,18 @@ class SharedWeights:
 
     def _record(self, mine) -> dict:
         coordinate = list(self.root.get_coordinate())
-        pp = coordinate.pop(self.root_pp_dim)
+        pp = coordinate.pop(self.root_pp_mesh_dim)
         entries = sorted({(key, _spec_text(param), _checksum(param)) for key, _, param in mine})
         return {"pp": pp, "others": coordinate, "shared": [list(e) for e in entries]}
 
     def _holders_mesh(self, pp_indices: list[int]):
         """(mesh, mesh_dim) whose pp lines are the holding ranks: the stage mesh itself when every pp rank holds
         the weight, else a mesh over the root's holding pp indices (built on every rank: groups are collective)."""
-        if len(pp_indices) == self.root.shape[self.root_pp_dim]:
-            return self.mesh, self.mesh.mesh_dim_index(self.pp_dim)
-        ranks = self.root.mesh.index_select(self.root_pp_dim, torch.tensor(pp_indices))
+        if len(pp_indices) == self.root.shape[self.root_pp_mesh_dim]:
+            return self.mesh, self.mesh.mesh_dim_index(self.pp_mesh_dim)
+        ranks = self.root.mesh.index_select(self.root_pp_mesh_dim, torch.tensor(pp_indices))
         sub = DeviceMesh(self.root.device_type, ranks, self.root.mesh_dim_names)
-        return sub, self.root_pp_dim
+        return sub, self.root_pp_mesh_dim
 
     def sum_gradients(self) -> None:
         """Each shared weight's gradient becomes the sum over the stages holding it (one all-reduce per weight on

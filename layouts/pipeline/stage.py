@@ -23,6 +23,7 @@ from torch import nn
 
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.redistribute import grad_placements_for
+from dtensor_plus.renamed import renamed_keywords
 from dtensor_plus.spec import DTensorSpec
 
 from .backward import SplitBackward, backward_input, backward_weight
@@ -40,7 +41,8 @@ def message_tag(boundary: int, microbatch: int, code: int, num_stages: int) -> i
 
 
 class PipelineStage:
-    """A piece of the model (``submodule``) as stage ``stage_index`` of ``num_stages``, on ``mesh``'s ``pp_dim``.
+    """A piece of the model (``submodule``) as stage ``stage_index`` of ``num_stages``, on the ``pp_mesh_dim`` of
+    ``mesh``.
 
     Args:
         submodule: the stage's layers; its parameters live only on the ranks of this stage (already laid out
@@ -48,8 +50,8 @@ class PipelineStage:
             loss function takes.
         stage_index, num_stages: the global stage number (model order) and the stage count; a rank may hold
             several stages (interleaved and V schedules): build one PipelineStage per stage.
-        mesh: the whole mesh, with a ``pp_dim`` dim (a 1-D ("pp",) mesh when there is nothing else).
-        pp_dim: the name of the pipeline mesh dim.
+        mesh: the whole mesh, with a ``pp_mesh_dim`` mesh dim (a 1-D ("pp",) mesh when there is nothing else).
+        pp_mesh_dim: the name of the pipeline mesh dim.
         shared_parameters: ``{parameter name in submodule: key}`` for weights other stages hold too (a tied
             embedding and head): the schedule sums their gradients over the stages declaring the same key
             (``shared.py``; ``find_shared_parameters`` computes these from the model's pieces).
@@ -58,18 +60,19 @@ class PipelineStage:
     ``backward_input`` (B) and ``backward_weight`` (W), and the message methods for the p2p it batches.
     """
 
-    def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int, mesh, *, pp_dim: str = "pp",
+    @renamed_keywords(pp_dim="pp_mesh_dim")
+    def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int, mesh, *, pp_mesh_dim: str = "pp",
                  shared_parameters: dict[str, str] | None = None):
         if not isinstance(submodule, nn.Module):
             raise TypeError(f"submodule must be an nn.Module, got {type(submodule).__name__}")
         if not (isinstance(num_stages, int) and num_stages >= 1 and isinstance(stage_index, int)
                 and 0 <= stage_index < num_stages):
             raise ValueError(f"stage_index({stage_index}) must be in [0, num_stages({num_stages}))")
-        if not mesh.mesh_dim_names or pp_dim not in mesh.mesh_dim_names:
-            raise ValueError(f"mesh has dims {mesh.mesh_dim_names}; name the pipeline dim pp_dim={pp_dim!r}")
+        if not mesh.mesh_dim_names or pp_mesh_dim not in mesh.mesh_dim_names:
+            raise ValueError(f"mesh has dims {mesh.mesh_dim_names}; name the pipeline dim pp_mesh_dim={pp_mesh_dim!r}")
         self.shared_parameters = _checked_shared(submodule, shared_parameters or {}, stage_index)
         self.submodule, self.stage_index, self.num_stages = submodule, stage_index, num_stages
-        self.mesh, self.pp_dim = mesh, pp_dim
+        self.mesh, self.pp_mesh_dim = mesh, pp_mesh_dim
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
         self.params = [p for p in submodule.parameters() if p.requires_grad]
         self.input_meta: ActivationMeta | None = None  # cached after the first receive
@@ -230,8 +233,9 @@ class PipelineStage:
         prev._grad_outputs[microbatch] = self._grad_inputs.pop(microbatch)
 
     def _submesh(self, names):
-        if self.pp_dim in names:
-            raise ValueError(f"an activation placed on the pipeline dim {self.pp_dim!r} cannot cross a stage: {names}")
+        if self.pp_mesh_dim in names:
+            raise ValueError(f"an activation placed on the pipeline mesh dim {self.pp_mesh_dim!r} cannot cross a stage: "
+                             f"{names}")
         if names not in self._submeshes:
             self._submeshes[names] = self.mesh[names]
         return self._submeshes[names]

@@ -25,8 +25,8 @@ def validate(schedule: Schedule, *, in_order: bool = True) -> None:
     ``in_order`` (default) also requires each link's receives in the order of its sends (``check_fifo``),
     which transports that match messages by order need (NCCL); pass False for tag-matched ones.
     """
-    if schedule.num_microbatches < 1:
-        raise ValueError(f"{schedule.name}: num_microbatches={schedule.num_microbatches}, needs >= 1")
+    if schedule.n_microbatches < 1:
+        raise ValueError(f"{schedule.name}: n_microbatches={schedule.n_microbatches}, needs >= 1")
     for rank in range(schedule.num_ranks):
         _check_rank(schedule, rank)
     _check_complete(schedule)
@@ -52,7 +52,7 @@ def _fail(schedule: Schedule, rank: int, index: int, a: Action, what: str):
 def _check_rank(schedule: Schedule, rank: int) -> None:
     """Per-rank checks: ownership, ranges, duplicates, order of dependencies, STEP last."""
     acts = schedule.actions[rank]
-    last, m, where = schedule.num_stages - 1, schedule.num_microbatches, schedule.stage_to_rank
+    last, m, where = schedule.num_stages - 1, schedule.n_microbatches, schedule.stage_to_rank
     seen: set[Action] = set()
     for i, a in enumerate(acts):
         if not isinstance(a, Action):
@@ -119,7 +119,7 @@ def _check_complete(schedule: Schedule) -> None:
     for s in range(schedule.num_stages):
         rank = schedule.stage_to_rank[s]
         have = on_rank[rank]
-        for mb in range(schedule.num_microbatches):
+        for mb in range(schedule.n_microbatches):
             def has(kind):
                 return Action(kind, s, mb) in have
 

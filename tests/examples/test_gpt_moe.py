@@ -79,7 +79,7 @@ def _check_moe_gpt(steps):
     model = GPT(MOE)
     reference = copy.deepcopy(model)
     replicate(model, mesh, "dp")
-    expert_parallel(model, mesh, ep_dim="dp")  # 2 of the 4 experts per rank
+    expert_parallel(model, mesh, ep_mesh_dim="dp")  # 2 of the 4 experts per rank
     dtp.manual_seed(1, strict=True)
     losses = _train(model, steps, lambda t: dtp.distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None))
     torch.manual_seed(1)

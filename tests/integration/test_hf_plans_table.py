@@ -50,7 +50,7 @@ def _layout(model, layout: str):
     if layout in ("dp2xtp2", "ep2xtp2"):
         replicate(model, mesh)
         if layout == "ep2xtp2":
-            expert_parallel(model, mesh, ep_dim="dp")  # 2 of the 4 experts per rank; tokens all-gathered on dp
+            expert_parallel(model, mesh, ep_mesh_dim="dp")  # 2 of the 4 experts per rank; tokens all-gathered on dp
             experts = [p for name, p in model.named_parameters() if ".experts." in name]
             assert experts and all(p.placements == (Shard(0), Replicate()) for p in experts)
     else:
@@ -165,7 +165,7 @@ def test_a_plan_for_another_model_raises_and_entries_for_absent_layers_are_skipp
 def _expert_parallel_on_a_dense_model_raises():
     mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
     with pytest.raises(ValueError, match="has no MoE layer it knows"):
-        expert_parallel(build("llama"), mesh, ep_dim="ep")
+        expert_parallel(build("llama"), mesh, ep_mesh_dim="ep")
     return True
 
 

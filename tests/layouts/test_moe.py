@@ -99,15 +99,15 @@ def _place(net, mesh, layout):
     if layout == "replicated":
         return replicate(net, mesh, "dp")
     if layout == "dp-ep":
-        return expert_parallel(replicate(net, mesh, "dp"), mesh, ep_dim="ep")
+        return expert_parallel(replicate(net, mesh, "dp"), mesh, ep_mesh_dim="ep")
     if layout == "zero3":
-        expert_parallel(net, mesh, ep_dim="dp")
+        expert_parallel(net, mesh, ep_mesh_dim="dp")
         for module in (net.inp, net.moe.router, net.out):
             fully_shard(module, mesh)
         return net
     dp = mesh.mesh_dim_names[0]
     replicate(net, mesh, dp)
-    return expert_parallel(net, mesh, ep_dim=dp, tp_dim="tp" if layout.startswith("tp") else None)
+    return expert_parallel(net, mesh, ep_mesh_dim=dp, tp_mesh_dim="tp" if layout.startswith("tp") else None)
 
 
 def _mesh(layout):
@@ -149,8 +149,8 @@ def _check_forward_backward(layout, batch, num_experts, top_k, capacity_factor, 
     for name, p in net.named_parameters():
         torch.testing.assert_close(p.grad.full_tensor(), grads[name].grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     expert_params = [net.moe.experts.w1, net.moe.experts.w2]
-    ep_dim = 1 if layout == "dp-ep" else 0
-    assert all(p.placements[ep_dim] == (Replicate() if layout == "replicated" else Shard(0)) for p in expert_params)
+    ep_mesh_dim = 1 if layout == "dp-ep" else 0
+    assert all(p.placements[ep_mesh_dim] == (Replicate() if layout == "replicated" else Shard(0)) for p in expert_params)
     if layout.startswith("tp"):
         assert net.moe.experts.w1.placements[1] == Shard(2) and net.moe.experts.w2.placements[1] == Shard(1)
     # forward: counts, rows out, rows back; backward: the two row all-to-alls inverted
@@ -240,7 +240,7 @@ def test_errors_name_the_fix():
 def _check_errors(net):
     mesh = _mesh("ep")
     with pytest.raises(ValueError, match="3 experts do not divide over 2 ranks"):
-        expert_parallel(MoE(D, F_HIDDEN, 3, 2), mesh, ep_dim="dp")
+        expert_parallel(MoE(D, F_HIDDEN, 3, 2), mesh, ep_mesh_dim="dp")
     with pytest.raises(ValueError, match="no mesh dim 'ep'"):
         expert_parallel(net, mesh)
     with pytest.raises(TypeError, match="both be DTensors"):

@@ -159,7 +159,7 @@ def _gpt_composed(pp, dp, tp, sp, zero, schedule):
                   for _ in range(2)]
     layout = Layout(dp=dp, tp=tp, sp=sp, zero=zero)
     losses, single, diff = pipeline_gpt.compare_pipeline_with_single(
-        PRESETS["debug"].replace(dropout=0.0), layout, pp=pp, schedule=schedule, num_microbatches=4,
+        PRESETS["debug"].replace(dropout=0.0), layout, pp=pp, schedule=schedule, n_microbatches=4,
         batch_list=batch_list, lr=1e-2)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single), atol=1e-5, rtol=1e-5)
     assert diff < 1e-5, diff
