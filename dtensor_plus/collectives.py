@@ -31,11 +31,12 @@ import torch
 import torch.distributed as dist
 
 from . import debug, explicit
+from .dispatcher import DISPATCHER
 from .placements import chunk_bounds
 
 __all__ = [
     "comm_mode", "CommCounter", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "scatter",
-    "all_gather_flat", "reduce_scatter_flat", "all_to_all_splits", "AllToAllSplits",
+    "all_gather_flat", "reduce_scatter_flat", "all_to_all_splits", "AllToAllSplits", "every_rank_rows",
 ]
 
 # torch >= 2.12 renamed the tensor-in/tensor-out collectives; older releases have only the old names.
@@ -93,7 +94,6 @@ def _matches(key, collective, mesh_dim_name) -> bool:
     return (collective is None or key[0] == collective) and (mesh_dim_name is None or key[1] == mesh_dim_name)
 
 
-_ACTIVE: list[CommCounter] = []
 
 
 @contextlib.contextmanager
@@ -109,26 +109,26 @@ def comm_mode(*, per_module: bool = False):
         tracker = ModuleTracker()
         tracker.__enter__()
     counter = CommCounter(tracker)
-    _ACTIVE.append(counter)
+    DISPATCHER.comm_counters.append(counter)
     try:
         yield counter
     finally:
-        _ACTIVE.remove(counter)
+        DISPATCHER.comm_counters.remove(counter)
         if tracker is not None:
             tracker.__exit__(None, None, None)
 
 
 def record_fallback(op_name: str) -> None:
-    for counter in _ACTIVE:
+    for counter in DISPATCHER.comm_counters:
         counter.fallbacks[op_name] += 1
 
 
 def _record(collective: str, mesh, mesh_dim: int, num_bytes: float) -> None:
-    if explicit._STATE.explicit:  # auditing: an op's own collective raises here, before it runs, on every rank
+    if DISPATCHER.explicit_depth:  # auditing: an op's own collective raises here, before it runs, on every rank
         explicit.check_collective(collective, mesh.mesh_dim_name(mesh_dim))
-    if _ACTIVE:
+    if DISPATCHER.comm_counters:
         name = mesh.mesh_dim_name(mesh_dim)
-        for counter in _ACTIVE:
+        for counter in DISPATCHER.comm_counters:
             counter.record(collective, name, num_bytes)
 
 
@@ -148,7 +148,7 @@ def _run(collective: str, mesh, mesh_dim: int, fn, *args, **kwargs):
 
 
 def _check_same_call(collective: str, mesh, mesh_dim: int, group) -> None:
-    ranks = _group_ranks(mesh, mesh_dim)
+    ranks = list(mesh.row_ranks(mesh_dim))
     mine = debug.describe_call(collective, mesh.mesh_dim_name(mesh_dim), ranks)
     mine = mine.to(mesh.device_type) if mesh.device_type == "cuda" else mine
     gathered = mine.new_empty((len(ranks), mine.numel()))
@@ -156,14 +156,8 @@ def _check_same_call(collective: str, mesh, mesh_dim: int, group) -> None:
     debug.raise_if_diverged(gathered, ranks, mesh.get_rank())
 
 
-def _group_ranks(mesh, mesh_dim: int) -> list[int]:
-    """The global ranks of this rank's group along ``mesh_dim``, in group order."""
-    rows = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.shape[mesh_dim]).tolist()
-    return next(row for row in rows if mesh.get_rank() in row)
-
-
 def _named_error(collective: str, mesh, mesh_dim: int, error: Exception, group=None) -> RuntimeError:
-    ranks, name = _group_ranks(mesh, mesh_dim), mesh.mesh_dim_name(mesh_dim)
+    ranks, name = list(mesh.row_ranks(mesh_dim)), mesh.mesh_dim_name(mesh_dim)
     known = debug.failure_report(collective, name, ranks, mesh.get_rank(), group or mesh.get_group(mesh_dim))
     return RuntimeError(f"{collective} on mesh dim {name!r} (ranks {ranks}) failed on rank {mesh.get_rank()}{known}: {error}")
 
@@ -327,10 +321,9 @@ class AllToAllSplits(torch.autograd.Function):
 
 def broadcast(t: torch.Tensor, mesh, mesh_dim: int, src_index: int = 0) -> torch.Tensor:
     """The tensor of the rank at index ``src_index`` along ``mesh_dim``, on every rank of that dim (in place)."""
-    src = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, mesh.shape[mesh_dim])
-    row = next(r for r in src.tolist() if mesh.get_rank() in r)
     _record("broadcast", mesh, mesh_dim, _nbytes(t) if mesh.get_local_rank(mesh_dim) == src_index else 0)
-    _run("broadcast", mesh, mesh_dim, dist.broadcast, _wire(t), src=row[src_index])  # a view: t receives in place
+    src = mesh.row_ranks(mesh_dim)[src_index]
+    _run("broadcast", mesh, mesh_dim, dist.broadcast, _wire(t), src=src)  # a view: t receives in place
     return t
 
 
@@ -344,8 +337,7 @@ def scatter(t: torch.Tensor, mesh, mesh_dim: int, dim: int, src_index: int = 0) 
     out = full.new_empty((chunk,) + full.shape[1:])
     is_src = index == src_index
     pieces = [full.narrow(0, i * chunk, chunk).contiguous() for i in range(n)] if is_src else None
-    row = mesh.mesh.movedim(mesh_dim, -1).reshape(-1, n)
-    src = next(r for r in row.tolist() if mesh.get_rank() in r)[src_index]
+    src = mesh.row_ranks(mesh_dim)[src_index]
     _record("scatter", mesh, mesh_dim, (n - 1) * _nbytes(out) if is_src else 0)
     _run("scatter", mesh, mesh_dim, dist.scatter, out, pieces, src=src)
     return out[: chunk_bounds(size, n, index)[1]].view(t.dtype).movedim(0, dim).contiguous()
@@ -445,3 +437,20 @@ def reduce_scatter_flat(tensors, mesh, mesh_dim: int, dims, reduce_ops) -> list[
 def _check_one_dtype(tensors, who: str) -> None:
     dtypes = {t.dtype for t in tensors}
     assert len(dtypes) <= 1, f"{who} packs one dtype per buffer, got {sorted(map(str, dtypes))}"
+
+
+# -- every rank's row ----------------------------------------------------------------------------------------
+
+
+def every_rank_rows(row: torch.Tensor, mesh) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's ``row`` (a 1-d int64 tensor of one length on all ranks) on every rank of ``mesh``, as a
+    (ranks, len(row)) table, and the global ranks in its row order: one all-gather per mesh dim."""
+    everyone = row.to(mesh.device_type) if mesh.device_type == "cuda" else row
+    for mesh_dim in range(mesh.ndim):  # gathering along each dim in turn leaves every rank with all rows
+        everyone = all_gather(everyone.unsqueeze(0), mesh, mesh_dim, 0, mesh.size(mesh_dim))
+    return everyone.reshape(-1, row.numel()).cpu(), _gather_order(mesh)
+
+
+def _gather_order(mesh) -> list[int]:
+    """Global ranks in the order the successive all-gathers stack them: the last mesh dim outermost."""
+    return mesh.mesh.permute(*reversed(range(mesh.ndim))).reshape(-1).tolist()

@@ -1,8 +1,10 @@
 """DeviceMesh: an N-d grid of ranks with named mesh dimensions and one process group per mesh dimension.
 
 The mesh only describes which ranks cooperate; ``collectives.py`` is the module that talks over the groups.
-Process groups are created once per set of ranks and reused by every mesh that needs them (slices,
-flattened meshes and meshes built again in later calls all share them).
+The mesh is the one place that says which ranks a collective along a mesh dim runs over (``row_ranks``: this
+rank's row; ``rows``: every row) and the one owner of process groups (``PROCESS_GROUPS``): a group is created once
+per set of ranks and use, and reused by every mesh that needs it (slices, flattened meshes and meshes built again
+in later calls all share them).
 
 Every group a mesh uses (mesh dims, flattened meshes, the pipeline's point-to-point groups) fails a stuck
 collective after ``collective_timeout()``: ``DTENSOR_PLUS_TIMEOUT_S`` when set, else the default group's own timeout
@@ -20,37 +22,68 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["DeviceMesh", "init_device_mesh", "mesh_or_current", "live_mesh"]
-
-# Process groups keyed by (backend, ranks). new_group is a collective over the whole world, so every
-# rank creates the same groups in the same order; caching keeps meshes cheap to rebuild.
-_GROUPS: dict[tuple[str, tuple[int, ...]], object] = {}
+__all__ = ["DeviceMesh", "init_device_mesh", "mesh_or_current", "live_mesh", "PROCESS_GROUPS"]
 
 
 def _backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def _group_for(ranks: tuple[int, ...], backend: str, timeout: timedelta):
+class ProcessGroupCache:
+    """Every process group dtensor_plus creates, one per (backend, use, ranks): equal rows share one group.
+
+    ``use`` is ``"collectives"`` (the groups ``collectives.py`` runs on; a row of the whole world is the default
+    group itself) or ``"point_to_point"`` (the pipeline's sends and receives: p2p ops advance a group's sequence
+    number on the two ranks involved only, so on the collectives' groups they would put ranks out of step for
+    anything that compares those numbers (the test pool, the divergence checker), and on NCCL they would queue
+    behind that communicator's collectives). ``new_group`` is a collective over the whole world, so ``create``
+    must see the same rows in the same order on every rank; ``get`` only looks up.
+    """
+
+    USES = ("collectives", "point_to_point")
+
+    def __init__(self):
+        self._groups: dict[tuple[str, str, tuple[int, ...]], object] = {}
+
+    def create(self, rows, backend: str, use: str = "collectives"):
+        """A group for every row in ``rows`` (created once, reused after); returns this rank's, or None when no row
+        holds it. Collective: every rank of the world calls it with the same rows in the same order."""
+        if use not in self.USES:
+            raise ValueError(f"process group use {use!r} is not one of {self.USES}")
+        timeout, rank, mine = collective_timeout(), dist.get_rank(), None
+        for row in rows:
+            row = tuple(row)
+            _check_ascending(row)
+            key = (backend, use, row)
+            if key not in self._groups:
+                whole_world = use == "collectives" and row == tuple(range(dist.get_world_size()))
+                self._groups[key] = dist.group.WORLD if whole_world else dist.new_group(list(row), backend=backend,
+                                                                                       timeout=timeout)
+            if rank in row:
+                mine = self._groups[key]
+                use_timeout(mine, backend, timeout)  # a cached group follows a changed DTENSOR_PLUS_TIMEOUT_S
+        return mine
+
+    def get(self, ranks, backend: str, use: str = "collectives"):
+        """The group ``create`` made for exactly ``ranks``, or None."""
+        return self._groups.get((backend, use, tuple(ranks)))
+
+
+# The one cache of process groups (module-level: groups outlive the meshes that created them).
+PROCESS_GROUPS = ProcessGroupCache()
+
+
+def _check_ascending(row: tuple[int, ...]) -> None:
     # torch.distributed numbers a group's members in ascending global rank, whatever order new_group is given;
     # our collectives place blocks by mesh coordinate, so a mesh dim listing its ranks out of order would get
     # every gather, scatter and ring in the wrong order. Every rank sees the same rows: all raise alike.
-    if list(ranks) != sorted(ranks):
+    if list(row) != sorted(row):
         raise ValueError(
-            f"a mesh dim runs over ranks {list(ranks)}, not in ascending order: torch.distributed orders a group's "
+            f"a mesh dim runs over ranks {list(row)}, not in ascending order: torch.distributed orders a group's "
             f"ranks ascending, so collectives along it would return blocks out of mesh order. Lay out the mesh "
             f"with ascending ranks along every dim (as init_device_mesh does), and flatten mesh dims in their "
             f"mesh order (mesh['dp', 'tp'].flatten(), not mesh['tp', 'dp'].flatten())"
         )
-    key = (backend, ranks)
-    if key not in _GROUPS:
-        if ranks == tuple(range(dist.get_world_size())):
-            _GROUPS[key] = dist.group.WORLD
-        else:
-            _GROUPS[key] = dist.new_group(list(ranks), backend=backend, timeout=timeout)
-    if dist.get_rank() in ranks:  # a cached group follows a changed DTENSOR_PLUS_TIMEOUT_S
-        use_timeout(_GROUPS[key], backend, timeout)
-    return _GROUPS[key]
 
 
 # -- timeouts ---------------------------------------------------------------------------------------------------
@@ -110,9 +143,7 @@ class DeviceMesh:
         mesh["tp"].size()  # 2
     """
 
-    def __init__(
-        self, device_type: str, mesh, mesh_dim_names: Sequence[str] | None = None, *, _groups=None, _root=None, _root_dims=None
-    ):
+    def __init__(self, device_type: str, mesh, mesh_dim_names: Sequence[str] | None = None, *, _root=None, _root_dims=None):
         ranks = torch.as_tensor(mesh, dtype=torch.int64, device="cpu")
         if ranks.ndim == 0:
             raise ValueError(f"DeviceMesh needs at least one mesh dimension, got the scalar {ranks.item()}")
@@ -129,38 +160,57 @@ class DeviceMesh:
         if names is not None and (len(names) != ranks.ndim or len(set(names)) != len(names)):
             raise ValueError(f"mesh_dim_names {names} must be {ranks.ndim} distinct names, one per mesh dim")
         self.device_type = device_type
+        self.backend = _backend_for(device_type)
         self.mesh = ranks
         self.mesh_dim_names = names
         self.shape = tuple(ranks.shape)
         self.ndim = ranks.ndim
         self._rank = dist.get_rank()
-        self._coordinate = self._find_coordinate()
-        self._groups = _groups if _groups is not None else self._create_groups()
-        # A slice remembers the mesh it came from: flattening it must create groups on every rank alike.
+        self._coordinate = self.coordinate_of(self._rank)
+        # A slice remembers the mesh it came from: its rows and groups are the root's, and flattening it must
+        # create groups on every rank of the root alike.
         self._root = _root if _root is not None else self
         self._root_dims = tuple(_root_dims) if _root_dims is not None else tuple(range(self.ndim))
+        self._my_rows = [self._row_through_me(mesh_dim) for mesh_dim in range(self.ndim)]
+        if _root is None:  # every rank creates every row's group, in the same order (a collective); a flattened
+            for mesh_dim in range(self.ndim):  # mesh's one row was created by flatten on every rank already
+                PROCESS_GROUPS.create(self.rows(mesh_dim), self.backend)
+        self._groups = [None if row is None else PROCESS_GROUPS.get(row, self.backend) for row in self._my_rows]
         self._hash = hash((device_type, self.shape, tuple(flat), names))
         _LIVE[(device_type, self.shape, tuple(flat), names)] = self  # what torch.load finds (live_mesh)
 
-    # -- construction ---------------------------------------------------------------------------------
+    def _row_through_me(self, mesh_dim: int) -> tuple[int, ...] | None:
+        if self._coordinate is None:
+            return None
+        index = tuple(slice(None) if k == mesh_dim else c for k, c in enumerate(self._coordinate))
+        return tuple(self.mesh[index].tolist())
 
-    def _find_coordinate(self) -> tuple[int, ...] | None:
-        where = (self.mesh == self._rank).nonzero()
+    # -- rows: the ranks a collective along a mesh dim runs over ---------------------------------------------
+
+    def row_ranks(self, mesh_dim: int | str) -> tuple[int, ...]:
+        """The global ranks a collective along ``mesh_dim`` runs over from this rank: those at this rank's
+        coordinate on every other mesh dim, in mesh order (ascending, which is also their group order).
+        On a (dp, tp) mesh [[0, 1], [2, 3]], rank 2's ``row_ranks("tp")`` is (2, 3) and ``row_ranks("dp")`` (0, 2)."""
+        self._require_member()
+        return self._my_rows[self.mesh_dim_index(mesh_dim)]
+
+    def rows(self, *mesh_dims: int | str) -> list[tuple[int, ...]]:
+        """Every row along ``mesh_dims`` over all ranks of the mesh this one was sliced from (itself, when it
+        was built whole): one row per coordinate on the other mesh dims, in mesh order. Several mesh dims merge
+        row-major in the order given (what ``flatten`` makes of them). A slice's rows include its siblings'
+        (``mesh["tp"].rows("tp")`` is every tp row of ``mesh``): creating their groups is collective."""
+        dims = [self._root_dims[self.mesh_dim_index(d)] for d in mesh_dims]
+        if not dims or len(set(dims)) != len(dims):
+            raise ValueError(f"rows needs distinct mesh dims, got {mesh_dims}")
+        root = self._root
+        others = [d for d in range(root.ndim) if d not in dims]
+        length = _prod(root.shape[d] for d in dims)
+        return [tuple(row) for row in root.mesh.permute(*others, *dims).reshape(-1, length).tolist()]
+
+    def coordinate_of(self, rank: int) -> tuple[int, ...] | None:
+        """Global ``rank``'s index along every mesh dim, or None when the mesh does not hold it."""
+        where = (self.mesh == rank).nonzero()
         return tuple(where[0].tolist()) if len(where) else None
-
-    def _create_groups(self) -> list:
-        """One group per mesh dim holding this rank; every rank creates every group (collective order)."""
-        backend, timeout = _backend_for(self.device_type), collective_timeout()
-        groups = []
-        for mesh_dim in range(self.ndim):
-            rows = self.mesh.movedim(mesh_dim, -1).reshape(-1, self.shape[mesh_dim])
-            mine = None
-            for row in rows.tolist():
-                group = _group_for(tuple(row), backend, timeout)
-                if self._rank in row:
-                    mine = group
-            groups.append(mine)
-        return groups
 
     # -- queries --------------------------------------------------------------------------------------
 
@@ -183,7 +233,7 @@ class DeviceMesh:
         return self.mesh_dim_names[mesh_dim] if self.mesh_dim_names else str(mesh_dim)
 
     def get_group(self, mesh_dim: int | str = 0):
-        """The process group along ``mesh_dim`` that holds this rank."""
+        """The process group along ``mesh_dim`` that holds this rank: the one over ``row_ranks(mesh_dim)``."""
         self._require_member()
         return self._groups[self.mesh_dim_index(mesh_dim)]
 
@@ -219,7 +269,6 @@ class DeviceMesh:
             self.device_type,
             sub,
             [self.mesh_dim_name(d) for d in dims],
-            _groups=[self._groups[d] for d in dims],
             _root=self._root,
             _root_dims=[self._root_dims[d] for d in dims],
         )
@@ -229,17 +278,9 @@ class DeviceMesh:
 
         Every rank of the root mesh must call it (it creates one group per parallel slice, collectively)."""
         name = mesh_dim_name or "_".join(self.mesh_dim_name(d) for d in range(self.ndim))
-        root, dims = self._root, self._root_dims
-        others = [d for d in range(root.ndim) if d not in dims]
-        rows = root.mesh.permute(*others, *dims).reshape(-1, self.mesh.numel()).tolist()
-        backend, timeout = _backend_for(self.device_type), collective_timeout()
-        mine = None
-        for row in rows:
-            group = _group_for(tuple(row), backend, timeout)
-            if self._rank in row:
-                mine, my_row = group, row
+        PROCESS_GROUPS.create(self.rows(*range(self.ndim)), self.backend)
         self._require_member()
-        return DeviceMesh(self.device_type, my_row, [name], _groups=[mine])
+        return DeviceMesh(self.device_type, self.mesh.flatten(), [name])  # this rank's row of those just created
 
     # -- identity -------------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .collectives import PendingCollective, _group_ranks, _named_error, _nbytes, _record, _run
-from .mesh import collective_timeout, use_timeout
+from .collectives import PendingCollective, _named_error, _nbytes, _record, _run
+from .mesh import PROCESS_GROUPS
 
 __all__ = ["ring_shift", "p2p_group", "send_recv"]
 
@@ -62,29 +62,13 @@ class _AllWorks:
 
 # -- point-to-point: pipeline stage boundaries ---------------------------------------------------------------
 
-# Point-to-point traffic gets process groups of its own, one per line of ranks along the mesh dim, keyed by
-# (backend, ranks): p2p ops advance a group's sequence number on the two ranks involved only, so on the groups
-# the collectives use they would put ranks out of step for anything that compares those numbers (the test
-# pool, the divergence checker), and on NCCL they would queue behind the collectives of that communicator.
-_P2P_GROUPS: dict[tuple[str, tuple[int, ...]], object] = {}
-
 
 def p2p_group(mesh, mesh_dim: int | str):
-    """This rank's point-to-point group along ``mesh_dim``; created on first use (group creation is collective:
-    every rank of the whole mesh calls this together, e.g. when building a pipeline schedule). Its timeout is the
-    mesh groups' (``mesh.collective_timeout``): a stage whose peer is stuck fails within it."""
-    root, dims = mesh._root, mesh._root_dims
-    root_dim = dims[mesh.mesh_dim_index(mesh_dim)]
-    backend = "nccl" if mesh.device_type == "cuda" else "gloo"
-    mine, timeout = None, collective_timeout()
-    for row in root.mesh.movedim(root_dim, -1).reshape(-1, root.shape[root_dim]).tolist():
-        key = (backend, tuple(row))
-        if key not in _P2P_GROUPS:
-            _P2P_GROUPS[key] = dist.new_group(row, backend=backend, timeout=timeout)
-        if mesh.get_rank() in row:
-            mine = _P2P_GROUPS[key]
-            use_timeout(mine, backend, timeout)  # a cached group follows a changed DTENSOR_PLUS_TIMEOUT_S
-    return mine
+    """This rank's point-to-point group along ``mesh_dim`` (over ``mesh.row_ranks(mesh_dim)``), apart from the
+    collectives' group over the same ranks (``ProcessGroupCache`` says why); created on first use (group creation
+    is collective: every rank of the whole mesh calls this together, e.g. when building a pipeline schedule). Its
+    timeout is the mesh groups' (``mesh.collective_timeout()``): a stage whose peer is stuck fails within it."""
+    return PROCESS_GROUPS.create(mesh.rows(mesh_dim), mesh.backend, "point_to_point")
 
 
 def send_recv(sends, recvs, mesh, mesh_dim: int | str):
@@ -97,10 +81,11 @@ def send_recv(sends, recvs, mesh, mesh_dim: int | str):
     at the end of the step (sends never block the sender). Counted as ``"send"`` with the bytes this rank sends.
     """
     mesh_dim = mesh.mesh_dim_index(mesh_dim)
-    row = _group_ranks(mesh, mesh_dim)
-    group = _P2P_GROUPS.get(("nccl" if mesh.device_type == "cuda" else "gloo", tuple(row)))
+    row = mesh.row_ranks(mesh_dim)
+    group = PROCESS_GROUPS.get(row, mesh.backend, "point_to_point")
     if group is None:
-        raise RuntimeError(f"no point-to-point group for ranks {row}: call p2p_group(mesh, {mesh_dim!r}) on every rank first")
+        raise RuntimeError(f"no point-to-point group for ranks {list(row)}: call p2p_group(mesh, {mesh_dim!r}) on every "
+                           f"rank first")
     if sends:
         _record("send", mesh, mesh_dim, sum(_nbytes(t) for t, _, _ in sends))
     send_ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer, tag=tag) for t, peer, tag in sends]

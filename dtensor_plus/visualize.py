@@ -84,7 +84,7 @@ def _owned_indices(size: int, placements, mesh_shape, coordinate, dim: int) -> t
 
 def _runs_per_dim(dtensor) -> list[list[tuple[tuple[int, int], frozenset[int]]]]:
     mesh = dtensor.device_mesh
-    coordinates = {rank: tuple(c.tolist()) for rank, c in zip(_all_ranks(dtensor), _coordinates(mesh.mesh))}
+    coordinates = {rank: mesh.coordinate_of(rank) for rank in _all_ranks(dtensor)}
     runs = []
     for dim, size in enumerate(dtensor.shape):
         holders: list[set[int]] = [set() for _ in range(size)]
@@ -98,12 +98,6 @@ def _runs_per_dim(dtensor) -> list[list[tuple[tuple[int, int], frozenset[int]]]]
                 start = index
         runs.append(dim_runs or [((0, 0), frozenset(coordinates))])  # an empty dim: one empty block
     return runs
-
-
-def _coordinates(ranks: torch.Tensor) -> torch.Tensor:
-    """Row i: the mesh coordinate of ``ranks.flatten()[i]``."""
-    grids = torch.meshgrid(*[torch.arange(n) for n in ranks.shape], indexing="ij")
-    return torch.stack([g.flatten() for g in grids], dim=1)
 
 
 # -- text -----------------------------------------------------------------------------------------------
