@@ -17,8 +17,9 @@ class dim is not sharded uses the rule that was in force when the block was ente
 Why a local op communicates here, and only here: log-softmax over a sharded class dim needs each row's
 global max and log-sum-exp. The planner moves whole inputs between placements; it cannot express "reduce a
 statistic in the middle of one op", and the dispatcher runs exactly one local op per aten op. So the
-``_log_softmax`` local op (and its backward) call ``collectives.all_reduce`` on the (N, 1) statistics,
-counted by ``comm_mode`` like any collective. The bytes are O(N), never O(N·V) (this is also how PyTorch's
+``_log_softmax`` rule (and its backward's) declares an all-reduce of the (N, 1) statistics (``AllReduce`` in
+its Sharding's communication) and the local op runs it through the ``comm`` the executor hands it, counted by
+``comm_mode`` like any collective. The bytes are O(N), never O(N·V) (this is also how PyTorch's
 loss_parallel works). Nothing hangs: the rule depends only on global metadata (the specs), so every rank of
 the mesh picks the same local op and issues the same all-reduces in the same order (mesh dims ascending).
 
@@ -48,7 +49,8 @@ import functools
 
 import torch
 
-from dtensor_plus import collectives, explicit, rules
+from dtensor_plus import explicit, rules
+from dtensor_plus.declared import AllReduce, Communicator
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.kernels.cross_entropy import cross_entropy as fused_cross_entropy
 from dtensor_plus.ops.common import aten, normalize_dim, replicated, without_partial
@@ -116,7 +118,9 @@ def parallel_cross_entropy(logits, target, *, ignore_index: int = -100, reductio
     target_local = target.redistribute(placements=row_p).to_local()
     block = spec.with_placements(logit_p)
     mesh_dims = _class_mesh_dims(block, 1)
-    all_reduce = functools.partial(_all_reduce_op, spec=block, mesh_dims=mesh_dims) if mesh_dims else None
+    # Not a rule, but it communicates the same way: only what it declares, counted and audited as a rule's.
+    comm = Communicator("parallel_cross_entropy", mesh, (AllReduce(mesh_dims, ("max", "sum")),))
+    all_reduce = comm.all_reduce if mesh_dims else None
     rows_local = fused_cross_entropy(logits.to_local(), target_local, vocab_offset=block.local_shape_and_offset()[1][1],
                                      ignore_index=ignore_index, reduction="none", all_reduce=all_reduce)
     rows = DTensor.from_local(rows_local, mesh, row_p, shape=(spec.shape[0],))
@@ -128,22 +132,12 @@ def parallel_cross_entropy(logits, target, *, ignore_index: int = -100, reductio
     return rows.sum() / kept.sum()
 
 
-def _all_reduce_op(t: torch.Tensor, reduce_op: str, *, spec: DTensorSpec, mesh_dims: list[int]) -> torch.Tensor:
-    return _all_reduce(t, spec, mesh_dims, reduce_op)
-
-
 # -- helpers --------------------------------------------------------------------------------------------
 
 
-def _class_mesh_dims(spec: DTensorSpec, dim: int) -> list[int]:
-    return [k for k, p in enumerate(spec.placements) if p.is_shard(dim)]
-
-
-def _all_reduce(t: torch.Tensor, spec: DTensorSpec, mesh_dims: list[int], reduce_op: str) -> torch.Tensor:
-    for mesh_dim in mesh_dims:  # same order on every rank; a 1-rank mesh dim has nothing to reduce
-        if spec.mesh.size(mesh_dim) > 1:
-            t = collectives.all_reduce(t, spec.mesh, mesh_dim, reduce_op)
-    return t
+def _class_mesh_dims(spec: DTensorSpec, dim: int) -> tuple[int, ...]:
+    """The mesh dims sharding ``dim``, ascending: the order every rank all-reduces over them."""
+    return tuple(k for k, p in enumerate(spec.placements) if p.is_shard(dim))
 
 
 # -- log_softmax ----------------------------------------------------------------------------------------
@@ -156,11 +150,11 @@ def _log_softmax_rule(op: OpSchema, default) -> Sharding:
     if not mesh_dims:
         return default(op)
     target = without_partial(spec.placements)  # Shards stay (the class one too); Partial reduced
-    local_op = functools.partial(_log_softmax_local, spec=spec.with_placements(target), mesh_dims=mesh_dims)
-    return Sharding(inputs=(target,), outputs=(target,), local_op=local_op)
+    return Sharding(inputs=(target,), outputs=(target,), local_op=_log_softmax_local,
+                    communication=(AllReduce(mesh_dims, ("max", "sum")),))
 
 
-def _log_softmax_local(x, dim, half_to_float, *, spec, mesh_dims):
+def _log_softmax_local(x, dim, half_to_float, *, comm):
     if half_to_float:
         x = x.float()
     stat_shape = list(x.shape)
@@ -169,9 +163,9 @@ def _log_softmax_local(x, dim, half_to_float, *, spec, mesh_dims):
         local_max = x.new_full(stat_shape, float("-inf"))
     else:
         local_max = x.amax(dim, keepdim=True)
-    row_max = _all_reduce(local_max, spec, mesh_dims, "max")
+    row_max = comm.all_reduce(local_max, "max")
     # A row of all -inf gives nan here, exactly as on one device.
-    sum_exp = _all_reduce((x - row_max).exp().sum(dim, keepdim=True), spec, mesh_dims, "sum")
+    sum_exp = comm.all_reduce((x - row_max).exp().sum(dim, keepdim=True), "sum")
     return x - row_max - sum_exp.log()
 
 
@@ -183,12 +177,12 @@ def _log_softmax_backward_rule(op: OpSchema, default) -> Sharding:
     if not mesh_dims:
         return default(op)
     target = without_partial(output.placements)
-    local_op = functools.partial(_log_softmax_backward_local, spec=output.with_placements(target), mesh_dims=mesh_dims)
-    return Sharding(inputs=(target, target), outputs=(target,), local_op=local_op)
+    return Sharding(inputs=(target, target), outputs=(target,), local_op=_log_softmax_backward_local,
+                    communication=(AllReduce(mesh_dims, ("sum",)),))
 
 
-def _log_softmax_backward_local(grad, output, dim, input_dtype, *, spec, mesh_dims):
-    grad_sum = _all_reduce(grad.sum(dim, keepdim=True), spec, mesh_dims, "sum")
+def _log_softmax_backward_local(grad, output, dim, input_dtype, *, comm):
+    grad_sum = comm.all_reduce(grad.sum(dim, keepdim=True), "sum")
     return (grad - output.exp() * grad_sum).to(input_dtype)
 
 
@@ -199,7 +193,7 @@ def _nll_class_dim(ndim: int) -> int:
     return 1 if ndim >= 2 else 0
 
 
-def _nll_placements(self_spec: DTensorSpec, target_spec: DTensorSpec, mesh_dims: list[int]):
+def _nll_placements(self_spec: DTensorSpec, target_spec: DTensorSpec, mesh_dims: tuple[int, ...]):
     """Batch dims as the default rule lays them out; on class mesh dims self keeps Shard(C), target whole."""
     self_p, target_p = map(list, _batch_placements(self_spec, target_spec))
     for k in mesh_dims:
@@ -219,16 +213,17 @@ def _nll_forward_rule(op: OpSchema, default) -> Sharding:
     if reduction == NONE:  # per-row losses: summed over the class group; total_weight is 0
         out = tuple(Partial() if k in mesh_dims else p for k, p in enumerate(target_p))
         inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
-        return Sharding(inputs=inputs, outputs=(out, whole), local_op=_nll_forward_local(op.func, block, False))
+        return Sharding(inputs=inputs, outputs=(out, whole), local_op=_nll_forward_local(op.func, block))
     partial = tuple(Partial() if p.is_shard() else Replicate() for p in self_p)
     if reduction == SUM:  # the total weight counts whole rows: summed over batch shards only
         total = tuple(Partial() if p.is_shard() and k not in mesh_dims else Replicate() for k, p in enumerate(self_p))
         inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
-        return Sharding(inputs=inputs, outputs=(partial, total), local_op=_nll_forward_local(op.func, block, False))
+        return Sharding(inputs=inputs, outputs=(partial, total), local_op=_nll_forward_local(op.func, block))
     # mean: the global total weight is the local ones all-reduced over the batch shards (as ops/losses.py)
-    batch_mesh_dims = [k for k, p in enumerate(self_p) if p.is_shard() and k not in mesh_dims]
+    batch_mesh_dims = tuple(k for k, p in enumerate(self_p) if p.is_shard() and k not in mesh_dims)
     inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
-    return Sharding(inputs=inputs, outputs=(partial, whole), local_op=_nll_forward_local(op.func, block, True, batch_mesh_dims))
+    return Sharding(inputs=inputs, outputs=(partial, whole), local_op=_nll_mean_local(op.func, block),
+                    communication=(AllReduce(batch_mesh_dims, ("sum",)),))
 
 
 def _total_weight(target, weight, ignore_index, dtype) -> torch.Tensor:
@@ -249,17 +244,26 @@ def _to_block(target, weight, ignore_index, block: DTensorSpec):
     return torch.where(mine, shifted, _LOCAL_IGNORE), local_weight
 
 
-def _nll_forward_local(func, block: DTensorSpec, mean: bool, batch_mesh_dims=()):
+def _nll_forward_local(func, block: DTensorSpec):
     def local_op(self, target, weight, reduction, ignore_index):
-        if mean:
-            total = _all_reduce(_total_weight(target, weight, ignore_index, self.dtype), block, batch_mesh_dims, "sum")
         local_target, local_weight = _to_block(target, weight, ignore_index, block)
-        out, _ = func(self, local_target, local_weight, SUM if mean else reduction, _LOCAL_IGNORE)
-        if mean:
-            return out / total, total  # total 0 gives nan, as on one device
+        out, _ = func(self, local_target, local_weight, reduction, _LOCAL_IGNORE)
         if reduction == NONE:
             return out, self.new_zeros(())
         return out, _total_weight(target, weight, ignore_index, self.dtype)
+
+    return local_op
+
+
+def _nll_mean_local(func, block: DTensorSpec):
+    """The mean: the local sum over the class block / the global total weight (all-reduced over the declared
+    batch mesh dims; none when the rows are whole, where the local total weight is already global)."""
+
+    def local_op(self, target, weight, reduction, ignore_index, *, comm):
+        total = comm.all_reduce(_total_weight(target, weight, ignore_index, self.dtype), "sum")
+        local_target, local_weight = _to_block(target, weight, ignore_index, block)
+        out, _ = func(self, local_target, local_weight, SUM, _LOCAL_IGNORE)
+        return out / total, total  # total 0 gives nan, as on one device
 
     return local_op
 

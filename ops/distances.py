@@ -37,7 +37,8 @@ on the broadcast shape (an input that broadcasts along a dim is Replicate there)
 sum |a-b|^p (max, min, count for p = inf, -inf, 0), all-reduces over the sharding mesh dims and takes the root.
 Partial inputs are reduced first (a norm of pieces is not a piece). Its backward decomposes into ops with rules.
 
-``p`` is a float, which the plan cache keys by type only (except +-inf): local ops read it at run time.
+``p`` is a float, which the plan cache keys by type only (except +-inf): local ops read it at run time. The
+all-reduce of the powers is declared (``AllReduce`` in the rule's Sharding); the local op runs it through ``comm``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import math
 
 import torch
 
-from dtensor_plus import collectives
+from dtensor_plus.declared import AllReduce
 from dtensor_plus.placements import Partial, Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 
@@ -70,11 +71,20 @@ def _powers(diff: torch.Tensor, p: float, dims) -> torch.Tensor:
     return magnitude.pow(p).sum(dims)
 
 
-def _combine(powers: torch.Tensor, p: float, mesh, mesh_dims) -> torch.Tensor:
-    """All-reduce the pieces' powers over ``mesh_dims`` (the same order on every rank), then take the root."""
-    reduce_op = ("max" if p > 0 else "min") if math.isinf(p) else "sum"
-    for mesh_dim in mesh_dims:
-        powers = collectives.all_reduce(powers, mesh, mesh_dim, reduce_op)
+def _reduce_op(p: float) -> str:
+    """How pieces' powers combine: max for p = inf, min for -inf, else a sum (p = 0 counts nonzeros)."""
+    return ("max" if p > 0 else "min") if math.isinf(p) else "sum"
+
+
+def _declared_all_reduce(mesh_dims, p: float) -> tuple:
+    """The rule's communication: one all-reduce of the powers over ``mesh_dims``. +-inf is part of the plan
+    cache key (a mode), so the reduction read from the rule's ``p`` holds for every call of the plan."""
+    return (AllReduce(tuple(mesh_dims), (_reduce_op(p),)),)
+
+
+def _combine(powers: torch.Tensor, p: float, comm) -> torch.Tensor:
+    """All-reduce the pieces' powers over the declared mesh dims (``comm``), then take the root."""
+    powers = comm.all_reduce(powers, _reduce_op(p))
     if math.isinf(p) or p == 0:
         return powers
     return powers.sqrt() if p == 2 else powers.pow(1.0 / p)
@@ -141,14 +151,10 @@ def _cdist_targets(mode, out_dim, x1, x2, out_ndim):
     return r, r, r, r, r
 
 
-def _cdist_local(mesh, mesh_dims):
-    """cdist where ``mesh_dims`` split the features: per-pair powers of the local features, combined."""
-
-    def local_op(x1, x2, p, compute_mode=None):
-        diff = _wide(x1).unsqueeze(-2) - _wide(x2).unsqueeze(-3)  # (*B, P, R, M_local)
-        return _combine(_powers(diff, p, (diff.ndim - 1,)), p, mesh, mesh_dims).to(x1.dtype)
-
-    return local_op
+def _cdist_local(x1, x2, p, compute_mode=None, *, comm):
+    """cdist where mesh dims split the features: per-pair powers of the local features, combined."""
+    diff = _wide(x1).unsqueeze(-2) - _wide(x2).unsqueeze(-3)  # (*B, P, R, M_local)
+    return _combine(_powers(diff, p, (diff.ndim - 1,)), p, comm).to(x1.dtype)
 
 
 @register_rule(aten._cdist_forward.default)
@@ -165,8 +171,10 @@ def cdist_rule(op: OpSchema) -> Sharding:
         t1.append(a), t2.append(b), out.append(o)
         if mode == "M" and op.mesh_shape[k] > 1:
             m_dims.append(k)
-    local_op = _cdist_local(x1.mesh, m_dims) if m_dims else None
-    return Sharding(inputs=(tuple(t1), tuple(t2)), outputs=(tuple(out),), local_op=local_op)
+    if not m_dims:
+        return Sharding(inputs=(tuple(t1), tuple(t2)), outputs=(tuple(out),))
+    return Sharding(inputs=(tuple(t1), tuple(t2)), outputs=(tuple(out),), local_op=_cdist_local,
+                    communication=_declared_all_reduce(m_dims, op.arg(2, "p")))
 
 
 @register_rule(aten._cdist_backward.default)
@@ -186,13 +194,10 @@ def cdist_backward_rule(op: OpSchema) -> Sharding:
 # -- pdist ----------------------------------------------------------------------------------------------
 
 
-def _pdist_local(mesh, mesh_dims):
-    def local_op(x, p=2.0):
-        rows, cols = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
-        diff = _wide(x)[rows] - _wide(x)[cols]  # (N(N-1)/2, M_local)
-        return _combine(_powers(diff, p, (1,)), p, mesh, mesh_dims).to(x.dtype)
-
-    return local_op
+def _pdist_local(x, p=2.0, *, comm):
+    rows, cols = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    diff = _wide(x)[rows] - _wide(x)[cols]  # (N(N-1)/2, M_local)
+    return _combine(_powers(diff, p, (1,)), p, comm).to(x.dtype)
 
 
 @register_rule(aten._pdist_forward.default)
@@ -202,8 +207,11 @@ def pdist_rule(op: OpSchema) -> Sharding:
     m_pays = n * (n - 1) <= n * m  # all-reduce of N(N-1)/2 distances vs all-gather of x
     target = tuple(p if p.is_shard(1) and m_pays else Replicate() for p in spec.placements)
     m_dims = [k for k, p in enumerate(target) if p.is_shard() and op.mesh_shape[k] > 1]
-    local_op = _pdist_local(spec.mesh, m_dims) if m_dims else None
-    return Sharding(inputs=(target,), outputs=(replicated(len(op.mesh_shape)),), local_op=local_op)
+    out = (replicated(len(op.mesh_shape)),)
+    if not m_dims:
+        return Sharding(inputs=(target,), outputs=out)
+    return Sharding(inputs=(target,), outputs=out, local_op=_pdist_local,
+                    communication=_declared_all_reduce(m_dims, op.arg(1, "p", 2.0)))
 
 
 @register_rule(aten._pdist_backward.default)
@@ -224,13 +232,13 @@ def pdist_backward_rule(op: OpSchema) -> Sharding:
 # -- dist -----------------------------------------------------------------------------------------------
 
 
-def _dist_local(mesh, mesh_dims, globally_empty: bool):
-    def local_op(a, b, p=2.0):
+def _dist_local(globally_empty: bool):
+    def local_op(a, b, p=2.0, *, comm):
         if globally_empty:
             return aten.dist.default(a, b, p)  # raises (inf norms) or gives 0 as on one device
         diff = _wide(a) - _wide(b)
         out_dtype = torch.empty(0, dtype=a.dtype).abs().dtype  # complex -> real
-        return _combine(_powers(diff, p, tuple(range(diff.ndim))), p, mesh, mesh_dims).to(out_dtype)
+        return _combine(_powers(diff, p, tuple(range(diff.ndim))), p, comm).to(out_dtype)
 
     return local_op
 
@@ -257,5 +265,7 @@ def dist_rule(op: OpSchema) -> Sharding:
         if op.mesh_shape[k] > 1:
             mesh_dims.append(k)
     r = replicated(len(op.mesh_shape))
-    local_op = _dist_local(a.mesh, mesh_dims, shape.numel() == 0) if mesh_dims else None
-    return Sharding(inputs=(tuple(ta), tuple(tb)), outputs=(r,), local_op=local_op)
+    if not mesh_dims:
+        return Sharding(inputs=(tuple(ta), tuple(tb)), outputs=(r,))
+    return Sharding(inputs=(tuple(ta), tuple(tb)), outputs=(r,), local_op=_dist_local(shape.numel() == 0),
+                    communication=_declared_all_reduce(mesh_dims, op.arg(2, "p", 2.0)))

@@ -26,7 +26,8 @@ match a sharded target: free). Per mesh dim that shards a batch dim:
 
 For mean, each rank sums weight[target] over its own targets != ignore_index and one all-reduce of that
 scalar (4 bytes, on each mesh dim sharding the batch) gives every rank the global total weight; it divides its
-local sum by it: exact for uneven and empty shards, and the targets never move. The backward kernel already
+local sum by it: exact for uneven and empty shards, and the targets never move. The rule declares that
+all-reduce (``AllReduce``); the local op runs it through the ``comm`` it is handed. The backward kernel already
 divides by the total_weight it is given, which is the global one.
 """
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from dtensor_plus import collectives
+from dtensor_plus.declared import AllReduce
 from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec
@@ -163,20 +164,18 @@ def nll_loss_forward_rule(op: OpSchema) -> Sharding:
         inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
         return Sharding(inputs=inputs, outputs=(partial, partial))
     inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
-    batch_mesh_dims = [k for k, p in enumerate(self_p) if p.is_shard()]
-    local_op = _nll_mean(op.func, self_spec.mesh, batch_mesh_dims)
-    return Sharding(inputs=inputs, outputs=(partial, whole), local_op=local_op)
+    batch_mesh_dims = tuple(k for k, p in enumerate(self_p) if p.is_shard())
+    return Sharding(inputs=inputs, outputs=(partial, whole), local_op=_nll_mean(op.func),
+                    communication=(AllReduce(batch_mesh_dims, ("sum",)),))
 
 
-def _nll_mean(func, mesh, batch_mesh_dims: list[int]):
+def _nll_mean(func):
     """Mean nll over a batch-sharded input: local sum / global total weight (all-reduced, one scalar)."""
 
-    def local_op(self, target, weight, reduction, ignore_index):
+    def local_op(self, target, weight, reduction, ignore_index, *, comm):
         # The kernel's second output is this rank's total weight (weight[target] over kept targets).
         local_sum, total_weight = func(self, target, weight, SUM, ignore_index)
-        for mesh_dim in batch_mesh_dims:  # same order on every rank; a 1-rank mesh dim has nothing to add
-            if mesh.size(mesh_dim) > 1:
-                total_weight = collectives.all_reduce(total_weight, mesh, mesh_dim, "sum")
+        total_weight = comm.all_reduce(total_weight, "sum")  # the declared mesh dims, in order; 1-rank ones skipped
         return local_sum / total_weight, total_weight  # total 0 gives nan, as on one device
 
     return local_op

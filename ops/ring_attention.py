@@ -4,7 +4,9 @@ sequence dim, installed by ``layouts.context_parallel(kind="ring")`` (never regi
 Shapes: q (B, H, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), out (B, H, T, Dv), logsumexp (B, H, T).
 On the context-parallel mesh dim (n ranks, local index r) every one of them is Shard(2): rank r holds
 the torch.chunk block r of the sequence. Each rank keeps its q block; the k/v blocks travel around the
-ring (``point_to_point.ring_shift``: to r+1, from r-1), so at step t rank r holds kv block (r - t) mod n.
+ring (a ring shift: to r+1, from r-1), so at step t rank r holds kv block (r - t) mod n. The rules declare
+those shifts (``RingShift(mesh_dim, steps)`` in their Sharding) and the local ops run them through the
+``comm`` the executor hands them: n-1 per forward, 2(n-1) per backward.
 
 Forward: per kv block, the CPU flash kernel gives the block's output and log-sum-exp; blocks merge exactly
 (out = sum_j exp(lse_j - lse) out_j with lse = logaddexp over j). n-1 shifts of (k, v); each is issued
@@ -50,7 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dtensor_plus import point_to_point, strided
+from dtensor_plus import strided
+from dtensor_plus.declared import RingShift
 from dtensor_plus.kernels import flash_attention, switch
 from dtensor_plus.placements import Placement, Replicate, Shard, StridedShard, chunk_bounds
 from dtensor_plus.rules import OpSchema, Sharding
@@ -184,24 +187,26 @@ def _with_length(t: torch.Tensor, length: int) -> torch.Size:
     return torch.Size(shape)
 
 
-def _shift(tensors, ring: RingGeometry, step: int, tag: int):
-    """Start passing the blocks held at ``step`` on; what arrives is block kv_block_at(step + 1)."""
+def _shift(comm, tensors, ring: RingGeometry, step: int, tag: int):
+    """Start passing the blocks held at ``step`` on (the rule's declared ring shift); what arrives is block
+    kv_block_at(step + 1)."""
     length = ring.kv_length(ring.kv_block_at(step + 1))
-    return point_to_point.ring_shift(tensors, ring.mesh, ring.mesh_dim, recv_shapes=[_with_length(t, length) for t in tensors],
-                                  tag=tag, async_op=True)
+    return comm.ring_shift(tensors, ring.mesh_dim, recv_shapes=[_with_length(t, length) for t in tensors], tag=tag,
+                           async_op=True)
 
 
 # -- forward ------------------------------------------------------------------------------------------------
 
 
-def ring_forward(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None, ring: RingGeometry):
+def ring_forward(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None, ring: RingGeometry,
+                 comm):
     """This rank's (out, logsumexp) for its q block, from every kv block passed around the ring."""
     _check_local_call(dropout_p, attn_mask)
     # Strict RNG mode changes nothing here: at dropout_p == 0 the kernel draws nothing, so the dispatcher hands
     # it local blocks like any other op (random.draws).
     kv, out, lse = [key, value], None, None  # out, lse: this rank's whole q block, merged so far
     for step in range(ring.size):
-        pending = _shift(kv, ring, step, _KV_TAG) if step < ring.size - 1 else None  # overlaps the kernel
+        pending = _shift(comm, kv, ring, step, _KV_TAG) if step < ring.size - 1 else None  # overlaps the kernel
         for q_rows, kv_rows, kind in _local_pairs(ring, step, query, kv):
             out_b, lse_b = _block_forward(_rows(query, q_rows), _rows(kv[0], kv_rows), _rows(kv[1], kv_rows),
                                           kind == DIAGONAL, scale)
@@ -252,7 +257,7 @@ def _empty_outputs(query, key, value, is_causal, scale):
 
 
 def ring_backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *, attn_mask=None,
-                  scale=None, ring: RingGeometry):
+                  scale=None, ring: RingGeometry, comm):
     """This rank's (dq, dk, dv): dq of its q block; dk, dv of its kv block, gathered from every rank's share."""
     _check_local_call(dropout_p, attn_mask)
     acc_dtype = torch.promote_types(query.dtype, torch.float32)
@@ -260,7 +265,7 @@ def ring_backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is
     kv, own, traveling, pending_kv = [key, value], None, None, None
     for step in range(ring.size):
         if step < ring.size - 1:
-            pending_kv = _shift(kv, ring, step, _KV_TAG)  # overlaps the kernel
+            pending_kv = _shift(comm, kv, ring, step, _KV_TAG)  # overlaps the kernel
         share = _backward_step(grad_out, query, kv, out, logsumexp, grad_q, scale, _local_pairs(ring, step, query, kv))
         if step == 0:
             own = share  # this rank's share of its own block: it stays here
@@ -268,7 +273,7 @@ def ring_backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is
             if traveling is not None:
                 received = traveling.wait()
                 share = [a + b for a, b in zip(received, share)]
-            traveling = _shift(share, ring, step, _GRAD_TAG)
+            traveling = _shift(comm, share, ring, step, _GRAD_TAG)
         if step < ring.size - 1:
             kv = pending_kv.wait()
     grad_k, grad_v = (a + b for a, b in zip(own, traveling.wait()))
@@ -334,7 +339,8 @@ def _seen_by_default(op: OpSchema, index: int) -> OpSchema:
     return strided.with_specs(op, specs)
 
 
-def _rule(op: OpSchema, mesh_dim, load_balance: bool, query_index: int, default_rule, local_op) -> Sharding:
+def _rule(op: OpSchema, mesh_dim, load_balance: bool, query_index: int, default_rule, local_op, shifts_per_hop: int) -> Sharding:
+    """The ring's decision; the local op shifts ``shifts_per_hop`` block sets per hop of the ring (n-1 hops)."""
     index = op.mesh.mesh_dim_index(mesh_dim)  # raises ValueError naming the mesh's dims
     placement = _ring_placement(op, index, query_index, load_balance)
     if placement is None:  # the default rule, which never sees a StridedShard (it gathers them)
@@ -344,14 +350,15 @@ def _rule(op: OpSchema, mesh_dim, load_balance: bool, query_index: int, default_
     ring = RingGeometry(op.mesh, index, query.shape[SEQ], key.shape[SEQ], _causal(op, query_index), placement == ZIGZAG)
     return Sharding(inputs=tuple(_on_ring(p, index, placement) for p in default.inputs),
                     outputs=tuple(_on_ring(p, index, placement) for p in default.outputs),
-                    local_op=functools.partial(local_op, ring=ring))
+                    local_op=functools.partial(local_op, ring=ring),
+                    communication=(RingShift(index, shifts_per_hop * (ring.size - 1)),))
 
 
 def _forward_rule(op: OpSchema, *, mesh_dim, load_balance: bool = False) -> Sharding:
     """(query, key, value, dropout_p, is_causal, *, attn_mask, scale) -> (output, logsumexp)."""
-    return _rule(op, mesh_dim, load_balance, 0, cpu_flash_rule, ring_forward)
+    return _rule(op, mesh_dim, load_balance, 0, cpu_flash_rule, ring_forward, 1)  # k, v
 
 
 def _backward_rule(op: OpSchema, *, mesh_dim, load_balance: bool = False) -> Sharding:
     """(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale) -> grads."""
-    return _rule(op, mesh_dim, load_balance, 1, cpu_flash_backward_rule, ring_backward)
+    return _rule(op, mesh_dim, load_balance, 1, cpu_flash_backward_rule, ring_backward, 2)  # k, v and dk, dv

@@ -15,8 +15,9 @@ do this, for ``rules.override_rule``:
                      outputs  grad_q, grad_k, grad_v Shard(2)
 
 The rule only asks for ``Shard(1)``; the planner turns ``Shard(2)`` into it with one all-to-all each, and
-the local op hands the head-sharded results back through the planner too (``redistribute_local``), so every
-collective is counted. Forward: 3 all-to-alls in (q, k, v) + 1 out, the reference 4·s·h/n per link.
+the local op hands the head-sharded results back through the planner too: the rule declares each move
+(``Redistribution(head-sharded spec, sequence-sharded placements)``) and the local op runs it through the
+``comm`` the executor hands it, so every collective is counted and attributed to the op. Forward: 3 all-to-alls in (q, k, v) + 1 out, the reference 4·s·h/n per link.
 Backward: autograd saved q, k, v and out as the sequence-sharded DTensors the forward received, so they
 move again: 5 in (grad_out, q, k, v, out) + 3 out, twice the traffic of DeepSpeed's backward, which keeps
 the head-sharded copies from the forward. A rule sees one aten op and cannot keep them (no hidden state).
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 from dtensor_plus import rules
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Shard
-from dtensor_plus.redistribute import redistribute_local
+from dtensor_plus.declared import Redistribution
 from dtensor_plus.rules import OpSchema, Sharding
 from dtensor_plus.spec import DTensorSpec, TensorMeta
 
@@ -113,9 +114,12 @@ def _ulysses_rule(op: OpSchema, *, mesh_dim: int, qkv, num_seq_outputs: int, def
     head_specs = tuple(DTensorSpec(op.mesh, tuple(p), meta) for p, meta in zip(decided.outputs, out_metas))
     seq_placements = tuple(_swap(spec.placements, mesh_dim, Shard(SEQ)) for spec in head_specs)
     local_op = functools.partial(_attend_then_return_sequences, attend=decided.local_op or op.func,
-                                 head_specs=head_specs, seq_placements=seq_placements)
+                                 attend_communicates=bool(decided.communication), head_specs=head_specs,
+                                 seq_placements=seq_placements)
     outputs = seq_placements + tuple(decided.outputs[num_seq_outputs:])
-    return Sharding(inputs=decided.inputs, outputs=outputs, local_op=local_op)
+    moves = tuple(Redistribution(spec, target) for spec, target in zip(head_specs, seq_placements))
+    return Sharding(inputs=decided.inputs, outputs=outputs, local_op=local_op,
+                    communication=tuple(decided.communication) + moves)
 
 
 def _sequence_sharded(specs, mesh_dim: int) -> bool:
@@ -167,12 +171,13 @@ def _sequence_output_metas(q: DTensorSpec, k: DTensorSpec, v: DTensorSpec, num_s
     return (q.tensor_meta, k.tensor_meta, v.tensor_meta)
 
 
-def _attend_then_return_sequences(*args, attend, head_specs, seq_placements, **kwargs):
+def _attend_then_return_sequences(*args, attend, attend_communicates: bool, head_specs, seq_placements, comm,
+                                  **kwargs):
     """Attention on whole sequences of this rank's heads; then the first outputs go back to sequence-sharded
-    (one all-to-all each, chosen and counted by the planner)."""
-    outs = list(attend(*args, **kwargs))
+    (the declared Redistributions: one all-to-all each, chosen and counted by the planner)."""
+    outs = list(attend(*args, comm=comm, **kwargs) if attend_communicates else attend(*args, **kwargs))
     for i, (spec, target) in enumerate(zip(head_specs, seq_placements)):
-        outs[i] = redistribute_local(outs[i], spec, target)
+        outs[i] = comm.redistribute(outs[i], spec, target)
     return tuple(outs)
 
 
