@@ -94,7 +94,8 @@ def test_old_and_new_name_together_are_refused(fn, old, new):
 
 def test_num_microbatches_keeps_working_and_warns():
     schedule, message = _deprecated(build_schedule, "1f1b", 2, num_microbatches=4)
-    assert message == "build_schedule(num_microbatches=...) is now n_microbatches=...; the old name goes in the next release"
+    assert message == ("build_schedule(num_microbatches=...) is now n_microbatches=...; the old name goes in the next "
+                       "release")
     assert schedule == build_schedule("1f1b", 2, n_microbatches=4)
     assert schedule.n_microbatches == 4
     assert _deprecated(lambda: schedule.num_microbatches)[0] == 4
