@@ -30,8 +30,10 @@ __all__ = ["AllReduce", "RingShift", "Redistribution", "Communicator", "Undeclar
 
 @dataclass(frozen=True, slots=True)
 class AllReduce:
-    """All-reduce a statistic over ``mesh_dims``, one after another in this order (the same on every rank);
-    ``reduce_ops`` lists the reductions the local op may ask for ("sum", "max", "min", "avg", "product")."""
+    """All-reduce statistics over ``mesh_dims``, one after another in this order (the same on every rank).
+    ``reduce_ops`` lists the all-reduces one call of the local op issues, in order ("sum", "max", "min", "avg",
+    "product"; log-softmax's max then sum is ``("max", "sum")``): the local op may ask only for these, and the
+    cost model counts one all-reduce per entry on each mesh dim."""
 
     mesh_dims: tuple[int, ...]
     reduce_ops: tuple[str, ...] = ("sum",)
@@ -104,7 +106,7 @@ def cost_terms(declared: tuple, mesh) -> list[tuple[str, int]]:
     terms = []
     for decl in declared:
         if type(decl) is AllReduce:
-            terms += [("all_reduce", mesh.size(k)) for k in decl.mesh_dims if mesh.size(k) > 1]
+            terms += [("all_reduce", mesh.size(k)) for _ in decl.reduce_ops for k in decl.mesh_dims if mesh.size(k) > 1]
         elif type(decl) is RingShift:
             terms += [("send_recv", mesh.size(decl.mesh_dim))] * decl.steps
         else:

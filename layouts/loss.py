@@ -119,7 +119,7 @@ def parallel_cross_entropy(logits, target, *, ignore_index: int = -100, reductio
     block = spec.with_placements(logit_p)
     mesh_dims = _class_mesh_dims(block, 1)
     # Not a rule, but it communicates the same way: only what it declares, counted and audited as a rule's.
-    comm = Communicator("parallel_cross_entropy", mesh, (AllReduce(mesh_dims, ("max", "sum")),))
+    comm = Communicator("parallel_cross_entropy", mesh, (AllReduce(mesh_dims, ("max", "sum", "sum")),))
     all_reduce = comm.all_reduce if mesh_dims else None
     rows_local = fused_cross_entropy(logits.to_local(), target_local, vocab_offset=block.local_shape_and_offset()[1][1],
                                      ignore_index=ignore_index, reduction="none", all_reduce=all_reduce)
