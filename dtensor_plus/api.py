@@ -10,7 +10,8 @@ from torch import nn
 from . import collectives
 from .dtensor import DTensor
 from .mesh import mesh_or_current
-from .placements import Placement, Replicate, Shard
+from .placement_tuples import replicated, without_partial
+from .placements import Placement, Shard
 from .redistribute import redistribute_local
 from .shared_parameters import SharedParameters, assign, parameter_slots
 from .spec import DTensorSpec, TensorMeta, normalize_placements
@@ -43,7 +44,7 @@ def distribute_tensor(
     if isinstance(tensor, DTensor):
         raise TypeError("distribute_tensor got a DTensor; use .redistribute(mesh, placements) to change its layout")
     device_mesh = mesh_or_current(device_mesh, "distribute_tensor")
-    placements = placements if placements is not None else [Replicate()] * device_mesh.ndim
+    placements = placements if placements is not None else replicated(device_mesh.ndim)
     placements = normalize_placements(placements, device_mesh, tensor.ndim)
     if tensor.is_meta:  # a model built under torch.device("meta"): shapes only, materialised later
         device = tensor.device
@@ -55,12 +56,12 @@ def distribute_tensor(
     spec = DTensorSpec(device_mesh, placements, TensorMeta.of(whole))
     _check_src_data_rank(src_data_rank, device_mesh)  # before any membership test: every rank raises alike
     # A Partial mesh dim is distributed as Replicate, then partitioned locally (as torch does).
-    whole_placements = tuple(Replicate() if p.is_partial() else p for p in placements)
+    whole_placements = without_partial(placements)
     if src_data_rank is not None and device_mesh.get_coordinate() is not None and not whole.is_meta:
         local = _send_blocks_from(whole.clone(), spec.with_placements(whole_placements), src_data_rank)
     else:
-        replicated = spec.with_placements([Replicate()] * device_mesh.ndim)
-        local = redistribute_local(whole, replicated, whole_placements).clone()  # own storage, not a view
+        everywhere = spec.with_placements(replicated(device_mesh.ndim))
+        local = redistribute_local(whole, everywhere, whole_placements).clone()  # own storage, not a view
     if whole_placements != placements and device_mesh.get_coordinate() is not None:
         for mesh_dim, p in enumerate(placements):
             if p.is_partial():
@@ -142,16 +143,16 @@ _TIED_FIX = (
 
 def _replicate_plain_tensors(module: nn.Module, mesh) -> None:
     """Every plain parameter and buffer under ``module`` becomes Replicate, each tensor once (tied ones stay one)."""
-    replicate = [Replicate()] * mesh.ndim
+    replicate = replicated(mesh.ndim)
     for param, slots in parameter_slots(module):
         if not isinstance(param, DTensor):
             dt = distribute_tensor(param.detach(), mesh, replicate, src_data_rank=None)
             param = nn.Parameter(dt, requires_grad=param.requires_grad)
         assign(slots, param)  # also a slot still holding what a layout placed through another slot
-    replicated: dict[int, DTensor] = {}  # id(plain buffer) -> its DTensor: a buffer shared by modules stays one
+    placed: dict[int, DTensor] = {}  # id(plain buffer) -> its DTensor: a buffer shared by modules stays one
     for submodule in module.modules():
         for key, buffer in list(submodule._buffers.items()):
             if buffer is not None and not isinstance(buffer, DTensor):
-                if id(buffer) not in replicated:
-                    replicated[id(buffer)] = distribute_tensor(buffer, mesh, replicate, src_data_rank=None)
-                submodule._buffers[key] = replicated[id(buffer)]
+                if id(buffer) not in placed:
+                    placed[id(buffer)] = distribute_tensor(buffer, mesh, replicate, src_data_rank=None)
+                submodule._buffers[key] = placed[id(buffer)]

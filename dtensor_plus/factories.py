@@ -9,7 +9,8 @@ import torch
 from . import random
 from .dtensor import DTensor
 from .mesh import mesh_or_current
-from .placements import Placement, Replicate
+from .placement_tuples import replicated
+from .placements import Placement
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta, normalize_placements
 
@@ -19,7 +20,7 @@ __all__ = ["zeros", "ones", "empty", "full", "rand", "randn"]
 def _spec(size, device_mesh, placements, dtype) -> DTensorSpec:
     device_mesh = mesh_or_current(device_mesh, "a DTensor factory")
     shape = torch.Size(size[0] if len(size) == 1 and isinstance(size[0], (list, tuple, torch.Size)) else size)
-    placements = placements if placements is not None else [Replicate()] * device_mesh.ndim
+    placements = placements if placements is not None else replicated(device_mesh.ndim)
     placements = normalize_placements(placements, device_mesh, len(shape))
     if any(p.is_partial() for p in placements):
         raise ValueError(f"factories build Shard/Replicate tensors, not {list(placements)}")
@@ -64,7 +65,7 @@ def _random(draw, size, device_mesh, placements, dtype, requires_grad) -> DTenso
     device_mesh = spec.mesh  # the entered one when none was passed
     if random.is_strict():  # the single-device draw, then this rank's block of it
         whole = draw(spec.shape, dtype=spec.dtype, device=_device(device_mesh))
-        local = redistribute_local(whole, spec.with_placements([Replicate()] * device_mesh.ndim), spec.placements)
+        local = redistribute_local(whole, spec.with_placements(replicated(device_mesh.ndim)), spec.placements)
         return DTensor(local.clone(), spec, requires_grad=requires_grad)
     with random.rng_for((spec,)):
         local = draw(spec.local_shape_and_offset()[0], dtype=spec.dtype, device=_device(device_mesh))

@@ -34,7 +34,7 @@ from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec
 
-from .common import aten, replicate_all
+from .common import aten, replicate_all, replicated
 
 _ANY = ("sum", "avg", "max", "min")
 
@@ -136,7 +136,7 @@ def index_put_rule(op: OpSchema) -> Sharding:
             x_target = v_target = Replicate()
         x_targets.append(x_target)
         v_targets.append(v_target)
-    replicate = (Replicate(),) * len(op.mesh_shape)
+    replicate = replicated(len(op.mesh_shape))
     inputs = (tuple(x_targets), *(replicate for _ in tensors), tuple(v_targets))
     local_op = _masked(x.with_placements(x_targets), geo, accumulate=op.func) if masked else None
     return Sharding(inputs=inputs, outputs=(tuple(x_targets),), local_op=local_op)

@@ -1,19 +1,16 @@
-"""Small helpers shared by the rule files: placement tuples and dimension bookkeeping."""
+"""Small helpers shared by the rule files: dimension bookkeeping, meta runs, and the placement-tuple helpers
+(``replicated``, ``without_partial``, ``unshard_dims``) re-exported from ``dtensor_plus.placement_tuples``."""
 
 from __future__ import annotations
 
 import torch
 
-from dtensor_plus.placements import Placement, Replicate, Shard
+from dtensor_plus.placement_tuples import replicated, unshard_dims, without_partial  # noqa: F401  (re-exported)
 from dtensor_plus.rules import OpSchema, Sharding, meta_for
 from dtensor_plus.mutation import is_inplace  # noqa: F401  (re-exported for the rule files)
 from dtensor_plus.spec import DTensorSpec
 
 aten = torch.ops.aten
-
-
-def replicated(mesh_ndim: int) -> tuple[Placement, ...]:
-    return (Replicate(),) * mesh_ndim
 
 
 def replicate_all(op: OpSchema, num_outputs: int = 1) -> Sharding:
@@ -28,15 +25,6 @@ def num_tensor_outputs(func) -> int:
 
 def normalize_dim(dim: int, ndim: int) -> int:
     return dim % max(ndim, 1) if dim < 0 else dim
-
-
-def without_partial(placements) -> tuple[Placement, ...]:
-    return tuple(Replicate() if p.is_partial() else p for p in placements)
-
-
-def unshard_dims(placements, dims) -> tuple[Placement, ...]:
-    """``placements`` with every Shard of a tensor dim in ``dims`` (and every Partial) made Replicate."""
-    return tuple(Replicate() if p.is_partial() or (isinstance(p, Shard) and p.dim in dims) else p for p in placements)
 
 
 def local_numel(spec: DTensorSpec) -> float:

@@ -26,7 +26,7 @@ from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec
 
-from .common import aten, normalize_dim
+from .common import aten, normalize_dim, replicated
 from .shape_ops import block, moved
 
 
@@ -106,7 +106,7 @@ def scatter_placements(p, q, self_to_src: dict[int, int]):
 def diagonal_scatter_rule(op: OpSchema) -> Sharding:
     spec, src = op.specs[0], op.arg(1, "src")
     batch = _batch_dims(spec.ndim, op.arg(3, "dim1", 0), op.arg(4, "dim2", 1))
-    src_placements = src.placements if isinstance(src, DTensorSpec) else (Replicate(),) * len(op.mesh_shape)
+    src_placements = src.placements if isinstance(src, DTensorSpec) else replicated(len(op.mesh_shape))
     rows = [scatter_placements(p, q, {d: i for i, d in enumerate(batch)})
             for p, q in zip(spec.placements, src_placements)]
     self_t, src_t, output = (tuple(column) for column in zip(*rows))

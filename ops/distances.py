@@ -51,7 +51,7 @@ from dtensor_plus.declared import AllReduce
 from dtensor_plus.placements import Partial, Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 
-from .common import aten, replicate_all, replicated
+from .common import aten, replicate_all, replicated, without_partial
 
 # -- the p-norm of pieces ----------------------------------------------------------------------------------
 
@@ -187,7 +187,7 @@ def cdist_backward_rule(op: OpSchema) -> Sharding:
         mode, out_dim = _cdist_mode(p1, p2, x1, x2, out_ndim, g)
         a, b, c, _, o = _cdist_targets(mode, out_dim, x1, x2, out_ndim)
         tg.append(c), t1.append(a), t2.append(b), out.append(o)
-    dist_target = tuple(Replicate() if p.is_partial() else p for p in tg)  # the distances themselves are whole
+    dist_target = without_partial(tg)  # the distances themselves are whole
     return Sharding(inputs=(tuple(tg), tuple(t1), tuple(t2), dist_target), outputs=(tuple(out),))
 
 

@@ -32,7 +32,7 @@ from dtensor_plus.placements import Partial, Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec, local_shape_and_offset
 
-from .common import aten
+from .common import aten, replicated
 
 _LINEAR_PARTIALS = ("sum", "avg")  # reductions that commute with gathering or scatter-adding rows
 
@@ -55,7 +55,7 @@ def _indices(op: OpSchema, position: int, name: str) -> tuple[tuple[Placement, .
     indices = op.arg(position, name)
     if isinstance(indices, DTensorSpec):
         return indices.placements, indices.ndim, True
-    return (Replicate(),) * len(op.mesh_shape), 0, False
+    return replicated(len(op.mesh_shape)), 0, False
 
 
 def _inputs(first, indices_p, indices_is_dtensor: bool) -> tuple:

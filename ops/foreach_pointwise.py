@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from dtensor_plus.placements import Replicate
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec
 
-from .common import aten
+from .common import aten, replicated, without_partial
 
 __all__ = ["elementwise_foreach_rule"]
 
@@ -52,22 +51,22 @@ def _is_written(argument) -> bool:
 
 def _element_layouts(op: OpSchema, slots) -> list:
     """Element i's layout: the first list's element i with Partial reduced (Replicate where shapes differ)."""
-    replicated = (Replicate(),) * op.mesh.ndim
+    whole = replicated(op.mesh.ndim)
     layouts = []
     for i, first in enumerate(op.args[0]):
         aligned = isinstance(first, DTensorSpec) and all(
             spec.shape == first.shape for spec, (_, e) in zip(op.specs, slots) if e == i)
-        layouts.append(tuple(Replicate() if p.is_partial() else p for p in first.placements) if aligned else replicated)
+        layouts.append(without_partial(first.placements) if aligned else whole)
     return layouts
 
 
 def elementwise_foreach_rule(op: OpSchema) -> Sharding:
     slots = _spec_slots(op)
     layouts = _element_layouts(op, slots)
-    replicated = (Replicate(),) * op.mesh.ndim
+    whole = replicated(op.mesh.ndim)
     inputs = []
     for spec, (argument, element) in zip(op.specs, slots):
-        want = replicated if element is None else layouts[element]
+        want = whole if element is None else layouts[element]
         if want == spec.placements:
             inputs.append(None)
             continue

@@ -34,7 +34,7 @@ from dtensor_plus.redistribute import redistribute_cost
 from dtensor_plus.rules import OpSchema, Sharding, register_meta, register_rule
 from dtensor_plus.spec import DTensorSpec
 
-from .common import aten, replicate_all
+from .common import aten, replicate_all, replicated, without_partial
 
 __all__ = ["grouped_mm_reference"]
 
@@ -93,8 +93,7 @@ def grouped_mm_rule(op: OpSchema) -> Sharding:
         if best is None or key < best[0]:
             best = (key, a_dst, b_dst, out)
     _, a_dst, b_dst, out = best
-    replicated = (Replicate(),) * len(op.mesh_shape)
-    inputs = (a_dst, b_dst) + (replicated,) * (len(op.specs) - 2)  # offs (a DTensor when computed from one)
+    inputs = (a_dst, b_dst) + (replicated(len(op.mesh_shape)),) * (len(op.specs) - 2)  # offs (a DTensor when computed from one)
     return Sharding(inputs=inputs, outputs=(out,), local_op=_grouped_mm_local)
 
 
@@ -146,6 +145,6 @@ def histc_rule(op: OpSchema) -> Sharding:
     low, high = op.arg(2, "min", 0), op.arg(3, "max", 0)
     if low == high:  # the range comes from the data: only the whole tensor knows it
         return replicate_all(op)
-    inputs = tuple(Replicate() if p.is_partial() else p for p in spec.placements)
+    inputs = without_partial(spec.placements)
     outputs = tuple(Partial("sum") if p.is_shard() or p.is_strided_shard() else Replicate() for p in inputs)
     return Sharding(inputs=(inputs,), outputs=(outputs,))

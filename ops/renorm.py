@@ -26,10 +26,10 @@ import math
 import torch
 
 from dtensor_plus.declared import AllReduce
-from dtensor_plus.placements import Replicate, Shard
+from dtensor_plus.placements import Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 
-from .common import aten, normalize_dim
+from .common import aten, normalize_dim, without_partial
 
 _EPS = 1e-7  # the guard torch's renorm adds to the norm before dividing (ATen's renorm_scale_factor)
 
@@ -62,7 +62,7 @@ def _distributed_renorm(dim: int):
 def renorm_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
     dim = normalize_dim(op.arg(2, "dim"), spec.ndim)
-    placements = tuple(Replicate() if p.is_partial() else p for p in spec.placements)
+    placements = without_partial(spec.placements)
     mesh_dims = [k for k, p in enumerate(placements)
                  if isinstance(p, Shard) and p.dim != dim and spec.mesh.shape[k] > 1]
     if not mesh_dims:

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from dtensor_plus.placements import Replicate
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 
-from .common import aten
+from .common import aten, replicated
 
 
 def _storage_of(x: torch.Tensor, stride) -> torch.Tensor:
@@ -48,7 +47,7 @@ def resize_as_rule(op: OpSchema) -> Sharding:
 
 
 def _resize(spec, size: tuple, memory_format, takes_template: bool) -> Sharding:
-    replicate = (Replicate(),) * spec.mesh.ndim
+    replicate = replicated(spec.mesh.ndim)
     shape, stride = tuple(spec.shape), tuple(spec.tensor_meta.stride)
     template = (None,) if takes_template else ()
     if size == shape and memory_format is None:

@@ -21,7 +21,7 @@ from dtensor_plus.placements import Replicate
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec
 
-from .common import aten, normalize_dim
+from .common import aten, normalize_dim, replicated
 from .diagonals import scatter_placements
 from .shape_ops import block
 from .view_algebra import local_slice, slice_range
@@ -31,7 +31,7 @@ def _scatter_sharding(op: OpSchema, dim: int, self_to_src: dict[int, int]):
     """(self target, src target, output placements): ``scatter_placements`` per mesh dim, except that a Shard
     of ``dim`` itself stays (with src whole on that mesh dim)."""
     spec, src = op.specs[0], op.arg(1, "src")
-    src_placements = src.placements if isinstance(src, DTensorSpec) else (Replicate(),) * len(op.mesh_shape)
+    src_placements = src.placements if isinstance(src, DTensorSpec) else replicated(len(op.mesh_shape))
     rows = []
     for p, q in zip(spec.placements, src_placements):
         if p.is_shard(dim):
