@@ -31,6 +31,7 @@ from .debug import check_divergence  # noqa: E402
 from .explicit import ImplicitCommunicationError, explicit_communication  # noqa: E402
 from .plain_tensors import implicit_replication  # noqa: E402
 from .dtensor import DTensor  # noqa: E402
+from . import dispatch  # noqa: E402,F401  (installs the executor DTensor.__torch_dispatch__ calls)
 from .factories import empty, full, ones, rand, randn, zeros  # noqa: E402
 from .mesh import DeviceMesh, init_device_mesh  # noqa: E402
 from .placements import Partial, Placement, Replicate, Shard  # noqa: E402

@@ -31,11 +31,12 @@ import torch
 import torch.distributed as dist
 
 from . import debug, explicit
+from .dispatcher import DISPATCHER
 from .placements import chunk_bounds
 
 __all__ = [
     "comm_mode", "CommCounter", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "scatter",
-    "all_gather_flat", "reduce_scatter_flat", "all_to_all_splits", "AllToAllSplits",
+    "all_gather_flat", "reduce_scatter_flat", "all_to_all_splits", "AllToAllSplits", "every_rank_rows",
 ]
 
 # torch >= 2.12 renamed the tensor-in/tensor-out collectives; older releases have only the old names.
@@ -93,9 +94,6 @@ def _matches(key, collective, mesh_dim_name) -> bool:
     return (collective is None or key[0] == collective) and (mesh_dim_name is None or key[1] == mesh_dim_name)
 
 
-_ACTIVE: list[CommCounter] = []
-
-
 @contextlib.contextmanager
 def comm_mode(*, per_module: bool = False):
     """Count every collective (and fallback op) issued inside the block. Nests.
@@ -109,26 +107,26 @@ def comm_mode(*, per_module: bool = False):
         tracker = ModuleTracker()
         tracker.__enter__()
     counter = CommCounter(tracker)
-    _ACTIVE.append(counter)
+    DISPATCHER.comm_counters.append(counter)
     try:
         yield counter
     finally:
-        _ACTIVE.remove(counter)
+        DISPATCHER.comm_counters.remove(counter)
         if tracker is not None:
             tracker.__exit__(None, None, None)
 
 
 def record_fallback(op_name: str) -> None:
-    for counter in _ACTIVE:
+    for counter in DISPATCHER.comm_counters:
         counter.fallbacks[op_name] += 1
 
 
 def _record(collective: str, mesh, mesh_dim: int, num_bytes: float) -> None:
-    if explicit._STATE.explicit:  # auditing: an op's own collective raises here, before it runs, on every rank
+    if DISPATCHER.explicit_depth:  # auditing: an op's own collective raises here, before it runs, on every rank
         explicit.check_collective(collective, mesh.mesh_dim_name(mesh_dim))
-    if _ACTIVE:
+    if DISPATCHER.comm_counters:
         name = mesh.mesh_dim_name(mesh_dim)
-        for counter in _ACTIVE:
+        for counter in DISPATCHER.comm_counters:
             counter.record(collective, name, num_bytes)
 
 
@@ -437,3 +435,20 @@ def reduce_scatter_flat(tensors, mesh, mesh_dim: int, dims, reduce_ops) -> list[
 def _check_one_dtype(tensors, who: str) -> None:
     dtypes = {t.dtype for t in tensors}
     assert len(dtypes) <= 1, f"{who} packs one dtype per buffer, got {sorted(map(str, dtypes))}"
+
+
+# -- every rank's row ----------------------------------------------------------------------------------------
+
+
+def every_rank_rows(row: torch.Tensor, mesh) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's ``row`` (a 1-d int64 tensor of one length on all ranks) on every rank of ``mesh``, as a
+    (ranks, len(row)) table, and the global ranks in its row order: one all-gather per mesh dim."""
+    everyone = row.to(mesh.device_type) if mesh.device_type == "cuda" else row
+    for mesh_dim in range(mesh.ndim):  # gathering along each dim in turn leaves every rank with all rows
+        everyone = all_gather(everyone.unsqueeze(0), mesh, mesh_dim, 0, mesh.size(mesh_dim))
+    return everyone.reshape(-1, row.numel()).cpu(), _gather_order(mesh)
+
+
+def _gather_order(mesh) -> list[int]:
+    """Global ranks in the order the successive all-gathers stack them: the last mesh dim outermost."""
+    return mesh.mesh.permute(*reversed(range(mesh.ndim))).reshape(-1).tolist()

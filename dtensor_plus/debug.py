@@ -24,10 +24,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections import Counter
 from datetime import timedelta
 
 import torch
+
+from .dispatcher import DISPATCHER
+
+_D = DISPATCHER
 
 __all__ = ["check_divergence", "divergence_checking", "at_op", "RankDivergenceError"]
 
@@ -35,14 +38,11 @@ __all__ = ["check_divergence", "divergence_checking", "at_op", "RankDivergenceEr
 class RankDivergenceError(RuntimeError):
     """The ranks of a group were about to issue different collectives (raised on every rank of the group)."""
 
-_CHECK = [os.environ.get("DTENSOR_PLUS_CHECK_DIVERGENCE", "") not in ("", "0")]
-_OP_STACK: list[tuple] = []  # (op, its DTensor inputs) being dispatched, innermost last
-_CALLS: Counter = Counter()  # collectives issued per group while checking: the position in the program
 _DESCRIPTION_BYTES = 512  # each rank's description travels as this many utf-8 bytes (cut, then padded)
 
 
 def divergence_checking() -> bool:
-    return _CHECK[0]
+    return _D.check_divergence
 
 
 @contextlib.contextmanager
@@ -53,12 +53,12 @@ def check_divergence(enabled: bool = True):
         with dtensor_plus.debug.check_divergence():
             loss = model(x).sum(); loss.backward()
     """
-    previous = _CHECK[0]
-    _CHECK[0] = enabled
+    previous = _D.check_divergence
+    _D.check_divergence = enabled
     try:
         yield
     finally:
-        _CHECK[0] = previous
+        _D.check_divergence = previous
 
 
 class at_op:
@@ -71,17 +71,17 @@ class at_op:
         self._entry = (func, dtensors)
 
     def __enter__(self):
-        _OP_STACK.append(self._entry)
+        _D.op_stack.append(self._entry)
 
     def __exit__(self, *exc_info):
-        _OP_STACK.pop()
+        _D.op_stack.pop()
 
 
 def current_op() -> str:
     """The innermost op being dispatched, with its inputs' specs and creation order (see ``_input_text``)."""
-    if not _OP_STACK:
+    if not _D.op_stack:
         return "outside any DTensor op"
-    func, dtensors = _OP_STACK[-1]
+    func, dtensors = _D.op_stack[-1]
     created = sorted({getattr(dt, "_created", -1) for dt in dtensors})
     return f"{func}({', '.join(_input_text(dt, created) for dt in dtensors)})"
 
@@ -103,8 +103,8 @@ def _call_text(collective: str, mesh_dim_name: str, count: int | None) -> str:
 
 def describe_call(collective: str, mesh_dim_name: str, group_ranks: list[int]) -> torch.Tensor:
     """This rank's description of the collective it is about to issue, as fixed-size utf-8 bytes."""
-    _CALLS[tuple(group_ranks)] += 1
-    text = _call_text(collective, mesh_dim_name, _CALLS[tuple(group_ranks)])
+    _D.calls_per_group[tuple(group_ranks)] += 1
+    text = _call_text(collective, mesh_dim_name, _D.calls_per_group[tuple(group_ranks)])
     raw = text.encode()[:_DESCRIPTION_BYTES]
     data = torch.zeros(_DESCRIPTION_BYTES, dtype=torch.uint8)
     data[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
@@ -128,7 +128,6 @@ def raise_if_diverged(gathered: torch.Tensor, group_ranks: list[int], my_rank: i
 
 # -- what is known after a failure ------------------------------------------------------------------------------
 
-_FAILURES = Counter()  # failures seen per group, so each one gets fresh store keys
 _CHECK_HINT = ("; to find where the ranks parted, rerun under `with dtensor_plus.debug.check_divergence():` (or "
                "DTENSOR_PLUS_CHECK_DIVERGENCE=1), which stops at the first collective the ranks disagree on and names "
                "each rank's op")
@@ -151,8 +150,8 @@ def failure_report(collective: str, mesh_dim_name: str, group_ranks: list[int], 
     except Exception:  # no default group: nobody to ask
         return f"; this rank was at {mine}"
     key = ",".join(map(str, group_ranks))
-    _FAILURES[key] += 1
-    prefix = f"dtensor_plus/failure/{key}/{_FAILURES[key]}"
+    _D.failures_per_group[key] += 1
+    prefix = f"dtensor_plus/failure/{key}/{_D.failures_per_group[key]}"
     reports = _exchange(store, prefix, group_ranks, my_rank, mine)
     if reports is None:
         return (f"; the job's store{_store_address(store)} cannot be reached, so which ranks are alive is unknown: "

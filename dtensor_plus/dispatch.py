@@ -1,13 +1,20 @@
-"""Op dispatch for DTensor: specs in -> rule (cached) -> redistribute inputs -> local op -> wrap outputs.
+"""Op dispatch for DTensor: one op's trip, from the aten call to DTensor outputs.
 
-The cache key is the op plus every argument with DTensors replaced by their specs. Python floats enter the
-key only as their type (a learning rate or a loss scale changes every step and no rule may depend on a float
-value), except +-inf, which picks a mode (vector_norm's ord=inf); everything else enters by value. A cached
-``Plan`` holds all the rule decided, plus the global metadata of the outputs (computed once by running the op
-on meta tensors), so a cache hit costs a dict lookup, the local op and the wrapping.
+1. The key: the op plus every argument with DTensors replaced by their specs. Python floats enter it only as
+   their type (a learning rate or a loss scale changes every step and no rule may depend on a float value),
+   except +-inf, which picks a mode (vector_norm's ord=inf); everything else enters by value.
+2. On a miss, the decision: the op's record (op_record.py: its facts, read once) and the rule in force
+   (rules.py: reads its arguments by name, returns one ``Sharding`` with any communication declared), or the
+   gathering policy where there is no rule or the output shape depends on the data. The outputs' global
+   metadata comes from running the op on meta tensors, once. The decision becomes a ``Plan`` (plan.py),
+   adapted by the combinators of the op's kind: in place and ``out=`` (mutation.py), random draws
+   (random.py), several meshes in one foreach op (foreach_meshes.py). It is cached under the rule set in force
+   (the dispatcher object, dispatcher.py).
+3. The run: inputs moved, the local op, outputs wrapped. A cache hit costs the key, a dict lookup and this.
 
-Ops without a rule fall back to gathering their DTensor inputs to Replicate and running locally: a
-one-time warning, a counted fallback, never a wrong value.
+Two policies stand beside the rules, by name: **gathering** (no rule: inputs gathered to Replicate, a one-time
+warning, a counted fallback, never a wrong value) and **plain-tensor joining** (a plain tensor beside DTensors
+joins as Replicate once known equal on every rank: plain_tensors.py).
 """
 
 from __future__ import annotations
@@ -16,17 +23,17 @@ import warnings
 
 import torch
 
-from . import collectives, debug, declared, explicit, foreach_meshes, local_blocks, mutation, plain_tensors, random, rules, strided, views
+from . import debug, declared, explicit, foreach_meshes, local_blocks, mutation, plain_tensors, random, rules, strided, views
 from .dispatcher import DISPATCHER
+from .dtensor import DTensor
 from .op_record import record_of
 from .placements import Replicate
-from .redistribute import redistribute_local
+from .plan import Plan, replicated_spec
 from .spec import DTensorSpec, TensorMeta
 
 __all__ = ["dispatch", "clear_cache", "cache_info"]
 
 _CACHE_MAX = 8192
-_NO_KWARGS: dict = {}  # never written: the kwargs of a call that passed none
 _SCALAR_TYPES = (int, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
 _D = DISPATCHER
 
@@ -42,10 +49,10 @@ def cache_info() -> dict:
 # -- argument scanning ----------------------------------------------------------------------------------
 
 
-def _key(value, dtensors: list, dtensor_cls, scalars: list):
+def _key(value, dtensors: list, scalars: list):
     """Hashable key material of one argument; appends the DTensors found to ``dtensors`` and the 0-d plain
     tensors to ``scalars``."""
-    if isinstance(value, dtensor_cls):
+    if isinstance(value, DTensor):
         dtensors.append(value)
         return value._spec
     kind = type(value)
@@ -55,11 +62,11 @@ def _key(value, dtensors: list, dtensor_cls, scalars: list):
         # Inline for DTensor elements: foreach and fused-optimizer ops pass lists of a hundred or more.
         out = []
         for v in value:
-            if isinstance(v, dtensor_cls):
+            if isinstance(v, DTensor):
                 dtensors.append(v)
                 out.append(v._spec)
             else:
-                out.append(_key(v, dtensors, dtensor_cls, scalars))
+                out.append(_key(v, dtensors, scalars))
         return tuple(out)
     if isinstance(value, torch.Tensor):
         if value.ndim == 0:  # a 0-d plain tensor acts as a replicated scalar, once checked (plain_tensors.py)
@@ -71,29 +78,12 @@ def _key(value, dtensors: list, dtensor_cls, scalars: list):
     return kind  # opaque objects (generators...) never decide a rule
 
 
-def _kwargs_key(kwargs: dict, dtensors: list, dtensor_cls, scalars: list):
-    return tuple((name, _key(value, dtensors, dtensor_cls, scalars)) for name, value in kwargs.items())
+def _kwargs_key(kwargs: dict, dtensors: list, scalars: list):
+    return tuple((name, _key(value, dtensors, scalars)) for name, value in kwargs.items())
 
 
 class _PlainTensorError(Exception):
     pass
-
-
-def _substitute(value, locals_iter, dtensor_cls):
-    if isinstance(value, dtensor_cls):
-        return next(locals_iter)
-    if type(value) is list or type(value) is tuple:
-        return type(value)([next(locals_iter) if isinstance(v, dtensor_cls) else _substitute(v, locals_iter, dtensor_cls)
-                            for v in value])
-    return value
-
-
-def _schema_value(value, dtensor_cls):
-    if isinstance(value, dtensor_cls):
-        return value._spec
-    if type(value) is list or type(value) is tuple:
-        return type(value)(_schema_value(v, dtensor_cls) for v in value)
-    return value
 
 
 def _flatten_outputs(out) -> list:
@@ -104,121 +94,31 @@ def _flatten_outputs(out) -> list:
     return []
 
 
-# -- the plan -------------------------------------------------------------------------------------------
+def _schema_value(value):
+    if isinstance(value, DTensor):
+        return value._spec
+    if type(value) is list or type(value) is tuple:
+        return type(value)(_schema_value(v) for v in value)
+    return value
 
 
-class Plan:
-    """What to do for one cache key: input moves, local op, output specs."""
-
-    __slots__ = ("func", "input_targets", "out_specs", "shape_arg", "inplace", "random", "fallback", "positions", "view",
-                 "aten_func", "comm")
-
-    def __init__(self, func, input_targets, out_specs, shape_arg, inplace, random_op, fallback, positions, view=False):
-        self.func = func  # the aten op, or the rule's local_op standing in for it
-        self.positions = positions  # argument indices of the DTensors when all are top-level positional
-        self.input_targets = input_targets
-        self.out_specs = out_specs  # None entries: the output's global metadata comes from the local result
-        self.shape_arg = shape_arg
-        self.inplace = inplace
-        self.random = random_op  # the aten op when it is tagged nondeterministic_seeded, else None
-        self.fallback = fallback
-        self.view = view  # the aten op returns a view of its first argument
-        self.aten_func = None  # set with view: the aten op itself (func may be the rule's local op)
-        self.comm = None  # a Communicator for the rule's declared communication, passed to its local op as comm=
-
-    def run(self, args, kwargs, dtensors, dtensor_cls):
-        locals_ = [
-            dt._local_tensor if target is None else redistribute_local(dt._local_tensor, dt._spec, target)
-            for dt, target in zip(dtensors, self.input_targets)
-        ]
-        if self.positions is not None:
-            local_args = list(args)
-            for position, local in zip(self.positions, locals_):
-                local_args[position] = local
-            local_kwargs = kwargs or _NO_KWARGS
-        else:
-            it = iter(locals_)
-            local_args = _substitute(args, it, dtensor_cls)
-            local_kwargs = {k: _substitute(v, it, dtensor_cls) for k, v in kwargs.items()} if kwargs else _NO_KWARGS
-        if self.shape_arg is not None:
-            local_args = list(local_args)
-            local_args[self.shape_arg] = list(self.out_specs[0].local_shape_and_offset()[0])
-        if self.fallback:
-            collectives.record_fallback(str(self.func))
-        if self.random is not None and random.draws(self.random, args, kwargs):
-            out = self._run_random(args, kwargs, local_args, local_kwargs, dtensors, dtensor_cls)
-        elif self.comm is not None:
-            out = self.func(*local_args, comm=self.comm, **local_kwargs)
-        else:
-            out = self.func(*local_args, **local_kwargs)
-        if self.inplace:
-            return dtensors[0] if self.out_specs else None  # None: an in-place foreach op returns ()
-        wrapped = self._wrap(out, dtensor_cls, dtensors)
-        if self.view and (views.moves_data(self) or getattr(args[0], views.MARK, None) is not None):
-            views.note_view(wrapped, self.aten_func, args, kwargs)
-        return wrapped
-
-    def _run_random(self, args, kwargs, local_args, local_kwargs, dtensors, dtensor_cls):
-        """Random ops: each shard draws its own stream; in strict mode, the single-device draw, sliced."""
-        if not random.is_strict():
-            with random.rng_for(self.out_specs):
-                return self.func(*local_args, **local_kwargs)
-        # Strict: every rank runs the op on whole inputs with torch's own generator (seeded alike by
-        # manual_seed), exactly as one device would, then keeps its slice of each output.
-        it = iter([redistribute_local(dt._local_tensor, dt._spec, (Replicate(),) * dt._spec.mesh.ndim) for dt in dtensors])
-        full_args = _substitute(args, it, dtensor_cls)
-        full_kwargs = {k: _substitute(v, it, dtensor_cls) for k, v in kwargs.items()}
-        out = self.func(*full_args, **full_kwargs)
-        if self.inplace:  # the op drew into a whole copy of self: keep this rank's block of it
-            local_args[0].copy_(self._slice(out, self.out_specs[0]))
-            return local_args[0]
-        if isinstance(out, torch.Tensor):
-            return self._slice(out, self.out_specs[0])
-        return type(out)(self._slice(o, s) for o, s in zip(out, self.out_specs))
-
-    @staticmethod
-    def _slice(full, spec):
-        replicated = spec.with_placements((Replicate(),) * spec.mesh.ndim)
-        return redistribute_local(full, replicated, spec.placements)
-
-    def _wrap(self, out, dtensor_cls, dtensors):
-        if isinstance(out, torch.Tensor):
-            return dtensor_cls(out, next(iter(self.out_specs), None) or self._replicated(out, dtensors))
-        specs = iter(self.out_specs)
-
-        def wrap(o):
-            if isinstance(o, torch.Tensor):
-                spec = next(specs, None)  # no specs: the metadata comes from the local result (fallback)
-                return dtensor_cls(o, spec or self._replicated(o, dtensors))
-            if isinstance(o, (list, tuple)):
-                return type(o)(wrap(x) for x in o)
-            return o
-
-        return wrap(out)
-
-    @staticmethod
-    def _replicated(local, dtensors):
-        mesh = dtensors[0]._spec.mesh
-        return DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(local))
-
-
-def _outside_the_mesh(func, plan, args, kwargs, dtensors, dtensor_cls):
+def _outside_the_mesh(func, plan, args, kwargs, dtensors):
     """The op on a rank outside the DTensors' mesh: it takes part in nothing (no collective, no local op on
     data it does not hold) and returns empty placeholders laid out as the rule says, as its inputs are."""
-    if mutation.is_inplace(func):
+    record = record_of(func)
+    if record.inplace:
         return args[0]
-    out_names = mutation.out_arguments(func)
-    if out_names:
-        outs = tuple(kwargs[name] for name in out_names)
+    if record.out_names:
+        outs = tuple(kwargs[name] for name in record.out_names)
         return outs[0] if len(outs) == 1 else outs
-    out = _run_on_meta(func, args, kwargs, dtensor_cls)
+    out = _run_on_meta(func, args, kwargs)
     specs = iter(getattr(plan, "out_specs", None) or ())
     device = dtensors[0]._local_tensor.device
 
     def placeholder(value):
         if isinstance(value, torch.Tensor):
-            spec = next(specs, None) or Plan._replicated(value, dtensors)
-            return dtensor_cls(torch.empty(0, dtype=value.dtype, device=device), spec)
+            spec = next(specs, None) or replicated_spec(value, dtensors)
+            return DTensor(torch.empty(0, dtype=value.dtype, device=device), spec)
         if isinstance(value, (list, tuple)):
             return type(value)(placeholder(v) for v in value)
         return None  # a Python scalar result (item()): this rank holds no value
@@ -226,11 +126,11 @@ def _outside_the_mesh(func, plan, args, kwargs, dtensors, dtensor_cls):
     return placeholder(out)
 
 
-def _run_on_meta(func, args, kwargs, dtensor_cls):
+def _run_on_meta(func, args, kwargs):
     """The op's output on meta tensors of the global shapes; None if it can't run there."""
 
     def to_meta(value):
-        if isinstance(value, dtensor_cls):
+        if isinstance(value, DTensor):
             spec = value._spec
             return torch.empty_strided(spec.shape, spec.tensor_meta.stride, dtype=spec.dtype, device="meta")
         if isinstance(value, torch.Tensor):  # a plain 0-d tensor (a replicated scalar, e.g. pinverse's rtol)
@@ -248,13 +148,14 @@ def _run_on_meta(func, args, kwargs, dtensor_cls):
     return out
 
 
-def _meta_outputs(func, args, kwargs, dtensor_cls):
+def _meta_outputs(func, args, kwargs):
     """Global metadata of each tensor output, from running the op on meta tensors; None if it can't run there."""
-    out = _run_on_meta(func, args, kwargs, dtensor_cls)
+    out = _run_on_meta(func, args, kwargs)
     return None if out is None else [TensorMeta.of(t) for t in _flatten_outputs(out)]
 
 
-def _fallback_sharding(schema: rules.OpSchema, num_outputs: int) -> rules.Sharding:
+def _gathering_policy(schema: rules.OpSchema, num_outputs: int) -> rules.Sharding:
+    """The decision where no rule can decide: every input gathered to Replicate, every output Replicate."""
     replicate = (Replicate(),) * schema.mesh.ndim
     return rules.Sharding(inputs=(replicate,) * len(schema.specs), outputs=(replicate,) * num_outputs)
 
@@ -267,79 +168,66 @@ _ONTO_ONE_MESH = (
 )
 
 
-def _make_plan(func, args, kwargs, dtensors, dtensor_cls):
-    out_names = mutation.out_arguments(func)
-    if out_names:
-        return mutation.OutVariantPlan(func, out_names)
+def _make_plan(func, args, kwargs, dtensors):
+    record = record_of(func)
+    if record.out_names:  # out=: the functional op under its own plan, copied into out
+        return mutation.OutVariantPlan(record)
     mesh = dtensors[0]._spec.mesh
     for dt in dtensors[1:]:
         if dt._spec.mesh != mesh:
-            if foreach_meshes.is_multi_tensor(func):  # elements never meet: one call per mesh
+            if record.multi_tensor:  # elements never meet: one call per mesh
                 return foreach_meshes.PerMeshPlan(func)
             raise ValueError(
                 f"{func}: DTensors on different meshes ({mesh} and {dt._spec.mesh}); an op needs all its DTensors "
                 f"on one mesh. {_ONTO_ONE_MESH}"
             )
-    schema = rules.OpSchema(
-        func, _schema_value(args, dtensor_cls), {k: _schema_value(v, dtensor_cls) for k, v in kwargs.items()}, tuple(d._spec for d in dtensors)
-    )
-    metas = _meta_outputs(func, args, kwargs, dtensor_cls)
-    if metas is None and not any(isinstance(r.type, torch.TensorType) for r in func._schema.returns):
+    schema = rules.OpSchema(func, _schema_value(args), {k: _schema_value(v) for k, v in kwargs.items()},
+                            tuple(d._spec for d in dtensors))
+    metas = _meta_outputs(func, args, kwargs)
+    if metas is None and not record.returns_tensors:
         metas = []  # a Python scalar result (item()): no tensor output to describe, the rule still places inputs
+    sharding, fallback = _decide(schema, metas)
+    inputs = sharding.inputs_for(schema)
+    targets = tuple(
+        None if want is None or tuple(want) == spec.placements else tuple(want) for want, spec in zip(inputs, schema.specs)
+    )
+    out_specs = None if metas is None else tuple(
+        DTensorSpec(mesh, tuple(p), meta) if p is not None else None for p, meta in zip(sharding.outputs, metas)
+    )
+    positions = tuple(i for i, a in enumerate(args) if isinstance(a, DTensor))
+    if len(positions) != len(dtensors):
+        positions = None  # some DTensor sits in a list or a keyword: substitute recursively
+    comm = declared.Communicator(func, mesh, tuple(sharding.communication)) if sharding.communication else None
+    plan = Plan(sharding.local_op or func, func, targets, out_specs or (), sharding.shape_arg, record.inplace, fallback,
+                positions, record.returns_view, comm)
+    if out_specs is None and record.inplace:  # the gathered result cannot be written into self as is
+        return mutation.OutOfPlacePlan(record)
+    return mutation.in_place(record, plan, dtensors) or random.seeded(record, plan)
+
+
+def _decide(schema: rules.OpSchema, metas):
+    """(the Sharding, whether the gathering policy made it)."""
+    func = schema.func
     rule = rules.rule_for(func)
-    fallback = rule is None or metas is None
-    if fallback:
+    if rule is None or metas is None:
         if str(func) not in _D.warned:
             _D.warned.add(str(func))
             reason = "has no sharding rule" if rule is None else "has a data-dependent output shape"
             warnings.warn(f"dtensor_plus: {func} {reason}; gathering its inputs to Replicate (correct, slow)")
-        sharding = _fallback_sharding(schema, len(metas) if metas is not None else 0)
-    elif strided.has_strided(schema.specs):
-        sharding = strided.decide(rule, schema, metas)
-    else:
-        sharding = rule(schema)
-    targets = tuple(
-        None if want is None or tuple(want) == spec.placements else tuple(want)
-        for want, spec in zip(sharding.inputs, schema.specs)
-    )
-    if metas is None:
-        out_specs = None
-    else:
-        out_specs = tuple(
-            DTensorSpec(mesh, tuple(p), meta) if p is not None else None for p, meta in zip(sharding.outputs, metas)
-        )
-    if func.overloadpacket in mutation.INPLACE_VIEWS:
-        return mutation.InplaceViewPlan(func)
-    inplace = mutation.is_inplace(func)
-    # An in-place foreach op (_foreach_mul_) returns nothing (out_specs == ()); its rule keeps every element.
-    if inplace and (out_specs is None or targets[0] is not None
-                    or (out_specs and out_specs[0].placements != dtensors[0]._spec.placements)):
-        return mutation.OutOfPlacePlan(func)
-    local_op = sharding.local_op or func
-    positions = tuple(i for i, a in enumerate(args) if isinstance(a, dtensor_cls))
-    if len(positions) != len(dtensors):
-        positions = None  # some DTensor sits in a list or a keyword: substitute recursively
-    random_op = func if _is_random(func) else None
-    plan = Plan(local_op, targets, out_specs or (), sharding.shape_arg, inplace, random_op, fallback, positions,
-                views.returns_view(func))
-    plan.aten_func = func
-    if sharding.communication:
-        plan.comm = declared.Communicator(func, mesh, tuple(sharding.communication))
-    return plan
+        return _gathering_policy(schema, len(metas) if metas is not None else 0), True
+    if strided.has_strided(schema.specs):
+        return strided.decide(rule, schema, metas), False
+    return rule(schema), False
 
 
-def _is_random(func) -> bool:
-    return torch.Tag.nondeterministic_seeded in func.tags
-
-
-def dispatch(func, args, kwargs, dtensor_cls, plain_checked: bool = False):
+def dispatch(func, args, kwargs, plain_checked: bool = False):
     """Run aten op ``func`` on DTensor arguments; the body of ``DTensor.__torch_dispatch__``."""
     dtensors: list = []
     scalars: list = []
     key = [func]
     try:
         for value in args:  # the top level inline: this loop runs for every op
-            if isinstance(value, dtensor_cls):
+            if isinstance(value, DTensor):
                 dtensors.append(value)
                 key.append(value._spec)
             elif type(value) is float:
@@ -347,45 +235,48 @@ def dispatch(func, args, kwargs, dtensor_cls, plain_checked: bool = False):
             elif type(value) is int or type(value) is bool:
                 key.append(value)
             else:
-                key.append(_key(value, dtensors, dtensor_cls, scalars))
+                key.append(_key(value, dtensors, scalars))
         if kwargs:
-            key.append(_kwargs_key(kwargs, dtensors, dtensor_cls, scalars))
+            key.append(_kwargs_key(kwargs, dtensors, scalars))
     except _PlainTensorError:  # a plain tensor beside DTensors: joins as Replicate once known equal on all ranks
-        if explicit._STATE.explicit:
+        if _D.explicit_depth:
             with explicit.in_op("plain", None):
-                args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {}, dtensor_cls)
+                args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {})
         else:
-            args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {}, dtensor_cls)
-        return dispatch(func, args, kwargs, dtensor_cls, plain_checked=True)
-    if local_blocks._PENDING[0]:  # a from_local that guessed its global shape is checked at its first op
+            args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {})
+        return dispatch(func, args, kwargs, plain_checked=True)
+    if _D.unchecked_blocks:  # a from_local that guessed its global shape is checked at its first op
         local_blocks.check_marked(dtensors)
     if scalars and not plain_checked:  # a 0-d plain tensor stays plain, but only once known equal on all ranks
-        if explicit._STATE.explicit:
+        if _D.explicit_depth:
             with explicit.in_op("plain", None):
-                plain_tensors.check_plain(func, args, kwargs or {}, dtensor_cls)
+                plain_tensors.check_plain(func, args, kwargs or {})
         else:
-            plain_tensors.check_plain(func, args, kwargs or {}, dtensor_cls)
+            plain_tensors.check_plain(func, args, kwargs or {})
     key = tuple(key)
     cache = _D.cache
     plan = cache.get(key)
     if plan is None:
         _D.stats["misses"] += 1
-        plan = _make_plan(func, args, kwargs or {}, dtensors, dtensor_cls)
+        plan = _make_plan(func, args, kwargs or {}, dtensors)
         if len(cache) >= _CACHE_MAX:
             del cache[next(iter(cache))]  # oldest entry first: dicts keep insertion order
         cache[key] = plan
     else:
         _D.stats["hits"] += 1
     if type(plan) is foreach_meshes.PerMeshPlan:  # a multi-tensor op over several meshes (before any mesh test)
-        return plan.run(args, kwargs, dtensor_cls, dispatch)
+        return plan.run(args, kwargs, dispatch)
     if dtensors and dtensors[0]._spec.mesh.get_coordinate() is None:
-        return _outside_the_mesh(func, plan, args, kwargs or {}, dtensors, dtensor_cls)
-    if dtensors and views.writes_to_unaliased_view(func, args[0]):
+        return _outside_the_mesh(func, plan, args, kwargs or {}, dtensors)
+    if dtensors and views.writes_to_unaliased_view(record_of(func), args[0]):
         return views.write_through(func, args, kwargs)
-    if explicit._STATE.explicit:  # auditing: whatever this op would communicate unasked raises
+    if _D.explicit_depth:  # auditing: whatever this op would communicate unasked raises
         specs = [dt._spec for dt in dtensors]
         explicit.check_input_moves(func, specs, getattr(plan, "input_targets", ()))
         with explicit.in_op(func, specs):
-            return plan.run(args, kwargs, dtensors, dtensor_cls)
+            return plan.run(args, kwargs, dtensors)
     with debug.at_op(func, dtensors):  # names the op in divergence and failure reports (formatted only there)
-        return plan.run(args, kwargs, dtensors, dtensor_cls)
+        return plan.run(args, kwargs, dtensors)
+
+
+_D.execute = dispatch  # DTensor.__torch_dispatch__ calls the executor through the dispatcher object

@@ -106,6 +106,9 @@ class Dispatcher:
         self.failures_per_group: Counter = Counter()  # failures seen per group: fresh store keys for each
         self.unchecked_blocks = 0  # from_local DTensors whose guessed global shape is not checked yet
         self.created = itertools.count()  # DTensors made so far: their order is the same on every rank
+        # -- the executor: dispatch.dispatch, installed when dispatch.py is imported (DTensor.__torch_dispatch__
+        # calls it here, so the class needs no import of the executor, which builds DTensors: no import circle)
+        self.execute = _not_installed
 
     # -- rule sets ------------------------------------------------------------------------------------
 
@@ -136,6 +139,10 @@ class Dispatcher:
     def clear_plans(self) -> None:
         for cache in self.caches.values():
             cache.clear()
+
+
+def _not_installed(func, args, kwargs):
+    raise RuntimeError(f"{func} on a DTensor before dtensor_plus.dispatch was imported: `import dtensor_plus` first")
 
 
 DISPATCHER = Dispatcher()

@@ -8,15 +8,15 @@ backward running the dual collective.
 
 from __future__ import annotations
 
-import itertools
 from typing import Sequence
 
 import torch
 
-from . import dispatch, grad_layout, local_blocks, serialization
+from . import grad_layout, local_blocks, serialization
+from .dispatcher import DISPATCHER
 from .mesh import mesh_or_current
 from .placements import Placement, Replicate, Shard
-from .redistribute import Redistribute, grad_placements_for, redistribute_local
+from .redistribute import grad_placements_for, redistribute_local
 from .spec import DTensorSpec, TensorMeta, normalize_placements
 
 __all__ = ["DTensor"]
@@ -30,9 +30,6 @@ def _lists_replicated(index, mesh, device):
         return DTensor(local, DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(local)))
 
     return lift(index) if type(index) is list else tuple(lift(i) for i in index)
-
-
-_CREATED = itertools.count()
 
 
 class DTensor(torch.Tensor):
@@ -65,7 +62,7 @@ class DTensor(torch.Tensor):
         r._spec = spec
         # The order DTensors are made in is the same on every rank of an SPMD program: the divergence checker
         # tells an op's inputs apart by it (a @ b on one rank, b @ a on another).
-        r._created = next(_CREATED)
+        r._created = next(DISPATCHER.created)
         if requires_grad:
             grad_layout.keep_leaf_layout(r)
         return r
@@ -102,7 +99,7 @@ class DTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return dispatch.dispatch(func, args, kwargs, cls)
+        return DISPATCHER.execute(func, args, kwargs)  # dispatch.dispatch, installed when dispatch.py is imported
 
     def __getitem__(self, index):
         # A Python list in an index (x[[0, 2]], x[:, [1, 1]]) is the same on every rank of an SPMD program, but
@@ -219,7 +216,7 @@ class DTensor(torch.Tensor):
         if placements is None:
             raise ValueError("redistribute needs target placements, e.g. [Replicate()]")
         placements = normalize_placements(placements, mesh, self._spec.ndim)
-        if local_blocks._PENDING[0]:
+        if DISPATCHER.unchecked_blocks:
             local_blocks.check_marked((self,))
         return Redistribute.apply(self, placements, forward_dtype, backward_dtype)
 
@@ -231,7 +228,7 @@ class DTensor(torch.Tensor):
     # torch.save / pickle: this rank's block and plain metadata, found again on load (serialization.py);
     # deepcopy does not come here (torch's wrapper-subclass deepcopy clones).
     def __reduce_ex__(self, protocol):
-        return serialization.reduce_dtensor(self)
+        return rebuild_dtensor, serialization.saved_fields(self)
 
 
 def _stride_like(local: torch.Tensor, shape) -> tuple[int, ...]:
@@ -278,3 +275,43 @@ class _ToLocal(torch.autograd.Function):
         if ctx.grad_placements is not None:
             spec = spec.with_placements(ctx.grad_placements)
         return DTensor(grad, spec), None
+
+
+class Redistribute(torch.autograd.Function):
+    """forward: redistribute src -> dst / backward: redistribute the gradient back to src (Partial -> Replicate).
+
+    ``forward_dtype``: the block is cast before the forward collectives (the result keeps that dtype);
+    ``backward_dtype``: the gradient is cast before the backward collectives and back to the input's dtype after."""
+
+    @staticmethod
+    def forward(ctx, dtensor, dst: tuple[Placement, ...], forward_dtype=None, backward_dtype=None):
+        ctx.src_spec, ctx.backward_dtype = dtensor._spec, backward_dtype
+        local, spec = _cast(dtensor._local_tensor, dtensor._spec, forward_dtype)
+        local = redistribute_local(local, spec, dst)
+        return DTensor(local, spec.with_placements(dst), requires_grad=dtensor.requires_grad)
+
+    @staticmethod
+    def backward(ctx, grad):
+        target = grad_placements_for(ctx.src_spec.placements)
+        # Without backward_dtype the collectives run in the input's dtype, not forward_dtype (as in torch).
+        local, spec = _cast(grad._local_tensor, grad._spec, ctx.backward_dtype or ctx.src_spec.dtype)
+        local = redistribute_local(local, spec, target).to(ctx.src_spec.dtype)
+        return DTensor(local, ctx.src_spec.with_placements(target), requires_grad=False), None, None, None
+
+
+def _cast(local: torch.Tensor, spec: DTensorSpec, dtype: torch.dtype | None) -> tuple[torch.Tensor, DTensorSpec]:
+    """``local`` and ``spec`` in ``dtype`` (None or the same dtype: unchanged)."""
+    if dtype is None or dtype == spec.dtype:
+        return local, spec
+    meta = spec.tensor_meta
+    return local.to(dtype), DTensorSpec(spec.mesh, spec.placements, TensorMeta(meta.shape, meta.stride, dtype))
+
+
+def rebuild_dtensor(*fields) -> DTensor:
+    """The DTensor ``serialization.saved_fields`` saved, on the live mesh of the same layout (torch.load)."""
+    local, spec, requires_grad = serialization.checked_parts(*fields)
+    return DTensor(local, spec, requires_grad=requires_grad)
+
+
+# torch.load(weights_only=True) calls only allow-listed functions: ours checks everything it is given.
+torch.serialization.add_safe_globals([rebuild_dtensor])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 
+from .dispatcher import DISPATCHER
 from .placements import Placement
 
 __all__ = ["explicit_communication", "ImplicitCommunicationError", "layout_communication"]
@@ -29,21 +30,11 @@ class ImplicitCommunicationError(RuntimeError):
     """An op would communicate inside ``explicit_communication()`` without the user's code asking for it."""
 
 
-class _State:
-    __slots__ = ("explicit", "layout", "op", "tracker")
-
-    def __init__(self):
-        self.explicit = 0  # nesting depth of explicit_communication()
-        self.layout = 0  # nesting depth of layouts entered by name (loss_parallel, context_parallel)
-        self.op = None  # (op, input specs) of the op whose local computation is running, in explicit mode
-        self.tracker = None  # torch's ModuleTracker while explicit mode is on: names the module
-
-
-_STATE = _State()
+_D = DISPATCHER
 
 
 def is_on() -> bool:
-    return _STATE.explicit > 0
+    return _D.explicit_depth > 0
 
 
 @contextlib.contextmanager
@@ -51,18 +42,18 @@ def explicit_communication():
     """Raise at any op that would communicate without being asked to; see the module docstring. Nests."""
     from .module_tracking import ModuleTracker
 
-    outermost = _STATE.explicit == 0
+    outermost = _D.explicit_depth == 0
     tracker = ModuleTracker() if outermost else None
     if tracker is not None:
         tracker.__enter__()
-        _STATE.tracker = tracker
-    _STATE.explicit += 1
+        _D.explicit_tracker = tracker
+    _D.explicit_depth += 1
     try:
         yield
     finally:
-        _STATE.explicit -= 1
+        _D.explicit_depth -= 1
         if tracker is not None:
-            _STATE.tracker = None
+            _D.explicit_tracker = None
             tracker.__exit__(None, None, None)
 
 
@@ -70,18 +61,18 @@ def explicit_communication():
 def layout_communication():
     """Entered by layouts that users switch on by name (``loss_parallel``, ``context_parallel``): the collectives
     their rules' local ops issue count as asked for."""
-    _STATE.layout += 1
+    _D.layout_depth += 1
     try:
         yield
     finally:
-        _STATE.layout -= 1
+        _D.layout_depth -= 1
 
 
 def current_module() -> str:
     """The innermost module running now, and whether in forward or backward (module_tracking.py)."""
-    if _STATE.tracker is None:
+    if _D.explicit_tracker is None:
         return "?"
-    module, phase = _STATE.tracker.current()
+    module, phase = _D.explicit_tracker.current()
     return f"{module} ({phase})"
 
 
@@ -116,17 +107,16 @@ def check_input_moves(func, specs, targets) -> None:
 
 def check_collective(collective: str, mesh_dim_name: str) -> None:
     """Called by every collective: raise if an op's local computation issues it unasked in explicit mode."""
-    state = _STATE
-    if not state.explicit or state.op is None:
+    if not _D.explicit_depth or _D.explicit_op is None:
         return
-    if state.op == "plain":
+    if _D.explicit_op == "plain":
         raise ImplicitCommunicationError(
             f"a plain tensor joins DTensors in {current_module()}: checking it is equal on every rank would run a "
             f"{collective} on {mesh_dim_name!r}. Make it a DTensor by name (distribute_tensor(t, mesh, "
             "[Replicate()], src_data_rank=None)) or build it inside `with implicit_replication():`"
         )
-    if not state.layout:
-        func, specs = state.op
+    if not _D.layout_depth:
+        func, specs = _D.explicit_op
         raise ImplicitCommunicationError(
             f"{func} in {current_module()} would run {collective} on mesh dim {mesh_dim_name!r} inside its rule "
             f"(inputs {', '.join(_placements(s.placements) for s in specs)}). Inside explicit_communication() "
@@ -139,12 +129,12 @@ def check_collective(collective: str, mesh_dim_name: str) -> None:
 def in_op(func, specs):
     """The scope of one op's local computation in explicit mode (collectives inside it are the rule's own);
     ``func="plain"``: the check that a plain tensor may join DTensors."""
-    saved = _STATE.op
-    _STATE.op = func if func == "plain" else (func, specs)
+    saved = _D.explicit_op
+    _D.explicit_op = func if func == "plain" else (func, specs)
     try:
         yield
     finally:
-        _STATE.op = saved
+        _D.explicit_op = saved
 
 
 def _placements(placements) -> str:

@@ -13,14 +13,9 @@ own mesh, and the outputs come back in the caller's order::
 
 from __future__ import annotations
 
-__all__ = ["is_multi_tensor", "PerMeshPlan"]
+from .dtensor import DTensor
 
-
-def is_multi_tensor(func) -> bool:
-    """A foreach or fused-optimizer op whose first argument is a list of tensors."""
-    name = func.overloadpacket.__name__
-    arguments = func._schema.arguments
-    return name.startswith(("_foreach_", "_fused_")) and bool(arguments) and str(arguments[0].type) == "List[Tensor]"
+__all__ = ["PerMeshPlan"]
 
 
 class PerMeshPlan:
@@ -29,16 +24,15 @@ class PerMeshPlan:
     def __init__(self, func):
         self.func = func
 
-    def run(self, args, kwargs, dtensor_cls, dispatch):
+    def run(self, args, kwargs, dispatch):
         first = args[0]
         groups: dict = {}  # mesh -> indices of its elements in the first list
         for i, value in enumerate(first):
-            groups.setdefault(value._spec.mesh if isinstance(value, dtensor_cls) else None, []).append(i)
+            groups.setdefault(value._spec.mesh if isinstance(value, DTensor) else None, []).append(i)
         results = []  # (indices, what the group's call returned)
         for indices in groups.values():
             pick = _picker(indices, len(first))
-            out = dispatch(self.func, tuple(pick(a) for a in args), {k: pick(v) for k, v in (kwargs or {}).items()},
-                           dtensor_cls)
+            out = dispatch(self.func, tuple(pick(a) for a in args), {k: pick(v) for k, v in (kwargs or {}).items()})
             results.append((indices, out))
         if results[0][1] is None:  # an in-place op returns nothing
             return None

@@ -19,7 +19,8 @@ import zlib
 
 import torch
 
-from .plain_tensors import every_rank_rows
+from .collectives import every_rank_rows
+from .dispatcher import DISPATCHER  # unchecked_blocks: dispatch looks for marks only while it is > 0
 from .spec import local_shape_and_offset
 
 __all__ = ["checked_global_shape", "mark_unchecked", "check_marked"]
@@ -27,7 +28,6 @@ __all__ = ["checked_global_shape", "mark_unchecked", "check_marked"]
 _MAX_DIMS = 16  # shapes travel padded to this many dims; a row is 3 + 2 * _MAX_DIMS int64s
 _DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 _UNCHECKED = "_dtensor_plus_blocks_unchecked"
-_PENDING = [0]  # marked DTensors not checked yet: dispatch looks for marks only while this is > 0
 
 
 def checked_global_shape(local: torch.Tensor, mesh, placements, assumed_shape=None) -> tuple[int, ...]:
@@ -69,7 +69,7 @@ def mark_unchecked(dtensor) -> None:
     if dtensor._spec.mesh.get_coordinate() is None:  # a rank outside the mesh takes part in no check
         return
     setattr(dtensor, _UNCHECKED, True)
-    _PENDING[0] += 1
+    DISPATCHER.unchecked_blocks += 1
 
 
 def check_marked(dtensors) -> None:
@@ -77,7 +77,7 @@ def check_marked(dtensors) -> None:
     for dt in dtensors:
         if getattr(dt, _UNCHECKED, False):
             setattr(dt, _UNCHECKED, False)
-            _PENDING[0] -= 1
+            DISPATCHER.unchecked_blocks -= 1
             spec = dt._spec
             checked_global_shape(dt._local_tensor, spec.mesh, spec.placements, tuple(spec.shape))
 

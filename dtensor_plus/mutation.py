@@ -1,19 +1,39 @@
-"""Ops that write into their arguments, when the plain plan cannot: each is a plan kind with ``run``.
+"""Ops that write into their arguments: plans derived from the functional op's, by combinators.
 
-- an in-place op whose ``self`` cannot keep its layout (``exp_`` on a Partial self): computed elsewhere,
-  copied back into self in self's layout;
-- an in-place view (``squeeze_``, ``t_``...) or ``resize_``: self takes the functional op's block, spec and sizes;
-- an ``out=`` variant: the functional op under its own rule, then copied into ``out`` in out's layout.
+``in_place(record, plan, dtensors)`` takes the plan decided for an in-place op and keeps it when ``self`` can keep
+its layout (``mul_`` on a Shard self); otherwise it gives one of:
+
+- ``OutOfPlacePlan``: the result cannot stay in ``self``'s layout (``exp_`` on a Partial self): computed by the
+  functional twin under its own rule, copied back into self in self's layout;
+- ``InplaceViewPlan``: an in-place view (``squeeze_``, ``t_``...) or ``resize_``: self takes the functional op's
+  block, spec and sizes.
+
+``OutVariantPlan`` serves ``out=`` variants: the functional op under its own rule, then copied into ``out`` in
+out's layout. Every functional twin comes from the op's record (op_record.py).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .dtensor import DTensor
 from .placements import Replicate
 from .redistribute import redistribute_local
 
-__all__ = ["OutOfPlacePlan", "InplaceViewPlan", "OutVariantPlan", "INPLACE_VIEWS", "is_inplace", "out_arguments"]
+__all__ = ["in_place", "OutOfPlacePlan", "InplaceViewPlan", "OutVariantPlan"]
+
+
+def in_place(record, plan, dtensors):
+    """The plan of an in-place op whose functional decision is ``plan``, or None when ``plan`` serves as is."""
+    if record.inplace_view:
+        return InplaceViewPlan(record)
+    if not record.inplace:
+        return None
+    out_specs = plan.out_specs
+    # An in-place foreach op (_foreach_mul_) returns nothing (out_specs == ()); its rule keeps every element.
+    if plan.input_targets[0] is not None or (out_specs and out_specs[0].placements != dtensors[0]._spec.placements):
+        return OutOfPlacePlan(record)
+    return None
 
 
 class OutOfPlacePlan:
@@ -24,12 +44,10 @@ class OutOfPlacePlan:
 
     __slots__ = ("func", "functional")
 
-    def __init__(self, func):
-        packet = getattr(torch.ops.aten, func.overloadpacket.__name__.rstrip("_"), None)
-        self.func = func
-        self.functional = getattr(packet, func._overloadname, None) if packet is not None else None
+    def __init__(self, record):
+        self.func, self.functional = record.func, record.functional
 
-    def run(self, args, kwargs, dtensors, dtensor_cls):
+    def run(self, args, kwargs, dtensors):
         kwargs = kwargs or {}
         if self.functional is not None:
             result = self.functional(*args, **kwargs)
@@ -37,7 +55,7 @@ class OutOfPlacePlan:
             this = args[0]
             replicate = (Replicate(),) * this._spec.mesh.ndim
             local = redistribute_local(this._local_tensor, this._spec, replicate).clone()
-            result = self.func(dtensor_cls(local, this._spec.with_placements(replicate)), *args[1:], **kwargs)
+            result = self.func(DTensor(local, this._spec.with_placements(replicate)), *args[1:], **kwargs)
         return args[0].copy_(result)
 
 
@@ -49,10 +67,10 @@ class InplaceViewPlan:
 
     __slots__ = ("func", "view")
 
-    def __init__(self, func):
-        self.func, self.view = func, getattr(torch.ops.aten, func.overloadpacket.__name__.rstrip("_"))
+    def __init__(self, record):
+        self.func, self.view = record.func, record.functional
 
-    def run(self, args, kwargs, dtensors, dtensor_cls):
+    def run(self, args, kwargs, dtensors):
         result = self.view(*args, **(kwargs or {}))
         target = args[0]
         target._local_tensor, target._spec = result._local_tensor, result._spec
@@ -66,33 +84,18 @@ class InplaceViewPlan:
         return target
 
 
-INPLACE_VIEWS = (torch.ops.aten.squeeze_, torch.ops.aten.unsqueeze_, torch.ops.aten.t_, torch.ops.aten.transpose_,
-                 torch.ops.aten.resize_, torch.ops.aten.resize_as_)
-
-
-def is_inplace(func) -> bool:
-    """Does the op write into its first argument (``add_``, ``copy_``, ``normal_``...)?"""
-    schema = func._schema
-    return bool(schema.arguments) and schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write
-
-
-def out_arguments(func):
-    """Names of the out= arguments, or () for an op without them."""
-    return tuple(a.name for a in func._schema.arguments if a.is_out)
-
-
 class OutVariantPlan:
     """``op(..., out=t)``: compute the functional op (its own rule), then copy into ``t`` in t's layout."""
 
-    __slots__ = ("func", "out_names")
+    __slots__ = ("functional", "out_names")
 
-    def __init__(self, func, out_names):
-        self.func, self.out_names = func, out_names
+    def __init__(self, record):
+        self.functional, self.out_names = record.functional, record.out_names
 
-    def run(self, args, kwargs, dtensors, dtensor_cls):
+    def run(self, args, kwargs, dtensors):
         outs = [kwargs[name] for name in self.out_names]
         rest = {k: v for k, v in kwargs.items() if k not in self.out_names}
-        result = self.func.overloadpacket(*args, **rest)
+        result = self.functional(*args, **rest)
         results = result if isinstance(result, (tuple, list)) else (result,)
         for out, res in zip(outs, results):
             out.copy_(res)

@@ -30,13 +30,14 @@ import zlib
 import torch
 
 from . import collectives, grad_layout
+from .dispatcher import DISPATCHER
+from .dtensor import DTensor
 from .placements import Replicate
 from .spec import DTensorSpec, TensorMeta
 
-__all__ = ["implicit_replication", "join_as_replicate", "check_plain", "every_rank_rows"]
+__all__ = ["implicit_replication", "join_as_replicate", "check_plain"]
 
-_IMPLICIT_REPLICATION = [0]  # > 0 inside implicit_replication() blocks (they nest)
-_WARNED: set = set()
+_D = DISPATCHER
 
 
 @contextlib.contextmanager
@@ -45,23 +46,23 @@ def implicit_replication():
     cross-rank check: every rank must hold the same values (as torch's ``implicit_replication``). For the
     tensors a model builds inside its forward from replicated inputs (rotary cos/sin from position ids,
     masks), where the check outside the block would cost a small collective per op."""
-    _IMPLICIT_REPLICATION[0] += 1
+    _D.implicit_replication += 1
     try:
         yield
     finally:
-        _IMPLICIT_REPLICATION[0] -= 1
+        _D.implicit_replication -= 1
 
 
-def check_plain(func, args, kwargs, dtensor_cls):
+def check_plain(func, args, kwargs):
     """Check every plain tensor among ``args``/``kwargs`` (0-d ones included) equal across the ranks of the
     DTensors' mesh unless trusted, and hook those that require grad to get a plain gradient. Returns the mesh."""
-    found = [v for v in _flatten(list(args) + list(kwargs.values())) if isinstance(v, dtensor_cls)]
+    found = [v for v in _flatten(list(args) + list(kwargs.values())) if isinstance(v, DTensor)]
     mesh = found[0]._spec.mesh
-    plain = [(name, t) for name, t in _plain_arguments(args, kwargs, dtensor_cls) if name not in _trusted(func)]
+    plain = [(name, t) for name, t in _plain_arguments(args, kwargs) if name not in _trusted(func)]
     in_backward = torch._C._current_graph_task_id() != -1  # autograd's own formulas built it
     if mesh.get_coordinate() is None:  # a rank outside the mesh takes part in nothing
         return mesh
-    if plain and not (_IMPLICIT_REPLICATION[0] or in_backward):
+    if plain and not (_D.implicit_replication or in_backward):
         _check_same_on_every_rank(func, plain, mesh)
     if not in_backward and torch.is_grad_enabled():
         for _, t in plain:
@@ -70,17 +71,17 @@ def check_plain(func, args, kwargs, dtensor_cls):
     return mesh
 
 
-def join_as_replicate(func, args, kwargs, dtensor_cls):
+def join_as_replicate(func, args, kwargs):
     """``args``/``kwargs`` with every plain tensor of more than 0 dims made a Replicate DTensor on the mesh of
     the DTensors among them, after ``check_plain`` (see the module docstring)."""
-    mesh = check_plain(func, args, kwargs, dtensor_cls)
+    mesh = check_plain(func, args, kwargs)
 
     def lift(value):
         if type(value) is list or type(value) is tuple:
             return type(value)(lift(v) for v in value)
-        if isinstance(value, dtensor_cls) or not isinstance(value, torch.Tensor) or value.ndim == 0:
+        if isinstance(value, DTensor) or not isinstance(value, torch.Tensor) or value.ndim == 0:
             return value
-        return dtensor_cls(value, DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(value)))
+        return DTensor(value, DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(value)))
 
     return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
 
@@ -104,11 +105,11 @@ def _trusted(func) -> set[str]:
         {f"argument {a.name!r}" for a in func._schema.arguments if a.name in _TRUSTED_ARGUMENTS}
 
 
-def _plain_arguments(args, kwargs, dtensor_cls) -> list[tuple[str, torch.Tensor]]:
+def _plain_arguments(args, kwargs) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of every plain tensor, in argument order."""
     named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"argument {k!r}", v) for k, v in kwargs.items()]
     return [(name, v) for name, value in named for v in _flatten([value])
-            if isinstance(v, torch.Tensor) and not isinstance(v, dtensor_cls)]
+            if isinstance(v, torch.Tensor) and not isinstance(v, DTensor)]
 
 
 def _digest(t: torch.Tensor) -> list[int]:
@@ -122,7 +123,7 @@ def _digest(t: torch.Tensor) -> list[int]:
 def _check_same_on_every_rank(func, plain, mesh) -> None:
     """Raise on every rank of ``mesh`` alike unless each plain tensor is the same on all of them."""
     mine = torch.tensor([x for _, t in plain for x in _digest(t)], dtype=torch.int64)
-    everyone, ranks = every_rank_rows(mine, mesh)
+    everyone, ranks = collectives.every_rank_rows(mine, mesh)
     for row, rank in zip(everyone, ranks):
         if not torch.equal(row, everyone[0]):
             which = next(i for i in range(len(plain)) if not torch.equal(row[2 * i: 2 * i + 2], everyone[0][2 * i: 2 * i + 2]))
@@ -134,8 +135,8 @@ def _check_same_on_every_rank(func, plain, mesh) -> None:
                 f"cannot be taken as Replicate; make it a DTensor first (distribute_tensor(t, mesh, placements) "
                 f"or DTensor.from_local with its real placements)"
             )
-    if func not in _WARNED:
-        _WARNED.add(func)
+    if func not in _D.warned:
+        _D.warned.add(func)
         warnings.warn(
             f"{func}: a plain torch.Tensor met DTensors and joined as Replicate after a cross-rank check of its "
             f"values (one small all-gather per call). If you built it, make it a DTensor, or build it inside "
@@ -143,17 +144,3 @@ def _check_same_on_every_rank(func, plain, mesh) -> None:
             f"message is only about speed.",
             stacklevel=4,
         )
-
-
-def every_rank_rows(row: torch.Tensor, mesh) -> tuple[torch.Tensor, list[int]]:
-    """Every rank's ``row`` (a 1-d int64 tensor of one length on all ranks) on every rank of ``mesh``, as a
-    (ranks, len(row)) table, and the global ranks in its row order: one all-gather per mesh dim."""
-    everyone = row.to(mesh.device_type) if mesh.device_type == "cuda" else row
-    for mesh_dim in range(mesh.ndim):  # gathering along each dim in turn leaves every rank with all rows
-        everyone = collectives.all_gather(everyone.unsqueeze(0), mesh, mesh_dim, 0, mesh.size(mesh_dim))
-    return everyone.reshape(-1, row.numel()).cpu(), _gather_order(mesh)
-
-
-def _gather_order(mesh) -> list[int]:
-    """Global ranks in the order the successive all-gathers stack them: the last mesh dim outermost."""
-    return mesh.mesh.permute(*reversed(range(mesh.ndim))).reshape(-1).tolist()

@@ -18,38 +18,54 @@ import contextlib
 import torch
 
 from . import collectives
+from .dispatcher import DISPATCHER
+from .placements import Replicate
+from .plan import substitute
+from .redistribute import redistribute_local
 
-__all__ = ["manual_seed", "is_strict", "rng_for", "draws", "get_rng_state", "set_rng_state"]
+__all__ = ["manual_seed", "is_strict", "rng_for", "seeded", "get_rng_state", "set_rng_state"]
 
-_aten = torch.ops.aten
-# Ops tagged nondeterministic_seeded that draw nothing at dropout_p == 0 (position of dropout_p): attention.
-# Strict mode would otherwise gather their inputs for nothing, and the sharded rules (heads, batch, the
-# sequence under context parallelism) would never run in a dropout-checked training run.
-_DROPOUT_P_AT = {
-    _aten._scaled_dot_product_flash_attention_for_cpu.default: 3,
-    _aten._scaled_dot_product_flash_attention.default: 3,
-    _aten._scaled_dot_product_efficient_attention.default: 5,
-}
-
-
-def draws(func, args, kwargs) -> bool:
-    """Does this call of a nondeterministic_seeded op draw random numbers? (Checked per call: the dispatch
-    cache key holds a float argument's type, not its value.)"""
-    at = _DROPOUT_P_AT.get(func)
-    if at is None:
-        return True
-    dropout_p = args[at] if len(args) > at else kwargs.get("dropout_p", 0.0)
-    return dropout_p > 0
-
-
-class _RNGState:
-    seed: int | None = None
-    counter: int = 0
-    strict: bool = False
-
-
-_STATE = _RNGState()
+_D = DISPATCHER
 _MASK64 = (1 << 64) - 1
+
+
+def seeded(record, plan):
+    """The combinator for ops that draw random numbers (tagged nondeterministic_seeded): ``plan`` run with each
+    shard drawing its own stream, or, in strict mode, the single-device draw sliced."""
+    return SeededPlan(record, plan) if record.random else plan
+
+
+class SeededPlan:
+    __slots__ = ("record", "plan", "out_specs")
+
+    def __init__(self, record, plan):
+        self.record, self.plan, self.out_specs = record, plan, plan.out_specs
+
+    def run(self, args, kwargs, dtensors):
+        plan = self.plan
+        if not self.record.draws(args, kwargs):
+            return plan.run(args, kwargs, dtensors)
+        if not _D.rng_strict:
+            with rng_for(plan.out_specs):
+                return plan.run(args, kwargs, dtensors)
+        # Strict: every rank runs the op on whole inputs with torch's own generator (seeded alike by
+        # manual_seed), exactly as one device would, then keeps its slice of each output.
+        local_args, _ = plan.localize(args, kwargs, dtensors)
+        it = iter([redistribute_local(dt._local_tensor, dt._spec, (Replicate(),) * dt._spec.mesh.ndim) for dt in dtensors])
+        full_args = substitute(args, it)
+        full_kwargs = {k: substitute(v, it) for k, v in (kwargs or {}).items()}
+        out = plan.func(*full_args, **full_kwargs)
+        if plan.inplace:  # the op drew into a whole copy of self: keep this rank's block of it
+            local_args[0].copy_(_slice(out, plan.out_specs[0]))
+            return plan.finish(local_args[0], args, kwargs, dtensors)
+        if isinstance(out, torch.Tensor):
+            return plan.finish(_slice(out, plan.out_specs[0]), args, kwargs, dtensors)
+        return plan.finish(type(out)(_slice(o, s) for o, s in zip(out, plan.out_specs)), args, kwargs, dtensors)
+
+
+def _slice(full, spec):
+    replicated = spec.with_placements((Replicate(),) * spec.mesh.ndim)
+    return redistribute_local(full, replicated, spec.placements)
 
 
 def manual_seed(seed: int, *, strict: bool = False) -> None:
@@ -62,18 +78,18 @@ def manual_seed(seed: int, *, strict: bool = False) -> None:
     if not isinstance(seed, int):
         raise TypeError(f"manual_seed needs an int, got {seed!r}")
     torch.manual_seed(seed)
-    _STATE.seed, _STATE.counter, _STATE.strict = seed, 0, strict
+    _D.rng_seed, _D.rng_counter, _D.rng_strict = seed, 0, strict
 
 
 def is_strict() -> bool:
-    return _STATE.strict
+    return _D.rng_strict
 
 
 def get_rng_state() -> dict:
     """Everything that decides the next draws, for a checkpoint: the seed, the op counter, the mode and torch's
     generator state (a plain uint8 tensor, the same on every rank after ``manual_seed``). A resumed run that
     calls ``set_rng_state`` draws exactly what the uninterrupted run would have drawn."""
-    return {"seed": _STATE.seed, "counter": _STATE.counter, "strict": _STATE.strict, "torch": torch.get_rng_state()}
+    return {"seed": _D.rng_seed, "counter": _D.rng_counter, "strict": _D.rng_strict, "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
@@ -81,7 +97,7 @@ def set_rng_state(state: dict) -> None:
     missing = {"seed", "counter", "strict", "torch"} - set(state)
     if missing:
         raise ValueError(f"set_rng_state: the state lacks {sorted(missing)}; pass what get_rng_state() returned")
-    _STATE.seed, _STATE.counter, _STATE.strict = state["seed"], int(state["counter"]), bool(state["strict"])
+    _D.rng_seed, _D.rng_counter, _D.rng_strict = state["seed"], int(state["counter"]), bool(state["strict"])
     torch.set_rng_state(state["torch"])
 
 
@@ -96,14 +112,14 @@ def _mix(*values: int) -> int:
 
 def _base_seed(mesh) -> int:
     """The seed; without manual_seed, the one rank (0, ..., 0) of the mesh has, broadcast once."""
-    if _STATE.seed is None:
+    if _D.rng_seed is None:
         value = torch.tensor([torch.initial_seed() & ((1 << 62) - 1)], dtype=torch.int64)
         if mesh.device_type == "cuda":
             value = value.cuda()
         for mesh_dim in range(mesh.ndim):
             collectives.broadcast(value, mesh, mesh_dim, 0)
-        _STATE.seed = int(value.item())
-    return _STATE.seed
+        _D.rng_seed = int(value.item())
+    return _D.rng_seed
 
 
 @contextlib.contextmanager
@@ -115,8 +131,8 @@ def rng_for(out_specs):
     for mesh_dim, placement in enumerate(spec.placements):
         if placement.is_shard() or placement.is_strided_shard():
             shard_index = shard_index * mesh.shape[mesh_dim] + coordinate[mesh_dim]
-    seed = _mix(_base_seed(mesh), _STATE.counter, shard_index)
-    _STATE.counter += 1
+    seed = _mix(_base_seed(mesh), _D.rng_counter, shard_index)
+    _D.rng_counter += 1
     devices = [torch.cuda.current_device()] if mesh.device_type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

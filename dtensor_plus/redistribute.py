@@ -359,38 +359,3 @@ def grad_placements_for(placements: tuple[Placement, ...]) -> tuple[Placement, .
     """Where the gradient of a tensor laid out as ``placements`` must land: Partial inputs take a Replicate
     gradient (d(sum of pieces)/d(piece) is the whole output gradient on every rank)."""
     return tuple(Replicate() if p.is_partial() else p for p in placements)
-
-
-def _cast(local: torch.Tensor, spec: DTensorSpec, dtype: torch.dtype | None) -> tuple[torch.Tensor, DTensorSpec]:
-    """``local`` and ``spec`` in ``dtype`` (None or the same dtype: unchanged)."""
-    if dtype is None or dtype == spec.dtype:
-        return local, spec
-    meta = spec.tensor_meta
-    return local.to(dtype), DTensorSpec(spec.mesh, spec.placements, TensorMeta(meta.shape, meta.stride, dtype))
-
-
-class Redistribute(torch.autograd.Function):
-    """forward: redistribute src -> dst / backward: redistribute the gradient back to src (Partial -> Replicate).
-
-    ``forward_dtype``: the block is cast before the forward collectives (the result keeps that dtype);
-    ``backward_dtype``: the gradient is cast before the backward collectives and back to the input's dtype after."""
-
-    @staticmethod
-    def forward(ctx, dtensor, dst: tuple[Placement, ...], forward_dtype=None, backward_dtype=None):
-        from .dtensor import DTensor
-
-        ctx.src_spec, ctx.backward_dtype = dtensor._spec, backward_dtype
-        local, spec = _cast(dtensor._local_tensor, dtensor._spec, forward_dtype)
-        local = redistribute_local(local, spec, dst)
-        return DTensor(local, spec.with_placements(dst), requires_grad=dtensor.requires_grad)
-
-    @staticmethod
-    def backward(ctx, grad):
-        from .dtensor import DTensor
-
-        target = grad_placements_for(ctx.src_spec.placements)
-        # Without backward_dtype the collectives run in the input's dtype, not forward_dtype (as in torch).
-        local, spec = _cast(grad._local_tensor, grad._spec, ctx.backward_dtype or ctx.src_spec.dtype)
-        local = redistribute_local(local, spec, target).to(ctx.src_spec.dtype)
-        return DTensor(local, ctx.src_spec.with_placements(target), requires_grad=False), None, None, None
-

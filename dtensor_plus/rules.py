@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .dispatcher import DISPATCHER, RuleEntry
+from .op_record import record_of
 from .placements import Placement
 from .spec import DTensorSpec
 
@@ -31,7 +32,11 @@ __all__ = ["OpSchema", "Sharding", "register_rule", "register_rules", "register_
 
 @dataclass(frozen=True, slots=True)
 class OpSchema:
-    """What a rule sees of one op call. ``args``/``kwargs`` hold DTensorSpecs where DTensors were passed."""
+    """What a rule sees of one op call. ``args``/``kwargs`` hold DTensorSpecs where DTensors were passed.
+
+    A rule reads arguments by their schema names: ``op.arg("dim")`` (wherever it was passed, positionally or by
+    keyword), ``op.spec("weight")`` (the spec of a DTensor argument, None when that argument is not a DTensor),
+    and may answer ``Sharding(inputs={"input": ..., "weight": ...})`` by name too."""
 
     func: torch._ops.OpOverload
     args: tuple
@@ -46,11 +51,46 @@ class OpSchema:
     def mesh_shape(self) -> tuple[int, ...]:
         return self.specs[0].mesh.shape
 
-    def arg(self, index: int, name: str | None = None, default=None):
-        """Positional argument ``index``, else keyword ``name``, else ``default``."""
+    @property
+    def record(self):
+        """The op's facts (op_record.OpRecord): argument names, in place or not, its functional twin..."""
+        return record_of(self.func)
+
+    @property
+    def names(self) -> tuple:
+        """The argument name of each spec in ``specs`` ((name, index) for an element of a list argument)."""
+        return self.record.names_of(self.args, self.kwargs, _is_spec)
+
+    def arg(self, index: int | str, name: str | None = None, default=None):
+        """An argument by schema name (``op.arg("dim")``, ``op.arg("dim", default=0)``), wherever it was passed;
+        or by position ``index``, else keyword ``name``, else ``default``."""
+        if isinstance(index, str):
+            name, default = index, name if default is None else default
+            names = self.record.arg_names
+            index = names.index(name) if name in names else len(self.args)
         if index < len(self.args):
             return self.args[index]
         return self.kwargs.get(name, default) if name else default
+
+    def spec(self, name: str) -> DTensorSpec | None:
+        """The spec of DTensor argument ``name``, or None when it is not a DTensor (None, a plain scalar)."""
+        value = self.arg(name)
+        return value if isinstance(value, DTensorSpec) else None
+
+    def by_name(self, targets: dict) -> tuple:
+        """``Sharding.inputs`` in ``specs`` order from a dict {argument name: placements}; an element of a list
+        argument takes its (name, index) entry, else its name's. Unnamed inputs stay as they are (None)."""
+        names = self.names
+        known = set(names) | {n[0] for n in names if type(n) is tuple}
+        unknown = [n for n in targets if n not in known]
+        if unknown:
+            raise ValueError(f"{self.func}: the rule names inputs {unknown}, which are not DTensor arguments of this "
+                             f"call (those are {list(names)}); name arguments as in the op's schema")
+        return tuple(targets.get(n, targets.get(n[0]) if type(n) is tuple else None) for n in names)
+
+
+def _is_spec(value) -> bool:
+    return isinstance(value, DTensorSpec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +99,7 @@ class Sharding:
 
     Args:
         inputs: one entry per DTensor input (``OpSchema.specs`` order): the placements it must have, or
-            None to leave it as it is.
+            None to leave it as it is; or a dict {argument name: placements} (unnamed inputs are left as they are).
         outputs: one entry per tensor output (flattened in order): its placements, or None for a tensor
             output that is not a DTensor (never used by core rules).
         shape_arg: index of a positional argument holding a shape (view, expand, new_zeros...): the
@@ -73,11 +113,15 @@ class Sharding:
             ``comm=`` a Communicator that runs exactly these. A rule never calls a collective itself.
     """
 
-    inputs: tuple[tuple[Placement, ...] | None, ...]
+    inputs: tuple[tuple[Placement, ...] | None, ...] | dict
     outputs: tuple[tuple[Placement, ...] | None, ...]
     shape_arg: int | None = None
     local_op: Callable | None = None
     communication: tuple = ()
+
+    def inputs_for(self, op: OpSchema) -> tuple:
+        """``inputs`` as one entry per spec of ``op`` (a dict by name resolved)."""
+        return op.by_name(self.inputs) if isinstance(self.inputs, dict) else tuple(self.inputs)
 
 
 Rule = Callable[[OpSchema], Sharding]

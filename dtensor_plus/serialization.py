@@ -17,24 +17,23 @@ from .mesh import live_mesh
 from .placement_fields import from_fields, to_fields
 from .spec import DTensorSpec, TensorMeta
 
-__all__ = ["reduce_dtensor", "rebuild_dtensor"]
+__all__ = ["saved_fields", "checked_parts"]
 
 
-def reduce_dtensor(dtensor) -> tuple:
-    """``DTensor.__reduce_ex__``: the rebuild function and plain arguments (no mesh, no process group)."""
+def saved_fields(dtensor) -> tuple:
+    """What ``DTensor.__reduce_ex__`` saves: the block and plain metadata (no mesh, no process group)."""
     spec = dtensor._spec
     mesh = spec.mesh
-    return rebuild_dtensor, (
+    return (
         dtensor._local_tensor, mesh.device_type, mesh.mesh.tolist(), mesh.mesh_dim_names,
         tuple(to_fields(p) for p in spec.placements), tuple(spec.shape), tuple(spec.tensor_meta.stride), spec.dtype,
         dtensor.requires_grad,
     )
 
 
-def rebuild_dtensor(local, device_type, ranks, mesh_dim_names, placements, shape, stride, dtype, requires_grad):
-    """The DTensor ``reduce_dtensor`` saved, on the live mesh of the same layout (ValueError when there is none)."""
-    from .dtensor import DTensor
-
+def checked_parts(local, device_type, ranks, mesh_dim_names, placements, shape, stride, dtype, requires_grad):
+    """(block, spec, requires_grad) of what ``saved_fields`` saved, on the live mesh of the same layout, every
+    field checked (ValueError when there is no such mesh or the block does not fit)."""
     if not isinstance(local, torch.Tensor) or not isinstance(dtype, torch.dtype) or not isinstance(shape, (tuple, list)):
         raise ValueError(f"torch.load: a saved DTensor has a malformed block, dtype or shape "
                          f"({type(local).__name__}, {dtype!r}, {shape!r})")
@@ -55,8 +54,4 @@ def rebuild_dtensor(local, device_type, ranks, mesh_dim_names, placements, shape
             f"{list(placements)} of a {tuple(shape)} {dtype} tensor on {mesh} give it {tuple(expected)}; load each "
             f"rank's own file on the mesh it was saved on, or use dtensor_plus.checkpoint to reshard"
         )
-    return DTensor(local, spec, requires_grad=bool(requires_grad))
-
-
-# torch.load(weights_only=True) calls only allow-listed functions: ours checks everything it is given.
-torch.serialization.add_safe_globals([rebuild_dtensor])
+    return local, spec, bool(requires_grad)

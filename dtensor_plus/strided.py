@@ -20,6 +20,8 @@ permutation of the rows, so as_shard rules (position-independent) keep it the sa
 
 from __future__ import annotations
 
+import dataclasses
+
 from . import rules
 from .placements import Replicate, Shard, StridedShard
 
@@ -62,9 +64,9 @@ def gathered(rule, schema: rules.OpSchema) -> rules.Sharding:
     sharding = rule(with_specs(schema, plain))
     inputs = tuple(
         want if want is not None or new.placements == old.placements else new.placements
-        for want, new, old in zip(sharding.inputs, plain, schema.specs)
+        for want, new, old in zip(sharding.inputs_for(schema), plain, schema.specs)
     )
-    return rules.Sharding(inputs, sharding.outputs, sharding.shape_arg, sharding.local_op)
+    return dataclasses.replace(sharding, inputs=inputs)
 
 
 def _strided_mesh_dims(specs) -> dict[int, tuple[StridedShard, int]] | None:
@@ -91,14 +93,14 @@ def _as_shard(rule, schema: rules.OpSchema, metas) -> rules.Sharding | None:
         for spec in schema.specs
     ]
     sharding = rule(with_specs(schema, aliased))
-    inputs = [None if want is None else _unalias(want, spec.shape, strided) for want, spec in zip(sharding.inputs, schema.specs)]
+    inputs = [None if want is None else _unalias(want, spec.shape, strided) for want, spec in zip(sharding.inputs_for(schema), schema.specs)]
     outputs = [
         None if out is None or meta is None else _unalias(out, meta.shape, strided)
         for out, meta in zip(sharding.outputs, metas or [None] * len(sharding.outputs))
     ]
     if any(want is False for want in inputs + outputs):
         return None
-    return rules.Sharding(tuple(inputs), tuple(outputs), sharding.shape_arg, sharding.local_op)
+    return dataclasses.replace(sharding, inputs=tuple(inputs), outputs=tuple(outputs))
 
 
 def _unalias(placements, shape, strided: dict):

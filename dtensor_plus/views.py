@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["returns_view", "moves_data", "note_view", "writes_to_unaliased_view", "write_through"]
+from .op_record import record_of
+
+__all__ = ["moves_data", "note_view", "writes_to_unaliased_view", "write_through"]
 
 MARK = "_dtensor_plus_unaliased"  # on DTensors whose block does not alias their base's: (base, view op, args)
 _aten = torch.ops.aten
@@ -44,22 +46,6 @@ def _inverse_permutation(dims, ndim: int) -> list[int]:
     for i, d in enumerate(dims):
         inverse[d % ndim] = i
     return inverse
-_RETURNS_VIEW: dict = {}
-_WRITES_SELF: dict = {}
-
-
-def returns_view(func) -> bool:
-    """Does the aten op return a view of its first argument (``diagonal``, ``view``, ``transpose``...)?"""
-    known = _RETURNS_VIEW.get(func)
-    if known is None:
-        schema = func._schema
-        first = schema.arguments[0].alias_info if schema.arguments else None
-        known = _RETURNS_VIEW[func] = bool(
-            first is not None and not first.is_write and schema.returns and schema.returns[0].alias_info is not None
-        )
-    return known
-
-
 def moves_data(plan) -> bool:
     """Does this plan of a view op leave its output's blocks not views of the input's blocks? Decided from the
     plan alone (the same on every rank), never from a rank's own block, which may be empty on one rank only."""
@@ -73,13 +59,9 @@ def note_view(out, func, args, kwargs) -> None:
         setattr(view, MARK, (args[0], func, args[1:], kwargs) if view is out else (args[0], None, (), {}))
 
 
-def writes_to_unaliased_view(func, target) -> bool:
-    writes = _WRITES_SELF.get(func)
-    if writes is None:
-        schema = func._schema
-        first = schema.arguments[0].alias_info if schema.arguments else None
-        writes = _WRITES_SELF[func] = bool(first is not None and first.is_write)
-    return writes and getattr(target, MARK, None) is not None
+def writes_to_unaliased_view(record, target) -> bool:
+    """Does the op (its OpRecord) write in place into a view whose block is not a view of its base's?"""
+    return record.inplace and getattr(target, MARK, None) is not None
 
 
 def write_through(func, args, kwargs):
@@ -88,7 +70,7 @@ def write_through(func, args, kwargs):
     view = args[0]
     base, view_func, view_args, view_kwargs = getattr(view, MARK)
     inverse = _INVERSES.get(view_func)
-    functional = _functional(func)
+    functional = _functional(record_of(func))
     if inverse is None or functional is None:
         raise _error(func, view, view_func)
     value = functional(*args, **(kwargs or {}))
@@ -99,12 +81,12 @@ def write_through(func, args, kwargs):
     return view
 
 
-def _functional(func):
-    """The out-of-place twin of an in-place op (``fill_.Scalar`` -> ``fill.Scalar``), or None."""
-    if func is _aten.copy_.default:
+def _functional(record):
+    """The out-of-place twin of an in-place op (``fill_.Scalar`` -> ``fill.Scalar``, from its record), or None;
+    copy_'s is a fresh tensor filled (aten.copy would broadcast src into a new tensor under its own rule)."""
+    if record.func is _aten.copy_.default:
         return lambda view, src, non_blocking=False: torch.empty_like(view).copy_(src)  # a fresh DTensor, no view
-    packet = getattr(_aten, func.overloadpacket.__name__.rstrip("_"), None)
-    return getattr(packet, func._overloadname, None) if packet is not None else None
+    return record.functional
 
 
 def _error(func, target, view_func) -> RuntimeError:

@@ -7,7 +7,6 @@ import torch
 
 from dtensor_plus.placement_tuples import replicated, unshard_dims, without_partial  # noqa: F401  (re-exported)
 from dtensor_plus.rules import OpSchema, Sharding, meta_for
-from dtensor_plus.mutation import is_inplace  # noqa: F401  (re-exported for the rule files)
 from dtensor_plus.spec import DTensorSpec
 
 aten = torch.ops.aten

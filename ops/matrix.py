@@ -37,7 +37,7 @@ from dtensor_plus.redistribute import redistribute_cost
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec
 
-from .common import aten, is_inplace, replicate_all
+from .common import aten, replicate_all
 
 __all__ = ["einsum_rule", "parse_equation"]
 
@@ -166,7 +166,7 @@ def einsum_rule(equation: str, operand_args: tuple[tuple[int, str], ...], bias_a
         # A plain (0-d) bias is added whole on every rank, so the output may not be Partial then.
         plain_bias = bias is not None and not isinstance(bias, DTensorSpec)
         bias = None if plain_bias else bias
-        inplace = bias is not None and is_inplace(op.func)
+        inplace = bias is not None and op.record.inplace
         ins, bias_target, output = _choose(operands, out, specs, bias, op.mesh_shape, not plain_bias, inplace)
         order = _spec_order(op, tensor_args)
         inputs = [None] * len(op.specs)
@@ -211,7 +211,7 @@ def addmv_rule(op: OpSchema) -> Sharding:
     if mat.shape.numel() == 0 and not full_bias:
         return replicate_all(op)
     sharding = _addmv(op)
-    if full_bias or is_inplace(op.func):
+    if full_bias or op.record.inplace:
         return sharding
     return Sharding(inputs=sharding.inputs, outputs=sharding.outputs, local_op=_addmv_local)
 

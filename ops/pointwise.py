@@ -20,7 +20,7 @@ from dtensor_plus.placements import Partial, Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec
 
-from .common import aten, is_inplace, num_tensor_outputs
+from .common import aten, num_tensor_outputs
 from .pointwise_ops import POINTWISE_OPS
 
 _ADD = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor}
@@ -105,7 +105,7 @@ def _fit_input(want: Placement, current: Placement, spec: DTensorSpec, out_shape
 def pointwise_rule(op: OpSchema) -> Sharding:
     specs = op.specs
     out_shape = torch.broadcast_shapes(*(s.shape for s in specs))
-    inplace = is_inplace(op.func)
+    inplace = op.record.inplace
     inputs = [[] for _ in specs]
     output = []
     for mesh_dim in range(len(op.mesh_shape)):

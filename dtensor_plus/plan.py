@@ -1,0 +1,109 @@
+"""A plan: what one cached decision does to a call, from DTensor arguments to DTensor outputs.
+
+``Plan`` is the functional op's plan: move each DTensor input to the placements the rule chose (the planner
+picks the collectives), run the local op on the blocks (with ``comm=`` when the rule declared communication),
+wrap each output block with the spec the rule chose. Every other kind of call is a ``Plan`` adapted by a
+combinator, never a branch here: in place and ``out=`` (mutation.py), random draws (random.py), several
+meshes in one foreach op (foreach_meshes.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import collectives, views
+from .dtensor import DTensor
+from .placements import Replicate
+from .redistribute import redistribute_local
+from .spec import DTensorSpec, TensorMeta
+
+__all__ = ["Plan", "substitute", "replicated_spec"]
+
+_NO_KWARGS: dict = {}  # never written: the kwargs of a call that passed none
+
+
+class Plan:
+    """What to do for one cache key: input moves, local op, output specs."""
+
+    __slots__ = ("func", "aten_func", "input_targets", "out_specs", "shape_arg", "inplace", "fallback", "positions",
+                 "view", "comm")
+
+    def __init__(self, func, aten_func, input_targets, out_specs, shape_arg, inplace, fallback, positions, view, comm):
+        self.func = func  # the aten op, or the rule's local_op standing in for it
+        self.aten_func = aten_func  # the aten op itself
+        self.input_targets = input_targets  # per DTensor input: placements to move it to, None to leave it
+        self.out_specs = out_specs  # None entries: the output's global metadata comes from the local result
+        self.shape_arg = shape_arg  # index of a shape argument to replace by output 0's local shape
+        self.inplace = inplace  # writes into its first argument, which keeps its layout
+        self.fallback = fallback  # the gathering policy decided it (counted in comm_mode)
+        self.positions = positions  # argument indices of the DTensors when all are top-level positional
+        self.view = view  # the aten op returns a view of its first argument
+        self.comm = comm  # a declared.Communicator for the rule's declared communication, or None
+
+    def run(self, args, kwargs, dtensors):
+        local_args, local_kwargs = self.localize(args, kwargs, dtensors)
+        if self.comm is not None:
+            out = self.func(*local_args, comm=self.comm, **local_kwargs)
+        else:
+            out = self.func(*local_args, **local_kwargs)
+        return self.finish(out, args, kwargs, dtensors)
+
+    def localize(self, args, kwargs, dtensors):
+        """The local op's arguments: each DTensor moved to its target and replaced by its block."""
+        locals_ = [
+            dt._local_tensor if target is None else redistribute_local(dt._local_tensor, dt._spec, target)
+            for dt, target in zip(dtensors, self.input_targets)
+        ]
+        if self.positions is not None:
+            local_args = list(args)
+            for position, local in zip(self.positions, locals_):
+                local_args[position] = local
+            local_kwargs = kwargs or _NO_KWARGS
+        else:
+            it = iter(locals_)
+            local_args = substitute(args, it)
+            local_kwargs = {k: substitute(v, it) for k, v in kwargs.items()} if kwargs else _NO_KWARGS
+        if self.shape_arg is not None:
+            local_args = list(local_args)
+            local_args[self.shape_arg] = list(self.out_specs[0].local_shape_and_offset()[0])
+        if self.fallback:
+            collectives.record_fallback(str(self.aten_func))
+        return local_args, local_kwargs
+
+    def finish(self, out, args, kwargs, dtensors):
+        """The DTensor result of the local op's ``out``."""
+        if self.inplace:
+            return dtensors[0] if self.out_specs else None  # None: an in-place foreach op returns ()
+        wrapped = self._wrap(out, dtensors)
+        if self.view and (views.moves_data(self) or getattr(args[0], views.MARK, None) is not None):
+            views.note_view(wrapped, self.aten_func, args, kwargs)
+        return wrapped
+
+    def _wrap(self, out, dtensors):
+        if isinstance(out, torch.Tensor):
+            return DTensor(out, next(iter(self.out_specs), None) or replicated_spec(out, dtensors))
+        specs = iter(self.out_specs)
+
+        def wrap(o):
+            if isinstance(o, torch.Tensor):
+                spec = next(specs, None)  # no specs: the metadata comes from the local result (fallback)
+                return DTensor(o, spec or replicated_spec(o, dtensors))
+            if isinstance(o, (list, tuple)):
+                return type(o)(wrap(x) for x in o)
+            return o
+
+        return wrap(out)
+
+
+def substitute(value, locals_iter):
+    """``value`` with each DTensor (at the top or inside a list) replaced by the next of ``locals_iter``."""
+    if isinstance(value, DTensor):
+        return next(locals_iter)
+    if type(value) is list or type(value) is tuple:
+        return type(value)([next(locals_iter) if isinstance(v, DTensor) else substitute(v, locals_iter) for v in value])
+    return value
+
+
+def replicated_spec(local: torch.Tensor, dtensors) -> DTensorSpec:
+    mesh = dtensors[0]._spec.mesh
+    return DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(local))
