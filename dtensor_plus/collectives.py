@@ -48,7 +48,8 @@ _C10D_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.Red
 
 
 class CommCounter:
-    """Counts of collectives, bytes sent by this rank and fallback ops, keyed by (collective, mesh dim name).
+    """Counts of collectives, bytes sent by this rank and fallback ops, keyed by (collective, mesh dim name);
+    ``by_op`` attributes each call to the aten op that issued it (its input moves or its declared communication).
 
     With ``comm_mode(per_module=True)`` each collective is also attributed to the innermost module running
     when it was issued and to forward or backward (``by_module``; ``report()`` prints the table)."""
@@ -57,12 +58,14 @@ class CommCounter:
         self.counts: Counter = Counter()
         self.sent_bytes: Counter = Counter()
         self.fallbacks: Counter = Counter()
+        self.by_op: Counter = Counter()  # (aten op being dispatched or None, collective, mesh dim) -> calls
         self.by_module: Counter = Counter()  # (module path, "forward"/"backward", collective, mesh dim) -> calls
         self.bytes_by_module: Counter = Counter()
         self._tracker = tracker
 
-    def record(self, collective: str, mesh_dim_name: str, num_bytes: int) -> None:
+    def record(self, collective: str, mesh_dim_name: str, num_bytes: int, op=None) -> None:
         self.counts[collective, mesh_dim_name] += 1
+        self.by_op[op, collective, mesh_dim_name] += 1
         self.sent_bytes[collective, mesh_dim_name] += int(num_bytes)
         if self._tracker is not None:
             key = (*self._tracker.current(), collective, mesh_dim_name)
@@ -126,8 +129,10 @@ def _record(collective: str, mesh, mesh_dim: int, num_bytes: float) -> None:
         explicit.check_collective(collective, mesh.mesh_dim_name(mesh_dim))
     if DISPATCHER.comm_counters:
         name = mesh.mesh_dim_name(mesh_dim)
+        # The op whose input moves or declared communication issue it (None outside any op: a layout's hook).
+        op = DISPATCHER.op_stack[-1][0] if DISPATCHER.op_stack else None
         for counter in DISPATCHER.comm_counters:
-            counter.record(collective, name, num_bytes)
+            counter.record(collective, name, num_bytes, op)
 
 
 def _run(collective: str, mesh, mesh_dim: int, fn, *args, **kwargs):

@@ -270,12 +270,12 @@ def dispatch(func, args, kwargs, plain_checked: bool = False):
         return _outside_the_mesh(func, plan, args, kwargs or {}, dtensors)
     if dtensors and views.writes_to_unaliased_view(record_of(func), args[0]):
         return views.write_through(func, args, kwargs)
-    if _D.explicit_depth:  # auditing: whatever this op would communicate unasked raises
-        specs = [dt._spec for dt in dtensors]
-        explicit.check_input_moves(func, specs, getattr(plan, "input_targets", ()))
-        with explicit.in_op(func, specs):
-            return plan.run(args, kwargs, dtensors)
-    with debug.at_op(func, dtensors):  # names the op in divergence and failure reports (formatted only there)
+    with debug.at_op(func, dtensors):  # names the op in reports and in comm_mode's by_op (formatted only there)
+        if _D.explicit_depth:  # auditing: whatever this op would communicate unasked raises
+            specs = [dt._spec for dt in dtensors]
+            explicit.check_input_moves(func, specs, getattr(plan, "input_targets", ()))
+            with explicit.in_op(func, specs):
+                return plan.run(args, kwargs, dtensors)
         return plan.run(args, kwargs, dtensors)
 
 

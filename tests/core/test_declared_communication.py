@@ -185,3 +185,20 @@ def _ring_declarations_match_counts(cp):
 
 def test_ring_declarations_are_the_shifts_that_run():
     run_on_ranks(3, _ring_declarations_match_counts, 3)
+
+
+def _attribution(world_size):
+    mesh = dtp.init_device_mesh("cpu", (world_size,))
+    x = dtp.distribute_tensor(torch.randn(6, 5), mesh, [Shard(0)])
+    with dtp.comm_mode() as comm:
+        torch.renorm(x, 2.0, 1, 1.0)  # norms per column over sharded rows: the declared all-reduce
+        x.full_tensor()  # a move asked for by name, outside any op
+        x @ dtp.distribute_tensor(torch.randn(5, 3), mesh, [Replicate()]).redistribute(placements=[Shard(0)])
+    return {(str(op), collective, name): n for (op, collective, name), n in comm.by_op.items()}  # picklable
+
+
+def test_each_collective_is_attributed_to_the_op_that_issued_it():
+    by_op = run_on_ranks(2, _attribution, 2)[0]
+    assert by_op["aten.renorm.default", "all_reduce", "0"] == 1, by_op
+    assert by_op["None", "all_gather", "0"] == 1, by_op  # full_tensor: no op of ours asked
+    assert sum(n for (op, _, _), n in by_op.items() if op == "aten.mm.default") >= 1, by_op  # mm's input move
