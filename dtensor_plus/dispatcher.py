@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import weakref
 from collections import Counter
 from types import MappingProxyType
 
@@ -106,6 +107,11 @@ class Dispatcher:
         self.failures_per_group: Counter = Counter()  # failures seen per group: fresh store keys for each
         self.unchecked_blocks = 0  # from_local DTensors whose guessed global shape is not checked yet
         self.created = itertools.count()  # DTensors made so far: their order is the same on every rank
+        # -- meshes and process groups (mesh.py)
+        self.process_groups: dict = {}  # (backend, use, ranks) -> process group: the one cache, mesh.PROCESS_GROUPS
+        self.world_timeout: list = []  # [the default group, its timeout before we touched it]: read once
+        self.entered_meshes: list = []  # meshes entered with `with mesh:`, innermost last
+        self.live_meshes = weakref.WeakValueDictionary()  # (device_type, shape, ranks, names) -> mesh (torch.load)
         # -- the executor: dispatch.dispatch, installed when dispatch.py is imported (DTensor.__torch_dispatch__
         # calls it here, so the class needs no import of the executor, which builds DTensors: no import circle)
         self.execute = _not_installed

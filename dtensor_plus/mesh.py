@@ -15,12 +15,13 @@ for new groups.
 from __future__ import annotations
 
 import os
-import weakref
 from datetime import timedelta
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
+
+from .dispatcher import DISPATCHER
 
 __all__ = ["DeviceMesh", "init_device_mesh", "mesh_or_current", "live_mesh", "PROCESS_GROUPS"]
 
@@ -42,8 +43,8 @@ class ProcessGroupCache:
 
     USES = ("collectives", "point_to_point")
 
-    def __init__(self):
-        self._groups: dict[tuple[str, str, tuple[int, ...]], object] = {}
+    def __init__(self, groups: dict):
+        self._groups = groups  # (backend, use, ranks) -> group: the dispatcher object's process_groups
 
     def create(self, rows, backend: str, use: str = "collectives"):
         """A group for every row in ``rows`` (created once, reused after); returns this rank's, or None when no row
@@ -69,8 +70,8 @@ class ProcessGroupCache:
         return self._groups.get((backend, use, tuple(ranks)))
 
 
-# The one cache of process groups (module-level: groups outlive the meshes that created them).
-PROCESS_GROUPS = ProcessGroupCache()
+# The one cache of process groups (groups outlive the meshes that created them), kept on the dispatcher object.
+PROCESS_GROUPS = ProcessGroupCache(DISPATCHER.process_groups)
 
 
 def _check_ascending(row: tuple[int, ...]) -> None:
@@ -89,7 +90,6 @@ def _check_ascending(row: tuple[int, ...]) -> None:
 # -- timeouts ---------------------------------------------------------------------------------------------------
 
 _DEFAULT_TIMEOUT_S = 300.0
-_WORLD_TIMEOUT: list = []  # [the default group, its timeout before we touched it]: read once
 
 
 def _env_timeout() -> timedelta | None:
@@ -109,9 +109,9 @@ def collective_timeout() -> timedelta:
     """How long a collective on a mesh's groups may wait: ``DTENSOR_PLUS_TIMEOUT_S`` when set, else the default
     group's timeout as ``init_process_group`` set it."""
     world = dist.group.WORLD
-    if not _WORLD_TIMEOUT or _WORLD_TIMEOUT[0] is not world:  # before any use_timeout can change it
-        _WORLD_TIMEOUT[:] = [world, _timeout_of(world, dist.get_backend(world)) or timedelta(seconds=_DEFAULT_TIMEOUT_S)]
-    return _env_timeout() or _WORLD_TIMEOUT[1]
+    if not DISPATCHER.world_timeout or DISPATCHER.world_timeout[0] is not world:  # before any use_timeout can change it
+        DISPATCHER.world_timeout[:] = [world, _timeout_of(world, dist.get_backend(world)) or timedelta(seconds=_DEFAULT_TIMEOUT_S)]
+    return _env_timeout() or DISPATCHER.world_timeout[1]
 
 
 def _timeout_of(group, backend: str) -> timedelta | None:
@@ -177,7 +177,7 @@ class DeviceMesh:
                 PROCESS_GROUPS.create(self.rows(mesh_dim), self.backend)
         self._groups = [None if row is None else PROCESS_GROUPS.get(row, self.backend) for row in self._my_rows]
         self._hash = hash((device_type, self.shape, tuple(flat), names))
-        _LIVE[(device_type, self.shape, tuple(flat), names)] = self  # what torch.load finds (live_mesh)
+        DISPATCHER.live_meshes[(device_type, self.shape, tuple(flat), names)] = self  # what torch.load finds (live_mesh)
 
     def _row_through_me(self, mesh_dim: int) -> tuple[int, ...] | None:
         if self._coordinate is None:
@@ -315,37 +315,35 @@ class DeviceMesh:
     def __enter__(self) -> DeviceMesh:
         """``with mesh:`` makes this the mesh that distribute_tensor, from_local, the factories, distribute_module
         and parallelize_module use when their mesh argument is left out (innermost ``with`` wins), as in torch."""
-        _ENTERED.append(self)
+        DISPATCHER.entered_meshes.append(self)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        _ENTERED.pop()
+        DISPATCHER.entered_meshes.pop()
 
     def __repr__(self) -> str:
         names = f", mesh_dim_names={self.mesh_dim_names}" if self.mesh_dim_names else ""
         return f"DeviceMesh({self.device_type!r}, {self.mesh.tolist()}{names})"
 
 
-_ENTERED: list[DeviceMesh] = []  # meshes entered with `with mesh:`, innermost last
-_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (device_type, shape, ranks, names) -> mesh
 
 
 def live_mesh(device_type: str, ranks: Sequence[Sequence[int]] | Sequence[int], mesh_dim_names) -> DeviceMesh | None:
     """A mesh of this process laid out as given (the mesh a DTensor saved with torch.save was on), or None."""
     ranks = torch.as_tensor(ranks, dtype=torch.int64)
     names = tuple(mesh_dim_names) if mesh_dim_names is not None else None
-    return _LIVE.get((device_type, tuple(ranks.shape), tuple(ranks.flatten().tolist()), names))
+    return DISPATCHER.live_meshes.get((device_type, tuple(ranks.shape), tuple(ranks.flatten().tolist()), names))
 
 
 def mesh_or_current(device_mesh: DeviceMesh | None, who: str) -> DeviceMesh:
     """``device_mesh``, or the innermost mesh entered with ``with mesh:`` when it is None."""
     if device_mesh is not None:
         return device_mesh
-    if not _ENTERED:
+    if not DISPATCHER.entered_meshes:
         raise ValueError(
             f"{who} got no device_mesh and no mesh is entered; pass device_mesh=mesh, or call it inside `with mesh:`"
         )
-    return _ENTERED[-1]
+    return DISPATCHER.entered_meshes[-1]
 
 
 def init_device_mesh(
