@@ -16,7 +16,8 @@ from . import grad_layout, local_blocks, serialization
 from .dispatcher import DISPATCHER
 from .mesh import mesh_or_current
 from .placements import Placement, Replicate, Shard
-from .redistribute import grad_placements_for, redistribute_local
+from .placement_tuples import without_partial
+from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta, normalize_placements
 
 __all__ = ["DTensor"]
@@ -252,7 +253,7 @@ class _FromLocal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        target = grad_placements_for(ctx.spec.placements)
+        target = without_partial(ctx.spec.placements)
         return redistribute_local(grad._local_tensor, grad._spec, target), None
 
 
@@ -292,7 +293,7 @@ class Redistribute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        target = grad_placements_for(ctx.src_spec.placements)
+        target = without_partial(ctx.src_spec.placements)
         # Without backward_dtype the collectives run in the input's dtype, not forward_dtype (as in torch).
         local, spec = _cast(grad._local_tensor, grad._spec, ctx.backward_dtype or ctx.src_spec.dtype)
         local = redistribute_local(local, spec, target).to(ctx.src_spec.dtype)

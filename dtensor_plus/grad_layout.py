@@ -13,7 +13,7 @@ mesh dim:
                   a StridedShard leaf, the zigzag of context parallelism, alike)
     Replicate     Replicate, except a Partial gradient stays Partial: data parallelism (layouts/data.py)
                   and ZeRO reduce those in buckets, and an optimizer op would reduce it anyway
-    Partial       Replicate  (d(sum of pieces)/d(piece) is the whole gradient: ``grad_placements_for``)
+    Partial       Replicate  (d(sum of pieces)/d(piece) is the whole gradient: ``placement_tuples.without_partial``)
 
 Leaves are DTensors created with ``requires_grad=True`` (``distribute_tensor``, the factories, unpickling)
 or made to require grad with ``requires_grad_()`` (which ``nn.Parameter`` calls) or ``x.requires_grad = True``.

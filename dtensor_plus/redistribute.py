@@ -30,7 +30,7 @@ from .placements import Placement, Replicate, Shard
 from .spec import DTensorSpec, TensorMeta, local_shape_and_offset
 
 __all__ = ["plan_redistribute", "redistribute_cost", "redistribute_local", "redistribute_together",
-    "redistribute_together_async", "grad_placements_for", "Redistribute"]
+    "redistribute_together_async"]
 
 # A collective costs this many bytes' worth of latency on top of its traffic, so that among equal-traffic
 # plans the one with fewer collectives wins. Local steps cost 1 so that empty steps are never taken.
@@ -353,9 +353,3 @@ def _start_together(dtensors, targets, async_op: bool) -> _PendingTogether:
     together = _bucket(dtensors, targets)
     together.flush_reductions()
     return _PendingTogether(together, together.issue(async_op))
-
-
-def grad_placements_for(placements: tuple[Placement, ...]) -> tuple[Placement, ...]:
-    """Where the gradient of a tensor laid out as ``placements`` must land: Partial inputs take a Replicate
-    gradient (d(sum of pieces)/d(piece) is the whole output gradient on every rank)."""
-    return tuple(Replicate() if p.is_partial() else p for p in placements)

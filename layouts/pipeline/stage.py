@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dtensor_plus.dtensor import DTensor
-from dtensor_plus.redistribute import grad_placements_for
+from dtensor_plus.placement_tuples import without_partial
 from dtensor_plus.renamed import renamed_keywords
 from dtensor_plus.spec import DTensorSpec
 
@@ -138,7 +138,7 @@ class PipelineStage:
         local = self._grad_outputs.pop(microbatch)
         if isinstance(root, DTensor):
             spec = root._spec
-            return root, DTensor(local, DTensorSpec(spec.mesh, grad_placements_for(spec.placements), spec.tensor_meta))
+            return root, DTensor(local, DTensorSpec(spec.mesh, without_partial(spec.placements), spec.tensor_meta))
         return root, local
 
     def backward_one(self, microbatch: int) -> None:
