@@ -23,6 +23,8 @@ Usage::
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import contextlib
 import math
 from collections import Counter
@@ -45,6 +47,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 _C10D_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
              "product": dist.ReduceOp.PRODUCT}
+_C10D_OPS = MappingProxyType(_C10D_OPS)  # read-only: a constant table
 
 
 class CommCounter:
@@ -172,6 +175,7 @@ _WIRE_DTYPES = {torch.int16: torch.float16, torch.uint16: torch.float16, torch.u
                 torch.uint64: torch.int64}
 _WIRE_DTYPES.update({dt: torch.uint8 for dt in (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2,
                                                   torch.float8_e5m2fnuz, torch.float8_e8m0fnu)})
+_WIRE_DTYPES = MappingProxyType(_WIRE_DTYPES)  # read-only: a constant table
 _INT64_MIN = -(2**63)
 
 

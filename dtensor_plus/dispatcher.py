@@ -107,6 +107,7 @@ class Dispatcher:
         self.failures_per_group: Counter = Counter()  # failures seen per group: fresh store keys for each
         self.unchecked_blocks = 0  # from_local DTensors whose guessed global shape is not checked yet
         self.created = itertools.count()  # DTensors made so far: their order is the same on every rank
+        self.pending_saves: list = []  # at most one unpublished async checkpoint save; the next save waits for it
         # -- meshes and process groups (mesh.py)
         self.process_groups: dict = {}  # (backend, use, ranks) -> process group: the one cache, mesh.PROCESS_GROUPS
         self.world_timeout: list = []  # [the default group, its timeout before we touched it]: read once

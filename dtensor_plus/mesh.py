@@ -43,8 +43,9 @@ class ProcessGroupCache:
 
     USES = ("collectives", "point_to_point")
 
-    def __init__(self, groups: dict):
-        self._groups = groups  # (backend, use, ranks) -> group: the dispatcher object's process_groups
+    @property
+    def _groups(self) -> dict:
+        return DISPATCHER.process_groups  # (backend, use, ranks) -> group
 
     def create(self, rows, backend: str, use: str = "collectives"):
         """A group for every row in ``rows`` (created once, reused after); returns this rank's, or None when no row
@@ -71,7 +72,7 @@ class ProcessGroupCache:
 
 
 # The one cache of process groups (groups outlive the meshes that created them), kept on the dispatcher object.
-PROCESS_GROUPS = ProcessGroupCache(DISPATCHER.process_groups)
+PROCESS_GROUPS = ProcessGroupCache()  # no state of its own: the groups live on the dispatcher object
 
 
 def _check_ascending(row: tuple[int, ...]) -> None:

@@ -13,6 +13,8 @@ keeps the answer on the dispatcher object:
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 
 from .dispatcher import DISPATCHER
@@ -22,7 +24,7 @@ __all__ = ["OpRecord", "record_of"]
 _aten = torch.ops.aten
 # In-place views change self's sizes, which a copy back into self cannot: they run as the view op, then self
 # takes the result's block and spec (mutation.py).
-_INPLACE_VIEWS = {_aten.squeeze_, _aten.unsqueeze_, _aten.t_, _aten.transpose_, _aten.resize_, _aten.resize_as_}
+_INPLACE_VIEWS = frozenset({_aten.squeeze_, _aten.unsqueeze_, _aten.t_, _aten.transpose_, _aten.resize_, _aten.resize_as_})
 # Ops tagged nondeterministic_seeded that draw nothing at dropout_p == 0 (position of dropout_p): attention.
 # Strict random mode would otherwise gather their inputs for nothing.
 _DROPOUT_P_AT = {
@@ -30,6 +32,7 @@ _DROPOUT_P_AT = {
     _aten._scaled_dot_product_flash_attention.default: 3,
     _aten._scaled_dot_product_efficient_attention.default: 5,
 }
+_DROPOUT_P_AT = MappingProxyType(_DROPOUT_P_AT)  # read-only: a constant table
 
 
 class OpRecord:

@@ -10,12 +10,15 @@ header.py``) and ``torch.save`` of a DTensor (``serialization.py``). One encodin
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from .placements import REDUCE_OPS, Partial, Placement, Replicate, Shard, StridedShard
 
 __all__ = ["to_fields", "from_fields"]
 
 _FIELDS = {"shard": {"kind", "dim"}, "strided_shard": {"kind", "dim", "outer", "zigzag"},
            "partial": {"kind", "reduce_op"}, "replicate": {"kind"}}
+_FIELDS = MappingProxyType(_FIELDS)  # read-only: a constant table
 
 
 def to_fields(p: Placement) -> dict:

@@ -20,6 +20,8 @@ A DTensor carries one placement per mesh dimension:
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ __all__ = ["Placement", "Shard", "StridedShard", "Replicate", "Partial", "chunk_
 
 REDUCE_OPS = ("sum", "avg", "max", "min", "product")
 _ALIASES = {"prod": "product"}  # torch.prod's name for it
+_ALIASES = MappingProxyType(_ALIASES)  # read-only: a constant table
 
 
 def chunk_bounds(size: int, num_chunks: int, index: int) -> tuple[int, int]:

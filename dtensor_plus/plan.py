@@ -9,6 +9,8 @@ meshes in one foreach op (foreach_meshes.py).
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 
 from . import collectives, views
@@ -19,7 +21,7 @@ from .spec import DTensorSpec, TensorMeta
 
 __all__ = ["Plan", "substitute", "replicated_spec"]
 
-_NO_KWARGS: dict = {}  # never written: the kwargs of a call that passed none
+_NO_KWARGS = MappingProxyType({})  # the kwargs of a call that passed none
 
 
 class Plan:

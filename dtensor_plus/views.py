@@ -10,6 +10,8 @@ A view with no known inverse raises instead.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 
 from .op_record import record_of
@@ -33,6 +35,7 @@ for _op in (_aten.view.default, _aten._unsafe_view.default, _aten.detach.default
             _aten.lift_fresh.default, _aten.unsqueeze.default, _aten.squeeze.default, _aten.squeeze.dim,
             _aten.squeeze.dims, _aten.unflatten.int, _aten.view_as_real.default, _aten.view_as_complex.default):
     _INVERSES[_op] = lambda base, value, *a, **k: _reshaped_back(base, value)
+_INVERSES = MappingProxyType(_INVERSES)  # read-only: a constant table
 
 
 def _reshaped_back(base, value):

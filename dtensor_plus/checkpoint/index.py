@@ -27,6 +27,8 @@ Version 1 (before checksums) reads only with ``verify=False``.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import collections
 import json
 import os
@@ -51,7 +53,9 @@ DTYPES = {
                  "float8_e4m3fn", "float8_e5m2")
     if hasattr(torch, name)
 }
+DTYPES = MappingProxyType(DTYPES)  # read-only: a constant table
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_NAMES = MappingProxyType(_NAMES)  # read-only: a constant table
 
 
 def dtype_name(dtype: torch.dtype, where: str) -> str:

@@ -31,6 +31,7 @@ import zlib
 
 import torch
 
+from ..dispatcher import DISPATCHER
 from ..dtensor import DTensor
 from ..placements import Replicate
 from . import atomic, digest, geometry, index, tree, writer
@@ -39,7 +40,6 @@ from .world import World
 
 __all__ = ["save", "AsyncSave"]
 
-_pending: list[AsyncSave] = []  # at most one unpublished async save per process; the next save waits for it
 
 
 def save(state: dict, path: str | os.PathLike, *, async_save: bool = False) -> AsyncSave | None:
@@ -56,7 +56,7 @@ def save(state: dict, path: str | os.PathLike, *, async_save: bool = False) -> A
 
         save({"model": model.state_dict(), "step": step}, f"ckpt/step{step}")
     """
-    for pending in list(_pending):
+    for pending in list(DISPATCHER.pending_saves):
         pending.wait()
     path = os.fspath(path)
     world = World()
@@ -91,7 +91,7 @@ def save(state: dict, path: str | os.PathLike, *, async_save: bool = False) -> A
         return None
     copies = _host_copies(chunks, copy=True)  # NOTE: device-to-host copy; training may mutate the originals
     handle = AsyncSave(job, copies)
-    _pending.append(handle)
+    DISPATCHER.pending_saves.append(handle)
     return handle
 
 
@@ -108,8 +108,8 @@ class AsyncSave:
         if self._done:
             return
         self._done = True
-        if self in _pending:
-            _pending.remove(self)
+        if self in DISPATCHER.pending_saves:
+            DISPATCHER.pending_saves.remove(self)
         self._thread.join()
         self._job.publish()
 

@@ -10,6 +10,8 @@ header; a test checks that ``safetensors.torch.load_file`` reads our files back 
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import json
 import os
 import struct
@@ -27,6 +29,7 @@ CODES = {
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
 CODES.update({getattr(torch, n): c for n, c in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")) if hasattr(torch, n)})
+CODES = MappingProxyType(CODES)  # read-only: a constant table
 
 
 def write_safetensors(file_path: str, tensors: dict[str, torch.Tensor],
