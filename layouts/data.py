@@ -2,16 +2,17 @@
 
 This file owns two things:
 
-    replicate(module, mesh, dp_dim="dp")   parameters and buffers Replicate on the dp mesh dim (lifted from
-                                           mesh["tp"] when tensor parallelism placed them first); every
-                                           parameter's gradient reduced once, after its accumulation
-    sync_gradients(module)                 the same reduction, called explicitly (when hooks are off)
+    replicate(module, mesh, dp_mesh_dim="dp")   parameters and buffers Replicate on the dp mesh dim (lifted
+                                                from mesh["tp"] when tensor parallelism placed them first);
+                                                every parameter's gradient reduced once, after its accumulation
+    sync_gradients(module)                      the same reduction, called explicitly (when hooks are off)
 
 Why reduce in a hook: with the batch Shard(0) on dp and the parameters Replicate on dp, each gradient comes
 out of backward Partial(sum) on dp. Left Partial, every optimizer op that reads it (AdamW's lerp_, addcmul_,
 ...) would plan its own all-reduce of the same gradient: hidden collectives. Each gradient is reduced to its
-parameter's placements once, in buckets (``GradientBucket``): one all-reduce on dp per bucket of up to 25 MiB,
-flushed when full and when backward ends, the analytic 2(n-1)/n bytes of the gradients in few collectives.
+parameter's placements once, in buckets (``GradientBucket``, built on dtensor_plus/buckets.py): one all-reduce
+on dp per bucket of up to 25 MiB, started when full and when backward ends, the analytic 2(n-1)/n bytes of the
+gradients in few collectives.
 
 How it composes with tensor parallelism on a (dp, tp) mesh: ``parallelize_module(model, mesh["tp"], plan)``
 places parameters on the 1-D tp mesh; ``replicate(model, mesh)`` then lifts each one onto the 2-D mesh with
@@ -34,25 +35,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dtensor_plus import collectives
 from dtensor_plus.api import distribute_tensor
+from dtensor_plus.buckets import BackwardBuckets, all_reduce_flat
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Replicate, Shard
 from dtensor_plus.redistribute import redistribute_together
+from dtensor_plus.renamed import renamed_keywords
 from dtensor_plus.shared_parameters import assign, parameter_slots
 
 __all__ = ["replicate", "GradientBucket", "reduce_grad_in_backward", "reduce_gradients", "sync_gradients", "shard_batch"]
 
 
-def replicate(module: nn.Module, device_mesh, dp_dim: str = "dp", *, reduce_in_backward: bool = True) -> nn.Module:
-    """Lay ``module`` out for data parallelism on ``device_mesh``'s ``dp_dim``.
+@renamed_keywords(dp_dim="dp_mesh_dim")
+def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce_in_backward: bool = True) -> nn.Module:
+    """Lay ``module`` out for data parallelism on ``device_mesh``'s ``dp_mesh_dim``.
 
     Args:
         module: changed in place. Its parameters are plain tensors (replicated from the mesh's first rank) or
-            DTensors on a sub-mesh of ``device_mesh`` without ``dp_dim`` (e.g. mesh["tp"], from
-            ``parallelize_module``); they become DTensors on ``device_mesh``, Replicate on ``dp_dim``.
+            DTensors on a sub-mesh of ``device_mesh`` without ``dp_mesh_dim`` (e.g. mesh["tp"], from
+            ``parallelize_module``); they become DTensors on ``device_mesh``, Replicate on ``dp_mesh_dim``.
         device_mesh: the whole mesh, e.g. ("dp",) or ("dp", "tp").
-        dp_dim: the name of the data-parallel mesh dim.
+        dp_mesh_dim: the name of the data-parallel mesh dim.
         reduce_in_backward: reduce each gradient to its parameter's placements in a post-accumulate-grad
             hook; when False, call ``sync_gradients(module)`` after backward (e.g. once after accumulating
             several micro-batches).
@@ -60,18 +63,19 @@ def replicate(module: nn.Module, device_mesh, dp_dim: str = "dp", *, reduce_in_b
     Returns:
         ``module``.
     """
-    if not device_mesh.mesh_dim_names or dp_dim not in device_mesh.mesh_dim_names:
-        raise ValueError(f"mesh {device_mesh} has no mesh dim named {dp_dim!r}; name it, e.g. mesh_dim_names=('dp', 'tp')")
+    if not device_mesh.mesh_dim_names or dp_mesh_dim not in device_mesh.mesh_dim_names:
+        raise ValueError(f"mesh {device_mesh} has no mesh dim named {dp_mesh_dim!r}; name it, e.g. "
+                         f"mesh_dim_names=('dp', 'tp')")
     bucket = GradientBucket()
     for param, slots in parameter_slots(module):
-        lifted = nn.Parameter(_lift(param.detach(), device_mesh, dp_dim), requires_grad=param.requires_grad)
+        lifted = nn.Parameter(_lift(param.detach(), device_mesh, dp_mesh_dim), requires_grad=param.requires_grad)
         assign(slots, lifted)  # a Parameter shared by several modules (tied weights) stays one: one gradient, one hook
         if reduce_in_backward and lifted.requires_grad:
             reduce_grad_in_backward(lifted, bucket)
     for submodule in module.modules():
         for key, buffer in list(submodule._buffers.items()):
             if buffer is not None:
-                submodule._buffers[key] = _lift(buffer, device_mesh, dp_dim)
+                submodule._buffers[key] = _lift(buffer, device_mesh, dp_mesh_dim)
     return module
 
 
@@ -79,52 +83,43 @@ class GradientBucket:
     """Gradients waiting to be reduced to their parameters' layouts, reduced together (DDP's buckets).
 
     ``add`` is a post-accumulate-grad hook. A gradient that is Partial on one mesh dim only (data
-    parallelism's case) joins a bucket of its (mesh, mesh dim, reduce op, dtype); a full bucket (``cap_bytes``)
-    starts one asynchronous all-reduce of its flat buffer at once, so the reduction overlaps the rest of the
-    backward, as DDP's do. When backward ends the last buckets start, all are awaited in order and the
-    gradients written back; other moves (several mesh dims) run then, together (``reduce_gradients``).
-    Hooks fire in the same order on every rank, so the buckets agree.
+    parallelism's case) joins a bucket of its (mesh, mesh dim, reduce op, dtype) (``BackwardBuckets``); a full
+    bucket (``cap_bytes``) starts one asynchronous all-reduce of its flat buffer at once, so the reduction
+    overlaps the rest of the backward, as DDP's do. When backward ends the last buckets start, all are awaited
+    in order and the gradients written back; other moves (several mesh dims) run then, together
+    (``reduce_gradients``). Hooks fire in the same order on every rank, so the buckets agree.
     """
 
     def __init__(self, cap_bytes: int = 25 * 2**20):  # DDP's default bucket size
         self.cap_bytes = cap_bytes
-        self.open: dict = {}  # (mesh, mesh dim, reduce op, dtype) -> [params, bytes]
-        self.in_flight: list = []  # (params, PendingCollective)
-        self.other: list = []
-        self.waiting = False
+        self.buckets = BackwardBuckets(cap_bytes, self._start, self._finish)
+        self.in_flight: list = []  # (params, the pending flat all-reduce)
+        self.other: list = []  # params whose gradients need another move than one all-reduce
 
     def add(self, param: nn.Parameter) -> None:
         grad = param.grad
         if not isinstance(grad, DTensor) or tuple(grad.placements) == tuple(param.placements):
             return
-        if not self.waiting:  # the end of this backward finishes whatever is left
-            torch.autograd.Variable._execution_engine.queue_callback(self.flush)
-            self.waiting = True
-        key = _single_reduction(grad, param)
-        if key is None:
-            self.other.append(param)
-            return
-        bucket = self.open.setdefault(key, [[], 0])
-        bucket[0].append(param)
-        bucket[1] += grad._local_tensor.numel() * grad.element_size()
-        if bucket[1] >= self.cap_bytes:
-            self._start(key)
-
-    def _start(self, key) -> None:
-        params, _ = self.open.pop(key)
-        mesh, mesh_dim, reduce_op, _ = key
-        flat = torch.cat([p.grad._local_tensor.reshape(-1) for p in params])
-        self.in_flight.append((params, collectives.all_reduce(flat, mesh, mesh_dim, reduce_op, async_op=True)))
+        key = _single_reduction(grad, param)  # None: kept for the end of backward (no bytes: never fills a bucket)
+        self.buckets.add(key, param, 0 if key is None else grad._local_tensor.numel() * grad.element_size())
 
     def flush(self) -> None:
-        for key in list(self.open):
-            self._start(key)
-        in_flight, other, self.in_flight, self.other, self.waiting = self.in_flight, self.other, [], [], False
+        """Reduce every gradient still waiting (runs by itself when backward ends)."""
+        self.buckets.flush()
+
+    def _start(self, key, params) -> None:
+        if key is None:
+            self.other += params
+            return
+        mesh, mesh_dim, reduce_op, _ = key
+        grads = [p.grad._local_tensor for p in params]
+        self.in_flight.append((params, all_reduce_flat(grads, mesh, [(mesh_dim, reduce_op)], async_op=True)))
+
+    def _finish(self) -> None:
+        in_flight, other, self.in_flight, self.other = self.in_flight, self.other, [], []
         for params, pending in in_flight:
-            flat = pending.wait()
-            for param, piece in zip(params, flat.split([p.grad._local_tensor.numel() for p in params])):
-                grad = param.grad
-                param.grad = DTensor(piece.view(grad._local_tensor.shape), grad._spec.with_placements(param.placements))
+            for param, local in zip(params, pending.wait()):
+                param.grad = DTensor(local, param.grad._spec.with_placements(param.placements))
         reduce_gradients(other)
 
 
@@ -163,29 +158,32 @@ def sync_gradients(module: nn.Module) -> None:
     reduce_gradients(list(module.parameters()))
 
 
-def shard_batch(batch: torch.Tensor, device_mesh, dp_dim: str = "dp") -> DTensor:
-    """``batch`` (the same whole tensor on every rank) as a DTensor: Shard(0) on ``dp_dim``, Replicate elsewhere."""
-    placements = [Shard(0) if name == dp_dim else Replicate() for name in device_mesh.mesh_dim_names]
+@renamed_keywords(dp_dim="dp_mesh_dim")
+def shard_batch(batch: torch.Tensor, device_mesh, dp_mesh_dim: str = "dp") -> DTensor:
+    """``batch`` (the same whole tensor on every rank) as a DTensor: Shard(0) on ``dp_mesh_dim``, Replicate
+    elsewhere."""
+    placements = [Shard(0) if name == dp_mesh_dim else Replicate() for name in device_mesh.mesh_dim_names]
     return distribute_tensor(batch, device_mesh, placements, src_data_rank=None)
 
 
-def _lift(t: torch.Tensor, device_mesh, dp_dim: str) -> DTensor:
-    """``t`` on ``device_mesh``: Replicate on ``dp_dim``; a DTensor keeps its placements on its own mesh dims."""
+def _lift(t: torch.Tensor, device_mesh, dp_mesh_dim: str) -> DTensor:
+    """``t`` on ``device_mesh``: Replicate on ``dp_mesh_dim``; a DTensor keeps its placements on its own mesh dims."""
     names = device_mesh.mesh_dim_names
     if not isinstance(t, DTensor):
         # src_data_rank=None: every rank built the same tensor (same seed), as DDP assumes after its broadcast.
         return distribute_tensor(t, device_mesh, [Replicate()] * device_mesh.ndim, src_data_rank=None)
     if t.device_mesh == device_mesh:
-        if not isinstance(t.placements[names.index(dp_dim)], Replicate):
-            raise ValueError(f"a parameter is already {t.placements} on {device_mesh}; replicate needs Replicate on {dp_dim!r}")
+        if not isinstance(t.placements[names.index(dp_mesh_dim)], Replicate):
+            raise ValueError(f"a parameter is already {t.placements} on {device_mesh}; replicate needs Replicate "
+                             f"on {dp_mesh_dim!r}")
         return t
     sub_names = t.device_mesh.mesh_dim_names or ()
     # By value, not by the slice's root: equal meshes are interchangeable (a cached plan may hand back an equal
     # mesh object sliced from another root).
-    if dp_dim in sub_names or not set(sub_names) <= set(names) or device_mesh[tuple(sub_names)] != t.device_mesh:
+    if dp_mesh_dim in sub_names or not set(sub_names) <= set(names) or device_mesh[tuple(sub_names)] != t.device_mesh:
         raise ValueError(
             f"cannot lift a DTensor on {t.device_mesh} onto {device_mesh}: it must live on a sub-mesh of it "
-            f"without {dp_dim!r} (e.g. mesh['tp'] from parallelize_module)"
+            f"without {dp_mesh_dim!r} (e.g. mesh['tp'] from parallelize_module)"
         )
     by_name = dict(zip(sub_names, t.placements))
     placements = [by_name.get(name, Replicate()) for name in names]

@@ -4,9 +4,10 @@ copies of ``Replicate`` parameters, so its state is sharded on the dp mesh dim.
 Communication is bucketed (``redistribute_together``): stage 1 reduce-scatters every gradient in ``step()`` in
 one flat reduce-scatter per (mesh dim, dtype) and all-gathers the updated shards back in one flat all-gather;
 stage 2 reduce-scatters gradients during backward, a bucket at a time (post-accumulate-grad hooks collect
-gradients until ``bucket_cap_mb`` fills; the end of backward flushes the rest), and leaves the reduced shards
-on the masters (``opt.masters[i].grad``; the replicated parameter's ``.grad`` is freed). Parameter groups work as
-in torch.optim: each becomes a group of the wrapped optimizer on its masters, with the user's options::
+gradients until ``bucket_cap_mb`` fills: dtensor_plus/buckets.py's ``BackwardBuckets``; the end of backward
+flushes the rest), and leaves the reduced shards on the masters (``opt.masters[i].grad``; the replicated
+parameter's ``.grad`` is freed). Parameter groups work as in torch.optim: each becomes a group of the wrapped
+optimizer on its masters, with the user's options::
 
     distribute_module(model, mesh)                  # parameters Replicate on dp
     opt = ZeroRedundancyOptimizer(model.parameters(), mesh, torch.optim.AdamW, stage=2, lr=1e-3)
@@ -20,10 +21,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from dtensor_plus.buckets import BackwardBuckets
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.redistribute import redistribute_together
 
-from .zero_placement import CPUOffload, check_dp_placement, dp_mesh_dim, on_device, with_placement, zero_placement
+from .zero_placement import (
+    CPUOffload, check_dp_placement, dp_mesh_dim_index, on_device, with_placement, zero_placement,
+)
 
 __all__ = ["ZeroRedundancyOptimizer"]
 
@@ -69,12 +73,14 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
             raise TypeError(f"offload must be a CPUOffload, got {type(offload).__name__}")
         self.offload = offload
         self.stage, self.mesh = stage, mesh
-        self.mesh_dim = dp_mesh_dim(mesh, mesh_dim)
+        self.mesh_dim = dp_mesh_dim_index(mesh, mesh_dim)
         self.optimizer_class, self._inner_defaults = optimizer_class, defaults
         self.optimizer = None  # the wrapped optimizer, built on the first group's masters
         self.params, self.masters, self._master_of = [], [], {}
         self._listed = set()  # ids of every parameter given, frozen ones too (torch refuses them twice as well)
-        self._cap_bytes, self._waiting, self._waiting_bytes = bucket_cap_mb * 2**20, [], 0
+        # Stage 2: gradients reduce-scattered a full bucket at a time during backward, the rest when it ends.
+        self._buckets = BackwardBuckets(bucket_cap_mb * 2**20,
+                                        start=lambda _key, params: self._reduce_into_masters(params))
         super().__init__(params, defaults)  # calls add_param_group for each group
         self.defaults = self.optimizer.defaults  # every option, the wrapped class's own defaults included
         self.state = _StateByParam(self)
@@ -148,17 +154,8 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     # -- stage 2: gradients reduce-scattered in buckets during backward ------------------------------------
 
     def _add_to_bucket(self, p: DTensor) -> None:
-        # Hooks fire in the same order on every rank (same graph), so every rank flushes the same buckets.
-        if not self._waiting:  # the end of this backward flushes whatever is left
-            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
-        self._waiting.append(p)
-        self._waiting_bytes += p.grad._local_tensor.numel() * p.grad.element_size()
-        if self._waiting_bytes >= self._cap_bytes:
-            self._flush()
-
-    def _flush(self) -> None:
-        params, self._waiting, self._waiting_bytes = self._waiting, [], 0
-        self._reduce_into_masters(params)
+        # One bucket for every gradient (key None): redistribute_together splits it by mesh dim and dtype.
+        self._buckets.add(None, p, p.grad._local_tensor.numel() * p.grad.element_size())
 
     def _reduce_into_masters(self, params) -> None:
         """Reduce-scatter the gradients of ``params`` (one collective per bucket) and add each reduced shard to
@@ -181,7 +178,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         collective per bucket)."""
         if closure is not None:
             raise ValueError("ZeroRedundancyOptimizer.step does not take a closure; call backward before step()")
-        self._flush()
+        self._buckets.flush()
         self._reduce_into_masters(self.params)
         _copy_options(self.param_groups, self.optimizer.param_groups)  # an LR scheduler changed ours
         self.optimizer.step()

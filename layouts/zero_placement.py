@@ -2,7 +2,7 @@
 ``ZeroRedundancyOptimizer`` (zero_optimizer.py): which mesh dim is dp, which tensor dim dp shards, and on
 which device the shards live (``CPUOffload``).
 
-    k = dp_mesh_dim(mesh, "dp")
+    k = dp_mesh_dim_index(mesh, "dp")
     shard = param.redistribute(placements=with_placement(param.placements, k, zero_placement(param, k)))
 """
 
@@ -15,8 +15,8 @@ import torch
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Replicate, Shard
 
-__all__ = ["CPUOffload", "dp_mesh_dim", "with_placement", "to_dtensor", "check_dp_placement", "zero_placement",
-           "compute_device", "on_device"]
+__all__ = ["CPUOffload", "dp_mesh_dim_index", "with_placement", "to_dtensor", "check_dp_placement",
+           "zero_placement", "compute_device", "on_device"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ def on_device(t: DTensor, device, pin_memory: bool = False) -> DTensor:
     return DTensor(moved, t._spec, requires_grad=t.requires_grad)
 
 
-def dp_mesh_dim(mesh, mesh_dim) -> int:
+def dp_mesh_dim_index(mesh, mesh_dim) -> int:
+    """The index of the data-parallel mesh dim given as ``mesh_dim`` (a name, an index, or None on a 1-D mesh)."""
     if mesh_dim is None:
         if mesh.ndim != 1:
             raise ValueError(f"ZeRO on a {mesh.ndim}-D mesh {mesh} needs mesh_dim='dp' (the data-parallel mesh dim)")

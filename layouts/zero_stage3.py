@@ -33,7 +33,8 @@ from dtensor_plus.shared_parameters import assign, parameter_slots
 
 from .precision import MixedPrecision
 from .zero_placement import (
-    CPUOffload, check_dp_placement, compute_device, dp_mesh_dim, on_device, to_dtensor, with_placement, zero_placement,
+    CPUOffload, check_dp_placement, compute_device, dp_mesh_dim_index, on_device, to_dtensor, with_placement,
+    zero_placement,
 )
 
 __all__ = ["fully_shard"]
@@ -352,7 +353,7 @@ def fully_shard(
         raise TypeError(f"mp_policy must be a MixedPrecision, got {type(mp_policy).__name__}")
     if offload is not None and not isinstance(offload, CPUOffload):
         raise TypeError(f"offload must be a CPUOffload, got {type(offload).__name__}")
-    k = dp_mesh_dim(mesh, mesh_dim)
+    k = dp_mesh_dim_index(mesh, mesh_dim)
     unit = _Unit(mesh, k, mp_policy, offload)
     # Each Parameter once, with every slot holding it (tied weights: one entry, one gather, one gradient).
     for param, slots in parameter_slots(module, prune=lambda child: hasattr(child, "_zero_state")):

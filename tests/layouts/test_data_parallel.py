@@ -15,7 +15,7 @@ from torch import nn
 import dtensor_plus as dtp
 from dtensor_plus import DTensor, Replicate, Shard
 from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel, parallelize_module
-from dtensor_plus.layouts.data import replicate, shard_batch, sync_gradients
+from dtensor_plus.layouts.data import GradientBucket, reduce_grad_in_backward, replicate, shard_batch, sync_gradients
 from dtensor_plus.testing import run_on_ranks
 
 B, T, D, F_ = 4, 3, 8, 16
@@ -124,3 +124,59 @@ def _bad_mesh_rank():
 
 def test_replicate_names_the_missing_mesh_dim():
     assert all(run_on_ranks(2, _bad_mesh_rank))
+
+
+def _small_buckets(mesh_shape, names):
+    """Gradients reduced in buckets of a 1-byte cap: every gradient Partial on dp alone fills a bucket by itself
+    and its all-reduce starts inside backward; the norm's (Partial on dp and tp) wait for the end of backward."""
+    mesh = dtp.init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model)
+    if "tp" in names:
+        parallelize_module(model, mesh["tp"], PLAN)
+    replicate(model, mesh, reduce_in_backward=False)
+    reduce_grad_in_backward(list(model.parameters()), GradientBucket(cap_bytes=1))
+    x, y = torch.randn(B, T, D), torch.randn(B, T, D)
+    with dtp.comm_mode() as comm:
+        _loss(model, shard_batch(x, mesh), shard_batch(y, mesh)).backward()
+    _loss(reference, x, y).backward()
+    for (name, p), want in zip(model.named_parameters(), reference.parameters()):
+        assert tuple(p.grad.placements) == tuple(p.placements), name
+        torch.testing.assert_close(p.grad.full_tensor(), want.grad, msg=lambda m: f"grad of {name}: {m}")
+    return comm.count("all_reduce", "dp")
+
+
+@pytest.mark.parametrize("mesh_shape, names, all_reduces", [((2,), ("dp",), 6), ((2, 2), ("dp", "tp"), 4 + 1)],
+                         ids=["dp2", "dp2xtp2"])
+def test_a_bucket_per_gradient_under_a_small_cap(mesh_shape, names, all_reduces):
+    """dp2: one all-reduce per parameter (6); dp2xtp2: one per fc1/fc2 parameter, and one for the two norm
+    gradients together at the end of backward."""
+    world = 1
+    for s in mesh_shape:
+        world *= s
+    assert run_on_ranks(world, _small_buckets, mesh_shape, names) == [all_reduces] * world
+
+
+def _old_keyword():
+    mesh = dtp.init_device_mesh("cpu", (2, 1), mesh_dim_names=("batch", "tp"))
+    torch.manual_seed(0)
+    new, old = nn.Linear(2, 3), nn.Linear(2, 3)
+    replicate(new, mesh, dp_mesh_dim="batch")
+    with pytest.warns(DeprecationWarning, match=r"replicate\(dp_dim=\.\.\.\) is now dp_mesh_dim=\.\.\."):
+        replicate(old, mesh, dp_dim="batch")
+    assert tuple(old.weight.placements) == tuple(new.weight.placements) == (Replicate(), Replicate())
+    x = torch.arange(8.0).view(4, 2)
+    with pytest.warns(DeprecationWarning, match=r"shard_batch\(dp_dim=\.\.\.\) is now dp_mesh_dim=\.\.\."):
+        old_x = shard_batch(x, mesh, dp_dim="batch")
+    new_x = shard_batch(x, mesh, dp_mesh_dim="batch")
+    assert tuple(old_x.placements) == tuple(new_x.placements) == (Shard(0), Replicate())
+    assert torch.equal(old_x.to_local(), new_x.to_local())
+    with pytest.raises(TypeError, match="pass dp_mesh_dim= only"):
+        replicate(nn.Linear(2, 3), mesh, dp_dim="batch", dp_mesh_dim="batch")
+    return True
+
+
+def test_old_dp_dim_keyword_keeps_working_and_warns():
+    """``dp_dim=`` (the name before issue 17) still places as ``dp_mesh_dim=``, with a DeprecationWarning."""
+    assert all(run_on_ranks(2, _old_keyword))
