@@ -70,7 +70,7 @@ def place_ours(layout: str, model, world: int, sync: bool = True) -> Placed:
                                       lr=LR, weight_decay=0.1, foreach=False)
     else:
         opt = _adamw(model.parameters())
-    place = lambda t: shard_batch(t, mesh) if "dp" in shape else shard_batch(t, mesh, dp_dim="-")
+    place = lambda t: shard_batch(t, mesh) if "dp" in shape else shard_batch(t, mesh, dp_mesh_dim="-")
     # tp without dp: nothing reduces a gradient that backward leaves Partial (norms) or sequence-sharded
     # (position embedding) on tp; left so, every optimizer op reading it (lerp_, addcmul_) reduces it again.
     # sync_gradients reduces each once, as replicate()'s hook does on a dp mesh.

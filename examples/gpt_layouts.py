@@ -96,7 +96,7 @@ def place_model(model: GPT, mesh, layout: Layout) -> GPT:
         dtp.distribute_module(model, mesh)  # replicate what tp_plan leaves plain (position embedding, norms)
         return model
     # Under cp each rank's gradients cover its part of the sequence: reduced over cp (and dp) like dp's.
-    replicate(model, mesh, dp_dim="dp" if layout.dp > 1 else "cp", reduce_in_backward=layout.zero == 0)
+    replicate(model, mesh, dp_mesh_dim="dp" if layout.dp > 1 else "cp", reduce_in_backward=layout.zero == 0)
     if model.config.moe_experts:
         # Experts sharded over the data-parallel ranks (ep = dp, after replicate, which wants Replicate on dp):
         # E/dp whole experts per rank, tokens moved to them by all-to-all; with tp, each expert's width split too.

@@ -110,7 +110,7 @@ def place_stage(stage: GPTStage, mesh, *, sp: bool = False, zero: int = 0) -> GP
     if "dp" not in names:
         dtp.distribute_module(stage, inner)
         return stage
-    replicate(stage, inner, dp_dim="dp", reduce_in_backward=zero == 0)
+    replicate(stage, inner, dp_mesh_dim="dp", reduce_in_backward=zero == 0)
     if zero == 3:
         for block in stage.blocks:
             fully_shard(block, inner, mesh_dim="dp")
