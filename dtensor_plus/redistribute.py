@@ -26,6 +26,7 @@ from functools import lru_cache
 import torch
 
 from . import collectives
+from .buckets import Buckets, all_reduce_flat
 from .placements import Placement, Replicate, Shard
 from .spec import DTensorSpec, TensorMeta, local_shape_and_offset
 
@@ -228,24 +229,18 @@ class _Together:
 
     def __init__(self, count: int):
         self.results: list = [None] * count
-        self.reductions: dict = {}  # (mesh, dtype, all-reduces) -> member indices
+        self.reductions = Buckets()  # (mesh, dtype, all-reduces) -> member indices
         # (mesh, dtype, kind, mesh_dim, [c10d op]) -> [(index, dim, size or (all-reduces after, reduce_op))]
-        self.collectives: dict = {}
+        self.collectives = Buckets()
 
     def flush_reductions(self) -> None:
-        for (mesh, _, reductions), members in self.reductions.items():
-            locals_ = [self.results[i] for i in members]
-            flat = torch.cat([t.reshape(-1) for t in locals_])
-            for mesh_dim, reduce_op in reductions:
-                if mesh.shape[mesh_dim] > 1:
-                    flat = collectives.all_reduce(flat, mesh, mesh_dim, reduce_op)
-            for i, piece, local in zip(members, flat.split([t.numel() for t in locals_]), locals_):
-                self.results[i] = piece.view(local.shape)
+        for (mesh, _, reductions), members in self.reductions.drain():
+            self._store(members, all_reduce_flat([self.results[i] for i in members], mesh, reductions))
 
     def issue(self, async_op: bool) -> list:
         """Run every bucket's reduce-scatter (synchronously) and start every bucket's all-gather."""
         pending = []
-        for (mesh, _dtype, kind, mesh_dim, *rest), members in self.collectives.items():
+        for (mesh, _dtype, kind, mesh_dim, *rest), members in self.collectives.drain():
             index, dims, sizes = zip(*members)
             tensors = [self.results[i] for i in index]
             if kind == "reduce_scatter":  # here ``sizes`` holds each member's (all-reduces after, reduce op)
@@ -265,7 +260,7 @@ class _Together:
             if kind:
                 by_kind.setdefault(kind, []).append(i)
         for kind, members in by_kind.items():
-            self._store(members, _all_reduce_flat([self.results[i] for i in members], mesh, kind))
+            self._store(members, all_reduce_flat([self.results[i] for i in members], mesh, kind))
 
     def _store(self, index, tensors) -> None:
         for i, t in zip(index, tensors):
@@ -287,7 +282,7 @@ def _bucket(dtensors, targets) -> _Together:
             else:  # sum and avg are one c10d SUM (avg divides after): one bucket
                 reductions, reduce_op = op
                 key, extra = (spec.mesh, spec.dtype, kind, mesh_dim, "sum" if reduce_op == "avg" else reduce_op), op
-            together.collectives.setdefault(key, []).append((i, dim, extra))
+            together.collectives.add(key, (i, dim, extra))
             together.results[i] = dt._local_tensor
             continue
         split = _local_steps_and_reductions(spec, steps) if inside else None
@@ -299,7 +294,7 @@ def _bucket(dtensors, targets) -> _Together:
             local = _apply_step(local, spec, placements, mesh_dim, new)
             placements = placements[:mesh_dim] + (new,) + placements[mesh_dim + 1 :]
         together.results[i] = local
-        together.reductions.setdefault((spec.mesh, spec.dtype, tuple(split[1])), []).append(i)
+        together.reductions.add((spec.mesh, spec.dtype, tuple(split[1])), i)
     return together
 
 
@@ -318,16 +313,6 @@ def redistribute_together(dtensors, targets) -> list[torch.Tensor]:
         wholes = redistribute_together(shards, [[Replicate()]] * len(shards))   # one all-gather
     """
     return _start_together(dtensors, targets, async_op=False).wait()
-
-
-def _all_reduce_flat(pieces: list, mesh, reductions) -> list:
-    """The all-reduces that follow a bucketed reduce-scatter on other mesh dims, on its pieces as one buffer."""
-    if not reductions or not pieces:
-        return pieces
-    flat = torch.cat([p.reshape(-1) for p in pieces])
-    for mesh_dim, reduce_op in reductions:
-        flat = collectives.all_reduce(flat, mesh, mesh_dim, reduce_op)
-    return [f.view(p.shape) for f, p in zip(flat.split([p.numel() for p in pieces]), pieces)]
 
 
 class _PendingTogether:
