@@ -27,7 +27,7 @@ from . import debug, declared, explicit, foreach_meshes, local_blocks, mutation,
 from .dispatcher import DISPATCHER
 from .dtensor import DTensor
 from .op_record import record_of
-from .placements import Replicate
+from .placement_tuples import replicated
 from .plan import Plan, replicated_spec
 from .spec import DTensorSpec, TensorMeta
 
@@ -156,7 +156,7 @@ def _meta_outputs(func, args, kwargs):
 
 def _gathering_policy(schema: rules.OpSchema, num_outputs: int) -> rules.Sharding:
     """The decision where no rule can decide: every input gathered to Replicate, every output Replicate."""
-    replicate = (Replicate(),) * schema.mesh.ndim
+    replicate = replicated(schema.mesh.ndim)
     return rules.Sharding(inputs=(replicate,) * len(schema.specs), outputs=(replicate,) * num_outputs)
 
 

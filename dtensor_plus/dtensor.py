@@ -15,8 +15,8 @@ import torch
 from . import grad_layout, local_blocks, serialization
 from .dispatcher import DISPATCHER
 from .mesh import mesh_or_current
-from .placements import Placement, Replicate, Shard
-from .placement_tuples import without_partial
+from .placements import Placement, Shard
+from .placement_tuples import replicated, without_partial
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta, normalize_placements
 
@@ -28,7 +28,7 @@ def _lists_replicated(index, mesh, device):
         if type(value) is not list:
             return value
         local = torch.tensor(value, device=device)
-        return DTensor(local, DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(local)))
+        return DTensor(local, DTensorSpec(mesh, replicated(mesh.ndim), TensorMeta.of(local)))
 
     return lift(index) if type(index) is list else tuple(lift(i) for i in index)
 
@@ -160,7 +160,7 @@ class DTensor(torch.Tensor):
             x = DTensor.from_local(torch.randn(2, 8), mesh, [Shard(0)])  # on 4 ranks: an (8, 8) tensor
         """
         device_mesh = mesh_or_current(device_mesh, "DTensor.from_local")
-        placements = placements if placements is not None else [Replicate()] * device_mesh.ndim
+        placements = placements if placements is not None else replicated(device_mesh.ndim)
         placements = normalize_placements(placements, device_mesh, local_tensor.ndim)
         guessed = False
         if run_check and device_mesh.get_coordinate() is not None:  # a rank outside the mesh takes no part
@@ -223,8 +223,8 @@ class DTensor(torch.Tensor):
 
     def full_tensor(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
         """The whole global tensor on every rank (a plain tensor). Differentiable."""
-        replicated = self.redistribute(placements=[Replicate()] * self._spec.mesh.ndim)
-        return replicated.to_local(grad_placements=grad_placements)
+        whole = self.redistribute(placements=replicated(self._spec.mesh.ndim))
+        return whole.to_local(grad_placements=grad_placements)
 
     # torch.save / pickle: this rank's block and plain metadata, found again on load (serialization.py);
     # deepcopy does not come here (torch's wrapper-subclass deepcopy clones).

@@ -33,6 +33,7 @@ import weakref
 import torch
 
 from .placements import Placement, Replicate
+from .placement_tuples import replicated
 from .redistribute import redistribute_local
 
 __all__ = ["keep_leaf_layout", "keep_plain_gradient", "leaf_grad_placements", "plain_gradient"]
@@ -81,8 +82,8 @@ def plain_gradient(grad):
         return grad
     if torch.is_grad_enabled():  # create_graph=True: the reduction itself must be differentiable
         return grad.full_tensor()
-    replicated = (Replicate(),) * grad._spec.mesh.ndim
-    return redistribute_local(grad._local_tensor, grad._spec, replicated)
+    whole = replicated(grad._spec.mesh.ndim)
+    return redistribute_local(grad._local_tensor, grad._spec, whole)
 
 
 def keep_plain_gradient(tensor) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .dtensor import DTensor
-from .placements import Replicate
+from .placement_tuples import replicated
 from .redistribute import redistribute_local
 
 __all__ = ["in_place", "OutOfPlacePlan", "InplaceViewPlan", "OutVariantPlan"]
@@ -53,7 +53,7 @@ class OutOfPlacePlan:
             result = self.functional(*args, **kwargs)
         else:
             this = args[0]
-            replicate = (Replicate(),) * this._spec.mesh.ndim
+            replicate = replicated(this._spec.mesh.ndim)
             local = redistribute_local(this._local_tensor, this._spec, replicate).clone()
             result = self.func(DTensor(local, this._spec.with_placements(replicate)), *args[1:], **kwargs)
         return args[0].copy_(result)

@@ -32,7 +32,7 @@ import torch
 from . import collectives, grad_layout
 from .dispatcher import DISPATCHER
 from .dtensor import DTensor
-from .placements import Replicate
+from .placement_tuples import replicated
 from .spec import DTensorSpec, TensorMeta
 
 __all__ = ["implicit_replication", "join_as_replicate", "check_plain"]
@@ -81,7 +81,7 @@ def join_as_replicate(func, args, kwargs):
             return type(value)(lift(v) for v in value)
         if isinstance(value, DTensor) or not isinstance(value, torch.Tensor) or value.ndim == 0:
             return value
-        return DTensor(value, DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(value)))
+        return DTensor(value, DTensorSpec(mesh, replicated(mesh.ndim), TensorMeta.of(value)))
 
     return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
 

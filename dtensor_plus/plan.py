@@ -15,7 +15,7 @@ import torch
 
 from . import collectives, views
 from .dtensor import DTensor
-from .placements import Replicate
+from .placement_tuples import replicated
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
 
@@ -108,4 +108,4 @@ def substitute(value, locals_iter):
 
 def replicated_spec(local: torch.Tensor, dtensors) -> DTensorSpec:
     mesh = dtensors[0]._spec.mesh
-    return DTensorSpec(mesh, (Replicate(),) * mesh.ndim, TensorMeta.of(local))
+    return DTensorSpec(mesh, replicated(mesh.ndim), TensorMeta.of(local))

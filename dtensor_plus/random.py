@@ -19,7 +19,7 @@ import torch
 
 from . import collectives
 from .dispatcher import DISPATCHER
-from .placements import Replicate
+from .placement_tuples import replicated
 from .plan import substitute
 from .redistribute import redistribute_local
 
@@ -51,7 +51,7 @@ class SeededPlan:
         # Strict: every rank runs the op on whole inputs with torch's own generator (seeded alike by
         # manual_seed), exactly as one device would, then keeps its slice of each output.
         local_args, _ = plan.localize(args, kwargs, dtensors)
-        it = iter([redistribute_local(dt._local_tensor, dt._spec, (Replicate(),) * dt._spec.mesh.ndim) for dt in dtensors])
+        it = iter([redistribute_local(dt._local_tensor, dt._spec, replicated(dt._spec.mesh.ndim)) for dt in dtensors])
         full_args = substitute(args, it)
         full_kwargs = {k: substitute(v, it) for k, v in (kwargs or {}).items()}
         out = plan.func(*full_args, **full_kwargs)
@@ -64,8 +64,8 @@ class SeededPlan:
 
 
 def _slice(full, spec):
-    replicated = spec.with_placements((Replicate(),) * spec.mesh.ndim)
-    return redistribute_local(full, replicated, spec.placements)
+    whole = spec.with_placements(replicated(spec.mesh.ndim))
+    return redistribute_local(full, whole, spec.placements)
 
 
 def manual_seed(seed: int, *, strict: bool = False) -> None:

@@ -28,7 +28,7 @@ import torch
 from . import collectives
 from .buckets import Buckets, all_reduce_flat
 from .placements import Placement, Replicate, Shard
-from .spec import DTensorSpec, TensorMeta, local_shape_and_offset
+from .spec import DTensorSpec, local_shape_and_offset
 
 __all__ = ["plan_redistribute", "redistribute_cost", "redistribute_local", "redistribute_together",
     "redistribute_together_async"]

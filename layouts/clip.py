@@ -26,6 +26,7 @@ import torch
 
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Partial, Replicate
+from dtensor_plus.placement_tuples import replicated
 
 __all__ = ["clip_grad_norm_", "get_total_norm"]
 
@@ -119,7 +120,7 @@ def _p_norm(grads: list[DTensor], mesh, p: float) -> DTensor:
         placements = [Partial() if q.is_shard() else Replicate() for q in g.placements]
         term = DTensor.from_local(power, mesh, placements)
         total = term if total is None else total + term.to(total.dtype)  # Partial + Replicate: no traffic
-    total = total.redistribute(placements=[Replicate()] * mesh.ndim)  # one 0-d all-reduce per Partial mesh dim
+    total = total.redistribute(placements=replicated(mesh.ndim))  # one 0-d all-reduce per Partial mesh dim
     return total.pow(1.0 / p).to(_result_dtype(grads))
 
 
@@ -138,4 +139,4 @@ def _inf_norm(grads: list[DTensor], mesh) -> DTensor:
         for g in grads
     ]).amax()
     total = DTensor.from_local(local, mesh, [Partial("max")] * mesh.ndim)
-    return total.redistribute(placements=[Replicate()] * mesh.ndim).to(_result_dtype(grads))
+    return total.redistribute(placements=replicated(mesh.ndim)).to(_result_dtype(grads))

@@ -39,6 +39,7 @@ from dtensor_plus.api import distribute_tensor
 from dtensor_plus.buckets import BackwardBuckets, all_reduce_flat
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Replicate, Shard
+from dtensor_plus.placement_tuples import replicated
 from dtensor_plus.redistribute import redistribute_together
 from dtensor_plus.renamed import renamed_keywords
 from dtensor_plus.shared_parameters import assign, parameter_slots
@@ -171,7 +172,7 @@ def _lift(t: torch.Tensor, device_mesh, dp_mesh_dim: str) -> DTensor:
     names = device_mesh.mesh_dim_names
     if not isinstance(t, DTensor):
         # src_data_rank=None: every rank built the same tensor (same seed), as DDP assumes after its broadcast.
-        return distribute_tensor(t, device_mesh, [Replicate()] * device_mesh.ndim, src_data_rank=None)
+        return distribute_tensor(t, device_mesh, replicated(device_mesh.ndim), src_data_rank=None)
     if t.device_mesh == device_mesh:
         if not isinstance(t.placements[names.index(dp_mesh_dim)], Replicate):
             raise ValueError(f"a parameter is already {t.placements} on {device_mesh}; replicate needs Replicate "

@@ -14,6 +14,7 @@ import torch
 
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Replicate, Shard
+from dtensor_plus.placement_tuples import replicated
 
 __all__ = ["CPUOffload", "dp_mesh_dim_index", "with_placement", "to_dtensor", "check_dp_placement",
            "zero_placement", "compute_device", "on_device"]
@@ -73,7 +74,7 @@ def to_dtensor(param: torch.Tensor, mesh) -> DTensor:
         if param.device_mesh != mesh:
             raise ValueError(f"parameter lives on {param.device_mesh}, but ZeRO was given {mesh}")
         return param.detach()
-    return DTensor.from_local(param.detach(), mesh, [Replicate()] * mesh.ndim)
+    return DTensor.from_local(param.detach(), mesh, replicated(mesh.ndim))
 
 
 def check_dp_placement(param: DTensor, mesh_dim: int, who: str) -> None:
