@@ -32,7 +32,7 @@ from .dispatcher import DISPATCHER
 
 _D = DISPATCHER
 
-__all__ = ["check_divergence", "divergence_checking", "at_op", "RankDivergenceError"]
+__all__ = ["check_divergence", "divergence_checking", "RankDivergenceError"]
 
 
 class RankDivergenceError(RuntimeError):
@@ -61,24 +61,8 @@ def check_divergence(enabled: bool = True):
         _D.check_divergence = previous
 
 
-class at_op:
-    """Record that ``func`` on ``dtensors`` is being dispatched, for divergence and failure reports. Always on and
-    cheap: a list push and pop; the text is built only when a report needs it."""
-
-    __slots__ = ("_entry",)
-
-    def __init__(self, func, dtensors):
-        self._entry = (func, dtensors)
-
-    def __enter__(self):
-        _D.op_stack.append(self._entry)
-
-    def __exit__(self, *exc_info):
-        _D.op_stack.pop()
-
-
 def current_op() -> str:
-    """The innermost op being dispatched, with its inputs' specs and creation order (see ``_input_text``)."""
+    """The innermost op being dispatched (dispatch.py pushes (op, its DTensor inputs) on DISPATCHER.op_stack), with its inputs' specs and creation order (see ``_input_text``)."""
     if not _D.op_stack:
         return "outside any DTensor op"
     func, dtensors = _D.op_stack[-1]

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from . import debug, declared, explicit, foreach_meshes, local_blocks, mutation, plain_tensors, random, rules, strided, views
+from . import declared, explicit, foreach_meshes, local_blocks, mutation, plain_tensors, random, rules, strided, views
 from .dispatcher import DISPATCHER
 from .dtensor import DTensor
 from .op_record import record_of
@@ -268,15 +268,20 @@ def dispatch(func, args, kwargs, plain_checked: bool = False):
         return plan.run(args, kwargs, dispatch)
     if dtensors and dtensors[0]._spec.mesh.get_coordinate() is None:
         return _outside_the_mesh(func, plan, args, kwargs or {}, dtensors)
-    if dtensors and views.writes_to_unaliased_view(record_of(func), args[0]):
-        return views.write_through(func, args, kwargs)
-    with debug.at_op(func, dtensors):  # names the op in reports and in comm_mode's by_op (formatted only there)
+    if dtensors and _D.records[func].inplace and getattr(args[0], views.MARK, None) is not None:
+        return views.write_through(func, args, kwargs)  # into a view whose block is not a view of its base's
+    # The op being run, for divergence and failure reports and comm_mode's by_op (formatted only there).
+    op_stack = _D.op_stack
+    op_stack.append((func, dtensors))
+    try:
         if _D.explicit_depth:  # auditing: whatever this op would communicate unasked raises
             specs = [dt._spec for dt in dtensors]
             explicit.check_input_moves(func, specs, getattr(plan, "input_targets", ()))
             with explicit.in_op(func, specs):
                 return plan.run(args, kwargs, dtensors)
         return plan.run(args, kwargs, dtensors)
+    finally:
+        op_stack.pop()
 
 
 _D.execute = dispatch  # DTensor.__torch_dispatch__ calls the executor through the dispatcher object

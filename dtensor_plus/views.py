@@ -16,7 +16,7 @@ import torch
 
 from .op_record import record_of
 
-__all__ = ["moves_data", "note_view", "writes_to_unaliased_view", "write_through"]
+__all__ = ["moves_data", "note_view", "write_through"]
 
 MARK = "_dtensor_plus_unaliased"  # on DTensors whose block does not alias their base's: (base, view op, args)
 _aten = torch.ops.aten
@@ -60,11 +60,6 @@ def note_view(out, func, args, kwargs) -> None:
     blocks are not views of its blocks: with how they were made, for ``write_through``."""
     for view in out if isinstance(out, (list, tuple)) else (out,):
         setattr(view, MARK, (args[0], func, args[1:], kwargs) if view is out else (args[0], None, (), {}))
-
-
-def writes_to_unaliased_view(record, target) -> bool:
-    """Does the op (its OpRecord) write in place into a view whose block is not a view of its base's?"""
-    return record.inplace and getattr(target, MARK, None) is not None
 
 
 def write_through(func, args, kwargs):
