@@ -66,10 +66,24 @@ class UndeclaredCommunication(RuntimeError):
 class Communicator:
     """What a local op may communicate: exactly its rule's declarations, on the op's mesh."""
 
-    __slots__ = ("op", "mesh", "declared")
+    __slots__ = ("op", "mesh", "declared", "asked_for")
 
-    def __init__(self, op, mesh, declared: tuple):
+    def __init__(self, op, mesh, declared: tuple, asked_for: bool = False):
         self.op, self.mesh, self.declared = op, mesh, declared
+        self.asked_for = asked_for  # a layout entered by name owns the rule: explicit mode lets it run
+
+    def describe(self) -> list[str]:
+        """The declared collectives in words, for explicit mode's message: "all_reduce(max, sum) on 'tp'"."""
+        words = []
+        for decl in self.declared:
+            if type(decl) is AllReduce:
+                words += [f"all_reduce({', '.join(decl.reduce_ops)}) on {self.mesh.mesh_dim_name(k)!r}"
+                          for k in decl.mesh_dims if self.mesh.size(k) > 1]
+            elif type(decl) is RingShift:
+                words.append(f"{decl.steps} ring shifts on {self.mesh.mesh_dim_name(decl.mesh_dim)!r}")
+            else:
+                words.append(f"a redistribution {list(decl.src.placements)} -> {list(decl.dst)}")
+        return words
 
     def all_reduce(self, t: torch.Tensor, reduce_op: str = "sum") -> torch.Tensor:
         """``t`` all-reduced over the declared mesh dims in their order (a 1-rank mesh dim adds nothing)."""

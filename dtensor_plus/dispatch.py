@@ -197,7 +197,10 @@ def _make_plan(func, args, kwargs, dtensors):
     positions = tuple(i for i, a in enumerate(args) if isinstance(a, DTensor))
     if len(positions) != len(dtensors):
         positions = None  # some DTensor sits in a list or a keyword: substitute recursively
-    comm = declared.Communicator(func, mesh, tuple(sharding.communication)) if sharding.communication else None
+    comm = None
+    if sharding.communication:
+        entry = _D.rule_set.entry(func)  # a layout entered by name asks for its rules' communication
+        comm = declared.Communicator(func, mesh, tuple(sharding.communication), entry is not None and entry.asked_for)
     plan = Plan(sharding.local_op or func, func, targets, out_specs or (), sharding.shape_arg, record.inplace, fallback,
                 positions, record.returns_view, comm)
     if out_specs is None and record.inplace:  # the gathered result cannot be written into self as is
@@ -240,7 +243,7 @@ def dispatch(func, args, kwargs, plain_checked: bool = False):
             key.append(_kwargs_key(kwargs, dtensors, scalars))
     except _PlainTensorError:  # a plain tensor beside DTensors: joins as Replicate once known equal on all ranks
         if _D.explicit_depth:
-            with explicit.in_op("plain", None):
+            with explicit.checking_plain():
                 args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {})
         else:
             args, kwargs = plain_tensors.join_as_replicate(func, args, kwargs or {})
@@ -249,7 +252,7 @@ def dispatch(func, args, kwargs, plain_checked: bool = False):
         local_blocks.check_marked(dtensors)
     if scalars and not plain_checked:  # a 0-d plain tensor stays plain, but only once known equal on all ranks
         if _D.explicit_depth:
-            with explicit.in_op("plain", None):
+            with explicit.checking_plain():
                 plain_tensors.check_plain(func, args, kwargs or {})
         else:
             plain_tensors.check_plain(func, args, kwargs or {})
@@ -274,11 +277,10 @@ def dispatch(func, args, kwargs, plain_checked: bool = False):
     op_stack = _D.op_stack
     op_stack.append((func, dtensors))
     try:
-        if _D.explicit_depth:  # auditing: whatever this op would communicate unasked raises
+        if _D.explicit_depth:  # auditing: whatever this op would communicate unasked raises, before any of it runs
             specs = [dt._spec for dt in dtensors]
             explicit.check_input_moves(func, specs, getattr(plan, "input_targets", ()))
-            with explicit.in_op(func, specs):
-                return plan.run(args, kwargs, dtensors)
+            explicit.check_declared(func, specs, getattr(plan, "comm", None))
         return plan.run(args, kwargs, dtensors)
     finally:
         op_stack.pop()

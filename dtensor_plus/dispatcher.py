@@ -25,12 +25,13 @@ _EMPTY = MappingProxyType({})
 
 
 class RuleEntry:
-    """One op's rule and how it meets StridedShard inputs (``rules.register_rule``'s ``strided``)."""
+    """One op's rule, how it meets StridedShard inputs (``rules.register_rule``'s ``strided``), and whether the
+    communication it declares counts as asked for in explicit mode (the rules of a layout entered by name)."""
 
-    __slots__ = ("rule", "strided")
+    __slots__ = ("rule", "strided", "asked_for")
 
-    def __init__(self, rule, strided: str | None):
-        self.rule, self.strided = rule, strided
+    def __init__(self, rule, strided: str | None, asked_for: bool = False):
+        self.rule, self.strided, self.asked_for = rule, strided, asked_for
 
 
 class RuleSet:
@@ -91,8 +92,7 @@ class Dispatcher:
         self.warned: set = set()  # ops whose fallback or plain-tensor warning was shown once
         # -- modes entered with `with` blocks
         self.explicit_depth = 0  # explicit_communication() nesting (explicit.py)
-        self.layout_depth = 0  # layouts entered by name whose collectives count as asked for (explicit.py)
-        self.explicit_op = None  # (op, input specs) whose local computation runs, in explicit mode
+        self.explicit_op = None  # "plain" while a plain tensor joining DTensors is checked, in explicit mode
         self.explicit_tracker = None  # torch's ModuleTracker while explicit mode is on
         self.implicit_replication = 0  # implicit_replication() nesting (plain_tensors.py)
         self.check_divergence = os.environ.get("DTENSOR_PLUS_CHECK_DIVERGENCE", "") not in ("", "0")  # debug.py

@@ -10,7 +10,8 @@ none is left waiting in a collective), naming the op, the module it ran in, the 
 the collectives it would have run:
 
   * an op whose rule needs an input moved (``x @ w`` with a Shard(1) ``x`` and a Shard(1) ``w``),
-  * a rule whose local op communicates itself (a norm over a sharded dim),
+  * a rule that declares communication of its own (a norm over a sharded dim), unless a layout entered by name
+    owns the rule,
   * a plain tensor joining DTensors (a digest all-gather checks it is equal on every rank).
 
 The fix the message gives: redistribute the input by name before the op, or change the layout.
@@ -23,7 +24,7 @@ import contextlib
 from .dispatcher import DISPATCHER
 from .placements import Placement
 
-__all__ = ["explicit_communication", "ImplicitCommunicationError", "layout_communication"]
+__all__ = ["explicit_communication", "ImplicitCommunicationError"]
 
 
 class ImplicitCommunicationError(RuntimeError):
@@ -55,17 +56,6 @@ def explicit_communication():
         if tracker is not None:
             _D.explicit_tracker = None
             tracker.__exit__(None, None, None)
-
-
-@contextlib.contextmanager
-def layout_communication():
-    """Entered by layouts that users switch on by name (``loss_parallel``, ``context_parallel``): the collectives
-    their rules' local ops issue count as asked for."""
-    _D.layout_depth += 1
-    try:
-        yield
-    finally:
-        _D.layout_depth -= 1
 
 
 def current_module() -> str:
@@ -105,32 +95,36 @@ def check_input_moves(func, specs, targets) -> None:
         )
 
 
-def check_collective(collective: str, mesh_dim_name: str) -> None:
-    """Called by every collective: raise if an op's local computation issues it unasked in explicit mode."""
-    if not _D.explicit_depth or _D.explicit_op is None:
+def check_declared(func, specs, comm) -> None:
+    """Raise if the rule of ``func`` declared communication (``comm``, a declared.Communicator, or None) that the
+    user did not ask for: only the rules of a layout entered by name (``override_rule(..., asked_for=True)``:
+    loss_parallel, context_parallel) have theirs asked for."""
+    if comm is None or comm.asked_for:
         return
-    if _D.explicit_op == "plain":
+    raise ImplicitCommunicationError(
+        f"{func} in {current_module()} would run {', '.join(comm.describe())} inside its rule (inputs "
+        f"{', '.join(_placements(s.placements) for s in specs)}). Inside explicit_communication() only named "
+        "communication runs: gather the sharded input by name first (full_tensor() or redistribute), or enter the "
+        "layout that owns this collective (loss_parallel(), context_parallel())"
+    )
+
+
+def check_collective(collective: str, mesh_dim_name: str) -> None:
+    """Called by every collective: in explicit mode, raise if it checks a plain tensor joining DTensors. (An op's
+    own collectives are all declared, and ``check_declared`` judged them before the op ran.)"""
+    if _D.explicit_depth and _D.explicit_op == "plain":
         raise ImplicitCommunicationError(
             f"a plain tensor joins DTensors in {current_module()}: checking it is equal on every rank would run a "
             f"{collective} on {mesh_dim_name!r}. Make it a DTensor by name (distribute_tensor(t, mesh, "
             "[Replicate()], src_data_rank=None)) or build it inside `with implicit_replication():`"
         )
-    if not _D.layout_depth:
-        func, specs = _D.explicit_op
-        raise ImplicitCommunicationError(
-            f"{func} in {current_module()} would run {collective} on mesh dim {mesh_dim_name!r} inside its rule "
-            f"(inputs {', '.join(_placements(s.placements) for s in specs)}). Inside explicit_communication() "
-            "only named communication runs: gather the sharded input by name first (full_tensor() or "
-            "redistribute), or enter the layout that owns this collective (loss_parallel(), context_parallel())"
-        )
 
 
 @contextlib.contextmanager
-def in_op(func, specs):
-    """The scope of one op's local computation in explicit mode (collectives inside it are the rule's own);
-    ``func="plain"``: the check that a plain tensor may join DTensors."""
+def checking_plain():
+    """The scope of the check that a plain tensor may join DTensors (its digest all-gather)."""
     saved = _D.explicit_op
-    _D.explicit_op = func if func == "plain" else (func, specs)
+    _D.explicit_op = "plain"
     try:
         yield
     finally:

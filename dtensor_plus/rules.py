@@ -201,14 +201,17 @@ def _identity(rule):
 
 
 @contextlib.contextmanager
-def override_rule(rules: dict[torch._ops.OpOverload, Rule], *, strided: str | None = None):
+def override_rule(rules: dict[torch._ops.OpOverload, Rule], *, strided: str | None = None, asked_for: bool = False):
     """Use ``rules`` in place of the ones in force inside the block (scoped; nests; cache-safe: entering the
     same rules again finds the same rule set, so the same plans). ``strided``: how these rules meet
-    StridedShard inputs, as in ``register_rule``."""
+    StridedShard inputs, as in ``register_rule``. ``asked_for``: the block is a layout users enter by name
+    (``loss_parallel()``, ``context_parallel()``), so the communication these rules declare runs in
+    ``explicit_communication()`` too."""
     _check_strided("override_rule", strided)
-    identity = (frozenset((op, _identity(r)) for op, r in rules.items()), strided)
+    identity = (frozenset((op, _identity(r)) for op, r in rules.items()), strided, asked_for)
     outer = DISPATCHER.rule_set
-    DISPATCHER.use_rules(DISPATCHER.child_set(identity, {op: RuleEntry(r, strided) for op, r in rules.items()}))
+    entries = {op: RuleEntry(r, strided, asked_for) for op, r in rules.items()}
+    DISPATCHER.use_rules(DISPATCHER.child_set(identity, entries))
     try:
         yield
     finally:

@@ -32,7 +32,7 @@ import contextlib
 import functools
 import importlib
 
-from dtensor_plus import explicit, rules
+from dtensor_plus import rules
 
 __all__ = ["context_parallel", "CONTEXT_PARALLEL_KINDS"]
 
@@ -65,8 +65,8 @@ def context_parallel(mesh_dim: int | str = "cp", kind: str = "ring", *, load_bal
                          f"(Ulysses attention is balanced already); use kind='ring' or load_balance=False")
     # the ring reads zigzag StridedShards itself; Ulysses sees any StridedShard gathered
     # Its collectives (k/v around the ring, Ulysses' all-to-alls) are asked for by name, even in explicit mode.
-    with rules.override_rule(_rules_for(kind, mesh_dim, load_balance), strided="native" if kind == "ring" else None), \
-            explicit.layout_communication():
+    with rules.override_rule(_rules_for(kind, mesh_dim, load_balance), strided="native" if kind == "ring" else None,
+                             asked_for=True):
         yield
 
 

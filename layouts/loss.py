@@ -49,12 +49,12 @@ import functools
 
 import torch
 
-from dtensor_plus import explicit, rules
+from dtensor_plus import rules
 from dtensor_plus.declared import AllReduce, Communicator
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.kernels.cross_entropy import cross_entropy as fused_cross_entropy
 from dtensor_plus.ops.common import aten, normalize_dim, replicated, without_partial
-from dtensor_plus.ops.losses import NONE, SUM, _batch_placements, _inputs_by_name, nll_backward_layouts
+from dtensor_plus.ops.losses import NONE, SUM, _batch_placements, nll_backward_layouts, nll_forward_layouts
 from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding
 from dtensor_plus.spec import DTensorSpec
@@ -84,7 +84,7 @@ def loss_parallel():
     # Rows are independent in all four ops, so a StridedShard of the rows (a flattened (B, T) with T on cp)
     # may be read as a Shard of them; the class dim is always a plain Shard.
     # Its collectives (the vocab-wise max and sum) are asked for by name: allowed under explicit_communication().
-    with rules.override_rule(overrides, strided="as_shard"), explicit.layout_communication():
+    with rules.override_rule(overrides, strided="as_shard", asked_for=True):
         yield
 
 
@@ -145,7 +145,7 @@ def _class_mesh_dims(spec: DTensorSpec, dim: int) -> tuple[int, ...]:
 
 def _log_softmax_rule(op: OpSchema, default) -> Sharding:
     spec = op.specs[0]
-    dim = normalize_dim(op.arg(1, "dim"), spec.ndim)
+    dim = normalize_dim(op.arg("dim"), spec.ndim)
     mesh_dims = _class_mesh_dims(spec, dim)
     if not mesh_dims:
         return default(op)
@@ -172,7 +172,7 @@ def _log_softmax_local(x, dim, half_to_float, *, comm):
 def _log_softmax_backward_rule(op: OpSchema, default) -> Sharding:
     """(grad_output, output, dim, input_dtype): grad_input = grad - exp(output) * sum(grad, dim)."""
     output = op.specs[1]
-    dim = normalize_dim(op.arg(2, "dim"), output.ndim)
+    dim = normalize_dim(op.arg("dim"), output.ndim)
     mesh_dims = _class_mesh_dims(output, dim)
     if not mesh_dims:
         return default(op)
@@ -206,22 +206,20 @@ def _nll_forward_rule(op: OpSchema, default) -> Sharding:
     mesh_dims = _class_mesh_dims(self_spec, _nll_class_dim(self_spec.ndim))
     if not mesh_dims:
         return default(op)
-    reduction = op.arg(3, "reduction")
+    reduction = op.arg("reduction")
     self_p, target_p = _nll_placements(self_spec, target_spec, mesh_dims)
     whole = replicated(len(op.mesh_shape))
     block = self_spec.with_placements(self_p)
+    inputs = nll_forward_layouts(op, self_p, target_p, whole)
     if reduction == NONE:  # per-row losses: summed over the class group; total_weight is 0
         out = tuple(Partial() if k in mesh_dims else p for k, p in enumerate(target_p))
-        inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
         return Sharding(inputs=inputs, outputs=(out, whole), local_op=_nll_forward_local(op.func, block))
     partial = tuple(Partial() if p.is_shard() else Replicate() for p in self_p)
     if reduction == SUM:  # the total weight counts whole rows: summed over batch shards only
         total = tuple(Partial() if p.is_shard() and k not in mesh_dims else Replicate() for k, p in enumerate(self_p))
-        inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
         return Sharding(inputs=inputs, outputs=(partial, total), local_op=_nll_forward_local(op.func, block))
     # mean: the global total weight is the local ones all-reduced over the batch shards (as ops/losses.py)
     batch_mesh_dims = tuple(k for k, p in enumerate(self_p) if p.is_shard() and k not in mesh_dims)
-    inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
     return Sharding(inputs=inputs, outputs=(partial, whole), local_op=_nll_mean_local(op.func, block),
                     communication=(AllReduce(batch_mesh_dims, ("sum",)),))
 
@@ -273,12 +271,12 @@ def _nll_backward_rule(op: OpSchema, default) -> Sharding:
     mesh_dims = _class_mesh_dims(self_spec, _nll_class_dim(self_spec.ndim))
     if not mesh_dims:
         return default(op)
-    reduction = op.arg(4, "reduction")
+    reduction = op.arg("reduction")
     self_p, target_p = _nll_placements(self_spec, target_spec, mesh_dims)
     whole = replicated(len(op.mesh_shape))
-    wanted = nll_backward_layouts(reduction, self_p, target_p, whole)
+    inputs = nll_backward_layouts(op, reduction, self_p, target_p, whole)
     block = self_spec.with_placements(self_p)
-    return Sharding(inputs=_inputs_by_name(op, wanted), outputs=(self_p,), local_op=_nll_backward_local(op.func, block))
+    return Sharding(inputs=inputs, outputs=(self_p,), local_op=_nll_backward_local(op.func, block))
 
 
 def _nll_backward_local(func, block: DTensorSpec):

@@ -33,6 +33,7 @@ def decide(func, *args, mesh_shape=(4,), **kwargs):
     mesh = MeshShape(mesh_shape)
     schema_args = tuple(spec(mesh, *a) if isinstance(a, tuple) and len(a) in (2, 3) and isinstance(a[1], tuple) else a for a in args)
     specs = tuple(a for a in schema_args if isinstance(a, DTensorSpec))
-    sharding = rule_for(func)(OpSchema(func, schema_args, kwargs, specs))
-    inputs = [tuple(t) if t is not None else s.placements for t, s in zip(sharding.inputs, specs)]
+    schema = OpSchema(func, schema_args, kwargs, specs)
+    sharding = rule_for(func)(schema)
+    inputs = [tuple(t) if t is not None else s.placements for t, s in zip(sharding.inputs_for(schema), specs)]
     return inputs, tuple(tuple(o) if o is not None else None for o in sharding.outputs)
