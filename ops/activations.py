@@ -25,12 +25,13 @@ def log_sigmoid_forward_rule(op: OpSchema) -> Sharding:
 
 @register_rule(aten.log_sigmoid_backward.default, strided="as_shard")  # elementwise
 def log_sigmoid_backward_rule(op: OpSchema) -> Sharding:
-    grad = op.specs[0]
+    grad = op.spec("grad_output")
     inner = pointwise_rule(op)
-    inputs, out = [list(t) for t in inner.inputs], list(inner.outputs[0])
+    inputs = {name: list(t) for name, t in zip(op.names, inner.inputs_for(op))}
+    out = list(inner.outputs[0])
     for k, p in enumerate(grad.placements):
         # pointwise_rule reduces a Partial grad; it may stay where x and buffer are whole (linear in grad).
-        others_whole = all(s.placements[k].is_replicate() for s in op.specs[1:])
+        others_whole = all(s.placements[k].is_replicate() for n, s in zip(op.names, op.specs) if n != "grad_output")
         if p.is_partial() and p.reduce_op in ("sum", "avg") and others_whole:
-            inputs[0][k] = out[k] = p
-    return Sharding(inputs=tuple(map(tuple, inputs)), outputs=(tuple(out),))
+            inputs["grad_output"][k] = out[k] = p
+    return Sharding(inputs={name: tuple(t) for name, t in inputs.items()}, outputs=(tuple(out),))

@@ -71,7 +71,7 @@ class _Geometry:
 def _parts(op: OpSchema):
     """(self spec, the index tensors' specs, their geometry), or None where some tensor is not a DTensor or
     the geometry is one this file does not place."""
-    x, indices = op.arg(0, "self"), list(op.arg(1, "indices"))
+    x, indices = op.arg("self"), list(op.arg("indices"))
     tensors = [t for t in indices if t is not None]
     if not isinstance(x, DTensorSpec) or not all(isinstance(t, DTensorSpec) for t in tensors) or not tensors:
         return None
@@ -106,7 +106,9 @@ def index_rule(op: OpSchema) -> Sharding:
         outputs.append(out)
         for targets, t in zip(index_targets, idx):
             targets.append(t)
-    inputs = (tuple(x_targets), *(tuple(t) for t in index_targets))
+    # each index tensor by its place in the ``indices`` list (None entries index nothing)
+    index_names = [("indices", i) for i, t in enumerate(op.arg("indices")) if t is not None]
+    inputs = {"self": tuple(x_targets), **{name: tuple(t) for name, t in zip(index_names, index_targets)}}
     local_op = _masked(x.with_placements(x_targets), geo, accumulate=None) if masked else None
     return Sharding(inputs=inputs, outputs=(tuple(outputs),), local_op=local_op)
 
@@ -114,11 +116,11 @@ def index_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.index_put.default, aten.index_put_.default)
 def index_put_rule(op: OpSchema) -> Sharding:
     parts = _parts(op)
-    values = op.arg(2, "values")
-    if parts is None or not isinstance(values, DTensorSpec) or len(op.specs) != len(parts[1]) + 2:
+    values = op.arg("values")
+    if parts is None or not isinstance(values, DTensorSpec):
         return replicate_all(op)
     x, tensors, geo = parts
-    accumulate = bool(op.arg(3, "accumulate", False))
+    accumulate = bool(op.arg("accumulate", False))
     floating = x.dtype.is_floating_point or x.dtype.is_complex
     linear = (("sum", "avg") if floating else ("sum",)) if accumulate else _ANY
     x_targets, v_targets, masked = [], [], False
@@ -136,8 +138,7 @@ def index_put_rule(op: OpSchema) -> Sharding:
             x_target = v_target = Replicate()
         x_targets.append(x_target)
         v_targets.append(v_target)
-    replicate = replicated(len(op.mesh_shape))
-    inputs = (tuple(x_targets), *(replicate for _ in tensors), tuple(v_targets))
+    inputs = {"self": tuple(x_targets), "indices": replicated(len(op.mesh_shape)), "values": tuple(v_targets)}
     local_op = _masked(x.with_placements(x_targets), geo, accumulate=op.func) if masked else None
     return Sharding(inputs=inputs, outputs=(tuple(x_targets),), local_op=local_op)
 

@@ -15,6 +15,8 @@ raises as on one device. The same table as ops/reductions.py's amax/amin, whose 
 
 from __future__ import annotations
 
+import dataclasses
+
 from dtensor_plus.placements import Partial
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 
@@ -38,8 +40,7 @@ def _local_aminmax(dims: frozenset, keepdim: bool, global_shape):
 
 @register_rule(aten.aminmax.default, strided="as_shard")  # min and max ignore row order
 def aminmax_rule(op: OpSchema) -> Sharding:
-    dims, _ = _dims(op, 99, None)  # dim and keepdim are keyword-only
-    keepdim = bool(op.kwargs.get("keepdim", False))
-    sharding = _reduction(op, dims, keepdim, "max", local_op=_local_aminmax(dims, keepdim, op.specs[0].shape))
+    dims, keepdim = _dims(op)  # dim and keepdim are keyword-only: read by name
+    sharding = _reduction(op, dims, keepdim, "max", local_op=_local_aminmax(dims, keepdim, op.spec("self").shape))
     mins = tuple(Partial("min") if p.is_partial() else p for p in sharding.outputs[1])
-    return Sharding(inputs=sharding.inputs, outputs=(mins, sharding.outputs[1]), local_op=sharding.local_op)
+    return dataclasses.replace(sharding, outputs=(mins, sharding.outputs[1]))

@@ -33,21 +33,25 @@ from .common import aten, replicate_all
 
 Q, KV, MASK, AUX = "q", "kv", "mask", "aux"  # roles: shaped like q, like k/v, an attention mask, other
 
+# The role of each tensor argument, by its name in the schemas of the forward and backward ops below (the
+# backward's grad_out, out and logsumexp are q-shaped; cum_seq_*, philox_* and the like are AUX).
+_FORWARD_ROLES = {"query": Q, "key": KV, "value": KV, "attn_mask": MASK, "attn_bias": MASK}
+_BACKWARD_ROLES = {"grad_out": Q, "grad_out_": Q, "query": Q, "key": KV, "value": KV, "out": Q, "logsumexp": Q,
+                   "attn_mask": MASK, "attn_bias": MASK}
 
-def _roles(op: OpSchema, positional: tuple, keywords: dict) -> list[tuple[str, DTensorSpec]]:
-    """(role, spec) for every DTensor argument, in ``op.specs`` order (args, then kwargs)."""
-    found = [(positional[i] if i < len(positional) else AUX, a) for i, a in enumerate(op.args) if isinstance(a, DTensorSpec)]
-    found += [(keywords.get(name, AUX), v) for name, v in op.kwargs.items() if isinstance(v, DTensorSpec)]
-    return found
+
+def _roles(op: OpSchema, roles: dict[str, str]) -> list[tuple[str, str, DTensorSpec]]:
+    """(argument name, role, spec) for every DTensor argument; arguments ``roles`` does not name are AUX."""
+    return [(name, roles.get(name, AUX), spec) for name, spec in zip(op.names, op.specs)]
 
 
-def _modes(roles: list[tuple[str, DTensorSpec]], mesh_shape) -> list[int | None]:
+def _modes(roles: list[tuple[str, str, DTensorSpec]], mesh_shape) -> list[int | None]:
     """Per mesh dim: the tensor dim (0 batch, 1 heads) that q, k, v all shard on it, or None (replicate)."""
-    qkv = [s for role, s in roles if role in (Q, KV)]
+    qkv = [s for _, role, s in roles if role in (Q, KV)]
     if any(s.ndim < 3 for s in qkv):  # dims 0 and 1 are batch and heads for all (logsumexp is 3-d)
         return [None] * len(mesh_shape)
-    queries = [s for role, s in roles if role == Q]
-    keys = [s for role, s in roles if role == KV]
+    queries = [s for _, role, s in roles if role == Q]
+    keys = [s for _, role, s in roles if role == KV]
     modes = []
     for mesh_dim in range(len(mesh_shape)):
         placements = [s.placements[mesh_dim] for s in qkv]
@@ -81,12 +85,13 @@ def _placements(modes, role: str, spec: DTensorSpec, query: DTensorSpec) -> tupl
     return tuple(Replicate() if m is None else Shard(m) for m in modes)
 
 
-def _attention_sharding(op, positional, keywords, out_roles, local_op=None) -> Sharding:
-    roles = _roles(op, positional, keywords)
+def _attention_sharding(op, roles_by_name: dict[str, str], out_roles, local_op=None) -> Sharding:
+    """``roles_by_name``: the role of each tensor argument by name (q-shaped, k/v-shaped, a mask); others AUX."""
+    roles = _roles(op, roles_by_name)
     modes = _modes(roles, op.mesh_shape)
-    query = next(s for role, s in roles if role == Q)
-    inputs = tuple(_placements(modes, role, s, query) for role, s in roles)
-    mask = next((s for role, s in roles if role == MASK), None)
+    query = next(s for _, role, s in roles if role == Q)
+    inputs = {name: _placements(modes, role, s, query) for name, role, s in roles}
+    mask = next((s for _, role, s in roles if role == MASK), None)
     outputs = tuple(_placements(modes, AUX if mask is None else role, mask, query) if role == MASK
                     else _placements(modes, role, query, query) for role in out_roles)
     return Sharding(inputs=inputs, outputs=outputs, local_op=local_op)
@@ -113,13 +118,13 @@ def _cpu_backward(grad_out, query, key, value, *args, **kwargs):
 @register_rule(aten._scaled_dot_product_flash_attention_for_cpu.default)
 def cpu_flash_rule(op: OpSchema) -> Sharding:
     """(query, key, value, dropout_p, is_causal, *, attn_mask, scale) -> (output, logsumexp)."""
-    return _attention_sharding(op, (Q, KV, KV), {"attn_mask": MASK}, (Q, Q), _cpu_forward)
+    return _attention_sharding(op, _FORWARD_ROLES, (Q, Q), _cpu_forward)
 
 
 @register_rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
 def cpu_flash_backward_rule(op: OpSchema) -> Sharding:
     """(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale) -> grads."""
-    return _attention_sharding(op, (Q, Q, KV, KV, Q, Q), {"attn_mask": MASK}, (Q, KV, KV), _cpu_backward)
+    return _attention_sharding(op, _BACKWARD_ROLES, (Q, KV, KV), _cpu_backward)
 
 
 # -- CUDA (same algebra; schemas read from torch 2.13, exercised only on GPU) ------------------------------
@@ -128,27 +133,27 @@ def cpu_flash_backward_rule(op: OpSchema) -> Sharding:
 @register_rule(aten._scaled_dot_product_flash_attention.default)
 def cuda_flash_rule(op: OpSchema) -> Sharding:
     """-> (output, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused, debug_attn_mask)."""
-    if op.arg(5, "return_debug_mask", False):  # (B, H, T, S) debug mask: rare; keep it simple
+    if op.arg("return_debug_mask", False):  # (B, H, T, S) debug mask: rare; keep it simple
         return replicate_all(op, num_outputs=7)
-    return _attention_sharding(op, (Q, KV, KV), {}, (Q, Q, AUX, AUX, AUX, AUX, AUX))
+    return _attention_sharding(op, _FORWARD_ROLES, (Q, Q, AUX, AUX, AUX, AUX, AUX))
 
 
 @register_rule(aten._scaled_dot_product_flash_attention_backward.default)
 def cuda_flash_backward_rule(op: OpSchema) -> Sharding:
     """(grad_out, q, k, v, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
     philox_seed, philox_offset, *, scale) -> grads."""
-    return _attention_sharding(op, (Q, Q, KV, KV, Q, Q), {}, (Q, KV, KV))
+    return _attention_sharding(op, _BACKWARD_ROLES, (Q, KV, KV))
 
 
 @register_rule(aten._scaled_dot_product_efficient_attention.default)
 def cuda_efficient_rule(op: OpSchema) -> Sharding:
     """(q, k, v, attn_bias, compute_log_sumexp, ...) -> (output, log_sumexp, philox_seed, philox_offset).
     log_sumexp is (B, H, ceil32(T)) when computed, else empty: only its leading dims are shared with q."""
-    lse = Q if op.arg(4, "compute_log_sumexp", False) else AUX
-    return _attention_sharding(op, (Q, KV, KV, MASK), {"attn_bias": MASK}, (Q, lse, AUX, AUX))
+    lse = Q if op.arg("compute_log_sumexp", False) else AUX
+    return _attention_sharding(op, _FORWARD_ROLES, (Q, lse, AUX, AUX))
 
 
 @register_rule(aten._scaled_dot_product_efficient_attention_backward.default)
 def cuda_efficient_backward_rule(op: OpSchema) -> Sharding:
     """(grad_out, q, k, v, attn_bias, out, logsumexp, philox_seed, philox_offset, ...) -> (gq, gk, gv, gbias)."""
-    return _attention_sharding(op, (Q, Q, KV, KV, MASK, Q, Q), {}, (Q, KV, KV, MASK))
+    return _attention_sharding(op, _BACKWARD_ROLES, (Q, KV, KV, MASK))

@@ -25,25 +25,16 @@ import torch
 
 from dtensor_plus.placements import Partial, Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
-from dtensor_plus.spec import DTensorSpec
 
 _R = Replicate()
 aten = torch.ops.aten
 
 
-def _by_position(op: OpSchema, targets: dict[int, Placement], mesh_targets: list) -> None:
-    """Append, for each DTensor argument (positional), its target on this mesh dim to ``mesh_targets``."""
-    positions = [i for i, a in enumerate(op.args) if isinstance(a, DTensorSpec)]
-    assert len(positions) == len(op.specs), f"{op.func}: tensor arguments passed by keyword"
-    for slot, i in enumerate(positions):
-        mesh_targets[slot].append(targets[i])
-
-
-def _forward_mesh_dim(op: OpSchema, k: int, training: bool, stat_positions: tuple[int, ...]):
+def _forward_mesh_dim(op: OpSchema, k: int, training: bool):
     """(input target, (C,) tensors' target, out placement, save_mean/invstd placement) on mesh dim k."""
-    p = op.args[0].placements[k]
+    p = op.spec("input").placements[k]
     if training:
-        stats = [op.args[i].placements[k] for i in stat_positions if isinstance(op.args[i], DTensorSpec)]
+        stats = [s.placements[k] for s in (op.spec("running_mean"), op.spec("running_var")) if s is not None]
         # Updated in place, the stats must keep their placement: Shard(0) stats take the channel layout.
         channel = all(q.is_shard(0) for q in stats) if stats else p.is_shard(1)
         return (Shard(1), Shard(0), Shard(1), Shard(0)) if channel else (_R, _R, _R, _R)
@@ -54,34 +45,27 @@ def _forward_mesh_dim(op: OpSchema, k: int, training: bool, stat_positions: tupl
     return _R, _R, _R, _R
 
 
-# op -> (positions of running_mean / running_var, position of training, or None: always training)
-_FORWARDS = {
-    aten.native_batch_norm.default: ((3, 4), 5),
-    aten._native_batch_norm_legit.default: ((3, 4), 5),
-    aten._native_batch_norm_legit.no_stats: ((), 3),
-    aten._batch_norm_with_update.default: ((3, 4), None),
-}
-
-
-@register_rule(*_FORWARDS)
+@register_rule(aten.native_batch_norm.default, aten._native_batch_norm_legit.default,
+               aten._native_batch_norm_legit.no_stats, aten._batch_norm_with_update.default)
 def batch_norm_rule(op: OpSchema) -> Sharding:
     """native_batch_norm / _native_batch_norm_legit(input, weight?, bias?, running_mean?, running_var?,
     training, momentum, eps) -> (out, save_mean, save_invstd), in eval save_* of shape (0,); the no_stats
-    form has no running statistics. _batch_norm_with_update (always training) adds a reserve output."""
-    stat_positions, training_position = _FORWARDS[op.func]
-    training = training_position is None or bool(op.arg(training_position, "training"))
-    targets: list[list[Placement]] = [[] for _ in op.specs]
+    form has no running statistics. _batch_norm_with_update (always training: no ``training`` argument) adds a
+    reserve output."""
+    training = "training" not in op.record.arg_names or bool(op.arg("training"))
+    targets: dict[str, list[Placement]] = {name: [] for name in op.names}  # input; weight, bias, stats (C,)
     out, save = [], []
     for k in range(len(op.mesh_shape)):
-        x, channel, o, s = _forward_mesh_dim(op, k, training, stat_positions)
-        _by_position(op, {0: x, 1: channel, 2: channel, **{i: channel for i in stat_positions}}, targets)
+        x, channel, o, s = _forward_mesh_dim(op, k, training)
+        for name, placements in targets.items():
+            placements.append(x if name == "input" else channel)
         out.append(o)
         save.append(s)
-    local_op = _skip_empty_forward(op.func) if training and op.args[0].shape.numel() > 0 else None
+    local_op = _skip_empty_forward(op.func) if training and op.spec("input").shape.numel() > 0 else None
     outputs = (tuple(out), tuple(save), tuple(save))
     if op.func == aten._batch_norm_with_update.default:
         outputs += ((_R,) * len(op.mesh_shape),)  # the reserve: empty on CPU
-    return Sharding(inputs=tuple(tuple(t) for t in targets), outputs=outputs, local_op=local_op)
+    return Sharding(inputs={name: tuple(t) for name, t in targets.items()}, outputs=outputs, local_op=local_op)
 
 
 def _skip_empty_forward(func):
@@ -113,19 +97,22 @@ def batch_norm_backward_rule(op: OpSchema) -> Sharding:
     """native_batch_norm_backward(grad_out, input, weight?, running_mean?, running_var?, save_mean?,
     save_invstd?, train, eps, output_mask) -> (grad_input, grad_weight, grad_bias), masked-off ones None;
     batch_norm_backward has ``update`` for ``train`` and a reserve (empty on CPU, Replicate) after the mask."""
-    train, mask = bool(op.arg(7, "train")), op.arg(9, "output_mask")
-    grad, x = op.args[0], op.args[1]
-    targets: list[list[Placement]] = [[] for _ in op.specs]
+    train = bool(op.arg("train" if "train" in op.record.arg_names else "update"))  # batch_norm_backward: update
+    mask = op.arg("output_mask")
+    grad, x = op.spec("grad_out"), op.spec("input")
+    # weight, running_mean/var, save_mean and save_invstd (save_var) are (C,); the reserve is an opaque buffer.
+    targets: dict[str, list[Placement]] = {name: [] for name in op.names}
     gi, gp = [], []
     for k in range(len(op.mesh_shape)):
         data, channel, i, w = _backward_mesh_dim(grad.placements[k], x.placements[k], train)
         grad_target, x_target = (grad.placements[k], _R) if data is None else (data, data)
-        _by_position(op, {0: grad_target, 1: x_target, **{j: channel for j in range(2, 7)}, 10: _R}, targets)
+        for name, placements in targets.items():
+            placements.append({"grad_out": grad_target, "input": x_target, "reserve": _R}.get(name, channel))
         gi.append(i)
         gp.append(w)
     outputs = tuple(o for o, m in zip((tuple(gi), tuple(gp), tuple(gp)), mask) if m)
     local_op = _skip_empty_backward(op.func) if x.shape.numel() > 0 else None
-    return Sharding(inputs=tuple(tuple(t) for t in targets), outputs=outputs, local_op=local_op)
+    return Sharding(inputs={name: tuple(t) for name, t in targets.items()}, outputs=outputs, local_op=local_op)
 
 
 def _skip_empty_backward(func):

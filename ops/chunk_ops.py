@@ -47,8 +47,8 @@ def _local_narrow(shape, mesh, placements, dim: int, start: int, length: int):
 @register_rule(aten.narrow_copy.default)
 def narrow_copy_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    dim = normalize_dim(op.arg(1, "dim"), spec.ndim)
-    start, length = op.arg(2, "start"), op.arg(3, "length")
+    dim = normalize_dim(op.arg("dim"), spec.ndim)
+    start, length = op.arg("start"), op.arg("length")
     start += spec.shape[dim] if start < 0 else 0  # narrow counts a negative start from the end
     start, length = slice_range(spec.shape[dim], start, start + length, 1)
     out_dims = sliced_out_dims(spec.placements, op.mesh_shape, spec.shape, dim, start, 1, length)
@@ -62,7 +62,7 @@ def narrow_copy_rule(op: OpSchema) -> Sharding:
 @register_rule(aten._chunk_cat.default)
 def chunk_cat_rule(op: OpSchema) -> Sharding:
     specs = op.specs
-    dim = normalize_dim(op.arg(1, "dim"), specs[0].ndim)
+    dim = normalize_dim(op.arg("dim"), specs[0].ndim)
     linear = {"sum", "avg"} if specs[0].dtype.is_floating_point or specs[0].dtype.is_complex else {"sum"}
     placements = []
     for mesh_dim in range(len(op.mesh_shape)):

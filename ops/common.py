@@ -51,10 +51,3 @@ def meta_outputs(op: OpSchema) -> list[torch.Tensor]:
     outs = out if isinstance(out, (tuple, list)) else (out,)
     return [t for t in outs if isinstance(t, torch.Tensor)]
 
-
-def by_position(op: OpSchema, targets: dict[int, tuple]) -> tuple:
-    """One target per spec, looked up by the positional index of the argument it came from (a rule table
-    written per argument position, for ops whose optional tensors may be None)."""
-    positions = [i for i, a in enumerate(op.args) if isinstance(a, DTensorSpec)]
-    assert len(positions) == len(op.specs), f"{op.func}: tensor arguments passed by keyword"
-    return tuple(targets[i] for i in positions)

@@ -26,17 +26,11 @@ from __future__ import annotations
 
 from dtensor_plus.placements import Partial, Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
-from dtensor_plus.spec import DTensorSpec
 
 from .common import aten, meta_outputs
 
 _LINEAR = ("sum", "avg")
 _R = Replicate()
-
-
-def _spec(op: OpSchema, index: int, name: str) -> DTensorSpec | None:
-    value = op.arg(index, name)
-    return value if isinstance(value, DTensorSpec) else None
 
 
 def _weight_dims(transposed: bool) -> tuple[int, int]:
@@ -73,13 +67,15 @@ def _forward_mesh_dim(x: Placement, w: Placement, groups: int, out_dim: int, in_
 @register_rule(aten.convolution.default)
 def convolution_rule(op: OpSchema) -> Sharding:
     """convolution(input, weight, bias?, stride, padding, dilation, transposed, output_padding, groups)."""
-    x, w, bias = _spec(op, 0, "input"), _spec(op, 1, "weight"), _spec(op, 2, "bias")
-    transposed, groups = op.arg(6, "transposed"), op.arg(8, "groups")
+    x, w, bias = op.spec("input"), op.spec("weight"), op.spec("bias")
+    transposed, groups = op.arg("transposed"), op.arg("groups")
     out_dim, in_dim = _weight_dims(transposed)
     rows = [_forward_mesh_dim(x.placements[k], w.placements[k], groups, out_dim, in_dim)
             for k in range(len(op.mesh_shape))]
     x_t, w_t, bias_t, out = (tuple(column) for column in zip(*rows))
-    inputs = (x_t, w_t) + ((bias_t,) if bias is not None else ())
+    inputs = {"input": x_t, "weight": w_t}
+    if bias is not None:
+        inputs["bias"] = bias_t
     return Sharding(inputs=inputs, outputs=(out,), local_op=_EmptyChannels(x.shape[1], meta_outputs(op)[0].shape))
 
 
@@ -120,14 +116,14 @@ def _backward_mesh_dim(g: Placement, x: Placement, w: Placement, groups: int, ou
 def convolution_backward_rule(op: OpSchema) -> Sharding:
     """convolution_backward(grad_output, input, weight, bias_sizes?, stride, padding, dilation, transposed,
     output_padding, groups, output_mask) -> (grad_input, grad_weight, grad_bias), the masked-off ones None."""
-    g, x, w = _spec(op, 0, "grad_output"), _spec(op, 1, "input"), _spec(op, 2, "weight")
-    transposed, groups, mask = op.arg(7, "transposed"), op.arg(9, "groups"), op.arg(10, "output_mask")
+    g, x, w = op.spec("grad_output"), op.spec("input"), op.spec("weight")
+    transposed, groups, mask = op.arg("transposed"), op.arg("groups"), op.arg("output_mask")
     out_dim, in_dim = _weight_dims(transposed)
     rows = [_backward_mesh_dim(g.placements[k], x.placements[k], w.placements[k], groups, out_dim, in_dim)
             for k in range(len(op.mesh_shape))]
     g_t, x_t, w_t, gi, gw, gb = (tuple(column) for column in zip(*rows))
     outputs = tuple(o for o, m in zip((gi, gw, gb), mask) if m)
-    return Sharding(inputs=(g_t, x_t, w_t), outputs=outputs, local_op=_Backward(x.shape[1], g.shape[1]))
+    return Sharding(inputs={"grad_output": g_t, "input": x_t, "weight": w_t}, outputs=outputs, local_op=_Backward(x.shape[1], g.shape[1]))
 
 
 class _Backward:

@@ -24,7 +24,6 @@ import torch
 
 from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
-from dtensor_plus.spec import DTensorSpec
 
 from .common import aten, normalize_dim, replicated
 from .shape_ops import block, moved
@@ -38,8 +37,8 @@ def _batch_dims(ndim: int, dim1: int, dim2: int) -> list[int]:
 @register_rule(aten.diagonal.default, aten.diagonal_copy.default)
 def diagonal_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    offset = op.arg(1, "offset", 0)
-    d1, d2 = normalize_dim(op.arg(2, "dim1", 0), spec.ndim), normalize_dim(op.arg(3, "dim2", 1), spec.ndim)
+    offset = op.arg("offset", 0)
+    d1, d2 = normalize_dim(op.arg("dim1", 0), spec.ndim), normalize_dim(op.arg("dim2", 1), spec.ndim)
     batch = _batch_dims(spec.ndim, d1, d2)
     inputs, outputs = moved(spec.placements, {d: i for i, d in enumerate(batch)})
     matrix_mesh_dims = [k for k, p in enumerate(spec.placements) if p.is_shard(d1) or p.is_shard(d2)]
@@ -73,8 +72,8 @@ def _owned_diagonal(shape, mesh, placements, offset: int, d1: int, d2: int, leng
 
 @register_rule(aten.diagonal_backward.default)
 def diagonal_backward_rule(op: OpSchema) -> Sharding:
-    spec, sizes = op.specs[0], op.arg(1, "input_sizes")
-    batch = _batch_dims(len(sizes), op.arg(3, "dim1"), op.arg(4, "dim2"))
+    spec, sizes = op.specs[0], op.arg("input_sizes")
+    batch = _batch_dims(len(sizes), op.arg("dim1"), op.arg("dim2"))
     inputs, outputs = moved(spec.placements, dict(enumerate(batch)))
     return Sharding(inputs=(inputs,), outputs=(outputs,), shape_arg=1)
 
@@ -82,7 +81,7 @@ def diagonal_backward_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.diag_embed.default)
 def diag_embed_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    batch = _batch_dims(spec.ndim + 1, op.arg(2, "dim1", -2), op.arg(3, "dim2", -1))
+    batch = _batch_dims(spec.ndim + 1, op.arg("dim1", -2), op.arg("dim2", -1))
     inputs, outputs = moved(spec.placements, dict(enumerate(batch[: spec.ndim - 1])))
     return Sharding(inputs=(inputs,), outputs=(outputs,))
 
@@ -104,10 +103,11 @@ def scatter_placements(p, q, self_to_src: dict[int, int]):
 
 @register_rule(aten.diagonal_scatter.default)
 def diagonal_scatter_rule(op: OpSchema) -> Sharding:
-    spec, src = op.specs[0], op.arg(1, "src")
-    batch = _batch_dims(spec.ndim, op.arg(3, "dim1", 0), op.arg(4, "dim2", 1))
-    src_placements = src.placements if isinstance(src, DTensorSpec) else replicated(len(op.mesh_shape))
+    spec, src = op.spec("self"), op.spec("src")  # src None: a plain 0-d tensor, whole on every rank
+    batch = _batch_dims(spec.ndim, op.arg("dim1", 0), op.arg("dim2", 1))
+    src_placements = src.placements if src is not None else replicated(len(op.mesh_shape))
     rows = [scatter_placements(p, q, {d: i for i, d in enumerate(batch)})
             for p, q in zip(spec.placements, src_placements)]
     self_t, src_t, output = (tuple(column) for column in zip(*rows))
-    return Sharding(inputs=(self_t, src_t)[: len(op.specs)], outputs=(output,))
+    inputs = {"self": self_t, "src": src_t} if src is not None else {"self": self_t}
+    return Sharding(inputs=inputs, outputs=(output,))

@@ -159,7 +159,7 @@ def _cdist_local(x1, x2, p, compute_mode=None, *, comm):
 
 @register_rule(aten._cdist_forward.default)
 def cdist_rule(op: OpSchema) -> Sharding:
-    x1, x2 = op.args[0], op.args[1]
+    x1, x2 = op.spec("x1"), op.spec("x2")
     out_ndim = max(len(x1.shape), len(x2.shape))
     batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
     out_numel = math.prod(batch) * x1.shape[-2] * x2.shape[-2]
@@ -171,16 +171,17 @@ def cdist_rule(op: OpSchema) -> Sharding:
         t1.append(a), t2.append(b), out.append(o)
         if mode == "M" and op.mesh_shape[k] > 1:
             m_dims.append(k)
+    inputs = {"x1": tuple(t1), "x2": tuple(t2)}
     if not m_dims:
-        return Sharding(inputs=(tuple(t1), tuple(t2)), outputs=(tuple(out),))
-    return Sharding(inputs=(tuple(t1), tuple(t2)), outputs=(tuple(out),), local_op=_cdist_local,
-                    communication=_declared_all_reduce(m_dims, op.arg(2, "p")))
+        return Sharding(inputs=inputs, outputs=(tuple(out),))
+    return Sharding(inputs=inputs, outputs=(tuple(out),), local_op=_cdist_local,
+                    communication=_declared_all_reduce(m_dims, op.arg("p")))
 
 
 @register_rule(aten._cdist_backward.default)
 def cdist_backward_rule(op: OpSchema) -> Sharding:
     """(grad, x1, x2, p, cdist) -> grad_x1."""
-    grad, x1, x2 = op.args[0], op.args[1], op.args[2]
+    grad, x1, x2 = op.spec("grad"), op.spec("x1"), op.spec("x2")
     out_ndim = grad.ndim
     tg, t1, t2, out = [], [], [], []
     for g, p1, p2 in zip(grad.placements, x1.placements, x2.placements):
@@ -188,7 +189,8 @@ def cdist_backward_rule(op: OpSchema) -> Sharding:
         a, b, c, _, o = _cdist_targets(mode, out_dim, x1, x2, out_ndim)
         tg.append(c), t1.append(a), t2.append(b), out.append(o)
     dist_target = without_partial(tg)  # the distances themselves are whole
-    return Sharding(inputs=(tuple(tg), tuple(t1), tuple(t2), dist_target), outputs=(tuple(out),))
+    return Sharding(inputs={"grad": tuple(tg), "x1": tuple(t1), "x2": tuple(t2), "cdist": dist_target},
+                    outputs=(tuple(out),))
 
 
 # -- pdist ----------------------------------------------------------------------------------------------
@@ -202,7 +204,7 @@ def _pdist_local(x, p=2.0, *, comm):
 
 @register_rule(aten._pdist_forward.default)
 def pdist_rule(op: OpSchema) -> Sharding:
-    spec = op.specs[0]
+    spec = op.spec("self")
     n, m = spec.shape
     m_pays = n * (n - 1) <= n * m  # all-reduce of N(N-1)/2 distances vs all-gather of x
     target = tuple(p if p.is_shard(1) and m_pays else Replicate() for p in spec.placements)
@@ -211,13 +213,13 @@ def pdist_rule(op: OpSchema) -> Sharding:
     if not m_dims:
         return Sharding(inputs=(target,), outputs=out)
     return Sharding(inputs=(target,), outputs=out, local_op=_pdist_local,
-                    communication=_declared_all_reduce(m_dims, op.arg(1, "p", 2.0)))
+                    communication=_declared_all_reduce(m_dims, op.arg("p", 2.0)))
 
 
 @register_rule(aten._pdist_backward.default)
 def pdist_backward_rule(op: OpSchema) -> Sharding:
     """(grad, x, p, pdist) -> grad_x: features keep their shard (each distance comes whole from ``pdist``)."""
-    grad, x = op.args[0], op.args[1]
+    grad, x = op.spec("grad"), op.spec("self")
     tg, tx, out = [], [], []
     for g, p in zip(grad.placements, x.placements):
         if p.is_shard(1):
@@ -226,7 +228,8 @@ def pdist_backward_rule(op: OpSchema) -> Sharding:
             tg.append(g), tx.append(Replicate()), out.append(Partial(g.reduce_op))
         else:
             tg.append(Replicate()), tx.append(Replicate()), out.append(Replicate())
-    return Sharding(inputs=(tuple(tg), tuple(tx), replicated(len(op.mesh_shape))), outputs=(tuple(out),))
+    return Sharding(inputs={"grad": tuple(tg), "self": tuple(tx), "pdist": replicated(len(op.mesh_shape))},
+                    outputs=(tuple(out),))
 
 
 # -- dist -----------------------------------------------------------------------------------------------
@@ -245,9 +248,9 @@ def _dist_local(globally_empty: bool):
 
 @register_rule(aten.dist.default)
 def dist_rule(op: OpSchema) -> Sharding:
-    if len(op.specs) != 2:  # a 0-d plain tensor beside one DTensor: gather and run as on one device
+    a, b = op.spec("self"), op.spec("other")
+    if a is None or b is None:  # a 0-d plain tensor beside one DTensor: gather and run as on one device
         return replicate_all(op)
-    a, b = op.args[0], op.args[1]
     shape = torch.broadcast_shapes(a.shape, b.shape)
     ta, tb, mesh_dims = [], [], []
     for k, (pa, pb) in enumerate(zip(a.placements, b.placements)):
@@ -265,7 +268,8 @@ def dist_rule(op: OpSchema) -> Sharding:
         if op.mesh_shape[k] > 1:
             mesh_dims.append(k)
     r = replicated(len(op.mesh_shape))
+    inputs = {"self": tuple(ta), "other": tuple(tb)}
     if not mesh_dims:
-        return Sharding(inputs=(tuple(ta), tuple(tb)), outputs=(r,))
-    return Sharding(inputs=(tuple(ta), tuple(tb)), outputs=(r,), local_op=_dist_local(shape.numel() == 0),
-                    communication=_declared_all_reduce(mesh_dims, op.arg(2, "p", 2.0)))
+        return Sharding(inputs=inputs, outputs=(r,))
+    return Sharding(inputs=inputs, outputs=(r,), local_op=_dist_local(shape.numel() == 0),
+                    communication=_declared_all_reduce(mesh_dims, op.arg("p", 2.0)))

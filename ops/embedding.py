@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dtensor_plus.placements import Partial, Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
-from dtensor_plus.spec import DTensorSpec, local_shape_and_offset
+from dtensor_plus.spec import local_shape_and_offset
 
 from .common import aten, replicated
 
@@ -49,23 +49,23 @@ def _lookup_placements(weight: Placement, indices: Placement, indices_ndim: int)
     return Replicate(), Replicate(), Replicate()
 
 
-def _indices(op: OpSchema, position: int, name: str) -> tuple[tuple[Placement, ...], int, bool]:
+def _indices(op: OpSchema) -> tuple[tuple[Placement, ...], int, bool]:
     """(placements, ndim, is a DTensor) of the indices: a plain 0-d index (``torch.tensor(3)``, checked equal on
     every rank by the dispatcher) is not among ``op.specs`` and reads as Replicate."""
-    indices = op.arg(position, name)
-    if isinstance(indices, DTensorSpec):
+    indices = op.spec("indices")
+    if indices is not None:
         return indices.placements, indices.ndim, True
     return replicated(len(op.mesh_shape)), 0, False
 
 
-def _inputs(first, indices_p, indices_is_dtensor: bool) -> tuple:
-    return (first, indices_p) if indices_is_dtensor else (first,)
+def _inputs(name: str, first, indices_p, indices_is_dtensor: bool) -> dict:
+    return {name: first, "indices": indices_p} if indices_is_dtensor else {name: first}
 
 
 @register_rule(aten.embedding.default, strided="as_shard")  # rows of indices are independent
 def embedding_rule(op: OpSchema) -> Sharding:
-    weight_spec = op.specs[0]
-    indices_placements, indices_ndim, indices_is_dtensor = _indices(op, 1, "indices")
+    weight_spec = op.spec("weight")
+    indices_placements, indices_ndim, indices_is_dtensor = _indices(op)
     chosen = [
         _lookup_placements(w, i, indices_ndim) for w, i in zip(weight_spec.placements, indices_placements)
     ]
@@ -73,7 +73,8 @@ def embedding_rule(op: OpSchema) -> Sharding:
     local_op = None
     if any(p.is_shard(0) for p in weight_p):
         local_op = _masked_lookup(weight_spec.with_placements(weight_p))
-    return Sharding(inputs=_inputs(weight_p, indices_p, indices_is_dtensor), outputs=(output_p,), local_op=local_op)
+    return Sharding(inputs=_inputs("weight", weight_p, indices_p, indices_is_dtensor), outputs=(output_p,),
+                    local_op=local_op)
 
 
 def _masked_lookup(weight_spec):
@@ -109,10 +110,10 @@ def _backward_placements(grad: Placement, indices: Placement, grad_ndim: int, wh
 
 @register_rule(aten.embedding_dense_backward.default, strided="as_shard")  # rows of indices are independent
 def embedding_dense_backward_rule(op: OpSchema) -> Sharding:
-    grad_spec = op.specs[0]
-    indices_placements, _, indices_is_dtensor = _indices(op, 1, "indices")
-    num_weights = op.arg(2, "num_weights")
-    scale_grad_by_freq = op.arg(4, "scale_grad_by_freq")
+    grad_spec = op.spec("grad_output")
+    indices_placements, _, indices_is_dtensor = _indices(op)
+    num_weights = op.arg("num_weights")
+    scale_grad_by_freq = op.arg("scale_grad_by_freq")
     chosen = [
         _backward_placements(g, i, grad_spec.ndim, scale_grad_by_freq or not indices_is_dtensor)
         for g, i in zip(grad_spec.placements, indices_placements)
@@ -121,7 +122,8 @@ def embedding_dense_backward_rule(op: OpSchema) -> Sharding:
     local_op = None
     if any(p.is_shard(0) for p in output_p):
         local_op = _masked_scatter(op.mesh, output_p, (num_weights, grad_spec.shape[-1]))
-    return Sharding(inputs=_inputs(grad_p, indices_p, indices_is_dtensor), outputs=(output_p,), local_op=local_op)
+    return Sharding(inputs=_inputs("grad_output", grad_p, indices_p, indices_is_dtensor), outputs=(output_p,),
+                    local_op=local_op)
 
 
 def _masked_scatter(mesh, output_placements, output_shape):

@@ -37,9 +37,8 @@ def like_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.fill_.Scalar, aten.fill.Scalar, aten.fill_.Tensor, aten.fill.Tensor)
 def fill_rule(op: OpSchema) -> Sharding:
     """(self, value): a Partial self becomes Replicate (for fill_, the dispatcher's out-of-place path)."""
-    r = replicated(len(op.mesh_shape))
-    inputs = (None,) + (r,) * (len(op.specs) - 1)  # a 0-d DTensor value
-    return Sharding(inputs=inputs, outputs=(without_partial(op.specs[0].placements),))
+    value = {"value": replicated(len(op.mesh_shape))} if op.spec("value") is not None else {}  # a 0-d DTensor
+    return Sharding(inputs=value, outputs=(without_partial(op.spec("self").placements),))
 
 
 @register_rule(
@@ -54,8 +53,8 @@ def new_rule(op: OpSchema) -> Sharding:
     """(self, size, ...): a tensor of self's own global shape keeps self's Shard/Replicate layout (autograd
     allocates gradient buffers this way; a Replicate buffer would gather the gradient copied into it); any
     other size is built whole on every rank."""
-    self_spec = op.specs[0]
-    if tuple(op.args[1]) != tuple(self_spec.shape):
+    self_spec = op.spec("self")
+    if tuple(op.arg("size")) != tuple(self_spec.shape):
         return Sharding(inputs=(None,), outputs=(replicated(len(op.mesh_shape)),))
     local_op = _new_empty_strided_local if op.func is aten.new_empty_strided.default else None
     return Sharding(inputs=(None,), outputs=(without_partial(self_spec.placements),), shape_arg=1, local_op=local_op)

@@ -33,7 +33,7 @@ def fft_rule(op: OpSchema) -> Sharding:
     """_fft_r2c(self, dim, normalization, onesided) / _fft_c2c(self, dim, normalization, forward) /
     _fft_c2r(self, dim, normalization, last_dim_size)."""
     spec = op.specs[0]
-    dims = {normalize_dim(d, spec.ndim) for d in op.arg(1, "dim")}
+    dims = {normalize_dim(d, spec.ndim) for d in op.arg("dim")}
     placements = tuple(
         p if (p.is_shard() and p.dim not in dims) or (p.is_partial() and p.reduce_op in _LINEAR) else Replicate()
         for p in spec.placements

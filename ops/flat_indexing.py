@@ -29,6 +29,7 @@ put(self, index, source, accumulate) -> output of self's shape
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -67,9 +68,10 @@ def local_block(spec: DTensorSpec):
     return spec.local_shape_and_offset(coordinate)
 
 
-def _specs_or_none(op: OpSchema, count: int):
-    values = [op.arg(i) for i in range(count)]
-    return values if all(isinstance(v, DTensorSpec) for v in values) and len(op.specs) == count else None
+def _specs_or_none(op: OpSchema, *names: str):
+    """The specs of the arguments ``names``, or None where one is not a DTensor (a plain 0-d tensor)."""
+    specs = [op.spec(name) for name in names]
+    return None if None in specs else specs
 
 
 # -- take -------------------------------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ def _specs_or_none(op: OpSchema, count: int):
 
 @register_rule(aten.take.default)
 def take_rule(op: OpSchema) -> Sharding:
-    specs = _specs_or_none(op, 2)
+    specs = _specs_or_none(op, "self", "index")
     if specs is None:
         return replicate_all(op)
     spec, index = specs
@@ -100,7 +102,7 @@ def take_rule(op: OpSchema) -> Sharding:
         for k, p in enumerate(self_t):
             if p.is_partial() and p.reduce_op != "sum":
                 self_t[k], output[k] = Replicate(), Replicate()
-    sharding = Sharding(inputs=(tuple(self_t), tuple(index_t)), outputs=(tuple(output),))
+    sharding = Sharding(inputs={"self": tuple(self_t), "index": tuple(index_t)}, outputs=(tuple(output),))
     if not masked:
         return sharding
     target, shape = spec.with_placements(tuple(self_t)), tuple(spec.shape)
@@ -113,7 +115,7 @@ def take_rule(op: OpSchema) -> Sharding:
         out = aten.take.default(x, torch.where(inside, local, 0))
         return torch.where(inside, out, out.new_zeros(()))
 
-    return Sharding(sharding.inputs, sharding.outputs, local_op=masked_take)
+    return dataclasses.replace(sharding, local_op=masked_take)
 
 
 # -- put ----------------------------------------------------------------------------------------------------------
@@ -143,18 +145,19 @@ def _put_row(p, q, s, spec, index, source, accumulate):
 
 @register_rule(aten.put.default, aten.put_.default)
 def put_rule(op: OpSchema) -> Sharding:
-    specs = _specs_or_none(op, 3)
+    specs = _specs_or_none(op, "self", "index", "source")
     if specs is None:
         return replicate_all(op)
     spec, index, source = specs
-    accumulate = bool(op.arg(3, "accumulate", False))
+    accumulate = bool(op.arg("accumulate", False))
     rows = [_put_row(p, q, s, spec, index, source, accumulate)
             for p, q, s in zip(spec.placements, index.placements, source.placements)]
     self_t, index_t, source_t, output = (tuple(column) for column in zip(*rows))
     masked = any(p.is_shard() for p in self_t)
     func = op.func
+    inputs = {"self": self_t, "index": index_t, "source": source_t}
     if not masked:
-        return Sharding(inputs=(self_t, index_t, source_t), outputs=(output,))
+        return Sharding(inputs=inputs, outputs=(output,))
     target, shape = spec.with_placements(self_t), tuple(spec.shape)
 
     def masked_put(x, index, source, accumulate=False):
@@ -162,4 +165,4 @@ def put_rule(op: OpSchema) -> Sharding:
         inside, local = localize(index.reshape(-1), shape, sizes, offsets)
         return func(x, local[inside], source.reshape(-1)[inside], accumulate)
 
-    return Sharding(inputs=(self_t, index_t, source_t), outputs=(output,), local_op=masked_put)
+    return Sharding(inputs=inputs, outputs=(output,), local_op=masked_put)

@@ -30,47 +30,48 @@ def _element_func(func):
 
 
 def _element_schemas(op: OpSchema):
-    """(per-tensor OpSchema, indices of its specs in op.specs) for each list element."""
-    selves, other, rest = op.args[0], op.arg(1), tuple(op.args[2:])
-    k = len(selves)
+    """(per-tensor OpSchema, the names in ``op`` of its DTensors) for each list element."""
+    # The second argument is other (List, Tensor), scalar or scalars by overload: named by the op's schema.
+    other_name = op.record.arg_names[1]
+    selves, other, rest = op.arg("self"), op.arg(other_name), tuple(op.args[2:])
     func = _element_func(op.func)
-    shared = isinstance(other, DTensorSpec)  # the Tensor overload: one DTensor for every element
+    listed = isinstance(other, (list, tuple))  # else one value (the Tensor overload's DTensor) for every element
     for i, spec in enumerate(selves):
-        o = other[i] if isinstance(other, (list, tuple)) else other
-        indices = [i]
+        o = other[i] if listed else other
+        names, specs = [("self", i)], [spec]
         if isinstance(o, DTensorSpec):
-            indices.append(k if shared else k + i)
-        specs = tuple(op.specs[j] for j in indices)
-        yield OpSchema(func, (spec, o, *rest), op.kwargs, specs), indices
+            names.append((other_name, i) if listed else other_name)
+            specs.append(o)
+        yield OpSchema(func, (spec, o, *rest), op.kwargs, tuple(specs)), names
 
 
-def _merge(op: OpSchema, answers) -> tuple[list, list]:
-    """Each element's input placements written into one list over op.specs; a shared input (the Tensor
-    overload's scalar tensor) takes the first element's request."""
-    inputs: list = [None] * len(op.specs)
+def _merge(answers) -> tuple[dict, list]:
+    """Each element's input placements by name in the foreach op; a shared input (the Tensor overload's scalar
+    tensor) takes the first element's request."""
+    inputs: dict = {}
     outputs: list = []
-    for (schema, indices), sharding in answers:
-        for j, want in zip(indices, sharding.inputs):
-            if inputs[j] is None:
-                inputs[j] = want
+    for (schema, names), sharding in answers:
+        for name, want in zip(names, sharding.inputs_for(schema)):
+            if inputs.get(name) is None:
+                inputs[name] = want
         outputs.extend(sharding.outputs)
     return inputs, outputs
 
 
 def _binary_rule(op: OpSchema) -> Sharding:
     answers = [(e, rule_for(e[0].func)(e[0])) for e in _element_schemas(op)]
-    inputs, outputs = _merge(op, answers)
+    inputs, outputs = _merge(answers)
     if op.func._schema.returns:  # functional: k outputs
-        return Sharding(inputs=tuple(inputs), outputs=tuple(outputs))
-    for i, spec in enumerate(op.args[0]):  # in place: each element must stay where it is
-        want = inputs[i]
+        return Sharding(inputs=inputs, outputs=tuple(outputs))
+    for i, spec in enumerate(op.arg("self")):  # in place: each element must stay where it is
+        want = inputs.get(("self", i))
         if (want is not None and tuple(want) != spec.placements) or tuple(outputs[i]) != spec.placements:
             raise ValueError(
                 f"{op.func}: element {i} ({spec.placements}) cannot be updated in place in its layout; "
                 f"redistribute it first (e.g. to Replicate), or use the per-tensor op"
             )
-        inputs[i] = None
-    return Sharding(inputs=tuple(inputs), outputs=())
+        inputs[("self", i)] = None
+    return Sharding(inputs=inputs, outputs=())
 
 
 def _register_binary():
@@ -86,15 +87,23 @@ _register_binary()
 
 @register_rule(aten._foreach_norm.Scalar)
 def foreach_norm_rule(op: OpSchema) -> Sharding:
-    ord_, dtype = op.arg(1, "ord", 2), op.arg(2, "dtype")
+    ord_, dtype = op.arg("ord", 2), op.arg("dtype")
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    rule = rule_for(aten.linalg_vector_norm.default)
-    answers = [rule(OpSchema(aten.linalg_vector_norm.default, (spec, ord_), kwargs, (spec,))) for spec in op.specs]
-    local_ops = [a.local_op for a in answers]
+    norm = aten.linalg_vector_norm.default
+    rule = rule_for(norm)
+    schemas = [OpSchema(norm, (spec, ord_), kwargs, (spec,)) for spec in op.arg("self")]
+    answers = [rule(schema) for schema in schemas]
+    inputs = {("self", i): a.inputs_for(schema)[0] for i, (schema, a) in enumerate(zip(schemas, answers))}
+    # The elements' declared communication, each once: the Communicator handed to the list's local op serves
+    # the elements that declared some (a Sharding rebuilt without it would drop it silently).
+    declared: list = []
+    for a in answers:
+        declared += [d for d in a.communication if d not in declared]
+    local_ops = [(a.local_op, bool(a.communication)) for a in answers]
     local_op = None
-    if any(local_ops):
-        def local_op(tensors, ord=2, dtype=None):  # noqa: A002 (aten's name)
-            norm = aten.linalg_vector_norm.default
-            return [(f or norm)(t, ord, dtype=dtype) for f, t in zip(local_ops, tensors)]
-    return Sharding(inputs=tuple(a.inputs[0] for a in answers), outputs=tuple(a.outputs[0] for a in answers),
-                    local_op=local_op)
+    if any(f for f, _ in local_ops):
+        def local_op(tensors, ord=2, dtype=None, **comm):  # noqa: A002 (aten's name); comm: where declared
+            return [(f or norm)(t, ord, dtype=dtype, **(comm if talks else {}))
+                    for (f, talks), t in zip(local_ops, tensors)]
+    return Sharding(inputs=inputs, outputs=tuple(a.outputs[0] for a in answers), local_op=local_op,
+                    communication=tuple(declared))

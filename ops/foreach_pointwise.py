@@ -33,16 +33,9 @@ _FUSED_OPTIMIZERS = ("_fused_adamw_", "_fused_adam_", "_fused_sgd_", "_fused_ada
 
 
 def _spec_slots(op: OpSchema):
-    """For each spec, in ``op.specs`` order: (schema argument, element index in its list or None)."""
-    slots = []
-    schema_args = op.func._schema.arguments
-    values = list(zip(schema_args, op.args)) + [(a, op.kwargs[a.name]) for a in schema_args if a.name in op.kwargs]
-    for argument, value in values:
-        if isinstance(value, DTensorSpec):
-            slots.append((argument, None))
-        elif isinstance(value, (list, tuple)):
-            slots.extend((argument, i) for i, v in enumerate(value) if isinstance(v, DTensorSpec))
-    return slots
+    """For each spec, in ``op.specs`` order: (its schema argument, element index in that list or None)."""
+    arguments = {a.name: a for a in op.func._schema.arguments}
+    return [(arguments[name], None) if isinstance(name, str) else (arguments[name[0]], name[1]) for name in op.names]
 
 
 def _is_written(argument) -> bool:
@@ -53,7 +46,7 @@ def _element_layouts(op: OpSchema, slots) -> list:
     """Element i's layout: the first list's element i with Partial reduced (Replicate where shapes differ)."""
     whole = replicated(op.mesh.ndim)
     layouts = []
-    for i, first in enumerate(op.args[0]):
+    for i, first in enumerate(op.arg("self")):  # every multi-tensor op names its first list self
         aligned = isinstance(first, DTensorSpec) and all(
             spec.shape == first.shape for spec, (_, e) in zip(op.specs, slots) if e == i)
         layouts.append(without_partial(first.placements) if aligned else whole)
@@ -64,11 +57,10 @@ def elementwise_foreach_rule(op: OpSchema) -> Sharding:
     slots = _spec_slots(op)
     layouts = _element_layouts(op, slots)
     whole = replicated(op.mesh.ndim)
-    inputs = []
-    for spec, (argument, element) in zip(op.specs, slots):
+    inputs = {}
+    for name, spec, (argument, element) in zip(op.names, op.specs, slots):
         want = whole if element is None else layouts[element]
         if want == spec.placements:
-            inputs.append(None)
             continue
         if _is_written(argument):
             raise ValueError(
@@ -76,10 +68,10 @@ def elementwise_foreach_rule(op: OpSchema) -> Sharding:
                 f"{op.func._schema.arguments[0].name} needs it {list(want)}; an in-place multi-tensor op cannot write "
                 f"into a moved copy: redistribute it to {list(want)} first (optimizer states follow their parameter)"
             )
-        inputs.append(want)
+        inputs[name] = want
     returns = op.func._schema.returns
     outputs = tuple(layouts) if returns and len(returns) == 1 else ()
-    return Sharding(inputs=tuple(inputs), outputs=outputs)
+    return Sharding(inputs=inputs, outputs=outputs)
 
 
 def _elementwise_ops() -> list:

@@ -45,9 +45,9 @@ register_rule(*_BACKWARD)(pooling_rule)
 
 @register_rule(*_FORWARD)
 def fractional_max_pool_rule(op: OpSchema) -> Sharding:
-    if len(op.specs) != 2:  # a plain 0-d tensor somewhere: not the shapes this rule reads
+    x, samples = op.spec("self"), op.spec("random_samples")
+    if x is None or samples is None:  # a plain 0-d tensor somewhere: not the shapes this rule reads
         return replicate_all(op, num_outputs=2)
-    x, samples = op.specs
     num_leading = x.ndim - _FORWARD[op.func]
     # input leading dim -> the samples dim holding the same planes: (N, C) -> (0, 1); unbatched (C,) -> 1
     to_samples = {0: 0, 1: 1} if num_leading == 2 else {0: 1}
@@ -65,5 +65,6 @@ def fractional_max_pool_rule(op: OpSchema) -> Sharding:
             sample_targets.append(Replicate())
     metas = meta_outputs(op)
     local_op = _skip_empty(op.func, tuple(x.shape[:num_leading]), metas)
-    return Sharding(inputs=(tuple(x_targets), tuple(sample_targets)), outputs=(tuple(x_targets),) * 2,
+    return Sharding(inputs={"self": tuple(x_targets), "random_samples": tuple(sample_targets)},
+                    outputs=(tuple(x_targets),) * 2,
                     local_op=local_op)

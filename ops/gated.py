@@ -41,7 +41,7 @@ def _glu_placement(p: Placement, dim: int) -> Placement:
 @register_rule(aten.glu.default, strided="as_shard")  # elementwise along every dim but ``dim``
 def glu_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    dim = normalize_dim(op.arg(1, "dim", -1), spec.ndim)
+    dim = normalize_dim(op.arg("dim", -1), spec.ndim)
     target = tuple(_glu_placement(p, dim) for p in spec.placements)
     return Sharding(inputs=(target,), outputs=(target,))
 
@@ -49,14 +49,14 @@ def glu_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.glu_backward.default)
 def glu_backward_rule(op: OpSchema) -> Sharding:
     """(grad, x, dim): grad (half of ``dim``) and x share every other dim, so they share the Shard."""
-    grad, x = op.args[0], op.args[1]
-    dim = normalize_dim(op.arg(2, "dim"), x.ndim)
+    grad, x = op.spec("grad_output"), op.spec("self")
+    dim = normalize_dim(op.arg("dim"), x.ndim)
     target = []
     for g, p in zip(grad.placements, x.placements):
         keep = _glu_placement(p, dim)
         target.append(keep if keep.is_shard() else _glu_placement(g, dim))
     target = tuple(target)
-    return Sharding(inputs=(target, target), outputs=(target,))
+    return Sharding(inputs={"grad_output": target, "self": target}, outputs=(target,))
 
 
 # -- prelu ----------------------------------------------------------------------------------------------
@@ -84,24 +84,25 @@ def _prelu_mesh_dim(p: Placement, g: Placement | None, x, weight):
 
 @register_rule(aten._prelu_kernel.default, strided="as_shard")  # elementwise with a broadcast weight
 def prelu_rule(op: OpSchema) -> Sharding:
-    x, weight = op.args[0], op.args[1]
+    x, weight = op.spec("self"), op.spec("weight")
     tx, tw = [], []
     for p in x.placements:
         a, w, _, _ = _prelu_mesh_dim(p, None, x, weight)
         tx.append(a), tw.append(w)
-    return Sharding(inputs=(tuple(tx), tuple(tw)), outputs=(tuple(tx),))
+    return Sharding(inputs={"self": tuple(tx), "weight": tuple(tw)}, outputs=(tuple(tx),))
 
 
 @register_rule(aten._prelu_kernel_backward.default)
 def prelu_backward_rule(op: OpSchema) -> Sharding:
     """(grad, x, weight) -> (grad_x, grad_weight)."""
-    grad, x, weight = op.args[0], op.args[1], op.args[2]
+    grad, x, weight = op.spec("grad_output"), op.spec("self"), op.spec("weight")
     tg, tx, tw, out_x, out_w = [], [], [], [], []
     for g, p in zip(grad.placements, x.placements):
         a, w, o, ow = _prelu_mesh_dim(p, g, x, weight)
         tg.append(a), tx.append(Replicate() if a.is_partial() else a), tw.append(w), out_x.append(o), out_w.append(ow)
     local_op = _prelu_backward_local if x.shape.numel() else None
-    return Sharding(inputs=(tuple(tg), tuple(tx), tuple(tw)), outputs=(tuple(out_x), tuple(out_w)), local_op=local_op)
+    return Sharding(inputs={"grad_output": tuple(tg), "self": tuple(tx), "weight": tuple(tw)},
+                    outputs=(tuple(out_x), tuple(out_w)), local_op=local_op)
 
 
 def _prelu_backward_local(grad, x, weight):

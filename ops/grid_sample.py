@@ -68,11 +68,11 @@ def _forward_mesh_dim(inp: Placement, grid: Placement, num_spatial: int) -> tupl
 @register_rule(aten.grid_sampler_2d.default, aten.grid_sampler_3d.default)
 def grid_sampler_rule(op: OpSchema) -> Sharding:
     """grid_sampler_Nd(input, grid, interpolation_mode, padding_mode, align_corners) -> out."""
-    inp, grid = op.args[0], op.args[1]
+    inp, grid = op.spec("input"), op.spec("grid")
     num_spatial = inp.ndim - 2
     decided = [_forward_mesh_dim(i, g, num_spatial) for i, g in zip(inp.placements, grid.placements)]
     inp_target, grid_target, out = (tuple(d[k] for d in decided) for k in range(3))
-    return Sharding(inputs=(inp_target, grid_target), outputs=(out,))
+    return Sharding(inputs={"input": inp_target, "grid": grid_target}, outputs=(out,))
 
 
 def _backward_mesh_dim(grad: Placement, inp: Placement, grid: Placement, num_spatial: int) -> tuple:
@@ -97,12 +97,13 @@ def _backward_mesh_dim(grad: Placement, inp: Placement, grid: Placement, num_spa
 def grid_sampler_backward_rule(op: OpSchema) -> Sharding:
     """grid_sampler_Nd_backward(grad_output, input, grid, interpolation_mode, padding_mode, align_corners,
     output_mask) -> (grad_input, grad_grid)."""
-    grad, inp, grid = op.args[0], op.args[1], op.args[2]
+    names = ("grad_output", "input", "grid")
+    grad, inp, grid = (op.spec(name) for name in names)
     num_spatial = inp.ndim - 2
     decided = [_backward_mesh_dim(*ps, num_spatial) for ps in zip(grad.placements, inp.placements, grid.placements)]
-    targets = tuple(tuple(d[0][k] for d in decided) for k in range(3))
+    targets = {name: tuple(d[0][k] for d in decided) for k, name in enumerate(names)}
     grad_input, grad_grid = (tuple(d[1][k] for d in decided) for k in range(2))
-    mask = op.arg(6, "output_mask")
+    mask = op.arg("output_mask")
     outputs = (grad_input, grad_grid) if mask[0] else (grad_grid,)
     return Sharding(inputs=targets, outputs=outputs)
 

@@ -26,7 +26,7 @@ from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import DTensorSpec
 
 from . import block_shards
-from .common import aten, by_position
+from .common import aten
 
 R = Replicate()
 
@@ -51,10 +51,10 @@ def _forward_mesh_dim(placements: tuple[Placement], allow_channels: bool) -> tup
 @register_rule(aten.native_group_norm.default)
 def group_norm_rule(op: OpSchema) -> Sharding:
     """native_group_norm(input, weight?, bias?, N, C, HxW, group, eps) -> (out, mean, rstd)."""
-    decided = _decide(op, _forward_mesh_dim, (op.args[0],), op.arg(4), op.arg(6))
+    decided = _decide(op, _forward_mesh_dim, (op.spec("input"),), op.arg("C"), op.arg("group"))
     inp, param, stats = (tuple(d[k] for d in decided) for k in range(3))
-    return Sharding(inputs=by_position(op, {0: inp, 1: param, 2: param}), outputs=(inp, stats, stats),
-                    local_op=_group_norm_local)
+    inputs = {name: inp if name == "input" else param for name in op.names}  # weight, bias: param
+    return Sharding(inputs=inputs, outputs=(inp, stats, stats), local_op=_group_norm_local)
 
 
 def _group_norm_local(x, weight, bias, N, C, HxW, group, eps):
@@ -82,11 +82,13 @@ def _backward_mesh_dim(placements: tuple[Placement, Placement], allow_channels: 
 def group_norm_backward_rule(op: OpSchema) -> Sharding:
     """native_group_norm_backward(grad_out, input, mean, rstd, weight?, N, C, HxW, group, output_mask)
     -> (grad_input, grad_weight, grad_bias); outputs not asked for by output_mask are undefined."""
-    decided = _decide(op, _backward_mesh_dim, (op.args[0], op.args[1]), op.arg(6), op.arg(8))
+    decided = _decide(op, _backward_mesh_dim, (op.spec("grad_out"), op.spec("input")), op.arg("C"), op.arg("group"))
     base, grad, weight, grad_input, grad_param = (tuple(d[k] for d in decided) for k in range(5))
-    inputs = by_position(op, {0: grad, 1: base, 2: base, 3: base, 4: weight})
+    inputs = {"grad_out": grad, "input": base, "mean": base, "rstd": base}
+    if op.spec("weight") is not None:
+        inputs["weight"] = weight
     outputs = (grad_input, grad_param, grad_param)
-    mask = op.arg(9, "output_mask")
+    mask = op.arg("output_mask")
     return Sharding(inputs=inputs, outputs=tuple(o for o, m in zip(outputs, mask) if m), local_op=_backward_local)
 
 

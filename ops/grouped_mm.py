@@ -25,6 +25,7 @@ knows: gathered then.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
@@ -79,9 +80,8 @@ def _cost(spec: DTensorSpec, dst, mesh_shape) -> float:
 
 @register_rule(aten._grouped_mm.default)
 def grouped_mm_rule(op: OpSchema) -> Sharding:
-    a, b = op.arg(0, "self"), op.arg(1, "mat2")
-    bias = op.arg(3, "bias")
-    if not isinstance(a, DTensorSpec) or not isinstance(b, DTensorSpec) or isinstance(bias, DTensorSpec):
+    a, b = op.spec("self"), op.spec("mat2")
+    if a is None or b is None or op.spec("bias") is not None:
         return _replicated(op)
     a_letters, b_letters, out_letters, fixed = _FORMS[(a.ndim, b.ndim)]
     per_mesh_dim = [_candidates(a_letters, b_letters, out_letters, fixed) for _ in op.mesh_shape]
@@ -93,13 +93,14 @@ def grouped_mm_rule(op: OpSchema) -> Sharding:
         if best is None or key < best[0]:
             best = (key, a_dst, b_dst, out)
     _, a_dst, b_dst, out = best
-    inputs = (a_dst, b_dst) + (replicated(len(op.mesh_shape)),) * (len(op.specs) - 2)  # offs (a DTensor when computed from one)
+    inputs = {"self": a_dst, "mat2": b_dst}
+    if op.spec("offs") is not None:  # a DTensor when computed from one
+        inputs["offs"] = replicated(len(op.mesh_shape))
     return Sharding(inputs=inputs, outputs=(out,), local_op=_grouped_mm_local)
 
 
 def _replicated(op: OpSchema) -> Sharding:
-    sharding = replicate_all(op)
-    return Sharding(inputs=sharding.inputs, outputs=sharding.outputs, local_op=_grouped_mm_local)
+    return dataclasses.replace(replicate_all(op), local_op=_grouped_mm_local)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -141,8 +142,8 @@ def grouped_mm_reference(a, b, offs=None, bias=None, out_dtype=None) -> torch.Te
 
 @register_rule(aten.histc.default, strided="as_shard")
 def histc_rule(op: OpSchema) -> Sharding:
-    spec = op.specs[0]
-    low, high = op.arg(2, "min", 0), op.arg(3, "max", 0)
+    spec = op.spec("self")
+    low, high = op.arg("min", 0), op.arg("max", 0)
     if low == high:  # the range comes from the data: only the whole tensor knows it
         return replicate_all(op)
     inputs = without_partial(spec.placements)

@@ -75,7 +75,7 @@ def im2col_rule(op: OpSchema) -> Sharding:
     """im2col(input, kernel_size, dilation, padding, stride) -> columns."""
     spec = op.specs[0]
     channel_dim = spec.ndim - 3
-    return _block_rule(op, channel_dim, spec.shape[channel_dim], op.arg(1, "kernel_size"), ("sum", "avg", "max", "min"))
+    return _block_rule(op, channel_dim, spec.shape[channel_dim], op.arg("kernel_size"), ("sum", "avg", "max", "min"))
 
 
 @register_rule(aten.col2im.default)
@@ -83,7 +83,7 @@ def col2im_rule(op: OpSchema) -> Sharding:
     """col2im(columns, output_size, kernel_size, dilation, padding, stride) -> output."""
     spec = op.specs[0]
     channel_dim = spec.ndim - 2
-    kernel_size = op.arg(2, "kernel_size")
+    kernel_size = op.arg("kernel_size")
     num_channels = spec.shape[channel_dim] // (kernel_size[0] * kernel_size[1])
     return _block_rule(op, channel_dim, num_channels, kernel_size, ("sum", "avg"))
 

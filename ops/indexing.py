@@ -41,18 +41,6 @@ from .common import aten, normalize_dim, replicate_all
 _ANY = ("sum", "avg", "max", "min")
 
 
-def _tensor_args(op: OpSchema, names: tuple[tuple[int, str], ...]) -> list[tuple[tuple[int, str], DTensorSpec]]:
-    """The DTensor arguments among ``names`` ((position, name) pairs), in ``op.specs`` order."""
-    found = [(key, op.arg(*key)) for key in names]
-    found = [(key, spec) for key, spec in found if isinstance(spec, DTensorSpec)]
-    positional = [k for k, _ in found if k[0] < len(op.args)]
-    keyword = [k for k, _ in found if k[0] >= len(op.args)]
-    order = sorted(positional) + sorted(keyword, key=lambda k: list(op.kwargs).index(k[1]))
-    by_key = dict(found)
-    assert len(order) == len(op.specs), (op.func, order, op.specs)
-    return [(key, by_key[key]) for key in order]
-
-
 def _mirrors(other: DTensorSpec, anchor: DTensorSpec, d: int, dim: int) -> bool:
     """May ``other`` take the anchor's Shard(d): same rank, d is not the indexed dim, same size along d."""
     return other.ndim == anchor.ndim and d != dim and other.shape[d] == anchor.shape[d]
@@ -78,11 +66,12 @@ def _partial(placements: list[Placement], linear: tuple[str, ...]) -> Partial | 
     return None
 
 
-def _rowwise(op: OpSchema, anchor_key, dim: int, linear_keys, linear: tuple[str, ...],
+def _rowwise(op: OpSchema, anchor_key: str, dim: int, linear_keys, linear: tuple[str, ...],
              may_shard_dim: bool = False, masked: bool = False) -> Sharding:
-    """The table above. ``linear_keys``: the arguments that may stay Partial together (with r in ``linear``);
-    ``masked`` (gather): self Shard(dim) with the index Replicate gives a masked local gather, Partial(sum)."""
-    tensors = _tensor_args(op, _TENSOR_ARGS[op.func])
+    """The table above, over the DTensor arguments by name (self, index, and src, source or value).
+    ``linear_keys``: the arguments that may stay Partial together (with r in ``linear``); ``masked`` (gather):
+    self Shard(dim) with the index Replicate gives a masked local gather, Partial(sum)."""
+    tensors = list(zip(op.names, op.specs))
     if anchor_key not in dict(tensors):  # a plain 0-d anchor beside a DTensor: nothing to split
         return replicate_all(op)
     anchor = dict(tensors)[anchor_key]
@@ -115,8 +104,9 @@ def _rowwise(op: OpSchema, anchor_key, dim: int, linear_keys, linear: tuple[str,
         output.append(shard or partial or Replicate())
     anchor_target = anchor.with_placements(targets[anchor_key])
     narrow = {key: _narrow_dims(spec, anchor_target, dim) for key, spec in tensors if key != anchor_key}
-    narrow = {key: dims for key, dims in narrow.items() if dims}
-    inputs = tuple(tuple(targets[key]) for key, _ in tensors)
+    # The local op finds each argument to narrow where the call passed it: by position, or by keyword.
+    narrow = {(op.record.arg_names.index(key), key): dims for key, dims in narrow.items() if dims}
+    inputs = {key: tuple(placements) for key, placements in targets.items()}
     func = _masked_gather(dict(tensors)[_SELF].with_placements(targets[_SELF]), dim) if masked_mesh_dims else op.func
     local_op = _narrowing(func, narrow, anchor_target) if narrow else func if masked_mesh_dims else None
     return Sharding(inputs=inputs, outputs=(tuple(output),), local_op=local_op)
@@ -125,8 +115,8 @@ def _rowwise(op: OpSchema, anchor_key, dim: int, linear_keys, linear: tuple[str,
 def _masks(tensors: dict, mesh_dim: int, dim: int) -> bool:
     """gather from a self sharded along ``dim`` with a replicated index: each rank picks the entries in its
     block, zeros elsewhere, and the sum over ranks is the gather (bool has no exact sum: gathered instead)."""
-    spec, index = tensors[_SELF], tensors[_INDEX]
-    return (spec.placements[mesh_dim].is_shard(dim) and index.placements[mesh_dim].is_replicate()
+    spec, index = tensors.get(_SELF), tensors[_INDEX]
+    return (spec is not None and spec.placements[mesh_dim].is_shard(dim) and index.placements[mesh_dim].is_replicate()
             and spec.dtype != torch.bool)
 
 
@@ -176,8 +166,7 @@ def _narrowing(func, narrow: dict, anchor_target: DTensorSpec) -> Callable:
 
 # -- registrations --------------------------------------------------------------------------------------
 
-_SELF, _INDEX = (0, "self"), (2, "index")
-_SRC, _SOURCE, _VALUE = (3, "src"), (3, "source"), (3, "value")
+_SELF, _INDEX, _SRC, _SOURCE, _VALUE = "self", "index", "src", "source", "value"
 
 _SCATTER_SRC = (aten.scatter.src, aten.scatter_.src)
 _SCATTER_VALUE = (aten.scatter.value, aten.scatter_.value)
@@ -189,20 +178,14 @@ _INDEX_REDUCE = (aten.index_reduce.default, aten.index_reduce_.default)
 _INDEX_FILL = (aten.index_fill.int_Scalar, aten.index_fill_.int_Scalar, aten.index_fill.int_Tensor,
                aten.index_fill_.int_Tensor)
 
-_TENSOR_ARGS = {aten.gather.default: (_SELF, _INDEX)}
-_TENSOR_ARGS.update({f: (_SELF, _INDEX, _SRC) for f in _SCATTER_SRC + _SCATTER_ADD + _SCATTER_REDUCE_TWO})
-_TENSOR_ARGS.update({f: (_SELF, _INDEX, _SRC) for f in _SCATTER_REDUCE})
-_TENSOR_ARGS.update({f: (_SELF, _INDEX, _VALUE) for f in _SCATTER_VALUE + _INDEX_FILL})
-_TENSOR_ARGS.update({f: (_SELF, _INDEX, _SOURCE) for f in _INDEX_COPY + _INDEX_REDUCE})
-
 
 def _dim(op: OpSchema) -> int:
-    return normalize_dim(op.arg(1, "dim"), op.specs[0].ndim)
+    return normalize_dim(op.arg("dim"), op.arg("self").ndim)  # self: a spec, or a plain 0-d tensor
 
 
 def _additive(op: OpSchema) -> tuple[str, ...]:
     """sum, and avg where the values are floating (an integer avg floors each piece)."""
-    spec = op.specs[0]
+    spec = op.arg("self")
     return ("sum", "avg") if spec.dtype.is_floating_point or spec.dtype.is_complex else ("sum",)
 
 
@@ -234,7 +217,7 @@ def scatter_add_rule(op: OpSchema) -> Sharding:
 @register_rule(*_SCATTER_REDUCE)
 def scatter_reduce_legacy_rule(op: OpSchema) -> Sharding:
     """scatter(..., reduce='add' | 'multiply'): 'add' is scatter_add; 'multiply' keeps no Partial."""
-    linear = _additive(op) if op.kwargs.get("reduce", op.arg(4)) == "add" else ()
+    linear = _additive(op) if op.arg("reduce") == "add" else ()
     return _rowwise(op, _SELF, _dim(op), (_SELF, _SRC, _VALUE), linear)
 
 
@@ -246,9 +229,9 @@ def scatter_reduce_rule(op: OpSchema) -> Sharding:
     """scatter_reduce(self, dim, index, src, reduce, include_self) and index_reduce(self, dim, index, source,
     reduce, include_self): sum and mean are linear jointly in (self, src) (the mean's count depends on the
     index alone); amax | amin keep a Partial(max | min)."""
-    reduce = op.arg(4, "reduce")
+    reduce = op.arg("reduce")
     keeps = _REDUCE_KEEPS[reduce]
     if keeps is None:
-        floating = op.specs[0].dtype.is_floating_point or op.specs[0].dtype.is_complex
+        floating = op.arg("self").dtype.is_floating_point or op.arg("self").dtype.is_complex
         keeps = _additive(op) if reduce == "sum" or floating else ()  # an integer mean floors each piece
     return _rowwise(op, _SELF, _dim(op), (_SELF, _SRC, _SOURCE), keeps)

@@ -37,59 +37,54 @@ _LINEAR = ("sum", "avg")
 
 @dataclass(frozen=True)
 class _Op:
-    """One op's core dims: ``args`` ((position, name), core) for its tensor arguments, ``outs`` the core of each
+    """One op's core dims: ``args`` {argument name: core} for its tensor arguments, ``outs`` the core of each
     output, ``linear`` the argument a Partial may stay on and ``linear_outs`` the outputs linear in it."""
 
-    args: tuple
+    args: dict
     outs: tuple[int, ...]
-    linear: tuple[int, str] | None = None
+    linear: str | None = None
     linear_outs: tuple[int, ...] = ()
 
 
-_A, _SELF, _B = ((0, "A"), 2), ((0, "self"), 2), ((1, "B"), 2)
+_A, _SELF = {"A": 2}, {"self": 2}
 
 _OPS: dict = {
-    aten.linalg_solve_triangular.default: _Op((_SELF, _B), (2,), (1, "B"), (0,)),
-    aten.triangular_solve.default: _Op((((0, "self"), 2), ((1, "A"), 2)), (2, 2), (0, "self"), (0,)),
-    aten.linalg_lu_solve.default: _Op((((0, "LU"), 2), ((1, "pivots"), 1), ((2, "B"), 2)), (2,), (2, "B"), (0,)),
-    aten.cholesky_solve.default: _Op((((0, "self"), 2), ((1, "input2"), 2)), (2,), (0, "self"), (0,)),
-    aten.lu_unpack.default: _Op((((0, "LU_data"), 2), ((1, "LU_pivots"), 1)), (2, 2, 2)),
-    aten._linalg_svd.default: _Op((_A,), (2, 1, 2)),
-    aten.linalg_pinv.atol_rtol_tensor: _Op((_SELF, ((1, "atol"), 0), ((2, "rtol"), 0)), (2,)),
-    aten.linalg_lu_factor_ex.default: _Op((_A,), (2, 1, 0)),
-    aten.linalg_lu.default: _Op((_A,), (2, 2, 2)),
-    aten.linalg_cholesky_ex.default: _Op((_SELF,), (2, 0)),
-    aten.cholesky.default: _Op((_SELF,), (2,)),
-    aten.cholesky_inverse.default: _Op((_SELF,), (2,)),
-    aten.linalg_inv_ex.default: _Op((_A,), (2, 0)),
-    aten.linalg_qr.default: _Op((_A,), (2, 2)),
-    aten.linalg_householder_product.default: _Op((((0, "input"), 2), ((1, "tau"), 1)), (2,)),
-    aten._linalg_eigh.default: _Op((_A,), (1, 2)),
-    aten.linalg_eig.default: _Op((_SELF,), (1, 2)),
-    aten._linalg_det.default: _Op((_A,), (0, 2, 1)),
-    aten._linalg_slogdet.default: _Op((_A,), (0, 0, 2, 1)),
-    aten.linalg_matrix_exp.default: _Op((_SELF,), (2,)),
-    aten.linalg_ldl_factor_ex.default: _Op((_SELF,), (2, 1, 0)),
-    aten.linalg_ldl_solve.default: _Op((((0, "LD"), 2), ((1, "pivots"), 1), ((2, "B"), 2)), (2,), (2, "B"), (0,)),
+    aten.linalg_solve_triangular.default: _Op({"self": 2, "B": 2}, (2,), "B", (0,)),
+    aten.triangular_solve.default: _Op({"self": 2, "A": 2}, (2, 2), "self", (0,)),
+    aten.linalg_lu_solve.default: _Op({"LU": 2, "pivots": 1, "B": 2}, (2,), "B", (0,)),
+    aten.cholesky_solve.default: _Op({"self": 2, "input2": 2}, (2,), "self", (0,)),
+    aten.lu_unpack.default: _Op({"LU_data": 2, "LU_pivots": 1}, (2, 2, 2)),
+    aten._linalg_svd.default: _Op(_A, (2, 1, 2)),
+    aten.linalg_pinv.atol_rtol_tensor: _Op({"self": 2, "atol": 0, "rtol": 0}, (2,)),
+    aten.linalg_lu_factor_ex.default: _Op(_A, (2, 1, 0)),
+    aten.linalg_lu.default: _Op(_A, (2, 2, 2)),
+    aten.linalg_cholesky_ex.default: _Op(_SELF, (2, 0)),
+    aten.cholesky.default: _Op(_SELF, (2,)),
+    aten.cholesky_inverse.default: _Op(_SELF, (2,)),
+    aten.linalg_inv_ex.default: _Op(_A, (2, 0)),
+    aten.linalg_qr.default: _Op(_A, (2, 2)),
+    aten.linalg_householder_product.default: _Op({"input": 2, "tau": 1}, (2,)),
+    aten._linalg_eigh.default: _Op(_A, (1, 2)),
+    aten.linalg_eig.default: _Op(_SELF, (1, 2)),
+    aten._linalg_det.default: _Op(_A, (0, 2, 1)),
+    aten._linalg_slogdet.default: _Op(_A, (0, 0, 2, 1)),
+    aten.linalg_matrix_exp.default: _Op(_SELF, (2,)),
+    aten.linalg_ldl_factor_ex.default: _Op(_SELF, (2, 1, 0)),
+    aten.linalg_ldl_solve.default: _Op({"LD": 2, "pivots": 1, "B": 2}, (2,), "B", (0,)),
 }
 
 
 def _solve_ex(op: OpSchema) -> _Op:
     """_linalg_solve_ex(A, B): B is a batch of vectors (core 1) when torch reads it so, else of matrices."""
-    a, b = op.arg(0, "A"), op.arg(1, "B")
+    a, b = op.arg("A"), op.arg("B")
     vector = b.ndim == 1 or (b.ndim == a.ndim - 1 and tuple(b.shape) == tuple(a.shape[:-1]))
     core = 1 if vector else 2
-    return _Op((_A, ((1, "B"), core)), (core, 2, 1, 0), (1, "B"), (0,))
+    return _Op({"A": 2, "B": core}, (core, 2, 1, 0), "B", (0,))
 
 
-def _tensors(op: OpSchema, cores) -> list[tuple[tuple[int, str], int, DTensorSpec]]:
-    """(key, core, spec) of each DTensor argument, in ``op.specs`` order (positional first, then keywords)."""
-    found = [(key, core, op.arg(*key)) for key, core in cores]
-    found = [item for item in found if isinstance(item[2], DTensorSpec)]
-    kwarg_names = list(op.kwargs)
-    found.sort(key=lambda item: (0, item[0][0]) if item[0][0] < len(op.args) else (1, kwarg_names.index(item[0][1])))
-    assert [item[2] for item in found] == list(op.specs), (op.func, found, op.specs)
-    return found
+def _tensors(op: OpSchema, cores: dict) -> list[tuple[str, int, DTensorSpec]]:
+    """(name, core, spec) of each DTensor argument."""
+    return [(name, cores[name], spec) for name, spec in zip(op.names, op.specs)]
 
 
 def _batch_shape(shapes_and_cores) -> tuple[int, ...]:
@@ -119,7 +114,8 @@ def _batch_rule(op: OpSchema, info: _Op) -> Sharding:
             d = None if axis is None or len(shape) - core < 0 else _axis_dim(shape, core, batch, axis)
             linear_out = partial is not None and i in info.linear_outs
             placements.append(Shard(d) if d is not None else partial if linear_out else Replicate())
-    return Sharding(inputs=tuple(tuple(t) for t in targets), outputs=tuple(tuple(o) for o in outputs))
+    return Sharding(inputs={name: tuple(t) for (name, _, _), t in zip(tensors, targets)},
+                    outputs=tuple(tuple(o) for o in outputs))
 
 
 def _chosen_axis(tensors, batch, mesh_dim: int) -> int | None:
@@ -152,14 +148,14 @@ def _linear_partial(tensors, info: _Op, mesh_dim: int) -> Partial | None:
 
 @register_rule(*_OPS)
 def linalg_batch_rule(op: OpSchema) -> Sharding:
-    if op.kwargs.get("check_errors", False):  # the op raises itself: every rank must see every matrix
+    if op.arg("check_errors", False):  # the op raises itself: every rank must see every matrix
         return replicate_all(op, len(op.func._schema.returns))
     return _batch_rule(op, _OPS[op.func])
 
 
 @register_rule(aten._linalg_solve_ex.default)
 def linalg_solve_rule(op: OpSchema) -> Sharding:
-    if op.kwargs.get("check_errors", False):
+    if op.arg("check_errors", False):
         return replicate_all(op, 4)
     return _batch_rule(op, _solve_ex(op))
 
@@ -167,7 +163,7 @@ def linalg_solve_rule(op: OpSchema) -> Sharding:
 @register_rule(aten._linalg_check_errors.default)
 def check_errors_rule(op: OpSchema) -> Sharding:
     """The info codes, gathered: every rank raises the same error, naming the right batch element."""
-    return Sharding(inputs=(tuple(Replicate() for _ in op.mesh_shape),), outputs=())
+    return Sharding(inputs={"info": tuple(Replicate() for _ in op.mesh_shape)}, outputs=())
 
 
 @register_rule(aten.linalg_cross.default)
@@ -176,9 +172,9 @@ def cross_rule(op: OpSchema) -> Sharding:
     own product, so a Shard of another full-size dim stays (both inputs sliced alike, a broadcast one
     Replicate); a cross product is linear in each input, so one Partial(sum | avg) input with the other
     Replicate stays Partial."""
-    specs = [op.arg(0, "self"), op.arg(1, "other")]
+    specs = [op.arg("self"), op.arg("other")]
     out_shape = tuple(torch.broadcast_shapes(*[tuple(s.shape) for s in specs]))
-    dim = op.arg(2, "dim", -1) % len(out_shape)
+    dim = op.arg("dim", -1) % len(out_shape)
     targets: list[list[Placement]] = [[], []]
     output: list[Placement] = []
     for k in range(len(op.mesh_shape)):
@@ -190,7 +186,7 @@ def cross_rule(op: OpSchema) -> Sharding:
             here = spec.placements[k]
             target.append(Shard(d) if d is not None else here if partial is not None else Replicate())
         output.append(Shard(axis) if axis is not None else partial or Replicate())
-    return Sharding(inputs=(tuple(targets[0]), tuple(targets[1])), outputs=(tuple(output),))
+    return Sharding(inputs={"self": tuple(targets[0]), "other": tuple(targets[1])}, outputs=(tuple(output),))
 
 
 def _partial_of_one(placements: list[Placement]) -> Partial | None:

@@ -33,6 +33,8 @@ divides by the total_weight it is given, which is the global one.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from dtensor_plus.declared import AllReduce
@@ -75,30 +77,28 @@ def _is_sharded(placements) -> bool:
 @register_rule(*_ELEMENTWISE_FORWARD)
 def elementwise_loss_rule(op: OpSchema) -> Sharding:
     base = pointwise_rule(op)  # the unreduced loss is a pointwise op of its inputs
-    index = _reduction_index(op.func)
-    reduction = op.arg(index, "reduction", MEAN)
+    reduction = op.arg("reduction", MEAN)
     laid_out = base.outputs[0]
     if reduction == NONE or not _is_sharded(laid_out):
-        return Sharding(inputs=base.inputs, outputs=(laid_out,))
+        return dataclasses.replace(base, outputs=(laid_out,))
     partial = tuple(Partial() if p.is_shard() else Replicate() for p in laid_out)
     count = torch.broadcast_shapes(*(s.shape for s in op.specs)).numel()  # what the mean divides by
-    local_op = _sum_divided_by(op.func, index, count) if reduction == MEAN else None
-    return Sharding(inputs=base.inputs, outputs=(partial,), local_op=local_op)
+    local_op = _sum_divided_by(op.func, count) if reduction == MEAN else None
+    return dataclasses.replace(base, outputs=(partial,), local_op=local_op)
 
 
 @register_rule(*_ELEMENTWISE_BACKWARD)
 def elementwise_loss_backward_rule(op: OpSchema) -> Sharding:
     base = pointwise_rule(op)  # grad_input is pointwise in (grad_output, self, target, ...)
-    index = _reduction_index(op.func)
-    if op.arg(index, "reduction", MEAN) != MEAN or not _is_sharded(base.outputs[0]):
+    if op.arg("reduction", MEAN) != MEAN or not _is_sharded(base.outputs[0]):
         return base
-    self_spec = op.arg(1, "self")  # the kernel divides by self.numel(): the global count here
-    local_op = _sum_divided_by(op.func, index, self_spec.shape.numel())
-    return Sharding(inputs=base.inputs, outputs=base.outputs, local_op=local_op)
+    self_spec = op.spec("self")  # the kernel divides by self.numel(): the global count here
+    return dataclasses.replace(base, local_op=_sum_divided_by(op.func, self_spec.shape.numel()))
 
 
-def _sum_divided_by(func, reduction_index: int, count: int):
+def _sum_divided_by(func, count: int):
     """``func`` with reduction='sum' on the local block, divided by the global element count."""
+    reduction_index = _reduction_index(func)  # the local op gets the arguments as the call passed them
 
     def local_op(*args, **kwargs):
         if reduction_index < len(args):
@@ -143,27 +143,23 @@ def _batch_placements(self_spec: DTensorSpec, target_spec: DTensorSpec):
     return tuple(self_p), tuple(target_p)
 
 
-def _inputs_by_name(op: OpSchema, wanted: dict) -> tuple:
-    """One entry per DTensor argument (OpSchema.specs order), looked up by the argument's schema name."""
-    names = [a.name for a in op.func._schema.arguments]
-    named = list(zip(names, op.args)) + list(op.kwargs.items())
-    return tuple(wanted.get(name) for name, value in named if isinstance(value, DTensorSpec))
+def nll_forward_layouts(op: OpSchema, self_p, target_p, whole) -> dict:
+    """Layouts of nll_loss's DTensor arguments by name, given where self's and target's rows live."""
+    wanted = {"self": self_p, "target": target_p, "weight": whole}
+    return {name: wanted[name] for name in op.names}  # the class weight may be None
 
 
 @register_rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default, strided="as_shard")
 def nll_loss_forward_rule(op: OpSchema) -> Sharding:
-    self_spec, target_spec = op.specs[0], op.specs[1]
-    reduction = op.arg(3, "reduction")
-    self_p, target_p = _batch_placements(self_spec, target_spec)
+    reduction = op.arg("reduction")
+    self_p, target_p = _batch_placements(op.spec("self"), op.spec("target"))
     whole = replicated(len(op.mesh_shape))
+    inputs = nll_forward_layouts(op, self_p, target_p, whole)
     if reduction == NONE:  # total_weight is 0 for reduction='none'
-        inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
         return Sharding(inputs=inputs, outputs=(target_p, whole))
     partial = tuple(Partial() if p.is_shard() else Replicate() for p in self_p)
     if reduction == SUM or not _is_sharded(self_p):
-        inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
         return Sharding(inputs=inputs, outputs=(partial, partial))
-    inputs = _inputs_by_name(op, {"self": self_p, "target": target_p, "weight": whole})
     batch_mesh_dims = tuple(k for k, p in enumerate(self_p) if p.is_shard())
     return Sharding(inputs=inputs, outputs=(partial, whole), local_op=_nll_mean(op.func),
                     communication=(AllReduce(batch_mesh_dims, ("sum",)),))
@@ -181,9 +177,9 @@ def _nll_mean(func):
     return local_op
 
 
-def nll_backward_layouts(reduction: int, self_p, target_p, whole) -> dict:
-    """Layouts of nll_loss_backward's arguments by name, given where self's and target's rows live."""
-    return {
+def nll_backward_layouts(op: OpSchema, reduction: int, self_p, target_p, whole) -> dict:
+    """Layouts of nll_loss_backward's DTensor arguments by name, given where self's and target's rows live."""
+    wanted = {
         "grad_output": target_p if reduction == NONE else whole,
         "self": self_p,
         "target": target_p,
@@ -191,13 +187,12 @@ def nll_backward_layouts(reduction: int, self_p, target_p, whole) -> dict:
         # Only the mean reads total_weight (the global one, Replicate since the forward); else leave it be.
         "total_weight": whole if reduction == MEAN else None,
     }
+    return {name: wanted[name] for name in op.names}  # weight (and a plain total_weight) may not be DTensors
 
 
 @register_rule(aten.nll_loss_backward.default, aten.nll_loss2d_backward.default, strided="as_shard")
 def nll_loss_backward_rule(op: OpSchema) -> Sharding:
-    self_spec, target_spec = op.specs[1], op.specs[2]
-    reduction = op.arg(4, "reduction")
-    self_p, target_p = _batch_placements(self_spec, target_spec)
+    reduction = op.arg("reduction")
+    self_p, target_p = _batch_placements(op.spec("self"), op.spec("target"))
     whole = replicated(len(op.mesh_shape))
-    wanted = nll_backward_layouts(reduction, self_p, target_p, whole)
-    return Sharding(inputs=_inputs_by_name(op, wanted), outputs=(self_p,))
+    return Sharding(inputs=nll_backward_layouts(op, reduction, self_p, target_p, whole), outputs=(self_p,))

@@ -76,10 +76,10 @@ class _Geometry:
 
 def _parse(op: OpSchema, has_values: bool):
     """(self, mask, [index specs by position or None], values, geometry), or None when it is not handled."""
-    spec, mask, indices = op.arg(0), op.arg(1), list(op.arg(2))
-    values = op.arg(3, "values") if has_values else None
+    spec, mask, indices = op.arg("self"), op.arg("mask"), list(op.arg("indices"))
+    values = op.arg("values") if has_values else None
     tensors = [spec, mask, *[t for t in indices if t is not None]] + ([values] if has_values else [])
-    if not all(isinstance(t, DTensorSpec) for t in tensors) or len(tensors) != len(op.specs):
+    if not all(isinstance(t, DTensorSpec) for t in tensors):  # a plain 0-d tensor among them
         return None
     if all(t is None for t in indices):
         return None
@@ -170,13 +170,13 @@ def _rows(op: OpSchema, parsed, accumulate: bool) -> list[_Row]:
 
 def _sharding(op, parsed, rows, local_op):
     spec, mask, indices, values, _ = parsed
-    inputs = [tuple(row.self for row in rows), tuple(row.mask for row in rows)]
+    inputs = {"self": tuple(row.self for row in rows), "mask": tuple(row.mask for row in rows)}
     for position, t in enumerate(indices):
-        if t is not None:
-            inputs.append(tuple(row.indices[position] for row in rows))
+        if t is not None:  # an element of the list argument: named (name, position)
+            inputs[("indices", position)] = tuple(row.indices[position] for row in rows)
     if values is not None:
-        inputs.append(tuple(row.values for row in rows))
-    return Sharding(inputs=tuple(inputs), outputs=(tuple(row.out for row in rows),), local_op=local_op)
+        inputs["values"] = tuple(row.values for row in rows)
+    return Sharding(inputs=inputs, outputs=(tuple(row.out for row in rows),), local_op=local_op)
 
 
 def _localize(self_target, geometry, indices, mesh_dims):

@@ -24,6 +24,7 @@ zero tensor of source's shape.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -64,8 +65,8 @@ def _order(mask: torch.Tensor, out_shape, out_target: DTensorSpec):
 
 @register_rule(aten.masked_scatter.default, aten.masked_scatter_.default)
 def masked_scatter_rule(op: OpSchema) -> Sharding:
-    spec, mask, source = op.arg(0), op.arg(1, "mask"), op.arg(2, "source")
-    if not all(isinstance(t, DTensorSpec) for t in (spec, mask, source)) or len(op.specs) != 3:
+    spec, mask, source = op.spec("self"), op.spec("mask"), op.spec("source")
+    if spec is None or mask is None or source is None:  # a plain 0-d tensor among them
         return replicate_all(op)
     out_shape = tuple(torch.broadcast_shapes(spec.shape, mask.shape))
     R = Replicate()
@@ -80,7 +81,7 @@ def masked_scatter_rule(op: OpSchema) -> Sharding:
         kept = _partial([p, s], _ANY)
         rows.append((kept, R, kept, kept) if kept else (R, R, R, R))
     self_t, mask_t, source_t, output = (tuple(column) for column in zip(*rows))
-    sharding = Sharding(inputs=(self_t, mask_t, source_t), outputs=(output,))
+    sharding = Sharding(inputs={"self": self_t, "mask": mask_t, "source": source_t}, outputs=(output,))
     if not any(p.is_shard() for p in output):
         return sharding
     inplace = op.func is aten.masked_scatter_.default
@@ -96,13 +97,13 @@ def masked_scatter_rule(op: OpSchema) -> Sharding:
         result = torch.where(whole, flat[order.clamp(0, flat.numel() - 1)], x)
         return x.copy_(result) if inplace else result
 
-    return Sharding(sharding.inputs, sharding.outputs, local_op=local_masked_scatter)
+    return dataclasses.replace(sharding, local_op=local_masked_scatter)
 
 
 @register_rule(aten.masked_scatter_backward.default)
 def masked_scatter_backward_rule(op: OpSchema) -> Sharding:
-    grad, mask = op.arg(0), op.arg(1, "mask")
-    if not all(isinstance(t, DTensorSpec) for t in (grad, mask)) or len(op.specs) != 2:
+    grad, mask = op.spec("grad_output"), op.spec("mask")
+    if grad is None or mask is None:  # a plain 0-d tensor among them
         return replicate_all(op)
     out_shape = tuple(torch.broadcast_shapes(grad.shape, mask.shape))
     if tuple(grad.shape) != out_shape:  # a grad smaller than the mask: no block of the result to place
@@ -118,8 +119,9 @@ def masked_scatter_backward_rule(op: OpSchema) -> Sharding:
         else:
             rows.append((R, R, R))
     grad_t, mask_t, output = (tuple(column) for column in zip(*rows))
+    inputs = {"grad_output": grad_t, "mask": mask_t}
     if not any(p.is_shard() for p in grad_t):
-        return Sharding(inputs=(grad_t, mask_t), outputs=(output,))
+        return Sharding(inputs=inputs, outputs=(output,))
     grad_target = grad.with_placements(grad_t)
 
     def local_backward(grad, mask, sizes):
@@ -128,4 +130,4 @@ def masked_scatter_backward_rule(op: OpSchema) -> Sharding:
         out[order[whole]] = grad[whole]
         return out.view(sizes)
 
-    return Sharding(inputs=(grad_t, mask_t), outputs=(output,), local_op=local_backward)
+    return Sharding(inputs=inputs, outputs=(output,), local_op=local_backward)

@@ -30,6 +30,7 @@ matmul, linear and einsum are composite in aten: they reach us as these ops plus
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from dtensor_plus.placements import Partial, Placement, Replicate, Shard
@@ -138,43 +139,27 @@ def _choose(operands, out, specs, bias, mesh_shape, allow_partial: bool, inplace
     return best[1:]
 
 
-def _spec_order(op: OpSchema, args) -> list:
-    """Where each (position, name) tensor arg sits in ``op.specs`` order (args, then kwargs); None if plain."""
-    kwarg_names = list(op.kwargs)
-    keys = [
-        None if not isinstance(op.arg(i, name), DTensorSpec)
-        else (0, i) if i < len(op.args) else (1, kwarg_names.index(name))
-        for i, name in args
-    ]
-    ranked = sorted(k for k in keys if k is not None)
-    return [None if k is None else ranked.index(k) for k in keys]
-
-
-def einsum_rule(equation: str, operand_args: tuple[tuple[int, str], ...], bias_arg: tuple[int, str] | None = None):
-    """A rule for an op computing ``equation`` over the tensors at ``operand_args`` ((position, name) pairs),
-    plus ``beta * bias`` for the tensor at ``bias_arg`` (the add* forms)."""
+def einsum_rule(equation: str, operand_names: tuple[str, ...], bias_name: str | None = None):
+    """A rule for an op computing ``equation`` over its tensor arguments named ``operand_names``, plus
+    ``beta * bias`` for the argument named ``bias_name`` (the add* forms)."""
     operands, out = parse_equation(equation)
-    if len(operands) != len(operand_args):
-        raise ValueError(f"{equation!r} has {len(operands)} operands but {len(operand_args)} operand args were given")
-    tensor_args = tuple(operand_args) + ((bias_arg,) if bias_arg is not None else ())
+    if len(operands) != len(operand_names):
+        raise ValueError(f"{equation!r} has {len(operands)} operands but {len(operand_names)} operand names were given")
 
     def rule(op: OpSchema) -> Sharding:
-        specs = tuple(op.arg(i, name) for i, name in operand_args)
+        specs = tuple(op.arg(name) for name in operand_names)
         for spec, term in zip(specs, operands):
             assert isinstance(spec, DTensorSpec) and spec.ndim == len(term), (op.func, spec, term)
-        bias = op.arg(*bias_arg) if bias_arg is not None else None
+        bias = op.arg(bias_name) if bias_name is not None else None
         # A plain (0-d) bias is added whole on every rank, so the output may not be Partial then.
         plain_bias = bias is not None and not isinstance(bias, DTensorSpec)
         bias = None if plain_bias else bias
         inplace = bias is not None and op.record.inplace
         ins, bias_target, output = _choose(operands, out, specs, bias, op.mesh_shape, not plain_bias, inplace)
-        order = _spec_order(op, tensor_args)
-        inputs = [None] * len(op.specs)
-        for slot, target in zip(order, ins + [bias_target]):
-            if slot is not None:
-                inputs[slot] = target
-        assert len([s for s in order if s is not None]) == len(op.specs), (op.func, order, op.specs)
-        return Sharding(inputs=tuple(inputs), outputs=(output,))
+        inputs = dict(zip(operand_names, ins))
+        if bias is not None:
+            inputs[bias_name] = bias_target
+        return Sharding(inputs=inputs, outputs=(output,))
 
     rule.__qualname__ = rule.__name__ = f"einsum_rule({equation!r})"
     return rule
@@ -182,19 +167,18 @@ def einsum_rule(equation: str, operand_args: tuple[tuple[int, str], ...], bias_a
 
 # -- registrations ----------------------------------------------------------------------------------------
 
-_SELF, _MAT1, _MAT2 = (0, "self"), (1, "mat1"), (2, "mat2")
-
-register_rule(aten.mm.default, strided="as_shard")(einsum_rule("mk,kn->mn", ((0, "self"), (1, "mat2"))))
-register_rule(aten.bmm.default, strided="as_shard")(einsum_rule("bmk,bkn->bmn", ((0, "self"), (1, "mat2"))))
-register_rule(aten.dot.default, aten.vdot.default)(einsum_rule("k,k->", ((0, "self"), (1, "tensor"))))
-register_rule(aten.mv.default)(einsum_rule("mk,k->m", ((0, "self"), (1, "vec"))))
-register_rule(aten.addmm.default, aten.addmm_.default, strided="as_shard")(einsum_rule("mk,kn->mn", (_MAT1, _MAT2), _SELF))
+register_rule(aten.mm.default, strided="as_shard")(einsum_rule("mk,kn->mn", ("self", "mat2")))
+register_rule(aten.bmm.default, strided="as_shard")(einsum_rule("bmk,bkn->bmn", ("self", "mat2")))
+register_rule(aten.dot.default)(einsum_rule("k,k->", ("self", "tensor")))
+register_rule(aten.vdot.default)(einsum_rule("k,k->", ("self", "other")))  # dot's second argument, named otherwise
+register_rule(aten.mv.default)(einsum_rule("mk,k->m", ("self", "vec")))
+register_rule(aten.addmm.default, aten.addmm_.default, strided="as_shard")(
+    einsum_rule("mk,kn->mn", ("mat1", "mat2"), "self"))
 register_rule(aten.baddbmm.default, aten.baddbmm_.default, strided="as_shard")(
-    einsum_rule("bmk,bkn->bmn", ((1, "batch1"), (2, "batch2")), _SELF))
-register_rule(aten.addbmm.default, aten.addbmm_.default)(
-    einsum_rule("bmk,bkn->mn", ((1, "batch1"), (2, "batch2")), _SELF))
+    einsum_rule("bmk,bkn->bmn", ("batch1", "batch2"), "self"))
+register_rule(aten.addbmm.default, aten.addbmm_.default)(einsum_rule("bmk,bkn->mn", ("batch1", "batch2"), "self"))
 
-_addmv = einsum_rule("mk,k->m", ((1, "mat"), (2, "vec")), _SELF)
+_addmv = einsum_rule("mk,k->m", ("mat", "vec"), "self")
 
 
 def _addmv_local(bias, mat, vec, **kwargs):
@@ -206,14 +190,14 @@ def addmv_rule(op: OpSchema) -> Sharding:
     # NOTE: torch quirk: with an empty matrix (m == 0 or k == 0) addmv returns beta * bias in the *bias's*
     # shape, () or (1,), rather than (m,). Globally: nothing to compute, replicate. Locally (an empty block
     # of a non-empty matrix): expand the bias to the block's rows first, so each block has its true shape.
-    mat, bias = op.arg(1, "mat"), op.arg(0, "self")
+    mat, bias = op.arg("mat"), op.arg("self")
     full_bias = isinstance(bias, DTensorSpec) and tuple(bias.shape) == (mat.shape[0],)
     if mat.shape.numel() == 0 and not full_bias:
         return replicate_all(op)
     sharding = _addmv(op)
     if full_bias or op.record.inplace:
         return sharding
-    return Sharding(inputs=sharding.inputs, outputs=sharding.outputs, local_op=_addmv_local)
+    return dataclasses.replace(sharding, local_op=_addmv_local)
 
 
-register_rule(aten.addr.default, aten.addr_.default)(einsum_rule("m,n->mn", ((1, "vec1"), (2, "vec2")), _SELF))
+register_rule(aten.addr.default, aten.addr_.default)(einsum_rule("m,n->mn", ("vec1", "vec2"), "self"))

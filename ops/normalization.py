@@ -26,12 +26,13 @@ normalised dim, a weight); the aten op otherwise. The choice is made per call, s
 
 from __future__ import annotations
 
+import dataclasses
+
 from dtensor_plus.kernels import norms, switch
 from dtensor_plus.placements import Partial, Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
-from dtensor_plus.spec import DTensorSpec
 
-from .common import aten, by_position, replicated
+from .common import aten, replicated
 
 
 def _leading(placement: Placement, axis: int) -> Placement:
@@ -39,8 +40,8 @@ def _leading(placement: Placement, axis: int) -> Placement:
     return placement if isinstance(placement, Shard) and placement.dim < axis else Replicate()
 
 
-def _axis(op: OpSchema, input_spec: DTensorSpec, shape_index: int) -> int:
-    return input_spec.ndim - len(op.arg(shape_index, "normalized_shape"))
+def _axis(op: OpSchema) -> int:
+    return op.spec("input").ndim - len(op.arg("normalized_shape"))
 
 
 def _kernel(name: str, x, normalized_shape, weight) -> bool:
@@ -60,11 +61,11 @@ def _rms_norm_local(x, normalized_shape, weight=None, eps=None):
 
 
 def _forward(op: OpSchema, num_outputs: int, local_op=None) -> Sharding:
-    """(input, normalized_shape, weight?, ...): rows keep their Shard, params are replicated."""
-    spec = op.specs[0]
-    target = tuple(_leading(p, _axis(op, spec, 1)) for p in spec.placements)
+    """(input, normalized_shape, weight?, ...): rows keep their Shard, params (weight, bias) are replicated."""
+    axis = _axis(op)
+    target = tuple(_leading(p, axis) for p in op.spec("input").placements)
     r = replicated(len(op.mesh_shape))
-    inputs = by_position(op, {0: target, 2: r, 3: r})
+    inputs = {name: target if name == "input" else r for name in op.names}
     return Sharding(inputs=inputs, outputs=(target,) * num_outputs, local_op=local_op)
 
 
@@ -96,27 +97,30 @@ def _param_grad(placement: Placement) -> Placement:
     return Partial("sum") if isinstance(placement, Shard) else placement
 
 
-def _backward(op: OpSchema, grad_index: int, input_index: int, stat_indices, param_indices, mask_index) -> Sharding:
-    grad, inp = op.args[grad_index], op.args[input_index]
-    axis = _axis(op, inp, 2)
+_PARAMS = ("weight", "bias")
+
+
+def _backward(op: OpSchema) -> Sharding:
+    """(grad_out, input, normalized_shape, stats..., params..., output_mask): the stats (mean, rstd) follow the
+    input's rows, the params are replicated."""
+    grad, inp = op.spec("grad_out"), op.spec("input")
+    axis = _axis(op)
     per_mesh_dim = [_backward_mesh_dim(g, i, axis) for g, i in zip(grad.placements, inp.placements)]
     grad_target, base, grad_input = (tuple(p[k] for p in per_mesh_dim) for k in range(3))
     r = replicated(len(op.mesh_shape))
-    targets = {grad_index: grad_target, input_index: base}
-    targets.update({i: base for i in stat_indices})
-    targets.update({i: r for i in param_indices})
+    inputs = {name: r if name in _PARAMS else base for name in op.names}
+    inputs["grad_out"] = grad_target
     param = tuple(_param_grad(p) for p in grad_input)
     # Outputs not asked for by output_mask come back undefined (None): they have no spec.
-    mask = op.arg(mask_index, "output_mask")
+    mask = op.arg("output_mask")
     outputs = [grad_input] + [param] * (len(mask) - 1)
-    return Sharding(inputs=by_position(op, targets), outputs=tuple(o for o, m in zip(outputs, mask) if m))
+    return Sharding(inputs=inputs, outputs=tuple(o for o, m in zip(outputs, mask) if m))
 
 
 @register_rule(aten.native_layer_norm_backward.default, strided="as_shard")  # rows are normalised independently
 def layer_norm_backward_rule(op: OpSchema) -> Sharding:
     """(grad_out, input, normalized_shape, mean, rstd, weight?, bias?, output_mask) -> (gi, gw, gb)."""
-    sharding = _backward(op, 0, 1, (3, 4), (5, 6), 7)
-    return Sharding(sharding.inputs, sharding.outputs, local_op=_layer_norm_backward_contiguous)
+    return dataclasses.replace(_backward(op), local_op=_layer_norm_backward_contiguous)
 
 
 def _layer_norm_backward_contiguous(grad, x, normalized_shape, mean, rstd, weight, bias, output_mask):
@@ -130,8 +134,7 @@ def _layer_norm_backward_contiguous(grad, x, normalized_shape, mean, rstd, weigh
 @register_rule(aten._fused_rms_norm_backward.default, strided="as_shard")  # rows are normalised independently
 def rms_norm_backward_rule(op: OpSchema) -> Sharding:
     """(grad_out, input, normalized_shape, rstd, weight?, output_mask) -> (grad_input, grad_weight)."""
-    sharding = _backward(op, 0, 1, (3,), (4,), 5)
-    return Sharding(sharding.inputs, sharding.outputs, local_op=_rms_norm_backward_local)
+    return dataclasses.replace(_backward(op), local_op=_rms_norm_backward_local)
 
 
 def _rms_norm_backward_local(grad, x, normalized_shape, rstd, weight, output_mask):

@@ -54,7 +54,7 @@ def _pads(pad, ndim: int) -> dict[int, tuple[int, int]]:
 @register_rule(aten.constant_pad_nd.default)
 def constant_pad_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    pads = _pads(op.arg(1, "pad"), spec.ndim)
+    pads = _pads(op.arg("pad"), spec.ndim)
     carriers = {d: (d, always) for d in range(spec.ndim)}
     for d, (left, right) in pads.items():
         if left or right:

@@ -39,14 +39,14 @@ def _keeps_partial(op: OpSchema, placements: list[Placement], reduce_op: str) ->
     others_replicated = all(p.is_replicate() for p in placements if not p.is_partial())
     linear_op = reduce_op in ("sum", "avg")
     if func in _ADD:
-        scalar_addend = len(op.specs) == 1 and not isinstance(op.arg(1), DTensorSpec)
+        scalar_addend = len(op.specs) == 1 and op.spec("other") is None
         if reduce_op == "sum":
             return others_replicated and not scalar_addend
         if reduce_op == "avg":
             return others_replicated
         if reduce_op not in ("max", "min"):  # a product does not commute with adding a value
             return False
-        return others_replicated and partial_at == [0] and op.arg(2, "alpha", 1) == 1  # max/min: + same value
+        return others_replicated and partial_at == [0] and op.arg("alpha", 1) == 1  # max/min: + same value
     if func in _MUL:
         return linear_op and len(partial_at) == 1 and others_replicated
     if func in _DIV:
@@ -128,14 +128,14 @@ register_rule(*(_resolve(name) for name in POINTWISE_OPS), strided="as_shard")(p
 @register_rule(aten.copy_.default, strided="as_shard")
 def copy_rule(op: OpSchema) -> Sharding:
     """``self.copy_(src)``: src moves to self's layout (broadcast dims of src replicated)."""
-    dst, src = op.specs[0], op.specs[1] if len(op.specs) > 1 else None
+    dst, src = op.spec("self"), op.spec("src")
     if src is None:  # a plain 0-d src (checked equal on every rank): partitioned into a Partial dst
         local_op = _partitioned_copy(op.mesh, dst.placements) if dst.has_partial() else None
-        return Sharding(inputs=(None,), outputs=(dst.placements,), local_op=local_op)
+        return Sharding(inputs={}, outputs=(dst.placements,), local_op=local_op)
     target = tuple(_fit_input(p, Replicate(), src, dst.shape, op) if not p.is_partial() else Replicate() for p in dst.placements)
     # A Partial destination takes a replicated value partitioned into it.
     target = tuple(Partial(p.reduce_op) if p.is_partial() else t for p, t in zip(dst.placements, target))
-    return Sharding(inputs=(None, target), outputs=(dst.placements,))
+    return Sharding(inputs={"src": target}, outputs=(dst.placements,))
 
 
 def _partitioned_copy(mesh, placements):

@@ -23,13 +23,12 @@ import torch
 
 from dtensor_plus.placements import Placement, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
-from dtensor_plus.spec import DTensorSpec
 
 from .common import aten, meta_outputs
 
 _LINEAR = ("sum", "avg")
 
-# op -> (number of spatial dims, position of the argument a Partial may stay on, or None). Public: resampling.py
+# op -> (number of spatial dims, name of the argument a Partial may stay on, or None). Public: resampling.py
 # adds its ops (upsampling, pads, pixel shuffle), which treat each leading index on its own too.
 PER_PLANE = {
     aten.max_pool2d_with_indices.default: (2, None),
@@ -40,16 +39,16 @@ PER_PLANE = {
     aten.adaptive_max_pool2d_backward.default: (2, None),
     aten.adaptive_max_pool3d.default: (3, None),
     aten.adaptive_max_pool3d_backward.default: (3, None),
-    aten.avg_pool2d.default: (2, 0),
-    aten.avg_pool2d_backward.default: (2, 0),
-    aten.avg_pool3d.default: (3, 0),
-    aten.avg_pool3d_backward.default: (3, 0),
-    aten._adaptive_avg_pool2d.default: (2, 0),
-    aten._adaptive_avg_pool2d_backward.default: (2, 0),
-    aten._adaptive_avg_pool3d.default: (3, 0),
-    aten._adaptive_avg_pool3d_backward.default: (3, 0),
-    aten.max_unpool2d.default: (2, 0),
-    aten.max_unpool3d.default: (3, 0),
+    aten.avg_pool2d.default: (2, "self"),
+    aten.avg_pool2d_backward.default: (2, "grad_output"),
+    aten.avg_pool3d.default: (3, "self"),
+    aten.avg_pool3d_backward.default: (3, "grad_output"),
+    aten._adaptive_avg_pool2d.default: (2, "self"),
+    aten._adaptive_avg_pool2d_backward.default: (2, "grad_output"),
+    aten._adaptive_avg_pool3d.default: (3, "self"),
+    aten._adaptive_avg_pool3d_backward.default: (3, "grad_output"),
+    aten.max_unpool2d.default: (2, "self"),  # linear in the values, not in the indices
+    aten.max_unpool3d.default: (3, "self"),
 }
 
 
@@ -69,17 +68,16 @@ def _mesh_dim(placements: list[Placement], num_leading: int, linear: int | None)
 @register_rule(*PER_PLANE)
 def pooling_rule(op: OpSchema) -> Sharding:
     num_spatial, linear = PER_PLANE[op.func]
-    positions = [i for i, a in enumerate(op.args) if isinstance(a, DTensorSpec)]
-    assert len(positions) == len(op.specs), f"{op.func}: tensor arguments passed by keyword"
-    linear_slot = positions.index(linear) if linear in positions else None
-    num_leading = op.specs[0].ndim - num_spatial
+    names = op.names
+    linear_slot = names.index(linear) if linear in names else None
+    num_leading = op.specs[0].ndim - num_spatial  # every tensor argument has the leading dims
     targets, outputs = [], []
     for k in range(len(op.mesh_shape)):
         target, out = _mesh_dim([s.placements[k] for s in op.specs], num_leading, linear_slot)
         targets.append(target)
         outputs.append(out)
     metas = meta_outputs(op)
-    inputs = tuple(tuple(t[i] for t in targets) for i in range(len(op.specs)))
+    inputs = {name: tuple(t[i] for t in targets) for i, name in enumerate(names)}
     local_op = _skip_empty(op.func, tuple(op.specs[0].shape[:num_leading]), metas)
     return Sharding(inputs=inputs, outputs=(tuple(outputs),) * len(metas), local_op=local_op)
 

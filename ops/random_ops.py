@@ -94,9 +94,8 @@ def value_draw_rule(op: OpSchema) -> Sharding:
 )
 def shape_draw_rule(op: OpSchema) -> Sharding:
     """Only self's shape matters: keep its blocks as they are; a Partial block is the whole shape."""
-    r = replicated(len(op.mesh_shape))
-    inputs = (None,) + (r,) * (len(op.specs) - 1)  # randint_like.Tensor: a DTensor bound ``high``
-    return Sharding(inputs=inputs, outputs=(without_partial(op.specs[0].placements),))
+    high = {"high": replicated(len(op.mesh_shape))} if op.spec("high") is not None else {}  # randint_like.Tensor
+    return Sharding(inputs=high, outputs=(without_partial(op.spec("self").placements),))
 
 
 # -- in-place samplers --------------------------------------------------------------------------------
@@ -132,8 +131,9 @@ def _partitioned(func, placements: tuple[Placement, ...], mesh):
 )
 def inplace_draw_rule(op: OpSchema) -> Sharding:
     """self keeps its layout; a DTensor ``p`` (bernoulli_.Tensor) follows self like a pointwise operand."""
-    self_spec = op.specs[0]
+    self_spec = op.spec("self")
     placements = self_spec.placements
-    follow = tuple(_follow(without_partial(placements), self_spec.shape, s) for s in op.specs[1:])
+    follow = {name: _follow(without_partial(placements), self_spec.shape, s)
+              for name, s in zip(op.names, op.specs) if name != "self"}
     local_op = _partitioned(op.func, placements, op.mesh) if self_spec.has_partial() else None
-    return Sharding(inputs=(None, *follow), outputs=(placements,), local_op=local_op)
+    return Sharding(inputs=follow, outputs=(placements,), local_op=local_op)

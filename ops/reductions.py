@@ -44,12 +44,13 @@ from .common import aten, normalize_dim, num_tensor_outputs
 # -- dims and dtypes ------------------------------------------------------------------------------------
 
 
-def _dims(op: OpSchema, dim_index: int, keepdim_index: int | None, empty_means_all: bool = True):
-    """(reduced dims as a frozenset of non-negative dims, keepdim). ``dim`` None reduces every dim, and so
-    does ``[]`` except for any/all.dims, where ``[]`` reduces nothing."""
+def _dims(op: OpSchema, empty_means_all: bool = True):
+    """(reduced dims as a frozenset of non-negative dims, keepdim). ``dim`` None (or no ``dim`` argument: sum of
+    everything) reduces every dim, and so does ``[]`` except for any/all.dims, where ``[]`` reduces nothing;
+    no ``keepdim`` argument (var.correction reads it itself) is False."""
     ndim = op.specs[0].ndim
-    dim = op.arg(dim_index, "dim")
-    keepdim = bool(op.arg(keepdim_index, "keepdim", False)) if keepdim_index is not None else False
+    dim = op.arg("dim")
+    keepdim = bool(op.arg("keepdim", False))
     if dim is None or (empty_means_all and isinstance(dim, (list, tuple)) and len(dim) == 0):
         return frozenset(range(ndim)), keepdim
     dims = (dim,) if isinstance(dim, int) else dim
@@ -155,7 +156,7 @@ def _local_mean(dims: frozenset, keepdim: bool, count: int) -> Callable:
 
 def _out_dtype(op: OpSchema) -> torch.dtype:
     spec = op.specs[0]
-    dtype = op.kwargs.get("dtype")
+    dtype = op.arg("dtype")
     if dtype is not None:
         return dtype
     return torch.int64 if spec.dtype == torch.bool or not _is_float(spec.dtype) else spec.dtype
@@ -164,7 +165,7 @@ def _out_dtype(op: OpSchema) -> torch.dtype:
 @register_rule(aten.sum.default, aten.sum.dim_IntList, strided="as_shard")
 def sum_rule(op: OpSchema) -> Sharding:
     """Also the reduction of sum_to_size (expand's backward: sum.dim_IntList with keepdim=True)."""
-    dims, keepdim = _dims(op, 1, 2)
+    dims, keepdim = _dims(op)
     in_dtype, out_dtype = op.specs[0].dtype, _out_dtype(op)
     return _reduction(op, dims, keepdim, "sum", lambda r: _linear_keeps(r, in_dtype, out_dtype))
 
@@ -172,8 +173,8 @@ def sum_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.mean.default, aten.mean.dim, strided="as_shard")
 def mean_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    dims, keepdim = _dims(op, 1, 2)
-    out_dtype = op.kwargs.get("dtype") or spec.dtype
+    dims, keepdim = _dims(op)
+    out_dtype = op.arg("dtype") or spec.dtype
     count = math.prod(spec.shape[d] for d in dims)
     return _reduction(op, dims, keepdim, "sum", lambda r: _linear_keeps(r, spec.dtype, out_dtype),
                       _local_mean(dims, keepdim, count))
@@ -182,13 +183,13 @@ def mean_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.nansum.default)
 def nansum_rule(op: OpSchema) -> Sharding:
     """Partial inputs are reduced first: a NaN piece would hide the other pieces' values."""
-    dims, keepdim = _dims(op, 1, 2)
+    dims, keepdim = _dims(op)
     return _reduction(op, dims, keepdim, "sum")
 
 
 @register_rule(aten.count_nonzero.default, aten.count_nonzero.dim_IntList)
 def count_nonzero_rule(op: OpSchema) -> Sharding:
-    dims, _ = _dims(op, 1, None)
+    dims, _ = _dims(op)
     return _reduction(op, dims, False, "sum")
 
 
@@ -204,18 +205,18 @@ def _order_reduction(op: OpSchema, dims: frozenset, keepdim: bool, kind: str) ->
 
 @register_rule(aten.amax.default, aten.max.default, strided="as_shard")
 def max_rule(op: OpSchema) -> Sharding:
-    return _order_reduction(op, *_dims(op, 1, 2), "max")
+    return _order_reduction(op, *_dims(op), "max")
 
 
 @register_rule(aten.amin.default, aten.min.default, strided="as_shard")
 def min_rule(op: OpSchema) -> Sharding:
-    return _order_reduction(op, *_dims(op, 1, 2), "min")
+    return _order_reduction(op, *_dims(op), "min")
 
 
 @register_rule(aten.any.default, aten.any.dim, aten.any.dims, strided="as_shard")
 def any_rule(op: OpSchema) -> Sharding:
     """any = OR = max over bools (collectives all-reduce bools as uint8); a Partial(max) of bools is an OR."""
-    dims, keepdim = _dims(op, 1, 2, empty_means_all=op.func != aten.any.dims)
+    dims, keepdim = _dims(op, empty_means_all=op.func != aten.any.dims)
     is_bool = op.specs[0].dtype == torch.bool
     return _reduction(op, dims, keepdim, "max", lambda r: r == "max" and is_bool)
 
@@ -223,7 +224,7 @@ def any_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.all.default, aten.all.dim, aten.all.dims, strided="as_shard")
 def all_rule(op: OpSchema) -> Sharding:
     """all = AND = min over bools; an empty block gives True, the identity, by itself."""
-    dims, keepdim = _dims(op, 1, 2, empty_means_all=op.func != aten.all.dims)
+    dims, keepdim = _dims(op, empty_means_all=op.func != aten.all.dims)
     is_bool = op.specs[0].dtype == torch.bool
     return _reduction(op, dims, keepdim, "min", lambda r: r == "min" and is_bool)
 
@@ -248,8 +249,8 @@ def _norm_combine(ord_) -> tuple[str | None, Callable | None]:
 
 @register_rule(aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim)
 def vector_norm_rule(op: OpSchema) -> Sharding:
-    dims, keepdim = _dims(op, 2, 3)
-    combine, identity = _norm_combine(op.arg(1, "ord", 2))
+    dims, keepdim = _dims(op)
+    combine, identity = _norm_combine(op.arg("ord", 2))
     local_op = _filled(op.func, dims, op.specs[0].shape, identity) if identity else None
     return _reduction(op, dims, keepdim, combine, local_op=local_op)
 
@@ -261,14 +262,13 @@ def vector_norm_rule(op: OpSchema) -> Sharding:
                aten.argmax.default, aten.argmin.default)
 def gathering_reduction_rule(op: OpSchema) -> Sharding:
     """Shards of kept dims stay; sharded reduced dims are gathered; Partial inputs reduced first."""
-    return _reduction(op, *_dims(op, 1, 2))
+    return _reduction(op, *_dims(op))
 
 
 @register_rule(aten.var.correction, aten.std.correction, aten.var_mean.correction, aten.std_mean.correction)
 def moment_rule(op: OpSchema) -> Sharding:
-    """keepdim is keyword-only here (after correction)."""
-    dims, _ = _dims(op, 1, None)
-    return _reduction(op, dims, bool(op.kwargs.get("keepdim", False)))
+    """keepdim is keyword-only here (after correction): read by name like everywhere."""
+    return _reduction(op, *_dims(op))
 
 
 # -- ops along one dim ----------------------------------------------------------------------------------
@@ -283,8 +283,8 @@ def along_dim_rule(op: OpSchema) -> Sharding:
     """Output shape follows the input, so Shards of other dims stay as they are; the dim the op runs along
     is gathered. cumsum is linear: a Partial(sum|avg) passes through it."""
     spec = op.specs[0]
-    dim = normalize_dim(op.arg(2 if op.func == aten.topk.default else 1, "dim", -1), spec.ndim)
-    out_dtype = op.kwargs.get("dtype") or spec.dtype
+    dim = normalize_dim(op.arg("dim", -1), spec.ndim)
+    out_dtype = op.arg("dtype") or spec.dtype
 
     def keeps(p: Placement) -> bool:
         if p.is_partial():

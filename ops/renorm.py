@@ -61,13 +61,13 @@ def _distributed_renorm(dim: int):
 @register_rule(aten.renorm.default)
 def renorm_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    dim = normalize_dim(op.arg(2, "dim"), spec.ndim)
+    dim = normalize_dim(op.arg("dim"), spec.ndim)
     placements = without_partial(spec.placements)
     mesh_dims = [k for k, p in enumerate(placements)
                  if isinstance(p, Shard) and p.dim != dim and spec.mesh.shape[k] > 1]
     if not mesh_dims:
         return Sharding(inputs=(placements,), outputs=(placements,))
     # p = inf is part of the cache key (a mode); every other p shares one plan and sums powers.
-    reduce_op = "max" if math.isinf(op.arg(1, "p")) else "sum"
+    reduce_op = "max" if math.isinf(op.arg("p")) else "sum"
     return Sharding(inputs=(placements,), outputs=(placements,), local_op=_distributed_renorm(dim),
                     communication=(AllReduce(tuple(mesh_dims), (reduce_op,)),))

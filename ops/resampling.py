@@ -7,12 +7,14 @@ mixes channels with the two spatial dims, so for it only the batch dims lead (th
 
 from __future__ import annotations
 
+import dataclasses
+
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 
 from .common import aten
 from .pooling import PER_PLANE, pooling_rule
 
-_RESAMPLING = {aten.pixel_shuffle.default: (3, 0), aten.pixel_unshuffle.default: (3, 0)}
+_RESAMPLING = {aten.pixel_shuffle.default: (3, "self"), aten.pixel_unshuffle.default: (3, "self")}
 for _name, _num_spatial in [
     ("upsample_nearest1d", 1), ("upsample_nearest2d", 2), ("upsample_nearest3d", 3),
     ("_upsample_nearest_exact1d", 1), ("_upsample_nearest_exact2d", 2), ("_upsample_nearest_exact3d", 3),
@@ -21,8 +23,8 @@ for _name, _num_spatial in [
     ("reflection_pad1d", 1), ("reflection_pad2d", 2), ("reflection_pad3d", 3),
     ("replication_pad1d", 1), ("replication_pad2d", 2), ("replication_pad3d", 3),
 ]:
-    for _suffix in ("", "_backward"):  # the backward's first argument is grad_output: the linear one
-        _RESAMPLING[getattr(aten, _name + _suffix).default] = (_num_spatial, 0)
+    for _suffix, _linear in (("", "self"), ("_backward", "grad_output")):  # the values: linear in them
+        _RESAMPLING[getattr(aten, _name + _suffix).default] = (_num_spatial, _linear)
 
 _UPSAMPLE_BACKWARDS = [op for op in _RESAMPLING if "upsample" in str(op) and "backward" in str(op)]
 PER_PLANE.update(_RESAMPLING)
@@ -40,4 +42,4 @@ def upsample_backward_rule(op: OpSchema) -> Sharding:
         leading = len(input_size) - num_spatial
         return inner(grad_output, output_size, list(grad_output.shape[:leading]) + list(input_size[leading:]), *rest, **kwargs)
 
-    return Sharding(sharding.inputs, sharding.outputs, sharding.shape_arg, local_op)
+    return dataclasses.replace(sharding, local_op=local_op)

@@ -37,22 +37,22 @@ def _storage_of(x: torch.Tensor, stride) -> torch.Tensor:
 
 @register_rule(aten.resize.default, aten.resize_.default)
 def resize_rule(op: OpSchema) -> Sharding:
-    return _resize(op.specs[0], tuple(op.arg(1, "size")), op.kwargs.get("memory_format"), takes_template=False)
+    return _resize(op.spec("self"), tuple(op.arg("size")), op.arg("memory_format"))
 
 
 @register_rule(aten.resize_as.default, aten.resize_as_.default)
 def resize_as_rule(op: OpSchema) -> Sharding:
     """resize_ to the template's global shape; the template itself is only read for its shape: it stays put."""
-    return _resize(op.specs[0], tuple(op.specs[1].shape), op.kwargs.get("memory_format"), takes_template=True)
+    return _resize(op.spec("self"), tuple(op.arg("the_template").shape), op.arg("memory_format"))
 
 
-def _resize(spec, size: tuple, memory_format, takes_template: bool) -> Sharding:
+def _resize(spec, size: tuple, memory_format) -> Sharding:
+    """self's layout (a template, resize_as's, is left where it is: only its global shape is read)."""
     replicate = replicated(spec.mesh.ndim)
     shape, stride = tuple(spec.shape), tuple(spec.tensor_meta.stride)
-    template = (None,) if takes_template else ()
     if size == shape and memory_format is None:
         # torch leaves the tensor (values and strides) alone: so does every rank, in any layout
-        return Sharding(inputs=(None,) + template, outputs=(spec.placements,), local_op=lambda x, *_, **__: x.clone())
+        return Sharding(inputs={}, outputs=(spec.placements,), local_op=lambda x, *_, **__: x.clone())
 
     def local_resize(x, *_, memory_format=None):  # the size argument (a list, or the template) is global: use size
         old = _storage_of(x, stride)
@@ -62,4 +62,4 @@ def _resize(spec, size: tuple, memory_format, takes_template: bool) -> Sharding:
         flat[:kept] = old[:kept]
         return flat.as_strided(size, new_stride)
 
-    return Sharding(inputs=(replicate,) + template, outputs=(replicate,), local_op=local_resize)
+    return Sharding(inputs={"self": replicate}, outputs=(replicate,), local_op=local_resize)

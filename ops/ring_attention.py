@@ -304,21 +304,21 @@ def _check_local_call(dropout_p, attn_mask) -> None:
 # -- rules --------------------------------------------------------------------------------------------------
 
 
-def _causal(op: OpSchema, query_index: int) -> bool:
-    return bool(op.arg(query_index + (4 if query_index == 0 else 6), "is_causal", False))  # after dropout_p
+def _causal(op: OpSchema) -> bool:
+    return bool(op.arg("is_causal", False))
 
 
-def _ring_placement(op: OpSchema, index: int, query_index: int, load_balance: bool) -> Placement | None:
+def _ring_placement(op: OpSchema, index: int, load_balance: bool) -> Placement | None:
     """The placement the ring runs q, k, v on (Shard(seq) or ZIGZAG), or None when this call keeps the
     default rule. A decision from global metadata only."""
-    query, key, value = (op.args[query_index + i] for i in range(3))
-    if op.mesh.size(index) == 1 or op.kwargs.get("attn_mask") is not None or any(t.ndim != 4 for t in (query, key, value)):
+    query, key, value = op.arg("query"), op.arg("key"), op.arg("value")
+    if op.mesh.size(index) == 1 or op.arg("attn_mask") is not None or any(t.ndim != 4 for t in (query, key, value)):
         return None
     placed = {t.placements[index] for t in (query, key, value)}
     if placed not in ({Shard(SEQ)}, {ZIGZAG}):
         return None
     seq_q, seq_kv = query.shape[SEQ], key.shape[SEQ]
-    causal = _causal(op, query_index)
+    causal = _causal(op)
     if seq_q == 0 or seq_kv == 0 or (causal and seq_q != seq_kv):
         return None
     return ZIGZAG if load_balance and causal else placed.pop()
@@ -339,16 +339,16 @@ def _seen_by_default(op: OpSchema, index: int) -> OpSchema:
     return strided.with_specs(op, specs)
 
 
-def _rule(op: OpSchema, mesh_dim, load_balance: bool, query_index: int, default_rule, local_op, shifts_per_hop: int) -> Sharding:
+def _rule(op: OpSchema, mesh_dim, load_balance: bool, default_rule, local_op, shifts_per_hop: int) -> Sharding:
     """The ring's decision; the local op shifts ``shifts_per_hop`` block sets per hop of the ring (n-1 hops)."""
     index = op.mesh.mesh_dim_index(mesh_dim)  # raises ValueError naming the mesh's dims
-    placement = _ring_placement(op, index, query_index, load_balance)
+    placement = _ring_placement(op, index, load_balance)
     if placement is None:  # the default rule, which never sees a StridedShard (it gathers them)
         return strided.gathered(default_rule, op) if strided.has_strided(op.specs) else default_rule(op)
     default = default_rule(_seen_by_default(op, index))
-    query, key = op.args[query_index], op.args[query_index + 1]
-    ring = RingGeometry(op.mesh, index, query.shape[SEQ], key.shape[SEQ], _causal(op, query_index), placement == ZIGZAG)
-    return Sharding(inputs=tuple(_on_ring(p, index, placement) for p in default.inputs),
+    query, key = op.arg("query"), op.arg("key")
+    ring = RingGeometry(op.mesh, index, query.shape[SEQ], key.shape[SEQ], _causal(op), placement == ZIGZAG)
+    return Sharding(inputs=tuple(_on_ring(p, index, placement) for p in default.inputs_for(op)),
                     outputs=tuple(_on_ring(p, index, placement) for p in default.outputs),
                     local_op=functools.partial(local_op, ring=ring),
                     communication=(RingShift(index, shifts_per_hop * (ring.size - 1)),))
@@ -356,9 +356,9 @@ def _rule(op: OpSchema, mesh_dim, load_balance: bool, query_index: int, default_
 
 def _forward_rule(op: OpSchema, *, mesh_dim, load_balance: bool = False) -> Sharding:
     """(query, key, value, dropout_p, is_causal, *, attn_mask, scale) -> (output, logsumexp)."""
-    return _rule(op, mesh_dim, load_balance, 0, cpu_flash_rule, ring_forward, 1)  # k, v
+    return _rule(op, mesh_dim, load_balance, cpu_flash_rule, ring_forward, 1)  # k, v
 
 
 def _backward_rule(op: OpSchema, *, mesh_dim, load_balance: bool = False) -> Sharding:
     """(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale) -> grads."""
-    return _rule(op, mesh_dim, load_balance, 1, cpu_flash_backward_rule, ring_backward, 2)  # k, v and dk, dv
+    return _rule(op, mesh_dim, load_balance, cpu_flash_backward_rule, ring_backward, 2)  # k, v and dk, dv

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dtensor_plus.placements import Replicate
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
-from dtensor_plus.spec import DTensorSpec
 
 from .common import aten, normalize_dim, replicated
 from .diagonals import scatter_placements
@@ -28,10 +27,10 @@ from .view_algebra import local_slice, slice_range
 
 
 def _scatter_sharding(op: OpSchema, dim: int, self_to_src: dict[int, int]):
-    """(self target, src target, output placements): ``scatter_placements`` per mesh dim, except that a Shard
-    of ``dim`` itself stays (with src whole on that mesh dim)."""
-    spec, src = op.specs[0], op.arg(1, "src")
-    src_placements = src.placements if isinstance(src, DTensorSpec) else replicated(len(op.mesh_shape))
+    """(input targets by name, self target, output placements): ``scatter_placements`` per mesh dim, except that
+    a Shard of ``dim`` itself stays (with src whole on that mesh dim)."""
+    spec, src = op.spec("self"), op.spec("src")  # src None: a plain 0-d tensor, whole on every rank
+    src_placements = src.placements if src is not None else replicated(len(op.mesh_shape))
     rows = []
     for p, q in zip(spec.placements, src_placements):
         if p.is_shard(dim):
@@ -40,18 +39,18 @@ def _scatter_sharding(op: OpSchema, dim: int, self_to_src: dict[int, int]):
         else:
             rows.append(scatter_placements(p, q, self_to_src))
     self_t, src_t, output = (tuple(column) for column in zip(*rows))
-    return self_t, src_t, output
+    inputs = {"self": self_t, "src": src_t} if src is not None else {"self": self_t}
+    return inputs, self_t, output
 
 
 @register_rule(aten.select_scatter.default)
 def select_scatter_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    dim = normalize_dim(op.arg(2, "dim"), spec.ndim)
-    self_t, src_t, output = _scatter_sharding(op, dim, {d: d - (d > dim) for d in range(spec.ndim) if d != dim})
-    inputs = (self_t, src_t)[: len(op.specs)]
+    dim = normalize_dim(op.arg("dim"), spec.ndim)
+    inputs, self_t, output = _scatter_sharding(op, dim, {d: d - (d > dim) for d in range(spec.ndim) if d != dim})
     if not any(p.is_shard(dim) for p in self_t):
         return Sharding(inputs=inputs, outputs=(output,))
-    index = op.arg(3, "index")
+    index = op.arg("index")
     index += spec.shape[dim] if index < 0 else 0
     shape, mesh = spec.shape, spec.mesh
 
@@ -67,13 +66,12 @@ def select_scatter_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.slice_scatter.default)
 def slice_scatter_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    dim = normalize_dim(op.arg(2, "dim", 0), spec.ndim)
-    self_t, src_t, output = _scatter_sharding(op, dim, {d: d for d in range(spec.ndim) if d != dim})
-    inputs = (self_t, src_t)[: len(op.specs)]
+    dim = normalize_dim(op.arg("dim", 0), spec.ndim)
+    inputs, self_t, output = _scatter_sharding(op, dim, {d: d for d in range(spec.ndim) if d != dim})
     if not any(p.is_shard(dim) for p in self_t):
         return Sharding(inputs=inputs, outputs=(output,))
-    step = op.arg(5, "step", 1)
-    start, length = slice_range(spec.shape[dim], op.arg(3, "start"), op.arg(4, "end"), step)
+    step = op.arg("step", 1)
+    start, length = slice_range(spec.shape[dim], op.arg("start"), op.arg("end"), step)
     shape, mesh = spec.shape, spec.mesh
 
     def slice_scatter_owned(x, src, *args, **kwargs):

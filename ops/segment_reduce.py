@@ -22,18 +22,10 @@ import torch
 
 from dtensor_plus.placements import Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
-from dtensor_plus.spec import DTensorSpec
 
 from .common import aten, normalize_dim
 
-_INDEXING = ("lengths", "indices", "offsets")  # keyword tensors laid out by the data's leading dims
-
-
-def _roles(op: OpSchema) -> list[str]:
-    """'data' or 'index' for each DTensor argument, in OpSchema.specs order (args, then kwargs)."""
-    roles = ["data" for a in op.args if isinstance(a, DTensorSpec)]
-    roles += ["index" if name in _INDEXING else "data" for name, v in op.kwargs.items() if isinstance(v, DTensorSpec)]
-    return roles
+_INDEXING = ("lengths", "indices", "offsets")  # tensors laid out by the data's leading dims; the rest are data
 
 
 def _mesh_dim_placement(specs, roles, mesh_dim: int, axis: int):
@@ -47,8 +39,8 @@ def _mesh_dim_placement(specs, roles, mesh_dim: int, axis: int):
 
 @register_rule(aten.segment_reduce.default, aten._segment_reduce_backward.default)
 def segment_reduce_rule(op: OpSchema) -> Sharding:
-    axis = normalize_dim(op.kwargs.get("axis", 0), op.specs[0].ndim)  # specs[0]: data, or grad (same ndim)
-    roles = _roles(op)
+    axis = normalize_dim(op.arg("axis", 0), op.specs[0].ndim)  # specs[0]: data, or grad (same ndim)
+    roles = ["index" if name in _INDEXING else "data" for name in op.names]
     targets = [[] for _ in op.specs]
     output = []
     for mesh_dim in range(len(op.mesh_shape)):
@@ -59,7 +51,7 @@ def segment_reduce_rule(op: OpSchema) -> Sharding:
                 target.append(Replicate())
             else:
                 target.append(keep)  # index tensors share the data's leading dims, numbered alike
-    return Sharding(inputs=tuple(tuple(t) for t in targets), outputs=(tuple(output),),
+    return Sharding(inputs={name: tuple(t) for name, t in zip(op.names, targets)}, outputs=(tuple(output),),
                     local_op=functools.partial(_with_dense_index, op.func))
 
 

@@ -78,7 +78,7 @@ def triangle_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.flip.default)
 def flip_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    flipped = {normalize_dim(d, spec.ndim) for d in op.arg(1, "dims")}
+    flipped = {normalize_dim(d, spec.ndim) for d in op.arg("dims")}
     inputs, outputs = moved(spec.placements, {d: d for d in range(spec.ndim) if d not in flipped})
     return Sharding(inputs=(inputs,), outputs=(outputs,))
 
@@ -88,8 +88,8 @@ def rot90_rule(op: OpSchema) -> Sharding:
     """rot90 by k quarter turns in the plane of dims (a, b) is a flip then a swap: k = 1 flips b, k = 3 flips a,
     k = 2 flips both, then (for odd k) a and b trade places."""
     spec = op.specs[0]
-    k = op.arg(1, "k", 1) % 4
-    a, b = (normalize_dim(d, spec.ndim) for d in op.arg(2, "dims", (0, 1)))
+    k = op.arg("k", 1) % 4
+    a, b = (normalize_dim(d, spec.ndim) for d in op.arg("dims", (0, 1)))
     dim_map = {d: d for d in range(spec.ndim)}
     flipped = {0: (), 1: (b,), 2: (a, b), 3: (a,)}[k]
     if k % 2:
@@ -101,7 +101,7 @@ def rot90_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.roll.default)
 def roll_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    dims = op.arg(2, "dims", ())
+    dims = op.arg("dims", ())
     rolled = {normalize_dim(d, spec.ndim) for d in dims} if dims else set(range(spec.ndim))
     inputs, outputs = moved(spec.placements, {d: d for d in range(spec.ndim) if d not in rolled})
     return Sharding(inputs=(inputs,), outputs=(outputs,))
@@ -113,15 +113,15 @@ def roll_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.unfold.default, aten.unfold_copy.default)
 def unfold_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    dim = normalize_dim(op.arg(1, "dimension"), spec.ndim)
+    dim = normalize_dim(op.arg("dimension"), spec.ndim)
     inputs, outputs = moved(spec.placements, {d: d for d in range(spec.ndim) if d != dim})
     return Sharding(inputs=(inputs,), outputs=(outputs,))
 
 
 @register_rule(aten.unfold_backward.default)
 def unfold_backward_rule(op: OpSchema) -> Sharding:
-    spec, sizes = op.specs[0], op.arg(1, "input_sizes")
-    dim = normalize_dim(op.arg(2, "dim"), len(sizes))
+    spec, sizes = op.specs[0], op.arg("input_sizes")
+    dim = normalize_dim(op.arg("dim"), len(sizes))
     inputs, outputs = moved(spec.placements, {d: d for d in range(len(sizes)) if d != dim}, linear_only=True)
     return Sharding(inputs=(inputs,), outputs=(outputs,), shape_arg=1)
 

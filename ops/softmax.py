@@ -30,7 +30,7 @@ def _whole_along(placement: Placement, dim: int) -> Placement:
 @register_rule(aten._softmax.default, aten._log_softmax.default, aten._safe_softmax.default, strided="as_shard")
 def softmax_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    dim = normalize_dim(op.arg(1, "dim"), spec.ndim)
+    dim = normalize_dim(op.arg("dim"), spec.ndim)
     target = tuple(_whole_along(p, dim) for p in spec.placements)
     return Sharding(inputs=(target,), outputs=(target,))
 
@@ -49,8 +49,8 @@ def _backward_pair(grad: Placement, output: Placement, dim: int) -> tuple[Placem
 @register_rule(aten._softmax_backward_data.default, aten._log_softmax_backward_data.default, strided="as_shard")
 def softmax_backward_rule(op: OpSchema) -> Sharding:
     """(grad_output, output, dim, input_dtype): both move to one layout whole along ``dim``."""
-    grad, output = op.specs[0], op.specs[1]
-    dim = normalize_dim(op.arg(2, "dim"), output.ndim)
+    grad, output = op.spec("grad_output"), op.spec("output")
+    dim = normalize_dim(op.arg("dim"), output.ndim)
     pairs = [_backward_pair(g, o, dim) for g, o in zip(grad.placements, output.placements)]
     grad_target, output_target, result = (tuple(p[i] for p in pairs) for i in range(3))
-    return Sharding(inputs=(grad_target, output_target), outputs=(result,))
+    return Sharding(inputs={"grad_output": grad_target, "output": output_target}, outputs=(result,))

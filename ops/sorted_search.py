@@ -46,39 +46,39 @@ def _decide(values: Placement, table: Placement, num_leading: int, counts: bool)
     return Replicate(), Replicate(), Replicate()
 
 
-def _rule(op: OpSchema, roles: tuple[str, ...], num_leading: int, counts: bool) -> Sharding:
-    """The table above. ``roles``: "values" or "table" for each DTensor argument in ``op.specs`` order (a
-    sorter follows the table)."""
-    if len(roles) != len(op.specs):  # a plain 0-d tensor beside a DTensor: nothing to split
+def _rule(op: OpSchema, values_name: str, table_name: str, num_leading: int, counts: bool) -> Sharding:
+    """The table above, for the arguments named ``values_name`` and ``table_name`` (a sorter follows the table)."""
+    values, table = op.spec(values_name), op.spec(table_name)
+    if values is None or table is None:  # a plain 0-d tensor beside a DTensor: nothing to split
         return replicate_all(op)
-    values, table = op.specs[roles.index("values")], op.specs[roles.index("table")]
-    targets = {"values": [], "table": []}
-    outputs = []
+    values_t, table_t, outputs = [], [], []
     for k in range(len(op.mesh_shape)):
         v, t, out = _decide(values.placements[k], table.placements[k], num_leading, counts)
-        targets["values"].append(v)
-        targets["table"].append(t)
+        values_t.append(v)
+        table_t.append(t)
         outputs.append(out)
-    return Sharding(inputs=tuple(tuple(targets[role]) for role in roles), outputs=(tuple(outputs),))
+    inputs = {values_name: tuple(values_t), table_name: tuple(table_t)}
+    if op.spec("sorter") is not None:
+        inputs["sorter"] = tuple(table_t)
+    return Sharding(inputs=inputs, outputs=(tuple(outputs),))
 
 
 @register_rule(aten.isin.Tensor_Tensor)
 def isin_rule(op: OpSchema) -> Sharding:
     """isin(elements, test_elements): elements keep their shard, test_elements whole. assume_unique stays true
     of a block of unique elements."""
-    return _rule(op, ("values", "table"), 0, counts=False)
+    return _rule(op, "elements", "test_elements", 0, counts=False)
 
 
 @register_rule(aten.searchsorted.Tensor)
 def searchsorted_rule(op: OpSchema) -> Sharding:
     """searchsorted(sorted_sequence, self, *, out_int32, right, side, sorter): an N-d sequence is batched, its
     leading dims matching the values'."""
-    sorter = op.kwargs.get("sorter")
-    roles = ("table", "values") + (("table",) if sorter is not None else ())
-    return _rule(op, roles, op.specs[0].ndim - 1, counts=sorter is None)
+    table, sorter = op.arg("sorted_sequence"), op.arg("sorter")
+    return _rule(op, "self", "sorted_sequence", table.ndim - 1, counts=sorter is None)
 
 
 @register_rule(aten.bucketize.Tensor)
 def bucketize_rule(op: OpSchema) -> Sharding:
     """bucketize(self, boundaries): boundaries are 1-d, a sorted sequence searched with the same ``right``."""
-    return _rule(op, ("values", "table"), 0, counts=True)
+    return _rule(op, "self", "boundaries", 0, counts=True)

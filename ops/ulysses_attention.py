@@ -44,6 +44,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -63,14 +64,16 @@ __all__ = ["ulysses_rules", "ulysses_attention"]
 
 HEADS, SEQ = 1, 2  # dims of (B, H, T, D)
 
-# op -> (argument positions of q, k, v; how many leading outputs return sequence-sharded)
-_SIGNATURES = {
-    aten._scaled_dot_product_flash_attention_for_cpu.default: ((0, 1, 2), 1),
-    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: ((1, 2, 3), 3),
-    aten._scaled_dot_product_flash_attention.default: ((0, 1, 2), 1),
-    aten._scaled_dot_product_flash_attention_backward.default: ((1, 2, 3), 3),
-    aten._scaled_dot_product_efficient_attention.default: ((0, 1, 2), 1),
-    aten._scaled_dot_product_efficient_attention_backward.default: ((1, 2, 3), 3),
+QKV = ("query", "key", "value")  # their argument names in every attention op below, forward and backward
+
+# op -> how many leading outputs return sequence-sharded (the forward's out; the backward's three gradients)
+_SEQUENCE_OUTPUTS = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default: 1,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: 3,
+    aten._scaled_dot_product_flash_attention.default: 1,
+    aten._scaled_dot_product_flash_attention_backward.default: 3,
+    aten._scaled_dot_product_efficient_attention.default: 1,
+    aten._scaled_dot_product_efficient_attention_backward.default: 3,
 }
 
 
@@ -91,21 +94,20 @@ def ulysses_rules(mesh_dim: int) -> dict:
     if not isinstance(mesh_dim, int) or isinstance(mesh_dim, bool) or mesh_dim < 0:
         raise TypeError(f"ulysses_rules(mesh_dim={mesh_dim!r}): mesh_dim must be a non-negative int mesh dim index")
     return {
-        op: functools.partial(_ulysses_rule, mesh_dim=mesh_dim, qkv=qkv, num_seq_outputs=num_seq,
-                              default=rules.rule_for(op))
-        for op, (qkv, num_seq) in _SIGNATURES.items()
+        op: functools.partial(_ulysses_rule, mesh_dim=mesh_dim, num_seq_outputs=num_seq, default=rules.rule_for(op))
+        for op, num_seq in _SEQUENCE_OUTPUTS.items()
     }
 
 
-def _ulysses_rule(op: OpSchema, *, mesh_dim: int, qkv, num_seq_outputs: int, default) -> Sharding:
+def _ulysses_rule(op: OpSchema, *, mesh_dim: int, num_seq_outputs: int, default) -> Sharding:
     if mesh_dim >= len(op.mesh_shape):
         raise ValueError(f"{op.func}: ulysses_rules(mesh_dim={mesh_dim}) on a {len(op.mesh_shape)}-d mesh; "
                          f"pass the index of the mesh dim that shards the sequence")
-    q, k, v = (op.args[i] for i in qkv)
+    q, k, v = (op.arg(name) for name in QKV)
     if not _sequence_sharded((q, k, v), mesh_dim):
         return default(op)
     decided = default(_with_heads_for_sequence(op, mesh_dim))
-    reason = _why_not(decided, op, qkv, num_seq_outputs, mesh_dim)
+    reason = _why_not(decided, op, num_seq_outputs, mesh_dim)
     if reason:
         warnings.warn(f"dtensor_plus: ulysses on mesh dim {mesh_dim} for {op.func}: {reason}; "
                       f"gathering the sequence instead (exact, more traffic)")
@@ -118,8 +120,8 @@ def _ulysses_rule(op: OpSchema, *, mesh_dim: int, qkv, num_seq_outputs: int, def
                                  seq_placements=seq_placements)
     outputs = seq_placements + tuple(decided.outputs[num_seq_outputs:])
     moves = tuple(Redistribution(spec, target) for spec, target in zip(head_specs, seq_placements))
-    return Sharding(inputs=decided.inputs, outputs=outputs, local_op=local_op,
-                    communication=tuple(decided.communication) + moves)
+    return dataclasses.replace(decided, outputs=outputs, local_op=local_op,
+                               communication=tuple(decided.communication) + moves)
 
 
 def _sequence_sharded(specs, mesh_dim: int) -> bool:
@@ -146,12 +148,12 @@ def _with_heads_for_sequence(op: OpSchema, mesh_dim: int) -> OpSchema:
     return OpSchema(op.func, args, kwargs, tuple(swap(s) for s in op.specs))
 
 
-def _why_not(decided: Sharding, op: OpSchema, qkv, num_seq_outputs: int, mesh_dim: int) -> str | None:
+def _why_not(decided: Sharding, op: OpSchema, num_seq_outputs: int, mesh_dim: int) -> str | None:
     """Why the head-sharded layout cannot be reached and left with one all-to-all each; None if it can."""
-    positions = [i for i, a in enumerate(op.args) if isinstance(a, DTensorSpec)]
-    targets = [decided.inputs[positions.index(i)] for i in qkv]
+    by_name = dict(zip(op.names, decided.inputs_for(op)))
+    targets = [by_name[name] for name in QKV]
     if any(t is None or not t[mesh_dim].is_shard(HEADS) for t in targets):
-        heads = sorted({op.args[i].shape[HEADS] for i in qkv})
+        heads = sorted({op.arg(name).shape[HEADS] for name in QKV})
         return (f"heads {heads} do not split across the head shards so that each rank's q heads meet their own "
                 f"k/v heads (GQA needs every head count divisible by the number of head shards)")
     for placements in targets + [tuple(p) for p in decided.outputs[:num_seq_outputs]]:

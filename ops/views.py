@@ -34,7 +34,7 @@ import torch
 
 from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
-from dtensor_plus.spec import DTensorSpec, local_shape_and_offset
+from dtensor_plus.spec import local_shape_and_offset
 
 from .common import aten, normalize_dim, without_partial
 from .packed_parts import cat_parts, local_split, same_strided, split_parts
@@ -89,7 +89,7 @@ _VIEW_LOCAL = {
 @register_rule(*_VIEW_LOCAL, strided="native")
 def view_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    out_shape = infer_shape(spec.shape.numel(), op.arg(1, "size"))
+    out_shape = infer_shape(spec.shape.numel(), op.arg("size"))
     out_dims = view_out_dims(tuple(spec.shape), out_shape, spec.placements, op.mesh_shape)
     inputs, outputs = propagate(spec.placements, out_dims)
     strided = strided_view_placements(tuple(spec.shape), out_shape, spec.placements, op.mesh_shape, out_dims)
@@ -104,7 +104,7 @@ def view_rule(op: OpSchema) -> Sharding:
 def view_dtype_rule(op: OpSchema) -> Sharding:
     """Reinterpreting bits is not linear (Partial is reduced); a changed element size rescales the last dim,
     whose Shard survives where the blocks cover the same bytes."""
-    spec, dtype = op.specs[0], op.arg(1, "dtype")
+    spec, dtype = op.specs[0], op.arg("dtype")
     if dtype == spec.dtype:
         return identity_rule(op)
     placements = without_partial(spec.placements)
@@ -124,7 +124,7 @@ def view_dtype_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.permute.default, aten.permute_copy.default, strided="as_shard")
 def permute_rule(op: OpSchema) -> Sharding:
     ndim = op.specs[0].ndim
-    dims = [normalize_dim(d, ndim) for d in op.arg(1, "dims")]
+    dims = [normalize_dim(d, ndim) for d in op.arg("dims")]
     return _map_rule(op, {d: i for i, d in enumerate(dims)})
 
 
@@ -134,7 +134,7 @@ def transpose_rule(op: OpSchema) -> Sharding:
     if op.func in (aten.t.default, aten.t_copy.default):
         d0, d1 = (0, 1) if ndim == 2 else (0, 0)
     else:
-        d0, d1 = normalize_dim(op.arg(1, "dim0"), ndim), normalize_dim(op.arg(2, "dim1"), ndim)
+        d0, d1 = normalize_dim(op.arg("dim0"), ndim), normalize_dim(op.arg("dim1"), ndim)
     dim_map = {d: d for d in range(ndim)}
     dim_map[d0], dim_map[d1] = d1, d0
     return _map_rule(op, dim_map)
@@ -143,7 +143,7 @@ def transpose_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.unsqueeze.default, aten.unsqueeze_copy.default, strided="as_shard")
 def unsqueeze_rule(op: OpSchema) -> Sharding:
     ndim = op.specs[0].ndim
-    new = normalize_dim(op.arg(1, "dim"), ndim + 1)
+    new = normalize_dim(op.arg("dim"), ndim + 1)
     return _map_rule(op, {d: d + (d >= new) for d in range(ndim)})
 
 
@@ -159,7 +159,7 @@ def squeeze_rule(op: OpSchema) -> Sharding:
     """Squeezes the dims of global size 1, by number: a local block of size 1 in a longer dim stays."""
     spec = op.specs[0]
     shape, ndim = spec.shape, spec.ndim
-    asked = op.arg(1, "dim", None)
+    asked = op.arg("dim", None)
     candidates = range(ndim) if asked is None else [asked] if isinstance(asked, int) else asked
     removed = sorted({normalize_dim(d, ndim) for d in candidates if ndim and shape[normalize_dim(d, ndim)] == 1})
     dim_map = {d: d - sum(r < d for r in removed) for d in range(ndim) if d not in removed}
@@ -170,7 +170,7 @@ def squeeze_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.expand.default, aten.expand_copy.default, strided="as_shard")
 def expand_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    size = op.arg(1, "size")
+    size = op.arg("size")
     lead = len(size) - spec.ndim
     dim_map = {d: d + lead for d in range(spec.ndim) if size[d + lead] in (-1, spec.shape[d])}
     return _map_rule(op, dim_map, shape_arg=1)
@@ -179,7 +179,7 @@ def expand_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.repeat.default)
 def repeat_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    repeats = op.arg(1, "repeats")
+    repeats = op.arg("repeats")
     lead = len(repeats) - spec.ndim
     return _map_rule(op, {d: d + lead for d in range(spec.ndim) if repeats[d + lead] == 1})
 
@@ -190,8 +190,8 @@ def repeat_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.slice.Tensor, aten.slice_copy.Tensor, strided="as_shard")
 def slice_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    dim, step = normalize_dim(op.arg(1, "dim", 0), spec.ndim), op.arg(4, "step", 1)
-    start, length = slice_range(spec.shape[dim], op.arg(2, "start"), op.arg(3, "end"), step)
+    dim, step = normalize_dim(op.arg("dim", 0), spec.ndim), op.arg("step", 1)
+    start, length = slice_range(spec.shape[dim], op.arg("start"), op.arg("end"), step)
     out_dims = sliced_out_dims(spec.placements, op.mesh_shape, spec.shape, dim, start, step, length)
     inputs, outputs = propagate(spec.placements, out_dims)
     if not any(p.is_shard(dim) for p in inputs):
@@ -208,9 +208,9 @@ def slice_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.slice_backward.default, strided="as_shard")
 def slice_backward_rule(op: OpSchema) -> Sharding:
     """Zeros of the input's shape around the gradient: the slice rule read from its output side."""
-    grad, sizes = op.specs[0], op.arg(1, "input_sizes")
-    dim, step = normalize_dim(op.arg(2, "dim"), len(sizes)), op.arg(5, "step")
-    start, length = slice_range(sizes[dim], op.arg(3, "start"), op.arg(4, "end"), step)
+    grad, sizes = op.specs[0], op.arg("input_sizes")
+    dim, step = normalize_dim(op.arg("dim"), len(sizes)), op.arg("step")
+    start, length = slice_range(sizes[dim], op.arg("start"), op.arg("end"), step)
     out_dims = sliced_out_dims(grad.placements, op.mesh_shape, sizes, dim, start, step, length)
     inputs, outputs = propagate(grad.placements, out_dims)
     if not any(p.is_shard(dim) for p in outputs):
@@ -229,8 +229,8 @@ def select_rule(op: OpSchema) -> Sharding:
     """Selecting from a sharded dim: the owner's row plus zeros elsewhere, a Partial(sum) of the output size
     instead of gathering the input. (Exact: x + 0 == x; only a -0.0 would come back as +0.0.)"""
     spec = op.specs[0]
-    dim = normalize_dim(op.arg(1, "dim"), spec.ndim)
-    index = op.arg(2, "index")
+    dim = normalize_dim(op.arg("dim"), spec.ndim)
+    index = op.arg("index")
     index += spec.shape[dim] if index < 0 else 0
     outputs = tuple(Partial("sum") if p.is_shard(dim) else Shard(p.dim - (p.dim > dim)) if isinstance(p, Shard) else p
                     for p in spec.placements)
@@ -249,8 +249,8 @@ def select_rule(op: OpSchema) -> Sharding:
 
 @register_rule(aten.select_backward.default)
 def select_backward_rule(op: OpSchema) -> Sharding:
-    sizes = op.arg(1, "input_sizes")
-    dim = normalize_dim(op.arg(2, "dim"), len(sizes))
+    sizes = op.arg("input_sizes")
+    dim = normalize_dim(op.arg("dim"), len(sizes))
     return _map_rule(op, {d: d + (d >= dim) for d in range(len(sizes) - 1)}, shape_arg=1)
 
 
@@ -263,7 +263,8 @@ def split_rule(op: OpSchema) -> Sharding:
     """A packed dim (StridedShard) cut where its groups end stays sharded in every part, locally
     (ops/packed_parts.py); any other Shard of the split dim is gathered. Other dims keep their layout."""
     spec = op.specs[0]
-    dim, split = normalize_dim(op.arg(2, "dim", 0), spec.ndim), op.arg(1)
+    dim = normalize_dim(op.arg("dim", 0), spec.ndim)
+    split = op.arg("split_sizes" if "split_sizes" in op.record.arg_names else "split_size")  # by overload
     if isinstance(split, (list, tuple)):
         sizes = list(split)
     else:
@@ -282,7 +283,7 @@ def split_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.unbind.int, aten.unbind_copy.int)
 def unbind_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
-    dim = normalize_dim(op.arg(1, "dim", 0), spec.ndim)
+    dim = normalize_dim(op.arg("dim", 0), spec.ndim)
     dim_map = {d: d - (d > dim) for d in range(spec.ndim) if d != dim}
     return _map_rule(op, dim_map, num_outputs=spec.shape[dim])
 
@@ -322,7 +323,7 @@ def cat_rule(op: OpSchema) -> Sharding:
         skipped = [False] * len(specs)
     joined = [s for s, skip in zip(specs, skipped) if not skip]
     ndim = joined[0].ndim
-    dim = normalize_dim(op.arg(1, "dim", 0), ndim)
+    dim = normalize_dim(op.arg("dim", 0), ndim)
     packed = cat_parts(joined, dim, op.mesh_shape)
     kept = packed | same_strided(joined, dim, packed)
     plain = [s.with_placements(tuple(Replicate() if k in kept or p.is_strided_shard() else p for k, p in enumerate(s.placements)))
@@ -340,7 +341,7 @@ def cat_rule(op: OpSchema) -> Sharding:
 @register_rule(aten.stack.default)
 def stack_rule(op: OpSchema) -> Sharding:
     ndim = op.specs[0].ndim
-    dim = normalize_dim(op.arg(1, "dim", 0), ndim + 1)
+    dim = normalize_dim(op.arg("dim", 0), ndim + 1)
     target, output = _join(op.specs, {d + (d >= dim): d for d in range(ndim)}, len(op.mesh_shape))
     return Sharding(inputs=(target,) * len(op.specs), outputs=(output,))
 
@@ -348,18 +349,12 @@ def stack_rule(op: OpSchema) -> Sharding:
 # -- indexing -------------------------------------------------------------------------------------------------
 
 
-def _spec_arg(op: OpSchema, index: int, name: str):
-    """The spec of a tensor argument, or None where it is a plain 0-d tensor (a replicated scalar)."""
-    value = op.arg(index, name)
-    return value if isinstance(value, DTensorSpec) else None
-
-
 @register_rule(aten.index_select.default)
 def index_select_rule(op: OpSchema) -> Sharding:
     """A sharded indexed dim of self is gathered; otherwise a sharded index shards the indexed dim of the
     output (torch.chunk of the index is torch.chunk of that dim), unless self is sharded on that mesh dim."""
-    spec, index = op.specs[0], _spec_arg(op, 2, "index")
-    dim = normalize_dim(op.arg(1, "dim"), spec.ndim)
+    spec, index = op.spec("self"), op.spec("index")  # index None: a plain 0-d tensor (a replicated scalar)
+    dim = normalize_dim(op.arg("dim"), spec.ndim)
     self_target, index_target, output = [], [], []
     for mesh_dim, p in enumerate(spec.placements):
         q = index.placements[mesh_dim] if index is not None else Replicate()
@@ -368,7 +363,9 @@ def index_select_rule(op: OpSchema) -> Sharding:
         self_target.append(p)
         index_target.append(q if by_index else Replicate())
         output.append(Shard(dim) if by_index else p)
-    inputs = (tuple(self_target),) + ((tuple(index_target),) if index is not None else ())
+    inputs = {"self": tuple(self_target)}
+    if index is not None:
+        inputs["index"] = tuple(index_target)
     return Sharding(inputs=inputs, outputs=(tuple(output),))
 
 
@@ -390,13 +387,17 @@ def _index_add_placements(p, q, r, dim: int):
 @register_rule(aten.index_add.default, aten.index_add_.default)
 def index_add_rule(op: OpSchema) -> Sharding:
     """The backward of index_select: a gradient sharded along the index accumulates as Partial(sum)."""
-    spec, index, source = op.specs[0], _spec_arg(op, 2, "index"), _spec_arg(op, 3, "source")
-    dim = normalize_dim(op.arg(1, "dim"), spec.ndim)
+    spec, index, source = op.spec("self"), op.spec("index"), op.spec("source")  # None: a plain 0-d tensor
+    dim = normalize_dim(op.arg("dim"), spec.ndim)
     rows = []
     for mesh_dim, p in enumerate(spec.placements):
         q = index.placements[mesh_dim] if index is not None else Replicate()
         r = source.placements[mesh_dim] if source is not None else Replicate()
         rows.append(_index_add_placements(p, q, r, dim))
     self_t, index_t, source_t, output = (tuple(column) for column in zip(*rows))
-    inputs = (self_t,) + ((index_t,) if index is not None else ()) + ((source_t,) if source is not None else ())
+    inputs = {"self": self_t}
+    if index is not None:
+        inputs["index"] = index_t
+    if source is not None:
+        inputs["source"] = source_t
     return Sharding(inputs=inputs, outputs=(output,))
