@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from dtensor_plus.placements import Partial, Replicate, Shard
-from dtensor_plus.rules import OpSchema, Sharding, register_rule
+from dtensor_plus.rules import OpSchema, Sharding, register_rules
 from dtensor_plus.spec import local_shape_and_offset
 
 from .common import aten
@@ -51,9 +51,8 @@ def _block_trace(shape, mesh, placements):
     return local_op
 
 
-@register_rule(aten.trace.default)
 def trace_rule(op: OpSchema) -> Sharding:
-    spec = op.specs[0]
+    spec = op.spec("self")
     inputs, outputs = [], []
     for p in spec.placements:
         if isinstance(p, Shard):
@@ -67,6 +66,9 @@ def trace_rule(op: OpSchema) -> Sharding:
             outputs.append(p)
     inputs = tuple(inputs)
     if not any(isinstance(p, Shard) for p in inputs):
-        return Sharding(inputs=(inputs,), outputs=(tuple(outputs),))
-    return Sharding(inputs=(inputs,), outputs=(tuple(outputs),),
+        return Sharding(inputs={"self": inputs}, outputs=(tuple(outputs),))
+    return Sharding(inputs={"self": inputs}, outputs=(tuple(outputs),),
                     local_op=_block_trace(spec.shape, spec.mesh, inputs))
+
+
+register_rules({aten.trace.default: trace_rule})
