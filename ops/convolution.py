@@ -123,7 +123,8 @@ def convolution_backward_rule(op: OpSchema) -> Sharding:
             for k in range(len(op.mesh_shape))]
     g_t, x_t, w_t, gi, gw, gb = (tuple(column) for column in zip(*rows))
     outputs = tuple(o for o, m in zip((gi, gw, gb), mask) if m)
-    return Sharding(inputs={"grad_output": g_t, "input": x_t, "weight": w_t}, outputs=outputs, local_op=_Backward(x.shape[1], g.shape[1]))
+    return Sharding(inputs={"grad_output": g_t, "input": x_t, "weight": w_t}, outputs=outputs,
+                    local_op=_Backward(x.shape[1], g.shape[1]))
 
 
 class _Backward:

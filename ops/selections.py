@@ -23,20 +23,12 @@ from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from .common import aten, normalize_dim, replicate_all
 
 
-@register_rule(aten.kthvalue.default)
-def kthvalue_rule(op: OpSchema) -> Sharding:
-    return _select_along(op, dim_position=2)  # kthvalue(self, k, dim, keepdim)
-
-
-@register_rule(aten.mode.default, aten.median.dim, aten.nanmedian.dim)
+@register_rule(aten.kthvalue.default, aten.mode.default, aten.median.dim, aten.nanmedian.dim)
 def select_along_rule(op: OpSchema) -> Sharding:
-    return _select_along(op, dim_position=1)  # mode(self, dim, keepdim) and the medians alike
-
-
-def _select_along(op: OpSchema, dim_position: int) -> Sharding:
-    spec = op.specs[0]
-    dim = normalize_dim(op.arg(dim_position, "dim", -1), spec.ndim)
-    keepdim = bool(op.arg(dim_position + 1, "keepdim", False))
+    """kthvalue(self, k, dim, keepdim), mode(self, dim, keepdim) and the medians alike: dim read by name."""
+    spec = op.spec("self")
+    dim = normalize_dim(op.arg("dim", -1), spec.ndim)
+    keepdim = bool(op.arg("keepdim", False))
     inputs, outputs = [], []
     for p in spec.placements:
         if isinstance(p, Shard) and p.dim != dim:
