@@ -395,9 +395,5 @@ def index_add_rule(op: OpSchema) -> Sharding:
         r = source.placements[mesh_dim] if source is not None else Replicate()
         rows.append(_index_add_placements(p, q, r, dim))
     self_t, index_t, source_t, output = (tuple(column) for column in zip(*rows))
-    inputs = {"self": self_t}
-    if index is not None:
-        inputs["index"] = index_t
-    if source is not None:
-        inputs["source"] = source_t
-    return Sharding(inputs=inputs, outputs=(output,))
+    inputs = {"self": self_t, "index": index_t, "source": source_t}
+    return Sharding(inputs={name: inputs[name] for name in op.names}, outputs=(output,))  # only the DTensors
