@@ -79,13 +79,15 @@ class OpSchema:
 
     def by_name(self, targets: dict) -> tuple:
         """``Sharding.inputs`` in ``specs`` order from a dict {argument name: placements}; an element of a list
-        argument takes its (name, index) entry, else its name's. Unnamed inputs stay as they are (None)."""
+        argument takes its (name, index) entry, else its name's. Unnamed inputs stay as they are (None), and a
+        named argument that is not a DTensor in this call is ignored."""
         names = self.names
-        known = set(names) | {n[0] for n in names if type(n) is tuple}
-        unknown = [n for n in targets if n not in known]
+        # A schema argument that is not a DTensor in this call (weight=None) is simply not moved; a name the schema
+        # does not have is a rule's typo.
+        unknown = [n for n in targets if (n[0] if type(n) is tuple else n) not in self.record.arg_names]
         if unknown:
-            raise ValueError(f"{self.func}: the rule names inputs {unknown}, which are not DTensor arguments of this "
-                             f"call (those are {list(names)}); name arguments as in the op's schema")
+            raise ValueError(f"{self.func}: the rule names inputs {unknown}, which are not arguments of this op "
+                             f"(its schema names {list(self.record.arg_names)}); name arguments as in the op's schema")
         return tuple(targets.get(n, targets.get(n[0]) if type(n) is tuple else None) for n in names)
 
 
