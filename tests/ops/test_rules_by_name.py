@@ -4,6 +4,8 @@ argument, or none, when rules addressed arguments by position."""
 
 import dataclasses
 
+import pytest
+
 import torch
 
 from dtensor_plus import Partial, Replicate, Shard, override_rule
@@ -97,3 +99,12 @@ def test_foreach_norm_keeps_the_communication_its_elements_declare():
     assert sharding.communication == (declared,)
     sharding.local_op([torch.ones(2), torch.ones(6)], 2, comm="the communicator")
     assert seen == ["the communicator", "the communicator"]
+
+
+def test_by_name_ignores_absent_arguments_and_refuses_names_the_op_lacks():
+    mesh = MeshShape((2,))
+    a, b = spec(mesh, (4, 3), (Shard(0),)), spec(mesh, (3, 5), (Replicate(),))
+    op = OpSchema(torch.ops.aten.addmm.default, (None, a, b), {}, (a, b))  # self is not a DTensor here
+    assert op.by_name({"self": (Replicate(),), "mat2": (Shard(0),)}) == (None, (Shard(0),))
+    with pytest.raises(ValueError, match="not arguments of this op.*mat1"):
+        op.by_name({"mat3": (Replicate(),)})
