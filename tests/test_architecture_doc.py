@@ -7,6 +7,7 @@
 - the ``import-layers`` block is complete and every import in the code (module level or inside a function,
   read with ``ast``) points to a strictly lower layer: no cycle, no upward import;
 - the worked rule example is correct: on a 2x2 mesh of real ranks, under ``override_rule``, it equals one device.
+- the training step's trip communicates what the doc says (counted by ``comm_mode`` on a 2x2 mesh).
 
 Rerun after moving an import or a module: ``.venv/bin/python -m pytest tests/test_architecture_doc.py -q``.
 """
@@ -301,3 +302,35 @@ def check_example(reduction: str, placements: tuple, num_classes: int, use_weigh
 def test_worked_example_equals_one_device(reduction, placements, num_classes, use_weight):
     by_token = {"S0": dtensor_plus.Shard(0), "S1": dtensor_plus.Shard(1), "R": dtensor_plus.Replicate()}
     run_on_ranks(4, check_example, reduction, tuple(by_token[t] for t in placements), num_classes, use_weight)
+
+
+# -- the training step's trip -------------------------------------------------------------------------------
+
+
+def check_training_step() -> None:
+    """The counts the doc gives for one tp + dp step of a two-layer MLP on a 2x2 (dp, tp) mesh."""
+    import dtensor_plus as dtp
+    from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel, parallelize_module, replicate, shard_batch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 5))
+    mesh = dtp.init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(use_local_output=False),
+                                           "2": RowwiseParallel(use_local_output=False)})
+    replicate(model, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    x, y = torch.randn(6, 8), torch.randint(0, 5, (6,))
+    with dtp.comm_mode() as forward:
+        loss = F.cross_entropy(model(shard_batch(x, mesh)), shard_batch(y, mesh))
+    with dtp.comm_mode() as backward:
+        loss.backward()
+    with dtp.comm_mode() as step:
+        opt.step()
+    assert dict(forward.counts) == {("all_reduce", "tp"): 1, ("all_reduce", "dp"): 1}, forward
+    assert dict(backward.counts) == {("all_reduce", "dp"): 1}, backward
+    assert step.count() == 0 and not step.fallbacks, step
+    assert all(p.grad.placements == p.placements for p in model.parameters())
+
+
+def test_training_step_counts():
+    run_on_ranks(4, check_training_step)
