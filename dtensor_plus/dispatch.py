@@ -181,7 +181,7 @@ def _make_plan(func, args, kwargs, dtensors):
                 f"{func}: DTensors on different meshes ({mesh} and {dt._spec.mesh}); an op needs all its DTensors "
                 f"on one mesh. {_ONTO_ONE_MESH}"
             )
-    schema = rules.OpSchema(func, _schema_value(args), {k: _schema_value(v) for k, v in kwargs.items()},
+    schema = rules.OpSchema(_deciding_op(record), _schema_value(args), {k: _schema_value(v) for k, v in kwargs.items()},
                             tuple(d._spec for d in dtensors))
     metas = _meta_outputs(func, args, kwargs)
     if metas is None and not record.returns_tensors:
@@ -203,9 +203,21 @@ def _make_plan(func, args, kwargs, dtensors):
         comm = declared.Communicator(func, mesh, tuple(sharding.communication), entry is not None and entry.asked_for)
     plan = Plan(sharding.local_op or func, func, targets, out_specs or (), sharding.shape_arg, record.inplace, fallback,
                 positions, record.returns_view, comm)
-    if out_specs is None and record.inplace:  # the gathered result cannot be written into self as is
+    if record.inplace and (out_specs is None or (schema.func is not func and sharding.local_op is not None)):
+        # The gathered result, or a local op written for the functional twin, cannot write into self as is.
         return mutation.OutOfPlacePlan(record)
     return mutation.in_place(record, plan, dtensors) or random.seeded(record, plan)
+
+
+def _deciding_op(record):
+    """The op whose rule decides: the op's own, or for an in-place op without one (``abs_``) its functional
+    twin's, which ``mutation.in_place`` then keeps in self's layout or computes out of place and copies back."""
+    func = record.func
+    twin = record.functional
+    if record.inplace and rules.rule_for(func) is None and isinstance(twin, torch._ops.OpOverload) \
+            and rules.rule_for(twin) is not None:
+        return twin
+    return func
 
 
 def _decide(schema: rules.OpSchema, metas):

@@ -234,3 +234,27 @@ def check_torch_made_plain_tensors():
 
 def test_torch_made_plain_tensors():
     run_on_ranks(3, check_torch_made_plain_tensors)
+
+
+def _inplace_by_functional_rule():
+    mesh = init_device_mesh("cpu", (2,))
+    results = {}
+    cases = {"abs_": lambda t: t.abs_(), "mish_": lambda t: torch.nn.functional.mish(t, inplace=True),
+             "heaviside_": lambda t: t.heaviside_(torch.full_like(t, 0.5)),
+             "renorm_": lambda t: t.renorm_(2.0, 1, 1.0)}  # renorm's rule has a local op and a declared all-reduce
+    for name, fn in cases.items():
+        full = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+        x = distribute_tensor(full.clone(), mesh, [Shard(0)])
+        with warnings.catch_warnings(record=True) as caught, comm_mode() as comm:
+            warnings.simplefilter("always")
+            out = fn(x)
+        expected = fn(full.clone())
+        results[name] = (out is x, x.placements == (Shard(0),), float((x.full_tensor() - expected).abs().max()),
+                         [str(w.message) for w in caught if "sharding rule" in str(w.message)], dict(comm.fallbacks))
+    return results
+
+
+def test_inplace_ops_without_a_rule_are_decided_by_their_functional_twin():
+    for name, (same, kept, diff, warned, fallbacks) in run_on_ranks(2, _inplace_by_functional_rule)[0].items():
+        assert same and kept and diff < 1e-6, (name, same, kept, diff)
+        assert not warned and not fallbacks, (name, warned, fallbacks)  # nothing gathered, nothing to warn about
