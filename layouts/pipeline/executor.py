@@ -11,8 +11,10 @@ Names follow ``torch.distributed.pipelining``: build a ``PipelineStage`` per sta
     pipe.timeline                                      # this rank's Events, seconds from the step's start
 
 How it runs the list: consecutive communication actions are posted as one ``batch_isend_irecv``; sends are
-waited on only at STEP and at the end of the step (the schedule's semantics: a send does not block), receives are waited on
-at once. Each message has its own tag (stage boundary, microbatch, kind), so a rank that posts its receives
+waited on only at STEP and at the end of the step (the schedule's semantics: a send does not block). Receives are
+posted early: after each run of communication, the receives among the next ``RECV_LOOKAHEAD`` actions whose
+shapes are known are posted too, so a peer's data moves while this rank computes (gloo moves a message only once
+its receive is posted); each receive is waited on at its own RECV action. Each message has its own tag (stage boundary, microbatch, kind), so a rank that posts its receives
 in another order than its peer's sends still matches them. With a schedule that passes ``validate`` no rank
 waits on a receive whose send sits behind a blocking op on the peer. Microbatch losses are scaled by 1/m
 (``scale_grads``), so gradients equal one device's on the whole batch with a mean loss; gradients accumulate
@@ -33,7 +35,9 @@ from .microbatch import merge_microbatches, split_microbatches
 from .shared import SharedWeights
 from .stage import ActivationMeta, PipelineStage
 
-__all__ = ["PipelineSchedule", "pipeline_step", "build_schedule", "TORCH_NAMES"]
+__all__ = ["PipelineSchedule", "pipeline_step", "build_schedule", "TORCH_NAMES", "RECV_LOOKAHEAD"]
+
+RECV_LOOKAHEAD = 8  # actions ahead whose receives are posted early (a few compute actions of 1F1B's steady state)
 
 # torch.distributed.pipelining's schedule class names, for people moving code over.
 TORCH_NAMES = {"ScheduleGPipe": "gpipe", "Schedule1F1B": "1f1b", "ScheduleInterleaved1F1B": "interleaved_1f1b",
@@ -113,6 +117,8 @@ class PipelineSchedule:
             raise ValueError("this rank holds the last stage and has a loss_fn: pass step(..., target=targets)")
         self._targets = split_microbatches(target, m) if wants_loss else None
         self._outputs, self._losses, self._pending_sends = {}, {}, []
+        self._early_recvs = {}  # (kind, stage, microbatch) -> the work of a receive posted before its RECV action
+        self._post_ahead(0)  # shapes known from an earlier step: the first receives move from the start
         self.timeline, self._t0 = [], time.perf_counter()
         i = 0
         while i < len(self.actions):
@@ -120,7 +126,7 @@ class PipelineSchedule:
             while j < len(self.actions) and self.actions[j].kind.is_comm:
                 j += 1
             if j > i:
-                self._communicate(self.actions[i:j])
+                self._communicate(self.actions[i:j], j)
                 i = j
             else:
                 self._compute(self.actions[i])
@@ -171,14 +177,17 @@ class PipelineSchedule:
             stage.backward_weight(mb)
         self._record(a, start)
 
-    def _communicate(self, run) -> None:
-        """Post a run of consecutive communication actions as one batch; wait for its receives."""
+    def _communicate(self, run, end: int) -> None:
+        """Post a run of consecutive communication actions as one batch (``end``: the index after it), then the
+        receives just ahead; wait for this run's receives."""
         start = time.perf_counter()
         where = self.schedule.stage_to_rank
-        sends, headers, f_recvs, b_recvs = [], {}, [], []
+        sends, headers, f_recvs, b_recvs, early = [], {}, [], [], []
         for a in run:
             stage, mb = self.stages[a.stage], a.microbatch
-            if a.kind is Kind.SEND_F:
+            if (a.kind, a.stage, mb) in self._early_recvs:
+                early.append(a)
+            elif a.kind is Kind.SEND_F:
                 sends += stage.forward_sends(mb, where[a.stage + 1])
             elif a.kind is Kind.SEND_B:
                 sends += stage.backward_sends(mb, where[a.stage - 1])
@@ -197,11 +206,30 @@ class PipelineSchedule:
                 self.stages[s].input_meta = ActivationMeta.decode(buf)
         recvs = [self.stages[a.stage].forward_recv(a.microbatch, where[a.stage - 1]) for a in f_recvs] + b_recvs
         _, recv_work = point_to_point.send_recv([], recvs, self.mesh, self.pp_mesh_dim)
+        self._post_ahead(end)
         recv_work.wait()
-        for a in f_recvs:
+        for a in early:
+            self._early_recvs.pop((a.kind, a.stage, a.microbatch)).wait()
+        for a in f_recvs + [a for a in early if a.kind is Kind.RECV_F]:
             self.stages[a.stage].finish_forward_recv(a.microbatch)
         for a in run:
             self._record(a, start)
+
+    def _post_ahead(self, index: int) -> None:
+        """Post the receives among the actions from ``index`` on (RECV_LOOKAHEAD of them) whose buffer shape is known
+        (after the first microbatch through the boundary), each as its own op, waited on at its RECV action."""
+        where = self.schedule.stage_to_rank
+        for a in self.actions[index: index + RECV_LOOKAHEAD]:
+            key, stage = (a.kind, a.stage, a.microbatch), self.stages.get(a.stage)
+            if key in self._early_recvs:
+                continue
+            if a.kind is Kind.RECV_F and stage.input_meta is not None:
+                recv = stage.forward_recv(a.microbatch, where[a.stage - 1])
+            elif a.kind is Kind.RECV_B and stage.output_meta is not None:
+                recv = stage.backward_recv(a.microbatch, where[a.stage + 1])
+            else:
+                continue
+            self._early_recvs[key] = point_to_point.send_recv([], [recv], self.mesh, self.pp_mesh_dim)[1]
 
     def _wait_sends(self) -> None:
         for work, _ in self._pending_sends:
