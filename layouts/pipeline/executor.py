@@ -118,6 +118,7 @@ class PipelineSchedule:
         self._targets = split_microbatches(target, m) if wants_loss else None
         self._outputs, self._losses, self._pending_sends = {}, {}, []
         self._early_recvs = {}  # (kind, stage, microbatch) -> the work of a receive posted before its RECV action
+        self.early_receives = 0  # how many of this step's receives were posted before their RECV action
         self._post_ahead(0)  # shapes known from an earlier step: the first receives move from the start
         self.timeline, self._t0 = [], time.perf_counter()
         i = 0
@@ -230,6 +231,7 @@ class PipelineSchedule:
             else:
                 continue
             self._early_recvs[key] = point_to_point.send_recv([], [recv], self.mesh, self.pp_mesh_dim)[1]
+            self.early_receives += 1
 
     def _wait_sends(self) -> None:
         for work, _ in self._pending_sends:

@@ -171,3 +171,30 @@ def _gpt_composed(pp, dp, tp, sp, zero, schedule):
 ])
 def test_gpt_composed_matches_single_device(pp, dp, tp, sp, zero, schedule):
     run_on_ranks(pp * dp * tp, _gpt_composed, pp, dp, tp, sp, zero, schedule, timeout=120)
+
+
+def _early_receives(name, m):
+    p = torch.distributed.get_world_size()
+    mesh = dtp.init_device_mesh("cpu", (p,), mesh_dim_names=("pp",))
+    schedule = build_schedule(name, p, m)
+    blocks = _blocks(schedule.num_stages)
+    stages = [PipelineStage(blocks[s], s, schedule.num_stages, mesh) for s in schedule.stages_of(mesh.get_rank())]
+    pipe = PipelineSchedule(stages, schedule, loss_fn=F.mse_loss)
+    x, y = _data()
+    counts = []
+    for _ in range(2):  # the second step knows every shape from the start
+        for s in stages:
+            s.submodule.zero_grad(set_to_none=True)
+        pipe.step(x, target=y)
+        counts.append(pipe.early_receives)
+    want_loss, want = _single_device(schedule.num_stages)
+    for s in stages:
+        for g, ref in zip((q.grad for q in s.submodule.parameters()), want[s.stage_index].parameters()):
+            torch.testing.assert_close(g, ref.grad, **TOL)
+    return counts
+
+
+def test_receives_posted_early_give_the_same_gradients():
+    counts = run_on_ranks(4, _early_receives, "1f1b", 4)
+    # Every rank but the first receives activations, every rank but the last gradients: posted ahead of their action.
+    assert all(second > 0 for _, second in counts), counts
