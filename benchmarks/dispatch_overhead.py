@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import dtensor_plus as dtp
 
 REPEATS = int(os.environ.get("REPEATS", "2000"))
+DEVICE = os.environ.get("DEVICE", "cpu")  # "cuda": the same ops on GPU blocks over NCCL (benchmarks/gpu/run.sh)
 
 
 def _op_sequence(t: dict, redistribute) -> dict:
@@ -55,12 +56,13 @@ def _tensors() -> dict:
     """Tiny tensors (the time is the framework's): x (8, 16) rows, q (B=2, H=2, S=4, D=8), int indices."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 16, generator=gen)
-    return {
+    tensors = {
         "x": x, "xg": x.clone().requires_grad_(), "w": torch.randn(16, 16, generator=gen), "b": torch.zeros(16),
         "ln_w": torch.ones(16), "ln_b": torch.zeros(16), "q": torch.randn(2, 2, 4, 8, generator=gen),
         "idx": torch.randint(0, 32, (8, 4), generator=gen), "emb": torch.randn(32, 16, generator=gen),
         "target": torch.randint(0, 16, (8,), generator=gen),
     }
+    return {name: t.to(DEVICE) for name, t in tensors.items()}
 
 
 _SHARDED = {"x": 0, "xg": 0, "q": 0, "idx": 0, "target": 0}  # batch-sharded (dim 0); the rest replicated
@@ -114,22 +116,25 @@ def _time_us(fn) -> float:
 
 
 def main() -> None:
+    backend = "nccl" if DEVICE == "cuda" else "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group("gloo")
+            dist.init_process_group(backend)
         else:
             store = dist.FileStore(tempfile.mktemp(), 1)
-            dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    if DEVICE == "cuda":
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
     torch.manual_seed(0)
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh  # the peer, measured only here
 
     world = dist.get_world_size()
-    ours = _distributed_ops(dtp.distribute_tensor, dtp.init_device_mesh("cpu", (world,)), dtp.Shard, dtp.Replicate)
-    theirs = _distributed_ops(distribute_tensor, init_device_mesh("cpu", (world,)), Shard, Replicate)
+    ours = _distributed_ops(dtp.distribute_tensor, dtp.init_device_mesh(DEVICE, (world,)), dtp.Shard, dtp.Replicate)
+    theirs = _distributed_ops(distribute_tensor, init_device_mesh(DEVICE, (world,)), Shard, Replicate)
     local, bare = _local_ops(), _local_ops(BareWrapper)
     rows = [(name, *(_time_us(ops[name]) for ops in (local, bare, theirs, ours))) for name in ours]
     if dist.get_rank() == 0:
-        print(f"world size {world}, {REPEATS} calls per op, microseconds per op (median of 5); n/a: the op fails there")
+        print(f"{DEVICE}, world size {world}, {REPEATS} calls per op, microseconds per op (median of 5); n/a: the op fails there")
         print(f"{'op':<22}{'local torch':>12}{'bare wrapper':>14}{'torch DTensor':>15}{'dtensor_plus':>14}{'ratio':>8}")
         for name, t_local, t_bare, t_torch, t_ours in rows:
             ratio = t_ours / t_torch if t_torch == t_torch else float("nan")
