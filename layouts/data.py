@@ -44,11 +44,15 @@ from dtensor_plus.redistribute import redistribute_together
 from dtensor_plus.renamed import renamed_keywords
 from dtensor_plus.shared_parameters import assign, parameter_slots
 
+from . import local_step
+from .data_local import LocalCompute
+
 __all__ = ["replicate", "GradientBucket", "reduce_grad_in_backward", "reduce_gradients", "sync_gradients", "shard_batch"]
 
 
 @renamed_keywords(dp_dim="dp_mesh_dim")
-def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce_in_backward: bool = True) -> nn.Module:
+def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce_in_backward: bool = True,
+              local_compute: bool = True) -> nn.Module:
     """Lay ``module`` out for data parallelism on ``device_mesh``'s ``dp_mesh_dim``.
 
     Args:
@@ -60,6 +64,11 @@ def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce
         reduce_in_backward: reduce each gradient to its parameter's placements in a post-accumulate-grad
             hook; when False, call ``sync_gradients(module)`` after backward (e.g. once after accumulating
             several micro-batches).
+        local_compute: run the module's forward on each rank's rows, without DTensor dispatch on the dp mesh
+            dim (layouts/data_local.py: DDP's speed; outputs come back Shard(0) on dp, exact for the global
+            batch), and an element-wise optimizer (AdamW...) step its parameters on their local blocks
+            (layouts/local_step.py). A forward or step that cannot be exact that way takes the DTensor path by
+            itself; False: always.
 
     Returns:
         ``module``.
@@ -70,6 +79,8 @@ def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce
     bucket = GradientBucket()
     for param, slots in parameter_slots(module):
         lifted = nn.Parameter(_lift(param.detach(), device_mesh, dp_mesh_dim), requires_grad=param.requires_grad)
+        if local_compute:
+            lifted.__dict__[local_step.TAG] = True  # an element-wise optimizer steps it on its block
         assign(slots, lifted)  # a Parameter shared by several modules (tied weights) stays one: one gradient, one hook
         if reduce_in_backward and lifted.requires_grad:
             reduce_grad_in_backward(lifted, bucket)
@@ -77,6 +88,9 @@ def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce
         for key, buffer in list(submodule._buffers.items()):
             if buffer is not None:
                 submodule._buffers[key] = _lift(buffer, device_mesh, dp_mesh_dim)
+    if local_compute:
+        local_step.install()
+        LocalCompute(device_mesh, device_mesh.mesh_dim_names.index(dp_mesh_dim)).install(module)
     return module
 
 

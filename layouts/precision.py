@@ -27,6 +27,8 @@ from torch import nn
 
 from dtensor_plus.dtensor import DTensor
 
+from .data_local import DTENSOR_PATH
+
 __all__ = ["MixedPrecision", "mixed_precision"]
 
 
@@ -81,6 +83,7 @@ def mixed_precision(module: nn.Module, policy: MixedPrecision, *, reduce_gradien
         )
     module.register_forward_pre_hook(lambda mod, args: _cast_inputs(args, policy.param_dtype))
     for owner in module.modules():
+        owner.__dict__[DTENSOR_PATH] = True  # replicate's local compute would reduce in the masters' dtype
         names = [n for n, p in owner._parameters.items() if p is not None and p.is_floating_point()]
         if names:
             _install(owner, names, policy.param_dtype, reduce_dtype, reduce_gradients)

@@ -1,0 +1,266 @@
+"""Data parallelism's forward on each rank's own rows: no DTensor dispatch on the dp mesh dim (``replicate``'s
+``local_compute``).
+
+Why: on the dp mesh dim a replicated module's activations are only batch-sharded and its parameters whole, so
+every op's rule there answers "Shard(0) stays Shard(0), nothing moves": per-op dispatch on dp decides nothing
+and costs a key, a cache lookup and a wrap per op (data parallelism measured 2-5x DDP's step time). So around
+the module's forward, the dp mesh dim is dropped and put back at the module's boundary:
+
+    parameters, buffers    DTensors at rest (Replicate on dp). For compute each is bound (the attribute the
+                           module's code reads, as ZeRO-3 binds its gathered wholes) to its view without dp:
+                           on a 1-D dp mesh the plain local block, on (dp, tp) a DTensor on mesh["tp"] holding
+                           the same block (the tp rules still decide, over the other mesh dims only).
+    inputs                 a DTensor Shard(0) on dp becomes this rank's rows (Replicate on dp: the whole), the
+                           other mesh dims kept.
+    outputs                every tensor output is wrapped back: Shard(0) on dp with the global batch size read
+                           from the inputs' specs, so a loss the user computes on it is the exact mean over the
+                           global batch, uneven batches included.
+    gradients              the view's backward hands the parameter a gradient Partial(sum) on dp (each rank's
+                           rows' contribution), which replicate()'s buckets all-reduce while backward goes on
+                           (layouts/data.py); .grad ends in the parameter's layout, as before.
+
+A forward takes the DTensor path instead (every op dispatched on the whole mesh, exact as one device) when this
+view cannot be exact or is not known to be: under ``dtensor_plus.manual_seed(..., strict=True)`` (random ops
+drawn as one device would need the global view), when no input is a DTensor Shard(0) on dp, when an input is a
+plain tensor with dims (whose rows are unknown) or a DTensor on another mesh or with another dp placement,
+when a parameter or buffer is not Replicate on dp (ZeRO-3, experts sharded on dp), or under ``mixed_precision``
+(its casts reduce gradients in ``reduce_dtype`` on the DTensor path; marked ``DTENSOR_PATH``). An output tensor whose first
+dim is not the batch (a loss computed inside forward) cannot be put back exactly and raises, naming the fix.
+
+Random ops in the local forward (dropout) draw from torch's generator, forked for the forward and seeded by
+(dtensor_plus's seed, a forward counter, this rank's dp coordinate): dp ranks draw different masks and runs
+repeat, as in the DTensor path's default mode (the draws themselves differ from that path's).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from dtensor_plus import random as dtp_random
+from dtensor_plus.dispatcher import DISPATCHER
+from dtensor_plus.dtensor import DTensor
+from dtensor_plus.placements import Partial, Replicate, Shard
+from dtensor_plus.redistribute import redistribute_local
+from dtensor_plus.spec import DTensorSpec, TensorMeta
+
+__all__ = ["LocalCompute", "DTENSOR_PATH"]
+
+DTENSOR_PATH = "_dtp_dtensor_path"  # on a module: its forward must take the DTensor path (mixed_precision sets it)
+
+
+class LocalCompute:
+    """The forward pre-hook and hook that run one replicated module on each rank's rows (module docstring)."""
+
+    def __init__(self, mesh, dp_mesh_dim: int):
+        self.mesh, self.k = mesh, dp_mesh_dim
+        others = tuple(n for i, n in enumerate(mesh.mesh_dim_names) if i != dp_mesh_dim)
+        self.sub_mesh = mesh[others] if others else None  # None: the view is a plain tensor
+        self.sub_specs: dict = {}  # a parameter's spec -> its view's spec (parameters keep their specs)
+        self.bound: list | None = None  # (owner, name) bound for the forward in progress
+        self.forwards = 0
+
+    def install(self, module) -> None:
+        module.register_forward_pre_hook(self.pre_forward, with_kwargs=True)
+        module.register_forward_hook(self.post_forward, with_kwargs=True, always_call=True)
+
+    # -- the forward's boundary ---------------------------------------------------------------------------
+
+    def pre_forward(self, module, args, kwargs):
+        if self.bound is not None:  # called again from inside its own forward: already local
+            return None
+        if DISPATCHER.rng_strict:
+            return None
+        flat, tree = tree_flatten((args, kwargs))
+        batch = self._batch(flat)
+        if batch is None:
+            return None
+        entries = self._entries(module)
+        if entries is None:
+            return None
+        self.batch, self.bound = batch, []
+        views: dict = {}
+        for owner, name, t in entries:
+            view = views.get(id(t))
+            if view is None:
+                view = views[id(t)] = self._view(t)
+            owner.__dict__[name] = view  # attribute lookup finds __dict__ before Module.__getattr__'s tables
+            self.bound.append((owner, name))
+        self._fork_rng()
+        local = [_DropDp.apply(t, self._input_spec(t), self.k) if isinstance(t, DTensor) else t for t in flat]
+        return tree_unflatten(local, tree)
+
+    def post_forward(self, module, args, kwargs, out):
+        if self.bound is None:
+            return None
+        bound, self.bound = self.bound, None
+        for owner, name in bound:
+            owner.__dict__.pop(name, None)
+        self._restore_rng()
+        flat, tree = tree_flatten(out)
+        return tree_unflatten([self._wrap(t) if isinstance(t, torch.Tensor) else t for t in flat], tree)
+
+    # -- what may take the local path ---------------------------------------------------------------------
+
+    def _batch(self, flat):
+        """(global rows, this rank's rows) of the inputs' batch, or None when the forward must take the DTensor
+        path (the module docstring's list)."""
+        batch = None
+        for t in flat:
+            if not isinstance(t, torch.Tensor):
+                continue
+            if not isinstance(t, DTensor):
+                if t.ndim:
+                    return None
+                continue
+            spec = t._spec
+            if spec.mesh != self.mesh:
+                return None
+            on_dp = spec.placements[self.k]
+            if on_dp.is_replicate():
+                continue
+            if not on_dp.is_shard(0):
+                return None
+            if any(i != self.k and (p.is_shard(0) or p.is_strided_shard()) for i, p in enumerate(spec.placements)):
+                return None  # dim 0 split further on another mesh dim: keep the whole-mesh view
+            rows = (spec.shape[0], t._local_tensor.shape[0])
+            if batch is not None and batch != rows:
+                return None
+            batch = rows
+        return batch
+
+    def _entries(self, module):
+        """(owner, name, tensor) of every parameter and DTensor buffer, or None if one is not Replicate on dp."""
+        entries = []
+        for owner in module.modules():
+            if owner.__dict__.get(DTENSOR_PATH):
+                return None
+            for table in (owner._parameters, owner._buffers):
+                for name, t in table.items():
+                    if t is None:
+                        continue
+                    if not isinstance(t, DTensor):
+                        if table is owner._parameters:
+                            return None
+                        continue  # a plain buffer is the same on every rank already
+                    if t._spec.mesh != self.mesh or not t._spec.placements[self.k].is_replicate():
+                        return None
+                    entries.append((owner, name, t))
+        return entries
+
+    # -- views ----------------------------------------------------------------------------------------------
+
+    def _view(self, t: DTensor):
+        spec = self.sub_specs.get(t._spec)
+        if spec is None:
+            spec = self.sub_specs[t._spec] = self._sub_spec(t._spec, t._spec.shape)
+        if t.requires_grad and torch.is_grad_enabled():
+            return _DropDp.apply(t, spec, self.k)
+        return t._local_tensor if spec is None else DTensor(t._local_tensor, spec)
+
+    def _input_spec(self, t: DTensor):
+        shape = list(t._spec.shape)
+        if t._spec.placements[self.k].is_shard():
+            shape[0] = self.batch[1]
+        return self._sub_spec(t._spec, shape)
+
+    def _sub_spec(self, spec: DTensorSpec, shape):
+        """``spec`` without the dp mesh dim, with ``shape``; None on a 1-D dp mesh (the view is plain)."""
+        if self.sub_mesh is None:
+            return None
+        placements = tuple(p for i, p in enumerate(spec.placements) if i != self.k)
+        stride = _contiguous_stride(shape)
+        return DTensorSpec(self.sub_mesh, placements, TensorMeta(torch.Size(shape), stride, spec.dtype))
+
+    def _wrap(self, t: torch.Tensor) -> DTensor:
+        """An output back on the whole mesh: Shard(0) on dp, the global batch's rows."""
+        rows, mine = self.batch
+        if t.ndim == 0 or t.shape[0] != mine:
+            raise ValueError(
+                f"replicate(local_compute=True): the module returned a tensor of shape {tuple(t.shape)} whose first "
+                f"dim is not this rank's {mine} rows of the batch, so it cannot be put back as the global batch "
+                f"(a loss computed inside forward is a mean over this rank's rows only). Compute it outside the "
+                f"module on the returned batch, or pass replicate(..., local_compute=False)")
+        placements, shape = [Shard(0)] * self.mesh.ndim, [rows, *t.shape[1:]]
+        if isinstance(t, DTensor):
+            sub = list(t._spec.placements)
+            placements = [Shard(0) if i == self.k else sub.pop(0) for i in range(self.mesh.ndim)]
+        else:
+            placements = [Shard(0) if i == self.k else Replicate() for i in range(self.mesh.ndim)]
+        spec = DTensorSpec(self.mesh, tuple(placements), TensorMeta(torch.Size(shape), _contiguous_stride(shape), t.dtype))
+        return _AddDp.apply(t, spec, self.k)
+
+    def _fork_rng(self) -> None:
+        """Random draws for this forward: torch's generator forked and seeded per dp rank and forward; on a
+        sub-mesh, dtensor_plus's seed mixed with the dp coordinate (module docstring). Undone by _restore_rng."""
+        self.forwards += 1
+        coordinate = self.mesh.get_coordinate()[self.k]
+        seed = DISPATCHER.rng_seed
+        self.rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.mesh.device_type == "cuda" else [])
+        self.rng.__enter__()
+        torch.manual_seed(dtp_random._mix(torch.initial_seed() if seed is None else seed, self.forwards, coordinate))
+        self.saved_seed = seed
+        if seed is not None and self.sub_mesh is not None:
+            DISPATCHER.rng_seed = dtp_random._mix(seed, coordinate)
+
+    def _restore_rng(self) -> None:
+        if self.saved_seed is not None and self.sub_mesh is not None:
+            DISPATCHER.rng_seed = self.saved_seed
+        self.rng.__exit__(None, None, None)
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+class _DropDp(torch.autograd.Function):
+    """forward: a DTensor on the whole mesh -> the same block without the dp mesh dim (plain, or a DTensor on the
+    sub-mesh of the others) / backward: that view's gradient -> a DTensor on the whole mesh, Shard(0) on dp for a
+    batch-sharded input, Partial(sum) on dp for a replicated one (each rank's rows' contribution)."""
+
+    @staticmethod
+    def forward(ctx, t, sub_spec, k):
+        ctx.spec, ctx.k = t._spec, k
+        local = t._local_tensor.view_as(t._local_tensor)
+        return local if sub_spec is None else DTensor(local, sub_spec, requires_grad=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        spec, k = ctx.spec, ctx.k
+        on_dp = spec.placements[k]
+        on_dp = on_dp if on_dp.is_shard() else Partial()
+        if isinstance(grad, DTensor):
+            sub = list(grad._spec.placements)
+            placements = tuple(on_dp if i == k else sub.pop(0) for i in range(spec.mesh.ndim))
+            grad = grad._local_tensor
+        else:
+            placements = tuple(on_dp if i == k else Replicate() for i in range(spec.mesh.ndim))
+        return DTensor(grad, spec.with_placements(placements)), None, None
+
+
+class _AddDp(torch.autograd.Function):
+    """forward: a local output -> a DTensor on the whole mesh, Shard(0) on dp / backward: its gradient moved to
+    Shard(0) on dp (Partial on other mesh dims may stay), returned without the dp mesh dim."""
+
+    @staticmethod
+    def forward(ctx, t, spec, k):
+        ctx.k, ctx.sub_spec = k, t._spec if isinstance(t, DTensor) else None
+        local = t._local_tensor if isinstance(t, DTensor) else t
+        return DTensor(local.view_as(local), spec, requires_grad=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        k, placements = ctx.k, list(grad._spec.placements)
+        placements[k] = Shard(0)
+        if ctx.sub_spec is None:
+            placements = [Replicate()] * len(placements)
+            placements[k] = Shard(0)
+        local = redistribute_local(grad._local_tensor, grad._spec, tuple(placements))
+        if ctx.sub_spec is None:
+            return local, None, None
+        sub = tuple(p for i, p in enumerate(placements) if i != k)
+        return DTensor(local, ctx.sub_spec.with_placements(sub)), None, None
+

@@ -1,0 +1,105 @@
+"""An element-wise optimizer steps a replicated module's parameters on their local blocks (``replicate``'s
+``local_compute``).
+
+Why: AdamW written per parameter (foreach=False) issues about ten ops per parameter; on DTensor parameters each
+is a dispatch that only says "the same op on every block", which cost data parallelism several times DDP's
+optimizer step. For an optimizer whose update of each element reads only that element (SGD, Adam, AdamW,
+Adagrad, RMSprop, Adamax, NAdam, RAdam), the step on each block is the block of the step on the whole, whatever
+the layout, once each gradient is in its parameter's layout (replicate's buckets see to that). So a global
+optimizer-step pre-hook swaps, for the step only, every parameter ``replicate`` laid out (tagged
+``_dtp_local_step``) for its local block, its gradient for the gradient's block and its state tensors for
+theirs; the post-hook swaps back, wrapping state tensors the step created as DTensors in the parameter's layout.
+Between steps nothing changed: parameters, gradients and optimizer state are DTensors in their layouts.
+
+An optimizer steps on DTensors as before when it is another class (LAMB's norms or Muon's matrices read more
+than one element; ZeroRedundancyOptimizer reduce-scatters), when one of its parameters is a DTensor replicate did
+not lay out, or when a gradient is not in its parameter's layout (still Partial: reduce_in_backward=False
+without sync_gradients), so that the DTensor ops reduce it as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from dtensor_plus.dtensor import DTensor
+from dtensor_plus.spec import DTensorSpec, TensorMeta
+
+__all__ = ["TAG", "install", "ELEMENTWISE"]
+
+TAG = "_dtp_local_step"  # on a Parameter's __dict__: replicate laid it out, its step may run on its block
+_SWAPPED = "_dtp_local_step_swapped"  # on an optimizer during its step: [(group, index, param, local)]
+ELEMENTWISE = tuple(getattr(torch.optim, name) for name in
+                    ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam"))
+_PER_ELEMENT = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg",
+                          "sum", "exp_inf"})
+_installed: list = []  # the two hook handles, once per process
+
+
+def install() -> None:
+    """Register the global step hooks (once)."""
+    if not _installed:
+        _installed.extend([register_optimizer_step_pre_hook(_pre_step), register_optimizer_step_post_hook(_post_step)])
+
+
+def _stepped(optimizer) -> list | None:
+    """(group, index, param) of every parameter with a gradient, or None if the step must stay on DTensors."""
+    if type(optimizer) not in ELEMENTWISE:
+        return None
+    found = []
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if not isinstance(p, DTensor):
+                continue
+            if not p.__dict__.get(TAG):
+                return None
+            grad = p.grad
+            if grad is None:
+                continue
+            if not isinstance(grad, DTensor) or grad._spec.placements != p._spec.placements:
+                return None
+            found.append((group, i, p))
+    return found or None
+
+
+def _pre_step(optimizer, args, kwargs) -> None:
+    stepped = _stepped(optimizer)
+    if stepped is None:
+        return
+    swapped, state = [], optimizer.state
+    for group, i, p in stepped:
+        local = p._local_tensor
+        local.grad = p.grad._local_tensor
+        group["params"][i] = local
+        before = state.pop(p, None) or {}
+        if before:
+            state[local] = {k: v._local_tensor if isinstance(v, DTensor) else v for k, v in before.items()}
+        swapped.append((group, i, p, local, before))
+    optimizer.__dict__[_SWAPPED] = swapped
+
+
+def _post_step(optimizer, args, kwargs) -> None:
+    swapped = optimizer.__dict__.pop(_SWAPPED, None)
+    if swapped is None:
+        return
+    state = optimizer.state
+    for group, i, p, local, before in swapped:
+        group["params"][i] = p
+        local.grad = None
+        if local in state:
+            # Updated in place (exp_avg.lerp_): the DTensor that held the block before the step holds it still
+            state[p] = {k: before[k] if isinstance(before.get(k), DTensor) and before[k]._local_tensor is v
+                        else _as_dtensor(k, v, local, p._spec) for k, v in state.pop(local).items()}
+
+
+def _as_dtensor(key: str, value, local: torch.Tensor, spec: DTensorSpec):
+    """A state tensor shaped like the parameter's block (exp_avg, momentum_buffer) as a DTensor in the
+    parameter's layout; anything else (the step count, NAdam's mu_product) as it is."""
+    if not isinstance(value, torch.Tensor) or isinstance(value, DTensor) or value.shape != local.shape:
+        return value
+    if not value.ndim and key not in _PER_ELEMENT:  # a 0-d parameter: only its per-element state is laid out
+        return value
+    if value.dtype != spec.dtype:
+        meta = spec.tensor_meta
+        spec = DTensorSpec(spec.mesh, spec.placements, TensorMeta(meta.shape, meta.stride, value.dtype))
+    return DTensor(value, spec)
