@@ -28,7 +28,7 @@ when a parameter or buffer is not Replicate on dp (ZeRO-3, experts sharded on dp
 dim is not the batch (a loss computed inside forward) cannot be put back exactly and raises, naming the fix.
 
 Random ops in the local forward (dropout) draw from torch's generator, forked for the forward and seeded by
-(dtensor_plus's seed, a forward counter, this rank's dp coordinate): dp ranks draw different masks and runs
+(dtensor_plus's seed and op counter, this rank's dp coordinate): dp ranks draw different masks and runs
 repeat, as in the DTensor path's default mode (the draws themselves differ from that path's).
 """
 
@@ -58,7 +58,6 @@ class LocalCompute:
         self.sub_mesh = mesh[others] if others else None  # None: the view is a plain tensor
         self.sub_specs: dict = {}  # a parameter's spec -> its view's spec (parameters keep their specs)
         self.bound: list | None = None  # (owner, name) bound for the forward in progress
-        self.forwards = 0
 
     def install(self, module) -> None:
         module.register_forward_pre_hook(self.pre_forward, with_kwargs=True)
@@ -193,12 +192,12 @@ class LocalCompute:
     def _fork_rng(self) -> None:
         """Random draws for this forward: torch's generator forked and seeded per dp rank and forward; on a
         sub-mesh, dtensor_plus's seed mixed with the dp coordinate (module docstring). Undone by _restore_rng."""
-        self.forwards += 1
+        DISPATCHER.rng_counter += 1  # like a random op: manual_seed resets it, so a rerun draws the same
         coordinate = self.mesh.get_coordinate()[self.k]
         seed = DISPATCHER.rng_seed
         self.rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.mesh.device_type == "cuda" else [])
         self.rng.__enter__()
-        torch.manual_seed(dtp_random._mix(torch.initial_seed() if seed is None else seed, self.forwards, coordinate))
+        torch.manual_seed(dtp_random._mix(torch.initial_seed() if seed is None else seed, DISPATCHER.rng_counter, coordinate))
         self.saved_seed = seed
         if seed is not None and self.sub_mesh is not None:
             DISPATCHER.rng_seed = dtp_random._mix(seed, coordinate)
