@@ -23,8 +23,9 @@ A forward takes the DTensor path instead (every op dispatched on the whole mesh,
 view cannot be exact or is not known to be: under ``dtensor_plus.manual_seed(..., strict=True)`` (random ops
 drawn as one device would need the global view), when no input is a DTensor Shard(0) on dp, when an input is a
 plain tensor with dims (whose rows are unknown) or a DTensor on another mesh or with another dp placement,
-when a parameter or buffer is not Replicate on dp (ZeRO-3, experts sharded on dp), or under ``mixed_precision``
-(its casts reduce gradients in ``reduce_dtype`` on the DTensor path; marked ``DTENSOR_PATH``). An output tensor whose first
+when a parameter or buffer is not Replicate on dp (ZeRO-3, experts sharded on dp), under ``mixed_precision``
+(its casts reduce gradients in ``reduce_dtype`` on the DTensor path) or with a ``MoE`` layer inside (routing
+statistics and capacity over the global batch): both marked ``DTENSOR_PATH``. An output tensor whose first
 dim is not the batch (a loss computed inside forward) cannot be put back exactly and raises, naming the fix.
 
 Random ops in the local forward (dropout) draw from torch's generator, forked for the forward and seeded by
@@ -46,7 +47,7 @@ from dtensor_plus.spec import DTensorSpec, TensorMeta
 
 __all__ = ["LocalCompute", "DTENSOR_PATH"]
 
-DTENSOR_PATH = "_dtp_dtensor_path"  # on a module: its forward must take the DTensor path (mixed_precision sets it)
+DTENSOR_PATH = "_dtp_dtensor_path"  # on a module or its class: take the DTensor path (mixed_precision, MoE)
 
 
 class LocalCompute:
@@ -132,7 +133,7 @@ class LocalCompute:
         """(owner, name, tensor) of every parameter and DTensor buffer, or None if one is not Replicate on dp."""
         entries = []
         for owner in module.modules():
-            if owner.__dict__.get(DTENSOR_PATH):
+            if owner.__dict__.get(DTENSOR_PATH) or getattr(type(owner), DTENSOR_PATH, False):
                 return None
             for table in (owner._parameters, owner._buffers):
                 for name, t in table.items():

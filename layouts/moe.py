@@ -74,6 +74,10 @@ class MoE(nn.Module):
     tensor, e.g. to print the balance).
     """
 
+    # Its routing statistics, losses and capacity are over the global batch: replicate's local compute (each
+    # rank's rows only) must leave a module holding it to the DTensor path.
+    _dtp_dtensor_path = True
+
     def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int = 2, *,
                  capacity_factor: float | None = None, jitter: float = 0.0, aux_loss_coef: float = 0.01,
                  z_loss_coef: float = 0.001, renormalize: bool = True):
