@@ -21,6 +21,10 @@ inputs are DTensors on the 2-D mesh (batch Shard(0) on dp, ``shard_batch``). The
 with mesh["tp"]; they accept inputs on the mesh it was sliced from and lay out only the tp mesh dim
 (layouts/tensor.py ``_style_mesh_dim``), so dp placements pass through them untouched.
 
+Local compute (``local_compute=True``, the default): the forward runs on each rank's rows with the dp mesh dim
+dropped (layouts/data_local.py) and an element-wise optimizer steps the parameters on their blocks
+(layouts/local_step.py): DDP's work per step, with the same layouts at rest and the same exact loss.
+
 Example::
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
