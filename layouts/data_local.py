@@ -26,7 +26,10 @@ plain tensor with dims (whose rows are unknown) or a DTensor on another mesh or 
 when a parameter or buffer is not Replicate on dp (ZeRO-3, experts sharded on dp), under ``mixed_precision``
 (its casts reduce gradients in ``reduce_dtype`` on the DTensor path) or with a ``MoE`` layer inside (routing
 statistics and capacity over the global batch): both marked ``DTENSOR_PATH``. An output tensor whose first
-dim is not the batch (a loss computed inside forward) cannot be put back exactly and raises, naming the fix.
+dim is not the batch (a loss computed inside forward, as Hugging Face models do with ``labels=``) cannot be put
+back exactly: that call's local outputs are dropped, the forward runs again on the DTensor path, and the module
+is marked ``DTENSOR_PATH`` from then on (one warning says so). Never a wrong value, never an error for a model
+the DTensor path runs.
 
 Random ops in the local forward (dropout) draw from torch's generator, forked for the forward and seeded by
 (dtensor_plus's seed and op counter, this rank's dp coordinate): dp ranks draw different masks and runs
@@ -34,6 +37,8 @@ repeat, as in the DTensor path's default mode (the draws themselves differ from 
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -78,7 +83,7 @@ class LocalCompute:
         entries = self._entries(module)
         if entries is None:
             return None
-        self.batch, self.bound = batch, []
+        self.batch, self.bound, self.call = batch, [], (args, kwargs)
         views: dict = {}
         for owner, name, t in entries:
             view = views.get(id(t))
@@ -94,11 +99,29 @@ class LocalCompute:
         if self.bound is None:
             return None
         bound, self.bound = self.bound, None
+        (args, kwargs), self.call = self.call, None
         for owner, name in bound:
             owner.__dict__.pop(name, None)
         self._restore_rng()
         flat, tree = tree_flatten(out)
+        rows = self.batch[1]
+        if any(isinstance(t, torch.Tensor) and (t.ndim == 0 or t.shape[0] != rows) for t in flat):
+            return self._rerun_on_dtensors(module, args, kwargs, flat)
         return tree_unflatten([self._wrap(t) if isinstance(t, torch.Tensor) else t for t in flat], tree)
+
+    def _rerun_on_dtensors(self, module, args, kwargs, flat):
+        """A tensor output that is not this rank's rows (a loss computed inside forward: a mean over this rank's
+        rows only) cannot be put back exactly: drop this call's outputs, mark the module, run it again on the
+        DTensor path (whose every op sees the global batch)."""
+        shapes = [tuple(t.shape) for t in flat if isinstance(t, torch.Tensor)]
+        warnings.warn(
+            f"replicate(local_compute=True): {type(module).__name__} returned tensors of shapes {shapes}, not all "
+            f"batch rows (a loss computed inside forward?), which the local path cannot put back exactly; this module "
+            f"runs on the DTensor path from now on (exact, slower). Compute the loss outside the module on the "
+            f"returned batch to keep the fast path, or pass replicate(..., local_compute=False) to say so up front",
+            stacklevel=3)
+        module.__dict__[DTENSOR_PATH] = True
+        return module(*args, **kwargs)
 
     # -- what may take the local path ---------------------------------------------------------------------
 
@@ -174,13 +197,7 @@ class LocalCompute:
 
     def _wrap(self, t: torch.Tensor) -> DTensor:
         """An output back on the whole mesh: Shard(0) on dp, the global batch's rows."""
-        rows, mine = self.batch
-        if t.ndim == 0 or t.shape[0] != mine:
-            raise ValueError(
-                f"replicate(local_compute=True): the module returned a tensor of shape {tuple(t.shape)} whose first "
-                f"dim is not this rank's {mine} rows of the batch, so it cannot be put back as the global batch "
-                f"(a loss computed inside forward is a mean over this rank's rows only). Compute it outside the "
-                f"module on the returned batch, or pass replicate(..., local_compute=False)")
+        rows, _ = self.batch  # every output has this rank's rows: post_forward checked
         placements, shape = [Shard(0)] * self.mesh.ndim, [rows, *t.shape[1:]]
         if isinstance(t, DTensor):
             sub = list(t._spec.placements)

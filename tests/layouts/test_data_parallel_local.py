@@ -8,6 +8,7 @@ Legend: B batch, T sequence, D model width, F MLP width.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -191,19 +192,31 @@ class _LossInside(nn.Module):
 
 
 def _loss_inside_rank():
+    """A loss computed inside forward (Hugging Face with labels=): the call reruns on the DTensor path, once warned,
+    and stays there; the loss and the gradients equal one device over uneven batches."""
     mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
-    model = replicate(_LossInside(), mesh)
-    with pytest.raises(ValueError, match="local_compute=False"):
-        model(shard_batch(torch.randn(4, T, D), mesh))
     torch.manual_seed(0)
-    exact = replicate(_LossInside(), mesh, local_compute=False)
-    torch.manual_seed(0)
-    want = _LossInside()(torch.ones(4, T, D))
-    torch.testing.assert_close(exact(shard_batch(torch.ones(4, T, D), mesh)).full_tensor(), want)
+    single = _LossInside()
+    model = replicate(copy.deepcopy(single), mesh)
+    for batch in (5, 3):  # uneven: 3 + 2 rows, then 2 + 1
+        x = torch.randn(batch, T, D, generator=torch.Generator().manual_seed(batch))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = model(shard_batch(x, mesh))
+        single.zero_grad()
+        want = single(x)
+        want.backward()
+        loss.backward()
+        torch.testing.assert_close(loss.full_tensor(), want)
+        for p, q in zip(model.parameters(), single.parameters()):
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad)
+            p.grad = None
+        warned = [w for w in caught if "DTensor path from now on" in str(w.message)]
+        assert len(warned) == (1 if batch == 5 else 0), [str(w.message) for w in caught]
     return True
 
 
-def test_a_loss_computed_inside_forward_raises_naming_the_fix():
+def test_a_loss_computed_inside_forward_reruns_on_the_dtensor_path_exactly():
     assert all(run_on_ranks(2, _loss_inside_rank))
 
 
