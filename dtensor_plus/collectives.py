@@ -13,6 +13,9 @@ Uneven shards follow torch.chunk: every piece is padded to ceil(size / n) before
 result is cut back. Because torch.chunk pieces are full-size up to the last non-empty one, the valid rows of
 a gathered buffer are always its first ``size`` rows.
 
+Under torch.compile (a traced block) each c10d call becomes a functional collective copied into the same buffer
+(``traced_collectives.py``), uncounted: a trace runs once, its graph many times.
+
 Usage::
 
     with comm_mode() as comm:
@@ -32,7 +35,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from . import debug, explicit
+from . import debug, explicit, traced_collectives
 from .dispatcher import DISPATCHER
 from .placements import chunk_bounds
 
@@ -130,7 +133,7 @@ def record_fallback(op_name: str) -> None:
 def _record(collective: str, mesh, mesh_dim: int, num_bytes: float) -> None:
     if DISPATCHER.explicit_depth:  # auditing: an op's own collective raises here, before it runs, on every rank
         explicit.check_collective(collective, mesh.mesh_dim_name(mesh_dim))
-    if DISPATCHER.comm_counters:
+    if DISPATCHER.comm_counters and not traced_collectives.is_traced():  # a trace runs once, not per call: uncounted
         name = mesh.mesh_dim_name(mesh_dim)
         # The op whose input moves or declared communication issue it (None outside any op: a layout's hook).
         op = DISPATCHER.op_stack[-1][0] if DISPATCHER.op_stack else None
@@ -143,6 +146,8 @@ def _run(collective: str, mesh, mesh_dim: int, fn, *args, **kwargs):
     the ranks that did not report in. Returns what c10d returns (the work handle when ``async_op=True``).
     In the divergence-checking debug mode, first checks all ranks of the group are at the same call."""
     group = mesh.get_group(mesh_dim)
+    if traced_collectives.is_traced(args[0]):  # torch.compile: the functional collective (no check, no handle)
+        return traced_collectives.run_functional(fn, *args, group=group, **kwargs)
     try:
         if debug.divergence_checking():
             _check_same_call(collective, mesh, mesh_dim, group)

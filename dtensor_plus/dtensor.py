@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from . import grad_layout, local_blocks, serialization
+from . import grad_layout, local_blocks, serialization, traced_collectives, tracing
 from .dispatcher import DISPATCHER
 from .mesh import mesh_or_current
 from .placements import Placement, Shard
@@ -94,6 +94,35 @@ class DTensor(torch.Tensor):
         torch._C.TensorBase.data.__set__(self, new)
         if isinstance(new, DTensor):
             self._local_tensor, self._spec = new._local_tensor, new._spec
+            grad_layout.follow_layout(self)
+
+    # -- torch.compile: a traceable wrapper subclass --------------------------------------------------------
+
+    def __tensor_flatten__(self):
+        """The block is the one inner tensor; the spec (mesh, placements, global metadata) is the constant
+        context, which Dynamo guards on by equality and AOTAutograd hands back to ``__tensor_unflatten__``."""
+        return ["_local_tensor"], (self._spec, self.requires_grad)
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, context, outer_size, outer_stride):
+        spec, requires_grad = context
+        meta = TensorMeta(torch.Size(outer_size), tuple(outer_stride), spec.dtype)
+        return DTensor(inner_tensors["_local_tensor"], DTensorSpec(spec.mesh, spec.placements, meta),
+                       requires_grad=requires_grad)
+
+    def __coerce_tangent_metadata__(self) -> DTensor:
+        """AOTAutograd guesses a compiled output's gradient laid out like this: never Partial (a gradient comes
+        back whole, as the backward of ``redistribute`` gives it)."""
+        return self._moved(without_partial(self._spec.placements))
+
+    def __coerce_same_metadata_as_tangent__(self, context, expected_type=None):
+        """The gradient autograd passed, moved to the layout AOTAutograd traced the backward for."""
+        return None if expected_type is not None else self._moved(context[0].placements)
+
+    def _moved(self, placements) -> DTensor:
+        if placements == self._spec.placements:
+            return self
+        return DTensor(redistribute_local(self._local_tensor, self._spec, placements), self._spec.with_placements(placements))
 
     # Ops reach us as aten ops, after autograd; torch-function overrides are not needed.
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -162,6 +191,13 @@ class DTensor(torch.Tensor):
         device_mesh = mesh_or_current(device_mesh, "DTensor.from_local")
         placements = placements if placements is not None else replicated(device_mesh.ndim)
         placements = normalize_placements(placements, device_mesh, local_tensor.ndim)
+        if traced_collectives.is_traced(local_tensor) and (run_check or (shape is None and any(
+                isinstance(p, Shard) for p in placements))):
+            raise RuntimeError(
+                "DTensor.from_local inside torch.compile needs the global shape: pass shape= (and stride=) or build "
+                "the DTensor before the compiled region. Checking the blocks across ranks (run_check=True, or the "
+                "check of guessed even blocks at first use) reads sizes a trace does not have."
+            )
         guessed = False
         if run_check and device_mesh.get_coordinate() is not None:  # a rank outside the mesh takes no part
             global_shape = local_blocks.checked_global_shape(local_tensor, device_mesh, placements)
@@ -230,6 +266,16 @@ class DTensor(torch.Tensor):
     # deepcopy does not come here (torch's wrapper-subclass deepcopy clones).
     def __reduce_ex__(self, protocol):
         return rebuild_dtensor, serialization.saved_fields(self)
+
+
+def _mark_front_doors() -> None:
+    """Under torch.compile Dynamo records these calls and AOTAutograd traces them (tracing.py)."""
+    for name in ("to_local", "redistribute", "full_tensor"):
+        setattr(DTensor, name, tracing.nonstrict(DTensor.__dict__[name]))
+    DTensor.from_local = staticmethod(tracing.nonstrict(DTensor.__dict__["from_local"].__func__))
+
+
+tracing.after_dynamo_import(_mark_front_doors)
 
 
 def _stride_like(local: torch.Tensor, shape) -> tuple[int, ...]:

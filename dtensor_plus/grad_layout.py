@@ -28,15 +28,13 @@ the plain whole tensor one device computes, reduced once per backward.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .placements import Placement, Replicate
 from .placement_tuples import replicated
 from .redistribute import redistribute_local
 
-__all__ = ["keep_leaf_layout", "keep_plain_gradient", "leaf_grad_placements", "plain_gradient"]
+__all__ = ["follow_layout", "keep_leaf_layout", "keep_plain_gradient", "leaf_grad_placements", "plain_gradient"]
 
 _HOOKED = "_dtensor_plus_grad_layout_hook"  # attribute marking a leaf that already has the hook
 
@@ -51,15 +49,16 @@ def leaf_grad_placements(leaf: tuple[Placement, ...], grad: tuple[Placement, ...
 
 def keep_leaf_layout(tensor) -> None:
     """Install the hook on ``tensor`` (a DTensor leaf that requires grad) unless it has it already."""
-    if getattr(tensor, _HOOKED, False) or tensor.grad_fn is not None or not tensor.requires_grad:
+    if getattr(tensor, _HOOKED, None) is not None or tensor.grad_fn is not None or not tensor.requires_grad:
         return
-    leaf = weakref.ref(tensor)  # the hook must not keep its own tensor alive
+    # The hook holds the leaf's placements, not the leaf: a tensor its own hook kept alive would never be freed,
+    # and a weak reference to it would stop nn.Module.to() from swapping it (torch swaps traceable subclasses).
+    layout = [tensor._spec.placements]  # follow_layout updates it when `.data =` gives the leaf another layout
 
     def to_leaf_layout(grad):
-        owner = leaf()
-        if owner is None or not hasattr(grad, "_spec"):
+        if not hasattr(grad, "_spec"):
             return grad
-        target = leaf_grad_placements(owner._spec.placements, grad._spec.placements)
+        target = leaf_grad_placements(layout[0], grad._spec.placements)
         if target == grad._spec.placements:
             return grad
         if torch.is_grad_enabled():  # create_graph=True: the move itself must be differentiable
@@ -69,7 +68,14 @@ def keep_leaf_layout(tensor) -> None:
         return type(grad)(redistribute_local(grad._local_tensor, grad._spec, target), grad._spec.with_placements(target))
 
     tensor.register_hook(to_leaf_layout)
-    setattr(tensor, _HOOKED, True)
+    setattr(tensor, _HOOKED, layout)
+
+
+def follow_layout(tensor) -> None:
+    """After ``tensor``'s spec changed in place (``.data = other``), its hook moves gradients to the new layout."""
+    layout = getattr(tensor, _HOOKED, None)
+    if layout is not None:
+        layout[0] = tensor._spec.placements
 
 
 _PLAIN_HOOKED = "_dtensor_plus_plain_grad_hook"

@@ -322,6 +322,12 @@ class DeviceMesh:
     def __exit__(self, *exc_info) -> None:
         DISPATCHER.entered_meshes.pop()
 
+    def __fx_repr__(self) -> tuple[str, dict]:
+        """How a compiled graph names this mesh: the live mesh of this layout (``live_mesh``), found again when
+        the graph's code is made (torch.compile keeps meshes as constants: tracing.py)."""
+        return (f"live_mesh({self.device_type!r}, {self.mesh.tolist()}, {self.mesh_dim_names!r})",
+                {"live_mesh": live_mesh})
+
     def __repr__(self) -> str:
         names = f", mesh_dim_names={self.mesh_dim_names}" if self.mesh_dim_names else ""
         return f"DeviceMesh({self.device_type!r}, {self.mesh.tolist()}{names})"

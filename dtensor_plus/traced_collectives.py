@@ -1,0 +1,82 @@
+"""Collectives under torch.compile: the c10d calls of ``collectives.py`` as functional collectives.
+
+``collectives.py`` fills buffers in place with c10d calls (``dist.all_reduce(out)``...). A tracer cannot use
+those: Dynamo and AOTAutograd see a mutation of a buffer through an opaque process-group object, and the
+graph they make neither equals eager nor lets Inductor schedule the collective. Under tracing each call goes
+instead through PyTorch's functional collectives (``torch.ops._c10d_functional``: a new tensor out, then
+``wait_tensor``), on the same process group (by its registered name), and the result is copied into the
+buffer the caller passed, so every collective of ``collectives.py`` keeps its padding, wire dtypes and
+bookkeeping unchanged, and AOTAutograd's functionalization turns that copy into plain data flow.
+
+``is_traced(t)``: whether ``t`` is being traced (Dynamo is compiling, or ``t`` is a fake or functional
+tensor of AOTAutograd's trace) rather than run; the eager path never comes here.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+
+__all__ = ["is_traced", "run_functional"]
+
+_functional = torch.ops._c10d_functional
+_PROXY_MODE = torch._C._TorchDispatchModeKey.PROXY
+_FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
+
+# c10d reduce ops by the names the functional collectives take (gloo has no AVG: collectives.py sums, then divides)
+_REDUCE_NAMES = MappingProxyType({dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max", dist.ReduceOp.MIN: "min",
+                                   dist.ReduceOp.PRODUCT: "product"})
+
+
+def is_traced(t: torch.Tensor | None = None) -> bool:
+    """Is ``t`` a value of a trace (AOTAutograd's fake or functional tensors), or is a trace running (Dynamo
+    compiling, a fake-tensor or make_fx mode entered)? Cheap: a few attribute tests on the eager path."""
+    return (isinstance(t, (FakeTensor, FunctionalTensor)) or torch.compiler.is_compiling()
+            or torch._C._get_dispatch_mode(_FAKE_MODE) is not None or torch._C._get_dispatch_mode(_PROXY_MODE) is not None)
+
+
+def run_functional(fn, *args, group, **kwargs):
+    """What the c10d call ``fn(*args, group=group, **kwargs)`` does to its output buffer, done by a functional
+    collective and a copy into the buffer. ``fn`` is one of the calls ``collectives.py`` makes; returns None
+    (no work handle: a traced collective completes, for the program, at its ``wait_tensor``)."""
+    kwargs.pop("async_op", None)  # the compiler schedules it; the value is the same
+    name, size = group.group_name, dist.get_world_size(group)
+    if fn is dist.all_reduce:
+        (out,) = args
+        out.copy_(_wait(_functional.all_reduce(out, _reduce_name(kwargs), name)))
+    elif fn is dist.broadcast:
+        (out,) = args
+        src = dist.get_group_rank(group, kwargs["src"])  # the functional op takes the rank within the group
+        out.copy_(_wait(_functional.broadcast(out, src, name)))
+    elif fn is dist.all_to_all_single:
+        out, send = args
+        send_splits = kwargs.get("input_split_sizes") or [send.shape[0] // size] * size
+        recv_splits = kwargs.get("output_split_sizes") or [out.shape[0] // size] * size
+        out.copy_(_wait(_functional.all_to_all_single(send, list(recv_splits), list(send_splits), name)))
+    elif fn is dist.scatter:  # no functional scatter: the source's pieces are broadcast, each rank keeps its own
+        out, pieces = args
+        src = dist.get_group_rank(group, kwargs["src"])
+        whole = torch.cat(pieces) if pieces is not None else out.new_empty((size * out.shape[0],) + out.shape[1:])
+        rows = _wait(_functional.broadcast(whole, src, name))
+        out.copy_(rows.narrow(0, dist.get_rank(group) * out.shape[0], out.shape[0]))
+    elif getattr(fn, "__name__", "") in ("all_gather_single", "all_gather_into_tensor"):
+        out, piece = args  # both flat or both stacked along dim 0, as collectives.py lays them out
+        out.copy_(_wait(_functional.all_gather_into_tensor(piece, size, name)).view(out.shape))
+    elif getattr(fn, "__name__", "") in ("reduce_scatter_single", "reduce_scatter_tensor"):
+        out, full = args
+        out.copy_(_wait(_functional.reduce_scatter_tensor(full, _reduce_name(kwargs), size, name)).view(out.shape))
+    else:
+        raise NotImplementedError(f"{getattr(fn, '__name__', fn)} has no functional form for torch.compile yet")
+    return None
+
+
+def _reduce_name(kwargs) -> str:
+    return _REDUCE_NAMES[kwargs.get("op", dist.ReduceOp.SUM)]
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    return _functional.wait_tensor(t)

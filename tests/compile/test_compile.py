@@ -1,0 +1,160 @@
+"""torch.compile over DTensor programs on real gloo ranks: equal to eager, no graph break, no recompilation.
+
+A function of DTensors and a tensor-parallel MLP (forward and backward) compile with ``fullgraph=True`` under
+``aot_eager``; their graphs hold local aten ops and functional collectives only (docs/architecture.md, "Under
+torch.compile"). Inductor compiles the MLP too, but its C++ build takes a minute on a loaded CPU: marked slow.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dtensor_plus import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
+from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel, parallelize_module
+from dtensor_plus.testing import run_on_ranks
+
+
+def _compiled(fn, backend="aot_eager", **kwargs):
+    """``fn`` compiled, with a counter of the graphs Dynamo made and the AOT forward graphs' code."""
+    import torch._dynamo.testing
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    code = []
+
+    def keep(gm, example_inputs):
+        code.append(gm.code)
+        return make_boxed_func(gm)
+
+    inner = aot_autograd(fw_compiler=keep, bw_compiler=keep) if backend == "aot_eager" else backend
+    counter = torch._dynamo.testing.CompileCounterWithBackend(inner)
+    return torch.compile(fn, backend=counter, **kwargs), counter, code
+
+
+def _graph_breaks() -> int:
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+# -- a function of DTensors -------------------------------------------------------------------------------------
+
+
+def _program(x, w):
+    y = (x @ w).relu()  # x Shard(1) @ w Shard(0): Partial, reduced before relu (one all-reduce)
+    z = y.redistribute(placements=[Shard(0)])  # Replicate -> Shard(0): a local slice
+    return (z * 2 + 1).sum()  # Partial, reduced when read
+
+
+def _function_of_dtensors():
+    mesh = init_device_mesh("cpu", (2,))
+    gen = torch.Generator().manual_seed(0)
+    whole_x, whole_w = torch.randn(6, 8, generator=gen), torch.randn(8, 4, generator=gen)
+
+    def leaves():
+        return (distribute_tensor(whole_x.clone().requires_grad_(), mesh, [Shard(1)]),
+                distribute_tensor(whole_w.clone().requires_grad_(), mesh, [Shard(0)]))
+
+    x, w = leaves()
+    eager = _program(x, w)
+    eager.backward()
+    compiled, counter, code = _compiled(_program, fullgraph=True)
+    for _ in range(2):  # the second call must reuse the graph
+        cx, cw = leaves()
+        out = compiled(cx, cw)
+        out.backward()
+        assert isinstance(out, DTensor) and out.placements == eager.placements
+        torch.testing.assert_close(out.full_tensor(), eager.full_tensor(), rtol=1e-6, atol=1e-6)
+        for a, b in ((cx, x), (cw, w)):
+            assert a.grad.placements == b.grad.placements
+            torch.testing.assert_close(a.grad.full_tensor(), b.grad.full_tensor(), rtol=1e-6, atol=1e-6)
+    forward = code[0]
+    return counter.frame_count, _graph_breaks(), "_c10d_functional.all_reduce" in forward, "c10d.allreduce_" in forward
+
+
+def test_function_of_dtensors_compiles_equal_to_eager():
+    for frames, breaks, functional, in_place in run_on_ranks(2, _function_of_dtensors, timeout=120):
+        assert (frames, breaks) == (1, 0)  # one graph, no break, no recompilation on the second call
+        assert functional and not in_place  # the collective is the functional one, not c10d's in-place call
+
+
+# -- a tensor-parallel MLP, forward and backward --------------------------------------------------------------------
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _tensor_parallel_mlp(backend):
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)
+    model = _MLP()
+    parallelize_module(model, mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    eager_model = copy.deepcopy(model)
+    compiled, counter, _ = _compiled(model, backend, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        out, eager = compiled(x), eager_model(x)
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+        out.pow(2).sum().backward()
+        eager.pow(2).sum().backward()
+        for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
+            assert p.grad.placements == q.grad.placements, name
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad.full_tensor(), rtol=1e-6, atol=1e-6, msg=name)
+    return counter.frame_count, _graph_breaks()
+
+
+def test_tensor_parallel_mlp_compiles_equal_to_eager():
+    assert run_on_ranks(2, _tensor_parallel_mlp, "aot_eager", timeout=120) == [(1, 0)] * 2
+
+
+@pytest.mark.slow
+def test_tensor_parallel_mlp_compiles_with_inductor():
+    assert run_on_ranks(2, _tensor_parallel_mlp, "inductor", timeout=600) == [(1, 0)] * 2
+
+
+# -- what breaks the graph ---------------------------------------------------------------------------------------------
+
+
+def _guessing_from_local(x):
+    # from_local without shape= guesses even blocks and checks them across ranks at first use: values a trace lacks
+    return DTensor.from_local(x.to_local() * 2, x.device_mesh, [Shard(0)]).full_tensor()
+
+
+def _from_local_breaks_the_graph():
+    mesh = init_device_mesh("cpu", (2,))
+    x = distribute_tensor(torch.arange(12.0).reshape(6, 2), mesh, [Shard(0)])
+    compiled, _, _ = _compiled(_guessing_from_local)
+    torch.testing.assert_close(compiled(x), _guessing_from_local(x))  # equal: the call ran eagerly
+    return _graph_breaks()
+
+
+@pytest.mark.xfail(strict=True, reason="the graph break itself is right (from_local without shape= runs eagerly), "
+                                       "but Dynamo then fails guarding the mesh in the resumed frame: it meets "
+                                       "the opaque value type as a FakeScriptObject (torch 2.13's EQUALS_MATCH)")
+def test_from_local_without_shape_is_a_counted_graph_break():
+    assert all(breaks >= 1 for breaks in run_on_ranks(2, _from_local_breaks_the_graph, timeout=120))
+
+
+def _times_plain(x, plain):
+    return (x * plain).full_tensor()
+
+
+def _plain_tensor_joins():
+    mesh = init_device_mesh("cpu", (2,))
+    x = distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])
+    compiled, _, _ = _compiled(_times_plain, fullgraph=True)
+    torch.testing.assert_close(compiled(x, torch.full((4, 2), 3.0)), torch.full((4, 2), 3.0))
+
+
+@pytest.mark.xfail(strict=True, reason="plain-tensor joining checks the tensor equal on every rank by its values "
+                                       "(plain_tensors.check_plain reads them with .numpy()), which a trace lacks")
+def test_plain_tensor_joining_compiles():
+    run_on_ranks(2, _plain_tensor_joins, timeout=120)
