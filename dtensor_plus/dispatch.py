@@ -199,7 +199,7 @@ def _make_plan(func, args, kwargs, dtensors):
         positions = None  # some DTensor sits in a list or a keyword: substitute recursively
     comm = None
     if sharding.communication:
-        entry = _D.rule_set.entry(func)  # a layout entered by name asks for its rules' communication
+        entry = _D.rule_set.entry(schema.func)  # a layout entered by name asks for its rules' communication
         comm = declared.Communicator(func, mesh, tuple(sharding.communication), entry is not None and entry.asked_for)
     plan = Plan(sharding.local_op or func, func, targets, out_specs or (), sharding.shape_arg, record.inplace, fallback,
                 positions, record.returns_view, comm)
