@@ -86,7 +86,6 @@ class Dispatcher:
         self.scopes: dict = {}  # (parent set, override identity) -> interned child set
         self.caches: dict = {}  # rule set -> its plan cache (key -> plan)
         self.cache: dict = self.caches.setdefault(self.rule_set, {})  # the plan cache of the set in force
-        self.cache_rule_set = self.rule_set  # the set ``cache`` belongs to
         self.stats = {"hits": 0, "misses": 0}
         self.records: dict = {}  # aten op -> its OpRecord (op_record.py), made at first sight
         self.warned: set = set()  # ops whose fallback or plain-tensor warning was shown once
@@ -123,7 +122,6 @@ class Dispatcher:
         """Put ``rule_set`` in force; the plan cache follows it."""
         self.rule_set = rule_set
         self.cache = self.caches.setdefault(rule_set, {})
-        self.cache_rule_set = rule_set
 
     def register(self, entries: dict, metas: dict = _EMPTY) -> None:
         """Add rules to the registered set. Plans and override scopes made from the old set are dropped
