@@ -57,6 +57,10 @@ class Placement:
     def is_strided_shard(self) -> bool:
         return False
 
+    def __fx_repr__(self) -> tuple[str, dict]:
+        """How torch.compile writes this placement into a graph (tracing.py): its repr is its constructor call."""
+        return repr(self), {type(self).__name__: type(self)}
+
 
 @dataclass(frozen=True, slots=True)
 class Shard(Placement):

@@ -34,11 +34,6 @@ __all__ = ["after_dynamo_import", "nonstrict"]
 
 # -- meshes and placements: constants of a compiled program -------------------------------------------------------
 
-def _placement_fx_repr(self) -> tuple[str, dict]:
-    # A placement's repr is its constructor call (Shard(dim=0), Partial(reduce_op='max')...)
-    return repr(self), {type(self).__name__: type(self)}
-
-
 # Members Dynamo evaluates on the real object at trace time (metadata only: nothing here takes a tensor).
 _PLACEMENT_MEMBERS = ("is_shard", "is_replicate", "is_partial", "is_strided_shard", "normalized", "dim", "reduce_op",
                       "outer", "zigzag", "with_dim", "pieces", "local_size", "__eq__", "__ne__", "__hash__", "__repr__")
@@ -47,7 +42,6 @@ _MESH_MEMBERS = ("size", "get_local_rank", "get_coordinate", "get_rank", "mesh_d
                  "backend", "_root", "_root_dims", "__eq__", "__ne__", "__hash__", "__getitem__", "flatten", "__repr__")
 
 for _cls in (Shard, Replicate, Partial, StridedShard):
-    _cls.__fx_repr__ = _placement_fx_repr  # a class attribute: the frozen, slotted instances are untouched
     register_opaque_type(_cls, typ="value", members={m: MemberType.USE_REAL for m in _PLACEMENT_MEMBERS if hasattr(_cls, m)})
 register_opaque_type(DeviceMesh, typ="value", members={m: MemberType.USE_REAL for m in _MESH_MEMBERS})
 
