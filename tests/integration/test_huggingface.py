@@ -234,3 +234,35 @@ def test_llama_on_a_2d_mesh_matches_one_device(attn, inner, sp):
     if inner == "cp" and attn == "sdpa":  # ring attention: per layer 1 shift forward, 2 backward (cp = 2)
         # ... and nothing gathers the sequence (rotary cos/sin, rotate_half's slices follow its sharding)
         assert counts[("ring_shift", "cp")] == 3 * LAYERS and ("all_gather", "cp") not in counts, counts
+
+
+def _gpt2_dp_with_labels():
+    """Hugging Face computes the loss inside forward when given labels=: replicate's local path cannot put a
+    scalar back as the global batch, reruns that call on the DTensor path (warned once) and stays exact."""
+    import warnings
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dtensor_plus.layouts.data import shard_batch
+
+    mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=101, n_positions=16, n_embd=24, n_layer=2, n_head=3, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    single = GPT2LMHeadModel(config)
+    model = replicate(copy.deepcopy(single), mesh)
+    ids = torch.randint(0, 101, (5, 8), generator=torch.Generator().manual_seed(1))  # 3 + 2 rows
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(input_ids=shard_batch(ids, mesh), labels=shard_batch(ids, mesh))
+    out.loss.backward()
+    want = single(input_ids=ids, labels=ids)
+    want.loss.backward()
+    torch.testing.assert_close(out.loss.full_tensor(), want.loss)
+    for p, q in zip(model.parameters(), single.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad)
+    return sum("DTensor path from now on" in str(w.message) for w in caught)
+
+
+def test_gpt2_data_parallel_with_labels_inside_forward_matches_one_device():
+    assert run_on_ranks(2, _gpt2_dp_with_labels) == [1, 1]
