@@ -1,20 +1,22 @@
-"""An element-wise optimizer steps a replicated module's parameters on their local blocks (``replicate``'s
-``local_compute``).
+"""An element-wise optimizer steps DTensor parameters on their local blocks: those ``replicate`` lays out (its
+``local_compute``) and ``ZeroRedundancyOptimizer``'s dp-sharded masters (ZeRO-1/2's inner step).
 
 Why: AdamW written per parameter (foreach=False) issues about ten ops per parameter; on DTensor parameters each
 is a dispatch that only says "the same op on every block", which cost data parallelism several times DDP's
 optimizer step. For an optimizer whose update of each element reads only that element (SGD, Adam, AdamW,
 Adagrad, RMSprop, Adamax, NAdam, RAdam), the step on each block is the block of the step on the whole, whatever
-the layout, once each gradient is in its parameter's layout (replicate's buckets see to that). So a global
-optimizer-step pre-hook swaps, for the step only, every parameter ``replicate`` laid out (tagged
-``_dtp_local_step``) for its local block, its gradient for the gradient's block and its state tensors for
+the layout (Replicate, Shard on dp, uneven blocks), once each gradient and each state tensor is in its
+parameter's layout: replicate's buckets and ZeRO's reduce-scatter leave every gradient reduced, not Partial. So
+a global optimizer-step pre-hook swaps, for the step only, every parameter a layout tagged (``_dtp_local_step``:
+replicate's parameters, ZeRO-1/2's masters) for its local block, its gradient and its state tensors for
 theirs; the post-hook swaps back, wrapping state tensors the step created as DTensors in the parameter's layout.
 Between steps nothing changed: parameters, gradients and optimizer state are DTensors in their layouts.
 
 An optimizer steps on DTensors as before when it is another class (LAMB's norms or Muon's matrices read more
-than one element; ZeroRedundancyOptimizer reduce-scatters), when one of its parameters is a DTensor replicate did
-not lay out, or when a gradient is not in its parameter's layout (still Partial: reduce_in_backward=False
-without sync_gradients), so that the DTensor ops reduce it as before.
+than one element; ZeroRedundancyOptimizer itself reduce-scatters, its inner optimizer is the one stepped
+here), when one of its parameters is a DTensor no layout tagged, when a gradient is not in its parameter's
+layout (still Partial: reduce_in_backward=False without sync_gradients), so that the DTensor ops reduce it as
+before, or when a state tensor is not in its parameter's layout (e.g. loaded from another layout's state dict).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dtensor_plus.spec import DTensorSpec, TensorMeta
 
 __all__ = ["TAG", "install", "ELEMENTWISE"]
 
-TAG = "_dtp_local_step"  # on a Parameter's __dict__: replicate laid it out, its step may run on its block
+TAG = "_dtp_local_step"  # on a Parameter's __dict__: replicate or ZeRO laid it out, its step may run on its block
 _SWAPPED = "_dtp_local_step_swapped"  # on an optimizer during its step: [(group, index, param, local)]
 ELEMENTWISE = tuple(getattr(torch.optim, name) for name in
                     ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam"))
@@ -58,8 +60,25 @@ def _stepped(optimizer) -> list | None:
                 continue
             if not isinstance(grad, DTensor) or grad._spec.placements != p._spec.placements:
                 return None
+            if not _states_in_layout(optimizer.state.get(p), p):
+                return None
             found.append((group, i, p))
     return found or None
+
+
+def _states_in_layout(state: dict | None, p: DTensor) -> bool:
+    """Every state tensor of ``p`` steps on its block alongside ``p``'s: a DTensor in ``p``'s layout, or a plain
+    scalar (the step count). A state in another layout (or a plain whole tensor) keeps the step on DTensors."""
+    for value in (state or {}).values():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if isinstance(value, DTensor):
+            spec = value._spec
+            if spec.placements != p._spec.placements or spec.shape != p._spec.shape or spec.mesh != p._spec.mesh:
+                return False
+        elif value.ndim:
+            return False
+    return True
 
 
 def _pre_step(optimizer, args, kwargs) -> None:

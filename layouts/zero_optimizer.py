@@ -7,7 +7,9 @@ stage 2 reduce-scatters gradients during backward, a bucket at a time (post-accu
 gradients until ``bucket_cap_mb`` fills: dtensor_plus/buckets.py's ``BackwardBuckets``; the end of backward
 flushes the rest), and leaves the reduced shards on the masters (``opt.masters[i].grad``; the replicated
 parameter's ``.grad`` is freed). Parameter groups work as in torch.optim: each becomes a group of the wrapped
-optimizer on its masters, with the user's options::
+optimizer on its masters, with the user's options. An element-wise wrapped optimizer (SGD, Adam, AdamW, ...)
+steps the masters on their local blocks, with no per-op DTensor dispatch (layouts/local_step.py: the reduced
+gradients and the state are in each master's layout, so each block's step is the block of the whole step)::
 
     distribute_module(model, mesh)                  # parameters Replicate on dp
     opt = ZeroRedundancyOptimizer(model.parameters(), mesh, torch.optim.AdamW, stage=2, lr=1e-3)
@@ -25,6 +27,7 @@ from dtensor_plus.buckets import BackwardBuckets
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.redistribute import redistribute_together
 
+from . import local_step
 from .zero_placement import (
     CPUOffload, check_dp_placement, dp_mesh_dim_index, on_device, with_placement, zero_placement,
 )
@@ -72,6 +75,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         if offload is not None and not isinstance(offload, CPUOffload):
             raise TypeError(f"offload must be a CPUOffload, got {type(offload).__name__}")
         self.offload = offload
+        local_step.install()  # the inner element-wise optimizer steps the masters on their blocks
         self.stage, self.mesh = stage, mesh
         self.mesh_dim = dp_mesh_dim_index(mesh, mesh_dim)
         self.optimizer_class, self._inner_defaults = optimizer_class, defaults
@@ -149,7 +153,10 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         master = DTensor(shard._local_tensor.clone(), shard._spec)
         if self.offload is not None:
             master = on_device(master, "cpu", self.offload.pin_memory)
-        return nn.Parameter(master)
+        master = nn.Parameter(master)
+        # Its gradient arrives reduced in its layout, so an element-wise inner optimizer steps it on its block
+        master.__dict__[local_step.TAG] = True
+        return master
 
     # -- stage 2: gradients reduce-scattered in buckets during backward ------------------------------------
 
