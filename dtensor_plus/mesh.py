@@ -177,8 +177,11 @@ class DeviceMesh:
             for mesh_dim in range(self.ndim):  # mesh's one row was created by flatten on every rank already
                 PROCESS_GROUPS.create(self.rows(mesh_dim), self.backend)
         self._groups = [None if row is None else PROCESS_GROUPS.get(row, self.backend) for row in self._my_rows]
-        self._hash = hash((device_type, self.shape, tuple(flat), names))
-        DISPATCHER.live_meshes[(device_type, self.shape, tuple(flat), names)] = self  # what torch.load finds (live_mesh)
+        # Identity as plain Python values: comparing the rank tensors would run an aten op, which fails under a
+        # compiler's fake-tensor mode (Dynamo and AOTAutograd compare meshes while tracing).
+        self._key = (device_type, self.shape, tuple(flat), names)
+        self._hash = hash(self._key)
+        DISPATCHER.live_meshes[self._key] = self  # what torch.load finds (live_mesh)
 
     def _row_through_me(self, mesh_dim: int) -> tuple[int, ...] | None:
         if self._coordinate is None:
@@ -286,14 +289,7 @@ class DeviceMesh:
     # -- identity -------------------------------------------------------------------------------------
 
     def __eq__(self, other) -> bool:
-        return self is other or (
-            isinstance(other, DeviceMesh)
-            and self._hash == other._hash
-            and self.device_type == other.device_type
-            and self.shape == other.shape
-            and torch.equal(self.mesh, other.mesh)
-            and self.mesh_dim_names == other.mesh_dim_names
-        )
+        return self is other or (isinstance(other, DeviceMesh) and self._key == other._key)
 
     def __hash__(self) -> int:
         return self._hash
