@@ -25,7 +25,9 @@ drawn as one device would need the global view), when no input is a DTensor Shar
 plain tensor with dims (whose rows are unknown) or a DTensor on another mesh or with another dp placement,
 when a parameter or buffer is not Replicate on dp (ZeRO-3, experts sharded on dp), under ``mixed_precision``
 (its casts reduce gradients in ``reduce_dtype`` on the DTensor path) or with a ``MoE`` layer inside (routing
-statistics and capacity over the global batch): both marked ``DTENSOR_PATH``. An output tensor whose first
+statistics and capacity over the global batch): both marked ``DTENSOR_PATH``. Under ``torch.compile`` too:
+per-op dispatch is what this view saves, and a compiled graph pays it once, while tracing (the graph holds
+local ops either way), so a compiled forward traces the DTensor path. An output tensor whose first
 dim is not the batch (a loss computed inside forward, as Hugging Face models do with ``labels=``) cannot be put
 back exactly: that call's local outputs are dropped, the forward runs again on the DTensor path, and the module
 is marked ``DTENSOR_PATH`` from then on (one warning says so). Never a wrong value, never an error for a model
@@ -74,7 +76,7 @@ class LocalCompute:
     def pre_forward(self, module, args, kwargs):
         if self.bound is not None:  # called again from inside its own forward: already local
             return None
-        if DISPATCHER.rng_strict:
+        if DISPATCHER.rng_strict or torch.compiler.is_compiling():
             return None
         flat, tree = tree_flatten((args, kwargs))
         batch = self._batch(flat)
