@@ -40,13 +40,15 @@ F32 = 4
 # -- one step --------------------------------------------------------------------------------------------------
 
 
-def step(placed, tokens, targets) -> None:
+def step(placed, tokens, targets):
+    """One training step; returns the loss (benchmarks/compile_step.py compares compiled with eager)."""
     x, y = placed.inputs(tokens, targets)
     with placed.loss_ctx():
         loss = F.cross_entropy(placed.model(x).flatten(0, 1), y.flatten(0, 1))
         loss.backward()
     placed.after_backward()
     placed.opt.step()
+    return loss
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
