@@ -465,4 +465,5 @@ def every_rank_rows(row: torch.Tensor, mesh) -> tuple[torch.Tensor, list[int]]:
 
 def _gather_order(mesh) -> list[int]:
     """Global ranks in the order the successive all-gathers stack them: the last mesh dim outermost."""
-    return mesh.mesh.permute(*reversed(range(mesh.ndim))).reshape(-1).tolist()
+    # the mesh's numpy ranks, not its tensor: a tensor op there would run under a compiler's fake mode
+    return mesh._ranks.transpose(*reversed(range(mesh.ndim))).reshape(-1).tolist()

@@ -8,17 +8,18 @@ backward running the dual collective.
 
 from __future__ import annotations
 
+import zlib
 from typing import Sequence
 
 import torch
 
-from . import grad_layout, local_blocks, serialization, traced_collectives, tracing
+from . import grad_layout, local_blocks, serialization, traced_checks, traced_collectives, tracing
 from .dispatcher import DISPATCHER
 from .mesh import mesh_or_current
 from .placements import Placement, Shard
 from .placement_tuples import replicated, without_partial
 from .redistribute import redistribute_local
-from .spec import DTensorSpec, TensorMeta, normalize_placements
+from .spec import DTensorSpec, TensorMeta, local_shape_and_offset, normalize_placements
 
 __all__ = ["DTensor"]
 
@@ -31,6 +32,25 @@ def _lists_replicated(index, mesh, device):
         return DTensor(local, DTensorSpec(mesh, replicated(mesh.ndim), TensorMeta.of(local)))
 
     return lift(index) if type(index) is list else tuple(lift(i) for i in index)
+
+
+def _check_blocks_in_graph(local: torch.Tensor, mesh, placements, shape: torch.Size, guessed: bool) -> None:
+    """from_local under torch.compile: the blocks checked by the graph at run time (traced_checks.py), as eager
+    checks them at first use. Guessed even blocks must be one shape on every rank; blocks of a given shape
+    must be each rank's block of it."""
+    if guessed:
+        traced_checks.assert_same_on_every_rank(
+            torch.tensor([zlib.crc32(f"{tuple(local.shape)} {local.dtype}".encode())], dtype=torch.int64), mesh,
+            f"DTensor.from_local without shape= inside torch.compile takes each Shard dim as even blocks (global "
+            f"size = local size x mesh dim size), but the blocks differ between ranks in shape or dtype (this "
+            f"rank's: {tuple(local.shape)}, {local.dtype}): pass shape= (and stride=)")
+    else:
+        expected, _ = local_shape_and_offset(tuple(shape), mesh.shape, placements, mesh.get_coordinate())
+        traced_checks.assert_true_on_every_rank(
+            tuple(local.shape) == tuple(expected), mesh,
+            f"DTensor.from_local(run_check=True, shape={tuple(shape)}) inside torch.compile: a rank's block does not "
+            f"fit that shape under {list(placements)} (this rank holds {tuple(local.shape)}, expects "
+            f"{tuple(expected)}): pass the global shape the blocks make")
 
 
 class DTensor(torch.Tensor):
@@ -191,15 +211,16 @@ class DTensor(torch.Tensor):
         device_mesh = mesh_or_current(device_mesh, "DTensor.from_local")
         placements = placements if placements is not None else replicated(device_mesh.ndim)
         placements = normalize_placements(placements, device_mesh, local_tensor.ndim)
-        if traced_collectives.is_traced(local_tensor) and (run_check or (shape is None and any(
-                isinstance(p, Shard) for p in placements))):
+        traced = traced_collectives.is_traced(local_tensor)
+        if traced and run_check and shape is None:
             raise RuntimeError(
-                "DTensor.from_local inside torch.compile needs the global shape: pass shape= (and stride=) or build "
-                "the DTensor before the compiled region. Checking the blocks across ranks (run_check=True, or the "
-                "check of guessed even blocks at first use) reads sizes a trace does not have."
+                "DTensor.from_local(run_check=True) inside torch.compile needs shape= (and stride=): a trace cannot "
+                "read the other ranks' block sizes to work out the global shape. With shape= the blocks are checked "
+                "against it in the graph; or build the DTensor before the compiled region."
             )
+        in_mesh = device_mesh.get_coordinate() is not None  # a rank outside the mesh takes part in no check
         guessed = False
-        if run_check and device_mesh.get_coordinate() is not None:  # a rank outside the mesh takes no part
+        if run_check and in_mesh and not traced:
             global_shape = local_blocks.checked_global_shape(local_tensor, device_mesh, placements)
             if shape is not None and tuple(shape) != global_shape:
                 raise ValueError(f"from_local: shape={tuple(shape)} but the blocks on the ranks make {global_shape}")
@@ -212,10 +233,12 @@ class DTensor(torch.Tensor):
                     guessed = True
             shape = sizes
         shape = torch.Size(shape)
+        if traced and in_mesh and (guessed or run_check):
+            _check_blocks_in_graph(local_tensor, device_mesh, placements, shape, guessed)
         stride = tuple(stride) if stride is not None else _stride_like(local_tensor, shape)
         spec = DTensorSpec(device_mesh, placements, TensorMeta(shape, stride, local_tensor.dtype))
         out = _FromLocal.apply(local_tensor, spec)
-        if guessed:  # even blocks guessed: checked across ranks at its first op, before any collective could abort
+        if guessed and not traced:  # even blocks guessed: checked across ranks at its first op, before any collective
             local_blocks.mark_unchecked(out)
         return out
 

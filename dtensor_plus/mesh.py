@@ -18,6 +18,7 @@ import os
 from datetime import timedelta
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -163,6 +164,9 @@ class DeviceMesh:
         self.device_type = device_type
         self.backend = _backend_for(device_type)
         self.mesh = ranks
+        # The same ranks as a numpy array: rows and coordinates are computed on it, since tensor ops on ``mesh``
+        # would be run by a compiler's fake-tensor mode when a layout's code asks while being traced.
+        self._ranks = np.array(flat, dtype=np.int64).reshape(tuple(ranks.shape))
         self.mesh_dim_names = names
         self.shape = tuple(ranks.shape)
         self.ndim = ranks.ndim
@@ -187,7 +191,7 @@ class DeviceMesh:
         if self._coordinate is None:
             return None
         index = tuple(slice(None) if k == mesh_dim else c for k, c in enumerate(self._coordinate))
-        return tuple(self.mesh[index].tolist())
+        return tuple(self._ranks[index].tolist())
 
     # -- rows: the ranks a collective along a mesh dim runs over ---------------------------------------------
 
@@ -209,11 +213,11 @@ class DeviceMesh:
         root = self._root
         others = [d for d in range(root.ndim) if d not in dims]
         length = _prod(root.shape[d] for d in dims)
-        return [tuple(row) for row in root.mesh.permute(*others, *dims).reshape(-1, length).tolist()]
+        return [tuple(row) for row in root._ranks.transpose(*others, *dims).reshape(-1, length).tolist()]
 
     def coordinate_of(self, rank: int) -> tuple[int, ...] | None:
         """Global ``rank``'s index along every mesh dim, or None when the mesh does not hold it."""
-        where = (self.mesh == rank).nonzero()
+        where = np.argwhere(self._ranks == rank)
         return tuple(where[0].tolist()) if len(where) else None
 
     # -- queries --------------------------------------------------------------------------------------
@@ -266,9 +270,9 @@ class DeviceMesh:
             raise ValueError(f"mesh dims {names} repeat a dimension")
         self._require_member()
         index = tuple(slice(None) if d in dims else self._coordinate[d] for d in range(self.ndim))
-        sub = self.mesh[index]
+        sub = self._ranks[index]
         order = sorted(dims)
-        sub = sub.permute(*[order.index(d) for d in dims])
+        sub = torch.from_numpy(np.ascontiguousarray(sub.transpose(*[order.index(d) for d in dims])))
         return DeviceMesh(
             self.device_type,
             sub,

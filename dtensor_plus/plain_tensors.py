@@ -29,7 +29,7 @@ import zlib
 
 import torch
 
-from . import collectives, grad_layout
+from . import collectives, grad_layout, traced_checks, traced_collectives
 from .dispatcher import DISPATCHER
 from .dtensor import DTensor
 from .placement_tuples import replicated
@@ -121,7 +121,24 @@ def _digest(t: torch.Tensor) -> list[int]:
 
 
 def _check_same_on_every_rank(func, plain, mesh) -> None:
-    """Raise on every rank of ``mesh`` alike unless each plain tensor is the same on all of them."""
+    """Raise on every rank of ``mesh`` alike unless each plain tensor is the same on all of them (under
+    torch.compile: the same check in the graph, failing at run time; traced_checks.py)."""
+    if any(traced_collectives.is_traced(t) for _, t in plain):
+        _assert_same_in_graph(func, plain, mesh)
+    else:
+        _raise_unless_same(func, plain, mesh)
+    if func not in _D.warned:
+        _D.warned.add(func)
+        warnings.warn(
+            f"{func}: a plain torch.Tensor met DTensors and joined as Replicate after a cross-rank check of its "
+            f"values (one small all-gather per call). If you built it, make it a DTensor, or build it inside "
+            f"dtensor_plus.implicit_replication() to skip the check; if a torch composite op built it, this "
+            f"message is only about speed.",
+            stacklevel=4,
+        )
+
+
+def _raise_unless_same(func, plain, mesh) -> None:
     mine = torch.tensor([x for _, t in plain for x in _digest(t)], dtype=torch.int64)
     everyone, ranks = collectives.every_rank_rows(mine, mesh)
     for row, rank in zip(everyone, ranks):
@@ -135,12 +152,12 @@ def _check_same_on_every_rank(func, plain, mesh) -> None:
                 f"cannot be taken as Replicate; make it a DTensor first (distribute_tensor(t, mesh, placements) "
                 f"or DTensor.from_local with its real placements)"
             )
-    if func not in _D.warned:
-        _D.warned.add(func)
-        warnings.warn(
-            f"{func}: a plain torch.Tensor met DTensors and joined as Replicate after a cross-rank check of its "
-            f"values (one small all-gather per call). If you built it, make it a DTensor, or build it inside "
-            f"dtensor_plus.implicit_replication() to skip the check; if a torch composite op built it, this "
-            f"message is only about speed.",
-            stacklevel=4,
-        )
+
+
+def _assert_same_in_graph(func, plain, mesh) -> None:
+    names = ", ".join(f"{name} (shape {tuple(t.shape)}, {t.dtype})" for name, t in plain)
+    traced_checks.assert_same_on_every_rank(
+        torch.cat([traced_checks.digest(t) for _, t in plain]), mesh,
+        f"{func}: a plain torch.Tensor mixed with DTensors differs between ranks ({names}), so it cannot be taken "
+        f"as Replicate; make it a DTensor first (distribute_tensor(t, mesh, placements) or DTensor.from_local "
+        f"with its real placements)")

@@ -120,41 +120,54 @@ def test_tensor_parallel_mlp_compiles_with_inductor():
     assert run_on_ranks(2, _tensor_parallel_mlp, "inductor", timeout=600) == [(1, 0)] * 2
 
 
-# -- what breaks the graph ---------------------------------------------------------------------------------------------
+# -- what eager checks across ranks by reading values: checked in the graph, at run time --------------------------
 
 
 def _guessing_from_local(x):
-    # from_local without shape= guesses even blocks and checks them across ranks at first use: values a trace lacks
+    # from_local without shape= takes even blocks; eager checks them across ranks at first use, a graph at run time
     return DTensor.from_local(x.to_local() * 2, x.device_mesh, [Shard(0)]).full_tensor()
 
 
-def _from_local_breaks_the_graph():
+def _from_local_guesses_in_the_graph(rows_per_rank):
     mesh = init_device_mesh("cpu", (2,))
-    x = distribute_tensor(torch.arange(12.0).reshape(6, 2), mesh, [Shard(0)])
-    compiled, _, _ = _compiled(_guessing_from_local)
-    torch.testing.assert_close(compiled(x), _guessing_from_local(x))  # equal: the call ran eagerly
-    return _graph_breaks()
+    rank = torch.distributed.get_rank()
+    x = DTensor.from_local(torch.arange(rows_per_rank[rank] * 2.0).reshape(-1, 2), mesh, [Shard(0)],
+                           shape=(sum(rows_per_rank), 2))
+    compiled, counter, _ = _compiled(_guessing_from_local, fullgraph=True)
+    try:
+        out = compiled(x)
+    except RuntimeError as e:
+        return str(e)
+    torch.testing.assert_close(out, torch.cat([torch.arange(n * 2.0).reshape(-1, 2) for n in rows_per_rank]) * 2)
+    return counter.frame_count, _graph_breaks()
 
 
-@pytest.mark.xfail(strict=True, reason="the graph break itself is right (from_local without shape= runs eagerly), "
-                                       "but Dynamo then fails guarding the mesh in the resumed frame: it meets "
-                                       "the opaque value type as a FakeScriptObject (torch 2.13's EQUALS_MATCH)")
-def test_from_local_without_shape_is_a_counted_graph_break():
-    assert all(breaks >= 1 for breaks in run_on_ranks(2, _from_local_breaks_the_graph, timeout=120))
+def test_from_local_without_shape_compiles_and_checks_even_blocks_at_run_time():
+    assert run_on_ranks(2, _from_local_guesses_in_the_graph, (3, 3), timeout=120) == [(1, 0)] * 2
+    for message in run_on_ranks(2, _from_local_guesses_in_the_graph, (3, 2), timeout=120):  # uneven: every rank raises
+        assert "takes each Shard dim as even blocks" in message and "pass shape=" in message
 
 
 def _times_plain(x, plain):
     return (x * plain).full_tensor()
 
 
-def _plain_tensor_joins():
+def _plain_tensor_joins(differs_on_rank_1):
     mesh = init_device_mesh("cpu", (2,))
     x = distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])
-    compiled, _, _ = _compiled(_times_plain, fullgraph=True)
-    torch.testing.assert_close(compiled(x, torch.full((4, 2), 3.0)), torch.full((4, 2), 3.0))
+    plain = torch.full((4, 2), 3.0)
+    if differs_on_rank_1 and torch.distributed.get_rank() == 1:
+        plain[2, 1] = 4.0
+    compiled, counter, _ = _compiled(_times_plain, fullgraph=True)
+    try:
+        out = compiled(x, plain)
+    except RuntimeError as e:
+        return str(e)
+    torch.testing.assert_close(out, torch.full((4, 2), 3.0))
+    return counter.frame_count, _graph_breaks()
 
 
-@pytest.mark.xfail(strict=True, reason="plain-tensor joining checks the tensor equal on every rank by its values "
-                                       "(plain_tensors.check_plain reads them with .numpy()), which a trace lacks")
-def test_plain_tensor_joining_compiles():
-    run_on_ranks(2, _plain_tensor_joins, timeout=120)
+def test_plain_tensor_joining_compiles_and_checks_values_at_run_time():
+    assert run_on_ranks(2, _plain_tensor_joins, False, timeout=120) == [(1, 0)] * 2
+    for message in run_on_ranks(2, _plain_tensor_joins, True, timeout=120):  # one element differs: every rank raises
+        assert "differs between ranks" in message and "make it a DTensor first" in message
