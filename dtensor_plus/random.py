@@ -9,6 +9,13 @@ Strict mode (``manual_seed(s, strict=True)``): each random op runs on the whole 
 generator, seeded alike on every rank, and each rank keeps its block, so every shard equals the same slice
 of the single-device tensor drawn after ``torch.manual_seed(s)``. It costs a gather of the op's inputs; use
 it to check dropout-bearing training against one device.
+
+Under torch.compile every random op takes the strict path. A graph cannot re-seed torch's generator per op at
+run time: the per-shard seed default mode computes from the op counter would be fixed into the graph at trace
+time, and every step would draw the same masks. Drawn whole with torch's generator and sliced, the graph keeps
+at run time what default mode promises (Replicate outputs equal on every rank, shards independent, each rank's
+generator advanced alike, uneven shards included) and under ``aot_eager`` it draws what eager strict mode draws.
+It costs gathering the op's inputs, as strict mode does.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import contextlib
 
 import torch
 
-from . import collectives
+from . import collectives, traced_collectives
 from .dispatcher import DISPATCHER
 from .placement_tuples import replicated
 from .plan import substitute
@@ -45,7 +52,8 @@ class SeededPlan:
         plan = self.plan
         if not self.record.draws(args, kwargs):
             return plan.run(args, kwargs, dtensors)
-        if not _D.rng_strict:
+        traced = traced_collectives.is_traced(dtensors[0]._local_tensor if dtensors else None)
+        if not (_D.rng_strict or traced):  # under tracing: strict (module docstring)
             with rng_for(plan.out_specs):
                 return plan.run(args, kwargs, dtensors)
         # Strict: every rank runs the op on whole inputs with torch's own generator (seeded alike by

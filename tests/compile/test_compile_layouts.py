@@ -172,3 +172,43 @@ def _llama_compiled_equals_eager(sequence_parallel: bool):
 def test_hugging_face_llama_compiles_equal_to_eager(sequence_parallel):
     frames_breaks = run_on_ranks(2, _llama_compiled_equals_eager, sequence_parallel, timeout=400)
     assert frames_breaks == [(1, 0)] * 2
+
+
+# -- dropout: random ops in a graph ----------------------------------------------------------------------------------
+
+
+def _dropout_steps(compile_it: bool, strict: bool):
+    """tp+sp GPT with dropout, 2 forward/backward on the same tokens (no update: the losses differ by the masks
+    alone): losses and the summed gradients."""
+    mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=T, num_layers=1, num_heads=2, dim=16, dropout=0.2))
+    parallelize_module(model, mesh, tp_plan(model.config, sequence_parallel=True))
+    dtp.distribute_module(model, mesh)
+    run = _counted_compile(model)[0] if compile_it else model
+    dtp.manual_seed(5, strict=strict)
+    losses = []
+    for step in range(2):
+        tokens = shard_batch(torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0)), mesh,
+                             dp_mesh_dim="-")
+        with loss_parallel():
+            loss = F.cross_entropy(run(tokens).flatten(0, 1), tokens.flatten(0, 1))
+            loss.backward()
+        losses.append(loss.full_tensor().detach())
+    return torch.stack(losses), {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+
+
+def _compiled_dropout_draws_as_eager_strict():
+    eager_losses, eager_grads = _dropout_steps(False, strict=True)
+    for strict in (True, False):  # under tracing, default mode draws as strict mode does (dtensor_plus/random.py)
+        losses, grads = _dropout_steps(True, strict=strict)
+        torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(losses[0], losses[1])  # same tokens, new masks: the graph does not fix the draws
+        for name in eager_grads:
+            torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    return eager_losses
+
+
+def test_compiled_dropout_draws_what_eager_strict_mode_draws():
+    losses = run_on_ranks(2, _compiled_dropout_draws_as_eager_strict, timeout=400)
+    torch.testing.assert_close(losses[0], losses[1])  # the same on every rank
