@@ -146,13 +146,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule: str, n_microbatches: int,
                                  batch_list, lr: float = 1e-3, seed: int = 0, weight_decay: float = 0.1,
-                                 log=None):
+                                 log=None, compile_stages=None):
     """Train ``config`` pipelined over ``pp`` ranks by ``schedule``, each stage laid out by ``layout`` (gpt_layouts'
     Layout: dp, tp, sp, zero; cp must be 1), and as one process from the same weights. AdamW steps at the
     schedule's STEP; ``n_microbatches`` must divide the per-dp-rank batch.
 
     Call on every rank of a pp * dp * tp group. Returns (pipeline losses, single-process losses, largest final
-    parameter difference), the same on every rank.
+    parameter difference), the same on every rank. ``compile_stages``: a ``torch.compile`` backend name to run
+    each stage's module compiled (the pipeline sends, receives and steps around it).
     """
     if getattr(config, "moe_experts", 0):
         raise ValueError("pipeline_gpt splits dense GPTs: the MoE auxiliary losses do not cross stages yet; "
@@ -168,7 +169,8 @@ def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule
     plan = build_schedule(schedule, pp, n_microbatches, stages_per_rank=2)
     pieces = split_gpt(model, plan.num_stages)
     mine = [place_stage(pieces[s], mesh, sp=layout.sp, zero=layout.zero) for s in plan.stages_of(pp_rank)]
-    stages = [PipelineStage(piece, s, plan.num_stages, mesh) for piece, s in zip(mine, plan.stages_of(pp_rank))]
+    run = (lambda piece: torch.compile(piece, backend=compile_stages)) if compile_stages else (lambda piece: piece)
+    stages = [PipelineStage(run(piece), s, plan.num_stages, mesh) for piece, s in zip(mine, plan.stages_of(pp_rank))]
     params = [p for piece in mine for p in piece.parameters()]
     opt = _make_optimizer(params, mesh, layout.zero, lr, weight_decay)
     pipe = PipelineSchedule(stages, plan, loss_fn=gpt_loss, optimizer=opt)
