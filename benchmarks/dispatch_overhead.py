@@ -77,17 +77,21 @@ def _distributed_ops(distribute_tensor, mesh, shard, replicate):
 
 
 def _local_ops(wrap=lambda t: t):
-    t = {name: wrap(v) for name, v in _tensors().items()}
-    t["qg"] = t["q"].detach().requires_grad_()
+    tensors = _tensors()
+    tensors["qg"] = tensors["q"].detach().requires_grad_()
+    t = {name: wrap(v) for name, v in tensors.items()}
     return _op_sequence(t, t["x"].clone)
 
 
 class BareWrapper(torch.Tensor):
-    """The floor for any Python tensor subclass: a __torch_dispatch__ that unwraps, runs the op, rewraps."""
+    """The floor for any Python tensor subclass: a __torch_dispatch__ that unwraps, runs the op, rewraps every
+    tensor output (native_layer_norm, sdpa and nll_loss return several), and takes part in autograd (so the
+    "+bwd" rows have a floor too: autograd's backward ops dispatch through it like any other op)."""
 
     @staticmethod
-    def __new__(cls, inner):
-        r = torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(), dtype=inner.dtype, device=inner.device)
+    def __new__(cls, inner, requires_grad=False):
+        r = torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(), dtype=inner.dtype,
+                                                device=inner.device, requires_grad=requires_grad)
         r.inner = inner
         return r
 
@@ -96,7 +100,15 @@ class BareWrapper(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         out = func(*[a.inner if isinstance(a, BareWrapper) else a for a in args], **(kwargs or {}))
-        return BareWrapper(out) if isinstance(out, torch.Tensor) else out
+        if isinstance(out, torch.Tensor):
+            return BareWrapper(out)
+        if isinstance(out, (tuple, list)):
+            return type(out)(BareWrapper(o) if isinstance(o, torch.Tensor) else o for o in out)
+        return out
+
+
+def _bare(t: torch.Tensor) -> BareWrapper:
+    return BareWrapper(t.detach(), requires_grad=t.requires_grad)
 
 
 def _time_us(fn) -> float:
@@ -131,7 +143,7 @@ def main() -> None:
     world = dist.get_world_size()
     ours = _distributed_ops(dtp.distribute_tensor, dtp.init_device_mesh(DEVICE, (world,)), dtp.Shard, dtp.Replicate)
     theirs = _distributed_ops(distribute_tensor, init_device_mesh(DEVICE, (world,)), Shard, Replicate)
-    local, bare = _local_ops(), _local_ops(BareWrapper)
+    local, bare = _local_ops(), _local_ops(_bare)
     rows = [(name, *(_time_us(ops[name]) for ops in (local, bare, theirs, ours))) for name in ours]
     if dist.get_rank() == 0:
         print(f"{DEVICE}, world size {world}, {REPEATS} calls per op, microseconds per op (median of 5); n/a: the op fails there")

@@ -268,34 +268,64 @@ def dispatch(func, args, kwargs, plain_checked: bool = False):
                 plain_tensors.check_plain(func, args, kwargs or {})
         else:
             plain_tensors.check_plain(func, args, kwargs or {})
-    key = tuple(key)
-    cache = _D.cache
-    plan = cache.get(key)
-    if plan is None:
-        _D.stats["misses"] += 1
-        plan = _make_plan(func, args, kwargs or {}, dtensors)
-        if len(cache) >= _CACHE_MAX:
-            del cache[next(iter(cache))]  # oldest entry first: dicts keep insertion order
-        cache[key] = plan
+    run = _D.cache.get(tuple(key))
+    if run is None:
+        run = _cached_run(tuple(key), func, args, kwargs or {}, dtensors)
     else:
         _D.stats["hits"] += 1
+    return run(args, kwargs, dtensors)
+
+
+def _cached_run(key, func, args, kwargs, dtensors):
+    """On a miss: the decision made into a plan, and the plan into the function every hit of ``key`` calls."""
+    _D.stats["misses"] += 1
+    plan = _make_plan(func, args, kwargs, dtensors)
+    run = _entry(func, plan, dtensors)
+    cache = _D.cache
+    if len(cache) >= _CACHE_MAX:
+        del cache[next(iter(cache))]  # oldest entry first: dicts keep insertion order
+    cache[key] = run
+    return run
+
+
+def _entry(func, plan, dtensors):
+    """What a cache hit runs: ``run(args, kwargs, dtensors)``. Every fact that is the same for every call of one
+    key is settled here, once: the plan's kind, whether this rank is in the mesh (the mesh is in the key), whether
+    the op writes in place (its record), whether the plan can communicate. A plan that only runs the local op
+    (``Plan.local_run``: no input moves, no declared communication) skips the rest: nothing reads the op stack
+    or the explicit-mode audit unless a collective runs."""
     if type(plan) is foreach_meshes.PerMeshPlan:  # a multi-tensor op over several meshes (before any mesh test)
-        return plan.run(args, kwargs, dispatch)
+        return lambda args, kwargs, dtensors: plan.run(args, kwargs, dispatch)
     if dtensors and dtensors[0]._spec.mesh.get_coordinate() is None:
-        return _outside_the_mesh(func, plan, args, kwargs or {}, dtensors)
-    if dtensors and _D.records[func].inplace and getattr(args[0], views.MARK, None) is not None:
-        return views.write_through(func, args, kwargs)  # into a view whose block is not a view of its base's
-    # The op being run, for divergence and failure reports and comm_mode's by_op (formatted only there).
-    op_stack = _D.op_stack
-    op_stack.append((func, dtensors))
-    try:
-        if _D.explicit_depth:  # auditing: whatever this op would communicate unasked raises, before any of it runs
-            specs = [dt._spec for dt in dtensors]
-            explicit.check_input_moves(func, specs, getattr(plan, "input_targets", ()))
-            explicit.check_declared(func, specs, getattr(plan, "comm", None))
-        return plan.run(args, kwargs, dtensors)
-    finally:
-        op_stack.pop()
+        return lambda args, kwargs, dtensors: _outside_the_mesh(func, plan, args, kwargs or {}, dtensors)
+    if type(plan) is Plan:
+        fast = plan.local_run()
+        if fast is not None:
+            return fast
+    inplace = record_of(func).inplace
+
+    def run(args, kwargs, dtensors):
+        if inplace and dtensors and getattr(args[0], views.MARK, None) is not None:
+            return views.write_through(func, args, kwargs)  # into a view whose block is not a view of its base's
+        # The op being run, for divergence and failure reports and comm_mode's by_op (formatted only there).
+        op_stack = _D.op_stack
+        op_stack.append((func, dtensors))
+        try:
+            if _D.explicit_depth:  # auditing: whatever this op would communicate unasked raises, before any of it runs
+                specs = [dt._spec for dt in dtensors]
+                explicit.check_input_moves(func, specs, getattr(plan, "input_targets", ()))
+                explicit.check_declared(func, specs, getattr(plan, "comm", None))
+            return plan.run(args, kwargs, dtensors)
+        finally:
+            op_stack.pop()
+
+    if type(plan) is random.SeededPlan and type(plan.plan) is Plan:
+        # sdpa, dropout: a call that draws no random numbers (dropout_p == 0) is its plan without the draw.
+        fast = plan.plan.local_run()
+        if fast is not None:
+            draws = plan.record.draws
+            return lambda args, kwargs, dtensors: (run if draws(args, kwargs) else fast)(args, kwargs, dtensors)
+    return run
 
 
 _D.execute = dispatch  # DTensor.__torch_dispatch__ calls the executor through the dispatcher object

@@ -14,14 +14,16 @@ from types import MappingProxyType
 import torch
 
 from . import collectives, views
+from .dispatcher import DISPATCHER
 from .dtensor import DTensor
 from .placement_tuples import replicated
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
 
-__all__ = ["Plan", "substitute", "replicated_spec"]
+__all__ = ["Plan", "substitute", "replicated_spec", "result"]
 
 _NO_KWARGS = MappingProxyType({})  # the kwargs of a call that passed none
+_make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
 
 
 class Plan:
@@ -83,18 +85,74 @@ class Plan:
 
     def _wrap(self, out, dtensors):
         if isinstance(out, torch.Tensor):
-            return DTensor(out, next(iter(self.out_specs), None) or replicated_spec(out, dtensors))
+            return result(out, next(iter(self.out_specs), None) or replicated_spec(out, dtensors))
         specs = iter(self.out_specs)
 
         def wrap(o):
             if isinstance(o, torch.Tensor):
                 spec = next(specs, None)  # no specs: the metadata comes from the local result (fallback)
-                return DTensor(o, spec or replicated_spec(o, dtensors))
+                return result(o, spec or replicated_spec(o, dtensors))
             if isinstance(o, (list, tuple)):
                 return type(o)(wrap(x) for x in o)
             return o
 
         return wrap(out)
+
+
+    def local_run(self):
+        """``run`` as one tight function, for a plan that is only the local op on the blocks as they are (no input
+        moves, no declared communication, not the gathering policy, every DTensor a top-level positional argument,
+        the output specs known): what a cache hit of it calls, with every per-key fact read here once. None for
+        any other plan. Why it pays: a warm op's cost beyond the local op is Python bookkeeping, and most of
+        what ``run`` checks per call (moves, shape argument, fallback counting, output kinds) is fixed per key."""
+        if (self.comm is not None or self.fallback or self.positions is None or not self.out_specs
+                or any(t is not None for t in self.input_targets)):
+            return None
+        func, aten_func, positions, view, inplace = self.func, self.aten_func, self.positions, self.view, self.inplace
+        # OpOverload.__call__ only forwards to its _op: calling that skips one Python frame per op.
+        call = func._op if type(func) is torch._ops.OpOverload else func
+        shape_arg = self.shape_arg
+        local_shape = None if shape_arg is None else tuple(self.out_specs[0].local_shape_and_offset()[0])
+        out_spec = self.out_specs[0] if len(self.out_specs) == 1 else None  # None: several outputs, wrapped by _wrap
+        mark = views.MARK
+        note_always = view and views.moves_data(self)  # a local op stands in for the view op: every result is noted
+        wrap = self._wrap
+
+        def run(args, kwargs, dtensors):
+            if inplace and getattr(args[0], mark, None) is not None:
+                return views.write_through(aten_func, args, kwargs)  # into a view whose block is not a view of its base's
+            local_args = list(args)
+            for position, dt in zip(positions, dtensors):
+                local_args[position] = dt._local_tensor
+            if shape_arg is not None:
+                local_args[shape_arg] = list(local_shape)
+            out = call(*local_args, **kwargs) if kwargs else call(*local_args)
+            if inplace:
+                return dtensors[0]
+            if out_spec is not None and type(out) is not tuple and type(out) is not list:
+                wrapped = result(out, out_spec)
+            else:
+                wrapped = wrap(out, dtensors)
+            if view and (note_always or getattr(args[0], mark, None) is not None):
+                views.note_view(wrapped, aten_func, args, kwargs)
+            return wrapped
+
+        return run
+
+
+def result(local: torch.Tensor, spec: DTensorSpec) -> DTensor:
+    """``DTensor(local, spec)`` for the block a local op returned on this rank, without the constructor's checks
+    that cannot fire here (a DTensor block: local ops see plain blocks; a rank outside the mesh: its ops never
+    run the local op, dispatch._outside_the_mesh) and without requires_grad (autograd sets it on an op's outputs).
+    Every op's result is made here, so it is kept in step with ``DTensor.__new__``: the same fields
+    (tests/core/test_dispatch.py compares them)."""
+    meta = spec.tensor_meta
+    r = _make_wrapper_subclass(DTensor, meta.shape, strides=meta.stride, dtype=meta.dtype, device=local.device,
+                               layout=local.layout)
+    r._local_tensor = local
+    r._spec = spec
+    r._created = next(DISPATCHER.created)  # the order DTensors are made in (DTensor.__new__ says why)
+    return r
 
 
 def substitute(value, locals_iter):
