@@ -58,6 +58,8 @@ def place_ours(layout: str, model, world: int, sync: bool = True) -> Placed:
         parallelize_module(model, mesh["tp"], tp_plan(model.config, sequence_parallel="sp" in layout))
     if layout in ("dp", "dp x tp+sp"):
         replicate(model, mesh)  # one all-reduce per gradient, in its post-accumulate hook
+    elif layout in ("zero-1", "zero-2"):
+        replicate(model, mesh, reduce_in_backward=False)  # local forward on dp; ZeRO reduce-scatters the gradients
     elif layout == "zero-3":
         dtp.distribute_module(model, mesh)  # the causal-mask buffers too: fully_shard places only parameters
         for block in model.blocks:

@@ -11,9 +11,13 @@ optimizer on its masters, with the user's options. An element-wise wrapped optim
 steps the masters on their local blocks, with no per-op DTensor dispatch (layouts/local_step.py: the reduced
 gradients and the state are in each master's layout, so each block's step is the block of the whole step)::
 
-    distribute_module(model, mesh)                  # parameters Replicate on dp
+    replicate(model, mesh, reduce_in_backward=False)  # parameters Replicate on dp, gradients left Partial
     opt = ZeroRedundancyOptimizer(model.parameters(), mesh, torch.optim.AdamW, stage=2, lr=1e-3)
     model(x).sum().backward(); opt.step(); opt.zero_grad()
+
+``replicate(..., reduce_in_backward=False)`` runs forward and backward on each rank's rows, without DTensor dispatch
+on dp (layouts/data_local.py), and leaves each gradient Partial on dp for ZeRO to reduce-scatter;
+``distribute_module(model, mesh)`` gives the same steps with every op dispatched on the whole mesh.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import dtensor_plus as dtp
 from dtensor_plus import DTensor, Replicate, Shard
 from dtensor_plus.dispatcher import DISPATCHER
 from dtensor_plus.layouts import local_step
+from dtensor_plus.layouts.data import replicate
 from dtensor_plus.layouts.zero import ZeroRedundancyOptimizer
 from dtensor_plus.testing import run_on_ranks
 
@@ -42,13 +43,16 @@ def _place(mesh):
     return place
 
 
-def _placed(mesh_shape, names, stage, optimizer):
+def _placed(mesh_shape, names, stage, optimizer, forward="dtensor"):
     mesh = dtp.init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     torch.manual_seed(0)
     reference = Net().double()
     model = Net().double()
     model.load_state_dict(reference.state_dict())
-    dtp.distribute_module(model, mesh, _place(mesh))
+    if forward == "local":  # replicate's local forward on each rank's rows; gradients left Partial for ZeRO to reduce
+        replicate(model, mesh, reduce_in_backward=False)
+    else:
+        dtp.distribute_module(model, mesh, _place(mesh))
     cls, options = OPTIMIZERS[optimizer]
     opt = ZeroRedundancyOptimizer(model.parameters(), mesh, cls, stage=stage, mesh_dim="dp", **options)
     return mesh, model, opt, reference, cls(reference.parameters(), **options)
@@ -77,8 +81,8 @@ def _probe(opt) -> list:
     return seen
 
 
-def _check_equal(mesh_shape, names, stage, optimizer):
-    mesh, model, opt, reference, ref_opt = _placed(mesh_shape, names, stage, optimizer)
+def _check_equal(mesh_shape, names, stage, optimizer, forward="dtensor"):
+    mesh, model, opt, reference, ref_opt = _placed(mesh_shape, names, stage, optimizer, forward)
     dispatched = _probe(opt)
     for step in range(STEPS):
         _backward(model, reference, mesh, step)
@@ -106,6 +110,13 @@ def test_steps_equal_one_device(mesh_shape, names, stage, optimizer):
     for s in mesh_shape:
         world *= s
     run_on_ranks(world, _check_equal, mesh_shape, names, stage, optimizer)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_steps_equal_one_device_with_replicates_local_forward(stage):
+    """ZeRO-1/2 over ``replicate(model, mesh, reduce_in_backward=False)``: the forward and backward run on each
+    rank's rows (no DTensor dispatch on dp), the gradients reach ZeRO Partial on dp, and it reduce-scatters them."""
+    run_on_ranks(2, _check_equal, (2,), ("dp",), stage, "adamw", "local")
 
 
 def _inner_step_dispatches(stage, optimizer, how):
