@@ -414,12 +414,13 @@ def all_gather_flat(tensors, mesh, mesh_dim: int, dims, sizes, *, async_op: bool
     return finish()  # a synchronous c10d call has completed on return
 
 
-def reduce_scatter_flat(tensors, mesh, mesh_dim: int, dims, reduce_ops) -> list[torch.Tensor]:
+def reduce_scatter_flat(tensors, mesh, mesh_dim: int, dims, reduce_ops, *, async_op: bool = False):
     """``reduce_scatter`` of several same-dtype full tensors in ONE collective: each is padded on tensor dim
     ``dims[i]`` to n x ceil(size / n) (as ``reduce_scatter`` pads it) and laid out rank-major, so the flat
     buffer's row r holds every tensor's chunk r. Returns this rank's (unpadded) chunk of each tensor.
     ``reduce_ops``: one op for all, or one per tensor; sum and avg share a bucket (avg divides afterwards).
-    Bytes: exactly the sum of the per-tensor ``reduce_scatter`` bytes."""
+    Bytes: exactly the sum of the per-tensor ``reduce_scatter`` bytes. With ``async_op`` it returns a
+    ``PendingCollective`` whose ``wait()`` gives the list (ZeRO-3 overlaps it with the rest of backward)."""
     n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
     ops = [reduce_ops] * len(tensors) if isinstance(reduce_ops, str) else list(reduce_ops)
     c10d_ops = {_C10D_OPS[op] for op in ops}
@@ -434,16 +435,24 @@ def reduce_scatter_flat(tensors, mesh, mesh_dim: int, dims, reduce_ops) -> list[
     flat = torch.cat(rows, dim=1) if rows else torch.empty(n, 0)
     wide, c10d_op, back = _reducible(flat, ops[0] if ops else "sum")  # sum and avg reduce alike
     out = wide.new_empty((flat.shape[1],))
+    work = None
     if flat.numel():
         _record("reduce_scatter", mesh, mesh_dim, (n - 1) * _nbytes(wide) // n)
-        _run("reduce_scatter", mesh, mesh_dim, _reduce_scatter_single, out, wide.reshape(-1), op=c10d_op)
-    mine, offset = [], 0
-    for (chunk, rest, length), d, op in zip(chunks, dims, ops):
-        numel = chunk * math.prod(rest)
-        piece = out[offset : offset + numel].view((chunk,) + tuple(rest))[:length].movedim(0, d)
-        mine.append(back(_divide(piece, n) if op == "avg" else piece.contiguous()))
-        offset += numel
-    return mine
+        work = _run("reduce_scatter", mesh, mesh_dim, _reduce_scatter_single, out, wide.reshape(-1), op=c10d_op,
+                    async_op=async_op)
+
+    def finish() -> list[torch.Tensor]:
+        mine, offset = [], 0
+        for (chunk, rest, length), d, op in zip(chunks, dims, ops):
+            numel = chunk * math.prod(rest)
+            piece = out[offset : offset + numel].view((chunk,) + tuple(rest))[:length].movedim(0, d)
+            mine.append(back(_divide(piece, n) if op == "avg" else piece.contiguous()))
+            offset += numel
+        return mine
+
+    if async_op:
+        return PendingCollective("reduce_scatter", mesh, mesh_dim, work, finish)
+    return finish()  # a synchronous c10d call has completed on return
 
 
 def _check_one_dtype(tensors, who: str) -> None:

@@ -238,17 +238,22 @@ class _Together:
             self._store(members, all_reduce_flat([self.results[i] for i in members], mesh, reductions))
 
     def issue(self, async_op: bool) -> list:
-        """Run every bucket's reduce-scatter (synchronously) and start every bucket's all-gather."""
+        """Run every bucket's collective, or with ``async_op`` start it: [(member indices, pending collective,
+        what runs after it: the all-reduces on other mesh dims that follow a reduce-scatter, or None)]."""
         pending = []
         for (mesh, _dtype, kind, mesh_dim, *rest), members in self.collectives.drain():
             index, dims, sizes = zip(*members)
             tensors = [self.results[i] for i in index]
             if kind == "reduce_scatter":  # here ``sizes`` holds each member's (all-reduces after, reduce op)
-                pieces = collectives.reduce_scatter_flat(tensors, mesh, mesh_dim, dims, [op for _, op in sizes])
-                self._store(index, pieces)
-                self._all_reduce_after(index, [reductions for reductions, _ in sizes], mesh)
+                ops, after = [op for _, op in sizes], [reductions for reductions, _ in sizes]
+                if async_op:
+                    handle = collectives.reduce_scatter_flat(tensors, mesh, mesh_dim, dims, ops, async_op=True)
+                    pending.append((index, handle, lambda index=index, after=after, mesh=mesh: self._all_reduce_after(index, after, mesh)))
+                    continue
+                self._store(index, collectives.reduce_scatter_flat(tensors, mesh, mesh_dim, dims, ops))
+                self._all_reduce_after(index, after, mesh)
             elif async_op:
-                pending.append((index, collectives.all_gather_flat(tensors, mesh, mesh_dim, dims, sizes, async_op=True)))
+                pending.append((index, collectives.all_gather_flat(tensors, mesh, mesh_dim, dims, sizes, async_op=True), None))
             else:
                 self._store(index, collectives.all_gather_flat(tensors, mesh, mesh_dim, dims, sizes))
         return pending
@@ -316,21 +321,25 @@ def redistribute_together(dtensors, targets) -> list[torch.Tensor]:
 
 
 class _PendingTogether:
-    """The moves of one ``redistribute_together_async`` call; ``wait()`` finishes its all-gathers."""
+    """The moves of one ``redistribute_together_async`` call; ``wait()`` finishes its collectives."""
 
     def __init__(self, together: _Together, pending: list):
         self._together, self._pending = together, pending
 
     def wait(self) -> list[torch.Tensor]:
-        for index, handle in self._pending:
+        for index, handle, after in self._pending:
             self._together._store(index, handle.wait())
+            if after is not None:
+                after()
         self._pending = []
         return self._together.results
 
 
 def redistribute_together_async(dtensors, targets) -> _PendingTogether:
-    """``redistribute_together`` whose all-gather buckets are left in flight (prefetching): the other moves
-    run before it returns; ``.wait()`` finishes the gathers and returns the list of local tensors."""
+    """``redistribute_together`` whose all-gather and reduce-scatter buckets are left in flight (ZeRO-3's
+    prefetch and its reduce-scatter overlapped with backward): the other moves run before it returns;
+    ``.wait()`` finishes the collectives (then the all-reduces that follow a reduce-scatter on other mesh dims)
+    and returns the list of local tensors."""
     return _start_together(dtensors, targets, async_op=True)
 
 

@@ -10,8 +10,15 @@ This file owns the gathering, freeing and re-gathering of one ``fully_shard`` mo
 * tensors autograd saves that are views of a gathered whole are saved as (unit, parameter, view geometry), so
   the wholes are freed after forward; the first one backward unpacks re-gathers every saved parameter of the
   unit in one flat all-gather, and the next unit in backward order is prefetched the same way;
-* the gather is one autograd Function per unit: its backward reduce-scatters all the unit's gradients in
-  one flat reduce-scatter (in ``mp_policy.reduce_dtype``), landing on the sharded fp32 leaves.
+* the gather is one autograd Function per unit: its backward starts one flat reduce-scatter of all the unit's
+  gradients (in ``mp_policy.reduce_dtype``) and leaves it in flight while backward goes on; it is waited for
+  when the next unit's starts, or when backward ends, and the shards land in the fp32 leaves' ``.grad``
+  (zero_schedule.py). ``overlap=False``: no prefetch, each reduce-scatter waited for in its unit's backward
+  (the gradients then come back through autograd).
+
+The outermost unit's forward runs on each rank's rows with plain tensors (zero_local.py): the gathers give
+plain wholes, so no op inside dispatches through DTensor on dp. ``local_compute=False`` (or a case that
+module lists) dispatches every op as DTensor instead; both are exact as one device.
 
 Every decision depends on module call order and global metadata only, so every rank issues the same
 collectives in the same order::
@@ -23,15 +30,22 @@ collectives in the same order::
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
 from dtensor_plus.dtensor import DTensor
-from dtensor_plus.placements import Replicate
+from dtensor_plus.placements import Partial, Replicate
 from dtensor_plus.redistribute import redistribute_together, redistribute_together_async
 from dtensor_plus.shared_parameters import assign, parameter_slots
+from dtensor_plus.spec import DTensorSpec, TensorMeta
 
 from .precision import MixedPrecision
+from .zero_compiled import bind_compiled, unbind_compiled
+from .zero_local import SHARDED_FOR as _SHARDED_FOR
+from .zero_local import LocalBoundary
+from .zero_schedule import Schedule
 from .zero_placement import (
     CPUOffload, check_dp_placement, compute_device, dp_mesh_dim_index, on_device, to_dtensor, with_placement,
     zero_placement,
@@ -39,51 +53,25 @@ from .zero_placement import (
 
 __all__ = ["fully_shard"]
 
-# On a sharded Parameter: who holds it, in words ("Linear's weight"). A string, not the unit: deepcopy and
-# pickling of the Parameter must not drag the unit (and through it the model) along.
-_SHARDED_FOR = "_dtp_sharded_for"
-
-
-class _Schedule:
-    """The order units run in, recorded on the first forward and the first backward (the same on every rank:
-    it follows the module calls and autograd's order). The prefetches in flight live on the units."""
-
-    def __init__(self):
-        self.forward_order: list = []
-        self.backward_order: list = []
-        self.forward_recorded = self.backward_recorded = False
-        self.depth = 0  # units inside a forward right now
-        self.backward_started = False
-
-    def next_after(self, order: list, unit):
-        if unit in order:
-            i = order.index(unit)
-            return order[i + 1] if i + 1 < len(order) else None
-        return None
-
-    def end_forward(self) -> None:
-        self.forward_recorded = True
-        for unit in self.forward_order:
-            unit.drop_prefetch()  # a unit this forward did not call: its gather is waited for and dropped
-
-    def end_backward(self) -> None:
-        self.backward_recorded, self.backward_started = True, False
-        for unit in self.backward_order:
-            unit.drop_regather()
+# _SHARDED_FOR, on a sharded Parameter: who holds it, in words ("Linear's weight"). A string, not the unit:
+# deepcopy and pickling of the Parameter must not drag the unit (and through it the model) along.
 
 
 class _Unit:
     """The parameters one ``fully_shard`` call owns and the hooks that gather and free them."""
 
-    def __init__(self, mesh, mesh_dim: int, mp_policy: MixedPrecision | None, offload: CPUOffload | None):
+    def __init__(self, mesh, mesh_dim: int, mp_policy: MixedPrecision | None, offload: CPUOffload | None,
+                 label: str = "", local_compute: bool = True, overlap: bool = True):
         self.mesh, self.mesh_dim, self.offload = mesh, mesh_dim, offload
+        self.label, self.overlap = label, overlap
+        self.boundary = LocalBoundary(mesh, mesh_dim) if local_compute else None
         self.device = compute_device(mesh)
         self.param_dtype = mp_policy.param_dtype if mp_policy else None
         self.reduce_dtype = (mp_policy.reduce_dtype or mp_policy.param_dtype) if mp_policy else None
         self.entries: list[tuple[nn.Module, str, nn.Parameter]] = []  # (owner module, name, sharded leaf)
         # A Parameter shared by several modules (tied weights) is one entry; its other slots, by id(sharded leaf).
         self.tied_slots: dict[int, list[tuple[nn.Module, str]]] = {}
-        self.schedule = _Schedule()
+        self.schedule = Schedule()
         # id(gathered whole DTensor) -> (entry index, the whole), while forward runs. By the parameter, never by
         # storage address: the wholes of one all-gather may all be views of its one output buffer.
         self.gathered: dict[int, tuple[int, DTensor]] = {}
@@ -123,11 +111,18 @@ class _Unit:
     # -- the collectives ------------------------------------------------------------------------------------
 
     def _compute_shards(self, indices) -> list[DTensor]:
-        """The shards to gather, in the compute dtype (a local cast: the all-gather moves param_dtype bytes)."""
-        shards = [on_device(self.entries[i][2].detach(), self.device) for i in indices]  # offload: host-to-device
-        if self.param_dtype is None:
-            return shards
-        return [s.to(self.param_dtype) if s.is_floating_point() else s for s in shards]
+        """The shards to gather, in the compute dtype (a local cast: the all-gather moves param_dtype bytes).
+        Built from the local blocks, not by DTensor ops (detach, to): a gather dispatches nothing."""
+        out = []
+        for i in indices:
+            shard = self.entries[i][2]
+            local = shard._local_tensor.detach().to(self.device)  # offload: host-to-device (else no copy)
+            spec = shard._spec
+            if self.param_dtype is not None and local.is_floating_point() and local.dtype != self.param_dtype:
+                local = local.to(self.param_dtype)
+                spec = DTensorSpec(spec.mesh, spec.placements, TensorMeta(spec.shape, spec.tensor_meta.stride, local.dtype))
+            out.append(DTensor(local, spec))
+        return out
 
     def _issue_gather(self, indices):
         shards = self._compute_shards(indices)
@@ -137,12 +132,13 @@ class _Unit:
 
     def _take_gather(self) -> list[tuple[torch.Tensor, object]]:
         """(whole local tensor, its spec) of every entry: the prefetched all-gather, or one issued now."""
-        pending, self.prefetched = self.prefetched or self._issue_gather(range(len(self.entries))), None
-        handle, specs = pending
-        return list(zip(handle.wait(), specs))
+        with self.schedule.timed("wait all-gather", self):
+            pending, self.prefetched = self.prefetched or self._issue_gather(range(len(self.entries))), None
+            handle, specs = pending
+            return list(zip(handle.wait(), specs))
 
     def prefetch(self) -> None:
-        if self.prefetched is None:
+        if self.prefetched is None and self.overlap:
             self.prefetched = self._issue_gather(range(len(self.entries)))
 
     def drop_prefetch(self) -> None:
@@ -152,15 +148,26 @@ class _Unit:
 
     # -- forward --------------------------------------------------------------------------------------------
 
-    def pre_forward(self, module, args):
+    def pre_forward(self, module, args, kwargs):
+        if torch.compiler.is_compiling():  # the gathers as traced front doors (zero_compiled.py)
+            args, kwargs = bind_compiled(self, args, kwargs)
+            if self.param_dtype is not None:
+                args, kwargs = _cast_inputs(args, self.param_dtype), _cast_inputs(kwargs, self.param_dtype)
+            return args, kwargs
         self._follow_replaced_parameters()
         schedule = self.schedule
         if schedule.depth == 0:
             schedule.backward_started = False
+            schedule.finish_reductions()  # a backward that ended without its callback (an exception in it)
+            if self.boundary is not None:
+                moved = self.boundary.enter(module, args, kwargs)
+                if moved is not None:  # the outermost unit's forward runs on this rank's rows (zero_local.py)
+                    schedule.boundary, (args, kwargs) = self.boundary, moved
         if not schedule.forward_recorded and self not in schedule.forward_order:
             schedule.forward_order.append(self)
         schedule.depth += 1
-        wholes = _GatherUnit.apply(self, *[shard for _, _, shard in self.entries])
+        self.forward_started = time.perf_counter()
+        wholes = _GatherUnit.apply(self, schedule.boundary is not None, *[shard for _, _, shard in self.entries])
         if schedule.forward_recorded:
             nxt = schedule.next_after(schedule.forward_order, self)
             if nxt is not None:
@@ -172,37 +179,50 @@ class _Unit:
         self.hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self.hooks_ctx.__enter__()
         if self.param_dtype is not None:
-            return _cast_inputs(args, self.param_dtype)
-        return None
+            args, kwargs = _cast_inputs(args, self.param_dtype), _cast_inputs(kwargs, self.param_dtype)
+        return args, kwargs
 
-    def post_forward(self, module, args, out) -> None:
-        """Drop the gathered parameters: the module sees its sharded Parameters again."""
-        self.hooks_ctx.__exit__(None, None, None)
-        self.hooks_ctx = None
+    def post_forward(self, module, args, kwargs, out):
+        """Drop the gathered parameters: the module sees its sharded Parameters again; the outermost unit of a
+        local forward puts its outputs back on the whole mesh."""
+        if torch.compiler.is_compiling():
+            unbind_compiled(self)
+            return None
+        if self.hooks_ctx is not None:
+            self.hooks_ctx.__exit__(None, None, None)
+            self.hooks_ctx = None
         for i in range(len(self.entries)):
             for owner, name in self.slots(i):
                 owner.__dict__.pop(name, None)
         self.gathered.clear()
-        self.schedule.depth -= 1
-        if self.schedule.depth == 0:
-            self.schedule.end_forward()
+        schedule = self.schedule
+        schedule.mark("forward", self, self.forward_started)
+        schedule.depth -= 1
+        if schedule.depth == 0:
+            schedule.end_forward()
+            boundary, schedule.boundary = schedule.boundary, None
+            if boundary is not None:
+                return boundary.exit(module, out)
+        return None
 
     def pack(self, t: torch.Tensor):
         # A saved gathered parameter, or a view of one (autograd's _base: a weight's transpose), is saved as (unit,
         # entry, view geometry relative to the whole): the gathered whole is not kept alive by autograd, and
         # backward re-gathers it. Anything else (a view a rule computed into fresh memory) is saved as it is.
-        if not isinstance(t, DTensor):
+        # Local compute: the wholes and their views are plain tensors (the spec saved is then None).
+        if not isinstance(t, torch.Tensor):
             return t
         found = self.gathered.get(id(t)) or (t._base is not None and self.gathered.get(id(t._base)))
         if not found:
             return t
         index, whole = found
-        local, whole_local = t._local_tensor, whole._local_tensor
+        local, whole_local = _local_of(t), _local_of(whole)
         if local.untyped_storage().data_ptr() != whole_local.untyped_storage().data_ptr():
             return t
         self.unpacks_left[index] = self.unpacks_left.get(index, 0) + 1
         offset = local.storage_offset() - whole_local.storage_offset()
-        return _Regather(self, index, t._spec, (local.shape, local.stride(), offset), whole_local.stride())
+        spec = t._spec if isinstance(t, DTensor) else None
+        return _Regather(self, index, spec, (local.shape, local.stride(), offset), whole_local.stride())
 
     def unpack(self, saved):
         return saved.materialize() if isinstance(saved, _Regather) else saved
@@ -214,14 +234,14 @@ class _Unit:
         prefetch) with every other entry still to be unpacked (one all-gather), prefetching the next unit's.
         The whole is dropped here when its last saved view has been unpacked."""
         if index not in self.alive:
-            self._start_backward()
+            self.schedule.start_backward(self)
             if self.regather_prefetched is not None:
                 self._receive(self.regather_prefetched)
                 self.regather_prefetched = None
             if index not in self.alive:
                 self._receive(self._issue_regather(index))
             nxt = self.schedule.next_after(self.schedule.backward_order, self) if self.schedule.backward_recorded else None
-            if nxt is not None and nxt.regather_prefetched is None and not nxt.alive and nxt._wanted():
+            if self.overlap and nxt is not None and nxt.regather_prefetched is None and not nxt.alive and nxt._wanted():
                 nxt.regather_prefetched = nxt._issue_regather()
         whole = self.alive[index]
         self.unpacks_left[index] = self.unpacks_left.get(index, 0) - 1
@@ -242,15 +262,8 @@ class _Unit:
 
     def _receive(self, pending) -> None:
         handle, indices = pending
-        self.alive.update(zip(indices, handle.wait()))
-
-    def _start_backward(self) -> None:
-        schedule = self.schedule
-        if not schedule.backward_started:
-            schedule.backward_started = True
-            torch.autograd.Variable._execution_engine.queue_callback(schedule.end_backward)
-        if not schedule.backward_recorded and self not in schedule.backward_order:
-            schedule.backward_order.append(self)
+        with self.schedule.timed("wait re-gather", self):
+            self.alive.update(zip(indices, handle.wait()))
 
     def drop_regather(self) -> None:
         """After this unit's backward: nothing re-gathered stays alive here (a prefetch not used is waited for)."""
@@ -260,16 +273,51 @@ class _Unit:
         self.alive.clear()
         self.unpacks_left.clear()
 
-    def reduce_gradients(self, grads) -> list:
-        """One reduce-scatter (per dtype / mesh dim) of the unit's gradients, in reduce_dtype, onto the shards."""
+    def start_reduce(self, grads):
+        """Start one reduce-scatter (per dtype / mesh dim) of the unit's gradients, in reduce_dtype, onto the
+        shards: (pending, indices of the entries with a gradient). A plain gradient (local compute) is this rank's
+        rows' contribution, Partial(sum) on dp, as the DTensor path's gradients are."""
         shards = [shard for _, _, shard in self.entries]
         present = [i for i, g in enumerate(grads) if g is not None]
-        moved = [grads[i] if self.reduce_dtype is None else grads[i].to(self.reduce_dtype) for i in present]
-        locals_ = redistribute_together(moved, [shards[i].placements for i in present])
-        out = [None] * len(shards)
+        moved = []
+        for i in present:
+            g = grads[i]
+            if self.reduce_dtype is not None:
+                g = g.to(self.reduce_dtype)
+            if not isinstance(g, DTensor):
+                g = DTensor(g, self._partial_spec(shards[i], g.dtype))
+            moved.append(g)
+        targets = [shards[i].placements for i in present]
+        self.schedule.mark("reduce-scatter issued", self)
+        return redistribute_together_async(moved, targets), present
+
+    def _partial_spec(self, shard: DTensor, dtype: torch.dtype) -> DTensorSpec:
+        shape = shard._spec.shape
+        stride = tuple(torch.empty(shape, device="meta").stride())
+        placements = with_placement(shard.placements, self.mesh_dim, Partial())
+        return DTensorSpec(self.mesh, placements, TensorMeta(shape, stride, dtype))
+
+    def reduced(self, locals_, present) -> list:
+        """The reduced local shards as gradients of the shards (None where an entry had no gradient)."""
+        out = [None] * len(self.entries)
         for i, local in zip(present, locals_):
-            out[i] = DTensor(local.to(shards[i].device, shards[i].dtype), shards[i]._spec)  # offload: to the host
+            shard = self.entries[i][2]
+            out[i] = DTensor(local.to(shard.device, shard.dtype), shard._spec)  # offload: to the host
         return out
+
+    def land_gradients(self, locals_, present) -> None:
+        """A reduce-scatter started in backward has finished: its shards accumulate into ``.grad`` (autograd's
+        accumulation, done here because the Function returned before the collective finished)."""
+        for i, grad in enumerate(self.reduced(locals_, present)):
+            if grad is None:
+                continue
+            shard = self.entries[i][2]
+            if shard.grad is None:
+                shard.grad = grad
+            elif isinstance(shard.grad, DTensor) and shard.grad._spec == grad._spec:
+                shard.grad._local_tensor.add_(grad._local_tensor)
+            else:
+                shard.grad = shard.grad + grad
 
 
 class _GatherUnit(torch.autograd.Function):
@@ -277,17 +325,28 @@ class _GatherUnit(torch.autograd.Function):
     reduce-scatter of their gradients back to the shards."""
 
     @staticmethod
-    def forward(ctx, unit, *shards):
+    def forward(ctx, unit, local, *shards):
         ctx.unit = unit
         ctx.set_materialize_grads(False)
         wholes = unit._take_gather()
+        if local:  # local compute: plain wholes (their gradients come back plain: this rank's contribution)
+            # detach(): the same memory, but not a view of the gather's flat buffer, so a view of one whole (a
+            # weight's transpose) has that whole as its _base and pack() finds it by the parameter.
+            return tuple(whole.detach() for whole, _ in wholes)
         return tuple(DTensor(local, spec, requires_grad=s.requires_grad) for (local, spec), s in zip(wholes, shards))
 
     @staticmethod
     def backward(ctx, *grads):
         unit = ctx.unit
+        unit.schedule.start_backward(unit)  # end_backward waits for the reduce-scatters still in flight
         unit.drop_regather()  # every op of this unit has run its backward: its re-gathered wholes may go
-        return (None, *unit.reduce_gradients(list(grads)))
+        pending, present = unit.start_reduce(list(grads))
+        if unit.overlap:  # in flight while the units before this one run their backward
+            unit.schedule.reduce_in_flight(unit, pending, present)
+            return (None, None, *[None] * len(grads))
+        with unit.schedule.timed("wait reduce-scatter", unit):
+            locals_ = pending.wait()
+        return (None, None, *unit.reduced(locals_, present))
 
 
 class _Regather:
@@ -308,17 +367,23 @@ class _Regather:
             # the forward whole's strides: copy into them rather than read the wrong elements.
             copy = torch.empty_strided(whole.shape, self.whole_stride, dtype=whole.dtype, device=whole.device)
             whole = copy.copy_(whole)
-        return DTensor(whole.as_strided(size, stride, whole.storage_offset() + offset), self.spec)
+        view = whole.as_strided(size, stride, whole.storage_offset() + offset)
+        return view if self.spec is None else DTensor(view, self.spec)
 
 
 def _cast_inputs(args, dtype: torch.dtype):
     # As FSDP2's cast_forward_inputs: floating inputs enter in the compute dtype.
-    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    cast = lambda a: a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+    return {k: cast(a) for k, a in args.items()} if isinstance(args, dict) else tuple(cast(a) for a in args)
+
+
+def _local_of(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def fully_shard(
     module: nn.Module, mesh, *, mesh_dim: int | str | None = None, mp_policy: MixedPrecision | None = None,
-    offload: CPUOffload | None = None,
+    offload: CPUOffload | None = None, local_compute: bool = True, overlap: bool = True,
 ) -> nn.Module:
     """ZeRO stage 3: shard ``module``'s parameters on the dp mesh dim, gather them around its forward.
 
@@ -337,6 +402,13 @@ def fully_shard(
             it, gradients are reduce-scattered in reduce_dtype and land on the shards in fp32.
         offload: ``CPUOffload()``: the shards (so their gradients and the optimizer's state and step) live in
             host memory; each gather copies them to the mesh's device first, gradients are copied back.
+        local_compute: the outermost fully_shard module's forward runs on each rank's rows with plain tensors
+            (layouts/zero_local.py: 1-D dp mesh; the cases it lists take the DTensor path); False: every op
+            dispatched as DTensor. Both are exact as one device; the root's setting decides.
+        overlap: prefetch the next unit's all-gather (forward and backward) and leave each unit's gradient
+            reduce-scatter in flight until the next one starts or backward ends (its shards then land in
+            ``.grad`` outside autograd: ``torch.autograd.grad`` does not return them, post-accumulate-grad hooks
+            do not run); False: every collective waited for where it is issued (for measuring and debugging).
 
     Traffic per step, for the owned parameters (bytes B in the gather dtype): one all-gather in forward, one
     in backward of the parameters some op saved, one reduce-scatter of the gradients (in reduce_dtype), each
@@ -354,7 +426,7 @@ def fully_shard(
     if offload is not None and not isinstance(offload, CPUOffload):
         raise TypeError(f"offload must be a CPUOffload, got {type(offload).__name__}")
     k = dp_mesh_dim_index(mesh, mesh_dim)
-    unit = _Unit(mesh, k, mp_policy, offload)
+    unit = _Unit(mesh, k, mp_policy, offload, type(module).__name__, local_compute, overlap)
     # Each Parameter once, with every slot holding it (tied weights: one entry, one gather, one gradient).
     for param, slots in parameter_slots(module, prune=lambda child: hasattr(child, "_zero_state")):
         if _SHARDED_FOR in param.__dict__:  # a shared Parameter an inner call sharded through another slot
@@ -377,8 +449,8 @@ def fully_shard(
         if hasattr(inner, "_zero_state"):
             inner._zero_state.schedule = unit.schedule
     module._zero_state = unit
-    module.register_forward_pre_hook(unit.pre_forward)
-    module.register_forward_hook(unit.post_forward, always_call=True)  # also on an exception
+    module.register_forward_pre_hook(unit.pre_forward, with_kwargs=True)
+    module.register_forward_hook(unit.post_forward, with_kwargs=True, always_call=True)  # also on an exception
     return module
 
 

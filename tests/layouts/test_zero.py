@@ -158,7 +158,7 @@ def test_traffic_and_sharded_state(stage):
     run_on_ranks(2, _check_traffic, stage)
 
 
-def _check_freed():
+def _check_freed(local_compute):
     """Stage 3 frees the gathered parameters after forward and the re-gathered ones after backward."""
     import gc
     import weakref
@@ -166,15 +166,18 @@ def _check_freed():
     mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
     model = _model((8, 16, 4))
     for block in model.blocks:
-        fully_shard(block, mesh)
-    fully_shard(model, mesh)
+        fully_shard(block, mesh, local_compute=local_compute)
+    fully_shard(model, mesh, local_compute=local_compute)
     gathered = []
 
     def record(module, args):  # runs after fully_shard's gather hook
         for owner, name, shard in module._zero_state.entries:
             full = owner.__dict__[name]
-            assert isinstance(full, DTensor) and full.placements == (Replicate(),) and full.shape == shard.shape
-            gathered.append(weakref.ref(full._local_tensor))
+            if local_compute:  # the plain whole
+                assert type(full) is torch.Tensor and full.shape == shard.shape
+            else:
+                assert isinstance(full, DTensor) and full.placements == (Replicate(),) and full.shape == shard.shape
+            gathered.append(weakref.ref(full._local_tensor if isinstance(full, DTensor) else full))
 
     for module in (*model.blocks, model):
         module.register_forward_pre_hook(record)
@@ -190,8 +193,9 @@ def _check_freed():
         assert isinstance(p.grad, DTensor) and p.grad.placements == (Shard(0),)
 
 
-def test_stage3_frees_gathered_parameters():
-    run_on_ranks(2, _check_freed)
+@pytest.mark.parametrize("local_compute", [True, False])
+def test_stage3_frees_gathered_parameters(local_compute):
+    run_on_ranks(2, _check_freed, local_compute)
 
 
 def _check_errors():

@@ -25,11 +25,11 @@ SIZES = (8, 16, 4)
 BF16 = dict(atol=2e-2, rtol=2e-2)
 
 
-def _sharded_model(mesh, mp_policy=None):
+def _sharded_model(mesh, mp_policy=None, **options):
     model = _model(SIZES).float()
     for block in model.blocks:
-        fully_shard(block, mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh, mp_policy=mp_policy)
+        fully_shard(block, mesh, mp_policy=mp_policy, **options)
+    fully_shard(model, mesh, mp_policy=mp_policy, **options)
     return model
 
 
@@ -67,7 +67,7 @@ def _check_prefetch_order():
     schedule = model._zero_state.schedule
     assert all(u.schedule is schedule for u in units.values())
     assert [u for u in schedule.forward_order] == [units["root"], units["blocks.0"], units["blocks.1"]]
-    assert schedule.backward_order == [units["root"], units["blocks.1"], units["blocks.0"]]
+    assert schedule.backward_order == [units["root"], units["blocks.1"], units["blocks.0"]], [u.label for u in schedule.backward_order]
     # Second step, forward: blocks.1's gather is issued while blocks.0 runs, before blocks.1's forward.
     assert forward_events.index(("issue", "blocks.1")) < forward_events.index(("forward", "blocks.0"))
     assert forward_events.count(("issue", "blocks.1")) == 1
@@ -81,16 +81,18 @@ def test_prefetch_order():
     run_on_ranks(2, _check_prefetch_order)
 
 
-def _check_freed_with_prefetch():
+def _check_freed_with_prefetch(local_compute):
     """From the second step on (prefetching), the wholes are still freed after forward and after backward."""
     mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
-    model = _sharded_model(mesh)
+    model = _sharded_model(mesh, local_compute=local_compute)
     units = _units(model)
     gathered = []
 
     def record(module, args):  # runs after fully_shard's gather hook
         for owner, name, _ in module._zero_state.entries:
-            gathered.append(weakref.ref(owner.__dict__[name]._local_tensor))
+            whole = owner.__dict__[name]
+            assert isinstance(whole, DTensor) != local_compute  # local compute binds plain wholes
+            gathered.append(weakref.ref(whole._local_tensor if isinstance(whole, DTensor) else whole))
 
     for module in (*model.blocks, model):
         module.register_forward_pre_hook(record)
@@ -120,8 +122,9 @@ def _check_freed_with_prefetch():
         opt.zero_grad()
 
 
-def test_freed_with_prefetch():
-    run_on_ranks(2, _check_freed_with_prefetch)
+@pytest.mark.parametrize("local_compute", [True, False])
+def test_freed_with_prefetch(local_compute):
+    run_on_ranks(2, _check_freed_with_prefetch, local_compute)
 
 
 # -- mixed precision ----------------------------------------------------------------------------------------------

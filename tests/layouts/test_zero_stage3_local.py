@@ -1,0 +1,78 @@
+"""fully_shard's local compute (layouts/zero_local.py): the forward of a fully_shard-ed model dispatches no DTensor
+op (plain wholes, this rank's rows), the DTensor path dispatches every op, and a loss computed inside forward is
+refused with the fix named (its per-rank mean could not be put back as the global one).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dtensor_plus as dtp
+from dtensor_plus import DTensor, Shard
+from dtensor_plus.dispatcher import DISPATCHER
+from dtensor_plus.layouts import fully_shard
+from dtensor_plus.testing import run_on_ranks
+
+from test_zero import _data, _model  # noqa: E402  (tests/layouts is on sys.path under pytest's rootdir)
+
+SIZES = (8, 16, 4)
+
+
+def _dispatched_in_forward(local_compute):
+    mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
+    model = _model(SIZES)
+    for block in model.blocks:
+        fully_shard(block, mesh, local_compute=local_compute)
+    fully_shard(model, mesh, local_compute=local_compute)
+    x, y = (dtp.distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None) for t in _data(SIZES, 0))
+    seen, execute = [], DISPATCHER.execute
+
+    def recording(func, args, kwargs):
+        seen.append(str(func))
+        return execute(func, args, kwargs)
+
+    DISPATCHER.execute = recording
+    try:
+        out = model(x)
+    finally:
+        DISPATCHER.execute = execute
+    assert isinstance(out, DTensor) and out.placements == (Shard(0),) and out.shape == (8, SIZES[2])
+    F.mse_loss(out, y).backward()  # the gradients still land on the shards
+    assert all(p.grad is not None and p.grad.placements == (Shard(0),) for p in model.parameters())
+    return len(seen)
+
+
+@pytest.mark.parametrize("local_compute", [True, False])
+def test_local_forward_dispatches_nothing(local_compute):
+    for count in run_on_ranks(2, _dispatched_in_forward, local_compute):
+        assert (count == 0) == local_compute, count  # the DTensor path dispatches every op of the forward
+
+
+class _LossInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, y):
+        return F.mse_loss(self.fc(x), y)
+
+
+def _loss_inside_forward():
+    mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+    model = fully_shard(_LossInside(), mesh)
+    xd, yd = (dtp.distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None) for t in (x, y))
+    with pytest.raises(ValueError, match="local_compute=False"):
+        model(xd, yd)
+    # The fix the message names: the DTensor path takes the global mean.
+    torch.manual_seed(0)
+    reference = _LossInside()
+    torch.manual_seed(0)
+    exact = fully_shard(_LossInside(), mesh, local_compute=False)
+    torch.testing.assert_close(exact(xd, yd).full_tensor(), reference(x, y))
+
+
+def test_loss_inside_forward_is_refused_naming_the_fix():
+    run_on_ranks(2, _loss_inside_forward)
