@@ -15,7 +15,11 @@ the forward order recorded on the first step) and bound to the module; after the
 dropped. Tensors autograd saves that are views of a whole are saved as a reference to the shard; backward
 re-gathers a module's saved parameters in one flat all-gather when it first needs one (prefetching the next
 module's in backward order) and frees them after the module's backward, whose gradients are reduce-scattered
-in one flat collective onto the sharded leaves. ``mp_policy=MixedPrecision(param_dtype=torch.bfloat16,
+in one flat collective onto the sharded leaves: started there and left in flight while the modules before it
+run their backward (waited for when the next one starts, or when backward ends). The outermost module's
+forward computes on each rank's rows with the wholes as plain tensors, as FSDP2 does (zero_local.py);
+``local_compute=False`` dispatches every op as DTensor, ``overlap=False`` waits for every collective where it
+is issued. Under ``torch.compile`` the gathers are traced ``redistribute`` calls (zero_compiled.py). ``mp_policy=MixedPrecision(param_dtype=torch.bfloat16,
 reduce_dtype=torch.float32)`` gathers and computes in bf16 (half the all-gather bytes) and reduce-scatters in
 fp32 onto the fp32 shards::
 
@@ -49,11 +53,11 @@ holders neither of which encloses the other raise. Stages 1/2 see it once throug
 
 Composes with tensor parallelism: place the parameters on a (dp, tp) mesh as ``[Replicate(), <tp placement>]``
 first and pass ``mesh_dim="dp"``; only the dp placement changes. Gradient accumulation (several backwards,
-one step) works for every stage. Not done here: overlapping stage 3's reduce-scatter with the previous
-module's backward (it runs synchronously at the end of each module's backward), prefetching the first
-unit's forward gather (nothing runs before it), and freeing a parameter of an outer ``fully_shard`` module
-that an inner one's ops save (only the innermost module's saved-tensor hooks are active; such a tensor is
-kept, correct but not freed).
+one step) works for every stage. Not done here: prefetching the first unit's forward gather (nothing runs
+before it), and freeing a parameter of an outer ``fully_shard`` module that an inner one's ops save (only the
+innermost module's saved-tensor hooks are active; such a tensor is kept, correct but not freed). With
+``overlap`` on, stage 3's reduced shards reach ``.grad`` outside autograd: ``torch.autograd.grad`` and
+``backward(inputs=...)`` do not see them, post-accumulate-grad hooks do not run on them.
 """
 
 from .zero_optimizer import ZeroRedundancyOptimizer
