@@ -5,13 +5,15 @@ the stage input exactly once: along a *cut edge* n -> m with n in I and m outsid
 the input, none below it can). So
 
 - B runs autograd from the output to the input only. Autograd then skips every output of a node that no path
-  to the input needs (a Linear's weight-gradient matmul), and a pre-hook on each cut parent n keeps the
-  gradient arriving at n;
-- W re-enters the kept graph at each cut parent with its kept gradient and backpropagates it to the parameters
-  its cut edges reach (``torch.autograd.backward(..., inputs=those parameters)``): the weight-gradient matmuls
-  skipped in B, and the gradients accumulate into ``.grad`` with post-accumulate hooks (data parallel
-  reduction, ZeRO) firing as in an ordinary backward. One call per cut parent: asked together, a parent
-  reachable from another through the input path would be entered twice.
+  to the input needs (a Linear's weight-gradient matmul); the same call captures the gradient arriving at each
+  cut parent n (an input GradientEdge per slot of n, so no Python hook runs inside the backward);
+- W re-enters the kept graph at the cut parents with their kept gradients and backpropagates them to the
+  parameters their cut edges reach (``inputs=`` those parameters): the weight-gradient matmuls skipped in B, and
+  the gradients accumulate into ``.grad`` with post-accumulate hooks (data parallel reduction, ZeRO) firing as in
+  an ordinary backward. Parents are entered together only when neither reaches the other through the input path
+  (grouped by how many parents lie below them): entered with a parent below it, a parent would run through
+  that one's input path and count it twice. Each call has a fixed cost and walks the whole graph below its
+  parents, so fewer calls is most of what keeps B + W near one fused backward on small layers.
 
 A parameter reached from two cut parents (used twice, e.g. once beside the input path) would make one parent's
 W run through the other's input path and count twice. Such graphs take the plain fallback: W runs the whole
@@ -40,39 +42,31 @@ class SplitBackward:
     root_grad: torch.Tensor | None = None
     no_input: bool = False  # the fallback because the stage has no differentiable input: W is the plain backward
     params: list = field(default_factory=list)
-    cut_parents: list = field(default_factory=list)  # [(node, {slot: kept grad}, [the parameters it reaches])]
+    # [(cut-parent edges, their kept gradients, the parameter edges they reach)]: one engine call each
+    weight_calls: list = field(default_factory=list)
 
 
-def _children(root_node) -> dict:
-    """Every node reachable from ``root_node``, each with its (child, input_nr) edges: ``next_functions`` is read
-    once per node (each read builds new Python tuples), iteratively (graphs are deep)."""
-    children, stack = {}, [root_node]
+def _input_path(root_node, target) -> tuple[dict, set, list]:
+    """One iterative post-order walk of the graph below ``root_node`` (graphs are deep): every node's (child,
+    input_nr) edges, ``next_functions`` read once per node (each read builds new Python tuples), and the nodes
+    from which ``target`` can be reached (target included), each decided once its children are, and those nodes
+    in that order (children before parents; ``target`` left out)."""
+    kids = [(c, nr) for c, nr in root_node.next_functions if c is not None]
+    children, reach, order, stack = {root_node: kids}, {target}, [], [(root_node, kids, 0)]
     while stack:
-        node = stack.pop()
-        if node in children:
-            continue
-        kids = [(c, nr) for c, nr in node.next_functions if c is not None]
-        children[node] = kids
-        stack.extend(c for c, _ in kids if c not in children)
-    return children
-
-
-def _reaching(children: dict, root_node, target) -> set:
-    """The nodes below ``root_node`` from which ``target`` can be reached (target included): an iterative post-order
-    walk, children decided before their parents."""
-    reach, done, stack = {target}, {root_node}, [(root_node, iter(children[root_node]))]
-    while stack:
-        node, kids = stack[-1]
-        for child, _ in kids:
-            if child not in done:
-                done.add(child)
-                stack.append((child, iter(children[child])))
-                break
-        else:
-            stack.pop()
-            if any(c in reach for c, _ in children[node]):
-                reach.add(node)
-    return reach
+        node, kids, i = stack.pop()
+        while i < len(kids) and kids[i][0] in children:
+            i += 1
+        if i < len(kids):  # an unvisited child: come back to this node after it
+            stack.append((node, kids, i + 1))
+            child = kids[i][0]
+            grandkids = [(c, nr) for c, nr in child.next_functions if c is not None]
+            children[child] = grandkids
+            stack.append((child, grandkids, 0))
+        elif any(c in reach for c, _ in kids):
+            reach.add(node)
+            order.append(node)
+    return children, reach, order
 
 
 def backward_input(root: torch.Tensor, root_grad, input_leaf, params) -> tuple[torch.Tensor | None, SplitBackward]:
@@ -87,27 +81,44 @@ def backward_input(root: torch.Tensor, root_grad, input_leaf, params) -> tuple[t
     if input_leaf is None or not input_leaf.requires_grad:
         return None, SplitBackward(root=root, root_grad=root_grad, params=params, no_input=True)
     leaf_node = get_gradient_edge(input_leaf).node
-    children = _children(root.grad_fn)
+    children, on_input_path, order = _input_path(root.grad_fn, leaf_node)
     if leaf_node not in children:  # the output does not depend on the input
         return torch.zeros_like(input_leaf), SplitBackward(root=root, root_grad=root_grad, params=params)
-    on_input_path = _reaching(children, root.grad_fn, leaf_node)
     owned = _owned_params(children, on_input_path, params)
     if owned is None:  # a parameter reached from two cut parents: the exact split would count it twice
         (grad,) = torch.autograd.grad(root, [input_leaf], root_grad, retain_graph=True)
         return grad, SplitBackward(root=root, root_grad=root_grad, params=params)
-    nodes, kept, handles = list(owned), {}, []
-    for i, n in enumerate(nodes):
-        # Keyed by index: the hook holds no reference to its node (no node -> hook -> node cycle).
-        def keep(grad_outputs, i=i):
-            kept[i] = {k: g for k, g in enumerate(grad_outputs) if g is not None}
-        handles.append(n.register_prehook(keep))
-    try:
-        (grad,) = torch.autograd.grad(root, [input_leaf], root_grad, retain_graph=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    parents = [(nodes[i], by_slot, owned[nodes[i]]) for i, by_slot in kept.items() if by_slot]
-    return grad, SplitBackward(params=params, cut_parents=parents)
+    # The gradients arriving at the cut parents are captured by the same engine call as the input's (an input
+    # GradientEdge per slot of each parent: no Python hook runs inside the backward); the parents still run, for
+    # the input path only.
+    nodes = list(owned)
+    slots = [(n, k) for n in nodes for k in range(len(n._input_metadata))]
+    grads = torch.autograd.grad(root, [input_leaf, *(GradientEdge(n, k) for n, k in slots)], root_grad,
+                                retain_graph=True, allow_unused=True)
+    kept = {}
+    for (n, k), g in zip(slots, grads[1:]):
+        if g is not None:
+            kept.setdefault(n, {})[k] = g
+    grad = grads[0] if grads[0] is not None else torch.zeros_like(input_leaf)
+    return grad, SplitBackward(params=params, weight_calls=_weight_calls(order, children, on_input_path, owned, kept))
+
+
+def _weight_calls(order, children, on_input_path, owned, kept) -> list:
+    """W's engine calls: the cut parents grouped by how many cut parents lie below them on the input path (at
+    most, along any chain). Two parents of one group never reach each other (a parent above another has more
+    below it), so entered together neither runs through the other's input path, and each call asks for
+    exactly its parents' parameters: the parallel q, k, v projections of attention share a call."""
+    below = {}
+    for n in order:  # children first
+        below[n] = max((below.get(c, 0) + (c in owned) for c, _ in children[n] if c in on_input_path), default=0)
+    groups = {}
+    for n, by_slot in kept.items():
+        edges, grads, inputs = groups.setdefault(below[n], ([], [], []))
+        for k, g in by_slot.items():
+            edges.append(GradientEdge(n, k))
+            grads.append(g)
+        inputs += owned[n]
+    return [(tuple(e), tuple(g), tuple(i)) for _, (e, g, i) in sorted(groups.items(), reverse=True)]
 
 
 def _owned_params(children: dict, on_input_path: set, params) -> dict | None:
@@ -146,13 +157,10 @@ def backward_weight(state: SplitBackward) -> None:
             torch.autograd.backward(state.root, state.root_grad, inputs=state.params)
         state.root = state.root_grad = None
         return
-    for node, by_slot, owned in state.cut_parents:
-        # One call per cut parent, restricted to the parameters only its cut edges reach: asked together, a
-        # parent reachable from another through the input path would be entered twice. The engine is called
-        # directly: torch.autograd.backward's checks of each GradientEdge's shape (symbolic-shape helpers, ~0.1 ms
-        # a call) were most of W's overhead at small sizes, and these gradients came out of the engine itself.
-        slots = list(by_slot)
-        _engine_run_backward(tuple(GradientEdge(node, k) for k in slots), tuple(by_slot[k] for k in slots),
-                             False, False, tuple(owned), True, True)  # keep_graph, create_graph, inputs,
-        # allow_unreachable, accumulate_grad: what torch.autograd.backward(..., inputs=owned) passes
-    state.cut_parents = []
+    for edges, grads, inputs in state.weight_calls:
+        # The engine is called directly: torch.autograd.backward's checks of each GradientEdge's shape
+        # (symbolic-shape helpers, ~0.1 ms a call) were most of W's overhead at small sizes, and these gradients
+        # came out of the engine itself. Arguments: keep_graph, create_graph, inputs, allow_unreachable,
+        # accumulate_grad, what torch.autograd.backward(edges, grads, inputs=inputs) passes.
+        _engine_run_backward(edges, grads, False, False, inputs, True, True)
+    state.weight_calls = []

@@ -115,6 +115,37 @@ def test_split_backward_equals_plain_backward():
             torch.testing.assert_close(p.grad, q.grad, **TOL)
 
 
+class Branches(nn.Module):
+    """LayerNorm, then three parallel Linears (attention's q, k, v) combined, then a Linear in series."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.ln, self.q, self.k, self.v, self.out = (nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, d),
+                                                     nn.Linear(d, d), nn.Linear(d, d))
+
+    def forward(self, x_BD):
+        h_BD = self.ln(x_BD)
+        return self.out(torch.tanh(self.q(h_BD)) * self.k(h_BD) + self.v(h_BD))
+
+
+def test_split_backward_enters_parallel_parents_together_and_stays_exact():
+    """W enters q, k and v in one engine call (none reaches another through the input path) and out and ln in calls
+    of their own (in series with the rest); the gradients equal one plain backward's."""
+    torch.manual_seed(0)
+    block = Branches(D)
+    ref = copy.deepcopy(block)
+    x, g = torch.randn(B, D), torch.randn(B, D)
+    leaf = x.clone().requires_grad_()
+    grad_x, state = backward_input(block(leaf), g, leaf, list(block.parameters()))
+    assert sorted(len(inputs) for _, _, inputs in state.weight_calls) == [2, 2, 6]  # out, ln, then q + k + v
+    backward_weight(state)
+    leaf_ref = x.clone().requires_grad_()
+    ref(leaf_ref).backward(g)
+    torch.testing.assert_close(grad_x, leaf_ref.grad, **TOL)
+    for p, q in zip(block.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL)
+
+
 def test_schedule_for_other_ranks_is_rejected():
     run_on_ranks(2, _wrong_rank_count)
 
