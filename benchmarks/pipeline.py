@@ -1,18 +1,24 @@
 """Pipeline schedules on CPU ranks: measured bubble against the simulator and the formula, peak activation memory
 per rank, and step time beside ``torch.distributed.pipelining`` with the same schedule, model and microbatches.
 
-    OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 4 benchmarks/pipeline.py --microbatches 8
+    OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 benchmarks/pipeline.py --microbatches 8
 
 The model is examples/gpt.py's GPT split by examples/pipeline_gpt.py (embedding on the first stage, ln_f + head
 on the last), ``--layers`` blocks so that every stage of the V and interleaved placements (2 per rank) holds
 one. Each schedule runs ``--steps`` forward+backward steps after a warm-up (no optimizer: the same for both).
+Every pipeline (ours and torch's, each schedule) is built first, then the steps go round-robin over all of them
+(step i of each before step i+1 of any), so a change in the machine's load falls on all of them alike: the
+ratios compare runs interleaved in time, not one schedule's minute with another's.
 On rank 0 it prints, per schedule:
   * ours ms / torch ms: median step time (slowest rank), and their ratio;
   * bubble measured: 1 - (sum of compute time of all ranks) / (ranks x step time), from our executor's timeline;
-  * bubble simulated: ``simulate`` of the same schedule with F, B, W, BW costed at their measured medians;
+  * sim: ``simulate`` of the same schedule with F, B, W, BW costed at their measured medians per kind;
+    sim/st: the same with medians per kind and stage (the first and last stages cost more: embedding, head,
+    loss), the bubble the schedule itself leaves with these stages, which the measured one is held against;
   * bubble formula: ``bubble_formula`` (equal stages, T_F = T_B = T_W);
   * act KiB: peak bytes autograd keeps saved for backward on each rank (distinct storages, parameters excluded,
     through saved_tensors_hooks), ours then torch's.
+Then, when both ran, ZB-H1's step time over 1F1B's (ours, same run).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import dtensor_plus as dtp  # noqa: E402
 from dtensor_plus.layouts.pipeline import PipelineSchedule, PipelineStage, build_schedule  # noqa: E402
-from dtensor_plus.layouts.pipeline.simulate import bubble_formula, costs_from_events, simulate  # noqa: E402
+from dtensor_plus.layouts.pipeline.simulate import (bubble_formula, costs_from_events, simulate,  # noqa: E402
+                                                    stage_costs_from_events)
 from gpt import GPT, PRESETS  # noqa: E402
 from pipeline_gpt import gpt_loss, split_gpt  # noqa: E402
 
@@ -113,38 +120,46 @@ def _slowest(seconds: float) -> float:
     return t.item()
 
 
-def run_ours(name, args, mesh):
+class Runner:
+    """One pipeline of the benchmark: ``step()`` runs and times one step (slowest rank); ``times`` keeps them."""
+
+    def __init__(self, step, meter, timeline=None):
+        self.step_fn, self.meter, self.timeline_fn = step, meter, timeline
+        self.times, self.timelines = [], []
+
+    def step(self):
+        dist.barrier()
+        start = time.perf_counter()
+        with self.meter.hooks():
+            self.step_fn()
+        self.times.append(_slowest(time.perf_counter() - start))
+        if self.timeline_fn is not None:
+            self.timelines.append(self.timeline_fn())
+
+
+def build_ours(name, args, mesh):
     p, rank = dist.get_world_size(), dist.get_rank()
     schedule = build_schedule(name, p, args.microbatches, stages_per_rank=2)
     pieces = split_gpt(_model(args), schedule.num_stages)
     mine = [pieces[s] for s in schedule.stages_of(rank)]
     stages = [PipelineStage(piece, s, schedule.num_stages, mesh) for piece, s in zip(mine, schedule.stages_of(rank))]
     pipe = PipelineSchedule(stages, schedule, loss_fn=gpt_loss)
-    meter = ActivationMeter([q for piece in mine for q in piece.parameters()])
     x, y = _batch(args)
-    times, timelines = [], []
-    for step in range(args.warmup + args.steps):
-        dist.barrier()
-        start = time.perf_counter()
-        with meter.hooks():
-            pipe.step(x, target=y)
-        times.append(_slowest(time.perf_counter() - start))
-        timelines.append(pipe.timeline)
+
+    def step():
+        pipe.step(x, target=y)
         for piece in mine:
             piece.zero_grad(set_to_none=True)
-    # The step with the median time stands for the schedule's timeline.
-    measured = list(range(args.warmup, args.warmup + args.steps))
-    median_step = sorted(measured, key=lambda i: times[i])[len(measured) // 2]
-    gathered = [None] * p
-    dist.all_gather_object(gathered, timelines[median_step])
-    return schedule, statistics.median(times[args.warmup:]), gathered, meter.peak
+
+    meter = ActivationMeter([q for piece in mine for q in piece.parameters()])
+    return schedule, Runner(step, meter, lambda: pipe.timeline)
 
 
-def run_torch(name, args):
+def build_torch(name, args):
     from torch.distributed import pipelining
 
     if name not in TORCH_SCHEDULES:
-        return None, 0
+        return None
     p, rank = dist.get_world_size(), dist.get_rank()
     schedule = build_schedule(name, p, args.microbatches, stages_per_rank=2)  # the same placement as ours
     pieces = split_gpt(_model(args), schedule.num_stages)
@@ -153,29 +168,36 @@ def run_torch(name, args):
     cls = getattr(pipelining, TORCH_SCHEDULES[name])
     multi = name in ("interleaved_1f1b", "zb_v")
     pipe = cls(stages if multi else stages[0], n_microbatches=args.microbatches, loss_fn=gpt_loss)
-    meter = ActivationMeter([q for s in indices for q in pieces[s].parameters()])
     x, y = _batch(args)
     first, last = 0 in indices, schedule.num_stages - 1 in indices
-    times = []
-    for _ in range(args.warmup + args.steps):
-        dist.barrier()
-        start = time.perf_counter()
-        with meter.hooks():
-            pipe.step(*((x,) if first else ()), **({"target": y} if last else {}))
-        times.append(_slowest(time.perf_counter() - start))
+
+    def step():
+        pipe.step(*((x,) if first else ()), **({"target": y} if last else {}))
         for s in indices:
             pieces[s].zero_grad(set_to_none=True)
-    return statistics.median(times[args.warmup:]), meter.peak
+
+    return Runner(step, ActivationMeter([q for s in indices for q in pieces[s].parameters()]))
+
+
+def median_timelines(runner, args):
+    """Every rank's timeline of the step with the median time: it stands for the schedule."""
+    measured = list(range(args.warmup, args.warmup + args.steps))
+    median_step = sorted(measured, key=lambda i: runner.times[i])[len(measured) // 2]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, runner.timelines[median_step])
+    return gathered
 
 
 def bubbles(schedule, timelines):
-    """Measured bubble over all ranks, the simulator's with the measured mean cost per kind, and the costs."""
+    """Measured bubble over all ranks, the simulator's with the measured median cost per kind and per (kind,
+    stage), and the per-kind costs."""
     compute = [e for tl in timelines for e in tl if e.action.kind.is_compute]
     span = max(e.end for tl in timelines for e in tl) - min(e.start for tl in timelines for e in tl)
     busy = sum(e.end - e.start for e in compute)
     measured = 1 - busy / (len(timelines) * span)
-    costs = costs_from_events([e for tl in timelines for e in tl])
-    return measured, simulate(schedule, costs).bubble, costs
+    events = [e for tl in timelines for e in tl]
+    costs = costs_from_events(events)
+    return measured, simulate(schedule, costs).bubble, simulate(schedule, stage_costs_from_events(events)).bubble, costs
 
 
 def main():
@@ -183,31 +205,45 @@ def main():
     dist.init_process_group("gloo")
     mesh = dtp.init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("pp",))
     p, rank = dist.get_world_size(), dist.get_rank()
+    built = {}
+    for name in args.schedules:
+        schedule, ours = build_ours(name, args, mesh)
+        built[name] = (schedule, ours, build_torch(name, args))
+    runners = [r for _, ours, theirs in built.values() for r in (ours, theirs) if r is not None]
+    for _ in range(args.warmup + args.steps):  # round-robin: step i of every pipeline before step i+1 of any
+        for runner in runners:
+            runner.step()
     if rank == 0:
         print(f"GPT {args.layers} layers, dim {args.dim}, batch {args.batch_size} x {args.seq_len}, "
-              f"{args.microbatches} microbatches, pp = {p} (gloo, CPU); median of {args.steps} steps")
-        print(f"{'schedule':18} {'ours ms':>8} {'torch ms':>9} {'ratio':>6} {'bubble':>7} {'sim':>6} {'formula':>7}"
-              f"  {'act KiB per rank (ours | torch)'}")
-    for name in args.schedules:
-        schedule, ours_s, timelines, ours_peak = run_ours(name, args, mesh)
-        torch_s, torch_peak = run_torch(name, args)
-        measured, simulated, costs = bubbles(schedule, timelines)
+              f"{args.microbatches} microbatches, pp = {p} (gloo, CPU); median of {args.steps} steps, round-robin")
+        print(f"{'schedule':18} {'ours ms':>8} {'torch ms':>9} {'ratio':>6} {'bubble':>7} {'sim':>6} {'sim/st':>6} "
+              f"{'formula':>7}  {'act KiB per rank (ours | torch)'}")
+    ours_ms = {}
+    for name, (schedule, ours, theirs) in built.items():
+        timelines = median_timelines(ours, args)
+        ours_s = statistics.median(ours.times[args.warmup:])
+        torch_s = statistics.median(theirs.times[args.warmup:]) if theirs else 0.0
+        ours_ms[name] = ours_s * 1e3
+        measured, simulated, per_stage, costs = bubbles(schedule, timelines)
         peaks = [None] * p
-        dist.all_gather_object(peaks, (ours_peak, torch_peak))
+        dist.all_gather_object(peaks, (ours.meter.peak, theirs.meter.peak if theirs else 0))
         if rank == 0:
             v = schedule.num_stages // p
             formula = bubble_formula(name, p, args.microbatches, v)
             torch_ms = f"{torch_s * 1e3:9.1f}" if torch_s else f"{'n/a':>9}"
             ratio = f"{ours_s / torch_s:6.2f}" if torch_s else f"{'':>6}"
             act = " ".join(f"{a // 1024}" for a, _ in peaks) + " | " + " ".join(f"{b // 1024}" for _, b in peaks)
-            print(f"{name:18} {ours_s * 1e3:8.1f} {torch_ms} {ratio} {measured:7.3f} {simulated:6.3f} {formula:7.3f}  {act}")
+            print(f"{name:18} {ours_s * 1e3:8.1f} {torch_ms} {ratio} {measured:7.3f} {simulated:6.3f} {per_stage:6.3f} "
+                  f"{formula:7.3f}  {act}")
             print(f"{'':18} median ms: " + ", ".join(f"{k.value} {c * 1e3:.1f}" for k, c in costs.items()))
             if args.plot_dir:
                 from dtensor_plus.layouts.pipeline.timeline import plot_recorded_vs_simulated
 
                 Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
                 plot_recorded_vs_simulated(schedule, [e for tl in timelines for e in tl],
-                                           Path(args.plot_dir) / f"pipeline_{name}.png")
+                                           Path(args.plot_dir) / f"pipeline_{name}.png", per_stage=True)
+    if rank == 0 and "zb_h1" in ours_ms and "1f1b" in ours_ms:
+        print(f"zb_h1 / 1f1b step time (ours, same run): {ours_ms['zb_h1'] / ours_ms['1f1b']:.3f}")
     dist.destroy_process_group()
 
 

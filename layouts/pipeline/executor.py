@@ -12,10 +12,12 @@ Names follow ``torch.distributed.pipelining``: build a ``PipelineStage`` per sta
 
 How it runs the list: consecutive communication actions are posted as one ``batch_isend_irecv``; sends are
 waited on only at STEP and at the end of the step (the schedule's semantics: a send does not block). Receives are
-posted early: after each run of communication, the receives among the next ``RECV_LOOKAHEAD`` actions whose
-shapes are known are posted too, so a peer's data moves while this rank computes (gloo moves a message only once
-its receive is posted); each receive is waited on at its own RECV action. Each message has its own tag (stage boundary, microbatch, kind), so a rank that posts its receives
-in another order than its peer's sends still matches them. With a schedule that passes ``validate`` no rank
+posted early: once every shape is known (from the second step on) all of a step's receives are posted at its
+start, so a peer's data moves while this rank computes (gloo moves a message only once its receive is posted;
+with the receive already there, the sender's isend writes it at once); in the first step, the receives among the
+next ``RECV_LOOKAHEAD`` actions whose shapes are known, after each run of communication. Each receive is waited
+on at its own RECV action. Each message has its own tag (stage boundary, microbatch, kind), so a rank that posts
+its receives in another order than its peer's sends still matches them. With a schedule that passes ``validate`` no rank
 waits on a receive whose send sits behind a blocking op on the peer. Microbatch losses are scaled by 1/m
 (``scale_grads``), so gradients equal one device's on the whole batch with a mean loss; gradients accumulate
 across microbatches in ``.grad``, and STEP runs ``optimizer.step()`` and ``zero_grad()`` (nothing when no
@@ -37,7 +39,8 @@ from .stage import ActivationMeta, PipelineStage
 
 __all__ = ["PipelineSchedule", "pipeline_step", "build_schedule", "TORCH_NAMES", "RECV_LOOKAHEAD"]
 
-RECV_LOOKAHEAD = 8  # actions ahead whose receives are posted early (a few compute actions of 1F1B's steady state)
+RECV_LOOKAHEAD = 8  # in the first step, actions ahead whose receives are posted early, as their shapes become known
+_RECVS = (Kind.RECV_F, Kind.RECV_B)
 
 # torch.distributed.pipelining's schedule class names, for people moving code over.
 TORCH_NAMES = {"ScheduleGPipe": "gpipe", "Schedule1F1B": "1f1b", "ScheduleInterleaved1F1B": "interleaved_1f1b",
@@ -119,7 +122,11 @@ class PipelineSchedule:
         self._outputs, self._losses, self._pending_sends = {}, {}, []
         self._early_recvs = {}  # (kind, stage, microbatch) -> the work of a receive posted before its RECV action
         self.early_receives = 0  # how many of this step's receives were posted before their RECV action
-        self._post_ahead(0)  # shapes known from an earlier step: the first receives move from the start
+        # Every shape known (any step after the first): all of the step's receives are posted now, so each send
+        # finds its receive waiting and gloo writes the data from the sender's isend (a send that comes first
+        # moves only once the receiver's notice wakes the sender's transport thread, which a busy core delays).
+        self._shapes_known = all(self._recv_meta(a) is not None for a in self.actions if a.kind in _RECVS)
+        self._post_ahead(0, None if self._shapes_known else RECV_LOOKAHEAD)
         self.timeline, self._t0 = [], time.perf_counter()
         i = 0
         while i < len(self.actions):
@@ -207,7 +214,8 @@ class PipelineSchedule:
                 self.stages[s].input_meta = ActivationMeta.decode(buf)
         recvs = [self.stages[a.stage].forward_recv(a.microbatch, where[a.stage - 1]) for a in f_recvs] + b_recvs
         _, recv_work = point_to_point.send_recv([], recvs, self.mesh, self.pp_mesh_dim)
-        self._post_ahead(end)
+        if not self._shapes_known:  # the first step: a window ahead, as the shapes become known
+            self._post_ahead(end, RECV_LOOKAHEAD)
         recv_work.wait()
         for a in early:
             self._early_recvs.pop((a.kind, a.stage, a.microbatch)).wait()
@@ -216,21 +224,26 @@ class PipelineSchedule:
         for a in run:
             self._record(a, start)
 
-    def _post_ahead(self, index: int) -> None:
-        """Post the receives among the actions from ``index`` on (RECV_LOOKAHEAD of them) whose buffer shape is known
-        (after the first microbatch through the boundary), each as its own op, waited on at its RECV action."""
+    def _recv_meta(self, a: Action):
+        """The spec of what ``a`` (a RECV) receives, None while unknown (before the first message of its boundary)."""
+        stage = self.stages[a.stage]
+        return stage.input_meta if a.kind is Kind.RECV_F else stage.output_meta
+
+    def _post_ahead(self, index: int, lookahead: int | None) -> None:
+        """Post the receives among the actions from ``index`` on (``lookahead`` of them; None: all) whose buffer shape
+        is known, each as its own op, waited on at its RECV action."""
         where = self.schedule.stage_to_rank
-        for a in self.actions[index: index + RECV_LOOKAHEAD]:
-            key, stage = (a.kind, a.stage, a.microbatch), self.stages.get(a.stage)
-            if key in self._early_recvs:
+        stop = len(self.actions) if lookahead is None else index + lookahead
+        for a in self.actions[index:stop]:
+            if a.kind not in _RECVS or (a.kind, a.stage, a.microbatch) in self._early_recvs or self._recv_meta(a) is None:
                 continue
-            if a.kind is Kind.RECV_F and stage.input_meta is not None:
+            stage = self.stages[a.stage]
+            if a.kind is Kind.RECV_F:
                 recv = stage.forward_recv(a.microbatch, where[a.stage - 1])
-            elif a.kind is Kind.RECV_B and stage.output_meta is not None:
-                recv = stage.backward_recv(a.microbatch, where[a.stage + 1])
             else:
-                continue
-            self._early_recvs[key] = point_to_point.send_recv([], [recv], self.mesh, self.pp_mesh_dim)[1]
+                recv = stage.backward_recv(a.microbatch, where[a.stage + 1])
+            self._early_recvs[(a.kind, a.stage, a.microbatch)] = point_to_point.send_recv(
+                [], [recv], self.mesh, self.pp_mesh_dim)[1]
             self.early_receives += 1
 
     def _wait_sends(self) -> None:

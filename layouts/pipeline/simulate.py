@@ -42,13 +42,17 @@ class SimResult:
     events: tuple[Event, ...]
 
 
-def simulate(schedule: Schedule, costs: Mapping[Kind, float] | None = None, latency: float = 0.0) -> SimResult:
+def simulate(schedule: Schedule, costs: Mapping | None = None, latency: float = 0.0) -> SimResult:
     """Time one step of ``schedule`` (validated first) under ``costs`` (missing kinds cost 0, see
-    DEFAULT_COSTS) and a point-to-point ``latency`` in the same units."""
+    DEFAULT_COSTS) and a point-to-point ``latency`` in the same units.
+
+    A key of ``costs`` is a Kind, or a ``(Kind, stage)`` pair for one stage's cost of that kind (a real model's
+    stages differ: the first holds the embedding, the last the head and the loss); a pair wins over its Kind."""
     costs = dict(DEFAULT_COSTS if costs is None else costs)
-    bad = {k: c for k, c in costs.items() if not isinstance(k, Kind) or c < 0}
+    bad = {k: c for k, c in costs.items() if not _is_cost_key(k) or c < 0}
     if bad or latency < 0:
-        raise ValueError(f"costs must map Kind to a duration >= 0 and latency be >= 0; got {bad or latency!r}")
+        raise ValueError(f"costs must map Kind (or (Kind, stage)) to a duration >= 0 and latency be >= 0; got "
+                         f"{bad or latency!r}")
     validate(schedule)
     arrival: dict[tuple[int, Action], float] = {}  # (receiving rank, its RECV) -> when the data is there
     clock = [0.0] * schedule.num_ranks
@@ -65,7 +69,7 @@ def simulate(schedule: Schedule, costs: Mapping[Kind, float] | None = None, late
                     if (rank, a) not in arrival:
                         break
                     start = max(start, arrival[(rank, a)])
-                end = start + costs.get(a.kind, 0.0)
+                end = start + costs.get((a.kind, a.stage), costs.get(a.kind, 0.0))
                 if a.kind in (Kind.SEND_F, Kind.SEND_B):
                     arrival[peer(schedule, a)] = end + latency
                 events.append(Event(rank, a, start, end))
@@ -117,6 +121,25 @@ def costs_from_events(events: Sequence[Event]) -> dict[Kind, float]:
     if not totals:
         raise ValueError(f"no compute events among {len(events)} events: nothing to measure costs from")
     return {k: statistics.median(d) for k, d in totals.items()}
+
+
+def stage_costs_from_events(events: Sequence[Event]) -> dict:
+    """Median duration of each compute kind on each stage, keyed ``(Kind, stage)`` (STEP by Kind): ``simulate``
+    with these replays a real run whose stages differ in cost, which per-kind medians average away."""
+    totals: dict = {}
+    for e in events:
+        if e.action.kind.is_compute:
+            totals.setdefault((e.action.kind, e.action.stage), []).append(e.end - e.start)
+        elif e.action.kind is Kind.STEP:
+            totals.setdefault(Kind.STEP, []).append(e.end - e.start)
+    if not totals:
+        raise ValueError(f"no compute events among {len(events)} events: nothing to measure costs from")
+    return {k: statistics.median(d) for k, d in totals.items()}
+
+
+def _is_cost_key(key) -> bool:
+    return isinstance(key, Kind) or (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], Kind)
+                                     and isinstance(key[1], int))
 
 
 def bubble_formula(name: str, p: int, m: int, v: int = 1) -> float:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 
 from .actions import Event, Kind, Schedule
-from .simulate import SimResult, costs_from_events, simulate
+from .simulate import SimResult, costs_from_events, simulate, stage_costs_from_events
 
 COLORS = {Kind.F: "#4C72B0", Kind.B: "#DD8452", Kind.W: "#55A868", Kind.BW: "#C44E52", Kind.STEP: "#333333"}
 IDLE = "#E6E6E6"
@@ -49,13 +49,16 @@ def plot_timelines(panels: Sequence[tuple[str, Sequence[Event]]], path: str | os
 
 
 def plot_recorded_vs_simulated(schedule: Schedule, recorded: Sequence[Event], path: str | os.PathLike,
-                               latency: float = 0.0) -> SimResult:
+                               latency: float = 0.0, *, per_stage: bool = False) -> SimResult:
     """The picture of a real run beside its simulation with the run's own median action durations (so both
-    panels share a time scale). ``recorded``: the events of all ranks, e.g. every rank's executor timeline
-    gathered on one rank. Returns the simulation, to compare step times and bubbles in numbers too."""
-    sim = simulate(schedule, costs_from_events(recorded), latency)
+    panels share a time scale): per kind, or with ``per_stage`` per kind and stage (unequal stages kept).
+    ``recorded``: the events of all ranks, e.g. every rank's executor timeline gathered on one rank. Returns the
+    simulation, to compare step times and bubbles in numbers too."""
+    costs = stage_costs_from_events(recorded) if per_stage else costs_from_events(recorded)
+    sim = simulate(schedule, costs, latency)
+    what = "per-stage measured costs" if per_stage else "measured costs"
     plot_timelines([(f"{schedule.name}: recorded", recorded),
-                    (f"{schedule.name}: simulated, measured costs", sim.events)], path)
+                    (f"{schedule.name}: simulated, {what}", sim.events)], path)
     return sim
 
 
