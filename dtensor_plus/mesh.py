@@ -28,6 +28,9 @@ __all__ = ["DeviceMesh", "init_device_mesh", "mesh_or_current", "live_mesh", "PR
 
 
 def _backend_for(device_type: str) -> str:
+    # A simulated world (dtensor_plus.simulate) runs on torch's fake backend: its groups must be fake too.
+    if dist.is_initialized() and dist.get_backend() == "fake":
+        return "fake"
     return "nccl" if device_type == "cuda" else "gloo"
 
 
@@ -146,7 +149,8 @@ class DeviceMesh:
     """
 
     def __init__(self, device_type: str, mesh, mesh_dim_names: Sequence[str] | None = None, *, _root=None, _root_dims=None):
-        ranks = torch.as_tensor(mesh, dtype=torch.int64, device="cpu")
+        with _real_tensors():  # a simulated world builds meshes under FakeTensorMode: the rank table stays real
+            ranks = torch.as_tensor(mesh, dtype=torch.int64, device="cpu")
         if ranks.ndim == 0:
             raise ValueError(f"DeviceMesh needs at least one mesh dimension, got the scalar {ranks.item()}")
         if not dist.is_initialized():
@@ -288,7 +292,7 @@ class DeviceMesh:
         name = mesh_dim_name or "_".join(self.mesh_dim_name(d) for d in range(self.ndim))
         PROCESS_GROUPS.create(self.rows(*range(self.ndim)), self.backend)
         self._require_member()
-        return DeviceMesh(self.device_type, self.mesh.flatten(), [name])  # this rank's row of those just created
+        return DeviceMesh(self.device_type, self._ranks.reshape(-1).tolist(), [name])  # this rank's row of those just created
 
     # -- identity -------------------------------------------------------------------------------------
 
@@ -372,7 +376,7 @@ def init_device_mesh(
         raise ValueError(f"mesh shape {shape} = {_prod(mesh_shape)} != world size({world}); pick a shape whose product is {world}")
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
-    return DeviceMesh(device_type, torch.arange(world).reshape(mesh_shape), mesh_dim_names)
+    return DeviceMesh(device_type, np.arange(world).reshape(mesh_shape).tolist(), mesh_dim_names)
 
 
 def _init_from_environment(device_type: str) -> None:
@@ -394,6 +398,13 @@ def _init_from_environment(device_type: str) -> None:
                                 world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
         return
     dist.init_process_group(_backend_for(device_type), timeout=timeout)
+
+
+def _real_tensors():
+    """No dispatch mode (a FakeTensorMode) while the mesh's own rank tensor is made."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
 
 
 def _prod(values) -> int:

@@ -1,0 +1,21 @@
+"""A simulated world: any dtensor_plus program run as one rank of a world of any size, in this process.
+
+    from dtensor_plus.simulate import simulated_world, simulate_step
+
+    with simulated_world(1024, rank=5) as world:
+        ...                                           # build meshes, the model, its layout, as on the cluster
+        result = simulate_step(world, step, models=[model], optimizers=[opt])
+    result.collectives        # every collective: kind, mesh dim, bytes, aten op, module, forward/backward
+    result.memory             # parameters / gradients / optimizer / activations, bytes
+    result.flops_by_op        # this rank's local FLOPs by aten op
+
+world.py: the fake process group and the meta device; meta_ops.py: the dispatch mode keeping local tensors meta
+and counting FLOPs; memory.py: state and saved-tensor memory; step.py: the record of one step.
+"""
+
+from .meta_ops import SimulationValueError
+from .step import Collective, SimulatedStep, measure_step, simulate_step
+from .world import SimulatedWorld, simulated_world
+
+__all__ = ["simulated_world", "SimulatedWorld", "simulate_step", "measure_step", "SimulatedStep", "Collective",
+           "SimulationValueError"]

@@ -1,0 +1,72 @@
+"""The program the simulation tests run: examples/gpt.py's GPT laid out by examples/gpt_layouts.py, one training
+step (forward and backward under loss_parallel and, with cp, context_parallel; then AdamW), the same code in a
+real gloo world and in a simulated one."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+from dtensor_plus.layouts import context_parallel, loss_parallel  # noqa: E402
+from dtensor_plus.simulate import measure_step, simulate_step, simulated_world  # noqa: E402
+from gpt import PRESETS, GPT  # noqa: E402
+from gpt_layouts import Layout, make_mesh, make_optimizer, place_batch, place_model  # noqa: E402
+
+BATCH = 4
+
+# name -> (Layout fields, GPTConfig changes)
+LAYOUTS = {
+    "dp": (dict(dp=2), {}),
+    "zero-1": (dict(dp=2, zero=1), {}),
+    "zero-2": (dict(dp=2, zero=2), {}),
+    "zero-3": (dict(dp=2, zero=3), {}),
+    "tp": (dict(tp=2), {}),
+    "tp+sp": (dict(tp=2, sp=True), {}),
+    "cp-ring": (dict(cp=2), dict(attention="sdpa")),
+    "cp-ulysses": (dict(cp=2, cp_kind="ulysses"), dict(attention="sdpa")),
+    "dp x tp+sp zero-3": (dict(dp=2, tp=2, sp=True, zero=3), {}),
+    "dp x tp zero-1": (dict(dp=2, tp=2, zero=1), {}),
+}
+
+
+def build(name: str, config=None):
+    """(one_step, model, optimizer) for layout ``name``, built in the current world (real or simulated)."""
+    fields, changes = LAYOUTS[name]
+    layout = Layout(**fields)
+    config = (config or PRESETS["debug"]).replace(**changes)
+    torch.manual_seed(0)
+    model = GPT(config)
+    mesh = make_mesh(layout)
+    place_model(model, mesh, layout)
+    opt = make_optimizer(model, mesh, layout, 1e-3)
+    tokens = torch.randint(0, config.vocab_size, (BATCH, config.block_size), generator=torch.Generator().manual_seed(0))
+    targets = torch.roll(tokens, -1, 1)
+    scope = functools.partial(context_parallel, "cp", layout.cp_kind) if layout.cp > 1 else contextlib.nullcontext
+    place = functools.partial(place_batch, mesh=mesh, balance=layout.cp_balance)
+
+    def one_step():
+        with scope(), loss_parallel():
+            loss = model.loss(place(tokens), place(targets))
+            loss.backward()
+        opt.step()
+
+    return one_step, model, opt
+
+
+def measured(name: str):
+    """On a real rank: the record of one real step (collectives, state memory)."""
+    one_step, model, opt = build(name)
+    return measure_step(one_step, models=[model], optimizers=[opt])
+
+
+def simulated(name: str, world_size: int, rank: int, config=None):
+    """In this process: rank ``rank`` of a simulated ``world_size``-rank world doing the same step."""
+    with simulated_world(world_size, rank) as world:
+        one_step, model, opt = build(name, config)
+        return simulate_step(world, one_step, models=[model], optimizers=[opt])
