@@ -17,8 +17,11 @@ On rank 0 it prints, per schedule:
     loss), the bubble the schedule itself leaves with these stages, which the measured one is held against;
   * bubble formula: ``bubble_formula`` (equal stages, T_F = T_B = T_W);
   * act KiB: peak bytes autograd keeps saved for backward on each rank (distinct storages, parameters excluded,
-    through saved_tensors_hooks), ours then torch's.
-Then, when both ran, ZB-H1's step time over 1F1B's (ours, same run).
+    through saved_tensors_hooks), ours then torch's;
+  * compute on a core: the thread CPU time of our compute actions over their wall time (below 100%: the OS
+    ran something else in the middle of them, e.g. more ranks than cores).
+Then, when both ran, ZB-H1's step time over 1F1B's (ours, same run). ``--before COMMIT`` adds our executor as
+it was at that commit (its layouts/pipeline loaded as a package of its own) to the round-robin: "before ms".
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--plot-dir", default=None, help="save each schedule's recorded-vs-simulated timeline here")
+    parser.add_argument("--before", default=None, metavar="COMMIT",
+                        help="also run layouts/pipeline as it was at this git commit, in the same round-robin")
     return parser.parse_args()
 
 
@@ -137,13 +142,39 @@ class Runner:
             self.timelines.append(self.timeline_fn())
 
 
-def build_ours(name, args, mesh):
+def load_pipeline_at(commit: str):
+    """layouts/pipeline as it was at ``commit``, imported as a package of its own (``pipeline_at_<commit>``)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    git = ["git", "-C", str(root)]
+    names = subprocess.run(git + ["ls-tree", "--name-only", commit, "layouts/pipeline/"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    where = Path(tempfile.mkdtemp(prefix="pipeline_before_"))
+    for path in names:
+        if path.endswith(".py"):
+            text = subprocess.run(git + ["show", f"{commit}:{path}"], check=True, capture_output=True).stdout
+            (where / Path(path).name).write_bytes(text)
+    name = f"pipeline_at_{commit}"
+    spec = importlib.util.spec_from_file_location(name, where / "__init__.py", submodule_search_locations=[str(where)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_ours(name, args, mesh, lib=None):
+    """Our pipeline of schedule ``name``; ``lib``: another copy of the pipeline package (``--before``)."""
+    stage_cls, schedule_cls, make_schedule = ((PipelineStage, PipelineSchedule, build_schedule) if lib is None else
+                                              (lib.PipelineStage, lib.PipelineSchedule, lib.build_schedule))
     p, rank = dist.get_world_size(), dist.get_rank()
-    schedule = build_schedule(name, p, args.microbatches, stages_per_rank=2)
+    schedule = make_schedule(name, p, args.microbatches, stages_per_rank=2)
     pieces = split_gpt(_model(args), schedule.num_stages)
     mine = [pieces[s] for s in schedule.stages_of(rank)]
-    stages = [PipelineStage(piece, s, schedule.num_stages, mesh) for piece, s in zip(mine, schedule.stages_of(rank))]
-    pipe = PipelineSchedule(stages, schedule, loss_fn=gpt_loss)
+    stages = [stage_cls(piece, s, schedule.num_stages, mesh) for piece, s in zip(mine, schedule.stages_of(rank))]
+    pipe = schedule_cls(stages, schedule, loss_fn=gpt_loss)
     x, y = _batch(args)
 
     def step():
@@ -190,14 +221,18 @@ def median_timelines(runner, args):
 
 def bubbles(schedule, timelines):
     """Measured bubble over all ranks, the simulator's with the measured median cost per kind and per (kind,
-    stage), and the per-kind costs."""
+    stage), the per-kind costs, and the share of the compute actions' wall time their thread was on a core (well
+    below 1: the ranks' compute was descheduled, more busy processes than cores)."""
     compute = [e for tl in timelines for e in tl if e.action.kind.is_compute]
     span = max(e.end for tl in timelines for e in tl) - min(e.start for tl in timelines for e in tl)
     busy = sum(e.end - e.start for e in compute)
     measured = 1 - busy / (len(timelines) * span)
     events = [e for tl in timelines for e in tl]
     costs = costs_from_events(events)
-    return measured, simulate(schedule, costs).bubble, simulate(schedule, stage_costs_from_events(events)).bubble, costs
+    timed = [e for e in compute if e.cpu is not None]
+    cpu_share = sum(e.cpu for e in timed) / sum(e.end - e.start for e in timed) if timed else float("nan")
+    return (measured, simulate(schedule, costs).bubble, simulate(schedule, stage_costs_from_events(events)).bubble,
+            costs, cpu_share)
 
 
 def main():
@@ -205,26 +240,31 @@ def main():
     dist.init_process_group("gloo")
     mesh = dtp.init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("pp",))
     p, rank = dist.get_world_size(), dist.get_rank()
-    built = {}
+    before_lib = load_pipeline_at(args.before) if args.before else None
+    built, before = {}, {}
     for name in args.schedules:
         schedule, ours = build_ours(name, args, mesh)
         built[name] = (schedule, ours, build_torch(name, args))
-    runners = [r for _, ours, theirs in built.values() for r in (ours, theirs) if r is not None]
+        if before_lib is not None:
+            before[name] = build_ours(name, args, mesh, before_lib)[1]
+    runners = [r for name, (_, ours, theirs) in built.items() for r in (ours, before.get(name), theirs) if r is not None]
     for _ in range(args.warmup + args.steps):  # round-robin: step i of every pipeline before step i+1 of any
         for runner in runners:
             runner.step()
     if rank == 0:
         print(f"GPT {args.layers} layers, dim {args.dim}, batch {args.batch_size} x {args.seq_len}, "
               f"{args.microbatches} microbatches, pp = {p} (gloo, CPU); median of {args.steps} steps, round-robin")
+        if before:
+            print(f"before: layouts/pipeline at {args.before}")
         print(f"{'schedule':18} {'ours ms':>8} {'torch ms':>9} {'ratio':>6} {'bubble':>7} {'sim':>6} {'sim/st':>6} "
-              f"{'formula':>7}  {'act KiB per rank (ours | torch)'}")
+              f"{'formula':>7}  {'act KiB per rank (ours | torch)'}" + ("  before ms (ratio to torch)" if before else ""))
     ours_ms = {}
     for name, (schedule, ours, theirs) in built.items():
         timelines = median_timelines(ours, args)
         ours_s = statistics.median(ours.times[args.warmup:])
         torch_s = statistics.median(theirs.times[args.warmup:]) if theirs else 0.0
         ours_ms[name] = ours_s * 1e3
-        measured, simulated, per_stage, costs = bubbles(schedule, timelines)
+        measured, simulated, per_stage, costs, cpu_share = bubbles(schedule, timelines)
         peaks = [None] * p
         dist.all_gather_object(peaks, (ours.meter.peak, theirs.meter.peak if theirs else 0))
         if rank == 0:
@@ -233,9 +273,14 @@ def main():
             torch_ms = f"{torch_s * 1e3:9.1f}" if torch_s else f"{'n/a':>9}"
             ratio = f"{ours_s / torch_s:6.2f}" if torch_s else f"{'':>6}"
             act = " ".join(f"{a // 1024}" for a, _ in peaks) + " | " + " ".join(f"{b // 1024}" for _, b in peaks)
+            then = ""
+            if name in before:
+                before_s = statistics.median(before[name].times[args.warmup:])
+                then = f"  {before_s * 1e3:.1f}" + (f" ({before_s / torch_s:.2f})" if torch_s else "")
             print(f"{name:18} {ours_s * 1e3:8.1f} {torch_ms} {ratio} {measured:7.3f} {simulated:6.3f} {per_stage:6.3f} "
-                  f"{formula:7.3f}  {act}")
-            print(f"{'':18} median ms: " + ", ".join(f"{k.value} {c * 1e3:.1f}" for k, c in costs.items()))
+                  f"{formula:7.3f}  {act}{then}")
+            print(f"{'':18} median ms: " + ", ".join(f"{k.value} {c * 1e3:.1f}" for k, c in costs.items())
+                  + f"; compute on a core {cpu_share:.0%} of its wall time")
             if args.plot_dir:
                 from dtensor_plus.layouts.pipeline.timeline import plot_recorded_vs_simulated
 
@@ -244,6 +289,9 @@ def main():
                                            Path(args.plot_dir) / f"pipeline_{name}.png", per_stage=True)
     if rank == 0 and "zb_h1" in ours_ms and "1f1b" in ours_ms:
         print(f"zb_h1 / 1f1b step time (ours, same run): {ours_ms['zb_h1'] / ours_ms['1f1b']:.3f}")
+        if before:
+            then = {n: statistics.median(before[n].times[args.warmup:]) for n in ("zb_h1", "1f1b")}
+            print(f"zb_h1 / 1f1b step time (before): {then['zb_h1'] / then['1f1b']:.3f}")
     dist.destroy_process_group()
 
 

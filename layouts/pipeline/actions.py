@@ -96,9 +96,12 @@ Schedule.__init__ = renamed_keywords(num_microbatches="n_microbatches")(Schedule
 
 @dataclass(frozen=True)
 class Event:
-    """One action as it ran (executor) or would run (simulator): seconds from the start of the step."""
+    """One action as it ran (executor) or would run (simulator): seconds from the start of the step. ``cpu``: the
+    executor's compute actions also record the CPU time the rank's thread spent in them; below ``end - start``
+    when the OS ran something else meanwhile (more busy processes than cores)."""
 
     rank: int
     action: Action
     start: float
     end: float
+    cpu: float | None = None

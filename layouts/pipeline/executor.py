@@ -150,19 +150,20 @@ class PipelineSchedule:
             return merge_microbatches([self._outputs[mb] for mb in range(m)])
         return None
 
-    def _record(self, action: Action, start: float) -> None:
-        self.timeline.append(Event(self.pp_rank, action, start - self._t0, time.perf_counter() - self._t0))
+    def _record(self, action: Action, start: float, cpu_start: float | None = None) -> None:
+        cpu = None if cpu_start is None else time.thread_time() - cpu_start
+        self.timeline.append(Event(self.pp_rank, action, start - self._t0, time.perf_counter() - self._t0, cpu))
 
     def _compute(self, a: Action) -> None:
         if a.kind is Kind.STEP:
             self._wait_sends()  # idle, not STEP's work: the peers are still receiving the last messages
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         if a.kind is Kind.STEP:
             self.shared.sum_gradients()  # after this rank's last backward, before its optimizer reads them
             if self.optimizer is not None:
                 self.optimizer.step()
                 self.optimizer.zero_grad()
-            self._record(a, start)
+            self._record(a, start, cpu_start)
             return
         stage, mb = self.stages[a.stage], a.microbatch
         if a.kind is Kind.F:
@@ -183,7 +184,7 @@ class PipelineSchedule:
                 stage.pass_backward_to(self.stages[a.stage - 1], mb)
         elif a.kind is Kind.W:
             stage.backward_weight(mb)
-        self._record(a, start)
+        self._record(a, start, cpu_start)
 
     def _communicate(self, run, end: int) -> None:
         """Post a run of consecutive communication actions as one batch (``end``: the index after it), then the
