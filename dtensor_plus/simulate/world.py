@@ -18,6 +18,10 @@ import contextlib
 
 import torch.distributed as dist
 
+import torch
+
+from .. import collectives, plain_tensors
+from .. import plan as _plan
 from ..dispatcher import DISPATCHER
 from .meta_ops import MetaLocalOps
 
@@ -50,9 +54,13 @@ def simulated_world(world_size: int, rank: int = 0):
     # torch registers its fake backend ("fake": every collective a no-op) when this test-kit module is imported
     import torch.testing._internal.distributed.fake_pg  # noqa: F401
 
+    devices = dist.Backend.backend_capability["fake"]
+    if "meta" not in devices:  # point-to-point calls look their backend up by the tensors' device: meta blocks
+        devices.append("meta")
+
     dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
     try:
-        with MetaLocalOps() as mode:
+        with _plain_tensors_assumed_same(), _dtensors_on_program_device(), MetaLocalOps() as mode:
             yield SimulatedWorld(world_size, rank, mode)
     finally:
         _forget_fake_groups()
@@ -70,6 +78,46 @@ def _check_world(world_size, rank) -> None:
             f"process already runs one ({dist.get_backend()!r}); simulate in a process without torch.distributed "
             f"started (a fresh python, or after torch.distributed.destroy_process_group())"
         )
+
+
+@contextlib.contextmanager
+def _plain_tensors_assumed_same():
+    """A plain tensor joining DTensors is checked equal on every rank by an all-gather of its digest
+    (plain_tensors.py). A simulated world has no values to digest and no other ranks to differ: the same
+    all-gather is issued (so it is counted as on the real world), the ranks taken to agree."""
+    original = plain_tensors._raise_unless_same
+
+    def same_by_assumption(func, plain, mesh):
+        digest = torch.zeros(2 * len(plain), dtype=torch.int64)  # two crc32 values per tensor, as _digest makes
+        collectives.every_rank_rows(digest, mesh)
+
+    plain_tensors._raise_unless_same = same_by_assumption
+    try:
+        yield
+    finally:
+        plain_tensors._raise_unless_same = original
+
+
+@contextlib.contextmanager
+def _dtensors_on_program_device():
+    """A DTensor whose block is meta reports the cpu, the device the program placed it on: torch picks kernels of
+    composite ops by the outer tensor's device (SDPA takes its cpu flash kernel, which the context-parallel
+    rules shard; on meta it would decompose to matmuls), and layouts compare devices with the mesh's."""
+    original = torch.Tensor._make_wrapper_subclass
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+
+    def on_program_device(cls, *args, device=None, **kwargs):
+        if device is not None and torch.device(device) == meta:
+            device = cpu
+        return original(cls, *args, device=device, **kwargs)
+
+    torch.Tensor._make_wrapper_subclass = on_program_device
+    _plan._make_wrapper_subclass = on_program_device
+    try:
+        yield
+    finally:
+        torch.Tensor._make_wrapper_subclass = original
+        _plan._make_wrapper_subclass = original
 
 
 def _forget_fake_groups() -> None:
