@@ -35,25 +35,31 @@ __all__ = ["Buckets", "BackwardBuckets", "flatten", "unflatten", "all_reduce_fla
 class Buckets:
     """Items grouped by key in the order they arrive. With ``cap_bytes`` a key's bucket closes once the
     ``nbytes`` given with its items reach the cap (``add`` hands it back), and that key's next item opens a
-    new one; without, buckets only close at ``drain``."""
+    new one; without, buckets only close at ``drain``. ``first_cap_bytes`` (DDP's 1 MiB first bucket): the cap
+    of the first bucket to close after each ``drain``, so the first collective starts early in a backward."""
 
-    def __init__(self, cap_bytes: float | None = None):
-        self.cap_bytes = cap_bytes
+    def __init__(self, cap_bytes: float | None = None, first_cap_bytes: float | None = None):
+        self.cap_bytes, self.first_cap_bytes = cap_bytes, first_cap_bytes
         self._open: dict = {}  # key -> [items, bytes so far]
+        self._closed_any = False  # since the last drain
 
     def add(self, key, item, nbytes: int = 0) -> list | None:
         """Put ``item`` in ``key``'s open bucket; return that bucket's items if this filled it, else None."""
         bucket = self._open.setdefault(key, [[], 0])
         bucket[0].append(item)
         bucket[1] += nbytes
-        if self.cap_bytes is not None and bucket[1] >= self.cap_bytes:
+        cap = self.cap_bytes
+        if cap is not None and self.first_cap_bytes is not None and not self._closed_any:
+            cap = min(cap, self.first_cap_bytes)
+        if cap is not None and bucket[1] >= cap:
+            self._closed_any = True
             return self._open.pop(key)[0]
         return None
 
     def drain(self) -> list[tuple]:
         """Every open bucket as (key, items), keys in the order their buckets opened; none stays open."""
         drained = [(key, items) for key, (items, _) in self._open.items()]
-        self._open = {}
+        self._open, self._closed_any = {}, False
         return drained
 
     def __len__(self) -> int:
@@ -111,8 +117,9 @@ class BackwardBuckets:
     so every rank starts the same buckets in the same order. ``flush()`` does the end-of-backward work early
     (e.g. in an optimizer step, for gradients accumulated outside any hook)."""
 
-    def __init__(self, cap_bytes: float | None, start: Callable, finish: Callable | None = None):
-        self.buckets = Buckets(cap_bytes)
+    def __init__(self, cap_bytes: float | None, start: Callable, finish: Callable | None = None, *,
+                 first_cap_bytes: float | None = None):
+        self.buckets = Buckets(cap_bytes, first_cap_bytes)
         self._start, self._finish = start, finish
         self._flush_queued = False
 

@@ -42,7 +42,7 @@ from torch import nn
 from dtensor_plus.api import distribute_tensor
 from dtensor_plus.buckets import BackwardBuckets, all_reduce_flat
 from dtensor_plus.dtensor import DTensor
-from dtensor_plus.placements import Replicate, Shard
+from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.placement_tuples import replicated
 from dtensor_plus.redistribute import redistribute_together
 from dtensor_plus.renamed import renamed_keywords
@@ -56,7 +56,7 @@ __all__ = ["replicate", "GradientBucket", "reduce_grad_in_backward", "reduce_gra
 
 @renamed_keywords(dp_dim="dp_mesh_dim")
 def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce_in_backward: bool = True,
-              local_compute: bool = True) -> nn.Module:
+              local_compute: bool = True, bucket_cap_mb: float = 25) -> nn.Module:
     """Lay ``module`` out for data parallelism on ``device_mesh``'s ``dp_mesh_dim``.
 
     Args:
@@ -73,6 +73,8 @@ def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce
             batch), and an element-wise optimizer (AdamW...) step its parameters on their local blocks
             (layouts/local_step.py). A forward or step that cannot be exact that way takes the DTensor path by
             itself; False: always.
+        bucket_cap_mb: gradients per all-reduce, in MiB (DDP's ``bucket_cap_mb``); the first bucket of each
+            backward closes at 1 MiB at most, so its all-reduce starts early.
 
     Returns:
         ``module``.
@@ -80,7 +82,9 @@ def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce
     if not device_mesh.mesh_dim_names or dp_mesh_dim not in device_mesh.mesh_dim_names:
         raise ValueError(f"mesh {device_mesh} has no mesh dim named {dp_mesh_dim!r}; name it, e.g. "
                          f"mesh_dim_names=('dp', 'tp')")
-    bucket = GradientBucket()
+    if bucket_cap_mb <= 0:
+        raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
+    bucket = GradientBucket(int(bucket_cap_mb * 2**20))
     for param, slots in parameter_slots(module):
         lifted = nn.Parameter(_lift(param.detach(), device_mesh, dp_mesh_dim), requires_grad=param.requires_grad)
         if local_compute:
@@ -94,25 +98,31 @@ def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce
                 submodule._buffers[key] = _lift(buffer, device_mesh, dp_mesh_dim)
     if local_compute:
         local_step.install()
-        LocalCompute(device_mesh, device_mesh.mesh_dim_names.index(dp_mesh_dim)).install(module)
+        gradients = bucket if reduce_in_backward else None  # else ZeRO's or sync_gradients' hooks want Partial .grad
+        LocalCompute(device_mesh, device_mesh.mesh_dim_names.index(dp_mesh_dim), gradients).install(module)
     return module
 
 
 class GradientBucket:
     """Gradients waiting to be reduced to their parameters' layouts, reduced together (DDP's buckets).
 
-    ``add`` is a post-accumulate-grad hook. A gradient that is Partial on one mesh dim only (data
-    parallelism's case) joins a bucket of its (mesh, mesh dim, reduce op, dtype) (``BackwardBuckets``); a full
-    bucket (``cap_bytes``) starts one asynchronous all-reduce of its flat buffer at once, so the reduction
-    overlaps the rest of the backward, as DDP's do. When backward ends the last buckets start, all are awaited
-    in order and the gradients written back; other moves (several mesh dims) run then, together
-    (``reduce_gradients``). Hooks fire in the same order on every rank, so the buckets agree.
+    Two ways in, both post-accumulate-grad hooks: ``add`` for a DTensor parameter whose gradient arrived on it
+    (the DTensor path), ``add_local`` for a parameter whose forward ran on a local leaf (layouts/data_local.py:
+    the leaf's gradient is this rank's rows' contribution, a plain block or a DTensor on the sub-mesh). A
+    gradient that needs one all-reduce on one mesh dim (data parallelism's case) joins a bucket of its (mesh,
+    mesh dim, reduce op, dtype) (``BackwardBuckets``); a full bucket starts one asynchronous all-reduce of its
+    flat buffer at once, so the reduction overlaps the rest of the backward, as DDP's do. As in DDP the first
+    bucket is small (``first_cap_bytes``, 1 MiB): the last layers' gradients, ready first, start moving while
+    the rest of backward runs. When backward ends the last buckets start, all are awaited in order and the
+    gradients written to ``.grad`` (added to a gradient already there: accumulation over several backwards);
+    other moves (several mesh dims) run then, together (``reduce_gradients``). Hooks fire in the same order on
+    every rank, so the buckets agree.
     """
 
-    def __init__(self, cap_bytes: int = 25 * 2**20):  # DDP's default bucket size
+    def __init__(self, cap_bytes: int = 25 * 2**20, first_cap_bytes: int | None = 2**20):  # DDP's defaults
         self.cap_bytes = cap_bytes
-        self.buckets = BackwardBuckets(cap_bytes, self._start, self._finish)
-        self.in_flight: list = []  # (params, the pending flat all-reduce)
+        self.buckets = BackwardBuckets(cap_bytes, self._start, self._finish, first_cap_bytes=first_cap_bytes)
+        self.in_flight: list = []  # (params, whether from local leaves, the pending flat all-reduce)
         self.other: list = []  # params whose gradients need another move than one all-reduce
 
     def add(self, param: nn.Parameter) -> None:
@@ -122,28 +132,67 @@ class GradientBucket:
         key = _single_reduction(grad, param)  # None: kept for the end of backward (no bytes: never fills a bucket)
         self.buckets.add(key, param, 0 if key is None else grad._local_tensor.numel() * grad.element_size())
 
+    def add_local(self, param: nn.Parameter, leaf: torch.Tensor, k: int) -> None:
+        """``leaf``'s gradient (``param``'s local leaf; ``k`` the dp mesh dim) joins a bucket. The leaf's .grad
+        is taken: the next backward starts from none, as ``param.grad`` accumulates the reduced gradients."""
+        grad, leaf.grad = leaf.grad, None
+        local = grad._local_tensor if isinstance(grad, DTensor) else grad
+        if isinstance(grad, DTensor) and grad._spec.placements != _without(param._spec.placements, k):
+            # Partial on another mesh dim too (a norm's weight under sequence parallelism): that move, at the end
+            placements = list(grad._spec.placements)
+            placements.insert(k, Partial())
+            self.buckets.add(None, (param, DTensor(local, param._spec.with_placements(tuple(placements)))), 0)
+            return
+        key = (param._spec.mesh, k, "sum", local.dtype, True)
+        self.buckets.add(key, (param, local), local.numel() * local.element_size())
+
     def flush(self) -> None:
         """Reduce every gradient still waiting (runs by itself when backward ends)."""
         self.buckets.flush()
 
-    def _start(self, key, params) -> None:
-        if key is None:
-            self.other += params
+    def _start(self, key, items) -> None:
+        if key is None:  # parameters (the DTensor path) or (parameter, Partial gradient) pairs (local leaves)
+            self.other += items
             return
-        mesh, mesh_dim, reduce_op, _ = key
-        grads = [p.grad._local_tensor for p in params]
-        self.in_flight.append((params, all_reduce_flat(grads, mesh, [(mesh_dim, reduce_op)], async_op=True)))
+        mesh, mesh_dim, reduce_op, _, local = key
+        grads = [g for _, g in items] if local else [p.grad._local_tensor for p in items]
+        params = [p for p, _ in items] if local else items
+        self.in_flight.append((params, local, all_reduce_flat(grads, mesh, [(mesh_dim, reduce_op)], async_op=True)))
 
     def _finish(self) -> None:
         in_flight, other, self.in_flight, self.other = self.in_flight, self.other, [], []
-        for params, pending in in_flight:
-            for param, local in zip(params, pending.wait()):
-                param.grad = DTensor(local, param.grad._spec.with_placements(param.placements))
-        reduce_gradients(other)
+        for params, local, pending in in_flight:
+            for param, grad in zip(params, pending.wait()):
+                if local:
+                    _deposit(param, grad)
+                else:
+                    param.grad = DTensor(grad, param.grad._spec.with_placements(param.placements))
+        if other:
+            from_leaves = [item for item in other if isinstance(item, tuple)]
+            reduce_gradients([p for p in other if not isinstance(p, tuple)])
+            if from_leaves:
+                grads = redistribute_together([g for _, g in from_leaves], [p.placements for p, _ in from_leaves])
+                for (param, _), grad in zip(from_leaves, grads):
+                    _deposit(param, grad)
+
+
+def _without(placements, k: int) -> tuple:
+    return placements[:k] + placements[k + 1 :]
+
+
+def _deposit(param: nn.Parameter, local: torch.Tensor) -> None:
+    """A reduced gradient block (``param``'s layout) onto ``param.grad``: set, or added to one there already."""
+    grad = param.grad
+    if grad is None:
+        param.grad = DTensor(local, param._spec)
+    elif isinstance(grad, DTensor) and grad._spec == param._spec:
+        grad._local_tensor.add_(local)
+    else:  # a gradient in another layout (set by hand): the DTensor sum decides
+        param.grad = grad + DTensor(local, param._spec)
 
 
 def _single_reduction(grad: DTensor, param: DTensor):
-    """(mesh, mesh dim, reduce op, dtype) when ``grad`` differs from its parameter's layout only by being
+    """(mesh, mesh dim, reduce op, dtype, False) when ``grad`` differs from its parameter's layout only by being
     Partial where the parameter is Replicate, on exactly one mesh dim of more than one rank; else None."""
     diff = [k for k, (g, p) in enumerate(zip(grad.placements, param.placements)) if g != p]
     if len(diff) != 1:
@@ -152,7 +201,7 @@ def _single_reduction(grad: DTensor, param: DTensor):
     g, p = grad.placements[k], param.placements[k]
     if not (g.is_partial() and p.is_replicate()) or grad.device_mesh.size(k) == 1:
         return None
-    return grad.device_mesh, k, g.reduce_op, grad.dtype
+    return grad.device_mesh, k, g.reduce_op, grad.dtype, False  # False: the gradient is on the parameter
 
 
 def reduce_grad_in_backward(params, bucket: GradientBucket | None = None) -> GradientBucket:

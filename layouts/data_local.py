@@ -15,9 +15,13 @@ the module's forward, the dp mesh dim is dropped and put back at the module's bo
     outputs                every tensor output is wrapped back: Shard(0) on dp with the global batch size read
                            from the inputs' specs, so a loss the user computes on it is the exact mean over the
                            global batch, uneven batches included.
-    gradients              the view's backward hands the parameter a gradient Partial(sum) on dp (each rank's
-                           rows' contribution), which replicate()'s buckets all-reduce while backward goes on
-                           (layouts/data.py); .grad ends in the parameter's layout, as before.
+    gradients              with replicate()'s buckets (``gradients``): each parameter computes through a
+                           persistent local leaf sharing its block (no autograd Function, no DTensor per
+                           gradient); the leaf's post-accumulate-grad hook hands this rank's rows'
+                           contribution, plain, to the buckets, which all-reduce it while backward goes on
+                           and write .grad in the parameter's layout when backward ends (layouts/data.py).
+                           Without (reduce_in_backward=False, ZeRO), or for a parameter with hooks of its own:
+                           the view's backward hands the parameter a gradient Partial(sum) on dp.
 
 A forward takes the DTensor path instead (every op dispatched on the whole mesh, exact as one device) when this
 view cannot be exact or is not known to be: under ``dtensor_plus.manual_seed(..., strict=True)`` (random ops
@@ -43,6 +47,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dtensor_plus import random as dtp_random
@@ -60,8 +65,12 @@ DTENSOR_PATH = "_dtp_dtensor_path"  # on a module or its class: take the DTensor
 class LocalCompute:
     """The forward pre-hook and hook that run one replicated module on each rank's rows (module docstring)."""
 
-    def __init__(self, mesh, dp_mesh_dim: int):
+    def __init__(self, mesh, dp_mesh_dim: int, gradients=None):
         self.mesh, self.k = mesh, dp_mesh_dim
+        # replicate()'s GradientBucket: parameters compute through local leaves whose gradients go straight to
+        # it (``_leaf``); None: through _DropDp, the gradient reaching the parameter Partial on dp.
+        self.gradients = gradients
+        self.leaves: dict = {}  # id(parameter) -> (parameter, its local block, the leaf sharing that block)
         others = tuple(n for i, n in enumerate(mesh.mesh_dim_names) if i != dp_mesh_dim)
         self.sub_mesh = mesh[others] if others else None  # None: the view is a plain tensor
         self.sub_specs: dict = {}  # a parameter's spec -> its view's spec (parameters keep their specs)
@@ -94,8 +103,7 @@ class LocalCompute:
             owner.__dict__[name] = view  # attribute lookup finds __dict__ before Module.__getattr__'s tables
             self.bound.append((owner, name))
         self._fork_rng()
-        local = [_DropDp.apply(t, self._input_spec(t), self.k) if isinstance(t, DTensor) else t for t in flat]
-        return tree_unflatten(local, tree)
+        return tree_unflatten([self._input_view(t) if isinstance(t, DTensor) else t for t in flat], tree)
 
     def post_forward(self, module, args, kwargs, out):
         if self.bound is None:
@@ -180,6 +188,30 @@ class LocalCompute:
         if spec is None:
             spec = self.sub_specs[t._spec] = self._sub_spec(t._spec, t._spec.shape)
         if t.requires_grad and torch.is_grad_enabled():
+            if self.gradients is not None and isinstance(t, nn.Parameter) and _only_our_hooks(t):
+                return self._leaf(t, spec)
+            return _DropDp.apply(t, spec, self.k)
+        return t._local_tensor if spec is None else DTensor(t._local_tensor, spec)
+
+    def _leaf(self, param: DTensor, spec):
+        """The leaf ``param`` computes through: a plain tensor (or a DTensor on the sub-mesh) sharing its local
+        block, so the optimizer's in-place updates of the block are the leaf's too. Made once per block: its
+        hook hands each backward's gradient (this rank's rows' contribution, summed over tied uses) to the
+        buckets, which reduce it onto ``param.grad`` (layouts/data.py ``GradientBucket.add_local``)."""
+        entry = self.leaves.get(id(param))
+        if entry is None or entry[0] is not param or entry[1] is not param._local_tensor:
+            local = param._local_tensor
+            leaf = local.detach() if spec is None else DTensor(local.detach(), spec)
+            leaf.requires_grad_()
+            gradients = self.gradients
+            leaf.register_post_accumulate_grad_hook(lambda leaf, param=param: gradients.add_local(param, leaf, self.k))
+            entry = self.leaves[id(param)] = (param, local, leaf)
+        return entry[2]
+
+    def _input_view(self, t: DTensor):
+        """An input without the dp mesh dim; through _DropDp only when its gradient is wanted."""
+        spec = self._input_spec(t)
+        if t.requires_grad and torch.is_grad_enabled():
             return _DropDp.apply(t, spec, self.k)
         return t._local_tensor if spec is None else DTensor(t._local_tensor, spec)
 
@@ -210,14 +242,20 @@ class LocalCompute:
         return _AddDp.apply(t, spec, self.k)
 
     def _fork_rng(self) -> None:
-        """Random draws for this forward: torch's generator forked and seeded per dp rank and forward; on a
-        sub-mesh, dtensor_plus's seed mixed with the dp coordinate (module docstring). Undone by _restore_rng."""
+        """Random draws for this forward: torch's generators (CPU, and the mesh's CUDA device) forked and seeded
+        per dp rank and forward; on a sub-mesh, dtensor_plus's seed mixed with the dp coordinate (module
+        docstring). Undone by _restore_rng. The generators are seeded directly: ``torch.manual_seed`` also queues
+        a lazy seeding of every CUDA device, with a formatted stack, on each call (a third of the forward here)."""
         DISPATCHER.rng_counter += 1  # like a random op: manual_seed resets it, so a rerun draws the same
         coordinate = self.mesh.get_coordinate()[self.k]
         seed = DISPATCHER.rng_seed
-        self.rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.mesh.device_type == "cuda" else [])
-        self.rng.__enter__()
-        torch.manual_seed(dtp_random._mix(torch.initial_seed() if seed is None else seed, DISPATCHER.rng_counter, coordinate))
+        generators = [torch.default_generator]
+        if self.mesh.device_type == "cuda":
+            generators.append(torch.cuda.default_generators[torch.cuda.current_device()])
+        self.rng = [(g, g.get_state()) for g in generators]
+        mixed = dtp_random._mix(torch.initial_seed() if seed is None else seed, DISPATCHER.rng_counter, coordinate)
+        for g in generators:
+            g.manual_seed(mixed)
         self.saved_seed = seed
         if seed is not None and self.sub_mesh is not None:
             DISPATCHER.rng_seed = dtp_random._mix(seed, coordinate)
@@ -225,7 +263,15 @@ class LocalCompute:
     def _restore_rng(self) -> None:
         if self.saved_seed is not None and self.sub_mesh is not None:
             DISPATCHER.rng_seed = self.saved_seed
-        self.rng.__exit__(None, None, None)
+        for g, state in self.rng:
+            g.set_state(state)
+
+
+def _only_our_hooks(param: DTensor) -> bool:
+    """Whether ``param`` has no hooks but replicate's bucket hook and grad_layout's: a hook of the user's must
+    see the gradient arrive at the parameter (the _DropDp view), which a local leaf would bypass."""
+    return len(param._post_accumulate_grad_hooks or ()) <= 1 and len(param._backward_hooks or ()) <= 1
+
 
 def _contiguous_stride(shape) -> tuple[int, ...]:
     stride, acc = [], 1
