@@ -58,7 +58,9 @@ def _stepped(optimizer) -> list | None:
             grad = p.grad
             if grad is None:
                 continue
-            if not isinstance(grad, DTensor) or grad._spec.placements != p._spec.placements:
+            if not isinstance(grad, DTensor):
+                return None
+            if grad._spec is not p._spec and grad._spec.placements != p._spec.placements:  # `is`: replicate's
                 return None
             if not _states_in_layout(optimizer.state.get(p), p):
                 return None
@@ -74,6 +76,8 @@ def _states_in_layout(state: dict | None, p: DTensor) -> bool:
             continue
         if isinstance(value, DTensor):
             spec = value._spec
+            if spec is p._spec:  # the common case: made by _as_dtensor below
+                continue
             if spec.placements != p._spec.placements or spec.shape != p._spec.shape or spec.mesh != p._spec.mesh:
                 return False
         elif value.ndim:
