@@ -60,17 +60,27 @@ PLACERS = {"torch": place_torch, "ours": place_ours}
 # -- worker: one (world, layout) under torchrun ------------------------------------------------------------------
 
 
-class _RecompileLog(logging.Handler):
-    """Keeps Dynamo's "Recompiling function ..." messages (each with its guard failures)."""
+class _DynamoLog(logging.Handler):
+    """Keeps Dynamo's "Recompiling function ..." messages (each with its guard failures) and where each graph
+    break happened ("Graph break ... in user code at <file>:<line>", the first line of its log message)."""
 
     def __init__(self):
         super().__init__(logging.DEBUG)
         self.messages: list[str] = []
+        self.break_sites: list[str] = []
+
+    def clear(self):
+        self.messages.clear()
+        self.break_sites.clear()
 
     def emit(self, record):
         message = record.getMessage()
         if message.startswith("Recompiling"):
             self.messages.append(message)
+        elif message.startswith("Graph break") and " at " in message.split("\n", 1)[0]:
+            site = message.split("\n", 1)[0].rsplit(" at ", 1)[1].replace(str(Path(__file__).resolve().parents[1]) + "/", "")
+            if site not in self.break_sites:
+                self.break_sites.append(site)
 
 
 def _scalar(loss) -> float:
@@ -85,7 +95,7 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:400]}"
 
 
-def run_phase(side, layout, config, batches, warmup, backend, recompile_log) -> dict:
+def run_phase(side, layout, config, batches, warmup, backend, dynamo_log) -> dict:
     """Places a fresh GPT (seed 0) on ``side``'s stack, compiles the model when ``backend`` is given, runs every
     batch; returns this rank's times, losses and compile counters."""
     from torch._dynamo.utils import counters
@@ -95,7 +105,7 @@ def run_phase(side, layout, config, batches, warmup, backend, recompile_log) -> 
     if backend:
         torch._dynamo.reset()
         counters.clear()
-        recompile_log.messages.clear()
+        dynamo_log.clear()
         placed.model = torch.compile(placed.model, backend=backend)
     times, losses, out = [], [], {}
     try:
@@ -112,7 +122,8 @@ def run_phase(side, layout, config, batches, warmup, backend, recompile_log) -> 
     out.update(times=times, losses=losses)
     if backend:  # kept on failure too: the graph breaks before it say where tracing went wrong
         out.update(graphs=counters["stats"]["unique_graphs"], aot_graphs=counters["aot_autograd"]["total"],
-                   breaks=dict(counters["graph_break"]), recompiles=list(recompile_log.messages))
+                   breaks=dict(counters["graph_break"]), recompiles=list(dynamo_log.messages),
+                   break_sites=list(dynamo_log.break_sites))
     return out
 
 
@@ -123,6 +134,7 @@ def _merge(per_rank: list[dict], warmup: int, eager: dict | None) -> dict:
     if failed:
         row = {"fails": failed[0] + (f" ({len(failed)}/{len(per_rank)} ranks)" if len(failed) < len(per_rank) else "")}
         row["breaks"] = {reason: n for r in per_rank for reason, n in r.get("breaks", {}).items()}
+        row["break_sites"] = sorted({s for r in per_rank for s in r.get("break_sites", [])})
         return row
     warm = max(statistics.median(r["times"][warmup:]) for r in per_rank)
     row = {"step_ms": 1e3 * warm,
@@ -144,15 +156,16 @@ def _merge(per_rank: list[dict], warmup: int, eager: dict | None) -> dict:
         row["breaks"] = breaks
         row["recompiles"] = max(len(r["recompiles"]) for r in per_rank)
         row["recompile_reasons"] = sorted({m for r in per_rank for m in r["recompiles"]})
+        row["break_sites"] = sorted({s for r in per_rank for s in r.get("break_sites", [])})
     return row
 
 
 def worker(args) -> None:
     import torch._dynamo  # noqa: F401  (imported before any phase, so eager runs the same imports on both sides)
 
-    recompile_log = _RecompileLog()
-    torch._logging.set_logs(recompiles=True)
-    logging.getLogger("torch._dynamo.guards").addHandler(recompile_log)
+    dynamo_log = _DynamoLog()
+    torch._logging.set_logs(recompiles=True, graph_breaks=True)  # also printed in the layout's log file
+    logging.getLogger("torch._dynamo").addHandler(dynamo_log)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.pg_timeout))
     rank0 = dist.get_rank() == 0
     config = PRESETS[args.config]
@@ -165,7 +178,7 @@ def worker(args) -> None:
     for side, backend in phases:
         key = f"{side}/{'compiled' if backend else 'eager'}"
         try:
-            mine = run_phase(side, args.layout, config, batches, args.warmup, backend, recompile_log)
+            mine = run_phase(side, args.layout, config, batches, args.warmup, backend, dynamo_log)
         except Exception as exc:  # noqa: BLE001 - placing the model failed
             traceback.print_exc(limit=6)
             mine = {"fails": _reason(exc)}
@@ -228,7 +241,15 @@ def _counts(row) -> str:
             f"{row['recompiles']} | {'-' if diff is None else f'{diff:.1e}'}")
 
 
-def table(all_results: dict, args, command: str) -> str:
+def _tree() -> str:
+    """The commit measured, and whether tracked files differed from it (others edit the tree meanwhile)."""
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return f"commit {git('rev-parse', '--short', 'HEAD').strip()}" + (f" + uncommitted edits to {', '.join(dirty)}" if dirty else "")
+
+
+def table(all_results: dict, args, command: str, tree: str) -> str:
     backend_note = {"inductor": "Inductor (C++ kernels built with the machine's g++)",
                     "aot_eager": "aot_eager: AOTAutograd's graphs run op by op, no kernel fusion; it measures only "
                                  "the removal of Python/dispatch overhead"}.get(args.backend, args.backend)
@@ -237,7 +258,8 @@ def table(all_results: dict, args, command: str) -> str:
              f"Machine: {platform.node() or 'CPU VM'}, {os.cpu_count()} CPU cores shared with other sessions (absolute times "
              f"are noisy; ratios are taken in the same run), torch {torch.__version__}, gloo, OMP_NUM_THREADS=1. "
              f"Backend: {backend_note}. GPT \"{args.config}\", batch {args.batch_size}, {args.warmup} warm-up + "
-             f"{args.steps} timed steps (median, slowest rank). Command:", "", f"    {command}", "",
+             f"{args.steps} timed steps (median, slowest rank). Tree at the start: {tree}. Command:", "",
+             f"    {command}", "",
              "Step times in ms. compiled ours/torch is the target (<= 1.00 on every layout both run); "
              "ours compiled/eager < 1.00 means compiling pays off for ours. \"torch's faster\" is the faster of "
              "torch's eager and compiled steps (compiling does not always pay off for torch either).", "",
@@ -264,6 +286,8 @@ def table(all_results: dict, args, command: str) -> str:
                     notes.append(f"- {layout}, {world} ranks, {side} {mode}: {r['fails']}")
             for reason, count in row.get("breaks", {}).items():
                 notes.append(f"- {layout}, {world} ranks, {side}: graph break x{count}: {' '.join(reason.split())[:300]}")
+            if row.get("break_sites"):
+                notes.append(f"- {layout}, {world} ranks, {side}: graph breaks at {', '.join(row['break_sites'])}")
             for message in row.get("recompile_reasons", []):
                 notes.append(f"- {layout}, {world} ranks, {side}: {' '.join(message.split())[:400]}")
     lines += ["", "Failures, graph breaks and recompilations:", ""] + (notes or ["- none"])
@@ -278,11 +302,11 @@ def driver(args) -> None:
     command = " ".join([f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}", ".venv/bin/python", "benchmarks/compile_step.py"]
                        + [a if " " not in a else repr(a) for a in sys.argv[1:]])
     print(f"logs and per-layout JSON in {logdir}", flush=True)
-    all_results = {}
+    all_results, tree = {}, _tree()
     for world in (int(w) for w in args.worlds.split(",")):
         for layout in args.layouts.split(","):
             all_results[world, layout] = launch(args, world, layout, logdir, env)
-            text = table(all_results, args, command)
+            text = table(all_results, args, command, tree)
             if args.report:
                 Path(args.report).write_text(text)
     print(text)
