@@ -39,7 +39,7 @@ def _compiled_equals_eager(batch):
     mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
     eager, eager_opt = _sharded_gpt(mesh)
     model, opt = _sharded_gpt(mesh)
-    compiled, counter, _ = _compiled(model, fullgraph=True)  # fullgraph: a graph break raises
+    compiled, counter, code = _compiled(model, fullgraph=True)  # fullgraph: a graph break raises
     gen = torch.Generator().manual_seed(1)
     frames = []
     for step in range(STEPS):
@@ -59,13 +59,18 @@ def _compiled_equals_eager(batch):
             optimizer.step()
             optimizer.zero_grad()
         frames.append(counter.frame_count)
-    return frames, _graph_breaks()
+    # Graphs in the order compiled: the two forwards, then their backwards. The backward re-gathers the blocks'
+    # weights (MUST_RECOMPUTE: no gathered whole saved from forward) and reduce-scatters their gradients.
+    backward = "".join(code[2:])
+    regathers = "_c10d_functional.all_gather_into_tensor" in backward
+    return frames, _graph_breaks(), len(code), regathers, "_c10d_functional.reduce_scatter_tensor" in backward
 
 
 def test_fully_shard_gpt_compiles_equal_to_eager():
     # 7 rows over 2 ranks (4 + 3): uneven batches, the loss's mean over the global batch.
-    for frames, breaks in run_on_ranks(2, _compiled_equals_eager, 7, timeout=300):
+    for frames, breaks, graphs, regathers, reduce_scatters in run_on_ranks(2, _compiled_equals_eager, 7, timeout=300):
         assert breaks == 0
+        assert graphs == 4 and regathers and reduce_scatters
         # Two graphs, both made on the first step and never again: torch.compile(module) runs the compiled
         # module's own _call_impl eagerly and compiles its hooks and its forward as separate frames, so the root
         # unit's pre-hook (the gather of the embeddings, final norm and head) is one graph, the forward another.
