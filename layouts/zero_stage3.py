@@ -41,6 +41,7 @@ from dtensor_plus.redistribute import redistribute_together, redistribute_togeth
 from dtensor_plus.shared_parameters import assign, parameter_slots
 from dtensor_plus.spec import DTensorSpec, TensorMeta
 
+from . import local_step
 from .precision import MixedPrecision
 from .zero_compiled import bind_compiled, unbind_compiled
 from .zero_local import SHARDED_FOR as _SHARDED_FOR
@@ -102,6 +103,7 @@ class _Unit:
                 if id(shard) in self.tied_slots:
                     self.tied_slots[id(current)] = self.tied_slots.pop(id(shard))
                 current.__dict__[_SHARDED_FOR] = shard.__dict__.get(_SHARDED_FOR)
+                current.__dict__[local_step.TAG] = True
 
     def slots(self, index: int) -> list[tuple[nn.Module, str]]:
         """Every (module, name) that holds entry ``index``'s parameter."""
@@ -443,12 +445,14 @@ def fully_shard(
         if offload is not None:
             sharded = on_device(sharded, "cpu", offload.pin_memory)
         sharded = nn.Parameter(sharded, requires_grad=param.requires_grad)
+        sharded.__dict__[local_step.TAG] = True  # an element-wise optimizer steps it on its block (local_step.py)
         assign(slots, sharded)
         unit.add(sharded, [(slot.owner, slot.key) for slot in slots])
     for inner in module.modules():  # one schedule for the whole tree, so units prefetch across it
         if hasattr(inner, "_zero_state"):
             inner._zero_state.schedule = unit.schedule
     module._zero_state = unit
+    local_step.install()
     module.register_forward_pre_hook(unit.pre_forward, with_kwargs=True)
     module.register_forward_hook(unit.post_forward, with_kwargs=True, always_call=True)  # also on an exception
     return module

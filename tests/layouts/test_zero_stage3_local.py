@@ -1,6 +1,7 @@
 """fully_shard's local compute (layouts/zero_local.py): the forward of a fully_shard-ed model dispatches no DTensor
-op (plain wholes, this rank's rows), the DTensor path dispatches every op, and a loss computed inside forward is
-refused with the fix named (its per-rank mean could not be put back as the global one).
+op (plain wholes, this rank's rows), the DTensor path dispatches every op, AdamW steps the shards on their local
+blocks, and a loss computed inside forward is refused with the fix named (its per-rank mean could not be put
+back as the global one).
 """
 
 import pytest
@@ -40,13 +41,23 @@ def _dispatched_in_forward(local_compute):
     assert isinstance(out, DTensor) and out.placements == (Shard(0),) and out.shape == (8, SIZES[2])
     F.mse_loss(out, y).backward()  # the gradients still land on the shards
     assert all(p.grad is not None and p.grad.placements == (Shard(0),) for p in model.parameters())
-    return len(seen)
+    in_forward, seen[:] = len(seen), []
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    DISPATCHER.execute = recording
+    try:
+        opt.step()  # AdamW on the shards' local blocks (layouts/local_step.py): nothing dispatched
+    finally:
+        DISPATCHER.execute = execute
+    assert all(isinstance(v, DTensor) and v.placements == (Shard(0),) for st in opt.state.values()
+               for k, v in st.items() if k != "step")
+    return in_forward, len(seen)
 
 
 @pytest.mark.parametrize("local_compute", [True, False])
-def test_local_forward_dispatches_nothing(local_compute):
-    for count in run_on_ranks(2, _dispatched_in_forward, local_compute):
-        assert (count == 0) == local_compute, count  # the DTensor path dispatches every op of the forward
+def test_local_forward_and_step_dispatch_nothing(local_compute):
+    for in_forward, in_step in run_on_ranks(2, _dispatched_in_forward, local_compute):
+        assert (in_forward == 0) == local_compute, in_forward  # the DTensor path dispatches every op of the forward
+        assert in_step == 0
 
 
 class _LossInside(nn.Module):
