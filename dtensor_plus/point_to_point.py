@@ -38,12 +38,13 @@ def ring_shift(tensors, mesh, mesh_dim: int | str, *, recv_shapes=None, tag: int
     shapes = [t.shape for t in sends] if recv_shapes is None else [torch.Size(s) for s in recv_shapes]
     recvs = [t.new_empty(shape) for t, shape in zip(sends, shapes)]
     _record("ring_shift", mesh, mesh_dim, sum(_nbytes(t) for t in sends))
-    works = _run("ring_shift", mesh, mesh_dim, _shift, sends, recvs, (index + 1) % n, (index - 1) % n, tag)
-    pending = PendingCollective("ring_shift", mesh, mesh_dim, _AllWorks(works), lambda: recvs)
+    works = _run("ring_shift", mesh, mesh_dim, _batch_ring_shift, sends, recvs, (index + 1) % n, (index - 1) % n, tag)
+    # under torch.compile the shift is a functional collective, done when _run returns (no works)
+    pending = PendingCollective("ring_shift", mesh, mesh_dim, _AllWorks(works or []), lambda: recvs)
     return pending if async_op else pending.wait()
 
 
-def _shift(sends, recvs, next_peer: int, prev_peer: int, tag: int, *, group):
+def _batch_ring_shift(sends, recvs, next_peer: int, prev_peer: int, tag: int, *, group):
     ops = [dist.P2POp(dist.isend, t, group=group, group_peer=next_peer, tag=tag + i) for i, t in enumerate(sends)]
     ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=prev_peer, tag=tag + i) for i, t in enumerate(recvs)]
     return dist.batch_isend_irecv(ops) if ops else []

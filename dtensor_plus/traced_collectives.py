@@ -14,6 +14,7 @@ tensor of AOTAutograd's trace) rather than run; the eager path never comes here.
 
 from __future__ import annotations
 
+import contextlib
 from types import MappingProxyType
 
 import torch
@@ -44,6 +45,13 @@ def run_functional(fn, *args, group, **kwargs):
     collective and a copy into the buffer. ``fn`` is one of the calls ``collectives.py`` makes; returns None
     (no work handle: a traced collective completes, for the program, at its ``wait_tensor``)."""
     kwargs.pop("async_op", None)  # the compiler schedules it; the value is the same
+    _mark_waits_kept()
+    with _pinned_to_backward():
+        _run_functional(fn, *args, group=group, **kwargs)
+    return None
+
+
+def _run_functional(fn, *args, group, **kwargs) -> None:
     name, size = group.group_name, dist.get_world_size(group)
     if fn is dist.all_reduce:
         (out,) = args
@@ -69,9 +77,55 @@ def run_functional(fn, *args, group, **kwargs):
     elif getattr(fn, "__name__", "") in ("reduce_scatter_single", "reduce_scatter_tensor"):
         out, full = args
         out.copy_(_wait(_functional.reduce_scatter_tensor(full, _reduce_name(kwargs), size, name)).view(out.shape))
+    elif getattr(fn, "__name__", "") == "_batch_ring_shift":  # point_to_point's ring shift
+        _ring_shift(*args, group=group)
     else:
         raise NotImplementedError(f"{getattr(fn, '__name__', fn)} has no functional form for torch.compile yet")
-    return None
+
+
+def _ring_shift(sends, recvs, next_peer: int, prev_peer: int, tag: int, *, group) -> None:
+    """point_to_point's ring shift (to ``next_peer``, from ``prev_peer``: ranks within ``group``) as one
+    functional all-to-all per dtype whose split sizes are zero except toward those two peers, as torch's own
+    ``permute_tensor`` does. Not ``batch_p2p_ops``: AOTAutograd's partitioner neither saves nor pins a
+    multi-output collective, so it recomputes a forward shift in the backward graph (traffic eager does not
+    have). One exchange per call, so ``tag`` (which keeps two eager shifts in flight apart) is not needed.
+
+    A shift's result must be read on every rank (ring attention joins blocks it does not compute with to its
+    output): the partitioner drops a collective whose result is unread, assuming every rank runs the same
+    graph, but a rank's graph holds only its own compute, and its send is what the next rank reads."""
+    size = dist.get_world_size(group)
+    by_dtype = {}
+    for i, send in enumerate(sends):
+        by_dtype.setdefault(send.dtype, []).append(i)
+    for indices in by_dtype.values():
+        flat = torch.cat([sends[i].reshape(-1) for i in indices])
+        recv_numels = [recvs[i].numel() for i in indices]
+        send_splits, recv_splits = [0] * size, [0] * size
+        send_splits[next_peer], recv_splits[prev_peer] = flat.numel(), sum(recv_numels)
+        got = _wait(_functional.all_to_all_single(flat, recv_splits, send_splits, group.group_name))
+        for i, piece in zip(indices, got.split(recv_numels)):
+            recvs[i].copy_(piece.view(recvs[i].shape))
+
+
+def _mark_waits_kept() -> None:
+    """Import torch's functional-collectives module (once, on the first traced collective: it takes ~0.1 s),
+    which marks ``wait_tensor`` side-effectful for FX. Without it, dead-code elimination drops a collective
+    whose result one rank does not use (ring attention's last causal block) while the others wait for it."""
+    import torch.distributed._functional_collectives  # noqa: F401
+
+
+def _pinned_to_backward():
+    """While AOTAutograd traces the backward: tag what is recorded "must be in backward". A backward collective
+    whose inputs the forward also has (ring attention's k/v shift, a zero gradient share on a rank that skips
+    a causal block) is otherwise copied into the forward graph too: traffic eager does not have, and, where
+    ranks' graphs differ, one rank's collective in its forward meeting another's in its backward (a hang)."""
+    import torch.fx.traceback as fx_traceback
+
+    if not fx_traceback.has_preserved_node_meta() or fx_traceback.current_meta.get("partitioner_tag") != "is_backward":
+        return contextlib.nullcontext()
+    from torch._functorch._aot_autograd.graph_capture_wrappers import set_partitioner_tag_must_be_in_backward
+
+    return set_partitioner_tag_must_be_in_backward()
 
 
 def _reduce_name(kwargs) -> str:

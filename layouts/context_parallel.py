@@ -24,6 +24,25 @@ and 2n-1-r of 2n, so every rank computes the same number of (q, kv) block pairs:
     x = distribute_tensor(x_BTD, mesh, [Shard(0), StridedShard(1, 1, zigzag=True)])   # or .redistribute(...)
     with context_parallel(mesh_dim="cp", load_balance=True):
         y = attention_block(x)          # views, linears and SDPA keep the zigzag; y.full_tensor() is in order
+
+Under torch.compile (tests/compile/test_compile_cp.py): enter the block *around* the compiled call::
+
+    compiled = torch.compile(attention_block, fullgraph=True)
+    with context_parallel(mesh_dim="cp", kind="ring"):
+        compiled(x).sum().backward()    # one graph, no break; ring, load-balanced ring and Ulysses equal eager
+
+AOTAutograd traces the forward and the backward while the block is in force, so both graphs hold the ring's
+shifts (one functional all-to-all each, ``traced_collectives``) or Ulysses' all-to-alls. Counted, documented
+places where it does not hold:
+
+- ``context_parallel`` entered *inside* the compiled code is unsupported. Seen in probes: with one model
+  Dynamo refused it (``Unsupported``: it cannot read the rule registry the block changes), with another
+  ``fullgraph=True`` compiled and returned an output whose placements differ from eager's (not yet
+  understood). Enter it around the compiled call.
+- Dynamo does not guard on the rules in force: a compiled module first called inside the block and later
+  outside it (or the reverse) reuses its first graph. The values are the same (every kind is exact), the
+  traffic is the first call's.
+- Ulysses' compiled backward holds 3 all-to-alls more than eager's (q, k, v moved to heads again).
 """
 
 from __future__ import annotations

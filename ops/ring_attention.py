@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dtensor_plus import strided
+from dtensor_plus import strided, traced_collectives
 from dtensor_plus.declared import RingShift
 from dtensor_plus.kernels import flash_attention, switch
 from dtensor_plus.placements import Placement, Replicate, Shard, StridedShard, chunk_bounds
@@ -220,8 +220,19 @@ def ring_forward(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask
         if pending is not None:
             kv = pending.wait()
     if out is None:  # an empty q block, or no heads or batch rows here: nothing was computed
-        return _empty_outputs(query, key, value, is_causal, scale)
-    return out.to(query.dtype), lse
+        out, lse = _empty_outputs(query, key, value, is_causal, scale)
+        return _reading(out, kv), lse
+    return _reading(out.to(query.dtype), kv), lse
+
+
+def _reading(t: torch.Tensor, received: list) -> torch.Tensor:
+    """``t``; under torch.compile, ``t`` joined with none of the elements of the last blocks received, so the
+    graph reads them. A rank whose blocks above the causal diagonal are skipped never reads the last k/v block
+    it receives; AOTAutograd's partitioner would then drop that shift from its graph (it assumes every rank runs
+    the same graph), and with it the send the next rank waits for. Eager runs every shift: ``t`` itself."""
+    if not traced_collectives.is_traced(t):
+        return t
+    return torch.cat([t.reshape(-1)] + [r.reshape(-1)[:0] for r in received]).view(t.shape)
 
 
 def _block_forward(query, key, value, causal: bool, scale):
@@ -277,7 +288,7 @@ def ring_backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is
         if step < ring.size - 1:
             kv = pending_kv.wait()
     grad_k, grad_v = (a + b for a, b in zip(own, traveling.wait()))
-    return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype)
+    return _reading(grad_q.to(query.dtype), kv), grad_k.to(key.dtype), grad_v.to(value.dtype)
 
 
 def _backward_step(grad_out, query, kv, out, logsumexp, grad_q, scale, pairs) -> list[torch.Tensor]:

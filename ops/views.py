@@ -72,8 +72,8 @@ def _local_view(func):
     def view(x, size, *rest, **kwargs):
         try:
             return func(x, size)
-        except RuntimeError:  # a local block whose strides admit no view (e.g. after a layout change): copy
-            return x.reshape(size)
+        except (RuntimeError, ValueError):  # a local block whose strides admit no view (e.g. after a layout
+            return x.reshape(size)          # change): copy. A fake block (torch.compile) raises ValueError
 
     return view
 
