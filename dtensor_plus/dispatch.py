@@ -292,17 +292,17 @@ def _entry(func, plan, dtensors):
     """What a cache hit runs: ``run(args, kwargs, dtensors)``. Every fact that is the same for every call of one
     key is settled here, once: the plan's kind, whether this rank is in the mesh (the mesh is in the key), whether
     the op writes in place (its record), whether the plan can communicate. A plan that only runs the local op
-    (``Plan.local_run``: no input moves, no declared communication) skips the rest: nothing reads the op stack
+    (``Plan.direct_run``, no input moves, no declared communication) skips the rest: nothing reads the op stack
     or the explicit-mode audit unless a collective runs."""
     if type(plan) is foreach_meshes.PerMeshPlan:  # a multi-tensor op over several meshes (before any mesh test)
         return lambda args, kwargs, dtensors: plan.run(args, kwargs, dispatch)
     if dtensors and dtensors[0]._spec.mesh.get_coordinate() is None:
         return lambda args, kwargs, dtensors: _outside_the_mesh(func, plan, args, kwargs or {}, dtensors)
-    if type(plan) is Plan:
-        fast = plan.local_run()
-        if fast is not None:
-            return fast
+    direct = plan.direct_run() if type(plan) is Plan else None
+    if direct is not None and not plan.communicates:
+        return direct  # only the local op: nothing reads the op stack or the explicit audit
     inplace = record_of(func).inplace
+    body = direct or plan.run
 
     def run(args, kwargs, dtensors):
         if inplace and dtensors and getattr(args[0], views.MARK, None) is not None:
@@ -315,13 +315,13 @@ def _entry(func, plan, dtensors):
                 specs = [dt._spec for dt in dtensors]
                 explicit.check_input_moves(func, specs, getattr(plan, "input_targets", ()))
                 explicit.check_declared(func, specs, getattr(plan, "comm", None))
-            return plan.run(args, kwargs, dtensors)
+            return body(args, kwargs, dtensors)
         finally:
             op_stack.pop()
 
-    if type(plan) is random.SeededPlan and type(plan.plan) is Plan:
+    if type(plan) is random.SeededPlan and type(plan.plan) is Plan and not plan.plan.communicates:
         # sdpa, dropout: a call that draws no random numbers (dropout_p == 0) is its plan without the draw.
-        fast = plan.plan.local_run()
+        fast = plan.plan.direct_run()
         if fast is not None:
             draws = plan.record.draws
             return lambda args, kwargs, dtensors: (run if draws(args, kwargs) else fast)(args, kwargs, dtensors)

@@ -99,23 +99,34 @@ class Plan:
         return wrap(out)
 
 
-    def local_run(self):
-        """``run`` as one tight function, for a plan that is only the local op on the blocks as they are (no input
-        moves, no declared communication, not the gathering policy, every DTensor a top-level positional argument,
-        the output specs known): what a cache hit of it calls, with every per-key fact read here once. None for
-        any other plan. Why it pays: a warm op's cost beyond the local op is Python bookkeeping, and most of
-        what ``run`` checks per call (moves, shape argument, fallback counting, output kinds) is fixed per key."""
-        if (self.comm is not None or self.fallback or self.positions is None or not self.out_specs
-                or any(t is not None for t in self.input_targets)):
+    def direct_run(self):
+        """``run`` as one tight function: what a cache hit of this plan calls, with every fact that is the same for
+        each call of its key read here once (which inputs move where, the shape argument's local value, the
+        fallback's name, how outputs are wrapped, whether to look for unaliased views). None where a DTensor
+        sits in a list or a keyword (``run`` substitutes those recursively). Why: a warm op's cost beyond the
+        local op is Python bookkeeping, and most of what ``run`` tests per call is fixed per key.
+
+        The op stack and the explicit-mode audit are the caller's (dispatch._entry), and only for plans that
+        communicate (``communicates``): nothing reads them unless a collective runs."""
+        if self.positions is None:
             return None
         func, aten_func, positions, view, inplace = self.func, self.aten_func, self.positions, self.view, self.inplace
         # OpOverload.__call__ only forwards to its _op: calling that skips one Python frame per op.
         call = func._op if type(func) is torch._ops.OpOverload else func
+        comm = self.comm
+        moves = tuple((i, target) for i, target in enumerate(self.input_targets) if target is not None)
         shape_arg = self.shape_arg
         local_shape = None if shape_arg is None else tuple(self.out_specs[0].local_shape_and_offset()[0])
-        out_spec = self.out_specs[0] if len(self.out_specs) == 1 else None  # None: several outputs, wrapped by _wrap
+        fallback_name = str(aten_func) if self.fallback else None
+        specs = self.out_specs
+        # Outputs as the aten op's schema returns them: one tensor, or a flat tuple of tensors, each with its spec.
+        returns = aten_func._schema.returns if type(aten_func) is torch._ops.OpOverload else ()
+        flat = (len(returns) == len(specs) > 0 and all(s is not None for s in specs)
+                and all(type(r.type) is torch.TensorType for r in returns))
+        single = specs[0] if flat and len(specs) == 1 else None
+        returns_self = bool(specs)  # an in-place foreach op returns nothing
         mark = views.MARK
-        note_always = view and views.moves_data(self)  # a local op stands in for the view op: every result is noted
+        note_always = view and views.moves_data(self)  # the view's blocks are fresh memory: every result is noted
         wrap = self._wrap
 
         def run(args, kwargs, dtensors):
@@ -124,13 +135,23 @@ class Plan:
             local_args = list(args)
             for position, dt in zip(positions, dtensors):
                 local_args[position] = dt._local_tensor
+            for i, target in moves:
+                dt = dtensors[i]
+                local_args[positions[i]] = redistribute_local(dt._local_tensor, dt._spec, target)
             if shape_arg is not None:
                 local_args[shape_arg] = list(local_shape)
-            out = call(*local_args, **kwargs) if kwargs else call(*local_args)
+            if fallback_name is not None:
+                collectives.record_fallback(fallback_name)
+            if comm is not None:
+                out = call(*local_args, comm=comm, **kwargs) if kwargs else call(*local_args, comm=comm)
+            else:
+                out = call(*local_args, **kwargs) if kwargs else call(*local_args)
             if inplace:
-                return dtensors[0]
-            if out_spec is not None and type(out) is not tuple and type(out) is not list:
-                wrapped = result(out, out_spec)
+                return dtensors[0] if returns_self else None
+            if single is not None:
+                wrapped = result(out, single)
+            elif flat:
+                wrapped = tuple(map(result, out, specs))
             else:
                 wrapped = wrap(out, dtensors)
             if view and (note_always or getattr(args[0], mark, None) is not None):
@@ -138,6 +159,11 @@ class Plan:
             return wrapped
 
         return run
+
+    @property
+    def communicates(self) -> bool:
+        """Can a call of this plan issue a collective (an input move or declared communication)?"""
+        return self.comm is not None or any(t is not None for t in self.input_targets)
 
 
 def result(local: torch.Tensor, spec: DTensorSpec) -> DTensor:

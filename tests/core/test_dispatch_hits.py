@@ -1,5 +1,5 @@
 """A cache hit behaves as the miss that made its cache entry: dispatch settles per key, at the miss, what every
-hit runs (dispatch._entry), and a plan that only runs the local op takes a short path (Plan.local_run). Each
+hit runs (dispatch._entry), and a plan that only runs the local op takes a short path (Plan.direct_run). Each
 check runs its ops several times, so the later rounds are hits, and compares every round with one device."""
 
 import pytest
