@@ -211,7 +211,7 @@ def draw(result, before, path) -> None:
         for name in ("ours", "ddp"):
             index = _median_step(run["timelines"][0][name])
             for rank, timeline in enumerate(run["timelines"]):
-                label = f"{'DDP' if name == 'ddp' else 'ours ' + run_name} rank {rank}"
+                label = f"{'DDP' if name == 'ddp' else 'ours'} ({run_name} run) rank {rank}"
                 rows.append((label, timeline[name][index]))
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.2))
     for y, (label, step) in enumerate(reversed(rows)):

@@ -11,8 +11,10 @@ Why reduce in a hook: with the batch Shard(0) on dp and the parameters Replicate
 out of backward Partial(sum) on dp. Left Partial, every optimizer op that reads it (AdamW's lerp_, addcmul_,
 ...) would plan its own all-reduce of the same gradient: hidden collectives. Each gradient is reduced to its
 parameter's placements once, in buckets (``GradientBucket``, built on dtensor_plus/buckets.py): one all-reduce
-on dp per bucket of up to 25 MiB, started when full and when backward ends, the analytic 2(n-1)/n bytes of the
-gradients in few collectives.
+on dp per bucket (the first of each backward up to 1 MiB, the others up to ``bucket_cap_mb``, 25 MiB, as DDP's),
+started asynchronously as soon as it fills, so it travels while backward computes the earlier layers; the last
+buckets start when backward ends, and every bucket is waited on then (the last moment .grad must be right): the
+analytic 2(n-1)/n bytes of the gradients in few collectives.
 
 How it composes with tensor parallelism on a (dp, tp) mesh: ``parallelize_module(model, mesh["tp"], plan)``
 places parameters on the 1-D tp mesh; ``replicate(model, mesh)`` then lifts each one onto the 2-D mesh with
@@ -22,8 +24,11 @@ with mesh["tp"]; they accept inputs on the mesh it was sliced from and lay out o
 (layouts/tensor.py ``_style_mesh_dim``), so dp placements pass through them untouched.
 
 Local compute (``local_compute=True``, the default): the forward runs on each rank's rows with the dp mesh dim
-dropped (layouts/data_local.py) and an element-wise optimizer steps the parameters on their blocks
-(layouts/local_step.py): DDP's work per step, with the same layouts at rest and the same exact loss.
+dropped (layouts/data_local.py), each parameter through a local leaf sharing its block whose gradient goes to
+the buckets as a plain block (``GradientBucket.add_local``), and an element-wise optimizer steps the parameters
+on their blocks (layouts/local_step.py): DDP's work per step, with the same layouts at rest and the same exact
+loss. What stays beyond DDP's: the loss and its backward run on DTensors (about ten dispatched ops), and a mean
+loss all-reduces its global count (4 bytes) in forward: a second point per step where ranks wait for each other.
 
 Example::
 
