@@ -16,13 +16,14 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
 
 from ..dtensor import DTensor
 
-__all__ = ["MetaLocalOps", "SimulationValueError"]
+__all__ = ["MetaLocalOps", "MovesStayPut", "SimulationValueError"]
 
 _META = torch.device("meta")
 _READS_VALUE = {torch.ops.aten._local_scalar_dense.default}
@@ -55,7 +56,19 @@ class MetaLocalOps(TorchDispatchMode):
             kwargs = dict(kwargs, device=_META)
         if _has_meta(args, kwargs):
             args, kwargs = tree_map(_to_meta, (args, kwargs))
-        out = func(*args, **kwargs)
+        if func is _TO_COPY and _changes_nothing_on_meta(args[0], kwargs):
+            # ``t.to("cpu")`` of a cpu tensor is ``t`` itself, no copy: its meta stand-in shares storage too (in
+            # backward, where MovesStayPut does not run: autograd does not carry Python function modes there)
+            return torch.ops.aten.alias.default(args[0])
+        try:
+            out = func(*args, **kwargs)
+        except NotImplementedError as error:
+            if "Meta" not in str(error):
+                raise
+            raise SimulationValueError(
+                f"{func} has no meta kernel: its output's shape depends on its input's values (e.g. bincount or "
+                f"nonzero in a mixture-of-experts router), which a simulated world does not have"
+            ) from error
         if self.counting:
             formula = flop_registry.get(func._overloadpacket)
             if formula is not None:
@@ -64,6 +77,17 @@ class MetaLocalOps(TorchDispatchMode):
                 if self.module_of is not None:
                     self.flops_by_module[self.module_of()] += flops
         return out
+
+
+_TO_COPY = torch.ops.aten._to_copy.default
+_NO_CHANGE = {"device": (None, _META), "layout": (None, torch.strided), "pin_memory": (None, False),
+              "memory_format": (None, torch.preserve_format), "non_blocking": (None, False, True)}
+
+
+def _changes_nothing_on_meta(t, kwargs) -> bool:
+    if t.device.type != "meta" or kwargs.get("dtype") not in (None, t.dtype):
+        return False
+    return all(kwargs.get(k) in allowed for k, allowed in _NO_CHANGE.items()) and set(kwargs) <= {"dtype", *_NO_CHANGE}
 
 
 def _makes_scalar(func, args) -> bool:
@@ -91,3 +115,31 @@ def _to_meta(x):
     if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() > 0:
         return x.to(_META)
     return x
+
+
+class MovesStayPut(TorchFunctionMode):
+    """``t.to("cpu")`` / ``t.cpu()`` of a meta tensor is ``t.to("meta")``: ``t`` itself, as the real call on a cpu
+    tensor returns ``t`` itself (no copy). A layout that moves a block to the mesh's device "just in case" then
+    keeps sharing storage with what it came from, as on the real world, and the memory walk sees one storage."""
+
+    _MOVES = {torch.Tensor.to, torch.Tensor.cpu}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._MOVES and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
+            if func is torch.Tensor.cpu:
+                return func(*args, **kwargs) if isinstance(args[0], DTensor) else args[0].to(_META)
+            args = tuple(_META if _is_cpu(a) else a for a in args)
+            kwargs = {k: (_META if k == "device" and _is_cpu(v) else v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _is_cpu(x) -> bool:
+    return isinstance(x, (str, torch.device)) and not isinstance(x, bool) and _device_type(x) == "cpu"
+
+
+def _device_type(x) -> str | None:
+    try:
+        return torch.device(x).type
+    except (RuntimeError, TypeError):
+        return None

@@ -23,7 +23,7 @@ import torch
 from .. import collectives, plain_tensors
 from .. import plan as _plan
 from ..dispatcher import DISPATCHER
-from .meta_ops import MetaLocalOps
+from .meta_ops import MetaLocalOps, MovesStayPut
 
 __all__ = ["simulated_world", "SimulatedWorld"]
 
@@ -58,9 +58,10 @@ def simulated_world(world_size: int, rank: int = 0):
     if "meta" not in devices:  # point-to-point calls look their backend up by the tensors' device: meta blocks
         devices.append("meta")
 
+    DISPATCHER.clear_plans()  # plans cached in a real world hold its meshes and groups
     dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
     try:
-        with _plain_tensors_assumed_same(), _dtensors_on_program_device(), MetaLocalOps() as mode:
+        with _plain_tensors_assumed_same(), _dtensors_on_program_device(), MovesStayPut(), MetaLocalOps() as mode:
             yield SimulatedWorld(world_size, rank, mode)
     finally:
         _forget_fake_groups()
@@ -121,7 +122,9 @@ def _dtensors_on_program_device():
 
 
 def _forget_fake_groups() -> None:
-    # The mesh module caches groups and meshes across calls; the fake ones die with this world.
+    # The mesh module caches groups and meshes across calls; the fake ones die with this world. Cached plans
+    # hold meshes (a later world's equal mesh would find a plan on this one's dead groups): dropped too.
+    DISPATCHER.clear_plans()
     for key in [k for k in DISPATCHER.process_groups if k[0] == "fake"]:
         del DISPATCHER.process_groups[key]
     for key, mesh in list(DISPATCHER.live_meshes.items()):

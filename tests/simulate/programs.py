@@ -32,6 +32,7 @@ LAYOUTS = {
     "cp-ulysses": (dict(cp=2, cp_kind="ulysses"), dict(attention="sdpa")),
     "dp x tp+sp zero-3": (dict(dp=2, tp=2, sp=True, zero=3), {}),
     "dp x tp zero-1": (dict(dp=2, tp=2, zero=1), {}),
+    "ep": (dict(dp=2), dict(moe_experts=4, moe_every=1)),
 }
 
 
@@ -70,3 +71,49 @@ def simulated(name: str, world_size: int, rank: int, config=None):
     with simulated_world(world_size, rank) as world:
         one_step, model, opt = build(name, config)
         return simulate_step(world, one_step, models=[model], optimizers=[opt])
+
+
+# -- pipeline parallelism: examples/pipeline_gpt.py's stages, one schedule step (forward, backward, AdamW) --------
+
+PIPELINES = {
+    "pp 1f1b": (dict(), "1f1b"),
+    "pp x dp zero-1 zb_h1": (dict(dp=2, zero=1), "zb_h1"),
+}
+
+
+def build_pipeline(name: str, pp: int = 2, config=None):
+    import pipeline_gpt
+    from dtensor_plus.layouts.pipeline import PipelineSchedule, PipelineStage, build_schedule
+
+    fields, schedule = PIPELINES[name]
+    layout = Layout(**fields)
+    config = config or PRESETS["debug"]
+    mesh = pipeline_gpt.make_pp_mesh(pp, layout.dp, layout.tp)
+    torch.manual_seed(0)
+    model = GPT(config)
+    plan = build_schedule(schedule, pp, 4, stages_per_rank=2)
+    pieces = pipeline_gpt.split_gpt(model, plan.num_stages)
+    pp_rank = mesh.get_local_rank("pp")
+    mine = [pipeline_gpt.place_stage(pieces[s], mesh, sp=layout.sp, zero=layout.zero) for s in plan.stages_of(pp_rank)]
+    stages = [PipelineStage(piece, s, plan.num_stages, mesh) for piece, s in zip(mine, plan.stages_of(pp_rank))]
+    opt = pipeline_gpt._make_optimizer([p for piece in mine for p in piece.parameters()], mesh, layout.zero, 1e-3, 0.1)
+    pipe = PipelineSchedule(stages, plan, loss_fn=pipeline_gpt.gpt_loss, optimizer=opt)
+    tokens = torch.randint(0, config.vocab_size, (8, config.block_size), generator=torch.Generator().manual_seed(0))
+    targets = torch.roll(tokens, -1, 1)
+
+    def one_step():
+        with loss_parallel():
+            pipe.step(pipeline_gpt._place_batch(tokens, mesh), target=pipeline_gpt._place_batch(targets, mesh))
+
+    return one_step, mine, [opt] if opt is not None else []
+
+
+def measured_pipeline(name: str):
+    one_step, stages, opts = build_pipeline(name)
+    return measure_step(one_step, models=stages, optimizers=opts)
+
+
+def simulated_pipeline(name: str, world_size: int, rank: int):
+    with simulated_world(world_size, rank) as world:
+        one_step, stages, opts = build_pipeline(name)
+        return simulate_step(world, one_step, models=stages, optimizers=opts)

@@ -1,0 +1,66 @@
+"""A simulated rank does what the real rank does: on real gloo ranks and in a simulated world of the same size,
+the same GPT step (tests/simulate/programs.py) issues the same collectives (kind, mesh dim, bytes, aten op,
+module, forward/backward, in order) and holds the same memory (parameters, gradients, optimizer state, and
+the peak of the activations saved for backward), for every layout."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from dtensor_plus.testing import run_on_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import programs  # noqa: E402
+
+TWO_RANKS = ["dp", "zero-1", "zero-3", "tp+sp", "cp-ring"]
+TWO_RANKS_SLOW = ["zero-2", "tp", "cp-ulysses"]  # each shares its code path with one above
+FOUR_RANKS = ["dp x tp+sp zero-3", "dp x tp zero-1"]
+
+
+def _world(name: str) -> int:
+    fields = programs.LAYOUTS[name][0]
+    return fields.get("dp", 1) * fields.get("tp", 1) * fields.get("cp", 1)
+
+
+def _in_order(step) -> list[tuple]:
+    # The module of a backward collective is not compared: torch's ModuleTracker holds sibling modules whose
+    # backward is running (attn.q, attn.k, attn.v) in a set, and which of them is "innermost" follows the
+    # process's string hashing, so it differs between two real runs as well.
+    return [(c.collective, c.mesh_dim, c.bytes, c.op, c.phase, c.module if c.phase == "forward" else None)
+            for c in step.collectives]
+
+
+def _check_equal(name: str, rank: int, simulated, measured) -> None:
+    assert _in_order(simulated) == _in_order(measured), (name, rank)
+    assert simulated.memory == measured.memory, (name, rank, simulated.memory, measured.memory)
+    assert simulated.collectives, "the step communicates: an empty record would prove nothing"
+    assert simulated.memory["activations"] > 0 and simulated.flops > 0
+
+
+def _check_layout(name: str) -> None:
+    assert not dist.is_initialized(), "the simulation runs in this process: it must not be a rank already"
+    world = _world(name)
+    real = run_on_ranks(world, programs.measured, name, timeout=120)
+    for rank in (0, world - 1):
+        _check_equal(name, rank, programs.simulated(name, world, rank), real[rank])
+
+
+@pytest.mark.parametrize("name", TWO_RANKS)
+def test_simulated_rank_equals_real_rank(name):
+    _check_layout(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TWO_RANKS_SLOW)
+def test_simulated_rank_equals_real_rank_more_layouts(name):
+    _check_layout(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FOUR_RANKS)
+def test_simulated_rank_equals_real_rank_on_a_2x2_mesh(name):
+    _check_layout(name)
