@@ -20,7 +20,9 @@ On rank 0 it prints, per schedule:
     through saved_tensors_hooks), ours then torch's;
   * compute on a core: the thread CPU time of our compute actions over their wall time (below 100%: the OS
     ran something else in the middle of them, e.g. more ranks than cores).
-Then, when both ran, ZB-H1's step time over 1F1B's (ours, same run). ``--before COMMIT`` adds our executor as
+Then, when both ran, ZB-H1's step time over 1F1B's (ours, same run). ``--split-cost`` (one process, no
+torchrun) instead times, on the last of two GPT stages, one fused backward against our B + W and torch's
+(``torch.distributed.pipelining._backward``), in thread CPU time (robust to a loaded machine), alternating. ``--before COMMIT`` adds our executor as
 it was at that commit (its layouts/pipeline loaded as a package of its own) to the round-robin: "before ms".
 """
 
@@ -102,6 +104,7 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--plot-dir", default=None, help="save each schedule's recorded-vs-simulated timeline here")
+    parser.add_argument("--split-cost", action="store_true", help="time the B/W split against the fused backward")
     parser.add_argument("--before", default=None, metavar="COMMIT",
                         help="also run layouts/pipeline as it was at this git commit, in the same round-robin")
     return parser.parse_args()
@@ -235,8 +238,58 @@ def bubbles(schedule, timelines):
             costs, cpu_share)
 
 
+def split_cost(args):
+    """Fused backward, our B + W and torch's B + W of the last of two GPT stages on one microbatch, in thread CPU
+    time, alternating; medians over ``--steps`` rounds."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    from dtensor_plus.layouts.pipeline.backward import backward_input, backward_weight
+
+    torch.set_num_threads(1)
+    stage = split_gpt(_model(args), 2)[1]
+    params = list(stage.parameters())
+    x, y = _batch(args)
+    rows = args.batch_size // args.microbatches
+    hidden, target = torch.randn(rows, args.seq_len, args.dim), y[:rows]
+
+    def forward():
+        leaf = hidden.clone().requires_grad_(True)
+        return leaf, gpt_loss(stage(leaf), target) / args.microbatches
+
+    splits = {"ours": (backward_input, backward_weight)}
+    if args.before:
+        old = sys.modules[f"{load_pipeline_at(args.before).__name__}.backward"]
+        splits["before"] = (old.backward_input, old.backward_weight)
+    times = {"fused": []}
+    for _ in range(args.steps):
+        leaf, loss = forward()
+        start = time.thread_time()
+        loss.backward()
+        times["fused"].append(time.thread_time() - start)
+        for who in [*splits, "torch"]:
+            leaf, loss = forward()
+            start = time.thread_time()
+            if who in splits:
+                _, state = splits[who][0](loss, None, leaf, params)
+            else:
+                _, groups = stage_backward_input([loss], None, [leaf], iter(params))
+            middle = time.thread_time()
+            splits[who][1](state) if who in splits else stage_backward_weight(iter(params), groups)
+            times.setdefault(f"{who} B", []).append(middle - start)
+            times.setdefault(f"{who} W", []).append(time.thread_time() - middle)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"last of 2 GPT stages ({args.layers // 2} blocks, ln_f, head, loss), dim {args.dim}, microbatch {rows} x "
+          f"{args.seq_len}; thread CPU ms, median of {args.steps}")
+    for who in [*splits, "torch"]:
+        total = ms[f"{who} B"] + ms[f"{who} W"]
+        print(f"  {who:6}: B {ms[f'{who} B']:.2f} + W {ms[f'{who} W']:.2f} = {total:.2f} ms, {total / ms['fused']:.2f}x "
+              f"the fused backward ({ms['fused']:.2f} ms)")
+
+
 def main():
     args = parse_args()
+    if args.split_cost:
+        return split_cost(args)
     dist.init_process_group("gloo")
     mesh = dtp.init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("pp",))
     p, rank = dist.get_world_size(), dist.get_rank()
