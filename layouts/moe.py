@@ -21,6 +21,13 @@ the model has (``replicate``, ZeRO, ``distribute_module``)::
     y = moe(x)                                    # x: (B, T, D) DTensor, Shard(0) on dp
     loss = task_loss + moe.aux_loss               # load-balancing + z-loss, over the global batch
 
+Under torch.compile (tests/compile/test_compile_moe.py): ``MoE.forward`` runs eagerly, a counted graph break
+(Dynamo's "Skip inlining `torch.compiler.disable()`d function"): the token dispatch reads its all-to-all
+split sizes on the host (``.tolist()``, moe_dispatch.py), and a graph broken inside the layer would have to
+hand placements across the break, which torch 2.13's AOTAutograd cannot (``cannot create weak reference to
+'Shard' object``). The model around it compiles: two graphs around each MoE layer, equal to eager, no
+recompilation from step to step.
+
 Legend: B batch, T sequence, D width, F expert hidden width, E experts, N tokens.
 """
 
@@ -34,6 +41,7 @@ import dtensor_plus as dtp
 from dtensor_plus import DTensor, Partial, Replicate, Shard
 from dtensor_plus.kernels.grouped_gemm import grouped_mm
 from dtensor_plus.renamed import renamed_keywords
+from dtensor_plus.tracing import after_dynamo_import
 
 from .data import reduce_grad_in_backward
 from .hf_experts import hf_experts_modules, shard_hf_experts
@@ -177,6 +185,16 @@ class _Layout:
     def output(self, y_local: torch.Tensor, x_in: DTensor, x: DTensor) -> DTensor:
         y = DTensor.from_local(y_local, self.mesh, self.batch, shape=x_in.shape, stride=x_in.stride())
         return y if list(y.placements) == list(x.placements) else y.redistribute(placements=x.placements)
+
+
+def _moe_runs_eagerly_under_compile() -> None:
+    import torch._dynamo
+
+    MoE.forward = torch._dynamo.disable(MoE.forward, reason="MoE's token dispatch needs its split sizes on the "
+                                                            "host (layouts/moe.py, 'Under torch.compile')")
+
+
+after_dynamo_import(_moe_runs_eagerly_under_compile)  # when torch._dynamo is imported: eager never pays for it
 
 
 @renamed_keywords(ep_dim="ep_mesh_dim", tp_dim="tp_mesh_dim")
