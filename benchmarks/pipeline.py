@@ -22,7 +22,8 @@ On rank 0 it prints, per schedule:
     ran something else in the middle of them, e.g. more ranks than cores).
 Then, when both ran, ZB-H1's step time over 1F1B's (ours, same run). ``--split-cost`` (one process, no
 torchrun) instead times, on the last of two GPT stages, one fused backward against our B + W and torch's
-(``torch.distributed.pipelining._backward``), in thread CPU time (robust to a loaded machine), alternating. ``--before COMMIT`` adds our executor as
+(``torch.distributed.pipelining._backward``), in thread CPU time (robust to a loaded machine), alternating.
+``--before COMMIT`` adds our executor as
 it was at that commit (its layouts/pipeline loaded as a package of its own) to the round-robin: "before ms".
 """
 
@@ -282,7 +283,8 @@ def split_cost(args):
           f"{args.seq_len}; thread CPU ms, median of {args.steps}")
     for who in [*splits, "torch"]:
         total = ms[f"{who} B"] + ms[f"{who} W"]
-        print(f"  {who:6}: B {ms[f'{who} B']:.2f} + W {ms[f'{who} W']:.2f} = {total:.2f} ms, {total / ms['fused']:.2f}x "
+        b, w = ms[f"{who} B"], ms[f"{who} W"]
+        print(f"  {who:6}: B {b:.2f} + W {w:.2f} = {total:.2f} ms, {total / ms['fused']:.2f}x "
               f"the fused backward ({ms['fused']:.2f} ms)")
 
 
@@ -300,7 +302,8 @@ def main():
         built[name] = (schedule, ours, build_torch(name, args))
         if before_lib is not None:
             before[name] = build_ours(name, args, mesh, before_lib)[1]
-    runners = [r for name, (_, ours, theirs) in built.items() for r in (ours, before.get(name), theirs) if r is not None]
+    runners = [r for name, (_, ours, theirs) in built.items() for r in (ours, before.get(name), theirs)
+               if r is not None]
     for _ in range(args.warmup + args.steps):  # round-robin: step i of every pipeline before step i+1 of any
         for runner in runners:
             runner.step()
@@ -310,7 +313,8 @@ def main():
         if before:
             print(f"before: layouts/pipeline at {args.before}")
         print(f"{'schedule':18} {'ours ms':>8} {'torch ms':>9} {'ratio':>6} {'bubble':>7} {'sim':>6} {'sim/st':>6} "
-              f"{'formula':>7}  {'act KiB per rank (ours | torch)'}" + ("  before ms (ratio to torch)" if before else ""))
+              f"{'formula':>7}  {'act KiB per rank (ours | torch)'}"
+              + ("  before ms (ratio to torch)" if before else ""))
     ours_ms = {}
     for name, (schedule, ours, theirs) in built.items():
         timelines = median_timelines(ours, args)

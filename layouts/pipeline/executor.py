@@ -17,8 +17,8 @@ start, so a peer's data moves while this rank computes (gloo moves a message onl
 with the receive already there, the sender's isend writes it at once); in the first step, the receives among the
 next ``RECV_LOOKAHEAD`` actions whose shapes are known, after each run of communication. Each receive is waited
 on at its own RECV action. Each message has its own tag (stage boundary, microbatch, kind), so a rank that posts
-its receives in another order than its peer's sends still matches them. With a schedule that passes ``validate`` no rank
-waits on a receive whose send sits behind a blocking op on the peer. Microbatch losses are scaled by 1/m
+its receives in another order than its peer's sends still matches them. With a schedule that passes ``validate``
+no rank waits on a receive whose send sits behind a blocking op on the peer. Microbatch losses are scaled by 1/m
 (``scale_grads``), so gradients equal one device's on the whole batch with a mean loss; gradients accumulate
 across microbatches in ``.grad``, and STEP runs ``optimizer.step()`` and ``zero_grad()`` (nothing when no
 optimizer is given: the caller steps). Weights shared across stages have their gradients summed over the stages
@@ -236,7 +236,9 @@ class PipelineSchedule:
         where = self.schedule.stage_to_rank
         stop = len(self.actions) if lookahead is None else index + lookahead
         for a in self.actions[index:stop]:
-            if a.kind not in _RECVS or (a.kind, a.stage, a.microbatch) in self._early_recvs or self._recv_meta(a) is None:
+            if a.kind not in _RECVS or (a.kind, a.stage, a.microbatch) in self._early_recvs:
+                continue
+            if self._recv_meta(a) is None:
                 continue
             stage = self.stages[a.stage]
             if a.kind is Kind.RECV_F:
