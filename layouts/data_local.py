@@ -21,7 +21,11 @@ the module's forward, the dp mesh dim is dropped and put back at the module's bo
                            contribution, plain, to the buckets, which all-reduce it while backward goes on
                            and write .grad in the parameter's layout when backward ends (layouts/data.py).
                            Without (reduce_in_backward=False, ZeRO), or for a parameter with hooks of its own:
-                           the view's backward hands the parameter a gradient Partial(sum) on dp.
+                           the view's backward hands the parameter a gradient Partial(sum) on dp. So, with the
+                           buckets, the parameters themselves are not in the autograd graph (their leaves are):
+                           ``torch.autograd.grad(loss, parameters)`` or ``backward(inputs=parameters)`` need
+                           ``reduce_in_backward=False`` (Partial gradients, then ``sync_gradients``) or
+                           ``local_compute=False``.
 
 A forward takes the DTensor path instead (every op dispatched on the whole mesh, exact as one device) when this
 view cannot be exact or is not known to be: under ``dtensor_plus.manual_seed(..., strict=True)`` (random ops
