@@ -35,10 +35,12 @@ AOTAutograd traces the forward and the backward while the block is in force, so 
 shifts (one functional all-to-all each, ``traced_collectives``) or Ulysses' all-to-alls. Counted, documented
 places where it does not hold:
 
-- ``context_parallel`` entered *inside* the compiled code is unsupported. Seen in probes: with one model
-  Dynamo refused it (``Unsupported``: it cannot read the rule registry the block changes), with another
-  ``fullgraph=True`` compiled and returned an output whose placements differ from eager's (not yet
-  understood). Enter it around the compiled call.
+- ``context_parallel`` entered *inside* the compiled code is not traced: Dynamo cannot read the rule registry
+  the block changes, so ``fullgraph=True`` raises ``Unsupported`` ("non-const keys in mappingproxy"); without
+  it Dynamo runs the frame holding the ``with`` eagerly and compiles the modules called inside it (a skipped
+  frame, not a counted graph break). Probed, not in the tests: outputs and gradient values equal eager's, but
+  a parameter's gradient placement can differ (a bias's gradient Partial compiled, Replicate eager). Enter
+  it around the compiled call.
 - Dynamo does not guard on the rules in force: a compiled module first called inside the block and later
   outside it (or the reverse) reuses its first graph. The values are the same (every kind is exact), the
   traffic is the first call's.
