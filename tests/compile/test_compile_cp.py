@@ -3,7 +3,7 @@ under ring, load-balanced (zigzag) ring and Ulysses attention, compiled with ``f
 fp32), gives eager's output, loss, every parameter gradient and the input gradient over three steps, in one graph
 with no break and no recompilation. The ring's graphs hold exactly eager's traffic (a ring shift is one
 functional all-to-all with two non-zero splits, traced_collectives._ring_shift); Ulysses' compiled backward
-holds 3 all-to-alls more than eager's (q, k, v moved to heads again; not yet found why).
+holds 3 all-to-alls more than eager's (it recomputes the forward's head-sharded attention; not yet found why).
 
 Not covered (layouts/context_parallel.py, "Under torch.compile"): ``context_parallel`` entered inside the compiled
 code; it is unsupported (see there).
