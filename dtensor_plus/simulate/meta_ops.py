@@ -23,7 +23,7 @@ from torch.utils.flop_counter import flop_registry
 
 from ..dtensor import DTensor
 
-__all__ = ["MetaLocalOps", "MovesStayPut", "SimulationValueError"]
+__all__ = ["LocalFlops", "MetaLocalOps", "MovesStayPut", "SimulationValueError"]
 
 _META = torch.device("meta")
 _READS_VALUE = {torch.ops.aten._local_scalar_dense.default}
@@ -33,7 +33,10 @@ class SimulationValueError(RuntimeError):
     """A simulated program read a tensor's value: only shapes exist in a simulated world."""
 
 
-class MetaLocalOps(TorchDispatchMode):
+class LocalFlops(TorchDispatchMode):
+    """FLOPs of this rank's local ops, by aten op (and by (module, phase) when ``module_of`` is set), while
+    ``counting``. On its own it counts a real run (``step.measure_step``); ``MetaLocalOps`` adds the meta device."""
+
     def __init__(self):
         super().__init__()
         self.counting = False
@@ -41,6 +44,24 @@ class MetaLocalOps(TorchDispatchMode):
         self.module_of = None  # () -> (module path, phase) while counting per module
         self.flops_by_module: Counter = Counter()
 
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # DTensor dispatch runs the local op on the blocks, back through this mode
+        kwargs = kwargs or {}
+        return self._count(func, args, kwargs, func(*args, **kwargs))
+
+    def _count(self, func, args, kwargs, out):
+        if self.counting:
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                flops = formula(*args, **kwargs, out_val=out)
+                self.flops_by_op[str(func._overloadpacket.__name__)] += flops
+                if self.module_of is not None:
+                    self.flops_by_module[self.module_of()] += flops
+        return out
+
+
+class MetaLocalOps(LocalFlops):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # DTensor dispatch runs the local op on the blocks, back through this mode
@@ -69,14 +90,7 @@ class MetaLocalOps(TorchDispatchMode):
                 f"{func} has no meta kernel: its output's shape depends on its input's values (e.g. bincount or "
                 f"nonzero in a mixture-of-experts router), which a simulated world does not have"
             ) from error
-        if self.counting:
-            formula = flop_registry.get(func._overloadpacket)
-            if formula is not None:
-                flops = formula(*args, **kwargs, out_val=out)
-                self.flops_by_op[str(func._overloadpacket.__name__)] += flops
-                if self.module_of is not None:
-                    self.flops_by_module[self.module_of()] += flops
-        return out
+        return self._count(func, args, kwargs, out)
 
 
 _TO_COPY = torch.ops.aten._to_copy.default

@@ -16,6 +16,7 @@ from ..collectives import CommCounter
 from ..dispatcher import DISPATCHER
 from ..module_tracking import ModuleTracker
 from .memory import SavedTensorTracker, state_memory, storage_key
+from .meta_ops import LocalFlops
 
 __all__ = ["Collective", "SimulatedStep", "simulate_step", "measure_step"]
 
@@ -127,8 +128,8 @@ def simulate_step(world, step, *, models, optimizers=()) -> SimulatedStep:
 
 
 def measure_step(step, *, models, optimizers=()) -> SimulatedStep:
-    """The same record of a real step on this rank's real world (collectives, state and activation memory; no
-    FLOPs: they are counted only in a simulated world)."""
+    """The same record of a real step on this rank's real world (collectives, memory, FLOPs of the local ops)."""
     import torch.distributed as dist
 
-    return _record_step(step, models, optimizers, None, dist.get_world_size(), dist.get_rank())
+    with LocalFlops() as mode:
+        return _record_step(step, models, optimizers, mode, dist.get_world_size(), dist.get_rank())

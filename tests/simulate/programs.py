@@ -36,8 +36,10 @@ LAYOUTS = {
 }
 
 
-def build(name: str, config=None):
-    """(one_step, model, optimizer) for layout ``name``, built in the current world (real or simulated)."""
+def build(name: str, config=None, batch: int = BATCH):
+    """(one_step, model, optimizer) for layout ``name``, built in the current world (real or simulated), stepping
+    on ``batch`` sequences of the config's block_size (a dp rank needs at least one: fewer rows than dp ranks
+    gather the activations over dp)."""
     fields, changes = LAYOUTS[name]
     layout = Layout(**fields)
     config = (config or PRESETS["debug"]).replace(**changes)
@@ -46,7 +48,7 @@ def build(name: str, config=None):
     mesh = make_mesh(layout)
     place_model(model, mesh, layout)
     opt = make_optimizer(model, mesh, layout, 1e-3)
-    tokens = torch.randint(0, config.vocab_size, (BATCH, config.block_size), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, config.vocab_size, (batch, config.block_size), generator=torch.Generator().manual_seed(0))
     targets = torch.roll(tokens, -1, 1)
     scope = functools.partial(context_parallel, "cp", layout.cp_kind) if layout.cp > 1 else contextlib.nullcontext
     place = functools.partial(place_batch, mesh=mesh, balance=layout.cp_balance)
@@ -61,15 +63,19 @@ def build(name: str, config=None):
 
 
 def measured(name: str):
-    """On a real rank: the record of one real step (collectives, state memory)."""
+    """On a real rank: the record of one real step (collectives, memory, FLOPs), from an empty plan cache as a
+    simulated world starts (a rank of the test pool keeps the plans of earlier tests)."""
+    from dtensor_plus.dispatch import clear_cache
+
+    clear_cache()
     one_step, model, opt = build(name)
     return measure_step(one_step, models=[model], optimizers=[opt])
 
 
-def simulated(name: str, world_size: int, rank: int, config=None):
+def simulated(name: str, world_size: int, rank: int, config=None, batch: int = BATCH):
     """In this process: rank ``rank`` of a simulated ``world_size``-rank world doing the same step."""
     with simulated_world(world_size, rank) as world:
-        one_step, model, opt = build(name, config)
+        one_step, model, opt = build(name, config, batch)
         return simulate_step(world, one_step, models=[model], optimizers=[opt])
 
 

@@ -1,7 +1,7 @@
 """A simulated rank does what the real rank does: on real gloo ranks and in a simulated world of the same size,
 the same GPT step (tests/simulate/programs.py) issues the same collectives (kind, mesh dim, bytes, aten op,
-module, forward/backward, in order) and holds the same memory (parameters, gradients, optimizer state, and
-the peak of the activations saved for backward), for every layout."""
+module, forward/backward, in order), holds the same memory (parameters, gradients, optimizer state, and
+the peak of the activations saved for backward) and computes the same FLOPs per local op, for every layout."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def _in_order(step) -> list[tuple]:
 def _check_equal(name: str, rank: int, simulated, measured) -> None:
     assert _in_order(simulated) == _in_order(measured), (name, rank)
     assert simulated.memory == measured.memory, (name, rank, simulated.memory, measured.memory)
+    assert simulated.flops_by_op == measured.flops_by_op, (name, rank)
     assert simulated.collectives, "the step communicates: an empty record would prove nothing"
     assert simulated.memory["activations"] > 0 and simulated.flops > 0
 
