@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architecture.md"
 CORE = ROOT / "dtensor_plus"
 PACKAGES = {"ops": ROOT / "ops", "layouts": ROOT / "layouts", "kernels": ROOT / "kernels",
-            "checkpoint": CORE / "checkpoint", "testing": CORE / "testing"}  # units of the layer block
-SUBPACKAGE_ROWS = ("layouts/pipeline/", "dtensor_plus/checkpoint/", "dtensor_plus/testing/")
+            "checkpoint": CORE / "checkpoint", "testing": CORE / "testing",
+            "simulate": CORE / "simulate"}  # units of the layer block
+SUBPACKAGE_ROWS = ("layouts/pipeline/", "dtensor_plus/checkpoint/", "dtensor_plus/testing/", "dtensor_plus/simulate/")
 _FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```$", re.S | re.M)
 _TICKED = re.compile(r"`([^`]+)`")
 _LAYER = re.compile(r"^(\d+)\.\s+[^:]+:\s+(.+)$")

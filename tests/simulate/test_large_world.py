@@ -1,0 +1,88 @@
+"""A world far larger than this machine: rank 5 of 1024 (dp 128 x tp 8 with sp, ZeRO-3) of a GPT 4096 wide runs
+its forward, backward and optimizer step on the meta device (a few seconds), and what it reports follows from
+the layout."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import programs  # noqa: E402
+from gpt import GPTConfig  # noqa: E402
+
+from dtensor_plus.simulate import SimulationValueError, simulated_world  # noqa: E402
+
+DP, TP = 128, 8
+CONFIG = GPTConfig(vocab_size=32768, block_size=2048, num_layers=2, num_heads=32, dim=4096)
+
+
+def _simulate_large():
+    programs.LAYOUTS["dp128 x tp8+sp zero-3"] = (dict(dp=DP, tp=TP, sp=True, zero=3), {})
+    try:
+        return programs.simulated("dp128 x tp8+sp zero-3", DP * TP, 5, CONFIG, batch=DP)
+    finally:
+        del programs.LAYOUTS["dp128 x tp8+sp zero-3"]
+
+
+F32, D, V, T, L = 4, CONFIG.dim, CONFIG.vocab_size, CONFIG.block_size, CONFIG.num_layers
+BLOCK = 12 * D * D + 13 * D  # q, k, v, proj, fc, out weights and biases, two norms
+WHOLE = L * BLOCK + 2 * V * D + T * D + 2 * D
+
+
+def test_rank_of_a_1024_rank_world_of_a_4096_wide_gpt():
+    step = _simulate_large()
+    # every block's parameters are all-gathered on dp in forward and again in backward: 2 x (dp-1)/dp of the
+    # tp shard, and the tp shard's gradients reduce-scattered once
+    assert step.bytes("all_gather", "dp") == pytest.approx(2 * (DP - 1) / DP * F32 * WHOLE / TP, rel=0.1)
+    assert step.bytes("reduce_scatter", "dp") == pytest.approx((DP - 1) / DP * F32 * WHOLE / TP, rel=0.1)
+    assert step.count("all_gather", "tp") > 0 and step.count("reduce_scatter", "tp") > 0
+    assert step.flops == sum(step.flops_by_module.values()) > 6 * T * WHOLE / TP
+    assert {c.phase for c in step.collectives} == {"forward", "backward"}
+    assert step.memory["activations"] > 0 and step.memory["optimizer"] > 0
+
+
+@pytest.mark.xfail(strict=True, reason="layouts/zero_stage3.py: a ZeRO-3 shard is a view of its whole (tp-local) "
+                   "parameter, so each rank keeps the whole storage alive (real gloo ranks measure the same: "
+                   "tests/simulate/test_exact.py); found by the simulator")
+def test_zero3_rank_holds_only_its_share_of_the_parameters():
+    step = _simulate_large()
+    assert step.memory["parameters"] == pytest.approx(F32 * WHOLE / (TP * DP), rel=0.05)
+
+
+def test_a_value_read_in_a_simulated_world_names_the_problem():
+    import torch
+
+    with simulated_world(8, rank=3):
+        x = torch.ones(4)
+        with pytest.raises(SimulationValueError, match="shapes, not values"):
+            x.sum().item()
+
+
+def test_a_simulated_world_inside_a_real_one_is_refused():
+    import torch.distributed as dist
+
+    with simulated_world(2, rank=1):
+        with pytest.raises(RuntimeError, match="already runs one"):
+            with simulated_world(4, rank=0):
+                pass
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("world_size, rank", [(0, 0), (4, 4), (4, -1)])
+def test_bad_world_or_rank(world_size, rank):
+    with pytest.raises(ValueError, match="simulated_world needs"):
+        with simulated_world(world_size, rank):
+            pass
+
+
+@pytest.mark.xfail(strict=True, reason="ZeRO-3 with tp+sp: each rank's matmuls run on far more rows than its own "
+                   "(1024x at dp 128 x tp 8; 3.5x the ideal at dp 2 x tp 2, where real gloo ranks count the same "
+                   "FLOPs: tests/simulate/test_exact.py); found by the simulator, not yet explained")
+def test_zero3_tp_rank_computes_only_its_share():
+    step = _simulate_large()
+    # this rank's one sequence of T tokens: forward and backward matmuls, 6 x its parameters' share per token,
+    # plus attention
+    assert 6 * T * WHOLE / TP <= step.flops <= 2 * 6 * T * WHOLE / TP
