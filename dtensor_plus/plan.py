@@ -171,7 +171,7 @@ def result(local: torch.Tensor, spec: DTensorSpec) -> DTensor:
     that cannot fire here (a DTensor block: local ops see plain blocks; a rank outside the mesh: its ops never
     run the local op, dispatch._outside_the_mesh) and without requires_grad (autograd sets it on an op's outputs).
     Every op's result is made here, so it is kept in step with ``DTensor.__new__``: the same fields
-    (tests/core/test_dispatch.py compares them)."""
+    (tests/core/test_dispatch_hits.py compares them)."""
     meta = spec.tensor_meta
     r = _make_wrapper_subclass(DTensor, meta.shape, strides=meta.stride, dtype=meta.dtype, device=local.device,
                                layout=local.layout)
