@@ -442,6 +442,8 @@ def fully_shard(
             continue
         check_dp_placement(dt, k, "fully_shard")
         sharded = dt.redistribute(placements=with_placement(dt.placements, k, zero_placement(dt, k)))  # local chunk
+        with torch.no_grad():  # the chunk is a view of the whole: a copy lets the whole's storage go
+            sharded = sharded.detach().clone()
         if offload is not None:
             sharded = on_device(sharded, "cpu", offload.pin_memory)
         sharded = nn.Parameter(sharded, requires_grad=param.requires_grad)

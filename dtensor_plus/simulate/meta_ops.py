@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from types import MappingProxyType
+
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,7 +28,7 @@ from ..dtensor import DTensor
 __all__ = ["LocalFlops", "MetaLocalOps", "MovesStayPut", "SimulationValueError"]
 
 _META = torch.device("meta")
-_READS_VALUE = {torch.ops.aten._local_scalar_dense.default}
+_READS_VALUE = frozenset({torch.ops.aten._local_scalar_dense.default})
 
 
 class SimulationValueError(RuntimeError):
@@ -94,8 +96,8 @@ class MetaLocalOps(LocalFlops):
 
 
 _TO_COPY = torch.ops.aten._to_copy.default
-_NO_CHANGE = {"device": (None, _META), "layout": (None, torch.strided), "pin_memory": (None, False),
-              "memory_format": (None, torch.preserve_format), "non_blocking": (None, False, True)}
+_NO_CHANGE = MappingProxyType({"device": (None, _META), "layout": (None, torch.strided), "pin_memory": (None, False),
+                               "memory_format": (None, torch.preserve_format), "non_blocking": (None, False, True)})
 
 
 def _changes_nothing_on_meta(t, kwargs) -> bool:
