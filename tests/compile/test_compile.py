@@ -14,29 +14,7 @@ import torch.nn as nn
 from dtensor_plus import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel, parallelize_module
 from dtensor_plus.testing import run_on_ranks
-
-
-def _compiled(fn, backend="aot_eager", **kwargs):
-    """``fn`` compiled, with a counter of the graphs Dynamo made and the AOT forward graphs' code."""
-    import torch._dynamo.testing
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    code = []
-
-    def keep(gm, example_inputs):
-        code.append(gm.code)
-        return make_boxed_func(gm)
-
-    inner = aot_autograd(fw_compiler=keep, bw_compiler=keep) if backend == "aot_eager" else backend
-    counter = torch._dynamo.testing.CompileCounterWithBackend(inner)
-    return torch.compile(fn, backend=counter, **kwargs), counter, code
-
-
-def _graph_breaks() -> int:
-    return sum(torch._dynamo.utils.counters["graph_break"].values())
+from dtensor_plus.testing.compiling import counted_compile, graph_breaks
 
 
 # -- a function of DTensors -------------------------------------------------------------------------------------
@@ -60,7 +38,7 @@ def _function_of_dtensors():
     x, w = leaves()
     eager = _program(x, w)
     eager.backward()
-    compiled, counter, code = _compiled(_program, fullgraph=True)
+    compiled, counter, code = counted_compile(_program, keep_code=True, fullgraph=True)
     for _ in range(2):  # the second call must reuse the graph
         cx, cw = leaves()
         out = compiled(cx, cw)
@@ -71,7 +49,7 @@ def _function_of_dtensors():
             assert a.grad.placements == b.grad.placements
             torch.testing.assert_close(a.grad.full_tensor(), b.grad.full_tensor(), rtol=1e-6, atol=1e-6)
     forward = code[0]
-    return counter.frame_count, _graph_breaks(), "_c10d_functional.all_reduce" in forward, "c10d.allreduce_" in forward
+    return counter.frame_count, graph_breaks(), "_c10d_functional.all_reduce" in forward, "c10d.allreduce_" in forward
 
 
 def test_function_of_dtensors_compiles_equal_to_eager():
@@ -98,7 +76,7 @@ def _tensor_parallel_mlp(backend):
     model = _MLP()
     parallelize_module(model, mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
     eager_model = copy.deepcopy(model)
-    compiled, counter, _ = _compiled(model, backend, fullgraph=True)
+    compiled, counter, _ = counted_compile(model, backend, fullgraph=True)
     for step in range(2):
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
         out, eager = compiled(x), eager_model(x)
@@ -108,7 +86,7 @@ def _tensor_parallel_mlp(backend):
         for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
             assert p.grad.placements == q.grad.placements, name
             torch.testing.assert_close(p.grad.full_tensor(), q.grad.full_tensor(), rtol=1e-6, atol=1e-6, msg=name)
-    return counter.frame_count, _graph_breaks()
+    return counter.frame_count, graph_breaks()
 
 
 def test_tensor_parallel_mlp_compiles_equal_to_eager():
@@ -133,13 +111,13 @@ def _from_local_guesses_in_the_graph(rows_per_rank):
     rank = torch.distributed.get_rank()
     x = DTensor.from_local(torch.arange(rows_per_rank[rank] * 2.0).reshape(-1, 2), mesh, [Shard(0)],
                            shape=(sum(rows_per_rank), 2))
-    compiled, counter, _ = _compiled(_guessing_from_local, fullgraph=True)
+    compiled, counter, _ = counted_compile(_guessing_from_local, fullgraph=True)
     try:
         out = compiled(x)
     except RuntimeError as e:
         return str(e)
     torch.testing.assert_close(out, torch.cat([torch.arange(n * 2.0).reshape(-1, 2) for n in rows_per_rank]) * 2)
-    return counter.frame_count, _graph_breaks()
+    return counter.frame_count, graph_breaks()
 
 
 def test_from_local_without_shape_compiles_and_checks_even_blocks_at_run_time():
@@ -158,13 +136,13 @@ def _plain_tensor_joins(differs_on_rank_1):
     plain = torch.full((4, 2), 3.0)
     if differs_on_rank_1 and torch.distributed.get_rank() == 1:
         plain[2, 1] = 4.0
-    compiled, counter, _ = _compiled(_times_plain, fullgraph=True)
+    compiled, counter, _ = counted_compile(_times_plain, fullgraph=True)
     try:
         out = compiled(x, plain)
     except RuntimeError as e:
         return str(e)
     torch.testing.assert_close(out, torch.full((4, 2), 3.0))
-    return counter.frame_count, _graph_breaks()
+    return counter.frame_count, graph_breaks()
 
 
 def test_plain_tensor_joining_compiles_and_checks_values_at_run_time():

@@ -21,6 +21,7 @@ from dtensor_plus import Shard, distribute_module, distribute_tensor, init_devic
 from dtensor_plus.layouts import context_parallel
 from dtensor_plus.placements import StridedShard
 from dtensor_plus.testing import run_on_ranks
+from dtensor_plus.testing.compiling import counted_compile, graph_breaks
 
 B, T, H, HEAD_DIM = 2, 8, 2, 4
 D = H * HEAD_DIM
@@ -39,28 +40,6 @@ class Attention(nn.Module):
         q, k, v = (linear(x).view(b, t, H, HEAD_DIM).transpose(1, 2) for linear in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).contiguous().view(b, t, D))
-
-
-def _compiled(model, **kwargs):
-    """``model`` compiled under aot_eager, with a graph counter and the AOT graphs' code (forward, backward)."""
-    import torch._dynamo.testing
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    code = []
-
-    def keep(gm, example_inputs):
-        code.append(gm.code)
-        return make_boxed_func(gm)
-
-    counter = torch._dynamo.testing.CompileCounterWithBackend(aot_autograd(fw_compiler=keep, bw_compiler=keep))
-    return torch.compile(model, backend=counter, **kwargs), counter, code
-
-
-def _graph_breaks() -> int:
-    return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
 def _close(a, b, what):
@@ -100,13 +79,13 @@ def _context_parallel_attention(kind, load_balance):
     torch.manual_seed(0)
     model = distribute_module(Attention(), mesh)
     eager_model = copy.deepcopy(model)
-    compiled, counter, code = _compiled(model, fullgraph=True)
+    compiled, counter, code = counted_compile(model, keep_code=True, fullgraph=True)
     placements = [StridedShard(1, 1, zigzag=True)] if load_balance else [Shard(1)]
     counts = _steps(compiled, model, eager_model, mesh, placements,
                     lambda: context_parallel("cp", kind, load_balance=load_balance))
     eager_moves = counts.count("ring_shift" if kind == "ring" else "all_to_all", "cp")
     traced_moves = [graph.count("_c10d_functional.all_to_all_single") for graph in code]  # forward, backward
-    return counter.frame_count, _graph_breaks(), len(code), sum(traced_moves), eager_moves
+    return counter.frame_count, graph_breaks(), len(code), sum(traced_moves), eager_moves
 
 
 @pytest.mark.parametrize("kind, load_balance", [("ring", False), ("ulysses", False),

@@ -25,25 +25,13 @@ from dtensor_plus import DTensor
 from dtensor_plus.layouts import ZeroRedundancyOptimizer, loss_parallel, parallelize_module
 from dtensor_plus.layouts.data import replicate, shard_batch
 from dtensor_plus.testing import run_on_ranks
+from dtensor_plus.testing.compiling import counted_compile, graph_breaks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from gpt import GPT, GPTConfig, tp_plan  # noqa: E402
 
 V, T, B, STEPS = 64, 8, 4, 3
-
-
-def _counted_compile(model):
-    import torch._dynamo.testing
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    return torch.compile(model, backend=counter), counter
-
-
-def _graph_breaks() -> int:
-    return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
 def _full(t):
@@ -113,9 +101,9 @@ def _gpt_compiled_equals_eager(layouts):
         model, opt, place, ctx = _gpt_placed(layout, world)
         eager = _steps(model, opt, place, ctx, sync)
         model, opt, place, ctx = _gpt_placed(layout, world)
-        compiled_model, counter = _counted_compile(model)
+        compiled_model, counter, _ = counted_compile(model)
         _assert_same_steps(_steps(compiled_model, opt, place, ctx, sync), eager)
-        results[layout] = (counter.frame_count, _graph_breaks())
+        results[layout] = (counter.frame_count, graph_breaks())
     return results
 
 
@@ -149,7 +137,7 @@ def _llama_compiled_equals_eager(sequence_parallel: bool):
     torch.manual_seed(0)
     model = llama_tp_plan(transformers.LlamaForCausalLM(config).float(), mesh, sequence_parallel=sequence_parallel)
     twin = copy.deepcopy(model)
-    compiled, counter = _counted_compile(twin)
+    compiled, counter, _ = counted_compile(twin)
     for step in range(STEPS):
         tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(step))
         results = []
@@ -165,7 +153,7 @@ def _llama_compiled_equals_eager(sequence_parallel: bool):
         torch.testing.assert_close(c_loss, e_loss, rtol=1e-6, atol=1e-6)
         for name in e_grads:
             torch.testing.assert_close(c_grads[name], e_grads[name], rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    return counter.frame_count, _graph_breaks()
+    return counter.frame_count, graph_breaks()
 
 
 @pytest.mark.parametrize("sequence_parallel", [pytest.param(False, marks=pytest.mark.slow), True], ids=["tp", "tp+sp"])
@@ -185,7 +173,7 @@ def _dropout_steps(compile_it: bool, strict: bool):
     model = GPT(GPTConfig(vocab_size=V, block_size=T, num_layers=1, num_heads=2, dim=16, dropout=0.2))
     parallelize_module(model, mesh, tp_plan(model.config, sequence_parallel=True))
     dtp.distribute_module(model, mesh)
-    run = _counted_compile(model)[0] if compile_it else model
+    run = counted_compile(model)[0] if compile_it else model
     dtp.manual_seed(5, strict=strict)
     losses = []
     for step in range(2):

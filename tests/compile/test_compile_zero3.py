@@ -15,8 +15,8 @@ import dtensor_plus as dtp
 from dtensor_plus.layouts import fully_shard
 from dtensor_plus.layouts.data import shard_batch
 from dtensor_plus.testing import run_on_ranks
+from dtensor_plus.testing.compiling import counted_compile, graph_breaks
 
-from test_compile import _compiled, _graph_breaks  # noqa: E402  (tests/compile is on sys.path under pytest)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
@@ -39,7 +39,7 @@ def _compiled_equals_eager(batch):
     mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
     eager, eager_opt = _sharded_gpt(mesh)
     model, opt = _sharded_gpt(mesh)
-    compiled, counter, code = _compiled(model, fullgraph=True)  # fullgraph: a graph break raises
+    compiled, counter, code = counted_compile(model, keep_code=True, fullgraph=True)  # fullgraph: a graph break raises
     gen = torch.Generator().manual_seed(1)
     frames = []
     for step in range(STEPS):
@@ -63,7 +63,7 @@ def _compiled_equals_eager(batch):
     # weights (MUST_RECOMPUTE: no gathered whole saved from forward) and reduce-scatters their gradients.
     backward = "".join(code[2:])
     regathers = "_c10d_functional.all_gather_into_tensor" in backward
-    return frames, _graph_breaks(), len(code), regathers, "_c10d_functional.reduce_scatter_tensor" in backward
+    return frames, graph_breaks(), len(code), regathers, "_c10d_functional.reduce_scatter_tensor" in backward
 
 
 def test_fully_shard_gpt_compiles_equal_to_eager():
