@@ -102,6 +102,10 @@ class TopKRouter(nn.Module):
             (Switch), so the router still learns through the gate.
     """
 
+    # Its statistics (aux and z losses, the load) are over the global batch: a layout that computes on each rank's
+    # rows (replicate's or fully_shard's local compute, when the router is its own unit) leaves it to the DTensor path.
+    _dtp_dtensor_path = True
+
     def __init__(self, dim: int, num_experts: int, top_k: int, *, capacity_factor: float | None = None,
                  jitter: float = 0.0, renormalize: bool = True):
         super().__init__()
