@@ -22,20 +22,10 @@ from dtensor_plus.dispatcher import DISPATCHER
 from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel, parallelize_module
 from dtensor_plus.layouts.data import replicate, shard_batch
 from dtensor_plus.testing import run_on_ranks
+from test_data_parallel import Net  # noqa: E402  (the same small model)
 
 T, D, F_ = 3, 8, 16
 PLAN = {"fc1": ColwiseParallel(use_local_output=False), "fc2": RowwiseParallel(use_local_output=False)}
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(D)
-        self.fc1 = nn.Linear(D, F_)
-        self.fc2 = nn.Linear(F_, D)
-
-    def forward(self, x_BTD):
-        return self.fc2(F.gelu(self.fc1(self.norm(x_BTD))))
 
 
 def _placed(mesh, local_compute=True):

@@ -9,26 +9,15 @@ Legend: B batch, T sequence, D model width, F MLP width.
 import copy
 
 import torch
-from torch import nn
 
 import dtensor_plus as dtp
 from dtensor_plus import DTensor
 from dtensor_plus.layouts.data import replicate, shard_batch
 from dtensor_plus.layouts.data_local import LocalCompute
 from dtensor_plus.testing import run_on_ranks
+from test_data_parallel import Net  # noqa: E402  (the same small model)
 
 T, D, F_ = 3, 8, 16
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(D)
-        self.fc1 = nn.Linear(D, F_)
-        self.fc2 = nn.Linear(F_, D)
-
-    def forward(self, x_BTD):
-        return self.fc2(torch.relu(self.fc1(self.norm(x_BTD))))
 
 
 def _bucket(model):
