@@ -6,7 +6,7 @@
 2. On a miss, the decision: the op's record (op_record.py: its facts, read once) and the rule in force
    (rules.py: reads its arguments by name, returns one ``Sharding`` with any communication declared), or the
    gathering policy where there is no rule or the output shape depends on the data. The outputs' global
-   metadata comes from running the op on meta tensors, once. The decision becomes a ``Plan`` (plan.py),
+   metadata comes from running the op on meta tensors, once. The decision becomes a ``Plan`` (call_plan.py),
    adapted by the combinators of the op's kind: in place and ``out=`` (mutation.py), random draws
    (random.py), several meshes in one foreach op (foreach_meshes.py). It is cached under the rule set in force
    (the dispatcher object, dispatcher.py).
@@ -28,7 +28,7 @@ from .dispatcher import DISPATCHER
 from .dtensor import DTensor
 from .op_record import record_of
 from .placement_tuples import replicated
-from .plan import Plan, replicated_spec
+from .call_plan import Plan, replicated_spec
 from .spec import DTensorSpec, TensorMeta
 
 __all__ = ["dispatch", "clear_cache", "cache_info"]

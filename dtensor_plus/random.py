@@ -27,7 +27,7 @@ import torch
 from . import collectives, traced_collectives
 from .dispatcher import DISPATCHER
 from .placement_tuples import replicated
-from .plan import substitute
+from .call_plan import substitute
 from .redistribute import redistribute_local
 
 __all__ = ["manual_seed", "is_strict", "rng_for", "seeded", "get_rng_state", "set_rng_state"]

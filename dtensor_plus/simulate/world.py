@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch
 
 from .. import collectives, plain_tensors
-from .. import plan as _plan
+from .. import call_plan as _plan
 from ..dispatcher import DISPATCHER
 from .meta_ops import MetaLocalOps, MovesStayPut
 
