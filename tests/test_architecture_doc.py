@@ -33,8 +33,8 @@ DOC = ROOT / "docs" / "architecture.md"
 CORE = ROOT / "dtensor_plus"
 PACKAGES = {"ops": ROOT / "ops", "layouts": ROOT / "layouts", "kernels": ROOT / "kernels",
             "checkpoint": CORE / "checkpoint", "testing": CORE / "testing",
-            "simulate": CORE / "simulate"}  # units of the layer block
-SUBPACKAGE_ROWS = ("layouts/pipeline/", "dtensor_plus/checkpoint/", "dtensor_plus/testing/", "dtensor_plus/simulate/")
+            "simulate": CORE / "simulate", "plan": CORE / "plan"}  # units of the layer block
+SUBPACKAGE_ROWS = ("layouts/pipeline/", "dtensor_plus/checkpoint/", "dtensor_plus/testing/", "dtensor_plus/simulate/", "dtensor_plus/plan/")
 _FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```$", re.S | re.M)
 _TICKED = re.compile(r"`([^`]+)`")
 _LAYER = re.compile(r"^(\d+)\.\s+[^:]+:\s+(.+)$")

@@ -1,0 +1,113 @@
+"""One candidate layout of a training run: how many ways of each parallelism, in which mesh order, and the
+per-step choices (ZeRO stage, microbatches, schedule, recomputation, offload).
+
+A ``ParallelLayout`` is plain data the planner enumerates, the cost model prices and the user reads and edits:
+``mesh_shape()`` is what ``init_device_mesh`` takes, ``intra_node(gpus_per_node)`` says which mesh dims stay
+inside a node (the fastest-changing dims, innermost in ``order``, as ranks are numbered node by node).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+__all__ = ["ParallelLayout", "SCHEDULES", "RECOMPUTE"]
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+RECOMPUTE = ("none", "selective", "full")
+_DIMS = ("pp", "dp", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """dp x tp x pp x cp ranks (ep: experts sharded over an ep-sized part of dp, MoE models only).
+
+    zero: 0 plain data parallelism, 1 optimizer state sharded over dp, 2 plus gradients, 3 plus parameters.
+    micro_batch_size: sequences per microbatch on one dp rank; the global batch sets the microbatch count.
+    schedule / virtual_stages: the pipeline schedule (``layouts.pipeline`` names) and model chunks per pp rank.
+    recompute: "none", "selective" (the attention core, Korthikanti et al.) or "full" (each layer's forward).
+    offload: optimizer state and its step on the host. order: mesh dims outermost first (``tp`` innermost keeps
+    its per-layer collectives on NVLink).
+    """
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    zero: int = 0
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    recompute: str = "none"
+    offload: bool = False
+    order: tuple[str, ...] = _DIMS
+
+    def __post_init__(self):
+        for name in ("dp", "tp", "pp", "cp", "ep", "micro_batch_size", "virtual_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ParallelLayout.{name} must be a positive int, got {value!r}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"ParallelLayout.zero must be 0, 1, 2 or 3, got {self.zero!r}")
+        if self.zero and self.dp == 1:
+            raise ValueError(f"zero={self.zero} shards over the dp mesh dim and needs dp > 1; set dp or zero=0")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("sequence_parallel=True needs tp > 1: it shards the sequence on the tp mesh dim")
+        if self.dp % self.ep:
+            raise ValueError(f"ep({self.ep}) must divide dp({self.dp}): experts are sharded over part of dp")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.virtual_stages > 1 and self.schedule != "interleaved_1f1b":
+            raise ValueError("virtual_stages > 1 needs schedule='interleaved_1f1b'")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
+        if sorted(self.order) != sorted(_DIMS):
+            raise ValueError(f"order must be a permutation of {_DIMS}, got {self.order!r}")
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    def size(self, mesh_dim: str) -> int:
+        return getattr(self, mesh_dim)
+
+    def mesh_shape(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """(names, sizes) of the mesh dims of size > 1, outermost first: ``init_device_mesh("cuda", sizes,
+        mesh_dim_names=names)``. A one-rank layout is the mesh ("dp",) of size 1."""
+        dims = [(name, self.size(name)) for name in self.order if self.size(name) > 1]
+        names, sizes = zip(*dims) if dims else (("dp",), (1,))
+        return tuple(names), tuple(sizes)
+
+    def intra_node(self, gpus_per_node: int) -> dict[str, bool]:
+        """{mesh dim: whether its groups stay inside one node}: ranks are numbered node by node, so a dim's group
+        is inside a node when its size times the sizes of every dim inside it fits in ``gpus_per_node``."""
+        out, inner = {}, 1
+        for name in reversed(self.order):
+            inner *= self.size(name)
+            out[name] = inner <= gpus_per_node
+        return out
+
+    def microbatches(self, global_batch: int) -> int:
+        """Microbatches per step on each pipeline: global_batch / (dp x micro_batch_size), which must divide."""
+        per_replica = self.dp * self.micro_batch_size
+        if global_batch % per_replica:
+            raise ValueError(f"global batch {global_batch} does not divide into dp({self.dp}) x "
+                             f"micro_batch_size({self.micro_batch_size}) = {per_replica}")
+        return global_batch // per_replica
+
+    def replace(self, **changes) -> ParallelLayout:
+        return replace(self, **changes)
+
+    def __str__(self) -> str:
+        sizes = " ".join(f"{n}{self.size(n)}" for n in self.order if self.size(n) > 1) or "1 rank"
+        extras = [f"ep{self.ep}"] if self.ep > 1 else []
+        extras += ["sp"] if self.sequence_parallel else []
+        extras += [f"zero-{self.zero}"] if self.zero else []
+        if self.pp > 1:
+            extras.append(self.schedule + (f"(v{self.virtual_stages})" if self.virtual_stages > 1 else ""))
+        extras += [f"mbs{self.micro_batch_size}"]
+        extras += [f"recompute-{self.recompute}"] if self.recompute != "none" else []
+        extras += ["offload"] if self.offload else []
+        return " ".join([sizes, *extras])
+
