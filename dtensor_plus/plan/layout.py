@@ -4,6 +4,8 @@ per-step choices (ZeRO stage, microbatches, schedule, recomputation, offload).
 A ``ParallelLayout`` is plain data the planner enumerates, the cost model prices and the user reads and edits:
 ``mesh_shape()`` is what ``init_device_mesh`` takes, ``intra_node(gpus_per_node)`` says which mesh dims stay
 inside a node (the fastest-changing dims, innermost in ``order``, as ranks are numbered node by node).
+``problems(...)`` says why a layout cannot run a given model / world / batch (the planner's cheapest prune),
+``to_train_gpt_flags(global_batch)`` is the command line of ``examples/train_gpt.py`` that runs it.
 """
 
 from __future__ import annotations
@@ -95,6 +97,76 @@ class ParallelLayout:
             raise ValueError(f"global batch {global_batch} does not divide into dp({self.dp}) x "
                              f"micro_batch_size({self.micro_batch_size}) = {per_replica}")
         return global_batch // per_replica
+
+    def problems(self, *, world: int | None = None, num_layers: int | None = None, num_heads: int | None = None,
+                 seq_len: int | None = None, global_batch: int | None = None, experts: int | None = None) -> list[str]:
+        """Why this layout cannot run that model on that world with that batch: one sentence per reason, naming
+        the sizes and the fix; empty when it can. Only the facts given are checked."""
+        out = []
+        if world is not None and self.world != world:
+            out.append(f"dp({self.dp}) x tp({self.tp}) x pp({self.pp}) x cp({self.cp}) = {self.world} ranks, "
+                       f"not the {world} given")
+        if num_heads is not None and num_heads % self.tp:
+            out.append(f"{num_heads} heads do not divide over tp({self.tp}): tp shards whole heads")
+        if num_layers is not None and num_layers % (self.pp * self.virtual_stages):
+            out.append(f"{num_layers} layers do not divide into pp({self.pp}) x virtual_stages({self.virtual_stages})"
+                       f" = {self.pp * self.virtual_stages} equal stages")
+        if seq_len is not None and seq_len % self.cp:
+            out.append(f"sequence length {seq_len} does not divide over cp({self.cp})")
+        if global_batch is not None:
+            per_replica = self.dp * self.micro_batch_size
+            if global_batch % per_replica:
+                out.append(f"global batch {global_batch} does not divide into dp({self.dp}) x "
+                           f"micro_batch_size({self.micro_batch_size}) = {per_replica}")
+            elif self.schedule == "interleaved_1f1b" and self.pp > 1 and (global_batch // per_replica) % self.pp:
+                out.append(f"interleaved_1f1b needs the microbatches ({global_batch // per_replica}) to be a "
+                           f"multiple of pp({self.pp})")
+        if experts is not None:
+            if self.ep > 1 and (not experts or experts % self.ep):
+                out.append(f"ep({self.ep}) must divide the {experts} experts")
+        return out
+
+    def check(self, **facts) -> ParallelLayout:
+        """``problems(**facts)`` as a ValueError (all of them at once); returns self when there are none."""
+        found = self.problems(**facts)
+        if found:
+            raise ValueError(f"layout {self} cannot run: " + "; ".join(found))
+        return self
+
+    def to_train_gpt_flags(self, global_batch: int) -> list[str]:
+        """The ``examples/train_gpt.py`` flags that run this layout with ``global_batch`` sequences a step.
+
+        train_gpt runs dp / tp / sp / zero / cp, or a pipeline (``--pp``, ``--schedule``, ``--microbatches``;
+        interleaved with 2 stages per rank) composed with dp / tp / sp / zero. What it has no flag for (ep,
+        recomputation, offload, other virtual stage counts, a mesh order other than pp outermost then dp,
+        tp, cp) is an error naming the field, not a silently different run."""
+        missing = []
+        if self.ep > 1:
+            missing.append(f"ep={self.ep} (train_gpt's --moe shards experts over all of dp)")
+        if self.recompute != "none":
+            missing.append(f"recompute={self.recompute!r}")
+        if self.offload:
+            missing.append("offload=True")
+        if self.pp > 1 and self.cp > 1:
+            missing.append("pp with cp")
+        if self.pp > 1 and self.schedule == "interleaved_1f1b" and self.virtual_stages != 2:
+            missing.append(f"virtual_stages={self.virtual_stages} (train_gpt interleaves 2 stages per rank)")
+        if self.mesh_shape()[0] != tuple(n for n in ("pp", "dp", "tp", "cp") if self.size(n) > 1):
+            missing.append(f"order={self.order} (train_gpt's mesh is pp, dp, tp, cp outermost first)")
+        if missing:
+            raise ValueError(f"examples/train_gpt.py cannot run {self}: it has no flag for " + ", ".join(missing))
+        flags = ["--dp", str(self.dp), "--tp", str(self.tp)]
+        flags += ["--sp"] if self.sequence_parallel else []
+        flags += ["--zero", str(self.zero)]
+        flags += ["--cp", str(self.cp)] if self.cp > 1 else []
+        if self.pp > 1:
+            flags += ["--pp", str(self.pp), "--schedule", self.schedule,
+                      "--microbatches", str(self.microbatches(global_batch))]
+        elif self.microbatches(global_batch) != 1:
+            raise ValueError(f"examples/train_gpt.py runs each rank's whole batch at once without --pp: "
+                             f"micro_batch_size must be global_batch / dp = {global_batch // self.dp}, "
+                             f"not {self.micro_batch_size}")
+        return flags + ["--batch-size", str(global_batch)]
 
     def replace(self, **changes) -> ParallelLayout:
         return replace(self, **changes)
