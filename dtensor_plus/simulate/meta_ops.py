@@ -8,11 +8,17 @@ Device: an op asked for on the cpu (a factory's ``device=``, ``to("cpu")``) runs
 factory: a scalar, an optimizer's step count, stays real and readable), and a real cpu tensor (a token batch, a buffer made before the world) meeting a meta one is moved to meta first. Nothing is
 allocated, so a 70B-parameter model builds in seconds.
 
-FLOPs: torch.utils.flop_counter's formulas (matmuls, convolutions, attention), by op, while ``counting``.
+FLOPs: torch.utils.flop_counter's formulas (matmuls, convolutions, attention), by op, while ``counting``. The
+dispatcher decides a plan by running the op on meta tensors of the global shapes (dispatch.py's ``_make_plan``,
+``_run_on_meta``): that is shape propagation, not this rank's work, and is not counted (``planning_uncounted``).
+Counted, it made every layout's first step look like each rank also ran the whole global op once per plan (the
+"ZeRO-3 with tp+sp computes on more rows than its share" of the simulator's first version: more plans, more
+global matmuls counted; nothing the ranks really computed).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 from types import MappingProxyType
@@ -23,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
 
+from .. import dispatch
 from ..dtensor import DTensor
 
 __all__ = ["LocalFlops", "MetaLocalOps", "MovesStayPut", "SimulationValueError"]
@@ -51,6 +58,27 @@ class LocalFlops(TorchDispatchMode):
             return NotImplemented  # DTensor dispatch runs the local op on the blocks, back through this mode
         kwargs = kwargs or {}
         return self._count(func, args, kwargs, func(*args, **kwargs))
+
+    @contextlib.contextmanager
+    def planning_uncounted(self):
+        """For the block: ops the dispatcher runs to decide a plan (on meta tensors of the global shapes) are not
+        counted; the local ops of the plan it then runs are."""
+        originals = dispatch._make_plan, dispatch._run_on_meta
+
+        def paused(function):
+            def run(*args, **kwargs):
+                counting, self.counting = self.counting, False
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    self.counting = counting
+            return run
+
+        dispatch._make_plan, dispatch._run_on_meta = (paused(f) for f in originals)
+        try:
+            yield
+        finally:
+            dispatch._make_plan, dispatch._run_on_meta = originals
 
     def _count(self, func, args, kwargs, out):
         if self.counting:

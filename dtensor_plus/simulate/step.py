@@ -9,6 +9,7 @@ planner reads (no printing, no hardware assumptions here).
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -97,7 +98,7 @@ def _record_step(step, models, optimizers, mode, world_size, rank) -> SimulatedS
     tracker = ModuleTracker()
     saved = SavedTensorTracker(skip_keys=params)
     recorder = _Recorder(tracker)
-    with tracker:
+    with tracker, (mode.planning_uncounted() if mode is not None else contextlib.nullcontext()):
         DISPATCHER.comm_counters.append(recorder)
         if mode is not None:
             mode.counting, mode.module_of = True, tracker.current

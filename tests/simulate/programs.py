@@ -22,6 +22,7 @@ BATCH = 4
 
 # name -> (Layout fields, GPTConfig changes)
 LAYOUTS = {
+    "one device": (dict(), {}),
     "dp": (dict(dp=2), {}),
     "zero-1": (dict(dp=2, zero=1), {}),
     "zero-2": (dict(dp=2, zero=2), {}),

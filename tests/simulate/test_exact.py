@@ -48,6 +48,12 @@ def _check_layout(name: str) -> None:
     real = run_on_ranks(world, programs.measured, name, timeout=120)
     for rank in (0, world - 1):
         _check_equal(name, rank, programs.simulated(name, world, rank), real[rank])
+    if "cp" not in name:
+        # dp splits the rows and tp every matmul and the heads evenly: a real rank computes exactly its share of
+        # the one-device step (causal ring attention does not split evenly over cp). This caught the FLOP count
+        # taking the dispatcher's shape propagation (global shapes, on meta) for a rank's work.
+        whole = programs.simulated("one device", 1, 0).flops
+        assert [r.flops * world for r in real] == [whole] * world, (name, whole, [r.flops for r in real])
 
 
 @pytest.mark.parametrize("name", TWO_RANKS)
