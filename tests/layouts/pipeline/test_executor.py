@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dtensor_plus as dtp
-from dtensor_plus.layouts.pipeline import PipelineSchedule, PipelineStage, build_schedule, pipeline_step
+from dtensor_plus.layouts.pipeline import Kind, PipelineSchedule, PipelineStage, build_schedule, pipeline_step
 from dtensor_plus.layouts.pipeline.backward import backward_input, backward_weight
 from dtensor_plus.layouts.pipeline.schedules import SCHEDULES
 from dtensor_plus.testing import run_on_ranks
@@ -79,8 +79,17 @@ def _check_schedule(name, m):
     if schedule.num_stages - 1 in grads:
         assert len(losses) == m
         torch.testing.assert_close(torch.stack(losses).mean(), want_loss, **TOL)
-    # The timeline holds every action of this rank, in the schedule's order.
-    assert [e.action for e in timeline] == list(schedule.actions[torch.distributed.get_rank()])
+    # The timeline holds every action of this rank once, compute and sends in the schedule's order; a receive is
+    # recorded over its wait, right before the compute action that consumes it.
+    mine = list(schedule.actions[torch.distributed.get_rank()])
+    assert sorted(map(repr, (e.action for e in timeline))) == sorted(map(repr, mine))
+    not_recv = [a for a in mine if a.kind not in (Kind.RECV_F, Kind.RECV_B)]
+    assert [e.action for e in timeline if e.action.kind not in (Kind.RECV_F, Kind.RECV_B)] == not_recv
+    for i, e in enumerate(timeline):
+        if e.action.kind in (Kind.RECV_F, Kind.RECV_B):
+            consumer = timeline[i + 1].action
+            assert (consumer.stage, consumer.microbatch) == (e.action.stage, e.action.microbatch), (e, consumer)
+            assert consumer.kind in ((Kind.F,) if e.action.kind is Kind.RECV_F else (Kind.B, Kind.BW)), (e, consumer)
     assert all(e.end >= e.start for e in timeline)
     # compute actions carry their thread CPU time (the benchmark's oversubscription figure); messages do not
     assert all(e.cpu is not None and e.cpu >= 0 for e in timeline if e.action.kind.is_compute)
