@@ -8,7 +8,8 @@ token's expert outputs:
 1. flatten the (token, slot) assignments, drop the ones a full expert refused, and stably sort them by expert
    (rows of one expert become contiguous; ties keep token order);
 2. count rows per expert and exchange the counts (an all-to-all of E ints), so every rank knows what it
-   receives from each peer;
+   receives from each peer (in a simulated world, which has no values, the counts are the routing it assumes:
+   ``dtensor_plus.simulate.SimulatedWorld.expert_counts``; the exchange is issued all the same);
 3. all-to-all the rows with those split sizes; rows arrive ordered by (source rank, expert), and a local
    permutation makes each local expert's rows contiguous (ordered by (expert, source rank));
 4. run the experts (grouped GEMM), undo the permutation, all-to-all back with the splits swapped;
@@ -30,6 +31,7 @@ import torch
 
 from dtensor_plus.collectives import AllToAllSplits, all_to_all_splits
 from dtensor_plus.renamed import renamed_keywords
+from dtensor_plus.simulate import current_world
 
 __all__ = ["dispatch_combine"]
 
@@ -59,7 +61,9 @@ def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: 
     counts_E = torch.bincount(expert_A, minlength=num_experts)
     rows_AD = x_ND[token_A]
     if mesh is None or ep_mesh_dim is None or mesh.size(ep_mesh_dim) == 1:
-        out_AD = experts(rows_AD, counts_E)
+        simulated = current_world()
+        out_AD = experts(rows_AD, counts_E if simulated is None else  # a simulated world has no routing values
+                         simulated.expert_counts(0, 1, rows_AD.shape[0], num_experts))
     else:
         out_AD = _exchange(rows_AD, counts_E, experts, mesh, ep_mesh_dim)
     return x_ND.new_zeros(x_ND.shape).index_add(0, token_A, out_AD * gate_A.unsqueeze(-1))
@@ -69,13 +73,31 @@ def _exchange(rows_AD, counts_E, experts, mesh, ep_mesh_dim: int) -> torch.Tenso
     """Rows (grouped by expert) to their experts' ranks, through ``experts``, and back in the same order."""
     n = mesh.size(ep_mesh_dim)
     L = counts_E.numel() // n
-    # NOTE: .tolist() is a device-to-host sync: c10d needs the split sizes on the host.
-    send_splits = counts_E.view(n, L).sum(1).tolist()
     recv_counts_nL = all_to_all_splits(counts_E, mesh, ep_mesh_dim, [L] * n, [L] * n).view(n, L)
-    recv_splits = recv_counts_nL.sum(1).tolist()
+    simulated = current_world()
+    if simulated is None:
+        # NOTE: .tolist() is a device-to-host sync: c10d needs the split sizes on the host.
+        send_splits = counts_E.view(n, L).sum(1).tolist()
+        recv_splits = recv_counts_nL.sum(1).tolist()
+        counts_L = recv_counts_nL.sum(0)
+    else:  # the counts are values a simulated world does not have: the routing it assumes gives them
+        send_splits, recv_splits, counts_L = _assumed_splits(simulated, rows_AD.shape[0], counts_E.numel(), mesh,
+                                                             ep_mesh_dim)
     recv_RD = AllToAllSplits.apply(rows_AD, mesh, ep_mesh_dim, send_splits, recv_splits)  # by (source, expert)
-    local_expert_R = torch.arange(L, device=rows_AD.device).repeat(n).repeat_interleave(recv_counts_nL.reshape(-1))
+    local_expert_R = torch.arange(L, device=rows_AD.device).repeat(n).repeat_interleave(
+        recv_counts_nL.reshape(-1), output_size=sum(recv_splits))
     perm_R = torch.argsort(local_expert_R, stable=True)  # by (expert, source)
-    out_RD = experts(recv_RD[perm_R], recv_counts_nL.sum(0))
+    out_RD = experts(recv_RD[perm_R], counts_L)
     back_RD = out_RD[torch.argsort(perm_R)]  # the inverse permutation: back to (source, expert) order
     return AllToAllSplits.apply(back_RD, mesh, ep_mesh_dim, recv_splits, send_splits)
+
+
+def _assumed_splits(world, assignments: int, num_experts: int, mesh, ep_mesh_dim: int):
+    """(send splits, receive splits, rows per local expert) in a simulated world, from the routing it assumes
+    (``SimulatedWorld.expert_counts``) for every ep rank, each routing as many assignments as this one."""
+    n, me = mesh.size(ep_mesh_dim), mesh.get_local_rank(ep_mesh_dim)
+    L = num_experts // n
+    counts = [world.expert_counts(source, n, assignments, num_experts) for source in range(n)]
+    send_splits = [sum(counts[me][j * L:(j + 1) * L]) for j in range(n)]
+    mine_nL = [c[me * L:(me + 1) * L] for c in counts]  # what each source sends my experts
+    return send_splits, [sum(row) for row in mine_nL], [sum(col) for col in zip(*mine_nL)]

@@ -15,7 +15,7 @@ and counting FLOPs; memory.py: state and saved-tensor memory; step.py: the recor
 
 from .meta_ops import SimulationValueError
 from .step import Collective, SimulatedStep, measure_step, simulate_step
-from .world import SimulatedWorld, simulated_world
+from .world import SimulatedWorld, Wire, current_world, simulated_world
 
 __all__ = ["simulated_world", "SimulatedWorld", "simulate_step", "measure_step", "SimulatedStep", "Collective",
-           "SimulationValueError"]
+           "SimulationValueError", "Wire", "current_world"]

@@ -107,6 +107,8 @@ class MetaLocalOps(LocalFlops):
             kwargs = dict(kwargs, device=_META)
         if _has_meta(args, kwargs):
             args, kwargs = tree_map(_to_meta, (args, kwargs))
+        if func is _BINCOUNT and args[0].device.type == "meta":
+            return self._count(func, args, kwargs, _bincount_on_meta(*args, **kwargs))
         if func is _TO_COPY and _changes_nothing_on_meta(args[0], kwargs):
             # ``t.to("cpu")`` of a cpu tensor is ``t`` itself, no copy: its meta stand-in shares storage too (in
             # backward, where MovesStayPut does not run: autograd does not carry Python function modes there)
@@ -124,6 +126,20 @@ class MetaLocalOps(LocalFlops):
 
 
 _TO_COPY = torch.ops.aten._to_copy.default
+_BINCOUNT = torch.ops.aten.bincount.default
+
+
+def _bincount_on_meta(values, weights=None, minlength=0):
+    # Its length is max(minlength, max(values) + 1): a value. With a minlength the simulated world assumes the values
+    # stay below it, as a router's expert indices do (bincount(idx, minlength=E)); without one it cannot know.
+    if minlength <= 0:
+        raise SimulationValueError(
+            "bincount without minlength has no meta kernel: its length is its largest input value plus one, which "
+            "a simulated world does not have; give minlength (e.g. the number of experts)")
+    dtype = (torch.int64 if weights is None else weights.dtype if weights.dtype in (torch.float32, torch.float64)
+             else torch.float64)  # as the cpu kernel: float weights count in float, others in double
+    return torch.empty(minlength, dtype=dtype, device=_META)
+
 _NO_CHANGE = MappingProxyType({"device": (None, _META), "layout": (None, torch.strided), "pin_memory": (None, False),
                                "memory_format": (None, torch.preserve_format), "non_blocking": (None, False, True)})
 

@@ -19,29 +19,104 @@ import contextlib
 import torch.distributed as dist
 
 import torch
+from types import MappingProxyType
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .. import collectives, plain_tensors
 from .. import call_plan as _plan
 from ..dispatcher import DISPATCHER
-from .meta_ops import MetaLocalOps, MovesStayPut
+from .meta_ops import MetaLocalOps, MovesStayPut, SimulationValueError
 
-__all__ = ["simulated_world", "SimulatedWorld"]
+__all__ = ["simulated_world", "SimulatedWorld", "Wire", "current_world"]
 
 
 class SimulatedWorld:
-    """What ``simulated_world`` yields: the world's size, this rank, and the mode that keeps tensors meta
-    (``step.simulate_step`` reads its FLOP counts)."""
+    """What ``simulated_world`` yields: the world's size, this rank, the mode that keeps tensors meta
+    (``step.simulate_step`` reads its FLOP counts), and what the world assumes where a real one reads values
+    other ranks hold (``expert_counts``, ``tie_holders``, ``wire``). ``current_world()`` finds it from a layout."""
 
-    def __init__(self, world_size: int, rank: int, mode: MetaLocalOps):
+    def __init__(self, world_size: int, rank: int, mode: MetaLocalOps, *, expert_load="balanced",
+                 pipeline_ties=None, wire=None):
         self.world_size, self.rank, self.mode = world_size, rank, mode
+        self.expert_load, self.wire = expert_load, wire
+        self.pipeline_ties = None if pipeline_ties is None else MappingProxyType(
+            {key: tuple(pp) for key, pp in pipeline_ties.items()})
+        mode.world = self
 
     def __repr__(self) -> str:
         return f"SimulatedWorld(rank {self.rank} of {self.world_size})"
 
+    def expert_counts(self, source: int, sources: int, assignments: int, num_experts: int) -> list[int]:
+        """How many of the ``assignments`` (token, slot) pairs that ep rank ``source`` of ``sources`` routes go to
+        each expert: the world's assumption, since routing follows the router's values. "balanced": as evenly
+        as possible (the first ``assignments % num_experts`` experts one more), the load a trained router's
+        balancing loss aims at; a callable ``expert_load(source, sources, assignments, num_experts)`` says it
+        itself (a measured load, a skewed one). Every ep rank is assumed to route as many assignments as this
+        one (an even batch split)."""
+        if self.expert_load == "balanced":
+            q, r = divmod(assignments, num_experts)
+            return [q + (e < r) for e in range(num_experts)]
+        counts = [int(c) for c in self.expert_load(source, sources, assignments, num_experts)]
+        if len(counts) != num_experts or sum(counts) != assignments or min(counts) < 0:
+            raise ValueError(f"simulated_world's expert_load({source}, {sources}, {assignments}, {num_experts}) gave "
+                             f"{counts}: it must give {num_experts} non-negative counts summing to {assignments}")
+        return counts
+
+    def tie_holders(self, key: str) -> tuple[int, ...]:
+        """The pp indices of the stages holding the weight tied across stages as ``key`` (``pipeline_ties``):
+        every rank's declarations are exchanged when a real schedule is built, which a simulated rank cannot."""
+        if self.pipeline_ties is None or key not in self.pipeline_ties:
+            raise SimulationValueError(
+                f"this pipeline rank holds a weight tied across stages ({key!r}); which pp ranks hold it is known "
+                f"on a real world by exchanging every rank's declarations. Tell the simulated world: "
+                f"simulated_world(..., pipeline_ties={{{key!r}: [pp indices of the stages holding it]}})")
+        return self.pipeline_ties[key]
+
+
+class Wire:
+    """What the simulated ranks of one world tell each other when simulated one after another (pass one ``Wire``
+    to each ``simulated_world``): a pipeline stage's header (the spec of the activation it sends, which the
+    next stage needs to shape its receive buffers) is posted when the sender is simulated and read when the
+    receiver is. Data moves nowhere: only what a receiver must know to run."""
+
+    def __init__(self):
+        self._posted: dict[tuple[int, int], object] = {}
+
+    def post(self, receiver: int, tag: int, message) -> None:
+        self._posted[receiver, tag] = message
+
+    def read(self, receiver: int, tag: int, sender: int):
+        if (receiver, tag) not in self._posted:
+            raise SimulationValueError(
+                f"rank {receiver} receives a pipeline header (the spec of the activation rank {sender} sends) that no "
+                f"simulated rank posted: simulate rank {sender} first, in a simulated_world(..., wire=w) with the same "
+                f"Wire w, then rank {receiver}")
+        return self._posted[receiver, tag]
+
+
+def current_world() -> SimulatedWorld | None:
+    """The simulated world this code runs in (a layout asks where a real world would read other ranks' values),
+    None on a real world."""
+    for mode in _get_current_dispatch_mode_stack():
+        if isinstance(mode, MetaLocalOps):
+            return mode.world
+    return None
+
 
 @contextlib.contextmanager
-def simulated_world(world_size: int, rank: int = 0):
+def simulated_world(world_size: int, rank: int = 0, *, expert_load="balanced", pipeline_ties=None,
+                    wire: Wire | None = None):
     """Run the block as rank ``rank`` of a ``world_size``-rank world on the fake backend, tensors on meta.
+
+    Where a real rank reads values other ranks hold, the simulated one assumes them, as stated here:
+
+    * ``expert_load``: how tokens route to experts (mixture of experts: the all-to-all split sizes follow the
+      router's values). "balanced" (each ep rank sends each expert an equal share of its assignments) or a
+      callable; see ``SimulatedWorld.expert_counts``. ``tests/simulate`` checks it exactly against real ranks
+      whose router is forced to the same routing.
+    * ``pipeline_ties``: ``{key: pp indices}`` for weights tied across pipeline stages held by this rank.
+    * ``wire``: a ``Wire`` shared by the simulations of a pipeline's ranks, simulated in pp order (each stage
+      learns its input's spec from the header the previous stage posted).
 
     Example (a 1024-rank world, rank 5)::
 
@@ -62,7 +137,8 @@ def simulated_world(world_size: int, rank: int = 0):
     dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
     try:
         with _plain_tensors_assumed_same(), _dtensors_on_program_device(), MovesStayPut(), MetaLocalOps() as mode:
-            yield SimulatedWorld(world_size, rank, mode)
+            yield SimulatedWorld(world_size, rank, mode, expert_load=expert_load, pipeline_ties=pipeline_ties,
+                                 wire=wire)
     finally:
         _forget_fake_groups()
         dist.destroy_process_group()

@@ -5,6 +5,7 @@ real gloo world and in a simulated one."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -46,6 +47,8 @@ def build(name: str, config=None, batch: int = BATCH):
     config = (config or PRESETS["debug"]).replace(**changes)
     torch.manual_seed(0)
     model = GPT(config)
+    if config.moe_experts:
+        route_balanced(model)
     mesh = make_mesh(layout)
     place_model(model, mesh, layout)
     opt = make_optimizer(model, mesh, layout, 1e-3)
@@ -61,6 +64,24 @@ def build(name: str, config=None, batch: int = BATCH):
         opt.step()
 
     return one_step, model, opt
+
+
+def route_balanced(model) -> None:
+    """Every router of ``model`` routes token n of its rank's rows to experts n, n+1, ..., n+k-1 (mod E): each
+    expert gets an equal share of every rank's assignments when E divides them, the routing a simulated world
+    assumes by default (``expert_load="balanced"``). A real run routes by value; this forces the value, so the
+    real ranks and the simulated one route alike and their all-to-alls can be compared exactly."""
+    from dtensor_plus.layouts.moe_router import TopKRouter
+
+    def balanced(router, inputs, routing):
+        N, K = routing.expert_idx_NK.shape
+        device = routing.expert_idx_NK.device
+        idx_NK = (torch.arange(N, device=device)[:, None] + torch.arange(K, device=device)) % router.num_experts
+        return dataclasses.replace(routing, expert_idx_NK=idx_NK)
+
+    for module in model.modules():
+        if isinstance(module, TopKRouter):
+            module.register_forward_hook(balanced)
 
 
 def measured(name: str):
