@@ -79,8 +79,11 @@ class Plan:
         if self.inplace:
             return dtensors[0] if self.out_specs else None  # None: an in-place foreach op returns ()
         wrapped = self._wrap(out, dtensors)
-        if self.view and (views.moves_data(self) or getattr(args[0], views.MARK, None) is not None):
-            views.note_view(wrapped, self.aten_func, args, kwargs)
+        if self.view:
+            if views.moves_data(self):
+                views.note_view(wrapped, self.aten_func, args, kwargs)
+            else:
+                _note_aliasing_view(wrapped, out, self, args, kwargs)
         return wrapped
 
     def _wrap(self, out, dtensors):
@@ -127,11 +130,18 @@ class Plan:
         returns_self = bool(specs)  # an in-place foreach op returns nothing
         mark = views.MARK
         note_always = view and views.moves_data(self)  # the view's blocks are fresh memory: every result is noted
+        # A local op declared views.aliasing may copy on this rank only (views.copied says so): a rank-local mark.
+        may_copy, copied = single is not None and getattr(func, "aliases_block", False), views.COPIED
         wrap = self._wrap
 
         def run(args, kwargs, dtensors):
-            if inplace and getattr(args[0], mark, None) is not None:
-                return views.write_through(aten_func, args, kwargs)  # into a view whose block is not a view of its base's
+            local_copy = None
+            if inplace:
+                marked = getattr(args[0], mark, None)
+                if marked is not None:
+                    if type(marked) is not views.LocalCopy:  # a view whose block is not a view of its base's
+                        return views.write_through(aten_func, args, kwargs)
+                    local_copy = args[0]  # this rank's block is a copy: written here, then copied back
             local_args = list(args)
             for position, dt in zip(positions, dtensors):
                 local_args[position] = dt._local_tensor
@@ -147,6 +157,8 @@ class Plan:
             else:
                 out = call(*local_args, **kwargs) if kwargs else call(*local_args)
             if inplace:
+                if local_copy is not None:
+                    views.copy_back(local_copy)
                 return dtensors[0] if returns_self else None
             if single is not None:
                 wrapped = result(out, single)
@@ -154,8 +166,15 @@ class Plan:
                 wrapped = tuple(map(result, out, specs))
             else:
                 wrapped = wrap(out, dtensors)
-            if view and (note_always or getattr(args[0], mark, None) is not None):
-                views.note_view(wrapped, aten_func, args, kwargs)
+            if view:
+                if note_always:
+                    views.note_view(wrapped, aten_func, args, kwargs)
+                else:
+                    marked = getattr(args[0], mark, None)
+                    if marked is not None:
+                        views.note_view_of(wrapped, aten_func, args, kwargs, marked)
+                    elif may_copy and getattr(out, copied, None) is not None:
+                        setattr(wrapped, mark, views.LocalCopy(args[0], getattr(out, copied), out))
             return wrapped
 
         return run
@@ -164,6 +183,18 @@ class Plan:
     def communicates(self) -> bool:
         """Can a call of this plan issue a collective (an input move or declared communication)?"""
         return self.comm is not None or any(t is not None for t in self.input_targets)
+
+
+def _note_aliasing_view(wrapped, out, plan, args, kwargs) -> None:
+    """The marks of a view made by a plan that moves no data: a view of a marked view is marked in turn
+    (views.note_view_of), and a block the local op had to copy on this rank (views.copied) is a LocalCopy."""
+    marked = getattr(args[0], views.MARK, None)
+    if marked is not None:
+        views.note_view_of(wrapped, plan.aten_func, args, kwargs, marked)
+    elif isinstance(out, torch.Tensor) and getattr(plan.func, "aliases_block", False):
+        source = getattr(out, views.COPIED, None)
+        if source is not None:
+            setattr(wrapped, views.MARK, views.LocalCopy(args[0], source, out))
 
 
 def result(local: torch.Tensor, spec: DTensorSpec) -> DTensor:

@@ -305,8 +305,14 @@ def _entry(func, plan, dtensors):
     body = direct or plan.run
 
     def run(args, kwargs, dtensors):
-        if inplace and dtensors and getattr(args[0], views.MARK, None) is not None:
-            return views.write_through(func, args, kwargs)  # into a view whose block is not a view of its base's
+        local_copy = None
+        if inplace and dtensors:
+            marked = getattr(args[0], views.MARK, None)
+            if marked is not None:
+                if type(marked) is not views.LocalCopy:  # a view whose block is not a view of its base's
+                    return views.write_through(func, args, kwargs)
+                if body is not direct:  # (the direct closure copies back itself)
+                    local_copy = args[0]  # this rank's block is a copy: written here, then copied back
         # The op being run, for divergence and failure reports and comm_mode's by_op (formatted only there).
         op_stack = _D.op_stack
         op_stack.append((func, dtensors))
@@ -315,9 +321,12 @@ def _entry(func, plan, dtensors):
                 specs = [dt._spec for dt in dtensors]
                 explicit.check_input_moves(func, specs, getattr(plan, "input_targets", ()))
                 explicit.check_declared(func, specs, getattr(plan, "comm", None))
-            return body(args, kwargs, dtensors)
+            out = body(args, kwargs, dtensors)
         finally:
             op_stack.pop()
+        if local_copy is not None:
+            views.copy_back(local_copy)
+        return out
 
     if type(plan) is random.SeededPlan and type(plan.plan) is Plan and not plan.plan.communicates:
         # sdpa, dropout: a call that draws no random numbers (dropout_p == 0) is its plan without the draw.

@@ -6,6 +6,14 @@ the view and never reach its base: a silently wrong value. This module remembers
 made; a write into one is done out of place and scattered back into the base by the view's inverse
 (``diagonal_scatter``, ``select_scatter``, ``slice_scatter``, ``as_strided_scatter``, a reshape back), then the view is taken again.
 A view with no known inverse raises instead.
+
+Those marks are decided from the plan alone, so every rank takes the same (collective) write-through. One case is
+rank-local: a view op whose local op is a view of the block, or, where this rank's block strides admit no view,
+a reshaped copy (ops/views.py's ``view``). Whether it copied depends on this rank's block, so it is not decided
+from the plan: the local op marks the copy (``copied``), the dispatcher notes the view as a ``LocalCopy`` on that
+rank only, and a write into it runs the ordinary in-place plan (the same collectives on every rank) and then
+copies the block back into the base's block on this rank (``copy_back``), with no communication. A view of
+such a view is a ``LocalCopy`` with nothing to copy, so a write through it reaches the base too.
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ import torch
 
 from .op_record import record_of
 
-__all__ = ["moves_data", "note_view", "write_through"]
+__all__ = ["moves_data", "aliasing", "copied", "note_view", "note_view_of", "LocalCopy", "copy_back", "write_through"]
 
 MARK = "_dtensor_plus_unaliased"  # on DTensors whose block does not alias their base's: (base, view op, args)
+COPIED = "_dtensor_plus_copied_from"  # on a plain block a view's local op had to copy: the block it copied
 _aten = torch.ops.aten
 # The view op's inverse: (base, new value of the view, the view op's own arguments) -> the new base.
 _INVERSES = {
@@ -51,8 +60,35 @@ def _inverse_permutation(dims, ndim: int) -> list[int]:
     return inverse
 def moves_data(plan) -> bool:
     """Does this plan of a view op leave its output's blocks not views of the input's blocks? Decided from the
-    plan alone (the same on every rank), never from a rank's own block, which may be empty on one rank only."""
-    return plan.fallback or plan.input_targets[0] is not None or plan.func is not plan.aten_func
+    plan alone (the same on every rank), never from a rank's own block, which may be empty on one rank only.
+    A local op declared ``aliasing`` does not move data: its result is a view of the block, or a copy it marks."""
+    return (plan.fallback or plan.input_targets[0] is not None
+            or (plan.func is not plan.aten_func and not getattr(plan.func, "aliases_block", False)))
+
+
+def aliasing(local_op):
+    """Declare that a view op's local op returns a view of its input block, or a copy marked by ``copied``."""
+    local_op.aliases_block = True
+    return local_op
+
+
+def copied(copy: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Mark ``copy``, the local result of a view op, as a copy of ``block`` (this rank's strides admit no view)."""
+    setattr(copy, COPIED, block)
+    return copy
+
+
+class LocalCopy:
+    """The mark of a view whose block on this rank is a reshaped copy of its base's block (``source`` set), or a
+    view of such a view's block (``source`` None). The copy's geometry is kept, so an in-place view op on the view
+    (``t_``) does not change how it is copied back."""
+
+    __slots__ = ("base", "source", "copy", "shape", "stride", "offset")
+
+    def __init__(self, base, source=None, copy=None):
+        self.base, self.source, self.copy = base, source, copy
+        if copy is not None:
+            self.shape, self.stride, self.offset = copy.shape, copy.stride(), copy.storage_offset()
 
 
 def note_view(out, func, args, kwargs) -> None:
@@ -60,6 +96,26 @@ def note_view(out, func, args, kwargs) -> None:
     blocks are not views of its blocks: with how they were made, for ``write_through``."""
     for view in out if isinstance(out, (list, tuple)) else (out,):
         setattr(view, MARK, (args[0], func, args[1:], kwargs) if view is out else (args[0], None, (), {}))
+
+
+def note_view_of(out, func, args, kwargs, marked) -> None:
+    """``out``'s views of ``args[0]``, a view marked ``marked``, made by a plan that moves no data: views of a
+    rank-local copy stay rank-local (``LocalCopy``: their blocks alias it), others are noted as ``note_view``."""
+    if type(marked) is not LocalCopy:
+        return note_view(out, func, args, kwargs)
+    for view in out if isinstance(out, (list, tuple)) else (out,):
+        setattr(view, MARK, LocalCopy(args[0]))
+
+
+def copy_back(view) -> None:
+    """After an in-place op wrote ``view``'s block: the block copied back into its base's block on this rank, and
+    on up while the base is such a view too."""
+    marked = getattr(view, MARK, None)
+    while type(marked) is LocalCopy:
+        if marked.source is not None:
+            written = marked.copy.as_strided(marked.shape, marked.stride, marked.offset)
+            marked.source.copy_(written.reshape(marked.source.shape))
+        marked = getattr(marked.base, MARK, None)
 
 
 def write_through(func, args, kwargs):

@@ -32,6 +32,7 @@ import functools
 
 import torch
 
+from dtensor_plus import views
 from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from dtensor_plus.spec import local_shape_and_offset
@@ -69,11 +70,16 @@ def _block(spec_shape, mesh, placements, dim: int) -> tuple[int, int]:
 
 
 def _local_view(func):
+    """The view of this rank's block, or where its strides admit no view (e.g. after a layout change; a fake
+    block under torch.compile raises ValueError) a reshaped copy, marked so that writes into the view reach the
+    block on this rank (dtensor_plus/views.py: whether it copies is this rank's own, so it is handled here)."""
+
+    @views.aliasing
     def view(x, size, *rest, **kwargs):
         try:
             return func(x, size)
-        except (RuntimeError, ValueError):  # a local block whose strides admit no view (e.g. after a layout
-            return x.reshape(size)          # change): copy. A fake block (torch.compile) raises ValueError
+        except (RuntimeError, ValueError):
+            return views.copied(x.reshape(size), x)
 
     return view
 
@@ -164,7 +170,12 @@ def squeeze_rule(op: OpSchema) -> Sharding:
     removed = sorted({normalize_dim(d, ndim) for d in candidates if ndim and shape[normalize_dim(d, ndim)] == 1})
     dim_map = {d: d - sum(r < d for r in removed) for d in range(ndim) if d not in removed}
     squeeze_dims = _SQUEEZE_DIMS[op.func]
-    return _map_rule(op, dim_map, local_op=lambda x, *args, **kwargs: squeeze_dims(x, removed))
+
+    @views.aliasing  # always a view of the block (squeeze_copy is no view op)
+    def squeeze_by_number(x, *args, **kwargs):
+        return squeeze_dims(x, removed)
+
+    return _map_rule(op, dim_map, local_op=squeeze_by_number)
 
 
 @register_rule(aten.expand.default, aten.expand_copy.default, strided="as_shard")
@@ -198,6 +209,7 @@ def slice_rule(op: OpSchema) -> Sharding:
         return Sharding(inputs=(inputs,), outputs=(outputs,))
     shape, mesh, func = spec.shape, spec.mesh, op.func
 
+    @views.aliasing  # always a view of the block
     def local_slice_op(x, *args, **kwargs):
         lo, hi, _ = local_slice(_block(shape, mesh, inputs, dim), start, step, length)
         return func(x, dim, lo, hi, step)

@@ -43,3 +43,37 @@ def check_view_without_inverse_raises():
 
 def test_view_without_inverse_raises():
     run_on_ranks(2, check_view_without_inverse_raises)
+
+
+def _block_on(rank: int, rows: int, cols: int) -> torch.Tensor:
+    """Rank ``rank``'s rows of ``torch.arange(...).reshape(-1, cols)``; on rank 0 laid out transposed (its strides
+    admit no view to fewer columns), elsewhere contiguous."""
+    block = torch.arange(rank * rows * cols, (rank + 1) * rows * cols, dtype=torch.float32).reshape(rows, cols)
+    return block.t().contiguous().t() if rank == 0 else block
+
+
+def _writes_through_copied_views(t):
+    v = t.view(12, 2)  # rank 0's block admits no such view: its local block is a reshaped copy there only
+    v.mul_(10.0)
+    v[3].fill_(-1.0)  # a view (select) of the copied view
+    v.view(-1).add_(0.5)  # a view of the copied view
+    v.t().sub_(2.0)
+    v.copy_(v * 2)
+    v.t_().add_(1.0)  # an in-place view op on the copied view, then a write
+    return t
+
+
+def check_writes_through_views_copied_on_one_rank():
+    mesh = dtp.init_device_mesh("cpu", (2,))
+    rank = torch.distributed.get_rank()
+    x = dtp.DTensor.from_local(_block_on(rank, 2, 6), mesh, [Shard(0)], shape=(4, 6), stride=(6, 1))
+    expected = _writes_through_copied_views(torch.arange(24.0).reshape(4, 6))
+    assert x._local_tensor.is_contiguous() == (rank != 0)
+    _writes_through_copied_views(x)
+    torch.testing.assert_close(x.full_tensor(), expected, rtol=0, atol=0)
+
+
+def test_writes_through_views_copied_on_one_rank_reach_the_base():
+    """A view whose local block had to be copied on one rank only (its strides admit no view there) still writes
+    through to the base on that rank, with the same collectives on every rank."""
+    run_on_ranks(2, check_writes_through_views_copied_on_one_rank)
