@@ -59,7 +59,8 @@ class StageProfile:
     microbatch_collectives: {(collective, mesh dim, phase): bytes sent per microbatch}; *_counts: calls.
     step_collectives: {(collective, mesh dim): bytes sent once per step} (dp gradient sync; ZeRO-1/2 gathers),
     step_counts: calls. parameter/gradient/optimizer bytes: state this rank holds (after ZeRO sharding);
-    activation_bytes: saved for backward per microbatch in flight; p2p_bytes: sent to the next stage per
+    activation_bytes: saved for backward per microbatch in flight; activation_once_bytes: held once whatever the
+    microbatches in flight (full recomputation: the layer being recomputed and the head's); p2p_bytes: sent to the next stage per
     microbatch (and the same gradient back). layers: this stage's layers; dp_group: ranks the gradients sync over.
     """
 
@@ -77,6 +78,7 @@ class StageProfile:
     gradient_bytes: int = 0
     optimizer_bytes: int = 0
     activation_bytes: int = 0
+    activation_once_bytes: int = 0
     p2p_bytes: int = 0
     dp_group: int = 1
 
@@ -237,7 +239,7 @@ def profile(workload: Workload, layout: ParallelLayout, stage: int = 0) -> Stage
     optimizer = total("optimizer")
     if split.dtype_bytes == 2:  # mixed-precision Adam: fp32 master + 2 fp32 moments, 12 B per 2 B parameter
         optimizer = 6 * params
-    activations = _activations(split, layers, stage, layout)
+    activations, activations_once = _activations(split, layers, stage, layout)
     forward, backward = total("forward_flops"), total("backward_flops")
     recompute = split.layer.get("forward_flops", 0) * layers if layout.recompute == "full" else 0.0
 
@@ -247,8 +249,8 @@ def profile(workload: Workload, layout: ParallelLayout, stage: int = 0) -> Stage
     if group > 1:
         if layout.zero == 3:
             # all-gather in forward and backward, reduce-scatter of the gradients: every microbatch
-            collectives["all_gather", sync_dim, "forward"] += (group - 1) * params
-            collectives["all_gather", sync_dim, "backward"] += (group - 1) * params
+            collectives["all_gather", sync_dim, "forward"] += (group - 1) * params // group
+            collectives["all_gather", sync_dim, "backward"] += (group - 1) * params // group
             collectives["reduce_scatter", sync_dim, "backward"] += (group - 1) * grads // group
             for phase in ("forward", "backward"):
                 counts["all_gather", sync_dim, phase] += layers + 1
@@ -276,7 +278,7 @@ def profile(workload: Workload, layout: ParallelLayout, stage: int = 0) -> Stage
         microbatch_collectives=MappingProxyType(dict(collectives)), microbatch_counts=MappingProxyType(dict(counts)),
         step_collectives=MappingProxyType(dict(step_collectives)), step_counts=MappingProxyType(dict(step_counts)),
         parameter_bytes=int(params), gradient_bytes=int(grads), optimizer_bytes=int(optimizer),
-        activation_bytes=int(activations), p2p_bytes=int(p2p), dp_group=group,
+        activation_bytes=int(activations), activation_once_bytes=int(activations_once), p2p_bytes=int(p2p), dp_group=group,
     )
 
 
@@ -286,12 +288,12 @@ def _is_gradient_sync(split: LayerSplit, key) -> bool:
     return key[3] == "backward"
 
 
-def _activations(split: LayerSplit, layers: int, stage: int, layout: ParallelLayout) -> int:
-    """Saved-for-backward bytes of one microbatch on this stage, by the recomputation policy."""
+def _activations(split: LayerSplit, layers: int, stage: int, layout: ParallelLayout) -> tuple[int, int]:
+    """Saved-for-backward bytes (per microbatch in flight, held once) on this stage, by the recomputation policy."""
     per_layer = split.layer.get("activations", 0)
     rest = (split.first.get("activations", 0) if stage == 0 else 0)
     rest += split.last.get("activations", 0) if stage == layout.pp - 1 else 0
     if layout.recompute == "full":
         # each layer keeps its input; one layer's whole activations live while it is recomputed for backward
-        return layers * split.residual_elements * split.dtype_bytes + per_layer + rest
-    return layers * per_layer + rest
+        return layers * split.residual_elements * split.dtype_bytes, per_layer + rest
+    return layers * per_layer + rest, 0
