@@ -62,7 +62,9 @@ def _key(value, dtensors: list, scalars: list):
         # Inline for DTensor elements: foreach and fused-optimizer ops pass lists of a hundred or more.
         out = []
         for v in value:
-            if isinstance(v, DTensor):
+            if type(v) is int:  # sizes and dims (view, reshape, permute): by value, no call
+                out.append(v)
+            elif isinstance(v, DTensor):
                 dtensors.append(v)
                 out.append(v._spec)
             else:
@@ -76,10 +78,6 @@ def _key(value, dtensors: list, scalars: list):
     if isinstance(value, _SCALAR_TYPES):
         return value
     return kind  # opaque objects (generators...) never decide a rule
-
-
-def _kwargs_key(kwargs: dict, dtensors: list, scalars: list):
-    return tuple((name, _key(value, dtensors, scalars)) for name, value in kwargs.items())
 
 
 class _PlainTensorError(Exception):
@@ -252,7 +250,7 @@ def dispatch(func, args, kwargs, plain_checked: bool = False):
             else:
                 key.append(_key(value, dtensors, scalars))
         if kwargs:
-            key.append(_kwargs_key(kwargs, dtensors, scalars))
+            key.append(tuple([(name, _key(value, dtensors, scalars)) for name, value in kwargs.items()]))
     except _PlainTensorError:  # a plain tensor beside DTensors: joins as Replicate once known equal on all ranks
         if _D.explicit_depth:
             with explicit.checking_plain():
