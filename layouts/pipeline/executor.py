@@ -44,7 +44,7 @@ from dtensor_plus.renamed import renamed_keywords
 from .actions import Action, Event, Kind, Schedule
 from .microbatch import merge_microbatches, split_microbatches
 from .shared import SharedWeights
-from .stage import ActivationMeta, PipelineStage
+from .stage import PipelineStage
 
 __all__ = ["PipelineSchedule", "pipeline_step", "build_schedule", "TORCH_NAMES", "RECV_LOOKAHEAD"]
 
@@ -222,8 +222,8 @@ class PipelineSchedule:
         if headers:  # the first microbatch through a boundary: its spec first, then buffers of that shape
             for work in self._post([], list(headers.values()))[1]:
                 work.wait()
-            for s, (buf, _, _) in headers.items():
-                self.stages[s].input_meta = ActivationMeta.decode(buf)
+            for s, (buf, peer, _) in headers.items():
+                self.stages[s].read_header(buf, peer)
         for a in recvs:
             self._early_recvs[(a.kind, a.stage, a.microbatch)] = self._post([], [self._recv_op(a)])[1][0]
         if not self._shapes_known:  # the first step: a window ahead, as the shapes become known

@@ -13,7 +13,9 @@ When the schedule is built, every rank tells every other (one small all-gather o
 weights its stages hold, with their specs and a checksum of their values, so a tie that does not match across
 stages (shape, dtype, layout, values, or a stage that declares it on some ranks only) raises the same ValueError
 on every rank before any step. Stages of one rank that hold the same weight (the turn of a V schedule) need
-nothing: one Parameter, one gradient.
+nothing: one Parameter, one gradient. A simulated world (``dtensor_plus.simulate``) has no other ranks to hear
+from: the ties are assumed to match, and the pp ranks holding each are what ``simulated_world(pipeline_ties=)``
+says.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dtensor_plus import collectives
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.mesh import DeviceMesh
 from dtensor_plus.renamed import renamed_keywords
+from dtensor_plus.simulate import current_world
 
 __all__ = ["find_shared_parameters", "SharedWeights"]
 
@@ -63,8 +66,11 @@ class SharedWeights:
         self.root = mesh._root
         self.root_pp_mesh_dim = mesh._root_dims[mesh.mesh_dim_index(pp_mesh_dim)]
         mine = _declarations(stages)
-        records = _exchange(self.root, self._record(mine))
-        holders = _check_ties(records)
+        simulated = current_world()
+        if simulated is None:
+            holders = _check_ties(_exchange(self.root, self._record(mine)))
+        else:  # no other ranks' records (nor values) in a simulated world: the holders are what it is told
+            holders = {key: list(simulated.tie_holders(key)) for key in sorted({key for key, _, _ in mine})}
         self._params = {}  # key -> this rank's distinct Parameters of it
         for key, name, param in mine:
             if not any(p is param for p in self._params.setdefault(key, [])):

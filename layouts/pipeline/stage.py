@@ -24,6 +24,7 @@ from torch import nn
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placement_tuples import without_partial
 from dtensor_plus.renamed import renamed_keywords
+from dtensor_plus.simulate import SimulationValueError, current_world
 from dtensor_plus.spec import DTensorSpec
 
 from .backward import SplitBackward, backward_input, backward_weight
@@ -191,7 +192,11 @@ class PipelineStage:
         sends = []
         if self.output_meta is None:
             self.output_meta = meta
-            sends.append((meta.encode(), peer, message_tag(boundary, 0, _F_HEADER, self.num_stages)))
+            tag = message_tag(boundary, 0, _F_HEADER, self.num_stages)
+            sends.append((meta.encode(), peer, tag))
+            simulated = current_world()
+            if simulated is not None and simulated.wire is not None:  # for the receiver's simulation, if any
+                simulated.wire.post(self._global_rank(peer), tag, meta)
         sends.append((local, peer, message_tag(boundary, microbatch, _F_DATA, self.num_stages)))
         return sends
 
@@ -201,6 +206,25 @@ class PipelineStage:
         if self.input_meta is not None:
             return None
         return torch.empty(HEADER_BYTES, dtype=torch.uint8), peer, message_tag(self.stage_index, 0, _F_HEADER, self.num_stages)
+
+    def read_header(self, header: torch.Tensor, peer: int) -> None:
+        """The input spec from the received ``header``. A simulated world moves no data: there the spec is the one
+        the sending rank's simulation posted on the world's ``Wire`` (``dtensor_plus.simulate``)."""
+        simulated = current_world()
+        if simulated is None:
+            self.input_meta = ActivationMeta.decode(header)
+            return
+        if simulated.wire is None:
+            raise SimulationValueError(
+                f"pipeline stage {self.stage_index} receives its input's spec from the previous stage's rank, which a "
+                f"simulated world does not run: simulate the pp ranks in order, each in a simulated_world(..., "
+                f"wire=w) sharing one dtensor_plus.simulate.Wire w")
+        me = self._global_rank(self.mesh.get_local_rank(self.pp_mesh_dim))
+        tag = message_tag(self.stage_index, 0, _F_HEADER, self.num_stages)
+        self.input_meta = simulated.wire.read(me, tag, self._global_rank(peer))
+
+    def _global_rank(self, pp_index: int) -> int:
+        return self.mesh.row_ranks(self.pp_mesh_dim)[pp_index]
 
     def forward_recv(self, microbatch: int, peer: int):
         """The p2p op receiving ``microbatch``'s input shard (the spec must be known)."""

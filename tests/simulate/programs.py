@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from dtensor_plus.layouts import context_parallel, loss_parallel  # noqa: E402
-from dtensor_plus.simulate import measure_step, simulate_step, simulated_world  # noqa: E402
+from dtensor_plus.simulate import Wire, measure_step, simulate_step, simulated_world  # noqa: E402
 from gpt import PRESETS, GPT  # noqa: E402
 from gpt_layouts import Layout, make_mesh, make_optimizer, place_batch, place_model  # noqa: E402
 
@@ -103,28 +103,39 @@ def simulated(name: str, world_size: int, rank: int, config=None, batch: int = B
 
 # -- pipeline parallelism: examples/pipeline_gpt.py's stages, one schedule step (forward, backward, AdamW) --------
 
-PIPELINES = {
-    "pp 1f1b": (dict(), "1f1b"),
-    "pp x dp zero-1 zb_h1": (dict(dp=2, zero=1), "zb_h1"),
+PIPELINES = {  # name -> (Layout fields, schedule, the head tied to the token embedding)
+    "pp 1f1b tied": (dict(), "1f1b", True),
+    "pp x dp zero-1 zb_h1": (dict(dp=2, zero=1), "zb_h1", False),
 }
+
+
+def pipeline_ties(name: str, pp: int) -> dict | None:
+    """What a simulated pipeline rank is told about weights tied across stages (a real one learns it from every
+    rank's declarations): the tied embedding and head live on the first and the last pp rank."""
+    return {"tok_emb.weight": [0, pp - 1]} if PIPELINES[name][2] else None
 
 
 def build_pipeline(name: str, pp: int = 2, config=None):
     import pipeline_gpt
-    from dtensor_plus.layouts.pipeline import PipelineSchedule, PipelineStage, build_schedule
+    from dtensor_plus.layouts.pipeline import PipelineSchedule, PipelineStage, build_schedule, find_shared_parameters
 
-    fields, schedule = PIPELINES[name]
+    fields, schedule, tied = PIPELINES[name]
     layout = Layout(**fields)
     config = config or PRESETS["debug"]
     mesh = pipeline_gpt.make_pp_mesh(pp, layout.dp, layout.tp)
     torch.manual_seed(0)
     model = GPT(config)
+    if tied:
+        model.head.weight = model.tok_emb.weight  # (V, D) both: the gradient summed over the two stages' ranks
     plan = build_schedule(schedule, pp, 4, stages_per_rank=2)
     pieces = pipeline_gpt.split_gpt(model, plan.num_stages)
+    shared = find_shared_parameters(pieces)
     pp_rank = mesh.get_local_rank("pp")
     mine = [pipeline_gpt.place_stage(pieces[s], mesh, sp=layout.sp, zero=layout.zero) for s in plan.stages_of(pp_rank)]
-    stages = [PipelineStage(piece, s, plan.num_stages, mesh) for piece, s in zip(mine, plan.stages_of(pp_rank))]
-    opt = pipeline_gpt._make_optimizer([p for piece in mine for p in piece.parameters()], mesh, layout.zero, 1e-3, 0.1)
+    stages = [PipelineStage(piece, s, plan.num_stages, mesh, shared_parameters=shared[s])
+              for piece, s in zip(mine, plan.stages_of(pp_rank))]
+    params = list({id(p): p for piece in mine for p in piece.parameters()}.values())
+    opt = pipeline_gpt._make_optimizer(params, mesh, layout.zero, 1e-3, 0.1)
     pipe = PipelineSchedule(stages, plan, loss_fn=pipeline_gpt.gpt_loss, optimizer=opt)
     tokens = torch.randint(0, config.vocab_size, (8, config.block_size), generator=torch.Generator().manual_seed(0))
     targets = torch.roll(tokens, -1, 1)
@@ -136,12 +147,21 @@ def build_pipeline(name: str, pp: int = 2, config=None):
     return one_step, mine, [opt] if opt is not None else []
 
 
-def measured_pipeline(name: str):
-    one_step, stages, opts = build_pipeline(name)
+def measured_pipeline(name: str, pp: int = 2):
+    from dtensor_plus.dispatch import clear_cache
+
+    clear_cache()
+    one_step, stages, opts = build_pipeline(name, pp)
     return measure_step(one_step, models=stages, optimizers=opts)
 
 
-def simulated_pipeline(name: str, world_size: int, rank: int):
-    with simulated_world(world_size, rank) as world:
-        one_step, stages, opts = build_pipeline(name)
-        return simulate_step(world, one_step, models=stages, optimizers=opts)
+def simulated_pipeline(name: str, pp: int, world_size: int, ranks):
+    """The records of ``ranks``, simulated in this order in worlds sharing one ``Wire`` (a stage learns its input's
+    spec from the header its previous stage's simulation posted): simulate the pp ranks in pp order."""
+    wire = Wire()
+    out = {}
+    for rank in ranks:
+        with simulated_world(world_size, rank, wire=wire, pipeline_ties=pipeline_ties(name, pp)) as world:
+            one_step, stages, opts = build_pipeline(name, pp)
+            out[rank] = simulate_step(world, one_step, models=stages, optimizers=opts)
+    return out
