@@ -9,8 +9,21 @@
     result.memory             # parameters / gradients / optimizer / activations, bytes
     result.flops_by_op        # this rank's local FLOPs by aten op
 
-world.py: the fake process group and the meta device; meta_ops.py: the dispatch mode keeping local tensors meta
-and counting FLOPs; memory.py: state and saved-tensor memory; step.py: the record of one step.
+Exact where it can be, stated where it cannot (tests/simulate/test_exact.py compares every layout with real gloo
+ranks: collectives in order with their bytes, memory, FLOPs): where a real rank reads values other ranks hold,
+the simulated world assumes them, and says so. Expert parallelism: the routing (``expert_load``, balanced by
+default: the all-to-all splits); pipelines: the ranks that differ are simulated one after another in pp order,
+sharing a ``Wire`` (a stage's input spec comes from its sender's header), with the weights tied across stages
+given (``pipeline_ties``). A value read nothing assumes raises ``SimulationValueError``.
+
+    wire = Wire()
+    for rank in (0, 1, 2):                             # pp 3: first, middle, last stage, in pp order
+        with simulated_world(3, rank, wire=wire) as world:
+            ...
+
+world.py: the fake process group, the meta device, the assumptions (``SimulatedWorld``, ``Wire``,
+``current_world``); meta_ops.py: the dispatch mode keeping local tensors meta and counting FLOPs; memory.py:
+state and saved-tensor memory; step.py: the record of one step.
 """
 
 from .meta_ops import SimulationValueError

@@ -25,7 +25,8 @@ __all__ = ["Collective", "SimulatedStep", "simulate_step", "measure_step"]
 @dataclass(frozen=True)
 class Collective:
     """One collective this rank issued: its kind ("all_reduce", "all_gather", "reduce_scatter", "all_to_all",
-    "broadcast", "scatter", "ring_shift"...), its mesh dim's name, the bytes this rank sent, the aten op that
+    "broadcast", "scatter", "ring_shift", "send": a pipeline's point-to-point batch, its receives being its peers'
+    sends...), its mesh dim's name, the bytes this rank sent, the aten op that
     issued it (None: a layout's hook, outside any op), the innermost module running and "forward"/"backward"."""
 
     collective: str

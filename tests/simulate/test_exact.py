@@ -1,7 +1,9 @@
 """A simulated rank does what the real rank does: on real gloo ranks and in a simulated world of the same size,
 the same GPT step (tests/simulate/programs.py) issues the same collectives (kind, mesh dim, bytes, aten op,
 module, forward/backward, in order), holds the same memory (parameters, gradients, optimizer state, and
-the peak of the activations saved for backward) and computes the same FLOPs per local op, for every layout."""
+the peak of the activations saved for backward) and computes the same FLOPs per local op, for every layout:
+dp, ZeRO-1/2/3, tp, sp, cp, ep (under the routing the simulated world assumes, forced on the real routers) and
+pp (every stage's rank, simulated in pp order)."""
 
 from __future__ import annotations
 
