@@ -1,23 +1,27 @@
 """The zero-bubble split of one stage's backward: B (gradient of the stage input) now, W (weight gradients) later.
 
 Every path in a stage's autograd graph from its output to a parameter leaves the set I of nodes that can reach
-the stage input exactly once: along a *cut edge* n -> m with n in I and m outside it (once a node cannot reach
-the input, none below it can). So
+the stage input exactly once: along a *cut edge* n -> m with n in I (a *cut parent*) and m outside it (once a
+node cannot reach the input, none below it can). B runs the engine once, from the output to the input, and in
+the same call captures the gradient arriving over every cut edge, at its child m (an input GradientEdge of m:
+m does not run, no Python hook runs inside the backward). So B executes exactly the nodes of I, and W runs,
+in **one** engine call, every cut child's subgraph from the captured gradients: the parameters' AccumulateGrad
+nodes (``.grad`` accumulates, post-accumulate hooks fire as in an ordinary backward), their views and
+transposes. No node runs twice and nothing is counted twice, whatever the graph (a parameter used twice
+simply receives two gradients), and W walks only the small subgraphs below the cut.
 
-- B runs autograd from the output to the input only. Autograd then skips every output of a node that no path
-  to the input needs (a Linear's weight-gradient matmul); the same call captures the gradient arriving at each
-  cut parent n (an input GradientEdge per slot of n, so no Python hook runs inside the backward);
-- W re-enters the kept graph at the cut parents with their kept gradients and backpropagates them to the
-  parameters their cut edges reach (``inputs=`` those parameters): the weight-gradient matmuls skipped in B, and
-  the gradients accumulate into ``.grad`` with post-accumulate hooks (data parallel reduction, ZeRO) firing as in
-  an ordinary backward. Parents are entered together only when neither reaches the other through the input path
-  (grouped by how many parents lie below them): entered with a parent below it, a parent would run through
-  that one's input path and count it twice. Each call has a fixed cost and walks the whole graph below its
-  parents, so fewer calls is most of what keeps B + W near one fused backward on small layers.
+Which work lands in W: the engine computes only the outputs of a node that some captured edge or the input
+needs, so a cut parent computes its cut outputs in B. For the matmul of a linear layer (``AddmmBackward0``,
+``MmBackward0``: the weight is mat2, its cut edge leads to a ``TBackward0``) that output is the weight-gradient
+matmul, the FLOPs the zero-bubble schedules move to W. So those edges are *deferred* instead: B captures the
+gradient arriving at the matmul node itself (it then computes only its input gradient), keeps a reference to
+the node's saved mat1 (the layer input), and W computes ``mat1^T @ grad`` exactly as the engine's formula does
+(same ops, same transposition: the same bits) and feeds it into the cut edge with the rest. What stays in B
+are the small cut outputs: biases, norm weights (O(rows x dim) reductions), as in the zero-bubble paper's
+implementation, which defers the weight GEMMs of linear layers.
 
-A parameter reached from two cut parents (used twice, e.g. once beside the input path) would make one parent's
-W run through the other's input path and count twice. Such graphs take the plain fallback: W runs the whole
-backward again restricted to the parameters (``inputs=``): exact, but it costs a second backward.
+B runs without ``retain_graph``: the input path's saved activations are freed at B; W keeps only the layer
+inputs of the deferred matmuls and the cut subgraphs (which hold no activations of their own here).
 """
 
 from __future__ import annotations
@@ -36,14 +40,15 @@ __all__ = ["SplitBackward", "backward_input", "backward_weight"]
 
 @dataclass
 class SplitBackward:
-    """What B leaves for W: the kept gradients at the cut parents, or the root for the fallback."""
+    """What B leaves for W: the cut edges with their captured gradients, the deferred weight-gradient matmuls, or
+    the root for the no-input fallback."""
 
-    root: torch.Tensor | None = None  # fallback: the whole backward again (None once W ran)
+    root: torch.Tensor | None = None  # no differentiable input: W is the whole backward (None once W ran)
     root_grad: torch.Tensor | None = None
-    no_input: bool = False  # the fallback because the stage has no differentiable input: W is the plain backward
-    params: list = field(default_factory=list)
-    # [(cut-parent edges, their kept gradients, the parameter edges they reach)]: one engine call each
-    weight_calls: list = field(default_factory=list)
+    # {(cut child node, its input_nr): captured gradient}: W's engine roots
+    captured: dict = field(default_factory=dict)
+    # [((cut child node, its input_nr), gradient at the matmul node, saved mat1, mat2 was column-major)]
+    deferred: list = field(default_factory=list)
 
 
 def _input_path(root_node, target) -> tuple[dict, set, list]:
@@ -69,98 +74,80 @@ def _input_path(root_node, target) -> tuple[dict, set, list]:
     return children, reach, order
 
 
+def _deferrable(node, slot: int, child) -> tuple[torch.Tensor, bool] | None:
+    """(saved mat1, mat2 column-major) when cut edge ``slot`` of ``node`` is a linear layer's weight-gradient matmul
+    that W can compute from the node's saved tensors as the engine would; None otherwise."""
+    kind = type(node).__name__
+    if not ((kind == "AddmmBackward0" and slot == 2) or (kind == "MmBackward0" and slot == 1)):
+        return None
+    if type(child).__name__ != "TBackward0":  # only a plain weight.t(): other mat2's stay with the engine
+        return None
+    if kind == "AddmmBackward0":
+        if node._saved_alpha != 1:
+            return None
+        mat1 = node._saved_mat1
+    else:
+        mat1 = node._saved_self
+    if mat1 is None or mat1.layout != torch.strided or mat1.is_complex():
+        return None
+    sizes, strides = node._saved_mat2_sym_sizes, node._saved_mat2_sym_strides
+    # the engine's mm_mat2_backward: a column-major mat2 (weight.t() of a row-major weight) gets its gradient as
+    # (grad^T @ mat1)^T, column-major too; else mat1^T @ grad
+    return mat1, strides[0] == 1 and strides[1] == sizes[0]
+
+
 def backward_input(root: torch.Tensor, root_grad, input_leaf, params) -> tuple[torch.Tensor | None, SplitBackward]:
     """B: the gradient of ``input_leaf`` (None when the stage has no differentiable input), and the state W needs.
 
-    ``root`` is the stage output (``root_grad`` its gradient) or the scaled loss (``root_grad`` None)."""
-    params = [p for p in params if p.requires_grad]
+    ``root`` is the stage output (``root_grad`` its gradient) or the scaled loss (``root_grad`` None). ``params``
+    (the stage's parameters) is not needed: W accumulates into every leaf its cut edges reach, as a plain backward
+    does into every leaf of the graph; kept in the signature for callers."""
     if root is input_leaf:  # a stage that passes its input through unchanged
         return root_grad, SplitBackward()
     if root.grad_fn is None:
         return None, SplitBackward()
     if input_leaf is None or not input_leaf.requires_grad:
-        return None, SplitBackward(root=root, root_grad=root_grad, params=params, no_input=True)
+        return None, SplitBackward(root=root, root_grad=root_grad)
     leaf_node = get_gradient_edge(input_leaf).node
-    children, on_input_path, order = _input_path(root.grad_fn, leaf_node)
+    children, on_input_path, _ = _input_path(root.grad_fn, leaf_node)
     if leaf_node not in children:  # the output does not depend on the input
-        return torch.zeros_like(input_leaf), SplitBackward(root=root, root_grad=root_grad, params=params)
-    owned = _owned_params(children, on_input_path, params)
-    if owned is None:  # a parameter reached from two cut parents: the exact split would count it twice
-        (grad,) = torch.autograd.grad(root, [input_leaf], root_grad, retain_graph=True)
-        return grad, SplitBackward(root=root, root_grad=root_grad, params=params)
-    # The gradients arriving at the cut parents are captured by the same engine call as the input's (an input
-    # GradientEdge per slot of each parent: no Python hook runs inside the backward); the parents still run, for
-    # the input path only.
-    nodes = list(owned)
-    slots = [(n, k) for n in nodes for k in range(len(n._input_metadata))]
-    grads = torch.autograd.grad(root, [input_leaf, *(GradientEdge(n, k) for n, k in slots)], root_grad,
-                                retain_graph=True, allow_unused=True)
-    kept = {}
-    for (n, k), g in zip(slots, grads[1:]):
-        if g is not None:
-            kept.setdefault(n, {})[k] = g
-    grad = grads[0] if grads[0] is not None else torch.zeros_like(input_leaf)
-    return grad, SplitBackward(params=params, weight_calls=_weight_calls(order, children, on_input_path, owned, kept))
-
-
-def _weight_calls(order, children, on_input_path, owned, kept) -> list:
-    """W's engine calls: the cut parents grouped by how many cut parents lie below them on the input path (at
-    most, along any chain). Two parents of one group never reach each other (a parent above another has more
-    below it), so entered together neither runs through the other's input path, and each call asks for
-    exactly its parents' parameters: the parallel q, k, v projections of attention share a call."""
-    below = {}
-    for n in order:  # children first
-        below[n] = max((below.get(c, 0) + (c in owned) for c, _ in children[n] if c in on_input_path), default=0)
-    groups = {}
-    for n, by_slot in kept.items():
-        edges, grads, inputs = groups.setdefault(below[n], ([], [], []))
-        for k, g in by_slot.items():
-            edges.append(GradientEdge(n, k))
-            grads.append(g)
-        inputs += owned[n]
-    return [(tuple(e), tuple(g), tuple(i)) for _, (e, g, i) in sorted(groups.items(), reverse=True)]
-
-
-def _owned_params(children: dict, on_input_path: set, params) -> dict | None:
-    """For each cut parent (a node on the input path with an edge leaving it), the gradient edges of the parameters
-    reachable from it through its cut edges; None when some parameter is reachable from two cut parents (the W of
-    one would then run through the other's input path). Parents that reach no parameter are left out.
-
-    A parameter shows up as its AccumulateGrad node, recognised by type and its ``variable`` (no
-    ``get_gradient_edge`` per parameter: each builds a view); leaves that are not in ``params`` are not W's."""
-    param_ids = {id(p) for p in params}
-    owner, owned = {}, {}
+        return torch.zeros_like(input_leaf), SplitBackward(root=root, root_grad=root_grad)
+    captures, deferred = {}, []  # cut edge -> its capture slot; deferred matmuls
     for n in on_input_path:
-        cut = [m for m, _ in children.get(n, ()) if m not in on_input_path]
-        mine, stack, seen = [], cut, set(cut)
-        while stack:
-            node = stack.pop()
-            if isinstance(node, _AccumulateGrad) and id(node.variable) in param_ids:
-                if owner.setdefault(node, n) is not n:
-                    return None
-                mine.append(GradientEdge(node, 0))
-            for child, _ in children.get(node, ()):
-                if child not in seen and child not in on_input_path:
-                    seen.add(child)
-                    stack.append(child)
-        if mine:
-            owned[n] = mine
-    return owned
+        for slot, (child, nr) in enumerate(children.get(n, ())):
+            if child in on_input_path:
+                continue
+            how = _deferrable(n, slot, child)
+            if how is None:
+                captures.setdefault((child, nr), len(captures))
+            else:
+                deferred.append(((child, nr), n, *how))
+    matmul_nodes = list(dict.fromkeys(n for _, n, _, _ in deferred))
+    wanted = [input_leaf, *(GradientEdge(m, nr) for m, nr in captures), *(GradientEdge(n, 0) for n in matmul_nodes)]
+    grads = torch.autograd.grad(root, wanted, root_grad, allow_unused=True)
+    at_capture, at_node = grads[1:1 + len(captures)], dict(zip(matmul_nodes, grads[1 + len(captures):]))
+    state = SplitBackward(captured={edge: g for edge, g in zip(captures, at_capture) if g is not None},
+                          deferred=[(edge, at_node[n], mat1, column_major) for edge, n, mat1, column_major in deferred
+                                    if at_node[n] is not None])
+    return grads[0] if grads[0] is not None else torch.zeros_like(input_leaf), state
 
 
 def backward_weight(state: SplitBackward) -> None:
-    """W: accumulate the parameter gradients into ``.grad`` (hooks fire). Frees the kept graph."""
-    if state.root is not None:
-        if state.no_input:  # B had nothing to do: W is the stage's whole backward, as BW runs it
-            torch.autograd.backward(state.root, state.root_grad)
-        elif state.params:
-            torch.autograd.backward(state.root, state.root_grad, inputs=state.params)
+    """W: the deferred weight-gradient matmuls, then one engine call from every cut edge that accumulates the
+    parameter gradients into ``.grad`` (hooks fire). Frees what B kept."""
+    if state.root is not None:  # B had nothing to do: W is the stage's whole backward, as BW runs it
+        torch.autograd.backward(state.root, state.root_grad)
         state.root = state.root_grad = None
         return
-    for edges, grads, inputs in state.weight_calls:
+    roots = dict(state.captured)
+    for edge, grad, mat1, column_major in state.deferred:
+        g = grad.t().mm(mat1).t() if column_major else mat1.t().mm(grad)
+        roots[edge] = roots[edge] + g if edge in roots else g
+    state.captured, state.deferred = {}, []
+    if roots:
         # The engine is called directly: torch.autograd.backward's checks of each GradientEdge's shape
-        # (symbolic-shape helpers, ~0.1 ms a call) were most of W's overhead at small sizes, and these gradients
-        # came out of the engine itself. Arguments: keep_graph, create_graph, inputs, allow_unreachable,
-        # accumulate_grad, what torch.autograd.backward(edges, grads, inputs=inputs) passes.
-        _engine_run_backward(edges, grads, False, False, inputs, True, True)
-    state.weight_calls = []
+        # (symbolic-shape helpers, ~0.1 ms a call) would cost more than this call at small sizes. Arguments:
+        # keep_graph, create_graph, inputs (none: every leaf reached accumulates, as a plain backward does),
+        # allow_unreachable, accumulate_grad.
+        _engine_run_backward(tuple(GradientEdge(m, nr) for m, nr in roots), tuple(roots.values()), False, False, (),
+                             True, True)
