@@ -16,6 +16,7 @@ import torch
 from . import collectives, views
 from .dispatcher import DISPATCHER
 from .dtensor import DTensor
+from .explicit import collective_for_step
 from .placement_tuples import replicated
 from .redistribute import redistribute_local
 from .spec import DTensorSpec, TensorMeta
@@ -30,7 +31,7 @@ class Plan:
     """What to do for one cache key: input moves, local op, output specs."""
 
     __slots__ = ("func", "aten_func", "input_targets", "out_specs", "shape_arg", "inplace", "fallback", "positions",
-                 "view", "comm")
+                 "view", "comm", "input_collectives")
 
     def __init__(self, func, aten_func, input_targets, out_specs, shape_arg, inplace, fallback, positions, view, comm):
         self.func = func  # the aten op, or the rule's local_op standing in for it
@@ -43,6 +44,8 @@ class Plan:
         self.positions = positions  # argument indices of the DTensors when all are top-level positional
         self.view = view  # the aten op returns a view of its first argument
         self.comm = comm  # a declared.Communicator for the rule's declared communication, or None
+        # Can an input move run a collective? Any move, unless the caller knows the specs (moving_inputs_collect)
+        self.input_collectives = any(t is not None for t in input_targets)
 
     def run(self, args, kwargs, dtensors):
         local_args, local_kwargs = self.localize(args, kwargs, dtensors)
@@ -181,8 +184,19 @@ class Plan:
 
     @property
     def communicates(self) -> bool:
-        """Can a call of this plan issue a collective (an input move or declared communication)?"""
-        return self.comm is not None or any(t is not None for t in self.input_targets)
+        """Can a call of this plan issue a collective (an input move that needs one, or declared communication)?"""
+        return self.comm is not None or self.input_collectives
+
+
+def moving_inputs_collect(specs, input_targets) -> bool:
+    """Does moving these inputs (specs -> targets, None: stays) run a collective? Not where every step is local
+    (Replicate -> Shard keeps a slice, a 1-rank mesh dim moves nothing): the same judgement as explicit mode's
+    audit (explicit.collective_for_step), so a plan it passes needs no audit and no op-stack entry."""
+    return any(
+        target is not None and any(collective_for_step(spec.mesh.size(k), a, b)
+                                   for k, (a, b) in enumerate(zip(spec.placements, target)))
+        for spec, target in zip(specs, input_targets)
+    )
 
 
 def _note_aliasing_view(wrapped, out, plan, args, kwargs) -> None:

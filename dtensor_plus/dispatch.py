@@ -28,7 +28,7 @@ from .dispatcher import DISPATCHER
 from .dtensor import DTensor
 from .op_record import record_of
 from .placement_tuples import replicated
-from .call_plan import Plan, replicated_spec
+from .call_plan import Plan, moving_inputs_collect, replicated_spec
 from .spec import DTensorSpec, TensorMeta
 
 __all__ = ["dispatch", "clear_cache", "cache_info"]
@@ -201,6 +201,7 @@ def _make_plan(func, args, kwargs, dtensors):
         comm = declared.Communicator(func, mesh, tuple(sharding.communication), entry is not None and entry.asked_for)
     plan = Plan(sharding.local_op or func, func, targets, out_specs or (), sharding.shape_arg, record.inplace, fallback,
                 positions, record.returns_view, comm)
+    plan.input_collectives = moving_inputs_collect(schema.specs, targets)
     if record.inplace and (out_specs is None or (schema.func is not func and sharding.local_op is not None)):
         # The gathered result, or a local op written for the functional twin, cannot write into self as is.
         return mutation.OutOfPlacePlan(record)
@@ -290,7 +291,7 @@ def _entry(func, plan, dtensors):
     """What a cache hit runs: ``run(args, kwargs, dtensors)``. Every fact that is the same for every call of one
     key is settled here, once: the plan's kind, whether this rank is in the mesh (the mesh is in the key), whether
     the op writes in place (its record), whether the plan can communicate. A plan that only runs the local op
-    (``Plan.direct_run``, no input moves, no declared communication) skips the rest: nothing reads the op stack
+    (``Plan.direct_run``, no input move that needs a collective, no declared communication) skips the rest: nothing reads the op stack
     or the explicit-mode audit unless a collective runs."""
     if type(plan) is foreach_meshes.PerMeshPlan:  # a multi-tensor op over several meshes (before any mesh test)
         return lambda args, kwargs, dtensors: plan.run(args, kwargs, dispatch)
