@@ -7,6 +7,7 @@ pp (every stage's rank, simulated in pp order)."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -44,6 +45,11 @@ def _check_equal(name: str, rank: int, simulated, measured) -> None:
     assert simulated.memory["activations"] > 0 and simulated.flops > 0
 
 
+@functools.cache
+def _one_device_flops() -> int:
+    return programs.simulated("one device", 1, 0).flops
+
+
 def _check_layout(name: str) -> None:
     assert not dist.is_initialized(), "the simulation runs in this process: it must not be a rank already"
     world = _world(name)
@@ -54,7 +60,7 @@ def _check_layout(name: str) -> None:
         # dp splits the rows and tp every matmul and the heads evenly: a real rank computes exactly its share of
         # the one-device step (causal ring attention does not split evenly over cp). This caught the FLOP count
         # taking the dispatcher's shape propagation (global shapes, on meta) for a rank's work.
-        whole = programs.simulated("one device", 1, 0).flops
+        whole = _one_device_flops()
         assert [r.flops * world for r in real] == [whole] * world, (name, whole, [r.flops for r in real])
 
 
