@@ -52,6 +52,7 @@ from dtensor_plus.placement_tuples import replicated
 from dtensor_plus.redistribute import redistribute_together
 from dtensor_plus.renamed import renamed_keywords
 from dtensor_plus.shared_parameters import assign, parameter_slots
+from dtensor_plus.spec import DTensorSpec, TensorMeta
 
 from . import local_step
 from .data_local import LocalCompute
@@ -235,8 +236,22 @@ def sync_gradients(module: nn.Module) -> None:
 def shard_batch(batch: torch.Tensor, device_mesh, dp_mesh_dim: str = "dp") -> DTensor:
     """``batch`` (the same whole tensor on every rank) as a DTensor: Shard(0) on ``dp_mesh_dim``, Replicate
     elsewhere."""
-    placements = [Shard(0) if name == dp_mesh_dim else Replicate() for name in device_mesh.mesh_dim_names]
-    return distribute_tensor(batch, device_mesh, placements, src_data_rank=None)
+    names = device_mesh.mesh_dim_names
+    placements = tuple(Shard(0) if name == dp_mesh_dim else Replicate() for name in names)
+    coordinate = device_mesh.get_coordinate()
+    if (isinstance(batch, DTensor) or not isinstance(batch, torch.Tensor) or not batch.ndim or batch.is_meta
+            or coordinate is None or batch.device.type != "cpu" or device_mesh.device_type != "cpu"):
+        # distribute_tensor's checks, errors and device moves (to the mesh's current device)
+        return distribute_tensor(batch, device_mesh, list(placements), src_data_rank=None)
+    # Fast path, once per batch: this rank's rows cut here (distribute_tensor's checks and redistribution cost
+    # as much as a small model's loss); the same rows, spec and own storage as distribute_tensor's.
+    whole = batch.detach().contiguous()
+    local = whole
+    if dp_mesh_dim in names:
+        k = names.index(dp_mesh_dim)
+        local = Shard(0).chunk(whole, device_mesh.size(k), coordinate[k])
+    spec = DTensorSpec(device_mesh, placements, TensorMeta.of(whole))
+    return DTensor(local.clone(), spec, requires_grad=batch.requires_grad)
 
 
 def _lift(t: torch.Tensor, device_mesh, dp_mesh_dim: str) -> DTensor:

@@ -20,8 +20,11 @@ the module's forward, the dp mesh dim is dropped and put back at the module's bo
                            gradient); the leaf's post-accumulate-grad hook hands this rank's rows'
                            contribution, plain, to the buckets, which all-reduce it while backward goes on
                            and write .grad in the parameter's layout when backward ends (layouts/data.py).
-                           Without (reduce_in_backward=False, ZeRO), or for a parameter with hooks of its own:
-                           the view's backward hands the parameter a gradient Partial(sum) on dp. So, with the
+                           Without (reduce_in_backward=False), or for a parameter with hooks of its own:
+                           the view's backward hands the parameter a gradient Partial(sum) on dp. A parameter
+                           whose gradient an optimizer takes (``GRADIENT_OWNER``: ZeroRedundancyOptimizer's)
+                           computes through a leaf too, whose hook puts that Partial gradient on it and runs its
+                           hooks as autograd would. So, with the
                            buckets, the parameters themselves are not in the autograd graph (their leaves are):
                            ``torch.autograd.grad(loss, parameters)`` or ``backward(inputs=parameters)`` need
                            ``reduce_in_backward=False`` (Partial gradients, then ``sync_gradients``) or
@@ -61,9 +64,13 @@ from dtensor_plus.placements import Partial, Replicate, Shard
 from dtensor_plus.redistribute import redistribute_local
 from dtensor_plus.spec import DTensorSpec, TensorMeta
 
-__all__ = ["LocalCompute", "DTENSOR_PATH"]
+__all__ = ["LocalCompute", "DTENSOR_PATH", "GRADIENT_OWNER"]
 
 DTENSOR_PATH = "_dtp_dtensor_path"  # on a module or its class: take the DTensor path (mixed_precision, MoE)
+# On a parameter's __dict__: an optimizer takes its gradient (ZeroRedundancyOptimizer), so without replicate's
+# buckets it too computes through a local leaf whose gradient reaches it Partial on dp (``_to_partial``): no
+# autograd.grad(loss, parameter) then, which would find the parameter outside the graph.
+GRADIENT_OWNER = "_dtp_gradient_owner"
 
 
 class LocalCompute:
@@ -192,25 +199,50 @@ class LocalCompute:
         if spec is None:
             spec = self.sub_specs[t._spec] = self._sub_spec(t._spec, t._spec.shape)
         if t.requires_grad and torch.is_grad_enabled():
-            if self.gradients is not None and isinstance(t, nn.Parameter) and _only_our_hooks(t):
-                return self._leaf(t, spec)
+            if isinstance(t, nn.Parameter) and _only_our_hooks(t):
+                if self.gradients is not None:
+                    return self._leaf(t, spec, self._to_buckets)
+                if t.__dict__.get(GRADIENT_OWNER):  # ZeRO takes this gradient: no autograd.grad on the parameter
+                    return self._leaf(t, spec, self._to_partial)
             return _DropDp.apply(t, spec, self.k)
         return t._local_tensor if spec is None else DTensor(t._local_tensor, spec)
 
-    def _leaf(self, param: DTensor, spec):
+    def _leaf(self, param: DTensor, spec, deliver):
         """The leaf ``param`` computes through: a plain tensor (or a DTensor on the sub-mesh) sharing its local
         block, so the optimizer's in-place updates of the block are the leaf's too. Made once per block: its
-        hook hands each backward's gradient (this rank's rows' contribution, summed over tied uses) to the
-        buckets, which reduce it onto ``param.grad`` (layouts/data.py ``GradientBucket.add_local``)."""
+        hook hands each backward's gradient (this rank's rows' contribution, summed over tied uses) to
+        ``deliver``: replicate's buckets, which reduce it onto ``param.grad`` (layouts/data.py
+        ``GradientBucket.add_local``), or ``_to_partial`` (ZeRO reduce-scatters it)."""
         entry = self.leaves.get(id(param))
-        if entry is None or entry[0] is not param or entry[1] is not param._local_tensor:
+        if entry is None or entry[0] is not param or entry[1] is not param._local_tensor or entry[3] is not deliver:
             local = param._local_tensor
             leaf = local.detach() if spec is None else DTensor(local.detach(), spec)
             leaf.requires_grad_()
-            gradients = self.gradients
-            leaf.register_post_accumulate_grad_hook(lambda leaf, param=param: gradients.add_local(param, leaf, self.k))
-            entry = self.leaves[id(param)] = (param, local, leaf)
+            leaf.register_post_accumulate_grad_hook(lambda leaf, param=param: deliver(param, leaf))
+            entry = self.leaves[id(param)] = (param, local, leaf, deliver)
         return entry[2]
+
+    def _to_buckets(self, param: nn.Parameter, leaf) -> None:
+        self.gradients.add_local(param, leaf, self.k)
+
+    def _to_partial(self, param: nn.Parameter, leaf) -> None:
+        """The leaf's gradient onto ``param.grad`` as autograd would put _DropDp's there: Partial(sum) on dp, the
+        parameter's tensor hooks applied, added to a gradient already there, then its post-accumulate-grad
+        hooks run (ZeRO-2's bucket hook). Without the autograd Function per parameter and its backward."""
+        grad, leaf.grad = leaf.grad, None
+        grad = _DropDp.gradient(grad, param._spec, self.k)
+        for hook in tuple((param._backward_hooks or {}).values()):
+            changed = hook(grad)
+            grad = grad if changed is None else changed
+        held = param.grad
+        if held is None:
+            param.grad = grad
+        elif isinstance(held, DTensor) and isinstance(grad, DTensor) and held._spec == grad._spec:
+            held._local_tensor.add_(grad._local_tensor)  # accumulation over micro-batches, in place as autograd's
+        else:
+            param.grad = held + grad
+        for hook in tuple((param._post_accumulate_grad_hooks or {}).values()):
+            hook(param)
 
     def _input_view(self, t: DTensor):
         """An input without the dp mesh dim; through _DropDp only when its gradient is wanted."""
@@ -298,7 +330,11 @@ class _DropDp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        spec, k = ctx.spec, ctx.k
+        return _DropDp.gradient(grad, ctx.spec, ctx.k), None, None
+
+    @staticmethod
+    def gradient(grad, spec: DTensorSpec, k: int) -> DTensor:
+        """The view's gradient ``grad`` as the gradient of the tensor laid out as ``spec`` (class docstring)."""
         on_dp = spec.placements[k]
         on_dp = on_dp if on_dp.is_shard() else Partial()
         if isinstance(grad, DTensor):
@@ -307,7 +343,7 @@ class _DropDp(torch.autograd.Function):
             grad = grad._local_tensor
         else:
             placements = tuple(on_dp if i == k else Replicate() for i in range(spec.mesh.ndim))
-        return DTensor(grad, spec.with_placements(placements)), None, None
+        return DTensor(grad, spec.with_placements(placements))
 
 
 class _AddDp(torch.autograd.Function):

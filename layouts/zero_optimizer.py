@@ -32,6 +32,7 @@ from dtensor_plus.dtensor import DTensor
 from dtensor_plus.redistribute import redistribute_together
 
 from . import local_step
+from .data_local import GRADIENT_OWNER
 from .zero_placement import (
     CPUOffload, check_dp_placement, dp_mesh_dim_index, on_device, with_placement, zero_placement,
 )
@@ -124,6 +125,9 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         old = getattr(p, "_zero_grad_hook", None)
         if old is not None:
             old.remove()
+        # Under replicate(reduce_in_backward=False) ``p`` computes through a local leaf whose gradient reaches it
+        # Partial on dp, hooks run as autograd's would (layouts/data_local.py): no autograd Function per parameter
+        p.__dict__[GRADIENT_OWNER] = True
         p._zero_grad_hook = p.register_post_accumulate_grad_hook(self._add_to_bucket) if self.stage == 2 else None
 
     def _check_new(self, params) -> None:

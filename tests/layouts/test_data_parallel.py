@@ -180,3 +180,27 @@ def _old_keyword():
 def test_old_dp_dim_keyword_keeps_working_and_warns():
     """``dp_dim=`` (the name before issue 17) still places as ``dp_mesh_dim=``, with a DeprecationWarning."""
     assert all(run_on_ranks(2, _old_keyword))
+
+
+def _shard_batch_as_distribute_tensor():
+    from dtensor_plus.api import distribute_tensor
+
+    mesh = dtp.init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "tp"))
+    for whole, dp_mesh_dim in [(torch.arange(15.0).view(5, 3), "dp"),  # uneven: 3 and 2 rows
+                               (torch.arange(6).view(1, 6), "dp"),  # one row: rank 1's block is empty
+                               (torch.arange(8.0).view(2, 4).t(), "dp"),  # not contiguous
+                               (torch.arange(4.0), "-")]:  # no dp mesh dim: Replicate everywhere
+        got = shard_batch(whole, mesh, dp_mesh_dim=dp_mesh_dim)
+        placements = [Shard(0) if name == dp_mesh_dim else Replicate() for name in mesh.mesh_dim_names]
+        want = distribute_tensor(whole, mesh, placements, src_data_rank=None)
+        assert got._spec == want._spec and got.stride() == want.stride()
+        assert torch.equal(got.to_local(), want.to_local()) and got.to_local().is_contiguous()
+        assert got.to_local().untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()  # own storage
+    grad_wanted = shard_batch(torch.ones(4, 2, requires_grad=True), mesh)
+    assert grad_wanted.requires_grad and grad_wanted.is_leaf
+    return True
+
+
+def test_shard_batch_equals_distribute_tensor():
+    """shard_batch's fast path cuts the same block with the same spec as distribute_tensor(src_data_rank=None)."""
+    assert all(run_on_ranks(2, _shard_batch_as_distribute_tensor))

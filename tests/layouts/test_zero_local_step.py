@@ -81,11 +81,12 @@ def _probe(opt) -> list:
     return seen
 
 
-def _check_equal(mesh_shape, names, stage, optimizer, forward="dtensor"):
+def _check_equal(mesh_shape, names, stage, optimizer, forward="dtensor", micro_batches=1):
     mesh, model, opt, reference, ref_opt = _placed(mesh_shape, names, stage, optimizer, forward)
     dispatched = _probe(opt)
     for step in range(STEPS):
-        _backward(model, reference, mesh, step)
+        for micro in range(micro_batches):  # gradients accumulate over the micro-batches, on both sides
+            _backward(model, reference, mesh, 10 * step + micro)
         opt.step()
         assert dispatched == [], dispatched
         ref_opt.step()
@@ -117,6 +118,27 @@ def test_steps_equal_one_device_with_replicates_local_forward(stage):
     """ZeRO-1/2 over ``replicate(model, mesh, reduce_in_backward=False)``: the forward and backward run on each
     rank's rows (no DTensor dispatch on dp), the gradients reach ZeRO Partial on dp, and it reduce-scatters them."""
     run_on_ranks(2, _check_equal, (2,), ("dp",), stage, "adamw", "local")
+
+
+def _local_leaves(stage):
+    """ZeRO's parameters under replicate(reduce_in_backward=False) compute through local leaves (no autograd
+    Function per parameter; layouts/data_local.py ``GRADIENT_OWNER``); their gradients reach ZeRO Partial on dp,
+    accumulated over two backwards, and every step equals one device."""
+    from dtensor_plus.layouts.data_local import LocalCompute
+
+    _check_equal((2,), ("dp",), stage, "adamw", "local", micro_batches=2)
+    mesh, model, opt, reference, _ = _placed((2,), ("dp",), stage, "adamw", "local")
+    local = next(h.__self__ for h in model._forward_pre_hooks.values() if isinstance(getattr(h, "__self__", None), LocalCompute))
+    _backward(model, reference, mesh, 0)
+    assert {id(p) for p in model.parameters()} == set(local.leaves), "a parameter computed through _DropDp"
+    for p in opt.params:  # stage 2 reduce-scattered them in backward; stage 1 holds them Partial for step()
+        assert (p.grad is None) if stage == 2 else tuple(p.grad.placements) == (dtp.Partial(),), p.grad
+    return True
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_over_replicate_computes_through_local_leaves(stage):
+    assert all(run_on_ranks(2, _local_leaves, stage))
 
 
 def _inner_step_dispatches(stage, optimizer, how):
