@@ -116,11 +116,12 @@ class MetaLocalOps(LocalFlops):
         try:
             out = func(*args, **kwargs)
         except NotImplementedError as error:
-            if "Meta" not in str(error):
+            if "meta" not in str(error).lower():
                 raise
             raise SimulationValueError(
-                f"{func} has no meta kernel: its output's shape depends on its input's values (e.g. bincount or "
-                f"nonzero in a mixture-of-experts router), which a simulated world does not have"
+                f"{func} has no meta kernel: its output's shape depends on its input's values (e.g. nonzero or a "
+                f"boolean mask: a mixture-of-experts router dropping over capacity, moe_capacity_factor; simulate "
+                f"dropless routing), which a simulated world does not have"
             ) from error
         return self._count(func, args, kwargs, out)
 

@@ -35,6 +35,15 @@ LAYOUTS = {
     "dp x tp+sp zero-3": (dict(dp=2, tp=2, sp=True, zero=3), {}),
     "dp x tp zero-1": (dict(dp=2, tp=2, zero=1), {}),
     "ep": (dict(dp=2), dict(moe_experts=4, moe_every=1)),
+    "ep, all tokens to experts 0 and 1": (dict(dp=2), dict(moe_experts=4, moe_every=1)),
+}
+
+# name -> how its real routers are made to route as the simulated world assumes, and that assumption
+ROUTINGS = {
+    "ep": ("balanced", "balanced"),
+    # a zero gate: equal logits, and the stable top-2 takes the lowest experts, 0 and 1 (both on ep rank 0)
+    "ep, all tokens to experts 0 and 1": ("zero gate", lambda source, sources, assignments, experts:
+                                          [assignments // 2, assignments // 2] + [0] * (experts - 2)),
 }
 
 
@@ -48,7 +57,7 @@ def build(name: str, config=None, batch: int = BATCH):
     torch.manual_seed(0)
     model = GPT(config)
     if config.moe_experts:
-        route_balanced(model)
+        route_balanced(model) if ROUTINGS[name][0] == "balanced" else zero_gates(model)
     mesh = make_mesh(layout)
     place_model(model, mesh, layout)
     opt = make_optimizer(model, mesh, layout, 1e-3)
@@ -84,6 +93,16 @@ def route_balanced(model) -> None:
             module.register_forward_hook(balanced)
 
 
+def zero_gates(model) -> None:
+    """Every router's gate weight zero: each token's top-k are the k lowest experts (ties go to the lowest)."""
+    from dtensor_plus.layouts.moe_router import TopKRouter
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, TopKRouter):
+                module.gate.weight.zero_()
+
+
 def measured(name: str):
     """On a real rank: the record of one real step (collectives, memory, FLOPs), from an empty plan cache as a
     simulated world starts (a rank of the test pool keeps the plans of earlier tests)."""
@@ -96,7 +115,8 @@ def measured(name: str):
 
 def simulated(name: str, world_size: int, rank: int, config=None, batch: int = BATCH):
     """In this process: rank ``rank`` of a simulated ``world_size``-rank world doing the same step."""
-    with simulated_world(world_size, rank) as world:
+    expert_load = ROUTINGS[name][1] if name in ROUTINGS else "balanced"
+    with simulated_world(world_size, rank, expert_load=expert_load) as world:
         one_step, model, opt = build(name, config, batch)
         return simulate_step(world, one_step, models=[model], optimizers=[opt])
 

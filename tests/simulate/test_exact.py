@@ -104,10 +104,7 @@ def test_simulated_pipeline_ranks_equal_real_ranks():
     _check_pipeline("pp 1f1b tied", 3, 3)
 
 
-def test_simulated_expert_parallel_rank_equals_real_rank():
-    # Routing follows values: the simulated world assumes a balanced one (expert_load="balanced"), and the real
-    # ranks' routers are forced to it (programs.route_balanced), so the all-to-all splits are the same.
-    name = "ep"
+def _check_expert_parallel(name: str) -> None:
     real = run_on_ranks(2, programs.measured, name, timeout=120)
     for rank in (0, 1):
         simulated = programs.simulated(name, 2, rank)
@@ -119,3 +116,16 @@ def test_simulated_expert_parallel_rank_equals_real_rank():
 def test_simulated_pipeline_ranks_equal_real_ranks_with_dp_zero_bubble():
     # pp 2 x dp 2, ZeRO-1 inside each stage, the zero-bubble schedule (B and W apart): every rank of both stages
     _check_pipeline("pp x dp zero-1 zb_h1", 2, 4)
+
+
+def test_simulated_expert_parallel_rank_equals_real_rank():
+    # Routing follows values: the simulated world assumes a balanced one (expert_load="balanced"), and the real
+    # ranks' routers are forced to it (programs.route_balanced), so the all-to-all splits are the same.
+    _check_expert_parallel("ep")
+
+
+@pytest.mark.slow
+def test_simulated_expert_parallel_rank_equals_real_rank_under_a_skewed_load():
+    # expert_load as a callable: every assignment to experts 0 and 1 (ep rank 0's), as real routers with a zero gate
+    # route; rank 0 runs every row of both ranks and rank 1 none, so the ranks' activations and FLOPs differ
+    _check_expert_parallel("ep, all tokens to experts 0 and 1")
