@@ -58,22 +58,24 @@ class Cluster:
 GiB = 2**30
 
 # The cpu profile: fp32 matmul of one core on this 2-core VM, measured with torch (OMP_NUM_THREADS=1, 1024 x 1024
-# matmuls) at about CPU_PEAK_FLOPS (34 GFLOP/s measured 2026-12-07, noisy: shared cores); gloo between processes on one machine moves about 1 GB/s with ~50 us per
-# message (assumed, not measured). compute_efficiency 0.5: small ops reach half of a big matmul. Rough, stated: train_gpt --auto ranks layouts with it, it makes no published claim.
+# matmuls: 34 GFLOP/s on 2026-12-07, noisy: shared cores); gloo between processes on one machine: about 1 GB/s
+# and ~50 us per message (assumed, not measured). compute_efficiency 0.5: small ops reach half of a big matmul.
+# Rough, stated: train_gpt --auto ranks layouts with it; it makes no published claim.
 CPU_PEAK_FLOPS = 3.5e10
 
 CLUSTERS: Mapping[str, Cluster] = MappingProxyType({
     # A100-80GB SXM as in NVIDIA's Selene (the Megatron-LM 2021 runs): 312 TFLOP/s dense bf16; NVLink 3 (NVSwitch)
     # 300 GB/s per GPU per direction; 8 x 200 Gb/s HDR InfiniBand per node = 25 GB/s per GPU. Bus bandwidths
     # reached by NCCL (nccl-tests) are below these: ~230 GB/s NVLink, ~23 GB/s IB (values used). Latencies: a few
-    # microseconds per ring step. compute_efficiency 0.60: fitted to Narayanan et al. 2021 Table 1's 18B row
-    # (tp 8, pp 1, no bubble, communication mostly inside a node: 148 TFLOP/s with recomputation) -- the other
-    # rows of that table are then predictions (plan/published.py).
-    "a100": Cluster("a100", 8, 312e12, 80 * GiB, Link(230e9, 5e-6), Link(23e9, 10e-6), 0.60),
+    # microseconds per ring step. compute_efficiency 0.52: the one fitted constant, fitted to Narayanan et al.
+    # 2021 Table 1's 18B row (tp 8, pp 1, dp 32, batch 1024: 135 TFLOP/s per GPU, which 0.525 reproduces); that
+    # row has no pipeline and its dp sync is mostly hidden, so it measures compute + tp communication. Every
+    # other row of that table and MT-NLG's are predictions (plan/published.py, tests/plan/test_published.py).
+    "a100": Cluster("a100", 8, 312e12, 80 * GiB, Link(230e9, 5e-6), Link(23e9, 10e-6), 0.52),
     # H100-SXM: 989 TFLOP/s dense bf16; NVLink 4 450 GB/s per direction (~360 GB/s reached); 8 x 400 Gb/s NDR
     # = 50 GB/s per GPU (~45 reached). compute_efficiency 0.50: not fitted here (no published table of this
     # kind for H100); the lower share reflects that H100 runs of this size report ~40-55% MFU.
     "h100": Cluster("h100", 8, 989e12, 80 * GiB, Link(360e9, 4e-6), Link(45e9, 8e-6), 0.50),
-    # This 2-core VM with gloo ranks (train_gpt --auto): one "node" of 8 processes; see CPU_NOTE.
+    # This 2-core VM with gloo ranks (train_gpt --auto): one "node" of 8 processes; see CPU_PEAK_FLOPS.
     "cpu": Cluster("cpu", 8, CPU_PEAK_FLOPS, 8 * GiB, Link(1e9, 50e-6), Link(1e9, 50e-6), 0.5),
 })

@@ -84,7 +84,7 @@ GPT_PRESETS: Mapping[str, Mapping] = MappingProxyType({
     "megatron-310b": _preset(96, 16384, 128),
     "megatron-530b": _preset(105, 20480, 128),
     "megatron-1t": _preset(128, 25600, 160),
-    "mt-nlg-530b": _preset(105, 20480, 128),
+    "mt-nlg-530b": _preset(105, 20480, 128, vocab=50272),  # GPT-2's 50257 tokens padded to 50272
 })
 
 
@@ -110,6 +110,19 @@ def _examples():
 
 
 def gpt_workload(preset: str | Mapping) -> Workload:
+    """examples/gpt.py's GPT as a Workload (see ``_gpt_workload``); a preset name gives the same Workload object
+    every time, so the profiles simulated for it are cached across calls."""
+    if isinstance(preset, str):
+        return _named_gpt_workload(preset)
+    return _gpt_workload(preset)
+
+
+@functools.lru_cache(maxsize=None)
+def _named_gpt_workload(name: str) -> Workload:
+    return _gpt_workload(name)
+
+
+def _gpt_workload(preset: str | Mapping) -> Workload:
     """examples/gpt.py's GPT as a Workload: ``preset`` names a ``GPT_PRESETS`` entry or gives GPTConfig fields
     (num_layers, dim, num_heads, block_size, vocab_size, ...; "dtype": the model's dtype name, default float32;
     "attention": "sdpa" by default, flash attention as large runs use it). Placed by examples/gpt_layouts.py (tp with or
