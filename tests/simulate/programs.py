@@ -57,7 +57,7 @@ def build(name: str, config=None, batch: int = BATCH):
     torch.manual_seed(0)
     model = GPT(config)
     if config.moe_experts:
-        route_balanced(model) if ROUTINGS[name][0] == "balanced" else zero_gates(model)
+        route_balanced(model) if ROUTINGS.get(name, ("balanced",))[0] == "balanced" else zero_gates(model)
     mesh = make_mesh(layout)
     place_model(model, mesh, layout)
     opt = make_optimizer(model, mesh, layout, 1e-3)
