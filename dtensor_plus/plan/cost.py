@@ -70,8 +70,8 @@ class Estimate:
         return flops_per_step / (self.layout.world * self.step_time) / 1e12
 
 
-_STEPS = {"all_reduce": lambda n: 2 * (n - 1), "all_gather": lambda n: n - 1, "reduce_scatter": lambda n: n - 1,
-          "all_to_all": lambda n: n - 1}
+_STEPS = MappingProxyType({"all_reduce": lambda n: 2 * (n - 1), "all_gather": lambda n: n - 1,
+                           "reduce_scatter": lambda n: n - 1, "all_to_all": lambda n: n - 1})
 
 
 def collective_time(collective: str, group: int, sent_bytes: float, calls: int, link: Link) -> float:
