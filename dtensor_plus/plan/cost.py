@@ -99,9 +99,10 @@ def estimate(workload: Workload, layout: ParallelLayout, cluster: Cluster, globa
     pipe = pipeline_time(layout.schedule, layout.pp, m, layout.virtual_stages,
                          tuple(s["F"] for s in priced), tuple(s["B"] for s in priced), tuple(s["W"] for s in priced),
                          p2p)
-    # per step, after the pipeline: gradient sync (exposed part), ZeRO-1/2 parameter gather, offload transfers
-    after = max(s["after_step"] for s in priced)
-    step_time = pipe["step_time"] + after
+    # per step, after the pipeline: gradient sync (exposed part), ZeRO-1/2 parameter gather, offload transfers;
+    # the step ends when the stage with the most of it is done
+    syncing = max(range(layout.pp), key=lambda s: priced[s]["after_step"])
+    step_time = pipe["step_time"] + priced[syncing]["after_step"]
 
     communication, exposed = Counter(), Counter()
     worst = max(range(layout.pp), key=lambda s: priced[s]["F"] + priced[s]["B"] + priced[s]["W"])
@@ -109,9 +110,9 @@ def estimate(workload: Workload, layout: ParallelLayout, cluster: Cluster, globa
         communication[dim] += m * t
     for dim, t in priced[worst]["exposed_per_microbatch"].items():
         exposed[dim] += m * t
-    for dim, t in priced[worst]["comm_per_step"].items():
+    for dim, t in priced[syncing]["comm_per_step"].items():
         communication[dim] += t
-    for dim, t in priced[worst]["exposed_per_step"].items():
+    for dim, t in priced[syncing]["exposed_per_step"].items():
         exposed[dim] += t
     if layout.pp > 1:
         communication["pp"] += 2 * m * p2p
@@ -180,8 +181,11 @@ def _price_stage(p: StageProfile, layout: ParallelLayout, intra: Mapping[str, bo
             shown = last_bucket + max(0.0, t - last_bucket - backward_compute)
         exposed_step[dim] += shown
         after += shown
-    if layout.offload:
-        after += (p.gradient_bytes + p.parameter_bytes) / PCIE_BANDWIDTH
+    if layout.offload:  # reported as the "host" link's communication, all exposed
+        host = (p.gradient_bytes + p.parameter_bytes) / PCIE_BANDWIDTH
+        comm_step["host"] += host
+        exposed_step["host"] += host
+        after += host
     return dict(F=forward, B=b, W=w, compute=forward_compute + backward_compute, after_step=after,
                 comm_per_microbatch=comm, exposed_per_microbatch=exposed, comm_per_step=comm_step,
                 exposed_per_step=exposed_step)

@@ -83,3 +83,12 @@ def test_collective_time_alpha_beta():
     link = Link(10.0, 0.5)
     assert collective_time("all_reduce", 4, 30.0, 1, link) == pytest.approx(3.0 + 6 * 0.5)
     assert collective_time("all_gather", 4, 30.0, 2, link) == pytest.approx(3.0 + 2 * 3 * 0.5)
+
+
+@pytest.mark.parametrize("layout", [ParallelLayout(pp=2, dp=2), ParallelLayout(dp=2, zero=1, offload=True),
+                                    ParallelLayout(pp=2, tp=2, dp=2, zero=3)], ids=str)
+def test_step_time_is_compute_exposed_communication_and_bubble(layout):
+    # the parts a report stacks add up to the step: nothing unaccounted
+    est = estimate(TINY, layout, SLOW, global_batch=8)
+    parts = est.compute_s + est.bubble_s + sum(est.exposed_communication_s.values())
+    assert est.step_time == pytest.approx(parts, rel=1e-9)
