@@ -5,7 +5,8 @@
   of the model state, for shapes ruled out before pricing), or **divisibility** when no member can divide.
 - A member fits but is slower: the part of the step that grew most against the winner's, one of
   **communication** (exposed collectives, naming the mesh dim and whether it crosses nodes), **bubble**
-  (pipeline idle time) or **compute** (recomputation, or shards too thin to run efficiently).
+  (pipeline idle time), **compute** (recomputation, or shards too thin to run efficiently) or **other** (what
+  the step time holds beyond those, e.g. offload transfers); **tie** when it is as fast.
 """
 
 from __future__ import annotations
@@ -72,9 +73,17 @@ def _compare(best, winner, gpus_per_node: int) -> tuple[str, str]:
     for dim in set(best.exposed_communication_s) | set(winner.exposed_communication_s):
         parts[("communication", dim)] = (best.exposed_communication_s.get(dim, 0.0)
                                          - winner.exposed_communication_s.get(dim, 0.0))
+    def rest(e) -> float:  # per-step work the cost model adds outside these parts (e.g. offload transfers)
+        return e.step_time - e.compute_s - e.bubble_s - sum(e.exposed_communication_s.values())
+
+    parts[("other", None)] = rest(best) - rest(winner)
     (kind, dim), grew = max(parts.items(), key=lambda item: item[1])
-    if grew <= 0 or slower <= 0:
+    if slower <= 1e-9 or grew <= 0:
         return "tie", f"ties the winner: {head}"
+    if kind == "other":
+        what = "offload transfers, " if best.layout.offload else ""
+        return kind, (f"per-step work outside compute, exposed communication and bubble ({what}as the cost model "
+                      f"adds it): {rest(best):.3g} s vs {rest(winner):.3g} s; {head}")
     if kind == "communication":
         crosses = dim in best.layout.order and not best.layout.intra_node(gpus_per_node).get(dim, True)
         where = f" ({dim} crosses nodes)" if crosses else ""
@@ -87,9 +96,11 @@ def _compare(best, winner, gpus_per_node: int) -> tuple[str, str]:
 
 
 def judge_families(winner, estimates: Sequence, ruled_out: Iterable[tuple[ParallelLayout, str, float | None]],
-                   cluster, memory: int) -> list[FamilyVerdict]:
+                   cluster, memory: int, savings: Iterable[str] = ()) -> list[FamilyVerdict]:
     """A verdict for every family the winner is not in (all families when nothing fits), sorted by name within
-    kind (memory first). ``ruled_out``: (layout, why, memory lower bound in bytes or None) of unpriced shapes."""
+    kind (memory first). ``ruled_out``: (layout, why, memory lower bound in bytes or None) of unpriced shapes.
+    ``savings``: the memory-saving families the search could have used (e.g. "zero-3", "recompute full",
+    "offload"); one never priced is **unneeded**: the search prices a saving only where it is needed to fit."""
     gpn = cluster.gpus_per_node
     own = set(families_of(winner.layout, gpn)) if winner is not None else set()
     members: dict[str, list] = {}
@@ -130,5 +141,11 @@ def judge_families(winner, estimates: Sequence, ruled_out: Iterable[tuple[Parall
             else:
                 layout, why, _ = reasons[0]
                 verdicts.append(FamilyVerdict(family, "divisibility", f"cannot divide: {why} ({layout})"))
-    order = {"memory": 0, "divisibility": 1, "communication": 2, "bubble": 3, "compute": 4, "tie": 5}
+    judged = {v.family for v in verdicts}
+    for family in savings:
+        if family not in own and family not in judged and winner is not None:
+            verdicts.append(FamilyVerdict(family, "unneeded", (
+                "unneeded: a memory saving the winner fits without, and savings only add time (collectives, "
+                "recomputation, host transfers), so it was not priced")))
+    order = {"unneeded": 7, "memory": 0, "divisibility": 1, "communication": 2, "bubble": 3, "compute": 4, "other": 5, "tie": 6}
     return sorted(verdicts, key=lambda v: (order[v.kind], v.family))

@@ -17,10 +17,11 @@ How it stays fast (seconds for GPT-3 175B on 1024 GPUs) while pricing every shap
 3. First pricing: each remaining shape once at its cheapest options (1F1B, microbatch 1, sp on, no
    recomputation, ZeRO-0), then down a ladder of memory savings (ZeRO-1, 2, selective recomputation, ZeRO-3,
    full recomputation, offload) only until it fits; steps whose state bound is over the memory are not priced.
-4. Refinement: the best ``space.refine`` shapes, and the best shape of every family (so each family's verdict
-   compares its own best), get every option tried one axis at a time (sp, microbatch size, schedule and virtual
-   stages; ZeRO, recomputation and offload together, as one trade), keeping what is faster and fits, until
-   nothing improves.
+4. Refinement: the best ``space.refine`` shapes get every option tried one axis at a time (sp, microbatch size
+   by halves and doubles, schedule and virtual stages; ZeRO, recomputation and offload together, as one trade),
+   keeping what is faster and fits, until nothing improves; the best shape of every other family (so each
+   family's verdict compares its own best) gets the moves that need no new simulated profile (all but sp and
+   microbatch size). The simulated profiles (one per tp, sp, cp, microbatch size) are what costs time.
 
 Every estimate is cached by layout, so nothing is priced twice; ``estimate`` itself caches its profiles.
 """
@@ -74,14 +75,26 @@ class SearchResult:
         return self.winner.layout.to_train_gpt_flags(self.global_batch)
 
     def tp_plan(self) -> dict:
-        """The winner's tensor-parallel plan (module pattern -> style), from the workload's ``tp_plan(config,
-        sequence_parallel)`` when it has one (gpt_workload does)."""
-        make = getattr(self.workload, "tp_plan", None)
-        if make is None:
-            raise ValueError(f"workload {self.workload.name!r} carries no tp_plan: its own place() lays tp out; "
-                             f"give Workload a tp_plan(sequence_parallel) to see the plan here")
+        """The winner's tensor-parallel plan (module pattern -> style, what ``parallelize_module`` takes): the
+        workload's ``tp_plan(sequence_parallel)`` if it has one, else the ``tp_plan(config, sequence_parallel)``
+        of the module defining its model class (examples/gpt.py's, for gpt_workload), the model built with one
+        layer on the meta device. {} when the winner has no tp."""
         layout = self.winner.layout
-        return make(layout.sequence_parallel) if layout.tp > 1 else {}
+        if layout.tp == 1:
+            return {}
+        make = getattr(self.workload, "tp_plan", None)
+        if make is not None:
+            return make(layout.sequence_parallel)
+        import sys
+
+        from .space import build_on_meta
+
+        model = build_on_meta(self.workload, 1)
+        module_plan = getattr(sys.modules.get(type(model).__module__), "tp_plan", None)
+        if module_plan is None or not hasattr(model, "config"):
+            raise ValueError(f"workload {self.workload.name!r} has no tp_plan, nor does its model's module: its own "
+                             f"place() lays tp out; give it a tp_plan(sequence_parallel) to see the plan here")
+        return module_plan(model.config, sequence_parallel=layout.sequence_parallel)
 
     def table(self, top: int | None = None) -> str:
         from .table import format_table
@@ -93,16 +106,25 @@ _gib = size_text
 
 
 class _Pricer:
-    """``estimate`` with a cache by layout and the run's fixed arguments."""
+    """``estimate`` with a cache by layout and the run's fixed arguments. A layout the workload cannot run
+    (its ``place`` refuses it with a ValueError or NotImplementedError, e.g. a model whose sp and cp do not
+    compose) prices as None, its error kept in ``refused`` as the reason."""
 
     def __init__(self, estimator, workload, cluster, global_batch, memory):
         self.estimator, self.workload, self.cluster = estimator, workload, cluster
         self.global_batch, self.memory = global_batch, memory
         self.cache: dict[ParallelLayout, object] = {}
+        self.refused: dict[ParallelLayout, str] = {}
 
     def __call__(self, layout: ParallelLayout):
+        if layout in self.refused:
+            return None
         if layout not in self.cache:
-            self.cache[layout] = self.estimator(self.workload, layout, self.cluster, self.global_batch, self.memory)
+            try:
+                self.cache[layout] = self.estimator(self.workload, layout, self.cluster, self.global_batch, self.memory)
+            except (ValueError, NotImplementedError) as err:
+                self.refused[layout] = f"the workload refuses it: {err}"
+                return None
         return self.cache[layout]
 
 
@@ -125,7 +147,9 @@ def _with(layout: ParallelLayout, **changes) -> ParallelLayout | None:
 def _first_options(shape: Shape, space: SearchSpace, global_batch: int) -> list[ParallelLayout]:
     """The shape's cheapest options, then one memory saving more at each step (the ladder of step 3); the search
     skips (unpriced) the steps whose state bound is over the memory."""
-    sp = shape.tp > 1 and True in space.sequence_parallel
+    # sp on by default (same bytes as tp's all-reduces, norms' activations / tp), but not with cp: both shard
+    # the sequence, and models (examples/gpt.py) let cp cover the norms instead
+    sp = shape.tp > 1 and shape.cp == 1 and True in space.sequence_parallel or False not in space.sequence_parallel
     mbs = global_batch // shape.dp if space.whole_batch_without_pp and shape.pp == 1 else min(space.micro_batch_sizes)
     schedule = space.schedules[0] if shape.pp > 1 else "1f1b"
     zeros = [z for z in sorted(space.zero) if z == 0 or shape.dp > 1]
@@ -145,15 +169,32 @@ def _first_options(shape: Shape, space: SearchSpace, global_batch: int) -> list[
     return ladder
 
 
-def _neighbours(layout: ParallelLayout, space: SearchSpace, global_batch: int) -> list[ParallelLayout]:
-    """Every layout one option away (step 4's axes). The memory savings (ZeRO stage, recomputation, offload)
+_RECOMPUTE_LEVEL = {"none": 0, "selective": 1, "full": 2}
+
+
+def _saves_no_less(a: ParallelLayout, b: ParallelLayout) -> bool:
+    """Does ``a`` use every memory saving ``b`` uses, at least as much (ZeRO stage, recomputation, offload)?"""
+    return (a.zero >= b.zero and _RECOMPUTE_LEVEL[a.recompute] >= _RECOMPUTE_LEVEL[b.recompute]
+            and a.offload >= b.offload)
+
+
+def _neighbours(layout: ParallelLayout, space: SearchSpace, global_batch: int, same_profile: bool = False
+                ) -> list[ParallelLayout]:
+    """The layouts one option away (step 4's axes). The memory savings (ZeRO stage, recomputation, offload)
     move together: trading one for another (ZeRO-3 instead of recomputation) is often the better plan, and
-    neither half of the trade alone fits or is faster."""
+    neither half of the trade alone fits or is faster; a move that gives up no saving is left out (savings cost
+    time: more collectives, more compute or host transfers). Microbatch size moves by halves and doubles.
+    ``same_profile``: only moves that keep tp, sp, cp and the microbatch size (no new simulated profile)."""
     out = [_with(layout, zero=z, recompute=r, offload=o)
            for z in space.zero for r in space.recompute for o in space.offload]
-    out += [_with(layout, sequence_parallel=sp) for sp in space.sequence_parallel]
-    if not (space.whole_batch_without_pp and layout.pp == 1):
-        out += [_with(layout, micro_batch_size=m) for m in space.micro_batch_sizes]
+    out = [n for n in out if n is not None and not _saves_no_less(n, layout)]
+    if not same_profile:
+        out += [_with(layout, sequence_parallel=sp) for sp in space.sequence_parallel]
+    if not same_profile and not (space.whole_batch_without_pp and layout.pp == 1):
+        sizes = sorted(space.micro_batch_sizes)
+        here = sizes.index(layout.micro_batch_size) if layout.micro_batch_size in sizes else None
+        out += [_with(layout, micro_batch_size=sizes[i]) for i in ((here - 1, here + 1) if here is not None else ())
+                if 0 <= i < len(sizes)]
     if layout.pp > 1:
         for schedule in space.schedules:
             vs = space.virtual_stages if schedule == "interleaved_1f1b" else (1,)
@@ -191,7 +232,7 @@ def search(workload, world: int, cluster, global_batch: int, memory_per_device: 
     ruled_out: list[tuple[ParallelLayout, str, float | None]] = []
     first: dict[Shape, object] = {}  # shape -> its first fitting estimate, or its most frugal one that did not fit
     fitting: dict[Shape, bool] = {}
-    for shape in shapes(world, cluster.gpus_per_node, space, experts=facts["experts"]):
+    for shape in shapes(world, cluster.gpus_per_node, space, seq_len=workload.seq_len, experts=facts["experts"]):
         ladder = _first_options(shape, space, global_batch)
         frugal = ladder[-1]
         why = frugal.problems(**facts)
@@ -210,27 +251,31 @@ def search(workload, world: int, cluster, global_batch: int, memory_per_device: 
                                           f"per device > {_gib(memory)}", bound.bytes(layout)))
                 continue
             est = price(layout)
+            if est is None:
+                continue
             first[shape], fitting[shape] = est, est.fits
             if est.fits:
                 break
         else:
             if shape not in first:
-                ruled_out.append((frugal, "not runnable in this search space", None))
+                refusal = next((price.refused[lay] for lay in ladder if lay in price.refused), None)
+                ruled_out.append((frugal, refusal or "not runnable in this search space", None))
 
     # Refinement: the best shapes, plus each family's best (judge_families compares families by their best).
     ranked = sorted((s for s in first if fitting[s]), key=lambda s: first[s].step_time)
-    chosen = list(dict.fromkeys(ranked[: space.refine] + _family_representatives(ranked, first, cluster)))
+    top_shapes = ranked[: space.refine]
+    chosen = list(dict.fromkeys(top_shapes + _family_representatives(ranked, first, cluster)))
     for shape in chosen:
         best = first[shape]
-        for _ in range(3):
+        for _ in range(4):
             improved = False
-            for layout in _neighbours(best.layout, space, global_batch):
+            for layout in _neighbours(best.layout, space, global_batch, same_profile=shape not in top_shapes):
                 if not _valid(layout, facts, space):
                     continue
                 if bound is not None and bound.bytes(layout) > memory:
                     continue
                 est = price(layout)
-                if est.fits and est.step_time < best.step_time:
+                if est is not None and est.fits and est.step_time < best.step_time:
                     best, improved = est, True
             if not improved:
                 break
@@ -238,7 +283,9 @@ def search(workload, world: int, cluster, global_batch: int, memory_per_device: 
     estimates = tuple(price.cache.values())
     # Ties (equal predicted time) go to the layout with less memory: the same speed with more headroom.
     plans = sorted((e for e in estimates if e.fits), key=lambda e: (e.step_time, sum(e.memory.values()), str(e.layout)))
-    verdicts = judge_families(plans[0] if plans else None, estimates, ruled_out, cluster, memory)
+    savings = [f"zero-{z}" for z in space.zero if z] + [f"recompute {r}" for r in space.recompute if r != "none"]
+    savings += ["offload"] if True in space.offload else []
+    verdicts = judge_families(plans[0] if plans else None, estimates, ruled_out, cluster, memory, savings)
     return SearchResult(
         workload=workload, world=world, cluster=cluster, global_batch=global_batch, memory_per_device=memory,
         plans=tuple(plans[:top]), losers=MappingProxyType({v.family: v.reason for v in verdicts}),

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from .layout import RECOMPUTE, SCHEDULES, ParallelLayout
 
-__all__ = ["SearchSpace", "Shape", "shapes", "StateBound", "parameter_counts"]
+__all__ = ["SearchSpace", "Shape", "shapes", "StateBound", "parameter_counts", "build_on_meta"]
 
 TRAIN_GPT_ORDER = ("pp", "dp", "tp", "cp")
 
@@ -41,13 +41,14 @@ class SearchSpace:
     offload: tuple[bool, ...] = (False, True)
     sequence_parallel: tuple[bool, ...] = (True, False)
     tp_across_nodes: bool = True
-    max_tp: int = 64
+    max_tp: int | None = None  # None: twice a node (the "tp across nodes" family, priced once to say why it loses)
     max_cp: int = 8
+    min_cp_chunk: int = 1024  # cp only while each rank keeps this many tokens of the sequence (see below)
     max_pp: int = 128
     orders: tuple[tuple[str, ...], ...] | None = None  # None: every order that changes which dims are intra-node
     whole_batch_without_pp: bool = False
     runnable: Callable[[ParallelLayout], bool] | None = field(default=None, compare=False)
-    refine: int = 12
+    refine: int = 6
 
     def __post_init__(self):
         if not set(self.schedules) <= set(SCHEDULES) or not set(self.recompute) <= set(RECOMPUTE):
@@ -110,17 +111,19 @@ def _orders(sizes: dict[str, int], gpus_per_node: int, space: SearchSpace) -> li
     return out
 
 
-def shapes(world: int, gpus_per_node: int, space: SearchSpace, *, experts: int = 0) -> Iterator[Shape]:
+def shapes(world: int, gpus_per_node: int, space: SearchSpace, *, seq_len: int, experts: int = 0) -> Iterator[Shape]:
     """Every (dp, tp, pp, cp, ep) with dp*tp*pp*cp == world (ep dividing dp and the experts), tp a power of two
-    (up to a node, or beyond when ``space.tp_across_nodes``), with each distinct mesh order."""
+    (up to a node, or twice a node when ``space.tp_across_nodes``), cp within ``space.min_cp_chunk``, with each
+    distinct mesh order."""
+    max_tp = space.max_tp if space.max_tp is not None else 2 * gpus_per_node
     for tp in _divisors(world):
-        if tp & (tp - 1) or tp > space.max_tp or (tp > gpus_per_node and not space.tp_across_nodes):
+        if tp & (tp - 1) or tp > max_tp or (tp > gpus_per_node and not space.tp_across_nodes):
             continue
         for pp in _divisors(world // tp):
             if pp > space.max_pp:
                 continue
             for cp in _divisors(world // (tp * pp)):
-                if cp > space.max_cp:
+                if cp > space.max_cp or (cp > 1 and seq_len // cp < space.min_cp_chunk):
                     continue
                 dp = world // (tp * pp * cp)
                 sizes = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
@@ -145,14 +148,19 @@ class _SkipInitializers(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def build_on_meta(workload, num_layers: int):
+    """``workload.build(num_layers)`` on the meta device, initializers skipped: shapes only, nothing allocated."""
+    with torch.device("meta"), _SkipInitializers():  # ours innermost: it sees the initializers first
+        return workload.build(num_layers)
+
+
 def parameter_counts(workload) -> tuple[int, int]:
     """(parameters per layer, parameters outside the layers) of the workload's model, from ``build(1)`` and
     ``build(2)`` on the meta device (nothing allocated, initializers skipped). A model that cannot be built on
     meta falls back to a GPT's count from the workload's sizes (12 h^2 + 13 h a layer; embeddings, positions,
     the final norm)."""
     try:
-        with torch.device("meta"), _SkipInitializers():  # ours innermost: it sees the initializers first
-            one, two = (sum(p.numel() for p in workload.build(n).parameters()) for n in (1, 2))
+        one, two = (sum(p.numel() for p in build_on_meta(workload, n).parameters()) for n in (1, 2))
         return two - one, 2 * one - two
     except Exception:  # noqa: BLE001 - any model code: the fallback is stated in the docstring
         h = workload.hidden

@@ -63,7 +63,8 @@ def format_winner(result) -> str:
     if best.layout.tp > 1:
         try:
             plan = result.tp_plan()
-            lines.append("  tp plan: " + ", ".join(f"{k}: {type(v).__name__}" for k, v in plan.items()))
+            lines.append("  tp plan (parallelize_module(model, mesh['tp'], plan)):")
+            lines += [f"    {k!r}: {type(v).__name__}" for k, v in plan.items()]
         except ValueError as err:
             lines.append(f"  tp plan: {err}")
     return "\n".join(lines)
