@@ -22,10 +22,11 @@ def _simulate_pipeline_rank(name, pp, world_size, rank, **assumed):
 
 
 def test_a_later_stage_simulated_before_its_sender_names_the_fix():
+    ties = programs.pipeline_ties("pp 1f1b tied", 2)
     with pytest.raises(SimulationValueError, match=r"simulate rank 0 first, in a simulated_world\(\.\.\., wire=w\)"):
-        _simulate_pipeline_rank("pp x dp zero-1 zb_h1", 2, 4, 2, wire=Wire())
+        _simulate_pipeline_rank("pp 1f1b tied", 2, 2, 1, wire=Wire(), pipeline_ties=ties)
     with pytest.raises(SimulationValueError, match="sharing one dtensor_plus.simulate.Wire"):
-        _simulate_pipeline_rank("pp x dp zero-1 zb_h1", 2, 4, 2)
+        _simulate_pipeline_rank("pp 1f1b tied", 2, 2, 1, pipeline_ties=ties)
 
 
 def test_a_tied_weight_without_its_holders_names_the_fix():
