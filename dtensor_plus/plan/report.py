@@ -19,7 +19,7 @@ __all__ = ["write_report", "MatplotlibMissing"]
 
 GIB = 1 << 30
 KIND_COLORS = {"parameters": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868", "activations": "#C44E52"}
-_MAX_TIMELINE_MICROBATCHES = 32  # more is unreadable; the timeline is drawn for at most this many (said in the title)
+_MAX_TIMELINE_MICROBATCHES = 16  # more is unreadable; the timeline is drawn for at most this many (said in the title)
 
 
 class MatplotlibMissing(RuntimeError):
@@ -86,7 +86,7 @@ def write_report(result, path: str | os.PathLike) -> str:
         mem_ax.barh(ys, widths, left=left, color=color, label=kind)
         left = [a + b for a, b in zip(left, widths)]
     mem_ax.axvline(result.memory_per_device / GIB, color="black", linestyle="--", linewidth=1, label="memory per device")
-    mem_ax.set_yticks(list(ys), labels, fontsize=7)
+    mem_ax.set_yticks(list(ys), labels, fontsize=6)
     mem_ax.invert_yaxis()
     mem_ax.set(xlabel="GiB per device (worst stage)", title="memory per device, by kind")
     mem_ax.legend(fontsize=7, loc="lower right")
@@ -115,7 +115,7 @@ def write_report(result, path: str | os.PathLike) -> str:
         events, which = _timeline_events(shown, result.global_batch)
         winner = result.plans and shown is result.plans[0]
         title = (f"{'winner' if winner else 'best pipelined plan'} {shown.layout}: predicted timeline, {which} "
-                 f"(pipeline bubble {shown.bubble_s:.3g} s of {shown.step_time:.3g} s per step)")
+                 f"(bubble {shown.bubble_s:.3g} s of a {shown.step_time:.3g} s step)")
         _draw_panel(time_ax, title, events, shown.layout.pp)
         time_ax.set_yticks(range(shown.layout.pp), [f"pp rank {r}" for r in range(shown.layout.pp)], fontsize=7)
         time_ax.set_ylim(shown.layout.pp - 0.5, -0.5)

@@ -22,6 +22,8 @@ How it stays fast (seconds for GPT-3 175B on 1024 GPUs) while pricing every shap
    keeping what is faster and fits, until nothing improves; the best shape of every other family (so each
    family's verdict compares its own best) gets the moves that need no new simulated profile (all but sp and
    microbatch size). The simulated profiles (one per tp, sp, cp, microbatch size) are what costs time.
+5. The winner with each per-step option it did not take (each ZeRO stage, recomputation, offload, schedule),
+   so those families' verdicts compare against the winner itself.
 
 Every estimate is cached by layout, so nothing is priced twice; ``estimate`` itself caches its profiles.
 """
@@ -202,6 +204,17 @@ def _neighbours(layout: ParallelLayout, space: SearchSpace, global_batch: int, s
     return [n for n in out if n is not None and n != layout]
 
 
+def _option_variants(layout: ParallelLayout, space: SearchSpace) -> list[ParallelLayout]:
+    """The layout with one per-step option changed (ZeRO stage, recomputation, offload, schedule), each value."""
+    out = [_with(layout, zero=z) for z in space.zero] + [_with(layout, recompute=r) for r in space.recompute]
+    out += [_with(layout, offload=o) for o in space.offload]
+    if layout.pp > 1:
+        for schedule in space.schedules:
+            out += [_with(layout, schedule=schedule, virtual_stages=v)
+                    for v in (space.virtual_stages if schedule == "interleaved_1f1b" else (1,))]
+    return [n for n in out if n is not None and n != layout]
+
+
 def search(workload, world: int, cluster, global_batch: int, memory_per_device: int | None = None, top: int = 10,
            *, space: SearchSpace | None = None, estimator: Callable | None = None) -> SearchResult:
     """Rank the layouts of ``workload`` on ``world`` ranks of ``cluster`` for ``global_batch`` sequences a step.
@@ -279,6 +292,14 @@ def search(workload, world: int, cluster, global_batch: int, memory_per_device: 
                     best, improved = est, True
             if not improved:
                 break
+
+    # Each per-step option the winner did not take, on the winner itself: the cleanest "why not zero-3" (same
+    # profile, so no new simulation).
+    provisional = min((e for e in price.cache.values() if e.fits), key=lambda e: e.step_time, default=None)
+    if provisional is not None:
+        for layout in _option_variants(provisional.layout, space):
+            if _valid(layout, facts, space) and (bound is None or bound.bytes(layout) <= memory):
+                price(layout)
 
     estimates = tuple(price.cache.values())
     # Ties (equal predicted time) go to the layout with less memory: the same speed with more headroom.
