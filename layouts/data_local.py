@@ -214,7 +214,7 @@ class LocalCompute:
         ``deliver``: replicate's buckets, which reduce it onto ``param.grad`` (layouts/data.py
         ``GradientBucket.add_local``), or ``_to_partial`` (ZeRO reduce-scatters it)."""
         entry = self.leaves.get(id(param))
-        if entry is None or entry[0] is not param or entry[1] is not param._local_tensor or entry[3] is not deliver:
+        if entry is None or entry[0] is not param or entry[1] is not param._local_tensor or entry[3] != deliver:
             local = param._local_tensor
             leaf = local.detach() if spec is None else DTensor(local.detach(), spec)
             leaf.requires_grad_()

@@ -131,6 +131,9 @@ def _local_leaves(stage):
     local = next(h.__self__ for h in model._forward_pre_hooks.values() if isinstance(getattr(h, "__self__", None), LocalCompute))
     _backward(model, reference, mesh, 0)
     assert {id(p) for p in model.parameters()} == set(local.leaves), "a parameter computed through _DropDp"
+    leaves = {key: entry[2] for key, entry in local.leaves.items()}
+    _backward(model, reference, mesh, 1)
+    assert all(local.leaves[key][2] is leaf for key, leaf in leaves.items()), "a leaf was made again"
     for p in opt.params:  # stage 2 reduce-scattered them in backward; stage 1 holds them Partial for step()
         assert (p.grad is None) if stage == 2 else tuple(p.grad.placements) == (dtp.Partial(),), p.grad
     return True
