@@ -10,8 +10,8 @@ when its groups stay inside a node (``layout.intra_node``), InfiniBand otherwise
 
 Overlap, stated:
 - tp / sp collectives and ep's all-to-alls sit between dependent matmuls: exposed, added to the microbatch's F/B.
-- cp's ring shifts overlap the attention compute they feed: exposed only beyond that phase's compute time; cp's
-  other collectives are exposed.
+- cp's ring shifts overlap the attention kernels they feed: exposed only beyond the phase's attention compute
+  time (``StageProfile.*_attention_flops``); cp's other collectives are exposed.
 - ZeRO-3's all-gathers are prefetched (one layer ahead) and its reduce-scatters run behind the next layer's
   backward: exposed are the first layer's gather per phase (1/(layers+1) of the phase's traffic) and whatever
   exceeds the phase's compute.
@@ -140,6 +140,8 @@ def _price_stage(p: StageProfile, layout: ParallelLayout, intra: Mapping[str, bo
     forward_compute = p.forward_flops / flops_rate
     backward_compute = (p.backward_flops + p.recompute_flops) / flops_rate
     phase_compute = {"forward": forward_compute, "backward": backward_compute}
+    attention_compute = {"forward": p.forward_attention_flops / flops_rate,
+                         "backward": p.backward_attention_flops / flops_rate}
     comm, exposed = Counter(), Counter()
     exposed_by_phase = Counter()
     grouped = Counter()  # (dim, phase, hidden-kind) -> seconds
@@ -155,8 +157,8 @@ def _price_stage(p: StageProfile, layout: ParallelLayout, intra: Mapping[str, bo
             exposed_by_phase[phase] += t
     for (dim, phase, collective), t in grouped.items():
         hidden_behind = phase_compute.get(phase, 0.0)
-        if collective == "ring_shift":
-            shown = max(0.0, t - hidden_behind)
+        if collective == "ring_shift":  # k/v blocks move while the attention kernels compute on the last ones
+            shown = max(0.0, t - attention_compute.get(phase, 0.0))
         else:  # ZeRO-3: the first layer's gather cannot be prefetched
             first = t / (p.layers + 1)
             shown = first + max(0.0, t - first - hidden_behind)

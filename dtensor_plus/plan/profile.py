@@ -56,7 +56,8 @@ _EMPTY = MappingProxyType({})
 class StageProfile:
     """One microbatch through one pipeline stage on one rank (all bytes and FLOPs per rank).
 
-    forward_flops / backward_flops: per microbatch (recompute_flops: the extra forward recomputation adds).
+    forward_flops / backward_flops: per microbatch (recompute_flops: the extra forward recomputation adds);
+    *_attention_flops: the part of them in attention kernels (ops named "...attention...").
     microbatch_collectives: {(collective, mesh dim, phase): bytes sent per microbatch}; *_counts: calls.
     step_collectives: {(collective, mesh dim): bytes sent once per step} (dp gradient sync; ZeRO-1/2 gathers),
     step_counts: calls. parameter/gradient/optimizer bytes: state this rank holds (after ZeRO sharding);
@@ -71,6 +72,8 @@ class StageProfile:
     forward_flops: float
     backward_flops: float
     recompute_flops: float
+    forward_attention_flops: float = 0.0
+    backward_attention_flops: float = 0.0
     microbatch_collectives: Mapping = field(default_factory=lambda: _EMPTY)
     microbatch_counts: Mapping = field(default_factory=lambda: _EMPTY)
     step_collectives: Mapping = field(default_factory=lambda: _EMPTY)
@@ -172,6 +175,9 @@ def _quantities(result, embeddings) -> tuple[Counter, Counter]:
     total, first = Counter(), Counter()
     for (module, phase), flops in result.flops_by_module.items():
         total[f"{phase}_flops"] += flops
+    for op, flops in result.flops_by_op.items():  # the attention core (what cp's ring shifts overlap)
+        if "attention" in op:
+            total["backward_attention_flops" if "backward" in op else "forward_attention_flops"] += flops
     for kind in ("parameters", "gradients", "optimizer", "activations"):
         total[kind] += result.memory.get(kind, 0)
     for c in result.collectives:
@@ -275,7 +281,8 @@ def profile(workload: Workload, layout: ParallelLayout, stage: int = 0) -> Stage
     p2p = split.residual_elements * split.dtype_bytes if layout.pp > 1 else 0
     return StageProfile(
         layout=layout, stage=stage, layers=layers, forward_flops=float(forward), backward_flops=float(backward),
-        recompute_flops=float(recompute),
+        recompute_flops=float(recompute), forward_attention_flops=float(total("forward_attention_flops")),
+        backward_attention_flops=float(total("backward_attention_flops")),
         microbatch_collectives=MappingProxyType(dict(collectives)), microbatch_counts=MappingProxyType(dict(counts)),
         step_collectives=MappingProxyType(dict(step_collectives)), step_counts=MappingProxyType(dict(step_counts)),
         parameter_bytes=int(params), gradient_bytes=int(grads), optimizer_bytes=int(optimizer),
