@@ -24,8 +24,8 @@ def format_table(result, top: int | None = None) -> str:
             f"priced, {len(result.ruled_out)} layouts ruled out unpriced, {result.seconds:.1f} s")
     rows = [("#", "layout", "step s", "tokens/s", "MFU", "mem GiB", "exposed comm s by mesh dim", "bubble s")]
     for i, e in enumerate(plans, 1):
-        rows.append((str(i), str(e.layout), f"{e.step_time:.3f}", f"{e.tokens_per_s:,.0f}", f"{e.mfu:.1%}",
-                     f"{sum(e.memory.values()) / GIB:.2f}", _comm(e), f"{e.bubble_s:.3f}"))
+        rows.append((str(i), str(e.layout), f"{e.step_time:.4g}", f"{e.tokens_per_s:,.0f}", f"{e.mfu:.1%}",
+                     f"{sum(e.memory.values()) / GIB:.2f}", _comm(e), f"{e.bubble_s:.3g}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [head, ""]
     for n, r in enumerate(rows):
@@ -52,8 +52,8 @@ def format_winner(result) -> str:
     lines = [f"winner: {best.layout}",
              f"  mesh: init_device_mesh(device, {sizes}, mesh_dim_names={names})",
              f"  memory per device (worst stage): {memory}",
-             f"  step {best.step_time:.3f} s: compute {best.compute_s:.3f} s, exposed communication "
-             f"{sum(best.exposed_communication_s.values()):.3f} s, bubble {best.bubble_s:.3f} s; "
+             f"  step {best.step_time:.4g} s: compute {best.compute_s:.4g} s, exposed communication "
+             f"{sum(best.exposed_communication_s.values()):.4g} s, bubble {best.bubble_s:.3g} s; "
              f"{best.tokens_per_s:,.0f} tokens/s, MFU {best.mfu:.1%}"]
     try:
         flags = result.train_gpt_flags()
