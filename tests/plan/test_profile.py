@@ -77,3 +77,9 @@ def test_presets_hold_the_published_shapes():
                                                     vocab_size=51200, dtype="bfloat16")
     with pytest.raises(ValueError, match="unknown GPT preset"):
         gpt_workload("gpt-5")
+
+
+def test_moe_models_are_refused_not_mispriced():
+    moe = replace(TINY, experts=4)
+    with pytest.raises(NotImplementedError, match="mixture-of-experts"):
+        profile(moe, ParallelLayout(dp=2, ep=2))
