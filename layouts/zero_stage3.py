@@ -30,6 +30,7 @@ collectives in the same order::
 
 from __future__ import annotations
 
+import collections
 import time
 
 import torch
@@ -302,7 +303,14 @@ class _Unit:
     def reduced(self, locals_, present) -> list:
         """The reduced local shards as gradients of the shards (None where an entry had no gradient)."""
         out = [None] * len(self.entries)
+        used = collections.Counter()  # bytes of the locals in each storage (by its StorageImpl: meta ones too)
+        for t in locals_:
+            used[t.untyped_storage()._cdata] += t.numel() * t.element_size()
         for i, local in zip(present, locals_):
+            if used[local.untyped_storage()._cdata] < local.untyped_storage().nbytes():
+                # A view of a buffer mostly not ours (a row-parallel weight's shard cut from a wider reduce-scatter
+                # output) would keep the whole buffer alive as this gradient: keep only our part.
+                local = local.clone()
             shard = self.entries[i][2]
             out[i] = DTensor(local.to(shard.device, shard.dtype), shard._spec)  # offload: to the host
         return out

@@ -129,3 +129,12 @@ def test_simulated_expert_parallel_rank_equals_real_rank_under_a_skewed_load():
     # expert_load as a callable: every assignment to experts 0 and 1 (ep rank 0's), as real routers with a zero gate
     # route; rank 0 runs every row of both ranks and rank 1 none, so the ranks' activations and FLOPs differ
     _check_expert_parallel("ep, all tokens to experts 0 and 1")
+
+
+@pytest.mark.parametrize("name", ["zero-3", "dp x tp+sp zero-3"])
+def test_zero3_gradients_take_what_their_shards_take(name):
+    # fp32 gradient shards are exactly as large as the fp32 parameter shards. With tp, the row-parallel weights'
+    # gradients were views of the block's whole reduce-scatter output and kept all of it alive (816 floats held
+    # for 336 used per debug block); the simulated rank holds what the real one holds (the tests above).
+    memory = programs.simulated(name, _world(name), 0).memory
+    assert memory["gradients"] == memory["parameters"], memory
