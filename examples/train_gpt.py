@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc-per-node 4 examples/train_gpt.py --dp 2 --tp 2 --sp --zero 3 --config debug --steps 20
     torchrun --standalone --nproc-per-node 4 examples/train_gpt.py --cp 2 --tp 2          # context parallel (ring)
+    torchrun --standalone --nproc-per-node 4 examples/train_gpt.py --auto                 # the planner picks
 
 The text is one every machine has without a download: the bytes of the Python standard library's own source
 files (``sysconfig.get_paths()["stdlib"]``, read at run time; byte-level vocabulary of 256). Batches are random
@@ -93,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--moe-capacity", type=float, default=None, help="capacity factor (default: dropless)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                         help="parameters and activations (float64: MoE routing no longer flips on rounding)")
+    parser.add_argument("--auto", action="store_true",
+                        help="let the planner (python -m dtensor_plus.plan, cluster 'cpu') pick --dp/--tp/--sp/--zero/"
+                             "--cp/--pp/--schedule/--microbatches for the ranks given; prints its table and why")
     parser.add_argument("--config", default="debug", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (divisible by --dp)")
@@ -111,6 +115,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     # torchrun sets WORLD_SIZE; a process group started otherwise (e.g. run_on_ranks in tests) knows its own.
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if args.auto:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        given = [flag for flag in AUTO_FLAGS if any(a == flag or a.startswith(flag + "=") for a in argv)]
+        if given:
+            parser.error(f"--auto picks {', '.join(given)} itself: leave them out (or leave out --auto)")
+        if args.moe or args.checkpoint or args.dtype != "float32":
+            parser.error("--auto plans dense float32 runs without --checkpoint (the planner's train_gpt space)")
+        return parse_args([a for a in argv if a != "--auto"] + auto_flags(args, world))
     if args.dp is None:  # a mesh dim left unsaid takes the ranks that are left: --zero 1 alone on 4 ranks is dp=4
         others = args.pp * args.tp * args.cp
         if world % others:
@@ -137,6 +149,64 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as err:
         parser.error(str(err))
     return args
+
+
+# -- --auto: the planner picks the layout ----------------------------------------------------------------
+
+AUTO_FLAGS = ("--dp", "--tp", "--sp", "--zero", "--cp", "--pp", "--schedule", "--microbatches")
+
+
+def auto_flags(args, world: int) -> list[str]:
+    """The layout flags the planner picks for ``world`` ranks of the 'cpu' cluster: ``python -m dtensor_plus.plan
+    --train-gpt`` (only what this script runs) in a fresh process, because the planner simulates the model in a
+    world of its own, which a process already in a process group cannot start. Rank 0 plans and prints the table;
+    the other ranks get its answer over the process group (started here under torchrun), so all run one layout."""
+    import json
+    import subprocess
+    import tempfile
+
+    dist = torch.distributed
+    if world > 1 and not dist.is_initialized() and "MASTER_ADDR" in os.environ:
+        dist.init_process_group("gloo")  # torchrun: the group init_device_mesh will use later
+    answer = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "winner.json")
+            command = [sys.executable, "-m", "dtensor_plus.plan", "--model", args.config, "--gpus", str(world),
+                       "--cluster", "cpu", "--global-batch", str(args.batch_size), "--train-gpt", "--top", "5",
+                       "--flags-out", out] + (["--seq-len", str(args.seq_len)] if args.seq_len else [])
+            # the planner's own (simulated) world: none of this run's torchrun variables
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                                     "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+            env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            print(done.stdout, end="")
+            if done.returncode or not os.path.isfile(out):
+                answer[0] = {"error": f"the planner failed ({' '.join(command)}):\n{done.stderr[-4000:]}"}
+            else:
+                with open(out) as f:
+                    answer[0] = json.load(f)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(answer, src=0)
+    winner = answer[0]
+    if "error" in winner:
+        raise SystemExit(winner["error"])
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"--auto chose {winner['layout']}: {winner['why']}\n--auto flags: {' '.join(winner['train_gpt_flags'])}")
+    return _layout_only(winner["train_gpt_flags"])
+
+
+def _layout_only(flags: list[str]) -> list[str]:
+    """The planner's flags without --batch-size (the run's own is already on the command line)."""
+    out, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag == "--batch-size":
+            skip = True
+        else:
+            out.append(flag)
+    return out
 
 
 # -- data ------------------------------------------------------------------------------------------------
@@ -382,8 +452,9 @@ def verdict(result: Result, dtype: str) -> str:
             f"report it with this command line")
 
 
-def main(argv=None) -> Result:
-    args = parse_args(argv)
+def main(argv=None, *, args=None) -> Result:
+    """Run the command line ``argv`` (or the already parsed ``args``, e.g. to see what --auto chose first)."""
+    args = args if args is not None else parse_args(argv)
     layout = args.layout
     if args.pp > 1:
         return _main_pipelined(args)
