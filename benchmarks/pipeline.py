@@ -41,7 +41,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import dtensor_plus as dtp  # noqa: E402
-from dtensor_plus.layouts.pipeline import PipelineSchedule, PipelineStage, build_schedule  # noqa: E402
+from dtensor_plus.layouts.pipeline import (Action, Event, Kind, PipelineSchedule, PipelineStage,  # noqa: E402
+                                          build_schedule)
 from dtensor_plus.layouts.pipeline.simulate import (bubble_formula, costs_from_events, simulate,  # noqa: E402
                                                     stage_costs_from_events)
 from gpt import GPT, PRESETS  # noqa: E402
@@ -239,6 +240,28 @@ def bubbles(schedule, timelines):
             costs, cpu_share)
 
 
+def breakdown(timelines) -> str:
+    """Where each rank's step went (ms, the median step's timeline): compute, waiting on receives, posting sends, and
+    the rest (between actions: the executor's own Python, receives posted at the step's start). An executor that
+    records a whole run of messages as one interval (each action of it spanning the run) counts the run once: as
+    a receive wait when it holds a receive, else as sends."""
+    parts = []
+    for tl in timelines:
+        span = max(e.end for e in tl) - min(0.0, min(e.start for e in tl))
+        compute = sum(e.end - e.start for e in tl if e.action.kind.is_compute or e.action.kind.value == "STEP")
+        runs = {}  # start -> (end, kinds)
+        for e in tl:
+            if not (e.action.kind.is_compute or e.action.kind.value == "STEP"):
+                end, kinds = runs.get(e.start, (e.end, set()))
+                runs[e.start] = (max(end, e.end), kinds | {e.action.kind.value[:4]})
+        recv = sum(end - start for start, (end, kinds) in runs.items() if "RECV" in kinds)
+        send = sum(end - start for start, (end, kinds) in runs.items() if "RECV" not in kinds)
+        sends = sum(1 for e in tl if e.action.kind.value.startswith("SEND"))
+        parts.append(f"r{tl[0].rank}: compute {compute * 1e3:.1f}, recv wait {recv * 1e3:.1f}, {sends} sends "
+                     f"{send * 1e3:.1f}, rest {(span - compute - recv - send) * 1e3:.1f}")
+    return "; ".join(parts)
+
+
 def split_cost(args):
     """Fused backward, our B + W and torch's B + W of the last of two GPT stages on one microbatch, in thread CPU
     time, alternating; medians over ``--steps`` rounds."""
@@ -257,7 +280,8 @@ def split_cost(args):
         leaf = hidden.clone().requires_grad_(True)
         return leaf, gpt_loss(stage(leaf), target) / args.microbatches
 
-    splits = {"ours": (backward_input, backward_weight)}
+    plans = {}  # as a PipelineStage keeps it: the input path's walk recorded on the first microbatch
+    splits = {"ours": (lambda root, grad, leaf, ps: backward_input(root, grad, leaf, ps, plans), backward_weight)}
     if args.before:
         old = sys.modules[f"{load_pipeline_at(args.before).__name__}.backward"]
         splits["before"] = (old.backward_input, old.backward_weight)
@@ -322,6 +346,10 @@ def main():
         torch_s = statistics.median(theirs.times[args.warmup:]) if theirs else 0.0
         ours_ms[name] = ours_s * 1e3
         measured, simulated, per_stage, costs, cpu_share = bubbles(schedule, timelines)
+        before_timelines = None
+        if name in before:  # its Events are the other package's types: rebuilt as ours for the simulator
+            before_timelines = [[Event(e.rank, Action(Kind(e.action.kind.value), e.action.stage, e.action.microbatch),
+                                       e.start, e.end, e.cpu) for e in tl] for tl in median_timelines(before[name], args)]
         peaks = [None] * p
         dist.all_gather_object(peaks, (ours.meter.peak, theirs.meter.peak if theirs else 0))
         if rank == 0:
@@ -338,6 +366,12 @@ def main():
                   f"{formula:7.3f}  {act}{then}")
             print(f"{'':18} median ms: " + ", ".join(f"{k.value} {c * 1e3:.1f}" for k, c in costs.items())
                   + f"; compute on a core {cpu_share:.0%} of its wall time")
+            print(f"{'':18} ours per rank ms: {breakdown(timelines)}")
+            if before_timelines is not None:
+                b_measured, _, b_per_stage, _, _ = bubbles(schedule, before_timelines)
+                print(f"{'':18} before: bubble {b_measured:.3f}, sim/st {b_per_stage:.3f} "
+                      f"({b_measured / b_per_stage:.2f}x; ours {measured / per_stage:.2f}x); per rank ms: "
+                      f"{breakdown(before_timelines)}")
             if args.plot_dir:
                 from dtensor_plus.layouts.pipeline.timeline import plot_recorded_vs_simulated
 

@@ -96,12 +96,68 @@ def _deferrable(node, slot: int, child) -> tuple[torch.Tensor, bool] | None:
     return mat1, strides[0] == 1 and strides[1] == sizes[0]
 
 
-def backward_input(root: torch.Tensor, root_grad, input_leaf, params) -> tuple[torch.Tensor | None, SplitBackward]:
+def _record_plan(root_node, on_input_path) -> tuple:
+    """The walk of the input path as data, for the next microbatches (same model, same graph shape): per node in
+    depth-first order, its type, which of its ``next_functions`` slots are set, which lead on along the input path
+    and which are cut edges."""
+    plan, seen, stack = [], {root_node}, [root_node]
+    while stack:
+        node = stack.pop()
+        slots = node.next_functions
+        follow = tuple(k for k, (c, _) in enumerate(slots) if c is not None and c in on_input_path)
+        cut = tuple(k for k, (c, _) in enumerate(slots) if c is not None and c not in on_input_path)
+        plan.append((type(node), tuple(c is not None for c, _ in slots), follow, cut))
+        for k in follow:
+            child = slots[k][0]
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return tuple(plan)
+
+
+def _cut_edges(root_node, leaf_node, plan) -> list | None:
+    """The cut edges ``(parent, slot, child, input_nr)`` of this graph, walking only its input path as ``plan``
+    says; None when the graph does not have the plan's shape (a node's type or set slots differ, the input is not
+    reached, or a cut edge's subgraph reaches the input path): then the caller walks it all and records anew."""
+    seen, stack, cuts, i = {root_node}, [root_node], [], 0
+    while stack:
+        node = stack.pop()
+        if i == len(plan):
+            return None
+        kind, present, follow, cut = plan[i]
+        i += 1
+        slots = node.next_functions
+        if type(node) is not kind or tuple(c is not None for c, _ in slots) != present:
+            return None
+        for k in follow:
+            child = slots[k][0]
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+        cuts += [(node, k, *slots[k]) for k in cut]
+    if i != len(plan) or leaf_node not in seen:
+        return None
+    below, stack = set(), [c for _, _, c, _ in cuts]  # nothing under a cut edge may lead back to the input path
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            return None
+        if node not in below:
+            below.add(node)
+            stack += [c for c, _ in node.next_functions if c is not None]
+    return cuts
+
+
+def backward_input(root: torch.Tensor, root_grad, input_leaf, params, plans: dict | None = None
+                   ) -> tuple[torch.Tensor | None, SplitBackward]:
     """B: the gradient of ``input_leaf`` (None when the stage has no differentiable input), and the state W needs.
 
     ``root`` is the stage output (``root_grad`` its gradient) or the scaled loss (``root_grad`` None). ``params``
     (the stage's parameters) is not needed: W accumulates into every leaf its cut edges reach, as a plain backward
-    does into every leaf of the graph; kept in the signature for callers."""
+    does into every leaf of the graph; kept in the signature for callers. ``plans``: a dict the caller keeps
+    across microbatches (a stage's): the input path's walk recorded on the first microbatch, so the next ones walk
+    only the input path along it, checking the graph still has its shape (about half the Python of a full walk,
+    which is most of B's overhead on small layers)."""
     if root is input_leaf:  # a stage that passes its input through unchanged
         return root_grad, SplitBackward()
     if root.grad_fn is None:
@@ -109,19 +165,21 @@ def backward_input(root: torch.Tensor, root_grad, input_leaf, params) -> tuple[t
     if input_leaf is None or not input_leaf.requires_grad:
         return None, SplitBackward(root=root, root_grad=root_grad)
     leaf_node = get_gradient_edge(input_leaf).node
-    children, on_input_path, _ = _input_path(root.grad_fn, leaf_node)
-    if leaf_node not in children:  # the output does not depend on the input
-        return torch.zeros_like(input_leaf), SplitBackward(root=root, root_grad=root_grad)
+    plans = {} if plans is None else plans
+    cuts = _cut_edges(root.grad_fn, leaf_node, plans["walk"]) if "walk" in plans else None
+    if cuts is None:
+        children, on_input_path, _ = _input_path(root.grad_fn, leaf_node)
+        if leaf_node not in children:  # the output does not depend on the input
+            return torch.zeros_like(input_leaf), SplitBackward(root=root, root_grad=root_grad)
+        plans["walk"] = _record_plan(root.grad_fn, on_input_path)
+        cuts = _cut_edges(root.grad_fn, leaf_node, plans["walk"])
     captures, deferred = {}, []  # cut edge -> its capture slot; deferred matmuls
-    for n in on_input_path:
-        for slot, (child, nr) in enumerate(children.get(n, ())):
-            if child in on_input_path:
-                continue
-            how = _deferrable(n, slot, child)
-            if how is None:
-                captures.setdefault((child, nr), len(captures))
-            else:
-                deferred.append(((child, nr), n, *how))
+    for n, slot, child, nr in cuts:
+        how = _deferrable(n, slot, child)
+        if how is None:
+            captures.setdefault((child, nr), len(captures))
+        else:
+            deferred.append(((child, nr), n, *how))
     matmul_nodes = list(dict.fromkeys(n for _, n, _, _ in deferred))
     wanted = [input_leaf, *(GradientEdge(m, nr) for m, nr in captures), *(GradientEdge(n, 0) for n in matmul_nodes)]
     grads = torch.autograd.grad(root, wanted, root_grad, allow_unused=True)

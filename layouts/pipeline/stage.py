@@ -85,6 +85,7 @@ class PipelineStage:
         self._grad_outputs: dict[int, torch.Tensor] = {}  # mb -> local gradient of the output
         self._grad_inputs: dict[int, torch.Tensor] = {}  # mb -> local gradient of the input, to send
         self._pending_w: dict[int, SplitBackward] = {}
+        self._split_plans: dict = {}  # backward_input's walk of this stage's graph, recorded once
         self._recv_buffers: dict[int, torch.Tensor] = {}
 
     def __repr__(self) -> str:
@@ -156,7 +157,7 @@ class PipelineStage:
         root, grad = self._root_and_grad(microbatch)
         _, leaf = self._inputs.pop(microbatch)
         self._outputs.pop(microbatch, None)
-        grad_input, self._pending_w[microbatch] = backward_input(root, grad, leaf, self.params)
+        grad_input, self._pending_w[microbatch] = backward_input(root, grad, leaf, self.params, self._split_plans)
         if leaf is not None:
             self._grad_inputs[microbatch] = grad_input if grad_input is not None else torch.zeros_like(leaf)
 

@@ -243,3 +243,27 @@ def test_receives_posted_early_give_the_same_gradients():
     counts = run_on_ranks(4, _early_receives, "1f1b", 4)
     # Every rank but the first receives activations, every rank but the last gradients: posted ahead of their action.
     assert all(second > 0 for _, second in counts), counts
+
+
+def test_split_backward_replays_its_recorded_walk_and_rerecords_another_graph():
+    """The input path's walk recorded on the first microbatch serves the next (same graph shape); a graph of another
+    shape with the same plans (a different head on the block) is walked anew: every microbatch's gradients stay
+    equal to plain backwards', bit for bit."""
+    torch.manual_seed(0)
+    block = Branches(D)
+    ref = copy.deepcopy(block)
+    plans = {}
+    shapes = [lambda m, h: m(h), lambda m, h: m(h), lambda m, h: torch.tanh(m(h)) * 2]
+    walks = []
+    for i, shape in enumerate(shapes):
+        x, g = torch.randn(B, D), torch.randn(B, D)
+        leaf = x.clone().requires_grad_()
+        grad_x, state = backward_input(shape(block, leaf), g, leaf, list(block.parameters()), plans)
+        walks.append(plans["walk"])
+        backward_weight(state)
+        leaf_ref = x.clone().requires_grad_()
+        shape(ref, leaf_ref).backward(g)
+        assert torch.equal(grad_x, leaf_ref.grad), i
+        for (name, p), q in zip(block.named_parameters(), ref.parameters()):
+            assert torch.equal(p.grad, q.grad), (i, name)
+    assert walks[1] is walks[0] and walks[2] is not walks[0]
