@@ -1,0 +1,246 @@
+"""Activation recomputation: ``checkpoint_modules(model, "blocks.*", policy="full")`` or
+``checkpoint_modules(model, "blocks.*.attn", policy="selective")``.
+
+Two policies, as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") define
+them:
+
+* "full": each matching module's forward runs under ``torch.utils.checkpoint.checkpoint`` (non-reentrant): only
+  its inputs are kept, the whole forward runs again in backward.
+* "selective": only the attention core is recomputed -- softmax(Q K^T), its dropout and the product with V, or a
+  scaled-dot-product-attention kernel -- the (B, H, T, T) tensors that cost 5·a·s/h of the paper's per-layer
+  34 + 5·a·s/h. Everything else the module computes (the linear layers' outputs, Q, K and V themselves) is kept,
+  through ``create_selective_checkpoint_contexts`` with ``attention_core_policy``.
+
+The attention core is found by data flow, not by name, so any model's attention works (examples/gpt.py's
+written-out matmuls, Hugging Face's eager attention, SDPA): a batched matmul (``bmm``) whose inputs are not core
+starts it (Q K^T), every op with a core input is core, and a batched matmul with a core input (P V) ends it (it is
+recomputed, its output is not core). An SDPA op is recomputed whole. Layout ops (views, transposes, the copies a
+reshape makes) are recomputed too: they cost no FLOPs, and keeping Q, K, V once (the linear outputs) is enough.
+
+Random numbers: each random op in the region draws in recomputation exactly what it drew in forward, in both RNG
+modes of ``dtensor_plus.random`` and whatever the policy caches. torch's checkpoint restores torch's generator at
+the region's start only, which is right only if every random op before the recomputed one is recomputed too,
+and it does not know dtensor_plus's op counter (default mode seeds each draw from it). So a tape records the
+generator state and the counter before every random op in forward and sets them again before the same op in
+recomputation; dtensor_plus's counter is put back after recomputation, so later draws are those of a run
+without recomputation.
+
+Composes with every layout: the region is the module's ``forward``, so its own hooks (``fully_shard``'s gather,
+``PrepareModuleInput``) run once, outside the region, and the hooks of its submodules (tensor-parallel styles)
+run again in recomputation with their collectives.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from dtensor_plus.dispatcher import DISPATCHER
+
+__all__ = ["checkpoint_modules", "attention_core_policy", "POLICIES"]
+
+POLICIES = ("full", "selective")
+
+_aten = torch.ops.aten
+_BATCHED_MATMULS = frozenset({_aten.bmm.default, _aten.baddbmm.default})
+# No FLOPs: recomputed rather than kept (Q, K, V stay kept once, as the linear layers' outputs).
+_LAYOUT_OPS = frozenset({
+    _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.expand.default,
+    _aten.transpose.int, _aten.t.default, _aten.permute.default, _aten.clone.default, _aten.unsqueeze.default,
+    _aten.squeeze.dim, _aten.slice.Tensor, _aten.select.int, _aten.alias.default,
+})
+
+
+def _is_sdpa(func) -> bool:
+    return "scaled_dot_product" in func.name()
+
+
+def _is_random(func) -> bool:
+    return torch.Tag.nondeterministic_seeded in func.tags
+
+
+def _storages(tree) -> set:
+    out = set()
+    for t in torch.utils._pytree.tree_leaves(tree):
+        if isinstance(t, torch.Tensor):
+            local = getattr(t, "_local_tensor", t)
+            out.add(local.untyped_storage()._cdata)
+    return out
+
+
+def _mutates_first_argument(func) -> bool:
+    arguments = func._schema.arguments
+    return bool(arguments) and arguments[0].alias_info is not None and arguments[0].alias_info.is_write
+
+
+def attention_core_policy():
+    """A fresh policy for one region (``create_selective_checkpoint_contexts(attention_core_policy(), True)``):
+    it remembers which storages hold the core's tensors, by data flow (module docstring), and which new storages
+    it recomputes, so an in-place op follows the tensor it writes: recomputed with it, or kept with it (the cache
+    then holds the tensor as the in-place ops left it, so none runs twice; hence ``allow_cache_entry_mutation``)."""
+    core: set[int] = set()
+    recomputed: set[int] = set()
+
+    def decide(func, first, inputs, outputs):
+        if _is_sdpa(func):
+            return CheckpointPolicy.MUST_RECOMPUTE
+        if func in _BATCHED_MATMULS:
+            if not inputs & core:  # Q K^T: its output starts the core
+                core.update(outputs)
+            return CheckpointPolicy.MUST_RECOMPUTE  # with a core input: P V, recomputed, its output not core
+        if inputs & core:
+            core.update(outputs)
+            return CheckpointPolicy.MUST_RECOMPUTE
+        if _mutates_first_argument(func):
+            written = _storages(first)
+            return CheckpointPolicy.MUST_RECOMPUTE if written & recomputed else CheckpointPolicy.PREFER_SAVE
+        if func in _LAYOUT_OPS:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.PREFER_SAVE
+
+    def policy(ctx, func, *args, **kwargs):
+        inputs, outputs = _storages((args, kwargs)), _storages(ctx.op_output)
+        decision = decide(func, args[0] if args else None, inputs, outputs)
+        if decision in (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE):
+            recomputed.update(outputs - inputs)  # new storages only: a view of a kept tensor stays kept
+        return decision
+
+    return policy
+
+
+class _RngTape:
+    """The random state before every random op of a region's forward, to set again before the same op in its
+    recomputation (module docstring)."""
+
+    def __init__(self):
+        self.states: list = []
+        self.position = 0
+
+    def forward_mode(self):
+        return _RecordRandom(self)
+
+    def recompute_mode(self):
+        return _ReplayRandom(self)
+
+
+def _random_state():
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda, DISPATCHER.rng_counter
+
+
+def _set_random_state(state) -> None:
+    cpu, cuda, counter = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+    DISPATCHER.rng_counter = counter
+
+
+class _RecordRandom(TorchDispatchMode):
+    def __init__(self, tape):
+        super().__init__()
+        self.tape = tape
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _is_random(func):
+            self.tape.states.append(_random_state())
+        return func(*args, **(kwargs or {}))
+
+
+class _ReplayRandom(TorchDispatchMode):
+    def __init__(self, tape):
+        super().__init__()
+        self.tape = tape
+
+    def __enter__(self):
+        self.tape.position, self.counter_after_forward = 0, DISPATCHER.rng_counter
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        DISPATCHER.rng_counter = self.counter_after_forward  # torch's generator: restored by checkpoint's fork_rng
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _is_random(func):
+            if self.tape.position >= len(self.tape.states):
+                raise RuntimeError(f"recomputation drew more random numbers than forward did ({func}): the "
+                                   f"checkpointed module's forward must run the same ops each time")
+            _set_random_state(self.tape.states[self.tape.position])
+            self.tape.position += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Both:
+    """Two context managers as one, entered in order (the second one innermost)."""
+
+    def __init__(self, outer, inner):
+        self.outer, self.inner = outer, inner
+
+    def __enter__(self):
+        self.outer.__enter__()
+        try:
+            self.inner.__enter__()
+        except BaseException:
+            self.outer.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.inner.__exit__(*exc)
+        finally:
+            self.outer.__exit__(*exc)
+        return False
+
+
+def _contexts(policy: str):
+    """``context_fn`` for one region: the random tape (innermost: it sees each op before it runs, whatever the
+    selective cache does), under the selective policy's caching modes for "selective"."""
+    tape = _RngTape()
+    if policy == "full":
+        return tape.forward_mode(), tape.recompute_mode()
+    caching, cached = create_selective_checkpoint_contexts(attention_core_policy(),
+                                                           allow_cache_entry_mutation=True)
+    return _Both(caching, tape.forward_mode()), _Both(cached, tape.recompute_mode())
+
+
+def _checkpointed_forward(forward, policy: str, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=functools.partial(_contexts, policy),
+                      **kwargs)
+
+
+def checkpoint_modules(model: torch.nn.Module, pattern: str = "blocks.*", policy: str = "full") -> torch.nn.Module:
+    """Recompute the activations of every submodule of ``model`` whose name matches ``pattern`` (an fnmatch
+    glob over ``named_modules()`` names, as ``parallelize_module``'s plans use) in backward instead of keeping
+    them. Returns ``model`` (changed in place).
+
+    Args:
+        pattern: e.g. "blocks.*" (each GPT block) for "full"; the attention modules ("blocks.*.attn",
+            "model.layers.*.self_attn") for "selective", whose other ops' outputs the region keeps anyway.
+        policy: "full" (keep only each module's inputs) or "selective" (recompute only the attention core).
+
+    Call it before or after placing the model (``parallelize_module``, ``replicate``, ``fully_shard``): the
+    module's ``forward`` is wrapped, its hooks stay outside the region.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"checkpoint_modules(policy={policy!r}): policy must be one of {POLICIES}")
+    if not isinstance(pattern, str):
+        raise TypeError(f"checkpoint_modules(pattern=...) takes an fnmatch glob string, got {pattern!r}")
+    matched = [(name, m) for name, m in model.named_modules() if fnmatch.fnmatchcase(name, pattern)]
+    if not matched:
+        names = [name for name, _ in model.named_modules()][:8]
+        raise ValueError(f"checkpoint_modules: no submodule matches {pattern!r}; names look like {names}")
+    for name, module in matched:
+        if getattr(module.forward, "_recompute_policy", None) is not None:
+            raise ValueError(f"checkpoint_modules: {name!r} is checkpointed already "
+                             f"(policy {module.forward._recompute_policy!r}); call it once per module")
+        wrapped = functools.partial(_checkpointed_forward, module.forward, policy)
+        wrapped._recompute_policy = policy
+        module.forward = wrapped
+    return model
