@@ -231,3 +231,48 @@ def test_dropout_draws_differ_between_dp_ranks_and_repeat():
     assert not torch.equal(first[:2], first[2:]), "both dp ranks drew the same mask"
     assert not torch.equal(first, second)
     assert torch.equal(first, again)
+
+
+def _cross_entropy_with_ignored_targets(how):
+    """A mean cross-entropy over an uneven batch whose ranks keep very different numbers of targets (most of the
+    second rank's are ignore_index): replicate's buckets, or ZeRO-2 over replicate's local leaves; the loss, the
+    gradients (replicate) and the parameters after two AdamW steps equal one device."""
+    from dtensor_plus.layouts.zero import ZeroRedundancyOptimizer
+
+    mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, F_), nn.GELU(), nn.Linear(F_, 11))
+    reference = copy.deepcopy(model)
+    if how == "buckets":
+        replicate(model, mesh)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    else:
+        replicate(model, mesh, reduce_in_backward=False)
+        opt = ZeroRedundancyOptimizer(model.parameters(), mesh, torch.optim.AdamW, stage=2, lr=1e-2, foreach=False)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
+    g = torch.Generator().manual_seed(2)
+    for step in range(2):
+        x, y = torch.randn(5, T, D, generator=g), torch.randint(0, 11, (5, T), generator=g)
+        y[3:] = -100  # rows 3, 4 (the second rank's) ignored but one target: local counts 9 and 1
+        y[4, 1] = 3
+        out = model(shard_batch(x, mesh))
+        loss = F.cross_entropy(out.flatten(0, 1), shard_batch(y, mesh).flatten(0, 1))
+        loss.backward()
+        ref_loss = F.cross_entropy(reference(x).flatten(0, 1), y.flatten(0, 1))
+        ref_loss.backward()
+        torch.testing.assert_close(loss.full_tensor(), ref_loss)
+        if how == "buckets":
+            for p, q in zip(model.parameters(), reference.parameters()):
+                torch.testing.assert_close(p.grad.full_tensor(), q.grad)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.full_tensor(), q.detach(), msg=lambda m: f"step {step}: {m}")
+    return True
+
+
+@pytest.mark.parametrize("how", ["buckets", "zero2-leaves"])
+def test_cross_entropy_with_ignored_targets_on_an_uneven_batch(how):
+    assert all(run_on_ranks(2, _cross_entropy_with_ignored_targets, how))
