@@ -128,5 +128,6 @@ def write_report(result, path: str | os.PathLike) -> str:
         time_ax.text(0.5, 0.5, "no priced plan uses a pipeline: no timeline to draw", ha="center", va="center")
     fig.suptitle(f"{result.workload.name} on {result.world} x {result.cluster.name}, global batch "
                  f"{result.global_batch}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(os.fspath(path), dpi=100)
     return os.fspath(path)
