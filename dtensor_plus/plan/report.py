@@ -14,11 +14,13 @@ per-stage differences (the first stage's embedding, the last's head) are not dra
 from __future__ import annotations
 
 import os
+from types import MappingProxyType
 
 __all__ = ["write_report", "MatplotlibMissing"]
 
 GIB = 1 << 30
-KIND_COLORS = {"parameters": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868", "activations": "#C44E52"}
+KIND_COLORS = MappingProxyType({"parameters": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868",
+                                "activations": "#C44E52"})
 _MAX_TIMELINE_MICROBATCHES = 16  # more is unreadable; the timeline is drawn for at most this many (said in the title)
 
 
@@ -92,7 +94,7 @@ def write_report(result, path: str | os.PathLike) -> str:
     mem_ax.legend(fontsize=7, loc="lower right")
 
     dims = sorted({d for _, e in rows for d in e.communication_s})
-    palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3"]
+    palette = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3")
     left_total, left_exposed = [0.0] * len(rows), [0.0] * len(rows)
     for dim, color in zip(dims, palette * 2):
         total = [e.communication_s.get(dim, 0.0) for _, e in rows]

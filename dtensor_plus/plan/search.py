@@ -171,7 +171,7 @@ def _first_options(shape: Shape, space: SearchSpace, global_batch: int) -> list[
     return ladder
 
 
-_RECOMPUTE_LEVEL = {"none": 0, "selective": 1, "full": 2}
+_RECOMPUTE_LEVEL = MappingProxyType({"none": 0, "selective": 1, "full": 2})
 
 
 def _saves_no_less(a: ParallelLayout, b: ParallelLayout) -> bool:
