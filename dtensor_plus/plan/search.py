@@ -117,15 +117,22 @@ class _Pricer:
         self.global_batch, self.memory = global_batch, memory
         self.cache: dict[ParallelLayout, object] = {}
         self.refused: dict[ParallelLayout, str] = {}
+        self.refused_placements: dict[tuple, str] = {}
 
     def __call__(self, layout: ParallelLayout):
         if layout in self.refused:
+            return None
+        # A refusal comes from placing the model, which sees the per-rank fields (what the profile simulates):
+        # another layout sharing them is refused without simulating again (a refused simulation is not cached).
+        placed = (layout.tp, layout.sequence_parallel, layout.cp, layout.micro_batch_size, layout.zero, layout.dp > 1)
+        if placed in self.refused_placements:
+            self.refused[layout] = self.refused_placements[placed]
             return None
         if layout not in self.cache:
             try:
                 self.cache[layout] = self.estimator(self.workload, layout, self.cluster, self.global_batch, self.memory)
             except (ValueError, NotImplementedError) as err:
-                self.refused[layout] = f"the workload refuses it: {err}"
+                self.refused[layout] = self.refused_placements[placed] = f"the workload refuses it: {err}"
                 return None
         return self.cache[layout]
 
