@@ -2,7 +2,8 @@
 "tp 16 across nodes", "zero-0", "recompute full", ...). Its verdict compares its best member with the winner.
 
 - No member fits: **memory**, by how much its most frugal priced member is over (or the analytic lower bound
-  of the model state, for shapes ruled out before pricing), or **divisibility** when no member can divide.
+  of the model state, for shapes ruled out before pricing), **divisibility** when no member can divide, or
+  **refused** when the workload's own code refuses every member (e.g. sp with cp in examples/gpt.py).
 - A member fits but is slower: the part of the step that grew most against the winner's, one of
   **communication** (exposed collectives, naming the mesh dim and whether it crosses nodes), **bubble**
   (pipeline idle time), **compute** (recomputation, or shards too thin to run efficiently) or **other** (what
@@ -140,12 +141,16 @@ def judge_families(winner, estimates: Sequence, ruled_out: Iterable[tuple[Parall
                     f"{size_text(need - memory)} over the {size_text(memory)} (not priced)")))
             else:
                 layout, why, _ = reasons[0]
-                verdicts.append(FamilyVerdict(family, "divisibility", f"cannot divide: {why} ({layout})"))
+                if why.startswith("the workload refuses") or why.startswith("not runnable"):
+                    verdicts.append(FamilyVerdict(family, "refused", f"cannot run: {why} ({layout})"))
+                else:
+                    verdicts.append(FamilyVerdict(family, "divisibility", f"cannot divide: {why} ({layout})"))
     judged = {v.family for v in verdicts}
     for family in savings:
         if family not in own and family not in judged and winner is not None:
             verdicts.append(FamilyVerdict(family, "unneeded", (
                 "unneeded: a memory saving the winner fits without, and savings only add time (collectives, "
                 "recomputation, host transfers), so it was not priced")))
-    order = {"unneeded": 7, "memory": 0, "divisibility": 1, "communication": 2, "bubble": 3, "compute": 4, "other": 5, "tie": 6}
+    order = {"memory": 0, "divisibility": 1, "refused": 1, "communication": 2, "bubble": 3, "compute": 4, "other": 5,
+             "tie": 6, "unneeded": 7}
     return sorted(verdicts, key=lambda v: (order[v.kind], v.family))

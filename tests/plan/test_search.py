@@ -70,6 +70,19 @@ def test_divisibility_families_say_what_does_not_divide():
     assert by_family["pp 4"].kind == "divisibility" and "2 layers" in by_family["pp 4"].reason
 
 
+def _no_tp_estimate(workload, layout, cluster, global_batch, memory_per_device=None):
+    if layout.tp > 1:
+        raise ValueError("this model has no tp plan")
+    return standin.estimate(workload, layout, cluster, global_batch, memory_per_device)
+
+
+def test_layouts_the_workload_refuses_are_a_reason_not_a_crash():
+    result = search(SMALL, 4, standin.cluster(1 << 40), 16, estimator=_no_tp_estimate)
+    assert result.winner.layout.tp == 1
+    for family in ("tp 2", "tp 4"):
+        assert result.losers[family].startswith("cannot run: the workload refuses it: this model has no tp plan")
+
+
 def _every_layout(workload, world, batch, space):
     """Brute force: every layout of the space that divides."""
     facts = dict(world=world, num_layers=workload.num_layers, num_heads=workload.num_heads,
