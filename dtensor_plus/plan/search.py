@@ -236,6 +236,13 @@ def search(workload, world: int, cluster, global_batch: int, memory_per_device: 
     if not isinstance(global_batch, int) or global_batch < 1:
         raise ValueError(f"global_batch must be a positive int (sequences per step), got {global_batch!r}")
     if estimator is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            raise RuntimeError(
+                "search() simulates the model in a world of its own, which cannot start in a process already in a "
+                "process group: plan before init_process_group, or in a fresh process (python -m dtensor_plus.plan "
+                "... --flags-out winner.json, as examples/train_gpt.py --auto does)")
         from .cost import estimate as estimator
     space = space or SearchSpace()
     memory = int(memory_per_device if memory_per_device is not None else cluster.memory_bytes)

@@ -167,3 +167,20 @@ def test_bad_arguments_are_named():
     nothing = search(SMALL, 2, standin.cluster(1 << 10), 8, estimator=standin.estimate)
     with pytest.raises(ValueError, match="no layout .* fits"):
         nothing.winner  # noqa: B018
+
+
+def _search_in_a_process_group():
+    from dtensor_plus.plan import gpt_workload
+
+    try:
+        search(gpt_workload("tiny"), 2, standin.cluster(1 << 30), 4)
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def test_search_inside_a_process_group_says_where_to_plan_instead():
+    from dtensor_plus.testing import run_on_ranks
+
+    message = run_on_ranks(1, _search_in_a_process_group, timeout=120.0)[0]
+    assert message is not None and "fresh process" in message and "python -m dtensor_plus.plan" in message
