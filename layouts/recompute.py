@@ -54,6 +54,10 @@ _LAYOUT_OPS = frozenset({
     _aten.squeeze.dim, _aten.slice.Tensor, _aten.select.int, _aten.alias.default,
 })
 
+# Applying a dropout mask (x * mask): recomputed from the kept input and mask, so the dropped-out output is not
+# kept besides them (autograd alone keeps only the mask).
+_MASK_APPLICATIONS = frozenset({_aten.mul.Tensor})
+
 
 def _is_sdpa(func) -> bool:
     return "scaled_dot_product" in func.name()
@@ -63,13 +67,47 @@ def _is_random(func) -> bool:
     return torch.Tag.nondeterministic_seeded in func.tags
 
 
-def _storages(tree) -> set:
-    out = set()
+def _storages(tree) -> dict:
+    """The (local) storages of the tensors in ``tree``, by address."""
+    out = {}
     for t in torch.utils._pytree.tree_leaves(tree):
         if isinstance(t, torch.Tensor):
-            local = getattr(t, "_local_tensor", t)
-            out.add(local.untyped_storage()._cdata)
+            storage = getattr(t, "_local_tensor", t).untyped_storage()
+            out[storage._cdata] = storage
     return out
+
+
+class _StorageSet:
+    """Storages by address, held weakly: a freed storage's address may be reused by a new one, which must not
+    count as a member (every rank must decide alike, and allocation addresses differ between ranks)."""
+
+    def __init__(self):
+        self.refs: dict[int, int] = {}
+
+    def add(self, storages: dict) -> None:
+        for key, storage in storages.items():
+            self.discard(key)
+            self.refs[key] = storage._weak_ref()
+
+    def discard(self, key: int) -> None:
+        ref = self.refs.pop(key, None)
+        if ref is not None:
+            torch.UntypedStorage._free_weak_ref(ref)
+
+    def meets(self, storages: dict) -> bool:
+        found = False
+        for key in storages:
+            ref = self.refs.get(key)
+            if ref is not None:
+                if torch.UntypedStorage._expired(ref):
+                    self.discard(key)
+                else:
+                    found = True
+        return found
+
+    def __del__(self):
+        for ref in self.refs.values():
+            torch.UntypedStorage._free_weak_ref(ref)
 
 
 def _mutates_first_argument(func) -> bool:
@@ -82,23 +120,26 @@ def attention_core_policy():
     it remembers which storages hold the core's tensors, by data flow (module docstring), and which new storages
     it recomputes, so an in-place op follows the tensor it writes: recomputed with it, or kept with it (the cache
     then holds the tensor as the in-place ops left it, so none runs twice; hence ``allow_cache_entry_mutation``)."""
-    core: set[int] = set()
-    recomputed: set[int] = set()
+    # drawn: random tensors (dropout masks), kept; applying one (x * mask) is recomputed, as a view is
+    core, recomputed, drawn = _StorageSet(), _StorageSet(), _StorageSet()
 
     def decide(func, first, inputs, outputs):
         if _is_sdpa(func):
             return CheckpointPolicy.MUST_RECOMPUTE
         if func in _BATCHED_MATMULS:
-            if not inputs & core:  # Q K^T: its output starts the core
-                core.update(outputs)
+            if not core.meets(inputs):  # Q K^T: its output starts the core
+                core.add(outputs)
             return CheckpointPolicy.MUST_RECOMPUTE  # with a core input: P V, recomputed, its output not core
-        if inputs & core:
-            core.update(outputs)
+        if core.meets(inputs):
+            core.add(outputs)
             return CheckpointPolicy.MUST_RECOMPUTE
+        if _is_random(func):
+            drawn.add(outputs)
+            return CheckpointPolicy.PREFER_SAVE
         if _mutates_first_argument(func):
             written = _storages(first)
-            return CheckpointPolicy.MUST_RECOMPUTE if written & recomputed else CheckpointPolicy.PREFER_SAVE
-        if func in _LAYOUT_OPS:
+            return CheckpointPolicy.MUST_RECOMPUTE if recomputed.meets(written) else CheckpointPolicy.PREFER_SAVE
+        if func in _LAYOUT_OPS or (func in _MASK_APPLICATIONS and drawn.meets(inputs)):
             return CheckpointPolicy.PREFER_RECOMPUTE
         return CheckpointPolicy.PREFER_SAVE
 
@@ -106,7 +147,8 @@ def attention_core_policy():
         inputs, outputs = _storages((args, kwargs)), _storages(ctx.op_output)
         decision = decide(func, args[0] if args else None, inputs, outputs)
         if decision in (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE):
-            recomputed.update(outputs - inputs)  # new storages only: a view of a kept tensor stays kept
+            # new storages only: a view of a kept tensor stays kept
+            recomputed.add({k: v for k, v in outputs.items() if k not in inputs})
         return decision
 
     return policy

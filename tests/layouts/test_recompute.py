@@ -1,0 +1,238 @@
+"""Activation recomputation (layouts/recompute.py) equal to one device without it, on every layout.
+
+examples/gpt.py's debug GPT with dropout 0.1 drawn in strict RNG mode (each rank keeps its slice of the mask one
+device draws): two AdamW steps with ``checkpoint_modules`` "full" (each block) or "selective" (the attention
+core of each attention module) on tp+sp, dp, ZeRO-2, ZeRO-3 and cp ring, and a Hugging Face Llama on tp+sp:
+losses, first-step parameter gradients and final parameters equal one device without recomputation.
+
+Dropout masks in recomputation: the gradients above would differ if a recomputed mask did (the attention
+dropout sits inside every recomputed region); ``test_a_different_mask_in_recomputation_is_caught`` shows they
+do, with torch's checkpoint alone, which in dtensor_plus's default RNG mode redraws from the next op counter.
+
+Memory: bytes alive at the end of forward per layer (benchmarks/activation_memory.py's ``LiveActivations``)
+on tp=2 with sp, against Korthikanti et al.'s formula in fp32, term by term.
+"""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dtensor_plus as dtp
+from dtensor_plus import DTensor
+from dtensor_plus.layouts import context_parallel, loss_parallel
+from dtensor_plus.layouts.recompute import checkpoint_modules
+from dtensor_plus.testing import run_on_ranks
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpt import GPT, PRESETS  # noqa: E402
+from gpt_layouts import Layout, make_mesh, make_optimizer, place_batch, place_model  # noqa: E402
+
+CONFIG = PRESETS["debug"].replace(dropout=0.1)
+LR, TOL, STEPS, BATCH = 1e-3, 1e-5, 2, 4
+PATTERNS = {"full": "blocks.*", "selective": "blocks.*.attn"}
+LAYOUTS = {
+    "tp2-sp": Layout(tp=2, sp=True),
+    "dp2": Layout(dp=2),
+    "zero2-dp2": Layout(dp=2, zero=2),
+    "zero3-dp2": Layout(dp=2, zero=3),
+    "cp2-ring": Layout(cp=2),
+}
+
+
+def _full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _batches(config):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, config.vocab_size, (BATCH, config.block_size + 1), generator=g) for _ in range(STEPS)]
+
+
+def _train(model, opt, batches, place, scope):
+    losses, first_grads = [], None
+    for window in batches:
+        with scope(), loss_parallel():
+            loss = model.loss(place(window[:, :-1]), place(window[:, 1:]))
+            loss.backward()
+        if first_grads is None:
+            first_grads = {n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(_full(loss).item())
+    return losses, first_grads
+
+
+def _run_gpt(layout, policy):
+    """Rank function: (max loss diff, max first-step gradient diff, gradients compared, max parameter diff)."""
+    config = CONFIG.replace(attention="sdpa") if layout.cp > 1 else CONFIG
+    mesh = make_mesh(layout)
+    torch.manual_seed(0)
+    model = GPT(config)
+    reference = copy.deepcopy(model)
+    place_model(model, mesh, layout)
+    checkpoint_modules(model, PATTERNS[policy], policy)
+    opt = make_optimizer(model, mesh, layout, LR)
+    scope = (lambda: context_parallel("cp", "ring")) if layout.cp > 1 else _nothing
+    dtp.manual_seed(1, strict=True)
+    losses, grads = _train(model, opt, _batches(config), lambda t: place_batch(t, mesh), scope)
+
+    torch.manual_seed(1)
+    ref_losses, ref_grads = _train(reference, make_optimizer(reference, None, Layout(), LR), _batches(config),
+                                   lambda t: t, _nothing)
+    ref_params = dict(reference.named_parameters())
+    return (max(abs(a - b) for a, b in zip(losses, ref_losses)),
+            max((grads[n] - ref_grads[n]).abs().max().item() for n in grads), len(grads),
+            max((_full(p) - ref_params[n]).abs().max().item() for n, p in model.named_parameters()))
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_recomputation_trains_like_one_device(layout, policy):
+    loss_diff, grad_diff, n_grads, param_diff = run_on_ranks(layout.world, _run_gpt, layout, policy, timeout=120.0)[0]
+    assert loss_diff <= TOL and param_diff <= TOL, (loss_diff, param_diff)
+    if layout.zero != 2:  # ZeRO-2 reduce-scatters gradients into its optimizer's shards: checked through the steps
+        assert n_grads == len(list(GPT(CONFIG).parameters())) and grad_diff <= TOL, (n_grads, grad_diff)
+
+
+# -- a model no one here wrote --------------------------------------------------------------------------------
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False, attention_dropout=0.1,
+        attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float().train()
+    with torch.no_grad():  # RMSNorm starts at 1; move it off so its gradients are checked honestly
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _run_llama(policy):
+    """Rank function: tp=2 + sp Llama (attention dropout 0.1) with recomputation against one device without."""
+    from hf_plans import llama_tp_plan
+
+    mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    reference = _llama()
+    model = copy.deepcopy(reference)
+    llama_tp_plan(model, mesh, sequence_parallel=True)
+    checkpoint_modules(model, {"full": "model.layers.*", "selective": "model.layers.*.self_attn"}[policy], policy)
+    tokens = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(64, generator=torch.Generator().manual_seed(2))
+    dtp.manual_seed(5, strict=True)
+    loss = (_full(model(tokens).logits) * weights).sum()
+    loss.backward()
+    torch.manual_seed(5)
+    ref_loss = (reference(tokens).logits * weights).sum()
+    ref_loss.backward()
+    grad_diff = max((_full(p.grad) - reference.get_parameter(n).grad).abs().max().item()
+                    for n, p in model.named_parameters())
+    return abs(loss.item() - ref_loss.item()), grad_diff
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_hugging_face_llama_recomputes_like_one_device(policy):
+    pytest.importorskip("transformers")
+    loss_diff, grad_diff = run_on_ranks(2, _run_llama, policy, timeout=120.0)[0]
+    assert loss_diff <= 1e-4 and grad_diff <= TOL, (loss_diff, grad_diff)
+
+
+# -- dropout masks in recomputation -----------------------------------------------------------------------------
+
+
+def _torch_checkpoint_blocks(model):
+    """torch.utils.checkpoint on each block, without checkpoint_modules' random tape."""
+    for block in model.blocks:
+        forward = block.forward
+        block.forward = lambda x, forward=forward: torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False)
+
+
+def _gradients_default_rng(how):
+    """Rank function: tp=2 + sp, dtensor_plus's default RNG mode (each draw seeded by an op counter); the
+    first-step gradients, whole."""
+    layout = Layout(tp=2, sp=True)
+    mesh = make_mesh(layout)
+    torch.manual_seed(0)
+    model = place_model(GPT(CONFIG), mesh, layout)
+    if how == "checkpoint_modules":
+        checkpoint_modules(model, "blocks.*", "full")
+    elif how == "torch":
+        _torch_checkpoint_blocks(model)
+    dtp.manual_seed(1)
+    window = _batches(CONFIG)[0]
+    with loss_parallel():
+        model.loss(place_batch(window[:, :-1], mesh), place_batch(window[:, 1:], mesh)).backward()
+    return {n: _full(p.grad) for n, p in model.named_parameters()}
+
+
+def test_a_different_mask_in_recomputation_is_caught():
+    """Default RNG mode: checkpoint_modules' gradients equal those without recomputation, while torch's checkpoint
+    alone (restoring torch's generator, not dtensor_plus's op counter) redraws other masks and is far off."""
+    plain, ours, theirs = (run_on_ranks(2, _gradients_default_rng, how, timeout=120.0)[0]
+                           for how in ("none", "checkpoint_modules", "torch"))
+    ours_diff = max((ours[n] - plain[n]).abs().max().item() for n in plain)
+    theirs_diff = max((theirs[n] - plain[n]).abs().max().item() for n in plain)
+    assert ours_diff <= TOL, ours_diff
+    assert theirs_diff > 100 * TOL, theirs_diff  # the comparison sees a different mask
+
+
+def test_bad_arguments_are_named():
+    model = GPT(CONFIG)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        checkpoint_modules(model, "blocks.*", "attention")
+    with pytest.raises(ValueError, match="no submodule matches 'layers.\\*'"):
+        checkpoint_modules(model, "layers.*")
+    checkpoint_modules(model, "blocks.*")
+    with pytest.raises(ValueError, match="checkpointed already"):
+        checkpoint_modules(model, "blocks.0", "selective")
+
+
+# -- memory ---------------------------------------------------------------------------------------------------
+
+
+def _per_layer(policy, tp, sp):
+    from activation_memory import per_layer
+
+    return per_layer(MEMORY_CONFIG, tp, sp, policy, MEMORY_BATCH)
+
+
+MEMORY_CONFIG = PRESETS["debug"].replace(block_size=16, dim=16, num_heads=4, num_layers=1, dropout=0.1)
+MEMORY_BATCH = 2
+
+
+def test_recomputation_frees_activation_memory_as_the_paper_counts():
+    """tp=2 + sp, bytes per layer on one rank: full keeps the layer's input (4 s·b·h/t bytes in fp32); none and
+    selective are the paper's count (fp32, float masks) plus what sp keeps whole here -- the gathered inputs of
+    the q/k/v and fc layers, where Megatron keeps the shard and gathers again in backward -- and, for selective,
+    the row-parallel projection's partial sum kept before its reduce-scatter, less the projection's input
+    (recomputed from the core); see benchmarks/activation_memory.py."""
+    from activation_memory import formula_bytes
+
+    s, b, h, a, t = MEMORY_CONFIG.block_size, MEMORY_BATCH, MEMORY_CONFIG.dim, MEMORY_CONFIG.num_heads, 2
+    sbh_bytes = 4 * s * b * h
+    gathered_inputs = 2 * sbh_bytes * (1 - 1 / t)
+    measured = {policy: _per_layer(policy, t, True) for policy in ("none", "selective", "full")}
+    assert measured["full"] < measured["selective"] < measured["none"], measured
+    assert measured["full"] == formula_bytes(s, b, h, a, t, True, "full"), measured
+    assert measured["none"] == formula_bytes(s, b, h, a, t, True, "none") + gathered_inputs, measured
+    selective_extra = sbh_bytes - sbh_bytes / t  # + partial sum (whole) + its reduce-scatter out - proj input
+    assert measured["selective"] == formula_bytes(s, b, h, a, t, True, "selective") + gathered_inputs + \
+        selective_extra, measured
