@@ -20,7 +20,12 @@ On rank 0 it prints, per schedule:
     through saved_tensors_hooks), ours then torch's;
   * compute on a core: the thread CPU time of our compute actions over their wall time (below 100%: the OS
     ran something else in the middle of them, e.g. more ranks than cores).
-Then, when both ran, ZB-H1's step time over 1F1B's (ours, same run). ``--split-cost`` (one process, no
+  * ours per rank ms: where each rank's step went: compute, waiting on receives, posting sends, the rest (the
+    executor's Python between actions, the receives posted at the step's start); the same for ``--before``,
+    with its measured bubble against its own simulation;
+  * step simulated from thread CPU times: the schedule simulated with each compute action costing its thread
+    CPU time (median per kind and stage), messages free: the step a quiet machine would show, robust to load.
+Then, when both ran, ZB-H1's step time over 1F1B's (ours, same run; and from thread CPU times). ``--split-cost`` (one process, no
 torchrun) instead times, on the last of two GPT stages, one fused backward against our B + W and torch's
 (``torch.distributed.pipelining._backward``), in thread CPU time (robust to a loaded machine), alternating.
 ``--before COMMIT`` adds our executor as
@@ -30,6 +35,7 @@ it was at that commit (its layouts/pipeline loaded as a package of its own) to t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -240,6 +246,13 @@ def bubbles(schedule, timelines):
             costs, cpu_share)
 
 
+def cpu_step(schedule, timelines) -> float:
+    """The step the schedule would take with each compute action costing its thread CPU time (median per kind and
+    stage), messages free: what a quiet machine would show, robust to load (seconds)."""
+    events = [dataclasses.replace(e, end=e.start + e.cpu) for tl in timelines for e in tl if e.cpu is not None]
+    return simulate(schedule, stage_costs_from_events(events)).step_time
+
+
 def breakdown(timelines) -> str:
     """Where each rank's step went (ms, the median step's timeline): compute, waiting on receives, posting sends, and
     the rest (between actions: the executor's own Python, receives posted at the step's start). An executor that
@@ -339,7 +352,7 @@ def main():
         print(f"{'schedule':18} {'ours ms':>8} {'torch ms':>9} {'ratio':>6} {'bubble':>7} {'sim':>6} {'sim/st':>6} "
               f"{'formula':>7}  {'act KiB per rank (ours | torch)'}"
               + ("  before ms (ratio to torch)" if before else ""))
-    ours_ms = {}
+    ours_ms, cpu_ms = {}, {}
     for name, (schedule, ours, theirs) in built.items():
         timelines = median_timelines(ours, args)
         ours_s = statistics.median(ours.times[args.warmup:])
@@ -367,6 +380,9 @@ def main():
             print(f"{'':18} median ms: " + ", ".join(f"{k.value} {c * 1e3:.1f}" for k, c in costs.items())
                   + f"; compute on a core {cpu_share:.0%} of its wall time")
             print(f"{'':18} ours per rank ms: {breakdown(timelines)}")
+            cpu_ms[name] = cpu_step(schedule, timelines) * 1e3
+            print(f"{'':18} step simulated from thread CPU times: ours {cpu_ms[name]:.1f} ms"
+                  + (f", before {cpu_step(schedule, before_timelines) * 1e3:.1f} ms" if before_timelines else ""))
             if before_timelines is not None:
                 b_measured, _, b_per_stage, _, _ = bubbles(schedule, before_timelines)
                 print(f"{'':18} before: bubble {b_measured:.3f}, sim/st {b_per_stage:.3f} "
@@ -379,7 +395,8 @@ def main():
                 plot_recorded_vs_simulated(schedule, [e for tl in timelines for e in tl],
                                            Path(args.plot_dir) / f"pipeline_{name}.png", per_stage=True)
     if rank == 0 and "zb_h1" in ours_ms and "1f1b" in ours_ms:
-        print(f"zb_h1 / 1f1b step time (ours, same run): {ours_ms['zb_h1'] / ours_ms['1f1b']:.3f}")
+        print(f"zb_h1 / 1f1b step time (ours, same run): {ours_ms['zb_h1'] / ours_ms['1f1b']:.3f}; simulated from "
+              f"thread CPU times: {cpu_ms['zb_h1'] / cpu_ms['1f1b']:.3f}")
         if before:
             then = {n: statistics.median(before[n].times[args.warmup:]) for n in ("zb_h1", "1f1b")}
             print(f"zb_h1 / 1f1b step time (before): {then['zb_h1'] / then['1f1b']:.3f}")
