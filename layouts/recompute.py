@@ -263,7 +263,8 @@ def checkpoint_modules(model: torch.nn.Module, pattern: str = "blocks.*", policy
     them. Returns ``model`` (changed in place).
 
     Args:
-        pattern: e.g. "blocks.*" (each GPT block) for "full"; the attention modules ("blocks.*.attn",
+        pattern: e.g. "blocks.*" (each GPT block; fnmatch's "*" crosses dots, so "blocks.*" also matches
+            "blocks.0.attn": only the outermost matching modules are checkpointed) for "full"; the attention modules ("blocks.*.attn",
             "model.layers.*.self_attn") for "selective", whose other ops' outputs the region keeps anyway.
         policy: "full" (keep only each module's inputs) or "selective" (recompute only the attention core).
 
@@ -274,7 +275,11 @@ def checkpoint_modules(model: torch.nn.Module, pattern: str = "blocks.*", policy
         raise ValueError(f"checkpoint_modules(policy={policy!r}): policy must be one of {POLICIES}")
     if not isinstance(pattern, str):
         raise TypeError(f"checkpoint_modules(pattern=...) takes an fnmatch glob string, got {pattern!r}")
-    matched = [(name, m) for name, m in model.named_modules() if fnmatch.fnmatchcase(name, pattern)]
+    matched = []
+    for name, module in model.named_modules():  # parents before children
+        # outermost matches only: fnmatch's "*" crosses dots, and a region inside a region is recomputed twice
+        if fnmatch.fnmatchcase(name, pattern) and not any(name.startswith(f"{outer}.") for outer, _ in matched):
+            matched.append((name, module))
     if not matched:
         names = [name for name, _ in model.named_modules()][:8]
         raise ValueError(f"checkpoint_modules: no submodule matches {pattern!r}; names look like {names}")
