@@ -58,7 +58,7 @@ class PipelineStage:
             (``shared.py``; ``find_shared_parameters`` computes these from the model's pieces).
 
     The executor (``PipelineSchedule``) drives it: ``forward_one``, ``backward_one`` (B and W together),
-    ``backward_input`` (B) and ``backward_weight`` (W), and the message methods for the p2p it batches.
+    ``backward_input`` (B) and ``backward_weight`` (W), and the message methods for the p2p ops it posts.
     """
 
     @renamed_keywords(pp_dim="pp_mesh_dim")
