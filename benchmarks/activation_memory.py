@@ -19,7 +19,7 @@ bytes, ``at::_dropout``: ``input * noise``), so the paper's figure is converted 
 16 s·b·h activation elements and 2 s·b·h mask elements outside the attention core, and 2 a·s²·b activation
 plus a·s²·b mask elements inside it; tp divides the terms it shards. The "formula (fp32)" column is that count
 at 4 bytes an element, plus the LayerNorms' statistics (mean and 1/std, 2 s·b elements per norm, which the paper
-leaves out).
+leaves out). "+ explained" is what dtensor_plus keeps beyond it, named in ``explained_bytes``.
 """
 
 from __future__ import annotations
@@ -101,6 +101,24 @@ def formula_bytes(s: int, b: int, h: int, a: int, t: int, sp: bool, policy: str,
     return out + (0 if policy == "selective" else core)
 
 
+def explained_bytes(s: int, b: int, h: int, t: int, sp: bool, policy: str, act: int = 4) -> float:
+    """What dtensor_plus keeps beyond the paper's count, term by term (fp32):
+
+    * sp (none, selective): the all-gathered inputs of the q/k/v and fc layers are what those linear layers
+      save, whole, where Megatron saves the shard and gathers again in backward: 2 (1 - 1/t) s·b·h more.
+    * selective with tp > 1: the cache keeps the row-parallel projection's partial sum (whole, s·b·h: a
+      collective reads it) and the collective's output (s·b·h/t under sp, s·b·h otherwise: the residual
+      dropout's input), while the paper's projection input (s·b·h/t) is recomputed here from the core.
+    """
+    sbh = s * b * h * act
+    extra = 0.0
+    if sp and policy != "full":
+        extra += 2 * (1 - 1 / t) * sbh
+    if policy == "selective" and t > 1:
+        extra += sbh + (sbh / t if sp else sbh) - sbh / t
+    return extra
+
+
 def measure(config, tp: int, sp: bool, policy: str, batch: int, strict: bool) -> int:
     """Rank function: bytes alive at the end of forward on this rank for ``config`` on tp ranks."""
     from gpt import GPT
@@ -149,16 +167,18 @@ def main(argv=None):
     s, b, h, a = args.seq, args.batch, args.dim, args.heads
     lines = [f"s={s} b={b} h={h} a={a} (a·s/h = {a * s / h:g}), fp32, dropout 0.1, "
              f"{'strict' if args.strict else 'default'} RNG; bytes per layer on one rank",
-             "", "| tp | sp | policy | measured B | formula (fp32) B | ratio | paper (16-bit) B |",
-             "|---:|:--:|:--|---:|---:|---:|---:|"]
+             "", "| tp | sp | policy | measured B | formula (fp32) B | ratio | + explained B | ratio to formula + "
+             "explained | paper (16-bit) B |",
+             "|---:|:--:|:--|---:|---:|---:|---:|---:|---:|"]
     for tp in [int(x) for x in args.tp.split(",")]:
         for sp in ([False, True] if tp > 1 else [False]):
             for policy in POLICY_PATTERNS:
                 got = per_layer(config, tp, sp, policy, b, args.strict)
                 want = formula_bytes(s, b, h, a, tp, sp, policy)
                 paper = formula_bytes(s, b, h, a, tp, sp, policy, act=2, mask=1, norm_stats=False)
+                extra = explained_bytes(s, b, h, tp, sp, policy)
                 lines.append(f"| {tp} | {'yes' if sp else 'no'} | {policy} | {got} | {want:.0f} | {got / want:.3f} "
-                             f"| {paper:.0f} |")
+                             f"| {extra:.0f} | {got / (want + extra):.3f} | {paper:.0f} |")
                 print(lines[-1], flush=True)
     text = "\n".join(lines)
     print(text)

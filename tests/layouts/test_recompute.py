@@ -13,12 +13,14 @@ Memory: bytes alive at the end of forward per layer (benchmarks/activation_memor
 on tp=2 with sp, against Korthikanti et al.'s formula in fp32, term by term.
 """
 
+import collections
 import copy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dtensor_plus as dtp
 from dtensor_plus import DTensor
@@ -243,3 +245,49 @@ def test_recomputation_frees_activation_memory_as_the_paper_counts():
     selective_extra = sbh_bytes + sbh_bytes / t - sbh_bytes / t  # partial sum + its reduce-scatter - proj input
     assert measured["selective"] == formula_bytes(s, b, h, a, t, True, "selective") + gathered_inputs + \
         selective_extra, measured
+
+
+# -- communication ----------------------------------------------------------------------------------------------
+
+
+class _C10dCalls(TorchDispatchMode):
+    """c10d ops that really run (beneath the selective cache, which answers the ops it keeps without running
+    them; ``comm_mode`` counts at dtensor_plus's Python level, before that cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            self.calls[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_c10d_calls(policy):
+    """Rank function: the c10d calls of one backward, tp=2 + sp, 2 layers."""
+    layout = Layout(tp=2, sp=True)
+    mesh = make_mesh(layout)
+    torch.manual_seed(0)
+    model = place_model(GPT(CONFIG), mesh, layout)
+    if policy != "none":
+        checkpoint_modules(model, PATTERNS[policy], policy)
+    dtp.manual_seed(1)
+    window = _batches(CONFIG)[0]
+    with loss_parallel():
+        loss = model.loss(place_batch(window[:, :-1], mesh), place_batch(window[:, 1:], mesh))
+        with _C10dCalls() as counter:
+            loss.backward()
+    return dict(counter.calls)
+
+
+def test_selective_recomputation_communicates_nothing_more():
+    """The attention core needs no collective (heads are sharded): selective recomputation's backward runs the
+    c10d calls of a backward without recomputation; full recomputation also runs each block's forward
+    all-gathers and reduce-scatters (one each per sub-layer under sp: 2 + 2 per layer) again."""
+    none, selective, full = (run_on_ranks(2, _backward_c10d_calls, policy, timeout=120.0)[0]
+                             for policy in ("none", "selective", "full"))
+    assert selective == none, (selective, none)
+    layers = CONFIG.num_layers
+    gather, scatter = "c10d::_allgather_base_", "c10d::_reduce_scatter_base_"
+    assert full[gather] == none[gather] + 2 * layers and full[scatter] == none[scatter] + 2 * layers, (full, none)
