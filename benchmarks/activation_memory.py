@@ -68,10 +68,6 @@ class LiveActivations(TorchDispatchMode):
     def live_bytes(self) -> int:
         return sum(n for ref, n in self.seen.values() if not torch.UntypedStorage._expired(ref))
 
-    def __exit__(self, *exc):
-        result = super().__exit__(*exc)
-        return result
-
     def release(self) -> None:
         for ref, _ in self.seen.values():
             torch.UntypedStorage._free_weak_ref(ref)
