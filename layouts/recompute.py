@@ -8,8 +8,11 @@ them:
   its inputs are kept, the whole forward runs again in backward.
 * "selective": only the attention core is recomputed -- softmax(Q K^T), its dropout and the product with V, or a
   scaled-dot-product-attention kernel -- the (B, H, T, T) tensors that cost 5·a·s/h of the paper's per-layer
-  34 + 5·a·s/h. Everything else the module computes (the linear layers' outputs, Q, K and V themselves) is kept,
-  through ``create_selective_checkpoint_contexts`` with ``attention_core_policy``.
+  34 + 5·a·s/h. What else the module computes (the linear layers' outputs, Q, K and V themselves, collectives'
+  outputs) is kept, through ``create_selective_checkpoint_contexts`` with ``attention_core_policy``, so no
+  collective runs again. Kept beyond the paper's count: what the module computes that autograd alone would not
+  keep, e.g. a row-parallel layer's partial sum, which its collective reads (benchmarks/activation_memory.py
+  names each such term).
 
 The attention core is found by data flow, not by name, so any model's attention works (examples/gpt.py's
 written-out matmuls, Hugging Face's eager attention, SDPA): a batched matmul (``bmm``) whose inputs are not core
@@ -25,9 +28,11 @@ generator state and the counter before every random op in forward and sets them 
 recomputation; dtensor_plus's counter is put back after recomputation, so later draws are those of a run
 without recomputation.
 
-Composes with every layout: the region is the module's ``forward``, so its own hooks (``fully_shard``'s gather,
-``PrepareModuleInput``) run once, outside the region, and the hooks of its submodules (tensor-parallel styles)
-run again in recomputation with their collectives.
+Composes with every layout (tested: tp+sp, dp, ZeRO-2, ZeRO-3, cp ring, a Hugging Face Llama on tp+sp): the
+region is the module's ``forward``, so its own hooks (``fully_shard``'s gather, ``PrepareModuleInput``) run once,
+outside the region, and the hooks of its submodules (tensor-parallel styles) run again in a full recomputation,
+with their collectives. A Hugging Face model must run with ``use_cache=False`` (as its own gradient checkpointing
+sets): a recomputed layer would append its keys and values to the KV cache a second time.
 """
 
 from __future__ import annotations
