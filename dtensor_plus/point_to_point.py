@@ -51,13 +51,13 @@ def _batch_ring_shift(sends, recvs, next_peer: int, prev_peer: int, tag: int, *,
 
 
 class _AllWorks:
-    """The works of one batch of p2p ops, waited on as one."""
+    """The works of several p2p ops, waited on as one (``works``: each op's own)."""
 
     def __init__(self, works):
-        self._works = works
+        self.works = works
 
     def wait(self):
-        for work in self._works:
+        for work in self.works:
             work.wait()
 
 
@@ -73,13 +73,15 @@ def p2p_group(mesh, mesh_dim: int | str):
 
 
 def send_recv(sends, recvs, mesh, mesh_dim: int | str):
-    """Post one batch of point-to-point ops along ``mesh_dim`` (``batch_isend_irecv``) without waiting.
+    """Post point-to-point ops along ``mesh_dim`` without waiting, each as its own ``isend`` / ``irecv``.
 
     ``sends`` and ``recvs`` are lists of ``(tensor, peer, tag)``: ``peer`` is the other rank's local index on
     ``mesh_dim``; a received tensor is filled in place. Not a collective: only the named peers take part. The
     ops run on ``p2p_group(mesh, mesh_dim)``, which every rank must have created beforehand. Returns
-    ``(send_work, recv_work)``, each with ``wait()``; a pipeline waits on its receives at once and on its sends
-    at the end of the step (sends never block the sender). Counted as ``"send"`` with the bytes this rank sends.
+    ``(send_work, recv_work)``, each with ``wait()`` (all its ops) and ``works`` (one per op, in order: a pipeline
+    waits on each receive right before the action that consumes it, on its sends at the end of the step). One
+    call per op rather than one ``batch_isend_irecv``: on gloo the batch costs ~0.1 ms more per call in checks.
+    Counted as ``"send"`` with the bytes this rank sends.
     """
     mesh_dim = mesh.mesh_dim_index(mesh_dim)
     row = mesh.row_ranks(mesh_dim)
@@ -89,10 +91,9 @@ def send_recv(sends, recvs, mesh, mesh_dim: int | str):
                            f"rank first")
     if sends:
         _record("send", mesh, mesh_dim, sum(_nbytes(t) for t, _, _ in sends))
-    send_ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer, tag=tag) for t, peer, tag in sends]
-    recv_ops = [dist.P2POp(dist.irecv, t, group=group, group_peer=peer, tag=tag) for t, peer, tag in recvs]
     try:
-        works = dist.batch_isend_irecv(send_ops + recv_ops) if send_ops or recv_ops else []
+        send_works = [dist.isend(t, group=group, group_dst=peer, tag=tag) for t, peer, tag in sends]
+        recv_works = [dist.irecv(t, group=group, group_src=peer, tag=tag) for t, peer, tag in recvs]
     except RuntimeError as error:
         raise _named_error("send_recv", mesh, mesh_dim, error, group) from error
-    return _AllWorks(works[: len(send_ops)]), _AllWorks(works[len(send_ops) :])
+    return _AllWorks(send_works), _AllWorks(recv_works)
