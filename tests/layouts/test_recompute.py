@@ -113,11 +113,12 @@ def test_recomputation_trains_like_one_device(layout, policy):
 # -- a model no one here wrote --------------------------------------------------------------------------------
 
 
-def _llama():
+def _llama(attention_dropout=0.0):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+        attention_dropout=attention_dropout,
         attn_implementation="eager")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).float().train()
@@ -131,9 +132,10 @@ def _llama():
 def _run_llama(policy):
     """Rank function: tp=2 + sp Llama (GQA, eager attention) with recomputation against one device without.
 
-    Without attention dropout: HF Llama's attention dropout under tp differs from one device in strict RNG mode
-    even without recomputation (max logit difference 0.107 at p=0.1, with and without sp; not investigated
-    here). ``use_cache=False``, as HF's own gradient checkpointing sets: a recomputed layer would append its
+    Without attention dropout here: examples/hf_plans.py runs HF's attention on local tensors (it reshapes with
+    -1 heads), so its dropout is torch's own draw on each rank's heads, not a DTensor op that strict mode draws
+    as one device would (``_run_llama_dropout`` checks those masks against the same layout instead).
+    ``use_cache=False``, as HF's own gradient checkpointing sets: a recomputed layer would append its
     keys and values to the KV cache a second time."""
     from hf_plans import llama_tp_plan
 
@@ -162,6 +164,34 @@ def test_hugging_face_llama_recomputes_like_one_device(policy):
     loss_diff = run_on_ranks(2, _run_llama, policy, timeout=120.0)[0]
     assert loss_diff <= 1e-4, loss_diff  # a sum over 2 x 6 x 64 weighted logits
 
+
+
+def _run_llama_dropout(policy):
+    """Rank function: tp=2 + sp Llama with attention dropout 0.1 (drawn by torch on each rank's local heads, see
+    _run_llama): the loss and whole gradients, with ``policy``'s recomputation or none."""
+    from hf_plans import llama_tp_plan
+
+    mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    model = llama_tp_plan(_llama(attention_dropout=0.1), mesh, sequence_parallel=True)
+    if policy != "none":
+        checkpoint_modules(model, {"full": "model.layers.*", "selective": "model.layers.*.self_attn"}[policy], policy)
+    tokens = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    dtp.manual_seed(5, strict=True)
+    loss = _full(model(tokens, use_cache=False).logits).sum()
+    loss.backward()
+    return loss.item(), {n: _full(p.grad) for n, p in model.named_parameters()}
+
+
+def test_hugging_face_attention_dropout_recomputes_the_same_masks():
+    """The attention dropout sits in every recomputed region (full: the layer; selective: the core): the same
+    layout with and without recomputation gives the same loss and gradients, so the masks were drawn again alike."""
+    pytest.importorskip("transformers")
+    (loss, grads), *others = (run_on_ranks(2, _run_llama_dropout, policy, timeout=120.0)[0]
+                              for policy in ("none", "full", "selective"))
+    for other_loss, other_grads in others:
+        assert other_loss == loss
+        for name, grad in grads.items():
+            torch.testing.assert_close(other_grads[name], grad, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
 
 # -- dropout masks in recomputation -----------------------------------------------------------------------------
 
