@@ -92,9 +92,9 @@ def want_kernel(name: str, *tensors: torch.Tensor) -> bool:
 
     Tensor subclasses (DTensor) and float dtypes other than fp32/bf16/fp16 take the reference in every mode.
     """
+    if _mode is False or (_mode == "auto" and not tensors[0].is_cuda):
+        return False  # every op's local path asks: the common answer first, before any other look at the tensors
     device = tensors[0].device
-    if _mode is False:
-        return False
     if any(type(t) not in _PLAIN for t in tensors):
         # a kernel reads raw pointers: a DTensor (or any tensor subclass) takes the reference, whose ops go
         # through the subclass's own dispatch (there, the op rules' local ops may call the kernel on shards)
