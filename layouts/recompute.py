@@ -268,9 +268,10 @@ def checkpoint_modules(model: torch.nn.Module, pattern: str = "blocks.*", policy
     them. Returns ``model`` (changed in place).
 
     Args:
-        pattern: e.g. "blocks.*" (each GPT block; fnmatch's "*" crosses dots, so "blocks.*" also matches
-            "blocks.0.attn": only the outermost matching modules are checkpointed) for "full"; the attention modules ("blocks.*.attn",
+        pattern: e.g. "blocks.*" (each GPT block) for "full"; the attention modules ("blocks.*.attn",
             "model.layers.*.self_attn") for "selective", whose other ops' outputs the region keeps anyway.
+            fnmatch's "*" crosses dots ("blocks.*" also matches "blocks.0.attn"): only the outermost matching
+            modules are checkpointed.
         policy: "full" (keep only each module's inputs) or "selective" (recompute only the attention core).
 
     Call it before or after placing the model (``parallelize_module``, ``replicate``, ``fully_shard``): the

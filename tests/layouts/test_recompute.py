@@ -2,8 +2,9 @@
 
 examples/gpt.py's debug GPT with dropout 0.1 drawn in strict RNG mode (each rank keeps its slice of the mask one
 device draws): two AdamW steps with ``checkpoint_modules`` "full" (each block) or "selective" (the attention
-core of each attention module) on tp+sp, dp, ZeRO-2, ZeRO-3 and cp ring, and a Hugging Face Llama on tp+sp (no attention dropout, see _run_llama):
-losses, first-step parameter gradients and final parameters equal one device without recomputation.
+core of each attention module) on tp+sp, dp, ZeRO-2, ZeRO-3 and cp ring, and a Hugging Face Llama on tp+sp
+(no attention dropout against one device, see _run_llama; with it, against the same layout): losses,
+first-step parameter gradients and final parameters equal one device without recomputation.
 
 Dropout masks in recomputation: the gradients above would differ if a recomputed mask did (the attention
 dropout sits inside every recomputed region); ``test_a_different_mask_in_recomputation_is_caught`` shows they
