@@ -7,6 +7,10 @@
    install maps ``dtensor_plus.kernels`` and friends to those folders), so nothing needs the root on the path.
    This runs before any test module is imported; ``tests/test_import_hygiene.py`` proves it held.
 2. One hypothesis profile (no deadline: rank round trips vary; derandomized in CI).
+3. Without CUDA, Triton's interpreter is chosen before anything imports triton: triton decorates its own
+   ``triton.language`` functions when it is imported (torch._dynamo imports it, so any compile test collected before
+   tests/kernels/ does), and interpreted kernels cannot call functions decorated for compiling ("Cannot call
+   @triton.jit'd outside of the scope of a kernel"). With CUDA the kernels stay compiled (tests/gpu checks them).
 """
 
 import os
@@ -25,7 +29,11 @@ def _is_repository_root(entry: str) -> bool:
 
 sys.path[:] = [entry for entry in sys.path if not _is_repository_root(entry)]
 
-from hypothesis import HealthCheck, settings  # noqa: E402  (after the path is clean)
+import torch  # noqa: E402  (after the path is clean)
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile(
     "dtensor_plus",
