@@ -102,8 +102,14 @@ class _nothing:
         return False
 
 
-@pytest.mark.parametrize("policy", ["full", "selective"])
-@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+# The default run samples the table (each policy, and each of tp+sp, ZeRO-3 and the cp ring once); -m slow runs all.
+SAMPLE = {("tp2-sp", "full"), ("tp2-sp", "selective"), ("zero3-dp2", "selective"), ("cp2-ring", "full")}
+CASES = [pytest.param(layout, policy, id=f"{name}-{policy}",
+                      marks=() if (name, policy) in SAMPLE else pytest.mark.slow)
+         for name, layout in LAYOUTS.items() for policy in ("full", "selective")]
+
+
+@pytest.mark.parametrize("layout, policy", CASES)
 def test_recomputation_trains_like_one_device(layout, policy):
     loss_diff, grad_diff, n_grads, param_diff = run_on_ranks(layout.world, _run_gpt, layout, policy, timeout=120.0)[0]
     assert loss_diff <= TOL and param_diff <= TOL, (loss_diff, param_diff)
@@ -159,7 +165,7 @@ def _run_llama(policy):
     return abs(loss.item() - ref_loss.item())
 
 
-@pytest.mark.parametrize("policy", ["full", "selective"])
+@pytest.mark.parametrize("policy", [pytest.param("full", marks=pytest.mark.slow), "selective"])
 def test_hugging_face_llama_recomputes_like_one_device(policy):
     pytest.importorskip("transformers")
     loss_diff = run_on_ranks(2, _run_llama, policy, timeout=120.0)[0]
