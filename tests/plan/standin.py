@@ -2,8 +2,8 @@
 
 The search is tested on what it does with any cost model (enumerate, prune, rank, explain), so its tests use
 this one, whose answers are obvious by construction: the real ``dtensor_plus.plan.cost.estimate`` (helper A's,
-simulated profiles) is tested in tests/plan/test_cost.py and used by the CLI test. It follows the contract's
-fields (Estimate, Cluster, Workload) and nothing else.
+simulated profiles) is tested in tests/plan/test_cost.py and used by the CLI test. It builds the package's own
+Estimate, Cluster and Workload.
 
 Model: fp32 state of 16 bytes a parameter (4 weights, 4 gradients, 8 Adam), sharded by tp and pp, and by dp as
 ZeRO says; activations 34 x tokens x hidden x 4 bytes a layer / tp, times the microbatches in flight (pp for
@@ -16,71 +16,32 @@ gradients back (x virtual stages); nothing overlapped; bubble from the published
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
 import torch
 
 from dtensor_plus.layouts.pipeline.simulate import bubble_formula
+from dtensor_plus.plan import Cluster, Estimate, Link, Workload
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from gpt import GPT, PRESETS  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Link:
-    bandwidth: float
-    latency: float
-
-
-@dataclass(frozen=True)
-class Cluster:
-    name: str
-    gpus_per_node: int
-    peak_flops: float
-    memory_bytes: int
-    intra_node: Link
-    inter_node: Link
-    compute_efficiency: float = 0.5
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    num_layers: int
-    seq_len: int
-    hidden: int
-    num_heads: int
-    vocab_size: int
-    build: object
-    experts: int = 0
-
-
-@dataclass(frozen=True)
-class Estimate:
-    layout: object
-    step_time: float
-    tokens_per_s: float
-    mfu: float
-    compute_s: float
-    communication_s: object
-    exposed_communication_s: object
-    bubble_s: float
-    memory: object
-    fits: bool
+def _not_simulated(*args, **kwargs):
+    raise AssertionError("the stand-in prices layouts analytically: nothing is placed or stepped")
 
 
 def gpt(preset: str, **changes) -> Workload:
     config = PRESETS[preset].replace(**changes)
     return Workload(preset, config.num_layers, config.block_size, config.dim, config.num_heads, config.vocab_size,
-                    lambda n: GPT(config.replace(num_layers=n)))
+                    lambda n: GPT(config.replace(num_layers=n)), place=_not_simulated, step=_not_simulated)
 
 
 def cluster(memory_bytes: int, inter_node_bandwidth: float = 25e9, gpus_per_node: int = 8) -> Cluster:
     return Cluster("standin", gpus_per_node, 1e12, memory_bytes, Link(300e9, 1e-6),
-                   Link(inter_node_bandwidth, 5e-6))
+                   Link(inter_node_bandwidth, 5e-6), compute_efficiency=0.5)
 
 
 def _params(w: Workload) -> float:
