@@ -9,6 +9,7 @@ backward running the dual collective.
 from __future__ import annotations
 
 import zlib
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -278,6 +279,10 @@ class DTensor(torch.Tensor):
         placements = normalize_placements(placements, mesh, self._spec.ndim)
         if DISPATCHER.unchecked_blocks:
             local_blocks.check_marked((self,))
+        if not torch._C.TensorBase.requires_grad.__get__(self):
+            # Nothing to differentiate: the move without an autograd node (Function.apply costs more than a
+            # warm move on a 1-rank mesh dim). The result is the forward's, requires_grad False as there.
+            return _redistributed(self, placements, forward_dtype, False)
         return Redistribute.apply(self, placements, forward_dtype, backward_dtype)
 
     def full_tensor(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
@@ -356,9 +361,7 @@ class Redistribute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dtensor, dst: tuple[Placement, ...], forward_dtype=None, backward_dtype=None):
         ctx.src_spec, ctx.backward_dtype = dtensor._spec, backward_dtype
-        local, spec = _cast(dtensor._local_tensor, dtensor._spec, forward_dtype)
-        local = redistribute_local(local, spec, dst)
-        return DTensor(local, spec.with_placements(dst), requires_grad=dtensor.requires_grad)
+        return _redistributed(dtensor, dst, forward_dtype, dtensor.requires_grad)
 
     @staticmethod
     def backward(ctx, grad):
@@ -367,6 +370,17 @@ class Redistribute(torch.autograd.Function):
         local, spec = _cast(grad._local_tensor, grad._spec, ctx.backward_dtype or ctx.src_spec.dtype)
         local = redistribute_local(local, spec, target).to(ctx.src_spec.dtype)
         return DTensor(local, ctx.src_spec.with_placements(target), requires_grad=False), None, None, None
+
+
+def _redistributed(dtensor: DTensor, dst: tuple[Placement, ...], forward_dtype, requires_grad: bool) -> DTensor:
+    """``dtensor`` moved to ``dst`` (cast to ``forward_dtype`` first), outside autograd."""
+    local, spec = _cast(dtensor._local_tensor, dtensor._spec, forward_dtype)
+    local = redistribute_local(local, spec, dst)
+    return DTensor(local, _with_placements(spec, dst), requires_grad=requires_grad)
+
+
+# The moved spec, the same object for each move of one spec: a later op's cache key then meets it by identity.
+_with_placements = lru_cache(maxsize=4096)(DTensorSpec.with_placements)
 
 
 def _cast(local: torch.Tensor, spec: DTensorSpec, dtype: torch.dtype | None) -> tuple[torch.Tensor, DTensorSpec]:

@@ -174,17 +174,26 @@ def _gather_zigzag(split: torch.Tensor, placement, mesh, mesh_dim: int, dim: int
 
 def redistribute_local(local: torch.Tensor, spec: DTensorSpec, dst: tuple[Placement, ...]) -> torch.Tensor:
     """This rank's local tensor of ``spec``'s tensor laid out as ``dst`` instead (no autograd)."""
-    placements = spec.placements
-    if placements == dst:
+    if spec.placements == dst:
         return local
     if spec.mesh.get_coordinate() is None:
         return local  # ranks outside the mesh hold nothing and take part in nothing
-    steps = plan_redistribute(placements, dst, spec.mesh.shape, spec.shape.numel(), spec.dtype.itemsize)
-    for mesh_dim, new in steps:
-        if spec.mesh.shape[mesh_dim] > 1:  # on a single rank every placement holds the whole value as it is
-            local = _apply_step(local, spec, placements, mesh_dim, new)
-        placements = placements[:mesh_dim] + (new,) + placements[mesh_dim + 1 :]
+    for mesh_dim, new, placements in _acting_steps(spec, dst):
+        local = _apply_step(local, spec, placements, mesh_dim, new)
     return local
+
+
+@lru_cache(maxsize=4096)
+def _acting_steps(spec: DTensorSpec, dst: tuple[Placement, ...]) -> tuple:
+    """The steps of the plan from ``spec`` to ``dst`` that act, each as (mesh_dim, new placement, the placements
+    before it): on a single rank every placement holds the whole value as it is, so steps on mesh dims of one
+    rank are dropped. Keyed by the spec (its hash is kept) so that a warm move is one lookup."""
+    placements, acting = spec.placements, []
+    for mesh_dim, new in plan_redistribute(placements, dst, spec.mesh.shape, spec.shape.numel(), spec.dtype.itemsize):
+        if spec.mesh.shape[mesh_dim] > 1:
+            acting.append((mesh_dim, new, placements))
+        placements = placements[:mesh_dim] + (new,) + placements[mesh_dim + 1 :]
+    return tuple(acting)
 
 
 def _local_steps_and_reductions(spec: DTensorSpec, steps):
