@@ -42,6 +42,7 @@ from .placements import chunk_bounds
 __all__ = [
     "comm_mode", "CommCounter", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "scatter",
     "all_gather_flat", "reduce_scatter_flat", "all_to_all_splits", "AllToAllSplits", "every_rank_rows",
+    "reduce",
 ]
 
 # torch >= 2.12 renamed the tensor-in/tensor-out collectives; older releases have only the old names.
@@ -476,3 +477,21 @@ def _gather_order(mesh) -> list[int]:
     """Global ranks in the order the successive all-gathers stack them: the last mesh dim outermost."""
     # the mesh's numpy ranks, not its tensor: a tensor op there would run under a compiler's fake mode
     return mesh._ranks.transpose(*reversed(range(mesh.ndim))).reshape(-1).tolist()
+
+
+# -- reduce to one rank (SUMMA's partial products, ops/summa.py) ------------------------------------------------
+
+
+def reduce(t: torch.Tensor, mesh, mesh_dim: int, dst_index: int, reduce_op: str = "sum") -> torch.Tensor:
+    """Reduce equal-shape tensors over ``mesh_dim`` onto the rank at index ``dst_index``: returns the reduced
+    tensor there and None elsewhere. Bytes: every rank but the destination sends its tensor once (a tree or
+    chain reduce), the destination sends nothing."""
+    n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    wide, op, back = _reducible(t, reduce_op)
+    out = wide.clone(memory_format=torch.contiguous_format)
+    _record("reduce", mesh, mesh_dim, 0 if index == dst_index else _nbytes(out))
+    _run("reduce", mesh, mesh_dim, dist.reduce, out, dst=mesh.row_ranks(mesh_dim)[dst_index], op=op)
+    if index != dst_index:
+        return None
+    return back(_divide(out, n) if reduce_op == "avg" else out)
+

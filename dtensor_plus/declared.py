@@ -25,7 +25,10 @@ from . import collectives, point_to_point
 from .redistribute import redistribute_local
 from .spec import DTensorSpec
 
-__all__ = ["AllReduce", "RingShift", "Redistribution", "Communicator", "UndeclaredCommunication", "cost_terms"]
+__all__ = [
+    "AllReduce", "RingShift", "Redistribution", "Broadcast", "Reduce", "Communicator", "UndeclaredCommunication",
+    "cost_terms",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +59,25 @@ class Redistribution:
     dst: tuple
 
 
-Declaration = AllReduce | RingShift | Redistribution
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """Broadcast a block along ``mesh_dim`` from the rank the local op names, up to ``steps`` times per call
+    (SUMMA's panels, ops/summa.py: step p broadcasts from index p)."""
+
+    mesh_dim: int
+    steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reduce:
+    """Sum blocks along ``mesh_dim`` onto the rank the local op names, up to ``steps`` times per call (SUMMA's
+    partial products of the transposed forms, ops/summa.py)."""
+
+    mesh_dim: int
+    steps: int
+
+
+Declaration = AllReduce | RingShift | Redistribution | Broadcast | Reduce
 
 
 class UndeclaredCommunication(RuntimeError):
@@ -81,6 +102,9 @@ class Communicator:
                           for k in decl.mesh_dims if self.mesh.size(k) > 1]
             elif type(decl) is RingShift:
                 words.append(f"{decl.steps} ring shifts on {self.mesh.mesh_dim_name(decl.mesh_dim)!r}")
+            elif type(decl) in (Broadcast, Reduce):
+                kind = type(decl).__name__.lower()
+                words.append(f"{decl.steps} {kind}s on {self.mesh.mesh_dim_name(decl.mesh_dim)!r}")
             else:
                 words.append(f"a redistribution {list(decl.src.placements)} -> {list(decl.dst)}")
         return words
@@ -97,6 +121,17 @@ class Communicator:
         """point_to_point.ring_shift over the declared ring of ``mesh_dim`` (keyword arguments as there)."""
         self._find(RingShift, lambda d: d.mesh_dim == mesh_dim, f"ring_shift(mesh_dim={mesh_dim})")
         return point_to_point.ring_shift(tensors, self.mesh, mesh_dim, **kwargs)
+
+    def broadcast(self, t: torch.Tensor, mesh_dim: int, src_index: int) -> torch.Tensor:
+        """collectives.broadcast of ``t`` (in place) along the declared ``mesh_dim`` from index ``src_index``."""
+        self._find(Broadcast, lambda d: d.mesh_dim == mesh_dim, f"broadcast(mesh_dim={mesh_dim})")
+        return collectives.broadcast(t, self.mesh, mesh_dim, src_index)
+
+    def reduce(self, t: torch.Tensor, mesh_dim: int, dst_index: int) -> torch.Tensor:
+        """collectives.reduce (sum) of ``t`` along the declared ``mesh_dim`` onto index ``dst_index`` (None on
+        the other ranks)."""
+        self._find(Reduce, lambda d: d.mesh_dim == mesh_dim, f"reduce(mesh_dim={mesh_dim})")
+        return collectives.reduce(t, self.mesh, mesh_dim, dst_index, "sum")
 
     def redistribute(self, local: torch.Tensor, src: DTensorSpec, dst: tuple) -> torch.Tensor:
         """This rank's block of a tensor laid out as ``src``, moved to ``dst``."""
@@ -123,6 +158,8 @@ def cost_terms(declared: tuple, mesh) -> list[tuple[str, int]]:
             terms += [("all_reduce", mesh.size(k)) for _ in decl.reduce_ops for k in decl.mesh_dims if mesh.size(k) > 1]
         elif type(decl) is RingShift:
             terms += [("send_recv", mesh.size(decl.mesh_dim))] * decl.steps
+        elif type(decl) in (Broadcast, Reduce):
+            terms += [(type(decl).__name__.lower(), mesh.size(decl.mesh_dim))] * decl.steps
         else:
             terms += [("redistribute", mesh.size())]
     return terms
