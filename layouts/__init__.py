@@ -13,6 +13,7 @@ from .moe import MoE, expert_parallel
 from .plan import parallelize_module
 from .precision import MixedPrecision, mixed_precision
 from .prepare_io import PrepareModuleInputOutput
+from .sequence_switch import SequenceSwitch, switch_sequence_dim
 from .tensor import (
     ColwiseParallel,
     ParallelStyle,
@@ -28,5 +29,5 @@ __all__ = [
     "PrepareModuleOutput", "PrepareModuleInputOutput", "parallelize_module", "loss_parallel", "parse_layout", "format_layout", "layout_of",
     "replicate", "sync_gradients", "shard_batch", "fully_shard", "ZeroRedundancyOptimizer", "CPUOffload",
     "clip_grad_norm_", "get_total_norm", "MixedPrecision", "mixed_precision", "context_parallel", "MoE", "parallel_cross_entropy",
-    "expert_parallel",
+    "expert_parallel", "SequenceSwitch", "switch_sequence_dim",
 ]
