@@ -51,7 +51,8 @@ def dp_mesh_dim_index(mesh, mesh_dim) -> int:
     """The index of the data-parallel mesh dim given as ``mesh_dim`` (a name, an index, or None on a 1-D mesh)."""
     if mesh_dim is None:
         if mesh.ndim != 1:
-            raise ValueError(f"ZeRO on a {mesh.ndim}-D mesh {mesh} needs mesh_dim='dp' (the data-parallel mesh dim)")
+            raise ValueError(f"ZeRO on a {mesh.ndim}-D mesh {mesh} needs mesh_dim='dp' (the data-parallel mesh dim) "
+                             f"(fully_shard also takes a pair, mesh_dim=('replicate', 'shard'): HSDP)")
         return 0
     if isinstance(mesh_dim, str):
         names = [mesh.mesh_dim_name(k) for k in range(mesh.ndim)]

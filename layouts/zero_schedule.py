@@ -33,7 +33,7 @@ class Schedule:
         self.depth = 0  # units inside a forward right now
         self.backward_started = False
         self.boundary = None  # the outermost unit's local-compute boundary while a local forward runs
-        self.reducing: list = []  # [(unit, pending reduce-scatter, gradient specs)]: at most one outside end_backward
+        self.reducing: list = []  # [(unit, pending reduce-scatter, where each lands)]: at most one outside end_backward
         self.timeline: list | None = None
 
     def next_after(self, order: list, unit):

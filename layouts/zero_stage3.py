@@ -45,11 +45,13 @@ from dtensor_plus.spec import DTensorSpec, TensorMeta
 from . import local_step
 from .precision import MixedPrecision
 from .zero_compiled import bind_compiled, unbind_compiled
+from .zero_hybrid import gradient_placements, sync_replicas, zero_mesh_dims
 from .zero_local import SHARDED_FOR as _SHARDED_FOR
 from .zero_local import LocalBoundary
 from .zero_schedule import Schedule
+from .zero_tied import adopt
 from .zero_placement import (
-    CPUOffload, check_dp_placement, compute_device, dp_mesh_dim_index, on_device, to_dtensor, with_placement,
+    CPUOffload, check_dp_placement, compute_device, on_device, to_dtensor, with_placement,
     zero_placement,
 )
 
@@ -63,8 +65,10 @@ class _Unit:
     """The parameters one ``fully_shard`` call owns and the hooks that gather and free them."""
 
     def __init__(self, mesh, mesh_dim: int, mp_policy: MixedPrecision | None, offload: CPUOffload | None,
-                 label: str = "", local_compute: bool = True, overlap: bool = True):
+                 label: str = "", local_compute: bool = True, overlap: bool = True, replicate_mesh_dim=None):
         self.mesh, self.mesh_dim, self.offload = mesh, mesh_dim, offload
+        # HSDP (zero_hybrid.py): the mesh dim the model states are replicated on, its second gradient hop.
+        self.replicate_mesh_dim, self.requires_all_reduce = replicate_mesh_dim, True
         self.label, self.overlap = label, overlap
         self.boundary = LocalBoundary(mesh, mesh_dim) if local_compute else None
         self.device = compute_device(mesh)
@@ -278,8 +282,9 @@ class _Unit:
 
     def start_reduce(self, grads):
         """Start one reduce-scatter (per dtype / mesh dim) of the unit's gradients, in reduce_dtype, onto the
-        shards: (pending, indices of the entries with a gradient). A plain gradient (local compute) is this rank's
-        rows' contribution, Partial(sum) on dp, as the DTensor path's gradients are."""
+        shards: (pending, (index, placements) of each entry with a gradient: where it lands, gradient_placements).
+        A plain gradient (local compute) is this rank's rows' contribution, Partial(sum) on dp, as the DTensor
+        path's gradients are."""
         shards = [shard for _, _, shard in self.entries]
         present = [i for i, g in enumerate(grads) if g is not None]
         moved = []
@@ -290,9 +295,11 @@ class _Unit:
             if not isinstance(g, DTensor):
                 g = DTensor(g, self._partial_spec(shards[i], g.dtype))
             moved.append(g)
-        targets = [shards[i].placements for i in present]
+        targets = [gradient_placements(self, shards[i]) for i in present]
+        # Landed outside autograd when a gradient stays Partial on the replicate dim (its leaf's layout differs).
+        self.lands_itself = any(t != shards[i].placements for t, i in zip(targets, present))
         self.schedule.mark("reduce-scatter issued", self)
-        return redistribute_together_async(moved, targets), present
+        return redistribute_together_async(moved, targets), list(zip(present, targets))
 
     def _partial_spec(self, shard: DTensor, dtype: torch.dtype) -> DTensorSpec:
         shape = shard._spec.shape
@@ -300,25 +307,26 @@ class _Unit:
         placements = with_placement(shard.placements, self.mesh_dim, Partial())
         return DTensorSpec(self.mesh, placements, TensorMeta(shape, stride, dtype))
 
-    def reduced(self, locals_, present) -> list:
+    def reduced(self, locals_, landing) -> list:
         """The reduced local shards as gradients of the shards (None where an entry had no gradient)."""
         out = [None] * len(self.entries)
         used = collections.Counter()  # bytes of the locals in each storage (by its StorageImpl: meta ones too)
         for t in locals_:
             used[t.untyped_storage()._cdata] += t.numel() * t.element_size()
-        for i, local in zip(present, locals_):
+        for (i, placements), local in zip(landing, locals_):
             if used[local.untyped_storage()._cdata] < local.untyped_storage().nbytes():
                 # A view of a buffer mostly not ours (a row-parallel weight's shard cut from a wider reduce-scatter
                 # output) would keep the whole buffer alive as this gradient: keep only our part.
                 local = local.clone()
             shard = self.entries[i][2]
-            out[i] = DTensor(local.to(shard.device, shard.dtype), shard._spec)  # offload: to the host
+            spec = shard._spec if placements == shard.placements else shard._spec.with_placements(placements)
+            out[i] = DTensor(local.to(shard.device, shard.dtype), spec)  # offload: to the host
         return out
 
-    def land_gradients(self, locals_, present) -> None:
+    def land_gradients(self, locals_, landing) -> None:
         """A reduce-scatter started in backward has finished: its shards accumulate into ``.grad`` (autograd's
         accumulation, done here because the Function returned before the collective finished)."""
-        for i, grad in enumerate(self.reduced(locals_, present)):
+        for i, grad in enumerate(self.reduced(locals_, landing)):
             if grad is None:
                 continue
             shard = self.entries[i][2]
@@ -328,6 +336,7 @@ class _Unit:
                 shard.grad._local_tensor.add_(grad._local_tensor)
             else:
                 shard.grad = shard.grad + grad
+        sync_replicas(self)  # HSDP: the second hop of gradients that had only the first
 
 
 class _GatherUnit(torch.autograd.Function):
@@ -350,13 +359,16 @@ class _GatherUnit(torch.autograd.Function):
         unit = ctx.unit
         unit.schedule.start_backward(unit)  # end_backward waits for the reduce-scatters still in flight
         unit.drop_regather()  # every op of this unit has run its backward: its re-gathered wholes may go
-        pending, present = unit.start_reduce(list(grads))
+        pending, landing = unit.start_reduce(list(grads))
         if unit.overlap:  # in flight while the units before this one run their backward
-            unit.schedule.reduce_in_flight(unit, pending, present)
+            unit.schedule.reduce_in_flight(unit, pending, landing)
             return (None, None, *[None] * len(grads))
         with unit.schedule.timed("wait reduce-scatter", unit):
             locals_ = pending.wait()
-        return (None, None, *unit.reduced(locals_, present))
+        if unit.lands_itself:
+            unit.land_gradients(locals_, landing)
+            return (None, None, *[None] * len(grads))
+        return (None, None, *unit.reduced(locals_, landing))
 
 
 class _Regather:
@@ -406,7 +418,9 @@ def fully_shard(
     Args:
         module: the module to shard (changed in place and returned).
         mesh: the device mesh; parameters already DTensors on it keep their other mesh dims' placements.
-        mesh_dim: the data-parallel mesh dim (name or index); needed only on a mesh of more than one dim.
+        mesh_dim: the data-parallel mesh dim (name or index); needed only on a mesh of more than one dim. A pair
+            ``("replicate", "shard")`` is HSDP / MiCS (zero_hybrid.py): sharded on the second, replicated on the
+            first (FSDP2's 2-D mesh order), gradients reduce-scattered on one then all-reduced on the other.
         mp_policy: ``MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``: the shards stay
             fp32 (the master), the all-gather and the compute run in param_dtype, floating inputs are cast to
             it, gradients are reduce-scattered in reduce_dtype and land on the shards in fp32.
@@ -435,12 +449,12 @@ def fully_shard(
         raise TypeError(f"mp_policy must be a MixedPrecision, got {type(mp_policy).__name__}")
     if offload is not None and not isinstance(offload, CPUOffload):
         raise TypeError(f"offload must be a CPUOffload, got {type(offload).__name__}")
-    k = dp_mesh_dim_index(mesh, mesh_dim)
-    unit = _Unit(mesh, k, mp_policy, offload, type(module).__name__, local_compute, overlap)
+    replicate_k, k = zero_mesh_dims(mesh, mesh_dim)
+    unit = _Unit(mesh, k, mp_policy, offload, type(module).__name__, local_compute, overlap, replicate_k)
     # Each Parameter once, with every slot holding it (tied weights: one entry, one gather, one gradient).
     for param, slots in parameter_slots(module, prune=lambda child: hasattr(child, "_zero_state")):
         if _SHARDED_FOR in param.__dict__:  # a shared Parameter an inner call sharded through another slot
-            _adopt(unit, param, slots, module)
+            adopt(unit, param, slots, module)
             continue
         dt = to_dtensor(param, mesh)
         if dt.placements[k].is_shard():
@@ -448,7 +462,8 @@ def fully_shard(
             # own, gradients are exact per rank, so there is nothing to gather or reduce-scatter.
             assign(slots, param)
             continue
-        check_dp_placement(dt, k, "fully_shard")
+        for mesh_dim_index in (k, replicate_k) if replicate_k is not None else (k,):
+            check_dp_placement(dt, mesh_dim_index, "fully_shard")
         sharded = dt.redistribute(placements=with_placement(dt.placements, k, zero_placement(dt, k)))  # local chunk
         with torch.no_grad():  # the chunk is a view of the whole: a copy lets the whole's storage go
             sharded = sharded.detach().clone()
@@ -467,34 +482,3 @@ def fully_shard(
     module.register_forward_hook(unit.post_forward, with_kwargs=True, always_call=True)  # also on an exception
     return module
 
-
-def _adopt(unit: _Unit, shard: nn.Parameter, slots, module: nn.Module) -> None:
-    """``shard``, which an inner fully_shard call owns, is also held by ``slots`` outside that call's module: this
-    call's module holds both, so this unit owns it (FSDP's rule: a shared parameter belongs to the lowest common
-    ancestor) and binds it to every slot. A unit outside ``module`` cannot give it up: that raises."""
-    here = " and ".join(f"{type(module).__name__}'s {slot.name}" for slot in slots)
-    owners = [m._zero_state for m in module.modules() if hasattr(m, "_zero_state")]
-    found = [(inner, i) for inner in owners for i, (_, _, s) in enumerate(inner.entries) if s is shard]
-    if not found:
-        raise ValueError(
-            f"{here} is the Parameter {shard.__dict__[_SHARDED_FOR]} holds, which fully_shard on a module outside "
-            f"this one already shards (tied weights, or an enclosing module sharded first); one Parameter belongs to "
-            f"one fully_shard call: shard inner modules first, and a Parameter several modules share on a module "
-            f"holding all of them (their common ancestor, e.g. the root), not on one holder alone"
-        )
-    inner, index = found[0]
-    inner_slots = inner.slots(index)
-    names = {id(m): name for name, m in module.named_modules()}  # the inner unit's slots, named from here
-    there = " and ".join(f"{names[id(m)]}.{key}".lstrip(".") for m, key in inner_slots)
-    if (inner.mesh, inner.mesh_dim, inner.param_dtype, inner.reduce_dtype, inner.offload) != (
-        unit.mesh, unit.mesh_dim, unit.param_dtype, unit.reduce_dtype, unit.offload
-    ):
-        raise ValueError(
-            f"{here} and {there} are one shared Parameter (tied weights), sharded by two fully_shard calls with "
-            f"different meshes, mesh dims or policies; pass the same mesh, mesh_dim, mp_policy and offload to both"
-        )
-    del inner.entries[index]
-    inner.tied_slots.pop(id(shard), None)
-    assign(slots, shard)
-    # A module reachable from both (one Linear in two places) brings the inner unit's own slot again.
-    unit.add(shard, list(dict.fromkeys([*inner_slots, *((slot.owner, slot.key) for slot in slots)])))
