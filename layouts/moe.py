@@ -48,7 +48,7 @@ from .hf_experts import hf_experts_modules, shard_hf_experts
 from .moe_dispatch import dispatch_combine
 from .moe_router import Routing, TopKRouter, local_weight
 
-__all__ = ["MoE", "GroupedExperts", "expert_parallel"]
+__all__ = ["MoE", "GroupedExperts", "SharedExperts", "expert_parallel"]
 
 
 class GroupedExperts(nn.Module):
@@ -66,6 +66,19 @@ class GroupedExperts(nn.Module):
         return grouped_mm(F.gelu(grouped_mm(rows_RD, w1_LDF, counts_L)), w2_LFD, counts_L)
 
 
+class SharedExperts(nn.Module):
+    """DeepSeek-V3's shared experts: one dense GELU MLP (D -> S -> D, no biases) that every token goes through.
+    Not an expert to place: its weights take the layout of the rest of the model (``replicate``...)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
 class MoE(nn.Module):
     """A mixture-of-experts MLP: ``TopKRouter`` + ``GroupedExperts``; a drop-in for a (B, T, D) -> (B, T, D) MLP.
 
@@ -76,6 +89,14 @@ class MoE(nn.Module):
         jitter: multiplicative router-input noise in training (Switch: 0.01); 0 for none.
         aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in ``aux_loss``.
         renormalize: with top_k > 1, the gates of a token sum to 1.
+        balance_rate: DeepSeek-V3's auxiliary-loss-free balancing: a routing bias for top-k selection only,
+            moved by ``balance_rate`` per ``update_balance_bias()`` call (once per optimizer step); None for none.
+        shared_hidden: DeepSeek-V3's shared experts: the hidden width of a dense GELU MLP every token goes
+            through, its output added to the routed experts'; 0 for none.
+
+    Expert placement: ``expert_slot`` (a buffer, (E,) ints) holds where each expert's weights lie along the
+    expert dim of ``w1`` / ``w2``: expert e is row ``expert_slot[e]`` (ep rank ``expert_slot[e] // (E / ep)``).
+    It starts as the identity; ``moe_placement.place_experts`` changes it and moves the weights with it.
 
     After each forward: ``aux_loss`` (coefficients applied; add it to the task loss), ``routing`` (the
     ``Routing``: raw losses, gates) and ``load`` (assignments per expert over the global batch, an (E,) int
@@ -88,11 +109,16 @@ class MoE(nn.Module):
 
     def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int = 2, *,
                  capacity_factor: float | None = None, jitter: float = 0.0, aux_loss_coef: float = 0.01,
-                 z_loss_coef: float = 0.001, renormalize: bool = True):
+                 z_loss_coef: float = 0.001, renormalize: bool = True, balance_rate: float | None = None,
+                 shared_hidden: int = 0):
         super().__init__()
+        if shared_hidden < 0:
+            raise ValueError(f"shared_hidden must be >= 0 (0 for no shared experts), got {shared_hidden}")
         self.router = TopKRouter(dim, num_experts, top_k, capacity_factor=capacity_factor, jitter=jitter,
-                                 renormalize=renormalize)
+                                 renormalize=renormalize, balance_rate=balance_rate)
         self.experts = GroupedExperts(num_experts, dim, hidden)
+        self.shared = SharedExperts(dim, shared_hidden) if shared_hidden else None
+        self.register_buffer("expert_slot", torch.arange(num_experts))
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.aux_loss: torch.Tensor | None = None
         self.routing: Routing | None = None
@@ -116,13 +142,21 @@ class MoE(nn.Module):
             x_local, w1_local, w2_local = layout.local_tokens(x_in), layout.local_weight(w1), layout.local_weight(w2)
             mesh, ep_mesh_dim = layout.mesh, layout.ep_mesh_dim
         shape = x_local.shape
+        slot_E = self.expert_slot._local_tensor if isinstance(self.expert_slot, DTensor) else self.expert_slot
         y_ND = dispatch_combine(
-            x_local.reshape(-1, shape[-1]), routing.expert_idx_NK, routing.gates_NK, routing.keep_NK,
+            x_local.reshape(-1, shape[-1]), slot_E[routing.expert_idx_NK], routing.gates_NK, routing.keep_NK,
             self.experts.num_experts, lambda rows, counts: self._run_experts(rows, counts, w1_local, w2_local, layout),
             mesh, ep_mesh_dim,
         )
         y_BTD = y_ND.view(shape)
-        return layout.output(y_BTD, x_in, x_BTD) if layout else y_BTD
+        y_BTD = layout.output(y_BTD, x_in, x_BTD) if layout else y_BTD
+        return y_BTD if self.shared is None else y_BTD + self.shared(x_BTD)
+
+    def update_balance_bias(self) -> None:
+        """DeepSeek-V3's bias step from the last forward's global load (call it once per optimizer step)."""
+        if self.routing is None:
+            raise ValueError("update_balance_bias: run a forward first (the update follows its load)")
+        self.router.update_balance_bias(self.routing.chosen_E)
 
     @staticmethod
     def _run_experts(rows_RD, counts_L, w1_LDF, w2_LFD, layout) -> torch.Tensor:

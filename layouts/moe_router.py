@@ -17,7 +17,12 @@ library inserts (and differentiates) the reductions; on plain tensors the same c
   per assignment, against 4 D bytes for the token itself), with the same function one device uses;
 * load-balancing loss (Switch/GShard): ``E * sum_e f_e * P_e``, f_e the fraction of the N k assignments
   chosen for e (before dropping), P_e the mean router probability of e; 1.0 when perfectly balanced;
-* z-loss (ST-MoE): mean over tokens of ``logsumexp(logits)^2``.
+* z-loss (ST-MoE): mean over tokens of ``logsumexp(logits)^2``;
+* auxiliary-loss-free balancing (DeepSeek-V3, ``balance_rate``): a per-expert bias, a buffer (not trained by
+  gradients), is added to the probabilities for the top-k *selection only*; the gates stay the unbiased
+  probabilities. After each optimizer step ``update_balance_bias`` moves each expert's bias by ``balance_rate``
+  towards balance (up when its load is under the mean, down when over: the sign of the load error). The load
+  is global, so every rank makes the same update and the bias stays Replicate.
 
 Legend: B batch, T sequence, D width, N tokens (B T), E experts, K top-k slots.
 """
@@ -57,6 +62,7 @@ class Routing:
     row_placements: tuple | None = None
     mesh: object = None
     batch_shape: tuple | None = None
+    chosen_E: torch.Tensor | None = None
 
     def whole_expert_idx(self) -> torch.Tensor:
         """The chosen experts of every token of the global batch, (B T, K) in batch order, best first: the
@@ -100,6 +106,8 @@ class TopKRouter(nn.Module):
         jitter: eps of the multiplicative input noise in training (0 for none).
         renormalize: with k > 1, divide the k gates by their sum (Mixtral); top-1 keeps the raw probability
             (Switch), so the router still learns through the gate.
+        balance_rate: None for no balancing bias; else DeepSeek-V3's bias update speed (their 0.001), see the
+            module doc and ``update_balance_bias``.
     """
 
     # Its statistics (aux and z losses, the load) are over the global batch: a layout that computes on each rank's
@@ -107,7 +115,7 @@ class TopKRouter(nn.Module):
     _dtp_dtensor_path = True
 
     def __init__(self, dim: int, num_experts: int, top_k: int, *, capacity_factor: float | None = None,
-                 jitter: float = 0.0, renormalize: bool = True):
+                 jitter: float = 0.0, renormalize: bool = True, balance_rate: float | None = None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k({top_k}) must be between 1 and num_experts({num_experts})")
@@ -115,9 +123,14 @@ class TopKRouter(nn.Module):
             raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        if balance_rate is not None and not balance_rate > 0:
+            raise ValueError(f"balance_rate must be > 0 (or None for no balancing bias), got {balance_rate}")
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor, self.jitter, self.renormalize = capacity_factor, jitter, renormalize
         self.gate = nn.Linear(dim, num_experts, bias=False)  # whole on every rank (Replicate, or ZeRO-gathered)
+        self.balance_rate = balance_rate
+        if balance_rate is not None:
+            self.register_buffer("balance_bias", torch.zeros(num_experts))
 
     def forward(self, x_BTD: torch.Tensor) -> Routing:
         E, K = self.num_experts, self.top_k
@@ -130,7 +143,11 @@ class TopKRouter(nn.Module):
         # Local rows times the whole gate: the logits keep the tokens' row layout whatever it is (uneven too).
         logits_NE = F.linear(_local(x_BTD).reshape(-1, x_BTD.shape[-1]), self._gate_weight(x_BTD))
         probs_NE = logits_NE.softmax(-1)
-        top_NK, idx_NK = stable_topk(probs_NE, K)
+        if self.balance_rate is None:
+            top_NK, idx_NK = stable_topk(probs_NE, K)
+        else:  # the bias picks the experts; the gates are the unbiased probabilities of those picked
+            idx_NK = stable_topk(probs_NE.detach() + _local(self.balance_bias), K)[1]
+            top_NK = probs_NE.gather(1, idx_NK)
         gates_NK = top_NK / top_NK.sum(-1, keepdim=True) if self.renormalize and K > 1 else top_NK
 
         chosen_E = _global_sum(torch.bincount(idx_NK.reshape(-1), minlength=E), x_BTD)
@@ -145,9 +162,18 @@ class TopKRouter(nn.Module):
             capacity = expert_capacity(self.capacity_factor, num_tokens, K, E)
             keep_NK, load_E = self._keep(idx_NK, x_BTD, capacity)
         if not isinstance(x_BTD, DTensor):
-            return Routing(idx_NK, gates_NK, keep_NK, aux, z, load_E)
+            return Routing(idx_NK, gates_NK, keep_NK, aux, z, load_E, chosen_E=chosen_E)
         return Routing(idx_NK, gates_NK, keep_NK, aux, z, load_E, tuple(_row_placements(x_BTD)), x_BTD.device_mesh,
-                       tuple(x_BTD.shape[:2]))
+                       tuple(x_BTD.shape[:2]), chosen_E)
+
+    @torch.no_grad()
+    def update_balance_bias(self, chosen_E: torch.Tensor) -> None:
+        """DeepSeek-V3's update: ``bias_e += balance_rate * sign(mean load - load_e)``, from the global number of
+        assignments each expert was chosen for (``Routing.chosen_E``; sum them over micro-batches first)."""
+        if self.balance_rate is None:
+            raise ValueError("update_balance_bias: this router has no balancing bias; build it with balance_rate=...")
+        chosen_E = _local(chosen_E).to(torch.float32)
+        _local(self.balance_bias).add_(self.balance_rate * torch.sign(chosen_E.mean() - chosen_E))
 
     def _gate_weight(self, x_BTD: torch.Tensor) -> torch.Tensor:
         w = self.gate.weight
