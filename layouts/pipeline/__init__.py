@@ -8,7 +8,12 @@
 from .actions import Action, Event, Kind, Schedule
 from .executor import PipelineSchedule, build_schedule, pipeline_step
 from .microbatch import merge_microbatches, split_microbatches
-from .schedules import SCHEDULES, gpipe, interleaved_1f1b, one_f_one_b, zb_h1, zb_v
+from .registry import SCHEDULES
+from .schedules import gpipe, interleaved_1f1b, one_f_one_b, zb_h1, zb_v
+from .schedules_bidirectional import chimera
+from .schedules_looped import breadth_first
+from .schedules_sequence import seq1f1b, terapipe
+from .schedules_v import dualpipe_v, v_half, v_min
 from .shared import find_shared_parameters
 from .simulate import SimResult, bubble_formula, costs_from_events, simulate
 from .stage import PipelineStage
@@ -16,5 +21,6 @@ from .validate import validate
 
 __all__ = ["Action", "Event", "Kind", "Schedule", "PipelineStage", "PipelineSchedule", "pipeline_step",
            "build_schedule", "split_microbatches", "merge_microbatches", "SCHEDULES", "gpipe", "one_f_one_b",
-           "interleaved_1f1b", "zb_h1", "zb_v", "validate", "simulate", "SimResult", "bubble_formula",
+           "interleaved_1f1b", "zb_h1", "zb_v", "dualpipe_v", "v_half", "v_min", "breadth_first", "chimera", "seq1f1b",
+           "terapipe", "validate", "simulate", "SimResult", "bubble_formula",
            "costs_from_events", "find_shared_parameters"]

@@ -60,6 +60,20 @@ class Schedule:
     """The whole step: which rank holds which stage, and each rank's ordered actions.
 
     ``actions[r]`` is rank r's list. ``name`` is the generator's ("gpipe", "1f1b", ...), for pictures and tables.
+
+    Three optional shapes, each the default (plain) when left out:
+
+    - ``overlapped``: pairs ``(first, second)`` of compute actions of one rank, adjacent in its list, that run as
+      one overlapped chunk (DualPipe's forward of one microbatch beside the backward of another: their compute and
+      communication hide each other on a GPU). The simulator charges such a pair its own duration (``f_and_b``);
+      the executor may run the two one after the other, which is the same arithmetic.
+    - ``num_pipelines``: independent chains of ``num_stages // num_pipelines`` stages each, stage numbers
+      pipeline-major (Chimera: a down and an up pipeline); microbatch mb runs through pipeline
+      ``mb % num_pipelines`` only, entering at its first stage.
+    - ``sequence_chunks``: k > 1 splits every sample along the sequence (TeraPipe, Seq1F1B): "microbatch" u is
+      chunk ``u % k`` of sequence microbatch ``u // k``; a chunk's forward needs the earlier chunk's forward on
+      the same stage (its keys and values), and a chunk's backward the later chunk's backward on the same stage
+      (which sends gradient into those keys and values).
     """
 
     name: str
@@ -67,6 +81,9 @@ class Schedule:
     n_microbatches: int  # torch.distributed.pipelining's name (ours was num_microbatches until this release)
     stage_to_rank: tuple[int, ...]
     actions: tuple[tuple[Action, ...], ...]
+    overlapped: frozenset[tuple[Action, Action]] = frozenset()
+    num_pipelines: int = 1
+    sequence_chunks: int = 1
 
     @property
     def num_stages(self) -> int:
@@ -83,7 +100,35 @@ class Schedule:
         """The stages rank holds, in model order."""
         return tuple(s for s, r in enumerate(self.stage_to_rank) if r == rank)
 
+    @property
+    def stages_per_pipeline(self) -> int:
+        return self.num_stages // self.num_pipelines
+
+    def pipeline_of(self, microbatch: int) -> int:
+        """The pipeline microbatch ``microbatch`` runs through."""
+        return microbatch % self.num_pipelines
+
+    def runs(self, stage: int, microbatch: int) -> bool:
+        """Whether ``microbatch`` passes through ``stage`` (always, with one pipeline)."""
+        return stage // self.stages_per_pipeline == self.pipeline_of(microbatch)
+
+    def is_first(self, stage: int) -> bool:
+        """Whether ``stage`` takes the model input: the first stage of its pipeline."""
+        return stage % self.stages_per_pipeline == 0
+
+    def is_last(self, stage: int) -> bool:
+        """Whether ``stage`` computes the loss: the last stage of its pipeline."""
+        return stage % self.stages_per_pipeline == self.stages_per_pipeline - 1
+
     def __post_init__(self):
+        if not (isinstance(self.num_pipelines, int) and self.num_pipelines >= 1
+                and self.num_stages % self.num_pipelines == 0):
+            raise ValueError(f"{self.name}: {self.num_stages} stages do not split into num_pipelines="
+                             f"{self.num_pipelines} equal pipelines")
+        if not (isinstance(self.sequence_chunks, int) and self.sequence_chunks >= 1
+                and self.n_microbatches % self.sequence_chunks == 0):
+            raise ValueError(f"{self.name}: n_microbatches={self.n_microbatches} must be a multiple of "
+                             f"sequence_chunks={self.sequence_chunks} (each sample's chunks are microbatches)")
         if len(self.actions) != self.num_ranks:
             raise ValueError(f"{self.name}: {len(self.actions)} action lists for {self.num_ranks} ranks")
         bad = [r for r in self.stage_to_rank if not 0 <= r < self.num_ranks]

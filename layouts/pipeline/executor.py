@@ -1,7 +1,7 @@
 """The pipeline executor: runs this rank's action list of a Schedule on its stages, with real p2p on ``pp``.
 
 Names follow ``torch.distributed.pipelining``: build a ``PipelineStage`` per stage this rank holds, then a
-``PipelineSchedule`` (a schedule name from ``schedules.SCHEDULES`` or a ``Schedule`` object), then call
+``PipelineSchedule`` (a schedule name from ``registry.SCHEDULES`` or a ``Schedule`` object), then call
 ``step`` with the whole batch on the first stage's ranks and the targets on the last stage's::
 
     stage = PipelineStage(piece, stage_index=pp_rank, num_stages=pp, mesh=mesh)
@@ -50,18 +50,19 @@ _RECVS = (Kind.RECV_F, Kind.RECV_B)
 
 # torch.distributed.pipelining's schedule class names, for people moving code over.
 TORCH_NAMES = {"ScheduleGPipe": "gpipe", "Schedule1F1B": "1f1b", "ScheduleInterleaved1F1B": "interleaved_1f1b",
-               "ScheduleZBVZeroBubble": "zb_v"}
+               "ScheduleZBVZeroBubble": "zb_v", "ScheduleDualPipeV": "dualpipe_v", "ScheduleLoopedBFS": "breadth_first"}
 
 
 @renamed_keywords(num_microbatches="n_microbatches")
 def build_schedule(name: str, num_ranks: int, n_microbatches: int, stages_per_rank: int = 1) -> Schedule:
-    """The Schedule named ``name`` ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v", or torch's class name)."""
-    from .schedules import SCHEDULES
+    """The Schedule named ``name`` (a key of ``registry.SCHEDULES``, or torch's class name); ``stages_per_rank`` is
+    the looped schedules' v and ignored by the others (V and Chimera placements hold two stages per rank)."""
+    from .registry import LOOPED, SCHEDULES
 
     key = TORCH_NAMES.get(name, name)
     if key not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; known: {sorted(SCHEDULES)} (or {sorted(TORCH_NAMES)})")
-    if key == "interleaved_1f1b":
+    if key in LOOPED:
         return SCHEDULES[key](p=num_ranks, m=n_microbatches, v=stages_per_rank)
     return SCHEDULES[key](p=num_ranks, m=n_microbatches)
 
@@ -106,6 +107,13 @@ class PipelineSchedule:
         if schedule.num_ranks != num_ranks:
             raise ValueError(f"schedule {schedule.name!r} is for {schedule.num_ranks} pipeline ranks, the mesh's "
                              f"{self.pp_mesh_dim!r} dim has {num_ranks}")
+        if schedule.sequence_chunks > 1:
+            raise ValueError(f"schedule {schedule.name!r} splits samples into {schedule.sequence_chunks} sequence chunks; "
+                             "the executor runs batch microbatches only (a chunk's attention over the earlier "
+                             "chunks' keys and values across F and B is not built): simulate it instead")
+        if any(s.num_pipelines != schedule.num_pipelines for s in stages):
+            raise ValueError(f"schedule {schedule.name!r} has {schedule.num_pipelines} pipelines; build every "
+                             f"PipelineStage with num_pipelines={schedule.num_pipelines}")
         mine, wanted = sorted(s.stage_index for s in stages), list(schedule.stages_of(self.pp_rank))
         if mine != wanted or any(s.num_stages != schedule.num_stages for s in stages):
             raise ValueError(f"pp rank {self.pp_rank} holds stages {mine} of {stages[0].num_stages}; schedule "
@@ -114,14 +122,19 @@ class PipelineSchedule:
     # -- one step -----------------------------------------------------------------------------------------
 
     def step(self, *args, target=None, losses: list | None = None):
-        """One training step over the whole batch. ``args[0]``: the batch (used where stage 0 lives); ``target``:
-        the targets (used where the last stage lives); ``losses``: filled there with each microbatch's loss.
-        Returns the merged last-stage output on its ranks, else None."""
-        m, last = self.schedule.n_microbatches, self.schedule.num_stages - 1
-        if 0 in self.stages and not args:
-            raise ValueError("this rank holds the first stage: pass the batch, step(batch, ...)")
-        self._inputs = split_microbatches(args[0], m) if 0 in self.stages else None
-        wants_loss = last in self.stages and self.loss_fn is not None
+        """One training step over the whole batch. ``args[0]``: the batch (used where a first stage lives);
+        ``target``: the targets (used where a last stage lives); ``losses``: filled there with the loss of each
+        microbatch ending there, in microbatch order. Returns the merged last-stage output on the rank holding
+        every microbatch's (with one pipeline: the last stage's), else None."""
+        m = self.schedule.n_microbatches
+        # the microbatches whose input enters here, and those whose loss is computed here (all, with one pipeline)
+        runs = self.schedule.runs
+        first = {mb for mb in range(m) for s, stage in self.stages.items() if stage.is_first and runs(s, mb)}
+        last = sorted(mb for mb in range(m) for s, stage in self.stages.items() if stage.is_last and runs(s, mb))
+        if first and not args:
+            raise ValueError("this rank holds a first stage: pass the batch, step(batch, ...)")
+        self._inputs = split_microbatches(args[0], m) if first else None
+        wants_loss = bool(last) and self.loss_fn is not None
         if wants_loss and target is None:
             raise ValueError("this rank holds the last stage and has a loss_fn: pass step(..., target=targets)")
         self._targets = split_microbatches(target, m) if wants_loss else None
@@ -152,8 +165,8 @@ class PipelineSchedule:
         for stage in self.stages.values():
             stage.check_idle()
         if losses is not None and wants_loss:
-            losses.extend(self._losses[mb] for mb in range(m))
-        if last in self.stages:
+            losses.extend(self._losses[mb] for mb in last)
+        if len(last) == m:  # every microbatch's output is here (one pipeline: the last stage's rank)
             return merge_microbatches([self._outputs[mb] for mb in range(m)])
         return None
 
@@ -188,7 +201,7 @@ class PipelineSchedule:
                 stage.pass_forward_to(self.stages[a.stage + 1], mb)
         elif a.kind in (Kind.BW, Kind.B):
             stage.backward_one(mb) if a.kind is Kind.BW else stage.backward_input(mb)
-            if a.stage - 1 in self.stages:
+            if not stage.is_first and a.stage - 1 in self.stages:
                 stage.pass_backward_to(self.stages[a.stage - 1], mb)
         elif a.kind is Kind.W:
             stage.backward_weight(mb)

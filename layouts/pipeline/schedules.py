@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dtensor_plus.renamed import renamed_keywords
 
 from .actions import Action, Kind, Schedule
+from .list_schedule import list_schedule
 from .validate import peer
 
 F, B, W, BW = Kind.F, Kind.B, Kind.W, Kind.BW
@@ -32,7 +33,8 @@ def _check_counts(name: str, p: int, m: int, v: int = 1) -> None:
 
 @renamed_keywords(num_microbatches="n_microbatches")
 def with_communication(
-    name: str, n_microbatches: int, stage_to_rank: Sequence[int], compute: Sequence[Sequence[Action]]
+    name: str, n_microbatches: int, stage_to_rank: Sequence[int], compute: Sequence[Sequence[Action]], *,
+    overlapped: Sequence[tuple[Action, Action]] = (), num_pipelines: int = 1, sequence_chunks: int = 1,
 ) -> Schedule:
     """Turn compute-only per-rank lists into a Schedule: SEND/RECV around every cross-rank edge, STEP last.
 
@@ -40,35 +42,43 @@ def with_communication(
     of its output) and a send right after the action that produces it, so a rank blocks only when it truly
     needs data; then receives move earlier where needed to follow their link's send order (see
     ``_receive_in_send_order``). Edges between two stages on one rank (ZB-V's turn) need no messages.
+    An ``overlapped`` pair (adjacent in its rank's compute list) gets both receives before it and both sends
+    after it, so the two run side by side. ``num_pipelines`` and ``sequence_chunks``: see ``Schedule``.
     The result is not validated here: ``validate`` it when the compute lists come from elsewhere.
     """
     stage_to_rank = tuple(stage_to_rank)
-    last = len(stage_to_rank) - 1
+    per_pipeline = len(stage_to_rank) // max(num_pipelines, 1)
+    second_of = dict(overlapped)
+
+    def messages(a: Action, rank: int) -> tuple[list[Action], list[Action]]:
+        """The receives ``a`` needs before it and the sends it makes after it."""
+        s, mb = a.stage, a.microbatch
+        first, last = s % per_pipeline == 0, s % per_pipeline == per_pipeline - 1
+        if a.kind is F:
+            return ([Action(Kind.RECV_F, s, mb)] if not first and stage_to_rank[s - 1] != rank else [],
+                    [Action(Kind.SEND_F, s, mb)] if not last and stage_to_rank[s + 1] != rank else [])
+        if a.kind in (B, BW):
+            return ([Action(Kind.RECV_B, s, mb)] if not last and stage_to_rank[s + 1] != rank else [],
+                    [Action(Kind.SEND_B, s, mb)] if not first and stage_to_rank[s - 1] != rank else [])
+        return [], []
+
     actions = []
     for rank, compute_list in enumerate(compute):
         out: list[Action] = []
-        for a in compute_list:
+        for i, a in enumerate(compute_list):
             if not a.kind.is_compute:
                 raise ValueError(f"{name}: rank {rank}'s compute list holds {a!r}; give only F, B, W and BW, "
                                  "communication and STEP are inserted here")
-            s, mb = a.stage, a.microbatch
-            if a.kind is F:
-                if s > 0 and stage_to_rank[s - 1] != rank:
-                    out.append(Action(Kind.RECV_F, s, mb))
-                out.append(a)
-                if s < last and stage_to_rank[s + 1] != rank:
-                    out.append(Action(Kind.SEND_F, s, mb))
-            elif a.kind in (B, BW):
-                if s < last and stage_to_rank[s + 1] != rank:
-                    out.append(Action(Kind.RECV_B, s, mb))
-                out.append(a)
-                if s > 0 and stage_to_rank[s - 1] != rank:
-                    out.append(Action(Kind.SEND_B, s, mb))
-            else:
-                out.append(a)
+            if i > 0 and second_of.get(compute_list[i - 1]) == a:
+                continue  # placed with the first of its pair
+            group = [a, second_of[a]] if a in second_of else [a]
+            recvs, sends = zip(*(messages(x, rank) for x in group))
+            out += [r for rs in recvs for r in rs] + group + [x for xs in sends for x in xs]
         out.append(Action(Kind.STEP))
         actions.append(tuple(out))
-    return _receive_in_send_order(Schedule(name, len(compute), n_microbatches, stage_to_rank, tuple(actions)))
+    schedule = Schedule(name, len(compute), n_microbatches, stage_to_rank, tuple(actions), frozenset(overlapped),
+                        num_pipelines, sequence_chunks)
+    return _receive_in_send_order(schedule)
 
 
 def _receive_in_send_order(schedule: Schedule) -> Schedule:
@@ -201,76 +211,12 @@ def zb_v(p: int, m: int) -> Schedule:
     T_F = T_B = T_W the only idle left is the last rank's p-1 warm-up slots, bubble (p-1)/(6m+p-1), for
     m == p and m >= p+2 (checked by the tests; one slot more at m == p+1, more below m == p).
     The order comes from unit-cost list scheduling in the spirit of the papers' greedy scheduler (B first,
-    F under a memory limit, W into the gaps), see ``_list_schedule``;
+    F under a memory limit, W into the gaps), see ``list_schedule.py``;
     a rank keeps at most 2p (stage, microbatch) activations, i.e. p full microbatches as in 1F1B.
     """
     _check_counts("zb_v", p, m)
     stage_to_rank = [s if s < p else 2 * p - 1 - s for s in range(2 * p)]
-    return with_communication("zb_v", m, stage_to_rank, _list_schedule(stage_to_rank, m, max_in_flight=2 * p))
-
-
-def _list_schedule(stage_to_rank: Sequence[int], m: int, max_in_flight: int) -> list[list[Action]]:
-    """Simulate unit-cost F, B, W and record what each rank runs whenever it is free, by priority:
-
-    1. a ready B (oldest microbatch first, then the later stage): it unblocks the rank upstream;
-    2. a ready F (later stage first, so a microbatch reaches the loss soon), only while fewer than
-       ``max_in_flight`` of this rank's (stage, microbatch) have run F but not B: this bounds activations;
-    3. the oldest pending W: W depends on nothing remote, so it fills what would be a bubble.
-    Any order read off a feasible timeline is deadlock-free for any costs (it is a topological order).
-    """
-    num_stages, num_ranks = len(stage_to_rank), max(stage_to_rank) + 1
-    stages = [[s for s in range(num_stages) if stage_to_rank[s] == r] for r in range(num_ranks)]
-    done: dict[tuple[Kind, int, int], int] = {}  # (kind, stage, mb) -> time step it finished
-    next_f, next_b = [0] * num_stages, [0] * num_stages
-    pending_w: list[list[tuple[int, int]]] = [[] for _ in range(num_ranks)]
-    in_flight = [0] * num_ranks
-    orders: list[list[Action]] = [[] for _ in range(num_ranks)]
-
-    def finished(key, t):
-        return done.get(key, t + 1) <= t
-
-    def pick(r: int, t: int) -> Action | None:
-        ready_b = [  # a stage's B's become ready in microbatch order, like its F's
-            (next_b[s], -s) for s in stages[r]
-            if finished((F, s, next_b[s]), t) and (s == num_stages - 1 or finished((B, s + 1, next_b[s]), t))
-        ]
-        if ready_b:
-            mb, neg_s = min(ready_b)
-            return Action(B, -neg_s, mb)
-        if in_flight[r] < max_in_flight:
-            ready_f = [
-                (-s, next_f[s]) for s in stages[r]
-                if next_f[s] < m and (s == 0 or finished((F, s - 1, next_f[s]), t))
-            ]
-            if ready_f:
-                neg_s, mb = min(ready_f)
-                return Action(F, -neg_s, mb)
-        if pending_w[r]:
-            s, mb = pending_w[r].pop(0)
-            return Action(W, s, mb)
-        return None
-
-    total, t = 3 * num_stages * m, 0
-    while len(done) < total:
-        if t > 4 * total:  # every time step runs at least one action unless the priorities deadlock
-            raise RuntimeError(f"list scheduling stuck at t={t} with {len(done)}/{total} actions placed")
-        for r in range(num_ranks):
-            if orders[r] and done[(orders[r][-1].kind, orders[r][-1].stage, orders[r][-1].microbatch)] > t:
-                continue  # busy until then
-            a = pick(r, t)
-            if a is None:
-                continue
-            orders[r].append(a)
-            done[(a.kind, a.stage, a.microbatch)] = t + 1
-            if a.kind is F:
-                next_f[a.stage] += 1
-                in_flight[r] += 1
-            elif a.kind is B:
-                next_b[a.stage] += 1
-                pending_w[r].append((a.stage, a.microbatch))
-                in_flight[r] -= 1
-        t += 1
-    return orders
+    return with_communication("zb_v", m, stage_to_rank, list_schedule(stage_to_rank, m, max_in_flight=2 * p))
 
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {

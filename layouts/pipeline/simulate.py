@@ -42,18 +42,32 @@ class SimResult:
     events: tuple[Event, ...]
 
 
-def simulate(schedule: Schedule, costs: Mapping | None = None, latency: float = 0.0) -> SimResult:
+def simulate(schedule: Schedule, costs: Mapping | None = None, latency: float = 0.0, *,
+             f_and_b: float | None = None) -> SimResult:
     """Time one step of ``schedule`` (validated first) under ``costs`` (missing kinds cost 0, see
     DEFAULT_COSTS) and a point-to-point ``latency`` in the same units.
 
     A key of ``costs`` is a Kind, or a ``(Kind, stage)`` pair for one stage's cost of that kind (a real model's
-    stages differ: the first holds the embedding, the last the head and the loss); a pair wins over its Kind."""
+    stages differ: the first holds the embedding, the last the head and the loss); a pair wins over its Kind.
+    ``f_and_b``: the duration of one overlapped forward-and-backward pair (DualPipe's F&B); None charges the
+    pair the sum of its two costs, i.e. no overlap, as a CPU runs it. A pair's two Events share its duration in
+    proportion to their own costs, so the busy time of the rank counts the pair once."""
     costs = dict(DEFAULT_COSTS if costs is None else costs)
     bad = {k: c for k, c in costs.items() if not _is_cost_key(k) or c < 0}
-    if bad or latency < 0:
-        raise ValueError(f"costs must map Kind (or (Kind, stage)) to a duration >= 0 and latency be >= 0; got "
-                         f"{bad or latency!r}")
+    if bad or latency < 0 or (f_and_b is not None and f_and_b < 0):
+        raise ValueError(f"costs must map Kind (or (Kind, stage)) to a duration >= 0 and latency and f_and_b be "
+                         f">= 0; got {bad or (latency, f_and_b)!r}")
     validate(schedule)
+
+    def cost(a: Action) -> float:
+        return costs.get((a.kind, a.stage), costs.get(a.kind, 0.0))
+
+    duration = {}  # each action of an overlapped pair -> its share of the pair's duration
+    for first, second in schedule.overlapped:
+        both = cost(first) + cost(second)
+        pair = both if f_and_b is None else f_and_b
+        duration[first] = pair * cost(first) / both if both else 0.0
+        duration[second] = pair - duration[first]
     arrival: dict[tuple[int, Action], float] = {}  # (receiving rank, its RECV) -> when the data is there
     clock = [0.0] * schedule.num_ranks
     pos = [0] * schedule.num_ranks
@@ -69,7 +83,7 @@ def simulate(schedule: Schedule, costs: Mapping | None = None, latency: float = 
                     if (rank, a) not in arrival:
                         break
                     start = max(start, arrival[(rank, a)])
-                end = start + costs.get((a.kind, a.stage), costs.get(a.kind, 0.0))
+                end = start + (duration[a] if a in duration else cost(a))
                 if a.kind in (Kind.SEND_F, Kind.SEND_B):
                     arrival[peer(schedule, a)] = end + latency
                 events.append(Event(rank, a, start, end))

@@ -56,6 +56,8 @@ class PipelineStage:
         shared_parameters: ``{parameter name in submodule: key}`` for weights other stages hold too (a tied
             embedding and head): the schedule sums their gradients over the stages declaring the same key
             (``shared.py``; ``find_shared_parameters`` computes these from the model's pieces).
+        num_pipelines: the schedule's independent pipelines (2 for Chimera): stage numbers are pipeline-major, so
+            the first and last stage of each pipeline take the model input and compute the loss.
 
     The executor (``PipelineSchedule``) drives it: ``forward_one``, ``backward_one`` (B and W together),
     ``backward_input`` (B) and ``backward_weight`` (W), and the message methods for the p2p ops it posts.
@@ -63,7 +65,7 @@ class PipelineStage:
 
     @renamed_keywords(pp_dim="pp_mesh_dim")
     def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int, mesh, *, pp_mesh_dim: str = "pp",
-                 shared_parameters: dict[str, str] | None = None):
+                 shared_parameters: dict[str, str] | None = None, num_pipelines: int = 1):
         if not isinstance(submodule, nn.Module):
             raise TypeError(f"submodule must be an nn.Module, got {type(submodule).__name__}")
         if not (isinstance(num_stages, int) and num_stages >= 1 and isinstance(stage_index, int)
@@ -74,7 +76,10 @@ class PipelineStage:
         self.shared_parameters = _checked_shared(submodule, shared_parameters or {}, stage_index)
         self.submodule, self.stage_index, self.num_stages = submodule, stage_index, num_stages
         self.mesh, self.pp_mesh_dim = mesh, pp_mesh_dim
-        self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
+        if not (isinstance(num_pipelines, int) and num_pipelines >= 1 and num_stages % num_pipelines == 0):
+            raise ValueError(f"num_stages({num_stages}) must split into num_pipelines({num_pipelines}) equal pipelines")
+        per_pipeline, self.num_pipelines = num_stages // num_pipelines, num_pipelines
+        self.is_first, self.is_last = stage_index % per_pipeline == 0, stage_index % per_pipeline == per_pipeline - 1
         self.params = [p for p in submodule.parameters() if p.requires_grad]
         self.input_meta: ActivationMeta | None = None  # cached after the first receive
         self.output_meta: ActivationMeta | None = None  # cached after the first send

@@ -40,8 +40,9 @@ def peer(schedule: Schedule, a: Action) -> tuple[int, Action]:
     """The rank on the other end of communication action ``a`` and the action there that matches it."""
     kind, step = _PARTNER[a.kind]
     other = a.stage + step
-    if not 0 <= other < schedule.num_stages:
-        raise ValueError(f"{schedule.name}: {a!r} talks to stage {other}, outside 0..{schedule.num_stages - 1}")
+    edge = schedule.is_last(a.stage) if step > 0 else schedule.is_first(a.stage)
+    if not 0 <= other < schedule.num_stages or edge:
+        raise ValueError(f"{schedule.name}: {a!r} talks to stage {other}, outside its pipeline's stages")
     return schedule.stage_to_rank[other], Action(kind, other, a.microbatch)
 
 
@@ -53,6 +54,7 @@ def _check_rank(schedule: Schedule, rank: int) -> None:
     """Per-rank checks: ownership, ranges, duplicates, order of dependencies, STEP last."""
     acts = schedule.actions[rank]
     last, m, where = schedule.num_stages - 1, schedule.n_microbatches, schedule.stage_to_rank
+    partner = _overlap_partners(schedule, rank)
     seen: set[Action] = set()
     for i, a in enumerate(acts):
         if not isinstance(a, Action):
@@ -63,11 +65,20 @@ def _check_rank(schedule: Schedule, rank: int) -> None:
             continue
         if not 0 <= a.stage <= last or not 0 <= a.microbatch < m:
             _fail(schedule, rank, i, a, f"stage must be in 0..{last} and microbatch in 0..{m - 1}")
+        if not schedule.runs(a.stage, a.microbatch):
+            _fail(schedule, rank, i, a, f"microbatch {a.microbatch} runs through pipeline "
+                                        f"{schedule.pipeline_of(a.microbatch)}, stage {a.stage} is not in it")
         if where[a.stage] != rank:
             _fail(schedule, rank, i, a, f"stage {a.stage} lives on rank {where[a.stage]}")
         if a in seen:
             _fail(schedule, rank, i, a, "appears twice on this rank")
-        problem = _missing_before(schedule, rank, a, seen)
+        before = seen
+        if a in partner:  # the second of an overlapped pair runs beside the first: it may not need it
+            first = partner[a]
+            if i == 0 or acts[i - 1] != first:
+                _fail(schedule, rank, i, a, f"overlapped with {first!r}, which must come right before it")
+            before = seen - {first}
+        problem = _missing_before(schedule, rank, a, before)
         if problem:
             _fail(schedule, rank, i, a, problem)
         seen.add(a)
@@ -75,15 +86,37 @@ def _check_rank(schedule: Schedule, rank: int) -> None:
         raise ValueError(f"{schedule.name}: rank {rank} does not end with STEP (its optimizer step)")
 
 
+def _overlap_partners(schedule: Schedule, rank: int) -> dict[Action, Action]:
+    """second -> first for this rank's overlapped pairs, after checking each pair is two compute actions of this
+    rank, one forward and one backward."""
+    partner = {}
+    for first, second in sorted(schedule.overlapped, key=repr):
+        if schedule.stage_to_rank[first.stage] != rank:
+            continue
+        kinds = {first.kind, second.kind}
+        if schedule.stage_to_rank[second.stage] != rank or Kind.F not in kinds or not kinds & set(_BACKWARDS):
+            raise ValueError(f"{schedule.name}: overlapped pair ({first!r}, {second!r}) must be a forward and a "
+                             f"backward (B or BW) of one rank")
+        partner[second] = first
+    return partner
+
+
 def _missing_before(schedule: Schedule, rank: int, a: Action, seen: set[Action]) -> str | None:
     """What ``a`` needs earlier on this rank and did not find, or None."""
-    s, mb, last, where = a.stage, a.microbatch, schedule.num_stages - 1, schedule.stage_to_rank
+    s, mb, where = a.stage, a.microbatch, schedule.stage_to_rank
+    first, last = schedule.is_first(s), schedule.is_last(s)
+    chunk, k_chunks = mb % schedule.sequence_chunks, schedule.sequence_chunks
 
-    def ran_backward(stage):
-        return Action(Kind.B, stage, mb) in seen or Action(Kind.BW, stage, mb) in seen
+    def ran_backward(stage, microbatch=mb):
+        return Action(Kind.B, stage, microbatch) in seen or Action(Kind.BW, stage, microbatch) in seen
 
     k = a.kind
-    if k is Kind.F and s > 0:
+    if k is Kind.F and chunk > 0 and Action(Kind.F, s, mb - 1) not in seen:
+        return f"F{s}.{mb - 1} (the earlier sequence chunk: its keys and values) must run before it"
+    if k in _BACKWARDS and chunk < k_chunks - 1 and not ran_backward(s, mb + 1):
+        return f"the backward of stage {s} for {mb + 1} (the later sequence chunk, which sends gradient into " \
+               f"this chunk's keys and values) must run before it"
+    if k is Kind.F and not first:
         if where[s - 1] == rank and Action(Kind.F, s - 1, mb) not in seen:
             return f"F{s - 1}.{mb} (same rank) must run before it"
         if where[s - 1] != rank and Action(Kind.RECV_F, s, mb) not in seen:
@@ -93,16 +126,17 @@ def _missing_before(schedule: Schedule, rank: int, a: Action, seen: set[Action])
             return f"F{s}.{mb} must run before its backward"
         if ran_backward(s):
             return f"stage {s} microbatch {mb} already ran its backward"
-        if s < last and where[s + 1] == rank and not ran_backward(s + 1):
+        if not last and where[s + 1] == rank and not ran_backward(s + 1):
             return f"the backward of stage {s + 1} (same rank) must run before it"
-        if s < last and where[s + 1] != rank and Action(Kind.RECV_B, s, mb) not in seen:
+        if not last and where[s + 1] != rank and Action(Kind.RECV_B, s, mb) not in seen:
             return f"needs RECV_B{s}.{mb} before it (its output gradient comes from rank {where[s + 1]})"
     if k is Kind.W and Action(Kind.B, s, mb) not in seen:
         return f"needs B{s}.{mb} before it (a W follows its B; BW already includes W)"
     if k in (Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B):
-        other = s + (1 if k in (Kind.SEND_F, Kind.RECV_B) else -1)
-        if not 0 <= other <= last:
-            return f"stage {s} has no stage {other} to talk to"
+        down = k in (Kind.SEND_F, Kind.RECV_B)
+        other = s + (1 if down else -1)
+        if last if down else first:
+            return f"stage {s} has no stage {other} to talk to (the end of its pipeline)"
         if where[other] == rank:
             return f"stages {s} and {other} are both on rank {rank}: no communication between them"
     if k is Kind.SEND_F and Action(Kind.F, s, mb) not in seen:
@@ -120,6 +154,9 @@ def _check_complete(schedule: Schedule) -> None:
         rank = schedule.stage_to_rank[s]
         have = on_rank[rank]
         for mb in range(schedule.n_microbatches):
+            if not schedule.runs(s, mb):
+                continue
+
             def has(kind):
                 return Action(kind, s, mb) in have
 
