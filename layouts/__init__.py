@@ -10,6 +10,7 @@ from .context_parallel import context_parallel
 from .data import replicate, shard_batch, sync_gradients
 from .loss import loss_parallel, parallel_cross_entropy
 from .moe import MoE, expert_parallel
+from .moe_placement import ExpertRebalancer, place_experts
 from .plan import parallelize_module
 from .precision import MixedPrecision, mixed_precision
 from .prepare_io import PrepareModuleInputOutput
@@ -29,5 +30,5 @@ __all__ = [
     "PrepareModuleOutput", "PrepareModuleInputOutput", "parallelize_module", "loss_parallel", "parse_layout", "format_layout", "layout_of",
     "replicate", "sync_gradients", "shard_batch", "fully_shard", "ZeroRedundancyOptimizer", "CPUOffload",
     "clip_grad_norm_", "get_total_norm", "MixedPrecision", "mixed_precision", "context_parallel", "MoE", "parallel_cross_entropy",
-    "expert_parallel", "SequenceSwitch", "switch_sequence_dim",
+    "expert_parallel", "SequenceSwitch", "switch_sequence_dim", "ExpertRebalancer", "place_experts",
 ]
