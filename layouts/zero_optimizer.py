@@ -27,8 +27,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from dtensor_plus.buckets import BackwardBuckets
+from dtensor_plus import collectives
+from dtensor_plus.buckets import BackwardBuckets, all_reduce_flat
 from dtensor_plus.dtensor import DTensor
+from dtensor_plus.placements import Partial
 from dtensor_plus.redistribute import redistribute_together
 
 from . import local_step
@@ -86,6 +88,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self.optimizer_class, self._inner_defaults = optimizer_class, defaults
         self.optimizer = None  # the wrapped optimizer, built on the first group's masters
         self.params, self.masters, self._master_of = [], [], {}
+        self._on_dp = {}  # id(parameter) -> its move on dp alone, decided once (``_dp_move``), or None
         self._listed = set()  # ids of every parameter given, frozen ones too (torch refuses them twice as well)
         # Stage 2: gradients reduce-scattered a full bucket at a time during backward, the rest when it ends.
         self._buckets = BackwardBuckets(bucket_cap_mb * 2**20,
@@ -115,6 +118,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self.params += params
         self.masters += masters
         self._master_of.update((id(p), m) for p, m in zip(params, masters))
+        self._on_dp.update((id(p), self._dp_move(p, m)) for p, m in zip(params, masters))
         for p in params:
             self._own_gradient(p)
 
@@ -166,10 +170,86 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         master.__dict__[local_step.TAG] = True
         return master
 
+    def _dp_move(self, p: DTensor, master: DTensor):
+        """(tensor dim d, p's size on d) when ``p``'s master is Shard(d) on dp, so the master comes back by ONE
+        all-gather on dp and a gradient Partial(sum) on dp reaches it by one reduce-scatter of the local block
+        along d (no other mesh dim splits d: zero_placement picks such a d, so the local block is whole on d);
+        None for a Replicate master. Made once: the specs are fixed, and redistribute_together would plan
+        every tensor's move again each step."""
+        placement = master.placements[self.mesh_dim]
+        if not placement.is_shard() or self.mesh.size(self.mesh_dim) == 1:
+            return None
+        d = placement.normalized(p.ndim).dim
+        return d, p.shape[d]
+
+    def _reductions_after(self, grad: DTensor, master: DTensor):
+        """The all-reduces (mesh dim, op) that follow the reduce-scatter on dp for ``grad`` to reach ``master``'s
+        layout (a norm's weight under sequence parallelism: Partial on tp too), or None when it takes another
+        move than those (left to redistribute_together)."""
+        got, want, after = grad._spec.placements, master._spec.placements, []
+        for k, (g, m) in enumerate(zip(got, want)):
+            if k == self.mesh_dim:
+                if g != Partial():
+                    return None
+            elif g != m:
+                if not (g.is_partial() and m.is_replicate()):
+                    return None
+                after.append((k, g.reduce_op))
+        return tuple(after)
+
+    def _reduce_scatter(self, params) -> list:
+        """The gradients of ``params`` reduce-scattered onto their masters' layouts as redistribute_together
+        would (one flat reduce-scatter on dp per dtype, then the all-reduces on other mesh dims bucketed by
+        kind: the same collectives and bytes), with each parameter's decision made once."""
+        direct, other, out = {}, [], [None] * len(params)
+        for i, p in enumerate(params):
+            move, master = self._on_dp[id(p)], self._master_of[id(p)]
+            after = None if move is None else self._reductions_after(p.grad, master)
+            if after is None:
+                other.append(i)
+            else:
+                direct.setdefault(p.grad.dtype, []).append((i, move[0], after))
+        for members in direct.values():
+            index, dims, afters = zip(*members)
+            grads = [params[i].grad._local_tensor for i in index]
+            for i, shard in zip(index, collectives.reduce_scatter_flat(grads, self.mesh, self.mesh_dim, dims, "sum")):
+                out[i] = shard
+            by_kind: dict = {}
+            for i, after in zip(index, afters):
+                if after:
+                    by_kind.setdefault(after, []).append(i)
+            for after, kind in by_kind.items():
+                for i, shard in zip(kind, all_reduce_flat([out[i] for i in kind], self.mesh, after)):
+                    out[i] = shard
+        if other:
+            targets = [self._master_of[id(params[i])].placements for i in other]
+            for i, shard in zip(other, redistribute_together([params[i].grad for i in other], targets)):
+                out[i] = shard
+        return out
+
+    def _all_gather(self) -> list:
+        """The updated master shards gathered back into every parameter's layout (one all-gather per dtype;
+        the offloaded shards copied to the parameters' device first)."""
+        direct, other, out = {}, [], [None] * len(self.params)
+        for i, (p, m) in enumerate(zip(self.params, self.masters)):
+            move = self._on_dp[id(p)]
+            (direct.setdefault(m.dtype, []) if move is not None else other).append(i)
+        sources = self.masters if self.offload is None else [on_device(m, p.device) for p, m in zip(self.params, self.masters)]
+        for members in direct.values():
+            dims, sizes = zip(*[self._on_dp[id(self.params[i])] for i in members])
+            wholes = collectives.all_gather_flat([sources[i]._local_tensor for i in members], self.mesh, self.mesh_dim,
+                                                 dims, sizes)
+            for i, whole in zip(members, wholes):
+                out[i] = whole
+        if other:
+            for i, whole in zip(other, redistribute_together([sources[i] for i in other], [self.params[i].placements for i in other])):
+                out[i] = whole
+        return out
+
     # -- stage 2: gradients reduce-scattered in buckets during backward ------------------------------------
 
     def _add_to_bucket(self, p: DTensor) -> None:
-        # One bucket for every gradient (key None): redistribute_together splits it by mesh dim and dtype.
+        # One bucket for every gradient (key None): _reduce_scatter splits it by dtype (and move).
         self._buckets.add(None, p, p.grad._local_tensor.numel() * p.grad.element_size())
 
     def _reduce_into_masters(self, params) -> None:
@@ -177,8 +257,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         its master's gradient (accumulation across backwards); the whole gradient is freed."""
         params = [p for p in params if p.grad is not None]
         masters = [self._master_of[id(p)] for p in params]
-        shards = redistribute_together([p.grad for p in params], [m.placements for m in masters])
-        for p, master, shard in zip(params, masters, shards):
+        for p, master, shard in zip(params, masters, self._reduce_scatter(params)):
             p.grad = None
             shard = shard.to(master.device, master.dtype)  # offload: the device-to-host copy
             if master.grad is None:
@@ -197,9 +276,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self._reduce_into_masters(self.params)
         _copy_options(self.param_groups, self.optimizer.param_groups)  # an LR scheduler changed ours
         self.optimizer.step()
-        sources = [on_device(m, p.device) for p, m in zip(self.params, self.masters)]  # offload: host-to-device
-        wholes = redistribute_together(sources, [p.placements for p in self.params])  # all-gather on dp
-        for p, whole in zip(self.params, wholes):
+        for p, whole in zip(self.params, self._all_gather()):  # all-gather on dp (offload: host-to-device first)
             p._local_tensor.copy_(whole)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
