@@ -10,14 +10,22 @@ the ``parallelize_module`` plans, one per scheme (layouts/tensor_2d.py, layouts/
 
 Every linear layer is a 2-D one (q, k, v, proj, fc, out and the classifier), every norm a sharded-hidden one,
 the token embedding gathered on row, the position table hidden-sharded; attention runs on each rank's batch
-rows and heads (num_heads must divide by q).
+rows and heads (num_heads must divide by q). ``distribute_module(model, mesh)`` afterwards replicates the
+causal-mask buffer. The 3-D plan (``plan_3d``, mesh dims ("seq", "batch", "hidden") in that order)::
+
+    cube = Cube3D()
+    parallelize_module(model, mesh, plan_3d(cube))
+    with tensor_parallel_3d(), loss_parallel():
+        logits = model(tokens)
+        loss = F.cross_entropy(logits.flatten(0, 1), cube.place(targets, mesh, cube.targets(mesh)).flatten(0, 1))
 """
 
 from __future__ import annotations
 
 from dtensor_plus.layouts.tensor_2d import Embedding2D, Grid2D, HiddenParameter2D, LayerNorm2D, Linear2D
+from dtensor_plus.layouts.tensor_3d import Cube3D, Embedding3D, HiddenParameter3D, LayerNorm3D, Linear3D
 
-__all__ = ["plan_2d"]
+__all__ = ["plan_2d", "plan_3d"]
 
 LINEARS = ("blocks.*.attn.q", "blocks.*.attn.k", "blocks.*.attn.v", "blocks.*.attn.proj", "blocks.*.mlp.fc",
            "blocks.*.mlp.out", "head")
@@ -28,4 +36,12 @@ def plan_2d(grid: Grid2D = Grid2D()) -> dict:
     plan = {"": HiddenParameter2D("pos_emb", grid=grid), "tok_emb": Embedding2D(grid)}
     plan.update({name: Linear2D(grid) for name in LINEARS})
     plan.update({"blocks.*.ln*": LayerNorm2D(grid), "ln_f": LayerNorm2D(grid)})
+    return plan
+
+
+def plan_3d(cube: Cube3D = Cube3D()) -> dict:
+    """The 3-D plan: q, k, v, fc and the classifier read the residual stream ("in"), proj and mlp.out write it."""
+    plan = {"": HiddenParameter3D("pos_emb", cube=cube), "tok_emb": Embedding3D(cube)}
+    plan.update({name: Linear3D("out" if name.endswith(("proj", "out")) else "in", cube) for name in LINEARS})
+    plan.update({"blocks.*.ln*": LayerNorm3D(cube), "ln_f": LayerNorm3D(cube)})
     return plan
