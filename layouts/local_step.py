@@ -30,7 +30,7 @@ from dtensor_plus.spec import DTensorSpec, TensorMeta
 __all__ = ["TAG", "install", "ELEMENTWISE"]
 
 TAG = "_dtp_local_step"  # on a Parameter's __dict__: replicate or ZeRO laid it out, its step may run on its block
-_SWAPPED = "_dtp_local_step_swapped"  # on an optimizer during its step: [(group, index, param, local)]
+_SWAPPED = "_dtp_local_step_swapped"  # on an optimizer during its step: what _stepped found
 ELEMENTWISE = tuple(getattr(torch.optim, name) for name in
                     ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam"))
 _PER_ELEMENT = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg",
@@ -45,12 +45,17 @@ def install() -> None:
 
 
 def _stepped(optimizer) -> list | None:
-    """(group, index, param) of every parameter with a gradient, or None if the step must stay on DTensors."""
+    """What the step swaps, or None if it must stay on DTensors: per group (group, its parameter list, the
+    list the step sees: each stepped parameter's local block in its place), then per stepped parameter (the
+    parameter, its gradient's block, its state as a DTensor dict, that state's blocks). One pass, no mutation:
+    a parameter that keeps the step on DTensors leaves everything as it was."""
     if type(optimizer) not in ELEMENTWISE:
         return None
-    found = []
+    state, groups, found = optimizer.state, [], []
     for group in optimizer.param_groups:
-        for i, p in enumerate(group["params"]):
+        params = group["params"]
+        seen = list(params)
+        for i, p in enumerate(params):
             if not isinstance(p, DTensor):
                 continue
             if not p.__dict__.get(TAG):
@@ -62,57 +67,71 @@ def _stepped(optimizer) -> list | None:
                 return None
             if grad._spec is not p._spec and grad._spec.placements != p._spec.placements:  # `is`: replicate's
                 return None
-            if not _states_in_layout(optimizer.state.get(p), p):
+            before = state.get(p)
+            blocks = _state_blocks(before, p) if before else None
+            if before and blocks is None:
                 return None
-            found.append((group, i, p))
-    return found or None
+            seen[i] = p._local_tensor
+            found.append((p, grad._local_tensor, before, blocks))
+        groups.append((group, params, seen))
+    return (groups, found) if found else None
 
 
-def _states_in_layout(state: dict | None, p: DTensor) -> bool:
-    """Every state tensor of ``p`` steps on its block alongside ``p``'s: a DTensor in ``p``'s layout, or a plain
-    scalar (the step count). A state in another layout (or a plain whole tensor) keeps the step on DTensors."""
-    for value in (state or {}).values():
-        if not isinstance(value, torch.Tensor):
-            continue
+def _state_blocks(state: dict, p: DTensor) -> dict | None:
+    """``p``'s state with each tensor as its block, to step alongside ``p``'s: a DTensor in ``p``'s layout gives
+    its block, a plain scalar (the step count) stays. None if a state is in another layout (or a plain whole
+    tensor): the step stays on DTensors."""
+    blocks = {}
+    for key, value in state.items():
         if isinstance(value, DTensor):
             spec = value._spec
-            if spec is p._spec:  # the common case: made by _as_dtensor below
-                continue
-            if spec.placements != p._spec.placements or spec.shape != p._spec.shape or spec.mesh != p._spec.mesh:
-                return False
-        elif value.ndim:
-            return False
-    return True
+            if spec is not p._spec and (spec.placements != p._spec.placements or spec.shape != p._spec.shape
+                                        or spec.mesh != p._spec.mesh):  # `is`: the common case, made below
+                return None
+            value = value._local_tensor
+        elif isinstance(value, torch.Tensor) and value.ndim:
+            return None
+        blocks[key] = value
+    return blocks
 
 
 def _pre_step(optimizer, args, kwargs) -> None:
     stepped = _stepped(optimizer)
     if stepped is None:
         return
-    swapped, state = [], optimizer.state
-    for group, i, p in stepped:
+    groups, found = stepped
+    state = optimizer.state
+    for group, _, seen in groups:
+        group["params"] = seen  # a new list: the user's list object comes back untouched after the step
+    for p, grad, _, blocks in found:
         local = p._local_tensor
-        local.grad = p.grad._local_tensor
-        group["params"][i] = local
-        before = state.pop(p, None) or {}
-        if before:
-            state[local] = {k: v._local_tensor if isinstance(v, DTensor) else v for k, v in before.items()}
-        swapped.append((group, i, p, local, before))
-    optimizer.__dict__[_SWAPPED] = swapped
+        local.grad = grad
+        if blocks is not None:
+            state[local] = blocks
+    optimizer.__dict__[_SWAPPED] = stepped
 
 
 def _post_step(optimizer, args, kwargs) -> None:
     swapped = optimizer.__dict__.pop(_SWAPPED, None)
     if swapped is None:
         return
+    groups, found = swapped
     state = optimizer.state
-    for group, i, p, local, before in swapped:
-        group["params"][i] = p
+    for group, params, _ in groups:
+        group["params"] = params
+    for p, _, before, _ in found:
+        local = p._local_tensor
         local.grad = None
-        if local in state:
-            # Updated in place (exp_avg.lerp_): the DTensor that held the block before the step holds it still
-            state[p] = {k: before[k] if isinstance(before.get(k), DTensor) and before[k]._local_tensor is v
-                        else _as_dtensor(k, v, local, p._spec) for k, v in state.pop(local).items()}
+        after = state.pop(local, None)
+        if not after:
+            continue
+        if before is None:
+            before = state[p] = {}
+        for key, value in after.items():
+            held = before.get(key)
+            # Updated in place (exp_avg.lerp_, step += 1): the DTensor (or scalar) held before holds it still
+            if held is not value and not (isinstance(held, DTensor) and held._local_tensor is value):
+                before[key] = _as_dtensor(key, value, local, p._spec)
 
 
 def _as_dtensor(key: str, value, local: torch.Tensor, spec: DTensorSpec):
