@@ -89,6 +89,8 @@ class _Unit:
         self.unpacks_left: dict[int, int] = {}
         self.alive: dict[int, torch.Tensor] = {}
         self.regather_prefetched = None
+        self.stepper = None  # an OverlappedStep (offload.py): steps the shards on a side thread after landing
+        self.offload_bytes = collections.Counter()  # offload: bytes copied "to device" / "to host"
 
     def add(self, shard: nn.Parameter, slots: list[tuple[nn.Module, str]]) -> None:
         """Own ``shard``, held by every one of ``slots`` (several for tied weights)."""
@@ -120,10 +122,14 @@ class _Unit:
     def _compute_shards(self, indices) -> list[DTensor]:
         """The shards to gather, in the compute dtype (a local cast: the all-gather moves param_dtype bytes).
         Built from the local blocks, not by DTensor ops (detach, to): a gather dispatches nothing."""
+        if self.stepper is not None:
+            self.stepper.wait(self)  # the shards' overlapped optimizer step has finished (offload.py)
         out = []
         for i in indices:
             shard = self.entries[i][2]
-            local = shard._local_tensor.detach().to(self.device)  # offload: host-to-device (else no copy)
+            if self.offload is not None:
+                self.offload_bytes["to device"] += shard._local_tensor.numel() * shard._local_tensor.element_size()
+            local = shard._local_tensor.detach().to(self.device, non_blocking=True)  # offload: host-to-device
             spec = shard._spec
             if self.param_dtype is not None and local.is_floating_point() and local.dtype != self.param_dtype:
                 local = local.to(self.param_dtype)
@@ -320,6 +326,8 @@ class _Unit:
                 local = local.clone()
             shard = self.entries[i][2]
             spec = shard._spec if placements == shard.placements else shard._spec.with_placements(placements)
+            if self.offload is not None:
+                self.offload_bytes["to host"] += local.numel() * shard.element_size()
             out[i] = DTensor(local.to(shard.device, shard.dtype), spec)  # offload: to the host
         return out
 
@@ -337,6 +345,8 @@ class _Unit:
             else:
                 shard.grad = shard.grad + grad
         sync_replicas(self)  # HSDP: the second hop of gradients that had only the first
+        if self.stepper is not None:
+            self.stepper.landed(self)  # starts this unit's optimizer step on the side thread
 
 
 class _GatherUnit(torch.autograd.Function):
