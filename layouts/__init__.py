@@ -6,7 +6,7 @@
 
 from .annotation import format_layout, layout_of, parse_layout
 from .clip import clip_grad_norm_, get_total_norm
-from .context_parallel import context_parallel
+from .context_parallel import context_parallel, striped_placement
 from .data import replicate, shard_batch, sync_gradients
 from .loss import loss_parallel, parallel_cross_entropy
 from .moe import MoE, expert_parallel
@@ -30,5 +30,5 @@ __all__ = [
     "PrepareModuleOutput", "PrepareModuleInputOutput", "parallelize_module", "loss_parallel", "parse_layout", "format_layout", "layout_of",
     "replicate", "sync_gradients", "shard_batch", "fully_shard", "ZeroRedundancyOptimizer", "CPUOffload",
     "clip_grad_norm_", "get_total_norm", "MixedPrecision", "mixed_precision", "context_parallel", "MoE", "parallel_cross_entropy",
-    "expert_parallel", "SequenceSwitch", "switch_sequence_dim", "ExpertRebalancer", "place_experts",
+    "expert_parallel", "SequenceSwitch", "switch_sequence_dim", "striped_placement", "ExpertRebalancer", "place_experts",
 ]

@@ -1,12 +1,19 @@
 """``context_parallel()``: attention over a sequence sharded on a context-parallel mesh dim, never gathered.
 
 Outside the block, scaled-dot-product attention on sequence-sharded q, k, v gathers the sequence
-(ops/attention.py). Inside it, the attention ops (forward and backward) take one of two rules, installed
+(ops/attention.py). Inside it, the attention ops (forward and backward) take one of these rules, installed
 through ``rules.override_rule`` (scoped, nesting, one plan cache per rule set):
 
     kind        what moves on the cp mesh dim                          where
     "ring"      k/v blocks pass around the ring (n-1 shifts forward)   ops/ring_attention.py
     "ulysses"   all-to-all sequence-sharded -> head-sharded and back   ops/ulysses_attention.py
+    "usp"       both, on two mesh dims (ring, ulysses)                 the two blocks nested
+
+USP (unified sequence parallelism, Fang & Zhao 2024) is the two blocks nested: ``mesh_dim=("ring",
+"ulysses")`` with q, k, v ``[Shard(2), Shard(2)]`` on them (the ring's mesh dim outer, Ulysses' inner).
+Ulysses, entered second, takes the ring rule as the rule it falls back to: its all-to-alls on the inner
+dim give ``[Shard(2), Shard(1)]`` (whole ring blocks of the sequence, heads split), the ring runs on the
+outer dim with the heads local, and the output goes back to ``[Shard(2), Shard(2)]``. Nothing new runs.
 
 Calls whose q, k, v are not sharded on the sequence dim of that mesh dim keep the default rule, and every
 other mesh dim keeps its default treatment (batch or heads sharded: local), so cp composes with dp and tp.
@@ -18,12 +25,15 @@ Example::
     with context_parallel(mesh_dim="cp", kind="ring"):
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
-Load-balanced causal attention (``load_balance=True``): place the sequence zigzag, rank r holding pieces r
-and 2n-1-r of 2n, so every rank computes the same number of (q, kv) block pairs::
+Load-balanced causal attention (``load_balance=True`` or "zigzag"): place the sequence zigzag, rank r holding
+pieces r and 2n-1-r of 2n, so every rank computes the same number of (q, kv) block pairs::
 
     x = distribute_tensor(x_BTD, mesh, [Shard(0), StridedShard(1, 1, zigzag=True)])   # or .redistribute(...)
     with context_parallel(mesh_dim="cp", load_balance=True):
         y = attention_block(x)          # views, linears and SDPA keep the zigzag; y.full_tensor() is in order
+
+``load_balance="striped"`` (striped attention, Brandon et al. 2023): token t on rank t mod n, placed
+``striped_placement(1, T, n)`` (= ``StridedShard(1, T // n)``); it needs n | T.
 
 Under torch.compile (tests/compile/test_compile_cp.py): enter the block *around* the compiled call::
 
@@ -56,36 +66,48 @@ import functools
 import importlib
 
 from dtensor_plus import rules
+from dtensor_plus.ops.ring_attention import striped_placement
 
-__all__ = ["context_parallel", "CONTEXT_PARALLEL_KINDS"]
+__all__ = ["context_parallel", "CONTEXT_PARALLEL_KINDS", "striped_placement"]
 
-CONTEXT_PARALLEL_KINDS = ("ring", "ulysses")
+CONTEXT_PARALLEL_KINDS = ("ring", "ulysses", "usp")
+_LOAD_BALANCERS = (False, True, "zigzag", "striped")  # ops/ring_attention.LOAD_BALANCERS, and off/on
 _ULYSSES_MODULE = "dtensor_plus.ops.ulysses_attention"
 
 
 @contextlib.contextmanager
-def context_parallel(mesh_dim: int | str = "cp", kind: str = "ring", *, load_balance: bool = False):
-    """Run scaled-dot-product attention on sequence-sharded q, k, v as ring or Ulysses attention.
+def context_parallel(mesh_dim: int | str | tuple = "cp", kind: str = "ring", *, load_balance: bool | str = False):
+    """Run scaled-dot-product attention on sequence-sharded q, k, v as ring, Ulysses or USP attention.
 
     Args:
-        mesh_dim: the context-parallel mesh dim of the q/k/v DTensors' mesh, by name or index.
-        kind: "ring" (k/v blocks circulate, exact log-sum-exp merge) or "ulysses" (all-to-all to heads).
-        load_balance: (ring) causal attention runs on the zigzag placement ``StridedShard(2, 1,
-            zigzag=True)`` of q, k, v, where every rank does equal work. Place the inputs zigzag up front
+        mesh_dim: the context-parallel mesh dim of the q/k/v DTensors' mesh, by name or index; for "usp"
+            a pair (ring mesh dim, Ulysses mesh dim), the Ulysses one inner (later in the mesh).
+        kind: "ring" (k/v blocks circulate, exact log-sum-exp merge), "ulysses" (all-to-all to heads) or
+            "usp" (Ulysses on the inner mesh dim inside a ring on the outer one).
+        load_balance: (ring) causal attention runs on a balanced placement of q, k, v: True or "zigzag"
+            (``StridedShard(2, 1, zigzag=True)``: equal work on every rank, any length) or "striped"
+            (``striped_placement(2, T, n)``: token t on rank t mod n, n | T). Place the inputs so up front
             (``distribute_tensor(x, mesh, [StridedShard(seq_dim, 1, zigzag=True)])`` or ``.redistribute`` to
-            it): Shard(2) inputs are moved to it here (an all-gather each). The ring takes zigzag inputs
-            without this flag too; the flag only adds the move.
+            it): Shard(2) inputs are moved to it here (an all-gather each). The ring takes zigzag or striped
+            inputs without this flag too; the flag only adds the move.
 
     Outputs (and gradients) stay sharded on the sequence dim as the inputs were: Shard(2) of (B, H, T, D), or
     zigzag, on ``mesh_dim``.
     """
-    if isinstance(mesh_dim, bool) or not isinstance(mesh_dim, (int, str)):
-        raise TypeError(f"context_parallel(mesh_dim=...) takes a mesh dim name or index, got {mesh_dim!r}")
-    if not isinstance(load_balance, bool):
-        raise TypeError(f"context_parallel(load_balance=...) takes a bool, got {load_balance!r}")
-    if load_balance and kind != "ring":
-        raise ValueError(f"context_parallel(kind={kind!r}, load_balance=True): load balancing is a ring layout "
-                         f"(Ulysses attention is balanced already); use kind='ring' or load_balance=False")
+    if not any(load_balance is choice or (isinstance(choice, str) and load_balance == choice)
+               for choice in _LOAD_BALANCERS):
+        raise ValueError(f"context_parallel(load_balance={load_balance!r}): use one of {_LOAD_BALANCERS}")
+    if load_balance is not False and kind != "ring":
+        raise ValueError(f"context_parallel(kind={kind!r}, load_balance={load_balance!r}): load balancing is a "
+                         f"ring layout (Ulysses attention is balanced already; USP's Ulysses split sits inside "
+                         f"the ring's, where a zigzag or striped sequence cannot); use kind='ring' or "
+                         f"load_balance=False")
+    if kind == "usp":
+        ring_dim, ulysses_dim = _usp_mesh_dims(mesh_dim)
+        with context_parallel(ring_dim, "ring"), context_parallel(ulysses_dim, "ulysses"):
+            yield
+        return
+    _check_mesh_dim(mesh_dim, kind)
     # the ring reads zigzag StridedShards itself; Ulysses sees any StridedShard gathered
     # Its collectives (k/v around the ring, Ulysses' all-to-alls) are asked for by name, even in explicit mode.
     with rules.override_rule(_rules_for(kind, mesh_dim, load_balance), strided="native" if kind == "ring" else None,
@@ -93,7 +115,23 @@ def context_parallel(mesh_dim: int | str = "cp", kind: str = "ring", *, load_bal
         yield
 
 
-def _rules_for(kind: str, mesh_dim: int | str, load_balance: bool = False) -> dict:
+def _check_mesh_dim(mesh_dim, kind: str) -> None:
+    if isinstance(mesh_dim, bool) or not isinstance(mesh_dim, (int, str)):
+        usp = " (a pair of them is for kind='usp')" if isinstance(mesh_dim, tuple) else ""
+        raise TypeError(f"context_parallel(mesh_dim=..., kind={kind!r}) takes a mesh dim name or index{usp}, "
+                        f"got {mesh_dim!r}")
+
+
+def _usp_mesh_dims(mesh_dim) -> tuple:
+    if not isinstance(mesh_dim, tuple) or len(mesh_dim) != 2 or mesh_dim[0] == mesh_dim[1]:
+        raise TypeError(f"context_parallel(kind='usp') takes mesh_dim=(ring mesh dim, ulysses mesh dim), two "
+                        f"different names or indices, the Ulysses one inner; got {mesh_dim!r}")
+    for one in mesh_dim:
+        _check_mesh_dim(one, "usp")
+    return mesh_dim
+
+
+def _rules_for(kind: str, mesh_dim: int | str, load_balance: bool | str = False) -> dict:
     if kind == "ring":
         from dtensor_plus.ops.ring_attention import ring_rules
         return ring_rules(mesh_dim, load_balance)  # resolves a name against each call's mesh itself

@@ -34,8 +34,16 @@ computes two full pairs on every rank, which share one side and run as one kerne
 one full pair at step 0): equal work everywhere (2n+1 pairs per rank, against r+1 blocks of unequal rank r
 before), the same n-1 shifts, and out / grads come back zigzag (``full_tensor()`` is the natural order). The ring
 takes zigzag inputs whenever they come (the override reads StridedShards natively); ``load_balance=True``
-also asks causal Shard(2) or Replicate inputs to become zigzag (an all-gather for Shard(2): place them
-zigzag up front instead).
+(or "zigzag") also asks causal Shard(2) or Replicate inputs to become zigzag (an all-gather for Shard(2):
+place them zigzag up front instead).
+
+Load balancing (striped, Brandon et al. 2023): token t on rank t mod n, the placement
+``striped_placement(2, T, n)`` = ``StridedShard(2, T // n)`` (the sequence read as (T/n, n), its n-wide
+inner factor split one token per rank); it needs n | T (a clear error otherwise: pad, or use zigzag). Local
+row a of rank i is token a*n + i, so q row a of rank i sees kv row b of rank j iff b <= a (j <= i) or b < a
+(j > i): every step is one causal block, the kernel's own diagonal (j <= i) or the same diagonal one row
+down (q rows 1.., kv rows ..L-1; j > i). Every rank computes n near-halves of a block per pass: work
+differs across ranks by at most n-1 rows of scores (zigzag: exactly equal), with one kernel call per step.
 
 Other mesh dims keep ops/attention.py's treatment (batch or heads sharded: local), so cp composes with dp
 and with tp head sharding. Example::
@@ -61,23 +69,52 @@ from dtensor_plus.rules import OpSchema, Sharding
 from .attention import cpu_flash_backward_rule, cpu_flash_rule
 from .common import aten
 
-__all__ = ["ring_rules", "RingGeometry", "ZIGZAG"]
+__all__ = ["ring_rules", "RingGeometry", "ZIGZAG", "striped_placement", "LOAD_BALANCERS"]
 
 SEQ = 2  # the sequence dim of q, k, v, out, grad_out and logsumexp
 ZIGZAG = StridedShard(SEQ, 1, zigzag=True)  # the load-balanced placement of all of them on the ring's mesh dim
+LOAD_BALANCERS = ("zigzag", "striped")  # what context_parallel(load_balance=...) names; True means "zigzag"
 FULL, DIAGONAL, SKIP = "full", "diagonal", "skip"
 _KV_TAG, _GRAD_TAG = 0, 2  # p2p tags of the two shifts that can be in flight at once (k, v and dk, dv)
 _FORWARD = aten._scaled_dot_product_flash_attention_for_cpu.default
 _BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
-def ring_rules(mesh_dim: int | str, load_balance: bool = False) -> dict:
+def striped_placement(dim: int, length: int, ring_size: int) -> StridedShard:
+    """Striped attention's placement of a ``length``-long dim ``dim`` on a ring of ``ring_size`` ranks: token t
+    on rank t mod ring_size (``StridedShard(dim, length // ring_size)``). Raises unless ring_size divides it."""
+    if length % ring_size or length == 0:
+        raise ValueError(f"striped load balance needs the sequence length ({length}) to be a positive multiple of "
+                         f"the ring's {ring_size} ranks; pad the sequence to a multiple of {ring_size}, or use "
+                         f"load_balance='zigzag' (any length)")
+    return StridedShard(dim, length // ring_size)
+
+
+def _is_striped(placement: Placement, length: int, ring_size: int) -> bool:
+    return (placement.is_strided_shard() and placement.dim == SEQ and not placement.zigzag
+            and placement.outer * ring_size == length)
+
+
+def ring_rules(mesh_dim: int | str, load_balance: bool | str = False) -> dict:
     """The rules ``context_parallel(kind="ring")`` installs: {aten op: rule} for the CPU SDPA kernels. They
-    read StridedShard inputs themselves (install them with ``override_rule(..., strided="native")``)."""
+    read StridedShard inputs themselves (install them with ``override_rule(..., strided="native")``).
+    ``load_balance``: False, True (= "zigzag"), "zigzag" or "striped"."""
+    load_balance = _load_balancer(load_balance)
     return {
         _FORWARD: functools.partial(_forward_rule, mesh_dim=mesh_dim, load_balance=load_balance),
         _BACKWARD: functools.partial(_backward_rule, mesh_dim=mesh_dim, load_balance=load_balance),
     }
+
+
+def _load_balancer(load_balance: bool | str) -> str | None:
+    if load_balance is False:
+        return None
+    if load_balance is True:
+        return "zigzag"
+    if load_balance not in LOAD_BALANCERS:
+        raise ValueError(f"context_parallel(load_balance={load_balance!r}): use False, True (zigzag) or one of "
+                         f"{LOAD_BALANCERS}")
+    return load_balance
 
 
 # -- geometry: which pieces each rank holds, and which (q piece, kv piece) pairs are computed -----------------
@@ -88,7 +125,8 @@ class RingGeometry:
     """Global metadata of one ring attention call: everything a rank needs to know about the others' blocks.
 
     The sequence is cut into ``num_pieces`` torch.chunk pieces: n (rank r holds piece r) or, zigzag, 2n
-    (rank r holds pieces r and 2n-1-r, in that order)."""
+    (rank r holds pieces r and 2n-1-r, in that order). Striped: rank r holds tokens r, r+n, r+2n... (n | seq:
+    every rank T/n of them, so the lengths are the plain pieces')."""
 
     mesh: object
     mesh_dim: int
@@ -96,6 +134,7 @@ class RingGeometry:
     seq_kv: int
     causal: bool
     zigzag: bool = False
+    striped: bool = False
 
     @property
     def size(self) -> int:
@@ -130,12 +169,24 @@ class RingGeometry:
         """The (q piece, kv piece) pairs ``rank`` (default: this one) computes at ``step``: (q rows, kv rows,
         kind), rows in the local blocks' own order; skipped pairs left out."""
         rank = self.index if rank is None else rank
+        if self.striped:
+            return self._striped_pairs(rank, (rank - step) % self.size)
         q_rows = self.local_rows(self.seq_q, rank)
         kv_rows = self.local_rows(self.seq_kv, (rank - step) % self.size)
         return [(q_slice, kv_slice, kind)
                 for q_piece, q_slice in q_rows
                 for kv_piece, kv_slice in kv_rows
                 if (kind := self.kind(q_piece, kv_piece)) != SKIP]
+
+    def _striped_pairs(self, q_rank: int, kv_rank: int) -> list[tuple[slice, slice, str]]:
+        """Striped: q row a (token a*n + q_rank) sees kv row b (token b*n + kv_rank) iff b <= a when
+        kv_rank <= q_rank, else b < a: the kernel's causal diagonal, or the same one row further down."""
+        length = self.seq_q // self.size
+        if not self.causal:
+            return [(slice(0, length), slice(0, length), FULL)]
+        if kv_rank <= q_rank:
+            return [(slice(0, length), slice(0, length), DIAGONAL)]
+        return [(slice(1, length), slice(0, length - 1), DIAGONAL)] if length > 1 else []
 
     def pairs(self, step: int, rank: int | None = None) -> list[tuple[slice, slice, str]]:
         """``piece_pairs`` as the kernel runs them: two full pairs that share one side and meet on the other
@@ -319,57 +370,62 @@ def _causal(op: OpSchema) -> bool:
     return bool(op.arg("is_causal", False))
 
 
-def _ring_placement(op: OpSchema, index: int, load_balance: bool) -> Placement | None:
-    """The placement the ring runs q, k, v on (Shard(seq) or ZIGZAG), or None when this call keeps the
-    default rule. A decision from global metadata only."""
+def _ring_placement(op: OpSchema, index: int, load_balance: str | None) -> Placement | None:
+    """The placement the ring runs q, k, v on (Shard(seq), ZIGZAG or striped), or None when this call keeps
+    the default rule. A decision from global metadata only."""
     query, key, value = op.arg("query"), op.arg("key"), op.arg("value")
-    if op.mesh.size(index) == 1 or op.arg("attn_mask") is not None or any(t.ndim != 4 for t in (query, key, value)):
-        return None
-    placed = {t.placements[index] for t in (query, key, value)}
-    if placed not in ({Shard(SEQ)}, {ZIGZAG}):
+    n = op.mesh.size(index)
+    if n == 1 or op.arg("attn_mask") is not None or any(t.ndim != 4 for t in (query, key, value)):
         return None
     seq_q, seq_kv = query.shape[SEQ], key.shape[SEQ]
+    placed = {t.placements[index] for t in (query, key, value)}
+    striped = len(placed) == 1 and seq_q == seq_kv and _is_striped(next(iter(placed)), seq_q, n)
+    if placed not in ({Shard(SEQ)}, {ZIGZAG}) and not striped:
+        return None
     causal = _causal(op)
     if seq_q == 0 or seq_kv == 0 or (causal and seq_q != seq_kv):
         return None
-    return ZIGZAG if load_balance and causal else placed.pop()
+    if load_balance is None or not causal:
+        return placed.pop()
+    return ZIGZAG if load_balance == "zigzag" else striped_placement(SEQ, seq_q, n)
 
 
 def _on_ring(placements: tuple[Placement, ...], index: int, placement: Placement):
     return placements[:index] + (placement,) + placements[index + 1:]
 
 
-def _seen_by_default(op: OpSchema, index: int) -> OpSchema:
-    """``op`` as the default attention rule may read it: ZIGZAG on the ring's mesh dim read as Shard(seq)
-    (only that mesh dim changes afterwards), any other StridedShard gathered."""
+def _seen_by_default(op: OpSchema, index: int, placement: Placement) -> OpSchema:
+    """``op`` as the default attention rule may read it: the ring's own placement (ZIGZAG or striped) on its
+    mesh dim read as Shard(seq) (only that mesh dim changes afterwards), any other StridedShard gathered."""
     def plain(k, p):
         if p.is_strided_shard():
-            return Shard(SEQ) if (k, p) == (index, ZIGZAG) else Replicate()
+            return Shard(SEQ) if (k, p) == (index, placement) else Replicate()
         return p
     specs = [spec.with_placements(tuple(plain(k, p) for k, p in enumerate(spec.placements))) for spec in op.specs]
     return strided.with_specs(op, specs)
 
 
-def _rule(op: OpSchema, mesh_dim, load_balance: bool, default_rule, local_op, shifts_per_hop: int) -> Sharding:
+def _rule(op: OpSchema, mesh_dim, load_balance: str | None, default_rule, local_op, shifts_per_hop: int) -> Sharding:
     """The ring's decision; the local op shifts ``shifts_per_hop`` block sets per hop of the ring (n-1 hops)."""
     index = op.mesh.mesh_dim_index(mesh_dim)  # raises ValueError naming the mesh's dims
     placement = _ring_placement(op, index, load_balance)
     if placement is None:  # the default rule, which never sees a StridedShard (it gathers them)
         return strided.gathered(default_rule, op) if strided.has_strided(op.specs) else default_rule(op)
-    default = default_rule(_seen_by_default(op, index))
+    default = default_rule(_seen_by_default(op, index, placement))
     query, key = op.arg("query"), op.arg("key")
-    ring = RingGeometry(op.mesh, index, query.shape[SEQ], key.shape[SEQ], _causal(op), placement == ZIGZAG)
+    ring = RingGeometry(op.mesh, index, query.shape[SEQ], key.shape[SEQ], _causal(op), placement == ZIGZAG,
+                        placement.is_strided_shard() and placement != ZIGZAG)
     return Sharding(inputs=tuple(_on_ring(p, index, placement) for p in default.inputs_for(op)),
                     outputs=tuple(_on_ring(p, index, placement) for p in default.outputs),
                     local_op=functools.partial(local_op, ring=ring),
                     communication=(RingShift(index, shifts_per_hop * (ring.size - 1)),))
 
 
-def _forward_rule(op: OpSchema, *, mesh_dim, load_balance: bool = False) -> Sharding:
+def _forward_rule(op: OpSchema, *, mesh_dim, load_balance: str | None = None) -> Sharding:
     """(query, key, value, dropout_p, is_causal, *, attn_mask, scale) -> (output, logsumexp)."""
     return _rule(op, mesh_dim, load_balance, cpu_flash_rule, ring_forward, 1)  # k, v
 
 
-def _backward_rule(op: OpSchema, *, mesh_dim, load_balance: bool = False) -> Sharding:
+def _backward_rule(op: OpSchema, *, mesh_dim, load_balance: str | None = None) -> Sharding:
     """(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale) -> grads."""
     return _rule(op, mesh_dim, load_balance, cpu_flash_backward_rule, ring_backward, 2)  # k, v and dk, dv
