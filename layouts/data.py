@@ -138,6 +138,22 @@ class GradientBucket:
         key = _single_reduction(grad, param)  # None: kept for the end of backward (no bytes: never fills a bucket)
         self.buckets.add(key, param, 0 if key is None else grad._local_tensor.numel() * grad.element_size())
 
+    def leaf_hook(self, param: nn.Parameter, k: int, plain: bool):
+        """The post-accumulate-grad hook of ``param``'s local leaf (``k`` the dp mesh dim): ``add_local``. A plain
+        leaf's (a 1-D dp mesh) gradient is a block of the parameter's dtype and size, so its bucket key and bytes
+        are fixed: decided here once, the hook only hands the gradient on (it runs for every parameter in
+        every backward)."""
+        if not plain:
+            return lambda leaf: self.add_local(param, leaf, k)
+        key = (param._spec.mesh, k, "sum", param.dtype, True)
+        nbytes, add = param._local_tensor.numel() * param.element_size(), self.buckets.add
+
+        def hook(leaf: torch.Tensor) -> None:
+            grad, leaf.grad = leaf.grad, None  # the next backward starts from none: param.grad accumulates
+            add(key, (param, grad), nbytes)
+
+        return hook
+
     def add_local(self, param: nn.Parameter, leaf: torch.Tensor, k: int) -> None:
         """``leaf``'s gradient (``param``'s local leaf; ``k`` the dp mesh dim) joins a bucket. The leaf's .grad
         is taken: the next backward starts from none, as ``param.grad`` accumulates the reduced gradients."""

@@ -195,35 +195,36 @@ class LocalCompute:
     # -- views ----------------------------------------------------------------------------------------------
 
     def _view(self, t: DTensor):
-        spec = self.sub_specs.get(t._spec)
-        if spec is None:
+        spec = self.sub_specs.get(t._spec, self)  # `self`: not seen yet (None is a 1-D mesh's answer)
+        if spec is self:
             spec = self.sub_specs[t._spec] = self._sub_spec(t._spec, t._spec.shape)
         if t.requires_grad and torch.is_grad_enabled():
             if isinstance(t, nn.Parameter) and _only_our_hooks(t):
                 if self.gradients is not None:
-                    return self._leaf(t, spec, self._to_buckets)
+                    return self._leaf(t, spec, "buckets")
                 if t.__dict__.get(GRADIENT_OWNER):  # ZeRO takes this gradient: no autograd.grad on the parameter
-                    return self._leaf(t, spec, self._to_partial)
+                    return self._leaf(t, spec, "partial")
             return _DropDp.apply(t, spec, self.k)
         return t._local_tensor if spec is None else DTensor(t._local_tensor, spec)
 
-    def _leaf(self, param: DTensor, spec, deliver):
+    def _leaf(self, param: DTensor, spec, deliver: str):
         """The leaf ``param`` computes through: a plain tensor (or a DTensor on the sub-mesh) sharing its local
         block, so the optimizer's in-place updates of the block are the leaf's too. Made once per block: its
-        hook hands each backward's gradient (this rank's rows' contribution, summed over tied uses) to
-        ``deliver``: replicate's buckets, which reduce it onto ``param.grad`` (layouts/data.py
-        ``GradientBucket.add_local``), or ``_to_partial`` (ZeRO reduce-scatters it)."""
+        hook hands each backward's gradient (this rank's rows' contribution, summed over tied uses) on:
+        ``deliver`` "buckets" to replicate's buckets, which reduce it onto ``param.grad`` (layouts/data.py
+        ``GradientBucket.leaf_hook``), "partial" to ``_to_partial`` (ZeRO reduce-scatters it)."""
         entry = self.leaves.get(id(param))
         if entry is None or entry[0] is not param or entry[1] is not param._local_tensor or entry[3] != deliver:
             local = param._local_tensor
             leaf = local.detach() if spec is None else DTensor(local.detach(), spec)
             leaf.requires_grad_()
-            leaf.register_post_accumulate_grad_hook(lambda leaf, param=param: deliver(param, leaf))
+            if deliver == "buckets":
+                hook = self.gradients.leaf_hook(param, self.k, plain=spec is None)
+            else:
+                hook = lambda leaf, param=param: self._to_partial(param, leaf)  # noqa: E731
+            leaf.register_post_accumulate_grad_hook(hook)
             entry = self.leaves[id(param)] = (param, local, leaf, deliver)
         return entry[2]
-
-    def _to_buckets(self, param: nn.Parameter, leaf) -> None:
-        self.gradients.add_local(param, leaf, self.k)
 
     def _to_partial(self, param: nn.Parameter, leaf) -> None:
         """The leaf's gradient onto ``param.grad`` as autograd would put _DropDp's there: Partial(sum) on dp, the
