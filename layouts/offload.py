@@ -38,9 +38,11 @@ import time
 import torch
 from torch import nn
 
+from dtensor_plus.dtensor import DTensor
+
 from . import local_step
 
-__all__ = ["OverlappedStep"]
+__all__ = ["OverlappedStep", "OnHost"]
 
 
 class OverlappedStep:
@@ -129,3 +131,32 @@ class OverlappedStep:
                     optimizer.state[leaf] = old_state[old_leaf]
         self.optimizers[unit] = (optimizer, pairs)
         return self.optimizers[unit]
+
+
+class OnHost:
+    """A tensor autograd saved, kept in host memory from forward to backward (``fully_shard(...,
+    offload_activations=True)``: ZeRO-Infinity's activation offload, as torch's ``save_on_cpu`` does, but inside
+    the units' own saved-tensor hooks, which are the innermost ones and would hide an outer hook). Copied to the
+    host asynchronously from pinned memory on an accelerator; on a CPU mesh the host is the device and nothing
+    moves, the unit still counts the bytes ("activations to host" / "activations to device")."""
+
+    __slots__ = ("local", "spec", "device", "requires_grad", "unit")
+
+    @staticmethod
+    def save(unit, t: torch.Tensor):
+        local = t._local_tensor if isinstance(t, DTensor) else t
+        saved = OnHost()
+        saved.spec, saved.device = (t._spec if isinstance(t, DTensor) else None), local.device
+        saved.requires_grad = t.requires_grad
+        if local.device.type == "cpu":
+            saved.local = local
+        else:
+            saved.local = torch.empty_like(local, device="cpu", pin_memory=True).copy_(local, non_blocking=True)
+        unit.offload_bytes["activations to host"] += local.numel() * local.element_size()
+        saved.unit = unit
+        return saved
+
+    def materialize(self) -> torch.Tensor:
+        local = self.local.to(self.device, non_blocking=True)
+        self.unit.offload_bytes["activations to device"] += local.numel() * local.element_size()
+        return local if self.spec is None else DTensor(local, self.spec, requires_grad=self.requires_grad)

@@ -44,6 +44,7 @@ from dtensor_plus.spec import DTensorSpec, TensorMeta
 
 from . import local_step
 from .precision import MixedPrecision
+from .offload import OnHost
 from .zero_compiled import bind_compiled, unbind_compiled
 from .zero_hybrid import gradient_placements, sync_replicas, zero_mesh_dims
 from .zero_local import SHARDED_FOR as _SHARDED_FOR
@@ -89,6 +90,7 @@ class _Unit:
         self.unpacks_left: dict[int, int] = {}
         self.alive: dict[int, torch.Tensor] = {}
         self.regather_prefetched = None
+        self.offload_activations = False  # saved activations kept in host memory (offload.py's OnHost)
         self.stepper = None  # an OverlappedStep (offload.py): steps the shards on a side thread after landing
         self.offload_bytes = collections.Counter()  # offload: bytes copied "to device" / "to host"
 
@@ -222,23 +224,22 @@ class _Unit:
         # A saved gathered parameter, or a view of one (autograd's _base: a weight's transpose), is saved as (unit,
         # entry, view geometry relative to the whole): the gathered whole is not kept alive by autograd, and
         # backward re-gathers it. Anything else (a view a rule computed into fresh memory) is saved as it is.
-        # Local compute: the wholes and their views are plain tensors (the spec saved is then None).
+        # Local compute: the wholes and their views are plain tensors (the spec saved is then None). Activations go
+        # to host memory with offload_activations (offload.py).
         if not isinstance(t, torch.Tensor):
             return t
         found = self.gathered.get(id(t)) or (t._base is not None and self.gathered.get(id(t._base)))
-        if not found:
-            return t
-        index, whole = found
-        local, whole_local = _local_of(t), _local_of(whole)
-        if local.untyped_storage().data_ptr() != whole_local.untyped_storage().data_ptr():
-            return t
+        local, whole_local = (_local_of(t), _local_of(found[1])) if found else (None, None)
+        if not found or local.untyped_storage().data_ptr() != whole_local.untyped_storage().data_ptr():
+            return OnHost.save(self, t) if self.offload_activations else t
+        index = found[0]
         self.unpacks_left[index] = self.unpacks_left.get(index, 0) + 1
         offset = local.storage_offset() - whole_local.storage_offset()
         spec = t._spec if isinstance(t, DTensor) else None
         return _Regather(self, index, spec, (local.shape, local.stride(), offset), whole_local.stride())
 
     def unpack(self, saved):
-        return saved.materialize() if isinstance(saved, _Regather) else saved
+        return saved.materialize() if isinstance(saved, (_Regather, OnHost)) else saved
 
     # -- backward -------------------------------------------------------------------------------------------
 
@@ -416,6 +417,7 @@ def _local_of(t: torch.Tensor) -> torch.Tensor:
 def fully_shard(
     module: nn.Module, mesh, *, mesh_dim: int | str | None = None, mp_policy: MixedPrecision | None = None,
     offload: CPUOffload | None = None, local_compute: bool = True, overlap: bool = True,
+    offload_activations: bool = False,
 ) -> nn.Module:
     """ZeRO stage 3: shard ``module``'s parameters on the dp mesh dim, gather them around its forward.
 
@@ -443,6 +445,8 @@ def fully_shard(
             reduce-scatter in flight until the next one starts or backward ends (its shards then land in
             ``.grad`` outside autograd: ``torch.autograd.grad`` does not return them, post-accumulate-grad hooks
             do not run); False: every collective waited for where it is issued (for measuring and debugging).
+        offload_activations: the tensors autograd saves inside the module (not its gathered parameters) are
+            copied to host memory in forward and back in backward (offload.py's ``OnHost``).
 
     Traffic per step, for the owned parameters (bytes B in the gather dtype): one all-gather in forward, one
     in backward of the parameters some op saved, one reduce-scatter of the gradients (in reduce_dtype), each
@@ -461,6 +465,7 @@ def fully_shard(
         raise TypeError(f"offload must be a CPUOffload, got {type(offload).__name__}")
     replicate_k, k = zero_mesh_dims(mesh, mesh_dim)
     unit = _Unit(mesh, k, mp_policy, offload, type(module).__name__, local_compute, overlap, replicate_k)
+    unit.offload_activations = bool(offload_activations)
     # Each Parameter once, with every slot holding it (tied weights: one entry, one gather, one gradient).
     for param, slots in parameter_slots(module, prune=lambda child: hasattr(child, "_zero_state")):
         if _SHARDED_FOR in param.__dict__:  # a shared Parameter an inner call sharded through another slot

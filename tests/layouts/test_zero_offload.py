@@ -2,7 +2,8 @@
 device's AdamW step (the losses of the following steps and the final parameters, uneven sizes, an uneven batch),
 each block's step is started inside the backward (as its gradients land, before backward ends), the gradients are
 consumed by it, and the bytes copied between host and device per step are exactly the shards' (to the device:
-every shard for forward plus the saved ones for backward; to the host: every reduced gradient shard).
+every shard for forward plus the saved ones for backward; to the host: every reduced gradient shard). With
+``offload_activations`` every saved activation goes to the host and comes back once, the steps still exact.
 """
 
 import pytest
@@ -42,12 +43,12 @@ def _one_device():
     return torch.stack(losses), {n: p.detach() for n, p in model.named_parameters()}
 
 
-def _check_overlapped_step(offload):
+def _check_overlapped_step(offload, activations=False):
     mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
     model = _model(SIZES)
     for block in model.blocks:
-        fully_shard(block, mesh, offload=offload)
-    fully_shard(model, mesh, offload=offload)
+        fully_shard(block, mesh, offload=offload, offload_activations=activations)
+    fully_shard(model, mesh, offload=offload, offload_activations=activations)
     stepper = OverlappedStep(model, torch.optim.AdamW, **ADAMW)
     units = [m._zero_state for m in (model, *model.blocks)]
     schedule = units[0].schedule
@@ -71,7 +72,11 @@ def _check_overlapped_step(offload):
             shard_bytes = sum(s._local_tensor.numel() * s._local_tensor.element_size() for _, _, s in unit.entries)
             saved = sum(s._local_tensor.numel() * 8 for _, name, s in unit.entries if name == "weight")
             want = {"to device": shard_bytes + saved, "to host": shard_bytes} if offload else {}
-            assert dict(unit.offload_bytes) == want, (unit.label, dict(unit.offload_bytes), want)
+            moved = unit.offload_bytes
+            assert {k: moved[k] for k in ("to device", "to host") if k in moved} == want, (unit.label, moved, want)
+            # Every activation saved to the host came back once for backward.
+            assert moved["activations to host"] == moved["activations to device"], moved
+            assert (moved["activations to host"] > 0) == activations, moved
             if offload:
                 assert all(s.device.type == "cpu" for _, _, s in unit.entries)
     stepper.wait()
@@ -83,9 +88,10 @@ def _check_overlapped_step(offload):
     stepper.close()
 
 
-@pytest.mark.parametrize("offload", [CPUOffload(pin_memory=False), None], ids=["offload", "no offload"])
-def test_overlapped_step_equals_one_device(offload):
-    run_on_ranks(2, _check_overlapped_step, offload)
+@pytest.mark.parametrize("offload,activations", [(CPUOffload(pin_memory=False), True), (None, False)],
+                         ids=["offload with activations", "no offload"])
+def test_overlapped_step_equals_one_device(offload, activations):
+    run_on_ranks(2, _check_overlapped_step, offload, activations)
 
 
 def _check_errors():
