@@ -8,12 +8,20 @@ through ``rules.override_rule`` (scoped, nesting, one plan cache per rule set):
     "ring"      k/v blocks pass around the ring (n-1 shifts forward)   ops/ring_attention.py
     "ulysses"   all-to-all sequence-sharded -> head-sharded and back   ops/ulysses_attention.py
     "usp"       both, on two mesh dims (ring, ulysses)                 the two blocks nested
+    "double_ring"  the ring on two mesh dims (outer, inner)             ops/double_ring_attention.py
+    "loongtrain"   double ring x Ulysses (outer, inner, ulysses)        the two blocks nested
 
 USP (unified sequence parallelism, Fang & Zhao 2024) is the two blocks nested: ``mesh_dim=("ring",
 "ulysses")`` with q, k, v ``[Shard(2), Shard(2)]`` on them (the ring's mesh dim outer, Ulysses' inner).
 Ulysses, entered second, takes the ring rule as the rule it falls back to: its all-to-alls on the inner
 dim give ``[Shard(2), Shard(1)]`` (whole ring blocks of the sequence, heads split), the ring runs on the
 outer dim with the heads local, and the output goes back to ``[Shard(2), Shard(2)]``. Nothing new runs.
+
+LoongTrain (Gu et al. 2024): ``kind="double_ring"``, ``mesh_dim=("outer", "inner")``, q, k, v ``[Shard(2),
+Shard(2)]``: the kv blocks circle the inner ring (fast links) m times, hopping once on the outer ring between
+rounds, so only m-1 of the n-1 shifts cross slow links. ``kind="loongtrain"``, ``mesh_dim=("outer", "inner",
+"ulysses")``, q, k, v Shard(2) on all three: its head-context 2-D attention, Ulysses on the innermost mesh dim
+around the double ring, nested as USP nests Ulysses around the ring.
 
 Calls whose q, k, v are not sharded on the sequence dim of that mesh dim keep the default rule, and every
 other mesh dim keeps its default treatment (batch or heads sharded: local), so cp composes with dp and tp.
@@ -70,7 +78,7 @@ from dtensor_plus.ops.ring_attention import striped_placement
 
 __all__ = ["context_parallel", "CONTEXT_PARALLEL_KINDS", "striped_placement"]
 
-CONTEXT_PARALLEL_KINDS = ("ring", "ulysses", "usp")
+CONTEXT_PARALLEL_KINDS = ("ring", "ulysses", "usp", "double_ring", "loongtrain")
 _LOAD_BALANCERS = (False, True, "zigzag", "striped")  # ops/ring_attention.LOAD_BALANCERS, and off/on
 _ULYSSES_MODULE = "dtensor_plus.ops.ulysses_attention"
 
@@ -103,8 +111,19 @@ def context_parallel(mesh_dim: int | str | tuple = "cp", kind: str = "ring", *, 
                          f"the ring's, where a zigzag or striped sequence cannot); use kind='ring' or "
                          f"load_balance=False")
     if kind == "usp":
-        ring_dim, ulysses_dim = _usp_mesh_dims(mesh_dim)
+        ring_dim, ulysses_dim = _mesh_dims(mesh_dim, kind, "(ring mesh dim, ulysses mesh dim)")
         with context_parallel(ring_dim, "ring"), context_parallel(ulysses_dim, "ulysses"):
+            yield
+        return
+    if kind == "double_ring":
+        from dtensor_plus.ops.double_ring_attention import double_ring_rules
+        with rules.override_rule(double_ring_rules(*_mesh_dims(mesh_dim, kind, "(outer mesh dim, inner mesh dim)")),
+                                 asked_for=True):
+            yield
+        return
+    if kind == "loongtrain":
+        *ring_dims, ulysses_dim = _mesh_dims(mesh_dim, kind, "(outer mesh dim, inner mesh dim, ulysses mesh dim)")
+        with context_parallel(tuple(ring_dims), "double_ring"), context_parallel(ulysses_dim, "ulysses"):
             yield
         return
     _check_mesh_dim(mesh_dim, kind)
@@ -117,17 +136,19 @@ def context_parallel(mesh_dim: int | str | tuple = "cp", kind: str = "ring", *, 
 
 def _check_mesh_dim(mesh_dim, kind: str) -> None:
     if isinstance(mesh_dim, bool) or not isinstance(mesh_dim, (int, str)):
-        usp = " (a pair of them is for kind='usp')" if isinstance(mesh_dim, tuple) else ""
+        usp = " (tuples of them are for kind='usp', 'double_ring', 'loongtrain')" if isinstance(mesh_dim, tuple) else ""
         raise TypeError(f"context_parallel(mesh_dim=..., kind={kind!r}) takes a mesh dim name or index{usp}, "
                         f"got {mesh_dim!r}")
 
 
-def _usp_mesh_dims(mesh_dim) -> tuple:
-    if not isinstance(mesh_dim, tuple) or len(mesh_dim) != 2 or mesh_dim[0] == mesh_dim[1]:
-        raise TypeError(f"context_parallel(kind='usp') takes mesh_dim=(ring mesh dim, ulysses mesh dim), two "
-                        f"different names or indices, the Ulysses one inner; got {mesh_dim!r}")
+def _mesh_dims(mesh_dim, kind: str, wanted: str) -> tuple:
+    """The tuple of mesh dims a multi-dim kind takes, checked: as many as ``wanted`` names, all different."""
+    count = wanted.count(",") + 1
+    if not isinstance(mesh_dim, tuple) or len(mesh_dim) != count or len(set(mesh_dim)) != count:
+        raise TypeError(f"context_parallel(kind={kind!r}) takes mesh_dim={wanted}, {count} different names or "
+                        f"indices in mesh order (the later ones inner); got {mesh_dim!r}")
     for one in mesh_dim:
-        _check_mesh_dim(one, "usp")
+        _check_mesh_dim(one, kind)
     return mesh_dim
 
 
