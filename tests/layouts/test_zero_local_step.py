@@ -180,3 +180,38 @@ def test_inner_step_dispatches_nothing(stage, optimizer):
 def test_state_in_another_layout_keeps_the_dtensor_path():
     counts = run_on_ranks(2, _inner_step_dispatches, 2, "adamw", "state in another layout")[0]
     assert counts[0] == 0 and counts[1] > 0, counts
+
+
+def _swap_hands_back_what_it_took():
+    """The swap around the inner step hands everything back as it was: each group's parameter list (the same
+    object), each master's state dict (the same object, the step's new entries added into it in the master's
+    layout), and a state tensor replaced by hand between steps (an equal DTensor in the layout: stepped on its
+    block, no dispatch, still the one held), with every value equal to one device."""
+    mesh, model, opt, reference, ref_opt = _placed((2,), ("dp",), 1, "adamw", "local")
+    inner, dispatched = opt.optimizer, _probe(opt)
+    lists = [group["params"] for group in inner.param_groups]
+    states = []
+    for step in range(2):
+        _backward(model, reference, mesh, step)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        assert all(group["params"] is held for group, held in zip(inner.param_groups, lists))
+        if step == 0:
+            states = [inner.state[m] for m in opt.masters]
+            replaced = states[0]["exp_avg"] = states[0]["exp_avg"].clone()
+    assert dispatched == [], dispatched
+    assert all(inner.state[m] is held for m, held in zip(opt.masters, states))
+    assert states[0]["exp_avg"] is replaced
+    for p, master, q in zip(opt.params, opt.masters, reference.parameters()):
+        torch.testing.assert_close(p.full_tensor(), q.detach())
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = inner.state[master][key]
+            assert isinstance(value, DTensor) and value.placements == master.placements, (key, value)
+            torch.testing.assert_close(value.full_tensor(), ref_opt.state[q][key])
+    return True
+
+
+def test_the_swap_hands_back_what_it_took():
+    assert all(run_on_ranks(2, _swap_hands_back_what_it_took))
