@@ -47,6 +47,7 @@ from .data import reduce_grad_in_backward
 from .hf_experts import hf_experts_modules, shard_hf_experts
 from .moe_dispatch import dispatch_combine
 from .moe_router import Routing, TopKRouter, local_weight
+from .moe_shadow import dispatch_with_shadows, shadow_weights
 
 __all__ = ["MoE", "GroupedExperts", "SharedExperts", "expert_parallel"]
 
@@ -97,6 +98,8 @@ class MoE(nn.Module):
     Expert placement: ``expert_slot`` (a buffer, (E,) ints) holds where each expert's weights lie along the
     expert dim of ``w1`` / ``w2``: expert e is row ``expert_slot[e]`` (ep rank ``expert_slot[e] // (E / ep)``).
     It starts as the identity; ``moe_placement.place_experts`` changes it and moves the weights with it.
+    ``shadowed`` (a tuple of expert ids, empty by default) names FasterMoE's shadow experts: broadcast to every
+    ep rank and run there on its own tokens (moe_shadow.py); on one device it changes nothing.
 
     After each forward: ``aux_loss`` (coefficients applied; add it to the task loss), ``routing`` (the
     ``Routing``: raw losses, gates) and ``load`` (assignments per expert over the global batch, an (E,) int
@@ -119,6 +122,7 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(num_experts, dim, hidden)
         self.shared = SharedExperts(dim, shared_hidden) if shared_hidden else None
         self.register_buffer("expert_slot", torch.arange(num_experts))
+        self.shadowed: tuple[int, ...] = ()  # experts broadcast to every ep rank this step (moe_shadow.py)
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.aux_loss: torch.Tensor | None = None
         self.routing: Routing | None = None
@@ -143,14 +147,26 @@ class MoE(nn.Module):
             mesh, ep_mesh_dim = layout.mesh, layout.ep_mesh_dim
         shape = x_local.shape
         slot_E = self.expert_slot._local_tensor if isinstance(self.expert_slot, DTensor) else self.expert_slot
-        y_ND = dispatch_combine(
-            x_local.reshape(-1, shape[-1]), slot_E[routing.expert_idx_NK], routing.gates_NK, routing.keep_NK,
-            self.experts.num_experts, lambda rows, counts: self._run_experts(rows, counts, w1_local, w2_local, layout),
-            mesh, ep_mesh_dim,
-        )
+        x_ND = x_local.reshape(-1, shape[-1])
+        run_mine = lambda rows, counts: self._run_experts(rows, counts, w1_local, w2_local, layout)  # noqa: E731
+        if self._shadowed() and ep_mesh_dim is not None:
+            slots = [int(s) for s in slot_E[list(self.shadowed)].tolist()]
+            w1_S, w2_S = (shadow_weights(w, slots, mesh, ep_mesh_dim) for w in (w1_local, w2_local))
+            y_ND = dispatch_with_shadows(
+                x_ND, routing.expert_idx_NK, routing.gates_NK, routing.keep_NK, slot_E, self.shadowed, run_mine,
+                lambda rows, counts: self._run_experts(rows, counts, w1_S, w2_S, layout), mesh, ep_mesh_dim)
+        else:
+            y_ND = dispatch_combine(x_ND, slot_E[routing.expert_idx_NK], routing.gates_NK, routing.keep_NK,
+                                    self.experts.num_experts, run_mine, mesh, ep_mesh_dim)
         y_BTD = y_ND.view(shape)
         y_BTD = layout.output(y_BTD, x_in, x_BTD) if layout else y_BTD
         return y_BTD if self.shared is None else y_BTD + self.shared(x_BTD)
+
+    def _shadowed(self) -> bool:
+        E = self.experts.num_experts
+        if len(set(self.shadowed)) != len(self.shadowed) or not all(0 <= e < E for e in self.shadowed):
+            raise ValueError(f"MoE.shadowed must name distinct experts in 0..{E - 1}, got {self.shadowed}")
+        return bool(self.shadowed)
 
     def update_balance_bias(self) -> None:
         """DeepSeek-V3's bias step from the last forward's global load (call it once per optimizer step)."""

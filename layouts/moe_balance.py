@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["rank_load", "imbalance", "balanced_slots", "moved_experts", "PlacementCost",
-           "token_moving_bytes", "expert_moving_bytes"]
+           "token_moving_bytes", "expert_moving_bytes", "experts_to_shadow"]
 
 
 def rank_load(load_E: torch.Tensor, slot_E: torch.Tensor, ep: int) -> torch.Tensor:
@@ -161,6 +161,18 @@ def expert_moving_bytes(experts_per_rank: int, expert_params: int, ep: int, elem
     """Bytes one rank sends to move experts instead (Janus, data-centric): every other rank fetches its L experts'
     weights for the forward and sends their gradients back (a reduce), ``2 (ep-1) L P`` elements."""
     return 2 * (ep - 1) * experts_per_rank * expert_params * element_bytes
+
+
+def experts_to_shadow(load_E: torch.Tensor, dim: int, expert_params: int, ep: int) -> tuple[int, ...]:
+    """The experts worth shadowing (FasterMoE; Janus's data-centric choice per expert): those whose assignments
+    of one step (``load_E``, global) would move more bytes as tokens, ``4 load_e (ep-1)/ep D`` (the share from
+    other ranks, dispatch and combine, forward and backward), than the expert moves, ``2 (ep-1) P`` (its weights
+    broadcast, its gradient reduced). Most popular first."""
+    if ep == 1:
+        return ()
+    loads = [float(v) for v in load_E.cpu().tolist()]
+    worth = [e for e, v in enumerate(loads) if 4 * v * (ep - 1) / ep * dim > 2 * (ep - 1) * expert_params]
+    return tuple(sorted(worth, key=lambda e: (-loads[e], e)))
 
 
 def _check(slot_E: torch.Tensor, E: int, ep: int) -> None:

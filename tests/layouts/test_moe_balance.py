@@ -22,6 +22,7 @@ from dtensor_plus.layouts.moe_balance import (
     PlacementCost,
     balanced_slots,
     expert_moving_bytes,
+    experts_to_shadow,
     imbalance,
     moved_experts,
     rank_load,
@@ -79,6 +80,12 @@ def test_janus_bytes_by_the_formula():
     assert expert_moving_bytes(2, 2 * 512 * 2048, 4) == 2 * 3 * 2 * 2 * 512 * 2048 * 4
 
 
+def test_experts_to_shadow_are_those_whose_tokens_move_more_bytes_than_they_do():
+    # ep 4, D 8, an expert of 1000 parameters: shadow when 4 load 3/4 8 > 2 3 1000, i.e. load > 250
+    assert experts_to_shadow(torch.tensor([300, 251, 250, 10]), 8, 1000, 4) == (0, 1)
+    assert experts_to_shadow(torch.tensor([300, 251, 250, 10]), 8, 1000, 1) == ()
+
+
 def test_balancing_bias_picks_experts_but_the_gates_stay_unbiased():
     torch.manual_seed(0)
     moe = MoE(D, F_HIDDEN, E, top_k=1, balance_rate=0.5)
@@ -132,14 +139,15 @@ def _mesh_and_place(layout, net):
     return mesh, net, [Shard(0), Replicate()]
 
 
-def _check_balanced_training(layout, steps=6, every=2, batch=7):
-    """``steps`` AdamW steps of the skewed net on ranks, re-placing experts every ``every`` steps and updating the
-    balancing bias every step, against one device doing the same steps with no placement at all: equal losses,
-    input gradients, parameters and optimizer state (the experts read back in expert order). Returns this rank's
-    (bytes sent re-placing, history)."""
+def _check_balanced_training(layout, shadowed=(0,), steps=6, every=2, batch=7):
+    """``steps`` AdamW steps of the skewed net on ranks, re-placing experts every ``every`` steps, updating the
+    balancing bias every step and shadowing the experts ``shadowed`` (FasterMoE), against one device doing the
+    same steps with no placement at all: equal losses, input gradients, parameters and optimizer state (the
+    experts read back in expert order). Returns this rank's (bytes sent re-placing, history)."""
     torch.manual_seed(0)
     single = Skewed()
     mesh, net, rows = _mesh_and_place(layout, copy.deepcopy(single))
+    net.moe.shadowed = shadowed
     opt, single_opt = (torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False) for m in (net, single))
     rebalancer = ExpertRebalancer(net, opt, every=every)
     moved_bytes = 0
@@ -148,8 +156,11 @@ def _check_balanced_training(layout, steps=6, every=2, batch=7):
         x_whole.requires_grad_()
         x = dtp.distribute_tensor(x_whole.detach(), mesh, rows, src_data_rank=None).requires_grad_()
         y = dtp.distribute_tensor(y_whole, mesh, rows, src_data_rank=None)
-        loss = F.mse_loss(net(x), y) + net.moe.aux_loss
-        loss.backward()
+        with dtp.comm_mode() as comm:
+            loss = F.mse_loss(net(x), y) + net.moe.aux_loss
+            loss.backward()
+        # each shadow: its w1 and w2 broadcast from the owner, their gradients reduced onto it
+        assert comm.count("broadcast") == comm.count("reduce") == 2 * len(shadowed), comm
         want = F.mse_loss(single(x_whole), y_whole) + single.moe.aux_loss
         want.backward()
         torch.testing.assert_close(loss.full_tensor(), want, atol=1e-5, rtol=1e-5)
@@ -175,10 +186,11 @@ def _check_balanced_training(layout, steps=6, every=2, batch=7):
     return moved_bytes, rebalancer.history
 
 
-@pytest.mark.parametrize("layout", ["ep", pytest.param("dp-ep", marks=pytest.mark.slow),
-                                    pytest.param("ep-tp", marks=pytest.mark.slow)])
-def test_rebalanced_training_with_bias_and_shared_experts_equals_one_device(layout):
-    results = run_on_ranks(4, _check_balanced_training, layout, timeout=120)
+@pytest.mark.parametrize("layout, shadowed", [("ep", (0,)), pytest.param("ep", (), marks=pytest.mark.slow),
+                                              pytest.param("dp-ep", (1, 0), marks=pytest.mark.slow),
+                                              pytest.param("ep-tp", (0,), marks=pytest.mark.slow)])
+def test_rebalanced_training_with_shadows_bias_and_shared_experts_equals_one_device(layout, shadowed):
+    results = run_on_ranks(4, _check_balanced_training, layout, shadowed, timeout=120)
     history = results[0][1]
     assert all(h == results[0][1] for _, h in results), "every rank plans the same placement"
     before, after, moved = history[0][0]
