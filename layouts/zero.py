@@ -43,7 +43,16 @@ all-gathers the updated shards back into the replicated parameters in one bucket
 
 CPU offload (``offload=CPUOffload()`` on either): the shards / masters, their gradients and the optimizer
 state live in host memory and the optimizer steps there; shards are copied to the mesh's device before each
-all-gather and reduced gradients copied back.
+all-gather (so a prefetched gather copies the next unit's shards early) and reduced gradients copied back.
+Stage 3 adds (offload.py): ``OverlappedStep(model, torch.optim.AdamW, ...)``, ZeRO-Offload's host step
+overlapped with the rest of backward and the next forward, one unit at a time, exact (each unit's next gather
+waits for its step); ``fully_shard(..., offload_activations=True)``, the tensors autograd saves kept in host
+memory from forward to backward. The units count the bytes copied (``unit.offload_bytes``).
+
+Hierarchical sharding (HSDP / MiCS, stage 3, zero_hybrid.py): ``fully_shard(module, mesh,
+mesh_dim=("replicate", "shard"))`` shards inside each group along "shard" and replicates the groups along
+"replicate": gathers and the reduce-scatter stay inside a group; the reduced shards are all-reduced across
+groups (1/p of the gradient bytes), once per step under gradient accumulation with ``set_requires_all_reduce``.
 
 Tied weights (one Parameter in several modules, ``lm_head.weight is wte.weight``) stay one Parameter: one
 entry of one unit, gathered once and bound to every module holding it, one reduce-scatter of its summed
@@ -60,8 +69,10 @@ innermost module's saved-tensor hooks are active; such a tensor is kept, correct
 ``backward(inputs=...)`` do not see them, post-accumulate-grad hooks do not run on them.
 """
 
+from .offload import OverlappedStep
+from .zero_hybrid import set_requires_all_reduce
 from .zero_optimizer import ZeroRedundancyOptimizer
 from .zero_placement import CPUOffload
 from .zero_stage3 import fully_shard
 
-__all__ = ["fully_shard", "ZeroRedundancyOptimizer", "CPUOffload"]
+__all__ = ["fully_shard", "ZeroRedundancyOptimizer", "CPUOffload", "OverlappedStep", "set_requires_all_reduce"]
