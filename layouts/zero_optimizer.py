@@ -259,7 +259,8 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         masters = [self._master_of[id(p)] for p in params]
         for p, master, shard in zip(params, masters, self._reduce_scatter(params)):
             p.grad = None
-            shard = shard.to(master.device, master.dtype)  # offload: the device-to-host copy
+            if self.offload is not None or shard.dtype != master.dtype:
+                shard = shard.to(master.device, master.dtype)  # offload: the device-to-host copy
             if master.grad is None:
                 master.grad = DTensor(shard, master._spec)
             else:
