@@ -156,21 +156,67 @@ def _is_cost_key(key) -> bool:
                                      and isinstance(key[1], int))
 
 
-def bubble_formula(name: str, p: int, m: int, v: int = 1) -> float:
+def bubble_formula(name: str, p: int, m: int, v: int = 1, k: int = 1) -> float:
     """The bubble fraction of a schedule under equal stages, T_F = T_B = T_W (BW = 2), no latency.
 
     Published: GPipe, 1F1B (p-1)/(m+p-1); interleaved (p-1)/(v*m+p-1); ZB-H1 idles (p-1)(T_F+T_B-T_W)
     against m(T_F+T_B+T_W) of work, i.e. (p-1)/(3m+p-1) (for m >= p). ZB-V is our derivation, not a paper's
     number (it reports "zero bubble"): with half-size stages the only idle left is the last rank's warm-up,
     p-1 half-stage forwards, so (p-1)/(6m+p-1); our zb_v reaches it for m == p and m >= p+2.
+    DualPipeV: DeepSeek's idle (PP/2-1)(F&B + B - 3W) per rank, PP = 2p stages, B a full backward, here with the
+    overlapped pair charged F + B (no overlap credit, F&B = 3): 2(p-1) against 6m of work, (p-1)/(3m+p-1).
+    Breadth-first (Lamy-Poirier): (p-1)/(v*m+p-1) for m >= p; below, each loop waits p-m slots, written out.
+    Chimera (Li & Hoefler, with T_F = T_B, costs {F: 1, BW: 1}): (p-2)/(2m+p-2), even p and even m >= p+2.
+    Seq1F1B and TeraPipe with k equal sequence chunks per microbatch: (p-1)/(k*m+p-1).
+    V-Half and V-Min are not here: the paper gives them only approximately (~p/(2m), ~2p/(3m)).
     """
     formulas = {
-        "gpipe": (p - 1) / (m + p - 1),
-        "1f1b": (p - 1) / (m + p - 1),
-        "interleaved_1f1b": (p - 1) / (v * m + p - 1),
-        "zb_h1": (p - 1) / (3 * m + p - 1),
-        "zb_v": (p - 1) / (6 * m + p - 1),
+        "gpipe": lambda: (p - 1) / (m + p - 1),
+        "1f1b": lambda: (p - 1) / (m + p - 1),
+        "interleaved_1f1b": lambda: (p - 1) / (v * m + p - 1),
+        "zb_h1": lambda: (p - 1) / (3 * m + p - 1),
+        "zb_v": lambda: (p - 1) / (6 * m + p - 1),
+        "dualpipe_v": lambda: (p - 1) / (3 * m + p - 1),
+        "breadth_first": lambda: 1 - v * m / ((v - 1) * max(m, p) + m + p - 1),
+        "chimera": lambda: (p - 2) / (2 * m + p - 2),
+        "seq1f1b": lambda: (p - 1) / (k * m + p - 1),
+        "terapipe": lambda: (p - 1) / (k * m + p - 1),
     }
     if name not in formulas:
         raise ValueError(f"no published bubble formula for {name!r}; known: {sorted(formulas)}")
-    return formulas[name]
+    return formulas[name]()
+
+
+def activation_formula(name: str, p: int, k: int = 1) -> int:
+    """The papers' peak activations of a rank, in the simulator's units (``peak_in_flight``: one stage's
+    activations of one microbatch; half a 1F1B stage on the V schedules, one sequence chunk on the sequence ones),
+    for m large enough to reach the steady state. 1F1B p; DualPipeV DeepSeek's PP+1 = 2p+1 half stages; V-Half
+    (p+2)//2 and V-Min (p+4)//3 microbatches (two half stages each; held F to W, ``peak_until_w``); Seq1F1B p+k-1
+    chunks (1F1B over chunks); Chimera p+1 with our order (the paper's N = D unit holds at most p)."""
+    formulas = {
+        "1f1b": lambda: p,
+        "dualpipe_v": lambda: 2 * p + 1,
+        "v_half": lambda: 2 * ((p + 2) // 2),
+        "v_min": lambda: 2 * ((p + 4) // 3),
+        "seq1f1b": lambda: p + k - 1,
+        "chimera": lambda: p + 1,
+    }
+    if name not in formulas:
+        raise ValueError(f"no activation formula for {name!r}; known: {sorted(formulas)}")
+    return formulas[name]()
+
+
+def peak_until_w(schedule: Schedule) -> tuple[int, ...]:
+    """Per rank, the most activations held at once counting each from its F to its W (or BW): the
+    controllable-memory paper's accounting, since W still reads the layer inputs."""
+    peaks = []
+    for acts in schedule.actions:
+        held = peak = 0
+        for a in acts:
+            if a.kind is Kind.F:
+                held += 1
+                peak = max(peak, held)
+            elif a.kind in (Kind.W, Kind.BW):
+                held -= 1
+        peaks.append(peak)
+    return tuple(peaks)

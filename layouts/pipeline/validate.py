@@ -82,6 +82,10 @@ def _check_rank(schedule: Schedule, rank: int) -> None:
         if problem:
             _fail(schedule, rank, i, a, problem)
         seen.add(a)
+    absent = [pair for second, first in partner.items() for pair in [(first, second)] if not {first, second} <= seen]
+    if absent:
+        raise ValueError(f"{schedule.name}: rank {rank}: overlapped pair {absent[0]!r} names an action the rank "
+                         "does not run")
     if not acts or acts[-1].kind is not Kind.STEP:
         raise ValueError(f"{schedule.name}: rank {rank} does not end with STEP (its optimizer step)")
 
