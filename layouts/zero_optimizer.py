@@ -1,8 +1,10 @@
 """ZeRO stages 1 and 2: ``ZeroRedundancyOptimizer`` steps any ``torch.optim`` optimizer on dp-sharded fp32 master
 copies of ``Replicate`` parameters, so its state is sharded on the dp mesh dim.
 
-Communication is bucketed (``redistribute_together``): stage 1 reduce-scatters every gradient in ``step()`` in
-one flat reduce-scatter per (mesh dim, dtype) and all-gathers the updated shards back in one flat all-gather;
+Communication is bucketed (collectives.py's flat reduce-scatter and all-gather; each parameter's move decided
+once, at ``add_param_group``, as ``redistribute_together`` would decide it every step; that function takes
+the rest): stage 1 reduce-scatters every gradient in ``step()`` in one flat reduce-scatter per (mesh dim,
+dtype) and all-gathers the updated shards back in one flat all-gather;
 stage 2 reduce-scatters gradients during backward, a bucket at a time (post-accumulate-grad hooks collect
 gradients until ``bucket_cap_mb`` fills: dtensor_plus/buckets.py's ``BackwardBuckets``; the end of backward
 flushes the rest), and leaves the reduced shards on the masters (``opt.masters[i].grad``; the replicated
