@@ -167,24 +167,34 @@ def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule
     reference = copy.deepcopy(model)
 
     plan = build_schedule(schedule, pp, n_microbatches, stages_per_rank=2)
-    pieces = split_gpt(model, plan.num_stages)
-    mine = [place_stage(pieces[s], mesh, sp=layout.sp, zero=layout.zero) for s in plan.stages_of(pp_rank)]
+    # Chimera's two pipelines are one model twice: stage s runs model piece s % per_pipeline, and the two replicas
+    # of a piece declare every weight shared, so the schedule sums their gradients before the optimizer step.
+    per_pipeline = plan.stages_per_pipeline
+    pieces = split_gpt(model, per_pipeline)
+    placed = {i: place_stage(pieces[i], mesh, sp=layout.sp, zero=layout.zero)
+              for i in sorted({s % per_pipeline for s in plan.stages_of(pp_rank)})}
+    mine = list(placed.values())
     run = (lambda piece: torch.compile(piece, backend=compile_stages)) if compile_stages else (lambda piece: piece)
-    stages = [PipelineStage(run(piece), s, plan.num_stages, mesh) for piece, s in zip(mine, plan.stages_of(pp_rank))]
+    stages = []
+    for s in plan.stages_of(pp_rank):
+        piece = placed[s % per_pipeline]
+        shared = ({n: f"piece{s % per_pipeline}.{n}" for n, _ in piece.named_parameters()}
+                  if plan.num_pipelines > 1 else None)
+        stages.append(PipelineStage(run(piece), s, plan.num_stages, mesh, shared_parameters=shared,
+                                    num_pipelines=plan.num_pipelines))
     params = [p for piece in mine for p in piece.parameters()]
     opt = _make_optimizer(params, mesh, layout.zero, lr, weight_decay)
     pipe = PipelineSchedule(stages, plan, loss_fn=gpt_loss, optimizer=opt)
-    last_rank = plan.stage_to_rank[-1]
 
     losses = []
     for step, (tokens, targets) in enumerate(batch_list):
         mb_losses = []
         with loss_parallel():
             pipe.step(_place_batch(tokens, mesh), target=_place_batch(targets, mesh), losses=mb_losses)
-        loss = torch.stack([_full(x) for x in mb_losses]).mean() if mb_losses else torch.zeros(())
-        # NOTE: one broadcast over pp per step, so every rank reports the loss the last stage computed.
-        losses.append(collectives.broadcast(loss.reshape(1).clone(), mesh, mesh.mesh_dim_index("pp"),
-                                            last_rank).item())
+        total = torch.stack([_full(x) for x in mb_losses]).sum() if mb_losses else torch.zeros(())
+        # NOTE: one all-reduce over pp per step: the microbatch losses sit on the last stage of each pipeline.
+        losses.append(collectives.all_reduce(total.reshape(1).clone(), mesh, mesh.mesh_dim_index("pp"),
+                                             "sum").item() / n_microbatches)
         if log is not None:
             log(f"step {step:4d}  loss {losses[-1]:.4f}")
 
