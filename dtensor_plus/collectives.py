@@ -42,7 +42,7 @@ from .placements import chunk_bounds
 __all__ = [
     "comm_mode", "CommCounter", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "scatter",
     "all_gather_flat", "reduce_scatter_flat", "all_to_all_splits", "AllToAllSplits", "every_rank_rows",
-    "reduce",
+    "reduce", "all_to_all_splits_async",
 ]
 
 # torch >= 2.12 renamed the tensor-in/tensor-out collectives; older releases have only the old names.
@@ -495,3 +495,30 @@ def reduce(t: torch.Tensor, mesh, mesh_dim: int, dst_index: int, reduce_op: str 
         return None
     return back(_divide(out, n) if reduce_op == "avg" else out)
 
+
+
+# -- variable-split all-to-all in flight (mixture-of-experts dispatch pipelined with expert compute) ------------
+
+
+def all_to_all_splits_async(t: torch.Tensor, mesh, mesh_dim: int, send_splits, recv_splits) -> PendingCollective:
+    """``all_to_all_splits`` issued without waiting: returns a ``PendingCollective`` whose ``wait()`` gives the
+    received rows. Bytes: counted when issued, as ``all_to_all_splits`` counts them. Not differentiable: the
+    caller pairs it with the inverse all-to-all for backward (layouts/moe_pipelined.py)."""
+    n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    send_splits, recv_splits = [int(s) for s in send_splits], [int(s) for s in recv_splits]
+    if len(send_splits) != n or len(recv_splits) != n or sum(send_splits) != t.shape[0]:
+        raise ValueError(
+            f"all_to_all_splits_async on a mesh dim of {n} ranks needs {n} send and {n} recv splits, the send ones "
+            f"summing to the {t.shape[0]} rows sent; got send {send_splits}, recv {recv_splits}"
+        )
+    send = _wire(t.detach().contiguous())
+    out = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
+    row_bytes = math.prod(send.shape[1:]) * send.element_size()
+    _record("all_to_all", mesh, mesh_dim, (sum(send_splits) - send_splits[index]) * row_bytes)
+    work = _run("all_to_all", mesh, mesh_dim, dist.all_to_all_single, out, send, output_split_sizes=recv_splits,
+                input_split_sizes=send_splits, async_op=True)
+
+    def finish(_sending=send):  # holds the send buffer until the transfer is waited for
+        return out.view(t.dtype)
+
+    return PendingCollective("all_to_all", mesh, mesh_dim, work, finish)

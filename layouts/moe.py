@@ -94,6 +94,8 @@ class MoE(nn.Module):
             moved by ``balance_rate`` per ``update_balance_bias()`` call (once per optimizer step); None for none.
         shared_hidden: DeepSeek-V3's shared experts: the hidden width of a dense GELU MLP every token goes
             through, its output added to the routed experts'; 0 for none.
+        dispatch_chunks: under ep, the token all-to-alls pipelined with expert compute in this many chunks
+            (Tutel, PipeMoE; moe_pipelined.py); 1 for one all-to-all each way.
 
     Expert placement: ``expert_slot`` (a buffer, (E,) ints) holds where each expert's weights lie along the
     expert dim of ``w1`` / ``w2``: expert e is row ``expert_slot[e]`` (ep rank ``expert_slot[e] // (E / ep)``).
@@ -113,7 +115,7 @@ class MoE(nn.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int = 2, *,
                  capacity_factor: float | None = None, jitter: float = 0.0, aux_loss_coef: float = 0.01,
                  z_loss_coef: float = 0.001, renormalize: bool = True, balance_rate: float | None = None,
-                 shared_hidden: int = 0):
+                 shared_hidden: int = 0, dispatch_chunks: int = 1):
         super().__init__()
         if shared_hidden < 0:
             raise ValueError(f"shared_hidden must be >= 0 (0 for no shared experts), got {shared_hidden}")
@@ -123,6 +125,9 @@ class MoE(nn.Module):
         self.shared = SharedExperts(dim, shared_hidden) if shared_hidden else None
         self.register_buffer("expert_slot", torch.arange(num_experts))
         self.shadowed: tuple[int, ...] = ()  # experts broadcast to every ep rank this step (moe_shadow.py)
+        if dispatch_chunks < 1:
+            raise ValueError(f"dispatch_chunks must be >= 1 (1: no pipelining), got {dispatch_chunks}")
+        self.dispatch_chunks = dispatch_chunks
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.aux_loss: torch.Tensor | None = None
         self.routing: Routing | None = None
@@ -154,10 +159,11 @@ class MoE(nn.Module):
             w1_S, w2_S = (shadow_weights(w, slots, mesh, ep_mesh_dim) for w in (w1_local, w2_local))
             y_ND = dispatch_with_shadows(
                 x_ND, routing.expert_idx_NK, routing.gates_NK, routing.keep_NK, slot_E, self.shadowed, run_mine,
-                lambda rows, counts: self._run_experts(rows, counts, w1_S, w2_S, layout), mesh, ep_mesh_dim)
+                lambda rows, counts: self._run_experts(rows, counts, w1_S, w2_S, layout), mesh, ep_mesh_dim,
+                self.dispatch_chunks)
         else:
             y_ND = dispatch_combine(x_ND, slot_E[routing.expert_idx_NK], routing.gates_NK, routing.keep_NK,
-                                    self.experts.num_experts, run_mine, mesh, ep_mesh_dim)
+                                    self.experts.num_experts, run_mine, mesh, ep_mesh_dim, self.dispatch_chunks)
         y_BTD = y_ND.view(shape)
         y_BTD = layout.output(y_BTD, x_in, x_BTD) if layout else y_BTD
         return y_BTD if self.shared is None else y_BTD + self.shared(x_BTD)

@@ -15,6 +15,8 @@ token's expert outputs:
 4. run the experts (grouped GEMM), undo the permutation, all-to-all back with the splits swapped;
 5. scale each row by its gate and add it into its token (``index_add``).
 
+With ``chunks > 1``, steps 3-4 run in pipelined chunks (moe_pipelined.py).
+
 Backward runs through all of it: the row all-to-alls are ``AllToAllSplits`` (backward: the inverse
 all-to-all), the permutations are gathers. With no ep mesh dim (one device, or experts replicated) steps 2-4
 skip the communication.
@@ -33,6 +35,8 @@ from dtensor_plus.collectives import AllToAllSplits, all_to_all_splits
 from dtensor_plus.renamed import renamed_keywords
 from dtensor_plus.simulate import current_world
 
+from .moe_pipelined import exchange_pipelined
+
 __all__ = ["dispatch_combine"]
 
 
@@ -40,7 +44,7 @@ __all__ = ["dispatch_combine"]
 def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: torch.Tensor,
                      keep_NK: torch.Tensor | None, num_experts: int,
                      experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     mesh=None, ep_mesh_dim: int | None = None) -> torch.Tensor:
+                     mesh=None, ep_mesh_dim: int | None = None, chunks: int = 1) -> torch.Tensor:
     """``y[n] = sum_k gates[n, k] * expert_{idx[n, k]}(x[n])`` over the kept assignments, as (N, D).
 
     Args:
@@ -49,7 +53,11 @@ def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: 
         experts: ``experts(rows_RD, counts_L)`` runs this rank's L experts on rows grouped by local expert.
         mesh, ep_mesh_dim: the mesh and the mesh dim the experts are sharded on (local rank r owns experts
             r L .. (r + 1) L - 1); None when this rank holds all experts.
+        chunks: 1 for one all-to-all each way; more to pipeline the all-to-alls with expert compute in that
+            many chunks (moe_pipelined.py).
     """
+    if chunks < 1:
+        raise ValueError(f"dispatch_combine: chunks must be >= 1 (1: no pipelining), got {chunks}")
     N, K = expert_idx_NK.shape
     token_A = torch.arange(N, device=x_ND.device).repeat_interleave(K)
     expert_A, gate_A = expert_idx_NK.reshape(-1), gates_NK.reshape(-1)
@@ -64,8 +72,15 @@ def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: 
         simulated = current_world()
         out_AD = experts(rows_AD, counts_E if simulated is None else  # a simulated world has no routing values
                          simulated.expert_counts(0, 1, rows_AD.shape[0], num_experts))
-    else:
+    elif chunks == 1:
         out_AD = _exchange(rows_AD, counts_E, experts, mesh, ep_mesh_dim)
+    else:
+        if current_world() is not None:
+            raise ValueError("dispatch_combine: pipelined chunks (chunks > 1) are not modelled in a simulated "
+                             "world; simulate with chunks=1 (MoE(dispatch_chunks=1)), the same bytes")
+        out_AD = exchange_pipelined(
+            rows_AD, counts_E, lambda rows, counts_nL: _through_local_experts(rows, counts_nL, counts_nL.sum(0), experts),
+            mesh, ep_mesh_dim, chunks)
     return x_ND.new_zeros(x_ND.shape).index_add(0, token_A, out_AD * gate_A.unsqueeze(-1))
 
 
@@ -84,12 +99,19 @@ def _exchange(rows_AD, counts_E, experts, mesh, ep_mesh_dim: int) -> torch.Tenso
         send_splits, recv_splits, counts_L = _assumed_splits(simulated, rows_AD.shape[0], counts_E.numel(), mesh,
                                                              ep_mesh_dim)
     recv_RD = AllToAllSplits.apply(rows_AD, mesh, ep_mesh_dim, send_splits, recv_splits)  # by (source, expert)
-    local_expert_R = torch.arange(L, device=rows_AD.device).repeat(n).repeat_interleave(
-        recv_counts_nL.reshape(-1), output_size=sum(recv_splits))
+    back_RD = _through_local_experts(recv_RD, recv_counts_nL, counts_L, experts)
+    return AllToAllSplits.apply(back_RD, mesh, ep_mesh_dim, recv_splits, send_splits)
+
+
+def _through_local_experts(recv_RD, recv_counts_nL, counts_L, experts) -> torch.Tensor:
+    """Rows received ordered by (source rank, expert), ``recv_counts_nL`` of each, through this rank's experts
+    (which want them by (expert, source): a local permutation) and back in the order they came."""
+    n, L = recv_counts_nL.shape
+    local_expert_R = torch.arange(L, device=recv_RD.device).repeat(n).repeat_interleave(
+        recv_counts_nL.reshape(-1), output_size=recv_RD.shape[0])
     perm_R = torch.argsort(local_expert_R, stable=True)  # by (expert, source)
     out_RD = experts(recv_RD[perm_R], counts_L)
-    back_RD = out_RD[torch.argsort(perm_R)]  # the inverse permutation: back to (source, expert) order
-    return AllToAllSplits.apply(back_RD, mesh, ep_mesh_dim, recv_splits, send_splits)
+    return out_RD[torch.argsort(perm_R)]  # the inverse permutation: back to (source, expert) order
 
 
 def _assumed_splits(world, assignments: int, num_experts: int, mesh, ep_mesh_dim: int):

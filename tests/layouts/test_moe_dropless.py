@@ -35,7 +35,7 @@ def _dense(x_ND, idx_NK, gates_NK, w1, w2):
     return torch.stack(rows)
 
 
-def _check_routing(tokens_per_rank, idx_NK, num_experts, top_k):
+def _check_routing(tokens_per_rank, idx_NK, num_experts, top_k, chunks=1):
     """This rank's tokens dispatched to experts sharded over all ranks equal the dense definition on the whole
     batch: y, dy/dx, dy/dgates and the gradients of this rank's expert weights (from every rank's tokens)."""
     world, me = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -51,8 +51,17 @@ def _check_routing(tokens_per_rank, idx_NK, num_experts, top_k):
     mine = slice(start, start + tokens_per_rank[me])
     x, gates = x_all[mine].clone().requires_grad_(), gates_all[mine].clone().requires_grad_()
     w1, w2 = (w[me * L:(me + 1) * L].clone().requires_grad_() for w in (w1_all, w2_all))
-    y = dispatch_combine(x, idx_all[mine], gates, None, num_experts,
-                         lambda rows, counts: GroupedExperts.run(rows, counts, w1, w2), mesh, 0)
+    with dtp.comm_mode() as comm:
+        y = dispatch_combine(x, idx_all[mine], gates, None, num_experts,
+                             lambda rows, counts: GroupedExperts.run(rows, counts, w1, w2), mesh, 0, chunks)
+    # the counts exchange, then each chunk's dispatch and combine; pipelining moves exactly the same bytes
+    assert comm.count("all_to_all") == 1 + 2 * chunks, comm
+    owner_NK = idx_all // L
+    mine_N = torch.zeros(len(idx_NK), dtype=torch.bool)
+    mine_N[mine] = True
+    rows_out = int((owner_NK[mine_N] != me).sum())  # dispatch: my assignments to other ranks' experts
+    rows_back = int((owner_NK[~mine_N] == me).sum())  # combine: other ranks' assignments to my experts
+    assert comm.bytes("all_to_all") == (world - 1) * L * 8 + (rows_out + rows_back) * D * 4, comm
     seed_ND = torch.randn(len(idx_NK), D, generator=g)  # d loss / d y, the same on every layout
     (y * seed_ND[mine]).sum().backward()
 
@@ -70,15 +79,16 @@ def _check_routing(tokens_per_rank, idx_NK, num_experts, top_k):
 
 @st.composite
 def routings(draw):
-    """(world, tokens per rank, (N, K) expert indices, E, K): empty ranks, skew and repeated choices all allowed;
+    """(world, tokens per rank, (N, K) expert indices, E, K, pipelined chunks): empty ranks, skew and repeated choices all allowed;
     each token's K experts distinct (top-k). Shrinks towards every token on experts 0..K-1."""
     world = draw(st.sampled_from([2, 4]))
     num_experts = world * draw(st.sampled_from([1, 2]))
     top_k = draw(st.integers(1, min(3, num_experts)))
+    chunks = draw(st.sampled_from([1, 2, 3]))
     tokens_per_rank = draw(st.lists(st.integers(0, 4), min_size=world, max_size=world))
     token = st.permutations(list(range(num_experts))).map(lambda p: list(p[:top_k]))
     idx_NK = draw(st.lists(token, min_size=sum(tokens_per_rank), max_size=sum(tokens_per_rank)))
-    return world, tokens_per_rank, idx_NK, num_experts, top_k
+    return world, tokens_per_rank, idx_NK, num_experts, top_k, chunks
 
 
 @settings(max_examples=12, deadline=None)
@@ -90,7 +100,7 @@ def test_dispatch_equals_one_device_for_any_routing(routing):
 
 def test_dispatch_with_every_token_on_one_expert_of_the_last_rank():
     # the other experts, and ep ranks 0..2 entirely, compute on zero rows; rank 1 routes no token at all
-    run_on_ranks(4, _check_routing, [3, 0, 2, 1], [[7]] * 6, 8, 1)
+    run_on_ranks(4, _check_routing, [3, 0, 2, 1], [[7]] * 6, 8, 1, 3)
 
 
 # -- the whole layer: a zero gate routes everything to experts 0 and 1 (ep rank 0 of 4) ----------------------
@@ -102,6 +112,7 @@ def _check_layer_training(steps=3):
     single = MoE(D, F_HIDDEN, 8, top_k=2, capacity_factor=None, aux_loss_coef=0.1, z_loss_coef=0.01)
     single.router.gate.weight.data.zero_()  # all logits tie: stable top-2 takes experts 0 and 1 for every token
     net = expert_parallel(replicate(copy.deepcopy(single), mesh, "ep"), mesh, ep_mesh_dim="ep")
+    net.dispatch_chunks = 2  # the all-to-alls pipelined with the experts in two chunks (one device: no effect)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False) for m in (net, single)]
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
