@@ -3,7 +3,8 @@ device's AdamW step (the losses of the following steps and the final parameters,
 each block's step is started inside the backward (as its gradients land, before backward ends), the gradients are
 consumed by it, and the bytes copied between host and device per step are exactly the shards' (to the device:
 every shard for forward plus the saved ones for backward; to the host: every reduced gradient shard). With
-``offload_activations`` every saved activation goes to the host and comes back once, the steps still exact.
+``offload_activations`` every saved activation goes to the host and comes back once, the steps still exact. Under
+HSDP with two microbatches per step (replicas synchronized and units stepped by the last only) it is still exact.
 """
 
 import pytest
@@ -110,3 +111,41 @@ def _check_errors():
 
 def test_errors_name_the_fix():
     run_on_ranks(2, _check_errors)
+
+
+# -- with HSDP and gradient accumulation ---------------------------------------------------------------------------
+
+
+def _check_hsdp_accumulation():
+    """HSDP on 2 x 2 ranks, offloaded, two microbatches per step: the first neither synchronizes the replicas nor
+    steps, the second does both, one unit at a time on the side thread; equal to one device's accumulated steps."""
+    from dtensor_plus.layouts.zero import set_requires_all_reduce
+
+    hsdp = ("replicate", "shard")
+    mesh = dtp.init_device_mesh("cpu", (2, 2), mesh_dim_names=hsdp)
+    model, reference = _model(SIZES), _model(SIZES)
+    for block in model.blocks:
+        fully_shard(block, mesh, mesh_dim=hsdp, offload=CPUOffload(pin_memory=False))
+    fully_shard(model, mesh, mesh_dim=hsdp, offload=CPUOffload(pin_memory=False))
+    stepper = OverlappedStep(model, torch.optim.AdamW, **ADAMW)
+    opt = torch.optim.AdamW(reference.parameters(), **ADAMW)
+    for step in range(2):
+        for micro in range(2):
+            last = micro == 1
+            set_requires_all_reduce(model, last)
+            stepper.set_requires_step(last)
+            x, y = _batch(10 * step + micro)
+            F.mse_loss(reference(x), y).backward()
+            x, y = (dtp.distribute_tensor(t, mesh, [Shard(0), Shard(0)], src_data_rank=None) for t in (x, y))
+            with dtp.comm_mode() as comm:
+                F.mse_loss(model(x), y).backward()
+            assert comm.count("all_reduce", "replicate") == (3 if last else 0), comm  # once per unit, at the last
+        opt.step()
+        opt.zero_grad()
+    stepper.close()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.full_tensor(), q.detach(), msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_hsdp_offload_overlapped_step_with_accumulation():
+    run_on_ranks(4, _check_hsdp_accumulation)
