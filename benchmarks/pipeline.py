@@ -55,7 +55,9 @@ from gpt import GPT, PRESETS  # noqa: E402
 from pipeline_gpt import gpt_loss, split_gpt  # noqa: E402
 
 TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
-                   "zb_v": "ScheduleZBVZeroBubble"}  # torch has no single-stage ZB-H1 schedule
+                   "zb_v": "ScheduleZBVZeroBubble", "dualpipe_v": "ScheduleDualPipeV",
+                   "breadth_first": "ScheduleLoopedBFS"}  # torch has no single-stage ZB-H1, V-Half/Min, Chimera
+PAPERS = ("1f1b", "zb_v", "dualpipe_v", "v_half", "v_min", "breadth_first", "chimera", "seq1f1b", "terapipe")
 
 
 class ActivationMeter:
@@ -113,6 +115,9 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--plot-dir", default=None, help="save each schedule's recorded-vs-simulated timeline here")
     parser.add_argument("--split-cost", action="store_true", help="time the B/W split against the fused backward")
+    parser.add_argument("--papers", nargs=2, type=int, metavar=("P", "M"), default=None,
+                        help="one process: the papers' schedules simulated on P ranks, M microbatches, beside the "
+                             "papers' bubble and memory figures")
     parser.add_argument("--before", default=None, metavar="COMMIT",
                         help="also run layouts/pipeline as it was at this git commit, in the same round-robin")
     return parser.parse_args()
@@ -182,9 +187,17 @@ def build_ours(name, args, mesh, lib=None):
                                               (lib.PipelineStage, lib.PipelineSchedule, lib.build_schedule))
     p, rank = dist.get_world_size(), dist.get_rank()
     schedule = make_schedule(name, p, args.microbatches, stages_per_rank=2)
-    pieces = split_gpt(_model(args), schedule.num_stages)
-    mine = [pieces[s] for s in schedule.stages_of(rank)]
-    stages = [stage_cls(piece, s, schedule.num_stages, mesh) for piece, s in zip(mine, schedule.stages_of(rank))]
+    per_pipeline = getattr(schedule, "num_pipelines", 1)  # Chimera: one model piece per stage of each pipeline
+    per_pipeline = schedule.num_stages // per_pipeline
+    pieces = split_gpt(_model(args), per_pipeline)
+    stages = []
+    for s in schedule.stages_of(rank):
+        piece = pieces[s % per_pipeline]
+        extra = {} if per_pipeline == schedule.num_stages else dict(  # the replicas' gradients summed
+            num_pipelines=schedule.num_pipelines,
+            shared_parameters={n: f"piece{s % per_pipeline}.{n}" for n, _ in piece.named_parameters()})
+        stages.append(stage_cls(piece, s, schedule.num_stages, mesh, **extra))
+    mine = list({id(st.submodule): st.submodule for st in stages}.values())
     pipe = schedule_cls(stages, schedule, loss_fn=gpt_loss)
     x, y = _batch(args)
 
@@ -208,7 +221,7 @@ def build_torch(name, args):
     indices = schedule.stages_of(rank)
     stages = [pipelining.PipelineStage(pieces[s], s, schedule.num_stages, torch.device("cpu")) for s in indices]
     cls = getattr(pipelining, TORCH_SCHEDULES[name])
-    multi = name in ("interleaved_1f1b", "zb_v")
+    multi = len(indices) > 1
     pipe = cls(stages if multi else stages[0], n_microbatches=args.microbatches, loss_fn=gpt_loss)
     x, y = _batch(args)
     first, last = 0 in indices, schedule.num_stages - 1 in indices
@@ -325,10 +338,38 @@ def split_cost(args):
               f"the fused backward ({ms['fused']:.2f} ms)")
 
 
+def papers_table(p: int, m: int) -> None:
+    """The papers' schedules simulated (T_F = T_B = T_W; Chimera T_F = T_B, its paper's; Seq1F1B and TeraPipe with
+    k = 4 chunks): bubble against the paper's figure, and peak activations of the busiest rank as a share of
+    1F1B's p microbatches (V stages are half a 1F1B stage, sequence chunks a quarter of a microbatch)."""
+    from dtensor_plus.layouts.pipeline import SCHEDULES, seq1f1b, terapipe
+    from dtensor_plus.layouts.pipeline.simulate import peak_until_w
+
+    k = 4
+    approx = {"v_half": (p / (2 * m), "~p/(2m)"), "v_min": (2 * p / (3 * m), "~2p/(3m)")}
+    print(f"p = {p} ranks, m = {m} microbatches (k = {k} sequence chunks)")
+    print(f"{'schedule':14} {'sim bubble':>10} {'paper':>8}  {'formula':18} {'peak act / 1F1B':>15}")
+    for name in PAPERS:
+        gen = {"seq1f1b": seq1f1b, "terapipe": terapipe}.get(name) or SCHEDULES[name]
+        schedule = gen(p, m, k) if name in ("seq1f1b", "terapipe") else gen(p, m)
+        unit = {"seq1f1b": k, "terapipe": k}.get(name, schedule.num_stages // schedule.num_pipelines // p)
+        costs = {Kind.F: 1.0, Kind.BW: 1.0} if name == "chimera" else None
+        sim = simulate(schedule, costs)
+        if name in approx:
+            paper, text = approx[name]
+        else:
+            paper = bubble_formula(name, p, m, schedule.num_stages // p if name == "breadth_first" else 1, k=k)
+            text = "bubble_formula" if name != "dualpipe_v" else "DeepSeek, F&B=F+B"
+        held = max(peak_until_w(schedule) if name in approx else sim.peak_in_flight)
+        print(f"{name:14} {sim.bubble:10.3f} {paper:8.3f}  {text:18} {held / unit / min(p, m):15.2f}")
+
+
 def main():
     args = parse_args()
     if args.split_cost:
         return split_cost(args)
+    if args.papers:
+        return papers_table(*args.papers)
     dist.init_process_group("gloo")
     mesh = dtp.init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("pp",))
     p, rank = dist.get_world_size(), dist.get_rank()
@@ -367,7 +408,7 @@ def main():
         dist.all_gather_object(peaks, (ours.meter.peak, theirs.meter.peak if theirs else 0))
         if rank == 0:
             v = schedule.num_stages // p
-            formula = bubble_formula(name, p, args.microbatches, v)
+            formula = bubble_formula(name, p, args.microbatches, v) if name not in ("v_half", "v_min") else float("nan")
             torch_ms = f"{torch_s * 1e3:9.1f}" if torch_s else f"{'n/a':>9}"
             ratio = f"{ours_s / torch_s:6.2f}" if torch_s else f"{'':>6}"
             act = " ".join(f"{a // 1024}" for a, _ in peaks) + " | " + " ".join(f"{b // 1024}" for _, b in peaks)
