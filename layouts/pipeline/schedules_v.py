@@ -6,8 +6,8 @@ so rank 0 holds the first and the last stage and the turn p-1 -> p stays on rank
 on its first rank are 2p units here.
 
     >>> from dtensor_plus.layouts.pipeline.schedules_v import dualpipe_v
-    >>> sorted(dualpipe_v(p=2, m=4).overlapped)[0]
-    (F0.2, BW3.0)
+    >>> sorted(map(repr, dualpipe_v(p=2, m=4).overlapped))[0]
+    '(F0.3, BW3.1)'
 """
 
 from __future__ import annotations
