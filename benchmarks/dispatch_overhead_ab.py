@@ -7,7 +7,9 @@ e.g. BEFORE_TREE from `git worktree add /tmp/base HEAD~3`, AFTER_TREE the workin
 dtensor_plus of its tree and that tree's benchmarks/dispatch_overhead.py op table (local torch, the bare wrapper
 floor, torch DTensor, dtensor_plus). Per round, every op's four cells are timed in both workers, the order of the
 two trees alternating by round. Prints a Markdown table: cells are medians over rounds, ratios medians of
-per-round ratios (ours / torch DTensor, ours / bare wrapper, each against the same worker's cells).
+per-round ratios (ours / torch DTensor, ours / bare wrapper, each against the same worker's cells). Cells are
+the worker thread's CPU time (time.thread_time), not wall time: on a machine shared with other jobs, the time a
+worker waits for a core is theirs, not the framework's (1 rank: no collective waits on another thread).
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ def _worker() -> None:
         try:
             for _ in range(10):
                 fn()
-            start = time.perf_counter()
+            start = time.thread_time()
             for _ in range(int(calls)):
                 fn()
-            print((time.perf_counter() - start) / int(calls) * 1e6, flush=True)
+            print((time.thread_time() - start) / int(calls) * 1e6, flush=True)
         except Exception:  # noqa: BLE001 - the op fails there: n/a in the table
             print("nan", flush=True)
 

@@ -15,6 +15,7 @@ import torch
 
 from . import collectives, views
 from .dispatcher import DISPATCHER
+from .declared import cost_terms
 from .dtensor import DTensor
 from .explicit import collective_for_step
 from .placement_tuples import replicated
@@ -137,6 +138,18 @@ class Plan:
         may_copy, copied = single is not None and getattr(func, "aliases_block", False), views.COPIED
         wrap = self._wrap
 
+        if not (inplace or moves or view or comm is not None) and shape_arg is None and fallback_name is None \
+                and single is not None:
+            # Most ops of a step: blocks in, the op, one output out. Its own closure, with none of the tests
+            # below: a warm op pays only what it does.
+            def run_one_output(args, kwargs, dtensors):
+                local_args = list(args)
+                for position, dt in zip(positions, dtensors):
+                    local_args[position] = dt._local_tensor
+                return result(call(*local_args, **kwargs) if kwargs else call(*local_args), single)
+
+            return run_one_output
+
         def run(args, kwargs, dtensors):
             local_copy = None
             if inplace:
@@ -184,8 +197,9 @@ class Plan:
 
     @property
     def communicates(self) -> bool:
-        """Can a call of this plan issue a collective (an input move that needs one, or declared communication)?"""
-        return self.comm is not None or self.input_collectives
+        """Can a call of this plan issue a collective (an input move that needs one, or declared communication
+        that acts: on mesh dims of one rank a declared all-reduce issues nothing, ``declared.cost_terms``)?"""
+        return self.input_collectives or (self.comm is not None and bool(cost_terms(self.comm.declared, self.comm.mesh)))
 
 
 def moving_inputs_collect(specs, input_targets) -> bool:

@@ -35,6 +35,8 @@ __all__ = ["dispatch", "clear_cache", "cache_info"]
 
 _CACHE_MAX = 8192
 _SCALAR_TYPES = (int, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+_SCALAR_KINDS = frozenset(_SCALAR_TYPES)  # exactly these types: one set lookup
+_KEYWORDS = object()  # in a key, where the keyword arguments start (equal to no argument's key material)
 _D = DISPATCHER
 
 
@@ -52,10 +54,12 @@ def cache_info() -> dict:
 def _key(value, dtensors: list, scalars: list):
     """Hashable key material of one argument; appends the DTensors found to ``dtensors`` and the 0-d plain
     tensors to ``scalars``."""
+    kind = type(value)
+    if kind in _SCALAR_KINDS:  # the commonest, before any isinstance (which costs more where it fails)
+        return value
     if isinstance(value, DTensor):
         dtensors.append(value)
         return value._spec
-    kind = type(value)
     if kind is float or kind is complex:
         return value if kind is float and abs(value) == float("inf") else kind  # +-inf picks a mode (norm ord)
     if kind is list or kind is tuple:
@@ -241,17 +245,21 @@ def dispatch(func, args, kwargs, plain_checked: bool = False):
     key = [func]
     try:
         for value in args:  # the top level inline: this loop runs for every op
-            if isinstance(value, DTensor):
+            kind = type(value)  # type tests first: isinstance(v, DTensor) costs more where v is no tensor
+            if kind is DTensor:
                 dtensors.append(value)
                 key.append(value._spec)
-            elif type(value) is float:
-                key.append(value if abs(value) == float("inf") else float)  # as in _key
-            elif type(value) is int or type(value) is bool:
+            elif kind is int or kind is bool or value is None:
                 key.append(value)
+            elif kind is float:
+                key.append(value if abs(value) == float("inf") else float)  # as in _key
             else:
-                key.append(_key(value, dtensors, scalars))
+                key.append(_key(value, dtensors, scalars))  # lists, subclasses of DTensor, the rest
         if kwargs:
-            key.append(tuple([(name, _key(value, dtensors, scalars)) for name, value in kwargs.items()]))
+            key.append(_KEYWORDS)  # then name, value, name, value...: no tuple per pair
+            for name, value in kwargs.items():
+                key.append(name)
+                key.append(_key(value, dtensors, scalars))
     except _PlainTensorError:  # a plain tensor beside DTensors: joins as Replicate once known equal on all ranks
         if _D.explicit_depth:
             with explicit.checking_plain():
@@ -291,14 +299,15 @@ def _entry(func, plan, dtensors):
     """What a cache hit runs: ``run(args, kwargs, dtensors)``. Every fact that is the same for every call of one
     key is settled here, once: the plan's kind, whether this rank is in the mesh (the mesh is in the key), whether
     the op writes in place (its record), whether the plan can communicate. A plan that only runs the local op
-    (``Plan.direct_run``, no input move that needs a collective, no declared communication) skips the rest: nothing reads the op stack
-    or the explicit-mode audit unless a collective runs."""
+    (``Plan.direct_run``, no input move that needs a collective, no declared communication) skips the rest: nothing
+    reads the op stack or the explicit-mode audit unless a collective runs. Declared communication that cannot act
+    (mesh dims of one rank) skips them too, but for explicit mode's audit."""
     if type(plan) is foreach_meshes.PerMeshPlan:  # a multi-tensor op over several meshes (before any mesh test)
         return lambda args, kwargs, dtensors: plan.run(args, kwargs, dispatch)
     if dtensors and dtensors[0]._spec.mesh.get_coordinate() is None:
         return lambda args, kwargs, dtensors: _outside_the_mesh(func, plan, args, kwargs or {}, dtensors)
     direct = plan.direct_run() if type(plan) is Plan else None
-    if direct is not None and not plan.communicates:
+    if direct is not None and not plan.communicates and plan.comm is None:
         return direct  # only the local op: nothing reads the op stack or the explicit audit
     inplace = record_of(func).inplace
     body = direct or plan.run
@@ -327,7 +336,12 @@ def _entry(func, plan, dtensors):
             views.copy_back(local_copy)
         return out
 
-    if type(plan) is random.SeededPlan and type(plan.plan) is Plan and not plan.plan.communicates:
+    if direct is not None and not plan.communicates:
+        # Declared communication that issues nothing here (its mesh dims have one rank): the op stack is read by
+        # collectives only, but explicit mode still audits the declaration as it does everywhere.
+        return lambda args, kwargs, dtensors: (run if _D.explicit_depth else direct)(args, kwargs, dtensors)
+    if type(plan) is random.SeededPlan and type(plan.plan) is Plan and not plan.plan.communicates \
+            and plan.plan.comm is None:
         # sdpa, dropout: a call that draws no random numbers (dropout_p == 0) is its plan without the draw.
         fast = plan.plan.direct_run()
         if fast is not None:

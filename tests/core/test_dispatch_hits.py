@@ -131,3 +131,40 @@ def check_replicated_inplace_on_hits():
 
 def test_replicated_inplace_on_hits():
     run_on_ranks(2, check_replicated_inplace_on_hits)
+
+
+def check_moves_and_declarations_that_cannot_act():
+    """Hits whose communication cannot act: a redistribute of a DTensor that needs no gradient (no autograd node,
+    its moved spec the same object each time, so the next op's key meets it by identity), and nll_loss's mean
+    with the batch sharded on a mesh dim of one rank (its declared all-reduce issues nothing, and takes the short
+    path), which explicit mode still audits as everywhere else."""
+    mesh = dtp.init_device_mesh("cpu", (2, 1))
+    logits_whole, target_whole = _whole(5, 3).sin(), torch.tensor([0, 2, 1, 1, 0])
+    expected = F.cross_entropy(logits_whole, target_whole)
+    x = dtp.distribute_tensor(_whole(5, 3), mesh, [Shard(0), Replicate()])
+    specs = set()
+    for _ in range(_ROUNDS):
+        y = x.redistribute(placements=[Replicate(), Shard(1)])
+        torch.testing.assert_close(y.full_tensor(), _whole(5, 3))
+        assert y.grad_fn is None and not y.requires_grad
+        specs.add(id(y._spec))
+        logits = dtp.distribute_tensor(logits_whole, mesh, [Replicate(), Shard(0)]).requires_grad_()
+        target = dtp.distribute_tensor(target_whole, mesh, [Replicate(), Shard(0)])
+        with comm_mode() as counter:
+            loss = F.cross_entropy(logits, target)
+        assert counter.count() == 0, counter.by_op
+        loss.backward()
+        torch.testing.assert_close(loss.full_tensor(), expected)
+        whole = logits_whole.clone().requires_grad_()
+        F.cross_entropy(whole, target_whole).backward()
+        torch.testing.assert_close(logits.grad.full_tensor(), whole.grad)
+        with explicit_communication(), pytest.raises(ImplicitCommunicationError):
+            F.cross_entropy(logits.detach(), target)
+    assert len(specs) == 1, specs
+    w = dtp.distribute_tensor(_whole(5, 3), mesh, [Shard(0), Replicate()]).requires_grad_()
+    w.redistribute(placements=[Replicate(), Replicate()]).sum().backward()  # needs a gradient: the autograd Function
+    torch.testing.assert_close(w.grad.full_tensor(), torch.ones(5, 3))
+
+
+def test_moves_and_declarations_that_cannot_act():
+    run_on_ranks(2, check_moves_and_declarations_that_cannot_act)
