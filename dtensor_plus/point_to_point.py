@@ -18,9 +18,12 @@ __all__ = ["ring_shift", "p2p_group", "send_recv"]
 # -- point-to-point: the ring of one mesh dim ---------------------------------------------------------------
 
 
-def ring_shift(tensors, mesh, mesh_dim: int | str, *, recv_shapes=None, tag: int = 0, async_op: bool = False):
+def ring_shift(tensors, mesh, mesh_dim: int | str, *, recv_shapes=None, tag: int = 0, async_op: bool = False,
+               hops: int = 1):
     """Send each tensor to the next rank along ``mesh_dim`` (local index i -> i+1 mod n) and receive, in its
-    place, the one the previous rank sends: a single batch of p2p ops (``batch_isend_irecv``).
+    place, the one the previous rank sends: a single batch of p2p ops (``batch_isend_irecv``). ``hops``
+    shifts further (i -> i+hops mod n, from i-hops; negative: backwards), the same for every rank: the
+    DistFlashAttn schedule sends queries to the rank ``hops`` behind and results back.
 
     ``recv_shapes`` (default: the shapes sent) says what arrives; with uneven shards the previous rank's
     block can differ in size, and the caller knows it from global metadata. Empty tensors still travel (as
@@ -38,7 +41,9 @@ def ring_shift(tensors, mesh, mesh_dim: int | str, *, recv_shapes=None, tag: int
     shapes = [t.shape for t in sends] if recv_shapes is None else [torch.Size(s) for s in recv_shapes]
     recvs = [t.new_empty(shape) for t, shape in zip(sends, shapes)]
     _record("ring_shift", mesh, mesh_dim, sum(_nbytes(t) for t in sends))
-    works = _run("ring_shift", mesh, mesh_dim, _batch_ring_shift, sends, recvs, (index + 1) % n, (index - 1) % n, tag)
+    if hops % n == 0:
+        raise ValueError(f"ring_shift(hops={hops}) on a ring of {n} ranks sends every rank's blocks to itself")
+    works = _run("ring_shift", mesh, mesh_dim, _batch_ring_shift, sends, recvs, (index + hops) % n, (index - hops) % n, tag)
     # under torch.compile the shift is a functional collective, done when _run returns (no works)
     pending = PendingCollective("ring_shift", mesh, mesh_dim, _AllWorks(works or []), lambda: recvs)
     return pending if async_op else pending.wait()

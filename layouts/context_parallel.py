@@ -41,7 +41,9 @@ pieces r and 2n-1-r of 2n, so every rank computes the same number of (q, kv) blo
         y = attention_block(x)          # views, linears and SDPA keep the zigzag; y.full_tensor() is in order
 
 ``load_balance="striped"`` (striped attention, Brandon et al. 2023): token t on rank t mod n, placed
-``striped_placement(1, T, n)`` (= ``StridedShard(1, T // n)``); it needs n | T.
+``striped_placement(1, T, n)`` (= ``StridedShard(1, T // n)``); it needs n | T. ``load_balance="distflash"``
+(DistFlashAttn, Li et al. 2023) keeps the plain Shard(2) layout and balances the schedule instead: a rank
+idle in the plain causal ring attends another rank's queries to its own k/v (ops/distflash_attention.py).
 
 Under torch.compile (tests/compile/test_compile_cp.py): enter the block *around* the compiled call::
 
@@ -79,7 +81,7 @@ from dtensor_plus.ops.ring_attention import striped_placement
 __all__ = ["context_parallel", "CONTEXT_PARALLEL_KINDS", "striped_placement"]
 
 CONTEXT_PARALLEL_KINDS = ("ring", "ulysses", "usp", "double_ring", "loongtrain")
-_LOAD_BALANCERS = (False, True, "zigzag", "striped")  # ops/ring_attention.LOAD_BALANCERS, and off/on
+_LOAD_BALANCERS = (False, True, "zigzag", "striped", "distflash")  # ring_attention.LOAD_BALANCERS, distflash, off/on
 _ULYSSES_MODULE = "dtensor_plus.ops.ulysses_attention"
 
 
@@ -94,7 +96,8 @@ def context_parallel(mesh_dim: int | str | tuple = "cp", kind: str = "ring", *, 
             "usp" (Ulysses on the inner mesh dim inside a ring on the outer one).
         load_balance: (ring) causal attention runs on a balanced placement of q, k, v: True or "zigzag"
             (``StridedShard(2, 1, zigzag=True)``: equal work on every rank, any length) or "striped"
-            (``striped_placement(2, T, n)``: token t on rank t mod n, n | T). Place the inputs so up front
+            (``striped_placement(2, T, n)``: token t on rank t mod n, n | T), or "distflash" (Shard(2) kept,
+            idle ranks take far causal blocks: at most ceil((n+1)/2) blocks a rank). Place the inputs so up front
             (``distribute_tensor(x, mesh, [StridedShard(seq_dim, 1, zigzag=True)])`` or ``.redistribute`` to
             it): Shard(2) inputs are moved to it here (an all-gather each). The ring takes zigzag or striped
             inputs without this flag too; the flag only adds the move.
@@ -153,6 +156,9 @@ def _mesh_dims(mesh_dim, kind: str, wanted: str) -> tuple:
 
 
 def _rules_for(kind: str, mesh_dim: int | str, load_balance: bool | str = False) -> dict:
+    if kind == "ring" and load_balance == "distflash":
+        from dtensor_plus.ops.distflash_attention import distflash_rules
+        return distflash_rules(mesh_dim)
     if kind == "ring":
         from dtensor_plus.ops.ring_attention import ring_rules
         return ring_rules(mesh_dim, load_balance)  # resolves a name against each call's mesh itself
