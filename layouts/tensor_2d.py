@@ -147,8 +147,9 @@ class Linear2D(ParallelStyle):
 
     def apply(self, module: nn.Module, device_mesh) -> nn.Module:
         _check_module(module, nn.Linear, self)
-        place_parameter(module, "weight", device_mesh, self.grid.placements(device_mesh, Shard(0), Shard(1), Replicate()))
-        place_parameter(module, "bias", device_mesh, self.grid.placements(device_mesh, Replicate(), Shard(0), Replicate()))
+        grid, mesh = self.grid, device_mesh
+        place_parameter(module, "weight", mesh, grid.placements(mesh, Shard(0), Shard(1), Replicate()))
+        place_parameter(module, "bias", mesh, grid.placements(mesh, Replicate(), Shard(0), Replicate()))
         module.register_forward_pre_hook(functools.partial(_linear_input, grid=self.grid, mesh=device_mesh))
         return module
 
@@ -219,7 +220,8 @@ class Embedding2D(ParallelStyle):
 
     def apply(self, module: nn.Module, device_mesh) -> nn.Module:
         _check_module(module, nn.Embedding, self)
-        place_parameter(module, "weight", device_mesh, self.grid.placements(device_mesh, Shard(0), Shard(1), Replicate()))
+        placements = self.grid.placements(device_mesh, Shard(0), Shard(1), Replicate())
+        place_parameter(module, "weight", device_mesh, placements)
         module.forward = functools.partial(_embedding_forward, module, grid=self.grid, mesh=device_mesh)
         return module
 

@@ -16,10 +16,11 @@ its operands as they come (no input moves):
 (Blocks named by their (row, col) block coordinates; "k: col" means the contraction dim is Shard on col.) For
 ``y = x W^T`` (``addmm``) with x and the weight W (out, in) both [Shard(0) on row, Shard(1) on col], ``W^T``
 is [Shard(1), Shard(0)]: the forward is NT, ``grad_x = grad_y W`` is NN and the weight's gradient, which
-autograd computes as ``(grad_y^T x)^T`` for a transposed ``W^T``, is TN. Panels are streamed: a rank holds one received block at a time, never a whole block row or
-column. The collectives are declared (``Broadcast``, ``Reduce`` of dtensor_plus/declared.py, q each per
-call) and run through the ``comm`` the executor hands the local op, so ``comm_mode`` counts them against
-``aten.mm``. Per call and rank, bytes sent (a broadcast counts its root's block, a reduce every non-root's):
+autograd computes as ``(grad_y^T x)^T`` for a transposed ``W^T``, is TN. Panels are streamed: a rank holds
+one received block at a time, never a whole block row or column. The collectives are declared
+(``Broadcast``, ``Reduce`` of dtensor_plus/declared.py, q each per call) and run through the ``comm`` the
+executor hands the local op, so ``comm_mode`` counts them against ``aten.mm`` / ``aten.addmm``. Per call and
+rank, bytes sent (a broadcast counts its root's block, a reduce every non-root's):
 
     NN   |A block| + |B block|          NT   |B block| + (q-1) |C block|          TN   |A block| + (q-1) |C block|
 
@@ -35,11 +36,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
 from dtensor_plus.declared import Broadcast, Reduce
-from dtensor_plus.placements import Partial, Placement, Replicate, Shard, chunk_bounds
+from dtensor_plus.placements import Partial, Replicate, Shard, chunk_bounds
 from dtensor_plus.rules import OpSchema, Sharding
 
 from .common import aten
@@ -49,13 +51,13 @@ __all__ = ["summa_rules", "SUMMA_FORMS"]
 
 _S0, _S1, _R = Shard(0), Shard(1), Replicate()
 # (A on row, A on col, B on row, B on col) -> form
-SUMMA_FORMS = {(_S0, _S1, _S0, _S1): "NN", (_S0, _S1, _S1, _S0): "NT", (_S1, _S0, _S0, _S1): "TN"}
+SUMMA_FORMS = MappingProxyType({(_S0, _S1, _S0, _S1): "NN", (_S0, _S1, _S1, _S0): "NT", (_S1, _S0, _S0, _S1): "TN"})
 # Per form, what another mesh dim may hold, (A, B) -> C: nothing that splits a streamed or reduced dim.
-_OTHER_MESH_DIMS = {
-    "NN": {(_S0, _R): _S0, (_R, _R): _R, (_R, _S1): _S1},
-    "NT": {(_S0, _R): _S0, (_R, _R): _R, (_S1, _S0): Partial()},
-    "TN": {(_R, _R): _R, (_S1, _S0): Partial(), (_R, _S1): _S1},
-}
+_OTHER_MESH_DIMS = MappingProxyType({
+    "NN": MappingProxyType({(_S0, _R): _S0, (_R, _R): _R, (_R, _S1): _S1}),
+    "NT": MappingProxyType({(_S0, _R): _S0, (_R, _R): _R, (_S1, _S0): Partial()}),
+    "TN": MappingProxyType({(_R, _R): _R, (_S1, _S0): Partial(), (_R, _S1): _S1}),
+})
 _DEFAULT_MM = einsum_rule("mk,kn->mn", ("self", "mat2"))
 _DEFAULT_ADDMM = einsum_rule("mk,kn->mn", ("mat1", "mat2"), "self")
 
@@ -202,5 +204,5 @@ def _addmm_local(bias, mat1, mat2, beta=1, alpha=1, *, form: str, geometry: Summ
     return torch.add(bias * beta if beta != 1 else bias, product, alpha=alpha)
 
 
-_FORMS = {"NN": _nn_local, "NT": _nt_local, "TN": _tn_local}
-_LOCAL_MM = {form: _mm_local(form) for form in _FORMS}
+_FORMS = MappingProxyType({"NN": _nn_local, "NT": _nt_local, "TN": _tn_local})
+_LOCAL_MM = MappingProxyType({form: _mm_local(form) for form in _FORMS})

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +29,7 @@ from dtensor_plus.layouts import loss_parallel, parallelize_module
 from dtensor_plus.layouts.tensor_2d import Grid2D, LayerNorm2D, Linear2D, tensor_parallel_2d
 from dtensor_plus.layouts.tensor_3d import Cube3D, Linear3D, tensor_parallel_3d
 from dtensor_plus.mesh import init_device_mesh
-from dtensor_plus.placements import Replicate, Shard, chunk_bounds
+from dtensor_plus.placements import Shard, chunk_bounds
 from dtensor_plus.testing import run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,12 +57,12 @@ def _expected_bytes(form: str, m: int, k: int, n: int, i: int, j: int) -> int:
     return 4 * (rows[j] * inner[i] + sum(rows[p] * cols[j] for p in range(2) if p != i))  # TN
 
 
-def _summa_forms():
+def _summa_forms(sizes):
     """Rank function: per (form, sizes), (max |error|, bytes sent, expected bytes, collectives seen)."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("row", "col"))
     i, j = mesh.get_coordinate()
     out = []
-    for m, k, n in ((5, 7, 3), (4, 1, 6)):  # uneven blocks; k = 1 leaves an empty panel
+    for m, k, n in sizes:
         torch.manual_seed(m * k * n)
         a, b = torch.randn(m, k), torch.randn(k, n)
         for form, (a_at, b_at) in FORMS.items():
@@ -73,12 +75,23 @@ def _summa_forms():
     return out
 
 
-def test_summa_forms_equal_mm_and_send_the_algorithms_bytes():
-    for rank_result in run_on_ranks(4, _summa_forms):
+def _check_summa(sizes):
+    for rank_result in run_on_ranks(4, _summa_forms, sizes):
         for form, error, sent, expected, seen in rank_result:
             assert error <= TOL, (form, error)
             assert sent == expected, (form, sent, expected)
             assert {name for name, _ in seen} <= {"broadcast", "reduce"}, (form, seen)
+
+
+def test_summa_forms_equal_mm_and_send_the_algorithms_bytes():
+    _check_summa([(5, 7, 3), (4, 1, 6)])  # uneven blocks; k = 1 leaves an empty panel
+
+
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.tuples(*[st.integers(1, 9)] * 3), min_size=1, max_size=4))
+def test_summa_forms_on_any_sizes(sizes):
+    _check_summa(sizes)
 
 
 class _LinearNorm(nn.Module):
