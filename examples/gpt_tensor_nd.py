@@ -10,7 +10,7 @@ the ``parallelize_module`` plans, one per scheme (layouts/tensor_2d.py, layouts/
 
 Every linear layer is a 2-D one (q, k, v, proj, fc, out and the classifier), every norm a sharded-hidden one,
 the token embedding gathered on row, the position table hidden-sharded; attention runs on each rank's batch
-rows and heads (num_heads must divide by q). ``distribute_module(model, mesh)`` afterwards replicates the
+rows and heads (num_heads dividing by q keeps them split; see layouts/tensor_2d.py). ``distribute_module(model, mesh)`` afterwards replicates the
 causal-mask buffer. The 3-D plan (``plan_3d``, mesh dims ("seq", "batch", "hidden") in that order)::
 
     cube = Cube3D()

@@ -28,7 +28,10 @@ installed by ``tensor_parallel_3d()``. The token embedding (V, D) is split [V: s
 gathered along seq and batch for the lookup.
 
 Divisibility: widths, vocabulary and sequence may be any size; the batch must divide by q^2 (a linear layer
-views (B, T, D) as (B T, D) with B's split kept) and num_heads by q. ``Linear3D`` checks the batch.
+views (B, T, D) as (B T, D) with B's split kept; ``Linear3D`` checks it). Attention: with
+``F.scaled_dot_product_attention`` (GPTConfig(attention="sdpa")) batch and heads stay split; examples/gpt.py's
+written-out matmul attention flattens (B, H), and H's split (on seq, the first mesh dim) cannot nest outside
+B's, so there the heads are gathered on seq (exact, more bytes).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@
   layer norm all-reduces row statistics, never gathers; the errors (a batch the grid does not divide, a layer
   run outside ``tensor_parallel_2d()``, a non-square grid) say what to change.
 - examples/gpt.py's GPT (examples/gpt_tensor_nd.py's plans) two AdamW steps: losses, first-step gradients
-  and final parameters equal one device, on 2-D q=2 (4 ranks, default), 2.5-D q=2 d=2 and 3-D q=2 (8 ranks,
-  ``-m slow``); the 3-D run also checks one linear layer's bytes against (q-1)/q^3 (|x| + |W| + |y|).
+  and final parameters equal one device, on 2-D q=2 (4 ranks, default), 2-D with 3 heads (q does not divide
+  them), 2.5-D q=2 d=2 and 3-D q=2 (8 ranks) (``-m slow``); the 3-D run also checks one linear layer's bytes
+  against (q-1)/q^3 (|x| + |W| + |y|) and that a batch q^2 does not divide is refused, naming the fix.
 """
 
 import copy
@@ -160,6 +161,7 @@ CONFIG = PRESETS["debug"].replace(dim=12, num_heads=2, vocab_size=13)  # vocab 1
 STEPS, BATCH, LR = 2, 4, 1e-3
 SCHEMES = {  # name: (world, mesh shape, mesh dim names)
     "2d": (4, (2, 2), ("row", "col")),
+    "2d-3-heads": (4, (2, 2), ("row", "col")),  # a head count q does not divide: exact, heads gathered
     "2.5d": (8, (2, 2, 2), ("depth", "row", "col")),
     "3d": (8, (2, 2, 2), ("seq", "batch", "hidden")),
 }
@@ -198,6 +200,7 @@ def _run_gpt(scheme: str):
     _, shape, names = SCHEMES[scheme]
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
     config = CONFIG.replace(attention="sdpa") if scheme == "3d" else CONFIG  # see layouts/tensor_3d.py
+    config = config.replace(num_heads=3) if scheme == "2d-3-heads" else config
     torch.manual_seed(0)
     model = GPT(config)
     reference = copy.deepcopy(model)
@@ -241,6 +244,8 @@ def _linear_3d_bytes(mesh):
     with comm_mode() as backward:
         y.backward(grad)
     q = 2
+    message = _message(lambda: layer(distribute_tensor(torch.randn(2, T, D), mesh, cube.residual(mesh))))
+    assert message is not None and "must divide by q^2 = 4" in message, message
     return forward.bytes(), backward.bytes(), 4 * (q - 1) * (B * T * D + F_ * D + B * T * F_) // q**3
 
 
