@@ -85,6 +85,7 @@ class LocalCompute:
         others = tuple(n for i, n in enumerate(mesh.mesh_dim_names) if i != dp_mesh_dim)
         self.sub_mesh = mesh[others] if others else None  # None: the view is a plain tensor
         self.sub_specs: dict = {}  # a parameter's spec -> its view's spec (parameters keep their specs)
+        self.partial_specs: dict = {}  # a parameter's spec -> its plain leaf's gradient's spec (``_to_partial``)
         self.bound: list | None = None  # (owner, name) bound for the forward in progress
 
     def install(self, module) -> None:
@@ -231,7 +232,13 @@ class LocalCompute:
         parameter's tensor hooks applied, added to a gradient already there, then its post-accumulate-grad
         hooks run (ZeRO-2's bucket hook). Without the autograd Function per parameter and its backward."""
         grad, leaf.grad = leaf.grad, None
-        grad = _DropDp.gradient(grad, param._spec, self.k)
+        if isinstance(grad, DTensor):
+            grad = _DropDp.gradient(grad, param._spec, self.k)
+        else:  # a plain block (1-D dp mesh): its gradient's spec, Partial on dp, made once per parameter spec
+            spec = self.partial_specs.get(param._spec)
+            if spec is None:
+                spec = self.partial_specs[param._spec] = _DropDp.gradient(grad, param._spec, self.k)._spec
+            grad = DTensor(grad, spec)
         for hook in tuple((param._backward_hooks or {}).values()):
             changed = hook(grad)
             grad = grad if changed is None else changed

@@ -91,6 +91,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self.optimizer = None  # the wrapped optimizer, built on the first group's masters
         self.params, self.masters, self._master_of = [], [], {}
         self._on_dp = {}  # id(parameter) -> its move on dp alone, decided once (``_dp_move``), or None
+        self._after = {}  # (parameter spec, gradient spec) -> ``_reductions_after``'s answer
         self._listed = set()  # ids of every parameter given, frozen ones too (torch refuses them twice as well)
         # Stage 2: gradients reduce-scattered a full bucket at a time during backward, the rest when it ends.
         self._buckets = BackwardBuckets(bucket_cap_mb * 2**20,
@@ -205,12 +206,17 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         kind: the same collectives and bytes), with each parameter's decision made once."""
         direct, other, out = {}, [], [None] * len(params)
         for i, p in enumerate(params):
-            move, master = self._on_dp[id(p)], self._master_of[id(p)]
-            after = None if move is None else self._reductions_after(p.grad, master)
+            move, grad = self._on_dp[id(p)], p.grad
+            after = None
+            if move is not None:
+                key = (p._spec, grad._spec)  # both hashed once: replicate's leaves reuse one gradient spec
+                after = self._after.get(key, self)
+                if after is self:
+                    after = self._after[key] = self._reductions_after(grad, self._master_of[id(p)])
             if after is None:
                 other.append(i)
             else:
-                direct.setdefault(p.grad.dtype, []).append((i, move[0], after))
+                direct.setdefault(grad.dtype, []).append((i, move[0], after))
         for members in direct.values():
             index, dims, afters = zip(*members)
             grads = [params[i].grad._local_tensor for i in index]
