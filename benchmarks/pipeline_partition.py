@@ -144,7 +144,7 @@ def measured_report(args):
         print(f"timed on this machine: head+loss / block F+BW {(head.forward + head.backward) / (block.forward + block.backward):.2f}"
               f", block's full recomputation / its forward {block.recompute['full'] / block.forward:.2f}", flush=True)
         timed = plans(timed_costs, config, p, m, args.cap_fraction)
-        found[0] = {"even": (flops["even"], timed["even"]), "balanced (FLOPs)": (flops["balanced"], flops["even"])}
+        found[0] = {"even": (flops["even"], flops["even"]), "balanced (FLOPs)": (flops["balanced"], flops["even"])}
         found[0].update({f"{name} (timed)": (plan, timed["even"]) for name, plan in timed.items() if name != "even"})
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
     rank = dist.get_rank()

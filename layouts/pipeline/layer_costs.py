@@ -14,7 +14,8 @@ to a stage holding the layer (``patterns``: a policy's glob over the layer's mod
 matches does not offer the policy. What each record holds, per layer:
 
 - forward / backward: FLOPs / ``flops_per_second`` (simulated) or the median thread CPU seconds of ``repeats``
-  runs (measured); recompute[policy]: the backward's increase under the policy;
+  runs (measured); recompute[policy]: what the policy adds to forward + backward, charged to the backward (the
+  recomputation, and on a real run the checkpoint's own overhead: its dispatch modes slow the forward too);
 - activation_bytes[policy]: bytes autograd keeps from the forward to the backward (``SavedTensorTracker``: each
   storage once, parameters not counted); transient_bytes[policy]: what the layer's recomputation re-creates in
   its backward, activation_bytes["none"] - activation_bytes[policy] (derived: torch's checkpoint holds the
@@ -102,7 +103,8 @@ def _layer_costs(built, policies, patterns, optimizer, record, repeats: int) -> 
         costs.append(LayerCost(
             name, none["forward"], none["backward"], none["state"],
             activation_bytes={p: r["kept"] for p, r in runs.items()},
-            recompute={p: max(r["backward"] - none["backward"], 0.0) for p, r in runs.items()},
+            recompute={p: max(r["forward"] + r["backward"] - none["forward"] - none["backward"], 0.0)
+                       for p, r in runs.items()},
             transient_bytes={p: max(none["kept"] - r["kept"], 0) for p, r in runs.items()}))
         with torch.no_grad():
             x = layer(x)
