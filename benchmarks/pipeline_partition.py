@@ -12,11 +12,11 @@ With ``--simulate`` the costs are FLOPs and bytes of a simulated world (``--pres
 GPT-2's 50257-token vocabulary, which no CPU here could run) and the figures are the schedule simulator's. Under
 torchrun, rank 0 plans from the FLOPs ("balanced (FLOPs)") and from each layer timed on this machine (thread CPU
 time: "balanced (timed)", "capped (timed)"; the predicted ratios are against the even split under the same
-costs), and every plan trains ``--steps`` steps (after ``--warmup``) round-robin, step i of each before step i+1 of any, so the
-machine's load falls on all alike. Printed per plan: the cut and policies; step ms (median, slowest rank); the
-step simulated from each action's thread CPU time (``cpu ms``: robust to a loaded machine); the measured bubble
-(1 - compute / (ranks x step)); per-rank memory in KiB, the model's (state + in-flight x kept + recomputed) and
-the measured one (state after the optimizer step + peak saved tensors; torch's checkpoint keeps the tensors it
+costs), and every plan trains ``--steps`` steps (after ``--warmup``) round-robin, step i of each before step i+1
+of any, so the machine's load falls on all alike. Printed per plan: the cut and policies; step ms (median,
+slowest rank); the step simulated from each action's thread CPU time (``cpu ms``: robust to a loaded machine);
+the measured bubble (1 - compute / (ranks x step)); per-rank memory in KiB, the model's (state + in-flight x kept
++ recomputed) and the measured one (state after the optimizer step + peak saved tensors; torch's checkpoint keeps the tensors it
 recomputes outside the saved-tensor hooks, so a recomputing stage's measured figure lacks them).
 """
 
@@ -72,9 +72,9 @@ def plans(costs, config, p, m, cap_fraction):
 
 def describe(name, plan, even) -> str:
     kib = " ".join(f"{b / 1024:.0f}" for b in plan.memory)
-    return (f"{name:>14}: cuts {plan.boundaries} policies {'/'.join(plan.policies)}\n{'':16}step {plan.step_time / even.step_time:.3f}"
-            f" x even, bubble {plan.bubble:.3f}, memory KiB per stage [{kib}], peak {plan.peak_memory / even.peak_memory:.3f}"
-            f" x even")
+    return (f"{name:>14}: cuts {plan.boundaries} policies {'/'.join(plan.policies)}\n{'':16}"
+            f"step {plan.step_time / even.step_time:.3f} x even, bubble {plan.bubble:.3f}, memory KiB per stage "
+            f"[{kib}], peak {plan.peak_memory / even.peak_memory:.3f} x even")
 
 
 def simulated_report(args):
@@ -84,7 +84,8 @@ def simulated_report(args):
     print(f"{args.preset}: {config}\nmicro batch {args.micro_batch_size}, {args.microbatches} microbatches, "
           f"{args.stages} stages, 1F1B; layer costs simulated in {time.perf_counter() - start:.1f} s")
     block, head = costs[1], costs[-1]
-    print(f"head+loss / block: forward FLOPs {head.forward / block.forward:.2f}, state {head.state_bytes / block.state_bytes:.2f}")
+    print(f"head+loss / block: forward FLOPs {head.forward / block.forward:.2f}, "
+          f"state {head.state_bytes / block.state_bytes:.2f}")
     found = plans(costs, config, args.stages, args.microbatches, args.cap_fraction)
     for name, plan in found.items():
         print(describe(name, plan, found["even"]))
@@ -141,8 +142,9 @@ def measured_report(args):
         flops = plans(simulated_layer_costs(build), config, p, m, args.cap_fraction)
         timed_costs = measured_layer_costs(build, repeats=5)
         block, head = timed_costs[1], timed_costs[-1]
-        print(f"timed on this machine: head+loss / block F+BW {(head.forward + head.backward) / (block.forward + block.backward):.2f}"
-              f", block's full recomputation / its forward {block.recompute['full'] / block.forward:.2f}", flush=True)
+        ratio = (head.forward + head.backward) / (block.forward + block.backward)
+        print(f"timed on this machine: head+loss / block F+BW {ratio:.2f}, a block's full recomputation / its "
+              f"forward {block.recompute['full'] / block.forward:.2f}", flush=True)
         timed = plans(timed_costs, config, p, m, args.cap_fraction)
         found[0] = {"even": (flops["even"], flops["even"]), "balanced (FLOPs)": (flops["balanced"], flops["even"])}
         found[0].update({f"{name} (timed)": (plan, timed["even"]) for name, plan in timed.items() if name != "even"})

@@ -181,7 +181,8 @@ def least_peak_memory(costs: Sequence[LayerCost], num_stages: int, n_microbatche
                       policies: Sequence[str] = POLICIES) -> int:
     """The smallest ``memory_cap`` any partition into ``num_stages`` stages fits (recomputing by ``policies``)."""
     costs = _check(costs, num_stages, n_microbatches, schedule)
-    stages = _Stages(costs, tuple(dict.fromkeys(policies)), peak_in_flight(_build(schedule, num_stages, n_microbatches)))
+    in_flight = peak_in_flight(_build(schedule, num_stages, n_microbatches))
+    stages = _Stages(costs, tuple(dict.fromkeys(policies)), in_flight)
     return _least_peak_memory(stages, len(costs), num_stages)
 
 
