@@ -18,16 +18,17 @@ What a stage costs in a schedule (gpipe or 1f1b, one stage per rank):
 
 The search (AdaPipe's joint recomputation and partitioning, by dynamic programming). For a stage of layers
 [i, j) at position s the best policy is the fastest whose memory fits the cap (it lowers both the slowest stage
-and the sum), so each (s, i, j) has one time c(s, i, j). The step time of GPipe and 1F1B is, with equal
-microbatches, at most sum_s c_s + (m - 1) max_s c_s (the flow-shop bound: every microbatch goes through every
-stage once, the slowest stage sets the pace; ``tests/.../test_partition.py`` checks it bounds the simulator).
-For each candidate bottleneck T (every distinct c, from the smallest), a DP over (stage, last layer) finds the
-cuts with the least sum whose every stage is at most T: the (max, sum) Pareto front, whose best point minimises
-the bound exactly (objective "bound"; T stops once (m - 1) T plus the least possible sum passes the best bound).
-Objective "simulated" (default) minimises the schedule simulator's step (``simulate.py``, each stage's F and BW)
-exactly: the front's best simulated point is the first incumbent of a branch and bound over the cuts, whose
-lower bound per stage is what microbatch 0 needs to reach it, its m forwards and backwards, and the last
-gradient's way back (``_branch_and_bound``).
+and the sum), so each (s, i, j) has one time c(s, i, j). DAPPLE's and AdaPipe's step-time formula is
+sum_s c_s + (m - 1) max_s c_s (every microbatch crosses every stage once, the slowest stage sets the pace); it
+is an estimate, not a bound: GPipe takes sum F + sum BW + (m - 1)(max F + max BW), more when the slowest forward
+and the slowest backward sit on different stages. For each candidate bottleneck T (every distinct c, from the
+smallest), a DP over (stage, last layer) finds the cuts with the least sum whose every stage is at most T: the
+(max, sum) Pareto front, whose best point minimises the formula exactly (objective "formula"; T stops once
+(m - 1) T plus the least possible sum passes the best formula found). Objective "simulated" (default)
+minimises the schedule simulator's step (``simulate.py``, each stage's F and BW) exactly: the front's best
+simulated point is the first incumbent of a branch and bound over the cuts, whose lower bound per stage is what
+microbatch 0 needs to reach it, its m forwards and backwards, and the last gradient's way back
+(``_branch_and_bound``; the tests check the bound never passes the simulator).
 
     costs = layer_costs.simulated(build)                    # or layer_costs.measured(...)
     plan = partition_layers(costs, num_stages=4, n_microbatches=8, memory_cap=2 << 30)
@@ -102,7 +103,7 @@ class Partition:
     ``boundaries[s]:boundaries[s + 1]``. policies: each stage's recomputation. forward / backward: each stage's F
     and BW time (BW with the recomputation). memory: each stage's peak bytes; in_flight: microbatches whose
     activations it keeps at once. step_time and bubble: the schedule simulator's (equal microbatches, no
-    communication time); bound: sum + (m - 1) max of the stages' F + BW.
+    communication time); formula: sum + (m - 1) max of the stages' F + BW (DAPPLE's, AdaPipe's estimate).
     """
 
     boundaries: tuple[int, ...]
@@ -113,7 +114,7 @@ class Partition:
     in_flight: tuple[int, ...]
     step_time: float
     bubble: float
-    bound: float
+    formula: float
     schedule: str
     n_microbatches: int
 
@@ -226,7 +227,7 @@ def partition_layers(costs: Sequence[LayerCost], num_stages: int, n_microbatches
     allowed) that minimise the step time of ``schedule`` with ``n_microbatches``, every stage's peak memory at
     most ``memory_cap`` bytes (None: no cap).
 
-    ``objective``: "bound" minimises sum + (m - 1) max of the stages' F + BW exactly (the DP); "simulated"
+    ``objective``: "formula" minimises sum + (m - 1) max of the stages' F + BW exactly (the DP); "simulated"
     (default) minimises the schedule simulator's step exactly (the DP's front, then branch and bound). Raises
     ValueError naming the least peak memory any partition reaches when none fits.
     """
@@ -234,8 +235,8 @@ def partition_layers(costs: Sequence[LayerCost], num_stages: int, n_microbatches
     policies = tuple(dict.fromkeys(policies))
     if not policies or any(p not in POLICIES for p in policies):
         raise ValueError(f"policies must be a non-empty subset of {POLICIES}, got {policies}")
-    if objective not in ("simulated", "bound"):
-        raise ValueError(f"objective must be 'simulated' or 'bound', got {objective!r}")
+    if objective not in ("simulated", "formula"):
+        raise ValueError(f"objective must be 'simulated' or 'formula', got {objective!r}")
     cap = math.inf if memory_cap is None else memory_cap
     plan = _build(schedule, num_stages, n_microbatches)
     stages = _Stages(costs, policies, peak_in_flight(plan))
@@ -250,9 +251,9 @@ def partition_layers(costs: Sequence[LayerCost], num_stages: int, n_microbatches
             f"reaches is {least} bytes. Raise memory_cap to at least that, allow recomputation (policies 'full' / "
             f"'selective'), use more stages, or fewer microbatches in flight (gpipe keeps all m)")
     evaluated = [_evaluated(stages, plan, cuts, _policies(cell, cuts), schedule, n_microbatches) for cuts in front]
-    if objective == "bound":
-        return min(evaluated, key=lambda part: (part.bound, part.step_time))
-    best = min(evaluated, key=lambda part: (part.step_time, part.bound))
+    if objective == "formula":
+        return min(evaluated, key=lambda part: (part.formula, part.step_time))
+    best = min(evaluated, key=lambda part: (part.step_time, part.formula))
     return _branch_and_bound(stages, cell, plan, best)
 
 
@@ -275,15 +276,15 @@ def _policies(cell: dict, cuts: tuple[int, ...]) -> tuple[str, ...]:
 
 def _pareto_front(cell: dict, n: int, p: int, m: int) -> list[tuple[int, ...]]:
     """For each bottleneck T (from the smallest), the cuts with the least sum of stage times, every stage at most
-    T, while they can still lower the bound sum + (m - 1) T: the bound's minimiser is among them."""
+    T, while they can still lower the formula sum + (m - 1) T: the formula's minimiser is among them."""
     by_stage = [[(i, j, cell[s, i, j][0]) for (stage, i, j) in cell if stage == s] for s in range(p)]
     least_sum = _min_sum(by_stage, n, p, math.inf)
     if least_sum is None:
         return []
-    front, sums, best_bound = [], [], math.inf
+    front, sums, best_formula = [], [], math.inf
     for bottleneck in sorted({t for t, _ in cell.values()}):
-        if (m - 1) * bottleneck + least_sum[0] > best_bound:
-            break  # every larger bottleneck bounds the step above the best bound found
+        if (m - 1) * bottleneck + least_sum[0] > best_formula:
+            break  # every larger bottleneck puts the formula above the best found
         found = _min_sum(by_stage, n, p, bottleneck)
         if found is None or (sums and found[0] >= sums[-1]):
             continue  # infeasible, or no smaller sum than a smaller bottleneck gave: not on the front
@@ -291,7 +292,7 @@ def _pareto_front(cell: dict, n: int, p: int, m: int) -> list[tuple[int, ...]]:
         front.append(cuts)
         sums.append(total)
         slowest = max(cell[s, i, j][0] for s, (i, j) in enumerate(zip(cuts, cuts[1:])))
-        best_bound = min(best_bound, total + (m - 1) * slowest)
+        best_formula = min(best_formula, total + (m - 1) * slowest)
     return front
 
 

@@ -1,8 +1,9 @@
 """Balanced pipeline stages (partition.py, layer_costs.py, examples/balanced_pipeline_gpt.py).
 
 The search against brute force over every cut and every policy per stage, on small random cost vectors: the
-bound objective (sum + (m - 1) max, computed here by hand) and the simulator's step, both under a memory cap;
-infeasible caps raise and name the least peak memory brute force finds. The bound caps the simulator from above.
+formula objective (sum + (m - 1) max, computed here by hand) and the simulator's step, both under a memory cap;
+infeasible caps raise and name the least peak memory brute force finds. The branch and bound's lower bound never
+passes the simulator.
 The memory model: 1F1B's stage s keeps p - s microbatches, GPipe's m. The per-layer costs: simulated bytes equal
 measured ones; a stage's kept bytes are the sum of its layers'. A GPT trained through balanced stages (with
 recomputation on the stages the cap forces it on) on real gloo ranks equals one device.
@@ -42,7 +43,7 @@ def layer_costs(draw, max_layers=6):
 
 
 def _by_hand(costs, cuts, policies, schedule, m):
-    """(bound, peak memory per stage) of cuts and policies, from the LayerCost fields alone."""
+    """(formula, peak memory per stage) of cuts and policies, from the LayerCost fields alone."""
     p = len(cuts) - 1
     totals, memory = [], []
     for s, (i, j, policy) in enumerate(zip(cuts, cuts[1:], policies)):
@@ -64,23 +65,26 @@ def _every_partition(n, p):
 
 @settings(max_examples=60, deadline=None)
 @given(costs=layer_costs(), data=st.data(), schedule=st.sampled_from(["1f1b", "gpipe"]))
-def test_bound_objective_is_optimal_against_brute_force(costs, data, schedule):
+def test_formula_objective_is_optimal_against_brute_force(costs, data, schedule):
     n = len(costs)
     p, m = data.draw(st.integers(1, min(n, 4))), data.draw(st.integers(1, 5))
     cap = data.draw(st.one_of(st.none(), st.integers(0, 80)))
     options = [(_by_hand(costs, cuts, pols, schedule, m), cuts, pols) for cuts, pols in _every_partition(n, p)]
-    fitting = [bound for (bound, memory), _, _ in options if cap is None or max(memory) <= cap]
+    fitting = [formula for (formula, memory), _, _ in options if cap is None or max(memory) <= cap]
     if not fitting:
         least = min(max(memory) for (_, memory), _, _ in options)
         with pytest.raises(ValueError, match=f"least peak any partition reaches is {least} bytes"):
-            partition_layers(costs, p, m, schedule=schedule, memory_cap=cap, policies=POLICIES, objective="bound")
+            partition_layers(costs, p, m, schedule=schedule, memory_cap=cap, policies=POLICIES, objective="formula")
         return
-    got = partition_layers(costs, p, m, schedule=schedule, memory_cap=cap, policies=POLICIES, objective="bound")
-    assert got.bound == pytest.approx(min(fitting), abs=1e-9)
-    bound, memory = _by_hand(costs, got.boundaries, got.policies, schedule, m)
-    assert bound == pytest.approx(got.bound, abs=1e-9) and tuple(memory) == got.memory
+    got = partition_layers(costs, p, m, schedule=schedule, memory_cap=cap, policies=POLICIES, objective="formula")
+    assert got.formula == pytest.approx(min(fitting), abs=1e-9)
+    formula, memory = _by_hand(costs, got.boundaries, got.policies, schedule, m)
+    assert formula == pytest.approx(got.formula, abs=1e-9) and tuple(memory) == got.memory
     assert cap is None or got.peak_memory <= cap
-    assert got.step_time <= got.bound + 1e-9  # the flow-shop bound caps the simulated step
+    # the branch and bound's lower bound per stage: reach it, work m (F + BW), send the last gradient back
+    lower = max(sum(got.forward[:s]) + m * (got.forward[s] + got.backward[s]) + sum(got.backward[:s])
+                for s in range(p))
+    assert lower <= got.step_time + 1e-9
 
 
 @settings(max_examples=12, deadline=None)
