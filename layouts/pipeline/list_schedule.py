@@ -22,9 +22,9 @@ def list_schedule(stage_to_rank: Sequence[int], m: int, max_in_flight: int, *,
 
     1. a ready B (oldest microbatch first, then the later stage): it unblocks the rank upstream;
     2. a ready F (later stage first, so a microbatch reaches the loss soon), only within ``max_in_flight`` of
-       this rank's (stage, microbatch) activations: a microbatch's first F on a rank commits room for its F's on
-       every stage of this rank it will pass (a V rank's way back), so a rank full of way-down forwards never
-       blocks the way-back forward that would let it drain: this bounds memory without deadlock;
+       this rank's held (stage, microbatch) activations: a microbatch's first F on a rank needs room for itself
+       and its F's on this rank's later stages too (a V rank's way back), so a rank full of way-down forwards
+       always has room for the way-back forward that lets it drain: memory stays bounded without deadlock;
     3. the oldest pending W: W depends on nothing remote, so it fills what would be a bubble.
 
     An activation is held from its F to its B, or to its W with ``release_at_w`` (W still reads the layer inputs:
@@ -35,8 +35,8 @@ def list_schedule(stage_to_rank: Sequence[int], m: int, max_in_flight: int, *,
     done: dict[tuple[Kind, int, int], int] = {}  # (kind, stage, mb) -> time step it finished
     next_f, next_b = [0] * num_stages, [0] * num_stages
     pending_w: list[list[tuple[int, int]]] = [[] for _ in range(num_ranks)]
-    in_flight = [0] * num_ranks  # activations held or committed (for a later stage of this rank)
-    # F on stage s: how many of this rank's stages the microbatch passes from s on; committed at its first (entry)
+    in_flight = [0] * num_ranks  # activations held
+    # F on stage s: how many of this rank's stages the microbatch passes from s on: the room its first F (entry) needs
     ahead = [sum(1 for t in range(s, num_stages) if stage_to_rank[t] == stage_to_rank[s]) for s in range(num_stages)]
     entry = [all(stage_to_rank[t] != stage_to_rank[s] for t in range(s)) for s in range(num_stages)]
     orders: list[list[Action]] = [[] for _ in range(num_ranks)]
@@ -55,7 +55,7 @@ def list_schedule(stage_to_rank: Sequence[int], m: int, max_in_flight: int, *,
             return Action(B, -neg_s, mb)
         ready_f = [
             (-s, next_f[s]) for s in stages[r]
-            if next_f[s] < m and (not entry[s] or in_flight[r] + ahead[s] <= max_in_flight)
+            if next_f[s] < m and in_flight[r] + (ahead[s] if entry[s] else 1) <= max_in_flight
             and (s == 0 or finished((F, s - 1, next_f[s]), t))
         ]
         if ready_f:
@@ -81,11 +81,12 @@ def list_schedule(stage_to_rank: Sequence[int], m: int, max_in_flight: int, *,
             done[(a.kind, a.stage, a.microbatch)] = t + 1
             if a.kind is F:
                 next_f[a.stage] += 1
-                in_flight[r] += ahead[a.stage] if entry[a.stage] else 0
+                in_flight[r] += 1
             elif a.kind is B:
                 next_b[a.stage] += 1
                 pending_w[r].append((a.stage, a.microbatch))
-                in_flight[r] -= 0 if release_at_w else 1
+                if not release_at_w:
+                    in_flight[r] -= 1
             elif release_at_w:
                 in_flight[r] -= 1
         t += 1
