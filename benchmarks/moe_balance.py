@@ -12,6 +12,8 @@ so rank 0's experts process most assignments. Rank 0 prints:
   ``--repeats``, slowest rank) with the experts where ``expert_parallel`` put them, then after one
   ``place_experts(balanced_slots(load))``; the bytes that move sent (weights + two AdamW moments of each
   expert that changed rank) against the formula moved x 3 x 2 D F x 4;
+- FasterMoE's shadows on top: ``experts_to_shadow`` of one step's load, the imbalance with their rows computed
+  where they come from, and step time re-placed against re-placed + shadows (alternating rounds);
 - the balancing bias: imbalance per ep rank after 0, 10, 20... steps of ``update_balance_bias`` with the
   placement left alone (the bias alone evening the load, as DeepSeek-V3 does without any auxiliary loss);
 - Janus: the forward+backward token all-to-all bytes measured (all ranks) beside ``token_moving_bytes``
@@ -34,8 +36,10 @@ from dtensor_plus.layouts.moe import MoE, expert_parallel
 from dtensor_plus.layouts.moe_balance import (
     balanced_slots,
     expert_moving_bytes,
+    experts_to_shadow,
     imbalance,
     moved_experts,
+    rank_load,
     token_moving_bytes,
 )
 from dtensor_plus.layouts.moe_placement import place_experts
@@ -74,7 +78,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=512, help="tokens per rank")
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
     parser.add_argument("--skew", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
@@ -121,6 +125,26 @@ def main() -> None:
         f"{before_s * 1e3:.1f} ms, after {after_s * 1e3:.1f} ms, speedup {ratio:.2f}x")
     say(f"bytes sent moving experts (all ranks, one move): {sent.item():,.0f}; formula moved x 3 x 2 D F x 4 = "
         f"{moved * 3 * 2 * D * F * 4:,}")
+
+    # 1b. FasterMoE's shadows on top of the new placement: the experts whose tokens move more bytes than they do
+    place_experts(moe, new, opt)
+    shadows = experts_to_shadow(load / (args.repeats + 1), D, 2 * D * F, ep)  # the load of one step
+    kept = load.clone().double()
+    kept[list(shadows)] = 0
+    per_rank = rank_load(kept, new, ep) + kept.new_tensor(float(load[list(shadows)].sum()) / ep)  # own tokens
+    rounds = []
+    for _ in range(args.rounds):
+        moe.shadowed = ()
+        placed_s, _ = timed_steps(moe, opt, x, args.repeats)
+        moe.shadowed = shadows
+        shadowed_s, _ = timed_steps(moe, opt, x, args.repeats)
+        rounds.append((placed_s, shadowed_s))
+    moe.shadowed = ()
+    say(f"shadowing experts {list(shadows)} (tokens would move more bytes than the expert): imbalance per ep rank "
+        f"{(per_rank.max() / per_rank.mean()).item():.2f} (their rows computed where they come from); step time "
+        f"re-placed {statistics.median(r[0] for r in rounds) * 1e3:.1f} ms, re-placed + shadows "
+        f"{statistics.median(r[1] for r in rounds) * 1e3:.1f} ms, speedup "
+        f"{statistics.median(a / b for a, b in rounds):.2f}x")
 
     # 2. DeepSeek-V3's bias alone (identity placement), imbalance over steps
     moe = expert_parallel(replicate(skewed_moe(args), mesh, "ep"), mesh, ep_mesh_dim="ep")

@@ -91,7 +91,7 @@ def routings(draw):
     return world, tokens_per_rank, idx_NK, num_experts, top_k, chunks
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(routings())
 def test_dispatch_equals_one_device_for_any_routing(routing):
     world, *case = routing
