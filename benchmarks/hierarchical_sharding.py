@@ -9,7 +9,10 @@ Layouts, each a fresh GPT (same seed and batches), one step measured after one w
   zero-3 dp=N         fully_shard on a 1-D mesh of all N ranks;
   hsdp r x p          fully_shard(mesh_dim=("replicate", "shard")) on an (r, p) mesh, for every r, p > 1;
   hsdp r x p, k mb    the same with k microbatches per step, the replicas synchronized by the last only
-                      (set_requires_all_reduce: MiCS's two-hop gradient synchronization).
+                      (set_requires_all_reduce: MiCS's two-hop gradient synchronization);
+  FSDP2 hsdp r x p    PyTorch's own (torch.distributed.fsdp.fully_shard on a 2-D DeviceMesh), its
+                      torch.distributed calls counted the same way (no formula column: its backward re-gathers
+                      every parameter, not only the saved ones, and it all-reduces padded shards).
 MiCS's formulas, per rank per step, B the parameter bytes padded to p pieces (torch.chunk's) and B_saved those
 of the parameters autograd saved (gathered again in backward), G = B in fp32:
   shard dim      all-gather k (p-1)/p (B + B_saved), reduce-scatter k (p-1)/p G
@@ -24,6 +27,7 @@ Defaults are MiCS's testbed (AWS p3dn: NVLink inside a node, 100 Gb/s between no
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
 from pathlib import Path
@@ -127,6 +131,66 @@ def measure(config, shape, microbatches, seed=0) -> tuple[dict, dict]:
     return measured, want
 
 
+class TorchBytes:
+    """FSDP2's collectives counted as comm_mode counts ours (bytes this rank sends: (n-1) pieces per all-gather and
+    reduce-scatter, 2(n-1)/n per all-reduce), by mesh dim, by wrapping the torch.distributed calls FSDP2 makes."""
+
+    NAMES = {"all_gather_single": "all_gather", "reduce_scatter_single": "reduce_scatter", "all_reduce": "all_reduce"}
+
+    def __init__(self, groups: dict):
+        self.groups, self.sent, self.saved = groups, {}, {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            self.saved[name] = getattr(dist, name)
+            setattr(dist, name, self._counted(name, self.saved[name]))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+    def _counted(self, name, fn):
+        signature = inspect.signature(fn)
+
+        def counted(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs).arguments
+            group = bound.get("group")
+            n = dist.get_world_size(group)
+            if name == "all_reduce":
+                sent = 2 * (n - 1) * bound["tensor"].numel() * bound["tensor"].element_size() // n
+            else:  # the all-gather's input, the reduce-scatter's output: one piece
+                piece = bound["input_tensor"] if name == "all_gather_single" else bound["output"]
+                sent = (n - 1) * piece.numel() * piece.element_size()
+            key = (self.NAMES[name], self.groups.get(group, "?"))
+            self.sent[key] = self.sent.get(key, 0) + sent
+            return fn(*args, **kwargs)
+        return counted
+
+
+def measure_fsdp2(config, shape, seed=0) -> tuple[dict, dict]:
+    """FSDP2's HSDP (torch fully_shard on a 2-D DeviceMesh, reshard after forward) on the same GPT and step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    torch.manual_seed(seed)
+    model = GPT(config)
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+    for block in model.blocks:
+        torch_fully_shard(block, mesh=mesh)
+    torch_fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    groups = {mesh.get_group(name): name for name in ("replicate", "shard")}
+    for step in range(2):
+        tokens = torch.randint(0, config.vocab_size, (BATCH_PER_RANK, config.block_size + 1), generator=g)
+        with TorchBytes(groups) as counted:
+            model.loss(tokens[:, :-1], tokens[:, 1:]).backward()
+            opt.step()
+            opt.zero_grad()
+    return counted.sent, {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="debug", choices=sorted(PRESETS))
@@ -143,6 +207,11 @@ def main() -> None:
         every = [None] * world
         dist.all_gather_object(every, (measured, want))
         rows.append((name, shape, microbatches, every))
+        if shape[0] > 1 and microbatches == 1:  # PyTorch's own HSDP beside ours
+            measured = measure_fsdp2(config, shape)
+            every = [None] * world
+            dist.all_gather_object(every, measured)
+            rows.append((f"FSDP2 hsdp {shape[0]}x{shape[1]}", shape, 1, every))
     if rank == 0:
         report(rows, args, world, config)
     dist.destroy_process_group()
@@ -160,7 +229,7 @@ def report(rows, args, world, config) -> None:
             got = max(m.get(key, 0) for m, _ in every)
             want = max(w.get(key, 0) for _, w in every)
             ratio = f"{got / want:.3f}" if want else "-"
-            print(f"{name:<22} {key[1]:<10} {key[0]:<15} {got:>11} {want:>13} {ratio:>6}")
+            print(f"{name:<22} {key[1]:<10} {key[0]:<15} {got:>11} {want if want else '-':>13} {ratio:>6}")
             link = inter if (r == 1 or key[1] == "replicate") else intra
             seconds += got / link
         print(f"{name:<22} time at 2 levels ({args.intra_gbps:g} / {args.inter_gbps:g} Gb/s): {seconds * 1e6:.1f} us")
