@@ -16,7 +16,8 @@ pieces, as torch.chunk pads it):
 against (N-1)/N on every collective, all of it over every link, for ZeRO-3 on all N ranks. The memory of the
 model states is 1/p instead of 1/N (the price). The two hops are one ``redistribute_together`` move of the
 gradients, Partial on both dims -> Replicate on "replicate", Shard on "shard" (a flat reduce-scatter, then a
-flat all-reduce of its output), in flight with the rest of backward like ZeRO-3's reduce-scatter.
+flat all-reduce of its output): the reduce-scatter in flight with the rest of backward like ZeRO-3's, the
+all-reduce run where it is waited for (the next unit's backward start, or backward's end: not overlapped).
 
 Gradient accumulation, MiCS's two-hop synchronization: ``set_requires_all_reduce(model, False)`` before the
 microbatches whose gradients only accumulate (FSDP2's method of that name): their reduce-scatters land on the
