@@ -108,7 +108,8 @@ class PipelineSchedule:
             raise ValueError(f"schedule {schedule.name!r} is for {schedule.num_ranks} pipeline ranks, the mesh's "
                              f"{self.pp_mesh_dim!r} dim has {num_ranks}")
         if schedule.sequence_chunks > 1:
-            raise ValueError(f"schedule {schedule.name!r} splits samples into {schedule.sequence_chunks} sequence chunks; "
+            raise ValueError(f"schedule {schedule.name!r} splits samples into {schedule.sequence_chunks} sequence "
+                             "chunks; "
                              "the executor runs batch microbatches only (a chunk's attention over the earlier "
                              "chunks' keys and values across F and B is not built): simulate it instead")
         if any(s.num_pipelines != schedule.num_pipelines for s in stages):

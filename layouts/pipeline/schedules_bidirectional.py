@@ -46,6 +46,7 @@ def chimera(p: int, m: int) -> Schedule:
             a = e.action
             if a.kind.is_compute:
                 stage = a.stage + pipeline * p
-                timed[stage_to_rank[stage]].append((e.start, pipeline, Action(a.kind, stage, 2 * a.microbatch + pipeline)))
+                mb = 2 * a.microbatch + pipeline
+                timed[stage_to_rank[stage]].append((e.start, pipeline, Action(a.kind, stage, mb)))
     compute = [[a for _, _, a in sorted(events, key=lambda x: x[:2])] for events in timed]
     return with_communication("chimera", m, stage_to_rank, compute, num_pipelines=2)

@@ -3,7 +3,8 @@
 DualPipeV: every rank idles (p-1)(F&B + B - 3W) with the pair uncredited, the slowest rank exactly that with any
 F&B, peak 2p+1 half stages (DeepSeek's PP+1). V-Half / V-Min: peak (F to W) exactly (p+2)//2 and (p+4)//3
 microbatches; their bubbles are reported beside the paper's approximations in benchmarks/pipeline.py (V-Half's
-below 1F1B's, asserted; V-Min's list-scheduled order stays above the paper's ~2p/(3m), not asserted as it). Breadth-first: the loop formula for every m, m < p included. Chimera (T_F = T_B):
+below 1F1B's, asserted; V-Min's list-scheduled order stays above the paper's ~2p/(3m), not asserted as it).
+Breadth-first: the loop formula for every m, m < p included. Chimera (T_F = T_B):
 (p-2)/(2m+p-2) for even p, even m >= p+2. Seq1F1B / TeraPipe: (p-1)/(k*m+p-1), Seq1F1B peak p+k-1 chunks.
 """
 

@@ -84,7 +84,8 @@ def _run(name, m):
         x, y = _data(m, step)
         losses = []
         pipe.step(x, target=y, losses=losses)
-        out.append((float(sum(losses)), len(losses), {b: [q.grad.clone() for q in blocks[b].parameters()] for b in mine}))
+        grads = {b: [q.grad.clone() for q in blocks[b].parameters()] for b in mine}
+        out.append((float(sum(losses)), len(losses), grads))
         opt.step()
         opt.zero_grad()
     return out
@@ -102,8 +103,10 @@ def _check_all(cases):
 DEFAULT = [c for c in CASES if c[0] in ("dualpipe_v", "chimera")]
 
 
-@pytest.mark.parametrize("cases", [DEFAULT, pytest.param([c for c in CASES if c not in DEFAULT], marks=pytest.mark.slow)],
-                         ids=["default", "rest"])
+REST = [c for c in CASES if c not in DEFAULT]
+
+
+@pytest.mark.parametrize("cases", [DEFAULT, pytest.param(REST, marks=pytest.mark.slow)], ids=["default", "rest"])
 def test_paper_schedules_match_one_device(cases):
     per_rank = run_on_ranks(4, _check_all, cases, timeout=240)
     for name, m in cases:
