@@ -87,20 +87,22 @@ _ULYSSES_MODULE = "dtensor_plus.ops.ulysses_attention"
 
 @contextlib.contextmanager
 def context_parallel(mesh_dim: int | str | tuple = "cp", kind: str = "ring", *, load_balance: bool | str = False):
-    """Run scaled-dot-product attention on sequence-sharded q, k, v as ring, Ulysses or USP attention.
+    """Run scaled-dot-product attention on sequence-sharded q, k, v as ring, Ulysses, USP or LoongTrain attention.
 
     Args:
         mesh_dim: the context-parallel mesh dim of the q/k/v DTensors' mesh, by name or index; for "usp"
-            a pair (ring mesh dim, Ulysses mesh dim), the Ulysses one inner (later in the mesh).
-        kind: "ring" (k/v blocks circulate, exact log-sum-exp merge), "ulysses" (all-to-all to heads) or
-            "usp" (Ulysses on the inner mesh dim inside a ring on the outer one).
+            a pair (ring mesh dim, Ulysses mesh dim), for "double_ring" (outer, inner), for "loongtrain"
+            (outer, inner, Ulysses), in mesh order (the later ones inner).
+        kind: "ring" (k/v blocks circulate, exact log-sum-exp merge), "ulysses" (all-to-all to heads),
+            "usp" (Ulysses on the inner mesh dim inside a ring on the outer one), "double_ring" (the ring
+            as an inner ring inside an outer one) or "loongtrain" (Ulysses inside the double ring).
         load_balance: (ring) causal attention runs on a balanced placement of q, k, v: True or "zigzag"
             (``StridedShard(2, 1, zigzag=True)``: equal work on every rank, any length) or "striped"
             (``striped_placement(2, T, n)``: token t on rank t mod n, n | T), or "distflash" (Shard(2) kept,
-            idle ranks take far causal blocks: at most ceil((n+1)/2) blocks a rank). Place the inputs so up front
-            (``distribute_tensor(x, mesh, [StridedShard(seq_dim, 1, zigzag=True)])`` or ``.redistribute`` to
-            it): Shard(2) inputs are moved to it here (an all-gather each). The ring takes zigzag or striped
-            inputs without this flag too; the flag only adds the move.
+            idle ranks take far causal blocks: at most ceil((n+1)/2) blocks a rank). Place zigzag or striped
+            inputs so up front (``distribute_tensor(x, mesh, [StridedShard(seq_dim, 1, zigzag=True)])`` or
+            ``.redistribute`` to it): Shard(2) inputs are moved to it here (an all-gather each). The ring
+            takes zigzag or striped inputs without this flag too; the flag only adds the move.
 
     Outputs (and gradients) stay sharded on the sequence dim as the inputs were: Shard(2) of (B, H, T, D), or
     zigzag, on ``mesh_dim``.
