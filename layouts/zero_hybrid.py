@@ -14,10 +14,12 @@ pieces, as torch.chunk pads it):
     "replicate" mesh dim  all-reduce 2 (r-1)/r G/p of the reduced shards              -- the second hop
 
 against (N-1)/N on every collective, all of it over every link, for ZeRO-3 on all N ranks. The memory of the
-model states is 1/p instead of 1/N (the price). The two hops are one ``redistribute_together`` move of the
-gradients, Partial on both dims -> Replicate on "replicate", Shard on "shard" (a flat reduce-scatter, then a
-flat all-reduce of its output): the reduce-scatter in flight with the rest of backward like ZeRO-3's, the
-all-reduce run where it is waited for (the next unit's backward start, or backward's end: not overlapped).
+model states is 1/p instead of 1/N (the price). The two hops, each one flat collective per unit and each in
+flight while the backward of the units before goes on: the unit's reduce-scatter (Partial on both dims ->
+Partial on "replicate", Shard on "shard") is waited for when the next unit's starts, and the all-reduce of its
+output on "replicate" is then started and waited for one unit later (or when backward ends), so one
+reduce-scatter and one all-reduce are in flight at a time (zero_schedule.py). ``overlap=False``: both in one
+``redistribute_together`` move, waited for in place.
 
 Gradient accumulation, MiCS's two-hop synchronization: ``set_requires_all_reduce(model, False)`` before the
 microbatches whose gradients only accumulate (FSDP2's method of that name): their reduce-scatters land on the
@@ -43,13 +45,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from dtensor_plus.buckets import all_reduce_flat
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Partial, Replicate
-from dtensor_plus.redistribute import redistribute_together
 
 from .zero_placement import dp_mesh_dim_index, with_placement
 
-__all__ = ["zero_mesh_dims", "gradient_placements", "sync_replicas", "set_requires_all_reduce"]
+__all__ = ["zero_mesh_dims", "gradient_placements", "after_landing", "start_replica_sync", "ReplicaSync",
+           "set_requires_all_reduce"]
 
 
 def zero_mesh_dims(mesh, mesh_dim) -> tuple[int | None, int]:
@@ -72,29 +75,65 @@ def _partial_on_replicas(unit, grad) -> bool:
 
 
 def gradient_placements(unit, shard: DTensor) -> tuple:
-    """Where the unit's reduce-scatter leaves ``shard``'s gradient: on the shard's placements (both hops), or
-    Partial on the replicate mesh dim (the first hop only) while the replicas are not to be synchronized or
-    while some entry of the unit still holds an accumulated gradient that is (``sync_replicas`` then adds first
-    and all-reduces once)."""
+    """Where the unit's reduce-scatter leaves ``shard``'s gradient: Partial on the replicate mesh dim (the first
+    hop; ``start_replica_sync`` then starts the second, asynchronously with overlap on), or, with overlap off and
+    nothing accumulated Partial, on the shard's placements (both hops in one move, waited for in place)."""
     if unit.replicate_mesh_dim is None:
         return shard.placements
-    if unit.requires_all_reduce and not any(_partial_on_replicas(unit, s.grad) for _, _, s in unit.entries):
+    fused = not unit.overlap and unit.requires_all_reduce
+    if fused and not any(_partial_on_replicas(unit, s.grad) for _, _, s in unit.entries):
         return shard.placements
     return with_placement(shard.placements, unit.replicate_mesh_dim, Partial())
 
 
-def sync_replicas(unit) -> None:
-    """The second hop, once the unit's gradients have landed: one flat all-reduce across the replicate mesh
-    dim of every shard gradient still Partial there (nothing while ``requires_all_reduce`` is off)."""
+def after_landing(unit) -> None:
+    """The unit's reduce-scatter has landed: start the second hop (in flight on the schedule with overlap on,
+    waited for here with it off); with nothing to all-reduce the gradients are final now: an OverlappedStep
+    (offload.py) may step them."""
+    sync = start_replica_sync(unit)
+    if sync is None:
+        if unit.stepper is not None:
+            unit.stepper.landed(unit)
+    elif unit.overlap:
+        unit.schedule.syncing.append(sync)
+    else:
+        sync.wait()
+
+
+def start_replica_sync(unit):
+    """The second hop, once the unit's gradients have landed: one flat all-reduce (per dtype) across the
+    replicate mesh dim of every shard gradient still Partial there, left in flight: a ``ReplicaSync`` whose
+    ``wait()`` puts the sums in ``.grad``. None when there is nothing to do (``requires_all_reduce`` off, or
+    no replicate mesh dim)."""
     if unit.replicate_mesh_dim is None or not unit.requires_all_reduce:
-        return
-    shards = [s for _, _, s in unit.entries if _partial_on_replicas(unit, s.grad)]
-    if not shards:
-        return
-    grads = [s.grad for s in shards]
-    targets = [with_placement(g.placements, unit.replicate_mesh_dim, Replicate()) for g in grads]
-    for shard, local, target in zip(shards, redistribute_together(grads, targets), targets):
-        shard.grad = DTensor(local, shard.grad._spec.with_placements(target))
+        return None
+    groups: dict = {}  # (dtype, reduce op) -> shards: one flat buffer each
+    for _, _, s in unit.entries:
+        if _partial_on_replicas(unit, s.grad):
+            groups.setdefault((s.grad.dtype, s.grad.placements[unit.replicate_mesh_dim].reduce_op), []).append(s)
+    if not groups:
+        return None
+    reductions = {key: [(unit.replicate_mesh_dim, key[1])] for key in groups}
+    pending = [(shards, all_reduce_flat([s.grad._local_tensor for s in shards], unit.mesh, reductions[key],
+                                        async_op=True)) for key, shards in groups.items()]
+    return ReplicaSync(unit, pending)
+
+
+class ReplicaSync:
+    """HSDP's second hop in flight for one unit (``start_replica_sync``)."""
+
+    def __init__(self, unit, pending):
+        self.unit, self.pending = unit, pending
+
+    def wait(self) -> None:
+        """The all-reduced shards into ``.grad``; then the unit's gradients are final (an OverlappedStep starts)."""
+        r = self.unit.replicate_mesh_dim
+        for shards, pending in self.pending:
+            for shard, local in zip(shards, pending.wait()):
+                shard.grad = DTensor(local, shard.grad._spec.with_placements(
+                    with_placement(shard.grad.placements, r, Replicate())))
+        if self.unit.stepper is not None:
+            self.unit.stepper.landed(self.unit)
 
 
 def set_requires_all_reduce(module: nn.Module, requires_all_reduce: bool) -> None:

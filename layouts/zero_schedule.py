@@ -5,12 +5,14 @@ backward order on the first step (the same on every rank: module calls and autog
 that from the second step on each unit can prefetch the next one's all-gather, and it holds the gradient
 reduce-scatters in flight: each unit's reduce-scatter is started when its backward ends and waited for when
 the next unit's starts (one in flight, so at most one unit's whole gradients wait in a flat buffer, as FSDP2
-does) or when backward ends; only then do the reduced shards land in ``.grad``.
+does) or when backward ends; only then do the reduced shards land in ``.grad``. Under HSDP (zero_hybrid.py) the
+landing starts the all-reduce of the shards across replicas, waited for one unit later or when backward ends.
 
 ``timeline``: a list to record into (None: nothing recorded). Each entry is (what, unit label, start, end) in
-``time.perf_counter()`` seconds: "wait all-gather" / "wait re-gather" / "wait reduce-scatter" (the time this
-rank was blocked on a collective: exposed communication), "forward" (a unit's forward, from its pre-hook to
-its post-hook) and "reduce-scatter issued" (an instant). benchmarks/zero3_overlap.py draws it.
+``time.perf_counter()`` seconds: "wait all-gather" / "wait re-gather" / "wait reduce-scatter" / "wait replica
+all-reduce" (the time this rank was blocked on a collective: exposed communication), "forward" (a unit's
+forward, from its pre-hook to its post-hook) and "reduce-scatter issued" (an instant).
+benchmarks/zero3_overlap.py draws it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Schedule:
         self.backward_started = False
         self.boundary = None  # the outermost unit's local-compute boundary while a local forward runs
         self.reducing: list = []  # [(unit, pending reduce-scatter, where each lands)]: at most one outside end_backward
+        self.syncing: list = []  # HSDP's all-reduces across replicas in flight (zero_hybrid.ReplicaSync)
         self.timeline: list | None = None
 
     def next_after(self, order: list, unit):
@@ -58,15 +61,26 @@ class Schedule:
     def reduce_in_flight(self, unit, pending, specs) -> None:
         """``unit``'s reduce-scatter has been started: finish the one before it (it had this unit's backward to
         move), keep this one in flight."""
-        self.finish_reductions()
+        self.finish_reductions(final=False)
         self.reducing.append((unit, pending, specs))
 
-    def finish_reductions(self) -> None:
+    def finish_reductions(self, final: bool = True) -> None:
+        """Wait for the replica all-reduces started before (HSDP), then for the reduce-scatters in flight, whose
+        landing may start new all-reduces: left in flight unless ``final``."""
+        self._finish_syncs()
         while self.reducing:
             unit, pending, specs = self.reducing.pop(0)
             with self.timed("wait reduce-scatter", unit):
                 locals_ = pending.wait()
             unit.land_gradients(locals_, specs)
+        if final:
+            self._finish_syncs()
+
+    def _finish_syncs(self) -> None:
+        while self.syncing:
+            sync = self.syncing.pop(0)
+            with self.timed("wait replica all-reduce", sync.unit):
+                sync.wait()
 
     def end_backward(self) -> None:
         self.finish_reductions()

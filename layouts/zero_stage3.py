@@ -46,7 +46,7 @@ from . import local_step
 from .precision import MixedPrecision
 from .offload import OnHost
 from .zero_compiled import bind_compiled, unbind_compiled
-from .zero_hybrid import gradient_placements, sync_replicas, zero_mesh_dims
+from .zero_hybrid import after_landing, gradient_placements, zero_mesh_dims
 from .zero_local import SHARDED_FOR as _SHARDED_FOR
 from .zero_local import LocalBoundary
 from .zero_schedule import Schedule
@@ -345,9 +345,7 @@ class _Unit:
                 shard.grad._local_tensor.add_(grad._local_tensor)
             else:
                 shard.grad = shard.grad + grad
-        sync_replicas(self)  # HSDP: the second hop of gradients that had only the first
-        if self.stepper is not None:
-            self.stepper.landed(self)  # starts this unit's optimizer step on the side thread
+        after_landing(self)  # HSDP's second hop (zero_hybrid.py), then an OverlappedStep's step (offload.py)
 
 
 class _GatherUnit(torch.autograd.Function):

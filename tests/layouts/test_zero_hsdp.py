@@ -101,6 +101,10 @@ def _check_mlp(microbatches):
     want, want_params = _one_device_mlp(microbatches)
     saved = {f"blocks.{i}.fc{j}.weight" for i in (0, 1) for j in (1, 2)} | {"head.weight"}  # x requires grad
     paper = _paper_bytes(_model(SIZES), p=2, r=2, shard_index=mesh.get_local_rank("shard"), saved_weights=saved)
+    root = model._zero_state
+    in_flight = []  # replica all-reduces in flight when the root's reduce-scatter starts (backward's last unit)
+    start_reduce = root.start_reduce
+    root.start_reduce = lambda grads: in_flight.append(len(root.schedule.syncing)) or start_reduce(grads)
     for step in range(STEPS):
         x, y = (_place(t, mesh) for t in _batch(step))
         x = x.requires_grad_()
@@ -123,6 +127,8 @@ def _check_mlp(microbatches):
             want_bytes["all_gather", "shard"] -= (microbatches - 1) * 8 * 5 * SIZES[0]  # blocks.0.fc1.weight piece
         assert got == want_bytes, (step, got, want_bytes)
         assert comm.count("all_reduce", "replicate") == 3  # one per unit: 2 blocks and the root
+        # The second hop overlaps: blocks.1's all-reduce is still in flight when the root's reduce-scatter starts.
+        assert in_flight[-1] == 1 and not root.schedule.syncing, in_flight
         want_out, want_x_grad, want_grads = want[step]
         torch.testing.assert_close(out.full_tensor(), want_out, msg=lambda m: f"step {step} output: {m}")
         torch.testing.assert_close(x.grad.full_tensor(), want_x_grad, msg=lambda m: f"step {step} input grad: {m}")
