@@ -14,8 +14,10 @@ dq; a far pair's helper receives (q, out, lse, grad_out) of block j, keeps its (
 Blocks a rank has none of (uneven T, empty blocks) travel as empty messages, so every rank issues the same
 shifts. Non-causal calls, and zigzag or striped inputs, keep the flat ring (already balanced).
 
-Not built: the paper's rematerialization-aware checkpointing (checkpoint at the attention output so the
-recomputation in backward skips attention; layouts/recompute.py's policies do not offer it yet).
+The paper's rematerialization-aware checkpointing (checkpoint at the attention output, so the backward's
+recomputation skips attention and its shifts) is torch's selective checkpoint with the attention op saved
+(``CheckpointPolicy.MUST_SAVE``, the rest recomputed): tests/layouts/test_distflash.py runs it; it is not yet a
+named policy of layouts/recompute.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 """DistFlashAttn's balanced causal schedule (ops/distflash_attention.py, ``load_balance="distflash"``): equal to
 one device, forward and backward (GQA, lengths the ring does not divide, empty blocks, cp 2..4, beside dp),
 on the plain Shard(2) layout; exactly n/2 kv shifts plus two shifts per far distance; every rank computes
-the schedule's blocks (at most ceil((n+1)/2), the plain ring's last rank n); non-causal calls keep the ring."""
+the schedule's blocks (at most ceil((n+1)/2), the plain ring's last rank n); non-causal calls keep the ring.
+Its rematerialization-aware checkpointing, with torch's selective checkpoint keeping the attention output:
+the backward does not run the attention's forward (and its shifts) again."""
+
+import functools
 
 import pytest
 import torch
@@ -87,3 +91,42 @@ def test_schedule_balances_blocks():
     for n in range(1, 17):
         blocks = distflash_blocks(n)
         assert sum(blocks) == n * (n + 1) // 2 and max(blocks) == -(-(n + 1) // 2), (n, blocks)
+
+
+def _rematerialization_aware():
+    """A checkpointed attention block (projection, head views, DistFlashAttn, heads merged): plain checkpointing
+    reruns the attention forward in backward (3 more shifts on cp 3); keeping the attention's outputs (the
+    paper's checkpoint at the attention output) leaves the backward its own 4 shifts; gradients equal one device."""
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    def keep_attention(ctx, func, *args, **kwargs):
+        attention = func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+        return CheckpointPolicy.MUST_SAVE if attention else CheckpointPolicy.PREFER_RECOMPUTE
+
+    def block(x, w):
+        b, t, c = x.shape
+        q, k, v = (x @ w).split(c, -1)
+        q, k, v = (y.view(b, t, 2, c // 2).transpose(1, 2) for y in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
+
+    mesh = init_device_mesh("cpu", (3,), mesh_dim_names=("cp",))
+    dtensor_plus.manual_seed(0)
+    x = make_dtensor(_whole((2, 9, 8), 0).double(), mesh, [Shard(1)], requires_grad=True)
+    w = make_dtensor(_whole((8, 24), 1).double(), mesh, [dtensor_plus.Replicate()], requires_grad=True)
+    shifts = []
+    for context_fn in (None, functools.partial(create_selective_checkpoint_contexts, keep_attention)):
+        x.grad = w.grad = None
+        with context_parallel("cp", load_balance="distflash"):
+            y = checkpoint(block, x, w, use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
+            with comm_mode() as backward:
+                y.backward(y.detach() * 0 + 1)
+        shifts.append(backward.count("ring_shift", "cp"))
+        whole_x, whole_w = (t.full_tensor().detach().requires_grad_() for t in (x, w))
+        block(whole_x, whole_w).sum().backward()
+        torch.testing.assert_close(x.grad.full_tensor(), whole_x.grad)
+        torch.testing.assert_close(w.grad.full_tensor(), whole_w.grad)
+    assert shifts == [3 + 4, 4], shifts
+
+
+def test_rematerialization_aware_checkpointing():
+    run_on_ranks(3, _rematerialization_aware)
