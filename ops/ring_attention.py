@@ -43,7 +43,8 @@ inner factor split one token per rank); it needs n | T (a clear error otherwise:
 row a of rank i is token a*n + i, so q row a of rank i sees kv row b of rank j iff b <= a (j <= i) or b < a
 (j > i): every step is one causal block, the kernel's own diagonal (j <= i) or the same diagonal one row
 down (q rows 1.., kv rows ..L-1; j > i). Every rank computes n near-halves of a block per pass: work
-differs across ranks by at most n-1 rows of scores (zigzag: exactly equal), with one kernel call per step.
+differs across ranks by at most (n-1)·T/n scores, T/n per shifted diagonal (zigzag: exactly equal), with one
+kernel call per step.
 
 Other mesh dims keep ops/attention.py's treatment (batch or heads sharded: local), so cp composes with dp
 and with tp head sharding. Example::
