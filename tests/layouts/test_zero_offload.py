@@ -44,12 +44,12 @@ def _one_device():
     return torch.stack(losses), {n: p.detach() for n, p in model.named_parameters()}
 
 
-def _check_overlapped_step(offload, activations=False):
+def _check_overlapped_step(offload, activations=False, local_compute=True):
     mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
     model = _model(SIZES)
     for block in model.blocks:
-        fully_shard(block, mesh, offload=offload, offload_activations=activations)
-    fully_shard(model, mesh, offload=offload, offload_activations=activations)
+        fully_shard(block, mesh, offload=offload, offload_activations=activations, local_compute=local_compute)
+    fully_shard(model, mesh, offload=offload, offload_activations=activations, local_compute=local_compute)
     stepper = OverlappedStep(model, torch.optim.AdamW, **ADAMW)
     units = [m._zero_state for m in (model, *model.blocks)]
     schedule = units[0].schedule
@@ -89,10 +89,11 @@ def _check_overlapped_step(offload, activations=False):
     stepper.close()
 
 
-@pytest.mark.parametrize("offload,activations", [(CPUOffload(pin_memory=False), True), (None, False)],
-                         ids=["offload with activations", "no offload"])
-def test_overlapped_step_equals_one_device(offload, activations):
-    run_on_ranks(2, _check_overlapped_step, offload, activations)
+@pytest.mark.parametrize("offload,activations,local_compute", [
+    (CPUOffload(pin_memory=False), True, True), (CPUOffload(pin_memory=False), True, False), (None, False, True)],
+    ids=["offload with activations", "the same on the DTensor path (saved DTensors)", "no offload"])
+def test_overlapped_step_equals_one_device(offload, activations, local_compute):
+    run_on_ranks(2, _check_overlapped_step, offload, activations, local_compute)
 
 
 def _check_errors():
