@@ -376,7 +376,10 @@ def _redistributed(dtensor: DTensor, dst: tuple[Placement, ...], forward_dtype, 
     """``dtensor`` moved to ``dst`` (cast to ``forward_dtype`` first), outside autograd."""
     local, spec = _cast(dtensor._local_tensor, dtensor._spec, forward_dtype)
     local = redistribute_local(local, spec, dst)
-    return DTensor(local, _with_placements(spec, dst), requires_grad=requires_grad)
+    moved = _with_placements(spec, dst)
+    if moved.mesh is not spec.mesh:  # an equal mesh of another world (the simulator's): never hand out its mesh
+        moved = spec.with_placements(dst)
+    return DTensor(local, moved, requires_grad=requires_grad)
 
 
 # The moved spec, the same object for each move of one spec: a later op's cache key then meets it by identity.
