@@ -38,7 +38,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import dtensor_plus as dtp  # noqa: E402
-from dtensor_plus import Replicate, Shard  # noqa: E402
+from dtensor_plus import Shard  # noqa: E402
 from dtensor_plus.layouts import fully_shard  # noqa: E402
 from dtensor_plus.layouts.zero_hybrid import set_requires_all_reduce  # noqa: E402
 from gpt import GPT, PRESETS  # noqa: E402

@@ -11,12 +11,12 @@ Variants (each a fresh GPT, same seed and batches; AdamW, foreach=False):
   offload+act, overlapped     and offload_activations=True.
 Columns: the step time (median of the slowest rank); "host step ms": the optimizer's own time per step, mean
 (the step after backward: all of it on the critical path; overlapped: summed over the units' side-thread steps);
-"waited ms": how long the main thread was blocked on it, mean per step ("wait host step" in the units' timeline; the whole
-step when it runs after backward); hidden = 1 - waited / host step. Bytes per rank per step, as the units count
-them: shards to the device (forward gathers and backward re-gathers), gradient shards to the host, activations
-to the host and back. On a CPU mesh the host is the device: no copy runs and the bytes are what an accelerator
-would move; the side thread competes with the main thread for the same cores (2 shared cores here), so the
-hidden fraction is a lower bound of what an accelerator's host step would hide.
+"waited ms": how long the main thread was blocked on it, mean per step ("wait host step" in the units'
+timeline; the whole step when it runs after backward); hidden = 1 - waited / host step. Bytes per rank per
+step, as the units count them: shards to the device (forward gathers and backward re-gathers), gradient shards
+to the host, activations to the host and back. On a CPU mesh the host is the device: no copy runs and the
+bytes are what an accelerator would move; the side thread competes with the main thread for the same cores (2
+shared cores here), so the hidden fraction is a lower bound of what an accelerator's host step would hide.
 
 The papers: ZeRO-Offload (Ren et al. 2021) moves 4M bytes per step for M parameters (fp16 gradients to the host,
 fp16 parameters back; its parameters stay on the GPU, ZeRO-2 style), and hides the CPU step by its one-step

@@ -38,7 +38,7 @@ from torch import nn
 
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.placements import Partial, Replicate
-from dtensor_plus.redistribute import redistribute_together, redistribute_together_async
+from dtensor_plus.redistribute import redistribute_together_async
 from dtensor_plus.shared_parameters import assign, parameter_slots
 from dtensor_plus.spec import DTensorSpec, TensorMeta
 

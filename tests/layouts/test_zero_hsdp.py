@@ -152,7 +152,8 @@ def test_mlp_equal_to_one_device_and_paper_bytes(microbatches):
 def _gpt_batches(rows=3):
     g = torch.Generator().manual_seed(7)
     # 3 sequences over 2 x 2 ranks: 1, 1, 1, 0 rows (an empty shard); 5 positions, vocabulary 13.
-    return [torch.randint(0, GPT_CONFIG.vocab_size, (rows, GPT_CONFIG.block_size + 1), generator=g) for _ in range(STEPS)]
+    shape = (rows, GPT_CONFIG.block_size + 1)
+    return [torch.randint(0, GPT_CONFIG.vocab_size, shape, generator=g) for _ in range(STEPS)]
 
 
 def _train_gpt(model, place, rows=3, vocab_sharded=False):
