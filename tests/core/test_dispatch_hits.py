@@ -158,6 +158,9 @@ def check_moves_and_declarations_that_cannot_act():
         assert y.grad_fn is None and not y.requires_grad
         specs.add(id(y._spec))
     assert len(specs) == 1, specs
+    equal = dtp.init_device_mesh("cpu", (2, 1))  # an equal mesh, another object (as a simulated world's would be)
+    moved = dtp.distribute_tensor(_whole(5, 3), equal, [Shard(0), Replicate()]).redistribute(placements=[Replicate(), Shard(1)])
+    assert equal is not mesh and moved._spec.mesh is equal  # never the cached spec's mesh
     w = dtp.distribute_tensor(_whole(5, 3), mesh, [Shard(0), Replicate()]).requires_grad_()
     w.redistribute(placements=[Replicate(), Replicate()]).sum().backward()  # needs a gradient: the autograd Function
     torch.testing.assert_close(w.grad.full_tensor(), torch.ones(5, 3))
