@@ -413,7 +413,7 @@ def _local_of(t: torch.Tensor) -> torch.Tensor:
 
 
 def fully_shard(
-    module: nn.Module, mesh, *, mesh_dim: int | str | None = None, mp_policy: MixedPrecision | None = None,
+    module: nn.Module, mesh, *, mesh_dim: int | str | tuple | None = None, mp_policy: MixedPrecision | None = None,
     offload: CPUOffload | None = None, local_compute: bool = True, overlap: bool = True,
     offload_activations: bool = False,
 ) -> nn.Module:
@@ -494,4 +494,3 @@ def fully_shard(
     module.register_forward_pre_hook(unit.pre_forward, with_kwargs=True)
     module.register_forward_hook(unit.post_forward, with_kwargs=True, always_call=True)  # also on an exception
     return module
-
