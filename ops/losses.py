@@ -158,9 +158,10 @@ def nll_loss_forward_rule(op: OpSchema) -> Sharding:
     if reduction == NONE:  # total_weight is 0 for reduction='none'
         return Sharding(inputs=inputs, outputs=(target_p, whole))
     partial = tuple(Partial() if p.is_shard() else Replicate() for p in self_p)
-    if reduction == SUM or not _is_sharded(self_p):
+    # A Shard on a mesh dim of one rank holds the whole batch: the kernel's own mean is the mean there.
+    batch_mesh_dims = tuple(k for k, p in enumerate(self_p) if p.is_shard() and op.mesh_shape[k] > 1)
+    if reduction == SUM or not batch_mesh_dims:
         return Sharding(inputs=inputs, outputs=(partial, partial))
-    batch_mesh_dims = tuple(k for k, p in enumerate(self_p) if p.is_shard())
     return Sharding(inputs=inputs, outputs=(partial, whole), local_op=_nll_mean(op.func),
                     communication=(AllReduce(batch_mesh_dims, ("sum",)),))
 
