@@ -25,7 +25,7 @@ from .tensor import (
 )
 from .tensor_2d import Embedding2D, Grid2D, HiddenParameter2D, LayerNorm2D, Linear2D, tensor_parallel_2d
 from .tensor_3d import Cube3D, Embedding3D, HiddenParameter3D, LayerNorm3D, Linear3D, tensor_parallel_3d
-from .zero import CPUOffload, ZeroRedundancyOptimizer, fully_shard
+from .zero import CPUOffload, OverlappedStep, ZeroRedundancyOptimizer, fully_shard, set_requires_all_reduce
 
 __all__ = [
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "SequenceParallel", "PrepareModuleInput",
@@ -34,5 +34,6 @@ __all__ = [
     "clip_grad_norm_", "get_total_norm", "MixedPrecision", "mixed_precision", "context_parallel", "MoE", "parallel_cross_entropy",
     "expert_parallel", "SequenceSwitch", "switch_sequence_dim", "striped_placement", "ExpertRebalancer", "place_experts",
     "Grid2D", "tensor_parallel_2d", "Linear2D", "LayerNorm2D", "Embedding2D", "HiddenParameter2D", "Cube3D",
-    "tensor_parallel_3d", "Linear3D", "LayerNorm3D", "Embedding3D", "HiddenParameter3D",
+    "tensor_parallel_3d", "Linear3D", "LayerNorm3D", "Embedding3D", "HiddenParameter3D", "OverlappedStep",
+    "set_requires_all_reduce",
 ]
