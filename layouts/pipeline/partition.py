@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from .actions import Kind
 from .simulate import peak_in_flight, simulate
+from .validate import validate
 
 __all__ = ["LayerCost", "Partition", "partition_layers", "evaluate_partition", "least_peak_memory", "POLICIES",
            "SUPPORTED_SCHEDULES"]
@@ -147,9 +148,12 @@ def _check(costs, num_stages, n_microbatches, schedule):
 
 
 def _build(schedule: str, num_stages: int, n_microbatches: int):
+    """The schedule, validated once here: the search replays it under many cost tables (``validated=True``)."""
     from .schedules import SCHEDULES
 
-    return SCHEDULES[schedule](p=num_stages, m=n_microbatches)
+    plan = SCHEDULES[schedule](p=num_stages, m=n_microbatches)
+    validate(plan)
+    return plan
 
 
 class _Stages:
@@ -213,7 +217,7 @@ def _evaluated(stages: _Stages, plan, boundaries, policies, schedule, m) -> Part
     sim_costs = {}
     for s, (f, bw) in enumerate(times):
         sim_costs[(Kind.F, s)], sim_costs[(Kind.BW, s)] = f, bw
-    sim = simulate(plan, sim_costs)
+    sim = simulate(plan, sim_costs, validated=True)  # _build validated plan
     totals = [f + bw for f, bw in times]
     return Partition(tuple(boundaries), tuple(policies), tuple(f for f, _ in times), tuple(bw for _, bw in times),
                      memory, tuple(stages.in_flight), sim.step_time, sim.bubble, sum(totals) + (m - 1) * max(totals),

@@ -43,9 +43,13 @@ class SimResult:
 
 
 def simulate(schedule: Schedule, costs: Mapping | None = None, latency: float = 0.0, *,
-             f_and_b: float | None = None) -> SimResult:
+             f_and_b: float | None = None, validated: bool = False) -> SimResult:
     """Time one step of ``schedule`` (validated first) under ``costs`` (missing kinds cost 0, see
     DEFAULT_COSTS) and a point-to-point ``latency`` in the same units.
+
+    ``validated=True``: the caller already ran ``validate`` on this very Schedule, so it is not checked again
+    (most of a replay's time; a search replaying one schedule under many cost tables passes it). A schedule
+    that was not in fact valid and stalls the replay still raises, naming the stalled ranks.
 
     A key of ``costs`` is a Kind, or a ``(Kind, stage)`` pair for one stage's cost of that kind (a real model's
     stages differ: the first holds the embedding, the last the head and the loss); a pair wins over its Kind.
@@ -57,7 +61,8 @@ def simulate(schedule: Schedule, costs: Mapping | None = None, latency: float = 
     if bad or latency < 0 or (f_and_b is not None and f_and_b < 0):
         raise ValueError(f"costs must map Kind (or (Kind, stage)) to a duration >= 0 and latency and f_and_b be "
                          f">= 0; got {bad or (latency, f_and_b)!r}")
-    validate(schedule)
+    if not validated:
+        validate(schedule)
 
     def cost(a: Action) -> float:
         return costs.get((a.kind, a.stage), costs.get(a.kind, 0.0))
@@ -90,7 +95,10 @@ def simulate(schedule: Schedule, costs: Mapping | None = None, latency: float = 
                 clock[rank] = end
                 pos[rank] += 1
                 progress = True
-    assert all(pos[r] == len(schedule.actions[r]) for r in range(schedule.num_ranks)), "validated, cannot stall"
+    stalled = {r: schedule.actions[r][pos[r]] for r in range(schedule.num_ranks) if pos[r] < len(schedule.actions[r])}
+    if stalled:  # only reachable with validated=True on an invalid schedule: validate() rules out deadlock
+        raise ValueError(f"the schedule deadlocks (each stalled rank's next action: {stalled}); it was passed "
+                         f"validated=True but is not valid: run validate(schedule) to see why")
     return _summarize(schedule, events)
 
 

@@ -5,6 +5,8 @@ Under the papers' assumptions (equal stages, T_F = T_B = T_W, BW = B + W, no lat
 time (m >= p); ZB-V below ZB-H1. Peak in-flight activations: GPipe m, 1F1B min(p, m) on rank 0.
 """
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -101,6 +103,21 @@ def test_simulate_rejects_bad_input():
         simulate(gpipe(2, 2), {Kind.F: -1.0})
     with pytest.raises(ValueError, match="no published bubble formula for 'zb_h2'"):
         bubble_formula("zb_h2", 4, 8)
+
+
+def test_validated_skips_the_check_but_a_deadlock_still_raises():
+    plan = one_f_one_b(3, 5)
+    costs = {Kind.F: 1.0, (Kind.F, 1): 2.5, Kind.BW: 2.0}
+    assert simulate(plan, costs, 0.5, validated=True) == simulate(plan, costs, 0.5)
+    # rank 0 waits for the gradient before it sends the forward that would produce it: a deadlock
+    ok = gpipe(2, 1)
+    recv_b = next(a for a in ok.actions[0] if a.kind is Kind.RECV_B)
+    deadlocked = dataclasses.replace(ok, actions=((recv_b, *(a for a in ok.actions[0] if a != recv_b)),
+                                                  ok.actions[1]))
+    with pytest.raises(ValueError, match="deadlock"):
+        simulate(deadlocked)  # the validator's message
+    with pytest.raises(ValueError, match=r"deadlocks \(each stalled rank's next action: \{0: .*validated=True"):
+        simulate(deadlocked, validated=True)
 
 
 def test_timeline_png_side_by_side_with_idle_visible(tmp_path):
