@@ -16,9 +16,10 @@ the rest are gathered. (B, T, D) -> (B*T, D) with B % n == 0 aligns; with B = 3 
 
 A Shard that a flatten puts behind unsharded dims, (B, H) -> (B*H) with H split, becomes a StridedShard of
 the merged dim (``strided_view_placements``): B groups, the rows inside each split. Splitting it again where
-the groups end, (B*H) -> (B, H), gives back Shard(1); a view that leaves the dim alone keeps it, a flatten
-that puts it behind more dims keeps it with a larger ``outer`` (where its pieces stay whole rows); any other
-view gathers it. A zigzag StridedShard (load-balanced context parallelism) follows the same algebra with 2n
+the groups end, (B*H) -> (B, H), gives back Shard(1); a split whose output dim holds the inner factor keeps
+it strided there (striped (B*T) -> (B, T): StridedShard(0, B*T/n) -> StridedShard(1, T/n), so a linear
+layer's fold and unfold move nothing); a view that leaves the dim alone keeps it, a flatten that puts it
+behind more dims keeps it with a larger ``outer`` (where its pieces stay whole rows); any other view gathers it. A zigzag StridedShard (load-balanced context parallelism) follows the same algebra with 2n
 pieces: (B, T) -> (B*T) with T zigzag is StridedShard(0, B, zigzag=True), and back to StridedShard(1, 1,
 zigzag=True). This is what keeps attention heads sharded through ``matmul``'s (B*H, T, K) ``bmm``.
 
@@ -202,7 +203,7 @@ def _to_strided(d, group, in_shape, n, blocks) -> StridedShard | None:
 
 def _from_strided(p: StridedShard, group, in_shape, out_shape, n, blocks) -> Placement:
     """Where a StridedShard input goes: kept on an untouched dim or behind dims a flatten puts before it,
-    Shard (or, zigzag, a StridedShard with outer 1) where a split ends its groups; else gathered."""
+    onto the output dim of a split that holds its inner factor (``_split_strided``); else gathered."""
     if blocks is None:
         return Replicate()
     ins, outs = group
@@ -210,13 +211,26 @@ def _from_strided(p: StridedShard, group, in_shape, out_shape, n, blocks) -> Pla
         return _flattened_strided(p, ins, outs[0], in_shape, n, blocks)
     if ins != (p.dim,):
         return Replicate()
-    sizes = [out_shape[e] for e in outs]
-    for at in range(1, len(outs)):
-        if math.prod(sizes[:at]) == p.outer * blocks:
-            inner = in_shape[p.dim] // (p.outer * blocks)
-            if blocks_align(inner, 1, sizes[at], math.prod(sizes[at + 1 :]), [_num_pieces(p, n)]):
-                return p.with_dim(outs[at], 1) if p.zigzag else Shard(outs[at])
-            break
+    return _split_strided(p, outs, [out_shape[e] for e in outs], in_shape[p.dim], n, blocks)
+
+
+def _split_strided(p: StridedShard, outs, sizes, size: int, n: int, blocks: int) -> Placement:
+    """(e) -> (s_0, .., s_m) with e strided, read as (blocks * outer, inner). Output dim ``at`` keeps it
+    where it holds the inner factor: inner = inner' * (s_at+1 * .. * s_m) with inner' dividing s_at, and
+    each rank's pieces of inner are whole rows of the trailing dims. Then s_at reads as (o', inner') with
+    the same pieces: StridedShard(at, o'), a plain Shard where o' is 1 (the groups end at s_at). Striped
+    (B*T) -> (B, T) is StridedShard(0, B*T/n) -> StridedShard(1, T/n); o' > 1 stays strided."""
+    inner = size // (p.outer * blocks)
+    for at in reversed(range(len(sizes))):  # the innermost candidate: an earlier one would cut inner' = 1
+        trailing = math.prod(sizes[at + 1 :])
+        if inner % trailing or sizes[at] % (inner // trailing):
+            continue
+        inner_at = inner // trailing
+        if not blocks_align(inner_at, trailing, inner, 1, [_num_pieces(p, n)]):
+            continue
+        # blocks cut the lead output dim: at 0 the new outer counts groups inside its blocks, like p.outer
+        outer = sizes[at] // inner_at // (blocks if at == 0 else 1)
+        return p.with_dim(outs[at], outer) if p.zigzag or outer > 1 else Shard(outs[at])
     return Replicate()
 
 

@@ -56,10 +56,12 @@ def test_view_rule_decisions():
     # (B, T, D) -> (B*T, D): B sharded evenly keeps; T, not the lead of its group, becomes strided
     assert _decide(aten.view.default, (4, 6, 8), (Shard(0),), [24, 8]) == ((Shard(0),), (Shard(0),))
     assert _decide(aten.view.default, (4, 6, 8), (Shard(1),), [24, 8]) == ((Shard(1),), (StridedShard(0, 4),))
-    # ... and back where the groups end; any other split of it gathers, a view beside it keeps it
+    # ... and back where the groups end; a split whose dim holds the inner factor keeps it strided (two groups
+    # of 6 in each 12); one that cuts the inner factor gathers, a view beside it keeps it
     strided = (StridedShard(0, 4),)
     assert _decide(aten.view.default, (24, 8), strided, [4, 6, 8]) == (strided, (Shard(1),))
-    assert _decide(aten.view.default, (24, 8), strided, [2, 12, 8]) == ((R,), (R,))
+    assert _decide(aten.view.default, (24, 8), strided, [2, 12, 8]) == (strided, (StridedShard(1, 2),))
+    assert _decide(aten.view.default, (24, 8), strided, [3, 8, 8]) == ((R,), (R,))
     assert _decide(aten.view.default, (24, 8), strided, [192]) == ((R,), (R,))
     assert _decide(aten.view.default, (24, 8), strided, [24, 2, 4]) == (strided, strided)
     # B on dp (whole blocks of it) and T on tp: the rows of each dp block are strided on tp, and back
