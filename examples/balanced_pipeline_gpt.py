@@ -9,10 +9,18 @@ the pipeline runs::
     costs = simulated_layer_costs(gpt_cost_model(config, micro_batch_size=2))
     plan = partition_layers(costs, num_stages=4, n_microbatches=8, memory_cap=cap)
     stages = split_gpt_at(model, plan.boundaries, plan.policies)      # in place of split_gpt(model, 4)
+
+``plan_gpt_stages`` is those first two lines for a config; ``plan_gpt_stages_apart`` runs it in a fresh process
+(a simulated world cannot start in a process already in a process group): what ``train_gpt.py --pp N
+--balanced`` trains.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,12 +28,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dtensor_plus.layouts.pipeline.layer_costs import GPT_RECOMPUTE_PATTERNS  # noqa: E402
+from dtensor_plus.layouts.pipeline.layer_costs import GPT_RECOMPUTE_PATTERNS, simulated_layer_costs  # noqa: E402
+from dtensor_plus.layouts.pipeline.partition import (POLICIES, SUPPORTED_SCHEDULES, Partition,  # noqa: E402
+                                                     partition_layers)
 from dtensor_plus.layouts.recompute import checkpoint_modules  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
 from pipeline_gpt import GPTStage, gpt_loss  # noqa: E402
 
-__all__ = ["gpt_layers", "gpt_cost_model", "split_gpt_at", "even_gpt_boundaries"]
+__all__ = ["gpt_layers", "gpt_cost_model", "split_gpt_at", "even_gpt_boundaries", "plan_gpt_stages",
+           "plan_gpt_stages_apart"]
 
 
 def gpt_layers(model: GPT) -> list[tuple[str, GPTStage]]:
@@ -81,3 +92,50 @@ def even_gpt_boundaries(num_layers: int, num_stages: int) -> tuple[int, ...]:
         block += per + (s < extra)
         cuts.append(block + 1)
     return (*cuts, num_layers + 2)
+
+
+def plan_gpt_stages(config: GPTConfig, num_stages: int, n_microbatches: int, micro_batch_size: int,
+                    seq_len: int | None = None, schedule: str = "1f1b", memory_cap: float | None = None) -> Partition:
+    """``partition_layers``' cut of ``config``'s GPT into ``num_stages`` stages for ``schedule`` with
+    ``n_microbatches`` of ``micro_batch_size`` sequences, from simulated per-layer costs (FLOPs and bytes: the
+    same on every rank, so each rank plans the same cut without talking to the others). Without a
+    ``memory_cap`` recomputation only slows a stage, so only "none" is costed (a third of the simulating)."""
+    if schedule not in SUPPORTED_SCHEDULES:
+        raise ValueError(f"balanced stages are planned for {SUPPORTED_SCHEDULES} (one stage per rank); got "
+                         f"{schedule!r}: use --schedule 1f1b or gpipe with --balanced, or drop --balanced")
+    if num_stages > config.num_layers + 2:
+        raise ValueError(f"{num_stages} stages cannot each hold one of the {config.num_layers + 2} layers "
+                         f"(embedding, {config.num_layers} blocks, head): use fewer stages or drop --balanced")
+    policies = ("none",) if memory_cap is None else POLICIES
+    costs = simulated_layer_costs(gpt_cost_model(config, micro_batch_size, seq_len), policies=policies)
+    return partition_layers(costs, num_stages, n_microbatches, schedule=schedule, memory_cap=memory_cap,
+                            policies=policies)
+
+
+_PLAN_APART = """
+import dataclasses, json, sys
+from balanced_pipeline_gpt import plan_gpt_stages
+from gpt import GPTConfig
+request = json.loads(sys.argv[1])
+print(json.dumps(dataclasses.asdict(plan_gpt_stages(GPTConfig(**request.pop("config")), **request))))
+"""
+
+
+def plan_gpt_stages_apart(config: GPTConfig, num_stages: int, n_microbatches: int, micro_batch_size: int,
+                          seq_len: int | None = None, schedule: str = "1f1b") -> Partition:
+    """``plan_gpt_stages`` in a fresh Python process, for a caller already in a process group (a torchrun rank):
+    the simulated world the costs come from runs a fake process group of its own. Raises ValueError with the
+    child's error when the planning fails (bad schedule, too many stages)."""
+    request = dict(config=dataclasses.asdict(config), num_stages=num_stages, n_microbatches=n_microbatches,
+                   micro_batch_size=micro_batch_size, seq_len=seq_len, schedule=schedule)
+    here = Path(__file__).resolve().parent
+    # none of the caller's torchrun variables: the child is a world of its own
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _PLAN_APART, json.dumps(request)], capture_output=True, text=True,
+                          env=env)
+    if done.returncode:
+        raise ValueError(f"planning the balanced stages failed: {done.stderr.strip().splitlines()[-1]}")
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return Partition(**{k: tuple(v) if isinstance(v, list) else v for k, v in found.items()})

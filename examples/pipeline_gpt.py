@@ -67,11 +67,23 @@ class GPTStage(nn.Module):
         return name
 
 
-def split_gpt(model: GPT, num_stages: int) -> list[GPTStage]:
+def split_gpt(model: GPT, num_stages: int, *, boundaries=None, policies=None) -> list[GPTStage]:
     """``num_stages`` stages in model order, the blocks spread as evenly as they go (the earlier stages take the
-    extra ones; a middle stage may hold none when there are fewer blocks than stages)."""
+    extra ones; a middle stage may hold none when there are fewer blocks than stages).
+
+    ``boundaries``: cut there instead, over the L + 2 layers (embedding, blocks, head), e.g. the
+    ``Partition.boundaries`` of ``partition_layers``, each stage recomputing by its ``policies`` entry
+    (balanced_pipeline_gpt.py's ``split_gpt_at``)."""
     if not isinstance(num_stages, int) or num_stages < 1:
         raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
+    if boundaries is not None:
+        from balanced_pipeline_gpt import split_gpt_at
+
+        if len(boundaries) != num_stages + 1:
+            raise ValueError(f"{num_stages} stages need {num_stages + 1} boundaries, got {tuple(boundaries)}")
+        return split_gpt_at(model, boundaries, policies)
+    if policies is not None:
+        raise ValueError("policies go with boundaries (one per stage of the cut); the even split recomputes nothing")
     per, extra = divmod(model.config.num_layers, num_stages)
     stages, start = [], 0
     for s in range(num_stages):
@@ -144,16 +156,46 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _balanced_cut(config: GPTConfig, mesh, pp: int, n_microbatches: int, micro_batch_size: int, seq_len, schedule,
+                  log) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The balanced cut (boundaries, policies), planned once by the rank at the mesh's origin and shared with the
+    others (a sum over each mesh dim in turn, the others adding zeros): one planning process, not one per rank."""
+    from balanced_pipeline_gpt import POLICIES, plan_gpt_stages_apart
+
+    origin = all(mesh.get_local_rank(name) == 0 for name in mesh.mesh_dim_names)
+    shared = torch.zeros(1 + (pp + 1) + pp, dtype=torch.float64)  # [failed, boundaries..., policy indices...]
+    failure = None
+    if origin:
+        try:
+            cut = plan_gpt_stages_apart(config, pp, n_microbatches, micro_batch_size, seq_len, schedule)
+            shared[1:] = torch.tensor([*cut.boundaries, *(POLICIES.index(p) for p in cut.policies)])
+            if log is not None:
+                log(f"balanced stages: {cut.boundaries} over (embedding, {config.num_layers} blocks, head), "
+                    f"recompute {cut.policies}; simulated step {cut.step_time:.3g} FLOPs, bubble {cut.bubble:.3f}")
+        except ValueError as error:
+            shared[0], failure = 1, error
+    for mesh_dim in range(mesh.ndim):
+        shared = collectives.all_reduce(shared, mesh, mesh_dim, "sum")
+    if shared[0]:
+        raise failure or ValueError("the balanced stages could not be planned: see the first rank's error")
+    values = [int(v) for v in shared[1:].tolist()]
+    return tuple(values[: pp + 1]), tuple(POLICIES[i] for i in values[pp + 1:])
+
+
 def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule: str, n_microbatches: int,
                                  batch_list, lr: float = 1e-3, seed: int = 0, weight_decay: float = 0.1,
-                                 log=None, compile_stages=None):
+                                 log=None, compile_stages=None, balanced: bool = False, boundaries=None,
+                                 policies=None):
     """Train ``config`` pipelined over ``pp`` ranks by ``schedule``, each stage laid out by ``layout`` (gpt_layouts'
     Layout: dp, tp, sp, zero; cp must be 1), and as one process from the same weights. AdamW steps at the
     schedule's STEP; ``n_microbatches`` must divide the per-dp-rank batch.
 
     Call on every rank of a pp * dp * tp group. Returns (pipeline losses, single-process losses, largest final
     parameter difference), the same on every rank. ``compile_stages``: a ``torch.compile`` backend name to run
-    each stage's module compiled (the pipeline sends, receives and steps around it).
+    each stage's module compiled (the pipeline sends, receives and steps around it). ``balanced``: cut the stages
+    where ``partition_layers`` puts them for this config, microbatch and schedule (balanced_pipeline_gpt.py's
+    ``plan_gpt_stages``, planned once and shared) instead of evenly; ``boundaries`` and ``policies``: cut there
+    (``split_gpt``'s), recomputing by stage.
     """
     if getattr(config, "moe_experts", 0):
         raise ValueError("pipeline_gpt splits dense GPTs: the MoE auxiliary losses do not cross stages yet; "
@@ -170,7 +212,13 @@ def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule
     # Chimera's two pipelines are one model twice: stage s runs model piece s % per_pipeline, and the two replicas
     # of a piece declare every weight shared, so the schedule sums their gradients before the optimizer step.
     per_pipeline = plan.stages_per_pipeline
-    pieces = split_gpt(model, per_pipeline)
+    if balanced:
+        if boundaries is not None:
+            raise ValueError("balanced plans the boundaries itself: pass balanced=True or boundaries, not both")
+        batch, seq_len = batch_list[0][0].shape if batch_list else (n_microbatches, None)
+        boundaries, policies = _balanced_cut(config, mesh, pp, n_microbatches, batch // layout.dp // n_microbatches,
+                                             seq_len, schedule, log)
+    pieces = split_gpt(model, per_pipeline, boundaries=boundaries, policies=policies)
     placed = {i: place_stage(pieces[i], mesh, sp=layout.sp, zero=layout.zero)
               for i in sorted({s % per_pipeline for s in plan.stages_of(pp_rank)})}
     mine = list(placed.values())

@@ -86,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cp-balance", action="store_true", help="zigzag the sequence over cp (causal load balance)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages on a pp mesh dim (outermost)")
     parser.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES), help="pipeline schedule (--pp > 1)")
+    parser.add_argument("--balanced", action="store_true", help="--pp: stages cut by partition_layers, not evenly")
     parser.add_argument("--microbatches", type=int, default=4,
                         help="pipeline microbatches; must divide batch-size / dp (interleaved_1f1b: a multiple of pp)")
     parser.add_argument("--moe", type=int, default=0, metavar="E",
@@ -135,6 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      f"launch with --nproc-per-node {args.pp * args.dp * args.tp * args.cp}")
     if args.pp > 1 and (args.cp > 1 or args.moe or args.checkpoint or args.dtype != "float32"):
         parser.error("--pp composes with --dp, --zero, --tp and --sp; not yet with --cp, --moe, --checkpoint or --dtype")
+    if args.balanced and args.pp == 1:
+        parser.error("--balanced cuts pipeline stages (examples/balanced_pipeline_gpt.py): use it with --pp > 1")
     if args.pp > 1 and (args.batch_size // args.dp) % args.microbatches:
         parser.error(f"--microbatches({args.microbatches}) must divide the per-dp-rank batch "
                      f"(--batch-size({args.batch_size}) / --dp({args.dp}))")
@@ -441,7 +444,7 @@ def _main_pipelined(args) -> Result:
               f"x {args.layout}; {config}")
     losses, single, diff = compare_pipeline_with_single(
         config, args.layout, pp=args.pp, schedule=args.schedule, n_microbatches=args.microbatches,
-        batch_list=batch_list, lr=args.lr, seed=args.seed, log=print if rank0 else None)
+        batch_list=batch_list, lr=args.lr, seed=args.seed, log=print if rank0 else None, balanced=args.balanced)
     result = Result(losses, single, diff)
     if rank0:
         print_table(result)
