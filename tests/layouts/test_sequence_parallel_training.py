@@ -35,8 +35,10 @@ class CausalAttention(nn.Module):
 
 
 def _bmm(x, weight):
-    """x @ weight as one bmm: a matmul's (B, T) fold is gathered for striped and 2-D sequence layouts by the view
-    rules (tests/layouts/test_striped_attention.py says why); the bmm keeps every layout's rows in place."""
+    """x @ weight as one bmm, for USP and the double ring: their T is split by two nested mesh dims, and a
+    matmul's (B, T) fold of that is gathered by the view rules (a StridedShard nested in another of the same
+    dim is not a layout redistribute can gather yet); the bmm keeps every layout's rows in place. A striped
+    or zigzag T alone keeps its split through the fold (tests/ops/test_view_strided_split.py)."""
     return torch.bmm(x, weight.expand(x.shape[0], *weight.shape))
 
 

@@ -148,8 +148,9 @@ def test_load_balance_striped_and_errors():
 
 
 def _striped_attention_block(cp):
-    """A striped (B, T, C) activation through projections, head views, causal SDPA and the output projection:
-    the ring's shifts are the only communication forward and backward; output and gradients striped."""
+    """A striped (B, T, C) activation through plain ``x @ W`` projections (a fold of (B, T) into rows and back:
+    the view rules keep the stripes, ops/view_algebra._split_strided), head views, causal SDPA and the output
+    projection: the ring's shifts are the only communication forward and backward; output and gradients striped."""
     mesh = init_device_mesh("cpu", (cp,), mesh_dim_names=("cp",))
     dtensor_plus.manual_seed(0)
     seq = 3 * cp
@@ -159,10 +160,10 @@ def _striped_attention_block(cp):
 
     def block(x, w_qkv, w_out):
         b, t, c = x.shape
-        q, k, v = _batched_matmul(x, w_qkv).split(c, dim=-1)
+        q, k, v = (x @ w_qkv).split(c, dim=-1)
         q, k, v = (y.view(b, t, 2, c // 2).transpose(1, 2) for y in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return _batched_matmul(y.transpose(1, 2).reshape(b, t, c), w_out)
+        return y.transpose(1, 2).reshape(b, t, c) @ w_out
 
     with context_parallel(mesh_dim="cp", load_balance="striped"):
         with comm_mode() as comm:
@@ -174,13 +175,6 @@ def _striped_attention_block(cp):
         assert comm.count("all_gather") == 0 and comm.count("ring_shift", "cp") == 2 * (cp - 1), comm
         assert x.grad.placements == (striped_placement(1, seq, cp),), x.grad.placements
         assert_spmd_equal(block, x, w_qkv, w_out)
-
-
-def _batched_matmul(x, weight):
-    """x @ weight as one bmm. A plain matmul folds (B, T) into rows and back, and the view rules carry a
-    StridedShard through that fold only where its groups end at B (zigzag's outer is 1; striped's is T/n): a
-    striped activation would be gathered there (ops/view_algebra._from_strided, reported, not in this file)."""
-    return torch.bmm(x, weight.expand(x.shape[0], *weight.shape))
 
 
 @pytest.mark.parametrize("cp", [2, pytest.param(4, marks=pytest.mark.slow)])
