@@ -55,6 +55,8 @@ class GPTConfig:
             2 moe_every - 1, ...) is MoE (2: every other block, as GShard and Switch do).
         moe_capacity_factor: None for dropless routing, else the GShard capacity factor.
         moe_aux_loss_coef, moe_z_loss_coef: weights of the load-balancing loss and the router z-loss.
+        moe_balance_rate: DeepSeek-V3's auxiliary-loss-free routing bias, moved by this much per
+            ``MoE.update_balance_bias()`` (examples/moe_balancing.py calls it per step); None for none.
     """
 
     vocab_size: int = 256
@@ -71,6 +73,7 @@ class GPTConfig:
     moe_capacity_factor: float | None = None
     moe_aux_loss_coef: float = 0.01
     moe_z_loss_coef: float = 0.001
+    moe_balance_rate: float | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "num_layers", "num_heads", "dim"):
@@ -162,7 +165,7 @@ class MoEMLP(nn.Module):
 
         self.moe = MoE(config.dim, 4 * config.dim, config.moe_experts, config.moe_top_k,
                        capacity_factor=config.moe_capacity_factor, aux_loss_coef=config.moe_aux_loss_coef,
-                       z_loss_coef=config.moe_z_loss_coef)
+                       z_loss_coef=config.moe_z_loss_coef, balance_rate=config.moe_balance_rate)
         self.dropout = config.dropout
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
@@ -226,9 +229,13 @@ class GPT(nn.Module):
         return [block.mlp.moe for block in self.blocks if isinstance(block.mlp, MoEMLP)]
 
     def moe_load_line(self) -> str:
-        """Assignments per expert in each MoE layer over the last forward's global batch, e.g. for a
-        progress line: "load b1 [12 9 14 ...]"."""
+        """Assignments per expert in each MoE layer over the last forward's global batch, and max / mean of the
+        tokens per ep rank under the layer's expert placement, e.g. for a progress line:
+        "load b1 [12 9 14 ...] ep max/mean 1.21" (1.00: even, and always so without an ep mesh dim)."""
+        from moe_balancing import layer_imbalance  # examples/: the figure train_gpt.py reports
+
         return "  ".join(f"load b{i} {block.mlp.moe.load.tolist()}".replace(",", "")
+                         + f" ep max/mean {layer_imbalance(block.mlp.moe):.2f}"
                          for i, block in enumerate(self.blocks) if isinstance(block.mlp, MoEMLP))
 
 

@@ -46,6 +46,7 @@ from dtensor_plus.layouts.pipeline import SCHEDULES  # noqa: E402
 from auto_layout import AUTO_FLAGS, auto_flags  # noqa: E402
 from gpt import GPT, PRESETS, GPTConfig  # noqa: E402
 from gpt_layouts import Layout, make_mesh, make_optimizer, place_batch, place_model  # noqa: E402,F401
+from moe_balancing import MODES as BALANCE_MODES, MoEBalancing, experts_in_id_order, skew_router  # noqa: E402
 
 MAX_TEXT_BYTES = 4 << 20  # enough text for a small model; reading all of the stdlib (~30 MB) takes seconds
 
@@ -62,6 +63,7 @@ class Result:
     param_placements: dict[str, tuple[str, ...]] = field(default_factory=dict)
     state_placements: dict[str, tuple[str, ...]] = field(default_factory=dict)
     routing_flips: tuple[int, int] | None = None  # MoE: (decisions the runs disagree on, decisions), else None
+    imbalance: list[float] = field(default_factory=list)  # MoE: per step, max/mean tokens per ep rank (worst layer)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,6 +96,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--moe-top-k", type=int, default=2, help="experts per token")
     parser.add_argument("--moe-every", type=int, default=2, help="every n-th block is MoE (2: every other block)")
     parser.add_argument("--moe-capacity", type=float, default=None, help="capacity factor (default: dropless)")
+    parser.add_argument("--moe-balance", default="none", choices=BALANCE_MODES,
+                        help="balance the experts' load while training: re-place hot experts across ep ranks, the "
+                             "DeepSeek-V3 routing bias, or both (examples/moe_balancing.py)")
+    parser.add_argument("--moe-balance-every", type=int, default=2, help="steps between expert re-placements")
+    parser.add_argument("--moe-balance-rate", type=float, default=0.01, help="routing-bias step per training step")
+    parser.add_argument("--moe-skew", type=float, default=0.0,
+                        help="(demo) a logit bonus for experts 0 and 1, both on ep rank 0: a skewed router to balance")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                         help="parameters and activations (float64: MoE routing no longer flips on rounding)")
     parser.add_argument("--auto", action="store_true",
@@ -146,6 +155,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "on dp: use --zero 0 or --zero 3 (fully_shard leaves the experts' dp sharding as it is)")
     if args.moe and args.moe % args.dp:
         parser.error(f"--moe({args.moe}) experts must divide over --dp({args.dp}) ranks (ep = dp)")
+    if (args.moe_balance != "none" or args.moe_skew) and not args.moe:
+        parser.error("--moe-balance and --moe-skew act on the experts: give --moe E as well")
+    if args.moe_balance in ("place", "both") and (args.zero or args.checkpoint):
+        parser.error("--moe-balance place moves experts with their AdamW state along the dp (= ep) ranks: use it "
+                     "with --zero 0 and without --checkpoint (the rebalancer's load window is not saved)")
+    try:
+        args.moe_balancing = MoEBalancing(args.moe_balance, args.moe_balance_every, args.moe_balance_rate, args.moe_skew)
+    except ValueError as err:
+        parser.error(str(err))
     if args.batch_size % args.dp:
         parser.error(f"--batch-size({args.batch_size}) must divide by --dp({args.dp})")
     try:
@@ -186,9 +204,10 @@ def batches(data: torch.Tensor, steps: int, batch_size: int, seq_len: int, seed:
 
 
 def train(model, opt, data_batches, place=lambda t: t, log=None, scope=contextlib.nullcontext,
-          checkpoints=None) -> list[float]:
+          checkpoints=None, after_step=None) -> list[float]:
     """One optimizer step per batch; forward and backward inside ``scope()`` (e.g. context_parallel) and
-    ``loss_parallel`` (a no-op for plain tensors, vocab-sharded logits otherwise). Returns the losses.
+    ``loss_parallel`` (a no-op for plain tensors, vocab-sharded logits otherwise), then ``after_step()`` if
+    given (e.g. MoE balancing, moe_balancing.BalanceSteps). Returns the losses.
     With ``checkpoints`` (a ``Checkpoints``), resumes from its latest save and saves as it goes."""
     losses = checkpoints.resume() if checkpoints is not None else []
     for step, (tokens, targets) in enumerate(data_batches):
@@ -200,6 +219,8 @@ def train(model, opt, data_batches, place=lambda t: t, log=None, scope=contextli
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         # NOTE: .item() syncs (and, for a DTensor, all-reduces the loss): fine for a progress line.
         losses.append(loss.full_tensor().item() if isinstance(loss, DTensor) else loss.item())
         if log is not None:
@@ -249,23 +270,32 @@ class Checkpoints:
 
 def max_param_diff(model, reference) -> float:
     ref = dict(reference.named_parameters())
-    return max((p.full_tensor() - ref[n]).abs().max().item() for n, p in model.named_parameters())
+    return max((experts_in_id_order(model, n, p.full_tensor()) - ref[n]).abs().max().item()
+               for n, p in model.named_parameters())
 
 
 def compare_with_single(config: GPTConfig, layout: Layout, batch_list, lr: float = 1e-3, seed: int = 0,
                         mesh=None, log=None, checkpoint: str | None = None, save_every: int = 0,
-                        fail_at_step: int | None = None, dtype: torch.dtype = torch.float32) -> Result:
+                        fail_at_step: int | None = None, dtype: torch.dtype = torch.float32,
+                        balancing: MoEBalancing | None = None) -> Result:
     """Train ``config`` laid out as ``layout`` and as one process, from the same weights and dropout seed.
 
     Call on every rank of a ``layout.world``-rank group (torchrun or ``run_on_ranks``); ``batch_list`` is the
     same list of whole (tokens, targets) batches on every rank. With ``checkpoint`` (a directory) the mesh run
     resumes from the checkpoint there, whatever layout saved it, and saves every ``save_every`` steps.
+    ``balancing`` balances an MoE model's expert load as it trains (both runs; re-placement on the mesh only).
     """
     if layout.cp > 1 and config.attention != "sdpa":
         raise ValueError("context parallelism shards attention's sequence: use GPTConfig(attention='sdpa')")
+    balancing = balancing or MoEBalancing()
+    if balancing != MoEBalancing() and not config.moe_experts:
+        raise ValueError("MoE balancing needs an MoE model: GPTConfig(moe_experts=E)")
     mesh = mesh if mesh is not None else make_mesh(layout)
+    config = balancing.config(config) if config.moe_experts else config
     torch.manual_seed(seed)
     model = GPT(config).to(dtype)
+    if balancing.skew:
+        skew_router(model, balancing.skew)
     reference = copy.deepcopy(model)
     mesh_routing, single_routing = _record_routing(model), _record_routing(reference)
 
@@ -275,13 +305,18 @@ def compare_with_single(config: GPTConfig, layout: Layout, batch_list, lr: float
     scope = functools.partial(context_parallel, "cp", layout.cp_kind) if layout.cp > 1 else contextlib.nullcontext
     place = functools.partial(place_batch, mesh=mesh, balance=layout.cp_balance)
     checkpoints = Checkpoints(checkpoint, save_every, model, opt, fail_at_step, log) if checkpoint else None
-    mesh_losses = train(model, opt, batch_list, place=place, log=log, scope=scope, checkpoints=checkpoints)
+    balance_steps = balancing.stepper(model, opt) if config.moe_experts else None
+    mesh_losses = train(model, opt, batch_list, place=place, log=log, scope=scope, checkpoints=checkpoints,
+                        after_step=balance_steps)
 
     torch.manual_seed(seed + 1)
-    single_losses = train(reference, make_optimizer(reference, None, Layout(), lr), batch_list)
+    single_opt = make_optimizer(reference, None, Layout(), lr)
+    single_steps = balancing.stepper(reference, single_opt, placement=False) if config.moe_experts else None
+    single_losses = train(reference, single_opt, batch_list, after_step=single_steps)
     return Result(mesh_losses, single_losses, max_param_diff(model, reference),
                   {n: _placement_names(p) for n, p in model.named_parameters()},
-                  _state_placements(model, opt), _count_flips(mesh_routing, single_routing, config))
+                  _state_placements(model, opt), _count_flips(mesh_routing, single_routing, config),
+                  balance_steps.imbalance if balance_steps else [])
 
 
 def _record_routing(model) -> list[torch.Tensor]:
@@ -370,7 +405,8 @@ def layout_title(args) -> str:
         parts.append(f"{args.schedule} x {args.microbatches} microbatches")
     if args.moe:
         capacity = f"capacity {args.moe_capacity:g}" if args.moe_capacity else "dropless"
-        parts.append(f"MoE {args.moe} experts top-{args.moe_top_k} every {args.moe_every}, {capacity}")
+        parts.append(f"MoE {args.moe} experts top-{args.moe_top_k} every {args.moe_every}, {capacity}"
+                     + (f", balance {args.moe_balance}" if args.moe_balance != "none" else ""))
     return f"GPT {args.config}, {args.dtype}: " + (", ".join(parts) or "one rank")
 
 
@@ -419,11 +455,15 @@ def main(argv=None, *, args=None) -> Result:
     log = print if rank0 else None
     result = compare_with_single(config, layout, batch_list, args.lr, args.seed, mesh=mesh, log=log,
                                  checkpoint=args.checkpoint, save_every=args.save_every, fail_at_step=args.fail_at_step,
-                                 dtype=dtype)
+                                 dtype=dtype, balancing=args.moe_balancing)
     if rank0:
         print_table(result)
         if result.routing_flips is not None:
             print(moe_note(result, args.dtype))
+            figure = result.imbalance
+            print(f"MoE {args.moe_balance} balancing: max/mean tokens per ep rank (worst layer) {figure[0]:.2f} "
+                  f"(step 0) -> {figure[-1]:.2f} (step {len(figure) - 1}), mean of the last half "
+                  f"{sum(figure[len(figure) // 2:]) / len(figure[len(figure) // 2:]):.2f}")
         save_plot(args.plot, result.mesh_losses, result.single_losses, layout_title(args))
         print(verdict(result, args.dtype))
     return result
