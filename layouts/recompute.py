@@ -1,8 +1,9 @@
-"""Activation recomputation: ``checkpoint_modules(model, "blocks.*", policy="full")`` or
-``checkpoint_modules(model, "blocks.*.attn", policy="selective")``.
+"""Activation recomputation: ``checkpoint_modules(model, "blocks.*", policy="full")``,
+``checkpoint_modules(model, "blocks.*.attn", policy="selective")`` or
+``checkpoint_modules(model, "blocks.*", policy="keep_attention")``.
 
-Two policies, as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") define
-them:
+Two policies as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") define
+them, and DistFlashAttn's (Li et al. 2023) rematerialization-aware one:
 
 * "full": each matching module's forward runs under ``torch.utils.checkpoint.checkpoint`` (non-reentrant): only
   its inputs are kept, the whole forward runs again in backward.
@@ -13,6 +14,13 @@ them:
   collective runs again. Kept beyond the paper's count: what the module computes that autograd alone would not
   keep, e.g. a row-parallel layer's partial sum, which its collective reads (benchmarks/activation_memory.py
   names each such term).
+* "keep_attention": the whole module is recomputed except its attention ops (``scaled_dot_product_attention``'s
+  kernels, and under ``context_parallel`` the ring / Ulysses / DistFlashAttn attention that SDPA dispatches to),
+  whose outputs are kept (``keep_attention_policy``): the backward needs the attention's output and log-sum-exp,
+  which its forward alone makes, so "full" reruns the attention in backward -- under context parallelism with
+  all its shifts -- while here the recomputation stops at Q, K and V. Kept beyond "full": each attention's
+  outputs, O(B H T D), no (T, T) tensor. A module without an SDPA op (attention written out as matmuls) is
+  recomputed as under "full".
 
 The attention core is found by data flow, not by name, so any model's attention works (examples/gpt.py's
 written-out matmuls, Hugging Face's eager attention, SDPA): a batched matmul (``bmm``) whose inputs are not core
@@ -46,9 +54,9 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from dtensor_plus.dispatcher import DISPATCHER
 
-__all__ = ["checkpoint_modules", "attention_core_policy", "POLICIES"]
+__all__ = ["checkpoint_modules", "attention_core_policy", "keep_attention_policy", "POLICIES"]
 
-POLICIES = ("full", "selective")
+POLICIES = ("full", "selective", "keep_attention")
 
 _aten = torch.ops.aten
 _BATCHED_MATMULS = frozenset({_aten.bmm.default, _aten.baddbmm.default})
@@ -159,6 +167,17 @@ def attention_core_policy():
     return policy
 
 
+def keep_attention_policy():
+    """The "keep_attention" policy for one region (``create_selective_checkpoint_contexts``): every SDPA op's
+    outputs kept, every other op recomputed (module docstring). No cached output may be written in place after
+    (torch's checkpoint then raises): the recomputation would read the written tensor."""
+
+    def policy(ctx, func, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if _is_sdpa(func) else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
 class _RngTape:
     """The random state before every random op of a region's forward, to set again before the same op in its
     recomputation (module docstring)."""
@@ -244,14 +263,18 @@ class _Both:
         return False
 
 
+# policy -> (a fresh selective-checkpoint policy for one region, whether a cached output may be written in place)
+_SELECTIVE = {"selective": (attention_core_policy, True), "keep_attention": (keep_attention_policy, False)}
+
+
 def _contexts(policy: str):
     """``context_fn`` for one region: the random tape (innermost: it sees each op before it runs, whatever the
-    selective cache does), under the selective policy's caching modes for "selective"."""
+    selective cache does), under the policy's caching modes for "selective" and "keep_attention"."""
     tape = _RngTape()
     if policy == "full":
         return tape.forward_mode(), tape.recompute_mode()
-    caching, cached = create_selective_checkpoint_contexts(attention_core_policy(),
-                                                           allow_cache_entry_mutation=True)
+    make_policy, mutation = _SELECTIVE[policy]
+    caching, cached = create_selective_checkpoint_contexts(make_policy(), allow_cache_entry_mutation=mutation)
     return _Both(caching, tape.forward_mode()), _Both(cached, tape.recompute_mode())
 
 
@@ -272,7 +295,8 @@ def checkpoint_modules(model: torch.nn.Module, pattern: str = "blocks.*", policy
             "model.layers.*.self_attn") for "selective", whose other ops' outputs the region keeps anyway.
             fnmatch's "*" crosses dots ("blocks.*" also matches "blocks.0.attn"): only the outermost matching
             modules are checkpointed.
-        policy: "full" (keep only each module's inputs) or "selective" (recompute only the attention core).
+        policy: "full" (keep only each module's inputs), "selective" (recompute only the attention core) or
+            "keep_attention" (recompute all but the SDPA / context-parallel attention, whose outputs are kept).
 
     Call it before or after placing the model (``parallelize_module``, ``replicate``, ``fully_shard``): the
     module's ``forward`` is wrapped, its hooks stay outside the region.

@@ -38,7 +38,7 @@ from gpt_layouts import Layout, make_mesh, make_optimizer, place_batch, place_mo
 
 CONFIG = PRESETS["debug"].replace(dropout=0.1)
 LR, TOL, STEPS, BATCH = 1e-3, 1e-5, 2, 4
-PATTERNS = {"full": "blocks.*", "selective": "blocks.*.attn"}
+PATTERNS = {"full": "blocks.*", "selective": "blocks.*.attn", "keep_attention": "blocks.*"}
 LAYOUTS = {
     "tp2-sp": Layout(tp=2, sp=True),
     "dp2": Layout(dp=2),
@@ -103,10 +103,12 @@ class _nothing:
 
 
 # The default run samples the table (each policy, and each of tp+sp, ZeRO-3 and the cp ring once); -m slow runs all.
+# "keep_attention" is sampled by test_recompute_keep_attention.py (cp 3, SDPA); here, under -m slow, on every layout
+# (without cp the debug GPT writes attention out: no SDPA op to keep, so it recomputes as "full").
 SAMPLE = {("tp2-sp", "full"), ("tp2-sp", "selective"), ("zero3-dp2", "selective"), ("cp2-ring", "full")}
 CASES = [pytest.param(layout, policy, id=f"{name}-{policy}",
                       marks=() if (name, policy) in SAMPLE else pytest.mark.slow)
-         for name, layout in LAYOUTS.items() for policy in ("full", "selective")]
+         for name, layout in LAYOUTS.items() for policy in ("full", "selective", "keep_attention")]
 
 
 @pytest.mark.parametrize("layout, policy", CASES)
