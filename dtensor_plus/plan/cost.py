@@ -29,7 +29,6 @@ usually makes it the worst) plus what is held once (full recomputation's layer b
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections import Counter
 from collections.abc import Mapping
@@ -260,26 +259,11 @@ def _pipeline_idle(schedule: str, pp: int, m: int, v: int, rel: tuple, p2p: floa
 @functools.lru_cache(maxsize=256)
 def _schedule(schedule: str, pp: int, m: int, v: int):
     """The generated schedule. Not validated here: the library's generators are (tests/layouts/pipeline), and
-    ``validate`` costs seconds on a 64-rank schedule, which ``simulate`` would pay again on every call;
-    ``_trusted`` skips it for this schedule only."""
+    ``validate`` costs seconds on a 64-rank schedule, which ``simulate`` would pay again on every call, so
+    ``_simulate_pipeline`` passes it ``validated=True``."""
     from dtensor_plus.layouts.pipeline import SCHEDULES
 
     return SCHEDULES[schedule](pp, m, v) if schedule == "interleaved_1f1b" else SCHEDULES[schedule](pp, m)
-
-
-@contextlib.contextmanager
-def _trusted(plan):
-    """Inside, ``layouts.pipeline.simulate`` skips validating ``plan`` (a generator's own output) and only it."""
-    import importlib
-
-    sim = importlib.import_module("dtensor_plus.layouts.pipeline.simulate")  # the module (its package exports
-    # a function of the same name)
-    original = sim.validate
-    sim.validate = lambda schedule: None if schedule is plan else original(schedule)
-    try:
-        yield
-    finally:
-        sim.validate = original
 
 
 @functools.lru_cache(maxsize=4096)
@@ -302,6 +286,5 @@ def _simulate_pipeline(schedule: str, pp: int, m: int, v: int, rel: tuple, p2p: 
             costs[Kind.W, stage] = of_rank(weight, rank) / chunks
         else:
             costs[Kind.BW, stage] = (of_rank(backward, rank) + of_rank(weight, rank)) / chunks
-    with _trusted(plan):
-        result = simulate(plan, costs, latency=p2p)
+    result = simulate(plan, costs, latency=p2p, validated=True)  # a generator's own output: see _schedule
     return result.step_time, result.peak_in_flight
