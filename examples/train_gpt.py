@@ -219,13 +219,13 @@ def train(model, opt, data_batches, place=lambda t: t, log=None, scope=contextli
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step()
         # NOTE: .item() syncs (and, for a DTensor, all-reduces the loss): fine for a progress line.
         losses.append(loss.full_tensor().item() if isinstance(loss, DTensor) else loss.item())
         if log is not None:
             load = f"  {model.moe_load_line()}" if getattr(model, "moe_layers", list)() else ""  # tokens per expert
             log(f"step {step:4d}  loss {losses[-1]:.4f}  {tokens.numel() / (time.perf_counter() - start):9.0f} tokens/s{load}")
+        if after_step is not None:  # after the progress line: it shows the placement the step ran with
+            after_step()
         if checkpoints is not None:
             checkpoints.after_step(losses)
     return losses
