@@ -19,9 +19,9 @@ the merged dim (``strided_view_placements``): B groups, the rows inside each spl
 the groups end, (B*H) -> (B, H), gives back Shard(1); a split whose output dim holds the inner factor keeps
 it strided there (striped (B*T) -> (B, T): StridedShard(0, B*T/n) -> StridedShard(1, T/n), so a linear
 layer's fold and unfold move nothing); a view that leaves the dim alone keeps it, a flatten that puts it
-behind more dims keeps it with a larger ``outer`` (where its pieces stay whole rows); any other view gathers it. A zigzag StridedShard (load-balanced context parallelism) follows the same algebra with 2n
-pieces: (B, T) -> (B*T) with T zigzag is StridedShard(0, B, zigzag=True), and back to StridedShard(1, 1,
-zigzag=True). This is what keeps attention heads sharded through ``matmul``'s (B*H, T, K) ``bmm``.
+behind more dims keeps it with a larger ``outer`` (where its pieces stay whole rows); any other view gathers
+it. A zigzag StridedShard (load-balanced context parallelism) follows the same algebra with 2n pieces:
+(B, T) -> (B*T) with T zigzag is StridedShard(0, B, zigzag=True), and back to StridedShard(1, 1, zigzag=True). This is what keeps attention heads sharded through ``matmul``'s (B*H, T, K) ``bmm``.
 
 Slicing uses the same check (``slice_aligns``): a slice of a sharded dim stays sharded where each rank's
 part of the slice is exactly its torch.chunk block of the result (e.g. x[:, :-1] of an even split).

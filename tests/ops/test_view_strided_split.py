@@ -19,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import dtensor_plus
 from dtensor_plus import Replicate, Shard, comm_mode, init_device_mesh
 from dtensor_plus.layouts import context_parallel, striped_placement
 from dtensor_plus.placements import StridedShard
