@@ -21,7 +21,8 @@ it strided there (striped (B*T) -> (B, T): StridedShard(0, B*T/n) -> StridedShar
 layer's fold and unfold move nothing); a view that leaves the dim alone keeps it, a flatten that puts it
 behind more dims keeps it with a larger ``outer`` (where its pieces stay whole rows); any other view gathers
 it. A zigzag StridedShard (load-balanced context parallelism) follows the same algebra with 2n pieces:
-(B, T) -> (B*T) with T zigzag is StridedShard(0, B, zigzag=True), and back to StridedShard(1, 1, zigzag=True). This is what keeps attention heads sharded through ``matmul``'s (B*H, T, K) ``bmm``.
+(B, T) -> (B*T) with T zigzag is StridedShard(0, B, zigzag=True), and back to StridedShard(1, 1, zigzag=True).
+This is what keeps attention heads sharded through ``matmul``'s (B*H, T, K) ``bmm``.
 
 Slicing uses the same check (``slice_aligns``): a slice of a sharded dim stays sharded where each rank's
 part of the slice is exactly its torch.chunk block of the result (e.g. x[:, :-1] of an even split).
