@@ -119,6 +119,12 @@ def peak_in_flight(schedule: Schedule) -> tuple[int, ...]:
 
     It depends only on each rank's order, not on timing, so it needs no costs.
     """
+    return _peak_held(schedule, released_by=(Kind.B, Kind.BW))
+
+
+def _peak_held(schedule: Schedule, released_by: tuple) -> tuple[int, ...]:
+    """Per rank, the most activations held at once: each from its F until the first action of a kind in
+    ``released_by``."""
     peaks = []
     for acts in schedule.actions:
         held = peak = 0
@@ -126,7 +132,7 @@ def peak_in_flight(schedule: Schedule) -> tuple[int, ...]:
             if a.kind is Kind.F:
                 held += 1
                 peak = max(peak, held)
-            elif a.kind in (Kind.B, Kind.BW):
+            elif a.kind in released_by:
                 held -= 1
         peaks.append(peak)
     return tuple(peaks)
@@ -217,14 +223,4 @@ def activation_formula(name: str, p: int, k: int = 1) -> int:
 def peak_until_w(schedule: Schedule) -> tuple[int, ...]:
     """Per rank, the most activations held at once counting each from its F to its W (or BW): the
     controllable-memory paper's accounting, since W still reads the layer inputs."""
-    peaks = []
-    for acts in schedule.actions:
-        held = peak = 0
-        for a in acts:
-            if a.kind is Kind.F:
-                held += 1
-                peak = max(peak, held)
-            elif a.kind in (Kind.W, Kind.BW):
-                held -= 1
-        peaks.append(peak)
-    return tuple(peaks)
+    return _peak_held(schedule, released_by=(Kind.W, Kind.BW))
