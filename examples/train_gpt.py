@@ -161,7 +161,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--moe-balance place moves experts with their AdamW state along the dp (= ep) ranks: use it "
                      "with --zero 0 and without --checkpoint (the rebalancer's load window is not saved)")
     try:
-        args.moe_balancing = MoEBalancing(args.moe_balance, args.moe_balance_every, args.moe_balance_rate, args.moe_skew)
+        args.moe_balancing = MoEBalancing(args.moe_balance, args.moe_balance_every, args.moe_balance_rate,
+                                          args.moe_skew)
     except ValueError as err:
         parser.error(str(err))
     if args.batch_size % args.dp:
