@@ -42,7 +42,7 @@ from .wire_dtypes import divide as _divide, nbytes as _nbytes, pad_dim as _pad_d
 __all__ = [
     "comm_mode", "CommCounter", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "scatter",
     "all_gather_flat", "reduce_scatter_flat", "all_to_all_splits", "AllToAllSplits", "every_rank_rows",
-    "reduce", "all_to_all_splits_async",
+    "reduce",
 ]
 
 # torch >= 2.12 renamed the tensor-in/tensor-out collectives; older releases have only the old names.
@@ -237,14 +237,15 @@ def all_to_all(t: torch.Tensor, mesh, mesh_dim: int, gather_dim: int, gather_siz
     return gathered.narrow(gather_dim, 0, gather_size).narrow(scatter_dim, 0, mine).contiguous()
 
 
-def all_to_all_splits(t: torch.Tensor, mesh, mesh_dim: int, send_splits, recv_splits) -> torch.Tensor:
+def all_to_all_splits(t: torch.Tensor, mesh, mesh_dim: int, send_splits, recv_splits, *, async_op: bool = False):
     """Variable-size all-to-all along ``mesh_dim`` (no padding): this rank sends rows
     ``[sum(send_splits[:j]), sum(send_splits[:j+1]))`` of ``t`` to local rank j and returns the rows it receives,
     concatenated in source-rank order (``recv_splits[j]`` rows from rank j). Every rank must know what it
     receives (exchange the counts first, e.g. with an equal-split call of this function).
 
     Bytes: the rows this rank sends to the other ranks (its own piece stays home), so for even splits exactly
-    the (n-1)/n x local size of ``all_to_all``.
+    the (n-1)/n x local size of ``all_to_all``. ``async_op=True`` returns a ``PendingCollective`` whose ``wait()``
+    gives the received rows (MoE dispatch pipelined with expert compute, layouts/moe_pipelined.py).
     """
     n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
     send_splits, recv_splits = [int(s) for s in send_splits], [int(s) for s in recv_splits]
@@ -253,13 +254,19 @@ def all_to_all_splits(t: torch.Tensor, mesh, mesh_dim: int, send_splits, recv_sp
             f"all_to_all_splits on a mesh dim of {n} ranks needs {n} send and {n} recv splits, the send ones "
             f"summing to the {t.shape[0]} rows sent; got send {send_splits}, recv {recv_splits}"
         )
-    send = _wire(t.contiguous())
+    send = _wire(t.detach().contiguous())
     out = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
     row_bytes = math.prod(send.shape[1:]) * send.element_size()
     _record("all_to_all", mesh, mesh_dim, (sum(send_splits) - send_splits[index]) * row_bytes)
-    _run("all_to_all", mesh, mesh_dim, dist.all_to_all_single, out, send,
-         output_split_sizes=recv_splits, input_split_sizes=send_splits)
-    return out.view(t.dtype)
+    work = _run("all_to_all", mesh, mesh_dim, dist.all_to_all_single, out, send,
+                output_split_sizes=recv_splits, input_split_sizes=send_splits, async_op=async_op)
+    if not async_op:
+        return out.view(t.dtype)
+
+    def finish(_sending=send):  # holds the send buffer until the transfer is waited for
+        return out.view(t.dtype)
+
+    return PendingCollective("all_to_all", mesh, mesh_dim, work, finish)
 
 
 class AllToAllSplits(torch.autograd.Function):
@@ -442,31 +449,3 @@ def reduce(t: torch.Tensor, mesh, mesh_dim: int, dst_index: int, reduce_op: str 
     if index != dst_index:
         return None
     return back(_divide(out, n) if reduce_op == "avg" else out)
-
-
-
-# -- variable-split all-to-all in flight (mixture-of-experts dispatch pipelined with expert compute) ------------
-
-
-def all_to_all_splits_async(t: torch.Tensor, mesh, mesh_dim: int, send_splits, recv_splits) -> PendingCollective:
-    """``all_to_all_splits`` issued without waiting: returns a ``PendingCollective`` whose ``wait()`` gives the
-    received rows. Bytes: counted when issued, as ``all_to_all_splits`` counts them. Not differentiable: the
-    caller pairs it with the inverse all-to-all for backward (layouts/moe_pipelined.py)."""
-    n, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
-    send_splits, recv_splits = [int(s) for s in send_splits], [int(s) for s in recv_splits]
-    if len(send_splits) != n or len(recv_splits) != n or sum(send_splits) != t.shape[0]:
-        raise ValueError(
-            f"all_to_all_splits_async on a mesh dim of {n} ranks needs {n} send and {n} recv splits, the send ones "
-            f"summing to the {t.shape[0]} rows sent; got send {send_splits}, recv {recv_splits}"
-        )
-    send = _wire(t.detach().contiguous())
-    out = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
-    row_bytes = math.prod(send.shape[1:]) * send.element_size()
-    _record("all_to_all", mesh, mesh_dim, (sum(send_splits) - send_splits[index]) * row_bytes)
-    work = _run("all_to_all", mesh, mesh_dim, dist.all_to_all_single, out, send, output_split_sizes=recv_splits,
-                input_split_sizes=send_splits, async_op=True)
-
-    def finish(_sending=send):  # holds the send buffer until the transfer is waited for
-        return out.view(t.dtype)
-
-    return PendingCollective("all_to_all", mesh, mesh_dim, work, finish)

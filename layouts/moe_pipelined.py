@@ -5,7 +5,7 @@ Every (peer rank, expert) group of rows is cut into ``chunks`` pieces of near-eq
 g rows: rows ``floor(g c / C)`` to ``floor(g (c+1) / C)``), so each chunk is itself a dispatch of the same
 shape as the whole one: both sides derive its split sizes from the counts exchanged once up front, and each
 expert sees a share of its rows in every chunk. The all-to-alls are issued with
-``collectives.all_to_all_splits_async`` and waited for just before their rows are needed.
+``collectives.all_to_all_splits(..., async_op=True)`` and waited for just before their rows are needed.
 
 Forward overlaps; backward does not: each chunk's backward runs the inverse all-to-all synchronously (autograd
 runs one node at a time), as the unchunked dispatch does. Bytes: exactly those of the unchunked dispatch, in
@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from dtensor_plus.collectives import all_to_all_splits, all_to_all_splits_async
+from dtensor_plus.collectives import all_to_all_splits
 
 __all__ = ["exchange_pipelined", "chunk_pieces"]
 
@@ -71,7 +71,7 @@ def exchange_pipelined(rows_AD: torch.Tensor, counts_E: torch.Tensor, through: C
 
     def start(c, rows, forward=True):
         splits = (send_splits[c], recv_splits[c]) if forward else (recv_splits[c], send_splits[c])
-        return all_to_all_splits_async(rows, mesh, ep_mesh_dim, *splits), splits
+        return all_to_all_splits(rows, mesh, ep_mesh_dim, *splits, async_op=True), splits
 
     dispatch, outs, combine = [start(0, sent[0])], [], []
     for c in range(chunks):
