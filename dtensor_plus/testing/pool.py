@@ -26,6 +26,8 @@ from multiprocessing import connection, get_context
 import torch
 import torch.distributed as dist
 
+from dtensor_plus import random as dtp_random
+
 __all__ = ["RankError", "run_on_ranks", "shutdown_pools"]
 
 MAX_WORLD_SIZE = 8
@@ -290,6 +292,7 @@ def _rank_main(rank: int, world_size: int, port: int, pg_timeout_s: float, env: 
     except BaseException:
         conn.send_bytes(pickle.dumps(("raised", traceback.format_exc(), None)))
         return
+    fresh_rng = dtp_random.get_rng_state()
     while True:
         try:
             sys_path, payload = pickle.loads(conn.recv_bytes())
@@ -297,6 +300,9 @@ def _rank_main(rank: int, world_size: int, port: int, pg_timeout_s: float, env: 
             os._exit(0)
         if sys_path is not None:
             sys.path[:] = sys_path
+        # Each call starts from a fresh process's random state: a test that seeded strict mode (or drew numbers)
+        # must not change what the next test on this worker draws or which compute path it takes.
+        dtp_random.set_rng_state(fresh_rng)
         reply = _serve_one(payload)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -200,3 +200,25 @@ def test_per_call_overhead():
             run_on_ranks(world_size, noop)
         per_call_ms = (time.perf_counter() - start) / calls * 1e3
         print(f"\nrun_on_ranks({world_size}, noop): {per_call_ms:.2f} ms per call", file=sys.stderr)
+
+
+def _seed_strict_and_draw():
+    import dtensor_plus as dtp
+
+    dtp.manual_seed(3, strict=True)
+    return torch.rand(1).item()
+
+
+def _rng_mode_and_draw():
+    import dtensor_plus as dtp
+
+    return dtp.random.is_strict(), torch.rand(1).item()
+
+
+def test_each_call_starts_from_a_fresh_random_state():
+    """A test that seeds strict mode must not leave the next test on the same worker in it (strict mode sends
+    replicate()'s forward down the DTensor path: a later test then measured the wrong path)."""
+    before = run_on_ranks(2, _rng_mode_and_draw)
+    run_on_ranks(2, _seed_strict_and_draw)
+    assert run_on_ranks(2, _rng_mode_and_draw) == before
+    assert not before[0][0]
