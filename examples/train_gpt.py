@@ -41,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dtensor_plus as dtp  # noqa: E402
 from dtensor_plus import DTensor, checkpoint  # noqa: E402
-from dtensor_plus.layouts import context_parallel, loss_parallel  # noqa: E402
+from dtensor_plus.layouts import loss_parallel  # noqa: E402
 from dtensor_plus.layouts.pipeline import SCHEDULES  # noqa: E402
 from auto_layout import AUTO_FLAGS, auto_flags  # noqa: E402
 from gpt import GPT, PRESETS, GPTConfig  # noqa: E402
-from gpt_layouts import Layout, make_mesh, make_optimizer, place_batch, place_model  # noqa: E402,F401
+from gpt_layouts import CP_BALANCES, CP_MESH_DIMS, Layout, cp_scope, make_mesh, make_optimizer, place_batch, place_model  # noqa: E402,F401,E501
 from moe_balancing import MODES as BALANCE_MODES, MoEBalancing, experts_in_id_order, skew_router  # noqa: E402
 
 MAX_TEXT_BYTES = 4 << 20  # enough text for a small model; reading all of the stdlib (~30 MB) takes seconds
@@ -84,8 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sp", action="store_true", help="sequence parallelism on the tp mesh dim")
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage on the dp mesh dim")
     parser.add_argument("--cp", type=int, default=1, help="context-parallel size (sequence sharded through attention)")
-    parser.add_argument("--cp-kind", default="ring", choices=("ring", "ulysses"))
-    parser.add_argument("--cp-balance", action="store_true", help="zigzag the sequence over cp (causal load balance)")
+    parser.add_argument("--cp-kind", default="ring", choices=tuple(CP_MESH_DIMS))
+    parser.add_argument("--cp-balance", nargs="?", const="zigzag", default="none", choices=CP_BALANCES)  # of the ring
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages on a pp mesh dim (outermost)")
     parser.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES), help="pipeline schedule (--pp > 1)")
     parser.add_argument("--balanced", action="store_true", help="--pp: stages cut by partition_layers, not evenly")
@@ -303,7 +303,7 @@ def compare_with_single(config: GPTConfig, layout: Layout, batch_list, lr: float
     place_model(model, mesh, layout)
     opt = make_optimizer(model, mesh, layout, lr)
     dtp.manual_seed(seed + 1, strict=True)  # dropout drawn as one device would
-    scope = functools.partial(context_parallel, "cp", layout.cp_kind) if layout.cp > 1 else contextlib.nullcontext
+    scope = cp_scope(layout)  # context_parallel on the layout's context mesh dims, or nothing
     place = functools.partial(place_batch, mesh=mesh, balance=layout.cp_balance)
     checkpoints = Checkpoints(checkpoint, save_every, model, opt, fail_at_step, log) if checkpoint else None
     balance_steps = balancing.stepper(model, opt) if config.moe_experts else None
@@ -401,7 +401,7 @@ def layout_title(args) -> str:
     parts = [f"{name}={getattr(args, name)}" for name in ("pp", "dp", "tp", "cp") if getattr(args, name) > 1]
     parts += ["sp"] * args.sp + [f"zero-{args.zero}"] * bool(args.zero)
     if args.cp > 1:
-        parts.append(f"cp-kind={args.cp_kind}" + (" balanced" if args.cp_balance else ""))
+        parts.append(f"cp-kind={args.cp_kind}" + (f" {args.cp_balance} balance" if args.cp_balance != "none" else ""))
     if args.pp > 1:
         parts.append(f"{args.schedule} x {args.microbatches} microbatches")
     if args.moe:
