@@ -92,13 +92,13 @@ def cp_shape(cp: int, kind: str) -> tuple[int, ...]:
     return shape
 
 
-def _split(size: int, count: int) -> tuple[int, ...] | None:
-    """``size`` as a product of ``count`` factors > 1, the outer ones as large as they can be without passing the
-    inner ones; None if there is none."""
+def _split(size: int, count: int, least: int = 2) -> tuple[int, ...] | None:
+    """``size`` as a product of ``count`` factors >= ``least``, in non-decreasing order, the outer ones as large
+    as they can be; None if there is none."""
     if count == 1:
-        return (size,) if size > 1 else None
-    for outer in reversed([d for d in range(2, size) if size % d == 0 and d ** count <= size]):
-        inner = _split(size // outer, count - 1)
+        return (size,) if size >= least else None
+    for outer in reversed([d for d in range(least, size) if size % d == 0 and d ** count <= size]):
+        inner = _split(size // outer, count - 1, outer)
         if inner is not None:
             return (outer, *inner)
     return None

@@ -12,8 +12,12 @@ would fail). tests/examples/test_train_gpt_layouts.py covers ring, zigzag and Ul
 import sys
 from pathlib import Path
 
+import math
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import dtensor_plus as dtp
 from dtensor_plus import DTensor
@@ -137,3 +141,23 @@ def test_layout_names_the_schemes_and_refuses_what_cannot_run(capsys):
     with pytest.raises(SystemExit):  # the old flag form, alone, still means zigzag (which needs cp > 1)
         train_gpt.parse_args(["--cp-balance", "--cp", "1"])
     assert "cp_balance='zigzag' balances ring attention" in capsys.readouterr().err
+
+
+@given(cp=st.integers(2, 200), kind=st.sampled_from(sorted(CP_MESH_DIMS)))
+def test_cp_splits_over_the_kinds_mesh_dims(cp, kind):
+    """cp_shape: as many factors as the kind has mesh dims, each > 1, outer ones no larger, multiplying to cp;
+    or a ValueError only when no such split exists (checked by brute force)."""
+    count = len(CP_MESH_DIMS[kind])
+
+    def splits(size, parts):
+        if parts == 1:
+            return size > 1
+        return any(size % d == 0 and splits(size // d, parts - 1) for d in range(2, size))
+
+    if not splits(cp, count):
+        with pytest.raises(ValueError, match=f"cp={cp} has no such split"):
+            cp_shape(cp, kind)
+        return
+    shape = cp_shape(cp, kind)
+    assert len(shape) == count and math.prod(shape) == cp and min(shape) > 1, shape
+    assert list(shape) == sorted(shape), shape
