@@ -30,8 +30,9 @@ the two on their own mesh dims; the double ring's slow (outer) links carry m-1 o
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,9 @@ import torch.nn.functional as F
 import dtensor_plus as dtp
 from dtensor_plus import Shard
 from dtensor_plus.layouts import context_parallel, striped_placement
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from context_parallel import timed  # noqa: E402  (the median step on the slowest rank, as the ring's benchmark times it)
 from dtensor_plus.ops import distflash_attention, ring_attention
 from dtensor_plus.ops.distflash_attention import distflash_blocks
 from dtensor_plus.placements import StridedShard
@@ -121,18 +125,6 @@ def run_scheme(whole, mesh, placements, cp_args, repeats):
     return forward, backward, counter[0], timed(step, repeats)
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    slowest = torch.tensor([statistics.median(times)])
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return slowest.item() * 1e3
-
-
 def gathered(value: float) -> list[float]:
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
@@ -150,6 +142,8 @@ def main() -> None:
     args = parser.parse_args()
     dist.init_process_group("gloo")
     n, rank0 = dist.get_world_size(), dist.get_rank() == 0
+    if n not in (4, 8):  # the 2-D schemes need an even split of at least 2 x 2 ranks
+        raise SystemExit(f"sequence_parallel_schemes runs on 4 or 8 ranks (--nproc-per-node 4 or 8), not {n}")
     say = print if rank0 else (lambda *a, **k: None)
     B, H, Hkv, S, D = args.batch, args.heads, args.kv_heads, args.seq, args.head_dim
     gen = torch.Generator().manual_seed(0)
