@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from dtensor_plus.layouts import (ZeroRedundancyOptimizer, fully_shard, loss_par
 from dtensor_plus.layouts.pipeline import PipelineSchedule, PipelineStage, build_schedule  # noqa: E402
 from gpt import GPT, GPTConfig, tp_plan  # noqa: E402
 
-__all__ = ["GPTStage", "split_gpt", "place_stage", "gpt_loss", "make_pp_mesh", "compare_pipeline_with_single"]
+__all__ = ["GPTStage", "chunk_attention", "split_gpt", "place_stage", "gpt_loss", "make_pp_mesh", "compare_pipeline_with_single"]
 
 
 class GPTStage(nn.Module):
@@ -51,12 +52,19 @@ class GPTStage(nn.Module):
         if last:
             self.ln_f, self.head = model.ln_f, model.head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sequence_chunk=None) -> torch.Tensor:
+        """``sequence_chunk``: the ``SequenceChunk`` a sequence schedule (seq1f1b, terapipe) runs; x then holds
+        positions [start, start + length) of its sample, and attention reads the earlier chunks' keys and values."""
+        start = 0 if sequence_chunk is None else sequence_chunk.start
         if self.is_first:  # x: tokens (B, T)
-            x = self.tok_emb(x) + self.pos_emb[: x.shape[1]]  # (B, T, D)
+            x = self.tok_emb(x) + self.pos_emb[start : start + x.shape[1]]  # (B, T, D)
             x = F.dropout(x, self.config.dropout, self.training)
         for block in self.blocks:
-            x = block(x)
+            if sequence_chunk is None:
+                x = block(x)
+            else:  # gpt.py's Block.forward with the chunk's attention
+                x = x + chunk_attention(block.attn, block.ln1(x), sequence_chunk)
+                x = x + block.mlp(block.ln2(x))
         return self.head(self.ln_f(x)) if self.is_last else x  # (B, T, V) or (B, T, D)
 
     def model_name(self, name: str) -> str:
@@ -65,6 +73,25 @@ class GPTStage(nn.Module):
             _, index, rest = name.split(".", 2)
             return f"blocks.{int(index) + self.first_block}.{rest}"
         return name
+
+
+def chunk_attention(attn, x_BTD: torch.Tensor, chunk) -> torch.Tensor:
+    """gpt.py's ``CausalSelfAttention`` (its q, k, v, proj and causal mask) on one sequence chunk: queries at
+    positions [start, start + T), keys and values of [0, start + T) from ``chunk.keys_values``, so causal
+    attention is exactly one device's over the whole sequence."""
+    B, T, D = x_BTD.shape
+    H, K = attn.num_heads, D // attn.num_heads
+    q_BHTK, k_BHTK, v_BHTK = (lin(x_BTD).view(B, T, H, K).transpose(1, 2) for lin in (attn.q, attn.k, attn.v))
+    k_BHSK, v_BHSK = chunk.keys_values(attn, k_BHTK, v_BHTK)  # S = start + T: this chunk and the earlier ones
+    S = k_BHSK.shape[2]
+    masked_TS = attn.causal_TT[S - T : S, :S]
+    if attn.kind == "sdpa":
+        y_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHSK, v_BHSK, attn_mask=~masked_TS)
+    else:
+        scores_BHTS = (q_BHTK @ k_BHSK.transpose(-2, -1) / math.sqrt(K)).masked_fill(masked_TS, float("-inf"))
+        y_BHTK = F.dropout(scores_BHTS.softmax(-1), attn.dropout, attn.training) @ v_BHSK
+    y_BTD = y_BHTK.transpose(1, 2).reshape(B, T, D)
+    return F.dropout(attn.proj(y_BTD), attn.dropout, attn.training)
 
 
 def split_gpt(model: GPT, num_stages: int, *, boundaries=None, policies=None) -> list[GPTStage]:

@@ -23,8 +23,8 @@ probe: 170 us against 77 us for one 32 KiB isend), paid ~40 times a step by an i
 has its own tag (stage boundary, microbatch, kind), so a rank that posts its receives in another order than its
 peer's sends still matches them. With a schedule that passes ``validate`` no rank waits on a receive whose send
 sits behind a blocking op on the peer (waiting later than the RECV action cannot add a wait on the peer: sends
-never block). Microbatch losses are scaled by 1/m
-(``scale_grads``), so gradients equal one device's on the whole batch with a mean loss; gradients accumulate
+never block). Microbatch losses are scaled by 1/m (``scale_grads``; a sequence schedule's chunks by their share
+of the tokens, ``sequence_chunks.py``), so gradients equal one device's on the whole batch with a mean loss; gradients accumulate
 across microbatches in ``.grad``, and STEP runs ``optimizer.step()`` and ``zero_grad()`` (nothing when no
 optimizer is given: the caller steps). Weights shared across stages have their gradients summed over the stages
 holding them right before STEP (``shared.py``). B/W split: ``backward.py``.
@@ -32,14 +32,16 @@ holding them right before STEP (``shared.py``). B/W split: ``backward.py``.
 
 from __future__ import annotations
 
+import inspect
 import time
-
 
 from dtensor_plus import point_to_point
 from dtensor_plus.renamed import renamed_keywords
 
 from .actions import Action, Event, Kind, Schedule
-from .microbatch import merge_microbatches, split_microbatches
+from .microbatch import (merge_microbatches, merge_sequence_microbatches, split_microbatches,
+                         split_sequence_microbatches)
+from .sequence_chunks import SequenceSplit
 from .shared import SharedWeights
 from .stage import PipelineStage
 
@@ -54,14 +56,24 @@ TORCH_NAMES = {"ScheduleGPipe": "gpipe", "Schedule1F1B": "1f1b", "ScheduleInterl
 
 
 @renamed_keywords(num_microbatches="n_microbatches")
-def build_schedule(name: str, num_ranks: int, n_microbatches: int, stages_per_rank: int = 1) -> Schedule:
-    """The Schedule named ``name`` (a key of ``registry.SCHEDULES``, or torch's class name); ``stages_per_rank`` is
-    the looped schedules' v and ignored by the others (V and Chimera placements hold two stages per rank)."""
+def build_schedule(name: str, num_ranks: int, n_microbatches: int, stages_per_rank: int = 1,
+                   sequence_chunks: int = 1) -> Schedule:
+    """The Schedule named ``name`` (a key of ``registry.SCHEDULES`` or ``SEQUENCE_SCHEDULES``, or torch's class
+    name); ``stages_per_rank`` is the looped schedules' v and ignored by the others (V and Chimera placements hold
+    two stages per rank); ``sequence_chunks``: the k of the sequence schedules (``n_microbatches`` samples in k
+    chunks each: a Schedule of k * n_microbatches units)."""
     from .registry import LOOPED, SCHEDULES
+    from .schedules_sequence import SEQUENCE_SCHEDULES
 
     key = TORCH_NAMES.get(name, name)
+    if key in SEQUENCE_SCHEDULES:
+        return SEQUENCE_SCHEDULES[key](p=num_ranks, m=n_microbatches, k=sequence_chunks)
+    if sequence_chunks != 1:
+        raise ValueError(f"schedule {name!r} runs whole microbatches; sequence_chunks={sequence_chunks} goes with "
+                         f"{sorted(SEQUENCE_SCHEDULES)}")
     if key not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; known: {sorted(SCHEDULES)} (or {sorted(TORCH_NAMES)})")
+        raise ValueError(f"unknown schedule {name!r}; known: {sorted(SCHEDULES) + sorted(SEQUENCE_SCHEDULES)} "
+                         f"(or {sorted(TORCH_NAMES)})")
     if key in LOOPED:
         return SCHEDULES[key](p=num_ranks, m=n_microbatches, v=stages_per_rank)
     return SCHEDULES[key](p=num_ranks, m=n_microbatches)
@@ -77,10 +89,14 @@ class PipelineSchedule:
         loss_fn: ``loss_fn(output, target) -> scalar`` for one microbatch, on the last stage.
         optimizer: stepped (then zeroed) at the schedule's STEP, after this rank's last W; None: the caller steps.
         scale_grads: backpropagate each microbatch loss times 1/m (a mean loss over the batch); False for sums.
+            With sequence chunks, each chunk's mean loss times its share of the batch's tokens (``loss_weights``).
+        sequence_chunks: k, with a sequence schedule by name (``seq1f1b``, ``terapipe``): ``n_microbatches``
+            samples, each cut along dim 1 into k chunks; the stage modules take ``sequence_chunk=``
+            (``sequence_chunks.py``).
     """
 
     def __init__(self, stages, schedule: str | Schedule, n_microbatches: int | None = None, loss_fn=None, *,
-                 optimizer=None, scale_grads: bool = True):
+                 optimizer=None, scale_grads: bool = True, sequence_chunks: int = 1):
         stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
         if not stages or not all(isinstance(s, PipelineStage) for s in stages):
             raise TypeError(f"stages must be PipelineStage(s), got {stages!r}")
@@ -89,9 +105,10 @@ class PipelineSchedule:
         if isinstance(schedule, str):
             if n_microbatches is None:
                 raise ValueError(f"schedule {schedule!r} by name needs n_microbatches")
-            schedule = build_schedule(schedule, num_ranks, n_microbatches, len(stages))
-        elif n_microbatches not in (None, schedule.n_microbatches):
-            raise ValueError(f"n_microbatches={n_microbatches} but the schedule has {schedule.n_microbatches}")
+            schedule = build_schedule(schedule, num_ranks, n_microbatches, len(stages), sequence_chunks)
+        elif n_microbatches not in (None, schedule.n_microbatches // schedule.sequence_chunks):
+            raise ValueError(f"n_microbatches={n_microbatches} but the schedule has "
+                             f"{schedule.n_microbatches // schedule.sequence_chunks}")
         from .validate import validate
 
         validate(schedule, in_order=False)  # tagged messages: receives need not follow send order
@@ -108,10 +125,7 @@ class PipelineSchedule:
             raise ValueError(f"schedule {schedule.name!r} is for {schedule.num_ranks} pipeline ranks, the mesh's "
                              f"{self.pp_mesh_dim!r} dim has {num_ranks}")
         if schedule.sequence_chunks > 1:
-            raise ValueError(f"schedule {schedule.name!r} splits samples into {schedule.sequence_chunks} sequence "
-                             "chunks; "
-                             "the executor runs batch microbatches only (a chunk's attention over the earlier "
-                             "chunks' keys and values across F and B is not built): simulate it instead")
+            _check_sequence_chunks(stages, schedule)
         if any(s.num_pipelines != schedule.num_pipelines for s in stages):
             raise ValueError(f"schedule {schedule.name!r} has {schedule.num_pipelines} pipelines; build every "
                              f"PipelineStage with num_pipelines={schedule.num_pipelines}")
@@ -122,11 +136,13 @@ class PipelineSchedule:
 
     # -- one step -----------------------------------------------------------------------------------------
 
-    def step(self, *args, target=None, losses: list | None = None):
+    def step(self, *args, target=None, losses: list | None = None, seq_len: int | None = None):
         """One training step over the whole batch. ``args[0]``: the batch (used where a first stage lives);
         ``target``: the targets (used where a last stage lives); ``losses``: filled there with the loss of each
-        microbatch ending there, in microbatch order. Returns the merged last-stage output on the rank holding
-        every microbatch's (with one pipeline: the last stage's), else None."""
+        microbatch ending there, in microbatch order (``loss_weights[mb]`` times each sums to the batch mean).
+        ``seq_len``: with sequence chunks, the sequence length on a rank given neither batch nor targets. Returns
+        the merged last-stage output on the rank holding every microbatch's (with one pipeline: the last
+        stage's), else None."""
         m = self.schedule.n_microbatches
         # the microbatches whose input enters here, and those whose loss is computed here (all, with one pipeline)
         runs = self.schedule.runs
@@ -134,11 +150,21 @@ class PipelineSchedule:
         last = sorted(mb for mb in range(m) for s, stage in self.stages.items() if stage.is_last and runs(s, mb))
         if first and not args:
             raise ValueError("this rank holds a first stage: pass the batch, step(batch, ...)")
-        self._inputs = split_microbatches(args[0], m) if first else None
         wants_loss = bool(last) and self.loss_fn is not None
         if wants_loss and target is None:
             raise ValueError("this rank holds the last stage and has a loss_fn: pass step(..., target=targets)")
-        self._targets = split_microbatches(target, m) if wants_loss else None
+        split = self._sequence_split(args, target, seq_len)
+        for stage in self.stages.values():
+            stage.begin_sequence_step(split)
+        if split is None:
+            self._inputs = split_microbatches(args[0], m) if first else None
+            self._targets = split_microbatches(target, m) if wants_loss else None
+            self.loss_weights = [1.0 / m] * m
+        else:
+            self._inputs = split_sequence_microbatches(args[0], split.num_samples, split.lengths) if first else None
+            self._targets = (split_sequence_microbatches(target, split.num_samples, split.lengths) if wants_loss
+                             else None)
+            self.loss_weights = [split.loss_weight(u) for u in range(m)]
         self._outputs, self._losses, self._pending_sends = {}, {}, []
         self._early_recvs = {}  # (kind, stage, microbatch) -> the work of a receive posted before its RECV action
         self._unwaited = {}  # (kind, stage, microbatch) -> (work, RECV action) whose RECV action has come: waited at use
@@ -168,8 +194,24 @@ class PipelineSchedule:
         if losses is not None and wants_loss:
             losses.extend(self._losses[mb] for mb in last)
         if len(last) == m:  # every microbatch's output is here (one pipeline: the last stage's rank)
-            return merge_microbatches([self._outputs[mb] for mb in range(m)])
+            outputs = [self._outputs[mb] for mb in range(m)]
+            return merge_microbatches(outputs) if split is None else merge_sequence_microbatches(outputs, split.num_chunks)
         return None
+
+    def _sequence_split(self, args, target, seq_len: int | None) -> SequenceSplit | None:
+        """This step's cut into sequence chunks (None for whole microbatches): the sequence length from the batch,
+        the targets or ``seq_len``, whichever this rank has (every rank needs it: chunks' shapes cross stages)."""
+        k = self.schedule.sequence_chunks
+        if k == 1:
+            return None
+        known = {t.shape[1] for t in (args[0] if args else None, target) if t is not None and t.ndim >= 2}
+        if seq_len is not None:
+            known.add(seq_len)
+        if len(known) != 1:
+            raise ValueError(f"schedule {self.schedule.name!r} cuts the sequence into {k} chunks and needs its length on "
+                             f"every rank: {'got ' + str(sorted(known)) if known else 'pass'} step(..., seq_len=T) "
+                             "(or the batch / targets of shape (B, T, ...))")
+        return SequenceSplit(self.schedule.n_microbatches // k, k, known.pop())
 
     def _record(self, action: Action, start: float, cpu_start: float | None = None) -> None:
         cpu = None if cpu_start is None else time.thread_time() - cpu_start
@@ -192,8 +234,7 @@ class PipelineSchedule:
             if stage.is_first:
                 stage.set_input(mb, self._inputs[mb])
             target = self._targets[mb] if stage.is_last and self._targets is not None else None
-            out, loss = stage.forward_one(mb, self.loss_fn, target, 1.0 / self.schedule.n_microbatches
-                                          if self.scale_grads else 1.0)
+            out, loss = stage.forward_one(mb, self.loss_fn, target, self.loss_weights[mb] if self.scale_grads else 1.0)
             if stage.is_last:
                 self._outputs[mb] = out
                 if loss is not None:
@@ -292,10 +333,27 @@ class PipelineSchedule:
         self._pending_sends = []
 
 
+def _check_sequence_chunks(stages, schedule: Schedule) -> None:
+    """What running sequence chunks needs: the fused backward, and stage modules that take ``sequence_chunk=``."""
+    split = sorted({a.kind.value for acts in schedule.actions for a in acts if a.kind in (Kind.B, Kind.W)})
+    if split:
+        raise ValueError(f"schedule {schedule.name!r} cuts samples into {schedule.sequence_chunks} sequence chunks "
+                         f"and splits backwards into {split}: a chunk's keys and values take their later chunks' "
+                         "gradient only in a fused BW (sequence_chunks.py); use BW actions (seq1f1b, terapipe)")
+    for stage in stages:
+        params = inspect.signature(stage.submodule.forward).parameters.values()
+        if not any(p.name == "sequence_chunk" or p.kind is p.VAR_KEYWORD for p in params):
+            raise TypeError(f"stage {stage.stage_index}: {type(stage.submodule).__name__}.forward takes no "
+                            f"sequence_chunk= argument; schedule {schedule.name!r} runs sequence chunks, whose "
+                            "attention reads the earlier chunks' keys and values (see sequence_chunks.py)")
+
+
 def pipeline_step(schedule, stages, inputs=None, targets=None, loss_fn=None, optimizer=None, *,
-                  n_microbatches: int | None = None, losses: list | None = None, scale_grads: bool = True):
+                  n_microbatches: int | None = None, losses: list | None = None, scale_grads: bool = True,
+                  sequence_chunks: int = 1):
     """One step in one call: ``PipelineSchedule(stages, schedule, ...).step(inputs, target=targets, losses=losses)``.
     Returns (merged last-stage output or None, this rank's timeline)."""
-    pipe = PipelineSchedule(stages, schedule, n_microbatches, loss_fn, optimizer=optimizer, scale_grads=scale_grads)
+    pipe = PipelineSchedule(stages, schedule, n_microbatches, loss_fn, optimizer=optimizer, scale_grads=scale_grads,
+                            sequence_chunks=sequence_chunks)
     output = pipe.step(*(() if inputs is None else (inputs,)), target=targets, losses=losses)
     return output, pipe.timeline

@@ -7,6 +7,8 @@ comes after chunk j-1's, and its backward, which sends gradient into those keys 
 (``Schedule.sequence_chunks`` makes the validator check both). Schedule microbatch u is chunk u % k of sample
 microbatch u // k. Smaller units shrink the bubble, (p-1)/(k*m + p-1) with k*m units instead of m, and Seq1F1B's
 1F1B order holds p + k - 1 chunk activations on the first rank instead of 1F1B's p whole microbatches (p*k chunks).
+The executor runs them (``build_schedule("seq1f1b", p, m, sequence_chunks=k)``): ``sequence_chunks.py`` cuts the
+samples and routes the keys and values between a sample's chunks.
 
     >>> from dtensor_plus.layouts.pipeline.schedules_sequence import seq1f1b
     >>> seq1f1b(p=2, m=1, k=2).actions[1][:4]
@@ -18,7 +20,7 @@ from __future__ import annotations
 from .actions import Action, Kind, Schedule
 from .schedules import _check_counts, with_communication
 
-__all__ = ["seq1f1b", "terapipe"]
+__all__ = ["seq1f1b", "terapipe", "SEQUENCE_SCHEDULES"]
 
 
 def _backward_order(m: int, k: int) -> list[int]:
@@ -52,3 +54,6 @@ def seq1f1b(p: int, m: int, k: int) -> Schedule:
         order += [Action(Kind.BW, r, u) for u in backward[units - warmup:]]
         compute.append(order)
     return with_communication("seq1f1b", units, range(p), compute, sequence_chunks=k)
+
+
+SEQUENCE_SCHEDULES = {"seq1f1b": seq1f1b, "terapipe": terapipe}  # by name, for build_schedule (they take k)

@@ -29,6 +29,7 @@ from dtensor_plus.spec import DTensorSpec
 
 from .backward import SplitBackward, backward_input, backward_weight
 from .header import HEADER_BYTES, ActivationMeta
+from .sequence_chunks import KeyValueCache, SequenceSplit
 
 __all__ = ["PipelineStage", "message_tag", "ActivationMeta", "HEADER_BYTES"]
 
@@ -92,6 +93,8 @@ class PipelineStage:
         self._pending_w: dict[int, SplitBackward] = {}
         self._split_plans: dict = {}  # backward_input's walk of this stage's graph, recorded once
         self._recv_buffers: dict[int, torch.Tensor] = {}
+        self._sequence: SequenceSplit | None = None  # this step's cut when the units are sequence chunks
+        self._kv_caches: dict[int, KeyValueCache] = {}  # sample -> its chunks' keys and values, until chunk 0's BW
 
     def __repr__(self) -> str:
         return f"PipelineStage({self.stage_index}/{self.num_stages}, {type(self.submodule).__name__})"
@@ -99,6 +102,27 @@ class PipelineStage:
     def reset_shapes(self) -> None:
         """Forget the cached activation specs (call on every rank when microbatch shapes change)."""
         self.input_meta = self.output_meta = None
+
+    def begin_sequence_step(self, split: SequenceSplit | None) -> None:
+        """The units of the coming step are the sequence chunks of ``split`` (None: whole microbatches)."""
+        if self._kv_caches:
+            raise RuntimeError(f"stage {self.stage_index}: keys and values of samples {sorted(self._kv_caches)} left "
+                               "from the last step (a chunk 0 backward did not run)")
+        self._sequence = split
+
+    def _meta_of(self, microbatch: int, meta: ActivationMeta) -> ActivationMeta:
+        """``meta`` (the spec the header carried) for ``microbatch``: with sequence chunks, dim 1 is its length."""
+        if self._sequence is None:
+            return meta
+        local = list(meta.local_shape)
+        if meta.global_shape is not None:
+            raise ValueError(f"stage {self.stage_index}: sequence chunks cross stages as plain tensors, this activation "
+                             f"is a DTensor on {meta.mesh_dim_names}; run the sequence schedules on a pp-only mesh")
+        if len(local) < 2:
+            raise ValueError(f"stage {self.stage_index}: an activation of shape {meta.local_shape} has no sequence dim "
+                             "(dim 1) to cut into chunks")
+        local[1] = self._sequence.length(microbatch)
+        return ActivationMeta(tuple(local), meta.dtype)
 
     # -- compute ------------------------------------------------------------------------------------------
 
@@ -124,7 +148,12 @@ class PipelineStage:
         if microbatch not in self._inputs:
             raise RuntimeError(f"stage {self.stage_index}: F for microbatch {microbatch} before its input arrived")
         x, _ = self._inputs[microbatch]
-        out = self.submodule(x)
+        if self._sequence is None:
+            out = self.submodule(x)
+        else:
+            sample = self._sequence.sample_and_chunk(microbatch)[0]
+            cache = self._kv_caches.setdefault(sample, KeyValueCache(self.stage_index, sample))
+            out = self.submodule(x, sequence_chunk=self._sequence.chunk(microbatch, cache))
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"stage {self.stage_index} returned {type(out).__name__}; a stage must return one tensor")
         if self.is_last and loss_fn is not None:
@@ -156,6 +185,10 @@ class PipelineStage:
         torch.autograd.backward(root, grad)
         if leaf is not None:
             self._grad_inputs[microbatch] = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        if self._sequence is not None:
+            sample, chunk = self._sequence.sample_and_chunk(microbatch)
+            if chunk == 0:  # the sample's last backward here: every later chunk's gradient is in its chunks' keys
+                self._kv_caches.pop(sample, None)
 
     def backward_input(self, microbatch: int) -> None:
         """B: the input gradient only; the weight gradients wait for ``backward_weight`` (zero bubble)."""
@@ -175,7 +208,8 @@ class PipelineStage:
     def check_idle(self) -> None:
         """At the end of a step nothing may be left in flight."""
         left = {name: sorted(d) for name, d in (("inputs", self._inputs), ("outputs", self._roots), ("B", self._grad_outputs),
-                                                ("W", self._pending_w), ("sends", self._grad_inputs)) if d}
+                                                ("W", self._pending_w), ("sends", self._grad_inputs),
+                                                ("keys and values of samples", self._kv_caches)) if d}
         if left:
             raise RuntimeError(f"stage {self.stage_index}: microbatches left at the end of the step: {left}")
 
@@ -186,7 +220,7 @@ class PipelineStage:
         out = self._outputs.pop(microbatch)
         local = out._local_tensor if isinstance(out, DTensor) else out
         meta = ActivationMeta.of(out)
-        if self.output_meta is not None and meta != self.output_meta:
+        if self.output_meta is not None and meta != self._meta_of(microbatch, self.output_meta):
             raise ValueError(f"stage {self.stage_index}: output spec changed from {self.output_meta} to {meta}; specs "
                              "are exchanged once: call reset_shapes() on every stage of every rank")
         return local.detach().contiguous(), meta
@@ -234,12 +268,12 @@ class PipelineStage:
 
     def forward_recv(self, microbatch: int, peer: int):
         """The p2p op receiving ``microbatch``'s input shard (the spec must be known)."""
-        buf = torch.empty(self.input_meta.local_shape, dtype=self.input_meta.dtype)
+        buf = torch.empty(self._meta_of(microbatch, self.input_meta).local_shape, dtype=self.input_meta.dtype)
         self._recv_buffers[microbatch] = buf
         return buf, peer, message_tag(self.stage_index, microbatch, _F_DATA, self.num_stages)
 
     def finish_forward_recv(self, microbatch: int) -> None:
-        self.set_input_local(microbatch, self._recv_buffers.pop(microbatch), self.input_meta)
+        self.set_input_local(microbatch, self._recv_buffers.pop(microbatch), self._meta_of(microbatch, self.input_meta))
 
     def backward_sends(self, microbatch: int, peer: int) -> list:
         grad = self._grad_inputs.pop(microbatch).contiguous()
@@ -249,7 +283,7 @@ class PipelineStage:
         """The p2p op receiving the gradient of ``microbatch``'s output (shaped as the output's local shard)."""
         if self.output_meta is None:
             raise RuntimeError(f"stage {self.stage_index}: RECV_B before any SEND_F (the output spec is unknown)")
-        buf = torch.empty(self.output_meta.local_shape, dtype=self.output_meta.dtype)
+        buf = torch.empty(self._meta_of(microbatch, self.output_meta).local_shape, dtype=self.output_meta.dtype)
         self._grad_outputs[microbatch] = buf
         return buf, peer, message_tag(self.stage_index + 1, microbatch, _B_DATA, self.num_stages)
 
