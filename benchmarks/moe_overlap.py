@@ -9,7 +9,9 @@ load drifts; medians over rounds, slowest rank), rank 0 prints:
 
 - forward time, and the exposed communication in it: the time this rank is blocked on the rows' all-to-alls
   (the synchronous ``all_to_all_splits`` calls with one chunk; the ``wait()`` of the issued ones with C);
-- forward + backward time (backward's all-to-alls are synchronous in both: only the forward overlaps);
+- backward time and the exposed communication in it, the same way (with C chunks backward is pipelined too:
+  each gradient all-to-all issued, then waited where its rows are needed);
+- forward + backward time;
 - the all-to-all bytes, which pipelining leaves unchanged.
 
 Timers wrap the library's collective entry points from outside (this file only); nothing in the library
@@ -56,9 +58,10 @@ def slowest(seconds: float) -> float:
     return t.item()
 
 
-def measure(moe, x, repeats: int) -> tuple[float, float, float]:
-    """Median (forward s, blocked s in forward, forward+backward s) over ``repeats``, slowest rank each."""
-    fwd, blocked, step = [], [], []
+def measure(moe, x, repeats: int) -> tuple[float, ...]:
+    """Median (forward s, blocked s in forward, forward+backward s, backward s, blocked s in backward) over
+    ``repeats``, slowest rank each."""
+    fwd, blocked, step, bwd, bwd_blocked = [], [], [], [], []
     for _ in range(repeats + 1):
         dist.barrier()
         BLOCKED[0] = 0.0
@@ -66,10 +69,15 @@ def measure(moe, x, repeats: int) -> tuple[float, float, float]:
         y = moe(x)
         fwd.append(time.perf_counter() - start)
         blocked.append(BLOCKED[0])
-        (y * y).mean().backward()
+        loss = (y * y).mean()
+        BLOCKED[0] = 0.0
+        back_start = time.perf_counter()
+        loss.backward()
+        bwd.append(time.perf_counter() - back_start)
+        bwd_blocked.append(BLOCKED[0])
         step.append(time.perf_counter() - start)
         moe.zero_grad()
-    return tuple(slowest(statistics.median(v[1:])) for v in (fwd, blocked, step))
+    return tuple(slowest(statistics.median(v[1:])) for v in (fwd, blocked, step, bwd, bwd_blocked))
 
 
 def main() -> None:
@@ -106,9 +114,10 @@ def main() -> None:
               f"(CPU, gloo); medians of {args.rounds} alternating rounds x {args.repeats} steps, slowest rank")
         base_fwd = statistics.median(r[0] for r in results[args.chunks[0]])
         for c in args.chunks:
-            fwd, blocked, step = (statistics.median(r[i] for r in results[c]) for i in range(3))
+            fwd, blocked, step, bwd, bwd_blocked = (statistics.median(r[i] for r in results[c]) for i in range(5))
             print(f"chunks {c}: forward {fwd * 1e3:.1f} ms (x{base_fwd / fwd:.2f} vs {args.chunks[0]}), blocked on "
-                  f"all-to-alls {blocked * 1e3:.1f} ms ({blocked / fwd:.0%} of forward), fwd+bwd {step * 1e3:.1f} ms, "
+                  f"all-to-alls {blocked * 1e3:.1f} ms ({blocked / fwd:.0%} of forward); backward {bwd * 1e3:.1f} ms, "
+                  f"blocked {bwd_blocked * 1e3:.1f} ms ({bwd_blocked / bwd:.0%} of backward); fwd+bwd {step * 1e3:.1f} ms, "
                   f"forward all-to-all bytes (rank 0) {sent[c]:,.0f}")
     dist.barrier()
     dist.destroy_process_group()

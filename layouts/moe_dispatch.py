@@ -15,7 +15,9 @@ token's expert outputs:
 4. run the experts (grouped GEMM), undo the permutation, all-to-all back with the splits swapped;
 5. scale each row by its gate and add it into its token (``index_add``).
 
-With ``chunks > 1``, steps 3-4 run in pipelined chunks (moe_pipelined.py).
+With ``chunks > 1``, steps 3-4 run in pipelined chunks (moe_pipelined.py). With the experts sharded over two
+mesh dims (nodes x ranks per node), steps 2-4 run as two hops, inside the node then between nodes
+(moe_hierarchical.py).
 
 Backward runs through all of it: the row all-to-alls are ``AllToAllSplits`` (backward: the inverse
 all-to-all), the permutations are gathers. With no ep mesh dim (one device, or experts replicated) steps 2-4
@@ -27,6 +29,7 @@ L local experts (E / ep).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -35,6 +38,7 @@ from dtensor_plus.collectives import AllToAllSplits, all_to_all_splits
 from dtensor_plus.renamed import renamed_keywords
 from dtensor_plus.simulate import current_world
 
+from .moe_hierarchical import exchange_hierarchical
 from .moe_pipelined import exchange_pipelined
 
 __all__ = ["dispatch_combine"]
@@ -44,7 +48,7 @@ __all__ = ["dispatch_combine"]
 def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: torch.Tensor,
                      keep_NK: torch.Tensor | None, num_experts: int,
                      experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     mesh=None, ep_mesh_dim: int | None = None, chunks: int = 1) -> torch.Tensor:
+                     mesh=None, ep_mesh_dim: int | tuple[int, int] | None = None, chunks: int = 1) -> torch.Tensor:
     """``y[n] = sum_k gates[n, k] * expert_{idx[n, k]}(x[n])`` over the kept assignments, as (N, D).
 
     Args:
@@ -52,7 +56,8 @@ def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: 
         num_experts: E, over all ranks.
         experts: ``experts(rows_RD, counts_L)`` runs this rank's L experts on rows grouped by local expert.
         mesh, ep_mesh_dim: the mesh and the mesh dim the experts are sharded on (local rank r owns experts
-            r L .. (r + 1) L - 1); None when this rank holds all experts.
+            r L .. (r + 1) L - 1); None when this rank holds all experts. A pair (inter, intra) of mesh dims:
+            the experts sharded over both (ep rank i G + j at (i, j)), dispatched hierarchically.
         chunks: 1 for one all-to-all each way; more to pipeline the all-to-alls with expert compute in that
             many chunks (moe_pipelined.py).
     """
@@ -68,10 +73,18 @@ def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: 
     token_A, gate_A = token_A[order_A], gate_A[order_A]
     counts_E = torch.bincount(expert_A, minlength=num_experts)
     rows_AD = x_ND[token_A]
-    if mesh is None or ep_mesh_dim is None or mesh.size(ep_mesh_dim) == 1:
+    hierarchical = isinstance(ep_mesh_dim, tuple)
+    if hierarchical and (current_world() is not None or chunks > 1):
+        raise ValueError("dispatch_combine: the hierarchical (two-mesh-dim) dispatch runs on real ranks in one chunk; "
+                         "use chunks=1, or one ep mesh dim to pipeline or simulate")
+    if mesh is None or ep_mesh_dim is None or _ep_size(mesh, ep_mesh_dim) == 1:
         simulated = current_world()
         out_AD = experts(rows_AD, counts_E if simulated is None else  # a simulated world has no routing values
                          simulated.expert_counts(0, 1, rows_AD.shape[0], num_experts))
+    elif hierarchical:
+        out_AD = exchange_hierarchical(
+            rows_AD, counts_E, lambda rows, counts_nL: _through_local_experts(rows, counts_nL, counts_nL.sum(0), experts),
+            mesh, *ep_mesh_dim)
     elif chunks == 1:
         out_AD = _exchange(rows_AD, counts_E, experts, mesh, ep_mesh_dim)
     else:
@@ -82,6 +95,11 @@ def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: 
             rows_AD, counts_E, lambda rows, counts_nL: _through_local_experts(rows, counts_nL, counts_nL.sum(0), experts),
             mesh, ep_mesh_dim, chunks)
     return x_ND.new_zeros(x_ND.shape).index_add(0, token_A, out_AD * gate_A.unsqueeze(-1))
+
+
+def _ep_size(mesh, ep_mesh_dim) -> int:
+    dims = ep_mesh_dim if isinstance(ep_mesh_dim, tuple) else (ep_mesh_dim,)
+    return math.prod(mesh.size(d) for d in dims)
 
 
 def _exchange(rows_AD, counts_E, experts, mesh, ep_mesh_dim: int) -> torch.Tensor:

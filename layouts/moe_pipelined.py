@@ -7,9 +7,14 @@ shape as the whole one: both sides derive its split sizes from the counts exchan
 expert sees a share of its rows in every chunk. The all-to-alls are issued with
 ``collectives.all_to_all_splits(..., async_op=True)`` and waited for just before their rows are needed.
 
-Forward overlaps; backward does not: each chunk's backward runs the inverse all-to-all synchronously (autograd
-runs one node at a time), as the unchunked dispatch does. Bytes: exactly those of the unchunked dispatch, in
-C times as many messages. Not in a simulated world (its routing is assumed, its chunks are not modelled).
+Backward overlaps too. Each all-to-all is two autograd nodes, ``_Issue`` (forward: issue) and ``_Wait``
+(forward: wait), joined by an empty token tensor; in backward the roles swap: ``_Wait.backward`` issues the
+inverse all-to-all of the gradient and ``_Issue.backward`` waits for it. Autograd runs the ready node created
+last first, so backward walks the chunks in reverse: every combine's gradient all-to-all is issued at once,
+then for chunk c: wait for its gradient rows, run the experts' backward on them, issue the inverse dispatch,
+and move on to chunk c-1 while that one travels. Every rank builds the same graph, so every rank issues the
+collectives in the same order. Bytes: exactly those of the unchunked dispatch, in C times as many messages.
+Not in a simulated world (its routing is assumed, its chunks are not modelled).
 
 Legend: A assignments sent by this rank, R rows received, C chunks, n ep ranks, L experts per rank, D width.
 """
@@ -25,19 +30,46 @@ from dtensor_plus.collectives import all_to_all_splits
 __all__ = ["exchange_pipelined", "chunk_pieces"]
 
 
-class _Arrived(torch.autograd.Function):
-    """forward: the rows of an issued all-to-all of ``sent`` (waits for it) / backward: the inverse all-to-all
-    of the gradient, back to the ranks that sent the rows."""
+class _Link:
+    """One chunk's all-to-all between its two autograd nodes: the issued forward transfer, then the issued
+    backward one (a plain object passed to both, so nothing outlives the graph)."""
+
+    def __init__(self, mesh, mesh_dim: int, send_splits, recv_splits):
+        self.mesh, self.mesh_dim, self.send_splits, self.recv_splits = mesh, mesh_dim, send_splits, recv_splits
+        self.forward = self.backward = None
+
+
+class _Issue(torch.autograd.Function):
+    """forward: issue the all-to-all of ``rows``, return an empty token / backward: wait for the inverse
+    all-to-all ``_Wait.backward`` issued, the gradient of ``rows``."""
 
     @staticmethod
-    def forward(ctx, sent, pending, mesh, mesh_dim, send_splits, recv_splits):
-        ctx.mesh, ctx.mesh_dim, ctx.send_splits, ctx.recv_splits = mesh, mesh_dim, send_splits, recv_splits
-        return pending.wait()
+    def forward(ctx, rows, link):
+        ctx.link = link
+        link.forward = all_to_all_splits(rows, link.mesh, link.mesh_dim, link.send_splits, link.recv_splits,
+                                         async_op=True)
+        return rows.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _token_grad):
+        return ctx.link.backward.wait(), None
+
+
+class _Wait(torch.autograd.Function):
+    """forward: wait for the issued all-to-all, the received rows / backward: issue the inverse all-to-all of
+    their gradient (back to the ranks that sent the rows) and return at once; ``_Issue.backward`` waits."""
+
+    @staticmethod
+    def forward(ctx, _token, link):
+        ctx.link = link
+        return link.forward.wait()
 
     @staticmethod
     def backward(ctx, grad):
-        back = all_to_all_splits(grad.contiguous(), ctx.mesh, ctx.mesh_dim, ctx.recv_splits, ctx.send_splits)
-        return back, None, None, None, None, None
+        link = ctx.link
+        link.backward = all_to_all_splits(grad.contiguous(), link.mesh, link.mesh_dim, link.recv_splits,
+                                          link.send_splits, async_op=True)
+        return grad.new_empty(0), None
 
 
 def chunk_pieces(counts: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -71,15 +103,15 @@ def exchange_pipelined(rows_AD: torch.Tensor, counts_E: torch.Tensor, through: C
 
     def start(c, rows, forward=True):
         splits = (send_splits[c], recv_splits[c]) if forward else (recv_splits[c], send_splits[c])
-        return all_to_all_splits(rows, mesh, ep_mesh_dim, *splits, async_op=True), splits
+        link = _Link(mesh, ep_mesh_dim, *splits)
+        return _Issue.apply(rows, link), link
 
     dispatch, outs, combine = [start(0, sent[0])], [], []
     for c in range(chunks):
-        pending, splits = dispatch[c]
-        received = _Arrived.apply(sent[c], pending, mesh, ep_mesh_dim, *splits)
+        received = _Wait.apply(*dispatch[c])
         if c + 1 < chunks:  # in flight while the experts compute chunk c
             dispatch.append(start(c + 1, sent[c + 1]))
         outs.append(through(received, recv_CnL[c]))
         combine.append(start(c, outs[c], forward=False))  # in flight while the experts compute chunk c + 1
-    back = [_Arrived.apply(out, pending, mesh, ep_mesh_dim, *splits) for out, (pending, splits) in zip(outs, combine)]
+    back = [_Wait.apply(*issued) for issued in combine]
     return torch.cat(back)[torch.argsort(torch.cat(index))]
