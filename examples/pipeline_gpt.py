@@ -212,7 +212,7 @@ def _balanced_cut(config: GPTConfig, mesh, pp: int, n_microbatches: int, micro_b
 def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule: str, n_microbatches: int,
                                  batch_list, lr: float = 1e-3, seed: int = 0, weight_decay: float = 0.1,
                                  log=None, compile_stages=None, balanced: bool = False, boundaries=None,
-                                 policies=None):
+                                 policies=None, sequence_chunks: int = 1):
     """Train ``config`` pipelined over ``pp`` ranks by ``schedule``, each stage laid out by ``layout`` (gpt_layouts'
     Layout: dp, tp, sp, zero; cp must be 1), and as one process from the same weights. AdamW steps at the
     schedule's STEP; ``n_microbatches`` must divide the per-dp-rank batch.
@@ -222,20 +222,25 @@ def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule
     each stage's module compiled (the pipeline sends, receives and steps around it). ``balanced``: cut the stages
     where ``partition_layers`` puts them for this config, microbatch and schedule (balanced_pipeline_gpt.py's
     ``plan_gpt_stages``, planned once and shared) instead of evenly; ``boundaries`` and ``policies``: cut there
-    (``split_gpt``'s), recomputing by stage.
+    (``split_gpt``'s), recomputing by stage. ``sequence_chunks``: k for the sequence schedules (``seq1f1b``,
+    ``terapipe``): each of the ``n_microbatches`` samples cut into k chunks along the sequence (pp-only meshes).
     """
     if getattr(config, "moe_experts", 0):
         raise ValueError("pipeline_gpt splits dense GPTs: the MoE auxiliary losses do not cross stages yet; "
                          "use moe_experts=0 with --pp")
     if getattr(layout, "cp", 1) != 1:
         raise ValueError("pipeline_gpt composes pp with dp / ZeRO, tp and sp; context parallelism (cp) is not wired in")
+    if sequence_chunks > 1 and (layout.world != 1 or compile_stages or balanced or boundaries is not None):
+        raise ValueError(f"sequence chunks (--seq-chunks {sequence_chunks}) run on a pp-only mesh with the even cut and "
+                         "eager stages: their attention caches plain tensors' keys and values; drop --dp/--tp/--zero, "
+                         "--balanced and --compile")
     mesh = make_pp_mesh(pp, layout.dp, layout.tp)
     pp_rank = mesh.get_local_rank("pp")
     torch.manual_seed(seed)
     model = GPT(config)
     reference = copy.deepcopy(model)
 
-    plan = build_schedule(schedule, pp, n_microbatches, stages_per_rank=2)
+    plan = build_schedule(schedule, pp, n_microbatches, stages_per_rank=2, sequence_chunks=sequence_chunks)
     # Chimera's two pipelines are one model twice: stage s runs model piece s % per_pipeline, and the two replicas
     # of a piece declare every weight shared, so the schedule sums their gradients before the optimizer step.
     per_pipeline = plan.stages_per_pipeline
@@ -266,10 +271,12 @@ def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule
         mb_losses = []
         with loss_parallel():
             pipe.step(_place_batch(tokens, mesh), target=_place_batch(targets, mesh), losses=mb_losses)
-        total = torch.stack([_full(x) for x in mb_losses]).sum() if mb_losses else torch.zeros(())
+        if plan.sequence_chunks > 1:  # one pipeline: every chunk's loss here, weighted by its share of the tokens
+            total = sum(w * x for w, x in zip(pipe.loss_weights, mb_losses)) if mb_losses else torch.zeros(())
+        else:
+            total = torch.stack([_full(x) for x in mb_losses]).sum() / n_microbatches if mb_losses else torch.zeros(())
         # NOTE: one all-reduce over pp per step: the microbatch losses sit on the last stage of each pipeline.
-        losses.append(collectives.all_reduce(total.reshape(1).clone(), mesh, mesh.mesh_dim_index("pp"),
-                                             "sum").item() / n_microbatches)
+        losses.append(collectives.all_reduce(total.reshape(1).clone(), mesh, mesh.mesh_dim_index("pp"), "sum").item())
         if log is not None:
             log(f"step {step:4d}  loss {losses[-1]:.4f}")
 

@@ -87,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cp-kind", default="ring", choices=tuple(CP_MESH_DIMS))
     parser.add_argument("--cp-balance", nargs="?", const="zigzag", default="none", choices=CP_BALANCES)  # of the ring
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages on a pp mesh dim (outermost)")
-    parser.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES), help="pipeline schedule (--pp > 1)")
+    parser.add_argument("--schedule", default="1f1b", choices=[*SCHEDULES, "seq1f1b", "terapipe"], help="pp schedule")
+    parser.add_argument("--seq-chunks", type=int, default=1, help="seq1f1b/terapipe: sequence chunks")
     parser.add_argument("--balanced", action="store_true", help="--pp: stages cut by partition_layers, not evenly")
     parser.add_argument("--microbatches", type=int, default=4,
                         help="pipeline microbatches; must divide batch-size / dp (interleaved_1f1b: a multiple of pp)")
@@ -483,8 +484,8 @@ def _main_pipelined(args) -> Result:
     if rank0:
         print(f"{len(data):,} bytes of stdlib source; pp={args.pp} ({args.schedule}, {args.microbatches} microbatches) "
               f"x {args.layout}; {config}")
-    losses, single, diff = compare_pipeline_with_single(
-        config, args.layout, pp=args.pp, schedule=args.schedule, n_microbatches=args.microbatches,
+    losses, single, diff = compare_pipeline_with_single(config, args.layout,
+        pp=args.pp, schedule=args.schedule, n_microbatches=args.microbatches, sequence_chunks=args.seq_chunks,
         batch_list=batch_list, lr=args.lr, seed=args.seed, log=print if rank0 else None, balanced=args.balanced)
     result = Result(losses, single, diff)
     if rank0:
