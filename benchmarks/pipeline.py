@@ -30,6 +30,12 @@ torchrun) instead times, on the last of two GPT stages, one fused backward again
 (``torch.distributed.pipelining._backward``), in thread CPU time (robust to a loaded machine), alternating.
 ``--before COMMIT`` adds our executor as
 it was at that commit (its layouts/pipeline loaded as a package of its own) to the round-robin: "before ms".
+The sequence schedules (``--schedules seq1f1b terapipe``, each sample in ``--seq-chunks`` chunks along the sequence;
+torch has none) print their peak activations against 1F1B's (when both ran) beside Seq1F1B's claim, p + k - 1
+chunks against 1F1B's p microbatches (p k chunks) on rank 0, and their bubble against 1F1B's:
+
+    OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 benchmarks/pipeline.py \
+        --schedules 1f1b gpipe seq1f1b terapipe --microbatches 4 --seq-chunks 4
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ from dtensor_plus.layouts.pipeline.simulate import (bubble_formula, costs_from_e
                                                     stage_costs_from_events)
 from gpt import GPT, PRESETS  # noqa: E402
 from pipeline_gpt import gpt_loss, split_gpt  # noqa: E402
+
+SEQUENCE = ("seq1f1b", "terapipe")  # schedules whose microbatches are sequence chunks (--seq-chunks)
 
 TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
                    "zb_v": "ScheduleZBVZeroBubble", "dualpipe_v": "ScheduleDualPipeV",
@@ -107,6 +115,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v"])
     parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--seq-chunks", type=int, default=4, help="k of the sequence schedules (seq1f1b, terapipe)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--dim", type=int, default=64)
@@ -186,7 +195,8 @@ def build_ours(name, args, mesh, lib=None):
     stage_cls, schedule_cls, make_schedule = ((PipelineStage, PipelineSchedule, build_schedule) if lib is None else
                                               (lib.PipelineStage, lib.PipelineSchedule, lib.build_schedule))
     p, rank = dist.get_world_size(), dist.get_rank()
-    schedule = make_schedule(name, p, args.microbatches, stages_per_rank=2)
+    chunks = dict(sequence_chunks=args.seq_chunks) if name in SEQUENCE else {}
+    schedule = make_schedule(name, p, args.microbatches, stages_per_rank=2, **chunks)
     per_pipeline = getattr(schedule, "num_pipelines", 1)  # Chimera: one model piece per stage of each pipeline
     per_pipeline = schedule.num_stages // per_pipeline
     pieces = split_gpt(_model(args), per_pipeline)
@@ -364,6 +374,20 @@ def papers_table(p: int, m: int) -> None:
         print(f"{name:14} {sim.bubble:10.3f} {paper:8.3f}  {text:18} {held / unit / min(p, m):15.2f}")
 
 
+def sequence_memory(args, p, built, ours_ms) -> None:
+    """The sequence schedules beside 1F1B (same run): rank 0's peak activations and the step time, as ratios, and
+    Seq1F1B's claim for the activations: p + k - 1 chunks against 1F1B's p microbatches of k chunks."""
+    if "1f1b" not in built:
+        return
+    k, base = args.seq_chunks, built["1f1b"][1].meter.peak
+    for name in SEQUENCE:
+        if name in built:
+            held = {"seq1f1b": p + k - 1, "terapipe": args.microbatches * k}[name]
+            claim = min(held, args.microbatches * k) / (min(p, args.microbatches) * k)
+            print(f"{name} / 1f1b (k = {k}): rank 0 peak activations {built[name][1].meter.peak / base:.2f} "
+                  f"(chunks held: {claim:.2f}); step time {ours_ms[name] / ours_ms['1f1b']:.2f}")
+
+
 def main():
     args = parse_args()
     if args.split_cost:
@@ -408,7 +432,9 @@ def main():
         dist.all_gather_object(peaks, (ours.meter.peak, theirs.meter.peak if theirs else 0))
         if rank == 0:
             v = schedule.num_stages // p
-            formula = bubble_formula(name, p, args.microbatches, v) if name not in ("v_half", "v_min") else float("nan")
+            k = args.seq_chunks if name in SEQUENCE else 1
+            formula = (bubble_formula(name, p, args.microbatches, v, k=k) if name not in ("v_half", "v_min")
+                       else float("nan"))
             torch_ms = f"{torch_s * 1e3:9.1f}" if torch_s else f"{'n/a':>9}"
             ratio = f"{ours_s / torch_s:6.2f}" if torch_s else f"{'':>6}"
             act = " ".join(f"{a // 1024}" for a, _ in peaks) + " | " + " ".join(f"{b // 1024}" for _, b in peaks)
@@ -435,6 +461,8 @@ def main():
                 Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
                 plot_recorded_vs_simulated(schedule, [e for tl in timelines for e in tl],
                                            Path(args.plot_dir) / f"pipeline_{name}.png", per_stage=True)
+    if rank == 0:
+        sequence_memory(args, p, built, ours_ms)
     if rank == 0 and "zb_h1" in ours_ms and "1f1b" in ours_ms:
         print(f"zb_h1 / 1f1b step time (ours, same run): {ours_ms['zb_h1'] / ours_ms['1f1b']:.3f}; simulated from "
               f"thread CPU times: {cpu_ms['zb_h1'] / cpu_ms['1f1b']:.3f}")
