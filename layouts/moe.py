@@ -33,6 +33,8 @@ Legend: B batch, T sequence, D width, F expert hidden width, E experts, N tokens
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +50,7 @@ from .hf_experts import hf_experts_modules, shard_hf_experts
 from .moe_dispatch import dispatch_combine
 from .moe_router import Routing, TopKRouter, local_weight
 from .moe_shadow import dispatch_with_shadows, shadow_weights
+from .moe_switch import EXPERT_MODES, choose_mode, gathered_experts
 
 __all__ = ["MoE", "GroupedExperts", "SharedExperts", "expert_parallel"]
 
@@ -96,6 +99,9 @@ class MoE(nn.Module):
             through, its output added to the routed experts'; 0 for none.
         dispatch_chunks: under ep, the token all-to-alls pipelined with expert compute in this many chunks
             (Tutel, PipeMoE; moe_pipelined.py); 1 for one all-to-all each way.
+        expert_mode: under ep, how a step runs (Tutel's switch, moe_switch.py; the weights never move): "ep"
+            tokens to the experts' ranks; "dp" every expert all-gathered for the step, tokens stay; "auto" per
+            step, whichever moves fewer bytes for the step's routing. A plain attribute: change it any time.
 
     Expert placement: ``expert_slot`` (a buffer, (E,) ints) holds where each expert's weights lie along the
     expert dim of ``w1`` / ``w2``: expert e is row ``expert_slot[e]`` (ep rank ``expert_slot[e] // (E / ep)``).
@@ -104,7 +110,7 @@ class MoE(nn.Module):
     ep rank and run there on its own tokens (moe_shadow.py); on one device it changes nothing.
 
     After each forward: ``aux_loss`` (coefficients applied; add it to the task loss), ``routing`` (the
-    ``Routing``: raw losses, gates) and ``load`` (assignments per expert over the global batch, an (E,) int
+    ``Routing``: raw losses, gates), ``mode`` (the expert mode the step ran: "ep" or "dp") and ``load`` (assignments per expert over the global batch, an (E,) int
     tensor, e.g. to print the balance).
     """
 
@@ -115,7 +121,7 @@ class MoE(nn.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int = 2, *,
                  capacity_factor: float | None = None, jitter: float = 0.0, aux_loss_coef: float = 0.01,
                  z_loss_coef: float = 0.001, renormalize: bool = True, balance_rate: float | None = None,
-                 shared_hidden: int = 0, dispatch_chunks: int = 1):
+                 shared_hidden: int = 0, dispatch_chunks: int = 1, expert_mode: str = "ep"):
         super().__init__()
         if shared_hidden < 0:
             raise ValueError(f"shared_hidden must be >= 0 (0 for no shared experts), got {shared_hidden}")
@@ -128,6 +134,7 @@ class MoE(nn.Module):
         if dispatch_chunks < 1:
             raise ValueError(f"dispatch_chunks must be >= 1 (1: no pipelining), got {dispatch_chunks}")
         self.dispatch_chunks = dispatch_chunks
+        self.expert_mode, self.mode = expert_mode, None
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.aux_loss: torch.Tensor | None = None
         self.routing: Routing | None = None
@@ -154,7 +161,16 @@ class MoE(nn.Module):
         slot_E = self.expert_slot._local_tensor if isinstance(self.expert_slot, DTensor) else self.expert_slot
         x_ND = x_local.reshape(-1, shape[-1])
         run_mine = lambda rows, counts: self._run_experts(rows, counts, w1_local, w2_local, layout)  # noqa: E731
-        if self._shadowed() and ep_mesh_dim is not None:
+        self.mode = "ep" if ep_mesh_dim is None else self._mode(routing, slot_E, w1_local, w2_local, layout)
+        if self.mode == "dp":  # every expert here for this step; the tokens stay
+            w1_E, w2_E = (gathered_experts(w, layout.ep_mesh_dims, layout.batch) for w in (w1, w2))
+            y_ND = dispatch_combine(x_ND, slot_E[routing.expert_idx_NK], routing.gates_NK, routing.keep_NK,
+                                    self.experts.num_experts,
+                                    lambda rows, counts: self._run_experts(rows, counts, w1_E, w2_E, layout))
+        elif self._shadowed() and ep_mesh_dim is not None:
+            if isinstance(ep_mesh_dim, tuple):
+                raise ValueError("MoE.shadowed: shadow experts run on one ep mesh dim; the hierarchical (two-mesh-dim) "
+                                 "dispatch takes none (set MoE.shadowed = ())")
             slots = [int(s) for s in slot_E[list(self.shadowed)].tolist()]
             w1_S, w2_S = (shadow_weights(w, slots, mesh, ep_mesh_dim) for w in (w1_local, w2_local))
             y_ND = dispatch_with_shadows(
@@ -173,6 +189,15 @@ class MoE(nn.Module):
         if len(set(self.shadowed)) != len(self.shadowed) or not all(0 <= e < E for e in self.shadowed):
             raise ValueError(f"MoE.shadowed must name distinct experts in 0..{E - 1}, got {self.shadowed}")
         return bool(self.shadowed)
+
+    def _mode(self, routing, slot_E, w1_local, w2_local, layout) -> str:
+        if self.expert_mode not in EXPERT_MODES:
+            raise ValueError(f"MoE.expert_mode must be one of {EXPERT_MODES}, got {self.expert_mode!r}")
+        if self.expert_mode != "auto":
+            return self.expert_mode
+        ep = self.experts.num_experts // w1_local.shape[0]
+        params = w1_local[0].numel() + w2_local[0].numel()  # one expert's block here (its tp slice under tp)
+        return choose_mode(routing.load_E, slot_E, ep, w1_local.shape[1], params, w1_local.element_size())
 
     def update_balance_bias(self) -> None:
         """DeepSeek-V3's bias step from the last forward's global load (call it once per optimizer step)."""
@@ -206,16 +231,22 @@ class _Layout:
             raise ValueError(f"MoE: tokens live on {x.device_mesh} but the experts on {w1.device_mesh}; use one mesh")
         self.mesh = x.device_mesh
         names = [self.mesh.mesh_dim_name(k) for k in range(self.mesh.ndim)]
-        self.ep_mesh_dim = self._only(w1, 0, names, "ep")
+        # ep on two mesh dims (nodes x ranks per node): the hierarchical dispatch (moe_hierarchical.py)
+        self.ep_mesh_dims = tuple(k for k, p in enumerate(w1.placements) if p.is_shard(0))
+        if len(self.ep_mesh_dims) > 2:
+            raise ValueError(f"MoE: w1 is Shard(0) on mesh dims {[names[k] for k in self.ep_mesh_dims]}; ep takes "
+                             f"one mesh dim, or two (nodes, ranks per node)")
+        self.ep_mesh_dim = self.ep_mesh_dims if len(self.ep_mesh_dims) == 2 else (
+            self.ep_mesh_dims[0] if self.ep_mesh_dims else None)
         self.tp_mesh_dim = self._only(w1, 2, names, "tp")
         for k, p in enumerate(w1.placements):
-            if k not in (self.ep_mesh_dim, self.tp_mesh_dim) and not p.is_replicate():
+            if k not in (*self.ep_mesh_dims, self.tp_mesh_dim) and not p.is_replicate():
                 raise ValueError(f"MoE: expert weight w1 is {p!r} on mesh dim {names[k]!r}; place it with expert_parallel")
         # Tokens keep their batch shards; any other shard (sequence parallelism) is gathered for routing, and
         # tokens whole on the ep dim (e.g. an uneven batch a Linear gathered) are split there: a local slice.
         self.batch = [p if p.is_shard(0) else Replicate() for p in x.placements]
-        if self.ep_mesh_dim is not None:
-            self.batch[self.ep_mesh_dim] = Shard(0)
+        for k in self.ep_mesh_dims:
+            self.batch[k] = Shard(0)
         if self.tp_mesh_dim is not None and self.batch[self.tp_mesh_dim].is_shard(0):
             raise ValueError(f"MoE: tp inside experts needs the tokens Replicate on {names[self.tp_mesh_dim]!r}, "
                              f"not Shard(0)")
@@ -254,8 +285,8 @@ after_dynamo_import(_moe_runs_eagerly_under_compile)  # when torch._dynamo is im
 
 
 @renamed_keywords(ep_dim="ep_mesh_dim", tp_dim="tp_mesh_dim")
-def expert_parallel(module: nn.Module, mesh, ep_mesh_dim: str | None = "ep", tp_mesh_dim: str | None = None, *,
-                    reduce_in_backward: bool = True) -> nn.Module:
+def expert_parallel(module: nn.Module, mesh, ep_mesh_dim: str | tuple[str, str] | None = "ep",
+                    tp_mesh_dim: str | None = None, *, reduce_in_backward: bool = True) -> nn.Module:
     """Shard the experts of every ``MoE`` in ``module`` on ``mesh``: Shard(0) (whole experts) on ``ep_mesh_dim``, the
     hidden width on ``tp_mesh_dim`` (``w1`` Shard(2), ``w2`` Shard(1)), Replicate on the other mesh dims. The experts
     modules of transformers' MoE blocks (Mixtral, Qwen-MoE, DeepSeek-V3...) are sharded on ``ep_mesh_dim`` too
@@ -265,7 +296,9 @@ def expert_parallel(module: nn.Module, mesh, ep_mesh_dim: str | None = "ep", tp_
         module: changed in place; its expert weights are plain tensors (the same on every rank, as after a
             same-seed init) or DTensors on ``mesh`` that are Replicate on ``ep_mesh_dim`` and ``tp_mesh_dim``.
         mesh: the whole mesh; the batch must be Shard(0) on ``ep_mesh_dim`` when the model runs.
-        ep_mesh_dim, tp_mesh_dim: mesh dim names (either may be None).
+        ep_mesh_dim, tp_mesh_dim: mesh dim names (either may be None). ``ep_mesh_dim`` may be a pair of names,
+            (nodes, ranks per node): experts Shard(0) on both (ep rank i G + j at (i, j)) and the tokens dispatched
+            inside the node first, then between nodes (TA-MoE's topology-aware dispatch, moe_hierarchical.py).
         reduce_in_backward: reduce gradients that come out Partial (experts replicated over other
             data-parallel mesh dims) in a post-accumulate-grad hook, as ``replicate`` does.
 
@@ -273,21 +306,27 @@ def expert_parallel(module: nn.Module, mesh, ep_mesh_dim: str | None = "ep", tp_
     would refuse experts already sharded there); before them otherwise. Returns ``module``.
     """
     names = list(mesh.mesh_dim_names or ())
-    for name in (ep_mesh_dim, tp_mesh_dim):
+    ep_names = () if ep_mesh_dim is None else tuple(ep_mesh_dim) if isinstance(ep_mesh_dim, tuple) else (ep_mesh_dim,)
+    for name in (*ep_names, tp_mesh_dim):
         if name is not None and name not in names:
             raise ValueError(f"expert_parallel: mesh {mesh} has no mesh dim {name!r}; its dims are {names}")
-    if ep_mesh_dim is not None and ep_mesh_dim == tp_mesh_dim:
-        raise ValueError(f"expert_parallel: ep_mesh_dim and tp_mesh_dim are both {ep_mesh_dim!r}; use two mesh dims")
+    if tp_mesh_dim in ep_names or len(set(ep_names)) != len(ep_names) or len(ep_names) > 2:
+        raise ValueError(f"expert_parallel: ep_mesh_dim {ep_mesh_dim!r} and tp_mesh_dim {tp_mesh_dim!r} must name "
+                         f"distinct mesh dims, ep one or two (nodes, ranks per node)")
+    if len(ep_names) == 2 and names.index(ep_names[0]) > names.index(ep_names[1]):
+        raise ValueError(f"expert_parallel: the ep mesh dims {ep_names} must be in mesh order (nodes first, then "
+                         f"ranks per node); the mesh's dims are {names}")
+    ep_size = math.prod(mesh.size(name) for name in ep_names)
     placed = []
     for moe in (m for m in module.modules() if isinstance(m, MoE)):
         experts = moe.experts
-        if ep_mesh_dim is not None and experts.num_experts % mesh.size(ep_mesh_dim):
+        if experts.num_experts % ep_size:
             raise ValueError(
-                f"expert_parallel: {experts.num_experts} experts do not divide over {mesh.size(ep_mesh_dim)} ranks of "
+                f"expert_parallel: {experts.num_experts} experts do not divide over {ep_size} ranks of "
                 f"mesh dim {ep_mesh_dim!r}; use a number of experts that is a multiple of it"
             )
         for key, tp_tensor_dim in (("w1", 2), ("w2", 1)):
-            by_name = {ep_mesh_dim: Shard(0), tp_mesh_dim: Shard(tp_tensor_dim)}
+            by_name = {**{name: Shard(0) for name in ep_names}, tp_mesh_dim: Shard(tp_tensor_dim)}
             placements = [by_name.get(name, Replicate()) for name in names]
             param = experts._parameters[key]
             sharded = _place(param.detach(), mesh, placements)
@@ -295,6 +334,9 @@ def expert_parallel(module: nn.Module, mesh, ep_mesh_dim: str | None = "ep", tp_
             placed.append(experts._parameters[key])
     # Our own GroupedExperts (placed above, inside MoE) look like transformers' stacked experts: leave them out.
     hf_experts = [] if ep_mesh_dim is None else [m for m in hf_experts_modules(module) if not isinstance(m, GroupedExperts)]
+    if hf_experts and len(ep_names) > 1:
+        raise ValueError(f"expert_parallel: transformers' experts modules ({type(hf_experts[0]).__name__}) take one "
+                         f"ep mesh dim, not {ep_mesh_dim!r}")
     if hf_experts and tp_mesh_dim is not None:
         raise ValueError(
             f"expert_parallel: tp inside experts (tp_mesh_dim={tp_mesh_dim!r}) covers dtensor_plus MoE layers, not "

@@ -95,3 +95,41 @@ def test_regroup_index_reorders_groups_and_keeps_rows_in_order():
     # by (G, M, L): (g0 m0) [0 1] [], (g0 m1) [] [4 5 6], (g1 m0) [2] [3], (g1 m1) [7] []
     new = rows[regroup_index(counts, (1, 0, 2), 8)]
     assert new.tolist() == [0, 1, 4, 5, 6, 2, 3, 7]
+
+
+# -- the whole layer on a (nodes, ranks per node) mesh: three AdamW steps equal one device, the middle one --
+# -- data-parallel over experts (moe_switch.py) ---------------------------------------------------------------
+
+
+def _check_layer_training(steps=3):
+    mesh = dtp.init_device_mesh("cpu", (M, G), mesh_dim_names=("ep_inter", "ep_intra"))
+    torch.manual_seed(0)
+    single = MoE(D, F_HIDDEN, 8, top_k=2, aux_loss_coef=0.1, z_loss_coef=0.01)
+    net = expert_parallel(dtp.distribute_module(copy.deepcopy(single), mesh), mesh,
+                          ep_mesh_dim=("ep_inter", "ep_intra"))
+    assert net.experts.w1.placements == (Shard(0), Shard(0))
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False) for m in (net, single)]
+    for step in range(steps):
+        net.expert_mode = ("ep", "dp", "ep")[step]  # Tutel's switch on two ep mesh dims: the weights gathered on both
+        g = torch.Generator().manual_seed(step)
+        x_whole = torch.randn(5, 3, D, generator=g).requires_grad_()  # 5 rows over 2 x 2 ranks: uneven, one of 1
+        x = dtp.distribute_tensor(x_whole.detach(), mesh, [Shard(0), Shard(0)], src_data_rank=None).requires_grad_()
+        seed = torch.randn(5, 3, D, generator=g)
+        with dtp.comm_mode() as comm:
+            y = net(x)
+        hops = 3 if net.mode == "ep" else 0
+        assert comm.count("all_to_all", "ep_inter") == hops and comm.count("all_to_all", "ep_intra") == hops, comm
+        for model, out, s, opt in ((net, y, dtp.distribute_tensor(seed, mesh, [Shard(0), Shard(0)], src_data_rank=None),
+                                    opts[0]), (single, single(x_whole), seed, opts[1])):
+            ((out * s).sum() + model.aux_loss).backward()
+            opt.step()
+            opt.zero_grad()
+        torch.testing.assert_close(net.load, single.load)
+        torch.testing.assert_close(x.grad.full_tensor(), x_whole.grad, atol=1e-5, rtol=1e-5)
+    params = dict(single.named_parameters())
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.full_tensor(), params[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_hierarchical_layer_trains_as_one_device():
+    run_on_ranks(4, _check_layer_training)
