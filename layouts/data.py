@@ -55,6 +55,7 @@ from dtensor_plus.shared_parameters import assign, parameter_slots
 from dtensor_plus.spec import DTensorSpec, TensorMeta
 
 from . import local_step
+from .data_flat import FlatGradients, deposit
 from .data_local import LocalCompute
 
 __all__ = ["replicate", "GradientBucket", "reduce_grad_in_backward", "reduce_gradients", "sync_gradients", "shard_batch"]
@@ -112,9 +113,11 @@ def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce
 class GradientBucket:
     """Gradients waiting to be reduced to their parameters' layouts, reduced together (DDP's buckets).
 
-    Two ways in, both post-accumulate-grad hooks: ``add`` for a DTensor parameter whose gradient arrived on it
-    (the DTensor path), ``add_local`` for a parameter whose forward ran on a local leaf (layouts/data_local.py:
-    the leaf's gradient is this rank's rows' contribution, a plain block or a DTensor on the sub-mesh). A
+    Three ways in, all post-accumulate-grad hooks: ``add`` for a DTensor parameter whose gradient arrived on it
+    (the DTensor path), and for a parameter whose forward ran on a local leaf (layouts/data_local.py: the leaf's
+    gradient is this rank's rows' contribution) ``leaf_hook``'s: a plain leaf (1-D dp mesh) lands in place in
+    a flat bucket of its own (layouts/data_flat.py: DDP's gradient-as-bucket-view), a DTensor leaf on the
+    sub-mesh (dp x tp) is handed to ``add_local``. For the first and the last: a
     gradient that needs one all-reduce on one mesh dim (data parallelism's case) joins a bucket of its (mesh,
     mesh dim, reduce op, dtype) (``BackwardBuckets``); a full bucket starts one asynchronous all-reduce of its
     flat buffer at once, so the reduction overlaps the rest of the backward, as DDP's do. As in DDP the first
@@ -126,8 +129,9 @@ class GradientBucket:
     """
 
     def __init__(self, cap_bytes: int = 25 * 2**20, first_cap_bytes: int | None = 2**20):  # DDP's defaults
-        self.cap_bytes = cap_bytes
+        self.cap_bytes, self.first_cap_bytes = cap_bytes, first_cap_bytes
         self.buckets = BackwardBuckets(cap_bytes, self._start, self._finish, first_cap_bytes=first_cap_bytes)
+        self.flat: FlatGradients | None = None  # the plain local leaves' buckets, made with the first one
         self.in_flight: list = []  # (params, whether from local leaves, the pending flat all-reduce)
         self.other: list = []  # params whose gradients need another move than one all-reduce
 
@@ -138,21 +142,20 @@ class GradientBucket:
         key = _single_reduction(grad, param)  # None: kept for the end of backward (no bytes: never fills a bucket)
         self.buckets.add(key, param, 0 if key is None else grad._local_tensor.numel() * grad.element_size())
 
-    def leaf_hook(self, param: nn.Parameter, k: int, plain: bool):
-        """The post-accumulate-grad hook of ``param``'s local leaf (``k`` the dp mesh dim): ``add_local``. A plain
-        leaf's (a 1-D dp mesh) gradient is a block of the parameter's dtype and size, so its bucket key and bytes
-        are fixed: decided here once, the hook only hands the gradient on (it runs for every parameter in
-        every backward)."""
-        if not plain:
+    def leaf_hook(self, param: nn.Parameter, leaf: torch.Tensor, k: int):
+        """The post-accumulate-grad hook of ``param``'s local leaf ``leaf`` (``k`` the dp mesh dim). A plain leaf (a
+        1-D dp mesh) lands its gradient in place in a flat bucket (layouts/data_flat.py); a DTensor leaf (on the
+        sub-mesh of the other mesh dims) hands it to ``add_local``."""
+        if isinstance(leaf, DTensor):
             return lambda leaf: self.add_local(param, leaf, k)
-        key = (param._spec.mesh, k, "sum", param.dtype, True)
-        nbytes, add = param._local_tensor.numel() * param.element_size(), self.buckets.add
+        if self.flat is None:
+            self.flat = FlatGradients(param._spec.mesh, k, self.cap_bytes, self.first_cap_bytes)
+        return self.flat.hook(param, leaf)
 
-        def hook(leaf: torch.Tensor) -> None:
-            grad, leaf.grad = leaf.grad, None  # the next backward starts from none: param.grad accumulates
-            add(key, (param, grad), nbytes)
-
-        return hook
+    def arm(self) -> None:
+        """Before a backward (replicate's forward pre-hook): the plain leaves' gradients land in their buckets."""
+        if self.flat is not None:
+            self.flat.arm()
 
     def add_local(self, param: nn.Parameter, leaf: torch.Tensor, k: int) -> None:
         """``leaf``'s gradient (``param``'s local leaf; ``k`` the dp mesh dim) joins a bucket. The leaf's .grad
@@ -186,7 +189,7 @@ class GradientBucket:
         for params, local, pending in in_flight:
             for param, grad in zip(params, pending.wait()):
                 if local:
-                    _deposit(param, grad)
+                    deposit(param, grad)
                 else:
                     param.grad = DTensor(grad, param.grad._spec.with_placements(param.placements))
         if other:
@@ -195,22 +198,11 @@ class GradientBucket:
             if from_leaves:
                 grads = redistribute_together([g for _, g in from_leaves], [p.placements for p, _ in from_leaves])
                 for (param, _), grad in zip(from_leaves, grads):
-                    _deposit(param, grad)
+                    deposit(param, grad)
 
 
 def _without(placements, k: int) -> tuple:
     return placements[:k] + placements[k + 1 :]
-
-
-def _deposit(param: nn.Parameter, local: torch.Tensor) -> None:
-    """A reduced gradient block (``param``'s layout) onto ``param.grad``: set, or added to one there already."""
-    grad = param.grad
-    if grad is None:
-        param.grad = DTensor(local, param._spec)
-    elif isinstance(grad, DTensor) and grad._spec == param._spec:
-        grad._local_tensor.add_(local)
-    else:  # a gradient in another layout (set by hand): the DTensor sum decides
-        param.grad = grad + DTensor(local, param._spec)
 
 
 def _single_reduction(grad: DTensor, param: DTensor):

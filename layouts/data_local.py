@@ -114,6 +114,8 @@ class LocalCompute:
                 view = views[id(t)] = self._view(t)
             owner.__dict__[name] = view  # attribute lookup finds __dict__ before Module.__getattr__'s tables
             self.bound.append((owner, name))
+        if self.gradients is not None and torch.is_grad_enabled():
+            self.gradients.arm()  # the plain leaves' .grad: views of their flat buckets, for this backward
         self._fork_rng()
         return tree_unflatten([self._input_view(t) if isinstance(t, DTensor) else t for t in flat], tree)
 
@@ -220,7 +222,7 @@ class LocalCompute:
             leaf = local.detach() if spec is None else DTensor(local.detach(), spec)
             leaf.requires_grad_()
             if deliver == "buckets":
-                hook = self.gradients.leaf_hook(param, self.k, plain=spec is None)
+                hook = self.gradients.leaf_hook(param, leaf, self.k)
             else:
                 hook = lambda leaf, param=param: self._to_partial(param, leaf)  # noqa: E731
             leaf.register_post_accumulate_grad_hook(hook)

@@ -1,5 +1,5 @@
-"""replicate's gradients on the local path (layouts/data.py ``GradientBucket.add_local``, layouts/data_local.py
-``_leaf``): each bucket's all-reduce starts from the hooks while backward still runs, and the gradients equal one
+"""replicate's gradients on the local path (layouts/data_flat.py's flat buckets, layouts/data_local.py ``_leaf``):
+each bucket's all-reduce starts from the hooks while backward still runs, and the gradients equal one
 device's: with many small buckets, accumulated over several backwards on uneven batches, and for a parameter
 with a hook of its own (which takes the per-parameter view, so its hook sees the gradient arrive).
 
@@ -38,7 +38,7 @@ def _buckets_in_flight_during_backward():
     x = torch.randn(5, T, D, generator=torch.Generator().manual_seed(1))
     x_dt = shard_batch(x, mesh).requires_grad_()
     in_flight = []
-    x_dt.register_hook(lambda grad: in_flight.append(len(bucket.in_flight)) or grad)
+    x_dt.register_hook(lambda grad: in_flight.append(sum(b.pending is not None for b in bucket.flat.buckets)) or grad)
     with dtp.comm_mode() as counter:
         model(x_dt).pow(2).mean().backward()
     x_ref = x.clone().requires_grad_()
