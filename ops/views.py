@@ -200,6 +200,22 @@ def repeat_rule(op: OpSchema) -> Sharding:
 # -- slicing --------------------------------------------------------------------------------------------------
 
 
+def _whole_slice(func, dim: int, backward: bool = False):
+    """The local op of a slice (or its backward) that covers the whole sharded dim: each block whole, found
+    from the block's own length, never from offsets. This is what keeps a StridedShard right (strided.py reads
+    it as a Shard for these rules, but its blocks have other lengths: a zigzag block of 7 rows on 4 ranks is
+    2 rows where Shard's is 1; the GPT's ``pos_emb[:T]`` with T == block_size, in backward, met exactly that)."""
+
+    def whole_backward(g, local_sizes, *args, **kwargs):
+        return func(g, local_sizes, dim, 0, local_sizes[dim], 1)
+
+    @views.aliasing  # a view of the block, as the slice is
+    def whole(x, *args, **kwargs):
+        return func(x, dim, 0, x.shape[dim], 1)
+
+    return whole_backward if backward else whole
+
+
 @register_rule(aten.slice.Tensor, aten.slice_copy.Tensor, strided="as_shard")
 def slice_rule(op: OpSchema) -> Sharding:
     spec = op.specs[0]
@@ -209,6 +225,8 @@ def slice_rule(op: OpSchema) -> Sharding:
     inputs, outputs = propagate(spec.placements, out_dims)
     if not any(p.is_shard(dim) for p in inputs):
         return Sharding(inputs=(inputs,), outputs=(outputs,))
+    if length == spec.shape[dim]:
+        return Sharding(inputs=(inputs,), outputs=(outputs,), local_op=_whole_slice(op.func, dim))
     shape, mesh, func = spec.shape, spec.mesh, op.func
 
     @views.aliasing  # always a view of the block
@@ -229,6 +247,9 @@ def slice_backward_rule(op: OpSchema) -> Sharding:
     inputs, outputs = propagate(grad.placements, out_dims)
     if not any(p.is_shard(dim) for p in outputs):
         return Sharding(inputs=(inputs,), outputs=(outputs,), shape_arg=1)
+    if length == sizes[dim]:
+        return Sharding(inputs=(inputs,), outputs=(outputs,), shape_arg=1,
+                        local_op=_whole_slice(aten.slice_backward.default, dim, backward=True))
     mesh = grad.mesh
 
     def local_slice_backward(g, local_sizes, *args, **kwargs):
