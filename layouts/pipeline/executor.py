@@ -119,6 +119,7 @@ class PipelineSchedule:
         self.stages = {s.stage_index: s for s in stages}
         self.actions = schedule.actions[self.pp_rank]
         self.timeline: list[Event] = []
+        self.loss_weights: list[float] = []  # per microbatch, set by step: the weighted losses sum to the batch mean
 
     def _check_placement(self, stages, schedule: Schedule, num_ranks: int) -> None:
         if schedule.num_ranks != num_ranks:
