@@ -19,6 +19,10 @@ _TORCH_MESH_MODULES = ("torch.distributed.device_mesh", "torch.distributed._devi
 
 
 def _from_torch(value, modules) -> bool:
+    # Ours and the sequences placements arrive in are never torch's: answered without reading a class's module
+    # name, which torch.compile cannot trace for a builtin type (a graph break in every traced distribute_tensor).
+    if isinstance(value, (Placement, tuple, list)):
+        return False
     return type(value).__module__.startswith(modules)
 
 

@@ -77,6 +77,9 @@ def _run_functional(fn, *args, group, **kwargs) -> None:
     elif getattr(fn, "__name__", "") in ("reduce_scatter_single", "reduce_scatter_tensor"):
         out, full = args
         out.copy_(_wait(_functional.reduce_scatter_tensor(full, _reduce_name(kwargs), size, name)).view(out.shape))
+    elif fn is dist.reduce:
+        (out,) = args
+        _reduce(out, dist.get_group_rank(group, kwargs["dst"]), _reduce_name(kwargs), group=group)
     elif getattr(fn, "__name__", "") == "_batch_ring_shift":  # point_to_point's ring shift
         _ring_shift(*args, group=group)
     else:
@@ -105,6 +108,23 @@ def _ring_shift(sends, recvs, next_peer: int, prev_peer: int, tag: int, *, group
         got = _wait(_functional.all_to_all_single(flat, recv_splits, send_splits, group.group_name))
         for i, piece in zip(indices, got.split(recv_numels)):
             recvs[i].copy_(piece.view(recvs[i].shape))
+
+
+def _reduce(out, dst: int, op: str, *, group) -> None:
+    """c10d's reduce onto ``dst`` (a rank within ``group``) as one functional all-to-all in which every rank
+    sends its tensor to ``dst`` alone, which combines them: eager's bytes (every non-root sends once), not an
+    all-reduce's. Only ``dst``'s buffer is written (c10d leaves the others' unspecified; collectives.reduce
+    returns None there)."""
+    size = dist.get_world_size(group)
+    send_splits, recv_splits = [0] * size, [0] * size
+    send_splits[dst] = out.numel()
+    if dist.get_rank(group) == dst:
+        recv_splits = [out.numel()] * size
+    got = _wait(_functional.all_to_all_single(out.reshape(-1), recv_splits, send_splits, group.group_name))
+    if dist.get_rank(group) == dst:
+        pieces = got.view(size, *out.shape)
+        combine = {"sum": torch.sum, "product": torch.prod, "max": torch.amax, "min": torch.amin}[op]
+        out.copy_(combine(pieces, dim=0))
 
 
 def _mark_waits_kept() -> None:

@@ -29,7 +29,7 @@ from torch._library.opaque_object import MemberType, register_opaque_type
 from .mesh import DeviceMesh
 from .placements import Partial, Replicate, Shard, StridedShard
 
-__all__ = ["after_dynamo_import", "nonstrict"]
+__all__ = ["after_dynamo_import", "constant_when_traced", "nonstrict"]
 
 
 # -- meshes and placements: constants of a compiled program -------------------------------------------------------
@@ -54,21 +54,37 @@ def nonstrict(fn):
     return sys.modules["torch._dynamo"].nonstrict_trace(fn)
 
 
+def constant_when_traced(fn):
+    """``fn``, a question about Python state Dynamo cannot read (which rules are in force: the registry's
+    mappings are keyed by op objects), answered when Dynamo traces a call to it and its answer kept in the
+    graph as a constant (``torch._dynamo.assume_constant_result``), not a graph break. Dynamo does not guard
+    on the answer: a graph made where it held is reused where it would not. Returns ``fn`` itself, marked
+    once torch._dynamo is imported."""
+    after_dynamo_import(lambda: sys.modules["torch._dynamo"].assume_constant_result(fn))
+    return fn
+
+
 def after_dynamo_import(callback) -> None:
     """Run ``callback`` once torch._dynamo is imported: now if it is, else right after its import."""
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is not None and hasattr(dynamo, "nonstrict_trace"):
         callback()
         return
-    sys.meta_path.insert(0, _AfterImport("torch._dynamo", callback))
+    # One finder holds every pending callback: with one finder each, the first to find the module would load
+    # it and the others would never be asked (the front doors left unmarked when a layout registered later).
+    waiting = next((f for f in sys.meta_path if isinstance(f, _AfterImport) and f.name == "torch._dynamo"), None)
+    if waiting is None:
+        waiting = _AfterImport("torch._dynamo")
+        sys.meta_path.insert(0, waiting)
+    waiting.callbacks.append(callback)
 
 
 class _AfterImport:
-    """A meta-path finder that finds nothing itself: it lets the normal finder load ``name`` and runs ``callback``
-    after the module's code has run (Python has no post-import hook of its own)."""
+    """A meta-path finder that finds nothing itself: it lets the normal finder load ``name`` and runs its
+    ``callbacks``, in the order added, after the module's code has run (Python has no post-import hook)."""
 
-    def __init__(self, name: str, callback):
-        self.name, self.callback = name, callback
+    def __init__(self, name: str):
+        self.name, self.callbacks = name, []
 
     def find_spec(self, name, path, target=None):
         if name != self.name:
@@ -77,11 +93,12 @@ class _AfterImport:
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
             return spec
-        run_module, callback = spec.loader.exec_module, self.callback
+        run_module, callbacks = spec.loader.exec_module, self.callbacks
 
         def exec_module(module):
             run_module(module)
-            callback()
+            for callback in callbacks:
+                callback()
 
         spec.loader.exec_module = exec_module
         return spec

@@ -58,11 +58,13 @@ from dtensor_plus.ops import summa
 from dtensor_plus.ops.common import aten
 from dtensor_plus.ops.sharded_norm import sharded_norm_rules
 from dtensor_plus.placements import Placement, Replicate, Shard
+from dtensor_plus.tracing import constant_when_traced
 
 from .data import reduce_grad_in_backward
 from .tensor import SRC_DATA_RANK, ParallelStyle
 
-__all__ = ["Grid2D", "tensor_parallel_2d", "Linear2D", "LayerNorm2D", "Embedding2D", "HiddenParameter2D"]
+__all__ = ["Grid2D", "tensor_parallel_2d", "Linear2D", "LayerNorm2D", "Embedding2D", "HiddenParameter2D",
+           "place_whole"]
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,12 @@ class Grid2D:
 
     def place_tokens(self, tokens: torch.Tensor, mesh) -> DTensor:
         """A whole (B, T) batch, the same on every rank, as the grid's rows (no communication)."""
-        return distribute_tensor(tokens, mesh, self.tokens(mesh), src_data_rank=None)
+        return place_whole(tokens, mesh, self.tokens(mesh))
 
     def batch_ranks(self, mesh) -> int:
         """How many ways the batch is split: q, or q d."""
         dims = [self.row_mesh_dim] + ([self.depth_mesh_dim] if self.depth_mesh_dim else [])
-        return math.prod(mesh.size(mesh.mesh_dim_names.index(d)) for d in dims)
+        return math.prod([mesh.size(mesh.mesh_dim_names.index(d)) for d in dims])  # a list: Dynamo cannot pass a generator
 
 
 @contextlib.contextmanager
@@ -115,9 +117,20 @@ def tensor_parallel_2d(grid: Grid2D = Grid2D()):
         yield
 
 
+@constant_when_traced  # under torch.compile: checked when the forward is traced (the registry is not traceable)
 def _summa_in_force(grid: Grid2D) -> bool:
     rule = rules.rule_for(aten.mm.default)
     return isinstance(rule, functools.partial) and rule.keywords.get("row_mesh_dim") == grid.row_mesh_dim
+
+
+def place_whole(tensor: torch.Tensor, mesh, placements) -> DTensor:
+    """A whole tensor, the same on every rank, as a DTensor in ``placements`` with no communication: the
+    replicated DTensor on its local block, then each rank's block cut out. Not ``distribute_tensor``: these
+    front doors (``from_local``, ``redistribute``) are what torch.compile records without a graph break inside
+    a compiled forward (tracing.py). Like ``distribute_tensor``, no gradient flows back into ``tensor``."""
+    replicated = DTensor.from_local(tensor.detach(), mesh, [Replicate()] * mesh.ndim)
+    placed = replicated.redistribute(mesh, placements)
+    return placed.requires_grad_() if tensor.requires_grad else placed
 
 
 def place_parameter(module: nn.Module, name: str, mesh, placements) -> None:
@@ -159,7 +172,7 @@ class Linear2D(ParallelStyle):
 def _as_activation(x: torch.Tensor, grid: Grid2D, mesh) -> DTensor:
     target = grid.activation(mesh, x.ndim)
     if not isinstance(x, DTensor):
-        return distribute_tensor(x, mesh, target, src_data_rank=None)
+        return place_whole(x, mesh, target)
     return x if tuple(x.placements) == target else x.redistribute(mesh, target)
 
 
@@ -231,7 +244,7 @@ class Embedding2D(ParallelStyle):
 def _embedding_forward(module: nn.Embedding, tokens: torch.Tensor, *, grid: Grid2D, mesh) -> DTensor:
     target = grid.tokens(mesh)
     if not isinstance(tokens, DTensor):
-        tokens = distribute_tensor(tokens, mesh, target, src_data_rank=None)
+        tokens = place_whole(tokens, mesh, target)
     elif tuple(tokens.placements) != target:
         tokens = tokens.redistribute(mesh, target)
     weight = module.weight.redistribute(mesh, grid.placements(mesh, Replicate(), Shard(1), Replicate()))

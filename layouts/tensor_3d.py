@@ -45,13 +45,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtensor_plus import rules
-from dtensor_plus.api import distribute_tensor
 from dtensor_plus.dtensor import DTensor
 from dtensor_plus.ops.sharded_norm import sharded_norm_rules
 from dtensor_plus.placements import Placement, Replicate, Shard
 
 from .tensor import ParallelStyle
-from .tensor_2d import place_parameter
+from .tensor_2d import place_parameter, place_whole
 
 __all__ = ["Cube3D", "tensor_parallel_3d", "Linear3D", "LayerNorm3D", "Embedding3D", "HiddenParameter3D"]
 
@@ -98,7 +97,7 @@ class Cube3D:
 
     def place(self, tensor: torch.Tensor, mesh, placements) -> DTensor:
         """A whole tensor, the same on every rank, in ``placements`` (no communication)."""
-        return distribute_tensor(tensor, mesh, placements, src_data_rank=None)
+        return place_whole(tensor, mesh, placements)
 
 
 @contextlib.contextmanager
@@ -111,7 +110,7 @@ def tensor_parallel_3d():
 
 def _to(x: torch.Tensor, mesh, placements) -> DTensor:
     if not isinstance(x, DTensor):
-        return distribute_tensor(x, mesh, placements, src_data_rank=None)
+        return place_whole(x, mesh, placements)
     return x if tuple(x.placements) == tuple(placements) else x.redistribute(mesh, placements)
 
 
