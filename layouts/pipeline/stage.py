@@ -107,7 +107,8 @@ class PipelineStage:
         """The units of the coming step are the sequence chunks of ``split`` (None: whole microbatches)."""
         if self._kv_caches:
             raise RuntimeError(f"stage {self.stage_index}: keys and values of samples {sorted(self._kv_caches)} left "
-                               "from the last step (a chunk 0 backward did not run)")
+                               "from the last step (its chunk 0 backward did not run: build the stage anew after a failed "
+                               "step)")
         self._sequence = split
 
     def _meta_of(self, microbatch: int, meta: ActivationMeta) -> ActivationMeta:
@@ -187,7 +188,7 @@ class PipelineStage:
             self._grad_inputs[microbatch] = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         if self._sequence is not None:
             sample, chunk = self._sequence.sample_and_chunk(microbatch)
-            if chunk == 0:  # the sample's last backward here: every later chunk's gradient is in its chunks' keys
+            if chunk == 0:  # the sample's last backward here: no chunk reads its keys and values any more
                 self._kv_caches.pop(sample, None)
 
     def backward_input(self, microbatch: int) -> None:
