@@ -17,6 +17,11 @@ gradients and the state are in each master's layout, so each block's step is the
     opt = ZeroRedundancyOptimizer(model.parameters(), mesh, torch.optim.AdamW, stage=2, lr=1e-3)
     model(x).sum().backward(); opt.step(); opt.zero_grad()
 
+With an element-wise wrapped optimizer and no offload, the masters are views of one flat buffer per dtype
+(layouts/zero_flat.py): the reduce-scatter's output is the flat gradient, the wrapped optimizer steps one
+tensor per (group, dtype) instead of one per parameter (layouts/zero_flat_state.py; its state stays per
+parameter, DTensor views of the flat state), and the all-gather sends the buffer itself.
+
 ``replicate(..., reduce_in_backward=False)`` runs forward and backward on each rank's rows, without DTensor dispatch
 on dp (layouts/data_local.py), and leaves each gradient Partial on dp for ZeRO to reduce-scatter;
 ``distribute_module(model, mesh)`` gives the same steps with every op dispatched on the whole mesh.
@@ -37,6 +42,8 @@ from dtensor_plus.redistribute import redistribute_together
 
 from . import local_step
 from .data_local import GRADIENT_OWNER
+from .zero_flat import FlatMasters
+from .zero_flat_state import FlatState
 from .zero_placement import (
     CPUOffload, check_dp_placement, dp_mesh_dim_index, on_device, with_placement, zero_placement,
 )
@@ -93,6 +100,9 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self._on_dp = {}  # id(parameter) -> its move on dp alone, decided once (``_dp_move``), or None
         self._after = {}  # (parameter spec, gradient spec) -> ``_reductions_after``'s answer
         self._listed = set()  # ids of every parameter given, frozen ones too (torch refuses them twice as well)
+        # The flat master buffer (zero_flat.py): for an element-wise optimizer stepping on the mesh's device.
+        self._flat_eligible = optimizer_class in local_step.ELEMENTWISE and offload is None and mesh.size(self.mesh_dim) > 1
+        self._flat, self._flat_state, self._group_indices, self._index = None, None, [], {}
         # Stage 2: gradients reduce-scattered a full bucket at a time during backward, the rest when it ends.
         self._buckets = BackwardBuckets(bucket_cap_mb * 2**20,
                                         start=lambda _key, params: self._reduce_into_masters(params))
@@ -122,8 +132,29 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self.masters += masters
         self._master_of.update((id(p), m) for p, m in zip(params, masters))
         self._on_dp.update((id(p), self._dp_move(p, m)) for p, m in zip(params, masters))
+        first = len(self.params) - len(params)  # this group's position in self.params
+        self._group_indices.append(list(range(first, len(self.params))))
+        self._index.update((id(p), first + k) for k, p in enumerate(params))
         for p in params:
             self._own_gradient(p)
+        if self._flat_eligible:
+            self._build_flat()
+
+    def _build_flat(self) -> None:
+        """Lay the masters out in flat buffers (again, when a group joins): their values and any gradient
+        already reduced move into the new buffers; the state is copied into flat form at the next step."""
+        old = self._flat
+        self._flat = FlatMasters(self.params, self.masters, self._group_indices,
+                                 [self._on_dp[id(p)] for p in self.params], self.mesh, self.mesh_dim)
+        self._flat_state = FlatState(self._flat)
+        if old is None:
+            return
+        for m in old.members:
+            if m is not None and old.received[m.index]:
+                self._flat.add_shard(m.index, m.view(old.grads[m.dtype]))
+                master = self.masters[m.index]
+                if master.grad is not None:
+                    master.grad = self._flat.grad_dtensor(m.index, master._spec)
 
     def _own_gradient(self, p: DTensor) -> None:
         """Stage 2: reduce-scatter ``p``'s gradient into our master from its post-accumulate-grad hook. The newest
@@ -264,6 +295,8 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         """Reduce-scatter the gradients of ``params`` (one collective per bucket) and add each reduced shard to
         its master's gradient (accumulation across backwards); the whole gradient is freed."""
         params = [p for p in params if p.grad is not None]
+        if self._flat is not None:
+            return self._reduce_into_flat(params)
         masters = [self._master_of[id(p)] for p in params]
         for p, master, shard in zip(params, masters, self._reduce_scatter(params)):
             p.grad = None
@@ -273,6 +306,38 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
                 master.grad = DTensor(shard, master._spec)
             else:
                 master.grad._local_tensor.add_(shard)
+
+    def _reduce_into_flat(self, params) -> None:
+        """``_reduce_into_masters`` with the flat buffer: gradients Partial on dp of packed masters in one
+        reduce-scatter per dtype straight into the flat gradient; any other move by redistribute_together."""
+        direct, other = [], []
+        for p in params:
+            i, grad = self._index[id(p)], p.grad
+            after = None
+            if self._flat.members[i].dim is not None:
+                key = (p._spec, grad._spec)
+                after = self._after.get(key, self)
+                if after is self:
+                    after = self._after[key] = self._reductions_after(grad, self.masters[i])
+            (other.append(i) if after is None else direct.append((i, grad._local_tensor, after)))
+        self._flat.reduce_scatter(direct)
+        if other:
+            moved = redistribute_together([self.params[i].grad for i in other], [self.masters[i].placements for i in other])
+            for i, shard in zip(other, moved):
+                self._flat.add_shard(i, shard)  # a local block
+        for p in params:
+            p.grad = None
+        if self.stage == 2:  # the reduced shards on the masters, as without the flat buffer
+            for i in [i for i, _, _ in direct] + other:
+                self.masters[i].grad = self._flat.grad_dtensor(i, self.masters[i]._spec)
+
+    def _gather_unpacked(self) -> None:
+        """The masters the flat buffer does not pack (Replicate on dp) back into their parameters."""
+        unpacked = [m.index for m in self._flat.members if m.dim is None]
+        if unpacked:
+            wholes = redistribute_together([self.masters[i] for i in unpacked], [self.params[i].placements for i in unpacked])
+            for i, whole in zip(unpacked, wholes):
+                self.params[i]._local_tensor.copy_(whole)  # a local block
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -284,6 +349,11 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         self._buckets.flush()
         self._reduce_into_masters(self.params)
         _copy_options(self.param_groups, self.optimizer.param_groups)  # an LR scheduler changed ours
+        if self._flat is not None:
+            self._flat_state.step(self.optimizer, self.masters)
+            self._flat.all_gather_into(self.params)
+            self._gather_unpacked()
+            return
         self.optimizer.step()
         for p, whole in zip(self.params, self._all_gather()):  # all-gather on dp (offload: host-to-device first)
             p._local_tensor.copy_(whole)
@@ -291,13 +361,19 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None
+        if self._flat is not None:
+            self._flat.clear_grads(set_to_none)
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's state dict (its groups and indices are ours: the same order), with the options
         of ``param_groups``; the state tensors are the master shards' (DTensors, Shard on dp)."""
         _copy_options(self.param_groups, self.optimizer.param_groups)
-        return self.optimizer.state_dict()
+        state_dict = self.optimizer.state_dict()
+        if self._flat is not None:  # a segment's scalars are one tensor: each parameter gets its own copy
+            state_dict["state"] = {i: {k: v.clone() if type(v) is torch.Tensor and not v.ndim else v for k, v in s.items()}
+                                   for i, s in state_dict["state"].items()}
+        return state_dict
 
     def load_state_dict(self, state_dict) -> None:
         """Load the wrapped optimizer's state and the groups' options; the master shards are re-taken from the

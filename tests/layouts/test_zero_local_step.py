@@ -183,10 +183,11 @@ def test_state_in_another_layout_keeps_the_dtensor_path():
 
 
 def _swap_hands_back_what_it_took():
-    """The swap around the inner step hands everything back as it was: each group's parameter list (the same
-    object), each master's state dict (the same object, the step's new entries added into it in the master's
-    layout), and a state tensor replaced by hand between steps (an equal DTensor in the layout: stepped on its
-    block, no dispatch, still the one held), with every value equal to one device."""
+    """The swap around the inner step (the flat segments of layouts/zero_flat_state.py) hands everything back
+    as it was: each group's parameter list (the same object), each master's state dict (the same object, the
+    step's new entries added into it in the master's layout), and a state tensor replaced by hand between
+    steps (an equal DTensor in the layout: copied into the flat state and stepped there, no dispatch; the dict
+    then holds its view), with every value equal to one device."""
     mesh, model, opt, reference, ref_opt = _placed((2,), ("dp",), 1, "adamw", "local")
     inner, dispatched = opt.optimizer, _probe(opt)
     lists = [group["params"] for group in inner.param_groups]
@@ -203,7 +204,8 @@ def _swap_hands_back_what_it_took():
             replaced = states[0]["exp_avg"] = states[0]["exp_avg"].clone()
     assert dispatched == [], dispatched
     assert all(inner.state[m] is held for m, held in zip(opt.masters, states))
-    assert states[0]["exp_avg"] is replaced
+    held = states[0]["exp_avg"]
+    assert held is not replaced and held.placements == replaced.placements and held.shape == replaced.shape
     for p, master, q in zip(opt.params, opt.masters, reference.parameters()):
         torch.testing.assert_close(p.full_tensor(), q.detach())
         for key in ("exp_avg", "exp_avg_sq"):
