@@ -31,6 +31,7 @@ import torch.distributed as dist
 import dtensor_plus as dtp
 from dtensor_plus import Shard, collectives
 from dtensor_plus.layouts.data import replicate
+from dtensor_plus.layouts import moe_pipelined
 from dtensor_plus.layouts.moe import MoE, expert_parallel
 
 BLOCKED = [0.0]  # seconds blocked on row all-to-alls since the last reset (this benchmark's own counter)
@@ -47,8 +48,10 @@ def _timed(fn):
 
 
 def install_timers() -> None:
-    # AllToAllSplits.forward calls collectives.all_to_all_splits through the module: the one-chunk rows.
+    # AllToAllSplits calls collectives.all_to_all_splits through the module (the one-chunk rows, both ways);
+    # moe_pipelined imported the name: its issuing calls are timed there; the waits of what it issued by the class.
     collectives.all_to_all_splits = _timed(collectives.all_to_all_splits)
+    moe_pipelined.all_to_all_splits = _timed(moe_pipelined.all_to_all_splits)
     collectives.PendingCollective.wait = _timed(collectives.PendingCollective.wait)
 
 

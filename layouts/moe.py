@@ -103,6 +103,10 @@ class MoE(nn.Module):
             tokens to the experts' ranks; "dp" every expert all-gathered for the step, tokens stay; "auto" per
             step, whichever moves fewer bytes for the step's routing. A plain attribute: change it any time.
 
+    ``comm_priority`` (None by default): Lina's scheduler (``moe_priority.AllToAllFirst``), the one given to
+    ``replicate(..., all_reduce_launcher=...)``: the gradient all-reduce goes in pieces in the gaps between this
+    layer's backward all-to-alls instead of ahead of them.
+
     Expert placement: ``expert_slot`` (a buffer, (E,) ints) holds where each expert's weights lie along the
     expert dim of ``w1`` / ``w2``: expert e is row ``expert_slot[e]`` (ep rank ``expert_slot[e] // (E / ep)``).
     It starts as the identity; ``moe_placement.place_experts`` changes it and moves the weights with it.
@@ -135,6 +139,7 @@ class MoE(nn.Module):
             raise ValueError(f"dispatch_chunks must be >= 1 (1: no pipelining), got {dispatch_chunks}")
         self.dispatch_chunks = dispatch_chunks
         self.expert_mode, self.mode = expert_mode, None
+        self.comm_priority = None  # Lina's scheduler (moe_priority.AllToAllFirst), shared with replicate's buckets
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.aux_loss: torch.Tensor | None = None
         self.routing: Routing | None = None
@@ -176,10 +181,11 @@ class MoE(nn.Module):
             y_ND = dispatch_with_shadows(
                 x_ND, routing.expert_idx_NK, routing.gates_NK, routing.keep_NK, slot_E, self.shadowed, run_mine,
                 lambda rows, counts: self._run_experts(rows, counts, w1_S, w2_S, layout), mesh, ep_mesh_dim,
-                self.dispatch_chunks)
+                self.dispatch_chunks, self.comm_priority)
         else:
             y_ND = dispatch_combine(x_ND, slot_E[routing.expert_idx_NK], routing.gates_NK, routing.keep_NK,
-                                    self.experts.num_experts, run_mine, mesh, ep_mesh_dim, self.dispatch_chunks)
+                                    self.experts.num_experts, run_mine, mesh, ep_mesh_dim, self.dispatch_chunks,
+                                    self.comm_priority)
         y_BTD = y_ND.view(shape)
         y_BTD = layout.output(y_BTD, x_in, x_BTD) if layout else y_BTD
         return y_BTD if self.shared is None else y_BTD + self.shared(x_BTD)

@@ -48,7 +48,8 @@ __all__ = ["dispatch_combine"]
 def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: torch.Tensor,
                      keep_NK: torch.Tensor | None, num_experts: int,
                      experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     mesh=None, ep_mesh_dim: int | tuple[int, int] | None = None, chunks: int = 1) -> torch.Tensor:
+                     mesh=None, ep_mesh_dim: int | tuple[int, int] | None = None, chunks: int = 1,
+                     priority=None) -> torch.Tensor:
     """``y[n] = sum_k gates[n, k] * expert_{idx[n, k]}(x[n])`` over the kept assignments, as (N, D).
 
     Args:
@@ -60,6 +61,8 @@ def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: 
             the experts sharded over both (ep rank i G + j at (i, j)), dispatched hierarchically.
         chunks: 1 for one all-to-all each way; more to pipeline the all-to-alls with expert compute in that
             many chunks (moe_pipelined.py).
+        priority: Lina's scheduler (moe_priority.AllToAllFirst): the gradient all-reduce pieces go in the gaps
+            between the backward all-to-alls (the exchange then runs as moe_pipelined's, in ``chunks`` >= 1).
     """
     if chunks < 1:
         raise ValueError(f"dispatch_combine: chunks must be >= 1 (1: no pipelining), got {chunks}")
@@ -74,9 +77,10 @@ def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: 
     counts_E = torch.bincount(expert_A, minlength=num_experts)
     rows_AD = x_ND[token_A]
     hierarchical = isinstance(ep_mesh_dim, tuple)
-    if hierarchical and (current_world() is not None or chunks > 1):
-        raise ValueError("dispatch_combine: the hierarchical (two-mesh-dim) dispatch runs on real ranks in one chunk; "
-                         "use chunks=1, or one ep mesh dim to pipeline or simulate")
+    if hierarchical and (current_world() is not None or chunks > 1 or priority is not None):
+        raise ValueError("dispatch_combine: the hierarchical (two-mesh-dim) dispatch runs on real ranks in one chunk "
+                         "without Lina's priority; use chunks=1 and priority=None, or one ep mesh dim to pipeline, "
+                         "prioritise or simulate")
     if mesh is None or ep_mesh_dim is None or _ep_size(mesh, ep_mesh_dim) == 1:
         simulated = current_world()
         out_AD = experts(rows_AD, counts_E if simulated is None else  # a simulated world has no routing values
@@ -85,7 +89,7 @@ def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: 
         out_AD = exchange_hierarchical(
             rows_AD, counts_E, lambda rows, counts_nL: _through_local_experts(rows, counts_nL, counts_nL.sum(0), experts),
             mesh, *ep_mesh_dim)
-    elif chunks == 1:
+    elif chunks == 1 and priority is None:
         out_AD = _exchange(rows_AD, counts_E, experts, mesh, ep_mesh_dim)
     else:
         if current_world() is not None:
@@ -93,7 +97,7 @@ def dispatch_combine(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: 
                              "world; simulate with chunks=1 (MoE(dispatch_chunks=1)), the same bytes")
         out_AD = exchange_pipelined(
             rows_AD, counts_E, lambda rows, counts_nL: _through_local_experts(rows, counts_nL, counts_nL.sum(0), experts),
-            mesh, ep_mesh_dim, chunks)
+            mesh, ep_mesh_dim, chunks, priority)
     return x_ND.new_zeros(x_ND.shape).index_add(0, token_A, out_AD * gate_A.unsqueeze(-1))
 
 

@@ -34,8 +34,9 @@ class _Link:
     """One chunk's all-to-all between its two autograd nodes: the issued forward transfer, then the issued
     backward one (a plain object passed to both, so nothing outlives the graph)."""
 
-    def __init__(self, mesh, mesh_dim: int, send_splits, recv_splits):
+    def __init__(self, mesh, mesh_dim: int, send_splits, recv_splits, priority=None):
         self.mesh, self.mesh_dim, self.send_splits, self.recv_splits = mesh, mesh_dim, send_splits, recv_splits
+        self.priority = priority  # Lina's scheduler (moe_priority.py), told when a backward all-to-all arrived
         self.forward = self.backward = None
 
 
@@ -52,7 +53,10 @@ class _Issue(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _token_grad):
-        return ctx.link.backward.wait(), None
+        grad = ctx.link.backward.wait()
+        if ctx.link.priority is not None:  # a gap before the next all-to-all: the gradient all-reduce may go
+            ctx.link.priority.gap()
+        return grad, None
 
 
 class _Wait(torch.autograd.Function):
@@ -80,11 +84,11 @@ def chunk_pieces(counts: torch.Tensor, chunks: int) -> torch.Tensor:
 
 
 def exchange_pipelined(rows_AD: torch.Tensor, counts_E: torch.Tensor, through: Callable, mesh, ep_mesh_dim: int,
-                       chunks: int) -> torch.Tensor:
+                       chunks: int, priority=None) -> torch.Tensor:
     """``moe_dispatch._exchange`` in ``chunks`` pipelined pieces: the rows (grouped by expert) through their
     experts on their ranks and back, in the same order. ``through(received_RD, counts_nL)`` runs this rank's
     experts on rows received ordered by (source rank, expert), ``counts_nL`` of each, and returns them in
-    that order."""
+    that order. ``priority``: Lina's scheduler (moe_priority.AllToAllFirst), told of each gap in backward."""
     n = mesh.size(ep_mesh_dim)
     E, A = counts_E.numel(), rows_AD.shape[0]
     L = E // n
@@ -103,7 +107,7 @@ def exchange_pipelined(rows_AD: torch.Tensor, counts_E: torch.Tensor, through: C
 
     def start(c, rows, forward=True):
         splits = (send_splits[c], recv_splits[c]) if forward else (recv_splits[c], send_splits[c])
-        link = _Link(mesh, ep_mesh_dim, *splits)
+        link = _Link(mesh, ep_mesh_dim, *splits, priority)
         return _Issue.apply(rows, link), link
 
     dispatch, outs, combine = [start(0, sent[0])], [], []

@@ -54,12 +54,12 @@ def shadow_weights(w_local_LX: torch.Tensor, slots: list[int], mesh, ep_mesh_dim
 def dispatch_with_shadows(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates_NK: torch.Tensor,
                           keep_NK: torch.Tensor | None, slot_E: torch.Tensor, shadowed: tuple[int, ...],
                           sent_experts: Callable, shadow_experts: Callable, mesh, ep_mesh_dim: int,
-                          chunks: int = 1) -> torch.Tensor:
+                          chunks: int = 1, priority=None) -> torch.Tensor:
     """``dispatch_combine`` with the assignments of the ``shadowed`` experts computed here.
 
     ``sent_experts(rows, counts_L)`` runs this rank's experts (rows that came by all-to-all);
     ``shadow_experts(rows, counts_S)`` runs the shadows, in the order of ``shadowed``; ``chunks`` pipelines the
-    all-to-alls of the rest (``dispatch_combine``).
+    all-to-alls of the rest and ``priority`` schedules the gradient all-reduce around them (``dispatch_combine``).
     """
     E = slot_E.numel()
     is_shadow_E = torch.zeros(E, dtype=torch.bool, device=expert_idx_NK.device)
@@ -69,7 +69,7 @@ def dispatch_with_shadows(x_ND: torch.Tensor, expert_idx_NK: torch.Tensor, gates
     here_NK = is_shadow_E[expert_idx_NK]
     keep_NK = torch.ones_like(here_NK) if keep_NK is None else keep_NK
     sent = dispatch_combine(x_ND, slot_E[expert_idx_NK], gates_NK, keep_NK & ~here_NK, E, sent_experts, mesh,
-                            ep_mesh_dim, chunks)
+                            ep_mesh_dim, chunks, priority)
     local = dispatch_combine(x_ND, shadow_index_E[expert_idx_NK], gates_NK, keep_NK & here_NK, len(shadowed),
                              shadow_experts)
     return sent + local

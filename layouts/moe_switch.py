@@ -8,10 +8,13 @@ their owner and never move. Each step runs either
   step only (a ``redistribute`` to Replicate there; backward: the gradients reduce-scattered onto the owners),
   and each rank runs its own tokens through all experts locally; no token moves.
 
-``choose_mode`` picks the one that moves fewer bytes from the step's routing (Janus's data-centric
-comparison, moe_balance.py): the busiest rank's tokens, ``4 max_r load_r (ep-1)/ep D`` elements (dispatch and
-combine, forward and backward, from the other ranks assuming each rank's tokens spread evenly), against the
-experts, ``2 (ep-1) L P`` (each rank's L experts of P elements all-gathered, their gradients reduce-scattered).
+``choose_mode`` picks the one in which the busiest rank sends fewer bytes, from the step's routing (Janus's
+data-centric comparison, moe_balance.py). Tokens: with T kept assignments in the batch, rank r's experts
+taking load_r of them, and each rank's tokens spread evenly over sources, rank r sends ``(T - load_r) / ep``
+rows out and ``load_r (ep-1)/ep`` rows back, forward and again backward: ``2 (T + load_r (ep-2)) / ep`` rows of D,
+most on the busiest rank (under even routing exactly ``moe_balance.token_moving_bytes``). Experts: every rank
+sends ``2 (ep-1) L P`` (its L experts of P elements all-gathered, their gradients reduce-scattered;
+``moe_balance.expert_moving_bytes``).
 The load is global (summed over the batch by the router) and the placement replicated, so every rank makes the
 same choice with no communication. Skewed routing piles tokens on one rank and tips it to ``"dp"``; small
 batches favour ``"ep"`` for large experts and vice versa.
@@ -25,24 +28,30 @@ import torch
 
 from dtensor_plus import DTensor, Replicate
 
-from .moe_balance import expert_moving_bytes, rank_load, token_moving_bytes
+from .moe_balance import expert_moving_bytes, rank_load
 from .moe_router import local_weight
 
-__all__ = ["EXPERT_MODES", "choose_mode", "gathered_experts"]
+__all__ = ["EXPERT_MODES", "choose_mode", "token_bytes", "gathered_experts"]
 
 EXPERT_MODES = ("ep", "dp", "auto")
 
 
 def choose_mode(load_E: torch.Tensor, slot_E: torch.Tensor, ep: int, dim: int, expert_params: int,
                 element_bytes: int = 4) -> str:
-    """``"dp"`` when gathering the experts moves fewer bytes than moving the busiest rank's tokens, else
-    ``"ep"`` (ties: ``"ep"``, the layout the weights already have)."""
+    """``"dp"`` when the busiest rank sends fewer bytes gathering the experts than moving tokens, else ``"ep"``
+    (ties: ``"ep"``, the layout the weights already have)."""
     if ep == 1:
         return "ep"
-    busiest = int(rank_load(load_E, slot_E, ep).max().item())
-    tokens = token_moving_bytes(busiest, 1, dim, ep, element_bytes)
-    experts = expert_moving_bytes(load_E.numel() // ep, expert_params, ep, element_bytes)
-    return "dp" if experts < tokens else "ep"
+    return "dp" if expert_moving_bytes(load_E.numel() // ep, expert_params, ep, element_bytes) < token_bytes(
+        load_E, slot_E, ep, dim, element_bytes) else "ep"
+
+
+def token_bytes(load_E: torch.Tensor, slot_E: torch.Tensor, ep: int, dim: int, element_bytes: int = 4) -> float:
+    """Bytes the busiest rank sends moving tokens for one layer's forward and backward: ``2 (T + max_r load_r
+    (ep-2)) / ep`` rows of ``dim`` (the module doc)."""
+    total = float(load_E.sum().item())
+    busiest = rank_load(load_E, slot_E, ep).max().item()
+    return 2 * (total + busiest * (ep - 2)) / ep * dim * element_bytes
 
 
 def gathered_experts(w: DTensor, ep_mesh_dims: tuple[int, ...], token_placements) -> torch.Tensor:

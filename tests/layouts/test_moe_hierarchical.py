@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 import dtensor_plus as dtp
 from dtensor_plus import Shard
-from dtensor_plus.layouts.data import replicate
 from dtensor_plus.layouts.moe import GroupedExperts, MoE, expert_parallel
 from dtensor_plus.layouts.moe_dispatch import dispatch_combine
 from dtensor_plus.layouts.moe_hierarchical import regroup_index

@@ -16,8 +16,8 @@ import dtensor_plus as dtp
 from dtensor_plus import Shard
 from dtensor_plus.layouts.data import replicate
 from dtensor_plus.layouts.moe import MoE, expert_parallel
-from dtensor_plus.layouts.moe_balance import rank_load
-from dtensor_plus.layouts.moe_switch import choose_mode
+from dtensor_plus.layouts.moe_balance import rank_load, token_moving_bytes
+from dtensor_plus.layouts.moe_switch import choose_mode, token_bytes
 from dtensor_plus.testing import run_on_ranks
 from test_moe_dropless import D, F_HIDDEN  # noqa: E402  (tests/layouts is on sys.path under pytest's rootdir)
 
@@ -50,9 +50,10 @@ def _check_switching(modes):
             opt.step()
             opt.zero_grad()
         ran.append(net.mode)
-        if mode == "auto":  # the byte comparison, written out: experts 2 (ep-1) L P against tokens 4 max load (ep-1)/ep D
+        if mode == "auto":  # the byte comparison, written out: experts 2 (ep-1) L P, tokens 2 (T + max load (ep-2)) / ep D
             busiest = rank_load(net.load, net.expert_slot.to_local(), EP).max().item()
-            assert net.mode == ("dp" if 2 * (EP - 1) * L * P < 4 * busiest * (EP - 1) / EP * D else "ep")
+            tokens = 2 * (net.load.sum().item() + busiest * (EP - 2)) / EP * D
+            assert net.mode == ("dp" if 2 * (EP - 1) * L * P < tokens else "ep")
         if net.mode == "dp":  # the weights all-gathered (w1, w2), their gradients reduce-scattered; no token moves
             assert forward.bytes("all_gather", "ep") == (EP - 1) * L * P * 4 and forward.count("all_to_all") == 0, forward
             assert backward.bytes("reduce_scatter", "ep") == (EP - 1) * L * P * 4, backward
@@ -83,9 +84,11 @@ def test_switching_between_ep_and_dp_trains_as_one_device_and_moves_no_weight(mo
 def test_choose_mode_by_the_byte_formula():
     slot = torch.arange(8)
     even, skewed = torch.full((8,), 16), torch.tensor([120, 0, 0, 0, 0, 0, 0, 8])
-    # ep 4, L 2, D 64: experts move 2*3*2*P*4 = 48 P bytes; the busiest rank's tokens 4*load*3/4*64*4 = 768 load
-    assert choose_mode(even, slot, 4, 64, 500) == "dp"   # 24 000 < 768 * 32
+    # ep 4, L 2, D 64, 4 B: experts move 2*3*2*P*4 = 48 P bytes; the busiest rank's tokens 2 (128 + 2 load) / 4 * 256
+    assert token_bytes(even, slot, 4, 64) == 24_576 == token_moving_bytes(32, 1, 64, 4)  # even: Janus's formula
+    assert token_bytes(skewed, slot, 4, 64) == 47_104  # rank 0 takes 120 of the 128 assignments
+    assert choose_mode(even, slot, 4, 64, 500) == "dp"   # 24 000 < 24 576
     assert choose_mode(even, slot, 4, 64, 512) == "ep"   # a tie (24 576 each) keeps the weights' own layout
-    assert choose_mode(skewed, slot, 4, 64, 1024) == "dp"  # 49 152 < 768 * 120: the tokens piled on rank 0
-    assert choose_mode(even, slot, 4, 64, 1024) == "ep"  # the same experts against the same tokens spread evenly
+    assert choose_mode(skewed, slot, 4, 64, 960) == "dp"  # 46 080 < 47 104: the tokens piled on rank 0
+    assert choose_mode(even, slot, 4, 64, 960) == "ep"  # the same experts against the same tokens spread evenly
     assert choose_mode(even, slot, 1, 64, 1) == "ep"
