@@ -63,7 +63,7 @@ __all__ = ["replicate", "GradientBucket", "reduce_grad_in_backward", "reduce_gra
 
 @renamed_keywords(dp_dim="dp_mesh_dim")
 def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce_in_backward: bool = True,
-              local_compute: bool = True, bucket_cap_mb: float = 25) -> nn.Module:
+              local_compute: bool = True, bucket_cap_mb: float = 25, all_reduce_launcher=None) -> nn.Module:
     """Lay ``module`` out for data parallelism on ``device_mesh``'s ``dp_mesh_dim``.
 
     Args:
@@ -82,6 +82,10 @@ def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce
             itself; False: always.
         bucket_cap_mb: gradients per all-reduce, in MiB (DDP's ``bucket_cap_mb``); the first bucket of each
             backward closes at 1 MiB at most, so its all-reduce starts early.
+        all_reduce_launcher: who starts the sum all-reduce of a flat gradient bucket (local compute on a 1-D dp
+            mesh): a callable ``launcher(buffer, mesh, mesh_dim)`` returning an object whose ``wait()`` gives the
+            summed tensor, issuing collectives in the same order on every rank (Lina's scheduler,
+            layouts/moe_priority.py, puts the MoE's all-to-alls first); None: ``collectives.all_reduce``, async.
 
     Returns:
         ``module``.
@@ -91,7 +95,7 @@ def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce
                          f"mesh_dim_names=('dp', 'tp')")
     if bucket_cap_mb <= 0:
         raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
-    bucket = GradientBucket(int(bucket_cap_mb * 2**20))
+    bucket = GradientBucket(int(bucket_cap_mb * 2**20), launcher=all_reduce_launcher)
     for param, slots in parameter_slots(module):
         lifted = nn.Parameter(_lift(param.detach(), device_mesh, dp_mesh_dim), requires_grad=param.requires_grad)
         if local_compute:
@@ -128,8 +132,8 @@ class GradientBucket:
     every rank, so the buckets agree.
     """
 
-    def __init__(self, cap_bytes: int = 25 * 2**20, first_cap_bytes: int | None = 2**20):  # DDP's defaults
-        self.cap_bytes, self.first_cap_bytes = cap_bytes, first_cap_bytes
+    def __init__(self, cap_bytes: int = 25 * 2**20, first_cap_bytes: int | None = 2**20, launcher=None):  # DDP's caps
+        self.cap_bytes, self.first_cap_bytes, self.launcher = cap_bytes, first_cap_bytes, launcher
         self.buckets = BackwardBuckets(cap_bytes, self._start, self._finish, first_cap_bytes=first_cap_bytes)
         self.flat: FlatGradients | None = None  # the plain local leaves' buckets, made with the first one
         self.in_flight: list = []  # (params, whether from local leaves, the pending flat all-reduce)
@@ -149,7 +153,7 @@ class GradientBucket:
         if isinstance(leaf, DTensor):
             return lambda leaf: self.add_local(param, leaf, k)
         if self.flat is None:
-            self.flat = FlatGradients(param._spec.mesh, k, self.cap_bytes, self.first_cap_bytes)
+            self.flat = FlatGradients(param._spec.mesh, k, self.cap_bytes, self.first_cap_bytes, self.launcher)
         return self.flat.hook(param, leaf)
 
     def arm(self) -> None:

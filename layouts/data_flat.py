@@ -102,10 +102,12 @@ class _Bucket:
         self.landed = [False] * len(self.params)
         self.remaining = len(self.params)
 
-    def start(self, mesh, mesh_dim: int) -> None:
+    def start(self, mesh, mesh_dim: int, launcher=None) -> None:
         buffer = self.flat if self.fresh else self.scratch
         if mesh.size(mesh_dim) > 1:
-            self.pending = (buffer, collectives.all_reduce(buffer, mesh, mesh_dim, "sum", async_op=True))
+            pending = (launcher(buffer, mesh, mesh_dim) if launcher is not None
+                       else collectives.all_reduce(buffer, mesh, mesh_dim, "sum", async_op=True))
+            self.pending = (buffer, pending)
 
     def deliver(self) -> None:
         """Wait for the all-reduce and put each landed gradient on its parameter's .grad."""
@@ -130,8 +132,9 @@ class _Bucket:
 class FlatGradients:
     """The plain local leaves of one ``replicate`` call and their flat buckets (module docstring)."""
 
-    def __init__(self, mesh, mesh_dim: int, cap_bytes: float, first_cap_bytes: float | None):
+    def __init__(self, mesh, mesh_dim: int, cap_bytes: float, first_cap_bytes: float | None, launcher=None):
         self.mesh, self.mesh_dim = mesh, mesh_dim
+        self.launcher = launcher  # replicate's all_reduce_launcher (None: collectives.all_reduce, async)
         self.cap_bytes, self.first_cap_bytes = cap_bytes, first_cap_bytes
         self.leaves: dict = {}  # id(parameter) -> (parameter, its current leaf), in registration order
         self.recording: list | None = None  # the parameters as their gradients land in a first-guess layout's first backward
@@ -208,14 +211,14 @@ class FlatGradients:
     def _start_ready(self) -> None:
         """Start every full bucket from the first not started on, in layout order (the same on every rank)."""
         while self.next_start < len(self.buckets) and not self.buckets[self.next_start].remaining:
-            self.buckets[self.next_start].start(self.mesh, self.mesh_dim)
+            self.buckets[self.next_start].start(self.mesh, self.mesh_dim, self.launcher)
             self.next_start += 1
 
     def _flush(self) -> None:
         """The end of a backward: start the buckets still waiting (unused parameters' zeros included), deliver."""
         self.flush_queued = False
         for bucket in self.buckets[self.next_start:]:
-            bucket.start(self.mesh, self.mesh_dim)
+            bucket.start(self.mesh, self.mesh_dim, self.launcher)
         self.next_start, self.armed = len(self.buckets), False
         if self.recording is not None:  # complete (every gradient landed, once): rebuilt in it when it may
             recorded, self.recording = self.recording, None

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import dtensor_plus as dtp
-from dtensor_plus import DTensor, Replicate
+from dtensor_plus import DTensor, Replicate, collectives
 from dtensor_plus.layouts.data import replicate, shard_batch
 from dtensor_plus.testing import run_on_ranks
 from test_data_parallel_overlap import _bucket  # noqa: E402  (replicate's GradientBucket of a model)
@@ -46,11 +46,18 @@ def _check(model, reference, what):
         torch.testing.assert_close(p.grad.full_tensor(), q.grad, msg=lambda m: f"{what}: grad of {name}: {m}")
 
 
-def _flat_buckets_equal_one_device(cap_mb):
+def _flat_buckets_equal_one_device(cap_mb, with_launcher):
     mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
     torch.manual_seed(0)
     reference = Tied()
-    model = replicate(copy.deepcopy(reference), mesh, bucket_cap_mb=cap_mb)
+    launched = []
+
+    def launcher(buffer, mesh, mesh_dim):  # Lina's hook: who starts each bucket's all-reduce
+        launched.append(buffer.numel())
+        return collectives.all_reduce(buffer, mesh, mesh_dim, "sum", async_op=True)
+
+    model = replicate(copy.deepcopy(reference), mesh, bucket_cap_mb=cap_mb,
+                      all_reduce_launcher=launcher if with_launcher else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
     g = torch.Generator().manual_seed(1)
@@ -77,6 +84,8 @@ def _flat_buckets_equal_one_device(cap_mb):
         backward(5)
     flat = bucket.flat
     assert counter.count("all_reduce", "dp") == len(flat.buckets), (counter.report(), len(flat.buckets))
+    if with_launcher:
+        assert launched == [b.flat.numel() for b in flat.buckets], launched
     step("first backward")
 
     backward(5)  # the layout rebuilt in the landing order; .grad are the new buckets' DTensors from now on
@@ -125,6 +134,6 @@ def _flat_buckets_equal_one_device(cap_mb):
 
 def test_flat_buckets_equal_one_device():
     """One bucket for the whole model (the default caps), then one per gradient (4-byte caps: every gradient
-    starts its own all-reduce, in layout order)."""
-    for cap_mb in (25, 4 / 2**20):
-        assert all(run_on_ranks(2, _flat_buckets_equal_one_device, cap_mb))
+    starts its own all-reduce, in layout order, through a launcher given to replicate)."""
+    for cap_mb, with_launcher in ((25, False), (4 / 2**20, True)):
+        assert all(run_on_ranks(2, _flat_buckets_equal_one_device, cap_mb, with_launcher))
