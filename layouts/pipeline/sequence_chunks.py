@@ -14,8 +14,10 @@ How the gradient reaches the earlier chunks. Chunk i hands its keys and values t
 as detached leaves that require grad; the later chunks of the sample read those leaves, so their backwards
 accumulate into the leaves' ``.grad``. Chunk i's own graph passes its keys and values through ``_PlusLaterGrad``,
 an identity whose backward adds the leaves' ``.grad``. The schedule runs chunk j's backward before chunk j-1's on
-every stage (``validate`` checks it), so by chunk i's backward every later chunk's share is in. The cache of a
-sample is dropped after its chunk 0's backward (``PipelineStage.backward_one``): nothing outlives the step.
+every stage (``validate`` checks it), so by chunk i's backward every later chunk's share is in. After chunk i's
+backward the cache lets go of chunk i's leaves (every forward of the sample ran before its first backward, and
+every later chunk's backward before this one), and the cache of a sample is dropped after its chunk 0's backward
+(``PipelineStage.backward_one``): a sample's keys and values live no longer than its chunks' activations.
 
 The fused backward only: a zero-bubble B (``backward.py``) computes the input gradient alone with
 ``autograd.grad``, which does not accumulate into the cached leaves; the executor refuses the combination.
@@ -92,15 +94,25 @@ class KeyValueCache:
 
     def __init__(self, stage_index: int, sample: int):
         self.stage_index, self.sample = stage_index, sample
-        self._layers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # id(layer) -> pairs, chunk order
+        self._layers: dict[int, list] = {}  # id(layer) -> (keys, values) leaves in chunk order; None once released
 
     def earlier(self, layer, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         pairs = self._layers.setdefault(id(layer), [])
+        if None in pairs:
+            raise RuntimeError(f"stage {self.stage_index}, sample {self.sample}: chunk {chunk}'s forward after a "
+                               "backward of its sample; a schedule runs every chunk's forward before the sample's "
+                               "first backward (validate)")
         if len(pairs) != chunk:
             raise RuntimeError(f"stage {self.stage_index}, sample {self.sample}: chunk {chunk} of layer "
                                f"{type(layer).__name__} finds the keys and values of {len(pairs)} earlier chunks; a "
                                "sample's chunks must run their forwards in order, each attention layer asking once")
         return list(pairs)
+
+    def release(self, chunk: int) -> None:
+        """After chunk ``chunk``'s backward: no chunk reads its keys and values any more."""
+        for pairs in self._layers.values():
+            if chunk < len(pairs):
+                pairs[chunk] = None
 
     def add(self, layer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep detached leaves of ``k`` and ``v`` for the later chunks; returns k and v with their gradient hook."""

@@ -190,6 +190,8 @@ class PipelineStage:
             sample, chunk = self._sequence.sample_and_chunk(microbatch)
             if chunk == 0:  # the sample's last backward here: no chunk reads its keys and values any more
                 self._kv_caches.pop(sample, None)
+            else:
+                self._kv_caches[sample].release(chunk)
 
     def backward_input(self, microbatch: int) -> None:
         """B: the input gradient only; the weight gradients wait for ``backward_weight`` (zero bubble)."""
