@@ -15,6 +15,7 @@ model stage are summed across its two replicas before the optimizer step (``Pipe
 from __future__ import annotations
 
 from .actions import Action, Kind, Schedule
+from .list_schedule import list_schedule
 from .schedules import _check_counts, one_f_one_b, with_communication
 from .simulate import simulate
 
@@ -27,18 +28,25 @@ def chimera_placement(p: int) -> list[int]:
 
 
 def chimera(p: int, m: int) -> Schedule:
-    """Each pipeline runs 1F1B on its half of the microbatches; a rank runs the union of its two 1F1B lists in
-    the order of their start times on a unit-cost timeline (F = BW, the paper's assumption), down first on a tie.
+    """Two orders, each reaching Chimera's bubble (p-2)/(2m+p-2) (D = p stages, N = m microbatches, F = BW: the
+    paper's T_F = T_B) where the other one does not:
 
-    With F = BW the bubble is (p-2)/(2m+p-2) (Chimera's, D = p stages, N = m microbatches) for even p and
-    m >= p + 2; at m == p (the paper's basic unit, which it schedules by hand) this order idles one slot more.
-    Peak in-flight activations p+1 on the middle ranks for m >= p + 2 (1F1B: p; GPipe: m).
+    - m a multiple of p (the paper's basic unit of D microbatches, repeated): unit-time list scheduling of both
+      directions together (``list_schedule``: a ready backward first, else the oldest ready forward); peak
+      in-flight activations p, the top of the paper's [p/2+1, p];
+    - otherwise each pipeline runs 1F1B on its half of the microbatches and a rank runs the union of its two
+      1F1B lists in the order of their start times on a unit-cost timeline, down first on a tie; exact for even
+      m >= p + 2, peak p+1 on the middle ranks (1F1B: p; GPipe: m). The list scheduler idles more there
+      (its directions drift apart once a unit is cut short).
     """
     _check_counts("chimera", p, m)
     if p % 2 or m < 2:
         raise ValueError(f"chimera: needs an even number of ranks (got p={p}: the two directions pair rank r with "
                          f"p-1-r) and m >= 2 microbatches (got m={m}), one per direction at least")
     stage_to_rank = chimera_placement(p)
+    if m % p == 0:
+        compute = list_schedule(stage_to_rank, m, max_in_flight=2 * m, num_pipelines=2, fused=True)
+        return with_communication("chimera", m, stage_to_rank, compute, num_pipelines=2)
     timed: list[list[tuple[float, int, Action]]] = [[] for _ in range(p)]
     for pipeline, count in enumerate(((m + 1) // 2, m // 2)):
         one_way = simulate(one_f_one_b(p, count), {Kind.F: 1.0, Kind.BW: 1.0})

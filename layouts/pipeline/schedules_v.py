@@ -13,7 +13,7 @@ on its first rank are 2p units here.
 from __future__ import annotations
 
 from .actions import Action, Kind, Schedule
-from .list_schedule import list_schedule
+from .building_block import block_times, repeat_block
 from .schedules import _check_counts, with_communication
 
 F, B, W, BW = Kind.F, Kind.B, Kind.W, Kind.BW
@@ -102,21 +102,32 @@ def dualpipe_v(p: int, m: int) -> Schedule:
     return with_communication("dualpipe_v", m, v_placement(p), compute, overlapped=pairs)
 
 
-def _v_memory(name: str, p: int, m: int, microbatches: int) -> Schedule:
+def _v_block(name: str, p: int, m: int, way_back_forward_gap: int) -> Schedule:
+    """The V placement's building block (``building_block.py``) repeated m times: every forward and backward
+    one slot after the one before it, except the forwards on the way back (stages p..2p-1), which come
+    ``way_back_forward_gap`` slots apart: that gap is the one knob between V-Min (1) and V-Half (2)."""
     _check_counts(name, p, m)
     stage_to_rank = v_placement(p)
-    order = list_schedule(stage_to_rank, m, max_in_flight=2 * microbatches, release_at_w=True)
-    return with_communication(name, m, stage_to_rank, order)
+    forward_gaps = [1] * p + [way_back_forward_gap] * p
+    block = block_times(stage_to_rank, forward_gaps, backward_gaps=[1] * (2 * p))
+    return with_communication(name, m, stage_to_rank, repeat_block(stage_to_rank, m, block))
 
 
 def v_half(p: int, m: int) -> Schedule:
-    """V-Half (Qi et al. 2024, "Pipeline Parallelism with Controllable Memory"): the V placement with each rank's
-    activations (held from F to W) capped at (p+2)//2 microbatches, i.e. 2 * ((p+2)//2) half stages: about half of
-    1F1B's p. The paper's bubble ~ p/(2m) with T_F = T_B = T_W; the order comes from ``list_schedule``."""
-    return _v_memory("v_half", p, m, (p + 2) // 2)
+    """V-Half (Qi et al. 2024, "Pipeline Parallelism with Controllable Memory"): peak activations (held F to W)
+    2 * ((p+2)//2) half stages, i.e. the paper's (p+2)//2 microbatches, half of 1F1B's p, for m >= p.
+
+    The paper's bubble is ~p/(2m) with T_F = T_B = T_W, an idle of about (p/2)(T_F+T_B+T_W) = 3p half-stage slots
+    per rank; this block idles exactly 3p + p//2 - 4 slots for m >= p, p >= 2 (``bubble_formula``): at or below
+    the paper's figure for p <= 9, p/2 - 4 slots above it beyond."""
+    return _v_block("v_half", p, m, way_back_forward_gap=2)
 
 
 def v_min(p: int, m: int) -> Schedule:
-    """V-Min (same paper): activations capped at (p+4)//3 microbatches (2 * ((p+4)//3) half stages), about a third
-    of 1F1B's; the paper's bubble ~ 2p/(3m) with T_F = T_B = T_W. Order from ``list_schedule``."""
-    return _v_memory("v_min", p, m, (p + 4) // 3)
+    """V-Min (same paper): peak activations 2 * ((p+4)//3) half stages, the paper's (p+4)//3 microbatches, a third
+    of 1F1B's, for m >= p; every forward and backward back to back.
+
+    The paper's bubble is ~2p/(3m) with T_F = T_B = T_W, an idle of about (2p/3)(T_F+T_B+T_W) = 4p half-stage slots
+    per rank; this block idles exactly 4p - 5 slots (4p - 3 when 3 divides p > 3: two of a rank's actions would take
+    the same slot modulo T=6 and one moves) for p >= 2, m >= 2 (``bubble_formula``)."""
+    return _v_block("v_min", p, m, way_back_forward_gap=1)

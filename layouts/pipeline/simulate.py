@@ -180,16 +180,23 @@ def bubble_formula(name: str, p: int, m: int, v: int = 1, k: int = 1) -> float:
     DualPipeV: DeepSeek's idle (PP/2-1)(F&B + B - 3W) per rank, PP = 2p stages, B a full backward, here with the
     overlapped pair charged F + B (no overlap credit, F&B = 3): 2(p-1) against 6m of work, (p-1)/(3m+p-1).
     Breadth-first (Lamy-Poirier): (p-1)/(v*m+p-1) for m >= p; below, each loop waits p-m slots, written out.
-    Chimera (Li & Hoefler, with T_F = T_B, costs {F: 1, BW: 1}): (p-2)/(2m+p-2), even p and even m >= p+2.
+    Chimera (Li & Hoefler, with T_F = T_B, costs {F: 1, BW: 1}): (p-2)/(2m+p-2), even p, m even >= p+2 or a
+    multiple of p (the paper's basic unit m = p included).
     Seq1F1B and TeraPipe with k equal sequence chunks per microbatch: (p-1)/(k*m+p-1).
-    V-Half and V-Min are not here: the paper gives them only approximately (~p/(2m), ~2p/(3m)).
+    V-Half and V-Min: the paper gives only ~p/(2m) and ~2p/(3m); these are the exact idles of our building blocks
+    (``schedules_v.py``) in half-stage slots against 6m of work: V-Min 4p-5 (4p-3 when 3 | p > 3) for m >= 2, V-Half
+    3p + p//2 - 4 for m >= p; both 0 at p = 1.
     """
+    v_min_idle = 0 if p == 1 else 4 * p - 5 + 2 * (p % 3 == 0 and p > 3)
+    v_half_idle = 0 if p == 1 else 3 * p + p // 2 - 4
     formulas = {
         "gpipe": lambda: (p - 1) / (m + p - 1),
         "1f1b": lambda: (p - 1) / (m + p - 1),
         "interleaved_1f1b": lambda: (p - 1) / (v * m + p - 1),
         "zb_h1": lambda: (p - 1) / (3 * m + p - 1),
         "zb_v": lambda: (p - 1) / (6 * m + p - 1),
+        "v_min": lambda: v_min_idle / (6 * m + v_min_idle),
+        "v_half": lambda: v_half_idle / (6 * m + v_half_idle),
         "dualpipe_v": lambda: (p - 1) / (3 * m + p - 1),
         "breadth_first": lambda: 1 - v * m / ((v - 1) * max(m, p) + m + p - 1),
         "chimera": lambda: (p - 2) / (2 * m + p - 2),
@@ -201,19 +208,20 @@ def bubble_formula(name: str, p: int, m: int, v: int = 1, k: int = 1) -> float:
     return formulas[name]()
 
 
-def activation_formula(name: str, p: int, k: int = 1) -> int:
+def activation_formula(name: str, p: int, k: int = 1, m: int | None = None) -> int:
     """The papers' peak activations of a rank, in the simulator's units (``peak_in_flight``: one stage's
     activations of one microbatch; half a 1F1B stage on the V schedules, one sequence chunk on the sequence ones),
     for m large enough to reach the steady state. 1F1B p; DualPipeV DeepSeek's PP+1 = 2p+1 half stages; V-Half
     (p+2)//2 and V-Min (p+4)//3 microbatches (two half stages each; held F to W, ``peak_until_w``); Seq1F1B p+k-1
-    chunks (1F1B over chunks); Chimera p+1 with our order (the paper's N = D unit holds at most p)."""
+    chunks (1F1B over chunks); Chimera p+1 with our 1F1B-merged order (m not a multiple of p); the paper's N = D
+    unit, and our order for m a multiple of p (pass ``m``), holds p."""
     formulas = {
         "1f1b": lambda: p,
         "dualpipe_v": lambda: 2 * p + 1,
         "v_half": lambda: 2 * ((p + 2) // 2),
         "v_min": lambda: 2 * ((p + 4) // 3),
         "seq1f1b": lambda: p + k - 1,
-        "chimera": lambda: p + 1,
+        "chimera": lambda: p if m is not None and m % p == 0 else p + 1,
     }
     if name not in formulas:
         raise ValueError(f"no activation formula for {name!r}; known: {sorted(formulas)}")
