@@ -32,6 +32,9 @@ def ep_of(moe: MoE) -> tuple[object, int | None]:
     if not isinstance(w1, DTensor):
         return None, None
     found = [k for k, p in enumerate(w1.placements) if p.is_shard(0)]
+    if len(found) > 1:  # the hierarchical layout (nodes, ranks per node): rows would move on one of its dims only
+        raise ValueError(f"re-placing experts needs them on one ep mesh dim; these are Shard(0) on mesh dims "
+                         f"{[w1.device_mesh.mesh_dim_name(k) for k in found]} (expert_parallel with a pair of ep dims)")
     return (w1.device_mesh, found[0]) if found else (w1.device_mesh, None)
 
 

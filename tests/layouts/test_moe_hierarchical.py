@@ -9,6 +9,7 @@ Legend: M nodes, G ranks per node, L experts per rank, N tokens, K top-k, D widt
 
 import copy
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ from dtensor_plus import Shard
 from dtensor_plus.layouts.moe import GroupedExperts, MoE, expert_parallel
 from dtensor_plus.layouts.moe_dispatch import dispatch_combine
 from dtensor_plus.layouts.moe_hierarchical import regroup_index
+from dtensor_plus.layouts.moe_placement import place_experts
 from dtensor_plus.testing import run_on_ranks
 from test_moe_dropless import D, F_HIDDEN, _dense  # noqa: E402  (tests/layouts is on sys.path under pytest's rootdir)
 
@@ -97,7 +99,7 @@ def test_regroup_index_reorders_groups_and_keeps_rows_in_order():
 
 
 # -- the whole layer on a (nodes, ranks per node) mesh: three AdamW steps equal one device, the middle one --
-# -- data-parallel over experts (moe_switch.py) ---------------------------------------------------------------
+# -- data-parallel over experts (moe_switch.py); what it does not do raises ------------------------------------
 
 
 def _check_layer_training(steps=3):
@@ -128,6 +130,23 @@ def _check_layer_training(steps=3):
     params = dict(single.named_parameters())
     for name, p in net.named_parameters():
         torch.testing.assert_close(p.full_tensor(), params[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    _check_errors(net, mesh, x)
+
+
+def _check_errors(net, mesh, x):
+    """What the hierarchical layout does not do says so, naming the fix."""
+    with pytest.raises(ValueError, match="must be in mesh order"):
+        expert_parallel(MoE(D, F_HIDDEN, 8), mesh, ep_mesh_dim=("ep_intra", "ep_inter"))
+    with pytest.raises(ValueError, match="must name distinct mesh dims"):
+        expert_parallel(MoE(D, F_HIDDEN, 8), mesh, ep_mesh_dim=("ep_inter", "ep_intra"), tp_mesh_dim="ep_intra")
+    for attribute, value, match in (("dispatch_chunks", 2, "use chunks=1"), ("shadowed", (0,), "shadow experts run on one"),
+                                    ("expert_mode", "both", "expert_mode must be one of")):
+        old, _ = getattr(net, attribute), setattr(net, attribute, value)
+        with pytest.raises(ValueError, match=match):
+            net(x)
+        setattr(net, attribute, old)
+    with pytest.raises(ValueError, match="re-placing experts needs them on one ep mesh dim"):
+        place_experts(net, torch.arange(8))
 
 
 def test_hierarchical_layer_trains_as_one_device():
