@@ -144,7 +144,8 @@ def test_one_chunk_is_1f1b_and_gpipe(p, m):
 @given(T=st.integers(1, 9), k=st.integers(1, 9), heads=st.sampled_from([1, 3]),
        attention=st.sampled_from(["matmul", "sdpa"]))
 def test_chunks_in_one_process_equal_the_whole_sequence(T, k, heads, attention):
-    """The GPT as one stage run chunk by chunk, backwards from the last chunk, equals the whole-sequence pass."""
+    """The GPT as one stage run chunk by chunk, backwards from the last chunk (each chunk's keys and values released
+    after its backward), equals the whole-sequence pass."""
     k = min(k, T)
     torch.manual_seed(0)
     model = GPT(_config(2, heads, attention))
@@ -160,8 +161,9 @@ def test_chunks_in_one_process_equal_the_whole_sequence(T, k, heads, attention):
         out = piece(chunks[u], sequence_chunk=split.chunk(u, cache))
         logits.append(out.detach())
         roots.append(gpt_loss(out, chunk_targets[u]) * split.loss_weight(u))
-    for root in reversed(roots):
-        root.backward()
+    for u in reversed(range(k)):  # as a stage runs them: last chunk first, each chunk's leaves let go after it
+        roots[u].backward()
+        cache.release(u)
     want = whole(tokens)
     gpt_loss(want, targets).backward()
     torch.testing.assert_close(merge_sequence_microbatches(logits, k), want.detach(), **TOL)
@@ -180,6 +182,11 @@ def test_chunk_lengths_and_bad_input():
     cache, split = KeyValueCache(0, 0), SequenceSplit(1, 2, 4)
     with pytest.raises(RuntimeError, match="in order"):  # chunk 1 before chunk 0
         split.chunk(1, cache).keys_values("layer", torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1))
+    cache, kv = KeyValueCache(0, 0), torch.zeros(1, 1, 2, 1)
+    split.chunk(0, cache).keys_values("layer", kv, kv)
+    cache.release(0)  # chunk 0's backward ran: no forward of its sample may follow
+    with pytest.raises(RuntimeError, match="after a backward"):
+        split.chunk(1, cache).keys_values("layer", kv, kv)
 
 
 def _compare_example(schedule, k):
