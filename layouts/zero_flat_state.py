@@ -13,7 +13,8 @@ holds a gradient this step) and all share one step count. The step is flat for a
 
 Otherwise that group steps per master as before (local_step's blocks, or DTensor ops), its shared scalars
 first given to each master as its own copy, so counts that diverge (a master without a gradient) stay exact;
-its state is copied back into flat form at a later step once the conditions hold again.
+its state is copied back into flat form at a later step once the conditions hold again (a group whose
+step counts diverged stays per master: one count per segment cannot hold them).
 """
 
 from __future__ import annotations
