@@ -9,6 +9,10 @@ what ``examples/train_gpt.py --pp N --schedule NAME`` runs::
     result = compare_pipeline_with_single(config, layout, pp=2, schedule="1f1b", n_microbatches=4,
                                           batch_list=batch_list, lr=1e-3, seed=0)
 
+The sequence schedules (``schedule="seq1f1b"`` or ``"terapipe"``, ``sequence_chunks=k``: train_gpt.py's
+``--seq-chunks``) run each sample in k chunks along the sequence: ``GPTStage`` then takes ``sequence_chunk=`` and
+its attention (``chunk_attention``) reads the earlier chunks' keys and values (pp-only meshes).
+
 A stage keeps gpt.py's module names ("tok_emb", "blocks.0.attn.q", "ln_f", "head"), so ``tp_plan`` applies to it
 as to the whole model (patterns that name nothing in a stage are left out). Pipelining draws dropout per
 microbatch, not as one device draws it over the batch: compare with one device at dropout 0.
