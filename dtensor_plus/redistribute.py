@@ -46,11 +46,14 @@ def _valid(state: tuple[Placement, ...], mesh_dim: int, new: Placement) -> bool:
     if new.is_partial() and not old.is_replicate():
         return False
     outer, inner = state[:mesh_dim], state[mesh_dim + 1 :]
-    if old.is_strided_shard():  # only ever gathered, and always the innermost split of its dim
-        return new.is_replicate()
+    if old.is_strided_shard():  # only ever gathered, and only as the innermost split of its dim
+        return new.is_replicate() and not any(_splits(p, old.dim) for p in inner)
     if new.is_strided_shard():
-        d = new.dim  # cut inside the blocks outer Shards of its dim leave, never around another split
-        return old.is_replicate() and not any(_splits(p, d) for p in inner) and not any(p.is_strided_shard() and p.dim == d for p in outer)
+        # cut inside the blocks outer Shards of its dim leave, or as one more level of the same (not zigzag)
+        # StridedShard outside it (a sequence on two mesh dims, folded), never around another split
+        d = new.dim
+        return (old.is_replicate() and not any(_splits(p, d) for p in inner)
+                and not any(p.is_strided_shard() and p.dim == d and (p != new or new.zigzag) for p in outer))
     if isinstance(old, Shard) and any(_splits(p, old.dim) for p in inner):
         return False
     if isinstance(new, Shard) and any(p.is_strided_shard() and p.dim == new.dim for p in outer):

@@ -134,13 +134,6 @@ def place_batch(batch: torch.Tensor, mesh, balance: str | bool = "none") -> DTen
     balances the schedule, not the placement)."""
     names = mesh.mesh_dim_names
     cp_names = {name for dims in CP_MESH_DIMS.values() for name in dims}
-    if batch.shape[0] > 1 and len(cp_names.intersection(names)) > 1:
-        # nn.Linear folds (B, T) into rows; the view rules gather a T sharded on two mesh dims when B > 1, so the
-        # GPT would run gathered, never the scheme (exact, but not what was asked for).
-        raise ValueError(f"the GPT runs a context split over several mesh dims {names} (cp_kind usp, double_ring, "
-                         f"loongtrain) one sequence per step only, got a batch of {batch.shape[0]}: nn.Linear folds "
-                         f"(B, T) into rows, which gathers such a sequence when B > 1; use --batch-size 1 (and "
-                         f"dp=1), or cp_kind 'ring' or 'ulysses'")
     balance = {True: "zigzag", False: "none"}.get(balance, balance)
     sequence = {"zigzag": lambda: StridedShard(1, 1, zigzag=True),
                 "striped": lambda: striped_placement(1, batch.shape[1], mesh.size("cp"))}

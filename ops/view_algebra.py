@@ -22,7 +22,10 @@ layer's fold and unfold move nothing); a view that leaves the dim alone keeps it
 behind more dims keeps it with a larger ``outer`` (where its pieces stay whole rows); any other view gathers
 it. A zigzag StridedShard (load-balanced context parallelism) follows the same algebra with 2n pieces:
 (B, T) -> (B*T) with T zigzag is StridedShard(0, B, zigzag=True), and back to StridedShard(1, 1, zigzag=True).
-This is what keeps attention heads sharded through ``matmul``'s (B*H, T, K) ``bmm``.
+This is what keeps attention heads sharded through ``matmul``'s (B*H, T, K) ``bmm``. A dim split by several
+mesh dims (nested levels, each cutting the piece the one before left: USP's ring then Ulysses) keeps every
+level the same way, each reading its piece as the same (outer, inner): (B, T) with T on two mesh dims folds
+to StridedShard(0, B) on both and splits back to Shard(1) on both (zigzag pieces do not nest: gathered).
 
 Slicing uses the same check (``slice_aligns``): a slice of a sharded dim stays sharded where each rank's
 part of the slice is exactly its torch.chunk block of the result (e.g. x[:, :-1] of an even split).
@@ -164,70 +167,100 @@ def strided_view_placements(in_shape, out_shape, placements, mesh_shape, out_dim
         if not (p.is_strided_shard() or (isinstance(p, Shard) and out_dims[k] is None)):
             continue
         group = group_of.get(p.dim)
-        blocks = _outer_blocks(k, p.dim, group, in_shape, placements, mesh_shape, out_dims)
+        found = _outer_blocks(k, p, group, in_shape, placements, mesh_shape, out_dims, result)
+        blocks, levels, outer_level = found if found is not None else (None, None, None)
         if p.is_strided_shard():
-            result[k] = _from_strided(p, group, in_shape, out_shape, mesh_shape[k], blocks)
-        elif blocks is not None:
-            made = _to_strided(p.dim, group, in_shape, mesh_shape[k], blocks)
-            if made is not None:
-                result[k] = made
+            made = _from_strided(p, group, in_shape, out_shape, levels, blocks)
+        else:
+            made = _to_strided(p.dim, group, in_shape, levels, blocks) if blocks is not None else None
+        if outer_level is not None and made != outer_level:  # a level must land where the one outside it did
+            made = Replicate() if p.is_strided_shard() else None
+        if made is not None:
+            result[k] = made
     return result
 
 
-def _outer_blocks(k, d, group, in_shape, placements, mesh_shape, out_dims) -> int | None:
-    """How many whole blocks earlier mesh dims cut the group's lead dim into (1: none), or None where other
-    mesh dims split the group otherwise (unevenly, another dim of it, or inside mesh dim k)."""
+def _outer_blocks(k, p, group, in_shape, placements, mesh_shape, out_dims, result) -> tuple | None:
+    """(blocks, levels, outer level): how many whole blocks earlier mesh dims cut the group's lead dim into
+    (1: none); the sizes of the mesh dims that split ``p``'s dim as nested levels of the same split, outermost
+    first, ending with mesh dim k's own; the output placement of the level just outside k (None: k is the
+    first). None where other mesh dims split the group otherwise (unevenly, another dim of it, inside mesh
+    dim k, or an earlier level that does not stay split).
+
+    Nested levels are what a sequence split over two mesh dims is (USP's ring and Ulysses, the double ring):
+    (B, T) with T Shard on both folds to StridedShard(0, B) on both, each cutting the piece the one before left,
+    and splits back. Every level reads its piece as the same (outer, inner), so they share ``blocks``: the
+    whole-block Shards of the lead dim must come before the first level."""
     if group is None or not group[1]:  # a size-1 dim the view drops: no output dim to carry blocks
         return None
     ins, outs = group
-    blocks = 1
+    blocks, levels, outer_level = 1, [], None
     for j, q in enumerate(placements):
-        if j == k or not ((q.is_shard() or q.is_strided_shard()) and q.dim in ins):
+        if not ((q.is_shard() or q.is_strided_shard()) and q.dim in ins):
             continue
-        if j > k or not q.is_shard(ins[0]) or out_dims[j] != outs[0]:
+        if j == k or _nested_level(p, q, out_dims[j]):
+            if j < k:
+                outer_level = result.get(j)
+                if outer_level is None or outer_level.is_replicate():
+                    return None  # an outer level gathered: an inner one cannot stay split inside the whole dim
+            if j <= k:
+                levels.append(mesh_shape[j])
+            continue
+        if j > k or levels or not q.is_shard(ins[0]) or out_dims[j] != outs[0]:
             return None
         blocks *= mesh_shape[j]
-    return blocks if in_shape[ins[0]] % blocks == 0 else None
+    return (blocks, levels, outer_level) if in_shape[ins[0]] % blocks == 0 else None
 
 
-def _to_strided(d, group, in_shape, n, blocks) -> StridedShard | None:
-    """A flatten (a, .., d, ..) -> (e) with d, not the lead, split by one mesh dim inside ``blocks`` of a."""
+def _nested_level(p, q, out_dim) -> bool:
+    """Is ``q`` (on another mesh dim) one more level of ``p``'s split: the same StridedShard (zigzag pieces do
+    not nest), or both Shards of the same dim that this view makes strided?"""
+    if p.is_strided_shard():
+        return q == p and not p.zigzag
+    return q.is_shard(p.dim) and out_dim is None
+
+
+def _to_strided(d, group, in_shape, levels, blocks) -> StridedShard | None:
+    """A flatten (a, .., d, ..) -> (e) with d, not the lead, split by nested mesh dims of sizes ``levels``
+    inside ``blocks`` of a."""
     ins, outs = group
     if len(outs) != 1 or ins[0] == d:
         return None
     at = ins.index(d)
     outer, inner = math.prod(in_shape[i] for i in ins[:at]) // blocks, math.prod(in_shape[i] for i in ins[at + 1 :])
-    if not blocks_align(in_shape[d], inner, in_shape[d] * inner, 1, [n]):
+    if not blocks_align(in_shape[d], inner, in_shape[d] * inner, 1, levels):
         return None
     return StridedShard(outs[0], outer)
 
 
-def _from_strided(p: StridedShard, group, in_shape, out_shape, n, blocks) -> Placement:
+def _from_strided(p: StridedShard, group, in_shape, out_shape, levels, blocks) -> Placement:
     """Where a StridedShard input goes: kept on an untouched dim or behind dims a flatten puts before it,
     onto the output dim of a split that holds its inner factor (``_split_strided``); else gathered."""
     if blocks is None:
         return Replicate()
     ins, outs = group
     if len(outs) == 1:
-        return _flattened_strided(p, ins, outs[0], in_shape, n, blocks)
+        return _flattened_strided(p, ins, outs[0], in_shape, levels, blocks)
     if ins != (p.dim,):
         return Replicate()
-    return _split_strided(p, outs, [out_shape[e] for e in outs], in_shape[p.dim], n, blocks)
+    return _split_strided(p, outs, [out_shape[e] for e in outs], in_shape[p.dim], levels, blocks)
 
 
-def _split_strided(p: StridedShard, outs, sizes, size: int, n: int, blocks: int) -> Placement:
+def _split_strided(p: StridedShard, outs, sizes, size: int, levels, blocks: int) -> Placement:
     """(e) -> (s_0, .., s_m) with e strided, read as (blocks * outer, inner). Output dim ``at`` keeps it
     where it holds the inner factor: inner = inner' * (s_at+1 * .. * s_m) with inner' dividing s_at, and
     each rank's pieces of inner are whole rows of the trailing dims. Then s_at reads as (o', inner') with
     the same pieces: StridedShard(at, o'), a plain Shard where o' is 1 (the groups end at s_at). Striped
-    (B*T) -> (B, T) is StridedShard(0, B*T/n) -> StridedShard(1, T/n); o' > 1 stays strided."""
+    (B*T) -> (B, T) is StridedShard(0, B*T/n) -> StridedShard(1, T/n); o' > 1 stays strided. Nested
+    ``levels`` (mesh sizes, outermost first) each cut the piece the one before left: every piece of every
+    level must be whole rows of the trailing dims, and each level gets the same placement."""
     inner = size // (p.outer * blocks)
     for at in reversed(range(len(sizes))):  # the innermost candidate: an earlier one would cut inner' = 1
         trailing = math.prod(sizes[at + 1 :])
         if inner % trailing or sizes[at] % (inner // trailing):
             continue
         inner_at = inner // trailing
-        if not blocks_align(inner_at, trailing, inner, 1, [_num_pieces(p, n)]):
+        if not blocks_align(inner_at, trailing, inner, 1, _pieces(p, levels)):
             continue
         # blocks cut the lead output dim: at 0 the new outer counts groups inside its blocks, like p.outer
         outer = sizes[at] // inner_at // (blocks if at == 0 else 1)
@@ -235,18 +268,19 @@ def _split_strided(p: StridedShard, outs, sizes, size: int, n: int, blocks: int)
     return Replicate()
 
 
-def _num_pieces(p: StridedShard, n: int) -> int:
-    """How many torch.chunk pieces the inner factor is cut into: n, or 2n for zigzag."""
-    return 2 * n if p.zigzag else n
+def _pieces(p: StridedShard, levels) -> list[int]:
+    """The nested torch.chunk cuts of the inner factor: the levels' mesh sizes, or 2n pieces for a zigzag
+    (one level: zigzag pieces do not nest)."""
+    return [2 * levels[0]] if p.zigzag else list(levels)
 
 
-def _flattened_strided(p: StridedShard, ins, out: int, in_shape, n, blocks) -> Placement:
+def _flattened_strided(p: StridedShard, ins, out: int, in_shape, levels, blocks) -> Placement:
     """(a, .., d, c, ..) -> (e) with d strided: e read as (a.. * outer, inner * c..), where the pieces of the
     inner factor stay whole rows of c.. (always when c.. is empty: (B, T) -> (B*T) with T zigzag)."""
     at = ins.index(p.dim)
     inner = in_shape[p.dim] // p.outer
     trailing = math.prod(in_shape[i] for i in ins[at + 1 :])
-    if not blocks_align(inner, trailing, inner * trailing, 1, [_num_pieces(p, n)]):
+    if not blocks_align(inner, trailing, inner * trailing, 1, _pieces(p, levels)):
         return Replicate()
     lead = math.prod(in_shape[i] for i in ins[:at]) // blocks if at else 1  # blocks cut ins[0], d's leader
     return p.with_dim(out, p.outer * lead)

@@ -90,10 +90,10 @@ def _usp_attention_block_and_fallbacks():
 
     def block(x, w_qkv, w_out):
         b, t, c = x.shape
-        q, k, v = _batched_matmul(x, w_qkv).split(c, dim=-1)
+        q, k, v = (x @ w_qkv).split(c, dim=-1)  # the matmul folds (B, T) into rows: no gather (view_algebra)
         q, k, v = (y.view(b, t, 2, c // 2).transpose(1, 2) for y in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return _batched_matmul(y.transpose(1, 2).reshape(b, t, c), w_out)
+        return y.transpose(1, 2).reshape(b, t, c) @ w_out
 
     with context_parallel(("ring", "ulysses"), kind="usp"):
         with comm_mode() as comm:
@@ -109,12 +109,6 @@ def _usp_attention_block_and_fallbacks():
             assert_spmd_equal(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                               enable_gqa=True), q, k, k)
         assert any("gathering the sequence instead" in str(w.message) for w in caught), [str(w.message) for w in caught]
-
-
-def _batched_matmul(x, weight):
-    """x @ weight as one bmm: a plain matmul folds (B, T) into rows, a view that gathers T sharded on two mesh
-    dims unevenly (T = 7 on 2 x 2; the view rules, not USP); the bmm keeps the rows where they are."""
-    return torch.bmm(x, weight.expand(x.shape[0], *weight.shape))
 
 
 def test_usp_attention_block_and_fallbacks():
