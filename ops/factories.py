@@ -13,8 +13,10 @@ None of them reads the input's values, so none moves the input. Per mesh dim of 
     new_zeros/ones/empty/full,           self's own shape: self's layout (Partial -> Replicate);
       new_empty_strided                  any other shape: Replicate, built whole on every rank
 
-A DTensor fill value (fill_.Tensor) is replicated. ``empty_strided`` and ``scalar_tensor`` take no tensor, so
-they never reach a DTensor; build sharded tensors with ``dtensor_plus.zeros`` and friends.
+A StridedShard is kept as a Shard would be (no positions matter: dropout's ``empty_like`` of a zigzag or
+folded sequence does not gather). A DTensor fill value (fill_.Tensor) is replicated. ``empty_strided`` and
+``scalar_tensor`` take no tensor, so they never reach a DTensor; build sharded tensors with
+``dtensor_plus.zeros`` and friends.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from dtensor_plus.rules import OpSchema, Sharding, register_rule
 from .common import aten, replicated, without_partial
 
 
-@register_rule(aten.zeros_like.default, aten.zero_.default, aten.zero.default, aten.empty_like.default)
+@register_rule(aten.zeros_like.default, aten.zero_.default, aten.zero.default, aten.empty_like.default,
+               strided="as_shard")
 def zeros_rule(op: OpSchema) -> Sharding:
     return Sharding(inputs=(None,), outputs=(op.specs[0].placements,))
 
 
-@register_rule(aten.ones_like.default, aten.full_like.default)
+@register_rule(aten.ones_like.default, aten.full_like.default, strided="as_shard")
 def like_rule(op: OpSchema) -> Sharding:
     return Sharding(inputs=(None,), outputs=(without_partial(op.specs[0].placements),))
 

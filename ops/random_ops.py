@@ -15,6 +15,10 @@ where the output lives. Per mesh dim:
       uniform_, exponential_, random_, ...)                        one rank per Partial mesh dim keeps the
                                                                    draw and the others hold the identity
                                                                    (0 for sum; the draw for avg/max/min)
+
+Each rule is position-independent, so a StridedShard (a zigzag sequence, or a sequence on two context mesh
+dims folded to rows by a linear layer) is read as a Shard and kept (dtensor_plus/strided.py): the op draws
+locally, from the stream of its shard index, as it does for a Shard, never gathering first.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def _native_dropout(input, p, train=None):
     return aten.native_dropout.default(input, p, train)
 
 
-@register_rule(aten.native_dropout.default)
+@register_rule(aten.native_dropout.default, strided="as_shard")
 def native_dropout_rule(op: OpSchema) -> Sharding:
     """(input, p, train) -> (out, mask): elementwise, so any Shard stays; the values must be reduced."""
     target = without_partial(op.specs[0].placements)
@@ -74,6 +78,7 @@ def _output_placement(mesh_dim: int, specs, out_shape) -> Placement:
     aten.normal.Tensor_float,
     aten.normal.float_Tensor,
     aten.normal.Tensor_Tensor,
+    strided="as_shard",
 )
 def value_draw_rule(op: OpSchema) -> Sharding:
     out_shape = torch.broadcast_shapes(*(s.shape for s in op.specs))
@@ -91,6 +96,7 @@ def value_draw_rule(op: OpSchema) -> Sharding:
     aten.randint_like.default,
     aten.randint_like.low_dtype,
     aten.randint_like.Tensor,
+    strided="as_shard",
 )
 def shape_draw_rule(op: OpSchema) -> Sharding:
     """Only self's shape matters: keep its blocks as they are; a Partial block is the whole shape."""
@@ -128,6 +134,7 @@ def _partitioned(func, placements: tuple[Placement, ...], mesh):
     aten.random_.default,
     getattr(aten.random_, "from"),  # a Python keyword
     aten.random_.to,
+    strided="as_shard",
 )
 def inplace_draw_rule(op: OpSchema) -> Sharding:
     """self keeps its layout; a DTensor ``p`` (bernoulli_.Tensor) follows self like a pointwise operand."""
