@@ -278,9 +278,20 @@ def _contexts(policy: str):
     return _Both(caching, tape.forward_mode()), _Both(cached, tape.recompute_mode())
 
 
+def _traced_contexts(policy: str):
+    """``context_fn`` under torch.compile: the policy's caching modes alone (torch's checkpoint takes exactly two
+    modes there, and turns the policy into tags on the traced graph's nodes, which AOTAutograd's partitioner
+    follows). No random tape: the partitioner keeps a random op's output rather than draw it again."""
+    make_policy, mutation = _SELECTIVE[policy]
+    return create_selective_checkpoint_contexts(make_policy(), allow_cache_entry_mutation=mutation)
+
+
 def _checkpointed_forward(forward, policy: str, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
+    if torch.compiler.is_compiling():  # Dynamo reading this: "full" is torch's plain checkpoint
+        context_fn = {"full": {}}.get(policy, {"context_fn": functools.partial(_traced_contexts, policy)})
+        return checkpoint(forward, *args, use_reentrant=False, **context_fn, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False, context_fn=functools.partial(_contexts, policy),
                       **kwargs)
 
