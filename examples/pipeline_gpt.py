@@ -11,7 +11,7 @@ what ``examples/train_gpt.py --pp N --schedule NAME`` runs::
 
 The sequence schedules (``schedule="seq1f1b"`` or ``"terapipe"``, ``sequence_chunks=k``: train_gpt.py's
 ``--seq-chunks``) run each sample in k chunks along the sequence: ``GPTStage`` then takes ``sequence_chunk=`` and
-its attention (``chunk_attention``) reads the earlier chunks' keys and values (pp-only meshes).
+its attention (``chunk_attention``) reads the earlier chunks' keys and values (with dp: each rank's rows).
 
 A stage keeps gpt.py's module names ("tok_emb", "blocks.0.attn.q", "ln_f", "head"), so ``tp_plan`` applies to it
 as to the whole model (patterns that name nothing in a stage are left out). Pipelining draws dropout per
@@ -227,17 +227,18 @@ def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule
     where ``partition_layers`` puts them for this config, microbatch and schedule (balanced_pipeline_gpt.py's
     ``plan_gpt_stages``, planned once and shared) instead of evenly; ``boundaries`` and ``policies``: cut there
     (``split_gpt``'s), recomputing by stage. ``sequence_chunks``: k for the sequence schedules (``seq1f1b``,
-    ``terapipe``): each of the ``n_microbatches`` samples cut into k chunks along the sequence (pp-only meshes).
+    ``terapipe``): each of the ``n_microbatches`` samples cut into k chunks along the sequence (pp, with dp / ZeRO-1/2).
     """
     if getattr(config, "moe_experts", 0):
         raise ValueError("pipeline_gpt splits dense GPTs: the MoE auxiliary losses do not cross stages yet; "
                          "use moe_experts=0 with --pp")
     if getattr(layout, "cp", 1) != 1:
         raise ValueError("pipeline_gpt composes pp with dp / ZeRO, tp and sp; context parallelism (cp) is not wired in")
-    if sequence_chunks > 1 and (layout.world != 1 or compile_stages or balanced or boundaries is not None):
-        raise ValueError(f"sequence chunks (--seq-chunks {sequence_chunks}) run on a pp-only mesh with the even cut and "
-                         "eager stages: their attention caches plain tensors' keys and values; drop --dp/--tp/--zero, "
-                         "--balanced and --compile")
+    if sequence_chunks > 1 and (layout.tp != 1 or layout.zero == 3 or compile_stages or balanced
+                                or boundaries is not None):
+        raise ValueError(f"sequence chunks (--seq-chunks {sequence_chunks}) run on pp (x dp, ZeRO-1/2) meshes with the "
+                         "even cut and eager stages: their attention caches the keys and values of each rank's rows as "
+                         "plain tensors (replicate's local compute); drop --tp, --zero 3, --balanced and --compile")
     mesh = make_pp_mesh(pp, layout.dp, layout.tp)
     pp_rank = mesh.get_local_rank("pp")
     torch.manual_seed(seed)
@@ -276,7 +277,7 @@ def compare_pipeline_with_single(config: GPTConfig, layout, *, pp: int, schedule
         with loss_parallel():
             pipe.step(_place_batch(tokens, mesh), target=_place_batch(targets, mesh), losses=mb_losses)
         if plan.sequence_chunks > 1:  # one pipeline: every chunk's loss here, weighted by its share of the tokens
-            total = sum(w * x for w, x in zip(pipe.loss_weights, mb_losses)) if mb_losses else torch.zeros(())
+            total = sum(w * _full(x) for w, x in zip(pipe.loss_weights, mb_losses)) if mb_losses else torch.zeros(())
         else:
             total = torch.stack([_full(x) for x in mb_losses]).sum() / n_microbatches if mb_losses else torch.zeros(())
         # NOTE: one all-reduce over pp per step: the microbatch losses sit on the last stage of each pipeline.

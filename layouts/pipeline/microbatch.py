@@ -47,16 +47,35 @@ def merge_microbatches(pieces: list[torch.Tensor]) -> torch.Tensor:
 def split_sequence_microbatches(batch: torch.Tensor, n_samples: int, lengths: tuple[int, ...]) -> list[torch.Tensor]:
     """Sequence-level units (TeraPipe, Seq1F1B): ``n_samples`` microbatches along dim 0, each cut along dim 1 into
     chunks of ``lengths``; unit u is chunk ``u % len(lengths)`` of sample ``u // len(lengths)``."""
-    if isinstance(batch, DTensor):
-        raise ValueError("sequence chunks cut plain tensors; run the sequence schedules on a pp-only mesh "
-                         "(a DTensor batch would need its sequence dim cut on every rank alike)")
     if batch.ndim < 2 or batch.shape[1] != sum(lengths):
         raise ValueError(f"a batch of shape {tuple(batch.shape)} does not cut into sequence chunks of {lengths} along "
                          "dim 1; pass (batch, sequence, ...) tensors")
-    return [chunk for sample in split_microbatches(batch, n_samples) for chunk in sample.split(list(lengths), dim=1)]
+    if isinstance(batch, DTensor) and any(p.is_shard() and p.dim % batch.ndim != 0 for p in batch.placements):
+        raise ValueError(f"a batch placed {list(batch.placements)} is sharded along another dim than the batch; the "
+                         "sequence schedules cut dim 1 on every rank alike: shard the batch on dim 0 only")
+    return [_sequence_chunk(sample, start, length) for sample in split_microbatches(batch, n_samples)
+            for start, length in zip(_starts(lengths), lengths)]
+
+
+def _starts(lengths):
+    return [sum(lengths[:j]) for j in range(len(lengths))]
+
+
+def _sequence_chunk(sample: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Positions [start, start + length) of ``sample`` along dim 1 (a DTensor's: of its local block, dim 1 whole)."""
+    if not isinstance(sample, DTensor):
+        return sample.narrow(1, start, length)
+    shape = (sample.shape[0], length) + tuple(sample.shape[2:])
+    return DTensor.from_local(sample._local_tensor.narrow(1, start, length), sample.device_mesh, sample.placements,
+                              shape=shape)
 
 
 def merge_sequence_microbatches(pieces: list[torch.Tensor], num_chunks: int) -> torch.Tensor:
     """The units of ``split_sequence_microbatches`` put back: each sample's chunks along dim 1, the samples along 0."""
-    samples = [torch.cat(pieces[i : i + num_chunks], dim=1) for i in range(0, len(pieces), num_chunks)]
-    return torch.cat(samples)
+    first = pieces[0]
+    if not isinstance(first, DTensor):
+        return torch.cat([torch.cat(pieces[i : i + num_chunks], dim=1) for i in range(0, len(pieces), num_chunks)])
+    local = torch.cat([torch.cat([p._local_tensor for p in pieces[i : i + num_chunks]], dim=1)
+                       for i in range(0, len(pieces), num_chunks)])
+    shape = (sum(p.shape[0] for p in pieces[::num_chunks]), sum(p.shape[1] for p in pieces[:num_chunks]))
+    return DTensor.from_local(local, first.device_mesh, first.placements, shape=shape + tuple(first.shape[2:]))

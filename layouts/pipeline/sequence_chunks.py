@@ -141,8 +141,9 @@ class SequenceChunk:
         """The keys and values of positions ``[0, start + length)`` for ``layer`` (any object, the same one every
         chunk): the earlier chunks' (cached leaves) before this chunk's ``k`` and ``v`` along ``dim``."""
         if type(k) is not torch.Tensor or type(v) is not torch.Tensor:
-            raise TypeError("sequence chunks cache plain tensors' keys and values; run the sequence schedules on a "
-                            "pp-only mesh (DTensor activations inside a stage are not chunked)")
+            raise TypeError(f"sequence chunks cache plain tensors' keys and values, got {type(k).__name__}: run the "
+                            "stages on pp, with dp through replicate's local compute (each rank's rows as plain "
+                            "tensors); tensor parallelism or ZeRO-3 inside a stage is not chunked")
         if k.shape[dim] != self.length or v.shape[dim] != self.length:
             raise ValueError(f"chunk {self.chunk} holds {self.length} positions, keys and values have "
                              f"{k.shape[dim]} and {v.shape[dim]} along dim {dim}; pass the sequence dim")

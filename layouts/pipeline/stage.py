@@ -115,15 +115,22 @@ class PipelineStage:
         """``meta`` (the spec the header carried) for ``microbatch``: with sequence chunks, dim 1 is its length."""
         if self._sequence is None:
             return meta
-        local = list(meta.local_shape)
-        if meta.global_shape is not None:
-            raise ValueError(f"stage {self.stage_index}: sequence chunks cross stages as plain tensors, this activation "
-                             f"is a DTensor on {meta.mesh_dim_names}; run the sequence schedules on a pp-only mesh")
-        if len(local) < 2:
+        if len(meta.local_shape) < 2:
             raise ValueError(f"stage {self.stage_index}: an activation of shape {meta.local_shape} has no sequence dim "
                              "(dim 1) to cut into chunks")
-        local[1] = self._sequence.length(microbatch)
-        return ActivationMeta(tuple(local), meta.dtype)
+        length = self._sequence.length(microbatch)
+        local = meta.local_shape[:1] + (length,) + meta.local_shape[2:]
+        if meta.global_shape is None:
+            return ActivationMeta(local, meta.dtype)
+        ndim = len(meta.global_shape)
+        if any(p.is_shard() and p.dim % ndim == 1 for p in meta.placements):
+            raise ValueError(f"stage {self.stage_index}: an activation placed {list(meta.placements)} is sharded along "
+                             "the sequence (dim 1), which the sequence schedules cut whole on every rank")
+        if meta.stride != _contiguous_stride(meta.global_shape):
+            raise ValueError(f"stage {self.stage_index}: a sequence chunk's activation of stride {meta.stride} is not "
+                             "contiguous; return a contiguous tensor from the stage")
+        shape = meta.global_shape[:1] + (length,) + meta.global_shape[2:]
+        return ActivationMeta(local, meta.dtype, shape, _contiguous_stride(shape), meta.mesh_dim_names, meta.placements)
 
     # -- compute ------------------------------------------------------------------------------------------
 
@@ -306,6 +313,14 @@ class PipelineStage:
         if names not in self._submeshes:
             self._submeshes[names] = self.mesh[names]
         return self._submeshes[names]
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, step = [], 1
+    for size in reversed(shape):
+        stride.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(stride))
 
 
 def _checked_shared(submodule: nn.Module, shared: dict, stage_index: int) -> dict[str, str]:

@@ -189,14 +189,14 @@ def test_chunk_lengths_and_bad_input():
         split.chunk(1, cache).keys_values("layer", kv, kv)
 
 
-def _compare_example(schedule, k):
+def _compare_example(schedule, k, dp=1, zero=0):
     from gpt_layouts import Layout
     from pipeline_gpt import compare_pipeline_with_single
 
     config = _config(2)
-    batch_list = [_batch(2, 9, step) for step in range(2)]
-    losses, single, diff = compare_pipeline_with_single(config, Layout(), pp=2, schedule=schedule, n_microbatches=2,
-                                                        batch_list=batch_list, sequence_chunks=k)
+    batch_list = [_batch(2, 9, step) for step in range(2)]  # 4 rows: 2 samples of 2 rows, 1 row per dp rank
+    losses, single, diff = compare_pipeline_with_single(config, Layout(dp=dp, zero=zero), pp=2, schedule=schedule,
+                                                        n_microbatches=2, batch_list=batch_list, sequence_chunks=k)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single), **TOL)
     assert diff < 1e-5
 
@@ -208,10 +208,17 @@ def test_pipeline_gpt_example_with_sequence_chunks(schedule):
     run_on_ranks(2, _compare_example, schedule, 4)
 
 
-def test_pipeline_gpt_refuses_sequence_chunks_with_dp():
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [0, 2])
+def test_sequence_chunks_with_data_parallel_stages(zero):
+    """pp 2 x dp 2 (replicate, or ZeRO-2): each dp rank's rows chunked, the activations DTensors Shard(0) on dp."""
+    run_on_ranks(4, _compare_example, "seq1f1b", 3, 2, zero)
+
+
+def test_pipeline_gpt_refuses_sequence_chunks_with_tp():
     from gpt_layouts import Layout
     from pipeline_gpt import compare_pipeline_with_single
 
-    with pytest.raises(ValueError, match="pp-only mesh"):
-        compare_pipeline_with_single(_config(2), Layout(dp=2), pp=2, schedule="seq1f1b", n_microbatches=1,
+    with pytest.raises(ValueError, match="drop --tp"):
+        compare_pipeline_with_single(_config(2), Layout(tp=2), pp=2, schedule="seq1f1b", n_microbatches=1,
                                      batch_list=[], sequence_chunks=2)
