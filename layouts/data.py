@@ -24,8 +24,8 @@ with mesh["tp"]; they accept inputs on the mesh it was sliced from and lay out o
 (layouts/tensor.py ``_style_mesh_dim``), so dp placements pass through them untouched.
 
 Local compute (``local_compute=True``, the default): the forward runs on each rank's rows with the dp mesh dim
-dropped (layouts/data_local.py), each parameter through a local leaf sharing its block whose gradient goes to
-the buckets as a plain block (``GradientBucket.add_local``), and an element-wise optimizer steps the parameters
+dropped (layouts/data_local.py), each parameter through a local leaf sharing its block whose gradient lands in
+place in a view of its bucket's flat buffer (layouts/data_flat.py), and an element-wise optimizer steps the parameters
 on their blocks (layouts/local_step.py): DDP's work per step, with the same layouts at rest and the same exact
 loss. What stays beyond DDP's: the loss and its backward run on DTensors (about ten dispatched ops), and a mean
 loss all-reduces its global count (4 bytes) in forward: a second point per step where ranks wait for each other.

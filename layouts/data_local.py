@@ -17,9 +17,10 @@ the module's forward, the dp mesh dim is dropped and put back at the module's bo
                            global batch, uneven batches included.
     gradients              with replicate()'s buckets (``gradients``): each parameter computes through a
                            persistent local leaf sharing its block (no autograd Function, no DTensor per
-                           gradient); the leaf's post-accumulate-grad hook hands this rank's rows'
-                           contribution, plain, to the buckets, which all-reduce it while backward goes on
-                           and write .grad in the parameter's layout when backward ends (layouts/data.py).
+                           gradient); this rank's rows' contribution lands, plain, in place in a view of its
+                           flat bucket (the leaf's .grad, armed here before each backward: layouts/data_flat.py;
+                           on (dp, tp) the leaf's hook hands it to the buckets), all-reduced while backward
+                           goes on, and .grad is written in the parameter's layout when backward ends.
                            Without (reduce_in_backward=False), or for a parameter with hooks of its own:
                            the view's backward hands the parameter a gradient Partial(sum) on dp. A parameter
                            whose gradient an optimizer takes (``GRADIENT_OWNER``: ZeroRedundancyOptimizer's)
