@@ -33,7 +33,8 @@ fp32 onto the fp32 shards::
 
 Stages 1 and 2: parameters stay ``Replicate`` on dp for compute (place them with ``distribute_module``);
 ``ZeroRedundancyOptimizer`` keeps sharded master copies, so the wrapped optimizer's state is sharded (an
-element-wise one steps them on their local blocks: local_step.py).
+element-wise one steps them as one flat segment per parameter group and dtype: the masters are views of a
+flat buffer laid out as the collectives move it, zero_flat.py and zero_flat_state.py).
 Stage 2 reduce-scatters gradients in buckets during backward (gradient memory 1/n); stage 1 keeps the
 whole Partial gradients until ``step()`` and reduce-scatters them there in one bucket. ``step()`` then
 all-gathers the updated shards back into the replicated parameters in one bucket::

@@ -200,7 +200,12 @@ class FlatMasters:
             by_dtype.setdefault(self.members[entry[0]].dtype, []).append(entry)
         for dtype, group in by_dtype.items():
             members = [self.members[i] for i, _, _ in group]
-            send = group[0][1].new_zeros((self.n, sum(m.numel for m in members)))
+            total = sum(m.numel for m in members)
+            if not total:  # only empty shards: sizes are global, every rank skips alike
+                for m in members:
+                    self._accumulate(m, m.piece(self.buffers[dtype]).new_zeros(0))
+                continue
+            send = group[0][1].new_zeros((self.n, total))
             start = 0
             for m, (_, grad, _) in zip(members, group):
                 _rows_copy(send[:, start : start + m.numel], grad, m, to_whole=False)
@@ -211,7 +216,9 @@ class FlatMasters:
                 pieces.append(out[start : start + m.numel])
                 start += m.numel
             self._reduce_after(members, pieces, [after for _, _, after in group])
-            whole_prefix = (dtype not in self.grads and members == self.packed[dtype]
+            packed = self.packed[dtype]
+            whole_prefix = (dtype not in self.grads and out.dtype == dtype and len(members) == len(packed)
+                            and all(a is b for a, b in zip(members, packed))
                             and self.packed_end[dtype] == self.buffers[dtype].numel())
             if whole_prefix:  # the common case: every gradient in one collective, no copy
                 self.grads[dtype] = out
