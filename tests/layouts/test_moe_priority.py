@@ -1,7 +1,8 @@
 """Lina (``moe_priority.AllToAllFirst``): a gradient bucket's all-reduce handed over during the MoE's backward goes
 in pieces, one per gap between the MoE's backward all-to-alls, the rest when its result is waited for; the
 all-to-alls are never queued behind more than one gap's pieces. The reduced buffer is the sum over ranks, the
-layer's gradients equal one device, and the issue order is the same on every rank.
+layer's gradients equal one device, and the issue order is the same on every rank. Under ``replicate(...,
+all_reduce_launcher=scheduler)`` the buckets' all-reduces go through it and training equals one device.
 
 Legend: D width, F expert hidden width.
 """
@@ -18,7 +19,9 @@ from dtensor_plus.layouts.data import replicate
 from dtensor_plus.layouts.moe import MoE, expert_parallel
 from dtensor_plus.layouts.moe_priority import AllToAllFirst
 from dtensor_plus.testing import run_on_ranks
-from test_moe_dropless import D, F_HIDDEN  # noqa: E402  (tests/layouts is on sys.path under pytest's rootdir)
+from test_moe import D as D_NET  # noqa: E402  (tests/layouts is on sys.path under pytest's rootdir)
+from test_moe import _data, _net  # noqa: E402
+from test_moe_dropless import D, F_HIDDEN  # noqa: E402
 
 EP = 4
 
@@ -84,3 +87,44 @@ def test_all_reduce_pieces_go_in_the_gaps_between_all_to_alls(chunks):
 def test_bad_sizes_name_the_fix():
     with pytest.raises(ValueError, match="piece_bytes and pieces_per_gap must be >= 1"):
         AllToAllFirst(piece_bytes=0)
+
+
+# -- with replicate's buckets: Linear -> MoE -> Linear trained under dp = ep, the buckets' all-reduces in pieces ---
+
+
+def _check_training_with_buckets(steps=3):
+    mesh = dtp.init_device_mesh("cpu", (EP,), mesh_dim_names=("dp",))
+    single = _net(8, 2)
+    scheduler = AllToAllFirst(piece_bytes=64, pieces_per_gap=2)
+    handed = []
+
+    def launcher(buffer, mesh, mesh_dim):
+        handed.append(buffer.numel())
+        return scheduler(buffer, mesh, mesh_dim)
+
+    net = copy.deepcopy(single)
+    # the dense Linears replicated on their own (local compute: their buckets go through the launcher), the MoE
+    # on the DTensor path with its experts sharded on the same ranks
+    for dense in (net.inp, net.out):
+        replicate(dense, mesh, "dp", all_reduce_launcher=launcher)
+    expert_parallel(replicate(net.moe, mesh, "dp"), mesh, ep_mesh_dim="dp")
+    net.moe.comm_priority = scheduler
+    net.moe.dispatch_chunks = 2
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False) for m in (net, single)]
+    for step in range(steps):
+        x, y = _data(7, step)  # 7 rows over 4 ranks: uneven shards
+        shard = lambda t: dtp.distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None)  # noqa: E731
+        for model, (inp, target), opt in ((net, (shard(x), shard(y)), opts[0]), (single, (x, y), opts[1])):
+            model.loss(inp, target).backward()
+            opt.step()
+            opt.zero_grad()
+        assert scheduler.queued == 0
+    # the Linears' gradients went through the scheduler every step
+    assert sum(handed) == steps * 2 * (D_NET * D_NET + D_NET), handed
+    params = dict(single.named_parameters())
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.full_tensor(), params[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_training_with_replicates_buckets_through_the_scheduler_equals_one_device():
+    run_on_ranks(EP, _check_training_with_buckets)
