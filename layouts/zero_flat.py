@@ -157,6 +157,7 @@ class FlatMasters:
             segment.tensor = self.buffers[dtype][segment.start : segment.stop]
             self.segments[g].append(segment)
         self.packed = {dtype: [m for m in self.members if m.dim is not None and m.dtype == dtype] for dtype in ends}
+        self.unpacked = [m.index for m in self.members if m.dim is None]
         self.grads: dict = {}  # dtype -> flat gradient buffer (None until a gradient arrives)
         self.received = [False] * len(masters)
 
@@ -215,7 +216,8 @@ class FlatMasters:
             for m in members:
                 pieces.append(out[start : start + m.numel])
                 start += m.numel
-            self._reduce_after(members, pieces, [after for _, _, after in group])
+            if any(after for _, _, after in group):
+                self._reduce_after(members, pieces, [after for _, _, after in group])
             packed = self.packed[dtype]
             whole_prefix = (dtype not in self.grads and out.dtype == dtype and len(members) == len(packed)
                             and all(a is b for a, b in zip(members, packed))

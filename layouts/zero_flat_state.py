@@ -42,13 +42,14 @@ class FlatState:
         self._installed: dict = {}  # group -> {master index: {key: value}} as installed in optimizer.state
         self._made_from: dict = {}  # (group, k) -> {key: value} of the segment state the views were made of
         self.flat_groups: list = []  # the groups the last step stepped flat (the rest per master)
+        self._indices = [[m.index for segment in segments for m in segment.members] for segments in flat.segments]
 
     def step(self, optimizer, masters) -> None:
         """One step of ``optimizer`` (the inner one, its groups holding ``masters``): flat where it can be."""
         state, segments = optimizer.state, self.flat.segments
         flat_groups = []
         for g in range(len(optimizer.param_groups)):
-            indices = [m.index for segment in segments[g] for m in segment.members]
+            indices = self._indices[g]
             if self._flat_ready(g, indices, masters, state):
                 flat_groups.append(g)
             else:

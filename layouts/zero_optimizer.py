@@ -333,7 +333,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
 
     def _gather_unpacked(self) -> None:
         """The masters the flat buffer does not pack (Replicate on dp) back into their parameters."""
-        unpacked = [m.index for m in self._flat.members if m.dim is None]
+        unpacked = self._flat.unpacked
         if unpacked:
             wholes = redistribute_together([self.masters[i] for i in unpacked], [self.params[i].placements for i in unpacked])
             for i, whole in zip(unpacked, wholes):
