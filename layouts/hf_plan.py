@@ -34,6 +34,9 @@ Each string, and what it becomes (transformers' meaning in brackets):
                                  some ranks saw, add a bias once, mask experts); on DTensors the rules do that.
                                  Experts go on an ep mesh dim with ``expert_parallel`` instead.
 
+A module-level string on transformers' ``Conv1D`` (GPT-2's projections, weight stored (in, out)) gets
+``weight_output_dim=1``: its class says how it stores the weight, the shape is never read for that.
+
 A key naming a parameter rather than a module (``layers.*.mlp.experts.down_proj``: "colwise") places that
 parameter alone: colwise Shard(ndim - 2), rowwise Shard(ndim - 1) (a bias Replicate), packed as above.
 
@@ -115,19 +118,20 @@ def _dtensors(**kwargs) -> dict:
     return dict(use_local_output=False, **kwargs)
 
 
-# Module-level meaning of each string. Styles are built per use (they hold no state but are cheap).
+# Module-level meaning of each string; the Colwise/Rowwise ones take the style's keywords (``weight_output_dim=1``
+# for transformers' Conv1D). Styles are built per use (they hold no state but are cheap).
 _MODULE_STYLES = {
-    "colwise": lambda: ColwiseParallel(**_dtensors()),
-    "unit_colwise": lambda: ColwiseParallel(**_dtensors()),
-    "rowwise": lambda: RowwiseParallel(**_dtensors()),
-    "unit_rowwise": lambda: RowwiseParallel(**_dtensors()),
-    "colwise_gather_output": lambda: ColwiseParallel(**_dtensors(output_layouts=Replicate())),
-    "colwise_rep": lambda: ColwiseParallel(**_dtensors(output_layouts=Replicate())),
-    "rowwise_split_input": lambda: RowwiseParallel(**_dtensors(input_layouts=Replicate())),
-    "rowwise_rep": lambda: RowwiseParallel(**_dtensors(input_layouts=Replicate())),
-    "embedding_rowwise": lambda: RowwiseParallel(**_dtensors()),
-    "embedding_colwise": lambda: ColwiseParallel(**_dtensors(output_layouts=Replicate())),
-    "packed_colwise": lambda: ColwiseParallel(**_dtensors(packed=2)),  # [gate | up]: each half split alike
+    "colwise": lambda **kw: ColwiseParallel(**_dtensors(**kw)),
+    "unit_colwise": lambda **kw: ColwiseParallel(**_dtensors(**kw)),
+    "rowwise": lambda **kw: RowwiseParallel(**_dtensors(**kw)),
+    "unit_rowwise": lambda **kw: RowwiseParallel(**_dtensors(**kw)),
+    "colwise_gather_output": lambda **kw: ColwiseParallel(**_dtensors(output_layouts=Replicate(), **kw)),
+    "colwise_rep": lambda **kw: ColwiseParallel(**_dtensors(output_layouts=Replicate(), **kw)),
+    "rowwise_split_input": lambda **kw: RowwiseParallel(**_dtensors(input_layouts=Replicate(), **kw)),
+    "rowwise_rep": lambda **kw: RowwiseParallel(**_dtensors(input_layouts=Replicate(), **kw)),
+    "embedding_rowwise": lambda **kw: RowwiseParallel(**_dtensors(**kw)),
+    "embedding_colwise": lambda **kw: ColwiseParallel(**_dtensors(output_layouts=Replicate(), **kw)),
+    "packed_colwise": lambda **kw: ColwiseParallel(**_dtensors(packed=2, **kw)),  # [gate | up]: each half split alike
     "sequence_parallel": lambda: SequenceParallel(),
     "replicated_with_grad_allreduce": ReplicateParameters,
     "local_params": ReplicateParameters,
@@ -185,13 +189,26 @@ def _module_entry(pattern: str, style_name: str, modules: dict[str, nn.Module]) 
         return pattern, _PlaceParameters({"weight": style_name, "bias": style_name})
     style = _MODULE_STYLES[style_name]()
     if isinstance(style, (ColwiseParallel, RowwiseParallel)):
-        for name in names:
-            if not isinstance(modules[name], (nn.Linear, nn.Embedding)):
+        conv1d = [_is_hf_conv1d(modules[name]) for name in names]
+        for name, is_conv1d in zip(names, conv1d):
+            if not is_conv1d and not isinstance(modules[name], (nn.Linear, nn.Embedding)):
                 raise ValueError(
-                    f"plan entry {pattern!r}: {style_name!r} lays out nn.Linear or nn.Embedding, but {name!r} is a "
-                    f"{type(modules[name]).__name__}; give its parameters their own entries instead"
+                    f"plan entry {pattern!r}: {style_name!r} lays out nn.Linear or nn.Embedding (or transformers' "
+                    f"Conv1D), but {name!r} is a {type(modules[name]).__name__}; give its parameters their own entries "
+                    f"instead"
                 )
+        if any(conv1d):
+            if not all(conv1d):
+                raise ValueError(f"plan entry {pattern!r} matches both Conv1D and other modules "
+                                 f"({[n for n, c in zip(names, conv1d) if not c]}); give each kind its own entry")
+            style = _MODULE_STYLES[style_name](weight_output_dim=1)  # the class says how it stores the weight
     return pattern, style
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's projections): a linear layer whose weight is stored (in, out)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
 def _parameter_entry(pattern: str, style_name: str, params: set[str]) -> tuple | None:
