@@ -25,9 +25,9 @@ peer's sends still matches them. With a schedule that passes ``validate`` no ran
 sits behind a blocking op on the peer (waiting later than the RECV action cannot add a wait on the peer: sends
 never block). Microbatch losses are scaled by 1/m (``scale_grads``; a sequence schedule's chunks by their share
 of the tokens, ``sequence_chunks.py``), so gradients equal one device's on the whole batch with a mean loss;
-gradients accumulate across microbatches in ``.grad``, and STEP runs ``optimizer.step()`` and ``zero_grad()`` (nothing when no
-optimizer is given: the caller steps). Weights shared across stages have their gradients summed over the stages
-holding them right before STEP (``shared.py``). B/W split: ``backward.py``.
+gradients accumulate across microbatches in ``.grad``, and STEP runs ``optimizer.step()`` and ``zero_grad()``
+(nothing when no optimizer is given: the caller steps). Weights shared across stages have their gradients summed
+over the stages holding them right before STEP (``shared.py``). B/W split: ``backward.py``.
 """
 
 from __future__ import annotations
