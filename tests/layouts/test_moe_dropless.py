@@ -5,6 +5,7 @@ any routing: outputs, the input's gradient, the gates' gradient and the experts'
 Two levels: ``dispatch_combine`` under arbitrary routings drawn by hypothesis (every token to one expert, empty
 ranks, experts and whole ep ranks with no row), and the whole ``MoE`` layer under the most skewed routing a
 router makes (a zero gate: every token to experts 0 and 1, one ep rank does all the work) for a few AdamW steps.
+The pipelined dispatch's backward overlaps: its order of issues, waits and expert backward is checked exactly.
 
 Legend: N tokens, D width, F expert hidden width, E experts, L experts per rank, K top-k.
 """
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 import dtensor_plus as dtp
 from dtensor_plus import Shard
+from dtensor_plus.layouts import moe_pipelined
 from dtensor_plus.layouts.data import replicate
 from dtensor_plus.layouts.moe import GroupedExperts, MoE, expert_parallel
 from dtensor_plus.layouts.moe_dispatch import dispatch_combine
@@ -137,3 +139,49 @@ def _check_layer_training(steps=3):
 
 def test_dropless_layer_trains_as_one_device_when_one_rank_gets_every_token():
     run_on_ranks(4, _check_layer_training)
+
+
+# -- the pipelined backward overlaps: each chunk's gradient all-to-all is in flight while another chunk's experts run
+
+
+def _check_backward_order(chunks=3):
+    """The order of one pipelined backward: "i" a gradient all-to-all issued, "w" one waited for, "x" the experts'
+    backward of a chunk done (a hook on the rows they received)."""
+    mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
+    me = torch.distributed.get_rank()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, D, generator=g).requires_grad_()
+    idx = torch.randint(0, 4, (6, 1), generator=g)
+    w1, w2 = torch.randn(2, D, F_HIDDEN, generator=g), torch.randn(2, F_HIDDEN, D, generator=g)
+    events = []
+
+    def experts(rows, counts):
+        rows.register_hook(lambda grad: events.append("x"))
+        return GroupedExperts.run(rows, counts, w1, w2)
+
+    issue, wait = moe_pipelined.all_to_all_splits, moe_pipelined._Issue.backward
+
+    def recorded_issue(*args, **kwargs):
+        events.append("i")
+        return issue(*args, **kwargs)
+
+    def recorded_wait(ctx, grad):
+        events.append("w")
+        return wait(ctx, grad)
+
+    moe_pipelined.all_to_all_splits, moe_pipelined._Issue.backward = recorded_issue, staticmethod(recorded_wait)
+    try:
+        y = dispatch_combine(x, idx, torch.ones(6, 1), None, 4, experts, mesh, 0, chunks)
+        events.clear()
+        (y * (me + 1)).sum().backward()
+    finally:
+        moe_pipelined.all_to_all_splits, moe_pipelined._Issue.backward = issue, staticmethod(wait)
+    return "".join(events)
+
+
+def test_pipelined_backward_runs_experts_while_gradients_travel():
+    orders = run_on_ranks(2, _check_backward_order)
+    # every combine's gradient issued at once; then per chunk, last first: wait for its gradient rows, the experts'
+    # backward, wait for the previous chunk's dispatch gradient, issue this chunk's: chunk c's experts run while
+    # chunk c+1's dispatch gradient travels ("i" before an "x", its "w" after)
+    assert orders == ["iii" "wxi" "wxwi" "wxwi" "w"] * 2, orders
