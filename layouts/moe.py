@@ -114,8 +114,8 @@ class MoE(nn.Module):
     ep rank and run there on its own tokens (moe_shadow.py); on one device it changes nothing.
 
     After each forward: ``aux_loss`` (coefficients applied; add it to the task loss), ``routing`` (the
-    ``Routing``: raw losses, gates), ``mode`` (the expert mode the step ran: "ep" or "dp") and ``load`` (assignments per expert over the global batch, an (E,) int
-    tensor, e.g. to print the balance).
+    ``Routing``: raw losses, gates), ``mode`` (the expert mode the step ran: "ep" or "dp"; "ep" on one device) and
+    ``load`` (assignments per expert over the global batch, an (E,) int tensor, e.g. to print the balance).
     """
 
     # Its routing statistics, losses and capacity are over the global batch: replicate's local compute (each
@@ -166,7 +166,7 @@ class MoE(nn.Module):
         slot_E = self.expert_slot._local_tensor if isinstance(self.expert_slot, DTensor) else self.expert_slot
         x_ND = x_local.reshape(-1, shape[-1])
         run_mine = lambda rows, counts: self._run_experts(rows, counts, w1_local, w2_local, layout)  # noqa: E731
-        self.mode = "ep" if ep_mesh_dim is None else self._mode(routing, slot_E, w1_local, w2_local, layout)
+        self.mode = self._mode(routing, slot_E, w1_local, w2_local, ep_mesh_dim)
         if self.mode == "dp":  # every expert here for this step; the tokens stay
             w1_E, w2_E = (gathered_experts(w, layout.ep_mesh_dims, layout.batch) for w in (w1, w2))
             y_ND = dispatch_combine(x_ND, slot_E[routing.expert_idx_NK], routing.gates_NK, routing.keep_NK,
@@ -196,9 +196,11 @@ class MoE(nn.Module):
             raise ValueError(f"MoE.shadowed must name distinct experts in 0..{E - 1}, got {self.shadowed}")
         return bool(self.shadowed)
 
-    def _mode(self, routing, slot_E, w1_local, w2_local, layout) -> str:
+    def _mode(self, routing, slot_E, w1_local, w2_local, ep_mesh_dim) -> str:
         if self.expert_mode not in EXPERT_MODES:
             raise ValueError(f"MoE.expert_mode must be one of {EXPERT_MODES}, got {self.expert_mode!r}")
+        if ep_mesh_dim is None:  # every expert is here: nothing to switch
+            return "ep"
         if self.expert_mode != "auto":
             return self.expert_mode
         ep = self.experts.num_experts // w1_local.shape[0]
