@@ -90,6 +90,13 @@ def test_hierarchical_dispatch_equals_one_device_with_bytes_per_link_level(routi
     run_on_ranks(4, _check_hierarchical, *routing)
 
 
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None)
+@given(routings())
+def test_hierarchical_dispatch_over_many_routings(routing):
+    run_on_ranks(4, _check_hierarchical, *routing)
+
+
 def test_regroup_index_reorders_groups_and_keeps_rows_in_order():
     counts = torch.tensor([[[2, 0], [1, 1]], [[0, 3], [1, 0]]])  # (M, G, L): rows [0 1] [] [2] [3] [] [4 5 6] [7] []
     rows = torch.arange(8)
