@@ -20,16 +20,20 @@ once, keys, dtypes, crc32s, paths inside the directory) and fails on every rank 
 load.py (resharding reads), reader.py (checked chunk reads), digest.py (checksums), geometry.py (which entries
 a block holds), atomic.py (temporary directory + rename), state_dict.py (model + optimizer), world.py
 (metadata exchange), writer.py (safetensors files), errors.py.
+
+``export_safetensors(model, "model.safetensors")`` (export.py) writes the whole weights as one file instead, as
+Hugging Face's ``model.safetensors``: for the world outside, not for resuming.
 """
 
 from .errors import (CheckpointCorruptError, CheckpointError, CheckpointKeyError, CheckpointMismatchError,
                      CheckpointSaveError, CheckpointVersionError)
+from .export import export_safetensors
 from .load import load
 from .save import AsyncSave, save
 from .state_dict import get_state_dict, set_state_dict
 
 __all__ = [
-    "save", "load", "AsyncSave", "get_state_dict", "set_state_dict",
+    "save", "load", "AsyncSave", "export_safetensors", "get_state_dict", "set_state_dict",
     "CheckpointError", "CheckpointKeyError", "CheckpointMismatchError", "CheckpointCorruptError",
     "CheckpointVersionError", "CheckpointSaveError",
 ]

@@ -32,12 +32,13 @@ CODES.update({getattr(torch, n): c for n, c in (("float8_e4m3fn", "F8_E4M3"), ("
 CODES = MappingProxyType(CODES)  # read-only: a constant table
 
 
-def write_safetensors(file_path: str, tensors: dict[str, torch.Tensor],
-                      seeds: dict[str, int]) -> tuple[dict[str, str], int]:
+def write_safetensors(file_path: str, tensors: dict[str, torch.Tensor], seeds: dict[str, int],
+                      metadata: dict[str, str] | None = None) -> tuple[dict[str, str], int]:
     """Write contiguous CPU ``tensors`` to ``file_path`` and flush to disk; returns ({key: crc32 of its bytes
-    continued from ``seeds[key]``, as 8 hex digits}, size of the file in bytes)."""
+    continued from ``seeds[key]``, as 8 hex digits}, size of the file in bytes). ``metadata``: the header's
+    ``__metadata__`` (string to string, the format's rule), e.g. ``{"format": "pt"}`` for Hugging Face."""
     assert sys.byteorder == "little", "safetensors stores little-endian data"
-    header, offset = {}, 0
+    header, offset = ({"__metadata__": dict(metadata)} if metadata else {}), 0
     for key, t in tensors.items():
         assert t.is_contiguous() and t.device.type == "cpu", key
         nbytes = t.numel() * t.element_size()

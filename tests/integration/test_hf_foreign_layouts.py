@@ -145,16 +145,25 @@ def run(arch: str, layout: str, attn_implementation: str = "eager") -> bool:
             if make_optimizer is None:  # ZeRO-1/2 hand the reduced gradients to their masters
                 for name, p in model.named_parameters():
                     _close(_whole(p.grad), reference.get_parameter(name).grad, f"gradient of {name}", 5e-5)
-            # zero in exact arithmetic (a key bias: softmax ignores a constant per row): rounding noise both sides,
-            # which Adam scales up to steps of size lr; held to "moved no more than Adam allows"
-            noise_only = {name: p.grad.abs() < 1e-7 for name, p in reference.named_parameters()}
+            noise_only = noise_only_entries(reference)
         opt.step(), ref_opt.step()
         opt.zero_grad(), ref_opt.zero_grad()
+    assert_parameters_match(model, reference, noise_only, f"after {STEPS} steps,")
+    return True
+
+
+def noise_only_entries(reference) -> dict[str, torch.Tensor]:
+    """Per parameter, the entries whose (first) gradient is zero in exact arithmetic (a key bias: softmax ignores a
+    constant per row): rounding noise on both sides, which Adam scales up to steps of size lr."""
+    return {name: p.grad.abs() < 1e-7 for name, p in reference.named_parameters()}
+
+
+def assert_parameters_match(model, reference, noise_only: dict, what: str):
+    """Every parameter equal to the reference's; noise-only entries within Adam's reach (lr a step) of it."""
     for name, p in model.named_parameters():
         got, want, noise = _whole(p), reference.get_parameter(name), noise_only[name]
-        assert bool(((got - want)[noise].abs() <= 2 * STEPS * LR).all()), f"after {STEPS} steps, {name}: noise"
-        _close(got[~noise], want[~noise], f"after {STEPS} steps, {name}", 5e-5)
-    return True
+        assert bool(((got - want)[noise].abs() <= 2 * STEPS * LR).all()), f"{what} {name}: noise entries"
+        _close(got[~noise], want[~noise], f"{what} {name}", 5e-5)
 
 
 def _table(arch: str, layout: str):
