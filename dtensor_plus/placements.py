@@ -142,7 +142,9 @@ class StridedShard(Placement):
     rules that know this placement see it (the dispatcher gathers it for all others). Made by view rules,
     not by users. It may nest inside Shards of the same dim on earlier mesh dims (then ``outer`` counts the
     groups of the block they leave: (B, H) with B on dp and H on tp flattens to Shard(0) on dp and
-    StridedShard(0, B // dp) on tp), never outside another split.
+    StridedShard(0, B // dp) on tp), and outside no other split except one more level of the same
+    StridedShard (a dim split over several mesh dims, then folded: each level cuts the piece the level before
+    it left).
 
     ``zigzag=True``: the inner factor is cut into 2n ``torch.chunk`` pieces (n ranks on the mesh dim) and
     rank r holds pieces r and 2n-1-r, so a causal mask gives every rank equal work. Users place this one::

@@ -1,8 +1,8 @@
 """Every schedule the executor can run, by name: the classic ones of ``schedules.py`` and the papers' schedules of
 the ``schedules_*.py`` files (a registry of its own because those import ``schedules.py``).
 
-The sequence-level schedules (``schedules_sequence.py``) are not here: their microbatches are sequence chunks,
-which the executor does not cut (see that file).
+The sequence-level schedules (``schedules_sequence.py``) are in its ``SEQUENCE_SCHEDULES`` instead: they take k,
+the sequence chunks each sample is cut into (``build_schedule(..., sequence_chunks=k)``).
 """
 
 from __future__ import annotations
