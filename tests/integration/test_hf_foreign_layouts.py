@@ -2,7 +2,7 @@
 BERT, RoBERTa, ModernBERT with padded rows; T5 and BART with cross attention and embeddings tied across encoder,
 decoder and head; ViT's patch convolution; GPT-2's Conv1D and fused qkv; GPT-NeoX), each under every layout
 against the same model on one device: the loss (HF's, from ``labels=`` inside forward), the logits, the gradient
-of every input embedding (T5's shared embedding is called twice) or of the pixels, every parameter gradient, then
+of every input embedding (encoder's and decoder's) or of the pixels, every parameter gradient, then
 every parameter after 2 AdamW steps. Batch 3 on 2 dp ranks, sequence 7, vocabulary 97, 3 heads on 2 tp ranks.
 
     tp2, tp3    the model's tensor-parallel plan in HF's strings (its own tp_plan, or hf_foreign_models.TP_PLANS)
@@ -87,22 +87,31 @@ def forward(arch: str, model, batch: dict, embeds_out: list, loss_inside: bool =
     batch = dict(batch)
     labels = None if loss_inside else batch.pop("labels")
     calls = []
-    hook = (None if kind == "image" else
-            model.get_input_embeddings().register_forward_hook(lambda _, __, out: calls.append(out)))
+    hooks = [e.register_forward_hook(lambda _, __, out: calls.append(out)) for e in _embeddings(model, kind)]
     try:
         with dtp.implicit_replication():  # masks and position ids HF builds as plain tensors
             out = model(**batch, **({"use_cache": False} if kind in ("causal", "seq2seq") else {}))
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
     # replicate's local path may run the call once before rerunning it on the DTensor path: the last calls count
-    calls = calls[-(2 if arch == "t5" else 1):] if calls else []
+    calls = calls[-len(hooks):] if hooks else []
+    assert len(calls) == len(hooks), "an input embedding was not called: the gradient check would be empty"
     for e in calls:
         e.retain_grad()
     embeds_out.extend(calls)
     if labels is not None:
         out.loss = loss_outside(arch, out.logits, labels)
     return out
+
+
+def _embeddings(model, kind: str) -> list:
+    """The token embeddings forward calls: the encoder's and the decoder's (modules of their own, weights tied)."""
+    if kind == "image":
+        return []
+    if kind == "seq2seq":
+        return [model.get_encoder().embed_tokens, model.get_decoder().embed_tokens]
+    return [model.get_input_embeddings()]
 
 
 def _rows_of_this_rank(t: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
