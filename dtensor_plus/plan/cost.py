@@ -24,7 +24,10 @@ Overlap, stated:
 
 Memory per device, worst stage: parameters, gradients, optimizer state (after ZeRO / offload) and the activations
 of the microbatches in flight (the schedule's peak: under 1F1B the first stage holds p, which with its embeddings
-usually makes it the worst) plus what is held once (full recomputation's layer being recomputed).
+usually makes it the worst) plus what is held once (full recomputation's layer being recomputed). Every schedule
+of ``layouts.pipeline.registry`` is priced by its own simulated order: V schedules hold half-stage chunks (V-Half
+and V-Min counted until W, their paper's accounting); a Chimera rank keeps the states of two stages (r and
+pp-1-r) and all-reduces each stage's gradients with its replica after the pipeline, exposed.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from .hardware import Cluster, Link
-from .layout import ParallelLayout
+from .layout import LOOPED, SPLIT_BACKWARD, ParallelLayout
 from .profile import StageProfile, profile
 from .workload import Workload
 
@@ -100,6 +103,12 @@ def estimate(workload: Workload, layout: ParallelLayout, cluster: Cluster, globa
                          p2p)
     # per step, after the pipeline: gradient sync (exposed part), ZeRO-1/2 parameter gather, offload transfers;
     # the step ends when the stage with the most of it is done
+    if layout.schedule == "chimera" and layout.pp > 1:  # each stage's two replicas sum their gradients, exposed
+        for rank, p in enumerate(stages):
+            t = collective_time("all_reduce", 2, p.gradient_bytes, 1, p2p_link)
+            for key in ("comm_per_step", "exposed_per_step"):
+                priced[rank][key]["pp"] += t
+            priced[rank]["after_step"] += t
     syncing = max(range(layout.pp), key=lambda s: priced[s]["after_step"])
     step_time = pipe["step_time"] + priced[syncing]["after_step"]
 
@@ -165,7 +174,7 @@ def _price_stage(p: StageProfile, layout: ParallelLayout, intra: Mapping[str, bo
         exposed_by_phase[phase] += shown
     forward = forward_compute + exposed_by_phase["forward"]
     backward = backward_compute + exposed_by_phase["backward"]
-    if layout.schedule == "zb_h1":  # backward split: B (input gradients) and W (weight gradients), half each
+    if layout.schedule in SPLIT_BACKWARD:  # backward split: B (input gradients) and W (weight gradients), half each
         b, w = backward / 2, backward / 2
     else:
         b, w = backward, 0.0
@@ -199,11 +208,18 @@ def _dim_link(dim: str, layout: ParallelLayout, intra: Mapping[str, bool], clust
 
 
 def _worst_memory(stages, in_flight, layout) -> dict[str, int]:
+    """The rank with the most bytes. ``in_flight[r]``: chunks of rank r held at once (a chunk is 1/chunks_per_rank
+    of its stage); a Chimera rank r keeps the states of two stages, r and pp-1-r (one of each replica pair)."""
     best = None
-    for p, held in zip(stages, in_flight):
-        activations = p.activation_bytes * held // layout.virtual_stages + p.activation_once_bytes
+    for rank, (p, held) in enumerate(zip(stages, in_flight)):
+        twin = stages[layout.pp - 1 - rank] if layout.schedule == "chimera" and layout.pp > 1 else None
+        activations = p.activation_bytes * held // layout.chunks_per_rank + p.activation_once_bytes
         mem = {"parameters": p.parameter_bytes, "gradients": p.gradient_bytes, "optimizer": p.optimizer_bytes,
                "activations": int(activations)}
+        if twin is not None:
+            mem.update(parameters=p.parameter_bytes + twin.parameter_bytes,
+                       gradients=p.gradient_bytes + twin.gradient_bytes,
+                       optimizer=p.optimizer_bytes + twin.optimizer_bytes)
         if best is None or sum(mem.values()) > sum(best.values()):
             best = mem
     return best
@@ -244,15 +260,20 @@ def pipeline_time(schedule: str, pp: int, m: int, v: int, forward: tuple, backwa
 def _pipeline_idle(schedule: str, pp: int, m: int, v: int, rel: tuple, p2p: float) -> tuple[float, tuple]:
     """(idle time of the slowest rank over the step, in units of its microbatch; peak in-flight per rank)."""
     slowest = max(f + b + w for f, b, w in zip(*rel))
-    extra = pp if schedule == "interleaved_1f1b" else 1
-    if m <= pp + extra:
+    # two sizes in the steady state: pp and one more for the classic schedules (pp more for interleaved, which
+    # needs multiples of pp); 2 pp and 3 pp for the papers' schedules, whose orders (list-scheduled, V blocks,
+    # DualPipeV's phases) settle later when F, B and W differ (tests/plan/test_schedule_choice.py checks the line)
+    classic = schedule in ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+    base = pp if classic else 2 * pp
+    extra = pp if schedule == "interleaved_1f1b" or not classic else 1
+    if m <= base + extra:
         step, in_flight = _simulate_pipeline(schedule, pp, m, v, rel, p2p)
     else:
-        t1, _ = _simulate_pipeline(schedule, pp, pp, v, rel, p2p)
-        t2, in_flight = _simulate_pipeline(schedule, pp, pp + extra, v, rel, p2p)
-        step = t2 + (t2 - t1) * (m - pp - extra) / extra
-        if schedule == "gpipe":  # GPipe holds every microbatch
-            in_flight = tuple(m for _ in in_flight)
+        t1, _ = _simulate_pipeline(schedule, pp, base, v, rel, p2p)
+        t2, in_flight = _simulate_pipeline(schedule, pp, base + extra, v, rel, p2p)
+        step = t2 + (t2 - t1) * (m - base - extra) / extra
+        if schedule in ("gpipe", "breadth_first"):  # they hold every microbatch (breadth-first: of each chunk)
+            in_flight = tuple(m * v for _ in in_flight)
     return max(0.0, step - m * slowest), in_flight
 
 
@@ -263,12 +284,13 @@ def _schedule(schedule: str, pp: int, m: int, v: int):
     ``_simulate_pipeline`` passes it ``validated=True``."""
     from dtensor_plus.layouts.pipeline import SCHEDULES
 
-    return SCHEDULES[schedule](pp, m, v) if schedule == "interleaved_1f1b" else SCHEDULES[schedule](pp, m)
+    return SCHEDULES[schedule](pp, m, v) if schedule in LOOPED else SCHEDULES[schedule](pp, m)
 
 
 @functools.lru_cache(maxsize=4096)
 def _simulate_pipeline(schedule: str, pp: int, m: int, v: int, rel: tuple, p2p: float) -> tuple[float, tuple]:
     from dtensor_plus.layouts.pipeline import Kind, simulate
+    from dtensor_plus.layouts.pipeline.simulate import peak_until_w
 
     plan = _schedule(schedule, pp, m, v)
 
@@ -279,12 +301,12 @@ def _simulate_pipeline(schedule: str, pp: int, m: int, v: int, rel: tuple, p2p: 
     forward, backward, weight = rel
     costs = {}
     for stage, rank in enumerate(plan.stage_to_rank):
-        chunks = plan.stage_to_rank.count(rank)
-        costs[Kind.F, stage] = of_rank(forward, rank) / chunks
-        if schedule == "zb_h1":
-            costs[Kind.B, stage] = of_rank(backward, rank) / chunks
-            costs[Kind.W, stage] = of_rank(weight, rank) / chunks
-        else:
-            costs[Kind.BW, stage] = (of_rank(backward, rank) + of_rank(weight, rank)) / chunks
+        # a rank's chunks share its stage's costs; Chimera's stage s is model stage s % pp whole (one replica)
+        piece, chunks = (stage % pp, 1) if schedule == "chimera" else (rank, plan.stage_to_rank.count(rank))
+        f, b, w = (of_rank(kind, piece) / chunks for kind in (forward, backward, weight))
+        costs.update({(Kind.F, stage): f, (Kind.B, stage): b, (Kind.W, stage): w, (Kind.BW, stage): b + w})
     result = simulate(plan, costs, latency=p2p, validated=True)  # a generator's own output: see _schedule
-    return result.step_time, result.peak_in_flight
+    # V-Half and V-Min: held until W, the controllable-memory paper's accounting (their order keeps that bounded);
+    # the others until their B or BW as before (the B frees most of a layer's activations): V-Min is not favoured
+    held = peak_until_w(plan) if schedule in ("v_half", "v_min") else result.peak_in_flight
+    return result.step_time, held

@@ -12,9 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["ParallelLayout", "SCHEDULES", "RECOMPUTE"]
+__all__ = ["ParallelLayout", "SCHEDULES", "RECOMPUTE", "LOOPED", "V_SHAPED", "SPLIT_BACKWARD"]
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+# layouts.pipeline.registry's SCHEDULES, every schedule the executor runs (a test keeps the two equal; named here
+# so that building a layout imports no torch.distributed)
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v", "dualpipe_v", "v_half", "v_min", "breadth_first",
+             "chimera")
+LOOPED = ("interleaved_1f1b", "breadth_first")  # virtual_stages chunks per rank, looped placement
+V_SHAPED = ("zb_v", "dualpipe_v", "v_half", "v_min")  # two half-stage chunks per rank in a V
+SPLIT_BACKWARD = ("zb_h1", "zb_v", "dualpipe_v", "v_half", "v_min")  # backward as B (input) and W (weights)
 RECOMPUTE = ("none", "selective", "full")
 _DIMS = ("pp", "dp", "cp", "tp")
 
@@ -60,12 +66,18 @@ class ParallelLayout:
             raise ValueError(f"ep({self.ep}) must divide dp({self.dp}): experts are sharded over part of dp")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.virtual_stages > 1 and self.schedule != "interleaved_1f1b":
-            raise ValueError("virtual_stages > 1 needs schedule='interleaved_1f1b'")
+        if self.virtual_stages > 1 and self.schedule not in LOOPED:
+            raise ValueError(f"virtual_stages > 1 needs a looped schedule {LOOPED}, got {self.schedule!r}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
         if sorted(self.order) != sorted(_DIMS):
             raise ValueError(f"order must be a permutation of {_DIMS}, got {self.order!r}")
+
+    @property
+    def chunks_per_rank(self) -> int:
+        """Model chunks a pp rank holds: virtual_stages (looped), 2 halves of a stage (V), else 1 (Chimera's rank
+        holds two whole stages, but each microbatch passes only one of them)."""
+        return 2 if self.schedule in V_SHAPED else self.virtual_stages
 
     @property
     def world(self) -> int:
@@ -108,9 +120,11 @@ class ParallelLayout:
                        f"not the {world} given")
         if num_heads is not None and num_heads % self.tp:
             out.append(f"{num_heads} heads do not divide over tp({self.tp}): tp shards whole heads")
-        if num_layers is not None and num_layers % (self.pp * self.virtual_stages):
-            out.append(f"{num_layers} layers do not divide into pp({self.pp}) x virtual_stages({self.virtual_stages})"
-                       f" = {self.pp * self.virtual_stages} equal stages")
+        if num_layers is not None and num_layers % (self.pp * self.chunks_per_rank):
+            out.append(f"{num_layers} layers do not divide into pp({self.pp}) x {self.chunks_per_rank} chunks per "
+                       f"rank ({self.schedule}) = {self.pp * self.chunks_per_rank} equal stages")
+        if self.pp > 1 and self.schedule == "chimera" and self.pp % 2:
+            out.append(f"chimera pairs rank r with pp-1-r and needs an even pp, got pp({self.pp})")
         if seq_len is not None and seq_len % self.cp:
             out.append(f"sequence length {seq_len} does not divide over cp({self.cp})")
         if global_batch is not None:
@@ -121,6 +135,11 @@ class ParallelLayout:
             elif self.schedule == "interleaved_1f1b" and self.pp > 1 and (global_batch // per_replica) % self.pp:
                 out.append(f"interleaved_1f1b needs the microbatches ({global_batch // per_replica}) to be a "
                            f"multiple of pp({self.pp})")
+            elif self.schedule == "dualpipe_v" and self.pp > 1 and global_batch // per_replica < 2 * self.pp:
+                out.append(f"dualpipe_v needs at least 2 pp = {2 * self.pp} microbatches, got "
+                           f"{global_batch // per_replica}: raise the batch or lower micro_batch_size")
+            elif self.schedule == "chimera" and self.pp > 1 and global_batch // per_replica < 2:
+                out.append("chimera needs at least 2 microbatches (one per direction)")
         if experts is not None:
             if self.ep > 1 and (not experts or experts % self.ep):
                 out.append(f"ep({self.ep}) must divide the {experts} experts")
@@ -149,7 +168,7 @@ class ParallelLayout:
             missing.append("offload=True")
         if self.pp > 1 and self.cp > 1:
             missing.append("pp with cp")
-        if self.pp > 1 and self.schedule == "interleaved_1f1b" and self.virtual_stages != 2:
+        if self.pp > 1 and self.schedule in LOOPED and self.virtual_stages != 2:
             missing.append(f"virtual_stages={self.virtual_stages} (train_gpt interleaves 2 stages per rank)")
         if self.mesh_shape()[0] != tuple(n for n in ("pp", "dp", "tp", "cp") if self.size(n) > 1):
             missing.append(f"order={self.order} (train_gpt's mesh is pp, dp, tp, cp outermost first)")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from types import MappingProxyType
 
+from .layout import SPLIT_BACKWARD
+
 __all__ = ["write_report", "MatplotlibMissing"]
 
 GIB = 1 << 30
@@ -49,12 +51,14 @@ def _timeline_events(estimate, global_batch: int):
     layout = estimate.layout
     m_real = layout.microbatches(global_batch)
     m = min(m_real, _MAX_TIMELINE_MICROBATCHES)
-    if layout.schedule == "interleaved_1f1b":
+    if layout.schedule in ("interleaved_1f1b", "chimera"):
         m = max(layout.pp, m - m % layout.pp)
-    per_microbatch = estimate.compute_s / m_real / layout.virtual_stages  # one stage's share on one rank
+    if layout.schedule == "dualpipe_v":
+        m = max(m, 2 * layout.pp)
+    per_microbatch = estimate.compute_s / m_real / layout.chunks_per_rank  # one chunk's share on one rank
     f = per_microbatch / 3
     costs = {Kind.F: f, Kind.B: 2 * f, Kind.W: 0.0, Kind.BW: 2 * f}
-    if layout.schedule == "zb_h1":
+    if layout.schedule in SPLIT_BACKWARD:
         costs.update({Kind.B: f, Kind.W: f})
     sim = simulate(build_schedule(layout.schedule, layout.pp, m, layout.virtual_stages), costs)
     shown = f"{m} of {m_real} microbatches" if m != m_real else f"{m} microbatches"

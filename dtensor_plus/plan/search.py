@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .families import FamilyVerdict, judge_families, size_text
-from .layout import ParallelLayout
+from .layout import LOOPED, ParallelLayout
 from .space import SearchSpace, Shape, StateBound, shapes
 
 __all__ = ["search", "SearchResult", "SearchSpace"]
@@ -170,11 +170,15 @@ def _first_options(shape: Shape, space: SearchSpace, global_batch: int) -> list[
     steps += [dict(zero=3)] if 3 in zeros and start.zero < 3 else []
     steps += [dict(recompute="full")] if "full" in space.recompute else []
     steps += [dict(offload=True)] if True in space.offload else []
-    for change in steps:
+    # within each rung, the V schedules that hold less (V-Half ~1/2, V-Min ~1/3 of 1F1B's activations), which
+    # cost only bubble: a shape that fits with one of them is priced before it is given more savings
+    frugal = [s for s in ("v_half", "v_min") if s in space.schedules and s != schedule] if shape.pp > 1 else []
+    for change in [{}] + steps:
         nxt = _with(current, **change)
-        if nxt is not None:
-            ladder.append(nxt)
-            current = nxt
+        if nxt is None:
+            continue
+        current = nxt
+        ladder += ([nxt] if change else []) + [n for n in (_with(nxt, schedule=s) for s in frugal) if n is not None]
     return ladder
 
 
@@ -206,7 +210,7 @@ def _neighbours(layout: ParallelLayout, space: SearchSpace, global_batch: int, s
                 if 0 <= i < len(sizes)]
     if layout.pp > 1:
         for schedule in space.schedules:
-            vs = space.virtual_stages if schedule == "interleaved_1f1b" else (1,)
+            vs = space.virtual_stages if schedule in LOOPED else (1,)
             out += [_with(layout, schedule=schedule, virtual_stages=v) for v in vs]
     return [n for n in out if n is not None and n != layout]
 
@@ -218,7 +222,7 @@ def _option_variants(layout: ParallelLayout, space: SearchSpace) -> list[Paralle
     if layout.pp > 1:
         for schedule in space.schedules:
             out += [_with(layout, schedule=schedule, virtual_stages=v)
-                    for v in (space.virtual_stages if schedule == "interleaved_1f1b" else (1,))]
+                    for v in (space.virtual_stages if schedule in LOOPED else (1,))]
     return [n for n in out if n is not None and n != layout]
 
 
@@ -261,7 +265,7 @@ def search(workload, world: int, cluster, global_batch: int, memory_per_device: 
     fitting: dict[Shape, bool] = {}
     for shape in shapes(world, cluster.gpus_per_node, space, seq_len=workload.seq_len, experts=facts["experts"]):
         ladder = _first_options(shape, space, global_batch)
-        frugal = ladder[-1]
+        frugal = next(lay for lay in reversed(ladder) if lay.schedule == ladder[0].schedule)  # most savings
         why = frugal.problems(**facts)
         if why:
             ruled_out.append((frugal, "; ".join(why), None))

@@ -35,7 +35,9 @@ class SearchSpace:
 
     zero: tuple[int, ...] = (0, 1, 2, 3)
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
-    schedules: tuple[str, ...] = ("1f1b", "interleaved_1f1b", "zb_h1", "gpipe")
+    # every schedule the executor runs; the first is where a shape's option ladder starts
+    schedules: tuple[str, ...] = ("1f1b", "interleaved_1f1b", "zb_h1", "gpipe", "zb_v", "dualpipe_v", "v_half",
+                                  "v_min", "breadth_first", "chimera")
     virtual_stages: tuple[int, ...] = (2, 4)
     recompute: tuple[str, ...] = RECOMPUTE
     offload: tuple[bool, ...] = (False, True)
