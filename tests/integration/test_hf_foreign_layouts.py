@@ -6,6 +6,7 @@ of every input embedding (encoder's and decoder's) or of the pixels, every param
 every parameter after 2 AdamW steps. Batch 3 on 2 dp ranks, sequence 7, vocabulary 97, 3 heads on 2 tp ranks.
 
     tp2, tp3    the model's tensor-parallel plan in HF's strings (its own tp_plan, or hf_foreign_models.TP_PLANS)
+    tp4         (ViT, BERT) heads cut mid-head, the classifier (an empty shard) / tied MLM decoder colwise
     dp2         ``replicate``: HF's loss inside forward sends the call down the DTensor path (warned once)
     dp2xtp2     the plan on mesh["tp"] of a (dp, tp) = (2, 2) mesh, then ``replicate``
     zero1/2     ``replicate(..., reduce_in_backward=False)`` and ``ZeroRedundancyOptimizer(stage=1/2)``
@@ -39,11 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_foreign_models import ARCHITECTURES, TP_PLANS, build, loss_outside, make_batch  # noqa: E402
 
 STEPS, LR = 2, 1e-3
-LAYOUTS = {"tp2": 2, "tp3": 3, "dp2": 2, "dp2xtp2": 4, "zero1": 2, "zero2": 2, "zero3": 2, "zero3_dt": 2}
+LAYOUTS = {"tp2": 2, "tp3": 3, "tp4": 4, "dp2": 2, "dp2xtp2": 4, "zero1": 2, "zero2": 2, "zero3": 2, "zero3_dt": 2}
 
 
-def _plan(model, arch: str) -> dict:
-    return getattr(model, "tp_plan", None) or TP_PLANS[arch]
+# tp4: heads cut mid-head (24 features, 3 heads of 8, on 4 ranks), and the output head colwise: ViT's 5 labels
+# leave one rank empty, BERT's MLM decoder is tied to the (vocab-replicated) word embedding
+EMPTY_SHARD_ENTRIES = {"vit": {"classifier": "colwise_gather_output"},  # 5 labels on 4 ranks: 2, 2, 1, 0
+                       "bert": {"cls.predictions.decoder": "colwise_gather_output"}}  # 97 tied rows: 25, 25, 25, 22
+
+
+def _plan(model, arch: str, layout: str = "") -> dict:
+    plan = getattr(model, "tp_plan", None) or TP_PLANS[arch]
+    return {**plan, **EMPTY_SHARD_ENTRIES[arch]} if layout == "tp4" else plan
 
 
 def _blocks(model) -> list:
@@ -53,9 +61,9 @@ def _blocks(model) -> list:
 
 def place(arch: str, model, layout: str):
     """Lay ``model`` out; returns (a function placing a batch tensor, an optimizer factory or None for AdamW)."""
-    if layout in ("tp2", "tp3"):
+    if layout in ("tp2", "tp3", "tp4"):
         mesh = dtp.init_device_mesh("cpu", (LAYOUTS[layout],), mesh_dim_names=("tp",))
-        parallelize_module(model, mesh, _plan(model, arch))
+        parallelize_module(model, mesh, _plan(model, arch, layout))
         return (lambda t: t), None
     if layout == "dp2xtp2":
         mesh = dtp.init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
@@ -181,7 +189,7 @@ def _table(arch: str, layout: str):
 
 
 SAMPLE = [("gpt2", "tp2")]  # the Conv1D plan; the rest (T5 tied under ZeRO-3...) under -m slow
-TABLE = [(a, l) for a in ARCHITECTURES for l in LAYOUTS] + [
+TABLE = [(a, l) for a in ARCHITECTURES for l in LAYOUTS if l != "tp4" or a in EMPTY_SHARD_ENTRIES] + [
     (f"{a}@sdpa", l) for a in ("bert", "modernbert", "bart", "vit", "gpt2", "gpt_neox", "t5") for l in ("dp2", "tp3")]
 
 
