@@ -36,6 +36,11 @@ generator state and the counter before every random op in forward and sets them 
 recomputation; dtensor_plus's counter is put back after recomputation, so later draws are those of a run
 without recomputation.
 
+Under torch.compile (tests/compile/test_compile_switch_recompute.py: keep_attention under ring cp, one graph, no
+break, equal to eager and one device): torch's checkpoint takes the policy's two caching modes alone and turns the
+policy into tags on the traced graph's nodes, which AOTAutograd's partitioner follows; no random tape there (the
+partitioner saves a random op's output rather than draw it again); "full" is torch's plain checkpoint.
+
 Composes with every layout (tested: tp+sp, dp, ZeRO-2, ZeRO-3, cp ring, a Hugging Face Llama on tp+sp): the
 region is the module's ``forward``, so its own hooks (``fully_shard``'s gather, ``PrepareModuleInput``) run once,
 outside the region, and the hooks of its submodules (tensor-parallel styles) run again in a full recomputation,

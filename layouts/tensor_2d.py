@@ -38,6 +38,11 @@ batch must divide by q (x d), since a linear layer views (B, T, D) as (B T, D) w
 (``Linear2D`` checks it and says so). A head count q does not divide stays exact, but the heads view cannot
 keep the hidden dim's split: attention gathers it on col (exact: tests/layouts/test_tensor_parallel_nd.py's
 "2d-3-heads" case; measured, 8 more all-gathers on col per step for the 2-layer debug GPT on q=2).
+
+Under torch.compile (tests/compile/test_compile_tensor_nd.py): enter ``tensor_parallel_2d`` around the compiled
+call; one graph, no break. Whole inputs are placed by the front doors the compiler records (``place_whole``),
+and ``Linear2D``'s check that the SUMMA rules are in force runs when the forward is traced, not at every call
+(tracing.constant_when_traced).
 """
 
 from __future__ import annotations
