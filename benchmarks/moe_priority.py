@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
     parser.add_argument("--chunks", type=int, default=2)
     parser.add_argument("--bucket-mb", type=float, default=16)
-    parser.add_argument("--piece-kb", type=int, default=256)
+    parser.add_argument("--piece-kb", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
