@@ -35,6 +35,8 @@ A forward takes the DTensor path instead (every op dispatched on the whole mesh,
 view cannot be exact or is not known to be: under ``dtensor_plus.manual_seed(..., strict=True)`` (random ops
 drawn as one device would need the global view), when no input is a DTensor Shard(0) on dp, when an input is a
 plain tensor with dims (whose rows are unknown) or a DTensor on another mesh or with another dp placement,
+on a mesh with other mesh dims when the global batch has fewer rows than dp ranks (a rank with no rows would
+have the other mesh dims' rules decide on empty tensors, possibly unlike the other ranks),
 when a parameter or buffer is not Replicate on dp (ZeRO-3, experts sharded on dp), under ``mixed_precision``
 (its casts reduce gradients in ``reduce_dtype`` on the DTensor path) or with a ``MoE`` layer inside (routing
 statistics and capacity over the global batch): both marked ``DTENSOR_PATH``. Under ``torch.compile`` too:
@@ -171,6 +173,11 @@ class LocalCompute:
                 return None
             if any(i != self.k and (p.is_shard(0) or p.is_strided_shard()) for i, p in enumerate(spec.placements)):
                 return None  # dim 0 split further on another mesh dim: keep the whole-mesh view
+            if self.sub_mesh is not None and spec.shape[0] < self.mesh.size(self.k):
+                # Some dp rank holds no rows: the other mesh dims' rules would decide its ops on empty tensors,
+                # where every move costs 0 bytes, and could lay its outputs out unlike the other ranks'. Known
+                # from the global shape, so every rank takes the DTensor path together.
+                return None
             rows = (spec.shape[0], t._local_tensor.shape[0])
             if batch is not None and batch != rows:
                 return None

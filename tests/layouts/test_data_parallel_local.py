@@ -276,3 +276,13 @@ def _cross_entropy_with_ignored_targets(how):
 @pytest.mark.parametrize("how", ["buckets", "zero2-leaves"])
 def test_cross_entropy_with_ignored_targets_on_an_uneven_batch(how):
     assert all(run_on_ranks(2, _cross_entropy_with_ignored_targets, how))
+
+
+def test_a_dp_rank_without_rows_on_dp_x_tp_takes_the_dtensor_path(tmp_path):
+    """One row on (dp, tp) = (2, 2): the dp rank with no row would have decided the tp ops on empty tensors
+    (where a gather costs 0 bytes) and laid its logits out unlike the other ranks; the forward takes the DTensor
+    path on every rank instead (known from the global shape). test_uneven_layouts' LM, vocab-parallel logits into
+    loss_parallel: equal to one device, logits Shard(2) on tp on every rank, nothing gathered on tp."""
+    from test_uneven_layouts import _lm_on_dp_tp
+
+    assert all(run_on_ranks(4, _lm_on_dp_tp, False, 97, 7, 1, str(tmp_path / "step"), True))
