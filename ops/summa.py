@@ -43,6 +43,7 @@ import torch
 from dtensor_plus.declared import Broadcast, Reduce
 from dtensor_plus.placements import Partial, Replicate, Shard, chunk_bounds
 from dtensor_plus.rules import OpSchema, Sharding
+from dtensor_plus.traced_collectives import is_traced
 
 from .common import aten
 from .matrix import einsum_rule
@@ -154,7 +155,13 @@ def _coordinate(geometry: SummaGeometry) -> tuple[int, int]:
 def _broadcast(comm, block: torch.Tensor, shape: tuple, mesh_dim: int, root: int, mine: bool) -> torch.Tensor:
     """The block of the rank at index ``root`` along ``mesh_dim`` (this rank's own when ``mine``); an empty
     panel (the same shape on every rank of the group: global metadata) moves nothing."""
-    panel = block.contiguous() if mine else block.new_empty(shape)
+    # Under torch.compile the root's panel must not be its block itself: a traced broadcast writes its result
+    # into the buffer (traced_collectives), which on a graph input (the layer's input, a weight) is a mutation
+    # of that input inside the graph (wrong values, or AOTAutograd's partitioner fails when it requires grad).
+    if mine:
+        panel = block.clone(memory_format=torch.contiguous_format) if is_traced(block) else block.contiguous()
+    else:
+        panel = block.new_empty(shape)
     if panel.numel():
         comm.broadcast(panel, mesh_dim, root)
     return panel
