@@ -9,6 +9,8 @@
     empty shard  one row on 2 dp ranks: the DTensor path (local_compute=False) is exact; the local paths raise
                  in HF's code (``view(0, T, -1, D)``), pinned here as a strict xfail (/tmp/coord request 1)
 
+    loss         ``loss_parallel()`` around HF's loss inside forward (``labels=``), the head colwise: the logits stay
+                 vocab-sharded (3 ranks, vocabulary 97), tied heads (Qwen2, GPT-2) included
     export       ``checkpoint.export_safetensors`` of a T5 under tp2 (tied embeddings): the file equals the model's own
                  state dict on one device, key for key, and ``from_pretrained`` on it gives the same logits
 
@@ -32,14 +34,15 @@ transformers = pytest.importorskip("transformers")
 
 import dtensor_plus as dtp  # noqa: E402
 from dtensor_plus import Shard, checkpoint  # noqa: E402
-from dtensor_plus.layouts import context_parallel, fully_shard, replicate, shard_batch  # noqa: E402
+from dtensor_plus.layouts import (context_parallel, fully_shard, loss_parallel, parallelize_module,  # noqa: E402
+                                  replicate, shard_batch)
 from dtensor_plus.layouts.pipeline import PipelineSchedule, PipelineStage  # noqa: E402
 from dtensor_plus.testing import run_on_ranks  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hf_tiny_models  # noqa: E402
-from hf_foreign_models import build, loss_outside, make_batch  # noqa: E402
+from hf_foreign_models import TP_PLANS, build, loss_outside, make_batch  # noqa: E402
 from test_hf_foreign_layouts import (LAYOUTS, LR, _whole, assert_parameters_match, forward,  # noqa: E402
                                      noise_only_entries, place)
 
@@ -232,6 +235,39 @@ def test_hf_llama_context_parallel_sequence_7_with_labels_matches_one_device(att
     assert not fallbacks, fallbacks
     if attn == "sdpa":  # the ring: per layer 1 shift forward, 2 backward; the sequence gathered once, for the loss
         assert counts[("ring_shift", "cp")] == 3 * 2, counts
+
+
+# -- loss_parallel around HF's own loss --------------------------------------------------------------------------
+
+def _hf_loss_under_loss_parallel(arch: str):
+    mesh = dtp.init_device_mesh("cpu", (3,), mesh_dim_names=("tp",))
+    if arch in hf_tiny_models.ARCHITECTURES:
+        reference, model = hf_tiny_models.build(arch), hf_tiny_models.build(arch)
+        tokens_BT = torch.randint(0, hf_tiny_models.VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+        batch = {"input_ids": tokens_BT, "labels": tokens_BT}
+    else:
+        reference, model = build(arch), build(arch)
+        batch = make_batch(arch, 0)
+    plan = {**(getattr(model, "tp_plan", None) or TP_PLANS[arch]), "lm_head": "colwise"}  # logits kept sharded
+    parallelize_module(model, mesh, plan)
+    with dtp.implicit_replication(), loss_parallel(), dtp.comm_mode() as comm:
+        out = model(**batch, use_cache=False)
+        assert out.logits.placements == (Shard(2),), out.logits.placements
+        out.loss.backward()
+    ref = reference(**batch, use_cache=False)
+    ref.loss.backward()
+    torch.testing.assert_close(_whole(out.loss), ref.loss, atol=2e-5, rtol=2e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(_whole(p.grad), reference.get_parameter(name).grad, atol=5e-5, rtol=5e-5,
+                                   msg=lambda m: f"gradient of {name}: {m}")
+    return dict(comm.fallbacks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
+def test_hf_loss_inside_forward_under_loss_parallel_matches_one_device(arch):
+    for fallbacks in run_on_ranks(3, _hf_loss_under_loss_parallel, arch, timeout=300.0):
+        assert not fallbacks, fallbacks
 
 
 # -- an empty shard: one row on two dp ranks --------------------------------------------------------------------
