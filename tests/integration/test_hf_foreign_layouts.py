@@ -214,8 +214,7 @@ def test_hf_string_plan_lays_out_conv1d_by_its_class():
     colwise, rowwise = translated["transformer.h.*.attn.c_attn"], translated["transformer.h.*.attn.c_proj"]
     assert isinstance(colwise, ColwiseParallel) and colwise.weight_output_dim == 1
     assert isinstance(rowwise, RowwiseParallel) and rowwise.weight_output_dim == 1
-    llama_like = translate_hf_plan(build("bert"), TP_PLANS["bert"])["bert.encoder.layer.*.attention.self.query"]
-    assert llama_like.weight_output_dim is None  # nn.Linear: (out, in), as before
     mixed = torch.nn.ModuleDict({"conv": transformers.pytorch_utils.Conv1D(8, 4), "linear": torch.nn.Linear(4, 8)})
+    assert translate_hf_plan(mixed, {"linear": "colwise"})["linear"].weight_output_dim is None  # (out, in) as before
     with pytest.raises(ValueError, match=r"matches both Conv1D and other modules \(\['linear'\]\).*its own entry"):
         translate_hf_plan(mixed, {"[cl]*": "colwise"})
