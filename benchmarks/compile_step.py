@@ -10,6 +10,11 @@ removes is Python and dispatch overhead, nothing is fused); it runs 2 and 4 rank
 Both sides place the same GPT on the same mesh as benchmarks/train_step.py does (benchmarks/layout_setups.py:
 ours, and torch's parallelize_module / fully_shard / DDP / ZeroRedundancyOptimizer), then run the step of
 train_step.py (forward, loss, backward, optimizer step) with the model eager and with ``torch.compile(model)``.
+The layouts only we have (benchmarks/layout_setups_nd.py: 2-D tensor parallelism, striped and USP context
+parallelism, HSDP, ring cp with keep_attention recomputation) run our side alone ("-" on torch's)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compile_step.py --worlds 4 \
+        --layouts "2d,cp striped,cp usp,hsdp,cp keep_attention" --report /tmp/results_compile_nd.md
 The loss and the optimizer step stay outside the compiled region on both sides (what ``torch.compile(model)``
 covers). For each layout, world size and side it reports:
 
@@ -52,9 +57,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402,F401  (also puts examples/ on sys.path)
 from gpt import GPT, PRESETS  # noqa: E402
 from layout_setups import LAYOUTS, mesh_shape, place_ours, place_torch  # noqa: E402
+from layout_setups_nd import ND_LAYOUTS, config_for, nd_mesh_shape, place_ours_nd  # noqa: E402
 
 SIDES = ("torch", "ours")
 PLACERS = {"torch": place_torch, "ours": place_ours}
+NO_TORCH = "no torch equivalent"  # the torch side of a layout only we have (layout_setups_nd.py)
+
+
+def _placer(side: str, layout: str):
+    return place_ours_nd if layout in ND_LAYOUTS else PLACERS[side]
 
 
 # -- worker: one (world, layout) under torchrun ------------------------------------------------------------------
@@ -101,7 +112,7 @@ def run_phase(side, layout, config, batches, warmup, backend, dynamo_log) -> dic
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
-    placed = PLACERS[side](layout, GPT(config), dist.get_world_size())
+    placed = _placer(side, layout)(layout, GPT(config_for(layout, config)), dist.get_world_size())
     if backend:
         torch._dynamo.reset()
         counters.clear()
@@ -174,7 +185,10 @@ def worker(args) -> None:
               for _ in range(args.warmup + args.steps)]
     batches = [(x, torch.roll(x, -1, 1)) for x in tokens]
     results: dict = {}
-    phases = [(side, None) for side in SIDES] + [(side, args.backend) for side in SIDES]
+    sides = ("ours",) if args.layout in ND_LAYOUTS else SIDES
+    phases = [(side, None) for side in sides] + [(side, args.backend) for side in sides]
+    if args.layout in ND_LAYOUTS:
+        results.update({"torch/eager": {"fails": NO_TORCH}, "torch/compiled": {"fails": NO_TORCH}})
     for side, backend in phases:
         key = f"{side}/{'compiled' if backend else 'eager'}"
         try:
@@ -222,11 +236,12 @@ def launch(args, world: int, layout: str, logdir: Path, env: dict) -> dict:
 
 
 def _mesh(layout: str, world: int) -> str:
-    return " x ".join(f"{name}={size}" for name, size in mesh_shape(layout, world).items())
+    shape = nd_mesh_shape(layout, world) if layout in ND_LAYOUTS else mesh_shape(layout, world)
+    return " x ".join(f"{name}={size}" for name, size in shape.items())
 
 
 def _ms(row) -> str:
-    return "fails" if "fails" in row else f"{row['step_ms']:.1f}"
+    return ("-" if row.get("fails") == NO_TORCH else "fails") if "fails" in row else f"{row['step_ms']:.1f}"
 
 
 def _ratio(a, b) -> str:
@@ -279,10 +294,12 @@ def table(all_results: dict, args, command: str, tree: str) -> str:
     for (world, layout), res in all_results.items():
         for side in SIDES:
             row = res[f"{side}/compiled"]
+            if row.get("fails") == NO_TORCH:
+                continue
             lines.append(f"| {layout} | {_mesh(layout, world)} | {side} | {_counts(row)} |")
             for mode in ("eager", "compiled"):
                 r = res[f"{side}/{mode}"]
-                if "fails" in r:
+                if "fails" in r and r["fails"] != NO_TORCH:
                     notes.append(f"- {layout}, {world} ranks, {side} {mode}: {r['fails']}")
             for reason, count in row.get("breaks", {}).items():
                 notes.append(f"- {layout}, {world} ranks, {side}: graph break x{count}: {' '.join(reason.split())[:300]}")
@@ -315,7 +332,9 @@ def driver(args) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", default="2,4", help="comma-separated world sizes (ranks)")
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ", ".join(LAYOUTS))
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help="comma-separated subset of " + ", ".join(LAYOUTS + ND_LAYOUTS) + " (the last "
+                             f"{len(ND_LAYOUTS)}: ours only, layout_setups_nd.py)")
     parser.add_argument("--config", default="debug", choices=sorted(PRESETS))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps; the compiled run compiles in them")
@@ -332,8 +351,8 @@ def main(argv=None):
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for layout in args.layouts.split(","):
-        if layout not in LAYOUTS:
-            parser.error(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+        if layout not in LAYOUTS + ND_LAYOUTS:
+            parser.error(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS + ND_LAYOUTS)}")
     for world in args.worlds.split(","):
         if not world.isdigit() or int(world) < 2 or int(world) % 2:
             parser.error(f"--worlds takes even world sizes >= 2 (dp x tp+sp needs dp=2), got {world!r}")

@@ -52,8 +52,12 @@ Under torch.compile (tests/compile/test_compile_cp.py): enter the block *around*
         compiled(x).sum().backward()    # one graph, no break; ring, load-balanced ring and Ulysses equal eager
 
 AOTAutograd traces the forward and the backward while the block is in force, so both graphs hold the ring's
-shifts (one functional all-to-all each, ``traced_collectives``) or Ulysses' all-to-alls. Counted, documented
-places where it does not hold:
+shifts (one functional all-to-all each, ``traced_collectives``) or Ulysses' all-to-alls. Striped and DistFlashAttn
+load balance and USP train compiled equal to eager and one device too (tests/compile/test_compile_cp_schemes.py).
+Counted, documented places where it does not hold:
+
+- The double ring (and LoongTrain, which nests it) hangs compiled on 4 ranks (found, not yet diagnosed), as
+  does examples/gpt.py's GPT under USP in benchmarks/compile_step.py (its attention layer alone passes).
 
 - ``context_parallel`` entered *inside* the compiled code is not traced: Dynamo cannot read the rule registry
   the block changes, so ``fullgraph=True`` raises ``Unsupported`` ("non-const keys in mappingproxy"); without
