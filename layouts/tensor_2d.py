@@ -110,7 +110,8 @@ class Grid2D:
     def batch_ranks(self, mesh) -> int:
         """How many ways the batch is split: q, or q d."""
         dims = [self.row_mesh_dim] + ([self.depth_mesh_dim] if self.depth_mesh_dim else [])
-        return math.prod([mesh.size(mesh.mesh_dim_names.index(d)) for d in dims])  # a list: Dynamo cannot pass a generator
+        # a list, not a generator: Dynamo cannot pass a generator to math.prod (a graph break)
+        return math.prod([mesh.size(mesh.mesh_dim_names.index(d)) for d in dims])
 
 
 @contextlib.contextmanager
