@@ -4,7 +4,10 @@ backward all-to-alls, issued later on the same process group, queue behind it: c
 in the order they were issued, so an all-to-all waits for a whole 25 MiB all-reduce before it moves a row.
 
 ``AllToAllFirst`` is the scheduler the buckets hand their all-reduce to (``replicate(...,
-all_reduce_launcher=scheduler)``) and the MoE tells its gaps (``MoE.comm_priority = scheduler``). It cuts each
+all_reduce_launcher=scheduler)``) and the MoE tells its gaps (``MoE.comm_priority = scheduler``). The launcher
+covers ``replicate``'s local-compute buckets (layouts/data_flat.py): a module holding a MoE runs on the DTensor
+path and its buckets' ``all_reduce_flat`` does not ask it, so replicate the dense modules apart from the MoE
+layers (tests/layouts/test_moe_priority.py does) for their all-reduces to go through the scheduler. It cuts each
 bucket's flat buffer into pieces of ``piece_bytes`` (Lina's micro-ops) and keeps them in one queue, issuing
 
 * ``pieces_per_gap`` pieces when a bucket is handed over (the all-reduce still starts during backward), and
