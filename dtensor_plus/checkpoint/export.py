@@ -34,6 +34,7 @@ def export_safetensors(model: nn.Module | dict, file: str | os.PathLike) -> None
     Raises:
         ValueError: on every rank, if the ranks hold different keys, a value is not a tensor or has a dtype
             safetensors cannot store.
+        OSError: on every rank, if rank 0 cannot write the file.
     """
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     world = World()
@@ -51,9 +52,14 @@ def export_safetensors(model: nn.Module | dict, file: str | os.PathLike) -> None
         t = t.full_tensor() if isinstance(t, DTensor) else t
         if world.rank == 0:
             whole[name] = t.cpu().contiguous()
+    failure = None
     if world.rank == 0:
-        _write(os.fspath(file), whole)
-    world.broadcast_int(0)  # no rank returns before the file is in place
+        try:
+            _write(os.fspath(file), whole)
+        except OSError as error:
+            failure = error
+    if world.broadcast_int(int(failure is not None)):  # no rank returns before the file is in place, or fails alone
+        raise failure or OSError(f"export_safetensors: rank 0 could not write {os.fspath(file)!r} (its error says why)")
 
 
 def _problem(state: dict) -> str | None:

@@ -71,6 +71,8 @@ def _export_under_tp(directory: str):
     rank = torch.distributed.get_rank()
     with pytest.raises(ValueError, match="different state dict keys"):  # raised on every rank, before any gather
         checkpoint.export_safetensors({"only_on_rank_0": torch.ones(2)} if rank == 0 else {}, file + ".bad")
+    with pytest.raises(OSError):  # rank 0 cannot write there: every rank fails, none waits
+        checkpoint.export_safetensors({"w": torch.ones(2)}, f"{directory}/no/such/dir/model.safetensors")
     if rank == 0:
         reference = build("t5")
         want, got = reference.state_dict(), load_file(file)
