@@ -93,7 +93,7 @@ def estimate(workload: Workload, layout: ParallelLayout, cluster: Cluster, globa
     m = layout.microbatches(global_batch)
     intra = layout.intra_node(cluster.gpus_per_node)
     flops_rate = cluster.peak_flops * cluster.compute_efficiency
-    stages = [profile(workload, layout, s) for s in range(layout.pp)]
+    stages = _stage_profiles(workload, layout.replace(schedule="1f1b", virtual_stages=1))
     priced = [_price_stage(p, layout, intra, cluster, flops_rate) for p in stages]
 
     p2p_link = cluster.link(intra["pp"])
@@ -139,6 +139,13 @@ def estimate(workload: Workload, layout: ParallelLayout, cluster: Cluster, globa
         exposed_communication_s=MappingProxyType({k: v for k, v in exposed.items() if v > 0}),
         bubble_s=bubble, memory=MappingProxyType(memory), fits=sum(memory.values()) <= budget,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _stage_profiles(workload: Workload, layout: ParallelLayout) -> tuple[StageProfile, ...]:
+    """Every pp rank's profile. The schedule is not part of a profile (one microbatch through one rank's layers),
+    so the caller passes the layout with its schedule reset: the search's schedule moves reuse the profiles."""
+    return tuple(profile(workload, layout, s) for s in range(layout.pp))
 
 
 def _price_stage(p: StageProfile, layout: ParallelLayout, intra: Mapping[str, bool], cluster: Cluster,
