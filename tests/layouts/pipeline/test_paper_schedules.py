@@ -4,7 +4,8 @@ DualPipeV: every rank idles (p-1)(F&B + B - 3W) with the pair uncredited, the sl
 F&B, peak 2p+1 half stages (DeepSeek's PP+1). V-Half / V-Min (building blocks): peak (F to W) exactly
 (p+2)//2 and (p+4)//3 microbatches, the blocks' exact idle, and bubbles at or below the paper's ~p/(2m), ~2p/(3m).
 Breadth-first: the loop formula for every m, m < p included. Chimera (T_F = T_B): (p-2)/(2m+p-2) for even p, even
-m >= p+2 and m a multiple of p (the paper's basic unit m = p, peak p). Seq1F1B / TeraPipe: (p-1)/(k*m+p-1), Seq1F1B peak p+k-1 chunks.
+m >= p+2 and m a multiple of p (the paper's basic unit m = p, peak p). Seq1F1B / TeraPipe: (p-1)/(k*m+p-1), Seq1F1B
+peak p+k-1 chunks.
 """
 
 import pytest
@@ -85,7 +86,8 @@ def test_v_half_and_v_min_meet_the_papers_figures(p, m):
     """The paper (Qi et al. 2024, T_F = T_B = T_W): V-Min ~2p/(3m) bubble at (p+4)//3 microbatches of memory, a
     third of 1F1B's p; V-Half ~p/(2m) at (p+2)//2, half. Our bubbles are at or below those figures here (p <= 9)."""
     one = simulate(one_f_one_b(p, m))
-    for name, gen, paper_bubble, share in (("v_min", v_min, 2 * p / (3 * m), 1 / 3), ("v_half", v_half, p / (2 * m), 1 / 2)):
+    for name, gen, paper_bubble, share in (("v_min", v_min, 2 * p / (3 * m), 1 / 3),
+                                           ("v_half", v_half, p / (2 * m), 1 / 2)):
         s = gen(p, m)
         assert simulate(s).bubble <= paper_bubble
         held = max(peak_until_w(s)) / 2  # half stages -> microbatches
