@@ -57,7 +57,8 @@ load balance and USP train compiled equal to eager and one device too (tests/com
 Counted, documented places where it does not hold:
 
 - The double ring (and LoongTrain, which nests it) hangs compiled on 4 ranks (found, not yet diagnosed), as
-  does examples/gpt.py's GPT under USP in benchmarks/compile_step.py (its attention layer alone passes).
+  does examples/gpt.py's GPT under USP, and under the ring on 4 ranks with keep_attention recomputation, in
+  benchmarks/compile_step.py (USP's attention layer alone, and the 1-layer GPT on a 2-rank ring, pass).
 
 - ``context_parallel`` entered *inside* the compiled code is not traced: Dynamo cannot read the rule registry
   the block changes, so ``fullgraph=True`` raises ``Unsupported`` ("non-const keys in mappingproxy"); without
