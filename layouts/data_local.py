@@ -35,8 +35,8 @@ A forward takes the DTensor path instead (every op dispatched on the whole mesh,
 view cannot be exact or is not known to be: under ``dtensor_plus.manual_seed(..., strict=True)`` (random ops
 drawn as one device would need the global view), when no input is a DTensor Shard(0) on dp, when an input is a
 plain tensor with dims (whose rows are unknown) or a DTensor on another mesh or with another dp placement,
-on a mesh with other mesh dims when the global batch has fewer rows than dp ranks (a rank with no rows would
-have the other mesh dims' rules decide on empty tensors, possibly unlike the other ranks),
+when some dp rank's block of the global batch is empty (1 row on 2 ranks, 5 on 4: plain code can fail on 0 rows,
+``view(0, T, -1, D)``, and other mesh dims' rules would decide that rank's ops on empty tensors),
 when a parameter or buffer is not Replicate on dp (ZeRO-3, experts sharded on dp), under ``mixed_precision``
 (its casts reduce gradients in ``reduce_dtype`` on the DTensor path) or with a ``MoE`` layer inside (routing
 statistics and capacity over the global batch): both marked ``DTENSOR_PATH``. Under ``torch.compile`` too:
@@ -63,7 +63,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from dtensor_plus import random as dtp_random
 from dtensor_plus.dispatcher import DISPATCHER
 from dtensor_plus.dtensor import DTensor
-from dtensor_plus.placements import Partial, Replicate, Shard
+from dtensor_plus.placements import Partial, Replicate, Shard, chunk_bounds
 from dtensor_plus.redistribute import redistribute_local
 from dtensor_plus.spec import DTensorSpec, TensorMeta
 
@@ -173,10 +173,13 @@ class LocalCompute:
                 return None
             if any(i != self.k and (p.is_shard(0) or p.is_strided_shard()) for i, p in enumerate(spec.placements)):
                 return None  # dim 0 split further on another mesh dim: keep the whole-mesh view
-            if self.sub_mesh is not None and spec.shape[0] < self.mesh.size(self.k):
-                # Some dp rank holds no rows: the other mesh dims' rules would decide its ops on empty tensors,
-                # where every move costs 0 bytes, and could lay its outputs out unlike the other ranks'. Known
-                # from the global shape, so every rank takes the DTensor path together.
+            n = self.mesh.size(self.k)
+            if chunk_bounds(spec.shape[0], n, n - 1)[1] == 0:
+                # Some dp rank holds no rows (torch.chunk leaves the last ones empty: 1 row on 2 ranks, 5 on 4).
+                # Plain code on 0 rows can fail where the global shape is fine (``x.view(0, T, -1, D)`` is
+                # ambiguous), and on a mesh with other mesh dims their rules would decide that rank's ops on
+                # empty tensors, where every move costs 0 bytes, laying its outputs out unlike the others'.
+                # Known from the global shape, so every rank takes the DTensor path together.
                 return None
             rows = (spec.shape[0], t._local_tensor.shape[0])
             if batch is not None and batch != rows:
