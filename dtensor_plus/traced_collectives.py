@@ -153,4 +153,26 @@ def _reduce_name(kwargs) -> str:
 
 
 def _wait(t: torch.Tensor) -> torch.Tensor:
-    return _functional.wait_tensor(t)
+    """The collective's result, made an ordered effect of the program (see ``_kept``)."""
+    done = _functional.wait_tensor(t)
+    torch.ops.dtensor_plus.collective_done(done)
+    return done
+
+
+@torch.library.custom_op("dtensor_plus::collective_done", mutates_args=())
+def _collective_done(done: torch.Tensor) -> None:
+    """Nothing at run time. Registered as an ORDERED effect below, so AOTAutograd threads an effect token
+    through every call (``with_effects``) and returns the last token from each graph: a traced collective's
+    result thus reaches a graph output on every rank, whatever it feeds. Without it a rank that does not read
+    a collective's result (a reduce's non-root, a ring block it skips) has it removed by a partitioner's dead
+    code elimination (AOTAutograd's default partitioner drops every unread ``_c10d_functional`` node, assuming
+    all ranks run the same graph), and its peers' matching collective then pairs with the next one: wrong
+    values or a hang. The token chain also keeps the collectives' waits in program order."""
+
+
+@_collective_done.register_fake
+def _(done: torch.Tensor) -> None:
+    return None
+
+
+torch.library._register_effectful_op("dtensor_plus::collective_done", torch.library.EffectType.ORDERED)

@@ -1,13 +1,17 @@
 """torch.compile over 2-D (Optimus/SUMMA), 2.5-D (Tesseract) and 3-D tensor parallelism (layouts/tensor_2d.py,
 layouts/tensor_3d.py, ops/summa.py incl. its reduce, ops/sharded_norm.py) on real gloo ranks, CPU fp32.
 
-- A linear layer and a layer norm on a 2x2 grid (default, aot_eager): three SGD steps on a batch of 6 rows and a
-  hidden width 5 that q = 2 does not divide; the compiled model's output, loss, input gradient, parameter
-  gradients and updated parameters equal eager's and one device's; one graph, no break, no recompilation.
-  SUMMA's reduces run as all-to-alls onto the root (traced_collectives._reduce); a root's panel is a copy of
-  its block under tracing (a traced broadcast writes into its buffer: on a graph input, an input mutation).
-  Backend aot_eager as torch.compile gives it (min-cut partitioner). Found, not fixed: AOTAutograd's
-  default partitioner (what testing.counted_compile(keep_code=True) uses) gives wrong forward values here.
+- A linear layer and a layer norm on a 2x2 grid: three SGD steps on a batch of 6 rows and a hidden width 5 that
+  q = 2 does not divide; the compiled model's output, loss, input gradient, parameter gradients and updated
+  parameters equal eager's and one device's; one graph, no break, no recompilation; and every rank of each
+  group issues the same collectives in the same order in its compiled graphs. Under both of AOTAutograd's
+  partitioners: the default one (default run; what a user-written aot_autograd backend gets) and the min-cut
+  one (``-m slow``; torch.compile's "aot_eager"). SUMMA's reduces run as all-to-alls onto the root
+  (traced_collectives._reduce) whose result a non-root never reads: the default partitioner dropped that
+  all-to-all on non-roots (the root's then paired with the layer norm's all-reduce: wrong values) until
+  every traced collective became an ordered effect (traced_collectives._collective_done). A root's panel is
+  a copy of its block under tracing (a traced broadcast writes into its buffer: on a graph input, an input
+  mutation).
 - examples/gpt.py's GPT under examples/gpt_tensor_nd.py's plans (``-m slow``): 2-D on 4 ranks (aot_eager and
   Inductor), 2.5-D and 3-D on 8, two AdamW steps: losses, gradients and final parameters equal one device's and
   the eager run's, one graph, no break.
@@ -33,7 +37,7 @@ from dtensor_plus.layouts.tensor_2d import Grid2D, LayerNorm2D, Linear2D, tensor
 from dtensor_plus.layouts.tensor_3d import Cube3D, tensor_parallel_3d
 from dtensor_plus.mesh import init_device_mesh
 from dtensor_plus.testing import run_on_ranks
-from dtensor_plus.testing.compiling import counted_compile, graph_breaks
+from dtensor_plus.testing.compiling import collective_sequences, counted_compile, graph_breaks, mismatched_collectives
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
@@ -78,27 +82,39 @@ def _linear_norm_steps(run, params, place, scope, input_grad):
     return record
 
 
-def _linear_norm_compiled(input_grad=False):
+def _linear_norm_compiled(input_grad, partitioner):
+    from functorch.compile import min_cut_rematerialization_partition
+
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("row", "col"))
     grid = Grid2D()
     torch.manual_seed(0)
     single = _LinearNorm()
     eager, model = (parallelize_module(copy.deepcopy(single), mesh, {"fc": Linear2D(), "ln": LayerNorm2D()})
                     for _ in range(2))
-    compiled, counter, _ = counted_compile(model)  # aot_eager, not keep_code (module docstring)
+    partition_fn = min_cut_rematerialization_partition if partitioner == "min_cut" else None
+    compiled, counter, code = counted_compile(model, keep_code=True, partition_fn=partition_fn)
     place = lambda whole: distribute_tensor(whole, mesh, grid.activation(mesh, 3), src_data_rank=None)  # noqa: E731
     scope = lambda: tensor_parallel_2d(grid)  # noqa: E731
     got = _linear_norm_steps(compiled, list(model.parameters()), place, scope, input_grad)
     _assert_close(got, _linear_norm_steps(eager, list(eager.parameters()), place, scope, input_grad), "against eager")
     _assert_close(got, _linear_norm_steps(single, list(single.parameters()), lambda t: t, torch.enable_grad,
                                           input_grad), "against one device")
-    return counter.frame_count, graph_breaks()
+    assert len(code) == 2, f"expected one forward and one backward graph, got {len(code)}"
+    sequences = collective_sequences(code, [mesh.get_group("row"), mesh.get_group("col")])
+    return counter.frame_count, graph_breaks(), sequences
 
 
-@pytest.mark.parametrize("input_grad", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_linear_and_norm_on_the_grid_train_compiled_equal_to_eager_and_one_device(input_grad):
-    # one graph, no break, not recompiled
-    assert run_on_ranks(4, _linear_norm_compiled, input_grad, timeout=600) == [(1, 0)] * 4
+@pytest.mark.parametrize("input_grad, partitioner", [
+    (True, "default"),
+    pytest.param(True, "min_cut", marks=pytest.mark.slow),
+    pytest.param(False, "min_cut", marks=pytest.mark.slow),
+])
+def test_linear_and_norm_on_the_grid_train_compiled_equal_to_eager_and_one_device(input_grad, partitioner):
+    results = run_on_ranks(4, _linear_norm_compiled, input_grad, partitioner, timeout=600)
+    assert [(frames, breaks) for frames, breaks, _ in results] == [(1, 0)] * 4  # one graph, no break, no recompile
+    sequences = [per_group for _, _, per_group in results]
+    assert all(ops for per_group in sequences for ops in per_group.values()), sequences  # SUMMA on both mesh dims
+    assert mismatched_collectives(sequences) == []
 
 
 # -- the GPT under each scheme ---------------------------------------------------------------------------------------
