@@ -82,9 +82,9 @@ def replicate(module: nn.Module, device_mesh, dp_mesh_dim: str = "dp", *, reduce
             itself; False: always.
         bucket_cap_mb: gradients per all-reduce, in MiB (DDP's ``bucket_cap_mb``); the first bucket of each
             backward closes at 1 MiB at most, so its all-reduce starts early.
-        all_reduce_launcher: who starts the sum all-reduce of a flat gradient bucket (local compute on a 1-D dp
-            mesh): a callable ``launcher(buffer, mesh, mesh_dim)`` returning an object whose ``wait()`` gives the
-            summed tensor, issuing collectives in the same order on every rank (Lina's scheduler,
+        all_reduce_launcher: who starts the sum all-reduce of a flat gradient bucket (local compute's flat
+            buckets, and the DTensor path's, e.g. of a module holding a MoE): a callable
+            ``launcher(buffer, mesh, mesh_dim)`` returning an object whose ``wait()`` gives the summed tensor, issuing collectives in the same order on every rank (Lina's scheduler,
             layouts/moe_priority.py, puts the MoE's all-to-alls first); None: ``collectives.all_reduce``, async.
 
     Returns:
@@ -186,7 +186,11 @@ class GradientBucket:
         mesh, mesh_dim, reduce_op, _, local = key
         grads = [g for _, g in items] if local else [p.grad._local_tensor for p in items]
         params = [p for p, _ in items] if local else items
-        self.in_flight.append((params, local, all_reduce_flat(grads, mesh, [(mesh_dim, reduce_op)], async_op=True)))
+        if self.launcher is not None and reduce_op == "sum":  # one flat buffer through the caller's launcher (Lina)
+            pending = _SplitBack(self.launcher(torch.cat([g.reshape(-1) for g in grads]), mesh, mesh_dim), grads)
+        else:
+            pending = all_reduce_flat(grads, mesh, [(mesh_dim, reduce_op)], async_op=True)
+        self.in_flight.append((params, local, pending))
 
     def _finish(self) -> None:
         in_flight, other, self.in_flight, self.other = self.in_flight, self.other, [], []
@@ -203,6 +207,18 @@ class GradientBucket:
                 grads = redistribute_together([g for _, g in from_leaves], [p.placements for p, _ in from_leaves])
                 for (param, _), grad in zip(from_leaves, grads):
                     deposit(param, grad)
+
+
+class _SplitBack:
+    """A launched all-reduce of one bucket's gradients flattened into one buffer (a bucket holds one dtype);
+    ``wait()`` gives them back in their shapes, as ``all_reduce_flat``'s pending result does."""
+
+    def __init__(self, pending, grads):
+        self.pending, self.shapes = pending, [g.shape for g in grads]
+
+    def wait(self) -> list[torch.Tensor]:
+        pieces = self.pending.wait().split([shape.numel() for shape in self.shapes])
+        return [piece.view(shape) for piece, shape in zip(pieces, self.shapes)]
 
 
 def _without(placements, k: int) -> tuple:

@@ -5,9 +5,9 @@ in the order they were issued, so an all-to-all waits for a whole 25 MiB all-red
 
 ``AllToAllFirst`` is the scheduler the buckets hand their all-reduce to (``replicate(...,
 all_reduce_launcher=scheduler)``) and the MoE tells its gaps (``MoE.comm_priority = scheduler``). The launcher
-covers ``replicate``'s local-compute buckets (layouts/data_flat.py): a module holding a MoE runs on the DTensor
-path and its buckets' ``all_reduce_flat`` does not ask it, so replicate the dense modules apart from the MoE
-layers (tests/layouts/test_moe_priority.py does) for their all-reduces to go through the scheduler. It cuts each
+takes every sum bucket of ``replicate``: local compute's flat buckets (layouts/data_flat.py) and the DTensor path's
+(a module holding a MoE runs there), so the model may be replicated whole or its dense modules apart from the MoE
+layers (tests/layouts/test_moe_priority.py does both). It cuts each
 bucket's flat buffer into pieces of ``piece_bytes`` (Lina's micro-ops) and keeps them in one queue, issuing
 
 * ``pieces_per_gap`` pieces when a bucket is handed over (the all-reduce still starts during backward), and

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import dtensor_plus as dtp
 from dtensor_plus import Shard
@@ -92,7 +93,7 @@ def test_bad_sizes_name_the_fix():
 # -- with replicate's buckets: Linear -> MoE -> Linear trained under dp = ep, the buckets' all-reduces in pieces ---
 
 
-def _check_training_with_buckets(steps=3):
+def _check_training_with_buckets(whole, steps=3):
     mesh = dtp.init_device_mesh("cpu", (EP,), mesh_dim_names=("dp",))
     single = _net(8, 2)
     scheduler = AllToAllFirst(piece_bytes=64, pieces_per_gap=2)
@@ -103,11 +104,17 @@ def _check_training_with_buckets(steps=3):
         return scheduler(buffer, mesh, mesh_dim)
 
     net = copy.deepcopy(single)
-    # the dense Linears replicated on their own (local compute: their buckets go through the launcher), the MoE
-    # on the DTensor path with its experts sharded on the same ranks
-    for dense in (net.inp, net.out):
-        replicate(dense, mesh, "dp", all_reduce_launcher=launcher)
-    expert_parallel(replicate(net.moe, mesh, "dp"), mesh, ep_mesh_dim="dp")
+    if whole:  # the model replicated whole: a module holding a MoE runs on the DTensor path, and so do its buckets
+        replicate(net, mesh, "dp", all_reduce_launcher=launcher)
+        expert_parallel(net.moe, mesh, ep_mesh_dim="dp")
+    else:  # the dense Linears replicated on their own (local compute's flat buckets), the MoE apart
+        for dense in (net.inp, net.out):
+            replicate(dense, mesh, "dp", all_reduce_launcher=launcher)
+        expert_parallel(replicate(net.moe, mesh, "dp"), mesh, ep_mesh_dim="dp")
+    # the gradients summed through the launcher: every parameter Replicate on dp (the experts are sharded there)
+    # when the model is replicated whole; the dense Linears' alone when they are replicated apart
+    handed_over = net if whole else nn.ModuleList([net.inp, net.out])
+    summed = sum(p.numel() for p in handed_over.parameters() if p.placements[0].is_replicate())
     net.moe.comm_priority = scheduler
     net.moe.dispatch_chunks = 2
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False) for m in (net, single)]
@@ -119,12 +126,13 @@ def _check_training_with_buckets(steps=3):
             opt.step()
             opt.zero_grad()
         assert scheduler.queued == 0
-    # the Linears' gradients went through the scheduler every step
-    assert sum(handed) == steps * 2 * (D_NET * D_NET + D_NET), handed
+    # the Linears' gradients (and, replicated whole, the router's) went through the scheduler every step
+    assert sum(handed) == steps * summed >= steps * 2 * (D_NET * D_NET + D_NET), handed
     params = dict(single.named_parameters())
     for name, p in net.named_parameters():
         torch.testing.assert_close(p.full_tensor(), params[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_training_with_replicates_buckets_through_the_scheduler_equals_one_device():
-    run_on_ranks(EP, _check_training_with_buckets)
+@pytest.mark.parametrize("whole", [False, True], ids=["dense-apart", "whole"])
+def test_training_with_replicates_buckets_through_the_scheduler_equals_one_device(whole):
+    run_on_ranks(EP, _check_training_with_buckets, whole)
