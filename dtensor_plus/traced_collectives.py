@@ -101,7 +101,12 @@ def _ring_shift(sends, recvs, next_peer: int, prev_peer: int, tag: int, *, group
     for i, send in enumerate(sends):
         by_dtype.setdefault(send.dtype, []).append(i)
     for indices in by_dtype.values():
-        flat = torch.cat([sends[i].reshape(-1) for i in indices])
+        # the empty piece keeps two shifts of the same blocks apart: AOTAutograd's CSE merges identical
+        # collectives (it never merges an aten.empty), and whether a backward shift's blocks equal a forward
+        # shift's (a zero gradient share of a skipped causal block) differs between ranks: merged on one rank
+        # only, its peers' shift waits for a send that never comes (the compiled double ring hung so)
+        first = sends[indices[0]]
+        flat = torch.cat([*(sends[i].reshape(-1) for i in indices), torch.empty(0, dtype=first.dtype, device=first.device)])
         recv_numels = [recvs[i].numel() for i in indices]
         send_splits, recv_splits = [0] * size, [0] * size
         send_splits[next_peer], recv_splits[prev_peer] = flat.numel(), sum(recv_numels)

@@ -7,10 +7,13 @@ mesh dims, three training steps (forward, loss, backward, SGD step) with ``conte
 compiled call (layouts/context_parallel.py, "Under torch.compile"), backend aot_eager, CPU fp32: the compiled
 model's output, loss, input gradient, every parameter gradient and every updated parameter equal eager's and one
 device's; one graph (forward and backward), no graph break, no recompilation on steps 2 and 3 (``fullgraph=True``:
-a break would raise). Sizes: sequence 12 on 2 ranks (6 a rank) and on 4 (3 a rank, odd), 16 on 8.
+a break would raise); every rank of each group issues the same collectives in the same order in its compiled
+graphs (aot_eager's min-cut partitioner, the graphs kept). Sizes: sequence 12 on 2 ranks (6 a rank) and on 4 (3 a
+rank, odd), 16 on 8.
 
-Striped, DistFlashAttn and USP pass. Known gap: compiled, the double ring (and so LoongTrain, which nests it)
-hangs on 4 ranks: marked xfail and not run, with the reason.
+The double ring (and LoongTrain, which nests it) hung compiled on 4 ranks: AOTAutograd's CSE merged a backward
+ring shift with an identical forward one on the ranks whose causal blocks made them identical only
+(traced_collectives._ring_shift now keeps every shift apart).
 """
 
 import copy
@@ -24,7 +27,7 @@ from dtensor_plus import Shard, distribute_module, distribute_tensor, init_devic
 from dtensor_plus.layouts import context_parallel
 from dtensor_plus.layouts.context_parallel import striped_placement
 from dtensor_plus.testing import run_on_ranks
-from dtensor_plus.testing.compiling import counted_compile, graph_breaks
+from dtensor_plus.testing.compiling import collective_sequences, counted_compile, graph_breaks, mismatched_collectives
 
 B, H, HEAD_DIM, STEPS, LR = 2, 2, 4, 3, 0.1
 D = H * HEAD_DIM
@@ -74,7 +77,10 @@ def _scheme_steps(scheme):
     one_device = Attention()
     eager = distribute_module(copy.deepcopy(one_device), mesh)
     model = distribute_module(copy.deepcopy(one_device), mesh)
-    compiled, counter, _ = counted_compile(model, fullgraph=True)
+    from functorch.compile import min_cut_rematerialization_partition
+
+    compiled, counter, code = counted_compile(model, keep_code=True, partition_fn=min_cut_rematerialization_partition,
+                                              fullgraph=True)
     runs = {name: (m, torch.optim.SGD(p.parameters(), lr=LR))
             for name, m, p in (("one device", one_device, one_device), ("eager", eager, eager),
                                ("compiled", compiled, model))}
@@ -89,10 +95,8 @@ def _scheme_steps(scheme):
             for i, (got, want) in enumerate(zip(results["compiled"], results[name])):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5,
                                            msg=lambda m: f"{scheme} step {step}, value {i}, against {name}: {m}")
-    return counter.frame_count, graph_breaks()
-
-
-_HANGS = "compiled, the double ring hangs (found 2026-12-08, not yet diagnosed); eager is exact (test_double_ring.py)"
+    groups = [mesh.get_group(name) for name in names]
+    return counter.frame_count, graph_breaks(), len(code), collective_sequences(code, groups)
 
 
 # All slow: the suite's budget (tests/compile/test_compile_cp.py runs the plain ring and Ulysses by default).
@@ -100,14 +104,14 @@ _HANGS = "compiled, the double ring hangs (found 2026-12-08, not yet diagnosed);
     pytest.param("striped", marks=pytest.mark.slow),
     pytest.param("distflash", marks=pytest.mark.slow),
     pytest.param("usp", marks=pytest.mark.slow),
-    # Known gap, not run (a hang costs the pool's 600 s): compiled, the double ring hangs on 4 ranks (no rank
-    # answers; the ranks' graphs must issue their collectives in different orders); LoongTrain nests it.
-    pytest.param("double_ring", marks=[pytest.mark.slow, pytest.mark.xfail(run=False, reason=_HANGS)]),
-    pytest.param("loongtrain", marks=[pytest.mark.slow, pytest.mark.xfail(run=False, reason=_HANGS)]),
+    pytest.param("double_ring", marks=pytest.mark.slow),
+    pytest.param("loongtrain", marks=pytest.mark.slow),
 ])
 def test_attention_scheme_trains_compiled_equal_to_eager_and_one_device(scheme):
     world = 1
     for size in SCHEMES[scheme][0]:
         world *= size
+    results = run_on_ranks(world, _scheme_steps, scheme, timeout=600)
     # one graph (forward + backward), no break (fullgraph), never recompiled
-    assert run_on_ranks(world, _scheme_steps, scheme, timeout=600) == [(1, 0)] * world
+    assert [result[:3] for result in results] == [(1, 0, 2)] * world
+    assert mismatched_collectives([result[3] for result in results]) == []
