@@ -8,6 +8,13 @@ instead through PyTorch's functional collectives (``torch.ops._c10d_functional``
 buffer the caller passed, so every collective of ``collectives.py`` keeps its padding, wire dtypes and
 bookkeeping unchanged, and AOTAutograd's functionalization turns that copy into plain data flow.
 
+Every rank must keep every collective, in program order, though ranks' graphs differ (a reduce's non-root
+does not read its result, a rank skips a causal block). Torch's graph passes assume SPMD graphs: AOTAutograd's
+default partitioner drops an unread functional collective, its CSE merges two identical ones (a backward ring
+shift with a forward one). So each result goes to an ordered effectful no-op (``_collective_done``: an effect
+token carries it to a graph output on every rank), and each ring shift's send buffer holds a piece CSE never
+merges (``_ring_shift``). ``testing.compiling.mismatched_collectives`` checks compiled graphs for this.
+
 ``is_traced(t)``: whether ``t`` is being traced (Dynamo is compiling, or ``t`` is a fake or functional
 tensor of AOTAutograd's trace) rather than run; the eager path never comes here.
 """
@@ -93,9 +100,9 @@ def _ring_shift(sends, recvs, next_peer: int, prev_peer: int, tag: int, *, group
     multi-output collective, so it recomputes a forward shift in the backward graph (traffic eager does not
     have). One exchange per call, so ``tag`` (which keeps two eager shifts in flight apart) is not needed.
 
-    A shift's result must be read on every rank (ring attention joins blocks it does not compute with to its
-    output): the partitioner drops a collective whose result is unread, assuming every rank runs the same
-    graph, but a rank's graph holds only its own compute, and its send is what the next rank reads."""
+    A rank's graph holds only its own compute, and its send is what the next rank reads: the shift must stay
+    in every rank's graph whether or not that rank reads what it gets (``_wait``'s effect keeps it), and must
+    not merge with another shift of the same blocks (the empty piece below)."""
     size = dist.get_world_size(group)
     by_dtype = {}
     for i, send in enumerate(sends):
@@ -134,8 +141,8 @@ def _reduce(out, dst: int, op: str, *, group) -> None:
 
 def _mark_waits_kept() -> None:
     """Import torch's functional-collectives module (once, on the first traced collective: it takes ~0.1 s),
-    which marks ``wait_tensor`` side-effectful for FX. Without it, dead-code elimination drops a collective
-    whose result one rank does not use (ring attention's last causal block) while the others wait for it."""
+    which marks ``wait_tensor`` side-effectful for FX's own dead-code elimination (Dynamo's graphs; the
+    partitioners' is what ``_collective_done``'s effect covers)."""
     import torch.distributed._functional_collectives  # noqa: F401
 
 
@@ -180,4 +187,4 @@ def _(done: torch.Tensor) -> None:
     return None
 
 
-torch.library._register_effectful_op("dtensor_plus::collective_done", torch.library.EffectType.ORDERED)
+_collective_done.register_effect(torch.library.EffectType.ORDERED)
