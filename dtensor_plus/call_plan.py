@@ -13,7 +13,7 @@ from types import MappingProxyType
 
 import torch
 
-from . import collectives, views
+from . import collectives, views, whole_batch
 from .dispatcher import DISPATCHER
 from .declared import cost_terms
 from .dtensor import DTensor
@@ -32,7 +32,7 @@ class Plan:
     """What to do for one cache key: input moves, local op, output specs."""
 
     __slots__ = ("func", "aten_func", "input_targets", "out_specs", "shape_arg", "inplace", "fallback", "positions",
-                 "view", "comm", "input_collectives")
+                 "view", "comm", "input_collectives", "whole_batch_index")
 
     def __init__(self, func, aten_func, input_targets, out_specs, shape_arg, inplace, fallback, positions, view, comm):
         self.func = func  # the aten op, or the rule's local_op standing in for it
@@ -47,9 +47,14 @@ class Plan:
         self.comm = comm  # a declared.Communicator for the rule's declared communication, or None
         # Can an input move run a collective? Any move, unless the caller knows the specs (moving_inputs_collect)
         self.input_collectives = any(t is not None for t in input_targets)
+        # The DTensor input (an index into the call's DTensors) whose whole batch the local op takes as
+        # ``whole_batch=`` (whole_batch.py, the rule's ``whole_batch_of``), or None.
+        self.whole_batch_index = None
 
     def run(self, args, kwargs, dtensors):
         local_args, local_kwargs = self.localize(args, kwargs, dtensors)
+        if self.whole_batch_index is not None:
+            local_kwargs = dict(local_kwargs, whole_batch=whole_batch.whole_of(dtensors[self.whole_batch_index]))
         if self.comm is not None:
             out = self.func(*local_args, comm=self.comm, **local_kwargs)
         else:
@@ -83,6 +88,8 @@ class Plan:
         if self.inplace:
             return dtensors[0] if self.out_specs else None  # None: an in-place foreach op returns ()
         wrapped = self._wrap(out, dtensors)
+        if (self.view or self.aten_func in whole_batch.COPIES) and isinstance(wrapped, DTensor):
+            whole_batch.carry_view(wrapped, args[0], self.aten_func, args, kwargs)
         if self.view:
             if views.moves_data(self):
                 views.note_view(wrapped, self.aten_func, args, kwargs)
@@ -120,7 +127,8 @@ class Plan:
         func, aten_func, positions, view, inplace = self.func, self.aten_func, self.positions, self.view, self.inplace
         # OpOverload.__call__ only forwards to its _op: calling that skips one Python frame per op.
         call = func._op if type(func) is torch._ops.OpOverload else func
-        comm = self.comm
+        comm, whole_index, whole_of = self.comm, self.whole_batch_index, whole_batch.whole_of
+        carry_whole = whole_batch.carry_view
         moves = tuple((i, target) for i, target in enumerate(self.input_targets) if target is not None)
         shape_arg = self.shape_arg
         local_shape = None if shape_arg is None else tuple(self.out_specs[0].local_shape_and_offset()[0])
@@ -131,6 +139,7 @@ class Plan:
         flat = (len(returns) == len(specs) > 0 and all(s is not None for s in specs)
                 and all(type(r.type) is torch.TensorType for r in returns))
         single = specs[0] if flat and len(specs) == 1 else None
+        carries = single is not None and (view or aten_func in whole_batch.COPIES)  # a whole batch's record
         returns_self = bool(specs)  # an in-place foreach op returns nothing
         mark = views.MARK
         note_always = view and views.moves_data(self)  # the view's blocks are fresh memory: every result is noted
@@ -138,8 +147,8 @@ class Plan:
         may_copy, copied = single is not None and getattr(func, "aliases_block", False), views.COPIED
         wrap = self._wrap
 
-        if not (inplace or moves or view or comm is not None) and shape_arg is None and fallback_name is None \
-                and single is not None:
+        if not (inplace or moves or view or carries or comm is not None) and shape_arg is None \
+                and fallback_name is None and single is not None:
             # Most ops of a step: blocks in, the op, one output out. Its own closure, with none of the tests
             # below: a warm op pays only what it does.
             def run_one_output(args, kwargs, dtensors):
@@ -168,7 +177,9 @@ class Plan:
                 local_args[shape_arg] = list(local_shape)
             if fallback_name is not None:
                 collectives.record_fallback(fallback_name)
-            if comm is not None:
+            if whole_index is not None:
+                out = call(*local_args, comm=comm, whole_batch=whole_of(dtensors[whole_index]), **(kwargs or {}))
+            elif comm is not None:
                 out = call(*local_args, comm=comm, **kwargs) if kwargs else call(*local_args, comm=comm)
             else:
                 out = call(*local_args, **kwargs) if kwargs else call(*local_args)
@@ -182,6 +193,8 @@ class Plan:
                 wrapped = tuple(map(result, out, specs))
             else:
                 wrapped = wrap(out, dtensors)
+            if carries:
+                carry_whole(wrapped, args[0], aten_func, args, kwargs)
             if view:
                 if note_always:
                     views.note_view(wrapped, aten_func, args, kwargs)

@@ -206,6 +206,8 @@ def _make_plan(func, args, kwargs, dtensors):
     plan = Plan(sharding.local_op or func, func, targets, out_specs or (), sharding.shape_arg, record.inplace, fallback,
                 positions, record.returns_view, comm)
     plan.input_collectives = moving_inputs_collect(schema.specs, targets)
+    if sharding.whole_batch_of is not None:
+        plan.whole_batch_index = schema.names.index(sharding.whole_batch_of)
     if record.inplace and (out_specs is None or (schema.func is not func and sharding.local_op is not None)):
         # The gathered result, or a local op written for the functional twin, cannot write into self as is.
         return mutation.OutOfPlacePlan(record)

@@ -113,6 +113,9 @@ class Sharding:
         communication: the collectives ``local_op`` needs beside the input moves, declared
             (``dtensor_plus.declared``: AllReduce, RingShift, Redistribution); the local op is then called with
             ``comm=`` a Communicator that runs exactly these. A rule never calls a collective itself.
+        whole_batch_of: the name of a DTensor argument whose global value the local op may read instead of
+            communicating: it is then also called with ``whole_batch=`` that argument's whole as every rank holds
+            it (a batch cut by ``shard_batch``, through views: ``dtensor_plus.whole_batch``), or None.
     """
 
     inputs: tuple[tuple[Placement, ...] | None, ...] | dict
@@ -120,6 +123,7 @@ class Sharding:
     shape_arg: int | None = None
     local_op: Callable | None = None
     communication: tuple = ()
+    whole_batch_of: str | None = None
 
     def inputs_for(self, op: OpSchema) -> tuple:
         """``inputs`` as one entry per spec of ``op`` (a dict by name resolved)."""

@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dtensor_plus import whole_batch
 from dtensor_plus.api import distribute_tensor
 from dtensor_plus.buckets import BackwardBuckets, all_reduce_flat
 from dtensor_plus.dtensor import DTensor
@@ -263,14 +264,18 @@ def sync_gradients(module: nn.Module) -> None:
 @renamed_keywords(dp_dim="dp_mesh_dim")
 def shard_batch(batch: torch.Tensor, device_mesh, dp_mesh_dim: str = "dp") -> DTensor:
     """``batch`` (the same whole tensor on every rank) as a DTensor: Shard(0) on ``dp_mesh_dim``, Replicate
-    elsewhere."""
+    elsewhere. An integer batch (targets, token ids) also keeps the whole on its DTensor (``whole_batch``): a mean
+    loss over it then counts the kept targets on each rank instead of all-reducing the count."""
     names = device_mesh.mesh_dim_names
     placements = tuple(Shard(0) if name == dp_mesh_dim else Replicate() for name in names)
     coordinate = device_mesh.get_coordinate()
     if (isinstance(batch, DTensor) or not isinstance(batch, torch.Tensor) or not batch.ndim or batch.is_meta
             or coordinate is None or batch.device.type != "cpu" or device_mesh.device_type != "cpu"):
         # distribute_tensor's checks, errors and device moves (to the mesh's current device)
-        return distribute_tensor(batch, device_mesh, list(placements), src_data_rank=None)
+        out = distribute_tensor(batch, device_mesh, list(placements), src_data_rank=None)
+        if isinstance(batch, torch.Tensor) and not isinstance(batch, DTensor) and _keeps_whole(batch, out):
+            whole_batch.remember(out, batch.detach())
+        return out
     # Fast path, once per batch: this rank's rows cut here (distribute_tensor's checks and redistribution cost
     # as much as a small model's loss); the same rows, spec and own storage as distribute_tensor's.
     whole = batch.detach().contiguous()
@@ -279,7 +284,15 @@ def shard_batch(batch: torch.Tensor, device_mesh, dp_mesh_dim: str = "dp") -> DT
         k = names.index(dp_mesh_dim)
         local = Shard(0).chunk(whole, device_mesh.size(k), coordinate[k])
     spec = DTensorSpec(device_mesh, placements, TensorMeta.of(whole))
-    return DTensor(local.clone(), spec, requires_grad=batch.requires_grad)
+    out = DTensor(local.clone(), spec, requires_grad=batch.requires_grad)
+    if _keeps_whole(batch, out):
+        whole_batch.remember(out, whole)
+    return out
+
+
+def _keeps_whole(batch: torch.Tensor, out: DTensor) -> bool:
+    """Keep the whole batch on ``out``? Integer batches (what a loss counts), on the device of ``out``'s block."""
+    return not (batch.is_floating_point() or batch.is_complex()) and batch.device == out._local_tensor.device
 
 
 def _lift(t: torch.Tensor, device_mesh, dp_mesh_dim: str) -> DTensor:

@@ -27,7 +27,9 @@ match a sharded target: free). Per mesh dim that shards a batch dim:
 For mean, each rank sums weight[target] over its own targets != ignore_index and one all-reduce of that
 scalar (4 bytes, on each mesh dim sharding the batch) gives every rank the global total weight; it divides its
 local sum by it: exact for uneven and empty shards, and the targets never move. The rule declares that
-all-reduce (``AllReduce``); the local op runs it through the ``comm`` it is handed. The backward kernel already
+all-reduce (``AllReduce``); the local op runs it through the ``comm`` it is handed, unless the targets came
+from ``shard_batch`` (through views and copies): every rank then holds them whole (``dtensor_plus.whole_batch``)
+and counts the global total weight itself, with no collective (the rule's ``whole_batch_of="target"``). The backward kernel already
 divides by the total_weight it is given, which is the global one.
 """
 
@@ -163,19 +165,31 @@ def nll_loss_forward_rule(op: OpSchema) -> Sharding:
     if reduction == SUM or not batch_mesh_dims:
         return Sharding(inputs=inputs, outputs=(partial, partial))
     return Sharding(inputs=inputs, outputs=(partial, whole), local_op=_nll_mean(op.func),
-                    communication=(AllReduce(batch_mesh_dims, ("sum",)),))
+                    communication=(AllReduce(batch_mesh_dims, ("sum",)),), whole_batch_of="target")
 
 
 def _nll_mean(func):
-    """Mean nll over a batch-sharded input: local sum / global total weight (all-reduced, one scalar)."""
+    """Mean nll over a batch-sharded input: local sum / global total weight (one scalar all-reduced, or counted
+    on the whole targets where every rank holds them: ``dtensor_plus.whole_batch``)."""
 
-    def local_op(self, target, weight, reduction, ignore_index, *, comm):
+    def local_op(self, target, weight, reduction, ignore_index, *, comm, whole_batch=None):
         # The kernel's second output is this rank's total weight (weight[target] over kept targets).
         local_sum, total_weight = func(self, target, weight, SUM, ignore_index)
-        total_weight = comm.all_reduce(total_weight, "sum")  # the declared mesh dims, in order; 1-rank ones skipped
+        if whole_batch is not None:
+            total_weight = _total_weight(whole_batch, weight, ignore_index).to(total_weight.dtype)
+        else:
+            total_weight = comm.all_reduce(total_weight, "sum")  # the declared mesh dims; 1-rank ones skipped
         return local_sum / total_weight, total_weight  # total 0 gives nan, as on one device
 
     return local_op
+
+
+def _total_weight(targets: torch.Tensor, weight: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """What nll_loss's mean divides by, over ``targets``: the count of kept targets, or their class weights' sum."""
+    kept = targets != ignore_index
+    if weight is None:
+        return kept.sum()
+    return weight.index_select(0, targets[kept]).sum()
 
 
 def nll_backward_layouts(op: OpSchema, reduction: int, self_p, target_p, whole) -> dict:
