@@ -41,6 +41,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -48,7 +50,7 @@ from dtensor_plus import whole_batch
 from dtensor_plus.api import distribute_tensor
 from dtensor_plus.buckets import BackwardBuckets, all_reduce_flat
 from dtensor_plus.dtensor import DTensor
-from dtensor_plus.placements import Partial, Replicate, Shard
+from dtensor_plus.placements import Partial, Replicate, Shard, chunk_bounds
 from dtensor_plus.placement_tuples import replicated
 from dtensor_plus.redistribute import redistribute_together
 from dtensor_plus.renamed import renamed_keywords
@@ -266,28 +268,37 @@ def shard_batch(batch: torch.Tensor, device_mesh, dp_mesh_dim: str = "dp") -> DT
     """``batch`` (the same whole tensor on every rank) as a DTensor: Shard(0) on ``dp_mesh_dim``, Replicate
     elsewhere. An integer batch (targets, token ids) also keeps the whole on its DTensor (``whole_batch``): a mean
     loss over it then counts the kept targets on each rank instead of all-reducing the count."""
-    names = device_mesh.mesh_dim_names
-    placements = tuple(Shard(0) if name == dp_mesh_dim else Replicate() for name in names)
     coordinate = device_mesh.get_coordinate()
     if (isinstance(batch, DTensor) or not isinstance(batch, torch.Tensor) or not batch.ndim or batch.is_meta
             or coordinate is None or batch.device.type != "cpu" or device_mesh.device_type != "cpu"):
         # distribute_tensor's checks, errors and device moves (to the mesh's current device)
-        out = distribute_tensor(batch, device_mesh, list(placements), src_data_rank=None)
+        placements = [Shard(0) if name == dp_mesh_dim else Replicate() for name in device_mesh.mesh_dim_names]
+        out = distribute_tensor(batch, device_mesh, placements, src_data_rank=None)
         if isinstance(batch, torch.Tensor) and not isinstance(batch, DTensor) and _keeps_whole(batch, out):
             whole_batch.remember(out, batch.detach())
         return out
     # Fast path, once per batch: this rank's rows cut here (distribute_tensor's checks and redistribution cost
     # as much as a small model's loss); the same rows, spec and own storage as distribute_tensor's.
     whole = batch.detach().contiguous()
-    local = whole
-    if dp_mesh_dim in names:
-        k = names.index(dp_mesh_dim)
-        local = Shard(0).chunk(whole, device_mesh.size(k), coordinate[k])
-    spec = DTensorSpec(device_mesh, placements, TensorMeta.of(whole))
-    out = DTensor(local.clone(), spec, requires_grad=batch.requires_grad)
+    spec, start, length = _batch_layout(device_mesh, dp_mesh_dim, TensorMeta.of(whole))
+    out = DTensor(whole.narrow(0, start, length).clone(), spec, requires_grad=batch.requires_grad)
     if _keeps_whole(batch, out):
         whole_batch.remember(out, whole)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_layout(device_mesh, dp_mesh_dim: str, meta: TensorMeta) -> tuple[DTensorSpec, int, int]:
+    """shard_batch's spec and this rank's rows (start, length) for a batch of ``meta``. Memoised: a loader gives
+    the same shape every step, and one spec object for it keeps the first op's dispatch key identical (equal
+    keys are compared field by field, the same object is not)."""
+    names = device_mesh.mesh_dim_names
+    placements = tuple(Shard(0) if name == dp_mesh_dim else Replicate() for name in names)
+    start, length = 0, meta.shape[0]
+    if dp_mesh_dim in names:
+        k = names.index(dp_mesh_dim)
+        start, length = chunk_bounds(meta.shape[0], device_mesh.size(k), device_mesh.get_coordinate()[k])
+    return DTensorSpec(device_mesh, placements, meta), start, length
 
 
 def _keeps_whole(batch: torch.Tensor, out: DTensor) -> bool:
