@@ -12,14 +12,22 @@ replicate's parameters, ZeRO-1/2's masters) for its local block, its gradient an
 theirs; the post-hook swaps back, wrapping state tensors the step created as DTensors in the parameter's layout.
 Between steps nothing changed: parameters, gradients and optimizer state are DTensors in their layouts.
 
-An optimizer steps on DTensors as before when it is another class (LAMB's norms or Muon's matrices read more
-than one element; ZeroRedundancyOptimizer itself reduce-scatters, its inner optimizer is the one stepped
-here), when one of its parameters is a DTensor no layout tagged, when a gradient is not in its parameter's
-layout (still Partial: reduce_in_backward=False without sync_gradients), so that the DTensor ops reduce it as
-before, or when a state tensor is not in its parameter's layout (e.g. loaded from another layout's state dict).
+What the swap finds is remembered on the optimizer (``_Memo``) and checked each step by identity only, in
+bulk: the same groups holding the same parameters, the same parameters holding gradients, each gradient in
+its parameter's layout (the same spec object: replicate's flat buckets make one per parameter), and per
+parameter the same state dict holding the same values. The element-wise optimizers update their state
+tensors in place (exp_avg.lerp_, step += 1), so the dicts of blocks handed to one step hold the blocks of
+that state at the next: per step nothing is made but the step's record, and no Python runs per parameter
+beyond setting and clearing its block's .grad. Anything else (a group added, a parameter replaced, a
+gradient missing or in another layout, a state dict loaded or a state tensor set by hand, a state the step
+created) fails a check and the step is worked out afresh, as above; a ``load_state_dict`` forgets the memo
+at once (it holds the old state).
 """
 
 from __future__ import annotations
+
+from itertools import chain, compress
+from operator import attrgetter, is_
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -30,11 +38,13 @@ from dtensor_plus.spec import DTensorSpec, TensorMeta
 __all__ = ["TAG", "install", "ELEMENTWISE"]
 
 TAG = "_dtp_local_step"  # on a Parameter's __dict__: replicate or ZeRO laid it out, its step may run on its block
-_SWAPPED = "_dtp_local_step_swapped"  # on an optimizer during its step: what _stepped found
+_SWAPPED = "_dtp_local_step_swapped"  # on an optimizer during its step: (its _Swap, the gradients' blocks)
+_MEMO = "_dtp_local_step_memo"  # on an optimizer: its _Memo (None once load_state_dict forgot it)
 ELEMENTWISE = tuple(getattr(torch.optim, name) for name in
                     ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam"))
 _PER_ELEMENT = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg",
                           "sum", "exp_inf"})
+_GRAD, _SPEC, _LOCAL = attrgetter("grad"), attrgetter("_spec"), attrgetter("_local_tensor")
 _installed: list = []  # the two hook handles, once per process
 
 
@@ -44,37 +54,114 @@ def install() -> None:
         _installed.extend([register_optimizer_step_pre_hook(_pre_step), register_optimizer_step_post_hook(_post_step)])
 
 
-def _stepped(optimizer) -> list | None:
-    """What the step swaps, or None if it must stay on DTensors: per group (group, its parameter list, the
-    list the step sees: each stepped parameter's local block in its place), then per stepped parameter (the
-    parameter, its gradient's block, its state as a DTensor dict, that state's blocks). One pass, no mutation:
-    a parameter that keeps the step on DTensors leaves everything as it was."""
+def _same(a, b) -> bool:
+    """Whether two sequences hold the same objects in the same order (identity: no tensor comparison)."""
+    return len(a) == len(b) and all(map(is_, a, b))
+
+
+def _values(dicts) -> tuple:
+    """Every value of ``dicts`` (None for no dict skipped), in order: what a check of their contents compares."""
+    return tuple(chain.from_iterable(map(dict.values, filter(None, dicts))))
+
+
+class _Memo:
+    """An optimizer's groups as the swap last found them (each group, its parameter list and that list's
+    parameters), its DTensor parameters with their places, and the last step's swap (``last``)."""
+
+    def __init__(self, optimizer):
+        self.param_groups = optimizer.param_groups
+        self.groups = [(group, group["params"], tuple(group["params"])) for group in self.param_groups]
+        places = [(g, i) for g, (_, _, params) in enumerate(self.groups) for i, p in enumerate(params)
+                  if isinstance(p, DTensor)]
+        self.params = [self.groups[g][2][i] for g, i in places]
+        self.places = places
+        self.tagged = all(p.__dict__.get(TAG) for p in self.params)  # tags are set when a layout places a parameter
+        self.last: _Swap | None = None
+
+    def fits(self, optimizer) -> bool:
+        groups = optimizer.param_groups
+        return groups is self.param_groups and len(groups) == len(self.groups) and all(
+            group is held_group and group["params"] is params and _same(params, held)
+            for group, (held_group, params, held) in zip(groups, self.groups))
+
+
+class _Swap:
+    """What one step swaps: the parameters holding gradients (``present`` per DTensor parameter of the memo),
+    their specs and blocks, per group with one of them the list the step sees (each one's block in its
+    place), per DTensor parameter its state dict (None: none) and every value those held, and per stepped
+    parameter the dict of its state's blocks handed to the step (None: the step creates the state)."""
+
+    def __init__(self, memo: _Memo, present: list, helds: list, blocks: list):
+        self.present, self.helds, self.blocks = present, helds, blocks
+        self.stepped = list(compress(memo.params, present))
+        self.specs = list(map(_SPEC, self.stepped))
+        self.locals = list(map(_LOCAL, self.stepped))
+        self.held_values, self.block_values = _values(helds), _values(blocks)
+        self.with_state = [(local, b) for local, b in zip(self.locals, blocks) if b is not None]
+        seen: dict = {}
+        for (g, i), local in zip(compress(memo.places, present), self.locals):
+            group, params, _ = memo.groups[g]
+            if g not in seen:
+                seen[g] = (group, params, list(params))
+            seen[g][2][i] = local
+        self.seen = list(seen.values())
+
+    def holds(self, memo: _Memo, grads: list, helds: list) -> bool:
+        """Whether this step finds what the last one did (the module docstring's checks, by identity)."""
+        if [g is not None for g in grads] != self.present or not _same(helds, self.helds):
+            return False
+        stepped = list(compress(grads, self.present))
+        if not all(isinstance(g, DTensor) for g in stepped) or not _same(list(map(_SPEC, stepped)), self.specs):
+            return False
+        return _same(_values(helds), self.held_values) and _same(list(map(_LOCAL, self.stepped)), self.locals)
+
+
+def _memo(optimizer) -> _Memo:
+    """The optimizer's memo, made again when its groups changed (a group added, a parameter replaced)."""
+    memo = optimizer.__dict__.get(_MEMO, False)
+    if memo is False:  # its first step here: a load_state_dict will forget the memo (and the old state it holds)
+        optimizer.register_load_state_dict_pre_hook(_forget)
+    if not memo or not memo.fits(optimizer):
+        memo = optimizer.__dict__[_MEMO] = _Memo(optimizer)
+    return memo
+
+
+def _forget(optimizer, state_dict) -> None:
+    optimizer.__dict__[_MEMO] = None
+
+
+def _stepped(optimizer) -> tuple | None:
+    """What the step swaps (the last step's _Swap while it holds, else a new one) and the gradients' blocks;
+    None if the step must stay on DTensors. No mutation of the optimizer."""
     if type(optimizer) not in ELEMENTWISE:
         return None
-    state, groups, found = optimizer.state, [], []
-    for group in optimizer.param_groups:
-        params = group["params"]
-        seen = list(params)
-        for i, p in enumerate(params):
-            if not isinstance(p, DTensor):
-                continue
-            if not p.__dict__.get(TAG):
-                return None
-            grad = p.grad
-            if grad is None:
-                continue
-            if not isinstance(grad, DTensor):
-                return None
-            if grad._spec is not p._spec and grad._spec.placements != p._spec.placements:  # `is`: replicate's
-                return None
-            before = state.get(p)
-            blocks = _state_blocks(before, p) if before else None
-            if before and blocks is None:
-                return None
-            seen[i] = p._local_tensor
-            found.append((p, grad._local_tensor, before, blocks))
-        groups.append((group, params, seen))
-    return (groups, found) if found else None
+    memo = _memo(optimizer)
+    if not memo.tagged:
+        return None
+    grads, helds = list(map(_GRAD, memo.params)), list(map(optimizer.state.get, memo.params))
+    swap = memo.last
+    if swap is None or not swap.holds(memo, grads, helds):
+        swap = memo.last = _find(memo, grads, helds)
+        if swap is None:
+            return None
+    return swap, list(map(_LOCAL, compress(grads, swap.present)))
+
+
+def _find(memo: _Memo, grads: list, helds: list) -> _Swap | None:
+    """The step's swap worked out parameter by parameter: None if one keeps the step on DTensors (a gradient
+    not in its parameter's layout, a state tensor not in it) or none holds a gradient."""
+    present, blocks = [], []
+    for p, grad, held in zip(memo.params, grads, helds):
+        present.append(grad is not None)
+        if grad is None:
+            continue
+        if not isinstance(grad, DTensor) or (grad._spec is not p._spec and grad._spec.placements != p._spec.placements):
+            return None
+        state_blocks = _state_blocks(held, p) if held else None
+        if held and state_blocks is None:
+            return None
+        blocks.append(state_blocks)
+    return _Swap(memo, present, helds, blocks) if blocks else None
 
 
 def _state_blocks(state: dict, p: DTensor) -> dict | None:
@@ -99,30 +186,28 @@ def _pre_step(optimizer, args, kwargs) -> None:
     stepped = _stepped(optimizer)
     if stepped is None:
         return
-    groups, found = stepped
-    state = optimizer.state
-    for group, _, seen in groups:
-        group["params"] = seen  # a new list: the user's list object comes back untouched after the step
-    for p, grad, _, blocks in found:
-        local = p._local_tensor
+    swap, grads = stepped
+    for group, _, seen in swap.seen:
+        group["params"] = seen  # another list: the user's list object comes back untouched after the step
+    for local, grad in zip(swap.locals, grads):
         local.grad = grad
-        if blocks is not None:
-            state[local] = blocks
+    optimizer.state.update(swap.with_state)
     optimizer.__dict__[_SWAPPED] = stepped
 
 
 def _post_step(optimizer, args, kwargs) -> None:
-    swapped = optimizer.__dict__.pop(_SWAPPED, None)
-    if swapped is None:
+    stepped = optimizer.__dict__.pop(_SWAPPED, None)
+    if stepped is None:
         return
-    groups, found = swapped
-    state = optimizer.state
-    for group, params, _ in groups:
+    swap, state = stepped[0], optimizer.state
+    for group, params, _ in swap.seen:
         group["params"] = params
-    for p, _, before, _ in found:
-        local = p._local_tensor
+    for local in swap.locals:
         local.grad = None
-        after = state.pop(local, None)
+    afters = [state.pop(local, None) for local in swap.locals]
+    if _same(afters, swap.blocks) and _same(_values(afters), swap.block_values):
+        return  # every state tensor updated in place: the DTensors held before hold them still
+    for p, local, before, after in zip(swap.stepped, swap.locals, compress(swap.helds, swap.present), afters):
         if not after:
             continue
         if before is None:
@@ -132,6 +217,7 @@ def _post_step(optimizer, args, kwargs) -> None:
             # Updated in place (exp_avg.lerp_, step += 1): the DTensor (or scalar) held before holds it still
             if held is not value and not (isinstance(held, DTensor) and held._local_tensor is value):
                 before[key] = _as_dtensor(key, value, local, p._spec)
+    optimizer.__dict__[_MEMO].last = None  # the step made state: the next step checks it afresh
 
 
 def _as_dtensor(key: str, value, local: torch.Tensor, spec: DTensorSpec):
