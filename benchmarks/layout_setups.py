@@ -5,12 +5,18 @@ Each ``place_*`` function takes a fresh GPT (same seed on every rank) and the wo
 inputs. The torch functions import torch.distributed.tensor / fsdp (the benchmark may; the library never does).
 
 Layouts (n = world size): dp (dp=n), tp (tp=n), tp+sp (tp=n), dp x tp + sp (dp=2, tp=n/2),
-zero-1, zero-2, zero-3 (dp=n). AdamW, fp32, foreach=False (as examples/train_gpt.py).
+zero-1, zero-2, zero-3 (dp=n). AdamW, fp32, foreach=False (as examples/train_gpt.py). ``unfit_reason`` says
+when a layout's mesh cannot be made from n ranks (dp x tp+sp on an odd n); at n = 1 the others run as the
+single-device step through each stack's machinery (meshes of size 1, no communication).
+
+``device`` ("cpu" or "cuda") is where the meshes, the model and so the step live; with "cuda" the caller has
+started NCCL and set this rank's GPU (benchmarks/train_step.py ``--device cuda``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,12 +54,23 @@ def mesh_shape(layout: str, world: int) -> dict:
     return {"dp": world}
 
 
+def unfit_reason(layout: str, world: int) -> str | None:
+    """Why ``layout``'s mesh cannot be made from ``world`` ranks; None when it can. (A tp size that does not
+    divide the heads still runs on our side, uneven; torch's side reports its own failure.)"""
+    shape = mesh_shape(layout, world)
+    if min(shape.values()) < 1 or math.prod(shape.values()) != world:
+        mesh = " x ".join(f"{k}={v}" for k, v in shape.items())
+        return f"its mesh ({mesh}) fixes dp=2 and needs an even world size >= 2, not {world}"
+    return None
+
+
 # -- dtensor_plus -------------------------------------------------------------------------------------------
 
 
-def place_ours(layout: str, model, world: int, sync: bool = True) -> Placed:
+def place_ours(layout: str, model, world: int, sync: bool = True, device: str = "cpu") -> Placed:
     shape = mesh_shape(layout, world)
-    mesh = dtp.init_device_mesh("cpu", tuple(shape.values()), mesh_dim_names=tuple(shape))
+    model.to(device)
+    mesh = dtp.init_device_mesh(device, tuple(shape.values()), mesh_dim_names=tuple(shape))
     if "tp" in shape:
         parallelize_module(model, mesh["tp"], tp_plan(model.config, sequence_parallel="sp" in layout))
     if layout in ("dp", "dp x tp+sp"):
@@ -108,7 +125,7 @@ def _local_rows(t: torch.Tensor, dp_rank: int, dp: int) -> torch.Tensor:
     return t.chunk(dp)[dp_rank]
 
 
-def place_torch(layout: str, model, world: int) -> Placed:
+def place_torch(layout: str, model, world: int, device: str = "cpu") -> Placed:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor as TorchDTensor
     from torch.distributed.tensor import distribute_module
@@ -116,7 +133,8 @@ def place_torch(layout: str, model, world: int) -> Placed:
     from torch.distributed.tensor.parallel import parallelize_module as torch_parallelize
 
     shape = mesh_shape(layout, world)
-    mesh = init_device_mesh("cpu", tuple(shape.values()), mesh_dim_names=tuple(shape))
+    model.to(device)  # DDP keeps the module where it is; the batch arrives on the same device
+    mesh = init_device_mesh(device, tuple(shape.values()), mesh_dim_names=tuple(shape))
     dp = shape.get("dp", 1)
     dp_rank = mesh.get_local_rank("dp") if "dp" in shape else 0
     local = lambda x, y: (_local_rows(x, dp_rank, dp), _local_rows(y, dp_rank, dp))

@@ -2,6 +2,7 @@
 beside PyTorch's own stack (torch.distributed.tensor.parallel + fsdp.fully_shard + DDP), same model and mesh.
 
     OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 4 benchmarks/train_step.py --config debug
+    torchrun --standalone --nproc-per-node $(nvidia-smi -L | wc -l) benchmarks/train_step.py --device cuda --config small
 
 For each layout (benchmarks/layout_setups.py) it prints, on rank 0:
   * bytes this rank sends per training step, by collective and mesh dim (dtensor_plus.comm_mode), beside the
@@ -10,12 +11,18 @@ For each layout (benchmarks/layout_setups.py) it prints, on rank 0:
     beside the fp32 analytic figure (``analytic_state``), for ours and torch's;
   * median step time after warm-up, ours and torch's.
 Every figure is fp32 (4 bytes a parameter): Ψ below is the parameter count, P = 4Ψ bytes.
+
+``--device cuda`` runs each rank on GPU LOCAL_RANK over NCCL; the step clock is read after
+``torch.cuda.synchronize()`` (else it would time kernel launches, not kernels), and each layout adds its peak
+CUDA memory per rank (activations included). A layout whose mesh the world size cannot make is skipped with
+the reason (benchmarks/layout_setups.py ``unfit_reason``).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import os
 import statistics
 import sys
@@ -32,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import dtensor_plus as dtp  # noqa: E402
 from gpt import GPT, PRESETS  # noqa: E402
-from layout_setups import LAYOUTS, mesh_shape, place_ours, place_torch  # noqa: E402
+from layout_setups import LAYOUTS, mesh_shape, place_ours, place_torch, unfit_reason  # noqa: E402
 
 F32 = 4
 
@@ -88,9 +95,35 @@ def state_bytes(placed) -> dict:
     return out
 
 
-def run_layout(placer, layout, config, batches, warmup, timed):
+def start_distributed(device: str) -> torch.device:
+    """gloo on CPU; on CUDA, NCCL with this rank on GPU LOCAL_RANK. A machine without the GPUs asked for
+    stops here with the reason, before any process group exists."""
+    if device == "cpu":
+        dist.init_process_group("gloo")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        sys.exit(f"CUDA is not available: torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees no GPU; "
+                 "run with --device cpu, or on a machine with a GPU and a CUDA build of torch")
+    local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local_rank >= gpus:
+        sys.exit(f"LOCAL_RANK {local_rank} needs GPU {local_rank} but this machine has {gpus}: "
+                 f"launch at most --nproc-per-node {gpus}")
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl")
+    return torch.device("cuda", local_rank)
+
+
+def run_layout(placer, layout, config, batches, warmup, timed, device=torch.device("cpu")):
+    """(comm counter, state bytes, step seconds on the slowest rank, peak CUDA bytes or None on CPU)."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    if cuda:  # the previous layout's model and optimizer go first: the peak is this layout's alone
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     torch.manual_seed(0)
-    placed = placer(layout, GPT(config), dist.get_world_size())
+    placed = placer(layout, GPT(config), dist.get_world_size(), device=device.type)
     counter = None
     for i, (tokens, targets) in enumerate(batches[:warmup]):
         if i == warmup - 1 and placer is not place_torch:
@@ -104,14 +137,17 @@ def run_layout(placer, layout, config, batches, warmup, timed):
     placed.opt.zero_grad(set_to_none=True)
     times = []
     for tokens, targets in batches[warmup : warmup + timed]:
+        sync()
         dist.barrier()
         start = time.perf_counter()
         step(placed, tokens, targets)
         placed.opt.zero_grad(set_to_none=True)
+        sync()
         times.append(time.perf_counter() - start)
-    t = torch.tensor([statistics.median(times)])
+    t = torch.tensor([statistics.median(times)], device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the step time
-    return counter, memory, t.item()
+    peak = torch.cuda.max_memory_allocated() - base if cuda else None
+    return counter, memory, t.item(), peak
 
 
 # -- analytic figures ------------------------------------------------------------------------------------------
@@ -196,8 +232,8 @@ def local_param_count(config, shape) -> int:
 
 
 def report(config_name, config, layout, shape, ours, theirs, counts, batch, seq, lines):
-    counter, mem_ours, t_ours = ours
-    mem_theirs, t_theirs = theirs
+    counter, mem_ours, t_ours, peak_ours = ours
+    mem_theirs, t_theirs, peak_theirs = theirs
     counts = dict(counts, local=local_param_count(config, shape))
     want = analytic_bytes(layout, config, counts, shape, batch, seq)
     mesh = " x ".join(f"{k}={v}" for k, v in shape.items())
@@ -221,6 +257,11 @@ def report(config_name, config, layout, shape, ours, theirs, counts, batch, seq,
     tt = f"{t_theirs * 1e3:.1f} ms" if t_theirs else "n/a"
     ratio = f"{t_ours / t_theirs:.2f}" if t_theirs else "-"
     lines.append(f"step time (median, slowest rank): ours {t_ours * 1e3:.1f} ms, torch {tt}, ours/torch {ratio}")
+    if peak_ours is not None:
+        pt = fmt_bytes(peak_theirs) if peak_theirs else "n/a"
+        ratio = f"{peak_ours / peak_theirs:.2f}" if peak_theirs else "-"
+        lines.append(f"peak CUDA memory/rank (this rank, above what was allocated before placing): "
+                     f"ours {fmt_bytes(peak_ours)}, torch {pt}, ours/torch {ratio}")
 
 
 def main(argv=None):
@@ -232,25 +273,39 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     parser.add_argument("--no-sync", action="store_true", help="tp layouts: leave Partial gradients to the optimizer")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch's stack")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: NCCL, one GPU per rank (LOCAL_RANK), synchronised step clock, peak CUDA memory")
     args = parser.parse_args(argv)
-    dist.init_process_group("gloo")
+    layouts = args.layouts.split(",")
+    unknown = [name for name in layouts if name not in LAYOUTS]
+    if unknown:
+        parser.error(f"unknown layout(s) {unknown}: pick from {', '.join(LAYOUTS)}")
+    device = start_distributed(args.device)
     world, rank0 = dist.get_world_size(), dist.get_rank() == 0
     config = PRESETS[args.config]
     seq = config.block_size
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, config.vocab_size, (args.batch_size, seq), generator=g),) * 1 for _ in range(args.warmup + args.steps)]
-    batches = [(x[0], torch.roll(x[0], -1, 1)) for x in batches]
+    batches = [(x[0].to(device), torch.roll(x[0], -1, 1).to(device)) for x in batches]
     counts = param_counts(config, {})
+    backend = "gloo, CPU" if device.type == "cpu" else f"nccl, {torch.cuda.get_device_name(device)}"
     lines = [f"GPT {args.config}: {counts['total']:,} parameters, batch {args.batch_size} x seq {seq}, "
-             f"{world} ranks (gloo, CPU), AdamW fp32; bytes = sent by one rank per step"]
-    for layout in args.layouts.split(","):
+             f"{world} ranks ({backend}), AdamW fp32; bytes = sent by one rank per step"]
+    for layout in layouts:
         shape, start = mesh_shape(layout, world), len(lines)
-        ours = run_layout(functools.partial(place_ours, sync=not args.no_sync), layout, config, batches, args.warmup, args.steps)
-        theirs = (None, None)
+        reason = unfit_reason(layout, world)
+        if reason:
+            lines.append(f"\n### {args.config}: {layout}  skipped on {world} ranks: {reason}")
+            if rank0:
+                print(lines[-1], flush=True)
+            continue
+        ours = run_layout(functools.partial(place_ours, sync=not args.no_sync), layout, config, batches, args.warmup,
+                          args.steps, device)
+        theirs = (None, None, None)
         if not args.no_torch:
             try:
-                _, mem, t = run_layout(place_torch, layout, config, batches, args.warmup, args.steps)
-                theirs = (mem, t)
+                _, mem, t, peak = run_layout(place_torch, layout, config, batches, args.warmup, args.steps, device)
+                theirs = (mem, t, peak)
             except Exception:  # noqa: BLE001 - report torch's failure in the table, keep going
                 if rank0:
                     traceback.print_exc(limit=3)
