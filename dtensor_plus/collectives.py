@@ -180,17 +180,25 @@ def _reducible(t: torch.Tensor, reduce_op: str):
     return wide, _C10D_OPS[op], back
 
 
-def all_reduce(t: torch.Tensor, mesh, mesh_dim: int, reduce_op: str, *, async_op: bool = False):
+def all_reduce(t: torch.Tensor, mesh, mesh_dim: int, reduce_op: str, *, async_op: bool = False,
+               in_place: bool = False):
     """Reduce equal-shape tensors over ``mesh_dim``; returns a new tensor. avg is sum then divide (gloo has no AVG).
-    With ``async_op`` it returns a ``PendingCollective`` whose ``wait()`` gives the tensor."""
+    With ``async_op`` it returns a ``PendingCollective`` whose ``wait()`` gives the tensor. ``in_place``: the
+    result is written into ``t`` and ``t`` returned (a flat gradient bucket whose views are the gradients: no
+    copy out and back); ``t`` must not be read or written until then. A contiguous ``t`` that c10d moves as it
+    is is reduced where it lies; another (a dtype gloo lacks, a strided view) through a copy, written back."""
     n = mesh.size(mesh_dim)
     wide, op, back = _reducible(t, reduce_op)
-    out = wide.clone(memory_format=torch.contiguous_format)  # c10d reduces in place: never into t
+    # c10d reduces in place: into t itself only when asked to
+    out = wide if in_place and wide is t and t.is_contiguous() else wide.clone(memory_format=torch.contiguous_format)
     _record("all_reduce", mesh, mesh_dim, 2 * (n - 1) * _nbytes(out) // n)
     work = _run("all_reduce", mesh, mesh_dim, dist.all_reduce, out, op=op, async_op=async_op)
 
     def finish() -> torch.Tensor:
-        return back(_divide(out, n) if reduce_op == "avg" else out)
+        result = back(_divide(out, n) if reduce_op == "avg" else out)
+        if in_place and result is not t:
+            return t.copy_(result)
+        return result
 
     return PendingCollective("all_reduce", mesh, mesh_dim, work, finish) if async_op else finish()
 

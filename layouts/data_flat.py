@@ -14,8 +14,9 @@ wrapping each piece in a new DTensor cost about 1.5 ms of Python a step on a sma
                 its view, the buffer zeroed, so autograd's AccumulateGrad adds the gradient in place: no copy,
                 no Python per parameter until it lands.
     land        one small post-accumulate hook per leaf counts the bucket's gradients; when a bucket's last one
-                lands its all-reduce starts, asynchronously, buckets always started in layout order (the
-                same order on every rank, whatever order they fill in).
+                lands its all-reduce starts, asynchronously and in place in the buffer (no copy out and
+                back), buckets always started in layout order (the same order on every rank, whatever
+                order they fill in).
     deliver     when backward ends the rest start, each is waited for, and each parameter whose gradient
                 landed gets .grad = its DTensor over the reduced buffer (Replicate on dp): the same object every
                 step, nothing made.
@@ -31,6 +32,8 @@ since the last one (retain_graph) arms itself at its first landing (that gradien
 from __future__ import annotations
 
 import sys
+from itertools import repeat
+from operator import attrgetter, is_
 
 import torch
 
@@ -39,6 +42,8 @@ from dtensor_plus.buckets import Buckets, unflatten
 from dtensor_plus.dtensor import DTensor
 
 __all__ = ["FlatGradients", "deposit"]
+
+_GRAD = attrgetter("grad")
 
 
 def deposit(param, local: torch.Tensor) -> None:
@@ -50,6 +55,10 @@ def deposit(param, local: torch.Tensor) -> None:
         grad._local_tensor.add_(local)
     else:  # a gradient in another layout (set by hand): the DTensor sum decides
         param.grad = grad + DTensor(local, param._spec)
+
+
+def _reference_counts(objects: list) -> list[int]:
+    return list(map(sys.getrefcount, objects))
 
 
 def _storage_uses(t: torch.Tensor) -> int:
@@ -74,18 +83,17 @@ class _Bucket:
         self.flat = torch.zeros(sum(t.numel() for t in like), dtype=like[0].dtype, device=like[0].device)
         self.views = unflatten(self.flat, like)
         self.wrappers = [DTensor(view, p._spec) for view, p in zip(self.views, self.params)]
-        self.counts = ([sys.getrefcount(w) for w in self.wrappers], [sys.getrefcount(v) for v in self.views],
-                       _storage_uses(self.flat))
+        self.counts = (_reference_counts(self.wrappers), _reference_counts(self.views), _storage_uses(self.flat))
 
     def _unshared(self) -> bool:
         """Whether nothing but this bucket holds its buffer (no .grad of an earlier step kept by the user)."""
         wrapper_counts, view_counts, uses = self.counts
-        return (_storage_uses(self.flat) == uses and [sys.getrefcount(w) for w in self.wrappers] == wrapper_counts
-                and [sys.getrefcount(v) for v in self.views] == view_counts)
+        return (_storage_uses(self.flat) == uses and _reference_counts(self.wrappers) == wrapper_counts
+                and _reference_counts(self.views) == view_counts)
 
     def arm(self) -> None:
         """Point every leaf's .grad at the view its gradient lands in this backward (module docstring)."""
-        self.fresh = all(p.grad is None for p in self.params)
+        self.fresh = all(map(is_, map(_GRAD, self.params), repeat(None)))  # no .grad: each lands in its view
         if self.fresh:
             if not self._unshared():
                 self._new_buffer()
@@ -105,8 +113,9 @@ class _Bucket:
     def start(self, mesh, mesh_dim: int, launcher=None) -> None:
         buffer = self.flat if self.fresh else self.scratch
         if mesh.size(mesh_dim) > 1:
+            # In place: the views the gradients are hold the sum when it is waited for (no copy out and back)
             pending = (launcher(buffer, mesh, mesh_dim) if launcher is not None
-                       else collectives.all_reduce(buffer, mesh, mesh_dim, "sum", async_op=True))
+                       else collectives.all_reduce(buffer, mesh, mesh_dim, "sum", async_op=True, in_place=True))
             self.pending = (buffer, pending)
 
     def deliver(self) -> None:
@@ -114,7 +123,9 @@ class _Bucket:
         if self.pending is not None:
             buffer, pending = self.pending
             self.pending = None
-            buffer.copy_(pending.wait())  # collectives reduce into a new tensor: back into the buffer the views see
+            reduced = pending.wait()
+            if reduced is not buffer:  # a launcher's all-reduce into a new tensor: back into the buffer the views see
+                buffer.copy_(reduced)
         if self.fresh:
             for param, wrapper, landed in zip(self.params, self.wrappers, self.landed):
                 if landed:
@@ -140,7 +151,7 @@ class FlatGradients:
         self.recording: list | None = None  # the parameters as their gradients land in a first-guess layout's first backward
         self.landing_order: list | None = None  # a complete recording, waiting for the moment to rebuild in it
         self.buckets: list[_Bucket] = []
-        self.slots: dict = {}  # id(parameter) -> (its bucket, its index there)
+        self.slots: dict = {}  # id(a leaf of the layout) -> (its bucket, its index there)
         self.stale = True  # a leaf was added or replaced since the layout was built
         self.armed = self.flush_queued = False
         self.next_start = 0  # the first bucket not started in this backward
@@ -181,7 +192,7 @@ class FlatGradients:
                 groups.append(full)
         groups += [items for _, items in grouping.drain()]
         self.buckets = [_Bucket([p for p, _ in items], [leaf for _, leaf in items]) for items in groups]
-        self.slots = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
+        self.slots = {id(leaf): (b, i) for b in self.buckets for i, leaf in enumerate(b.leaves)}
         self.stale = False
 
     def _landed(self, param, leaf) -> None:
@@ -191,8 +202,8 @@ class FlatGradients:
         grad = leaf.grad
         if not self.armed:  # no forward armed this backward: arm now, this gradient is copied in below
             self.arm()
-        slot = self.slots.get(id(param))
-        if slot is None or self.leaves[id(param)][1] is not leaf:
+        slot = self.slots.get(id(leaf))
+        if slot is None or slot[0].leaves[slot[1]] is not leaf:
             raise RuntimeError("replicate: a local leaf's gradient landed that the armed layout does not hold (a "
                                "leaf made outside replicate's forward?); run the forward of the replicated module")
         bucket, i = slot

@@ -55,6 +55,8 @@ repeat, as in the DTensor path's default mode (the draws themselves differ from 
 from __future__ import annotations
 
 import warnings
+from itertools import chain
+from operator import attrgetter, is_
 
 import torch
 from torch import nn
@@ -74,6 +76,8 @@ DTENSOR_PATH = "_dtp_dtensor_path"  # on a module or its class: take the DTensor
 # buckets it too computes through a local leaf whose gradient reaches it Partial on dp (``_to_partial``): no
 # autograd.grad(loss, parameter) then, which would find the parameter outside the graph.
 GRADIENT_OWNER = "_dtp_gradient_owner"
+_TABLES = attrgetter("_parameters", "_buffers", "_modules")
+_REQUIRES_GRAD = torch._C.TensorBase.requires_grad.__get__  # DTensor's requires_grad is a Python property
 
 
 class LocalCompute:
@@ -89,7 +93,9 @@ class LocalCompute:
         self.sub_mesh = mesh[others] if others else None  # None: the view is a plain tensor
         self.sub_specs: dict = {}  # a parameter's spec -> its view's spec (parameters keep their specs)
         self.partial_specs: dict = {}  # a parameter's spec -> its plain leaf's gradient's spec (``_to_partial``)
-        self.bound: list | None = None  # (owner, name) bound for the forward in progress
+        self.output_specs: dict = {}  # (global rows, an output's shape, dtype, placements) -> its spec (``_wrap``)
+        self.tree: _Tree | None = None  # the module tree as _entries last walked it
+        self.bound: _Tree | None = None  # the tree bound for the forward in progress
 
     def install(self, module) -> None:
         module.register_forward_pre_hook(self.pre_forward, with_kwargs=True)
@@ -106,18 +112,15 @@ class LocalCompute:
         batch = self._batch(flat)
         if batch is None:
             return None
-        entries = self._entries(module)
-        if entries is None:
+        bound = self._entries(module)
+        if bound is None:
             return None
-        self.batch, self.bound, self.call = batch, [], (args, kwargs)
-        views: dict = {}
-        for owner, name, t in entries:
-            view = views.get(id(t))
-            if view is None:
-                view = views[id(t)] = self._view(t)
-            owner.__dict__[name] = view  # attribute lookup finds __dict__ before Module.__getattr__'s tables
-            self.bound.append((owner, name))
-        if self.gradients is not None and torch.is_grad_enabled():
+        self.batch, self.bound, self.call = batch, bound, (args, kwargs)
+        grad_enabled = torch.is_grad_enabled()
+        views = [self._view(t, grad_enabled) for t in bound.tensors]
+        for attributes, name, i in bound.slots:
+            attributes[name] = views[i]  # attribute lookup finds __dict__ before Module.__getattr__'s tables
+        if self.gradients is not None and grad_enabled:
             self.gradients.arm()  # the plain leaves' .grad: views of their flat buckets, for this backward
         self._fork_rng()
         return tree_unflatten([self._input_view(t) if isinstance(t, DTensor) else t for t in flat], tree)
@@ -127,8 +130,8 @@ class LocalCompute:
             return None
         bound, self.bound = self.bound, None
         (args, kwargs), self.call = self.call, None
-        for owner, name in bound:
-            owner.__dict__.pop(name, None)
+        for attributes, name, _ in bound.slots:
+            attributes.pop(name, None)
         self._restore_rng()
         flat, tree = tree_flatten(out)
         rows = self.batch[1]
@@ -188,6 +191,16 @@ class LocalCompute:
         return batch
 
     def _entries(self, module):
+        """The ``_Tree`` of every parameter and DTensor buffer, or None if one is not Replicate on dp. The last
+        walk's tree while it holds (``_Tree.holds``): walking a GPT's modules cost a tenth of a millisecond."""
+        tree = self.tree
+        if tree is not None and tree.holds(module):
+            return tree
+        entries = self._walk(module)
+        self.tree = None if entries is None else _Tree(module, entries)
+        return self.tree
+
+    def _walk(self, module):
         """(owner, name, tensor) of every parameter and DTensor buffer, or None if one is not Replicate on dp."""
         entries = []
         for owner in module.modules():
@@ -208,16 +221,19 @@ class LocalCompute:
 
     # -- views ----------------------------------------------------------------------------------------------
 
-    def _view(self, t: DTensor):
-        spec = self.sub_specs.get(t._spec, self)  # `self`: not seen yet (None is a 1-D mesh's answer)
-        if spec is self:
-            spec = self.sub_specs[t._spec] = self._sub_spec(t._spec, t._spec.shape)
-        if t.requires_grad and torch.is_grad_enabled():
-            if isinstance(t, nn.Parameter) and _only_our_hooks(t):
-                if self.gradients is not None:
-                    return self._leaf(t, spec, "buckets")
-                if t.__dict__.get(GRADIENT_OWNER):  # ZeRO takes this gradient: no autograd.grad on the parameter
-                    return self._leaf(t, spec, "partial")
+    def _view(self, t: DTensor, grad_enabled: bool):
+        spec = None
+        if self.sub_mesh is not None:
+            spec = self.sub_specs.get(t._spec, self)  # `self`: not seen yet
+            if spec is self:
+                spec = self.sub_specs[t._spec] = self._sub_spec(t._spec, t._spec.shape)
+        if grad_enabled and _REQUIRES_GRAD(t):
+            # a local leaf: replicate's buckets take the gradient, or ZeRO does (no autograd.grad on the parameter)
+            deliver = "buckets" if self.gradients is not None else "partial" if t.__dict__.get(GRADIENT_OWNER) else None
+            if deliver is not None and _only_our_hooks(t):
+                leaf = self._leaf(t, spec, deliver)
+                if leaf is not None:
+                    return leaf
             return _DropDp.apply(t, spec, self.k)
         return t._local_tensor if spec is None else DTensor(t._local_tensor, spec)
 
@@ -226,9 +242,12 @@ class LocalCompute:
         block, so the optimizer's in-place updates of the block are the leaf's too. Made once per block: its
         hook hands each backward's gradient (this rank's rows' contribution, summed over tied uses) on:
         ``deliver`` "buckets" to replicate's buckets, which reduce it onto ``param.grad`` (layouts/data.py
-        ``GradientBucket.leaf_hook``), "partial" to ``_to_partial`` (ZeRO reduce-scatters it)."""
+        ``GradientBucket.leaf_hook``), "partial" to ``_to_partial`` (ZeRO reduce-scatters it). None for a
+        tensor that is not a Parameter (it computes through _DropDp)."""
         entry = self.leaves.get(id(param))
         if entry is None or entry[0] is not param or entry[1] is not param._local_tensor or entry[3] != deliver:
+            if not isinstance(param, nn.Parameter):
+                return None
             local = param._local_tensor
             leaf = local.detach() if spec is None else DTensor(local.detach(), spec)
             leaf.requires_grad_()
@@ -289,13 +308,18 @@ class LocalCompute:
     def _wrap(self, t: torch.Tensor) -> DTensor:
         """An output back on the whole mesh: Shard(0) on dp, the global batch's rows."""
         rows, _ = self.batch  # every output has this rank's rows: post_forward checked
-        placements, shape = [Shard(0)] * self.mesh.ndim, [rows, *t.shape[1:]]
-        if isinstance(t, DTensor):
-            sub = list(t._spec.placements)
-            placements = [Shard(0) if i == self.k else sub.pop(0) for i in range(self.mesh.ndim)]
-        else:
-            placements = [Shard(0) if i == self.k else Replicate() for i in range(self.mesh.ndim)]
-        spec = DTensorSpec(self.mesh, tuple(placements), TensorMeta(torch.Size(shape), _contiguous_stride(shape), t.dtype))
+        sub = t._spec.placements if isinstance(t, DTensor) else None
+        key = (rows, t.shape, t.dtype, sub)
+        spec = self.output_specs.get(key)
+        if spec is None:  # made once per output shape: the same every step
+            shape = [rows, *t.shape[1:]]
+            if sub is not None:
+                sub = list(sub)
+                placements = [Shard(0) if i == self.k else sub.pop(0) for i in range(self.mesh.ndim)]
+            else:
+                placements = [Shard(0) if i == self.k else Replicate() for i in range(self.mesh.ndim)]
+            meta = TensorMeta(torch.Size(shape), _contiguous_stride(shape), t.dtype)
+            spec = self.output_specs[key] = DTensorSpec(self.mesh, tuple(placements), meta)
         return _AddDp.apply(t, spec, self.k)
 
     def _fork_rng(self) -> None:
@@ -322,6 +346,38 @@ class LocalCompute:
             DISPATCHER.rng_seed = self.saved_seed
         for g, state in self.rng:
             g.set_state(state)
+
+
+class _Tree:
+    """A module tree as ``LocalCompute._walk`` found it: its parameters and DTensor buffers (``tensors``, each
+    once: a tied weight is one) and where each is bound (``slots``: a module's ``__dict__``, the attribute
+    name, the tensor's index). The walk's answer stands while ``holds``: the same modules holding the same
+    tables (parameters, buffers, children) holding the same objects, each tensor in the same layout (one
+    ``.data =`` may change it), no module marked DTENSOR_PATH since."""
+
+    def __init__(self, root, entries):
+        self.root, self.modules = root, list(root.modules())
+        self.tables = list(chain.from_iterable(map(_TABLES, self.modules)))
+        self.values = tuple(chain.from_iterable(map(dict.values, self.tables)))
+        index: dict = {}
+        self.tensors, self.slots = [], []
+        for owner, name, t in entries:
+            if id(t) not in index:
+                index[id(t)] = len(self.tensors)
+                self.tensors.append(t)
+            self.slots.append((owner.__dict__, name, index[id(t)]))
+        self.specs = [t._spec for t in self.tensors]
+
+    def holds(self, root) -> bool:
+        return (root is self.root and _same(list(chain.from_iterable(map(_TABLES, self.modules))), self.tables)
+                and _same(tuple(chain.from_iterable(map(dict.values, self.tables))), self.values)
+                and _same([t._spec for t in self.tensors], self.specs)
+                and not any(m.__dict__.get(DTENSOR_PATH) for m in self.modules))
+
+
+def _same(a, b) -> bool:
+    """Whether two sequences hold the same objects in the same order (identity: no tensor comparison)."""
+    return len(a) == len(b) and all(map(is_, a, b))
 
 
 def _only_our_hooks(param: DTensor) -> bool:
