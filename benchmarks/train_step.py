@@ -291,31 +291,29 @@ def main(argv=None):
     backend = "gloo, CPU" if device.type == "cpu" else f"nccl, {torch.cuda.get_device_name(device)}"
     lines = [f"GPT {args.config}: {counts['total']:,} parameters, batch {args.batch_size} x seq {seq}, "
              f"{world} ranks ({backend}), AdamW fp32; bytes = sent by one rank per step"]
+    out = os.environ.get("TRAIN_STEP_OUT") if rank0 else None
     for layout in layouts:
         shape, start = mesh_shape(layout, world), len(lines)
         reason = unfit_reason(layout, world)
         if reason:
             lines.append(f"\n### {args.config}: {layout}  skipped on {world} ranks: {reason}")
+        else:
+            ours = run_layout(functools.partial(place_ours, sync=not args.no_sync), layout, config, batches,
+                              args.warmup, args.steps, device)
+            theirs = (None, None, None)
+            if not args.no_torch:
+                try:
+                    _, mem, t, peak = run_layout(place_torch, layout, config, batches, args.warmup, args.steps, device)
+                    theirs = (mem, t, peak)
+                except Exception:  # noqa: BLE001 - report torch's failure in the table, keep going
+                    if rank0:
+                        traceback.print_exc(limit=3)
+                    lines.append(f"(torch's stack failed on {layout}: see stderr)")
             if rank0:
-                print(lines[-1], flush=True)
-            continue
-        ours = run_layout(functools.partial(place_ours, sync=not args.no_sync), layout, config, batches, args.warmup,
-                          args.steps, device)
-        theirs = (None, None, None)
-        if not args.no_torch:
-            try:
-                _, mem, t, peak = run_layout(place_torch, layout, config, batches, args.warmup, args.steps, device)
-                theirs = (mem, t, peak)
-            except Exception:  # noqa: BLE001 - report torch's failure in the table, keep going
-                if rank0:
-                    traceback.print_exc(limit=3)
-                lines.append(f"(torch's stack failed on {layout}: see stderr)")
+                report(args.config, config, layout, shape, ours, theirs, counts, args.batch_size, seq, lines)
         if rank0:
-            report(args.config, config, layout, shape, ours, theirs, counts, args.batch_size, seq, lines)
             print("\n".join(lines[start:]), flush=True)
-    if rank0:
-        out = os.environ.get("TRAIN_STEP_OUT")
-        if out:
+        if out:  # after every layout: a run cut at a time limit (benchmarks/gpu/run.sh) keeps what it finished
             Path(out).write_text("\n".join(lines) + "\n")
     dist.destroy_process_group()
 
