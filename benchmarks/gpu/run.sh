@@ -43,8 +43,10 @@ if [ "${GPUS:-0}" -ge 1 ]; then
   part train_step 120 env TRAIN_STEP_OUT="$LOG/train_step.md" "$PY" -m torch.distributed.run --standalone \
     --nproc-per-node "$GPUS" benchmarks/train_step.py --device cuda --config "${TRAIN_STEP_CONFIG:-small}" \
     --warmup 3 --steps 10
-else  # no GPU seen: the script's own message says why
+elif [ "${GPUS:-}" = 0 ]; then  # torch sees no GPU: the script's own message says why
   part train_step 60 "$PY" benchmarks/train_step.py --device cuda
+else
+  part train_step 10 bash -c "echo 'not run: no GPU count (the device part failed: see its output above)'; exit 1"
 fi
 
 {
