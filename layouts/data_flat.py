@@ -32,6 +32,7 @@ since the last one (retain_graph) arms itself at its first landing (that gradien
 from __future__ import annotations
 
 import sys
+from functools import partial
 from itertools import repeat
 from operator import attrgetter, is_
 
@@ -160,7 +161,7 @@ class FlatGradients:
         """Register ``leaf`` as ``param``'s and return the post-accumulate-grad hook to put on it."""
         self.leaves[id(param)] = (param, leaf)
         self.stale = True
-        return lambda leaf: self._landed(param, leaf)
+        return partial(self._landed, param)  # no Python frame of its own per landing
 
     def arm(self) -> None:
         """Before a backward: every leaf's .grad a view of its bucket (module docstring); once per backward."""
