@@ -4,11 +4,14 @@ Every path in a stage's autograd graph from its output to a parameter leaves the
 the stage input exactly once: along a *cut edge* n -> m with n in I (a *cut parent*) and m outside it (once a
 node cannot reach the input, none below it can). B runs the engine once, from the output to the input, and in
 the same call captures the gradient arriving over every cut edge, at its child m (an input GradientEdge of m:
-m does not run, no Python hook runs inside the backward). So B executes exactly the nodes of I, and W runs,
-in **one** engine call, every cut child's subgraph from the captured gradients: the parameters' AccumulateGrad
-nodes (``.grad`` accumulates, post-accumulate hooks fire as in an ordinary backward), their views and
-transposes. No node runs twice and nothing is counted twice, whatever the graph (a parameter used twice
-simply receives two gradients), and W walks only the small subgraphs below the cut.
+m does not run; a leaf's tensor hooks run on what arrives at its AccumulateGrad, as ``autograd.grad`` runs
+them). So B executes exactly the nodes of I, and W runs, in **one** engine call, every cut child's subgraph
+from the captured gradients: the parameters' AccumulateGrad nodes (``.grad`` accumulates, post-accumulate hooks
+fire as in an ordinary backward; the tensor hooks, which ran in B, muted), their views and transposes. No node
+runs twice and nothing is counted twice, whatever the graph (a parameter used twice simply receives two
+gradients), and W walks only the small subgraphs below the cut. Where an AccumulateGrad would only add (a plain
+parameter, no hooks), W adds the gradient into ``.grad`` itself, all of them in one ``_foreach_add_``: cheaper
+than the engine's node (B + W against the fused backward: `benchmarks/pipeline.py --split-cost`).
 
 Which work lands in W: the engine computes only the outputs of a node that some captured edge or the input
 needs, so a cut parent computes its cut outputs in B. For the matmul of a linear layer (``AddmmBackward0``,
@@ -74,14 +77,15 @@ def _input_path(root_node, target) -> tuple[dict, set, list]:
     return children, reach, order
 
 
+_MATMUL_SLOTS = {"AddmmBackward0": 2, "MmBackward0": 1}  # the slot of mat2 (a linear layer's weight.t())
+
+
 def _deferrable(node, slot: int, child) -> tuple[torch.Tensor, bool] | None:
     """(saved mat1, mat2 column-major) when cut edge ``slot`` of ``node`` is a linear layer's weight-gradient matmul
     that W can compute from the node's saved tensors as the engine would; None otherwise."""
     kind = type(node).__name__
-    if not ((kind == "AddmmBackward0" and slot == 2) or (kind == "MmBackward0" and slot == 1)):
-        return None
-    if type(child).__name__ != "TBackward0":  # only a plain weight.t(): other mat2's stay with the engine
-        return None
+    if _MATMUL_SLOTS.get(kind) != slot or type(child).__name__ != "TBackward0":  # only a plain weight.t(): other
+        return None  # mat2's stay with the engine
     if kind == "AddmmBackward0":
         if node._saved_alpha != 1:
             return None
@@ -96,56 +100,79 @@ def _deferrable(node, slot: int, child) -> tuple[torch.Tensor, bool] | None:
     return mat1, strides[0] == 1 and strides[1] == sizes[0]
 
 
-def _record_plan(root_node, on_input_path) -> tuple:
-    """The walk of the input path as data, for the next microbatches (same model, same graph shape): per node in
-    depth-first order, its type, which of its ``next_functions`` slots are set, which lead on along the input path
-    and which are cut edges."""
-    plan, seen, stack = [], {root_node}, [root_node]
-    while stack:
-        node = stack.pop()
-        slots = node.next_functions
-        follow = tuple(k for k, (c, _) in enumerate(slots) if c is not None and c in on_input_path)
-        cut = tuple(k for k, (c, _) in enumerate(slots) if c is not None and c not in on_input_path)
-        plan.append((type(node), tuple(c is not None for c, _ in slots), follow, cut))
-        for k in follow:
-            child = slots[k][0]
-            if child not in seen:
-                seen.add(child)
-                stack.append(child)
-    return tuple(plan)
+def _record_plan(root_node, leaf_node, on_input_path) -> tuple:
+    """The walk of the input path as data, for the next microbatches (same model, same graph shape). Nodes are
+    numbered in the order they are first reached (the root 0); per node: its type, how many ``next_functions``
+    slots it has, the slots leading to a node reached first here (numbered next, in slot order), those leading
+    to a node already numbered (``(slot, number)``: the graph joins there), the cut edges' slots with their child's
+    type and whether they may be a linear layer's weight matmul (``_deferrable`` decides), and the slots that are
+    empty. Every slot is in exactly one of these, so a replay that checks them all
+    sees any edge the recorded graph did not have. Also the number of the input's node."""
+    nodes, number, index = [root_node], {root_node: 0}, 0
+    while index < len(nodes):
+        node = nodes[index]
+        new, joins, cuts, empty = [], [], [], []
+        for k, (child, _) in enumerate(node.next_functions):
+            if child is None:
+                empty.append(k)
+            elif child not in on_input_path:
+                cuts.append((k, type(child), _MATMUL_SLOTS.get(type(node).__name__) == k
+                             and type(child).__name__ == "TBackward0"))
+            elif child in number:
+                joins.append((k, number[child]))
+            else:
+                number[child] = len(nodes)
+                nodes.append(child)
+                new.append(k)
+        nodes[index] = (type(node), len(node.next_functions), tuple(new), tuple(joins), tuple(cuts), tuple(empty))
+        index += 1
+    return tuple(nodes), number[leaf_node]
 
 
-def _cut_edges(root_node, leaf_node, plan) -> list | None:
-    """The cut edges ``(parent, slot, child, input_nr)`` of this graph, walking only its input path as ``plan``
-    says; None when the graph does not have the plan's shape (a node's type or set slots differ, the input is not
-    reached, or a cut edge's subgraph reaches the input path): then the caller walks it all and records anew."""
-    seen, stack, cuts, i = {root_node}, [root_node], [], 0
-    while stack:
-        node = stack.pop()
-        if i == len(plan):
+def _cut_edges(root_node, leaf_node, plan) -> tuple[list, list] | None:
+    """The cut edges of this graph, walking only its input path as ``plan`` says (each node's ``next_functions``
+    read once, every slot checked against the recording): (the GradientEdges of those to capture, the
+    ``(parent, slot, child, input_nr)`` of those that may be weight matmuls); None when the graph does not have the
+    plan's shape (a node's type or slots differ, the input is not where it was, or a cut edge's subgraph reaches
+    the input path): then the caller walks it all and records anew."""
+    steps, leaf_number = plan
+    nodes, captured, matmuls = [root_node], [], []
+    for index, (kind, num_slots, new, joins, cut, empty) in enumerate(steps):
+        node = nodes[index]
+        if type(node) is not kind:
             return None
-        kind, present, follow, cut = plan[i]
-        i += 1
         slots = node.next_functions
-        if type(node) is not kind or tuple(c is not None for c, _ in slots) != present:
+        if len(slots) != num_slots:
             return None
-        for k in follow:
-            child = slots[k][0]
-            if child not in seen:
-                seen.add(child)
-                stack.append(child)
-        cuts += [(node, k, *slots[k]) for k in cut]
-    if i != len(plan) or leaf_node not in seen:
+        for k in new:  # its type is checked when its own step comes
+            nodes.append(slots[k][0])
+        for k, number in joins:
+            if slots[k][0] is not nodes[number]:
+                return None
+        for k, child_kind, matmul in cut:
+            child, input_nr = slots[k]
+            if type(child) is not child_kind:
+                return None
+            if matmul:
+                matmuls.append((node, k, child, input_nr))
+            else:
+                captured.append(GradientEdge(child, input_nr))
+        for k in empty:
+            if slots[k][0] is not None:
+                return None
+    if nodes[leaf_number] is not leaf_node:
         return None
-    below, stack = set(), [c for _, _, c, _ in cuts]  # nothing under a cut edge may lead back to the input path
+    on_path = set(nodes)  # nothing under a cut edge may lead back to the input path (a leaf's node has no edges)
+    children = [edge.node for edge in captured] + [c for _, _, c, _ in matmuls]
+    below, stack = set(), [c for c in children if type(c) is not _AccumulateGrad]
     while stack:
         node = stack.pop()
-        if node in seen:
+        if node in on_path:
             return None
         if node not in below:
             below.add(node)
             stack += [c for c, _ in node.next_functions if c is not None]
-    return cuts
+    return captured, matmuls
 
 
 def backward_input(root: torch.Tensor, root_grad, input_leaf, params, plans: dict | None = None
@@ -171,17 +198,21 @@ def backward_input(root: torch.Tensor, root_grad, input_leaf, params, plans: dic
         children, on_input_path, _ = _input_path(root.grad_fn, leaf_node)
         if leaf_node not in children:  # the output does not depend on the input
             return torch.zeros_like(input_leaf), SplitBackward(root=root, root_grad=root_grad)
-        plans["walk"] = _record_plan(root.grad_fn, on_input_path)
+        plans["walk"] = _record_plan(root.grad_fn, leaf_node, on_input_path)
         cuts = _cut_edges(root.grad_fn, leaf_node, plans["walk"])
-    captures, deferred = {}, []  # cut edge -> its capture slot; deferred matmuls
-    for n, slot, child, nr in cuts:
+    captured, deferred = cuts[0], []  # cut edges whose gradient B captures; deferred matmuls
+    for n, slot, child, nr in cuts[1]:
         how = _deferrable(n, slot, child)
         if how is None:
-            captures.setdefault((child, nr), len(captures))
+            captured.append(GradientEdge(child, nr))
         else:
-            deferred.append(((child, nr), n, *how))
+            deferred.append((GradientEdge(child, nr), n, *how))
+    captures = dict.fromkeys(captured)  # one capture per edge: the engine sums what arrives over several
+    if deferred and captures:  # a weight whose t() leads into a captured edge too (a weight used twice) is not
+        # deferred: its gradient joins the captured sum in B, so the weight's tensor hooks run once, on the sum
+        deferred = [d for d in deferred if GradientEdge(*d[0].node.next_functions[0]) not in captures]
     matmul_nodes = list(dict.fromkeys(n for _, n, _, _ in deferred))
-    wanted = [input_leaf, *(GradientEdge(m, nr) for m, nr in captures), *(GradientEdge(n, 0) for n in matmul_nodes)]
+    wanted = [input_leaf, *captures, *(GradientEdge(n, 0) for n in matmul_nodes)]
     grads = torch.autograd.grad(root, wanted, root_grad, allow_unused=True)
     at_capture, at_node = grads[1:1 + len(captures)], dict(zip(matmul_nodes, grads[1 + len(captures):]))
     state = SplitBackward(captured={edge: g for edge, g in zip(captures, at_capture) if g is not None},
@@ -191,21 +222,92 @@ def backward_input(root: torch.Tensor, root_grad, input_leaf, params, plans: dic
 
 
 def backward_weight(state: SplitBackward) -> None:
-    """W: the deferred weight-gradient matmuls, then one engine call from every cut edge that accumulates the
-    parameter gradients into ``.grad`` (hooks fire). Frees what B kept."""
+    """W: the deferred weight-gradient matmuls and the captured gradients, each added into its parameter's
+    ``.grad``: directly where that is all the engine's AccumulateGrad node would do (``_plain_leaf``), else by one
+    engine call from those cut edges (post-accumulate hooks fire inside it). A leaf's tensor hooks ran on a
+    gradient B captured at its AccumulateGrad, so they are muted for that call (the engine would run them twice).
+    Frees what B kept."""
     if state.root is not None:  # B had nothing to do: W is the stage's whole backward, as BW runs it
         torch.autograd.backward(state.root, state.root_grad)
         state.root = state.root_grad = None
         return
-    roots = dict(state.captured)
-    for edge, grad, mat1, column_major in state.deferred:
-        g = grad.t().mm(mat1).t() if column_major else mat1.t().mm(grad)
-        roots[edge] = roots[edge] + g if edge in roots else g
+    engine, direct = {}, {}  # cut edge -> gradient; id(leaf) -> [leaf, gradient, owned by W]
+    with torch.no_grad():  # a saved mat1 may require grad: W's matmuls record no graph
+        for edge, grad, mat1, column_major in state.deferred:
+            leaf = _plain_leaf(edge.node.next_functions[0][0]) if column_major else None
+            if leaf is not None and leaf.dtype == grad.dtype:  # weight.t() of a plain leaf: add the weight's own
+                _add(direct, leaf, grad.t().mm(mat1), owned=True)  # gradient, (grad^T mat1^T)^T^T, the same bits
+            else:
+                g = grad.t().mm(mat1).t() if column_major else mat1.t().mm(grad)
+                engine[edge] = engine[edge] + g if edge in engine else g
+        for edge, grad in state.captured.items():
+            leaf = _plain_leaf(edge.node)
+            if leaf is not None and leaf.dtype == grad.dtype and grad.layout == torch.strided:
+                _add(direct, leaf, grad, owned=False)
+            else:
+                engine[edge] = engine[edge] + grad if edge in engine else grad
+        _accumulate(direct.values())
     state.captured, state.deferred = {}, []
-    if roots:
-        # The engine is called directly: torch.autograd.backward's checks of each GradientEdge's shape
-        # (symbolic-shape helpers, ~0.1 ms a call) would cost more than this call at small sizes. Arguments:
-        # keep_graph, create_graph, inputs (none: every leaf reached accumulates, as a plain backward does),
-        # allow_unreachable, accumulate_grad.
-        _engine_run_backward(tuple(GradientEdge(m, nr) for m, nr in roots), tuple(roots.values()), False, False, (),
-                             True, True)
+    if engine:
+        muted = [(hooks, dict(hooks)) for hooks in {id(h): h for h in (
+            edge.node.variable._backward_hooks for edge in engine if type(edge.node) is _AccumulateGrad) if h}.values()]
+        for hooks, _ in muted:  # the engine's hook holds this very dict: emptied, it runs nothing
+            hooks.clear()
+        try:
+            # The engine is called directly: torch.autograd.backward's checks of each GradientEdge's shape
+            # (symbolic-shape helpers, ~0.1 ms a call) would cost more than this call at small sizes. Arguments:
+            # keep_graph, create_graph, inputs (none: every leaf reached accumulates, as a plain backward does),
+            # allow_unreachable, accumulate_grad.
+            _engine_run_backward(tuple(engine), tuple(engine.values()), False, False, (), True, True)
+        finally:
+            for hooks, items in muted:
+                hooks.update(items)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_leaf(node) -> torch.Tensor | None:
+    """The leaf whose AccumulateGrad ``node`` would only do ``.grad += gradient`` (or take it as ``.grad`` when
+    there is none), so W adds the gradient itself: ~5 us a parameter in one ``_foreach_add_`` against ~15 us for
+    each engine node (a GPT stage on CPU: 67 parameters, 1 ms), which keeps B + W at the fused backward's cost.
+    None where the node does more (the engine runs it): a tensor subclass (DTensor), hooks on the tensor
+    (``register_hook``, post-accumulate hooks: data parallelism's buckets, which queue engine callbacks), a
+    non-contiguous leaf (the gradient's strides follow it), a gradient held in another layout. Hooks registered
+    on the AccumulateGrad node itself rather than on the tensor cannot be seen from Python; torch's
+    DistributedDataParallel registers its reducer's so, and ``PipelineSchedule`` refuses a DDP-wrapped stage under
+    a B/W schedule (``replicate`` hooks the tensor)."""
+    if type(node) is not _AccumulateGrad:
+        return None
+    leaf = node.variable
+    if type(leaf) not in _PLAIN or leaf._backward_hooks or leaf._post_accumulate_grad_hooks or not leaf.is_contiguous():
+        return None
+    held = leaf.grad
+    if held is not None and (type(held) is not torch.Tensor or held.layout != torch.strided):
+        return None
+    return leaf
+
+
+def _add(direct: dict, leaf: torch.Tensor, grad: torch.Tensor, owned: bool) -> None:
+    """Collect ``grad`` for ``leaf``; a leaf reached twice (a weight used twice) gets the sum, as the engine's input
+    buffer sums a node's inputs before AccumulateGrad runs."""
+    key = id(leaf)
+    if key in direct:
+        direct[key] = [leaf, direct[key][1] + grad, True]
+    else:
+        direct[key] = [leaf, grad, owned]
+
+
+def _accumulate(entries) -> None:
+    """``.grad += gradient`` for each plain ``[leaf, gradient, owned]``, as AccumulateGrad does it: the first
+    gradient becomes ``.grad`` (taken when W made it contiguous, else copied: a captured gradient may be the very
+    tensor B returned for the input), the next ones add in place, all in one call."""
+    held, added = [], []
+    for leaf, grad, owned in entries:
+        if leaf.grad is None:
+            leaf.grad = grad if owned and grad.is_contiguous() else grad.clone(memory_format=torch.contiguous_format)
+        else:
+            held.append(leaf.grad)
+            added.append(grad)
+    if held:
+        torch._foreach_add_(held, added)

@@ -130,6 +130,8 @@ class PipelineSchedule:
         if any(s.num_pipelines != schedule.num_pipelines for s in stages):
             raise ValueError(f"schedule {schedule.name!r} has {schedule.num_pipelines} pipelines; build every "
                              f"PipelineStage with num_pipelines={schedule.num_pipelines}")
+        if any(a.kind in (Kind.B, Kind.W) for a in schedule.actions[self.pp_rank]):
+            _check_no_ddp(stages, schedule)
         mine, wanted = sorted(s.stage_index for s in stages), list(schedule.stages_of(self.pp_rank))
         if mine != wanted or any(s.num_stages != schedule.num_stages for s in stages):
             raise ValueError(f"pp rank {self.pp_rank} holds stages {mine} of {stages[0].num_stages}; schedule "
@@ -332,6 +334,18 @@ class PipelineSchedule:
             for work in works:
                 work.wait()
         self._pending_sends = []
+
+
+def _check_no_ddp(stages, schedule: Schedule) -> None:
+    """W adds a plain parameter's gradient into ``.grad`` itself (``backward.py``), which runs the hooks on the
+    tensor but not those registered on its AccumulateGrad node, where torch's DDP reducer puts its own."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for stage in stages:
+        if any(isinstance(m, DistributedDataParallel) for m in stage.submodule.modules()):
+            raise ValueError(f"stage {stage.stage_index} holds a torch DistributedDataParallel module; schedule "
+                             f"{schedule.name!r} splits its backward into B and W, whose weight gradients DDP's "
+                             "reducer would not see: lay the stage out with dtensor_plus.layouts.replicate instead")
 
 
 def _check_sequence_chunks(stages, schedule: Schedule) -> None:

@@ -160,15 +160,22 @@ def test_split_backward_defers_the_weight_matmuls_and_stays_bitwise_exact():
         assert torch.equal(p.grad, q.grad), name
 
 
-def test_schedule_for_other_ranks_is_rejected():
-    run_on_ranks(2, _wrong_rank_count)
+def test_schedule_for_other_ranks_and_ddp_under_a_split_backward_are_rejected():
+    run_on_ranks(2, _rejected)
 
 
-def _wrong_rank_count():
+def _rejected():
+    from torch.nn.parallel import DistributedDataParallel
+
     mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
     stage = PipelineStage(nn.Linear(2, 2), mesh.get_rank(), 2, mesh)
     with pytest.raises(ValueError, match=r"for 4 pipeline ranks, the mesh's 'pp' dim has 2"):
         PipelineSchedule(stage, build_schedule("1f1b", 4, 4), loss_fn=F.mse_loss)
+    # W adds plain weight gradients itself: DDP's reducer hooks the AccumulateGrad nodes, which W does not run
+    ddp_stage = PipelineStage(DistributedDataParallel(nn.Linear(2, 2)), mesh.get_rank(), 2, mesh)
+    with pytest.raises(ValueError, match=r"stage \d holds a torch DistributedDataParallel module; schedule 'zb_h1'"):
+        PipelineSchedule(ddp_stage, "zb_h1", n_microbatches=2, loss_fn=F.mse_loss)
+    PipelineSchedule(ddp_stage, "1f1b", n_microbatches=2, loss_fn=F.mse_loss)  # a fused backward runs them
 
 
 def _count_p2p_bytes():
