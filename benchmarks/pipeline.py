@@ -15,6 +15,9 @@ On rank 0 it prints, per schedule:
   * sim: ``simulate`` of the same schedule with F, B, W, BW costed at their measured medians per kind;
     sim/st: the same with medians per kind and stage (the first and last stages cost more: embedding, head,
     loss), the bubble the schedule itself leaves with these stages, which the measured one is held against;
+    +msg: sim/st with each send also costing its sender the measured mean time to post one message (gloo
+    writes a message from the sending thread, ~0.1-0.5 ms on CPU: an interleaved schedule posts 3 a microbatch),
+    what the schedule leaves once messages are not free;
   * bubble formula: ``bubble_formula`` (equal stages, T_F = T_B = T_W);
   * act KiB: peak bytes autograd keeps saved for backward on each rank (distinct storages, parameters excluded,
     through saved_tensors_hooks), ours then torch's;
@@ -255,8 +258,9 @@ def median_timelines(runner, args):
 
 def bubbles(schedule, timelines):
     """Measured bubble over all ranks, the simulator's with the measured median cost per kind and per (kind,
-    stage), the per-kind costs, and the share of the compute actions' wall time their thread was on a core (well
-    below 1: the ranks' compute was descheduled, more busy processes than cores)."""
+    stage), the same with each send costing the measured mean time to post one (``message_cost``), the per-kind
+    costs, and the share of the compute actions' wall time their thread was on a core (well below 1: the ranks'
+    compute was descheduled, more busy processes than cores)."""
     compute = [e for tl in timelines for e in tl if e.action.kind.is_compute]
     span = max(e.end for tl in timelines for e in tl) - min(e.start for tl in timelines for e in tl)
     busy = sum(e.end - e.start for e in compute)
@@ -265,8 +269,29 @@ def bubbles(schedule, timelines):
     costs = costs_from_events(events)
     timed = [e for e in compute if e.cpu is not None]
     cpu_share = sum(e.cpu for e in timed) / sum(e.end - e.start for e in timed) if timed else float("nan")
-    return (measured, simulate(schedule, costs).bubble, simulate(schedule, stage_costs_from_events(events)).bubble,
-            costs, cpu_share)
+    per_stage = stage_costs_from_events(events)
+    send = message_cost(timelines)
+    with_messages = simulate(schedule, {**per_stage, Kind.SEND_F: send, Kind.SEND_B: send}).bubble
+    return (measured, simulate(schedule, costs).bubble, simulate(schedule, per_stage).bubble, with_messages, costs,
+            cpu_share)
+
+
+def message_cost(timelines) -> float:
+    """Mean seconds a rank's thread spends posting one send: its runs of communication that hold no receive (an
+    executor records a run's actions as one interval), summed over all ranks, over the sends they hold. The
+    mean, not the median: a send that waits on gloo's transport for a millisecond costs the step that much."""
+    spent, count = 0.0, 0
+    for tl in timelines:
+        runs = {}  # start -> (end, kinds, sends)
+        for e in tl:
+            kind = e.action.kind.value
+            if not (e.action.kind.is_compute or kind == "STEP"):
+                end, kinds, sends = runs.get(e.start, (e.end, set(), 0))
+                runs[e.start] = (max(end, e.end), kinds | {kind[:4]}, sends + kind.startswith("SEND"))
+        for start, (end, kinds, sends) in runs.items():
+            if "RECV" not in kinds:
+                spent, count = spent + end - start, count + sends
+    return spent / count if count else 0.0
 
 
 def cpu_step(schedule, timelines) -> float:
@@ -415,7 +440,7 @@ def main():
         if before:
             print(f"before: layouts/pipeline at {args.before}")
         print(f"{'schedule':18} {'ours ms':>8} {'torch ms':>9} {'ratio':>6} {'bubble':>7} {'sim':>6} {'sim/st':>6} "
-              f"{'formula':>7}  {'act KiB per rank (ours | torch)'}"
+              f"{'+msg':>6} {'formula':>7}  {'act KiB per rank (ours | torch)'}"
               + ("  before ms (ratio to torch)" if before else ""))
     ours_ms, cpu_ms = {}, {}
     for name, (schedule, ours, theirs) in built.items():
@@ -423,7 +448,7 @@ def main():
         ours_s = statistics.median(ours.times[args.warmup:])
         torch_s = statistics.median(theirs.times[args.warmup:]) if theirs else 0.0
         ours_ms[name] = ours_s * 1e3
-        measured, simulated, per_stage, costs, cpu_share = bubbles(schedule, timelines)
+        measured, simulated, per_stage, with_messages, costs, cpu_share = bubbles(schedule, timelines)
         before_timelines = None
         if name in before:  # its Events are the other package's types: rebuilt as ours for the simulator
             before_timelines = [[Event(e.rank, Action(Kind(e.action.kind.value), e.action.stage, e.action.microbatch),
@@ -443,15 +468,16 @@ def main():
                 before_s = statistics.median(before[name].times[args.warmup:])
                 then = f"  {before_s * 1e3:.1f}" + (f" ({before_s / torch_s:.2f})" if torch_s else "")
             print(f"{name:18} {ours_s * 1e3:8.1f} {torch_ms} {ratio} {measured:7.3f} {simulated:6.3f} {per_stage:6.3f} "
-                  f"{formula:7.3f}  {act}{then}")
+                  f"{with_messages:6.3f} {formula:7.3f}  {act}{then}")
             print(f"{'':18} median ms: " + ", ".join(f"{k.value} {c * 1e3:.1f}" for k, c in costs.items())
-                  + f"; compute on a core {cpu_share:.0%} of its wall time")
+                  + f", one send posted {message_cost(timelines) * 1e3:.2f} (mean); compute on a core {cpu_share:.0%} "
+                  f"of its wall time; bubble / sim/st {measured / per_stage:.2f}, / +msg {measured / with_messages:.2f}")
             print(f"{'':18} ours per rank ms: {breakdown(timelines)}")
             cpu_ms[name] = cpu_step(schedule, timelines) * 1e3
             print(f"{'':18} step simulated from thread CPU times: ours {cpu_ms[name]:.1f} ms"
                   + (f", before {cpu_step(schedule, before_timelines) * 1e3:.1f} ms" if before_timelines else ""))
             if before_timelines is not None:
-                b_measured, _, b_per_stage, _, _ = bubbles(schedule, before_timelines)
+                b_measured, _, b_per_stage, _, _, _ = bubbles(schedule, before_timelines)
                 print(f"{'':18} before: bubble {b_measured:.3f}, sim/st {b_per_stage:.3f} "
                       f"({b_measured / b_per_stage:.2f}x; ours {measured / per_stage:.2f}x); per rank ms: "
                       f"{breakdown(before_timelines)}")
