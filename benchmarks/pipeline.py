@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import statistics
 import sys
 import time
@@ -345,7 +346,10 @@ def split_cost(args):
     splits = {"ours": (lambda root, grad, leaf, ps: backward_input(root, grad, leaf, ps, plans), backward_weight)}
     if args.before:
         old = sys.modules[f"{load_pipeline_at(args.before).__name__}.backward"]
-        splits["before"] = (old.backward_input, old.backward_weight)
+        old_plans = {}  # its recorded walk too, where that version records one
+        records = "plans" in inspect.signature(old.backward_input).parameters
+        splits["before"] = (lambda root, grad, leaf, ps: old.backward_input(root, grad, leaf, ps, old_plans) if records
+                            else old.backward_input(root, grad, leaf, ps), old.backward_weight)
     times = {"fused": []}
     for _ in range(args.steps):
         leaf, loss = forward()
