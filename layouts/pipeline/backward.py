@@ -270,7 +270,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def _plain_leaf(node) -> torch.Tensor | None:
     """The leaf whose AccumulateGrad ``node`` would only do ``.grad += gradient`` (or take it as ``.grad`` when
     there is none), so W adds the gradient itself: ~5 us a parameter in one ``_foreach_add_`` against ~15 us for
-    each engine node (a GPT stage on CPU: 67 parameters, 1 ms), which keeps B + W at the fused backward's cost.
+    each engine node (a GPT stage on CPU: 67 parameters, 1 ms), what brings B + W near the fused backward's cost.
     None where the node does more (the engine runs it): a tensor subclass (DTensor), hooks on the tensor
     (``register_hook``, post-accumulate hooks: data parallelism's buckets, which queue engine callbacks), a
     non-contiguous leaf (the gradient's strides follow it), a gradient held in another layout. Hooks registered
