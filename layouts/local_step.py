@@ -14,7 +14,7 @@ Between steps nothing changed: parameters, gradients and optimizer state are DTe
 
 What the swap finds is remembered on the optimizer (``_Memo``) and checked each step by identity only, in
 bulk: the same groups holding the same parameters, the same parameters holding gradients, each gradient in
-its parameter's layout (the same spec object: replicate's flat buckets make one per parameter), and per
+its parameter's layout (the parameter's own spec object, as replicate's flat buckets give it), and per
 parameter the same state dict holding the same values. The element-wise optimizers update their state
 tensors in place (exp_avg.lerp_, step += 1), so the dicts of blocks handed to one step hold the blocks of
 that state at the next: per step nothing is made but the step's record, and no Python runs per parameter
@@ -87,14 +87,13 @@ class _Memo:
 
 class _Swap:
     """What one step swaps: the parameters holding gradients (``present`` per DTensor parameter of the memo),
-    their specs and blocks, per group with one of them the list the step sees (each one's block in its
+    their blocks, per group with one of them the list the step sees (each one's block in its
     place), per DTensor parameter its state dict (None: none) and every value those held, and per stepped
     parameter the dict of its state's blocks handed to the step (None: the step creates the state)."""
 
     def __init__(self, memo: _Memo, present: list, helds: list, blocks: list):
         self.present, self.helds, self.blocks = present, helds, blocks
         self.stepped = list(compress(memo.params, present))
-        self.specs = list(map(_SPEC, self.stepped))
         self.locals = list(map(_LOCAL, self.stepped))
         self.held_values, self.block_values = _values(helds), _values(blocks)
         self.with_state = [(local, b) for local, b in zip(self.locals, blocks) if b is not None]
@@ -106,14 +105,16 @@ class _Swap:
             seen[g][2][i] = local
         self.seen = list(seen.values())
 
-    def holds(self, memo: _Memo, grads: list, helds: list) -> bool:
+    def holds(self, grads: list, helds: list) -> bool:
         """Whether this step finds what the last one did (the module docstring's checks, by identity)."""
         if [g is not None for g in grads] != self.present or not _same(helds, self.helds):
             return False
-        stepped = list(compress(grads, self.present))
-        if not all(isinstance(g, DTensor) for g in stepped) or not _same(list(map(_SPEC, stepped)), self.specs):
+        try:  # each gradient in its parameter's layout by identity: its spec the parameter's own
+            in_layout = _same(list(map(_SPEC, compress(grads, self.present))), list(map(_SPEC, self.stepped)))
+        except AttributeError:  # a plain tensor: no spec
             return False
-        return _same(_values(helds), self.held_values) and _same(list(map(_LOCAL, self.stepped)), self.locals)
+        return (in_layout and _same(_values(helds), self.held_values)
+                and _same(list(map(_LOCAL, self.stepped)), self.locals))
 
 
 def _memo(optimizer) -> _Memo:
@@ -140,7 +141,7 @@ def _stepped(optimizer) -> tuple | None:
         return None
     grads, helds = list(map(_GRAD, memo.params)), list(map(optimizer.state.get, memo.params))
     swap = memo.last
-    if swap is None or not swap.holds(memo, grads, helds):
+    if swap is None or not swap.holds(grads, helds):
         swap = memo.last = _find(memo, grads, helds)
         if swap is None:
             return None

@@ -1,8 +1,8 @@
 """``collectives.all_reduce(..., in_place=True)`` (replicate's flat gradient buckets, layouts/data_flat.py) on 2
-real gloo ranks: in every dtype (a sample by default), for sum, avg, max and min, sync and async, the result is written into the
-tensor given and that tensor returned, bit-equal to the out-of-place all-reduce; a contiguous tensor gloo moves
-as it is is reduced where it lies (no copy), a strided view and a dtype gloo lacks through a copy written back
-(the view's base keeps its other elements); bytes counted as out of place."""
+real gloo ranks: in every dtype (a sample by default), for sum, avg, max and min, sync and async, the result is
+written into the tensor given and that tensor returned, bit-equal to the out-of-place all-reduce; a contiguous
+tensor gloo moves as it is is reduced where it lies (no copy), a strided view and a dtype gloo lacks through a
+copy written back (the view's base keeps its other elements); bytes counted as out of place."""
 
 import pytest
 import torch

@@ -63,7 +63,8 @@ def _tree_changes_are_seen():
     forward_backward("the first forward")
     forward_backward("the second (the walk kept)")
 
-    weight = torch.randn(reference.fc2.weight.shape, generator=g)  # fc2's weight replaced: a new Parameter, replicated by hand
+    # fc2's weight replaced: a new Parameter, replicated by hand
+    weight = torch.randn(reference.fc2.weight.shape, generator=g)
     model.fc2.weight = nn.Parameter(dtp.distribute_tensor(weight.clone(), mesh, [dtp.Replicate()], src_data_rank=None))
     reference.fc2.weight = nn.Parameter(weight.clone())
     forward_backward("fc2.weight replaced")
