@@ -106,8 +106,8 @@ def _record_plan(root_node, leaf_node, on_input_path) -> tuple:
     slots it has, the slots leading to a node reached first here (numbered next, in slot order), those leading
     to a node already numbered (``(slot, number)``: the graph joins there), the cut edges' slots with their child's
     type and whether they may be a linear layer's weight matmul (``_deferrable`` decides), and the slots that are
-    empty. Every slot is in exactly one of these, so a replay that checks them all
-    sees any edge the recorded graph did not have. Also the number of the input's node."""
+    empty. Every slot is in exactly one of these, so a replay that checks them all sees any edge the recorded
+    graph did not have. Also the number of the input's node."""
     nodes, number, index = [root_node], {root_node: 0}, 0
     while index < len(nodes):
         node = nodes[index]
@@ -225,8 +225,10 @@ def backward_weight(state: SplitBackward) -> None:
     """W: the deferred weight-gradient matmuls and the captured gradients, each added into its parameter's
     ``.grad``: directly where that is all the engine's AccumulateGrad node would do (``_plain_leaf``), else by one
     engine call from those cut edges (post-accumulate hooks fire inside it). A leaf's tensor hooks ran on a
-    gradient B captured at its AccumulateGrad, so they are muted for that call (the engine would run them twice).
-    Frees what B kept."""
+    gradient B captured at its AccumulateGrad, so they are muted for that call (the engine would run them twice;
+    a leaf reached both there and through another captured subgraph, e.g. a weight used once directly and once
+    through an ``expand``, would have the second part unhooked: B does not split such a leaf's sum). Frees what B
+    kept."""
     if state.root is not None:  # B had nothing to do: W is the stage's whole backward, as BW runs it
         torch.autograd.backward(state.root, state.root_grad)
         state.root = state.root_grad = None
