@@ -237,6 +237,30 @@ def test_every_import_points_to_a_lower_layer():
         "\n".join(upward)
 
 
+# PyTorch's own parallel stack: our peer, which benchmarks run side by side and tests may take as an oracle.
+_PEER_STACK = ("torch.distributed.tensor", "torch.distributed.fsdp", "torch.distributed._composable",
+               "torch.distributed.pipelining", "torch.distributed.optim", "torch.nn.parallel")
+
+
+def _peer_imports(source: str) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        if isinstance(node, ast.ImportFrom) and node.module in ("torch.distributed", "torch.nn"):
+            names += [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if any(n == peer or n.startswith(peer + ".") for peer in _PEER_STACK)}
+    return found
+
+
+def test_the_library_never_imports_the_peer_stack():
+    """The library is ours alone: code moves over by an import change, and a user's torch stack never changes ours."""
+    assert _peer_imports("from torch.nn.parallel import DistributedDataParallel\nfrom torch.distributed import fsdp\n")
+    offending = {str(path.relative_to(ROOT)): sorted(found) for files in _unit_files().values() for path in files
+                 if (found := _peer_imports(path.read_text()))}
+    assert not offending, f"the library imports PyTorch's own parallel stack (tell it apart by class name): {offending}"
+
+
 def test_the_layer_check_can_fail():
     """An import of dispatch from dtensor.py (the old circle) is caught."""
     layer_of = _layers()

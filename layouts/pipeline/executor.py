@@ -338,14 +338,18 @@ class PipelineSchedule:
 
 def _check_no_ddp(stages, schedule: Schedule) -> None:
     """W adds a plain parameter's gradient into ``.grad`` itself (``backward.py``), which runs the hooks on the
-    tensor but not those registered on its AccumulateGrad node, where torch's DDP reducer puts its own."""
-    from torch.nn.parallel import DistributedDataParallel
-
+    tensor but not those registered on its AccumulateGrad node, where torch's DDP reducer puts its own. Told by
+    its class, not imported: the library never imports PyTorch's own parallel stack."""
     for stage in stages:
-        if any(isinstance(m, DistributedDataParallel) for m in stage.submodule.modules()):
+        if any(_is_torch_ddp(type(m)) for m in stage.submodule.modules()):
             raise ValueError(f"stage {stage.stage_index} holds a torch DistributedDataParallel module; schedule "
                              f"{schedule.name!r} splits its backward into B and W, whose weight gradients DDP's "
                              "reducer would not see: lay the stage out with dtensor_plus.layouts.replicate instead")
+
+
+def _is_torch_ddp(cls: type) -> bool:
+    return any(c.__name__ == "DistributedDataParallel" and c.__module__.startswith("torch.nn.parallel")
+               for c in cls.__mro__)
 
 
 def _check_sequence_chunks(stages, schedule: Schedule) -> None:
