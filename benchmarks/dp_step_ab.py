@@ -53,13 +53,17 @@ def modules_at(commit: str, folder: Path) -> dict:
 
 
 def placed(mesh, config, flat_class, local_class):
-    """A GPT under replicate whose forward and buckets are ``local_class`` and ``flat_class``."""
+    """A GPT under replicate whose forward and buckets are ``local_class`` and ``flat_class`` (the buckets are
+    made at the first forward: it runs here, inside the swap)."""
     data.FlatGradients, data.LocalCompute = flat_class, local_class
     try:
         torch.manual_seed(0)
         model = data.replicate(GPT(config), mesh)
+        model(data.shard_batch(torch.zeros(2 * mesh.size(0), config.block_size, dtype=torch.long), mesh))
     finally:
         data.FlatGradients, data.LocalCompute = data_flat.FlatGradients, data_local.LocalCompute
+    local = next(h.__self__ for h in model._forward_pre_hooks.values() if type(getattr(h, "__self__", None)) is local_class)
+    assert type(local.gradients.flat) is flat_class, "the buckets are not the version asked for"
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=False)
 
 

@@ -16,7 +16,11 @@ wrapping each piece in a new DTensor cost about 1.5 ms of Python a step on a sma
     land        one small post-accumulate hook per leaf counts the bucket's gradients; when a bucket's last one
                 lands its all-reduce starts, asynchronously and in place in the buffer (no copy out and
                 back), buckets always started in layout order (the same order on every rank, whatever
-                order they fill in).
+                order they fill in). Except the last bucket of a layout built in the landing order: its
+                gradients land as backward ends, when it would start anyway, so its leaves have no hook (no
+                Python per gradient, as DDP's C++ hooks cost nothing visible): each keeps .grad None, autograd
+                puts its gradient there, and the end of backward (queued as backward reaches the module's
+                outputs) copies the ones that landed into their views in one call.
     deliver     when backward ends the rest start, each is waited for, and each parameter whose gradient
                 landed gets .grad = its DTensor over the reduced buffer (Replicate on dp): the same object every
                 step, nothing made.
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import sys
 from functools import partial
-from itertools import repeat
+from itertools import compress, repeat
 from operator import attrgetter, is_
 
 import torch
@@ -69,8 +73,9 @@ def _storage_uses(t: torch.Tensor) -> int:
 class _Bucket:
     """One flat buffer and the parameters whose gradients it holds (module docstring)."""
 
-    def __init__(self, params: list, leaves: list):
+    def __init__(self, params: list, leaves: list, hooked: bool = True):
         self.params, self.leaves = params, leaves
+        self.hooked = hooked  # its leaves' hooks count its gradients in; else ``collect`` finds them at the end
         self.scratch = self.scratch_views = None  # accumulate mode's buffer, made when first needed
         self.landed = [False] * len(params)
         self.remaining, self.fresh, self.pending = len(params), True, None
@@ -93,7 +98,8 @@ class _Bucket:
                 and _reference_counts(self.views) == view_counts)
 
     def arm(self) -> None:
-        """Point every leaf's .grad at the view its gradient lands in this backward (module docstring)."""
+        """Zero the buffer the gradients land in this backward and point a hooked bucket's leaves' .grad at
+        their views (module docstring)."""
         self.fresh = all(map(is_, map(_GRAD, self.params), repeat(None)))  # no .grad: each lands in its view
         if self.fresh:
             if not self._unshared():
@@ -106,10 +112,20 @@ class _Bucket:
                 self.scratch_views = unflatten(self.scratch, self.views)
             self.scratch.zero_()
             self.targets = self.scratch_views
-        for leaf, view in zip(self.leaves, self.targets):
-            leaf.grad = view
+        if self.hooked:  # unhooked leaves keep .grad None (deliver left it so): autograd puts theirs there
+            for leaf, view in zip(self.leaves, self.targets):
+                leaf.grad = view
         self.landed = [False] * len(self.params)
         self.remaining = len(self.params)
+
+    def collect(self) -> None:
+        """An unhooked bucket at the end of backward: the gradients autograd left on its leaves, copied into
+        their views (one call); the leaves without one did not land."""
+        grads = list(map(_GRAD, self.leaves))
+        self.landed = [g is not None for g in grads]
+        if any(self.landed):
+            torch._foreach_copy_(list(compress(self.targets, self.landed)), list(compress(grads, self.landed)))
+        self.remaining = 0
 
     def start(self, mesh, mesh_dim: int, launcher=None) -> None:
         buffer = self.flat if self.fresh else self.scratch
@@ -155,16 +171,24 @@ class FlatGradients:
         self.slots: dict = {}  # id(a leaf of the layout) -> (its bucket, its index there)
         self.stale = True  # a leaf was added or replaced since the layout was built
         self.armed = self.flush_queued = False
+        self.hooks: dict = {}  # id(leaf) -> (leaf, its hook's handle), for the hooked buckets' leaves
         self.next_start = 0  # the first bucket not started in this backward
 
-    def hook(self, param, leaf):
-        """Register ``leaf`` as ``param``'s and return the post-accumulate-grad hook to put on it."""
+    def hook(self, param, leaf) -> None:
+        """Register ``leaf`` as ``param``'s; the layout hooks it or not (``_build``). Returns None: no hook for
+        the caller to put on it."""
         self.leaves[id(param)] = (param, leaf)
         self.stale = True
-        return partial(self._landed, param)  # no Python frame of its own per landing
+
+    def backward_started(self) -> None:
+        """Called as a backward reaches the replicated module's outputs: its end flushes the buckets (an
+        unhooked bucket's leaves call nothing)."""
+        if not self.flush_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+            self.flush_queued = True
 
     def arm(self) -> None:
-        """Before a backward: every leaf's .grad a view of its bucket (module docstring); once per backward."""
+        """Before a backward: each bucket armed (module docstring); once per backward."""
         if self.armed and not self.stale:
             return
         if self.stale or self._reorder():
@@ -180,7 +204,7 @@ class FlatGradients:
     def _build(self) -> None:
         entries, order, self.landing_order = list(self.leaves.values()), self.landing_order, None
         if order is not None and {id(p) for p in order} == set(self.leaves):
-            entries = [self.leaves[id(p)] for p in order]
+            entries, self.recording = [self.leaves[id(p)] for p in order], None
         else:
             entries.reverse()  # DDP's first guess: backward meets the last registered first
             self.recording = []  # this layout's first backward says the real order
@@ -192,14 +216,31 @@ class FlatGradients:
             if full is not None:
                 groups.append(full)
         groups += [items for _, items in grouping.drain()]
-        self.buckets = [_Bucket([p for p, _ in items], [leaf for _, leaf in items]) for items in groups]
+        # In the landing order, the last bucket's gradients land as backward ends: it starts then, unhooked (no
+        # Python per gradient); a first guess hooks every leaf to record the order.
+        unhooked = len(groups) - 1 if self.recording is None else len(groups)
+        self.buckets = [_Bucket([p for p, _ in items], [leaf for _, leaf in items], hooked=b != unhooked)
+                        for b, items in enumerate(groups)]
         self.slots = {id(leaf): (b, i) for b in self.buckets for i, leaf in enumerate(b.leaves)}
+        self._hook_leaves()
         self.stale = False
 
+    def _hook_leaves(self) -> None:
+        """Each leaf of a hooked bucket hooked once (``_landed``), every other leaf's hook removed."""
+        hooks, self.hooks = self.hooks, {}
+        for bucket in self.buckets:
+            if bucket.hooked:
+                for param, leaf in zip(bucket.params, bucket.leaves):
+                    held = hooks.pop(id(leaf), None)
+                    if held is None or held[0] is not leaf:
+                        handle = leaf.register_post_accumulate_grad_hook(partial(self._landed, param))
+                        held = (leaf, handle)
+                    self.hooks[id(leaf)] = held
+        for _, handle in hooks.values():
+            handle.remove()
+
     def _landed(self, param, leaf) -> None:
-        if not self.flush_queued:  # the end of this backward starts and delivers every bucket
-            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
-            self.flush_queued = True
+        self.backward_started()  # its end starts and delivers every bucket
         grad = leaf.grad
         if not self.armed:  # no forward armed this backward: arm now, this gradient is copied in below
             self.arm()
@@ -229,6 +270,13 @@ class FlatGradients:
     def _flush(self) -> None:
         """The end of a backward: start the buckets still waiting (unused parameters' zeros included), deliver."""
         self.flush_queued = False
+        if not self.armed:  # no forward armed this backward and no hooked gradient landed: arm now
+            self.arm()
+        for bucket in self.buckets:
+            if not bucket.hooked:
+                bucket.collect()
+        if not any(any(bucket.landed) for bucket in self.buckets):
+            return  # no gradient landed (torch.autograd.grad of other tensors): the buckets stay armed, unsent
         for bucket in self.buckets[self.next_start:]:
             bucket.start(self.mesh, self.mesh_dim, self.launcher)
         self.next_start, self.armed = len(self.buckets), False

@@ -251,11 +251,12 @@ class LocalCompute:
             local = param._local_tensor
             leaf = local.detach() if spec is None else DTensor(local.detach(), spec)
             leaf.requires_grad_()
-            if deliver == "buckets":
+            if deliver == "buckets":  # None: the flat buckets hook the plain leaf themselves (data_flat.py)
                 hook = self.gradients.leaf_hook(param, leaf, self.k)
             else:
                 hook = lambda leaf, param=param: self._to_partial(param, leaf)  # noqa: E731
-            leaf.register_post_accumulate_grad_hook(hook)
+            if hook is not None:
+                leaf.register_post_accumulate_grad_hook(hook)
             entry = self.leaves[id(param)] = (param, local, leaf, deliver)
         return entry[2]
 
@@ -320,7 +321,8 @@ class LocalCompute:
                 placements = [Shard(0) if i == self.k else Replicate() for i in range(self.mesh.ndim)]
             meta = TensorMeta(torch.Size(shape), _contiguous_stride(shape), t.dtype)
             spec = self.output_specs[key] = DTensorSpec(self.mesh, tuple(placements), meta)
-        return _AddDp.apply(t, spec, self.k)
+        flat = self.gradients.flat if self.gradients is not None else None
+        return _AddDp.apply(t, spec, self.k, None if flat is None else flat.backward_started)
 
     def _fork_rng(self) -> None:
         """Random draws for this forward: torch's generators (CPU, and the mesh's CUDA device) forked and seeded
@@ -425,16 +427,20 @@ class _DropDp(torch.autograd.Function):
 
 class _AddDp(torch.autograd.Function):
     """forward: a local output -> a DTensor on the whole mesh, Shard(0) on dp / backward: its gradient moved to
-    Shard(0) on dp (Partial on other mesh dims may stay), returned without the dp mesh dim."""
+    Shard(0) on dp (Partial on other mesh dims may stay), returned without the dp mesh dim; ``started`` (the flat
+    buckets' ``backward_started``, or None) called first: the backward reaching the outputs queues the buckets'
+    flush, whose last bucket no gradient hook announces."""
 
     @staticmethod
-    def forward(ctx, t, spec, k):
-        ctx.k, ctx.sub_spec = k, t._spec if isinstance(t, DTensor) else None
+    def forward(ctx, t, spec, k, started=None):
+        ctx.k, ctx.sub_spec, ctx.started = k, t._spec if isinstance(t, DTensor) else None, started
         local = t._local_tensor if isinstance(t, DTensor) else t
         return DTensor(local.view_as(local), spec, requires_grad=False)
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.started is not None:
+            ctx.started()
         k, placements = ctx.k, list(grad._spec.placements)
         placements[k] = Shard(0)
         if ctx.sub_spec is None:
@@ -442,7 +448,7 @@ class _AddDp(torch.autograd.Function):
             placements[k] = Shard(0)
         local = redistribute_local(grad._local_tensor, grad._spec, tuple(placements))
         if ctx.sub_spec is None:
-            return local, None, None
+            return local, None, None, None
         sub = tuple(p for i, p in enumerate(placements) if i != k)
-        return DTensor(local, ctx.sub_spec.with_placements(sub)), None, None
+        return DTensor(local, ctx.sub_spec.with_placements(sub)), None, None, None
 

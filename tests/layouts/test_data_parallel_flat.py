@@ -1,9 +1,10 @@
 """replicate's flat buckets (layouts/data_flat.py): the local leaves' .grad are views of one flat buffer per bucket,
 gradients accumulate in place, and .grad comes back as a DTensor over the reduced buffer made once. One device's
 semantics are the bar, step by step, on an uneven batch (5 rows: 3 and 2) with a tied weight and an unused
-parameter: gradients (input's too) and parameters after AdamW, with zero_grad(set_to_none=True) and False,
-two backwards before a step, a .grad modified or set by hand, a .grad held across the next step, a second backward
-with no forward (retain_graph); and one all-reduce per bucket, each started as its last gradient lands.
+parameter (and without it: the last bucket unhooked): gradients (input's too) and parameters after AdamW, with
+zero_grad(set_to_none=True) and False, two backwards before a step, a .grad modified or set by hand, a .grad held
+across the next step, a second backward with no forward (retain_graph), a torch.autograd.grad of the input alone
+(nothing reduced); and one all-reduce per bucket, each started as its last gradient lands.
 
 Legend: B batch, T sequence, D model width.
 """
@@ -26,12 +27,13 @@ T, D = 3, 8
 class Tied(nn.Module):
     """``fc_in`` and ``fc_out`` hold one weight; ``unused`` never computes (its .grad stays None)."""
 
-    def __init__(self):
+    def __init__(self, with_unused=True):
         super().__init__()
         self.fc_in = nn.Linear(D, D)
         self.fc_out = nn.Linear(D, D, bias=False)
         self.fc_out.weight = self.fc_in.weight
-        self.unused = nn.Linear(D, 2)
+        if with_unused:
+            self.unused = nn.Linear(D, 2)
 
     def forward(self, x_BTD):
         return self.fc_out(torch.tanh(self.fc_in(x_BTD)))
@@ -46,10 +48,10 @@ def _check(model, reference, what):
         torch.testing.assert_close(p.grad.full_tensor(), q.grad, msg=lambda m: f"{what}: grad of {name}: {m}")
 
 
-def _flat_buckets_equal_one_device(cap_mb, with_launcher):
+def _flat_buckets_equal_one_device(cap_mb, with_launcher, with_unused=True):
     mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
     torch.manual_seed(0)
-    reference = Tied()
+    reference = Tied(with_unused)
     launched = []
 
     def launcher(buffer, mesh, mesh_dim):  # Lina's hook: who starts each bucket's all-reduce
@@ -89,6 +91,9 @@ def _flat_buckets_equal_one_device(cap_mb, with_launcher):
     step("first backward")
 
     backward(5)  # the layout rebuilt in the landing order; .grad are the new buckets' DTensors from now on
+    # Every gradient landed in the first backward (no unused parameter): its last bucket has no hooks now
+    unhooked = [not b.hooked and not any(leaf._post_accumulate_grad_hooks for leaf in b.leaves) for b in flat.buckets]
+    assert unhooked == [False] * (len(unhooked) - 1) + [not with_unused], unhooked
     step("second backward")
     backward(3)
     assert all(p.grad is None or any(p.grad is w for b in flat.buckets for w in b.wrappers)
@@ -129,11 +134,21 @@ def _flat_buckets_equal_one_device(cap_mb, with_launcher):
     out.pow(2).sum().backward()  # a second backward of the same graph: no forward armed it
     ref_out.pow(2).sum().backward()
     step("a second backward with no forward")
+    x_dt = shard_batch(x_again, mesh).requires_grad_()
+    with dtp.comm_mode() as counter:  # no parameter's gradient lands: nothing reduced, nothing on .grad
+        (grad_x,) = torch.autograd.grad(model(x_dt).pow(2).mean(), x_dt)
+    x_ref = x_again.clone().requires_grad_()
+    torch.testing.assert_close(grad_x.full_tensor(), torch.autograd.grad(reference(x_ref).pow(2).mean(), x_ref)[0])
+    assert counter.count("all_reduce") == 0 and all(p.grad is None for p in model.parameters()), counter.report()
+    backward(5)
+    step("after a torch.autograd.grad of the input alone")
     return True
 
 
 def test_flat_buckets_equal_one_device():
     """One bucket for the whole model (the default caps), then one per gradient (4-byte caps: every gradient
-    starts its own all-reduce, in layout order, through a launcher given to replicate)."""
-    for cap_mb, with_launcher in ((25, False), (4 / 2**20, True)):
-        assert all(run_on_ranks(2, _flat_buckets_equal_one_device, cap_mb, with_launcher))
+    starts its own all-reduce, in layout order, through a launcher given to replicate); then without the unused
+    parameter, so the layout is rebuilt in the landing order and its last bucket's leaves go unhooked (their
+    gradients found on the leaves as backward ends)."""
+    for cap_mb, with_launcher, with_unused in ((25, False, True), (4 / 2**20, True, True), (25, False, False)):
+        assert all(run_on_ranks(2, _flat_buckets_equal_one_device, cap_mb, with_launcher, with_unused))
