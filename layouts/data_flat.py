@@ -20,7 +20,7 @@ wrapping each piece in a new DTensor cost about 1.5 ms of Python a step on a sma
                 gradients land as backward ends, when it would start anyway, so its leaves have no hook (no
                 Python per gradient, as DDP's C++ hooks cost nothing visible): each keeps .grad None, autograd
                 puts its gradient there, and the end of backward (queued as backward reaches the module's
-                outputs) copies the ones that landed into their views in one call.
+                outputs) adds the ones that landed into their zeroed views in one call.
     deliver     when backward ends the rest start, each is waited for, and each parameter whose gradient
                 landed gets .grad = its DTensor over the reduced buffer (Replicate on dp): the same object every
                 step, nothing made.
@@ -119,12 +119,13 @@ class _Bucket:
         self.remaining = len(self.params)
 
     def collect(self) -> None:
-        """An unhooked bucket at the end of backward: the gradients autograd left on its leaves, copied into
-        their views (one call); the leaves without one did not land."""
+        """An unhooked bucket at the end of backward: the gradients autograd left on its leaves, added into
+        their zeroed views (one call; an add, as AccumulateGrad's, takes a sparse gradient too); the leaves
+        without one did not land."""
         grads = list(map(_GRAD, self.leaves))
         self.landed = [g is not None for g in grads]
         if any(self.landed):
-            torch._foreach_copy_(list(compress(self.targets, self.landed)), list(compress(grads, self.landed)))
+            torch._foreach_add_(list(compress(self.targets, self.landed)), list(compress(grads, self.landed)))
         self.remaining = 0
 
     def start(self, mesh, mesh_dim: int, launcher=None) -> None:
