@@ -150,9 +150,10 @@ class GradientBucket:
         self.buckets.add(key, param, 0 if key is None else grad._local_tensor.numel() * grad.element_size())
 
     def leaf_hook(self, param: nn.Parameter, leaf: torch.Tensor, k: int):
-        """The post-accumulate-grad hook of ``param``'s local leaf ``leaf`` (``k`` the dp mesh dim). A plain leaf (a
-        1-D dp mesh) lands its gradient in place in a flat bucket (layouts/data_flat.py); a DTensor leaf (on the
-        sub-mesh of the other mesh dims) hands it to ``add_local``."""
+        """The post-accumulate-grad hook to register on ``param``'s local leaf ``leaf`` (``k`` the dp mesh dim), or
+        None. A DTensor leaf (on the sub-mesh of the other mesh dims) hands its gradient to ``add_local``; a plain
+        leaf (a 1-D dp mesh) lands its gradient in place in a flat bucket (layouts/data_flat.py), whose own hooks
+        the buckets register themselves: None then."""
         if isinstance(leaf, DTensor):
             return lambda leaf: self.add_local(param, leaf, k)
         if self.flat is None:
