@@ -1,5 +1,7 @@
 """An element-wise optimizer steps DTensor parameters on their local blocks: those ``replicate`` lays out (its
-``local_compute``) and ``ZeroRedundancyOptimizer``'s dp-sharded masters (ZeRO-1/2's inner step).
+``local_compute``), ``ZeroRedundancyOptimizer``'s dp-sharded masters (ZeRO-1/2's inner step), and any other
+DTensor parameter with no Partial in its layout once a layout installed the hooks (``parallelize_module``'s
+tensor-parallel weights and the replicated rest).
 
 Why: AdamW written per parameter (foreach=False) issues about ten ops per parameter; on DTensor parameters each
 is a dispatch that only says "the same op on every block", which cost data parallelism several times DDP's
@@ -7,9 +9,10 @@ optimizer step. For an optimizer whose update of each element reads only that el
 Adagrad, RMSprop, Adamax, NAdam, RAdam), the step on each block is the block of the step on the whole, whatever
 the layout (Replicate, Shard on dp, uneven blocks), once each gradient and each state tensor is in its
 parameter's layout: replicate's buckets and ZeRO's reduce-scatter leave every gradient reduced, not Partial. So
-a global optimizer-step pre-hook swaps, for the step only, every parameter a layout tagged (``_dtp_local_step``:
-replicate's parameters, ZeRO-1/2's masters) for its local block, its gradient and its state tensors for
-theirs; the post-hook swaps back, wrapping state tensors the step created as DTensors in the parameter's layout.
+a global optimizer-step pre-hook swaps, for the step only, every DTensor parameter (none with a Partial
+placement: a Partial block is no block of the whole) for its local block, its gradient and its state tensors
+for theirs; the post-hook swaps back, wrapping state tensors the step created as DTensors in the parameter's
+layout. The tag ``_dtp_local_step`` marks what a layout placed (replicate's parameters, ZeRO-1/2's masters).
 Between steps nothing changed: parameters, gradients and optimizer state are DTensors in their layouts.
 
 What the swap finds is remembered on the optimizer (``_Memo``) and checked each step by identity only, in
@@ -75,7 +78,8 @@ class _Memo:
                   if isinstance(p, DTensor)]
         self.params = [self.groups[g][2][i] for g, i in places]
         self.places = places
-        self.tagged = all(p.__dict__.get(TAG) for p in self.params)  # tags are set when a layout places a parameter
+        # A Partial parameter's blocks sum to it: an element-wise update of each is not the update of the sum.
+        self.steppable = not any(p._spec.has_partial() for p in self.params)
         self.last: _Swap | None = None
 
     def fits(self, optimizer) -> bool:
@@ -137,7 +141,7 @@ def _stepped(optimizer) -> tuple | None:
     if type(optimizer) not in ELEMENTWISE:
         return None
     memo = _memo(optimizer)
-    if not memo.tagged:
+    if not memo.steppable:
         return None
     grads, helds = list(map(_GRAD, memo.params)), list(map(optimizer.state.get, memo.params))
     swap = memo.last

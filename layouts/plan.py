@@ -21,6 +21,7 @@ from torch import nn
 from dtensor_plus.mesh import mesh_or_current
 from dtensor_plus.shared_parameters import SharedParameters
 
+from . import local_step
 from .hf_plan import is_string_plan, translate_hf_plan
 from .tensor import SRC_DATA_RANK, ParallelStyle
 
@@ -55,6 +56,7 @@ def parallelize_module(
     if parallelize_plan is None:
         warnings.warn("parallelize_module got no parallelize_plan; the module is left as it is", stacklevel=2)
         return module
+    local_step.install()  # an element-wise optimizer steps the placed parameters on their blocks
     token = SRC_DATA_RANK.set(src_data_rank)
     try:
         return _apply_plan(module, device_mesh, parallelize_plan)

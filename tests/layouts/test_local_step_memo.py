@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import dtensor_plus as dtp
-from dtensor_plus import DTensor, Replicate, Shard
+from dtensor_plus import DTensor, Partial, Replicate, Shard
 from dtensor_plus.dispatcher import DISPATCHER
 from dtensor_plus.layouts import local_step
 from dtensor_plus.layouts.data import replicate, shard_batch
@@ -140,3 +140,40 @@ def _memo_follows_every_change():
 
 def test_the_memo_follows_every_change_and_every_step_equals_one_device():
     assert all(run_on_ranks(2, _memo_follows_every_change))
+
+
+def _tensor_parallel_steps_on_blocks():
+    """parallelize_module's parameters (Shard and Replicate on tp, 7 rows on 2 ranks: uneven; the LayerNorm on rows
+    split over tp) step on their blocks once their gradients are in their layouts; a Partial gradient keeps the
+    step on DTensors, which reduce it: both equal one device."""
+    from dtensor_plus.layouts import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+
+    mesh = dtp.init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(D, 7), nn.Tanh(), nn.Linear(7, D), nn.LayerNorm(D))
+    model = parallelize_module(copy.deepcopy(reference), mesh, {
+        "0": ColwiseParallel(), "2": RowwiseParallel(output_layouts=Shard(0), use_local_output=False),
+        "3": SequenceParallel(sequence_dim=0)})
+    opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+                    for m in (model, reference))
+    g = torch.Generator().manual_seed(1)
+    dispatched = []
+    for step in range(3):
+        x = torch.randn(B, D, generator=g)
+        model(x).full_tensor().pow(2).mean().backward()
+        reference(x).pow(2).mean().backward()
+        if step == 1:  # a gradient not in its parameter's layout: Partial (Replicate -> Partial moves nothing)
+            norm = model[3].weight
+            norm.grad = norm.grad.redistribute(placements=[Partial()])
+        dispatched.append(_dispatched(opt))
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        _check(model, reference, opt, ref_opt, f"tp step {step}")
+    assert dispatched[0] == dispatched[2] == 0, dispatched
+    return dispatched
+
+
+def test_tensor_parallel_parameters_step_on_their_blocks():
+    dispatched = run_on_ranks(2, _tensor_parallel_steps_on_blocks)[0]
+    assert dispatched[1] > 0, dispatched  # the Partial gradients: the step on DTensors

@@ -145,12 +145,22 @@ def test_zero_over_replicate_computes_through_local_leaves(stage):
 
 
 def _inner_step_dispatches(stage, optimizer, how):
-    """How many DTensor ops the wrapped optimizer's step dispatches: on the masters' blocks ("local"), with the
-    masters untagged (the DTensor path as before), or with one state tensor in another layout."""
+    """How many DTensor ops the wrapped optimizer's step dispatches: on the masters' blocks ("local"), on DTensors
+    ("untagged": the masters untagged, so no flat step, and the swap to blocks turned off), or with one state
+    tensor in another layout."""
+    stepped = local_step._stepped
+    try:
+        return _count_dispatches(stage, optimizer, how)
+    finally:
+        local_step._stepped = stepped  # the pool's worker runs later tests too
+
+
+def _count_dispatches(stage, optimizer, how):
     mesh, model, opt, reference, _ = _placed((2,), ("dp",), stage, optimizer)
     if how == "untagged":
         for master in opt.masters:
             del master.__dict__[local_step.TAG]
+        local_step._stepped = lambda optimizer: None
     execute, seen = DISPATCHER.execute, _probe(opt)
     counts = []
     for step in range(2):
