@@ -3,21 +3,20 @@ per rank, and step time beside ``torch.distributed.pipelining`` with the same sc
 
     OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 benchmarks/pipeline.py --microbatches 8
 
-The model is examples/gpt.py's GPT split by examples/pipeline_gpt.py (embedding on the first stage, ln_f + head
-on the last), ``--layers`` blocks so that every stage of the V and interleaved placements (2 per rank) holds
-one. Each schedule runs ``--steps`` forward+backward steps after a warm-up (no optimizer: the same for both).
-Every pipeline (ours and torch's, each schedule) is built first, then the steps go round-robin over all of them
-(step i of each before step i+1 of any), so a change in the machine's load falls on all of them alike: the
-ratios compare runs interleaved in time, not one schedule's minute with another's.
+The model is examples/gpt.py's GPT split by examples/pipeline_gpt.py (embedding on the first stage, ln_f + head on
+the last), ``--layers`` blocks so that every stage of the V and interleaved placements (2 per rank) holds one. Each
+schedule runs ``--steps`` forward+backward steps after a warm-up (no optimizer: the same for both). Every pipeline
+(ours and torch's, each schedule) is built first, then the steps go round-robin over all of them (step i of each
+before step i+1 of any), so a change in the machine's load falls on all of them alike: the ratios compare runs
+interleaved in time, not one schedule's minute with another's.
 On rank 0 it prints, per schedule:
   * ours ms / torch ms: median step time (slowest rank), and their ratio;
   * bubble measured: 1 - (sum of compute time of all ranks) / (ranks x step time), from our executor's timeline;
   * sim: ``simulate`` of the same schedule with F, B, W, BW costed at their measured medians per kind;
     sim/st: the same with medians per kind and stage (the first and last stages cost more: embedding, head,
     loss), the bubble the schedule itself leaves with these stages, which the measured one is held against;
-    +msg: sim/st with each send also costing its sender the measured mean time to post one message (gloo
-    writes a message from the sending thread, ~0.1-0.5 ms on CPU: an interleaved schedule posts 3 a microbatch),
-    what the schedule leaves once messages are not free;
+    +msg: sim/st with each send also costing its sender the measured mean time to post one message (gloo writes
+    a message from the sending thread, ~0.1-0.5 ms on CPU: interleaved posts 3 a microbatch), messages not free;
   * bubble formula: ``bubble_formula`` (equal stages, T_F = T_B = T_W);
   * act KiB: peak bytes autograd keeps saved for backward on each rank (distinct storages, parameters excluded,
     through saved_tensors_hooks), ours then torch's;
@@ -28,11 +27,11 @@ On rank 0 it prints, per schedule:
     with its measured bubble against its own simulation;
   * step simulated from thread CPU times: the schedule simulated with each compute action costing its thread
     CPU time (median per kind and stage), messages free: the step a quiet machine would show, robust to load.
-Then, when both ran, ZB-H1's step time over 1F1B's (ours, same run; and from thread CPU times). ``--split-cost`` (one process, no
-torchrun) instead times, on the last of two GPT stages, one fused backward against our B + W and torch's
-(``torch.distributed.pipelining._backward``), in thread CPU time (robust to a loaded machine), alternating.
-``--before COMMIT`` adds our executor as
-it was at that commit (its layouts/pipeline loaded as a package of its own) to the round-robin: "before ms".
+Then, when both ran, ZB-H1's step time over 1F1B's (ours, same run; and from thread CPU times). ``--split-cost``
+(one process, no torchrun) instead times, on the last of two GPT stages, one fused backward against our B + W and
+torch's (``torch.distributed.pipelining._backward``), in thread CPU time (robust to a loaded machine), alternating.
+``--before COMMIT`` adds our executor as it was at that commit (its layouts/pipeline loaded as a package of its own)
+to the round-robin: "before ms".
 The sequence schedules (``--schedules seq1f1b terapipe``, each sample in ``--seq-chunks`` chunks along the sequence;
 torch has none) print their peak activations against 1F1B's (when both ran) beside Seq1F1B's claim, p + k - 1
 chunks against 1F1B's p microbatches (p k chunks) on rank 0, and their bubble against 1F1B's:
@@ -69,7 +68,6 @@ SEQUENCE = ("seq1f1b", "terapipe")  # schedules whose microbatches are sequence 
 TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
                    "zb_v": "ScheduleZBVZeroBubble", "dualpipe_v": "ScheduleDualPipeV",
                    "breadth_first": "ScheduleLoopedBFS"}  # torch has no single-stage ZB-H1, V-Half/Min, Chimera
-PAPERS = ("1f1b", "zb_v", "dualpipe_v", "v_half", "v_min", "breadth_first", "chimera", "seq1f1b", "terapipe")
 
 
 class ActivationMeter:
@@ -377,32 +375,6 @@ def split_cost(args):
               f"the fused backward ({ms['fused']:.2f} ms)")
 
 
-def papers_table(p: int, m: int) -> None:
-    """The papers' schedules simulated (T_F = T_B = T_W; Chimera T_F = T_B, its paper's; Seq1F1B and TeraPipe with
-    k = 4 chunks): bubble against the paper's figure, and peak activations of the busiest rank as a share of
-    1F1B's p microbatches (V stages are half a 1F1B stage, sequence chunks a quarter of a microbatch)."""
-    from dtensor_plus.layouts.pipeline import SCHEDULES, seq1f1b, terapipe
-    from dtensor_plus.layouts.pipeline.simulate import peak_until_w
-
-    k = 4
-    approx = {"v_half": (p / (2 * m), "~p/(2m)"), "v_min": (2 * p / (3 * m), "~2p/(3m)")}
-    print(f"p = {p} ranks, m = {m} microbatches (k = {k} sequence chunks)")
-    print(f"{'schedule':14} {'sim bubble':>10} {'paper':>8}  {'formula':18} {'peak act / 1F1B':>15}")
-    for name in PAPERS:
-        gen = {"seq1f1b": seq1f1b, "terapipe": terapipe}.get(name) or SCHEDULES[name]
-        schedule = gen(p, m, k) if name in ("seq1f1b", "terapipe") else gen(p, m)
-        unit = {"seq1f1b": k, "terapipe": k}.get(name, schedule.num_stages // schedule.num_pipelines // p)
-        costs = {Kind.F: 1.0, Kind.BW: 1.0} if name == "chimera" else None
-        sim = simulate(schedule, costs)
-        if name in approx:
-            paper, text = approx[name]
-        else:
-            paper = bubble_formula(name, p, m, schedule.num_stages // p if name == "breadth_first" else 1, k=k)
-            text = "bubble_formula" if name != "dualpipe_v" else "DeepSeek, F&B=F+B"
-        held = max(peak_until_w(schedule) if name in approx else sim.peak_in_flight)
-        print(f"{name:14} {sim.bubble:10.3f} {paper:8.3f}  {text:18} {held / unit / min(p, m):15.2f}")
-
-
 def sequence_memory(args, p, built, ours_ms) -> None:
     """The sequence schedules beside 1F1B (same run): rank 0's peak activations and the step time, as ratios, and
     Seq1F1B's claim for the activations: p + k - 1 chunks against 1F1B's p microbatches of k chunks."""
@@ -422,6 +394,8 @@ def main():
     if args.split_cost:
         return split_cost(args)
     if args.papers:
+        from pipeline_papers import papers_table
+
         return papers_table(*args.papers)
     dist.init_process_group("gloo")
     mesh = dtp.init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("pp",))
