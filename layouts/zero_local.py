@@ -21,11 +21,14 @@ also runs (exact as one device) when the view could not be exact or is not known
 ``manual_seed(..., strict=True)``, when no input is a DTensor Shard(0) on dp or an input is a plain tensor with
 dims, when a parameter of the module is not a ``fully_shard`` shard, a DTensor buffer is not Replicate on dp,
 or a module is marked ``DTENSOR_PATH`` (MoE). An output tensor that is not batch rows (a loss computed inside
-forward) cannot be put back: that raises, naming ``local_compute=False``. Dropout draws per dp rank, as under
-``replicate``.
+forward, as Hugging Face models do with ``labels=``) cannot be put back exactly: as under ``replicate``, that
+call's local outputs are dropped, the forward runs again on the DTensor path and the module is marked
+``DTENSOR_PATH`` from then on (one warning says so). Dropout draws per dp rank, as under ``replicate``.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -48,6 +51,7 @@ class LocalBoundary:
         self.mesh, self.k = mesh, dp_mesh_dim
         self.rows = LocalCompute(mesh, dp_mesh_dim)  # its batch check, output wrap and per-rank RNG
         self.buffers: list | None = None
+        self.call: tuple | None = None  # the (args, kwargs) the forward in progress was called with
 
     def enter(self, module, args, kwargs):
         """(args, kwargs) on this rank's rows, or None when this forward takes the DTensor path."""
@@ -58,7 +62,7 @@ class LocalBoundary:
         buffers = self._buffers(module) if batch is not None else None
         if buffers is None:
             return None
-        self.rows.batch, self.buffers = batch, buffers
+        self.rows.batch, self.buffers, self.call = batch, buffers, (args, kwargs)
         for owner, name, t in buffers:
             owner.__dict__[name] = t._local_tensor
         self.rows._fork_rng()
@@ -71,16 +75,27 @@ class LocalBoundary:
             owner.__dict__.pop(name, None)
         self.buffers = None
         self.rows._restore_rng()
+        (args, kwargs), self.call = self.call, None
         flat, tree = tree_flatten(out)
         rows = self.rows.batch[1]
-        shapes = [tuple(t.shape) for t in flat if isinstance(t, torch.Tensor)]
         if any(isinstance(t, torch.Tensor) and (t.ndim == 0 or t.shape[0] != rows) for t in flat):
-            raise ValueError(
-                f"fully_shard(local_compute=True): {type(module).__name__} returned tensors of shapes {shapes}, not "
-                f"all this rank's {rows} batch rows (a loss computed inside forward?), which cannot be put back on "
-                f"the dp mesh dim exactly; compute the loss outside the module on the returned batch, or pass "
-                f"fully_shard(..., local_compute=False) (every op dispatched as DTensor: exact, slower)")
+            return self._rerun_on_dtensors(module, args, kwargs, flat, rows)
         return tree_unflatten([self.rows._wrap(t) if isinstance(t, torch.Tensor) else t for t in flat], tree)
+
+    def _rerun_on_dtensors(self, module, args, kwargs, flat, rows):
+        """Outputs that are not this rank's rows (a loss computed inside forward: a mean over this rank's rows
+        only) cannot be put back exactly: drop them, mark the module, run it again on the DTensor path (whose every
+        op sees the global batch). The units' state allows it: this forward's gathers are released, and its
+        graph, never backpropagated, is freed with its outputs."""
+        shapes = [tuple(t.shape) for t in flat if isinstance(t, torch.Tensor)]
+        warnings.warn(
+            f"fully_shard(local_compute=True): {type(module).__name__} returned tensors of shapes {shapes}, not all "
+            f"this rank's {rows} batch rows (a loss computed inside forward?), which the local path cannot put back "
+            f"exactly; this module runs on the DTensor path from now on (exact, slower). Compute the loss outside the "
+            f"module on the returned batch to keep the fast path, or pass fully_shard(..., local_compute=False) to "
+            f"say so up front", stacklevel=3)
+        module.__dict__[DTENSOR_PATH] = True
+        return module(*args, **kwargs)
 
     def _buffers(self, module):
         """(owner, name, DTensor) of every DTensor buffer, or None when a module of the tree cannot run locally:

@@ -1,8 +1,10 @@
 """fully_shard's local compute (layouts/zero_local.py): the forward of a fully_shard-ed model dispatches no DTensor
 op (plain wholes, this rank's rows), the DTensor path dispatches every op, AdamW steps the shards on their local
-blocks, and a loss computed inside forward is refused with the fix named (its per-rank mean could not be put
-back as the global one).
+blocks, and a loss computed inside forward (whose per-rank mean could not be put back as the global one) runs
+again on the DTensor path, with a warning naming the fixes: exact, as one device.
 """
+
+import warnings
 
 import pytest
 import torch
@@ -73,17 +75,25 @@ def _loss_inside_forward():
     mesh = dtp.init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("dp",))
     torch.manual_seed(0)
     x, y = torch.randn(6, 4), torch.randn(6, 2)
+    torch.manual_seed(1)
     model = fully_shard(_LossInside(), mesh)
-    xd, yd = (dtp.distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None) for t in (x, y))
-    with pytest.raises(ValueError, match="local_compute=False"):
-        model(xd, yd)
-    # The fix the message names: the DTensor path takes the global mean.
-    torch.manual_seed(0)
+    torch.manual_seed(1)
     reference = _LossInside()
-    torch.manual_seed(0)
-    exact = fully_shard(_LossInside(), mesh, local_compute=False)
-    torch.testing.assert_close(exact(xd, yd).full_tensor(), reference(x, y))
+    xd, yd = (dtp.distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None) for t in (x, y))
+    for call in range(2):  # the first call warns and runs again; the second takes the DTensor path at once
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = model(xd, yd)
+        named = [w for w in caught if "local_compute=False" in str(w.message)]
+        assert len(named) == (1 - call), [str(w.message) for w in caught]
+        loss.backward()
+        expected = reference(x, y)
+        expected.backward()
+        torch.testing.assert_close(loss.full_tensor(), expected)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad)
+    return True
 
 
-def test_loss_inside_forward_is_refused_naming_the_fix():
-    run_on_ranks(2, _loss_inside_forward)
+def test_loss_inside_forward_runs_again_on_the_dtensor_path():
+    assert all(run_on_ranks(2, _loss_inside_forward))
