@@ -92,6 +92,12 @@ def state_bytes(placed) -> dict:
     for st in inner.state.values():
         for name, t in st.items():
             add("step" if name == "step" else "adam", t)
+    # Ours ZeRO-1/2 with flat masters: the masters' gradients live in one flat buffer per dtype, which no master's
+    # .grad views after a stage-1 step (stage 2's masters hold views of it, counted above).
+    flat = getattr(opt, "_flat", None)
+    if not any(p.grad is not None for group in inner.param_groups for p in group["params"]):
+        for t in getattr(flat, "grads", {}).values():
+            add("grad", t)
     return out
 
 
